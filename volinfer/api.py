@@ -1,0 +1,168 @@
+"""Python API: :func:`predict` runs a volume (file(s) or array) through a model, tile by tile."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .engine import RunReport, peak_rss_mb, run_tiles
+from .errors import VolinferError
+from .geometry import GeometryError, TileGrid
+from .model import CompileOptions, TileModel
+from .normalize import Normalizer
+from .postprocess import OutputSpec
+from .reader import VolumeSource
+from .writer import ArrayWriter, NiftiWriter, check_target
+
+STITCH_MODES = ("crop", "gaussian", "mean")
+DEFAULT_OVERLAP = 0.25
+
+Overlap = float | int | str | Sequence[float | int] | None
+
+
+def parse_overlap(value: Overlap) -> list[float] | None:
+    """``0.25`` / ``"0.25"`` (fraction of the tile), ``32`` (voxels), ``"32,32,16"`` (per axis) → 3 numbers."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            items = [float(v) for v in value.split(",")]
+        except ValueError:
+            raise VolinferError(f"overlap must be a fraction (0.25) or voxels (32), optionally per axis; got {value!r}") from None
+    elif isinstance(value, (int, float)):
+        items = [float(value)]
+    else:
+        items = [float(v) for v in value]
+    if len(items) == 1:
+        items *= 3
+    if len(items) != 3 or any(v < 0 for v in items):
+        raise VolinferError(f"overlap needs one or three non-negative values; got {value!r}")
+    return items
+
+
+def overlap_voxels(items: list[float], tile: Sequence[int]) -> tuple[int, int, int]:
+    """Fractions (< 1) are of the tile size; values >= 1 are voxels."""
+    return tuple(int(round(v * t)) if v < 1 else int(v) for v, t in zip(items, tile))  # type: ignore[return-value]
+
+
+def default_overlap(model: TileModel, stitch: str) -> list[float]:
+    """Stored overlap, else (crop) twice the stored receptive-field radius when it fits, else a quarter tile."""
+    s = model.settings
+    if s.overlap is not None:
+        return parse_overlap(s.overlap)  # type: ignore[return-value]
+    if stitch == "crop" and s.receptive_field:
+        rf = [int(v) for v in s.receptive_field]
+        if all(2 * r + model.multiple <= t for r, t in zip(rf, model.tile)):
+            return [float(2 * r) for r in rf]
+    return [DEFAULT_OVERLAP] * 3
+
+
+def open_source(volume: Any, depth: int, channel_axis: int | None = None) -> VolumeSource:
+    if isinstance(volume, VolumeSource):
+        return volume
+    if isinstance(volume, np.ndarray):
+        return VolumeSource.from_array(volume, channel_axis)
+    paths = [volume] if isinstance(volume, (str, os.PathLike)) else list(volume)
+    if not paths:
+        raise VolinferError("no input volume given")
+    return VolumeSource.open(paths, depth)
+
+
+def predict(
+    volume: Any,
+    model: str | os.PathLike | TileModel,
+    output: str | os.PathLike | None = None,
+    *,
+    tile: int | Sequence[int] | None = None,
+    layout: str | None = None,
+    overlap: Overlap = None,
+    stitch: str | None = None,
+    sigma: float = 0.125,
+    pad_mode: str = "constant",
+    kind: str = "labels",
+    activation: str | None = None,
+    channels: Sequence[int] | None = None,
+    threshold: float = 0.5,
+    prob_dtype: str = "float32",
+    normalize: dict[str, Any] | None = None,
+    model_output: str | int | None = None,
+    device: str = "CPU",
+    precision: str = "f32",
+    threads: int | None = None,
+    streams: int | None = None,
+    cache_dir: str | None = None,
+    requests: int = 2,
+    channel_axis: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    report: bool = False,
+) -> Any:
+    """Run ``volume`` through ``model`` tile by tile.
+
+    ``volume``: a NIfTI path, a list of paths (one per input channel), or a numpy array (x, y, z) — with
+    ``channel_axis`` for 4-D arrays. ``model``: an ``.xml``/``.onnx`` path or a :class:`TileModel`.
+    With ``output`` (``.nii`` / ``.nii.gz``) the result is streamed to disk and a :class:`RunReport` is returned;
+    without, the result array is returned ((x, y, z) or (x, y, z, c)), or ``(array, report)`` when ``report=True``.
+    Options default to the settings stored in the model (tile, overlap, stitching, activation, normalisation).
+    """
+    t_start = time.perf_counter()
+    in_paths = [] if isinstance(volume, (np.ndarray, VolumeSource)) else (
+        [Path(volume)] if isinstance(volume, (str, os.PathLike)) else [Path(p) for p in volume])
+    if output is not None:
+        check_target(Path(output), overwrite, in_paths)
+    tm = model if isinstance(model, TileModel) else TileModel(
+        model, tile=tile, layout=layout, output=model_output,
+        options=CompileOptions(device=device, precision=precision, threads=threads, streams=streams,
+                               cache_dir=cache_dir))
+    st = tm.settings
+    stitch = stitch or st.stitch or "crop"
+    if stitch not in STITCH_MODES:
+        raise VolinferError(f"stitch must be one of {', '.join(STITCH_MODES)}; got {stitch!r}")
+    activation = activation or st.activation or ("softmax" if tm.out_channels > 1 else "sigmoid")
+    spec = OutputSpec(tm.out_channels, kind=kind, activation=activation,
+                      keep=tuple(channels) if channels is not None else None,
+                      threshold=threshold, float_dtype=prob_dtype)
+    source = open_source(volume, tm.tile[2], channel_axis)
+    writer: Any = None
+    try:
+        if source.channels != tm.in_channels:
+            raise VolinferError(
+                f"the volume has {source.channels} channel(s) but the model expects {tm.in_channels} "
+                f"(give one 3-D file per channel, or one 4-D file)")
+        ov_items = parse_overlap(overlap) or default_overlap(tm, stitch)
+        ov_vox = overlap_voxels(ov_items, tm.tile)
+        try:
+            grid = TileGrid.build(source.shape, tm.tile, [tm.multiple] * 3, ov_vox,
+                                  "crop" if stitch == "crop" else "blend")
+        except GeometryError as e:
+            raise VolinferError(str(e)) from None
+        normalizer = Normalizer(normalize if normalize is not None else st.normalization, source.channels)
+        normalizer.fit(source, tm.tile[2])
+        if output is not None:
+            writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header, source.affine)
+        else:
+            writer = ArrayWriter(source.shape, spec.out_channels, spec.dtype)
+        busy, n = run_tiles(source, tm, spec, writer, grid=grid, stitch=stitch, normalizer=normalizer, sigma=sigma,
+                            pad_mode=pad_mode, requests=requests, progress=progress)
+        result = writer.commit() if output is not None else writer.result()
+    except BaseException:
+        if isinstance(writer, NiftiWriter):
+            writer.abort()
+        raise
+    finally:
+        source.close()
+    rep = RunReport(
+        shape=source.shape, channels=source.channels, tile=tm.tile,
+        grid=tuple(a.count for a in grid.axes), tiles=n, stitch=stitch, overlap=ov_vox, layout=tm.layout,  # type: ignore[arg-type]
+        device=tm.options.device, precision=tm.options.precision, requests=requests,
+        normalization=normalizer.describe(), output_kind=kind, output_dtype=str(spec.dtype),
+        wall_s=time.perf_counter() - t_start, infer_busy_s=busy, peak_rss_mb=peak_rss_mb(),
+        output=str(result) if output is not None else None,
+    )
+    if output is not None:
+        return rep
+    return (result, rep) if report else result

@@ -1,0 +1,219 @@
+"""The model side: read an IR/ONNX file, fix it to one static tile shape, compile it once.
+
+Everything the engine needs to know about a model is resolved here, in one place, with one clear error each:
+input layout (NCDHW or NDHWC), channel counts, tile size (option, then stored settings, then the static input shape),
+the size multiple the model requires, and which output to use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import openvino as ov
+
+from .errors import VolinferError
+from .settings import ModelSettings
+
+LAYOUTS = ("NCDHW", "NDHWC")
+PRECISIONS = ("f32", "bf16", "f16")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How to compile: device, precision hint, threads, streams, cache directory."""
+
+    device: str = "CPU"
+    precision: str = "f32"
+    threads: int | None = None
+    streams: int | None = None
+    cache_dir: str | None = None
+
+    def config(self) -> dict[str, Any]:
+        if self.precision not in PRECISIONS:
+            raise VolinferError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": self.precision}
+        if self.threads:
+            cfg["INFERENCE_NUM_THREADS"] = int(self.threads)
+        if self.streams:
+            cfg["NUM_STREAMS"] = int(self.streams)
+        return cfg
+
+
+def read_model(path: str | os.PathLike, core: ov.Core | None = None) -> ov.Model:
+    """Read an OpenVINO IR (``.xml`` + ``.bin``) or an ONNX file, with one-line errors for the usual mistakes."""
+    p = Path(path)
+    if not p.exists():
+        raise VolinferError(f"{p}: no such model file")
+    if p.is_dir():
+        raise VolinferError(f"{p}: is a directory; expected an OpenVINO IR (.xml) or ONNX (.onnx) file")
+    suffix = p.suffix.lower()
+    if suffix not in (".xml", ".onnx"):
+        raise VolinferError(f"{p}: unsupported model type {suffix or '(none)'}; expected .xml (OpenVINO IR) or .onnx")
+    if suffix == ".xml" and not p.with_suffix(".bin").exists():
+        raise VolinferError(f"{p}: weights file {p.with_suffix('.bin').name} is missing beside it")
+    try:
+        return (core or ov.Core()).read_model(str(p))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VolinferError(f"{p}: cannot read model ({first[:300]})") from None
+
+
+def _layout_of(port: ov.Output, settings: ModelSettings, override: str | None) -> str:
+    if override:
+        layout = override.upper()
+    elif settings.layout:
+        layout = settings.layout.upper()
+    else:
+        declared = ov.layout_helpers.get_layout(port)
+        text = declared.to_string().replace(",", "").strip("[]") if not declared.empty else ""
+        layout = text if text in LAYOUTS else "NCDHW"
+    if layout not in LAYOUTS:
+        raise VolinferError(f"layout must be NCDHW or NDHWC; got {layout!r}")
+    return layout
+
+
+def _spatial(layout: str) -> list[int]:
+    return [2, 3, 4] if layout == "NCDHW" else [1, 2, 3]
+
+
+def _chan(layout: str) -> int:
+    return 1 if layout == "NCDHW" else 4
+
+
+class TileModel:
+    """A model compiled once at a static tile shape ``(1, C, tx, ty, tz)`` (or channels last)."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike | ov.Model,
+        *,
+        tile: Sequence[int] | int | None = None,
+        layout: str | None = None,
+        output: str | int | None = None,
+        options: CompileOptions = CompileOptions(),
+        core: ov.Core | None = None,
+    ) -> None:
+        self.core = core or ov.Core()
+        if options.cache_dir:
+            self.core.set_property({"CACHE_DIR": str(options.cache_dir)})
+        self.path = None if isinstance(model, ov.Model) else Path(model)
+        self.model = model if isinstance(model, ov.Model) else read_model(model, self.core)
+        self.settings = ModelSettings.from_model(self.model)
+        self.options = options
+        if len(self.model.inputs) != 1:
+            raise VolinferError(f"model has {len(self.model.inputs)} inputs; volinfer runs single-input models")
+        port = self.model.input(0)
+        pshape = port.get_partial_shape()
+        if pshape.rank.is_dynamic or pshape.rank.get_length() != 5:
+            raise VolinferError(f"model input must be 5-D (N, C, D, H, W or N, D, H, W, C); it is {pshape}")
+        self.layout = _layout_of(port, self.settings, layout)
+        cdim = pshape[_chan(self.layout)]
+        if cdim.is_dynamic:
+            if not self.settings.in_channels:
+                raise VolinferError(f"model input {pshape} has a dynamic channel dimension and no stored channel count")
+            self.in_channels = int(self.settings.in_channels)
+        else:
+            self.in_channels = cdim.get_length()
+        self.multiple = int(self.settings.size_multiple or 1)
+        self.tile = self._resolve_tile(tile, pshape)
+        self.output_index = self._resolve_output(output)
+        self._reshape()
+        self.compiled = self._compile()
+        out_shape = list(self.compiled.output(self.output_index).get_shape())
+        out_spatial = [out_shape[i] for i in _spatial(self.layout)]
+        if len(out_shape) != 5 or out_spatial != list(self.tile):
+            raise VolinferError(
+                f"model output shape {out_shape} does not keep the tile's spatial size {list(self.tile)} "
+                f"(layout {self.layout}); only same-size (segmentation/restoration) models are supported"
+            )
+        self.out_channels = out_shape[_chan(self.layout)]
+        self.input_dtype = self.compiled.input(0).get_element_type().to_dtype()
+
+    def _resolve_tile(self, tile: Sequence[int] | int | None, pshape: ov.PartialShape) -> tuple[int, int, int]:
+        if tile is None and self.settings.tile:
+            tile = self.settings.tile
+        if tile is None:
+            dims = [pshape[i] for i in _spatial(self.layout)]
+            if any(d.is_dynamic for d in dims):
+                raise VolinferError(
+                    "model has dynamic spatial input and stores no tile size: pass --tile (e.g. --tile 128)"
+                )
+            tile = [d.get_length() for d in dims]
+        t = (int(tile),) * 3 if isinstance(tile, (int, np.integer)) else tuple(int(v) for v in tile)
+        if len(t) != 3 or min(t) < 1:
+            raise VolinferError(f"tile must be one or three positive sizes; got {tile}")
+        bad = [v for v in t if v % self.multiple]
+        if bad:
+            ok = sorted({max(self.multiple, v // self.multiple * self.multiple) for v in t})
+            raise VolinferError(
+                f"tile size {'x'.join(map(str, t))} rejected: this model needs sizes divisible by {self.multiple} "
+                f"(try {'x'.join(map(str, ok)) if len(ok) > 1 else ok[0]})"
+            )
+        return t  # type: ignore[return-value]
+
+    def _resolve_output(self, output: str | int | None) -> int:
+        outs = self.model.outputs
+        want = output if output is not None else self.settings.output
+        if want is None:
+            return 0
+        if isinstance(want, int) or (isinstance(want, str) and want.isdigit()):
+            i = int(want)
+            if not 0 <= i < len(outs):
+                raise VolinferError(f"output {i} does not exist; the model has {len(outs)} output(s)")
+            return i
+        for i, o in enumerate(outs):
+            if want in o.get_names():
+                return i
+        names = ", ".join(sorted(n for o in outs for n in o.get_names()))
+        raise VolinferError(f"model has no output named {want!r}; outputs: {names}")
+
+    def input_shape(self) -> list[int]:
+        if self.layout == "NCDHW":
+            return [1, self.in_channels, *self.tile]
+        return [1, *self.tile, self.in_channels]
+
+    def _reshape(self) -> None:
+        try:
+            self.model.reshape({self.model.input(0): ov.PartialShape(self.input_shape())})
+        except Exception as e:
+            hint = f"sizes divisible by {self.multiple}" if self.multiple > 1 else "a different tile size"
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise VolinferError(
+                f"tile size {'x'.join(map(str, self.tile))} rejected by the model (try {hint}; "
+                f"`volinfer info` shows the stored size multiple): {first}"
+            ) from None
+
+    def _compile(self) -> ov.CompiledModel:
+        try:
+            return self.core.compile_model(self.model, self.options.device, self.options.config())
+        except VolinferError:
+            raise
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise VolinferError(f"cannot compile the model for {self.options.device}: {first}") from None
+
+    def new_input_buffer(self) -> np.ndarray:
+        """A zeroed host buffer of the tile input shape, to be shared (not copied) with one infer request."""
+        return np.zeros(self.input_shape(), dtype=self.input_dtype)
+
+    def output_view(self, request: ov.InferRequest) -> np.ndarray:
+        """The request's output as a (C, x, y, z) view of OpenVINO's own buffer (no copy)."""
+        data = request.get_output_tensor(self.output_index).data[0]
+        return data if self.layout == "NCDHW" else np.moveaxis(data, -1, 0)
+
+    def input_view(self, buffer: np.ndarray) -> np.ndarray:
+        """The host buffer as (C, x, y, z), whatever the layout."""
+        return buffer[0] if self.layout == "NCDHW" else np.moveaxis(buffer[0], -1, 0)
+
+    def infer(self, tile: np.ndarray) -> np.ndarray:
+        """Run one (C, x, y, z) tile synchronously and return a (C, x, y, z) copy of the output; for tests and probes."""
+        req = self.compiled.create_infer_request()
+        buf = self.new_input_buffer()
+        self.input_view(buf)[...] = tile
+        req.set_input_tensor(ov.Tensor(buf, shared_memory=True))
+        req.infer()
+        return np.array(self.output_view(req), dtype=np.float32)

@@ -1,0 +1,154 @@
+"""Intensity normalisation applied to every tile, with statistics of the *whole* volume.
+
+Per-tile statistics would make every tile see a different intensity scale (and break exact stitching), so statistics
+that need the volume (z-score without stored mean/std, min-max, percentiles) are gathered first in one streaming pass
+over z-slabs, never holding the volume.
+
+Settings (``normalization`` in the model's stored settings, or ``--normalize``)::
+
+    {"kind": "none"}
+    {"kind": "zscore"}                              # mean/std of the volume (per channel)
+    {"kind": "zscore", "mean": [..], "std": [..]}   # fixed, e.g. from the training set
+    {"kind": "minmax"}  /  {"kind": "minmax", "min": [..], "max": [..]}   # to [0, 1]
+    {"kind": "percentile", "lower": 0.5, "upper": 99.5}   # clip to the volume's percentiles, then z-score
+    {"kind": "scale", "scale": a, "shift": b}       # x * a + b
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import VolinferError
+from .reader import VolumeSource
+
+KINDS = ("none", "zscore", "minmax", "percentile", "scale")
+
+
+def parse_normalization(text: str | None) -> dict[str, Any] | None:
+    """CLI form: ``zscore``, ``minmax``, ``percentile:0.5:99.5``, ``scale:0.001:0``, ``none``."""
+    if not text:
+        return None
+    parts = text.split(":")
+    kind = parts[0]
+    if kind not in KINDS:
+        raise VolinferError(f"--normalize must be one of {', '.join(KINDS)} (percentile:LO:HI, scale:A:B); got {text!r}")
+    try:
+        nums = [float(p) for p in parts[1:]]
+    except ValueError:
+        raise VolinferError(f"--normalize {text!r}: parameters must be numbers") from None
+    if kind == "percentile":
+        lo, hi = nums if nums else (0.5, 99.5)
+        return {"kind": kind, "lower": lo, "upper": hi}
+    if kind == "scale":
+        if len(nums) != 2:
+            raise VolinferError("--normalize scale needs two numbers: scale:A:B means x * A + B")
+        return {"kind": kind, "scale": nums[0], "shift": nums[1]}
+    return {"kind": kind}
+
+
+class Normalizer:
+    """Per-channel affine map ``x * a + b`` (plus optional clipping) fitted once for the whole volume."""
+
+    def __init__(self, spec: dict[str, Any] | None, channels: int) -> None:
+        self.spec = dict(spec or {"kind": "none"})
+        self.kind = self.spec.get("kind", "none")
+        if self.kind not in KINDS:
+            raise VolinferError(f"unknown normalization {self.kind!r}; expected one of {', '.join(KINDS)}")
+        self.channels = channels
+        self.a = np.ones(channels, dtype=np.float64)
+        self.b = np.zeros(channels, dtype=np.float64)
+        self.clip: list[tuple[float, float] | None] = [None] * channels
+        self.fitted = self.kind in ("none", "scale") or (
+            self.kind == "zscore" and "mean" in self.spec and "std" in self.spec
+        ) or (self.kind == "minmax" and "min" in self.spec and "max" in self.spec)
+        if self.fitted:
+            self._from_params()
+
+    def _per_channel(self, key: str) -> np.ndarray:
+        v = np.atleast_1d(np.asarray(self.spec[key], dtype=np.float64))
+        if v.size == 1:
+            v = np.repeat(v, self.channels)
+        if v.size != self.channels:
+            raise VolinferError(f"normalization {key} has {v.size} values for {self.channels} channels")
+        return v
+
+    def _from_params(self) -> None:
+        if self.kind == "scale":
+            self.a[:] = float(self.spec["scale"])
+            self.b[:] = float(self.spec["shift"])
+        elif self.kind == "zscore":
+            self._set_zscore(self._per_channel("mean"), self._per_channel("std"))
+        elif self.kind == "minmax":
+            lo, hi = self._per_channel("min"), self._per_channel("max")
+            span = np.where(hi > lo, hi - lo, 1.0)
+            self.a, self.b = 1.0 / span, -lo / span
+
+    def _set_zscore(self, mean: np.ndarray, std: np.ndarray) -> None:
+        std = np.where(std > 0, std, 1.0)
+        self.a, self.b = 1.0 / std, -mean / std
+
+    def fit(self, source: VolumeSource, slab: int) -> None:
+        """Gather the volume statistics this normalisation needs, streaming z-slabs of ``slab`` planes."""
+        if self.fitted:
+            return
+        x, y, z = source.shape
+        for c in range(self.channels):
+            reader = source.readers[c]
+            n, s1, s2 = 0, 0.0, 0.0
+            lo, hi = math.inf, -math.inf
+            samples = []
+            step = max(1, round((x * y * z / 4e6) ** (1 / 3)))  # percentile sample of at most ~4M voxels
+            for z0 in range(0, z, slab):
+                block = reader.region(((0, x), (0, y), (z0, min(z, z0 + slab)))).astype(np.float64)
+                block = block * reader.slope + reader.inter
+                n += block.size
+                s1 += float(block.sum())
+                s2 += float(np.square(block).sum())
+                lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
+                if self.kind == "percentile":
+                    samples.append(block[::step, ::step, (-z0) % step :: step].ravel().astype(np.float32))
+            mean = s1 / n
+            std = math.sqrt(max(s2 / n - mean * mean, 0.0))
+            if self.kind == "zscore":
+                self.a[c], self.b[c] = 1.0 / (std or 1.0), -mean / (std or 1.0)
+            elif self.kind == "minmax":
+                span = (hi - lo) or 1.0
+                self.a[c], self.b[c] = 1.0 / span, -lo / span
+            elif self.kind == "percentile":
+                sample = np.concatenate(samples)
+                plo, phi = np.percentile(sample, [self.spec.get("lower", 0.5), self.spec.get("upper", 99.5)])
+                clipped = np.clip(sample, plo, phi)
+                m, s = float(clipped.mean()), float(clipped.std()) or 1.0
+                self.clip[c] = (float(plo), float(phi))
+                self.a[c], self.b[c] = 1.0 / s, -m / s
+        self.fitted = True
+
+    def describe(self) -> dict[str, Any]:
+        """The fitted parameters, for the run report."""
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind != "none":
+            out["scale"] = [round(float(v), 6) for v in self.a]
+            out["shift"] = [round(float(v), 6) for v in self.b]
+        if any(self.clip):
+            out["clip"] = self.clip
+        return out
+
+    def to_float(self, stored: np.ndarray, channel: int, slope: float, inter: float, out: np.ndarray) -> None:
+        """Write ``normalise(stored * slope + inter)`` into ``out`` (float32, same shape), in place."""
+        clip = self.clip[channel]
+        a, b = float(self.a[channel]), float(self.b[channel])
+        if clip is None:  # fold the file's scaling into one multiply-add
+            a, b = slope * a, inter * a + b
+            np.multiply(stored, a, out=out, casting="unsafe")
+            if b:
+                out += b
+            return
+        np.multiply(stored, slope, out=out, casting="unsafe")
+        if inter:
+            out += inter
+        np.clip(out, clip[0], clip[1], out=out)
+        out *= a
+        out += b

@@ -1,0 +1,292 @@
+"""Reading tiles of a volume without loading it whole.
+
+A :class:`VolumeSource` gives the voxels of one region of one channel, as stored (scaling applied later, per tile).
+Requests arrive in on-disk order (z-rows, then y-rows, then x), and each source keeps only what those requests need:
+
+* uncompressed ``.nii``: one strip (all of x, the tile's y and z range) read with plain positioned reads through
+  :func:`nibabel.fileslice.fileslice`; tiles side by side along x are cut from it. No memory map, so file pages never
+  count towards the process's resident memory.
+* ``.nii.gz``: a forward-only window of whole z-planes, decompressed as a stream in on-disk order. Its size is
+  ``X * Y * tile_z`` voxels of the stored dtype: the one part of reading that grows with the volume's cross-section.
+* numpy arrays (Python API): views.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import nibabel as nib
+import numpy as np
+from nibabel.fileslice import fileslice
+
+from .errors import VolinferError
+
+Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+class ChannelReader(Protocol):
+    """Stored voxels of one channel: ``region(((x0, x1), (y0, y1), (z0, z1)))`` returns an (x, y, z) array."""
+
+    dtype: np.dtype
+    slope: float
+    inter: float
+
+    def region(self, r: Region) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+class ArrayChannel:
+    """One channel of an in-memory array."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+        self.dtype = array.dtype
+        self.slope, self.inter = 1.0, 0.0
+
+    def region(self, r: Region) -> np.ndarray:
+        (x0, x1), (y0, y1), (z0, z1) = r
+        return self.array[x0:x1, y0:y1, z0:z1]
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Stored:
+    """Where and how one channel's voxels lie in a NIfTI file."""
+
+    path: Path
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    offset: int  # byte offset of this channel's first voxel
+    slope: float
+    inter: float
+
+
+class StripChannel:
+    """Random-access reader for uncompressed files: caches one full-x strip, reads with positioned reads."""
+
+    def __init__(self, stored: _Stored) -> None:
+        self.s = stored
+        self.dtype, self.slope, self.inter = stored.dtype, stored.slope, stored.inter
+        self._f = open(stored.path, "rb")
+        self._key: tuple[int, int, int, int] | None = None
+        self._strip: np.ndarray | None = None
+
+    def region(self, r: Region) -> np.ndarray:
+        (x0, x1), (y0, y1), (z0, z1) = r
+        k = self._key
+        if k is None or not (k[0] <= y0 and y1 <= k[1] and k[2] <= z0 and z1 <= k[3]):
+            self._strip = None  # drop the old strip before reading the new one
+            self._strip = fileslice(
+                self._f, (slice(None), slice(y0, y1), slice(z0, z1)), self.s.shape, self.s.dtype, self.s.offset, "F"
+            )
+            if self._strip.size * self.s.dtype.itemsize != (y1 - y0) * (z1 - z0) * self.s.shape[0] * self.s.dtype.itemsize:
+                raise VolinferError(f"{self.s.path}: file is shorter than its header says")
+            self._key = (y0, y1, z0, z1)
+            k = self._key
+        return self._strip[x0:x1, y0 - k[0] : y1 - k[0], z0 - k[2] : z1 - k[2]]  # type: ignore[index]
+
+    def close(self) -> None:
+        self._f.close()
+        self._strip = None
+
+
+class StreamChannel:
+    """Forward-only reader for gzip files: keeps a window of whole z-planes, decompressing in on-disk order."""
+
+    def __init__(self, stored: _Stored, depth: int) -> None:
+        self.s = stored
+        self.dtype, self.slope, self.inter = stored.dtype, stored.slope, stored.inter
+        x, y, _ = stored.shape
+        self._plane_bytes = x * y * stored.dtype.itemsize
+        self._buf = np.empty((max(1, depth), y, x), dtype=stored.dtype)
+        self._w0 = self._w1 = 0  # window holds planes [w0, w1) in buf[0 : w1 - w0]
+        self._f: gzip.GzipFile | None = None
+        self.restarts = 0
+
+    def _open(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        self._f = gzip.open(self.s.path, "rb")
+        _read_exact(self._f, self.s.offset, self.s.path)
+
+    def _advance(self, z0: int, z1: int) -> None:
+        """Make the window hold planes [z0, z1); the stream position always equals the window's end."""
+        if z1 - z0 > self._buf.shape[0]:
+            raise ValueError(f"request of {z1 - z0} planes exceeds window depth {self._buf.shape[0]}")
+        if self._f is None or z0 < self._w0:
+            if self._f is not None:
+                self.restarts += 1  # a backward request: only when callers break on-disk order
+            self._open()
+            self._w0 = self._w1 = 0
+        assert self._f is not None
+        if z0 >= self._w1:
+            _read_exact(self._f, (z0 - self._w1) * self._plane_bytes, self.s.path)
+            self._w0 = self._w1 = z0
+        elif z0 > self._w0:
+            self._buf[: self._w1 - z0] = self._buf[z0 - self._w0 : self._w1 - self._w0]
+            self._w0 = z0
+        while self._w1 < z1:
+            _read_into(self._f, memoryview(self._buf[self._w1 - self._w0]).cast("B"), self.s.path)
+            self._w1 += 1
+
+    def region(self, r: Region) -> np.ndarray:
+        (x0, x1), (y0, y1), (z0, z1) = r
+        if not (self._w0 <= z0 and z1 <= self._w1) or self._f is None:
+            self._advance(z0, z1)
+        planes = self._buf[z0 - self._w0 : z1 - self._w0]  # (z, Y, X)
+        return planes.transpose(2, 1, 0)[x0:x1, y0:y1]
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _read_exact(f, nbytes: int, path: Path) -> None:
+    """Consume ``nbytes`` of a stream (to skip over a header or planes)."""
+    remaining = nbytes
+    while remaining > 0:
+        chunk = f.read(min(remaining, 1 << 22))
+        if not chunk:
+            raise VolinferError(f"{path}: file ends before its header says it should (truncated?)")
+        remaining -= len(chunk)
+
+
+def _read_into(f, view: memoryview, path: Path) -> None:
+    got = 0
+    try:
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise VolinferError(f"{path}: file ends before its header says it should (truncated?)")
+            got += n
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        if isinstance(e, VolinferError):
+            raise
+        raise VolinferError(f"{path}: corrupt compressed data ({e})") from None
+
+
+class VolumeSource:
+    """A volume of one or more channels: one 4-D file, several 3-D files (one per channel), or a numpy array.
+
+    ``shape`` is the spatial (x, y, z) shape; ``channels`` the channel count; ``header`` / ``affine`` come from the
+    first file and are what the output copies.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[ChannelReader],
+        shape: tuple[int, int, int],
+        header: nib.Nifti1Header | None = None,
+        affine: np.ndarray | None = None,
+        paths: Sequence[Path] = (),
+    ) -> None:
+        self.readers = list(channels)
+        self.shape = shape
+        self.header = header
+        self.affine = affine
+        self.paths = list(paths)
+
+    @property
+    def channels(self) -> int:
+        return len(self.readers)
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, channel_axis: int | None = None) -> "VolumeSource":
+        """Wrap an array shaped (x, y, z) or, with ``channel_axis``, (x, y, z, c) / (c, x, y, z)."""
+        a = np.asarray(array)
+        if channel_axis is None:
+            if a.ndim != 3:
+                raise VolinferError(f"expected a 3-D array (x, y, z), got shape {a.shape}; pass channel_axis for 4-D")
+            chans = [a]
+        else:
+            if a.ndim != 4:
+                raise VolinferError(f"expected a 4-D array with channel_axis={channel_axis}, got shape {a.shape}")
+            chans = [np.take(a, c, axis=channel_axis) for c in range(a.shape[channel_axis])]
+        return cls([ArrayChannel(c) for c in chans], tuple(chans[0].shape))  # type: ignore[arg-type]
+
+    @classmethod
+    def open(cls, paths: Sequence[str | os.PathLike], depth: int) -> "VolumeSource":
+        """Open NIfTI files lazily; ``depth`` is the deepest z-range one tile request spans (the tile's z size)."""
+        readers: list[ChannelReader] = []
+        first: nib.Nifti1Image | None = None
+        shape3: tuple[int, int, int] | None = None
+        for p in map(Path, paths):
+            img = _load_header(p)
+            shape = img.shape
+            if len(shape) == 5 and shape[3] == 1:  # NIfTI stores vector data as (x, y, z, 1, c)
+                shape = shape[:3] + shape[4:]
+            if len(shape) not in (3, 4):
+                raise VolinferError(f"{p}: expected a 3-D or 4-D image, got {len(img.shape)}-D shape {img.shape}")
+            if first is None:
+                first, shape3 = img, tuple(shape[:3])  # type: ignore[assignment]
+            elif tuple(shape[:3]) != shape3:
+                raise VolinferError(f"{p}: shape {tuple(shape[:3])} differs from {paths[0]}'s {shape3}")
+            elif not np.allclose(img.affine, first.affine, atol=1e-4):
+                raise VolinferError(f"{p}: affine differs from {paths[0]}'s (the channels are not on one grid)")
+            proxy = img.dataobj
+            dtype = np.dtype(proxy.dtype)
+            n_ch = shape[3] if len(shape) == 4 else 1
+            vox = int(np.prod(shape[:3]))
+            size = os.path.getsize(p)
+            compressed = _is_gzip(p)
+            if not compressed and size < proxy.offset + vox * n_ch * dtype.itemsize:
+                raise VolinferError(
+                    f"{p}: file holds {size} bytes but its header describes {proxy.offset + vox * n_ch * dtype.itemsize}"
+                    " (truncated, or the header's dimensions are wrong)"
+                )
+            for c in range(n_ch):
+                stored = _Stored(
+                    path=p,
+                    shape=tuple(shape[:3]),  # type: ignore[arg-type]
+                    dtype=dtype,
+                    offset=int(proxy.offset) + c * vox * dtype.itemsize,
+                    slope=float(proxy.slope),
+                    inter=float(proxy.inter),
+                )
+                readers.append(StreamChannel(stored, depth) if compressed else StripChannel(stored))
+        assert first is not None and shape3 is not None
+        return cls(readers, shape3, header=first.header, affine=first.affine, paths=[Path(p) for p in paths])
+
+    def read(self, channel: int, r: Region) -> np.ndarray:
+        """Stored voxels of ``channel`` in region ``r``, as an (x, y, z) array (scaling not yet applied)."""
+        return self.readers[channel].region(r)
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+    def __enter__(self) -> "VolumeSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_gzip(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _load_header(p: Path) -> nib.Nifti1Image:
+    """Open ``p`` as a NIfTI image without reading its voxels; every failure becomes a one-line error."""
+    if not p.exists():
+        raise VolinferError(f"{p}: no such file")
+    if p.is_dir():
+        raise VolinferError(f"{p}: is a directory, expected a NIfTI file")
+    if p.stat().st_size == 0:
+        raise VolinferError(f"{p}: file is empty")
+    try:
+        img = nib.load(str(p))
+    except Exception as e:  # nibabel raises many types for unreadable files
+        raise VolinferError(f"{p}: not a readable NIfTI volume ({type(e).__name__}: {e})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise VolinferError(f"{p}: {type(img).__name__} is not supported; expected NIfTI (.nii or .nii.gz)")
+    return img
