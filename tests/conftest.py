@@ -1,0 +1,40 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from models import tiny_unet  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def whole_volume_reference(model: ov.Model, vol: np.ndarray, tile: int, multiple: int, layout: str = "NCDHW",
+                           pad_mode: str = "constant") -> np.ndarray:
+    """Independent reference: pad the whole (C, x, y, z) volume to the grid's padded size, run it in one go at f32,
+    crop back. Returns (C_out, x, y, z)."""
+    from volinfer.geometry import padded_size  # the one formula shared with the engine, tested on its own
+
+    c, *shape = vol.shape
+    padded = [padded_size(n, tile, multiple) for n in shape]
+    pv = np.pad(vol, [(0, 0)] + [(0, p - n) for p, n in zip(padded, shape)], mode=pad_mode)
+    m = model.clone()
+    m.reshape({0: [1, c, *padded] if layout == "NCDHW" else [1, *padded, c]})
+    cm = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    x = pv[None] if layout == "NCDHW" else np.moveaxis(pv, 0, -1)[None]
+    out = cm(x.astype(np.float32))[0][0]
+    if layout == "NDHWC":
+        out = np.moveaxis(out, -1, 0)
+    return out[:, : shape[0], : shape[1], : shape[2]]
+
+
+@pytest.fixture
+def unet2():
+    """Two-level tiny U-Net (sizes divisible by 4), size multiple stored in rt_info."""
+    m = tiny_unet(levels=2)
+    m.set_rt_info("4", ["volinfer", "size_multiple"])
+    return m

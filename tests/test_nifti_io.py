@@ -1,0 +1,122 @@
+"""Streaming NIfTI reading and writing: round trips, headers, atomic output."""
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import SHARED_DATA, whole_volume_reference
+
+from volinfer import TileModel, VolinferError, predict
+from volinfer.reader import VolumeSource
+from volinfer.writer import NiftiWriter
+
+RNG = np.random.default_rng(7)
+
+
+def _affine() -> np.ndarray:
+    a = np.diag([0.8, 1.1, 2.5, 1.0])
+    a[:3, 3] = [-90.0, 12.5, 40.0]
+    a[0, 1] = 0.05  # oblique
+    return a
+
+
+def _save(path: Path, data: np.ndarray, slope: float | None = None) -> Path:
+    img = nib.Nifti1Image(data, _affine())
+    img.header.set_xyzt_units("mm", "sec")
+    if slope is not None:
+        img.header.set_slope_inter(slope, 3.0)
+    nib.save(img, str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_reader_regions_match_nibabel(tmp_path, suffix):
+    data = RNG.integers(-500, 500, size=(37, 29, 23)).astype(np.int16)
+    p = _save(tmp_path / f"v{suffix}", data)
+    with VolumeSource.open([p], depth=8) as src:
+        assert src.shape == (37, 29, 23) and src.channels == 1
+        for z0 in range(0, 23, 5):  # on-disk order, overlapping windows
+            for y0 in (0, 10, 21):
+                r = ((3, 30), (y0, min(29, y0 + 8)), (z0, min(23, z0 + 8)))
+                np.testing.assert_array_equal(src.read(0, r), data[3:30, r[1][0] : r[1][1], r[2][0] : r[2][1]])
+
+
+@pytest.mark.parametrize("in_suffix,out_suffix", [(".nii", ".nii"), (".nii.gz", ".nii.gz"), (".nii", ".nii.gz")])
+def test_file_run_equals_array_run_and_keeps_geometry(tmp_path, unet2, in_suffix, out_suffix):
+    data = RNG.integers(0, 1000, size=(45, 39, 41)).astype(np.int16)
+    src = _save(tmp_path / f"in{in_suffix}", data, slope=0.01)
+    out = tmp_path / f"out{out_suffix}"
+    report = predict(src, TileModel(unet2.clone(), tile=32), out, kind="raw", overlap=24)
+    assert report.output == str(out) and report.tiles >= 12
+    img = nib.load(str(out))
+    np.testing.assert_allclose(img.affine, _affine(), atol=1e-6)
+    assert img.header.get_xyzt_units() == ("mm", "sec")
+    assert img.header["sform_code"] == 2 and img.shape == (45, 39, 41, 2)
+    scaled = data.astype(np.float32) * 0.01 + 3.0
+    ref = whole_volume_reference(unet2, scaled[None], 32, 4)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(img.dataobj), -1, 0), ref, atol=3e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, out.name])  # no temporaries left
+
+
+def test_four_d_input_and_several_files_are_channels(tmp_path):
+    from models import tiny_unet
+
+    model = tiny_unet(in_ch=2, levels=1)
+    a = RNG.standard_normal((20, 18, 14)).astype(np.float32)
+    b = RNG.standard_normal((20, 18, 14)).astype(np.float32)
+    four_d = _save(tmp_path / "ab.nii.gz", np.stack([a, b], -1))
+    pa, pb = _save(tmp_path / "a.nii", a), _save(tmp_path / "b.nii.gz", b)
+    tm = TileModel(model.clone(), tile=16)
+    r1 = predict(four_d, tm, kind="raw", overlap=8)
+    r2 = predict([pa, pb], tm, kind="raw", overlap=8)
+    ref = whole_volume_reference(model, np.stack([a, b]), 16, 2)
+    np.testing.assert_allclose(np.moveaxis(r1, -1, 0), ref, atol=2e-5)
+    np.testing.assert_array_equal(r1, r2)
+
+
+def test_existing_output_needs_overwrite(tmp_path, unet2):
+    src = _save(tmp_path / "in.nii", RNG.standard_normal((16, 16, 16)).astype(np.float32))
+    out = tmp_path / "out.nii.gz"
+    out.write_bytes(b"keep me")
+    with pytest.raises(VolinferError, match="--overwrite"):
+        predict(src, TileModel(unet2.clone(), tile=16), out)
+    assert out.read_bytes() == b"keep me"
+    predict(src, TileModel(unet2.clone(), tile=16), out, overwrite=True)
+    assert nib.load(str(out)).shape == (16, 16, 16)
+
+
+def test_failed_run_leaves_target_untouched_and_no_temporaries(tmp_path, unet2, monkeypatch):
+    src = _save(tmp_path / "in.nii", RNG.standard_normal((40, 40, 40)).astype(np.float32))
+    out = tmp_path / "out.nii.gz"
+    out.write_bytes(b"old result")
+    calls = {"n": 0}
+    real = NiftiWriter.write
+
+    def failing(self, block, z0, y0):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(self, block, z0, y0)
+
+    monkeypatch.setattr(NiftiWriter, "write", failing)
+    with pytest.raises(KeyboardInterrupt):
+        predict(src, TileModel(unet2.clone(), tile=16), out, overwrite=True)
+    assert out.read_bytes() == b"old result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii", "out.nii.gz"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mni152_t1_1mm.nii.gz").exists(), reason="shared MNI volume not present")
+def test_real_mri_header_is_preserved(tmp_path):
+    from volinfer.demo import demo_model_path
+
+    src = SHARED_DATA / "mni152_t1_1mm.nii.gz"
+    out = tmp_path / "seg.nii.gz"
+    predict(src, demo_model_path(), out)
+    a, b = nib.load(str(src)), nib.load(str(out))
+    assert b.shape == a.shape == (197, 233, 189)
+    np.testing.assert_allclose(b.affine, a.affine)
+    assert b.header.get_data_dtype() == np.uint8
+    assert (b.header["qform_code"], b.header["sform_code"]) == (a.header["qform_code"], a.header["sform_code"])
+    labels = np.asarray(b.dataobj)
+    assert set(np.unique(labels)) <= {0, 1} and 0 < labels.mean() < 1

@@ -1,0 +1,225 @@
+"""The ``volinfer`` command: run, info, demo, convert, bench."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import VolinferError
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user errors into one line on stderr and exit code 2; Ctrl-C into exit 130. No tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VolinferError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; use a smaller --tile or fewer --requests", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _tile(value: str | None) -> Any:
+    if not value:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise VolinferError(f"--tile expects a size (128) or three sizes (128,128,64); got {value!r}") from None
+    return parts[0] if len(parts) == 1 else parts
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="volinfer")
+def main() -> None:
+    """Run 3D networks on whole volumes of any size, tile by tile, with nearly flat memory.
+
+    \b
+    volinfer demo                                   try it on a generated volume
+    volinfer run ct.nii.gz -m model.xml -o seg.nii.gz
+    volinfer info model.xml                         what a model expects
+    volinfer convert model.onnx -o model.xml        any framework -> verified OpenVINO IR
+    """
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="OpenVINO IR (.xml) or ONNX (.onnx) model.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .nii or .nii.gz.")
+@click.option("--tile", help="Tile size: 128 or 128,128,64. Default: stored in the model, else its static shape.")
+@click.option("--overlap", help="Overlap between neighbouring tiles: a fraction of the tile (0.25) or voxels (32), "
+              "optionally per axis (32,32,16). Crop stitching discards half of it on each side. "
+              "Default: stored in the model, else 2x its receptive field (crop) or 0.25.")
+@click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]),
+              help="crop: keep each tile's centre, exact when the margin covers the receptive field (default); "
+              "gaussian/mean: weighted blending of overlaps.")
+@click.option("--sigma", default=0.125, show_default=True, help="Gaussian sigma as a fraction of the tile.")
+@click.option("--pad", "pad_mode", type=click.Choice(["constant", "edge", "reflect"]), default="constant",
+              show_default=True, help="How tiles are filled past the volume's end.")
+@click.option("--layout", type=click.Choice(["NCDHW", "NDHWC"], case_sensitive=False),
+              help="Model input layout, when the model does not declare it.")
+@click.option("--kind", type=click.Choice(["labels", "probabilities", "raw"]), default="labels", show_default=True,
+              help="labels: argmax (or threshold for one channel), smallest integer type; probabilities: activated "
+              "output; raw: model output.")
+@click.option("--activation", type=click.Choice(["softmax", "sigmoid", "none"]),
+              help="Output activation. Default: stored in the model, else softmax (several channels) or sigmoid.")
+@click.option("--channels", help="Output channels to keep, e.g. 1,2 (probabilities/raw).")
+@click.option("--threshold", default=0.5, show_default=True, help="Threshold for one-channel labels.")
+@click.option("--float16", "float16", is_flag=True, help="Write probabilities as float16.")
+@click.option("--normalize", help="Intensity normalisation: none, zscore, minmax, percentile:0.5:99.5, scale:A:B. "
+              "Default: stored in the model, else none.")
+@click.option("--output-name", help="Which model output to use (name or index) when there are several.")
+@click.option("--device", default="CPU", show_default=True, help="OpenVINO device (CPU, GPU, NPU, AUTO, ...).")
+@click.option("--precision", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True,
+              help="Inference precision hint; f32 is exact, bf16/f16 faster on hardware that has them.")
+@click.option("--threads", type=int, help="Inference threads (default: all cores).")
+@click.option("--streams", type=int, help="OpenVINO streams (more speed for more memory).")
+@click.option("--requests", default=2, show_default=True, help="Infer requests in flight (each ~1 tile of I/O memory).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="OpenVINO model cache directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
+@friendly_errors
+def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | None, overlap: str | None,
+        stitch: str | None, sigma: float, pad_mode: str, layout: str | None, kind: str, activation: str | None,
+        channels: str | None, threshold: float, float16: bool, normalize: str | None, output_name: str | None,
+        device: str, precision: str, threads: int | None, streams: int | None, requests: int,
+        cache_dir: Path | None, overwrite: bool, quiet: bool, as_json: bool) -> None:
+    """Segment/restore INPUTS (one NIfTI file, or one file per input channel) into OUTPUT."""
+    from .api import predict
+    from .normalize import parse_normalization
+    from .postprocess import parse_channels
+
+    report = predict(
+        list(inputs), model_path, output, tile=_tile(tile), layout=layout.upper() if layout else None,
+        overlap=overlap, stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
+        channels=parse_channels(channels), threshold=threshold, prob_dtype="float16" if float16 else "float32",
+        normalize=parse_normalization(normalize), model_output=output_name, device=device, precision=precision,
+        threads=threads, streams=streams, cache_dir=str(cache_dir) if cache_dir else None, requests=requests,
+        overwrite=overwrite, progress=not quiet and not as_json,
+    )
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+    elif not quiet:
+        click.echo(report.summary(), err=True)
+
+
+@main.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--tile", help="Tile size to measure the receptive field at (default: the model's).")
+@click.option("--no-measure", is_flag=True, help="Skip measuring the receptive field.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@friendly_errors
+def info(model_path: Path, tile: str | None, no_measure: bool, as_json: bool) -> None:
+    """Show a model's inputs, outputs, layout, stored settings and receptive field."""
+    from .model import TileModel, read_model
+    from .receptive_field import measure_receptive_field
+
+    raw = read_model(model_path)
+    data: dict[str, Any] = {
+        "model": str(model_path),
+        "inputs": [{"names": sorted(p.get_names()), "shape": str(p.get_partial_shape()),
+                    "type": p.get_element_type().get_type_name()} for p in raw.inputs],
+        "outputs": [{"names": sorted(p.get_names()), "shape": str(p.get_partial_shape()),
+                     "type": p.get_element_type().get_type_name()} for p in raw.outputs],
+    }
+    try:
+        tm = TileModel(model_path, tile=_tile(tile))
+    except VolinferError as e:
+        tm = None
+        data["note"] = str(e)
+    if tm is not None:
+        data.update(layout=tm.layout, in_channels=tm.in_channels, out_channels=tm.out_channels, tile=list(tm.tile),
+                    size_multiple=tm.multiple)
+        data["settings"] = tm.settings.as_dict()
+        if not no_measure:
+            rf = measure_receptive_field(tm)
+            data["receptive_field"] = {"radius": list(rf.radius), "bounded": rf.bounded, "text": str(rf)}
+        if tm.settings.instance_norm:
+            data["warning"] = ("model normalises with per-tile statistics (InstanceNorm): crop stitching is not "
+                               "exact for it; prefer gaussian stitching with a large overlap")
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    click.echo(f"model        {data['model']}")
+    for kind in ("inputs", "outputs"):
+        for p in data[kind]:
+            click.echo(f"{kind[:-1]:<12} {','.join(p['names']) or '-'}  {p['shape']}  {p['type']}")
+    for key in ("layout", "in_channels", "out_channels", "tile", "size_multiple"):
+        if key in data:
+            click.echo(f"{key:<12} {data[key]}")
+    if "receptive_field" in data:
+        click.echo(f"{'receptive':<12} radius {data['receptive_field']['text']} voxels (measured, f32)")
+    for k, v in (data.get("settings") or {}).items():
+        click.echo(f"  stored {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+    if "settings" in data and not data["settings"]:
+        click.echo("  (no volinfer settings stored; `volinfer convert` adds them)")
+    for key in ("warning", "note"):
+        if key in data:
+            click.echo(f"{key}: {data[key]}")
+
+
+@main.command()
+@click.option("--out-dir", default="volinfer-demo", show_default=True, type=click.Path(path_type=Path),
+              help="Where to write the demo volume and its segmentation.")
+@click.option("--size", default="160,144,112", show_default=True, help="Demo volume shape x,y,z.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
+@friendly_errors
+def demo(out_dir: Path, size: str, as_json: bool) -> None:
+    """Generate a volume of bright blobs in noise, segment it with the built-in model, and report."""
+    import nibabel as nib
+    import numpy as np
+
+    from .api import predict
+    from .demo import demo_model_path, write_demo_volume
+
+    try:
+        shape = tuple(int(v) for v in size.split(","))
+        assert len(shape) == 3 and min(shape) > 0
+    except (ValueError, AssertionError):
+        raise VolinferError(f"--size expects x,y,z; got {size!r}") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vol_path, truth_path = write_demo_volume(out_dir / "demo_volume.nii.gz", shape)  # type: ignore[arg-type]
+    seg_path = out_dir / "demo_labels.nii.gz"
+    report = predict(vol_path, demo_model_path(), seg_path, overwrite=True, progress=not as_json)
+    seg = np.asarray(nib.load(str(seg_path)).dataobj)
+    truth = np.asarray(nib.load(str(truth_path)).dataobj)
+    dice = 2.0 * float((seg & truth).sum()) / max(1.0, float(seg.sum() + truth.sum()))
+    report.extra["dice"] = f"{dice:.3f} against the generated ground truth ({truth_path.name})"
+    report.extra["input"] = str(vol_path)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        click.echo(report.summary())
+
+
+def _register_optional() -> None:
+    """Subcommands whose code lives outside the engine (converters/, benchmarks/)."""
+    try:
+        from converters.cli import convert
+    except ImportError:  # converters package not installed alongside
+        return
+    main.add_command(convert)
+
+
+_register_optional()
+
+
+if __name__ == "__main__":
+    main()
