@@ -218,7 +218,14 @@ def _register_optional() -> None:
     main.add_command(convert)
 
 
+def _register_bench() -> None:
+    from .bench.cli import bench
+
+    main.add_command(bench)
+
+
 _register_optional()
+_register_bench()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""``volinfer convert``: any supported model → verified, self-describing OpenVINO IR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from volinfer.cli import _tile, friendly_errors
+from volinfer.errors import VolinferError
+
+
+def _list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@click.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="IR path to write (.xml).")
+@click.option("--weights", help="state_dict for a file.py:factory / package.module:factory model "
+              "(loaded with torch.load(weights_only=True)).")
+@click.option("--factory-args", help="JSON keyword arguments for the factory, e.g. '{\"out_channels\": 3}'.")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled torch module (runs code from it).")
+@click.option("--input", "inputs", help="TF frozen graph / SavedModel: input node name(s) to cut the graph at.")
+@click.option("--output-node", "outputs", help="TF frozen graph: output node name(s) to cut the graph at.")
+@click.option("--output-name", help="Which output `volinfer run` uses when the model has several (name or index).")
+@click.option("--tile", help="Tile size the model will run at (128 or 128,128,64).")
+@click.option("--channels", type=int, help="Input channels, when the model does not fix them.")
+@click.option("--layout", type=click.Choice(["NCDHW", "NDHWC"], case_sensitive=False),
+              help="Input layout (default: NCDHW; NDHWC for TensorFlow/Keras).")
+@click.option("--static", is_flag=True, help="Store a static input shape (the tile) instead of dynamic spatial dims.")
+@click.option("--activation", type=click.Choice(["softmax", "sigmoid", "none"]), help="Output activation to store.")
+@click.option("--labels", help="Comma-separated label names (background first).")
+@click.option("--channel-names", help="Comma-separated input channel names (e.g. t1,t2,flair).")
+@click.option("--normalize", help="Normalisation to store: none, zscore, minmax, percentile:LO:HI, scale:A:B.")
+@click.option("--spacing", help="Voxel spacing the model expects, in mm (e.g. 1,1,1).")
+@click.option("--overlap", type=float, help="Default overlap to store (fraction < 1, or voxels).")
+@click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]), help="Default stitching to store.")
+@click.option("--no-fp16", is_flag=True, help="Keep FP32 weights (default: compress weights to FP16).")
+@click.option("--no-check", is_flag=True, help="Skip the parity check against the source model.")
+@click.option("--tolerance", type=float, help="Max relative error of the parity check (default 1e-2 with FP16 "
+              "weights, 1e-4 without).")
+@click.option("--calibration-volume", type=click.Path(exists=True), help="Check parity on a crop of this NIfTI volume.")
+@click.option("--no-receptive-field", is_flag=True, help="Skip measuring the receptive field.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing IR.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@friendly_errors
+def convert(model: str, output: Path, weights: str | None, factory_args: str | None, trust_pickle: bool,
+            inputs: str | None, outputs: str | None, output_name: str | None, tile: str | None,
+            channels: int | None, layout: str | None, static: bool, activation: str | None, labels: str | None,
+            channel_names: str | None, normalize: str | None, spacing: str | None, overlap: float | None,
+            stitch: str | None, no_fp16: bool, no_check: bool, tolerance: float | None,
+            calibration_volume: str | None, no_receptive_field: bool, overwrite: bool, as_json: bool) -> None:
+    """Convert MODEL to OpenVINO IR, check it computes what the source computes, store its run settings.
+
+    \b
+    MODEL is one of:
+      model.onnx                 ONNX
+      traced.pt                  TorchScript (torch.jit.trace / script)
+      exported.pt2              torch.export ExportedProgram
+      nets.py:build_unet         nn.Module factory (with --weights state_dict.pth)
+      package.module:factory     same, importable
+      saved_model_dir/           TensorFlow SavedModel
+      frozen.pb                  TF1 frozen graph (cut with --input / --output-node)
+      model.keras / model.h5     Keras
+      model.xml                  an existing IR (re-check and re-describe it)
+    """
+    from volinfer.normalize import parse_normalization
+
+    from .convert import convert as run_convert
+
+    try:
+        kwargs = json.loads(factory_args) if factory_args else None
+        spacing_v = [float(v) for v in spacing.split(",")] if spacing else None
+        ov_overlap = int(overlap) if overlap is not None and overlap >= 1 else overlap
+    except (ValueError, json.JSONDecodeError) as e:
+        raise VolinferError(f"bad option value: {e}") from None
+    result = run_convert(
+        model, output, weights=weights, trust_pickle=trust_pickle, factory_kwargs=kwargs, inputs=_list(inputs),
+        outputs=_list(outputs), select_output=output_name, tile=_tile(tile), channels=channels,
+        layout=layout.upper() if layout else None, static=static, activation=activation, labels=_list(labels),
+        channel_names=_list(channel_names), normalization=parse_normalization(normalize), spacing=spacing_v,
+        overlap=ov_overlap, stitch=stitch, fp16=not no_fp16, check=not no_check, tolerance=tolerance,
+        calibration_volume=calibration_volume, measure_rf=not no_receptive_field, overwrite=overwrite,
+    )
+    if as_json:
+        click.echo(json.dumps({
+            "path": str(result.path), "parity": result.parity.__dict__ if result.parity else None,
+            "settings": result.settings.as_dict(), "notes": result.notes}, indent=2, default=str))
+        return
+    click.echo(f"wrote {result.path} (+ {result.path.with_suffix('.bin').name})")
+    click.echo(str(result.parity) if result.parity else "parity check skipped (--no-check)")
+    s = result.settings
+    click.echo(f"layout {s.layout}, {s.in_channels} channel(s), tile {s.tile}, size multiple {s.size_multiple}, "
+               f"receptive field {s.receptive_field}")
+    for n in result.notes:
+        click.echo(f"note: {n}")
