@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from volinfer.cli import _tile, friendly_errors
+from volinfer.cliutil import friendly_errors, parse_tile
 from volinfer.errors import VolinferError
 
 
@@ -78,7 +78,7 @@ def convert(model: str, output: Path, weights: str | None, factory_args: str | N
         raise VolinferError(f"bad option value: {e}") from None
     result = run_convert(
         model, output, weights=weights, trust_pickle=trust_pickle, factory_kwargs=kwargs, inputs=_list(inputs),
-        outputs=_list(outputs), select_output=output_name, tile=_tile(tile), channels=channels,
+        outputs=_list(outputs), select_output=output_name, tile=parse_tile(tile), channels=channels,
         layout=layout.upper() if layout else None, static=static, activation=activation, labels=_list(labels),
         channel_names=_list(channel_names), normalization=parse_normalization(normalize), spacing=spacing_v,
         overlap=ov_overlap, stitch=stitch, fp16=not no_fp16, check=not no_check, tolerance=tolerance,

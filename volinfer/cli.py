@@ -2,46 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from . import __version__
+from .cliutil import friendly_errors, parse_tile
 from .errors import VolinferError
-
-
-def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user errors into one line on stderr and exit code 2; Ctrl-C into exit 130. No tracebacks."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except VolinferError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: no output was written", err=True)
-            sys.exit(130)
-        except MemoryError:
-            click.echo("error: out of memory; use a smaller --tile or fewer --requests", err=True)
-            sys.exit(2)
-
-    return wrapper
-
-
-def _tile(value: str | None) -> Any:
-    if not value:
-        return None
-    try:
-        parts = [int(v) for v in value.lower().replace("x", ",").split(",")]
-    except ValueError:
-        raise VolinferError(f"--tile expects a size (128) or three sizes (128,128,64); got {value!r}") from None
-    return parts[0] if len(parts) == 1 else parts
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -107,7 +76,7 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
     from .postprocess import parse_channels
 
     report = predict(
-        list(inputs), model_path, output, tile=_tile(tile), layout=layout.upper() if layout else None,
+        list(inputs), model_path, output, tile=parse_tile(tile), layout=layout.upper() if layout else None,
         overlap=overlap, stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
         channels=parse_channels(channels), threshold=threshold, prob_dtype="float16" if float16 else "float32",
         normalize=parse_normalization(normalize), model_output=output_name, device=device, precision=precision,
@@ -140,7 +109,7 @@ def info(model_path: Path, tile: str | None, no_measure: bool, as_json: bool) ->
                      "type": p.get_element_type().get_type_name()} for p in raw.outputs],
     }
     try:
-        tm = TileModel(model_path, tile=_tile(tile))
+        tm = TileModel(model_path, tile=parse_tile(tile))
     except VolinferError as e:
         tm = None
         data["note"] = str(e)

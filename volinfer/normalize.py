@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .blockwise import cast_copy
 from .errors import VolinferError
 from .reader import VolumeSource
 
@@ -140,15 +141,16 @@ class Normalizer:
         """Write ``normalise(stored * slope + inter)`` into ``out`` (float32, same shape), in place."""
         clip = self.clip[channel]
         a, b = float(self.a[channel]), float(self.b[channel])
+        cast_copy(stored, out)  # the one transposing pass; the rest runs on contiguous float32
         if clip is None:  # fold the file's scaling into one multiply-add
             a, b = slope * a, inter * a + b
-            np.multiply(stored, a, out=out, casting="unsafe")
-            if b:
-                out += b
-            return
-        np.multiply(stored, slope, out=out, casting="unsafe")
-        if inter:
-            out += inter
-        np.clip(out, clip[0], clip[1], out=out)
-        out *= a
-        out += b
+        else:
+            if slope != 1.0:
+                out *= np.float32(slope)
+            if inter:
+                out += np.float32(inter)
+            np.clip(out, clip[0], clip[1], out=out)
+        if a != 1.0:
+            out *= np.float32(a)
+        if b:
+            out += np.float32(b)

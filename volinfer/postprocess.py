@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .blockwise import blockwise
 from .errors import VolinferError
 
 OUTPUT_KINDS = ("labels", "probabilities", "raw")
@@ -74,8 +75,11 @@ class OutputSpec:
 
     def __call__(self, raw: np.ndarray, out: np.ndarray) -> None:
         """Write the post-processed ``raw`` block (C, ...) into ``out`` (out_channels, ...) of :attr:`dtype`."""
+        blockwise(self._apply, out, raw, step=16)
+
+    def _apply(self, raw: np.ndarray, out: np.ndarray) -> None:
         if self.kind == "labels" and not self._multilabel:
-            out[0] = np.argmax(raw, axis=0)
+            _argmax(raw, out[0])
             return
         sel = raw[list(self.channels)] if self.keep is not None else raw
         if self.kind == "labels":  # binary masks, thresholded in logit space when an activation applies
@@ -95,6 +99,20 @@ class OutputSpec:
         np.exp(shifted, out=shifted)
         shifted /= shifted.sum(axis=0, keepdims=True)
         out[...] = shifted[list(self.channels)] if self.keep is not None else shifted
+
+
+def _argmax(raw: np.ndarray, out: np.ndarray) -> None:
+    """``out = argmax(raw, axis=0)`` (first index on ties), as channel-by-channel comparisons: much faster than
+    ``np.argmax`` over a leading axis for the few channels segmentation models have."""
+    if raw.shape[0] == 2:
+        np.greater(raw[1], raw[0], out=out, casting="unsafe")
+        return
+    best = raw[0].copy()
+    out[...] = 0
+    for c in range(1, raw.shape[0]):
+        better = raw[c] > best
+        out[better] = c
+        np.maximum(best, raw[c], out=best)
 
 
 def parse_channels(text: str | None) -> tuple[int, ...] | None:

@@ -21,7 +21,6 @@ from typing import Protocol, Sequence
 
 import nibabel as nib
 import numpy as np
-from nibabel.fileslice import fileslice
 
 from .errors import VolinferError
 
@@ -69,32 +68,42 @@ class _Stored:
 
 
 class StripChannel:
-    """Random-access reader for uncompressed files: caches one full-x strip, reads with positioned reads."""
+    """Random-access reader for uncompressed files: one full-x strip at a time, read with one positioned read per
+    z-plane straight into a buffer that is reused for every strip (no per-tile allocation, no memory map)."""
 
     def __init__(self, stored: _Stored) -> None:
         self.s = stored
         self.dtype, self.slope, self.inter = stored.dtype, stored.slope, stored.inter
-        self._f = open(stored.path, "rb")
+        self._fd = os.open(stored.path, os.O_RDONLY)
         self._key: tuple[int, int, int, int] | None = None
-        self._strip: np.ndarray | None = None
+        self._buf = np.empty((0, 0, stored.shape[0]), dtype=stored.dtype)  # (z, y, X)
+
+    def _load(self, y0: int, y1: int, z0: int, z1: int) -> np.ndarray:
+        X, Y, _ = self.s.shape
+        ny, nz = y1 - y0, z1 - z0
+        if self._buf.shape[0] < nz or self._buf.shape[1] < ny:
+            self._buf = np.empty((max(nz, self._buf.shape[0]), max(ny, self._buf.shape[1]), X), self.s.dtype)
+        strip = self._buf[:nz, :ny]
+        item = self.s.dtype.itemsize
+        for k in range(nz):  # rows y0..y1 of one plane are contiguous on disk, and so is strip[k] in memory
+            got = os.preadv(self._fd, [strip[k]], self.s.offset + ((z0 + k) * Y + y0) * X * item)
+            if got != ny * X * item:
+                raise VolinferError(f"{self.s.path}: file is shorter than its header says (truncated?)")
+        return strip
 
     def region(self, r: Region) -> np.ndarray:
         (x0, x1), (y0, y1), (z0, z1) = r
         k = self._key
         if k is None or not (k[0] <= y0 and y1 <= k[1] and k[2] <= z0 and z1 <= k[3]):
-            self._strip = None  # drop the old strip before reading the new one
-            self._strip = fileslice(
-                self._f, (slice(None), slice(y0, y1), slice(z0, z1)), self.s.shape, self.s.dtype, self.s.offset, "F"
-            )
-            if self._strip.size * self.s.dtype.itemsize != (y1 - y0) * (z1 - z0) * self.s.shape[0] * self.s.dtype.itemsize:
-                raise VolinferError(f"{self.s.path}: file is shorter than its header says")
-            self._key = (y0, y1, z0, z1)
-            k = self._key
-        return self._strip[x0:x1, y0 - k[0] : y1 - k[0], z0 - k[2] : z1 - k[2]]  # type: ignore[index]
+            self._load(y0, y1, z0, z1)
+            self._key = k = (y0, y1, z0, z1)
+        strip = self._buf[: k[3] - k[2], : k[1] - k[0]]
+        return strip.transpose(2, 1, 0)[x0:x1, y0 - k[0] : y1 - k[0], z0 - k[2] : z1 - k[2]]
 
     def close(self) -> None:
-        self._f.close()
-        self._strip = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class StreamChannel:

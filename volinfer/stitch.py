@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .blockwise import blockwise
 from .geometry import Tile, TileGrid
 from .postprocess import OutputSpec
 from .weights import tile_weights_1d, weight_sum_1d
@@ -31,15 +32,12 @@ class CropStitcher:
 
     def __init__(self, grid: TileGrid, spec: OutputSpec, writer: BlockWriter) -> None:
         self.grid, self.spec, self.writer = grid, spec, writer
-        self._open: dict[tuple[int, int], list] = {}  # row -> [buffer, tiles still missing]
-        self._pool: list[np.ndarray] = []
+        self._open: dict[tuple[int, int], list] = {}  # row -> [strip view, tiles still missing, buffer]
+        self._free: list[np.ndarray] = []  # strip buffers of the largest core size, reused for every row
         self._per_row = grid.axes[0].count
-
-    def _buffer(self, shape: tuple[int, ...]) -> np.ndarray:
-        for i, b in enumerate(self._pool):
-            if b.shape == shape:
-                return self._pool.pop(i)
-        return np.empty(shape, dtype=self.spec.dtype)
+        core_y = max(c1 - c0 for c0, c1 in grid.axes[1].cores)
+        core_z = max(c1 - c0 for c0, c1 in grid.axes[2].cores)
+        self._full = (spec.out_channels, core_z, core_y, grid.shape[0])
 
     def add(self, tile: Tile, output: np.ndarray) -> None:
         """Post-process the centre of ``output`` (C, x, y, z, a view of the request's buffer) into its strip."""
@@ -47,14 +45,15 @@ class CropStitcher:
         sx, sy, sz = tile.start
         entry = self._open.get(tile.row)
         if entry is None:
-            shape = (self.spec.out_channels, cz1 - cz0, cy1 - cy0, self.grid.shape[0])
-            entry = self._open[tile.row] = [self._buffer(shape), self._per_row]
+            buf = self._free.pop() if self._free else np.empty(self._full, dtype=self.spec.dtype)
+            # leading rows of each plane: every (channel, z) plane of the view stays contiguous for the writer
+            entry = self._open[tile.row] = [buf[:, : cz1 - cz0, : cy1 - cy0], self._per_row, buf]
         core = output[:, cx0 - sx : cx1 - sx, cy0 - sy : cy1 - sy, cz0 - sz : cz1 - sz]
         self.spec(core.transpose(0, 3, 2, 1), entry[0][..., cx0:cx1])
         entry[1] -= 1
         if entry[1] == 0:
             self.writer.write(entry[0], cz0, cy0)
-            self._pool.append(self._open.pop(tile.row)[0])
+            self._free.append(self._open.pop(tile.row)[2])
 
     def finish(self) -> None:
         if self._open:
@@ -94,7 +93,8 @@ class BlendStitcher:
         (x0, x1), (y0, y1), (z0, z1) = (self.grid.axes[i].extent(tile.index[i]) for i in range(3))
         nx, ny, nz = x1 - x0, y1 - y0, z1 - z0
         part = self._scratch[:, :nz, :ny, :nx]  # type: ignore[index]
-        np.multiply(output[:, :nx, :ny, :nz].transpose(0, 3, 2, 1), self._w3[:nz, :ny, :nx], out=part)
+        blockwise(lambda o, w, dst: np.multiply(o, w, out=dst), part,
+                  output[:, :nx, :ny, :nz].transpose(0, 3, 2, 1), self._w3[:nz, :ny, :nx], step=16)
         self._acc[:, z0 - self._z0 : z1 - self._z0, y0:y1, x0:x1] += part
 
     def _finalize(self, upto: int) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..cli import friendly_errors
+from ..cliutil import friendly_errors
 from ..errors import VolinferError
 
 

@@ -73,35 +73,35 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def run_child(args: Sequence[str], cap_mb: float, timeout_s: float | None = None) -> tuple[int, float, bool]:
-    """Run ``python -m volinfer.bench.worker ARGS``; return (exit code, peak RSS MB, killed for memory/time).
+class Spawner:
+    """Starts workers from a tiny separate process (see :mod:`volinfer.bench.spawner`) so that each worker's peak
+    RSS is its own and not inherited from this (possibly large) process."""
 
-    The peak is the kernel's figure for the finished child (``ru_maxrss`` from ``wait4``); RSS is also polled so that
-    a child crossing ``cap_mb`` is killed before it can take the machine down."""
-    p = subprocess.Popen([sys.executable, "-m", "volinfer.bench.worker", *args], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
-    killed = False
-    t0 = time.time()
-    while True:
-        pid, status, ru = os.wait4(p.pid, os.WNOHANG)
-        if pid:
-            break
-        try:
-            with open(f"/proc/{p.pid}/status") as f:
-                rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
-        except (OSError, StopIteration):
-            rss = 0.0
-        if (rss > cap_mb or (timeout_s and time.time() - t0 > timeout_s)) and not killed:
-            p.kill()
-            killed = True
-        time.sleep(0.05)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0 and not killed and p.stderr is not None:
-        err = p.stderr.read().decode(errors="replace").strip().splitlines()
-        sys.stderr.write(f"  child failed: {err[-1] if err else p.returncode}\n")
-    if p.stderr is not None:
-        p.stderr.close()
-    return p.returncode, ru.ru_maxrss / 1024.0, killed
+    def __init__(self) -> None:
+        script = Path(__file__).with_name("spawner.py")
+        self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+
+    def run(self, args: Sequence[str], cap_mb: float, timeout_s: float | None = None) -> tuple[int, float, bool]:
+        """Run ``python -m volinfer.bench.worker ARGS``; return (exit code, peak RSS MB, killed for memory/time)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        argv = [sys.executable, "-m", "volinfer.bench.worker", *args]
+        self.proc.stdin.write(json.dumps({"argv": argv, "cap_mb": cap_mb, "timeout_s": timeout_s}) + "\n")
+        res = json.loads(self.proc.stdout.readline())
+        if res["rc"] != 0 and not res["killed"]:
+            sys.stderr.write(f"  child failed: {res['stderr_tail'] or res['rc']}\n")
+        return res["rc"], res["peak_mb"], res["killed"]
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait()
+
+    def __enter__(self) -> "Spawner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def predict_rss(points: list[tuple[int, float]], voxels: int) -> float | None:
@@ -154,6 +154,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> tuple[list[Measurement], dict[
     cap = total_ram_mb() * cfg.cap_fraction
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     results: list[Measurement] = []
+    spawner = Spawner()
     history: dict[str, list[tuple[int, float]]] = {m: [] for m in cfg.methods}
     for size in sorted(cfg.sizes, key=lambda s: int(np.prod(s))):
         name = "x".join(map(str, size))
@@ -172,7 +173,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> tuple[list[Measurement], dict[
             args = [method, "--volume", str(vol), "--model", str(cfg.model), "--out", str(out), "--result", str(res),
                     "--tile", str(cfg.tile), "--overlap", str(cfg.overlap), "--multiple", str(cfg.multiple),
                     "--precision", cfg.precision, "--torch-factory", cfg.torch_factory]
-            rc, peak, killed = run_child(args, cap)
+            rc, peak, killed = spawner.run(args, cap)
             m.peak_rss_mb = round(peak, 1)
             if killed:
                 m.status, m.note = "killed", f"crossed the {cap / 1024:.1f} GB cap; needs more than that"
@@ -193,6 +194,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> tuple[list[Measurement], dict[
         if not cfg.keep_outputs:
             for p in outputs.values():
                 p.unlink(missing_ok=True)
+    spawner.close()
     return results, machine()
 
 

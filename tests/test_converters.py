@@ -1,0 +1,220 @@
+"""Converters: every source kind converts, matches its source, and describes itself; failures leave nothing behind."""
+
+import json
+import textwrap
+
+import nibabel as nib
+import numpy as np
+import openvino as ov
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from converters import convert, kind_of  # noqa: E402
+from volinfer import ModelSettings, TileModel, VolinferError, predict  # noqa: E402
+from volinfer.bench.reference_unet import UNet3D  # noqa: E402
+from volinfer.cli import main  # noqa: E402
+
+NETS = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from volinfer.bench.reference_unet import UNet3D
+
+    def small_unet(out_channels=2):
+        torch.manual_seed(1)
+        return UNet3D(1, out_channels, channels=(4, 8, 16)).eval()
+
+    class InstNormNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv3d(1, 4, 3, padding=1)
+            self.n = nn.InstanceNorm3d(4, affine=True)
+            self.c2 = nn.Conv3d(4, 2, 1)
+        def forward(self, x):
+            return self.c2(torch.relu(self.n(self.c1(x))))
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Conv3d(2, 4, 3, padding=1)
+            self.seg = nn.Conv3d(4, 3, 1)
+            self.aux = nn.Conv3d(4, 1, 1)
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return self.aux(h), self.seg(h)
+
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(1, 2, 3, padding=1)
+        def forward(self, x):  # (N, D, H, W, C) in and out
+            return self.conv(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+
+    def instnorm():
+        torch.manual_seed(2)
+        return InstNormNet().eval()
+
+    def two_heads():
+        torch.manual_seed(3)
+        return TwoHeads().eval()
+
+    def channels_last():
+        torch.manual_seed(4)
+        return ChannelsLast().eval()
+''')
+
+
+@pytest.fixture
+def nets(tmp_path):
+    p = tmp_path / "nets.py"
+    p.write_text(NETS)
+    return p
+
+
+def _settings(xml):
+    return ModelSettings.from_model(ov.Core().read_model(str(xml)))
+
+
+def test_factory_with_state_dict_converts_matches_and_describes_itself(tmp_path, nets):
+    net = UNet3D(1, 2, channels=(4, 8, 16))
+    torch.manual_seed(9)
+    for p in net.parameters():
+        p.data.normal_(0, 0.2)
+    weights = tmp_path / "w.pth"
+    torch.save(net.state_dict(), weights)
+    out = tmp_path / "unet.xml"
+    r = convert(f"{nets}:small_unet", out, weights=str(weights), tile=32, activation="softmax",
+                labels=["bg", "fg"], normalization={"kind": "zscore"}, spacing=[1, 1, 2])
+    assert r.parity.passed and r.parity.max_rel < 1e-2 and r.parity.reference == "PyTorch (eager)"
+    s = _settings(out)
+    assert (s.layout, s.in_channels, s.tile, s.size_multiple) == ("NCDHW", 1, [32, 32, 32], 4)
+    assert s.activation == "softmax" and s.labels == ["bg", "fg"] and s.spacing == [1, 1, 2]
+    assert s.source_framework == "pytorch" and len(s.receptive_field) == 3 and s.volinfer_version
+    # the IR runs in volinfer and reproduces the source network (weights loaded from the state_dict, not seed 1)
+    vol = np.random.default_rng(0).standard_normal((32, 32, 32)).astype(np.float32)
+    got = predict(vol, str(out), kind="raw", normalize={"kind": "none"})
+    with torch.no_grad():
+        want = net.eval()(torch.from_numpy(vol)[None, None])[0].numpy()
+    np.testing.assert_allclose(np.moveaxis(got, -1, 0), want, atol=2e-2 * np.abs(want).max())
+
+
+def test_state_dict_mismatch_lists_keys(tmp_path, nets):
+    weights = tmp_path / "w.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, weights)
+    with pytest.raises(VolinferError, match=r"missing \d+ key\(s\) e\.g\. body\..*unexpected 1 key\(s\) e\.g\. conv"):
+        convert(f"{nets}:small_unet", tmp_path / "x.xml", weights=str(weights), tile=32)
+    assert not list(tmp_path.glob("*.xml"))
+
+
+def test_torchscript_export_and_refused_pickle(tmp_path, nets):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets_mod", nets)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.small_unet()
+    x = torch.zeros(1, 1, 32, 32, 32)
+    torch.jit.trace(net, x).save(str(tmp_path / "traced.pt"))
+    torch.export.save(torch.export.export(net, (x,)), str(tmp_path / "exported.pt2"))
+    torch.save(net, tmp_path / "pickled.pth")
+    r1 = convert(str(tmp_path / "traced.pt"), tmp_path / "a.xml", tile=32)
+    r2 = convert(str(tmp_path / "exported.pt2"), tmp_path / "b.xml", tile=32)
+    assert r1.parity.passed and r2.parity.passed
+    assert _settings(tmp_path / "a.xml").source_framework == "torchscript"
+    assert _settings(tmp_path / "b.xml").source_framework == "torch.export"
+    with pytest.raises(VolinferError, match="--trust-pickle"):
+        convert(str(tmp_path / "pickled.pth"), tmp_path / "c.xml", tile=32)
+    assert not (tmp_path / "c.xml").exists()
+
+
+def test_onnx_source(tmp_path, nets):
+    pytest.importorskip("onnx")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets_mod2", nets)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    onnx_path = tmp_path / "m.onnx"
+    torch.onnx.export(mod.small_unet(), torch.zeros(1, 1, 32, 32, 32), str(onnx_path), dynamo=False,
+                      input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {2: "d", 3: "h", 4: "w"}, "logits": {2: "d", 3: "h", 4: "w"}})
+    r = convert(str(onnx_path), tmp_path / "m.xml", tile=48)
+    assert r.parity.passed and _settings(tmp_path / "m.xml").size_multiple == 4
+    # and volinfer runs ONNX directly too
+    assert TileModel(onnx_path, tile=32).out_channels == 2
+
+
+def test_instance_norm_is_flagged_and_info_warns(tmp_path, nets):
+    r = convert(f"{nets}:instnorm", tmp_path / "inorm.xml", tile=32)
+    assert r.parity.passed and any("not exact" in n for n in r.notes)
+    s = _settings(tmp_path / "inorm.xml")
+    assert s.instance_norm and s.stitch == "gaussian"
+    res = CliRunner().invoke(main, ["info", str(tmp_path / "inorm.xml"), "--no-measure"])
+    assert res.exit_code == 0 and "crop stitching is not exact" in res.output
+
+
+def test_two_output_network_uses_chosen_output(tmp_path, nets):
+    convert(f"{nets}:two_heads", tmp_path / "two.xml", tile=16, select_output=1)
+    tm = TileModel(tmp_path / "two.xml")
+    assert tm.out_channels == 3 and tm.in_channels == 2
+    vol = np.random.default_rng(1).standard_normal((2, 20, 18, 16)).astype(np.float32)
+    labels = predict(vol, tm, channel_axis=0)
+    assert labels.shape == (20, 18, 16) and labels.max() <= 2
+
+
+def test_channels_last_model(tmp_path, nets):
+    r = convert(f"{nets}:channels_last", tmp_path / "cl.xml", tile=16, layout="NDHWC", channels=1)
+    assert r.parity.passed and _settings(tmp_path / "cl.xml").layout == "NDHWC"
+    vol = np.random.default_rng(2).standard_normal((21, 17, 19)).astype(np.float32)
+    got = predict(vol, str(tmp_path / "cl.xml"), kind="raw", overlap=4)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets_mod3", nets)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with torch.no_grad():
+        want = mod.channels_last()(torch.from_numpy(vol)[None, ..., None])[0].numpy()
+    np.testing.assert_allclose(got, want, atol=2e-2 * np.abs(want).max())
+
+
+def test_parity_failure_leaves_nothing(tmp_path, nets):
+    with pytest.raises(VolinferError, match=r"parity FAILED: max \|diff\| .* relative"):
+        convert(f"{nets}:small_unet", tmp_path / "bad.xml", tile=32, tolerance=1e-12)
+    assert list(tmp_path.iterdir()) == [nets]
+
+
+def test_unknown_keys_are_kept_when_redescribing_an_ir(tmp_path, nets):
+    convert(f"{nets}:small_unet", tmp_path / "a.xml", tile=32, labels=["x", "y"])
+    m = ov.Core().read_model(str(tmp_path / "a.xml"))
+    m.set_rt_info(json.dumps({"site": "lab 3"}), ["volinfer", "future_key"])
+    ov.save_model(m, str(tmp_path / "b.xml"), compress_to_fp16=False)
+    convert(str(tmp_path / "b.xml"), tmp_path / "c.xml", activation="sigmoid")
+    s = _settings(tmp_path / "c.xml")
+    assert s.extra["future_key"] == {"site": "lab 3"} and s.labels == ["x", "y"] and s.activation == "sigmoid"
+
+
+def test_cli_errors_are_one_line(tmp_path, nets):
+    run = CliRunner().invoke
+    (tmp_path / "model.txt").write_text("x")
+    cases = [
+        ([str(tmp_path / "model.txt")], "unknown model type .txt"),
+        ([f"{nets}:nope"], "no factory named 'nope'"),
+        ([str(tmp_path / "missing.onnx")], "no such file"),
+        ([f"{nets}:small_unet", "--tile", "30"], "divisible by 4"),
+    ]
+    for args, msg in cases:
+        r = run(main, ["convert", *args, "-o", str(tmp_path / "o.xml")])
+        assert r.exit_code == 2 and msg in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "o.xml").exists()
+
+
+def test_calibration_volume_and_kinds(tmp_path, nets):
+    vol = tmp_path / "cal.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 900, (40, 40, 40)).astype(np.int16), np.eye(4)),
+             str(vol))
+    r = convert(f"{nets}:small_unet", tmp_path / "c.xml", tile=32, calibration_volume=str(vol),
+                normalization={"kind": "zscore"})
+    assert r.parity.passed
+    assert kind_of(str(tmp_path / "c.xml")) == "openvino" and kind_of("pkg.mod:f") == "torch-factory"

@@ -1,0 +1,41 @@
+"""Shared helpers of the command-line tools: one-line errors, option parsing."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Any, Callable
+
+import click
+
+from .errors import VolinferError
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user errors into one line on stderr and exit code 2; Ctrl-C into exit 130. No tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except VolinferError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output was written", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory; use a smaller --tile or fewer --requests", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def parse_tile(value: str | None) -> Any:
+    if not value:
+        return None
+    try:
+        parts = [int(v) for v in value.lower().replace("x", ",").split(",")]
+    except ValueError:
+        raise VolinferError(f"--tile expects a size (128) or three sizes (128,128,64); got {value!r}") from None
+    return parts[0] if len(parts) == 1 else parts
