@@ -179,15 +179,14 @@ def convert(
     layout = (layout or src.layout or "NCDHW").upper()
     t3 = None if tile is None else ([int(tile)] * 3 if isinstance(tile, (int, np.integer)) else [int(v) for v in tile])
     probe_tile = t3 or [64, 64, 64]
-    if channels is None and src.framework.startswith(("pytorch", "torchscript")):
-        channels = _guess_torch_channels(src, min(probe_tile))
+    if channels is None and src.framework.startswith(("pytorch", "torch")):
+        channels = _guess_torch_channels(src, [64, 32, 128, *probe_tile])
     conv_shape = None
     if channels is not None:
         conv_shape = _shape(layout, channels, probe_tile)
         if not static:
             conv_shape = [1, channels, -1, -1, -1] if layout == "NCDHW" else [1, -1, -1, -1, channels]
-    example = _shape(layout, channels or 1, probe_tile)
-    ov_model = src.to_openvino(conv_shape, example)
+    ov_model = _convert_with_examples(src, conv_shape, layout, channels or 1, [64, *probe_tile, 128, 96, 32])
     if len(ov_model.inputs) != 1:
         raise VolinferError(f"model has {len(ov_model.inputs)} inputs; volinfer runs single-input models "
                             f"(cut the graph with --input)")
@@ -277,17 +276,32 @@ def convert(
     return ConversionResult(out, parity, settings, notes)
 
 
-def _guess_torch_channels(src: Source, size: int) -> int | None:
+def _convert_with_examples(src: Source, shape: list[int] | None, layout: str, channels: int,
+                           sizes: list[int]) -> ov.Model:
+    """Convert, tracing at the first example size the model accepts (a rejected tile is explained later, once the
+    size multiple is known)."""
+    error: VolinferError | None = None
+    for size in dict.fromkeys(sizes):
+        try:
+            return src.to_openvino(shape, _shape(layout, channels, [size] * 3))
+        except VolinferError as e:
+            error = e
+    assert error is not None
+    raise error
+
+
+def _guess_torch_channels(src: Source, sizes: list[int]) -> int | None:
     """Input channels of a torch module: try each in-channel count its 3-D convolutions use, smallest first,
     on a small input; the first that runs is the answer."""
     module = src.extras.get("module")
     if module is None:
         return None
     candidates = sorted({int(p.shape[1]) for p in module.parameters() if p.ndim == 5})
-    for c in candidates:
-        try:
-            src.run(np.zeros((1, c, size, size, size), np.float32))
-            return c
-        except Exception:
-            continue
+    for size in dict.fromkeys(sizes):
+        for c in candidates:
+            try:
+                src.run(np.zeros((1, c, size, size, size), np.float32))
+                return c
+            except Exception:
+                continue
     return None

@@ -100,7 +100,10 @@ def _check_state_dict(module: Any, state: dict[str, Any], weights: Path) -> None
 
 
 def _torch_source(module: Any, framework: str, path: Path | None, torch: Any) -> Source:
-    module.eval()
+    try:
+        module.eval()
+    except NotImplementedError:  # torch.export modules are already inference graphs and refuse eval()
+        pass
 
     def to_ov(shape: list[int] | None, example_shape: list[int] | None = None) -> ov.Model:
         example = torch.zeros(example_shape or [1, 1, 64, 64, 64])

@@ -140,7 +140,6 @@ class BenchConfig:
     work_dir: Path
     tile: int = 128
     overlap: float = 0.25
-    multiple: int = 16
     precision: str = "f32"
     cap_fraction: float = 0.85
     torch_factory: str = "volinfer.bench.reference_unet:build_unet"
@@ -171,7 +170,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> tuple[list[Measurement], dict[
             out = cfg.work_dir / f"labels_{method}_{name}.nii"
             res = Path(tempfile.mkstemp(suffix=".json", dir=cfg.work_dir)[1])
             args = [method, "--volume", str(vol), "--model", str(cfg.model), "--out", str(out), "--result", str(res),
-                    "--tile", str(cfg.tile), "--overlap", str(cfg.overlap), "--multiple", str(cfg.multiple),
+                    "--tile", str(cfg.tile), "--overlap", str(cfg.overlap),
                     "--precision", cfg.precision, "--torch-factory", cfg.torch_factory]
             rc, peak, killed = spawner.run(args, cap)
             m.peak_rss_mb = round(peak, 1)

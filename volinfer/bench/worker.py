@@ -32,14 +32,18 @@ def run_naive(a: argparse.Namespace) -> dict:
 
     from volinfer.geometry import padded_size
 
+    from volinfer.settings import ModelSettings
+
     t0 = time.perf_counter()
     vol = np.asarray(nib.load(a.volume).dataobj, dtype=np.float32)
     shape = vol.shape
-    padded = [padded_size(n, a.multiple, a.multiple) for n in shape]
+    model = ov.Core().read_model(a.model)
+    multiple = ModelSettings.from_model(model).size_multiple or 1
+    # the same padded extent the tiled engine uses, so that crop stitching can be compared voxel for voxel
+    padded = [padded_size(n, a.tile, multiple) for n in shape]
     x = np.zeros((1, 1, *padded), np.float32)
     x[0, 0, : shape[0], : shape[1], : shape[2]] = vol
     del vol
-    model = ov.Core().read_model(a.model)
     model.reshape({0: x.shape})
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": a.precision})
     t1 = time.perf_counter()
@@ -94,7 +98,6 @@ def main() -> None:
     ap.add_argument("--result", required=True)
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--overlap", type=float, default=0.25)
-    ap.add_argument("--multiple", type=int, default=16)
     ap.add_argument("--precision", default="f32")
     ap.add_argument("--torch-factory", default="volinfer.bench.reference_unet:build_unet")
     ap.add_argument("--mb", type=float, default=0)
