@@ -55,7 +55,7 @@ def test_info_shows_settings_and_receptive_field(files):
 
 @pytest.mark.parametrize("make,expected", [
     (lambda t: t / "missing.nii", "no such file"),
-    (lambda t: t, "is a directory"),
+    (lambda t: (t / "nothing_here").mkdir() or t / "nothing_here", "no .nii or .nii.gz files found"),
     (lambda t: (t / "notes.nii").write_text("hello, not a volume") and t / "notes.nii", "not a readable NIfTI"),
     (lambda t: (t / "empty.nii").write_bytes(b"") or t / "empty.nii", "file is empty"),
 ])
@@ -96,3 +96,115 @@ def test_demo_runs_and_segments(tmp_path):
     rep = json.loads(r.stdout)
     assert float(rep["extra"]["dice"].split()[0]) > 0.9
     assert (tmp_path / "demo_labels.nii.gz").exists() and rep["tiles"] >= 2
+
+
+def test_batch_directory_continues_past_a_bad_volume(files):
+    tmp, vol, xml, _ = files
+    batch = tmp / "batch"
+    batch.mkdir()
+    good = np.random.default_rng(5).integers(0, 300, (20, 24, 18)).astype(np.int16)
+    nib.save(nib.Nifti1Image(good, np.eye(4)), str(batch / "a.nii"))
+    nib.save(nib.Nifti1Image(good[:, :, :9], np.eye(4)), str(batch / "b.nii.gz"))
+    (batch / "c.nii").write_bytes(b"broken")
+    out = tmp / "segs"
+    r = invoke("run", batch, "-m", xml, "-o", out, "--json")
+    assert r.exit_code == 1
+    rep = json.loads(r.stdout)
+    assert len(rep["runs"]) == 2 and [f["input"] for f in rep["failed"]] == [str(batch / "c.nii")]
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii", "b.nii.gz"]
+    assert nib.load(str(out / "b.nii.gz")).shape == (20, 24, 9)
+
+
+def test_nan_voxels_are_refused_or_replaced(tmp_path, files):
+    _, _, xml, _ = files
+    data = np.random.default_rng(6).standard_normal((20, 20, 20)).astype(np.float32)
+    data[3, 4, 5] = np.nan
+    data[7, 7, 7] = np.inf
+    src = tmp_path / "nan.nii"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(src))
+    r = invoke("run", src, "-m", xml, "-o", tmp_path / "o.nii")
+    assert r.exit_code == 2 and "2 NaN/Inf voxel(s)" in r.output and "--nan-value" in r.output
+    assert not (tmp_path / "o.nii").exists()
+    r = invoke("run", src, "-m", xml, "-o", tmp_path / "o.nii", "--nan-value", "0", "--json", "--kind", "raw")
+    assert r.exit_code == 0, r.output
+    assert "2 voxel(s) replaced by 0.0" in json.loads(r.stdout)["extra"]["nan/inf"]
+    clean = data.copy()
+    clean[~np.isfinite(clean)] = 0
+    nib.save(nib.Nifti1Image(clean, np.eye(4)), str(tmp_path / "clean.nii"))
+    invoke("run", tmp_path / "clean.nii", "-m", xml, "-o", tmp_path / "c.nii", "--kind", "raw")
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "o.nii")).dataobj),
+                                  np.asarray(nib.load(str(tmp_path / "c.nii")).dataobj))
+
+
+def test_corrupt_and_inconsistent_files(tmp_path, files):
+    _, vol, xml, _ = files
+    raw = vol.read_bytes()
+    (tmp_path / "trunc.nii.gz").write_bytes(raw[: len(raw) // 2])
+    r = invoke("run", tmp_path / "trunc.nii.gz", "-m", xml, "-o", tmp_path / "o.nii")
+    assert r.exit_code == 2 and "truncated or corrupt" in r.output
+    img = nib.load(str(vol))
+    data = np.asarray(img.dataobj)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / "u.nii"))
+    b = (tmp_path / "u.nii").read_bytes()
+    (tmp_path / "short.nii").write_bytes(b[:-1000])
+    r = invoke("run", tmp_path / "short.nii", "-m", xml, "-o", tmp_path / "o.nii")
+    assert r.exit_code == 2 and "truncated, or the header's dimensions are wrong" in r.output
+    nib.save(nib.Nifti1Image(data[:, :, 0], np.eye(4)), str(tmp_path / "flat.nii"))
+    r = invoke("run", tmp_path / "flat.nii", "-m", xml, "-o", tmp_path / "o.nii")
+    assert r.exit_code == 2 and "got 2-D" in r.output
+    nib.save(nib.Nifti1Image(data[..., None, None].repeat(2, 3).repeat(2, 4), np.eye(4)), str(tmp_path / "5d.nii"))
+    r = invoke("run", tmp_path / "5d.nii", "-m", xml, "-o", tmp_path / "o.nii")
+    assert r.exit_code == 2 and "got 5-D" in r.output
+    other = tmp_path / "shifted.nii"
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 1, 1, 1])), str(other))
+    two = tmp_path / "two.xml"
+    r = invoke("run", vol, other, "-m", two, "-o", tmp_path / "o.nii", "--tile", "32")
+    assert r.exit_code == 2 and "affine differs" in r.output
+    (tmp_path / "half.bin").write_bytes(xml.with_suffix(".bin").read_bytes()[:100])
+    (tmp_path / "half.xml").write_text(xml.read_text())
+    r = invoke("run", vol, "-m", tmp_path / "half.xml", "-o", tmp_path / "o.nii")
+    assert r.exit_code == 2 and "truncated?" in r.output
+    (tmp_path / "model.pt").write_bytes(b"x")
+    r = invoke("run", vol, "-m", tmp_path / "model.pt", "-o", tmp_path / "o.nii")
+    assert r.exit_code == 2 and "expected .xml (OpenVINO IR) or .onnx" in r.output
+    assert not (tmp_path / "o.nii").exists()
+
+
+def test_file_size_limit_and_unwritable_directory(tmp_path, files):
+    _, vol, xml, _ = files
+    code = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000));"
+        "from volinfer.cli import main; sys.argv = ['volinfer', 'run', sys.argv[1], '-m', sys.argv[2], '-o', sys.argv[3]];"
+        "main()"
+    )
+    out = tmp_path / "big.nii"
+    p = subprocess.run([sys.executable, "-c", code, str(vol), str(xml), str(out)], capture_output=True, text=True)
+    assert p.returncode == 2 and "File too large" in p.stderr and p.stderr.count("\n") == 1
+    assert not list(tmp_path.glob("*big*"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        r = invoke("run", vol, "-m", xml, "-o", locked / "o.nii")
+        import os
+        if os.geteuid() != 0:  # root writes anywhere; the check is then moot
+            assert r.exit_code == 2 and "not writable" in r.output
+    finally:
+        locked.chmod(0o700)
+
+
+def test_constant_tiles_reuse_one_inference_with_identical_output(tmp_path, files):
+    _, _, xml, _ = files
+    data = np.zeros((70, 64, 60), np.int16)
+    data[10:30, 12:40, 8:30] = np.random.default_rng(8).integers(0, 500, (20, 28, 22))
+    src = tmp_path / "mostly_air.nii"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(src))
+    r1 = invoke("run", src, "-m", xml, "-o", tmp_path / "a.nii", "--kind", "raw", "--json", "--overlap", "16")
+    r2 = invoke("run", src, "-m", xml, "-o", tmp_path / "b.nii", "--kind", "raw", "--overlap", "16",
+                "--no-constant-reuse")
+    assert r1.exit_code == 0 and r2.exit_code == 0
+    rep = json.loads(r1.stdout)
+    reused = int(rep["extra"]["constant"].split()[0])
+    assert 0 < reused < rep["tiles"]
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "a.nii")).dataobj),
+                                  np.asarray(nib.load(str(tmp_path / "b.nii")).dataobj))

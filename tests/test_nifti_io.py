@@ -86,7 +86,10 @@ def test_existing_output_needs_overwrite(tmp_path, unet2):
     assert nib.load(str(out)).shape == (16, 16, 16)
 
 
-def test_failed_run_leaves_target_untouched_and_no_temporaries(tmp_path, unet2, monkeypatch):
+@pytest.mark.parametrize("failure", [VolinferError("disk trouble"), KeyboardInterrupt()])
+def test_failed_run_leaves_target_untouched(tmp_path, unet2, monkeypatch, failure):
+    from volinfer.errors import Interrupted
+
     src = _save(tmp_path / "in.nii", RNG.standard_normal((40, 40, 40)).astype(np.float32))
     out = tmp_path / "out.nii.gz"
     out.write_bytes(b"old result")
@@ -96,14 +99,18 @@ def test_failed_run_leaves_target_untouched_and_no_temporaries(tmp_path, unet2, 
     def failing(self, block, z0, y0):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt
+            raise failure
         real(self, block, z0, y0)
 
     monkeypatch.setattr(NiftiWriter, "write", failing)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted if isinstance(failure, KeyboardInterrupt) else VolinferError, match="resume|disk"):
         predict(src, TileModel(unet2.clone(), tile=16), out, overwrite=True)
     assert out.read_bytes() == b"old result"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii", "out.nii.gz"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if isinstance(failure, KeyboardInterrupt):  # kept for --resume
+        assert left == [".out.nii.gz.partial.json", ".out.nii.gz.partial.nii", "in.nii", "out.nii.gz"]
+    else:
+        assert left == ["in.nii", "out.nii.gz"]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "mni152_t1_1mm.nii.gz").exists(), reason="shared MNI volume not present")
@@ -120,3 +127,23 @@ def test_real_mri_header_is_preserved(tmp_path):
     assert (b.header["qform_code"], b.header["sform_code"]) == (a.header["qform_code"], a.header["sform_code"])
     labels = np.asarray(b.dataobj)
     assert set(np.unique(labels)) <= {0, 1} and 0 < labels.mean() < 1
+
+
+@pytest.mark.parametrize("kind", ["zscore", "minmax", "percentile"])
+def test_whole_volume_normalisation_matches_manual(tmp_path, unet2, kind):
+    data = RNG.integers(-200, 3000, size=(41, 37, 45)).astype(np.int16)
+    src = _save(tmp_path / "in.nii.gz", data)
+    tm = TileModel(unet2.clone(), tile=32)
+    got = predict(src, tm, kind="raw", overlap=24, normalize={"kind": kind})
+    v = data.astype(np.float64)
+    if kind == "zscore":
+        manual = (v - v.mean()) / v.std()
+    elif kind == "minmax":
+        manual = (v - v.min()) / (v.max() - v.min())
+    else:  # percentile clip then z-score; percentiles come from a subsample, so compare loosely
+        lo, hi = np.percentile(v, [0.5, 99.5])
+        c = np.clip(v, lo, hi)
+        manual = (c - c.mean()) / c.std()
+    want = predict(manual.astype(np.float32), tm, kind="raw", overlap=24, normalize={"kind": "none"})
+    tol = 1e-4 if kind != "percentile" else 5e-2
+    np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())

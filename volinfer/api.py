@@ -9,9 +9,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .checks import check_nonfinite
 from .engine import RunReport, peak_rss_mb, run_tiles
-from .errors import VolinferError
+from . import __version__
+from .errors import Interrupted, VolinferError
 from .geometry import GeometryError, TileGrid
+from .journal import Journal, file_identity, model_identity
 from .model import CompileOptions, TileModel
 from .normalize import Normalizer
 from .postprocess import OutputSpec
@@ -97,6 +100,9 @@ def predict(
     cache_dir: str | None = None,
     requests: int = 2,
     channel_axis: int | None = None,
+    nan_value: float | None = None,
+    reuse_constant: bool = True,
+    resume: bool = False,
     overwrite: bool = False,
     progress: bool = False,
     report: bool = False,
@@ -108,12 +114,16 @@ def predict(
     With ``output`` (``.nii`` / ``.nii.gz``) the result is streamed to disk and a :class:`RunReport` is returned;
     without, the result array is returned ((x, y, z) or (x, y, z, c)), or ``(array, report)`` when ``report=True``.
     Options default to the settings stored in the model (tile, overlap, stitching, activation, normalisation).
+    Volumes with NaN/Inf voxels are refused unless ``nan_value`` says what to replace them with. File outputs are
+    journaled per z-row of tiles: after an interruption, ``resume=True`` continues where the run stopped and writes
+    the same bytes an uninterrupted run would.
     """
     t_start = time.perf_counter()
     in_paths = [] if isinstance(volume, (np.ndarray, VolumeSource)) else (
         [Path(volume)] if isinstance(volume, (str, os.PathLike)) else [Path(p) for p in volume])
     if output is not None:
         check_target(Path(output), overwrite, in_paths)
+    journal: Journal | None = None
     tm = model if isinstance(model, TileModel) else TileModel(
         model, tile=tile, layout=layout, output=model_output,
         options=CompileOptions(device=device, precision=precision, threads=threads, streams=streams,
@@ -141,17 +151,47 @@ def predict(
         except GeometryError as e:
             raise VolinferError(str(e)) from None
         normalizer = Normalizer(normalize if normalize is not None else st.normalization, source.channels)
+        nonfinite = check_nonfinite(source, tm.tile[2], nan_value)
         normalizer.fit(source, tm.tile[2])
+        nan_fill = [normalizer.normalized(nan_value, c) for c in range(source.channels)] if nonfinite else None
+        start_row, on_row_done = 0, None
         if output is not None:
-            writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header, source.affine)
+            journal = Journal(Path(output), {
+                "volinfer": __version__, "inputs": [file_identity(p) for p in in_paths],
+                "model": model_identity(tm.path) if tm.path else None,
+                "options": dict(tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=ov_vox,
+                                stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
+                                channels=spec.channels, threshold=threshold, dtype=str(spec.dtype),
+                                normalization=normalizer.describe(), nan_value=nan_value,
+                                device=tm.options.device, precision=tm.options.precision)})
+            if resume:
+                if tm.path is None or not in_paths:
+                    raise VolinferError("resume needs the model and the volume given as files")
+                start_row = journal.resume_row()
+            writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header, source.affine,
+                                 resume=resume)
+            rows = grid.axes[2].count
+            on_row_done = lambda r: journal.update(r, rows)  # noqa: E731
+            journal.update(start_row, rows)
         else:
             writer = ArrayWriter(source.shape, spec.out_channels, spec.dtype)
-        busy, n = run_tiles(source, tm, spec, writer, grid=grid, stitch=stitch, normalizer=normalizer, sigma=sigma,
-                            pad_mode=pad_mode, requests=requests, progress=progress)
+        busy, n, reused = run_tiles(source, tm, spec, writer, grid=grid, stitch=stitch, normalizer=normalizer,
+                                    sigma=sigma, pad_mode=pad_mode, requests=requests, progress=progress,
+                                    reuse_constant=reuse_constant, nan_fill=nan_fill, start_row=start_row,
+                                    on_row_done=on_row_done)
         result = writer.commit() if output is not None else writer.result()
+        if output is not None:
+            journal.remove()
+    except KeyboardInterrupt:
+        if isinstance(writer, NiftiWriter):
+            writer.close_for_resume()
+            raise Interrupted(f"partial output kept beside {output}; run the same command with --resume to "
+                              f"continue") from None
+        raise
     except BaseException:
         if isinstance(writer, NiftiWriter):
             writer.abort()
+            journal.remove()
         raise
     finally:
         source.close()
@@ -163,6 +203,10 @@ def predict(
         wall_s=time.perf_counter() - t_start, infer_busy_s=busy, peak_rss_mb=peak_rss_mb(),
         output=str(result) if output is not None else None,
     )
+    if reused:
+        rep.extra["constant"] = f"{reused} of {n} tiles were constant and reused one cached inference"
+    if nonfinite:
+        rep.extra["nan/inf"] = f"{nonfinite} voxel(s) replaced by {nan_value}"
     if output is not None:
         return rep
     return (result, rep) if report else result

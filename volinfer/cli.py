@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,6 +63,13 @@ def main() -> None:
 @click.option("--streams", type=int, help="OpenVINO streams (more speed for more memory).")
 @click.option("--requests", default=2, show_default=True, help="Infer requests in flight (each ~1 tile of I/O memory).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="OpenVINO model cache directory.")
+@click.option("--nan-value", type=float, help="Replace NaN/Inf voxels with this value (default: refuse such volumes).")
+@click.option("--no-constant-reuse", is_flag=True, help="Run every tile, even constant ones (default: constant tiles "
+              "reuse one cached inference).")
+@click.option("--max-memory", help="Peak RAM budget (e.g. 600M, 2G): pick the largest tile predicted to fit "
+              "(see `volinfer plan`), or refuse with the predicted need.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run (same command) from its last finished "
+              "row of tiles; refused if the model, input or settings changed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
@@ -69,24 +78,117 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
         stitch: str | None, sigma: float, pad_mode: str, layout: str | None, kind: str, activation: str | None,
         channels: str | None, threshold: float, float16: bool, normalize: str | None, output_name: str | None,
         device: str, precision: str, threads: int | None, streams: int | None, requests: int,
-        cache_dir: Path | None, overwrite: bool, quiet: bool, as_json: bool) -> None:
-    """Segment/restore INPUTS (one NIfTI file, or one file per input channel) into OUTPUT."""
+        cache_dir: Path | None, nan_value: float | None, no_constant_reuse: bool, max_memory: str | None,
+        resume: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
+    """Segment/restore INPUTS (one NIfTI file, or one file per input channel) into OUTPUT.
+
+    \b
+    Batch: give one directory or glob (quoted) as INPUTS and a directory as OUTPUT; each volume is written to
+    OUTPUT/<its file name>, the model is compiled once, and a failing volume does not stop the others.
+    """
     from .api import predict
+    from .model import CompileOptions, TileModel
     from .normalize import parse_normalization
     from .postprocess import parse_channels
 
-    report = predict(
-        list(inputs), model_path, output, tile=parse_tile(tile), layout=layout.upper() if layout else None,
+    compile_options = dict(device=device, precision=precision, threads=threads, streams=streams,
+                           cache_dir=str(cache_dir) if cache_dir else None)
+    batch = batch_inputs(inputs)
+    if max_memory:
+        from .plan import largest_fitting_tile, parse_size_mb
+
+        plan = largest_fitting_tile(batch[:1] if batch else list(inputs), model_path, parse_size_mb(max_memory),
+                                    layout=layout.upper() if layout else None, output=output_name,
+                                    options=compile_options, overlap=overlap, stitch=stitch, kind=kind,
+                                    channels=parse_channels(channels), prob_dtype="float16" if float16 else "float32",
+                                    normalize=parse_normalization(normalize), requests=requests)
+        tile = str(plan.tile[0])
+        if not quiet and not as_json:
+            click.echo(f"--max-memory {max_memory}: {plan.summary()}", err=True)
+    tm = TileModel(model_path, tile=parse_tile(tile), layout=layout.upper() if layout else None, output=output_name,
+                   options=CompileOptions(**compile_options))
+    options = dict(
         overlap=overlap, stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
         channels=parse_channels(channels), threshold=threshold, prob_dtype="float16" if float16 else "float32",
-        normalize=parse_normalization(normalize), model_output=output_name, device=device, precision=precision,
-        threads=threads, streams=streams, cache_dir=str(cache_dir) if cache_dir else None, requests=requests,
-        overwrite=overwrite, progress=not quiet and not as_json,
+        normalize=parse_normalization(normalize), requests=requests, nan_value=nan_value,
+        reuse_constant=not no_constant_reuse, resume=resume, overwrite=overwrite,
+        progress=not quiet and not as_json,
     )
+    if batch is None:
+        report = predict(list(inputs), tm, output, **options)
+        if as_json:
+            click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+        elif not quiet:
+            click.echo(report.summary(), err=True)
+        return
+    if output.exists() and not output.is_dir():
+        raise VolinferError(f"{output}: batch output must be a directory")
+    output.mkdir(parents=True, exist_ok=True)
+    failed: list[tuple[Path, str]] = []
+    reports = []
+    for n, path in enumerate(batch, 1):
+        if not quiet and not as_json:
+            click.echo(f"[{n}/{len(batch)}] {path}", err=True)
+        try:
+            rep = predict([path], tm, output / path.name, **options)
+            reports.append(rep.as_dict())
+        except VolinferError as e:
+            failed.append((path, str(e)))
+            if not quiet and not as_json:
+                click.echo(f"  failed: {e}", err=True)
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+        click.echo(json.dumps({"runs": reports, "failed": [{"input": str(p), "error": m} for p, m in failed]},
+                              indent=2, default=str))
     elif not quiet:
-        click.echo(report.summary(), err=True)
+        click.echo(f"{len(batch) - len(failed)} of {len(batch)} volume(s) written to {output}", err=True)
+        for p, m in failed:
+            click.echo(f"failed: {p}: {m}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def batch_inputs(inputs: tuple[Path, ...]) -> list[Path] | None:
+    """The volumes of a batch run (one directory or one glob pattern), or None for a single run."""
+    if len(inputs) != 1:
+        return None
+    text = str(inputs[0])
+    if inputs[0].is_dir():
+        found = sorted(p for p in inputs[0].iterdir() if p.name.lower().endswith((".nii", ".nii.gz")))
+    elif any(ch in text for ch in "*?["):
+        found = sorted(Path(p) for p in glob.glob(text) if p.lower().endswith((".nii", ".nii.gz")))
+    else:
+        return None
+    if not found:
+        raise VolinferError(f"{text}: no .nii or .nii.gz files found")
+    return found
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path), help="Model (.xml/.onnx).")
+@click.option("--tile", help="Tile size (default: stored in the model).")
+@click.option("--tiles", "tile_list", help="Several tile sizes to compare, e.g. 64,96,128.")
+@click.option("--overlap", help="As for `run`.")
+@click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]))
+@click.option("--kind", type=click.Choice(["labels", "probabilities", "raw"]), default="labels", show_default=True)
+@click.option("--precision", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True)
+@click.option("--device", default="CPU", show_default=True)
+@click.option("--requests", default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@friendly_errors
+def plan(inputs: tuple[Path, ...], model_path: Path, tile: str | None, tile_list: str | None, overlap: str | None,
+         stitch: str | None, kind: str, precision: str, device: str, requests: int, as_json: bool) -> None:
+    """Predict the peak RAM and time of `volinfer run` on INPUTS, from measuring the compiled model."""
+    from .plan import plan_run
+
+    sizes = [parse_tile(t) for t in tile_list.split(",")] if tile_list else [parse_tile(tile)]
+    plans = [plan_run(list(inputs), model_path, tile=t, overlap=overlap, stitch=stitch, kind=kind,
+                      options={"device": device, "precision": precision}, requests=requests) for t in sizes]
+    if as_json:
+        click.echo(json.dumps([p.as_dict() for p in plans], indent=2))
+        return
+    for p in plans:
+        click.echo(p.summary())
 
 
 @main.command()

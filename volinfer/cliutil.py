@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from typing import Any, Callable
 
 import click
 
-from .errors import VolinferError
+from .errors import Interrupted, VolinferError
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -16,8 +21,14 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if hasattr(signal, "SIGXFSZ"):  # a file-size limit then fails the write (EFBIG) instead of killing us
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # batch schedulers send SIGTERM before killing
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:
+            click.echo(f"interrupted: {e}", err=True)
+            sys.exit(130)
         except VolinferError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)

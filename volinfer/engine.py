@@ -124,13 +124,22 @@ def run_tiles(
     pad_value: float = 0.0,
     requests: int = 2,
     progress: bool = True,
-    on_tile: Callable[[int], None] | None = None,
-) -> tuple[float, int]:
+    reuse_constant: bool = True,
+    nan_fill: list[float] | None = None,
+    start_row: int = 0,
+    on_row_done: Callable[[int], None] | None = None,
+) -> tuple[float, int, int]:
     """Run every tile of ``grid`` through ``model`` and stitch the results into ``writer``.
 
-    Returns (seconds with inference in flight, tiles run).
+    Tiles whose input is constant (air, empty background, padding) are inferred once per distinct value; later ones
+    reuse that output (identical input, identical output). Returns (seconds with inference in flight, tiles,
+    tiles reused without inference).
+
+    ``start_row`` resumes an interrupted run whose first ``start_row`` z-rows are final on disk (blending replays
+    the earlier rows that overlap it, adding only to later planes); ``on_row_done(r)`` is called once rows ``< r``
+    are written.
     """
-    feeder = TileFeeder(source, grid, normalizer, pad_mode, pad_value)
+    feeder = TileFeeder(source, grid, normalizer, pad_mode, pad_value, nan_fill)
     stitcher = make_stitcher(grid, spec, writer, stitch, sigma)
     queue = ov.AsyncInferQueue(model.compiled, max(1, requests))
     clock = _BusyClock()
@@ -139,41 +148,80 @@ def run_tiles(
     for i, buf in enumerate(buffers):
         queue[i].set_input_tensor(ov.Tensor(buf, shared_memory=True))
     pending: list[Any] = [None] * len(queue)
+    pending_key: list[Any] = [None] * len(queue)
+    cache: dict[tuple[float, ...], np.ndarray] = {}
 
     def harvest(i: int) -> None:
         if pending[i] is not None:
-            stitcher.add(pending[i], model.output_view(queue[i]))
-            pending[i] = None
+            out = model.output_view(queue[i])
+            key = pending_key[i]
+            if key is not None and key not in cache and len(cache) < MAX_CACHED_CONSTANTS:
+                cache[key] = out.copy()
+            stitcher.add(pending[i], out)
+            pending[i] = pending_key[i] = None
 
-    done = 0
-    bar = tqdm(total=len(grid), unit="tile", disable=not progress, file=sys.stderr, dynamic_ncols=True,
-               desc="volinfer", leave=False)
+    def drain() -> None:
+        queue.wait_all()
+        for i in range(len(queue)):
+            harvest(i)
+
+    az = grid.axes[2]
+    first_row = start_row
+    if start_row:
+        final_z = az.starts[start_row] if grid.mode == "blend" else az.cores[start_row][0]
+        stitcher.start_at(final_z)
+        if grid.mode == "blend":  # replay earlier rows whose tiles reach into non-final planes
+            first_row = min(r for r in range(start_row + 1) if az.starts[r] + az.tile > final_z)
+    per_row = grid.axes[0].count * grid.axes[1].count
+    done = reused = 0
+    bar = tqdm(total=len(grid), initial=first_row * per_row, unit="tile", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, desc="volinfer", leave=False)
     t0 = time.perf_counter()
     row = None
     try:
         for tile in grid:
+            if tile.index[2] < first_row:
+                continue
             if row is not None and tile.index[2] != row:
-                queue.wait_all()
-                for i in range(len(queue)):
-                    harvest(i)
+                drain()
+                stitcher.end_row(az.starts[tile.index[2]] if grid.mode == "blend" else az.cores[tile.index[2]][0])
+                if on_row_done and tile.index[2] > start_row:
+                    on_row_done(tile.index[2])
             row = tile.index[2]
             i = queue.get_idle_request_id()
             harvest(i)
-            feeder.fill(tile, model.input_view(buffers[i]))
-            pending[i] = tile
-            queue.start_async(userdata=time.perf_counter())
+            view = model.input_view(buffers[i])
+            feeder.fill(tile, view)
+            key = constant_value(view) if reuse_constant else None
+            if key is not None and key in cache:
+                stitcher.add(tile, cache[key])
+                reused += 1
+            else:
+                pending[i], pending_key[i] = tile, key
+                queue.start_async(userdata=time.perf_counter())
             done += 1
             bar.update(1)
-            if done % 4 == 0 or done == len(grid):
+            if done % 4 == 0:
                 rate = done / len(grid) * np.prod(grid.shape) / (time.perf_counter() - t0) / 1e6
                 bar.set_postfix_str(f"{rate:.2f} Mvox/s", refresh=False)
-            if on_tile:
-                on_tile(done)
-        queue.wait_all()
-        for i in range(len(queue)):
-            harvest(i)
+        drain()
         stitcher.finish()
     finally:
         queue.wait_all()
         bar.close()
-    return clock.total(), done
+    return clock.total(), done, reused
+
+
+#: Distinct constant tiles whose output is kept (each costs one tile of output memory).
+MAX_CACHED_CONSTANTS = 2
+
+
+def constant_value(tile: np.ndarray) -> tuple[float, ...] | None:
+    """The per-channel value of a tile whose every voxel is the same in each channel, else None."""
+    key = []
+    for ch in tile:
+        lo = float(ch.min())
+        if lo != float(ch.max()):
+            return None
+        key.append(lo)
+    return tuple(key)

@@ -3,3 +3,7 @@
 
 class VolinferError(Exception):
     """Something about the user's input, model or options is wrong; the message says what and how to fix it."""
+
+
+class Interrupted(VolinferError):
+    """The run was interrupted (Ctrl-C, SIGTERM); the message says whether it can be resumed."""

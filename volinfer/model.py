@@ -53,13 +53,28 @@ def read_model(path: str | os.PathLike, core: ov.Core | None = None) -> ov.Model
     suffix = p.suffix.lower()
     if suffix not in (".xml", ".onnx"):
         raise VolinferError(f"{p}: unsupported model type {suffix or '(none)'}; expected .xml (OpenVINO IR) or .onnx")
-    if suffix == ".xml" and not p.with_suffix(".bin").exists():
-        raise VolinferError(f"{p}: weights file {p.with_suffix('.bin').name} is missing beside it")
+    if suffix == ".xml":
+        _check_weights_file(p)
     try:
         return (core or ov.Core()).read_model(str(p))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise VolinferError(f"{p}: cannot read model ({first[:300]})") from None
+
+
+def _check_weights_file(xml: Path) -> None:
+    """The .bin must exist and hold every constant the .xml points into (a truncated .bin would otherwise surface as
+    garbage output or a crash at inference time)."""
+    import re
+
+    binp = xml.with_suffix(".bin")
+    if not binp.exists():
+        raise VolinferError(f"{xml}: weights file {binp.name} is missing beside it")
+    text = xml.read_text(errors="replace")
+    ends = [int(o) + int(n) for o, n in re.findall(r'offset="(\d+)"\s+size="(\d+)"', text)]
+    need, have = max(ends, default=0), binp.stat().st_size
+    if have < need:
+        raise VolinferError(f"{binp}: weights file holds {have} bytes but the model needs {need} (truncated?)")
 
 
 def _layout_of(port: ov.Output, settings: ModelSettings, override: str | None) -> str:
@@ -85,7 +100,9 @@ def _chan(layout: str) -> int:
 
 
 class TileModel:
-    """A model compiled once at a static tile shape ``(1, C, tx, ty, tz)`` (or channels last)."""
+    """A model compiled once at a static tile shape ``(1, C, tx, ty, tz)`` (or channels last).
+
+    ``compile=False`` resolves shapes and settings only (for planning)."""
 
     def __init__(
         self,
@@ -96,6 +113,7 @@ class TileModel:
         output: str | int | None = None,
         options: CompileOptions = CompileOptions(),
         core: ov.Core | None = None,
+        compile: bool = True,
     ) -> None:
         self.core = core or ov.Core()
         if options.cache_dir:
@@ -122,6 +140,9 @@ class TileModel:
         self.tile = self._resolve_tile(tile, pshape)
         self.output_index = self._resolve_output(output)
         self._reshape()
+        if not compile:  # shapes only (planning): output shape from shape inference
+            self.out_channels = self.model.output(self.output_index).get_partial_shape()[_chan(self.layout)].get_length()
+            return
         self.compiled = self._compile()
         out_shape = list(self.compiled.output(self.output_index).get_shape())
         out_spatial = [out_shape[i] for i in _spatial(self.layout)]

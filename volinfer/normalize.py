@@ -23,7 +23,7 @@ import numpy as np
 
 from .blockwise import cast_copy
 from .errors import VolinferError
-from .reader import VolumeSource
+from .reader import VolumeSource, scan_slabs
 
 KINDS = ("none", "zscore", "minmax", "percentile", "scale")
 
@@ -102,15 +102,17 @@ class Normalizer:
             lo, hi = math.inf, -math.inf
             samples = []
             step = max(1, round((x * y * z / 4e6) ** (1 / 3)))  # percentile sample of at most ~4M voxels
-            for z0 in range(0, z, slab):
-                block = reader.region(((0, x), (0, y), (z0, min(z, z0 + slab)))).astype(np.float64)
+            for stored in scan_slabs(reader, source.shape, slab):
+                block = stored.astype(np.float64)
                 block = block * reader.slope + reader.inter
+                if block.dtype.kind == "f" and not np.isfinite(block).all():
+                    block = block[np.isfinite(block)]  # NaN/Inf are replaced later; they do not count here
                 n += block.size
                 s1 += float(block.sum())
                 s2 += float(np.square(block).sum())
                 lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
                 if self.kind == "percentile":
-                    samples.append(block[::step, ::step, (-z0) % step :: step].ravel().astype(np.float32))
+                    samples.append(block.ravel()[:: step**3].astype(np.float32))
             mean = s1 / n
             std = math.sqrt(max(s2 / n - mean * mean, 0.0))
             if self.kind == "zscore":
@@ -136,6 +138,12 @@ class Normalizer:
         if any(self.clip):
             out["clip"] = self.clip
         return out
+
+    def normalized(self, value: float, channel: int) -> float:
+        """Where a raw intensity ends up after normalisation (for filling replaced voxels)."""
+        clip = self.clip[channel]
+        v = min(max(value, clip[0]), clip[1]) if clip else value
+        return float(v * self.a[channel] + self.b[channel])
 
     def to_float(self, stored: np.ndarray, channel: int, slope: float, inter: float, out: np.ndarray) -> None:
         """Write ``normalise(stored * slope + inter)`` into ``out`` (float32, same shape), in place."""

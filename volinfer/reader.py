@@ -17,7 +17,7 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -36,6 +36,8 @@ class ChannelReader(Protocol):
 
     def region(self, r: Region) -> np.ndarray: ...
 
+    def planes(self, z0: int, z1: int) -> np.ndarray: ...
+
     def close(self) -> None: ...
 
 
@@ -50,6 +52,9 @@ class ArrayChannel:
     def region(self, r: Region) -> np.ndarray:
         (x0, x1), (y0, y1), (z0, z1) = r
         return self.array[x0:x1, y0:y1, z0:z1]
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        return self.array[:, :, z0:z1]
 
     def close(self) -> None:
         pass
@@ -99,6 +104,15 @@ class StripChannel:
             self._key = k = (y0, y1, z0, z1)
         strip = self._buf[: k[3] - k[2], : k[1] - k[0]]
         return strip.transpose(2, 1, 0)[x0:x1, y0 - k[0] : y1 - k[0], z0 - k[2] : z1 - k[2]]
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        """Whole planes [z0, z1) as (x, y, z), read into a fresh array (for scans; the strip cache is untouched)."""
+        X, Y, _ = self.s.shape
+        out = np.empty((z1 - z0, Y, X), dtype=self.s.dtype)
+        item = self.s.dtype.itemsize
+        if os.preadv(self._fd, [out], self.s.offset + z0 * Y * X * item) != out.nbytes:
+            raise VolinferError(f"{self.s.path}: file is shorter than its header says (truncated?)")
+        return out.transpose(2, 1, 0)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -151,6 +165,9 @@ class StreamChannel:
             self._advance(z0, z1)
         planes = self._buf[z0 - self._w0 : z1 - self._w0]  # (z, Y, X)
         return planes.transpose(2, 1, 0)[x0:x1, y0:y1]
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        return self.region(((0, self.s.shape[0]), (0, self.s.shape[1]), (z0, z1)))
 
     def close(self) -> None:
         if self._f is not None:
@@ -246,7 +263,9 @@ class VolumeSource:
             vox = int(np.prod(shape[:3]))
             size = os.path.getsize(p)
             compressed = _is_gzip(p)
-            if not compressed and size < proxy.offset + vox * n_ch * dtype.itemsize:
+            if compressed:
+                _check_gzip_size(p, proxy.offset + vox * n_ch * dtype.itemsize)
+            elif size < proxy.offset + vox * n_ch * dtype.itemsize:
                 raise VolinferError(
                     f"{p}: file holds {size} bytes but its header describes {proxy.offset + vox * n_ch * dtype.itemsize}"
                     " (truncated, or the header's dimensions are wrong)"
@@ -279,9 +298,31 @@ class VolumeSource:
         self.close()
 
 
+def scan_slabs(reader: ChannelReader, shape: tuple[int, int, int], depth: int,
+               voxels: int = 1 << 22) -> "Iterator[np.ndarray]":
+    """Whole z-slabs of one channel, in on-disk order, each at most ``voxels`` voxels (and ``depth`` planes, the
+    most a gzip stream window holds): for passes over the whole volume that must not hold it."""
+    x, y, z = shape
+    step = max(1, min(depth, voxels // max(1, x * y)))
+    for z0 in range(0, z, step):
+        yield reader.planes(z0, min(z, z0 + step))
+
+
 def _is_gzip(p: Path) -> bool:
     with open(p, "rb") as f:
         return f.read(2) == b"\x1f\x8b"
+
+
+def _check_gzip_size(p: Path, expected: int) -> None:
+    """Compare the size the header implies with the gzip trailer's record of the uncompressed size (mod 2**32):
+    catches truncated or corrupt files and wrong header dimensions before any work, without decompressing."""
+    with open(p, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        isize = int.from_bytes(f.read(4), "little")
+    if isize != expected % 2**32:
+        raise VolinferError(
+            f"{p}: compressed data does not match the header ({isize % 2**32} bytes inside, header implies "
+            f"{expected}): the file is truncated or corrupt, or its header's dimensions are wrong")
 
 
 def _load_header(p: Path) -> nib.Nifti1Image:

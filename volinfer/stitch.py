@@ -55,9 +55,16 @@ class CropStitcher:
             self.writer.write(entry[0], cz0, cy0)
             self._free.append(self._open.pop(tile.row)[2])
 
-    def finish(self) -> None:
+    def end_row(self, next_z: int) -> None:
+        """All tiles of the current z-row have been added: every strip of it is written."""
         if self._open:
-            raise RuntimeError(f"{len(self._open)} strip(s) never completed")
+            raise RuntimeError(f"{len(self._open)} strip(s) of a finished row never completed")
+
+    def start_at(self, z: int) -> None:
+        """Resume: planes below ``z`` are final on disk (crop needs nothing rebuilt)."""
+
+    def finish(self) -> None:
+        self.end_row(self.grid.shape[2])
 
 
 class BlendStitcher:
@@ -75,8 +82,6 @@ class BlendStitcher:
         self._scratch: np.ndarray | None = None
         self._depth = min(tz, Z)
         self._z0 = 0  # the window holds planes [z0, z0 + depth)
-        self._row = 0
-        self._plane = None
         self._out = np.empty((spec.out_channels, 1, Y, X), dtype=spec.dtype)
 
     def add(self, tile: Tile, output: np.ndarray) -> None:
@@ -86,16 +91,24 @@ class BlendStitcher:
         if self._acc is None:
             self._acc = np.zeros((c, self._depth, Y, X), dtype=np.float32)
             self._scratch = np.empty((c, *self._w3.shape), dtype=np.float32)
-        iz = tile.index[2]
-        if iz != self._row:
-            self._finalize(tile.start[2])
-            self._row = iz
         (x0, x1), (y0, y1), (z0, z1) = (self.grid.axes[i].extent(tile.index[i]) for i in range(3))
+        skip = max(0, self._z0 - z0)  # resuming: planes below the window are already final on disk
         nx, ny, nz = x1 - x0, y1 - y0, z1 - z0
-        part = self._scratch[:, :nz, :ny, :nx]  # type: ignore[index]
+        if skip >= nz:
+            return
+        part = self._scratch[:, : nz - skip, :ny, :nx]  # type: ignore[index]
         blockwise(lambda o, w, dst: np.multiply(o, w, out=dst), part,
-                  output[:, :nx, :ny, :nz].transpose(0, 3, 2, 1), self._w3[:nz, :ny, :nx], step=16)
-        self._acc[:, z0 - self._z0 : z1 - self._z0, y0:y1, x0:x1] += part
+                  output[:, :nx, :ny, skip:nz].transpose(0, 3, 2, 1), self._w3[skip:nz, :ny, :nx], step=16)
+        self._acc[:, z0 + skip - self._z0 : z1 - self._z0, y0:y1, x0:x1] += part
+
+    def end_row(self, next_z: int) -> None:
+        """The current z-row is complete; planes below ``next_z`` (where the next row starts) are final."""
+        if self._acc is not None and next_z > self._z0:
+            self._finalize(next_z)
+
+    def start_at(self, z: int) -> None:
+        """Resume: planes below ``z`` are final on disk; later tiles only add to planes from ``z`` on."""
+        self._z0 = z
 
     def _finalize(self, upto: int) -> None:
         """Normalise, post-process and write planes [z0, upto), then slide the window to start at ``upto``."""
@@ -116,8 +129,7 @@ class BlendStitcher:
         self._z0 = upto
 
     def finish(self) -> None:
-        if self._acc is not None:
-            self._finalize(self.grid.shape[2])
+        self.end_row(self.grid.shape[2])
 
 
 def make_stitcher(grid: TileGrid, spec: OutputSpec, writer: BlockWriter, stitch: str, sigma: float = 0.125):

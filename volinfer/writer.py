@@ -72,6 +72,7 @@ class NiftiWriter:
         reference: nib.Nifti1Header | None = None,
         affine: np.ndarray | None = None,
         compresslevel: int = 1,
+        resume: bool = False,
     ) -> None:
         self.target = Path(target)
         self.shape, self.channels, self.dtype = shape, channels, np.dtype(dtype)
@@ -81,12 +82,33 @@ class NiftiWriter:
         self._gz_tmp = self.target.with_name(f".{self.target.name}.partial.nii.gz")
         full = shape if channels == 1 else (*shape, channels)
         hdr = output_header(reference, affine, full, self.dtype)
-        with open(self.tmp, "wb") as f:
-            hdr.write_to(f)
-            self.offset = int(hdr["vox_offset"])
-            f.seek(self.offset)
-            f.truncate(self.offset + int(np.prod(full)) * self.dtype.itemsize)
-        self._fd = os.open(self.tmp, os.O_WRONLY)
+        self._fd = -1
+        size = 0
+        if resume:  # continue an interrupted run: the temporary file already has header and finished rows
+            if not self.tmp.exists():
+                raise VolinferError(f"{self.tmp}: no interrupted output to resume (run without --resume)")
+            with open(self.tmp, "rb") as f:
+                old = nib.Nifti1Header.from_fileobj(f)
+            self.offset = int(old["vox_offset"])
+            if old.get_data_shape() != full or old.get_data_dtype() != self.dtype:
+                raise VolinferError(f"{self.tmp}: interrupted output has another shape or type; run without --resume")
+            self._fd = os.open(self.tmp, os.O_WRONLY)
+            return
+        try:
+            with open(self.tmp, "wb") as f:
+                hdr.write_to(f)
+                self.offset = int(hdr["vox_offset"])
+                size = self.offset + int(np.prod(full)) * self.dtype.itemsize
+                f.flush()
+                try:  # reserve the disk space now: a full disk or a file-size limit fails here, not hours later
+                    os.posix_fallocate(f.fileno(), 0, size)
+                except AttributeError:
+                    f.truncate(size)
+            self._fd = os.open(self.tmp, os.O_WRONLY)
+        except OSError as e:
+            self.abort()
+            raise VolinferError(f"cannot create {self.target}: {e.strerror or e} "
+                                f"(needs {size / 2**20:.0f} MB in {self.tmp.parent})") from None
 
     def write(self, block: np.ndarray, z0: int, y0: int) -> None:
         """Write ``block`` (channels, nz, ny, X): one positioned write per (channel, plane)."""
@@ -122,6 +144,12 @@ class NiftiWriter:
             self.abort()
             raise VolinferError(f"cannot write {self.target}: {e.strerror or e}") from None
         return self.target
+
+    def close_for_resume(self) -> None:
+        """Stop writing but keep the temporary file, so that ``--resume`` can continue it."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def abort(self) -> None:
         """Remove every temporary file; the target (if any) is untouched."""

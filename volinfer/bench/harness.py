@@ -198,10 +198,10 @@ def run_benchmark(cfg: BenchConfig, log=print) -> tuple[list[Measurement], dict[
 
 
 def markdown_table(results: list[Measurement]) -> str:
-    """Method × size: peak RSS, reduction vs naive, wall time, throughput, label agreement with the reference."""
+    """Method × size: peak RSS, reduction vs naive, wall time, throughput, label agreement with the reference
+    (naive whole-volume inference, or crop stitching where naive could not run)."""
     naive = {m.size: m.peak_rss_mb for m in results if m.method == "naive" and m.status == "ok"}
-    ref_name = "naive" if naive else "crop"
-    lines = [f"| volume | method | peak RSS (MB) | vs naive | wall (s) | Mvox/s | labels = {ref_name} |",
+    lines = ["| volume | method | peak RSS (MB) | vs naive | wall (s) | Mvox/s | same labels as |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for m in sorted(results, key=lambda r: (r.voxels, list(METHOD_NAMES).index(r.method))):
         size = "×".join(map(str, m.size)) if len(set(m.size)) > 1 else f"{m.size[0]}³"
@@ -209,10 +209,20 @@ def markdown_table(results: list[Measurement]) -> str:
             lines.append(f"| {size} | {METHOD_NAMES[m.method]} | — | — | — | — | {m.status}: {m.note} |")
             continue
         red = f"{naive[m.size] / m.peak_rss_mb:.1f}×" if m.size in naive and m.method != "naive" else "—"
-        agree = f"{100 * m.agreement:.2f}%" if m.agreement is not None else "—"
+        ref = "naive" if m.size in naive else "crop"
+        agree = f"{100 * m.agreement:.2f}% of {ref}" if m.agreement is not None else "—"
         lines.append(f"| {size} | {METHOD_NAMES[m.method]} | {m.peak_rss_mb:.0f} | {red} | {m.wall_s:.1f} | "
                      f"{m.mvox_s:.2f} | {agree} |")
     return "\n".join(lines)
+
+
+def load_results(path: Path) -> tuple[list[Measurement], dict[str, Any]]:
+    """Measurements and machine description back from a ``results.json``."""
+    data = json.loads(Path(path).read_text())
+    keep = {f for f in Measurement.__dataclass_fields__}
+    results = [Measurement(**{k: (tuple(v) if k == "size" else v) for k, v in r.items() if k in keep})
+               for r in data["results"]]
+    return results, data["machine"]
 
 
 def save_report(results: list[Measurement], info: dict[str, Any], cfg: BenchConfig, out_dir: Path) -> list[Path]:

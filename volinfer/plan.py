@@ -1,0 +1,207 @@
+"""Predicting a run's peak memory and time before it starts.
+
+The model's share is *measured*: a fresh child process imports volinfer, compiles the model at the tile shape with
+the run's device/precision, creates the run's infer requests and runs them; its high-water mark (``VmHWM``) and tile
+latency are what the real run will pay. The engine's own buffers are computed from the geometry (they are the only
+things that scale with the volume, see the README's "Memory"): the reader's strip or gzip window, the crop stitcher's
+output strips or the blend window, and the transient slabs of statistics passes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import VolinferError
+from .geometry import TileGrid
+
+MB = 2**20
+
+
+@dataclass
+class ModelCost:
+    peak_mb: float  # VmHWM of a process that compiled the model and ran all its requests
+    tile_s: float  # median latency of one tile
+
+
+@dataclass
+class Plan:
+    tile: tuple[int, int, int]
+    tiles: int
+    peak_rss_mb: float
+    time_s: float
+    parts_mb: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in self.parts_mb.items())
+        return (f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
+                f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s")
+
+
+_PROBE = r"""
+import json, sys, time
+import numpy as np
+import openvino as ov
+import volinfer  # the same imports a run has
+from volinfer.model import CompileOptions, TileModel
+a = json.loads(sys.argv[1])
+tm = TileModel(a["model"], tile=a["tile"], layout=a["layout"], output=a["output"], options=CompileOptions(**a["options"]))
+q = ov.AsyncInferQueue(tm.compiled, a["requests"])
+bufs = [tm.new_input_buffer() for _ in range(len(q))]
+for i, b in enumerate(bufs):
+    b[...] = np.random.default_rng(i).standard_normal(b.shape).astype(b.dtype)
+    q[i].set_input_tensor(ov.Tensor(b, shared_memory=True))
+for _ in range(len(q)):
+    q.start_async()
+q.wait_all()
+times = []
+req = q[0]
+for _ in range(3):
+    t = time.perf_counter(); req.infer(); times.append(time.perf_counter() - t)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
+print(json.dumps({"peak_mb": hwm, "tile_s": sorted(times)[1]}))
+"""
+
+
+def measure_model(model: str | Path, tile: Sequence[int], layout: str | None, output: str | int | None,
+                  options: dict[str, Any], requests: int) -> ModelCost:
+    """Compile and run the model at ``tile`` in a fresh process; return its peak RSS and tile latency."""
+    args = json.dumps({"model": str(model), "tile": list(tile), "layout": layout, "output": output,
+                       "options": options, "requests": requests})
+    p = subprocess.run([sys.executable, "-c", _PROBE, args], capture_output=True, text=True)
+    if p.returncode != 0:
+        lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+        msg = lines[-1] if lines else f"exit code {p.returncode}"
+        raise VolinferError(msg.split("VolinferError: ")[-1])
+    data = json.loads(p.stdout.strip().splitlines()[-1])
+    return ModelCost(data["peak_mb"], data["tile_s"])
+
+
+def engine_buffers_mb(grid: TileGrid, *, in_channels: int, stored_itemsize: int, compressed: bool,
+                      model_channels: int, out_channels: int, out_itemsize: int, stitch: str, requests: int,
+                      scans: bool) -> dict[str, float]:
+    """The engine's memory beyond the compiled model, in MB, by part (see module docs)."""
+    X, Y, Z = grid.shape
+    tx, ty, tz = grid.tile_shape
+    parts: dict[str, float] = {}
+    if compressed:
+        parts["reader"] = in_channels * X * Y * min(tz, Z) * stored_itemsize / MB
+    else:
+        parts["reader"] = in_channels * X * min(ty, Y) * min(tz, Z) * stored_itemsize / MB
+    if stitch == "crop":
+        cy = max(c1 - c0 for c0, c1 in grid.axes[1].cores)
+        cz = max(c1 - c0 for c0, c1 in grid.axes[2].cores)
+        parts["stitch"] = (requests + 1) * out_channels * cy * cz * X * out_itemsize / MB
+    else:
+        tile_vox = tx * ty * tz
+        parts["stitch"] = (model_channels * min(tz, Z) * Y * X * 4 + (model_channels + 1) * tile_vox * 4
+                           + out_channels * X * Y * out_itemsize) / MB
+    parts["tile temporaries"] = 2 * model_channels * tx * ty * tz * 4 / MB / 4  # chunked post-processing, padding
+    if scans:  # statistics / NaN passes: one slab as stored plus two float64 copies
+        parts["statistics pass"] = (1 << 20) * (stored_itemsize + 16) / MB
+    return parts
+
+
+def make_plan(grid: TileGrid, cost: ModelCost, parts: dict[str, float]) -> Plan:
+    """Peak = the model's measured peak + the engine's buffers (the statistics pass runs before the loop, so the
+    larger of the two counts, not their sum)."""
+    scan = parts.get("statistics pass", 0.0)
+    loop = sum(v for k, v in parts.items() if k != "statistics pass")
+    peak = cost.peak_mb + max(loop, scan)
+    return Plan(tile=grid.tile_shape, tiles=len(grid), peak_rss_mb=round(peak, 1),
+                time_s=round(len(grid) * cost.tile_s * 1.05, 1),
+                parts_mb={"model": round(cost.peak_mb, 1), **{k: round(v, 1) for k, v in parts.items()}})
+
+
+def parse_size_mb(text: str) -> float:
+    """``600M``, ``1.5G``, ``800`` (MB) → MB."""
+    t = text.strip().upper().removesuffix("B")
+    scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0**2}
+    try:
+        if t and t[-1] in scale:
+            return float(t[:-1]) * scale[t[-1]]
+        return float(t)
+    except ValueError:
+        raise VolinferError(f"memory size must look like 600M or 1.5G; got {text!r}") from None
+
+
+def candidate_tiles(multiple: int, largest: int = 256, smallest: int = 32) -> list[int]:
+    """Cubic tile sizes to try under a memory limit, largest first, all multiples of the model's size multiple."""
+    step = max(multiple, 16)
+    return [t for t in range(largest // step * step, smallest - 1, -step) if t % multiple == 0 and t > 0] or [multiple]
+
+
+@dataclass
+class VolumeFacts:
+    shape: tuple[int, int, int]
+    channels: int
+    itemsize: int
+    compressed: bool
+    floating: bool  # stored as floats: the NaN/Inf pass runs
+
+
+def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
+    """What the plan needs to know about the input files, from their headers only."""
+    from .reader import StreamChannel, VolumeSource
+
+    with VolumeSource.open(paths, depth=1) as src:
+        return VolumeFacts(src.shape, src.channels, max(r.dtype.itemsize for r in src.readers),
+                           any(isinstance(r, StreamChannel) for r in src.readers),
+                           any(r.dtype.kind == "f" for r in src.readers))
+
+
+def plan_run(paths: Sequence[str | Path], model_path: str | Path, *, tile: Any = None, layout: str | None = None,
+             output: str | int | None = None, options: dict[str, Any] | None = None, overlap: Any = None,
+             stitch: str | None = None, kind: str = "labels", channels: Sequence[int] | None = None,
+             prob_dtype: str = "float32", normalize: dict[str, Any] | None = None, requests: int = 2) -> Plan:
+    """Predict peak RSS and time of ``volinfer run`` with these settings (see module docs)."""
+    from .api import default_overlap, overlap_voxels, parse_overlap
+    from .model import CompileOptions, TileModel
+    from .normalize import Normalizer
+    from .postprocess import OutputSpec
+
+    facts = volume_facts(paths)
+    opts = options or {}
+    tm = TileModel(model_path, tile=tile, layout=layout, output=output, options=CompileOptions(**opts), compile=False)
+    stitch = stitch or tm.settings.stitch or "crop"
+    spec = OutputSpec(tm.out_channels, kind=kind, activation=tm.settings.activation or "softmax",
+                      keep=tuple(channels) if channels is not None else None, float_dtype=prob_dtype)
+    ov_vox = overlap_voxels(parse_overlap(overlap) or default_overlap(tm, stitch), tm.tile)
+    grid = TileGrid.build(facts.shape, tm.tile, [tm.multiple] * 3, ov_vox, "crop" if stitch == "crop" else "blend")
+    norm = Normalizer(normalize if normalize is not None else tm.settings.normalization, facts.channels)
+    parts = engine_buffers_mb(grid, in_channels=facts.channels, stored_itemsize=facts.itemsize,
+                              compressed=facts.compressed, model_channels=tm.out_channels,
+                              out_channels=spec.out_channels, out_itemsize=spec.dtype.itemsize, stitch=stitch,
+                              requests=requests, scans=facts.floating or not norm.fitted)
+    cost = measure_model(model_path, tm.tile, layout, output, opts, requests)
+    return make_plan(grid, cost, parts)
+
+
+def largest_fitting_tile(paths: Sequence[str | Path], model_path: str | Path, limit_mb: float,
+                         **kwargs: Any) -> Plan:
+    """The plan with the largest cubic tile whose predicted peak fits ``limit_mb``; refuses with the smallest need."""
+    from .model import TileModel
+
+    tm = TileModel(model_path, layout=kwargs.get("layout"), tile=kwargs.get("tile") or 32,
+                   output=kwargs.get("output"), compile=False)
+    best: Plan | None = None
+    for t in candidate_tiles(tm.multiple):
+        kwargs["tile"] = t
+        try:
+            p = plan_run(paths, model_path, **kwargs)
+        except VolinferError:
+            continue  # the model rejects this size (or the overlap does not fit): try the next
+        best = p
+        if p.peak_rss_mb <= limit_mb:
+            return p
+    need = f"{best.peak_rss_mb:.0f} MB even at tile {best.tile[0]}" if best else "an unknown amount"
+    raise VolinferError(f"no tile size fits in {limit_mb:.0f} MB: the run would need {need}")
