@@ -26,7 +26,8 @@ MB = 2**20
 
 @dataclass
 class ModelCost:
-    peak_mb: float  # VmHWM of a process that compiled the model and ran all its requests
+    peak_mb: float  # VmHWM of a process that compiled the model and ran all its requests (compilation included)
+    steady_mb: float  # its resident size afterwards: what stays while tiles run
     tile_s: float  # median latency of one tile
 
 
@@ -42,7 +43,7 @@ class Plan:
         return asdict(self)
 
     def summary(self) -> str:
-        parts = ", ".join(f"{k} {v:.0f}" for k, v in self.parts_mb.items())
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in self.parts_mb.items() if v >= 0.5)
         return (f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
                 f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s")
 
@@ -58,7 +59,7 @@ tm = TileModel(a["model"], tile=a["tile"], layout=a["layout"], output=a["output"
 q = ov.AsyncInferQueue(tm.compiled, a["requests"])
 bufs = [tm.new_input_buffer() for _ in range(len(q))]
 for i, b in enumerate(bufs):
-    b[...] = np.random.default_rng(i).standard_normal(b.shape).astype(b.dtype)
+    np.random.default_rng(i).standard_normal(out=b, dtype=np.float32)  # in place: no temporaries
     q[i].set_input_tensor(ov.Tensor(b, shared_memory=True))
 for _ in range(len(q)):
     q.start_async()
@@ -67,8 +68,8 @@ times = []
 req = q[0]
 for _ in range(3):
     t = time.perf_counter(); req.infer(); times.append(time.perf_counter() - t)
-hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024
-print(json.dumps({"peak_mb": hwm, "tile_s": sorted(times)[1]}))
+st = {l.split(":")[0]: int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith(("VmHWM", "VmRSS"))}
+print(json.dumps({"peak_mb": st["VmHWM"], "steady_mb": st["VmRSS"], "tile_s": sorted(times)[1]}))
 """
 
 
@@ -83,7 +84,7 @@ def measure_model(model: str | Path, tile: Sequence[int], layout: str | None, ou
         msg = lines[-1] if lines else f"exit code {p.returncode}"
         raise VolinferError(msg.split("VolinferError: ")[-1])
     data = json.loads(p.stdout.strip().splitlines()[-1])
-    return ModelCost(data["peak_mb"], data["tile_s"])
+    return ModelCost(data["peak_mb"], data["steady_mb"], data["tile_s"])
 
 
 def engine_buffers_mb(grid: TileGrid, *, in_channels: int, stored_itemsize: int, compressed: bool,
@@ -112,14 +113,15 @@ def engine_buffers_mb(grid: TileGrid, *, in_channels: int, stored_itemsize: int,
 
 
 def make_plan(grid: TileGrid, cost: ModelCost, parts: dict[str, float]) -> Plan:
-    """Peak = the model's measured peak + the engine's buffers (the statistics pass runs before the loop, so the
-    larger of the two counts, not their sum)."""
+    """Peak = the larger of compilation's own peak and (steady model memory + the engine's buffers); the statistics
+    pass runs before the tile loop, so the larger of the two counts, not their sum."""
     scan = parts.get("statistics pass", 0.0)
     loop = sum(v for k, v in parts.items() if k != "statistics pass")
-    peak = cost.peak_mb + max(loop, scan)
+    peak = max(cost.peak_mb, cost.steady_mb + max(loop, scan))
     return Plan(tile=grid.tile_shape, tiles=len(grid), peak_rss_mb=round(peak, 1),
                 time_s=round(len(grid) * cost.tile_s * 1.05, 1),
-                parts_mb={"model": round(cost.peak_mb, 1), **{k: round(v, 1) for k, v in parts.items()}})
+                parts_mb={"model (steady)": round(cost.steady_mb, 1), "compile peak": round(cost.peak_mb, 1),
+                          **{k: round(v, 1) for k, v in parts.items()}})
 
 
 def parse_size_mb(text: str) -> float:
