@@ -16,6 +16,7 @@ from converters import convert, kind_of  # noqa: E402
 from volinfer import ModelSettings, TileModel, VolinferError, predict  # noqa: E402
 from volinfer.bench.reference_unet import UNet3D  # noqa: E402
 from volinfer.cli import main  # noqa: E402
+from volinfer.geometry import padded_size  # noqa: E402
 
 NETS = textwrap.dedent('''
     import torch
@@ -218,3 +219,28 @@ def test_calibration_volume_and_kinds(tmp_path, nets):
                 normalization={"kind": "zscore"})
     assert r.parity.passed
     assert kind_of(str(tmp_path / "c.xml")) == "openvino" and kind_of("pkg.mod:f") == "torch-factory"
+
+
+def test_monai_unet_converts_and_tiles_exactly(tmp_path):
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    net = monai_nets.UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32), strides=(2, 2),
+                          num_res_units=2, norm="batch").eval()
+    (tmp_path / "mnets.py").write_text(
+        "import torch\nfrom monai.networks.nets import UNet\n"
+        "def build():\n    torch.manual_seed(0)\n"
+        "    return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32), strides=(2, 2),"
+        " num_res_units=2, norm='batch').eval()\n")
+    r = convert(f"{tmp_path / 'mnets.py'}:build", tmp_path / "monai.xml", tile=96, fp16=False)
+    assert r.parity.passed and _settings(tmp_path / "monai.xml").size_multiple == 4
+    rf = _settings(tmp_path / "monai.xml").receptive_field
+    # crop stitching with a margin covering the measured receptive field equals PyTorch on the whole volume
+    assert not _settings(tmp_path / "monai.xml").extra.get("receptive_field_bounded") is False
+    vol = np.random.default_rng(3).standard_normal((150, 101, 97)).astype(np.float32)
+    margin = max(rf) + 2
+    got = predict(vol, str(tmp_path / "monai.xml"), kind="raw", overlap=2 * margin)
+    padded = [padded_size(n, 96, 4) for n in vol.shape]
+    with torch.no_grad():
+        full = torch.from_numpy(np.pad(vol, [(0, p - n) for p, n in zip(padded, vol.shape)]))[None, None]
+        want = net(full)[0].numpy()[:, :150, :101, :97]
+    np.testing.assert_allclose(np.moveaxis(got, -1, 0), want, atol=1e-4 * np.abs(want).max())

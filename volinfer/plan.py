@@ -195,8 +195,11 @@ def largest_fitting_tile(paths: Sequence[str | Path], model_path: str | Path, li
 
     tm = TileModel(model_path, layout=kwargs.get("layout"), tile=kwargs.get("tile") or 32,
                    output=kwargs.get("output"), compile=False)
+    facts = volume_facts(paths)
+    step = max(tm.multiple, 16)
+    largest = min(256, -(-max(facts.shape) // step) * step)  # a tile beyond the volume only adds padding
     best: Plan | None = None
-    for t in candidate_tiles(tm.multiple):
+    for t in candidate_tiles(tm.multiple, largest=largest):
         kwargs["tile"] = t
         try:
             p = plan_run(paths, model_path, **kwargs)

@@ -6,8 +6,9 @@ contiguous on disk for every (channel, z) pair, so writers need one positioned w
 
 * :class:`CropStitcher`: each tile's centre is post-processed straight into a strip buffer of the *output* dtype
   (``X * core_y * core_z``); no float accumulator at all, and each output voxel is written once.
-* :class:`BlendStitcher`: weighted sums of raw outputs in a float32 window of ``tile_z`` planes over the whole (x, y)
-  cross-section; the normaliser is separable (see :mod:`volinfer.weights`), so no weight map is stored.
+* :class:`BlendStitcher`: weighted sums of raw outputs in a float32 ring of ``tile_z`` planes over the whole (x, y)
+  cross-section (finished planes are written and their slot reused, nothing is shifted); the normaliser is separable
+  (see :mod:`volinfer.weights`), so no weight map is stored.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class BlendStitcher:
         self._acc: np.ndarray | None = None
         self._scratch: np.ndarray | None = None
         self._depth = min(tz, Z)
-        self._z0 = 0  # the window holds planes [z0, z0 + depth)
+        self._z0 = 0  # planes [z0, z0 + depth) are open; plane z lives in ring slot z % depth
         self._out = np.empty((spec.out_channels, 1, Y, X), dtype=spec.dtype)
 
     def add(self, tile: Tile, output: np.ndarray) -> None:
@@ -99,7 +100,12 @@ class BlendStitcher:
         part = self._scratch[:, : nz - skip, :ny, :nx]  # type: ignore[index]
         blockwise(lambda o, w, dst: np.multiply(o, w, out=dst), part,
                   output[:, :nx, :ny, skip:nz].transpose(0, 3, 2, 1), self._w3[skip:nz, :ny, :nx], step=16)
-        self._acc[:, z0 + skip - self._z0 : z1 - self._z0, y0:y1, x0:x1] += part
+        lo = z0 + skip
+        while lo < z1:  # the tile's planes map to at most two contiguous runs of ring slots
+            slot = lo % self._depth
+            n = min(z1 - lo, self._depth - slot)
+            self._acc[:, slot : slot + n, y0:y1, x0:x1] += part[:, lo - z0 - skip : lo - z0 - skip + n]
+            lo += n
 
     def end_row(self, next_z: int) -> None:
         """The current z-row is complete; planes below ``next_z`` (where the next row starts) are final."""
@@ -117,15 +123,11 @@ class BlendStitcher:
         nx_, ny_, nz_ = self._norm
         plane_norm = ny_[:, None] * nx_[None, :]
         for z in range(self._z0, upto):
-            raw = acc[:, z - self._z0]
+            raw = acc[:, z % self._depth]
             raw *= plane_norm * nz_[z]
             self.spec(raw[:, None], self._out)
             self.writer.write(self._out, z, 0)
-        shift = upto - self._z0
-        if shift:
-            keep = self._depth - shift
-            acc[:, :keep] = acc[:, shift:]
-            acc[:, keep:] = 0.0
+            raw[...] = 0.0  # the slot is reused for plane z + depth
         self._z0 = upto
 
     def finish(self) -> None:

@@ -1,0 +1,56 @@
+"""Memory planning: predictions against a measured run, and --max-memory choosing or refusing a tile."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import openvino as ov
+import pytest
+from click.testing import CliRunner
+from models import tiny_unet
+
+from volinfer.bench.harness import Spawner
+from volinfer.cli import main
+from volinfer.plan import candidate_tiles, parse_size_mb, plan_run
+
+
+@pytest.fixture
+def setup(tmp_path):
+    vol = tmp_path / "v.nii"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 500, (96, 80, 72)).astype(np.int16), np.eye(4)),
+             str(vol))
+    m = tiny_unet(levels=2)
+    m.set_rt_info("4", ["volinfer", "size_multiple"])
+    xml = tmp_path / "m.xml"
+    ov.save_model(m, str(xml))
+    return tmp_path, vol, xml
+
+
+@pytest.mark.parametrize("stitch", ["crop", "gaussian"])
+def test_prediction_within_20_percent_of_measured_peak(setup, stitch):
+    tmp, vol, xml = setup
+    plan = plan_run([vol], xml, tile=32, stitch=stitch, overlap=0.25)
+    with Spawner() as s:
+        rc, peak, _ = s.run([stitch, "--volume", str(vol), "--model", str(xml), "--out", str(tmp / "o.nii"),
+                             "--result", str(tmp / "r.json"), "--tile", "32", "--overlap", "0.25"], 1e9)
+    assert rc == 0
+    assert abs(plan.peak_rss_mb - peak) / peak < 0.20, (plan, peak)
+    assert plan.tiles == json.loads((tmp / "r.json").read_text())["tiles"]
+
+
+def test_max_memory_picks_a_tile_or_refuses(setup):
+    tmp, vol, xml = setup
+    r = CliRunner().invoke(main, ["run", str(vol), "-m", str(xml), "-o", str(tmp / "a.nii"), "--max-memory", "4G",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["tile"] == [96, 96, 96]  # the largest candidate that fits this volume's grid
+    r = CliRunner().invoke(main, ["run", str(vol), "-m", str(xml), "-o", str(tmp / "b.nii"), "--max-memory", "20M"])
+    assert r.exit_code == 2 and "no tile size fits in 20 MB" in r.output and not (tmp / "b.nii").exists()
+    r = CliRunner().invoke(main, ["plan", str(vol), "-m", str(xml), "--tiles", "32,64", "--json"])
+    assert r.exit_code == 0 and [p["tile"] for p in json.loads(r.stdout)] == [[32] * 3, [64] * 3]
+
+
+def test_helpers():
+    assert parse_size_mb("600M") == 600 and parse_size_mb("1.5G") == 1536 and parse_size_mb("800") == 800
+    assert candidate_tiles(16)[:3] == [256, 240, 224] and all(t % 16 == 0 for t in candidate_tiles(16))
+    assert candidate_tiles(32)[-1] == 32
