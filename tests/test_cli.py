@@ -208,3 +208,23 @@ def test_constant_tiles_reuse_one_inference_with_identical_output(tmp_path, file
     assert 0 < reused < rep["tiles"]
     np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "a.nii")).dataobj),
                                   np.asarray(nib.load(str(tmp_path / "b.nii")).dataobj))
+
+
+def test_values_that_overflow_a_narrow_model_input_are_refused(tmp_path):
+    import openvino.opset13 as ops
+
+    p = ops.parameter([1, 1, -1, -1, -1], np.float16, name="x")
+    x = ops.convert(p, "f32")
+    y = ops.convolution(x, ops.constant(np.ones((2, 1, 1, 1, 1), np.float32)), [1] * 3, [0] * 3, [0] * 3, [1] * 3)
+    xml = tmp_path / "f16.xml"
+    ov.save_model(ov.Model([y], [p]), str(xml))
+    src = tmp_path / "wide.nii"
+    data = np.random.default_rng(9).integers(0, 100_000, (20, 20, 20)).astype(np.int32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(src))
+    r = invoke("run", src, "-m", xml, "-o", tmp_path / "o.nii", "--tile", "16")
+    assert r.exit_code == 2 and "input type float16 holds" in r.output and not (tmp_path / "o.nii").exists()
+    r = invoke("run", src, "-m", xml, "-o", tmp_path / "o.nii", "--tile", "16", "--normalize", "scale:0.001:0",
+               "--kind", "raw")
+    assert r.exit_code == 0, r.output
+    out = np.asarray(nib.load(str(tmp_path / "o.nii")).dataobj)
+    np.testing.assert_allclose(out[..., 0], data * 0.001, rtol=1e-3)

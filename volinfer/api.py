@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .checks import check_nonfinite
+from .checks import check_input_range, check_nonfinite
 from .engine import RunReport, peak_rss_mb, run_tiles
 from . import __version__
 from .errors import Interrupted, VolinferError
@@ -153,6 +153,7 @@ def predict(
         normalizer = Normalizer(normalize if normalize is not None else st.normalization, source.channels)
         nonfinite = check_nonfinite(source, tm.tile[2], nan_value)
         normalizer.fit(source, tm.tile[2])
+        check_input_range(source, tm.tile[2], normalizer, tm.input_dtype)
         nan_fill = [normalizer.normalized(nan_value, c) for c in range(source.channels)] if nonfinite else None
         start_row, on_row_done = 0, None
         if output is not None:

@@ -1,7 +1,6 @@
-"""Input checks that need to look at the voxels: non-finite values in floating-point volumes.
-
-Runs one streaming pass (z-slabs, never the whole volume) only for channels stored as floats; integer volumes cannot
-hold NaN or Inf and are not read.
+"""Input checks that need to look at the voxels, each one streaming pass over z-slabs (never the whole volume), run
+only when it can find something: NaN/Inf only in float-stored channels, value range only for models whose input type
+is narrower than float32.
 """
 
 from __future__ import annotations
@@ -9,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import VolinferError
+from .normalize import Normalizer
 from .reader import VolumeSource, scan_slabs
 
 
@@ -36,3 +36,26 @@ def check_nonfinite(source: VolumeSource, slab: int, replace: float | None) -> i
             f"the volume holds {total} NaN/Inf voxel(s){' (' + where + ')' if where else ''}; "
             f"pass --nan-value V to replace them with V")
     return total
+
+
+def check_input_range(source: VolumeSource, slab: int, normalizer: Normalizer, dtype: np.dtype) -> None:
+    """Refuse volumes whose (normalised) values do not fit the model's input type, instead of letting them wrap or
+    turn into Inf. Only models with integer or 16-bit float inputs need the pass; float32 holds every stored type."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f" and dtype.itemsize >= 4:
+        return
+    info = np.iinfo(dtype) if dtype.kind in "iu" else np.finfo(dtype)
+    for c, reader in enumerate(source.readers):
+        lo, hi = np.inf, -np.inf
+        for block in scan_slabs(reader, source.shape, slab):
+            finite = block[np.isfinite(block)] if block.dtype.kind == "f" else block
+            if finite.size:
+                lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+        if lo > hi:
+            continue
+        ends = [normalizer.normalized(v * reader.slope + reader.inter, c) for v in (lo, hi)]
+        nlo, nhi = min(ends), max(ends)
+        if nlo < float(info.min) or nhi > float(info.max):
+            raise VolinferError(
+                f"channel {c}: values span [{nlo:g}, {nhi:g}] after normalisation, but the model's input type "
+                f"{dtype} holds [{info.min:g}, {info.max:g}]; choose a --normalize that maps them into range")

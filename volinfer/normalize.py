@@ -147,6 +147,11 @@ class Normalizer:
 
     def to_float(self, stored: np.ndarray, channel: int, slope: float, inter: float, out: np.ndarray) -> None:
         """Write ``normalise(stored * slope + inter)`` into ``out`` (float32, same shape), in place."""
+        if out.dtype != np.float32:  # narrow model input (f16, ints): scale in float32 first, then narrow
+            wide = np.empty(out.shape, dtype=np.float32)
+            self.to_float(stored, channel, slope, inter, wide)
+            np.copyto(out, wide, casting="unsafe")
+            return
         clip = self.clip[channel]
         a, b = float(self.a[channel]), float(self.b[channel])
         cast_copy(stored, out)  # the one transposing pass; the rest runs on contiguous float32
