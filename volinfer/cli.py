@@ -66,6 +66,10 @@ def main() -> None:
 @click.option("--nan-value", type=float, help="Replace NaN/Inf voxels with this value (default: refuse such volumes).")
 @click.option("--no-constant-reuse", is_flag=True, help="Run every tile, even constant ones (default: constant tiles "
               "reuse one cached inference).")
+@click.option("--scheduler", help="Zarr runs: Dask scheduler address (tcp://host:8786) to run the blocks on.")
+@click.option("--workers", type=int, help="Zarr runs: start a local Dask cluster of this many worker processes.")
+@click.option("--block", default=256, show_default=True, help="Zarr runs: block size in voxels (whole output chunks).")
+@click.option("--chunks", type=int, help="Zarr runs: output chunk size (default: the input's).")
 @click.option("--max-memory", help="Peak RAM budget (e.g. 600M, 2G): pick the largest tile predicted to fit "
               "(see `volinfer plan`), or refuse with the predicted need.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command) from its last finished "
@@ -78,8 +82,9 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
         stitch: str | None, sigma: float, pad_mode: str, layout: str | None, kind: str, activation: str | None,
         channels: str | None, threshold: float, float16: bool, normalize: str | None, output_name: str | None,
         device: str, precision: str, threads: int | None, streams: int | None, requests: int,
-        cache_dir: Path | None, nan_value: float | None, no_constant_reuse: bool, max_memory: str | None,
-        resume: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
+        cache_dir: Path | None, nan_value: float | None, no_constant_reuse: bool, scheduler: str | None,
+        workers: int | None, block: int, chunks: int | None, max_memory: str | None, resume: bool, overwrite: bool,
+        quiet: bool, as_json: bool) -> None:
     """Segment/restore INPUTS (one NIfTI file, or one file per input channel) into OUTPUT.
 
     \b
@@ -93,6 +98,28 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
 
     compile_options = dict(device=device, precision=precision, threads=threads, streams=streams,
                            cache_dir=str(cache_dir) if cache_dir else None)
+    from .zarr_io import is_zarr
+
+    if any(is_zarr(p) for p in inputs) or str(output).rstrip("/").endswith(".zarr"):
+        if len(inputs) != 1 or not is_zarr(inputs[0]) or not str(output).rstrip("/").endswith(".zarr"):
+            raise VolinferError("Zarr runs take one .zarr input and a .zarr output (convert with `volinfer to-zarr`)")
+        from .distributed import run_zarr
+
+        report = run_zarr(
+            inputs[0], model_path, output, tile=parse_tile(tile), layout=layout.upper() if layout else None,
+            model_output=output_name, overlap=overlap, stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind,
+            activation=activation, channels=parse_channels(channels), threshold=threshold,
+            prob_dtype="float16" if float16 else "float32", normalize=parse_normalization(normalize),
+            options=compile_options, requests=requests, nan_value=nan_value,
+            reuse_constant=not no_constant_reuse, block=block, chunks=chunks, scheduler=scheduler,
+            workers=workers, resume=resume, overwrite=overwrite, progress=not quiet and not as_json)
+        if as_json:
+            click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+        elif not quiet:
+            click.echo(report.summary(), err=True)
+        return
+    if scheduler or workers:
+        raise VolinferError("--scheduler/--workers apply to Zarr volumes (.zarr in and out)")
     batch = batch_inputs(inputs)
     if max_memory:
         from .plan import largest_fitting_tile, parse_size_mb
@@ -278,6 +305,31 @@ def demo(out_dir: Path, size: str, as_json: bool) -> None:
         click.echo(json.dumps(report.as_dict(), indent=2, default=str))
     else:
         click.echo(report.summary())
+
+
+@main.command("to-zarr")
+@click.argument("nifti", type=click.Path(path_type=Path))
+@click.argument("zarr_path", type=click.Path(path_type=Path))
+@click.option("--chunks", default=64, show_default=True, help="Chunk size.")
+@click.option("--overwrite", is_flag=True)
+@friendly_errors
+def to_zarr(nifti: Path, zarr_path: Path, chunks: int, overwrite: bool) -> None:
+    """Stream a NIfTI volume into a Zarr array (z, y, x), keeping voxel size and affine as attributes."""
+    from .zarr_io import nifti_to_zarr
+
+    click.echo(nifti_to_zarr(nifti, zarr_path, chunks=chunks, overwrite=overwrite))
+
+
+@main.command("to-nifti")
+@click.argument("zarr_path", type=click.Path(path_type=Path))
+@click.argument("nifti", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True)
+@friendly_errors
+def to_nifti(zarr_path: Path, nifti: Path, overwrite: bool) -> None:
+    """Stream a 3-D Zarr array (z, y, x) into a NIfTI volume (x, y, z)."""
+    from .zarr_io import zarr_to_nifti
+
+    click.echo(zarr_to_nifti(zarr_path, nifti, overwrite=overwrite))
 
 
 def _register_optional() -> None:

@@ -13,14 +13,14 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import openvino as ov
 from tqdm import tqdm
 
 from .feeder import TileFeeder
-from .geometry import TileGrid
+from .geometry import Tile, TileGrid
 from .model import TileModel
 from .normalize import Normalizer
 from .postprocess import OutputSpec
@@ -128,6 +128,8 @@ def run_tiles(
     nan_fill: list[float] | None = None,
     start_row: int = 0,
     on_row_done: Callable[[int], None] | None = None,
+    tiles: Sequence[Tile] | None = None,
+    stitcher: Any = None,
 ) -> tuple[float, int, int]:
     """Run every tile of ``grid`` through ``model`` and stitch the results into ``writer``.
 
@@ -137,10 +139,12 @@ def run_tiles(
 
     ``start_row`` resumes an interrupted run whose first ``start_row`` z-rows are final on disk (blending replays
     the earlier rows that overlap it, adding only to later planes); ``on_row_done(r)`` is called once rows ``< r``
-    are written.
+    are written. ``tiles`` / ``stitcher`` run a subset of the grid into another stitcher (one block of a chunked
+    volume, see :mod:`volinfer.blocks`); tiles must keep the grid's order.
     """
     feeder = TileFeeder(source, grid, normalizer, pad_mode, pad_value, nan_fill)
-    stitcher = make_stitcher(grid, spec, writer, stitch, sigma)
+    stitcher = stitcher or make_stitcher(grid, spec, writer, stitch, sigma)
+    todo = list(tiles) if tiles is not None else grid
     queue = ov.AsyncInferQueue(model.compiled, max(1, requests))
     clock = _BusyClock()
     queue.set_callback(clock.callback)
@@ -149,21 +153,32 @@ def run_tiles(
         queue[i].set_input_tensor(ov.Tensor(buf, shared_memory=True))
     pending: list[Any] = [None] * len(queue)
     pending_key: list[Any] = [None] * len(queue)
+    pending_seq: list[int] = [0] * len(queue)
     cache: dict[tuple[float, ...], np.ndarray] = {}
 
     def harvest(i: int) -> None:
-        if pending[i] is not None:
-            out = model.output_view(queue[i])
-            key = pending_key[i]
-            if key is not None and key not in cache and len(cache) < MAX_CACHED_CONSTANTS:
-                cache[key] = out.copy()
-            stitcher.add(pending[i], out)
-            pending[i] = pending_key[i] = None
+        """Stitch request ``i``'s tile, after every older tile: stitching order is always submission order, so
+        blended sums are added in the same order however tiles are split into blocks or requests finish."""
+        if pending[i] is None:
+            return
+        for j in sorted((j for j in range(len(queue)) if pending[j] is not None and pending_seq[j] < pending_seq[i]),
+                        key=lambda j: pending_seq[j]):
+            queue[j].wait()
+            _stitch(j)
+        _stitch(i)
+
+    def _stitch(i: int) -> None:
+        out = model.output_view(queue[i])
+        key = pending_key[i]
+        if key is not None and key not in cache and len(cache) < MAX_CACHED_CONSTANTS:
+            cache[key] = out.copy()
+        stitcher.add(pending[i], out)
+        pending[i] = pending_key[i] = None
 
     def drain() -> None:
         queue.wait_all()
-        for i in range(len(queue)):
-            harvest(i)
+        for i in sorted((i for i in range(len(queue)) if pending[i] is not None), key=lambda i: pending_seq[i]):
+            _stitch(i)
 
     az = grid.axes[2]
     first_row = start_row
@@ -174,12 +189,12 @@ def run_tiles(
             first_row = min(r for r in range(start_row + 1) if az.starts[r] + az.tile > final_z)
     per_row = grid.axes[0].count * grid.axes[1].count
     done = reused = 0
-    bar = tqdm(total=len(grid), initial=first_row * per_row, unit="tile", disable=not progress, file=sys.stderr,
+    bar = tqdm(total=len(todo), initial=first_row * per_row, unit="tile", disable=not progress, file=sys.stderr,
                dynamic_ncols=True, desc="volinfer", leave=False)
     t0 = time.perf_counter()
     row = None
     try:
-        for tile in grid:
+        for tile in todo:
             if tile.index[2] < first_row:
                 continue
             if row is not None and tile.index[2] != row:
@@ -197,12 +212,12 @@ def run_tiles(
                 stitcher.add(tile, cache[key])
                 reused += 1
             else:
-                pending[i], pending_key[i] = tile, key
+                pending[i], pending_key[i], pending_seq[i] = tile, key, done
                 queue.start_async(userdata=time.perf_counter())
             done += 1
             bar.update(1)
             if done % 4 == 0:
-                rate = done / len(grid) * np.prod(grid.shape) / (time.perf_counter() - t0) / 1e6
+                rate = done / len(todo) * np.prod(grid.shape) / (time.perf_counter() - t0) / 1e6
                 bar.set_postfix_str(f"{rate:.2f} Mvox/s", refresh=False)
         drain()
         stitcher.finish()

@@ -141,6 +141,7 @@ class TileModel:
         self.output_index = self._resolve_output(output)
         self._reshape()
         if not compile:  # shapes only (planning): output shape from shape inference
+            self.input_dtype = self.model.input(0).get_element_type().to_dtype()
             self.out_channels = self.model.output(self.output_index).get_partial_shape()[_chan(self.layout)].get_length()
             return
         self.compiled = self._compile()

@@ -1,0 +1,228 @@
+"""Chunked runs: Zarr in, Zarr out, block by block, in this process or on a Dask cluster.
+
+The volume is split into blocks of whole output chunks (:mod:`volinfer.blocks`), so no two tasks ever write the
+same chunk. Each task reads its tiles (with the halo they need) straight from the input chunks, runs them through a
+model that its worker process compiled once (a per-process cache), writes its output chunks, then drops a completion
+marker. A re-run skips blocks whose marker exists; a block whose worker died is simply run again (Dask retries it),
+overwriting whatever partial chunks it left. Statistics for normalisation are gathered once, up front.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .blocks import Block, block_tiles, make_block_stitcher, plan_blocks
+from .checks import check_input_range, check_nonfinite
+from .engine import RunReport, peak_rss_mb, run_tiles
+from .errors import VolinferError
+from .geometry import GeometryError, TileGrid
+from .model import CompileOptions, TileModel
+from .normalize import Normalizer
+from .postprocess import OutputSpec
+from .zarr_io import create_output, done_marker_dir, ome_attrs, open_zarr_array, open_zarr_source
+
+
+@dataclass
+class ZarrJob:
+    """Everything a task needs, small and picklable (sent to every Dask worker)."""
+
+    input: str
+    output: str
+    model: str
+    tile: tuple[int, int, int]
+    layout: str
+    model_output: int
+    options: dict[str, Any]
+    overlap: tuple[int, int, int]
+    multiple: int
+    stitch: str
+    sigma: float
+    pad_mode: str
+    spec: OutputSpec
+    normalizer: Normalizer
+    nan_fill: list[float] | None
+    requests: int
+    reuse_constant: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_MODELS: dict[tuple, TileModel] = {}  # per worker process: compiled once, reused by every task
+
+
+def _model(job: ZarrJob) -> TileModel:
+    key = (job.model, job.tile, job.layout, job.model_output, tuple(sorted(job.options.items())))
+    if key not in _MODELS:
+        _MODELS[key] = TileModel(job.model, tile=job.tile, layout=job.layout, output=job.model_output,
+                                 options=CompileOptions(**job.options))
+    return _MODELS[key]
+
+
+def _marker(job: ZarrJob, block: Block) -> Path:
+    return done_marker_dir(job.output) / "_".join(map(str, block.index))
+
+
+def run_block(job: ZarrJob, block: Block) -> dict[str, Any]:
+    """One task: run the tiles touching ``block``, write its chunks, mark it done. Skips finished blocks."""
+    marker = _marker(job, block)
+    if marker.exists():
+        return {"block": block.index, "skipped": True, "tiles": 0, "reused": 0, "busy_s": 0.0, "pid": os.getpid()}
+    tm = _model(job)
+    source, _ = open_zarr_source(job.input)
+    grid = TileGrid.build(source.shape, job.tile, [job.multiple] * 3, job.overlap,
+                          "crop" if job.stitch == "crop" else "blend")
+    stitcher = make_block_stitcher(grid, block, job.spec, job.stitch, job.sigma)
+    tiles = list(block_tiles(grid, block))
+    busy, n, reused = run_tiles(source, tm, job.spec, None, grid=grid, stitch=job.stitch,  # type: ignore[arg-type]
+                                normalizer=job.normalizer, sigma=job.sigma, pad_mode=job.pad_mode,
+                                requests=job.requests, progress=False, reuse_constant=job.reuse_constant,
+                                nan_fill=job.nan_fill, tiles=tiles, stitcher=stitcher)
+    out = open_zarr_array(job.output, mode="r+")
+    region = tuple(slice(a, b) for a, b in block.box)
+    if job.spec.out_channels == 1:
+        out[region] = stitcher.out[0]
+    else:
+        out[(slice(None), *region)] = stitcher.out
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("done")
+    return {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
+            "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
+
+
+def run_zarr(
+    volume: str | Path,
+    model: str | Path,
+    output: str | Path,
+    *,
+    tile: Any = None,
+    layout: str | None = None,
+    model_output: str | int | None = None,
+    overlap: Any = None,
+    stitch: str | None = None,
+    sigma: float = 0.125,
+    pad_mode: str = "constant",
+    kind: str = "labels",
+    activation: str | None = None,
+    channels: Sequence[int] | None = None,
+    threshold: float = 0.5,
+    prob_dtype: str = "float32",
+    normalize: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
+    requests: int = 2,
+    nan_value: float | None = None,
+    reuse_constant: bool = True,
+    block: int = 256,
+    chunks: Sequence[int] | int | None = None,
+    compression: bool = True,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> RunReport:
+    """Run a Zarr volume into a Zarr output, block by block: in this process, on a local Dask cluster of ``workers``
+    processes, or on the Dask scheduler at ``scheduler``. Same options as :func:`volinfer.predict`."""
+    from .api import STITCH_MODES, default_overlap, overlap_voxels, parse_overlap
+
+    t0 = time.perf_counter()
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    source, in_arr = open_zarr_source(volume)
+    tm = TileModel(model, tile=tile, layout=layout, output=model_output, options=CompileOptions(**options),
+                   compile=False)
+    st = tm.settings
+    stitch = stitch or st.stitch or "crop"
+    if stitch not in STITCH_MODES:
+        raise VolinferError(f"stitch must be one of {', '.join(STITCH_MODES)}; got {stitch!r}")
+    if source.channels != tm.in_channels:
+        raise VolinferError(f"the volume has {source.channels} channel(s) but the model expects {tm.in_channels}")
+    activation = activation or st.activation or ("softmax" if tm.out_channels > 1 else "sigmoid")
+    spec = OutputSpec(tm.out_channels, kind=kind, activation=activation,
+                      keep=tuple(channels) if channels is not None else None, threshold=threshold,
+                      float_dtype=prob_dtype)
+    ov_vox = overlap_voxels(parse_overlap(overlap) or default_overlap(tm, stitch), tm.tile)
+    try:
+        grid = TileGrid.build(source.shape, tm.tile, [tm.multiple] * 3, ov_vox, "crop" if stitch == "crop" else "blend")
+    except GeometryError as e:
+        raise VolinferError(str(e)) from None
+    normalizer = Normalizer(normalize if normalize is not None else st.normalization, source.channels)
+    nonfinite = check_nonfinite(source, tm.tile[2], nan_value)
+    normalizer.fit(source, tm.tile[2])
+    check_input_range(source, tm.tile[2], normalizer, tm.input_dtype)
+    nan_fill = [normalizer.normalized(nan_value, c) for c in range(source.channels)] if nonfinite else None
+    if chunks is None:
+        in_chunks = tuple(in_arr.chunks[-3:])
+        chunk3 = in_chunks if max(in_chunks) >= 16 else (64, 64, 64)
+    else:
+        chunk3 = (int(chunks),) * 3 if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
+    out_arr = create_output(output, source.shape, spec.out_channels, spec.dtype, chunk3, ome_attrs(in_arr),
+                            compressor="zstd" if compression else None, overwrite=overwrite, resume=resume)
+    out_arr.attrs.update({"volinfer": {"model": str(model), "stitch": stitch, "kind": kind, "tile": list(tm.tile),
+                                       "overlap": list(ov_vox)}})
+    if not resume:
+        marker_dir = done_marker_dir(output)
+        if marker_dir.exists():
+            for m in marker_dir.iterdir():
+                m.unlink()
+    blocks = plan_blocks(source.shape, chunk3, (block,) * 3)
+    job = ZarrJob(str(volume), str(output), str(model), tm.tile, tm.layout, tm.output_index, options, ov_vox,
+                  tm.multiple, stitch, sigma, pad_mode, spec, normalizer, nan_fill, requests, reuse_constant)
+    results = _execute(job, blocks, scheduler, workers, progress)
+    done = [r for r in results if not r["skipped"]]
+    rep = RunReport(
+        shape=source.shape, channels=source.channels, tile=tm.tile, grid=tuple(a.count for a in grid.axes),  # type: ignore[arg-type]
+        tiles=sum(r["tiles"] for r in done), stitch=stitch, overlap=ov_vox, layout=tm.layout,
+        device=options.get("device", "CPU"), precision=options.get("precision", "f32"), requests=requests,
+        normalization=normalizer.describe(), output_kind=kind, output_dtype=str(spec.dtype),
+        wall_s=time.perf_counter() - t0, infer_busy_s=sum(r["busy_s"] for r in done), peak_rss_mb=peak_rss_mb(),
+        output=str(output))
+    rep.extra["blocks"] = (f"{len(done)} run, {len(results) - len(done)} already complete, "
+                           f"{len({r['pid'] for r in done})} process(es)")
+    worker_peaks = [r["peak_rss_mb"] for r in done if "peak_rss_mb" in r]
+    if worker_peaks:
+        rep.extra["worker peak"] = f"{max(worker_peaks):.0f} MB (largest per-process peak RSS)"
+    reused = sum(r["reused"] for r in done)
+    if reused:
+        rep.extra["constant"] = f"{reused} tiles were constant and reused one cached inference"
+    return rep
+
+
+def _execute(job: ZarrJob, blocks: list[Block], scheduler: str | None, workers: int | None,
+             progress: bool) -> list[dict[str, Any]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(blocks), unit="block", disable=not progress, desc="volinfer", leave=False)
+    if scheduler is None and not workers:
+        out = []
+        for b in blocks:
+            out.append(run_block(job, b))
+            bar.update(1)
+        bar.close()
+        return out
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise VolinferError("--scheduler/--workers need Dask: pip install 'volinfer[dask]'") from None
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,  # type: ignore[arg-type]
+                               dashboard_address=None, host="127.0.0.1")
+        client = Client(cluster)
+    try:
+        futures = client.map(run_block, [job] * len(blocks), blocks, pure=False, retries=3)
+        out = []
+        for fut in as_completed(futures):
+            out.append(fut.result())
+            bar.update(1)
+        return out
+    finally:
+        bar.close()
+        client.close()
+        if cluster is not None:
+            cluster.close()
