@@ -92,13 +92,18 @@ class RunReport:
 
 
 class _BusyClock:
-    """Union of the intervals during which at least one request was in flight."""
+    """Union of the intervals during which at least one request was in flight.
+
+    Each interval is [submission, submission + the request's own latency as OpenVINO measured it]. No Python
+    completion callback is involved: OpenVINO's threads never need the GIL, so tearing a compiled model down can
+    never wait on a callback that waits on the main thread.
+    """
 
     def __init__(self) -> None:
         self.spans: list[tuple[float, float]] = []
 
-    def callback(self, request: ov.InferRequest, started: float) -> None:
-        self.spans.append((started, time.perf_counter()))
+    def record(self, submitted: float, request: ov.InferRequest) -> None:
+        self.spans.append((submitted, submitted + request.latency / 1000.0))
 
     def total(self) -> float:
         busy, end = 0.0, -np.inf
@@ -147,7 +152,7 @@ def run_tiles(
     todo = list(tiles) if tiles is not None else grid
     queue = ov.AsyncInferQueue(model.compiled, max(1, requests))
     clock = _BusyClock()
-    queue.set_callback(clock.callback)
+    submitted = [0.0] * len(queue)
     buffers = [model.new_input_buffer() for _ in range(len(queue))]
     for i, buf in enumerate(buffers):
         queue[i].set_input_tensor(ov.Tensor(buf, shared_memory=True))
@@ -161,13 +166,14 @@ def run_tiles(
         blended sums are added in the same order however tiles are split into blocks or requests finish."""
         if pending[i] is None:
             return
-        for j in sorted((j for j in range(len(queue)) if pending[j] is not None and pending_seq[j] < pending_seq[i]),
-                        key=lambda j: pending_seq[j]):
-            queue[j].wait()
-            _stitch(j)
+        older = [j for j in range(len(queue)) if pending[j] is not None and pending_seq[j] < pending_seq[i]]
+        if older:  # an older tile finished after a newer one (several streams): wait for all, keep the order
+            drain()
+            return
         _stitch(i)
 
     def _stitch(i: int) -> None:
+        clock.record(submitted[i], queue[i])
         out = model.output_view(queue[i])
         key = pending_key[i]
         if key is not None and key not in cache and len(cache) < MAX_CACHED_CONSTANTS:
@@ -213,7 +219,8 @@ def run_tiles(
                 reused += 1
             else:
                 pending[i], pending_key[i], pending_seq[i] = tile, key, done
-                queue.start_async(userdata=time.perf_counter())
+                submitted[i] = time.perf_counter()
+                queue.start_async()
             done += 1
             bar.update(1)
             if done % 4 == 0:
@@ -224,6 +231,7 @@ def run_tiles(
     finally:
         queue.wait_all()
         bar.close()
+        del queue  # before the compiled model can go: requests first
     return clock.total(), done, reused
 
 
