@@ -38,6 +38,9 @@ def _list(text: str | None) -> list[str] | None:
 @click.option("--overlap", type=float, help="Default overlap to store (fraction < 1, or voxels).")
 @click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]), help="Default stitching to store.")
 @click.option("--no-fp16", is_flag=True, help="Keep FP32 weights (default: compress weights to FP16).")
+@click.option("--int8", is_flag=True, help="Post-training INT8 quantisation with NNCF, calibrated on "
+              "--calibration-volume (parity against FP32 is reported).")
+@click.option("--calibration-tiles", default=8, show_default=True, help="Tiles sampled for INT8 calibration.")
 @click.option("--no-check", is_flag=True, help="Skip the parity check against the source model.")
 @click.option("--tolerance", type=float, help="Max relative error of the parity check (default 1e-2 with FP16 "
               "weights, 1e-4 without).")
@@ -50,7 +53,7 @@ def convert(model: str, output: Path, weights: str | None, factory_args: str | N
             inputs: str | None, outputs: str | None, output_name: str | None, tile: str | None,
             channels: int | None, layout: str | None, static: bool, activation: str | None, labels: str | None,
             channel_names: str | None, normalize: str | None, spacing: str | None, overlap: float | None,
-            stitch: str | None, no_fp16: bool, no_check: bool, tolerance: float | None,
+            stitch: str | None, no_fp16: bool, int8: bool, calibration_tiles: int, no_check: bool, tolerance: float | None,
             calibration_volume: str | None, no_receptive_field: bool, overwrite: bool, as_json: bool) -> None:
     """Convert MODEL to OpenVINO IR, check it computes what the source computes, store its run settings.
 
@@ -81,7 +84,8 @@ def convert(model: str, output: Path, weights: str | None, factory_args: str | N
         outputs=_list(outputs), select_output=output_name, tile=parse_tile(tile), channels=channels,
         layout=layout.upper() if layout else None, static=static, activation=activation, labels=_list(labels),
         channel_names=_list(channel_names), normalization=parse_normalization(normalize), spacing=spacing_v,
-        overlap=ov_overlap, stitch=stitch, fp16=not no_fp16, check=not no_check, tolerance=tolerance,
+        overlap=ov_overlap, stitch=stitch, fp16=not no_fp16, int8=int8, calibration_tiles=calibration_tiles,
+        check=not no_check, tolerance=tolerance,
         calibration_volume=calibration_volume, measure_rf=not no_receptive_field, overwrite=overwrite,
     )
     if as_json:

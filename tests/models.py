@@ -44,3 +44,15 @@ def tiny_unet(in_ch: int = 1, out_ch: int = 2, layout: str = "NCDHW", seed: int 
     m = ov.Model([y], [param], "tiny_unet")
     ov.layout_helpers.set_layout(m.input(0), ov.Layout(layout))
     return m
+
+
+def save_unet2(path, **settings) -> "Path":
+    """The two-level tiny U-Net (size multiple 4, stored) saved as IR at ``path``, with extra stored ``settings``."""
+    from pathlib import Path
+
+    m = tiny_unet(levels=2)
+    m.set_rt_info("4", ["volinfer", "size_multiple"])
+    for key, value in settings.items():
+        m.set_rt_info(str(value), ["volinfer", key])
+    ov.save_model(m, str(path))
+    return Path(path)

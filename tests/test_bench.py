@@ -3,18 +3,15 @@
 import importlib.util
 import json
 
-import openvino as ov
 from click.testing import CliRunner
-from models import tiny_unet
+from models import save_unet2
 
 from volinfer.bench.harness import Spawner, predict_rss
 from volinfer.cli import main
 
 
 def test_bench_end_to_end_on_tiny_sizes(tmp_path):
-    model = tiny_unet(levels=2)
-    model.set_rt_info("4", ["volinfer", "size_multiple"])
-    ov.save_model(model, str(tmp_path / "m.xml"))
+    save_unet2(tmp_path / "m.xml")
     out = tmp_path / "results"
     r = CliRunner().invoke(main, ["bench", "--sizes", "24,40x36x28", "--model", str(tmp_path / "m.xml"),
                                   "--tile", "32", "--overlap", "24", "--work-dir", str(tmp_path / "work"),

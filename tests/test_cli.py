@@ -9,7 +9,7 @@ import numpy as np
 import openvino as ov
 import pytest
 from click.testing import CliRunner
-from models import tiny_unet
+from models import save_unet2, tiny_unet
 
 from volinfer.cli import main
 
@@ -20,11 +20,7 @@ RNG = np.random.default_rng(3)
 def files(tmp_path):
     vol = tmp_path / "vol.nii.gz"
     nib.save(nib.Nifti1Image(RNG.integers(0, 300, (37, 33, 29)).astype(np.int16), np.eye(4)), str(vol))
-    model = tiny_unet(levels=2)
-    model.set_rt_info("4", ["volinfer", "size_multiple"])
-    model.set_rt_info("32", ["volinfer", "tile"])
-    xml = tmp_path / "m.xml"
-    ov.save_model(model, str(xml))
+    xml = save_unet2(tmp_path / "m.xml", tile=32)
     two = tmp_path / "two.xml"
     ov.save_model(tiny_unet(in_ch=2, levels=2), str(two))
     return tmp_path, vol, xml, two

@@ -244,3 +244,18 @@ def test_monai_unet_converts_and_tiles_exactly(tmp_path):
         full = torch.from_numpy(np.pad(vol, [(0, p - n) for p, n in zip(padded, vol.shape)]))[None, None]
         want = net(full)[0].numpy()[:, :150, :101, :97]
     np.testing.assert_allclose(np.moveaxis(got, -1, 0), want, atol=1e-4 * np.abs(want).max())
+
+
+def test_int8_quantisation_reports_parity_against_fp32(tmp_path, nets):
+    pytest.importorskip("nncf")
+    vol = tmp_path / "cal.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 900, (48, 48, 48)).astype(np.int16), np.eye(4)),
+             str(vol))
+    with pytest.raises(VolinferError, match="--int8 needs --calibration-volume"):
+        convert(f"{nets}:small_unet", tmp_path / "q.xml", tile=32, int8=True)
+    r = convert(f"{nets}:small_unet", tmp_path / "q.xml", tile=32, int8=True, calibration_volume=str(vol),
+                normalization={"kind": "zscore"}, calibration_tiles=3)
+    ops = {o.get_type_name() for o in ov.Core().read_model(str(tmp_path / "q.xml")).get_ops()}
+    assert "FakeQuantize" in ops
+    assert r.parity.passed and 0 < r.parity.max_rel < 0.5 and "reported only" in str(r.parity)
+    assert "int8" in _settings(tmp_path / "q.xml").extra["quantization"]

@@ -7,9 +7,8 @@ import time
 
 import nibabel as nib
 import numpy as np
-import openvino as ov
 import pytest
-from models import tiny_unet
+from models import save_unet2
 
 zarr = pytest.importorskip("zarr")
 
@@ -23,10 +22,7 @@ SHAPE = (70, 61, 53)  # not a multiple of the 16-voxel chunks
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zarr")
-    m = tiny_unet(levels=2)
-    m.set_rt_info("4", ["volinfer", "size_multiple"])
-    xml = tmp / "m.xml"
-    ov.save_model(m, str(xml))
+    xml = save_unet2(tmp / "m.xml")
     vol = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     z = zarr.create_array(store=str(tmp / "in.zarr"), shape=SHAPE, chunks=(16, 16, 16), dtype="float32")
     z[:] = vol
@@ -121,3 +117,22 @@ def test_nifti_zarr_round_trip(tmp_path):
     back = nib.load(str(tmp_path / "back.nii"))
     np.testing.assert_array_equal(np.asarray(back.dataobj), data)
     np.testing.assert_allclose(back.affine, aff)
+
+
+def test_cli_zarr_run_and_errors(data):
+    from click.testing import CliRunner
+
+    from volinfer.cli import main
+
+    tmp, xml, vol = data
+    out = tmp / "cli.zarr"
+    r = CliRunner().invoke(main, ["run", str(tmp / "in.zarr"), "-m", str(xml), "-o", str(out), "--tile", "32",
+                                  "--overlap", "24", "--kind", "raw", "--chunks", "24", "--block", "48",
+                                  "--no-compression", "--json"])
+    assert r.exit_code == 0, r.output
+    assert zarr.open_array(str(out)).chunks == (2, 24, 24, 24)
+    np.testing.assert_array_equal(np.moveaxis(_read(out), 0, -1), predict(vol, str(xml), **OPTS))
+    r = CliRunner().invoke(main, ["run", str(tmp / "in.zarr"), "-m", str(xml), "-o", str(out), "--tile", "32"])
+    assert r.exit_code == 2 and "already exists" in r.output
+    r = CliRunner().invoke(main, ["run", str(tmp / "in.zarr"), "-m", str(xml), "-o", str(tmp / "x.nii"), "--tile", "32"])
+    assert r.exit_code == 2 and "one .zarr input and a .zarr output" in r.output

@@ -4,10 +4,9 @@ import json
 
 import nibabel as nib
 import numpy as np
-import openvino as ov
 import pytest
 from click.testing import CliRunner
-from models import tiny_unet
+from models import save_unet2
 
 from volinfer.bench.harness import Spawner
 from volinfer.cli import main
@@ -19,10 +18,7 @@ def setup(tmp_path):
     vol = tmp_path / "v.nii"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 500, (96, 80, 72)).astype(np.int16), np.eye(4)),
              str(vol))
-    m = tiny_unet(levels=2)
-    m.set_rt_info("4", ["volinfer", "size_multiple"])
-    xml = tmp_path / "m.xml"
-    ov.save_model(m, str(xml))
+    xml = save_unet2(tmp_path / "m.xml")
     return tmp_path, vol, xml
 
 

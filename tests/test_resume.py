@@ -6,10 +6,9 @@ import sys
 
 import nibabel as nib
 import numpy as np
-import openvino as ov
 import pytest
 from click.testing import CliRunner
-from models import tiny_unet
+from models import save_unet2
 
 from volinfer.cli import main
 
@@ -35,10 +34,7 @@ def setup(tmp_path):
     vol = tmp_path / "vol.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(11).integers(0, 400, (40, 36, 70)).astype(np.int16), np.eye(4)),
              str(vol))
-    model = tiny_unet(levels=2)
-    model.set_rt_info("4", ["volinfer", "size_multiple"])
-    xml = tmp_path / "m.xml"
-    ov.save_model(model, str(xml))
+    xml = save_unet2(tmp_path / "m.xml")
     return tmp_path, vol, xml
 
 

@@ -9,59 +9,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .checks import check_input_range, check_nonfinite
-from .engine import RunReport, peak_rss_mb, run_tiles
 from . import __version__
+from .engine import RunReport, peak_rss_mb, run_tiles
 from .errors import Interrupted, VolinferError
-from .geometry import GeometryError, TileGrid
 from .journal import Journal, file_identity, model_identity
 from .model import CompileOptions, TileModel
-from .normalize import Normalizer
-from .postprocess import OutputSpec
 from .reader import VolumeSource
+from .runsetup import resolve, scan_volume
 from .writer import ArrayWriter, NiftiWriter, check_target
 
-STITCH_MODES = ("crop", "gaussian", "mean")
-DEFAULT_OVERLAP = 0.25
-
 Overlap = float | int | str | Sequence[float | int] | None
-
-
-def parse_overlap(value: Overlap) -> list[float] | None:
-    """``0.25`` / ``"0.25"`` (fraction of the tile), ``32`` (voxels), ``"32,32,16"`` (per axis) → 3 numbers."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            items = [float(v) for v in value.split(",")]
-        except ValueError:
-            raise VolinferError(f"overlap must be a fraction (0.25) or voxels (32), optionally per axis; got {value!r}") from None
-    elif isinstance(value, (int, float)):
-        items = [float(value)]
-    else:
-        items = [float(v) for v in value]
-    if len(items) == 1:
-        items *= 3
-    if len(items) != 3 or any(v < 0 for v in items):
-        raise VolinferError(f"overlap needs one or three non-negative values; got {value!r}")
-    return items
-
-
-def overlap_voxels(items: list[float], tile: Sequence[int]) -> tuple[int, int, int]:
-    """Fractions (< 1) are of the tile size; values >= 1 are voxels."""
-    return tuple(int(round(v * t)) if v < 1 else int(v) for v, t in zip(items, tile))  # type: ignore[return-value]
-
-
-def default_overlap(model: TileModel, stitch: str) -> list[float]:
-    """Stored overlap, else (crop) twice the stored receptive-field radius when it fits, else a quarter tile."""
-    s = model.settings
-    if s.overlap is not None:
-        return parse_overlap(s.overlap)  # type: ignore[return-value]
-    if stitch == "crop" and s.receptive_field:
-        rf = [int(v) for v in s.receptive_field]
-        if all(2 * r + model.multiple <= t for r, t in zip(rf, model.tile)):
-            return [float(2 * r) for r in rf]
-    return [DEFAULT_OVERLAP] * 3
 
 
 def open_source(volume: Any, depth: int, channel_axis: int | None = None) -> VolumeSource:
@@ -128,33 +85,15 @@ def predict(
         model, tile=tile, layout=layout, output=model_output,
         options=CompileOptions(device=device, precision=precision, threads=threads, streams=streams,
                                cache_dir=cache_dir))
-    st = tm.settings
-    stitch = stitch or st.stitch or "crop"
-    if stitch not in STITCH_MODES:
-        raise VolinferError(f"stitch must be one of {', '.join(STITCH_MODES)}; got {stitch!r}")
-    activation = activation or st.activation or ("softmax" if tm.out_channels > 1 else "sigmoid")
-    spec = OutputSpec(tm.out_channels, kind=kind, activation=activation,
-                      keep=tuple(channels) if channels is not None else None,
-                      threshold=threshold, float_dtype=prob_dtype)
     source = open_source(volume, tm.tile[2], channel_axis)
     writer: Any = None
     try:
-        if source.channels != tm.in_channels:
-            raise VolinferError(
-                f"the volume has {source.channels} channel(s) but the model expects {tm.in_channels} "
-                f"(give one 3-D file per channel, or one 4-D file)")
-        ov_items = parse_overlap(overlap) or default_overlap(tm, stitch)
-        ov_vox = overlap_voxels(ov_items, tm.tile)
-        try:
-            grid = TileGrid.build(source.shape, tm.tile, [tm.multiple] * 3, ov_vox,
-                                  "crop" if stitch == "crop" else "blend")
-        except GeometryError as e:
-            raise VolinferError(str(e)) from None
-        normalizer = Normalizer(normalize if normalize is not None else st.normalization, source.channels)
-        nonfinite = check_nonfinite(source, tm.tile[2], nan_value)
-        normalizer.fit(source, tm.tile[2])
-        check_input_range(source, tm.tile[2], normalizer, tm.input_dtype)
-        nan_fill = [normalizer.normalized(nan_value, c) for c in range(source.channels)] if nonfinite else None
+        setup = resolve(tm, source.shape, source.channels, stitch=stitch, overlap=overlap, kind=kind,
+                        activation=activation, keep=channels, threshold=threshold, prob_dtype=prob_dtype,
+                        normalize=normalize)
+        scan_volume(setup, tm, source, nan_value)
+        stitch, activation, spec, ov_vox, grid = setup.stitch, setup.activation, setup.spec, setup.overlap, setup.grid
+        normalizer, nonfinite = setup.normalizer, setup.nonfinite
         start_row, on_row_done = 0, None
         if output is not None:
             journal = Journal(Path(output), {
@@ -178,7 +117,7 @@ def predict(
             writer = ArrayWriter(source.shape, spec.out_channels, spec.dtype)
         busy, n, reused = run_tiles(source, tm, spec, writer, grid=grid, stitch=stitch, normalizer=normalizer,
                                     sigma=sigma, pad_mode=pad_mode, requests=requests, progress=progress,
-                                    reuse_constant=reuse_constant, nan_fill=nan_fill, start_row=start_row,
+                                    reuse_constant=reuse_constant, nan_fill=setup.nan_fill, start_row=start_row,
                                     on_row_done=on_row_done)
         result = writer.commit() if output is not None else writer.result()
         if output is not None:

@@ -70,6 +70,7 @@ def main() -> None:
 @click.option("--workers", type=int, help="Zarr runs: start a local Dask cluster of this many worker processes.")
 @click.option("--block", default=256, show_default=True, help="Zarr runs: block size in voxels (whole output chunks).")
 @click.option("--chunks", type=int, help="Zarr runs: output chunk size (default: the input's).")
+@click.option("--no-compression", is_flag=True, help="Zarr runs: store output chunks uncompressed (default zstd).")
 @click.option("--max-memory", help="Peak RAM budget (e.g. 600M, 2G): pick the largest tile predicted to fit "
               "(see `volinfer plan`), or refuse with the predicted need.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command) from its last finished "
@@ -83,8 +84,8 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
         channels: str | None, threshold: float, float16: bool, normalize: str | None, output_name: str | None,
         device: str, precision: str, threads: int | None, streams: int | None, requests: int,
         cache_dir: Path | None, nan_value: float | None, no_constant_reuse: bool, scheduler: str | None,
-        workers: int | None, block: int, chunks: int | None, max_memory: str | None, resume: bool, overwrite: bool,
-        quiet: bool, as_json: bool) -> None:
+        workers: int | None, block: int, chunks: int | None, no_compression: bool, max_memory: str | None,
+        resume: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
     """Segment/restore INPUTS (one NIfTI file, or one file per input channel) into OUTPUT.
 
     \b
@@ -111,7 +112,8 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
             activation=activation, channels=parse_channels(channels), threshold=threshold,
             prob_dtype="float16" if float16 else "float32", normalize=parse_normalization(normalize),
             options=compile_options, requests=requests, nan_value=nan_value,
-            reuse_constant=not no_constant_reuse, block=block, chunks=chunks, scheduler=scheduler,
+            reuse_constant=not no_constant_reuse, block=block, chunks=chunks, compression=not no_compression,
+            scheduler=scheduler,
             workers=workers, resume=resume, overwrite=overwrite, progress=not quiet and not as_json)
         if as_json:
             click.echo(json.dumps(report.as_dict(), indent=2, default=str))

@@ -18,13 +18,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from .blocks import Block, block_tiles, make_block_stitcher, plan_blocks
-from .checks import check_input_range, check_nonfinite
 from .engine import RunReport, peak_rss_mb, run_tiles
-from .errors import VolinferError
-from .geometry import GeometryError, TileGrid
+from .geometry import TileGrid
 from .model import CompileOptions, TileModel
 from .normalize import Normalizer
 from .postprocess import OutputSpec
+from .runsetup import resolve, scan_volume
 from .zarr_io import create_output, done_marker_dir, ome_attrs, open_zarr_array, open_zarr_source
 
 
@@ -127,33 +126,16 @@ def run_zarr(
 ) -> RunReport:
     """Run a Zarr volume into a Zarr output, block by block: in this process, on a local Dask cluster of ``workers``
     processes, or on the Dask scheduler at ``scheduler``. Same options as :func:`volinfer.predict`."""
-    from .api import STITCH_MODES, default_overlap, overlap_voxels, parse_overlap
-
     t0 = time.perf_counter()
     options = {k: v for k, v in (options or {}).items() if v is not None}
     source, in_arr = open_zarr_source(volume)
     tm = TileModel(model, tile=tile, layout=layout, output=model_output, options=CompileOptions(**options),
                    compile=False)
-    st = tm.settings
-    stitch = stitch or st.stitch or "crop"
-    if stitch not in STITCH_MODES:
-        raise VolinferError(f"stitch must be one of {', '.join(STITCH_MODES)}; got {stitch!r}")
-    if source.channels != tm.in_channels:
-        raise VolinferError(f"the volume has {source.channels} channel(s) but the model expects {tm.in_channels}")
-    activation = activation or st.activation or ("softmax" if tm.out_channels > 1 else "sigmoid")
-    spec = OutputSpec(tm.out_channels, kind=kind, activation=activation,
-                      keep=tuple(channels) if channels is not None else None, threshold=threshold,
-                      float_dtype=prob_dtype)
-    ov_vox = overlap_voxels(parse_overlap(overlap) or default_overlap(tm, stitch), tm.tile)
-    try:
-        grid = TileGrid.build(source.shape, tm.tile, [tm.multiple] * 3, ov_vox, "crop" if stitch == "crop" else "blend")
-    except GeometryError as e:
-        raise VolinferError(str(e)) from None
-    normalizer = Normalizer(normalize if normalize is not None else st.normalization, source.channels)
-    nonfinite = check_nonfinite(source, tm.tile[2], nan_value)
-    normalizer.fit(source, tm.tile[2])
-    check_input_range(source, tm.tile[2], normalizer, tm.input_dtype)
-    nan_fill = [normalizer.normalized(nan_value, c) for c in range(source.channels)] if nonfinite else None
+    setup = resolve(tm, source.shape, source.channels, stitch=stitch, overlap=overlap, kind=kind,
+                    activation=activation, keep=channels, threshold=threshold, prob_dtype=prob_dtype,
+                    normalize=normalize)
+    scan_volume(setup, tm, source, nan_value)
+    stitch, spec, ov_vox, grid, normalizer = setup.stitch, setup.spec, setup.overlap, setup.grid, setup.normalizer
     if chunks is None:
         in_chunks = tuple(in_arr.chunks[-3:])
         chunk3 = in_chunks if max(in_chunks) >= 16 else (64, 64, 64)
@@ -170,7 +152,7 @@ def run_zarr(
                 m.unlink()
     blocks = plan_blocks(source.shape, chunk3, (block,) * 3)
     job = ZarrJob(str(volume), str(output), str(model), tm.tile, tm.layout, tm.output_index, options, ov_vox,
-                  tm.multiple, stitch, sigma, pad_mode, spec, normalizer, nan_fill, requests, reuse_constant)
+                  tm.multiple, stitch, sigma, pad_mode, spec, normalizer, setup.nan_fill, requests, reuse_constant)
     results = _execute(job, blocks, scheduler, workers, progress)
     done = [r for r in results if not r["skipped"]]
     rep = RunReport(

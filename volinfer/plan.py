@@ -166,24 +166,19 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, *, tile: Any =
              stitch: str | None = None, kind: str = "labels", channels: Sequence[int] | None = None,
              prob_dtype: str = "float32", normalize: dict[str, Any] | None = None, requests: int = 2) -> Plan:
     """Predict peak RSS and time of ``volinfer run`` with these settings (see module docs)."""
-    from .api import default_overlap, overlap_voxels, parse_overlap
     from .model import CompileOptions, TileModel
-    from .normalize import Normalizer
-    from .postprocess import OutputSpec
+    from .runsetup import resolve
 
     facts = volume_facts(paths)
     opts = options or {}
     tm = TileModel(model_path, tile=tile, layout=layout, output=output, options=CompileOptions(**opts), compile=False)
-    stitch = stitch or tm.settings.stitch or "crop"
-    spec = OutputSpec(tm.out_channels, kind=kind, activation=tm.settings.activation or "softmax",
-                      keep=tuple(channels) if channels is not None else None, float_dtype=prob_dtype)
-    ov_vox = overlap_voxels(parse_overlap(overlap) or default_overlap(tm, stitch), tm.tile)
-    grid = TileGrid.build(facts.shape, tm.tile, [tm.multiple] * 3, ov_vox, "crop" if stitch == "crop" else "blend")
-    norm = Normalizer(normalize if normalize is not None else tm.settings.normalization, facts.channels)
+    setup = resolve(tm, facts.shape, facts.channels, stitch=stitch, overlap=overlap, kind=kind, keep=channels,
+                    prob_dtype=prob_dtype, normalize=normalize)
+    grid, spec = setup.grid, setup.spec
     parts = engine_buffers_mb(grid, in_channels=facts.channels, stored_itemsize=facts.itemsize,
                               compressed=facts.compressed, model_channels=tm.out_channels,
-                              out_channels=spec.out_channels, out_itemsize=spec.dtype.itemsize, stitch=stitch,
-                              requests=requests, scans=facts.floating or not norm.fitted)
+                              out_channels=spec.out_channels, out_itemsize=spec.dtype.itemsize, stitch=setup.stitch,
+                              requests=requests, scans=facts.floating or not setup.normalizer.fitted)
     cost = measure_model(model_path, tm.tile, layout, output, opts, requests)
     return make_plan(grid, cost, parts)
 
