@@ -218,6 +218,12 @@ def _frontend_source(framework: str, path: Path, inputs: list[str] | None, outpu
     ref_model: dict[str, Any] = {}
 
     def run(x: np.ndarray) -> list[np.ndarray]:
+        if framework == "tensorflow-savedmodel" and importlib.util.find_spec("tensorflow"):
+            import tensorflow as tf
+
+            fn = ref_model.setdefault("tf", tf.saved_model.load(str(path))).signatures["serving_default"]
+            name = list(fn.structured_input_signature[1].keys())[0]
+            return [np.asarray(v) for v in fn(**{name: tf.constant(x)}).values()]
         if framework == "onnx" and importlib.util.find_spec("onnxruntime"):
             import onnxruntime as ort
 
@@ -230,6 +236,10 @@ def _frontend_source(framework: str, path: Path, inputs: list[str] | None, outpu
         res = cm(x)
         return [np.asarray(res[o]) for o in cm.outputs]
 
-    note = "onnxruntime" if framework == "onnx" and importlib.util.find_spec("onnxruntime") else \
-        "OpenVINO frontend on the original file, f32"
+    if framework == "onnx" and importlib.util.find_spec("onnxruntime"):
+        note = "onnxruntime"
+    elif framework == "tensorflow-savedmodel" and importlib.util.find_spec("tensorflow"):
+        note = "TensorFlow"
+    else:
+        note = "OpenVINO frontend on the original file, f32"
     return Source(framework, path, to_ov, run, layout=layout, reference_note=note)
