@@ -190,6 +190,49 @@ def load(spec: str, *, weights: str | None = None, trust_pickle: bool = False,
     return _frontend_source("openvino", path, None, None)  # type: ignore[arg-type]
 
 
+def _convert_tf_subgraph(path: Path, inputs: list[str] | None, outputs: list[str]) -> ov.Model:
+    """Cut a frozen GraphDef at named output nodes with TensorFlow's own graph tools, then convert the cut graph
+    (OpenVINO's converter only selects among a graph's existing outputs)."""
+    import tempfile
+
+    import tensorflow as tf
+
+    graph = tf.compat.v1.GraphDef()
+    graph.ParseFromString(path.read_bytes())
+    names = {n.name for n in graph.node}
+    missing = [o for o in outputs if o.split(":")[0] not in names]
+    if missing:
+        raise VolinferError(f"{path}: no node named {missing[0]!r} to cut the graph at")
+    sub = tf.compat.v1.graph_util.extract_sub_graph(graph, [o.split(":")[0] for o in outputs])
+    with tempfile.TemporaryDirectory() as tmp:
+        cut = Path(tmp) / "cut.pb"
+        cut.write_bytes(sub.SerializeToString())
+        try:
+            return ov.convert_model(str(cut), **({"input": inputs} if inputs else {}))
+        except Exception as e:
+            if inputs and "not found among model inputs" in str(e):
+                return ov.convert_model(str(cut), input=[n if ":" in n else f"{n}:0" for n in inputs])
+            raise VolinferError(f"{path}: OpenVINO cannot convert the cut graph: {_last_line(e)}") from None
+
+
+def cut_outputs(model: ov.Model, names: list[str], path: Path) -> ov.Model:
+    """Keep only the graph up to the named nodes (TensorFlow node names survive conversion as friendly or tensor
+    names), e.g. to drop a post-processing tail or pick an intermediate feature map."""
+    found = []
+    ops = model.get_ordered_ops()
+    for name in names:
+        base = name.split(":")[0]
+        hit = next((op for op in ops if op.get_friendly_name() == base), None)
+        if hit is None:
+            hit = next((op for op in ops for o in op.outputs() if name in o.get_names() or base in o.get_names()),
+                       None)
+        if hit is None:
+            raise VolinferError(f"{path}: no node named {name!r} to cut the graph at (cutting a TensorFlow graph at "
+                                f"an internal node needs TensorFlow installed)")
+        found.append(hit.output(int(name.split(":")[1]) if ":" in name else 0))
+    return ov.Model(found, model.get_parameters(), model.get_friendly_name())
+
+
 def _last_line(e: BaseException) -> str:
     """The most specific line of a (often multi-paragraph) framework error."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(("Please", "You can"))]
@@ -201,20 +244,21 @@ def _frontend_source(framework: str, path: Path, inputs: list[str] | None, outpu
     """Formats OpenVINO reads itself (ONNX, TensorFlow graphs, IR). The reference runs the original file through
     onnxruntime / TensorFlow when installed, else through OpenVINO's own frontend at full precision (which still
     checks what conversion changed: weight compression, reshaping, graph cutting)."""
-    kwargs: dict[str, Any] = {}
-    if inputs:
-        kwargs["input"] = inputs
-    if outputs:
-        kwargs["output"] = outputs
-
-    def to_ov(*_: object) -> ov.Model:
+    def convert(inp: list[str] | None) -> ov.Model:
         try:
             if framework == "openvino":
                 return ov.Core().read_model(str(path))
-            return ov.convert_model(str(path), **kwargs)
+            return ov.convert_model(str(path), **({"input": inp} if inp else {}))
         except Exception as e:
+            if inp and "not found among model inputs" in str(e) and not any(":" in n for n in inp):
+                return convert([f"{n}:0" for n in inp])  # TF tensor names carry an output index
             raise VolinferError(f"{path}: OpenVINO cannot convert it: {_last_line(e)}") from None
 
+    def to_ov(*_: object) -> ov.Model:
+        if outputs and framework == "tensorflow-frozen-pb" and importlib.util.find_spec("tensorflow"):
+            return _convert_tf_subgraph(path, inputs, outputs)
+        model = convert(inputs)
+        return cut_outputs(model, outputs, path) if outputs else model
     ref_model: dict[str, Any] = {}
 
     def run(x: np.ndarray) -> list[np.ndarray]:

@@ -37,3 +37,21 @@ def test_channels_last_savedmodel_converts_and_tiles_exactly(tmp_path):
     full = np.pad(vol, [(0, p - n) for p, n in zip(padded, vol.shape)])[None, ..., None]
     want = net(full).numpy()[0, :45, :38, :29]
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+def test_frozen_graph_cut_at_named_nodes_and_keras_file(tmp_path):
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    net = _keras_net()
+    fn = tf.function(lambda x: net(x)).get_concrete_function(
+        tf.TensorSpec([1, None, None, None, 1], tf.float32, name="img"))
+    graph = convert_variables_to_constants_v2(fn).graph.as_graph_def()
+    tf.io.write_graph(graph, str(tmp_path), "frozen.pb", as_text=False)
+    relu = next(n.name for n in graph.node if n.op == "Relu")  # the first conv's activation: 4 channels
+    r = convert(str(tmp_path / "frozen.pb"), tmp_path / "cut.xml", tile=16, inputs=["img"], outputs=[relu])
+    assert r.parity.passed
+    cut = ov.Core().read_model(str(tmp_path / "cut.xml"))
+    assert cut.output(0).get_partial_shape()[4].get_length() == 4
+    net.save(str(tmp_path / "m.keras"))
+    r = convert(str(tmp_path / "m.keras"), tmp_path / "k.xml", tile=16)
+    assert r.parity.passed and r.parity.reference == "TensorFlow/Keras"
