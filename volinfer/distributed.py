@@ -90,7 +90,17 @@ def run_block(job: ZarrJob, block: Block) -> dict[str, Any]:
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("done")
     return {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
-            "pid": os.getpid(), "peak_rss_mb": peak_rss_mb()}
+            "pid": os.getpid(), "peak_rss_mb": _own_peak_mb()}
+
+
+def _own_peak_mb() -> float:
+    """This process's own peak RSS: VmHWM belongs to the current address space, whereas ru_maxrss also carries the
+    high-water mark of whatever process forked this one before exec (a Dask worker spawned from a big client)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024.0
+    except (OSError, StopIteration):
+        return peak_rss_mb()
 
 
 def run_zarr(
