@@ -54,7 +54,6 @@ def main() -> None:
             rows.append(f"| {size}³ | {name} | {rep.wall_s:.1f} | {mvox:.2f} | {peak:.0f} | {same} |")
             print(rows[-1], flush=True)
         effs.append((size, mv[2] / (2 * mv[1])))
-    eff = effs[-1][1]
     text = "\n".join(rows) + "\n\nScaling efficiency 1 → 2 workers: " + ", ".join(
         f"{100 * e:.0f}% at {s}³" for s, e in effs) + "\n"
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
@@ -46,10 +48,8 @@ def tiny_unet(in_ch: int = 1, out_ch: int = 2, layout: str = "NCDHW", seed: int 
     return m
 
 
-def save_unet2(path, **settings) -> "Path":
+def save_unet2(path, **settings) -> Path:
     """The two-level tiny U-Net (size multiple 4, stored) saved as IR at ``path``, with extra stored ``settings``."""
-    from pathlib import Path
-
     m = tiny_unet(levels=2)
     m.set_rt_info("4", ["volinfer", "size_multiple"])
     for key, value in settings.items():

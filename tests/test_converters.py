@@ -10,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
 
 from converters import convert, kind_of  # noqa: E402
 from volinfer import ModelSettings, TileModel, VolinferError, predict  # noqa: E402

@@ -19,6 +19,7 @@ import numpy as np
 
 from .blocks import Block, block_tiles, make_block_stitcher, plan_blocks
 from .engine import RunReport, peak_rss_mb, run_tiles
+from .errors import VolinferError
 from .geometry import TileGrid
 from .model import CompileOptions, TileModel
 from .normalize import Normalizer
