@@ -230,12 +230,3 @@ class TileModel:
     def input_view(self, buffer: np.ndarray) -> np.ndarray:
         """The host buffer as (C, x, y, z), whatever the layout."""
         return buffer[0] if self.layout == "NCDHW" else np.moveaxis(buffer[0], -1, 0)
-
-    def infer(self, tile: np.ndarray) -> np.ndarray:
-        """Run one (C, x, y, z) tile synchronously and return a (C, x, y, z) copy of the output; for tests and probes."""
-        req = self.compiled.create_infer_request()
-        buf = self.new_input_buffer()
-        self.input_view(buf)[...] = tile
-        req.set_input_tensor(ov.Tensor(buf, shared_memory=True))
-        req.infer()
-        return np.array(self.output_view(req), dtype=np.float32)

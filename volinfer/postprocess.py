@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -123,11 +122,3 @@ def parse_channels(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(t) for t in text.split(","))
     except ValueError:
         raise VolinferError(f"--channels expects comma-separated integers, got {text!r}") from None
-
-
-def describe(spec: OutputSpec, labels: Sequence[str] | None = None) -> str:
-    """One line saying what the output holds."""
-    if spec.kind == "labels" and spec.out_channels == 1 and spec.model_channels > 1:
-        names = f" ({', '.join(labels)})" if labels else ""
-        return f"labels 0..{spec.model_channels - 1}{names} as {spec.dtype}"
-    return f"{spec.kind} of channel(s) {list(spec.channels)} as {spec.dtype}"

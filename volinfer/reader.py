@@ -131,7 +131,6 @@ class StreamChannel:
         self._buf = np.empty((max(1, depth), y, x), dtype=stored.dtype)
         self._w0 = self._w1 = 0  # window holds planes [w0, w1) in buf[0 : w1 - w0]
         self._f: gzip.GzipFile | None = None
-        self.restarts = 0
 
     def _open(self) -> None:
         if self._f is not None:
@@ -143,9 +142,7 @@ class StreamChannel:
         """Make the window hold planes [z0, z1); the stream position always equals the window's end."""
         if z1 - z0 > self._buf.shape[0]:
             raise ValueError(f"request of {z1 - z0} planes exceeds window depth {self._buf.shape[0]}")
-        if self._f is None or z0 < self._w0:
-            if self._f is not None:
-                self.restarts += 1  # a backward request: only when callers break on-disk order
+        if self._f is None or z0 < self._w0:  # first use, or a backward request (gzip streams only go forward)
             self._open()
             self._w0 = self._w1 = 0
         assert self._f is not None
