@@ -175,11 +175,14 @@ class StreamChannel:
 def _read_exact(f, nbytes: int, path: Path) -> None:
     """Consume ``nbytes`` of a stream (to skip over a header or planes)."""
     remaining = nbytes
-    while remaining > 0:
-        chunk = f.read(min(remaining, 1 << 22))
-        if not chunk:
-            raise VolinferError(f"{path}: file ends before its header says it should (truncated?)")
-        remaining -= len(chunk)
+    try:
+        while remaining > 0:
+            chunk = f.read(min(remaining, 1 << 22))
+            if not chunk:
+                raise VolinferError(f"{path}: file ends before its header says it should (truncated?)")
+            remaining -= len(chunk)
+    except (EOFError, gzip.BadGzipFile, OSError) as e:  # the same translation as _read_into
+        raise VolinferError(f"{path}: corrupt compressed data ({e})") from None
 
 
 def _read_into(f, view: memoryview, path: Path) -> None:
