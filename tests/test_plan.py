@@ -39,9 +39,10 @@ def test_max_memory_picks_a_tile_or_refuses(setup):
     r = CliRunner().invoke(main, ["run", str(vol), "-m", str(xml), "-o", str(tmp / "a.nii"), "--max-memory", "4G",
                                   "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["tile"] == [96, 96, 96]  # the largest candidate that fits this volume's grid
+    rep = json.loads(r.stdout)
+    assert rep["tile"] == [96, 80, 72] and rep["exact"] is True  # one tile over the whole padded volume fits
     r = CliRunner().invoke(main, ["run", str(vol), "-m", str(xml), "-o", str(tmp / "b.nii"), "--max-memory", "20M"])
-    assert r.exit_code == 2 and "no tile size fits in 20 MB" in r.output and not (tmp / "b.nii").exists()
+    assert r.exit_code == 2 and "--max-memory 20 MB is too small" in r.output and not (tmp / "b.nii").exists()
     r = CliRunner().invoke(main, ["plan", str(vol), "-m", str(xml), "--tiles", "32,64", "--json"])
     assert r.exit_code == 0 and [p["tile"] for p in json.loads(r.stdout)] == [[32] * 3, [64] * 3]
 

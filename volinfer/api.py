@@ -15,7 +15,9 @@ from .errors import Interrupted, VolinferError
 from .journal import Journal, file_identity, model_identity
 from .model import CompileOptions, TileModel
 from .reader import VolumeSource
-from .runsetup import resolve, scan_volume
+from .norm_stats import fit_norm_statistics
+from .feeder import TileFeeder
+from .runsetup import TilingChoice, RunSetup, plan_tiling, resolve, scan_volume, verdict
 from .writer import ArrayWriter, NiftiWriter, check_target
 
 Overlap = float | int | str | Sequence[float | int] | None
@@ -63,6 +65,8 @@ def predict(
     overwrite: bool = False,
     progress: bool = False,
     report: bool = False,
+    max_memory_mb: float | None = None,
+    norm_stats: str | None = None,
 ) -> Any:
     """Run ``volume`` through ``model`` tile by tile.
 
@@ -74,6 +78,12 @@ def predict(
     Volumes with NaN/Inf voxels are refused unless ``nan_value`` says what to replace them with. File outputs are
     journaled per z-row of tiles: after an interruption, ``resume=True`` continues where the run stopped and writes
     the same bytes an uninterrupted run would.
+
+    Unless ``tile`` is given (or ``model`` is a :class:`TileModel` built with a tile), the tile is planned for
+    fidelity first: crop margins that cover the model's receptive field, growing the tile up to the whole padded
+    volume within ``max_memory_mb`` (default: a quarter of available RAM). InstanceNorm/GroupNorm layers run with
+    whole-volume statistics (``norm_stats="volume"``, found in streamed passes) or per tile (``"tile"``). The report
+    says whether the run was ``exact`` and, if not, why.
     """
     t_start = time.perf_counter()
     in_paths = [] if isinstance(volume, (np.ndarray, VolumeSource)) else (
@@ -81,17 +91,24 @@ def predict(
     if output is not None:
         check_target(Path(output), overwrite, in_paths)
     journal: Journal | None = None
-    tm = model if isinstance(model, TileModel) else TileModel(
-        model, tile=tile, layout=layout, output=model_output,
+    handle = model if isinstance(model, TileModel) else TileModel(
+        model, tile=tile, layout=layout, output=model_output, compile=False,
         options=CompileOptions(device=device, precision=precision, threads=threads, streams=streams,
                                cache_dir=cache_dir))
+    shape = _volume_shape(volume, channel_axis)
+    choice = plan_tiling(handle, shape, stitch=stitch, overlap=overlap, max_memory_mb=max_memory_mb,
+                         norm_stats=norm_stats)
+    tm = handle.at(choice.tile)
     source = open_source(volume, tm.tile[2], channel_axis)
     writer: Any = None
     try:
-        setup = resolve(tm, source.shape, source.channels, stitch=stitch, overlap=overlap, kind=kind,
+        setup = resolve(tm, source.shape, source.channels, stitch=stitch,
+                        overlap=overlap if choice.overlap is None else list(choice.overlap), kind=kind,
                         activation=activation, keep=channels, threshold=threshold, prob_dtype=prob_dtype,
                         normalize=normalize)
         scan_volume(setup, tm, source, nan_value)
+        tm, passes = _freeze_norm_statistics(tm, choice, setup, source, pad_mode, progress)
+        fidelity = verdict(setup, choice, frozen=passes > 0)
         stitch, activation, spec, ov_vox, grid = setup.stitch, setup.activation, setup.spec, setup.overlap, setup.grid
         normalizer, nonfinite = setup.normalizer, setup.nonfinite
         start_row, on_row_done = 0, None
@@ -103,7 +120,8 @@ def predict(
                                 stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
                                 channels=spec.channels, threshold=threshold, dtype=str(spec.dtype),
                                 normalization=normalizer.describe(), nan_value=nan_value,
-                                device=tm.options.device, precision=tm.options.precision)})
+                                device=tm.options.device, precision=tm.options.precision,
+                                norm_stats=choice.norm_stats, norm_passes=passes)})
             if resume:
                 if tm.path is None or not in_paths:
                     raise VolinferError("resume needs the model and the volume given as files")
@@ -141,8 +159,14 @@ def predict(
         device=tm.options.device, precision=tm.options.precision, requests=requests,
         normalization=normalizer.describe(), output_kind=kind, output_dtype=str(spec.dtype),
         wall_s=time.perf_counter() - t_start, infer_busy_s=busy, peak_rss_mb=peak_rss_mb(),
-        output=str(result) if output is not None else None,
+        output=str(result) if output is not None else None, exact=fidelity.exact, not_exact=fidelity.reasons,
+        input_passes=passes,
     )
+    for note in choice.notes + setup.notes:
+        rep.notes.append(note)
+    if passes:
+        rep.notes.append(f"{len(choice.norm_layers)} normalisation layer(s) frozen to whole-volume statistics in "
+                         f"{passes} streamed pass(es)")
     if reused:
         rep.extra["constant"] = f"{reused} of {n} tiles were constant and reused one cached inference"
     if nonfinite:
@@ -150,3 +174,24 @@ def predict(
     if output is not None:
         return rep
     return (result, rep) if report else result
+
+
+def _volume_shape(volume: Any, channel_axis: int | None) -> tuple[int, int, int]:
+    """The spatial shape of ``volume``, from headers only (the planner needs it before the tile is known)."""
+    if isinstance(volume, VolumeSource):
+        return tuple(volume.shape)  # type: ignore[return-value]
+    with open_source(volume, 1, channel_axis) as src:
+        return tuple(src.shape)  # type: ignore[return-value]
+
+
+def _freeze_norm_statistics(tm: TileModel, choice: TilingChoice, setup: RunSetup, source: VolumeSource,
+                            pad_mode: str, progress: bool) -> tuple[TileModel, int]:
+    """With whole-volume statistics asked for and several crop tiles, the model with its InstanceNorm/GroupNorm
+    layers frozen to them (streamed passes), and the number of passes; else the model unchanged and 0."""
+    if not choice.norm_layers or choice.norm_stats != "volume" or setup.stitch != "crop" or len(setup.grid) == 1:
+        return tm, 0
+    from .norm_stats import waves
+
+    feeder = TileFeeder(source, setup.grid, setup.normalizer, pad_mode, 0.0, setup.nan_fill)
+    frozen = fit_norm_statistics(tm, feeder, setup.grid, choice.norm_layers, progress=progress)
+    return tm.at(tm.tile, model=frozen), len(waves(tm.model, choice.norm_layers))

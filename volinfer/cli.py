@@ -33,7 +33,12 @@ def main() -> None:
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="OpenVINO IR (.xml) or ONNX (.onnx) model.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .nii or .nii.gz.")
-@click.option("--tile", help="Tile size: 128 or 128,128,64. Default: stored in the model, else its static shape.")
+@click.option("--tile", help="Tile size: 128 or 128x128x64, or auto (default): the fastest tiling whose crop margins "
+              "cover the model's receptive field (up to one tile over the whole volume) within --max-memory. A "
+              "given size is used as is; the summary then says whether the run is exact.")
+@click.option("--norm-stats", type=click.Choice(["volume", "tile"]),
+              help="InstanceNorm/GroupNorm statistics: volume (default; whole-volume statistics found in streamed "
+              "passes before the run, exact) or tile (per-tile, for models trained to run patch-wise).")
 @click.option("--overlap", help="Overlap between neighbouring tiles: a fraction of the tile (0.25) or voxels (32), "
               "optionally per axis (32,32,16). Crop stitching discards half of it on each side. "
               "Default: stored in the model, else 2x its receptive field (crop) or 0.25.")
@@ -71,8 +76,8 @@ def main() -> None:
 @click.option("--block", default=256, show_default=True, help="Zarr runs: block size in voxels (whole output chunks).")
 @click.option("--chunks", type=int, help="Zarr runs: output chunk size (default: the input's).")
 @click.option("--no-compression", is_flag=True, help="Zarr runs: store output chunks uncompressed (default zstd).")
-@click.option("--max-memory", help="Peak RAM budget (e.g. 600M, 2G): pick the largest tile predicted to fit "
-              "(see `volinfer plan`), or refuse with the predicted need.")
+@click.option("--max-memory", help="Peak RAM budget for choosing the tile (e.g. 600M, 2G; default a quarter of "
+              "available RAM): the tile grows up to this for an exact run, else the run says it is not exact.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command) from its last finished "
               "row of tiles; refused if the model, input or settings changed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -85,6 +90,7 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
         device: str, precision: str, threads: int | None, streams: int | None, requests: int,
         cache_dir: Path | None, nan_value: float | None, no_constant_reuse: bool, scheduler: str | None,
         workers: int | None, block: int, chunks: int | None, no_compression: bool, max_memory: str | None,
+        norm_stats: str | None,
         resume: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
     """Segment/restore INPUTS (one NIfTI file, or one file per input channel) into OUTPUT.
 
@@ -95,6 +101,7 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
     from .api import predict
     from .model import CompileOptions, TileModel
     from .normalize import parse_normalization
+    from .plan import parse_size_mb
     from .postprocess import parse_channels
 
     compile_options = dict(device=device, precision=precision, threads=threads, streams=streams,
@@ -123,25 +130,15 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
     if scheduler or workers:
         raise VolinferError("--scheduler/--workers apply to Zarr volumes (.zarr in and out)")
     batch = batch_inputs(inputs)
-    if max_memory:
-        from .plan import largest_fitting_tile, parse_size_mb
-
-        plan = largest_fitting_tile(batch[:1] if batch else list(inputs), model_path, parse_size_mb(max_memory),
-                                    layout=layout.upper() if layout else None, output=output_name,
-                                    options=compile_options, overlap=overlap, stitch=stitch, kind=kind,
-                                    channels=parse_channels(channels), prob_dtype="float16" if float16 else "float32",
-                                    normalize=parse_normalization(normalize), requests=requests)
-        tile = str(plan.tile[0])
-        if not quiet and not as_json:
-            click.echo(f"--max-memory {max_memory}: {plan.summary()}", err=True)
     tm = TileModel(model_path, tile=parse_tile(tile), layout=layout.upper() if layout else None, output=output_name,
-                   options=CompileOptions(**compile_options))
+                   options=CompileOptions(**compile_options), compile=False)  # compiled at the planned tile
     options = dict(
         overlap=overlap, stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
         channels=parse_channels(channels), threshold=threshold, prob_dtype="float16" if float16 else "float32",
         normalize=parse_normalization(normalize), requests=requests, nan_value=nan_value,
         reuse_constant=not no_constant_reuse, resume=resume, overwrite=overwrite,
-        progress=not quiet and not as_json,
+        progress=not quiet and not as_json, norm_stats=norm_stats,
+        max_memory_mb=parse_size_mb(max_memory) if max_memory else None,
     )
     if batch is None:
         report = predict(list(inputs), tm, output, **options)

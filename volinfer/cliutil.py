@@ -43,7 +43,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def parse_tile(value: str | None) -> Any:
-    if not value:
+    if not value or value.strip().lower() == "auto":
         return None
     try:
         parts = [int(v) for v in value.lower().replace("x", ",").split(",")]

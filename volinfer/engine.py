@@ -56,6 +56,10 @@ class RunReport:
     infer_busy_s: float = 0.0
     peak_rss_mb: float = 0.0
     output: str | None = None
+    exact: bool | None = None  # tiled output equals whole-volume inference (see volinfer.fidelity)
+    not_exact: list[str] = field(default_factory=list)  # why not, when exact is False
+    input_passes: int = 0  # streamed passes over the input before the tile loop (normalisation statistics)
+    notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -84,6 +88,11 @@ class RunReport:
             f"(wall/inference {self.overhead_ratio:.2f}), {self.voxels / max(self.wall_s, 1e-9) / 1e6:.2f} Mvox/s",
             f"peak RSS    {self.peak_rss_mb:.0f} MB",
         ]
+        if self.exact is not None:
+            lines.append(f"{'fidelity':<11} " + ("exact (equals whole-volume inference)" if self.exact
+                                                  else "not exact: " + "; ".join(self.not_exact)))
+        for note in self.notes:
+            lines.append(f"{'note':<11} {note}")
         for k, v in self.extra.items():
             lines.append(f"{k:<11} {v}")
         if self.output:

@@ -119,6 +119,8 @@ class TileModel:
         if options.cache_dir:
             self.core.set_property({"CACHE_DIR": str(options.cache_dir)})
         self.path = None if isinstance(model, ov.Model) else Path(model)
+        self.tile_given = tile is not None  # the caller fixed the tile: planning must not change it
+        self.compiled: ov.CompiledModel | None = None
         self.model = model if isinstance(model, ov.Model) else read_model(model, self.core)
         self.settings = ModelSettings.from_model(self.model)
         self.options = options
@@ -126,6 +128,7 @@ class TileModel:
             raise VolinferError(f"model has {len(self.model.inputs)} inputs; volinfer runs single-input models")
         port = self.model.input(0)
         pshape = port.get_partial_shape()
+        self.declared_input = pshape  # the input shape as the file declares it (before the tile reshape)
         if pshape.rank.is_dynamic or pshape.rank.get_length() != 5:
             raise VolinferError(f"model input must be 5-D (N, C, D, H, W or N, D, H, W, C); it is {pshape}")
         self.layout = _layout_of(port, self.settings, layout)
@@ -160,11 +163,10 @@ class TileModel:
             tile = self.settings.tile
         if tile is None:
             dims = [pshape[i] for i in _spatial(self.layout)]
-            if any(d.is_dynamic for d in dims):
-                raise VolinferError(
-                    "model has dynamic spatial input and stores no tile size: pass --tile (e.g. --tile 128)"
-                )
-            tile = [d.get_length() for d in dims]
+            if any(d.is_dynamic for d in dims):  # a provisional size: the planner chooses the run's tile
+                tile = [max(self.multiple, 64 // self.multiple * self.multiple)] * 3
+            else:
+                tile = [d.get_length() for d in dims]
         t = (int(tile),) * 3 if isinstance(tile, (int, np.integer)) else tuple(int(v) for v in tile)
         if len(t) != 3 or min(t) < 1:
             raise VolinferError(f"tile must be one or three positive sizes; got {tile}")
@@ -192,6 +194,17 @@ class TileModel:
                 return i
         names = ", ".join(sorted(n for o in outs for n in o.get_names()))
         raise VolinferError(f"model has no output named {want!r}; outputs: {names}")
+
+    def at(self, tile: Sequence[int], model: ov.Model | None = None) -> "TileModel":
+        """This model compiled at ``tile`` (itself when it already is), or ``model`` (a transformed copy of it, e.g.
+        with frozen normalisation statistics) compiled with the same layout, output and options."""
+        tile = tuple(int(t) for t in tile)
+        if model is None and self.compiled is not None and tile == self.tile:
+            return self
+        tm = TileModel(model if model is not None else self.model.clone(), tile=tile, layout=self.layout,
+                       output=self.output_index, options=self.options, core=self.core)
+        tm.path, tm.tile_given, tm.declared_input = self.path, self.tile_given, self.declared_input
+        return tm
 
     def input_shape(self) -> list[int]:
         if self.layout == "NCDHW":

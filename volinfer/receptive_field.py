@@ -1,50 +1,93 @@
-"""Measuring a model's receptive-field radius by perturbation.
+"""Measuring a model's receptive-field radius by perturbation, until it is bounded.
 
 Crop stitching equals whole-volume inference when each tile's discarded margin is at least this radius. Deriving it from
 the graph is brittle (pooling, interpolation, attention); measuring is not: change one input voxel and see how far the
-output moves. A few probe positions cover the phases of strided layers; the widest reach wins.
+output moves. A few probe positions cover the phases of strided layers; the widest reach wins. When the reach touches
+the probe tile's edge, the probe grows (up to ``max_tile``), so the radius is never silently capped at the tile.
+
+Spatial normalisation layers (InstanceNorm, GroupNorm) would make every output voxel move: they are frozen, for the
+measurement, to the statistics they computed on the probe's base input (the frozen network computes the same base
+output), which is how volinfer runs them with whole-volume statistics.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import openvino as ov
 
 from .model import TileModel
+from .spatial_norm import Moments, find_norm_layers, freeze, group_view, stat_tensor
+
+#: Largest probe edge: a probe at this size compiles the model once at (max_tile)^3.
+MAX_PROBE_TILE = 192
 
 
 @dataclass(frozen=True)
 class ReceptiveField:
-    """Radius (voxels) per axis; ``bounded`` is False when the influence reached the tile's edge (a lower bound)."""
+    """Radius (voxels) per axis; ``bounded`` is False when the influence reached the probe's edge (a lower bound);
+    ``measured`` is False when it could not be measured at all (``reason`` says why)."""
 
     radius: tuple[int, int, int]
     bounded: bool
+    measured: bool = True
+    reason: str = ""
 
     def __str__(self) -> str:
+        if not self.measured:
+            return f"unknown ({self.reason})"
         text = "x".join(map(str, self.radius))
-        return text if self.bounded else f">= {text} (reaches the tile edge; measure with a larger --tile)"
+        return text if self.bounded else f">= {text} (reaches the edge of the largest probe)"
 
 
-def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2, seed: int = 0) -> ReceptiveField:
-    """Perturb voxels near the tile centre and report the farthest output voxel that changed by more than ``tol``
-    (relative to the output's range). Runs in f32 on the CPU, whatever precision the model was compiled for."""
-    compiled = model.core.compile_model(model.model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    req = compiled.create_infer_request()
-    buf = model.new_input_buffer()
-    view = model.input_view(buf)
+def _shape(layout: str, channels: int, tile: Sequence[int]) -> list[int]:
+    return [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
+
+
+def _frozen_at(model: TileModel, tile: Sequence[int], x: np.ndarray, core: ov.Core) -> ov.Model:
+    """The model at ``tile`` with every spatial normalisation frozen to the statistics it computes on ``x``."""
+    m = model.model.clone()
+    m.reshape({m.input(0): ov.PartialShape(_shape(model.layout, model.in_channels, tile))})
+    layers, _ = find_norm_layers(m, model.layout, model.in_channels, tile)
+    if not layers:
+        return m
+    probe = m.clone()
+    outs = [stat_tensor(probe, layer) for layer in layers]
+    stats_model = ov.Model(outs, probe.get_parameters(), "stats")
+    compiled = core.compile_model(stats_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    res = compiled(x)
+    values = [np.asarray(res[o]) for o in compiled.outputs]
+    for layer, v in zip(layers, values):
+        block, axes = group_view(v, layer)
+        mom = Moments()
+        mom.add(block, axes)
+        mean, var = mom.result()
+        if layer.kind == "GroupNormalization":
+            mean, var = mean.reshape(-1), var.reshape(-1)
+        freeze(m, layer, mean, var)
+    return m
+
+
+def _measure_at(model: TileModel, tile: tuple[int, int, int], tol: float, probes: int, seed: int,
+                core: ov.Core) -> ReceptiveField:
+    shape = _shape(model.layout, model.in_channels, tile)
     rng = np.random.default_rng(seed)
-    view[...] = rng.standard_normal(view.shape).astype(buf.dtype)
-    req.set_input_tensor(ov.Tensor(buf, shared_memory=True))
+    x = rng.standard_normal(shape).astype(np.float32)
+    compiled = core.compile_model(_frozen_at(model, tile, x, core), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    req = compiled.create_infer_request()
+    view = x[0] if model.layout == "NCDHW" else np.moveaxis(x[0], -1, 0)
+    req.set_input_tensor(ov.Tensor(x, shared_memory=True))
 
     def run() -> np.ndarray:
         req.infer()
-        return np.array(model.output_view(req), dtype=np.float64)
+        out = req.get_output_tensor(model.output_index).data[0]
+        return np.array(out if model.layout == "NCDHW" else np.moveaxis(out, -1, 0), dtype=np.float64)
 
     base = run()
     scale = max(float(np.abs(base).max()), 1e-12)
-    centre = np.array(model.tile) // 2
+    centre = np.array(tile) // 2
     radius = np.zeros(3, dtype=int)
     bounded = True
     for k in range(max(1, probes)):
@@ -56,9 +99,34 @@ def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2
         hit = np.argwhere(diff > tol * scale)
         if hit.size == 0:
             continue
-        reach = np.abs(hit - np.array(p)).max(axis=0)
-        radius = np.maximum(radius, reach)
-        lo, hi = hit.min(axis=0), hit.max(axis=0)
-        if (lo == 0).any() or (hi == np.array(model.tile) - 1).any():
+        radius = np.maximum(radius, np.abs(hit - np.array(p)).max(axis=0))
+        if (hit.min(axis=0) == 0).any() or (hit.max(axis=0) == np.array(tile) - 1).any():
             bounded = False
     return ReceptiveField(tuple(int(r) for r in radius), bounded)  # type: ignore[arg-type]
+
+
+def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2, seed: int = 0,
+                            max_tile: int = MAX_PROBE_TILE) -> ReceptiveField:
+    """Perturb voxels near the probe's centre and report the farthest output voxel that changed by more than ``tol``
+    (relative to the output's range), growing the probe from the model's tile until the reach is bounded. Runs in f32
+    on the CPU, whatever precision the model was compiled for. Never raises: a model that cannot be probed (fixed
+    input shape, rejected sizes) gives ``measured=False`` with the reason."""
+    core = ov.Core()
+    m = max(1, model.multiple)
+    tile = tuple(int(t) for t in model.tile)
+    fixed = model.declared_input.is_static
+    while True:
+        try:
+            rf = _measure_at(model, tile, tol, probes, seed, core)  # type: ignore[arg-type]
+        except Exception as e:  # the model refused the probe size, or ran out of memory
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            return ReceptiveField((0, 0, 0), False, measured=False, reason=f"probe at {tile} failed: {first}")
+        if rf.bounded:
+            return rf
+        if fixed:
+            return ReceptiveField(rf.radius, False, measured=True,
+                                  reason="the model's input shape is fixed, so the probe cannot grow")
+        grown = tuple(min(max_tile // m * m, -(-2 * t // m) * m) for t in tile)
+        if grown == tile:
+            return rf
+        tile = grown  # type: ignore[assignment]

@@ -3,11 +3,18 @@ plan): stitching, activation, output spec, overlap, grid, and the whole-volume p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
+
+from .activation import graph_activation
 from .checks import check_input_range, check_nonfinite
 from .errors import VolinferError
+from .fidelity import Fidelity, Tiling, activation_bytes_per_voxel, default_budget_mb, fmt_tile, judge, plan_exact
+from .fidelity import SPEED_HEADROOM_MB, RUNTIME_FLOOR_MB, weights_mb
+from .receptive_field import ReceptiveField, measure_receptive_field
+from .spatial_norm import NormLayer, find_norm_layers
 from .geometry import GeometryError, TileGrid
 from .model import TileModel
 from .normalize import Normalizer
@@ -15,6 +22,7 @@ from .postprocess import OutputSpec
 from .reader import VolumeSource
 
 STITCH_MODES = ("crop", "gaussian", "mean")
+NORM_STATS = ("volume", "tile")
 DEFAULT_OVERLAP = 0.25
 
 
@@ -66,6 +74,7 @@ class RunSetup:
     normalizer: Normalizer
     nonfinite: int = 0
     nan_fill: list[float] | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def resolve(tm: TileModel, shape: Sequence[int], channels: int, *, stitch: str | None = None, overlap: Any = None,
@@ -80,7 +89,7 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, *, stitch: str |
     if channels != tm.in_channels:
         raise VolinferError(f"the volume has {channels} channel(s) but the model expects {tm.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
-    activation = activation or st.activation or ("softmax" if tm.out_channels > 1 else "sigmoid")
+    activation, note = resolve_activation(tm, activation)
     spec = OutputSpec(tm.out_channels, kind=kind, activation=activation,
                       keep=tuple(keep) if keep is not None else None, threshold=threshold, float_dtype=prob_dtype)
     ov_vox = overlap_voxels(parse_overlap(overlap) or default_overlap(tm, stitch), tm.tile)
@@ -89,7 +98,7 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, *, stitch: str |
     except GeometryError as e:
         raise VolinferError(str(e)) from None
     normalizer = Normalizer(normalize if normalize is not None else st.normalization, channels)
-    return RunSetup(stitch, activation, spec, ov_vox, grid, normalizer)
+    return RunSetup(stitch, activation, spec, ov_vox, grid, normalizer, notes=[note] if note else [])
 
 
 def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value: float | None) -> None:
@@ -100,3 +109,115 @@ def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value:
     check_input_range(source, depth, setup.normalizer, tm.input_dtype)
     if setup.nonfinite:
         setup.nan_fill = [setup.normalizer.normalized(nan_value, c) for c in range(source.channels)]  # type: ignore[arg-type]
+
+
+def resolve_activation(tm: TileModel, explicit: str | None) -> tuple[str, str | None]:
+    """The activation to apply, read from the graph before any default: a model that already ends in Softmax or
+    Sigmoid gets none (a second one changes labels and probabilities); LogSoftmax outputs get softmax, which is
+    exactly exp() of them. ``--activation`` always wins. Returns (activation, note for the summary)."""
+    if explicit:
+        return explicit, None
+    graph = graph_activation(tm.model, tm.output_index, channel_axis=1 if tm.layout == "NCDHW" else 4)
+    if graph in ("softmax", "sigmoid"):
+        return "none", f"the model ends in {graph}: its output is used as probabilities (no second activation)"
+    if graph == "logsoftmax":
+        return "softmax", "the model ends in LogSoftmax: probabilities are exp() of its output"
+    stored = tm.settings.activation
+    if stored:
+        return stored, None
+    if tm.settings.extra.get("outputs") == "probabilities":
+        return "none", None
+    return ("softmax" if tm.out_channels > 1 else "sigmoid"), None
+
+
+@dataclass
+class TilingChoice:
+    """What the planner decided before the model is compiled: tile, overlap (None: the usual default), the receptive
+    field and normalisation layers it planned with, and how many statistics passes the run will make."""
+
+    tile: tuple[int, int, int]
+    overlap: tuple[int, int, int] | None
+    rf: ReceptiveField | None
+    norm_layers: list[NormLayer]
+    global_ops: list[str]
+    norm_stats: str
+    notes: list[str] = field(default_factory=list)
+    tiling: Tiling | None = None
+
+
+def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
+    """The receptive field stored in the model's settings, if any."""
+    s = tm.settings
+    if not s.receptive_field:
+        return None
+    bounded = s.extra.get("receptive_field_bounded", True) not in (False, "false")
+    return ReceptiveField(tuple(int(v) for v in s.receptive_field), bool(bounded))  # type: ignore[arg-type]
+
+
+def model_norm_layers(tm: TileModel) -> tuple[list[NormLayer], list[str]]:
+    """Spatial normalisation layers (and unfreezable spatial reductions) of the model, found at its tile."""
+    try:
+        return find_norm_layers(tm.model, tm.layout, tm.in_channels, tm.tile)
+    except Exception:  # a fixed-shape model cannot be probed at other sizes: count the ops instead
+        names = [f"{op.get_type_name()} {op.get_friendly_name()}" for op in tm.model.get_ordered_ops()
+                 if op.get_type_name() in ("MVN", "GroupNormalization")]
+        return [], names
+
+
+def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, overlap: Any,
+                max_memory_mb: float | None, norm_stats: str | None) -> TilingChoice:
+    """Faithfulness first: unless the tile was fixed by the caller, the fastest exact crop tiling within the memory
+    budget (growing the tile up to the whole padded volume); see :mod:`volinfer.fidelity`."""
+    mode = norm_stats or tm.settings.extra.get("norm_stats") or "volume"
+    if mode not in NORM_STATS:
+        raise VolinferError(f"norm-stats must be one of {', '.join(NORM_STATS)}; got {mode!r}")
+    rf = stored_receptive_field(tm)
+    notes: list[str] = []
+    if rf is None:
+        rf = measure_receptive_field(tm)
+        notes.append(f"receptive field {rf} measured now (not stored in the model; `volinfer convert` stores it)")
+    layers, global_ops = model_norm_layers(tm)
+    choice = TilingChoice(tm.tile, None, rf, layers, global_ops, mode, notes)
+    fixed = tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop"
+    if fixed or overlap not in (None, "") or not rf.measured or not rf.bounded:
+        return choice
+    per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
+    w_mb = weights_mb(tm.model)
+    budget = max_memory_mb if max_memory_mb else default_budget_mb()
+    preferred = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tm.tile)) / 2**20
+    speed = max_memory_mb if max_memory_mb else min(budget, preferred + SPEED_HEADROOM_MB)
+    best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, speed, len(layers),
+                      bool(global_ops), mode == "volume")
+    if best is None:
+        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape)
+        notes.append(f"no exact tiling fits in {budget:.0f} MB; running at tile {fmt_tile(choice.tile)}")
+        return choice
+    choice.tile, choice.overlap, choice.tiling = best.tile, best.overlap, best
+    if best.tile != tm.tile:
+        notes.append(f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {rf}, predicted "
+                     f"{best.memory_mb:.0f} MB, {best.evaluated / float(np.prod(shape)):.2f}x the volume evaluated)")
+    return choice
+
+
+def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float,
+                     shape: Sequence[int]) -> tuple[int, int, int]:
+    """The largest tile, at most the preferred one per axis, predicted to fit ``budget``; refuses when none does."""
+    m = tm.multiple
+    tile = [min(t, -(-n // m) * m) for t, n in zip(tm.tile, shape)]
+    while True:
+        need = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tile)) / 2**20
+        if need <= budget:
+            return tuple(tile)  # type: ignore[return-value]
+        if max(tile) <= m:
+            raise VolinferError(f"--max-memory {budget:.0f} MB is too small: the smallest tile needs about "
+                                f"{need:.0f} MB")
+        big = max(tile)
+        tile = [max(m, (t - m) if t == big else t) for t in tile]
+
+
+def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
+    """Whether the resolved run is exact, and why not."""
+    counts = tuple(a.count for a in setup.grid.axes)
+    stats = "volume" if frozen else choice.norm_stats
+    return judge(setup.grid.shape, setup.grid.tile_shape, setup.overlap, counts, setup.stitch, choice.rf,
+                 len(choice.norm_layers), bool(choice.global_ops), stats if choice.norm_layers else "volume")

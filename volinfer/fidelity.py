@@ -1,0 +1,197 @@
+"""Choosing a tiling that is faithful first and fast second, and saying honestly when a run is not exact.
+
+A tiled run with crop stitching equals the model's own whole-volume inference (on the volume padded to the model's
+size multiple) when, on every axis cut into several tiles, the discarded margin covers the receptive field, and when
+no layer sees statistics of its whole input (InstanceNorm/GroupNorm) — unless those are frozen to whole-volume
+statistics (:mod:`volinfer.norm_stats`) or one tile covers the padded volume. The planner searches per-axis tile sizes
+(multiples of the model's size multiple, up to the whole padded axis) for the exact tiling with the fewest evaluated
+voxels whose predicted memory fits the budget; it changes nothing when the user forced a tile.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import openvino as ov
+
+from .geometry import GeometryError, plan_axis_crop
+from .receptive_field import ReceptiveField
+
+#: Resident memory of a process that has imported volinfer and OpenVINO and compiled a small model (MB, measured).
+RUNTIME_FLOOR_MB = 150.0
+#: Default share of available RAM a run may use to stay exact (``--max-memory`` overrides it).
+DEFAULT_MEMORY_FRACTION = 0.25
+#: Beyond exactness, a default run grows tiles for speed only this far above the preferred tile's prediction.
+SPEED_HEADROOM_MB = 384.0
+
+
+@dataclass
+class Fidelity:
+    """The verdict a run reports: ``exact`` and, when not, the reasons (receptive field, margin, statistics)."""
+
+    exact: bool
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return "exact" if self.exact else "not exact: " + "; ".join(self.reasons)
+
+
+@dataclass(frozen=True)
+class Tiling:
+    tile: tuple[int, int, int]
+    overlap: tuple[int, int, int]
+    counts: tuple[int, int, int]
+    evaluated: int  # voxels the model evaluates (tiles x tile volume)
+    memory_mb: float
+    norm_passes: int  # streamed statistics passes before the run (0: none needed)
+
+
+def available_mb() -> float:
+    """Memory the OS could give this process now (MemAvailable), in MB; a conservative 4 GiB where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (ValueError, OSError, AttributeError):
+        return 4096.0
+
+
+def activation_bytes_per_voxel(model: ov.Model, layout: str, channels: int, tile: Sequence[int],
+                               itemsize: int = 4) -> float:
+    """Peak bytes of live intermediate tensors per input voxel, from shape inference at ``tile`` and the tensors'
+    lifetimes in topological order (a model of what OpenVINO's memory planner must hold at once)."""
+    m = model.clone()
+    shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
+    m.reshape({m.input(0): ov.PartialShape(shape)})
+    ops = [op for op in m.get_ordered_ops()]
+    index = {op.get_friendly_name(): i for i, op in enumerate(ops)}
+    last_use: dict[tuple[str, int], int] = {}
+    for i, op in enumerate(ops):
+        for inp in op.inputs():
+            src = inp.get_source_output()
+            last_use[(src.get_node().get_friendly_name(), src.get_index())] = i
+    live, peak = 0, 0
+    sizes: dict[tuple[str, int], int] = {}
+    for i, op in enumerate(ops):
+        if op.get_type_name() in ("Constant", "Result"):
+            continue
+        for o in op.outputs():
+            ps = o.get_partial_shape()
+            n = int(np.prod([d.get_length() for d in ps])) if ps.is_static else 0
+            key = (op.get_friendly_name(), o.get_index())
+            sizes[key] = n * itemsize
+            live += sizes[key]
+        peak = max(peak, live)
+        for key, last in list(last_use.items()):
+            if last == i and key in sizes and index.get(key[0], -1) < i:
+                live -= sizes.pop(key)
+    return peak / float(np.prod(tile))
+
+
+def _axis_options(n: int, m: int, radius: int, need: int, preferred: int) -> list[tuple[int, int, int]]:
+    """(tile, count, overlap) choices along one axis: every multiple of ``m`` from the smallest whose margin covers
+    ``radius`` (+ ``need`` for aligned statistics cores) up to one tile over the padded axis."""
+    whole = -(-n // m) * m
+    out = [(whole, 1, 0)]
+    margin = radius + need
+    smallest = max(m, -(-(2 * margin + m) // m) * m)
+    sizes = sorted({t for t in range(smallest, whole, m)} | ({preferred} if smallest <= preferred < whole else set()))
+    if len(sizes) > 24:  # keep the search small: every size near the smallest, then a geometric spread
+        sizes = sorted(set(sizes[:8]) | set(sizes[:: max(1, len(sizes) // 16)]) | {preferred} & set(sizes))
+    for t in sizes:
+        try:
+            count = plan_axis_crop(n, t, m, margin).count
+        except GeometryError:
+            continue
+        out.append((t, count, 2 * margin))
+    return out
+
+
+def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferred: Sequence[int],
+               mem_per_voxel: float, weights_mb: float, budget_mb: float, speed_mb: float,
+               norm_layers: int, global_ops: bool, whole_stats: bool) -> Tiling | None:
+    """The exact tiling with the fewest evaluated voxels (statistics passes counted) within ``speed_mb``, else the
+    exact tiling with the least memory within ``budget_mb``; None when no exact tiling fits."""
+    options = [_axis_options(n, multiple, r, multiple // 2 if norm_layers else 0, p)
+               for n, r, p in zip(shape, rf.radius, preferred)]
+    fits: list[Tiling] = []
+    for ox in options[0]:
+        for oy in options[1]:
+            for oz in options[2]:
+                axes = (ox, oy, oz)
+                single = all(c == 1 for _, c, _ in axes)
+                passes = 0
+                if not single and (global_ops or (norm_layers and not whole_stats)):
+                    continue
+                if not single and norm_layers:
+                    passes = norm_layers
+                tile = tuple(t for t, _, _ in axes)
+                mem = RUNTIME_FLOOR_MB + weights_mb + mem_per_voxel * float(np.prod(tile)) / 2**20
+                if mem > budget_mb:
+                    continue
+                evaluated = int(np.prod([t * c for t, c, _ in axes]))
+                fits.append(Tiling(tile, tuple(o for _, _, o in axes), tuple(c for _, c, _ in axes),  # type: ignore[arg-type]
+                                   evaluated, round(mem, 1), passes))
+    if not fits:
+        return None
+
+    def cost(t: Tiling) -> float:  # each statistics pass runs part of the network over the volume: ~half a run
+        return t.evaluated * (1.0 + 0.5 * t.norm_passes)
+
+    fast = [t for t in fits if t.memory_mb <= speed_mb]
+    if fast:
+        return min(fast, key=lambda t: (cost(t), t.memory_mb))
+    return min(fits, key=lambda t: (t.memory_mb, cost(t)))
+
+
+def judge(shape: Sequence[int], tile: Sequence[int], overlap: Sequence[int], counts: Sequence[int], stitch: str,
+          rf: ReceptiveField | None, norm_layers: int, global_ops: bool, stats: str) -> Fidelity:
+    """Is a run with this tiling exact? Every reason it is not, in words a user can act on."""
+    reasons: list[str] = []
+    multi = [c > 1 for c in counts]
+    if stitch != "crop" and any(multi):
+        reasons.append(f"{stitch} stitching blends overlapping tiles (crop stitching is exact)")
+    if rf is None or not rf.measured:
+        if any(multi):
+            reasons.append(f"receptive field {'unknown' if rf is None else rf} (margins come from --overlap)")
+    else:
+        margin = [o // 2 for o in overlap]
+        short = [f"{'xyz'[i]} {margin[i]} < {rf.radius[i]}" for i in range(3) if multi[i] and margin[i] < rf.radius[i]]
+        if short:
+            reasons.append(f"crop margins do not cover the receptive field ({', '.join(short)} voxels)")
+        if not rf.bounded and any(multi):
+            reasons.append(f"receptive field {rf} was not bounded")
+    if any(multi) and norm_layers and stats == "tile":
+        reasons.append(f"{norm_layers} normalisation layer(s) use per-tile statistics (--norm-stats tile)")
+    if any(multi) and global_ops:
+        reasons.append("the model reduces over whole tiles (global pooling/statistics volinfer cannot freeze)")
+    del shape, tile
+    return Fidelity(not reasons, reasons)
+
+
+def weights_mb(model: ov.Model) -> float:
+    """Size of the model's constants (weights), MB, as stored."""
+    total = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "Constant":
+            o = op.output(0)
+            total += int(np.prod(list(o.get_shape()) or [1])) * o.get_element_type().size
+    return total / 2**20
+
+
+def default_budget_mb() -> float:
+    return DEFAULT_MEMORY_FRACTION * available_mb()
+
+
+def fmt_tile(t: Sequence[int]) -> str:
+    return "x".join(map(str, t)) if len(set(t)) > 1 else str(t[0])
+
