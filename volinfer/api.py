@@ -99,6 +99,8 @@ def predict(
     choice = plan_tiling(handle, shape, stitch=stitch, overlap=overlap, max_memory_mb=max_memory_mb,
                          norm_stats=norm_stats)
     tm = handle.at(choice.tile)
+    if overlap is None and choice.overlap is None:
+        overlap = _overlap_for(choice, tm)
     source = open_source(volume, tm.tile[2], channel_axis)
     writer: Any = None
     try:
@@ -174,6 +176,17 @@ def predict(
     if output is not None:
         return rep
     return (result, rep) if report else result
+
+
+def _overlap_for(choice: TilingChoice, tm: TileModel) -> list[float] | None:
+    """With a fixed tile and no overlap asked for: twice the receptive field (crop margins that cover it) when it
+    fits in the tile, else None (the stored or default overlap)."""
+    rf = choice.rf
+    if rf is None or not rf.measured or not rf.bounded or tm.settings.overlap is not None:
+        return None
+    if all(2 * r + tm.multiple <= t for r, t in zip(rf.radius, tm.tile)):
+        return [float(2 * r) for r in rf.radius]
+    return None
 
 
 def _volume_shape(volume: Any, channel_axis: int | None) -> tuple[int, int, int]:

@@ -177,7 +177,11 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         rf = measure_receptive_field(tm)
         notes.append(f"receptive field {rf} measured now (not stored in the model; `volinfer convert` stores it)")
     layers, global_ops = model_norm_layers(tm)
-    choice = TilingChoice(tm.tile, None, rf, layers, global_ops, mode, notes)
+    # a tile longer than the volume padded to the size multiple would show the model more padding than whole-volume
+    # inference does (features computed from padding are not the zeros a convolution pads with): clamp it
+    whole = [-(-n // tm.multiple) * tm.multiple for n in shape]
+    clamped = tuple(min(t, w) for t, w in zip(tm.tile, whole))
+    choice = TilingChoice(clamped, None, rf, layers, global_ops, mode, notes)  # type: ignore[arg-type]
     fixed = tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop"
     if fixed or overlap not in (None, "") or not rf.measured or not rf.bounded:
         return choice
