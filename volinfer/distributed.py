@@ -91,10 +91,36 @@ def run_block(job: ZarrJob, block: Block) -> dict[str, Any]:
         out[region] = stitcher.out[0]
     else:
         out[(slice(None), *region)] = stitcher.out
+    _sync_chunks(out, job.output, block)  # the data first, durably; only then the marker that says it is done
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("done")
+    with open(marker, "w") as f:
+        f.write("done")
+        f.flush()
+        os.fsync(f.fileno())
     return {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
             "pid": os.getpid(), "peak_rss_mb": _own_peak_mb()}
+
+
+def _sync_chunks(arr: Any, store: str, block: Block) -> None:
+    """fsync the chunk files of ``block`` (local stores; a no-op where the key encoding is unknown)."""
+    from itertools import product
+
+    try:
+        encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+    except AttributeError:
+        return
+    chunks = arr.chunks[-3:]
+    ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(block.box, chunks)]
+    lead = (0,) * (arr.ndim - 3)
+    for idx in product(*ranges):
+        try:
+            fd = os.open(os.path.join(store, encode((*lead, *idx))), os.O_RDONLY)
+        except OSError:
+            continue  # a chunk equal to the fill value is not stored
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _own_peak_mb() -> float:

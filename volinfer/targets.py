@@ -98,7 +98,8 @@ def check_disjoint(output: Path, inputs: Iterable[Path]) -> None:
         ext = _extent(Path(inp))
         ext_id, inp_id = _ident(ext), _ident(Path(inp))
         if out_id is not None and out_id in (ext_id, inp_id):
-            raise VolinferError(f"{output}: output path is also an input ({inp}, same file); choose another output name")
+            raise VolinferError(f"{output}: output path is also an input ({inp}, same file); "
+                                f"choose another output name")
         if ext_id is not None and ext_id in out_chain:
             raise VolinferError(f"{output}: output lies inside the input {ext}; choose an output outside it")
         if out_id is not None and any(i == out_id for i in _chain(Path(inp))):
