@@ -12,15 +12,37 @@ import numpy as np
 from . import __version__
 from .engine import RunReport, peak_rss_mb, run_tiles
 from .errors import Interrupted, VolinferError
-from .journal import Journal, file_identity, model_identity
+from .journal import Journal, ResumableError, file_identity, model_identity
 from .model import CompileOptions, TileModel
 from .reader import VolumeSource
 from .norm_stats import fit_norm_statistics
 from .feeder import TileFeeder
 from .runsetup import TilingChoice, RunSetup, plan_tiling, resolve, scan_volume, verdict
+from .targets import OutputLock
 from .writer import ArrayWriter, NiftiWriter, check_target
 
 Overlap = float | int | str | Sequence[float | int] | None
+
+
+def _row_done(writer: NiftiWriter, journal: Journal, row: int, rows: int) -> None:
+    """Rows ``< row`` are final: make their data durable first, only then let the journal say so."""
+    writer.sync()
+    journal.update(row, rows)
+
+
+def run_fingerprint(in_paths: Sequence[Path], model_path: Path | None, options: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run's output what it is: inputs and model by content, and every setting that changes it."""
+    return {"volinfer": __version__, "inputs": [file_identity(p) for p in in_paths],
+            "model": model_identity(model_path) if model_path else None, "options": options}
+
+
+def _discard(writer: Any, journal: Journal | None) -> None:
+    """Remove what this run wrote (temporary file, journal). Nothing when no writer was made yet: a journal there
+    belongs to an earlier interrupted run and must survive a refused or interrupted resume."""
+    if isinstance(writer, NiftiWriter):
+        writer.abort()
+        if journal is not None:
+            journal.remove()
 
 
 def open_source(volume: Any, depth: int, channel_axis: int | None = None) -> VolumeSource:
@@ -88,20 +110,27 @@ def predict(
     t_start = time.perf_counter()
     in_paths = [] if isinstance(volume, (np.ndarray, VolumeSource)) else (
         [Path(volume)] if isinstance(volume, (str, os.PathLike)) else [Path(p) for p in volume])
+    lock = None
     if output is not None:
         check_target(Path(output), overwrite, in_paths)
+        lock = OutputLock(Path(output)).acquire()  # before anything is written: a second run fails here, at once
     journal: Journal | None = None
-    handle = model if isinstance(model, TileModel) else TileModel(
-        model, tile=tile, layout=layout, output=model_output, compile=False,
-        options=CompileOptions(device=device, precision=precision, threads=threads, streams=streams,
-                               cache_dir=cache_dir))
-    shape = _volume_shape(volume, channel_axis)
-    choice = plan_tiling(handle, shape, stitch=stitch, overlap=overlap, max_memory_mb=max_memory_mb,
-                         norm_stats=norm_stats)
-    tm = handle.at(choice.tile)
-    if overlap is None and choice.overlap is None:
-        overlap = _overlap_for(choice, tm)
-    source = open_source(volume, tm.tile[2], channel_axis)
+    try:
+        handle = model if isinstance(model, TileModel) else TileModel(
+            model, tile=tile, layout=layout, output=model_output, compile=False,
+            options=CompileOptions(device=device, precision=precision, threads=threads, streams=streams,
+                                   cache_dir=cache_dir))
+        shape = _volume_shape(volume, channel_axis)
+        choice = plan_tiling(handle, shape, stitch=stitch, overlap=overlap, max_memory_mb=max_memory_mb,
+                             norm_stats=norm_stats)
+        tm = handle.at(choice.tile)
+        if overlap is None and choice.overlap is None:
+            overlap = _overlap_for(choice, tm)
+        source = open_source(volume, tm.tile[2], channel_axis)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     writer: Any = None
     try:
         setup = resolve(tm, source.shape, source.channels, stitch=stitch,
@@ -115,46 +144,50 @@ def predict(
         normalizer, nonfinite = setup.normalizer, setup.nonfinite
         start_row, on_row_done = 0, None
         if output is not None:
-            journal = Journal(Path(output), {
-                "volinfer": __version__, "inputs": [file_identity(p) for p in in_paths],
-                "model": model_identity(tm.path) if tm.path else None,
-                "options": dict(tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=ov_vox,
-                                stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
-                                channels=spec.channels, threshold=threshold, dtype=str(spec.dtype),
-                                normalization=normalizer.describe(), nan_value=nan_value,
-                                device=tm.options.device, precision=tm.options.precision,
-                                norm_stats=choice.norm_stats, norm_passes=passes)})
+            if resume and (tm.path is None or not in_paths):
+                raise VolinferError("resume needs the model and the volume given as files")
+            journal = Journal(Path(output), run_fingerprint(in_paths, tm.path, dict(
+                tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=ov_vox, stitch=stitch, sigma=sigma,
+                pad_mode=pad_mode, kind=kind, activation=activation, channels=spec.channels, threshold=threshold,
+                dtype=str(spec.dtype), normalization=normalizer.describe(), nan_value=nan_value,
+                device=tm.options.device, precision=tm.options.precision, reuse_constant=reuse_constant,
+                norm_stats=choice.norm_stats, norm_passes=passes)))
             if resume:
-                if tm.path is None or not in_paths:
-                    raise VolinferError("resume needs the model and the volume given as files")
                 start_row = journal.resume_row()
             writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header, source.affine,
                                  resume=resume)
             rows = grid.axes[2].count
-            on_row_done = lambda r: journal.update(r, rows)  # noqa: E731
+            on_row_done = lambda r: _row_done(writer, journal, r, rows)  # noqa: E731
             journal.update(start_row, rows)
         else:
             writer = ArrayWriter(source.shape, spec.out_channels, spec.dtype)
-        busy, n, reused = run_tiles(source, tm, spec, writer, grid=grid, stitch=stitch, normalizer=normalizer,
-                                    sigma=sigma, pad_mode=pad_mode, requests=requests, progress=progress,
-                                    reuse_constant=reuse_constant, nan_fill=setup.nan_fill, start_row=start_row,
-                                    on_row_done=on_row_done)
+        busy = n = reused = 0
+        if output is None or start_row < grid.axes[2].count:  # a resumed run may only lack the final compression
+            busy, n, reused = run_tiles(source, tm, spec, writer, grid=grid, stitch=stitch, normalizer=normalizer,
+                                        sigma=sigma, pad_mode=pad_mode, requests=requests, progress=progress,
+                                        reuse_constant=reuse_constant, nan_fill=setup.nan_fill, start_row=start_row,
+                                        on_row_done=on_row_done)
+        if output is not None:
+            _row_done(writer, journal, rows, rows)  # every row final: a failure while compressing stays resumable
         result = writer.commit() if output is not None else writer.result()
         if output is not None:
             journal.remove()
-    except KeyboardInterrupt:
-        if isinstance(writer, NiftiWriter):
+    except (KeyboardInterrupt, ResumableError) as e:
+        if isinstance(writer, NiftiWriter) and journal is not None and journal.exists():
             writer.close_for_resume()
+            if isinstance(e, ResumableError):
+                raise
             raise Interrupted(f"partial output kept beside {output}; run the same command with --resume to "
                               f"continue") from None
+        _discard(writer, journal)
         raise
     except BaseException:
-        if isinstance(writer, NiftiWriter):
-            writer.abort()
-            journal.remove()
+        _discard(writer, journal)
         raise
     finally:
         source.close()
+        if lock is not None:
+            lock.release()
     rep = RunReport(
         shape=source.shape, channels=source.channels, tile=tm.tile,
         grid=tuple(a.count for a in grid.axes), tiles=n, stitch=stitch, overlap=ov_vox, layout=tm.layout,  # type: ignore[arg-type]

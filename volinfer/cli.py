@@ -152,12 +152,26 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
     output.mkdir(parents=True, exist_ok=True)
     failed: list[tuple[Path, str]] = []
     reports = []
+    from .errors import Interrupted
+    from .journal import journal_path
+
     for n, path in enumerate(batch, 1):
+        target = output / path.name
+        if resume and not journal_path(target).exists() and target.exists():
+            if not quiet and not as_json:
+                click.echo(f"[{n}/{len(batch)}] {path}: already written, skipped", err=True)
+            continue  # finished by the interrupted batch
         if not quiet and not as_json:
             click.echo(f"[{n}/{len(batch)}] {path}", err=True)
         try:
-            rep = predict([path], tm, output / path.name, **options)
+            rep = predict([path], tm, target, **{**options, "resume": resume and journal_path(target).exists()})
             reports.append(rep.as_dict())
+        except Interrupted as e:
+            raise Interrupted(f"batch stopped at {path} ({e}); run the same command with --resume to skip the "
+                              f"finished volumes and continue") from None
+        except KeyboardInterrupt:
+            raise Interrupted(f"batch stopped at {path}; run the same command with --resume to skip the finished "
+                              f"volumes and continue") from None
         except VolinferError as e:
             failed.append((path, str(e)))
             if not quiet and not as_json:

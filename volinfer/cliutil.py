@@ -12,29 +12,42 @@ import click
 from .errors import Interrupted, VolinferError
 
 
+#: The signal that interrupted this process (SIGINT or SIGTERM), for the exit status 128 + signal.
+_received: list[int] = []
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    if not _received:
+        _received.append(signum)
     raise KeyboardInterrupt
 
 
+def interrupt_status() -> int:
+    """Exit status for an interrupted run: 130 for SIGINT (Ctrl-C), 143 for SIGTERM, as shells report them."""
+    return 128 + (_received[0] if _received else int(signal.SIGINT))
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user errors into one line on stderr and exit code 2; Ctrl-C into exit 130. No tracebacks."""
+    """Turn user errors into one line on stderr and exit code 2; SIGINT/SIGTERM into exit 130/143. No tracebacks."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if hasattr(signal, "SIGXFSZ"):  # a file-size limit then fails the write (EFBIG) instead of killing us
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, _raise_interrupt)  # batch schedulers send SIGTERM before killing
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _raise_interrupt)
         try:
             return fn(*args, **kwargs)
         except Interrupted as e:
             click.echo(f"interrupted: {e}", err=True)
-            sys.exit(130)
+            sys.exit(interrupt_status())
         except VolinferError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: no output was written", err=True)
-            sys.exit(130)
+            sys.exit(interrupt_status())
         except MemoryError:
             click.echo("error: out of memory; use a smaller --tile or fewer --requests", err=True)
             sys.exit(2)

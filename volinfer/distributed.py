@@ -25,7 +25,10 @@ from .model import CompileOptions, TileModel
 from .normalize import Normalizer
 from .postprocess import OutputSpec
 from .runsetup import resolve, scan_volume
-from .zarr_io import create_output, done_marker_dir, ome_attrs, open_zarr_array, open_zarr_source
+from .journal import Journal
+from .targets import OutputLock
+from .zarr_io import (check_zarr_output, create_output, done_marker_dir, ome_attrs, open_zarr_array,
+                      open_zarr_source)
 
 
 @dataclass
@@ -88,10 +91,36 @@ def run_block(job: ZarrJob, block: Block) -> dict[str, Any]:
         out[region] = stitcher.out[0]
     else:
         out[(slice(None), *region)] = stitcher.out
+    _sync_chunks(out, job.output, block)  # the data first, durably; only then the marker that says it is done
     marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("done")
+    with open(marker, "w") as f:
+        f.write("done")
+        f.flush()
+        os.fsync(f.fileno())
     return {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
             "pid": os.getpid(), "peak_rss_mb": _own_peak_mb()}
+
+
+def _sync_chunks(arr: Any, store: str, block: Block) -> None:
+    """fsync the chunk files of ``block`` (local stores; a no-op where the key encoding is unknown)."""
+    from itertools import product
+
+    try:
+        encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+    except AttributeError:
+        return
+    chunks = arr.chunks[-3:]
+    ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(block.box, chunks)]
+    lead = (0,) * (arr.ndim - 3)
+    for idx in product(*ranges):
+        try:
+            fd = os.open(os.path.join(store, encode((*lead, *idx))), os.O_RDONLY)
+        except OSError:
+            continue  # a chunk equal to the fill value is not stored
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _own_peak_mb() -> float:
@@ -136,7 +165,35 @@ def run_zarr(
     progress: bool = False,
 ) -> RunReport:
     """Run a Zarr volume into a Zarr output, block by block: in this process, on a local Dask cluster of ``workers``
-    processes, or on the Dask scheduler at ``scheduler``. Same options as :func:`volinfer.predict`."""
+    processes, or on the Dask scheduler at ``scheduler``. Same options as :func:`volinfer.predict`.
+
+    The output is checked and locked like every output (:mod:`volinfer.targets`); its run fingerprint (input and
+    model by content, every setting that changes the output) is kept in the store, and ``resume`` refuses a
+    different run."""
+    check_zarr_output(output, [volume], overwrite, resume)
+    with OutputLock(Path(output)):
+        return _run_zarr(volume, model, output, tile=tile, layout=layout, model_output=model_output,
+                         overlap=overlap, stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind,
+                         activation=activation, channels=channels, threshold=threshold, prob_dtype=prob_dtype,
+                         normalize=normalize, options=options, requests=requests, nan_value=nan_value,
+                         reuse_constant=reuse_constant, block=block, chunks=chunks, compression=compression,
+                         scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite,
+                         progress=progress)
+
+
+def run_journal(output: str | Path) -> Path:
+    """Where a Zarr output keeps the fingerprint of the run that writes it."""
+    return Path(output) / ".volinfer-run.json"
+
+
+def _run_zarr(volume: Any, model: Any, output: Any, *, tile: Any, layout: Any, model_output: Any, overlap: Any,
+              stitch: Any, sigma: float, pad_mode: str, kind: str, activation: Any, channels: Any, threshold: float,
+              prob_dtype: str, normalize: Any, options: Any, requests: int, nan_value: Any, reuse_constant: bool,
+              block: int, chunks: Any, compression: bool, scheduler: Any, workers: Any, resume: bool,
+              overwrite: bool, progress: bool) -> RunReport:
+    """:func:`run_zarr` once the output is checked and locked."""
+    from .api import run_fingerprint
+
     t0 = time.perf_counter()
     options = {k: v for k, v in (options or {}).items() if v is not None}
     source, in_arr = open_zarr_source(volume)
@@ -152,8 +209,19 @@ def run_zarr(
         chunk3 = in_chunks if max(in_chunks) >= 16 else (64, 64, 64)
     else:
         chunk3 = (int(chunks),) * 3 if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
+    journal = Journal(Path(output), run_fingerprint([Path(volume)], tm.path, dict(
+        tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=ov_vox, stitch=stitch, sigma=sigma,
+        pad_mode=pad_mode, kind=kind, activation=activation, channels=spec.channels, threshold=threshold,
+        dtype=str(spec.dtype), normalization=normalizer.describe(), nan_value=nan_value,
+        precision=options.get("precision", "f32"), chunks=chunk3, block=block, compression=compression,
+        reuse_constant=reuse_constant)), path=run_journal(output))
+    resuming = resume and Path(output).exists()
+    if resuming:
+        journal.check()  # before touching the store: a different input, model or setting is refused
     out_arr = create_output(output, source.shape, spec.out_channels, spec.dtype, chunk3, ome_attrs(in_arr),
                             compressor="zstd" if compression else None, overwrite=overwrite, resume=resume)
+    if not resuming:
+        journal.update(0, 0)
     out_arr.attrs.update({"volinfer": {"model": str(model), "stitch": stitch, "kind": kind, "tile": list(tm.tile),
                                        "overlap": list(ov_vox)}})
     if not resume:

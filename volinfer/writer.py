@@ -18,32 +18,26 @@ import nibabel as nib
 import numpy as np
 
 from .errors import VolinferError
+from .journal import ResumableError
+from .targets import aux_path, check_output
 
 
 def check_target(target: Path, overwrite: bool, inputs: list[Path] = ()) -> None:  # type: ignore[assignment]
-    """Refuse outputs that would clobber data or cannot be written, before any work starts."""
-    name = target.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
-        raise VolinferError(f"{target}: output must end in .nii or .nii.gz")
-    for p in inputs:
-        if target.resolve() == Path(p).resolve():
-            raise VolinferError(f"{target}: output path is also an input; choose another output name")
-    if target.is_dir():
-        raise VolinferError(f"{target}: is a directory")
-    if target.exists() and not overwrite:
-        raise VolinferError(f"{target}: already exists (pass --overwrite to replace it)")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise VolinferError(f"{parent}: output directory does not exist")
-    if not os.access(parent, os.W_OK):
-        raise VolinferError(f"{parent}: output directory is not writable")
+    """Refuse NIfTI outputs that would clobber data or cannot be written, before any work starts (see targets)."""
+    check_output(Path(target), [Path(p) for p in inputs], overwrite, "nifti")
+
+
+#: NIfTI-1 stores dimensions as int16; larger volumes need a NIfTI-2 header.
+NIFTI1_MAX_DIM = 32767
 
 
 def output_header(
     reference: nib.Nifti1Header | None, affine: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype
 ) -> nib.Nifti1Header:
-    """A NIfTI-1 header for the output: geometry (affine, qform/sform codes, zooms, units) copied from the input."""
-    hdr = nib.Nifti1Header.from_header(reference) if reference is not None else nib.Nifti1Header()
+    """A NIfTI header for the output: geometry (affine, qform/sform codes, zooms, units) copied from the input.
+    NIfTI-1 when every dimension fits its int16 fields, else NIfTI-2 (int64 dimensions)."""
+    cls = nib.Nifti2Header if max(shape) > NIFTI1_MAX_DIM else nib.Nifti1Header
+    hdr = cls.from_header(reference) if reference is not None else cls()
     if reference is None and affine is not None:
         hdr.set_qform(affine, code=1)
         hdr.set_sform(affine, code=1)
@@ -74,12 +68,14 @@ class NiftiWriter:
         compresslevel: int = 1,
         resume: bool = False,
     ) -> None:
+        """``resume``: continue the temporary file an interrupted run left. Checks room for the temporary file and,
+        for ``.nii.gz``, a conservative estimate of the compressed copy, before anything is written."""
         self.target = Path(target)
         self.shape, self.channels, self.dtype = shape, channels, np.dtype(dtype)
         self.compress = self.target.name.lower().endswith(".gz")
         self.compresslevel = compresslevel
-        self.tmp = self.target.with_name(f".{self.target.name}.partial.nii")
-        self._gz_tmp = self.target.with_name(f".{self.target.name}.partial.nii.gz")
+        self.tmp = aux_path(self.target, ".partial.nii")
+        self._gz_tmp = aux_path(self.target, ".partial.nii.gz")
         full = shape if channels == 1 else (*shape, channels)
         hdr = output_header(reference, affine, full, self.dtype)
         self._fd = -1
@@ -87,13 +83,15 @@ class NiftiWriter:
         if resume:  # continue an interrupted run: the temporary file already has header and finished rows
             if not self.tmp.exists():
                 raise VolinferError(f"{self.tmp}: no interrupted output to resume (run without --resume)")
-            with open(self.tmp, "rb") as f:
-                old = nib.Nifti1Header.from_fileobj(f)
+            old = _read_header(self.tmp)
             self.offset = int(old["vox_offset"])
             if old.get_data_shape() != full or old.get_data_dtype() != self.dtype:
                 raise VolinferError(f"{self.tmp}: interrupted output has another shape or type; run without --resume")
+            self._check_space(0, self.offset + int(np.prod(full)) * self.dtype.itemsize)
             self._fd = os.open(self.tmp, os.O_WRONLY)
             return
+        estimate = self.offset_estimate(hdr) + int(np.prod(full)) * self.dtype.itemsize
+        self._check_space(estimate, estimate)
         try:
             with open(self.tmp, "wb") as f:
                 hdr.write_to(f)
@@ -110,6 +108,34 @@ class NiftiWriter:
             raise VolinferError(f"cannot create {self.target}: {e.strerror or e} "
                                 f"(needs {size / 2**20:.0f} MB in {self.tmp.parent})") from None
 
+    @staticmethod
+    def offset_estimate(hdr: nib.Nifti1Header) -> int:
+        return int(hdr.single_vox_offset) + 4096  # header plus room for extensions
+
+    def _check_space(self, tmp_bytes: int, data_bytes: int) -> None:
+        """Refuse now, not after hours of work, when the disk cannot hold the temporary file and (for .nii.gz) a
+        conservative estimate of the compressed copy: as large as the data for floats, a quarter for integers."""
+        gz = (data_bytes if self.dtype.kind in "fc" else data_bytes // 4) if self.compress else 0
+        try:
+            st = os.statvfs(self.tmp.parent)
+        except (AttributeError, OSError):
+            return
+        free = st.f_bavail * st.f_frsize
+        if tmp_bytes + gz > free:
+            what = "the temporary file and its compressed copy" if gz else "the temporary file"
+            raise VolinferError(f"{self.target}: not enough disk space in {self.tmp.parent}: needs about "
+                                f"{(tmp_bytes + gz) / 2**20:.0f} MB for {what}, {free / 2**20:.0f} MB free"
+                                + ("; free space or write an uncompressed .nii" if gz else ""))
+
+    def sync(self) -> None:
+        """Make the rows written so far durable: called before the journal claims them."""
+        if self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise ResumableError(f"cannot write {self.target}: {e.strerror or e}; free space and run the same "
+                                     f"command with --resume to continue") from None
+
     def write(self, block: np.ndarray, z0: int, y0: int) -> None:
         """Write ``block`` (channels, nz, ny, X): one positioned write per (channel, plane)."""
         X, Y, Z = self.shape
@@ -123,27 +149,42 @@ class NiftiWriter:
                 try:
                     written = os.pwrite(self._fd, data, pos)
                 except OSError as e:
-                    raise VolinferError(f"cannot write {self.target}: {e.strerror or e}") from None
+                    raise ResumableError(f"cannot write {self.target}: {e.strerror or e}; fix that and run the "
+                                         f"same command with --resume to continue") from None
                 if written != data.nbytes:
-                    raise VolinferError(f"cannot write {self.target}: short write (disk full?)")
+                    raise ResumableError(f"cannot write {self.target}: short write (disk full?); free space and "
+                                         f"run the same command with --resume to continue")
 
     def commit(self) -> Path:
-        """Finish: compress if asked, then rename onto the target. Returns the target path."""
-        os.fsync(self._fd)
+        """Finish: compress if asked, then rename onto the target. Returns the target path.
+
+        A failure here (disk full while compressing, rename refused) keeps the finished temporary file: the
+        journal already says every row is done, so ``--resume`` only redoes this step."""
+        self.sync()
         os.close(self._fd)
         self._fd = -1
         try:
             if self.compress:
-                with open(self.tmp, "rb") as src, gzip.open(self._gz_tmp, "wb", compresslevel=self.compresslevel) as dst:
-                    shutil.copyfileobj(src, dst, 1 << 22)
+                self._compress()
                 os.replace(self._gz_tmp, self.target)
                 self.tmp.unlink()
             else:
                 os.replace(self.tmp, self.target)
         except OSError as e:
-            self.abort()
-            raise VolinferError(f"cannot write {self.target}: {e.strerror or e}") from None
+            self._gz_tmp.unlink(missing_ok=True)
+            raise ResumableError(f"cannot write {self.target}: {e.strerror or e}; the finished result is kept in "
+                                 f"{self.tmp}: fix that and run the same command with --resume to finish") from None
         return self.target
+
+    def _compress(self) -> None:
+        """Gzip the temporary file as a stream, reproducibly: no file name and mtime 0 in the gzip header, so a
+        resumed run writes the same bytes as an uninterrupted one."""
+        with open(self.tmp, "rb") as src, open(self._gz_tmp, "wb") as raw:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=self.compresslevel,
+                               mtime=0) as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            raw.flush()
+            os.fsync(raw.fileno())
 
     def close_for_resume(self) -> None:
         """Stop writing but keep the temporary file, so that ``--resume`` can continue it."""
@@ -163,11 +204,48 @@ class NiftiWriter:
                 pass
 
 
+def _read_header(path: Path) -> nib.Nifti1Header:
+    """The header of an interrupted temporary file, NIfTI-1 or NIfTI-2 (told apart by ``sizeof_hdr``)."""
+    with open(path, "rb") as f:
+        first = f.read(4)
+        f.seek(0)
+        two = int.from_bytes(first, "little") == 540 or int.from_bytes(first, "big") == 540
+        return (nib.Nifti2Header if two else nib.Nifti1Header).from_fileobj(f)
+
+
 class ArrayWriter:
     """Collects the output in memory: (x, y, z) for one channel, (x, y, z, c) for several. For the Python API."""
 
     def __init__(self, shape: tuple[int, int, int], channels: int, dtype: np.dtype) -> None:
         self.array = np.zeros((*shape, channels), dtype=dtype)
+
+    @staticmethod
+    def offset_estimate(hdr: nib.Nifti1Header) -> int:
+        return int(hdr.single_vox_offset) + 4096  # header plus room for extensions
+
+    def _check_space(self, tmp_bytes: int, data_bytes: int) -> None:
+        """Refuse now, not after hours of work, when the disk cannot hold the temporary file and (for .nii.gz) a
+        conservative estimate of the compressed copy: as large as the data for floats, a quarter for integers."""
+        gz = (data_bytes if self.dtype.kind in "fc" else data_bytes // 4) if self.compress else 0
+        try:
+            st = os.statvfs(self.tmp.parent)
+        except (AttributeError, OSError):
+            return
+        free = st.f_bavail * st.f_frsize
+        if tmp_bytes + gz > free:
+            what = "the temporary file and its compressed copy" if gz else "the temporary file"
+            raise VolinferError(f"{self.target}: not enough disk space in {self.tmp.parent}: needs about "
+                                f"{(tmp_bytes + gz) / 2**20:.0f} MB for {what}, {free / 2**20:.0f} MB free"
+                                + ("; free space or write an uncompressed .nii" if gz else ""))
+
+    def sync(self) -> None:
+        """Make the rows written so far durable: called before the journal claims them."""
+        if self._fd >= 0:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                raise ResumableError(f"cannot write {self.target}: {e.strerror or e}; free space and run the same "
+                                     f"command with --resume to continue") from None
 
     def write(self, block: np.ndarray, z0: int, y0: int) -> None:
         c, nz, ny, _ = block.shape

@@ -10,6 +10,8 @@ model, or train on the layout you run.
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +19,12 @@ import numpy as np
 
 from .errors import VolinferError
 from .reader import Region, VolumeSource
+from .targets import check_output, is_volinfer_store, mark_store, remove_store
+
+#: A chunk is decoded whole into memory: more than this per chunk is refused, whatever the store claims.
+MAX_CHUNK_BYTES = 1 << 30
+#: Arrays declaring more than this many bytes must have at least 1% of their chunks present on disk.
+SPARSE_CHECK_BYTES = 1 << 31
 
 
 def _zarr() -> Any:
@@ -62,14 +70,56 @@ def open_zarr_array(path: str | Path, mode: str = "r") -> Any:
         node = zarr.open(str(p), mode=mode)
     except Exception as e:
         raise VolinferError(f"{p}: not a readable Zarr array ({type(e).__name__}: {e})") from None
-    if hasattr(node, "shape"):
-        return node
-    # an OME-Zarr group: its first multiscale level is the full-resolution array
-    attrs = dict(node.attrs)
-    ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
-    if ms:
-        return node[ms[0]["datasets"][0]["path"]]
-    raise VolinferError(f"{p}: Zarr group without an array (expected an array or OME-Zarr multiscales)")
+    if not hasattr(node, "shape"):  # an OME-Zarr group: its first multiscale level is the full-resolution array
+        attrs = dict(node.attrs)
+        ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+        if not ms:
+            raise VolinferError(f"{p}: Zarr group without an array (expected an array or OME-Zarr multiscales)")
+        try:
+            node = node[ms[0]["datasets"][0]["path"]]
+        except Exception as e:
+            raise VolinferError(f"{p}: OME-Zarr multiscales name a missing array ({type(e).__name__}: {e})") from None
+    if mode == "r":
+        validate_array(node, p)
+    return node
+
+
+def validate_array(arr: Any, path: Path) -> None:
+    """Check what the metadata declares against what is sane and present, before allocating anything for it:
+    positive dimensions, chunks small enough to decode, and, for arrays declaring many GB, chunk files actually
+    on disk (at least 1% of those declared). A hostile or truncated store then fails in milliseconds."""
+    shape, chunks = tuple(int(s) for s in arr.shape), tuple(int(c) for c in arr.chunks)
+    item = np.dtype(arr.dtype).itemsize
+    if not shape or min(shape) < 1 or min(chunks) < 1:
+        raise VolinferError(f"{path}: Zarr array has an empty shape {shape} or chunks {chunks}")
+    if math.prod(chunks) * item > MAX_CHUNK_BYTES:
+        raise VolinferError(f"{path}: Zarr chunks {chunks} are {math.prod(chunks) * item / 2**30:.1f} GiB each, more "
+                            f"than the {MAX_CHUNK_BYTES >> 30} GiB volinfer decodes; rechunk the array")
+    if math.prod(shape) * item <= SPARSE_CHECK_BYTES:
+        return
+    declared = math.prod(-(-s // c) for s, c in zip(shape, chunks))
+    need = max(1, declared // 100)
+    found = _count_files(_array_dir(arr, path), need)
+    if found < need:
+        raise VolinferError(f"{path}: Zarr metadata declares shape {shape} ({math.prod(shape) * item / 2**30:.0f} GiB, "
+                            f"{declared} chunks) but only {found} chunk file(s) exist; refusing a truncated or bogus "
+                            f"store")
+
+
+def _array_dir(arr: Any, path: Path) -> Path:
+    sub = str(getattr(arr, "path", "") or "")
+    root = Path(path)
+    return root / sub if sub and not root.name == sub and (root / sub).is_dir() else root
+
+
+def _count_files(root: Path, stop: int) -> int:
+    """Chunk files under ``root`` (metadata excluded), counting no further than ``stop``."""
+    n = 0
+    for _, _, files in os.walk(root):
+        n += sum(1 for f in files if f not in ("zarr.json", ".zarray", ".zattrs", ".zgroup"))
+        if n >= stop:
+            break
+    return n
 
 
 def open_zarr_source(path: str | Path) -> tuple[VolumeSource, Any]:
@@ -94,27 +144,41 @@ def ome_attrs(source_array: Any) -> dict[str, Any]:
     return json.loads(json.dumps(keep, default=str))
 
 
+def check_zarr_output(path: str | Path, inputs: Sequence[str | Path], overwrite: bool, resume: bool) -> None:
+    """The shared output check (:func:`volinfer.targets.check_output`); resuming needs a store volinfer wrote."""
+    p = Path(path)
+    if resume and os.path.lexists(p):
+        check_output(p, [Path(i) for i in inputs], True, "zarr")
+        return
+    check_output(p, [Path(i) for i in inputs], overwrite, "zarr")
+
+
 def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: np.dtype, chunks: Sequence[int],
                   attrs: dict[str, Any] | None = None, compressor: str | None = "zstd", overwrite: bool = False,
                   resume: bool = False) -> Any:
-    """The output array: ``(z, y, x)`` or ``(c, z, y, x)`` chunked as asked; existing arrays are reused on resume."""
+    """The output array: ``(z, y, x)`` or ``(c, z, y, x)`` chunked as asked; existing arrays are reused on resume.
+    Call :func:`check_zarr_output` first (and hold the output's lock): only a store volinfer wrote is replaced."""
     zarr = _zarr()
     p = Path(path)
     full = tuple(shape) if channels == 1 else (channels, *shape)
     full_chunks = tuple(chunks) if channels == 1 else (channels, *chunks)
-    if p.exists():
+    if os.path.lexists(p):
         if resume:
+            if not is_volinfer_store(p):
+                raise VolinferError(f"{p}: not a store volinfer wrote; cannot resume into it")
             arr = zarr.open_array(str(p), mode="r+")
             if tuple(arr.shape) != full or np.dtype(arr.dtype) != np.dtype(dtype):
                 raise VolinferError(f"{p}: existing output has another shape or type; cannot resume into it")
             return arr
         if not overwrite:
             raise VolinferError(f"{p}: already exists (pass --overwrite to replace it, or --resume to continue)")
+        remove_store(p)  # refuses anything volinfer did not write
     kwargs: dict[str, Any] = {}
     if compressor is None:
         kwargs["compressors"] = None
     arr = zarr.create_array(store=str(p), shape=full, chunks=full_chunks, dtype=dtype, fill_value=0,
-                            overwrite=True, **kwargs)
+                            overwrite=False, **kwargs)
+    mark_store(p)
     if attrs:
         arr.attrs.update(attrs)
     return arr
@@ -128,8 +192,10 @@ def done_marker_dir(path: str | Path) -> Path:
 def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrite: bool = False) -> Path:
     """Stream a NIfTI volume into an OME-style Zarr array ``(z, y, x)`` (or ``(c, z, y, x)``), slab by slab."""
     from .reader import VolumeSource, scan_slabs
+    from .targets import OutputLock
 
-    with VolumeSource.open([nifti], depth=chunks) as src:
+    check_zarr_output(out, [nifti], overwrite, resume=False)
+    with OutputLock(Path(out)), VolumeSource.open([nifti], depth=chunks) as src:
         X, Y, Z = src.shape
         zooms = [float(v) for v in src.header.get_zooms()[:3]] if src.header is not None else [1.0, 1.0, 1.0]
         attrs = {"volinfer_axes": ["z", "y", "x"] if src.channels == 1 else ["c", "z", "y", "x"],
@@ -151,12 +217,20 @@ def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrit
 
 def zarr_to_nifti(zarr_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Write a ``(z, y, x)`` Zarr array as a NIfTI ``(x, y, z)`` volume, streaming z-slabs (atomic, like runs)."""
-    from .writer import NiftiWriter, check_target
+    from .targets import OutputLock
+    from .writer import check_target
 
     arr = open_zarr_array(zarr_path)
     if arr.ndim != 3:
         raise VolinferError(f"{zarr_path}: zarr_to_nifti handles 3-D arrays, got shape {arr.shape}")
-    check_target(Path(out), overwrite)
+    check_target(Path(out), overwrite, [Path(zarr_path)])
+    with OutputLock(Path(out)):
+        return _zarr_to_nifti(arr, Path(out))
+
+
+def _zarr_to_nifti(arr: Any, out: Path) -> Path:
+    from .writer import NiftiWriter
+
     Z, Y, X = arr.shape
     attrs = dict(arr.attrs)
     affine = np.asarray(attrs["affine"]) if attrs.get("affine") else np.diag([*attrs.get("voxel_size", [1, 1, 1])[::-1], 1])
