@@ -89,6 +89,7 @@ def predict(
     report: bool = False,
     max_memory_mb: float | None = None,
     norm_stats: str | None = None,
+    mirror: str | Sequence[int] | None = None,
 ) -> Any:
     """Run ``volume`` through ``model`` tile by tile.
 
@@ -108,6 +109,7 @@ def predict(
     says whether the run was ``exact`` and, if not, why.
     """
     t_start = time.perf_counter()
+    mirror_axes = parse_mirror(mirror)
     in_paths = [] if isinstance(volume, (np.ndarray, VolumeSource)) else (
         [Path(volume)] if isinstance(volume, (str, os.PathLike)) else [Path(p) for p in volume])
     lock = None
@@ -120,7 +122,10 @@ def predict(
             model, tile=tile, layout=layout, output=model_output, compile=False,
             options=CompileOptions(device=device, precision=precision, threads=threads, streams=streams,
                                    cache_dir=cache_dir))
-        shape = _volume_shape(volume, channel_axis)
+        shape, n_channels = _volume_shape(volume, channel_axis)
+        if n_channels != handle.in_channels:
+            raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
+                                f"(give one 3-D file per channel, or one 4-D file)")
         choice = plan_tiling(handle, shape, stitch=stitch, overlap=overlap, max_memory_mb=max_memory_mb,
                              norm_stats=norm_stats)
         tm = handle.at(choice.tile)
@@ -151,7 +156,7 @@ def predict(
                 pad_mode=pad_mode, kind=kind, activation=activation, channels=spec.channels, threshold=threshold,
                 dtype=str(spec.dtype), normalization=normalizer.describe(), nan_value=nan_value,
                 device=tm.options.device, precision=tm.options.precision, reuse_constant=reuse_constant,
-                norm_stats=choice.norm_stats, norm_passes=passes)))
+                norm_stats=choice.norm_stats, norm_passes=passes, mirror=mirror_axes)))
             if resume:
                 start_row = journal.resume_row()
             writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header, source.affine,
@@ -166,7 +171,7 @@ def predict(
             busy, n, reused = run_tiles(source, tm, spec, writer, grid=grid, stitch=stitch, normalizer=normalizer,
                                         sigma=sigma, pad_mode=pad_mode, requests=requests, progress=progress,
                                         reuse_constant=reuse_constant, nan_fill=setup.nan_fill, start_row=start_row,
-                                        on_row_done=on_row_done)
+                                        on_row_done=on_row_done, mirror=mirror_axes)
         if output is not None:
             _row_done(writer, journal, rows, rows)  # every row final: a failure while compressing stays resumable
         result = writer.commit() if output is not None else writer.result()
@@ -199,6 +204,9 @@ def predict(
     )
     for note in choice.notes + setup.notes:
         rep.notes.append(note)
+    if mirror_axes:
+        rep.notes.append(f"test-time mirroring over {''.join('xyz'[a] for a in mirror_axes)}: "
+                         f"{2 ** len(mirror_axes)} inferences per tile")
     if passes:
         rep.notes.append(f"{len(choice.norm_layers)} normalisation layer(s) frozen to whole-volume statistics in "
                          f"{passes} streamed pass(es)")
@@ -209,6 +217,21 @@ def predict(
     if output is not None:
         return rep
     return (result, rep) if report else result
+
+
+def parse_mirror(value: str | Sequence[int] | None) -> tuple[int, ...]:
+    """``"xyz"`` / ``"xz"`` / ``[0, 2]`` → sorted volume axes to mirror over; empty for none."""
+    if value is None or value == "" or value == "none":
+        return ()
+    if isinstance(value, str):
+        bad = set(value.lower()) - set("xyz")
+        if bad or len(set(value.lower())) != len(value):
+            raise VolinferError(f"--mirror takes a subset of the axes x, y, z (e.g. xyz or xz); got {value!r}")
+        return tuple(sorted("xyz".index(c) for c in value.lower()))
+    axes = tuple(sorted(set(int(a) for a in value)))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise VolinferError(f"mirror axes must be 0, 1, 2 (x, y, z); got {value!r}")
+    return axes
 
 
 def _overlap_for(choice: TilingChoice, tm: TileModel) -> list[float] | None:
@@ -222,12 +245,13 @@ def _overlap_for(choice: TilingChoice, tm: TileModel) -> list[float] | None:
     return None
 
 
-def _volume_shape(volume: Any, channel_axis: int | None) -> tuple[int, int, int]:
-    """The spatial shape of ``volume``, from headers only (the planner needs it before the tile is known)."""
+def _volume_shape(volume: Any, channel_axis: int | None) -> tuple[tuple[int, int, int], int]:
+    """The spatial shape and channel count of ``volume``, from headers only (the planner needs them before the tile
+    is known)."""
     if isinstance(volume, VolumeSource):
-        return tuple(volume.shape)  # type: ignore[return-value]
+        return tuple(volume.shape), volume.channels  # type: ignore[return-value]
     with open_source(volume, 1, channel_axis) as src:
-        return tuple(src.shape)  # type: ignore[return-value]
+        return tuple(src.shape), src.channels  # type: ignore[return-value]
 
 
 def _freeze_norm_statistics(tm: TileModel, choice: TilingChoice, setup: RunSetup, source: VolumeSource,

@@ -39,6 +39,8 @@ def main() -> None:
 @click.option("--norm-stats", type=click.Choice(["volume", "tile"]),
               help="InstanceNorm/GroupNorm statistics: volume (default; whole-volume statistics found in streamed "
               "passes before the run, exact) or tile (per-tile, for models trained to run patch-wise).")
+@click.option("--mirror", help="Test-time mirroring over these axes (any of x, y, z, e.g. xyz): each tile's output "
+              "is averaged over its flips, 2^axes inferences per tile; exact with crop stitching, same memory.")
 @click.option("--overlap", help="Overlap between neighbouring tiles: a fraction of the tile (0.25) or voxels (32), "
               "optionally per axis (32,32,16). Crop stitching discards half of it on each side. "
               "Default: stored in the model, else 2x its receptive field (crop) or 0.25.")
@@ -90,7 +92,7 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
         device: str, precision: str, threads: int | None, streams: int | None, requests: int,
         cache_dir: Path | None, nan_value: float | None, no_constant_reuse: bool, scheduler: str | None,
         workers: int | None, block: int, chunks: int | None, no_compression: bool, max_memory: str | None,
-        norm_stats: str | None,
+        norm_stats: str | None, mirror: str | None,
         resume: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
     """Segment/restore INPUTS (one NIfTI file, or one file per input channel) into OUTPUT.
 
@@ -137,7 +139,7 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
         channels=parse_channels(channels), threshold=threshold, prob_dtype="float16" if float16 else "float32",
         normalize=parse_normalization(normalize), requests=requests, nan_value=nan_value,
         reuse_constant=not no_constant_reuse, resume=resume, overwrite=overwrite,
-        progress=not quiet and not as_json, norm_stats=norm_stats,
+        progress=not quiet and not as_json, norm_stats=norm_stats, mirror=mirror,
         max_memory_mb=parse_size_mb(max_memory) if max_memory else None,
     )
     if batch is None:

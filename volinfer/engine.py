@@ -9,6 +9,7 @@ finished planes.
 
 from __future__ import annotations
 
+import itertools
 import resource
 import sys
 import time
@@ -144,6 +145,7 @@ def run_tiles(
     on_row_done: Callable[[int], None] | None = None,
     tiles: Sequence[Tile] | None = None,
     stitcher: Any = None,
+    mirror: Sequence[int] = (),
 ) -> tuple[float, int, int]:
     """Run every tile of ``grid`` through ``model`` and stitch the results into ``writer``.
 
@@ -154,7 +156,9 @@ def run_tiles(
     ``start_row`` resumes an interrupted run whose first ``start_row`` z-rows are final on disk (blending replays
     the earlier rows that overlap it, adding only to later planes); ``on_row_done(r)`` is called once rows ``< r``
     are written. ``tiles`` / ``stitcher`` run a subset of the grid into another stitcher (one block of a chunked
-    volume, see :mod:`volinfer.blocks`); tiles must keep the grid's order.
+    volume, see :mod:`volinfer.blocks`); tiles must keep the grid's order. ``mirror`` (volume axes 0-2) averages
+    each tile's output over its flips along every subset of those axes (test-time augmentation, see
+    :class:`Mirror`).
     """
     feeder = TileFeeder(source, grid, normalizer, pad_mode, pad_value, nan_fill)
     stitcher = stitcher or make_stitcher(grid, spec, writer, stitch, sigma)
@@ -169,6 +173,7 @@ def run_tiles(
     pending_key: list[Any] = [None] * len(queue)
     pending_seq: list[int] = [0] * len(queue)
     cache: dict[tuple[float, ...], np.ndarray] = {}
+    mirrored = Mirror(model, mirror) if mirror else None
 
     def harvest(i: int) -> None:
         """Stitch request ``i``'s tile, after every older tile: stitching order is always submission order, so
@@ -184,6 +189,8 @@ def run_tiles(
     def _stitch(i: int) -> None:
         clock.record(submitted[i], queue[i])
         out = model.output_view(queue[i])
+        if mirrored is not None:
+            out = mirrored(model.input_view(buffers[i]), out)
         key = pending_key[i]
         if key is not None and key not in cache and len(cache) < MAX_CACHED_CONSTANTS:
             cache[key] = out.copy()
@@ -241,6 +248,40 @@ def run_tiles(
         queue.wait_all()
         bar.close()
     return clock.total(), done, reused
+
+
+class Mirror:
+    """Test-time mirroring, as nnU-Net and HD-BET do: the output of a tile averaged over the model's outputs for
+    the tile flipped along every non-empty subset of ``axes`` (and unflipped), each flipped back. Flipped tiles lie
+    on the same grid of the flipped padded volume, so crop stitching stays exact. Costs one extra infer request and
+    one float32 output tile; the flips run on it synchronously while the queue's other requests compute."""
+
+    def __init__(self, model: TileModel, axes: Sequence[int]) -> None:
+        axes = sorted(set(int(a) for a in axes))
+        self.flips = [tuple(a + 1 for a in combo) for r in range(1, len(axes) + 1)
+                      for combo in itertools.combinations(axes, r)]
+        self.model = model
+        self.request = model.compiled.create_infer_request()
+        self.buffer = model.new_input_buffer()
+        self.request.set_input_tensor(ov.Tensor(self.buffer, shared_memory=True))
+        self.acc: np.ndarray | None = None
+
+    @property
+    def inferences(self) -> int:
+        return len(self.flips) + 1
+
+    def __call__(self, tile_input: np.ndarray, output: np.ndarray) -> np.ndarray:
+        if self.acc is None:
+            self.acc = np.empty(output.shape, np.float32)
+        acc = self.acc
+        np.copyto(acc, output)
+        dest = self.model.input_view(self.buffer)
+        for axes in self.flips:
+            np.copyto(dest, np.flip(tile_input, axes))
+            self.request.infer()
+            acc += np.flip(self.model.output_view(self.request), axes)
+        acc /= self.inferences
+        return acc
 
 
 #: Distinct constant tiles whose output is kept (each costs one tile of output memory).

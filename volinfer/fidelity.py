@@ -97,6 +97,32 @@ def activation_bytes_per_voxel(model: ov.Model, layout: str, channels: int, tile
     return peak / float(np.prod(tile))
 
 
+def accepts(model: ov.Model, layout: str, channels: int, tile: Sequence[int]) -> bool:
+    """Shape inference only: does the model take this tile and return an output of the same spatial size?"""
+    m = model.clone()
+    shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
+    try:
+        m.reshape({m.input(0): ov.PartialShape(shape)})
+    except Exception:
+        return False
+    axes = [2, 3, 4] if layout == "NCDHW" else [1, 2, 3]
+    for out in m.outputs:
+        ps = out.get_partial_shape()
+        if ps.rank.is_static and ps.rank.get_length() == 5 and ps.is_static:
+            if [ps[i].get_length() for i in axes] != list(tile):
+                return False
+    return True
+
+
+def probe_multiple(model: ov.Model, layout: str, channels: int) -> int:
+    """The smallest power of two m such that sizes that are multiples of m are accepted (a model that stores no
+    size multiple, e.g. an IR not written by ``volinfer convert``)."""
+    for m in (1, 2, 4, 8, 16, 32, 64):
+        if all(accepts(model, layout, channels, [96 + k * m] * 3) for k in (1, 3)):
+            return m
+    return 1
+
+
 def _axis_options(n: int, m: int, radius: int, need: int, preferred: int) -> list[tuple[int, int, int]]:
     """(tile, count, overlap) choices along one axis: every multiple of ``m`` from the smallest whose margin covers
     ``radius`` (+ ``need`` for aligned statistics cores) up to one tile over the padded axis."""

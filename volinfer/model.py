@@ -204,6 +204,7 @@ class TileModel:
         tm = TileModel(model if model is not None else self.model.clone(), tile=tile, layout=self.layout,
                        output=self.output_index, options=self.options, core=self.core)
         tm.path, tm.tile_given, tm.declared_input = self.path, self.tile_given, self.declared_input
+        tm.multiple = self.multiple  # probed when the model stores none
         return tm
 
     def input_shape(self) -> list[int]:

@@ -11,7 +11,7 @@ import numpy as np
 from .activation import graph_activation
 from .checks import check_input_range, check_nonfinite
 from .errors import VolinferError
-from .fidelity import Fidelity, Tiling, activation_bytes_per_voxel, default_budget_mb, fmt_tile, judge, plan_exact
+from .fidelity import Fidelity, Tiling, accepts, probe_multiple, activation_bytes_per_voxel, default_budget_mb, fmt_tile, judge, plan_exact
 from .fidelity import SPEED_HEADROOM_MB, RUNTIME_FLOOR_MB, weights_mb
 from .receptive_field import ReceptiveField, measure_receptive_field
 from .spatial_norm import NormLayer, find_norm_layers
@@ -177,10 +177,14 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         rf = measure_receptive_field(tm)
         notes.append(f"receptive field {rf} measured now (not stored in the model; `volinfer convert` stores it)")
     layers, global_ops = model_norm_layers(tm)
+    if tm.settings.size_multiple is None and not tm.declared_input.is_static:
+        tm.multiple = probe_multiple(tm.model, tm.layout, tm.in_channels)
     # a tile longer than the volume padded to the size multiple would show the model more padding than whole-volume
     # inference does (features computed from padding are not the zeros a convolution pads with): clamp it
     whole = [-(-n // tm.multiple) * tm.multiple for n in shape]
     clamped = tuple(min(t, w) for t, w in zip(tm.tile, whole))
+    if clamped != tm.tile and not accepts(tm.model, tm.layout, tm.in_channels, clamped):
+        clamped = tm.tile
     choice = TilingChoice(clamped, None, rf, layers, global_ops, mode, notes)  # type: ignore[arg-type]
     fixed = tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop"
     if fixed or overlap not in (None, "") or not rf.measured or not rf.bounded:
