@@ -1,9 +1,12 @@
 """Input checks that need to look at the voxels, each one streaming pass over z-slabs (never the whole volume), run
 only when it can find something: NaN/Inf only in float-stored channels, value range only for models whose input type
-is narrower than float32.
+is narrower than float32 or for channels stored wider than float32 (float64 voxels). The NaN/Inf pass also records
+each float channel's finite range, so the range check never needs a second pass over a float channel.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 
@@ -11,6 +14,10 @@ from . import validate
 from .errors import VolinferError
 from .normalize import Normalizer, exceeds_float32
 from .reader import ChannelReader, VolumeSource, scan_slabs
+
+
+#: Finite (lo, hi) of float channels, recorded by the NaN/Inf pass for the range check.
+_RANGES: "weakref.WeakKeyDictionary[object, tuple[float, float]]" = weakref.WeakKeyDictionary()
 
 
 def count_nonfinite(source: VolumeSource, slab: int) -> list[int]:
@@ -21,8 +28,15 @@ def count_nonfinite(source: VolumeSource, slab: int) -> list[int]:
             counts.append(0)
             continue
         n = 0
+        lo, hi = np.inf, -np.inf
         for block in scan_slabs(reader, source.shape, slab):
-            n += int(block.size - np.count_nonzero(np.isfinite(block)))
+            ok = np.isfinite(block)
+            good = int(np.count_nonzero(ok))
+            n += int(block.size - good)
+            if good:
+                finite = block if good == block.size else block[ok]
+                lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+        _RANGES[reader] = (lo, hi)
         counts.append(n)
     return counts
 
@@ -43,6 +57,8 @@ def check_nonfinite(source: VolumeSource, slab: int, replace: float | None) -> i
 
 def _stored_range(reader: ChannelReader, shape: tuple[int, int, int], slab: int) -> tuple[float, float]:
     """Smallest and largest finite stored value of one channel (lo > hi when there is none)."""
+    if reader in _RANGES:  # recorded by the NaN/Inf pass just before (used once: data may change between runs)
+        return _RANGES.pop(reader)
     lo, hi = np.inf, -np.inf
     for block in scan_slabs(reader, shape, slab):
         finite = block[np.isfinite(block)] if block.dtype.kind == "f" else block
