@@ -46,8 +46,8 @@ def _list(text: str | None) -> list[str] | None:
 @click.option("--calibration-tiles", type=V.COUNT, default=8, show_default=True,
               help="Tiles sampled for INT8 calibration (>= 1).")
 @click.option("--no-check", is_flag=True, help="Skip the parity check against the source model.")
-@click.option("--tolerance", type=V.POSITIVE, help="Max relative error (> 0) of the parity check (default 1e-2 with FP16 "
-              "weights, 1e-4 without).")
+@click.option("--tolerance", type=V.POSITIVE, help="Max relative error (> 0) of the parity check (default 1e-2 "
+              "with FP16 weights, 1e-4 without).")
 @click.option("--calibration-volume", type=click.Path(exists=True), help="Check parity on a crop of this NIfTI volume.")
 @click.option("--no-receptive-field", is_flag=True, help="Skip measuring the receptive field.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing IR.")

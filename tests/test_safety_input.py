@@ -153,8 +153,10 @@ def test_bad_numeric_options_give_one_line_and_write_nothing(tmp_path, xml, opti
     ["plan", "v.nii", "-m", "m.xml", "--requests", "0"], ["plan", "v.nii", "-m", "m.xml", "--tiles", "64,0"],
     ["info", "m.xml", "--tile", "-8"], ["to-zarr", "v.nii", "o.zarr", "--chunks", "0"],
     ["convert", "m.xml", "-o", "n.xml", "--tile", "0"], ["convert", "m.xml", "-o", "n.xml", "--overlap", "1.5"],
-    ["convert", "m.xml", "-o", "n.xml", "--tolerance", "nan"], ["convert", "m.xml", "-o", "n.xml", "--spacing", "1,0,1"],
-    ["convert", "m.xml", "-o", "n.xml", "--calibration-tiles", "0"], ["convert", "m.xml", "-o", "n.xml", "--channels", "0"],
+    ["convert", "m.xml", "-o", "n.xml", "--tolerance", "nan"],
+    ["convert", "m.xml", "-o", "n.xml", "--spacing", "1,0,1"],
+    ["convert", "m.xml", "-o", "n.xml", "--calibration-tiles", "0"],
+    ["convert", "m.xml", "-o", "n.xml", "--channels", "0"],
 ], ids=lambda a: " ".join(a))
 def test_bad_numeric_options_of_other_commands(tmp_path, xml, args):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), str(tmp_path / "v.nii"))
