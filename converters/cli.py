@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from volinfer import validate as V
 from volinfer.cliutil import friendly_errors, parse_tile
 from volinfer.errors import VolinferError
 
@@ -25,25 +26,28 @@ def _list(text: str | None) -> list[str] | None:
 @click.option("--input", "inputs", help="TF frozen graph / SavedModel: input node name(s) to cut the graph at.")
 @click.option("--output-node", "outputs", help="TF frozen graph: output node name(s) to cut the graph at.")
 @click.option("--output-name", help="Which output `volinfer run` uses when the model has several (name or index).")
-@click.option("--tile", help="Tile size the model will run at (128 or 128,128,64).")
-@click.option("--channels", type=int, help="Input channels, when the model does not fix them.")
+@click.option("--tile", type=V.TILE, help="Tile size the model will run at (128 or 128,128,64; whole numbers >= 1).")
+@click.option("--channels", type=V.COUNT, help="Input channels (>= 1), when the model does not fix them.")
 @click.option("--layout", type=click.Choice(["NCDHW", "NDHWC"], case_sensitive=False),
               help="Input layout (default: NCDHW; NDHWC for TensorFlow/Keras).")
 @click.option("--static", is_flag=True, help="Store a static input shape (the tile) instead of dynamic spatial dims.")
 @click.option("--activation", type=click.Choice(["softmax", "sigmoid", "none"]), help="Output activation to store.")
 @click.option("--labels", help="Comma-separated label names (background first).")
 @click.option("--channel-names", help="Comma-separated input channel names (e.g. t1,t2,flair).")
-@click.option("--normalize", help="Normalisation to store: none, zscore, minmax, percentile:LO:HI, scale:A:B.")
-@click.option("--spacing", help="Voxel spacing the model expects, in mm (e.g. 1,1,1).")
-@click.option("--overlap", type=float, help="Default overlap to store (fraction < 1, or voxels).")
+@click.option("--normalize", type=V.NORMALIZE, help="Normalisation to store: none, zscore, minmax, percentile:LO:HI "
+              "(0 <= LO < HI <= 100), scale:A:B (finite, A != 0).")
+@click.option("--spacing", type=V.SPACING, help="Voxel spacing the model expects, in mm, > 0 (e.g. 1,1,1).")
+@click.option("--overlap", type=V.SINGLE_OVERLAP, help="Default overlap to store: a fraction of the tile in [0, 1), "
+              "or a whole number of voxels >= 1.")
 @click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]), help="Default stitching to store.")
 @click.option("--no-fp16", is_flag=True, help="Keep FP32 weights (default: compress weights to FP16).")
 @click.option("--int8", is_flag=True, help="Post-training INT8 quantisation with NNCF, calibrated on "
               "--calibration-volume (parity against FP32 is reported).")
-@click.option("--calibration-tiles", default=8, show_default=True, help="Tiles sampled for INT8 calibration.")
+@click.option("--calibration-tiles", type=V.COUNT, default=8, show_default=True,
+              help="Tiles sampled for INT8 calibration (>= 1).")
 @click.option("--no-check", is_flag=True, help="Skip the parity check against the source model.")
-@click.option("--tolerance", type=float, help="Max relative error of the parity check (default 1e-2 with FP16 "
-              "weights, 1e-4 without).")
+@click.option("--tolerance", type=V.POSITIVE, help="Max relative error (> 0) of the parity check (default 1e-2 "
+              "with FP16 weights, 1e-4 without).")
 @click.option("--calibration-volume", type=click.Path(exists=True), help="Check parity on a crop of this NIfTI volume.")
 @click.option("--no-receptive-field", is_flag=True, help="Skip measuring the receptive field.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing IR.")

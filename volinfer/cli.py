@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from . import __version__
+from . import validate as V
 from .cliutil import friendly_errors, parse_tile
 from .errors import VolinferError
 
@@ -33,21 +34,23 @@ def main() -> None:
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="OpenVINO IR (.xml) or ONNX (.onnx) model.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output .nii or .nii.gz.")
-@click.option("--tile", help="Tile size: 128 or 128x128x64, or auto (default): the fastest tiling whose crop margins "
-              "cover the model's receptive field (up to one tile over the whole volume) within --max-memory. A "
-              "given size is used as is; the summary then says whether the run is exact.")
+@click.option("--tile", type=V.TILE, help="Tile size: 128 or 128x128x64 (whole numbers >= 1), or auto (default): "
+              "the fastest tiling whose crop margins cover the model's receptive field (up to one tile over the whole "
+              "volume) within --max-memory. A given size is used as is; the summary then says whether the run is "
+              "exact.")
 @click.option("--norm-stats", type=click.Choice(["volume", "tile"]),
               help="InstanceNorm/GroupNorm statistics: volume (default; whole-volume statistics found in streamed "
               "passes before the run, exact) or tile (per-tile, for models trained to run patch-wise).")
 @click.option("--mirror", help="Test-time mirroring over these axes (any of x, y, z, e.g. xyz): each tile's output "
               "is averaged over its flips, 2^axes inferences per tile; exact with crop stitching, same memory.")
-@click.option("--overlap", help="Overlap between neighbouring tiles: a fraction of the tile (0.25) or voxels (32), "
-              "optionally per axis (32,32,16). Crop stitching discards half of it on each side. "
-              "Default: stored in the model, else 2x its receptive field (crop) or 0.25.")
+@click.option("--overlap", type=V.OVERLAP, help="Overlap between neighbouring tiles: " + V.OVERLAP_RULE + "; "
+              "1.5 is refused as ambiguous, and the overlap must stay below the tile. Crop stitching discards half "
+              "of it on each side. Default: stored in the model, else 2x its receptive field (crop) or 0.25.")
 @click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]),
               help="crop: keep each tile's centre, exact when the margin covers the receptive field (default); "
               "gaussian/mean: weighted blending of overlaps.")
-@click.option("--sigma", default=0.125, show_default=True, help="Gaussian sigma as a fraction of the tile.")
+@click.option("--sigma", type=V.POSITIVE, default=0.125, show_default=True,
+              help="Gaussian sigma as a fraction of the tile (> 0).")
 @click.option("--pad", "pad_mode", type=click.Choice(["constant", "edge", "reflect"]), default="constant",
               show_default=True, help="How tiles are filled past the volume's end.")
 @click.option("--layout", type=click.Choice(["NCDHW", "NDHWC"], case_sensitive=False),
@@ -55,31 +58,39 @@ def main() -> None:
 @click.option("--kind", type=click.Choice(["labels", "probabilities", "raw"]), default="labels", show_default=True,
               help="labels: argmax (or threshold for one channel), smallest integer type; probabilities: activated "
               "output; raw: model output.")
-@click.option("--activation", type=click.Choice(["softmax", "sigmoid", "none"]),
+@click.option("--activation", type=click.Choice(["softmax", "sigmoid", "none"]), is_eager=True,
               help="Output activation. Default: stored in the model, else softmax (several channels) or sigmoid.")
 @click.option("--channels", help="Output channels to keep, e.g. 1,2 (probabilities/raw).")
-@click.option("--threshold", default=0.5, show_default=True, help="Threshold for one-channel labels.")
+@click.option("--threshold", type=V.FLOAT, default=0.5, show_default=True, callback=V.threshold_callback,
+              help="Threshold for one-channel (or sigmoid) labels, on probabilities: 0 < T < 1 (any finite number "
+              "with --activation none).")
 @click.option("--float16", "float16", is_flag=True, help="Write probabilities as float16.")
-@click.option("--normalize", help="Intensity normalisation: none, zscore, minmax, percentile:0.5:99.5, scale:A:B. "
+@click.option("--normalize", type=V.NORMALIZE, help="Intensity normalisation: none, zscore, minmax, "
+              "percentile:LO:HI (0 <= LO < HI <= 100, default 0.5:99.5), scale:A:B (x * A + B; finite, A != 0). "
               "Default: stored in the model, else none.")
 @click.option("--output-name", help="Which model output to use (name or index) when there are several.")
 @click.option("--device", default="CPU", show_default=True, help="OpenVINO device (CPU, GPU, NPU, AUTO, ...).")
 @click.option("--precision", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True,
               help="Inference precision hint; f32 is exact, bf16/f16 faster on hardware that has them.")
-@click.option("--threads", type=int, help="Inference threads (default: all cores).")
-@click.option("--streams", type=int, help="OpenVINO streams (more speed for more memory).")
-@click.option("--requests", default=2, show_default=True, help="Infer requests in flight (each ~1 tile of I/O memory).")
+@click.option("--threads", type=V.COUNT, help="Inference threads, >= 1 (default: all cores).")
+@click.option("--streams", type=V.COUNT, help="OpenVINO streams, >= 1 (more speed for more memory).")
+@click.option("--requests", type=V.COUNT, default=2, show_default=True,
+              help="Infer requests in flight, >= 1 (each ~1 tile of I/O memory).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="OpenVINO model cache directory.")
-@click.option("--nan-value", type=float, help="Replace NaN/Inf voxels with this value (default: refuse such volumes).")
+@click.option("--nan-value", type=V.FLOAT, help="Replace NaN/Inf voxels with this (finite) value (default: refuse "
+              "such volumes).")
 @click.option("--no-constant-reuse", is_flag=True, help="Run every tile, even constant ones (default: constant tiles "
               "reuse one cached inference).")
 @click.option("--scheduler", help="Zarr runs: Dask scheduler address (tcp://host:8786) to run the blocks on.")
-@click.option("--workers", type=int, help="Zarr runs: start a local Dask cluster of this many worker processes.")
-@click.option("--block", default=256, show_default=True, help="Zarr runs: block size in voxels (whole output chunks).")
-@click.option("--chunks", type=int, help="Zarr runs: output chunk size (default: the input's).")
+@click.option("--workers", type=V.COUNT, help="Zarr runs: start a local Dask cluster of this many (>= 1) worker "
+              "processes.")
+@click.option("--block", type=V.COUNT, default=256, show_default=True,
+              help="Zarr runs: block size in voxels, >= 1 (whole output chunks).")
+@click.option("--chunks", type=V.COUNT, help="Zarr runs: output chunk size, >= 1 (default: the input's).")
 @click.option("--no-compression", is_flag=True, help="Zarr runs: store output chunks uncompressed (default zstd).")
-@click.option("--max-memory", help="Peak RAM budget for choosing the tile (e.g. 600M, 2G; default a quarter of "
-              "available RAM): the tile grows up to this for an exact run, else the run says it is not exact.")
+@click.option("--max-memory", type=V.MEMORY, help="Peak RAM budget for choosing the tile (e.g. 600M, 2G; > 0; "
+              "default a quarter of available RAM): the tile grows up to this for an exact run, else the run says it "
+              "is not exact.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command) from its last finished "
               "row of tiles; refused if the model, input or settings changed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -208,14 +219,14 @@ def batch_inputs(inputs: tuple[Path, ...]) -> list[Path] | None:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path), help="Model (.xml/.onnx).")
-@click.option("--tile", help="Tile size (default: stored in the model).")
-@click.option("--tiles", "tile_list", help="Several tile sizes to compare, e.g. 64,96,128.")
-@click.option("--overlap", help="As for `run`.")
+@click.option("--tile", type=V.TILE, help="Tile size, whole numbers >= 1 (default: stored in the model).")
+@click.option("--tiles", "tile_list", type=V.TILES, help="Several cubic tile sizes to compare, e.g. 64,96,128.")
+@click.option("--overlap", type=V.OVERLAP, help="As for `run`: " + V.OVERLAP_RULE + ".")
 @click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]))
 @click.option("--kind", type=click.Choice(["labels", "probabilities", "raw"]), default="labels", show_default=True)
 @click.option("--precision", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True)
 @click.option("--device", default="CPU", show_default=True)
-@click.option("--requests", default=2, show_default=True)
+@click.option("--requests", type=V.COUNT, default=2, show_default=True, help="Infer requests in flight, >= 1.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @friendly_errors
 def plan(inputs: tuple[Path, ...], model_path: Path, tile: str | None, tile_list: str | None, overlap: str | None,
@@ -235,7 +246,8 @@ def plan(inputs: tuple[Path, ...], model_path: Path, tile: str | None, tile_list
 
 @main.command()
 @click.argument("model_path", type=click.Path(path_type=Path))
-@click.option("--tile", help="Tile size to measure the receptive field at (default: the model's).")
+@click.option("--tile", type=V.TILE, help="Tile size to measure the receptive field at, whole numbers >= 1 "
+              "(default: the model's).")
 @click.option("--no-measure", is_flag=True, help="Skip measuring the receptive field.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @friendly_errors
@@ -325,7 +337,7 @@ def demo(out_dir: Path, size: str, as_json: bool) -> None:
 @main.command("to-zarr")
 @click.argument("nifti", type=click.Path(path_type=Path))
 @click.argument("zarr_path", type=click.Path(path_type=Path))
-@click.option("--chunks", default=64, show_default=True, help="Chunk size.")
+@click.option("--chunks", type=V.COUNT, default=64, show_default=True, help="Chunk size, >= 1.")
 @click.option("--overwrite", is_flag=True)
 @friendly_errors
 def to_zarr(nifti: Path, zarr_path: Path, chunks: int, overwrite: bool) -> None:

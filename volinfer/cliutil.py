@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 from typing import Any, Callable
 
 import click
 
-from .errors import Interrupted, VolinferError
+from .errors import Interrupted, VolinferError, framework_message
 
 
 #: The signal that interrupted this process (SIGINT or SIGTERM), for the exit status 128 + signal.
@@ -51,6 +52,14 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except MemoryError:
             click.echo("error: out of memory; use a smaller --tile or fewer --requests", err=True)
             sys.exit(2)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own control flow (usage errors, --help inside a command)
+        except Exception as e:  # a bug or an unforeseen library error: still one line, with the way to see more
+            if os.environ.get("VOLINFER_DEBUG"):
+                raise
+            click.echo(f"error: internal error ({type(e).__name__}: {framework_message(e)}); rerun with "
+                       f"VOLINFER_DEBUG=1 for the traceback", err=True)
+            sys.exit(1)
 
     return wrapper
 

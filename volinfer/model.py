@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import openvino as ov
 
-from .errors import VolinferError
+from .errors import VolinferError, framework_message
 from .settings import ModelSettings
 
 LAYOUTS = ("NCDHW", "NDHWC")
@@ -58,8 +58,7 @@ def read_model(path: str | os.PathLike, core: ov.Core | None = None) -> ov.Model
     try:
         return (core or ov.Core()).read_model(str(p))
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VolinferError(f"{p}: cannot read model ({first[:300]})") from None
+        raise VolinferError(f"{p}: cannot read model ({framework_message(e)})") from None
 
 
 def _check_weights_file(xml: Path) -> None:
@@ -217,10 +216,9 @@ class TileModel:
             self.model.reshape({self.model.input(0): ov.PartialShape(self.input_shape())})
         except Exception as e:
             hint = f"sizes divisible by {self.multiple}" if self.multiple > 1 else "a different tile size"
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise VolinferError(
                 f"tile size {'x'.join(map(str, self.tile))} rejected by the model (try {hint}; "
-                f"`volinfer info` shows the stored size multiple): {first}"
+                f"`volinfer info` shows the stored size multiple): {framework_message(e)}"
             ) from None
 
     def _compile(self) -> ov.CompiledModel:
@@ -229,8 +227,8 @@ class TileModel:
         except VolinferError:
             raise
         except Exception as e:
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise VolinferError(f"cannot compile the model for {self.options.device}: {first}") from None
+            raise VolinferError(f"cannot compile the model for {self.options.device}: {framework_message(e)}"
+                                ) from None
 
     def new_input_buffer(self) -> np.ndarray:
         """A zeroed host buffer of the tile input shape, to be shared (not copied) with one infer request."""

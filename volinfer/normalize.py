@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from . import validate
 from .blockwise import cast_copy
 from .errors import VolinferError
 from .reader import VolumeSource, scan_slabs
@@ -29,25 +30,43 @@ KINDS = ("none", "zscore", "minmax", "percentile", "scale")
 
 
 def parse_normalization(text: str | None) -> dict[str, Any] | None:
-    """CLI form: ``zscore``, ``minmax``, ``percentile:0.5:99.5``, ``scale:0.001:0``, ``none``."""
+    """CLI form: ``zscore``, ``minmax``, ``percentile:0.5:99.5``, ``scale:0.001:0``, ``none``; validated (finite
+    numbers, the right count of them, percentiles 0 <= LO < HI <= 100)."""
     if not text:
         return None
     parts = text.split(":")
     kind = parts[0]
     if kind not in KINDS:
         raise VolinferError(f"--normalize must be one of {', '.join(KINDS)} (percentile:LO:HI, scale:A:B); got {text!r}")
-    try:
-        nums = [float(p) for p in parts[1:]]
-    except ValueError:
-        raise VolinferError(f"--normalize {text!r}: parameters must be numbers") from None
+    nums = [validate.finite(f"--normalize {text!r}: parameter", p) for p in parts[1:]]
     if kind == "percentile":
-        lo, hi = nums if nums else (0.5, 99.5)
+        if len(nums) not in (0, 2):
+            raise VolinferError(f"--normalize percentile takes two numbers, percentile:LO:HI (e.g. "
+                                f"percentile:0.5:99.5); got {text!r}")
+        lo, hi = validate.percentiles(*nums) if nums else (0.5, 99.5)
         return {"kind": kind, "lower": lo, "upper": hi}
     if kind == "scale":
         if len(nums) != 2:
             raise VolinferError("--normalize scale needs two numbers: scale:A:B means x * A + B")
-        return {"kind": kind, "scale": nums[0], "shift": nums[1]}
+        spec = {"kind": kind, "scale": nums[0], "shift": nums[1]}
+        validate.normalization(spec)
+        return spec
+    if nums:
+        raise VolinferError(f"--normalize {kind} takes no parameters; got {text!r}")
     return {"kind": kind}
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def exceeds_float32(dtype: np.dtype, slope: float = 1.0, inter: float = 0.0) -> bool:
+    """Whether stored values of ``dtype``, scaled by the file's slope/intercept, can leave float32's range (float64
+    voxels, 64-bit integers with a large slope, ...): such channels are normalised in float64 and range-checked."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iuf":
+        return False
+    top = float(np.finfo(dtype).max if dtype.kind == "f" else max(-int(np.iinfo(dtype).min), np.iinfo(dtype).max))
+    return top * abs(slope) + abs(inter) > _F32_MAX
 
 
 class Normalizer:
@@ -58,6 +77,7 @@ class Normalizer:
         self.kind = self.spec.get("kind", "none")
         if self.kind not in KINDS:
             raise VolinferError(f"unknown normalization {self.kind!r}; expected one of {', '.join(KINDS)}")
+        validate.normalization(self.spec)
         self.channels = channels
         self.a = np.ones(channels, dtype=np.float64)
         self.b = np.zeros(channels, dtype=np.float64)
@@ -101,20 +121,29 @@ class Normalizer:
             n, s1, s2 = 0, 0.0, 0.0
             lo, hi = math.inf, -math.inf
             samples = []
+            sample_dtype = np.float64 if exceeds_float32(reader.dtype, reader.slope, reader.inter) else np.float32
             step = max(1, round((x * y * z / 4e6) ** (1 / 3)))  # percentile sample of at most ~4M voxels
             for stored in scan_slabs(reader, source.shape, slab):
                 block = stored.astype(np.float64)
                 block = block * reader.slope + reader.inter
                 if block.dtype.kind == "f" and not np.isfinite(block).all():
                     block = block[np.isfinite(block)]  # NaN/Inf are replaced later; they do not count here
+                if not block.size:
+                    continue
                 n += block.size
                 s1 += float(block.sum())
                 s2 += float(np.square(block).sum())
                 lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
                 if self.kind == "percentile":
-                    samples.append(block.ravel()[:: step**3].astype(np.float32))
+                    samples.append(block.ravel()[:: step**3].astype(sample_dtype))
+            if not n:  # every voxel NaN/Inf: nothing to measure (replaced voxels get the fill value)
+                continue
             mean = s1 / n
             std = math.sqrt(max(s2 / n - mean * mean, 0.0))
+            if self.kind != "none" and not (math.isfinite(mean) and math.isfinite(std)):
+                raise VolinferError(
+                    f"channel {c}: values up to {max(abs(lo), abs(hi)):g} are too large for {self.kind} statistics; "
+                    f"rescale the volume or pass --normalize scale:A:B with a small A")
             if self.kind == "zscore":
                 self.a[c], self.b[c] = 1.0 / (std or 1.0), -mean / (std or 1.0)
             elif self.kind == "minmax":
@@ -154,6 +183,12 @@ class Normalizer:
             return
         clip = self.clip[channel]
         a, b = float(self.a[channel]), float(self.b[channel])
+        if exceeds_float32(stored.dtype, slope, inter):  # float64 voxels: scale before narrowing (range-checked)
+            wide = stored.astype(np.float64) * slope + inter
+            if clip is not None:
+                np.clip(wide, clip[0], clip[1], out=wide)
+            cast_copy(wide * a + b, out)
+            return
         cast_copy(stored, out)  # the one transposing pass; the rest runs on contiguous float32
         if clip is None:  # fold the file's scaling into one multiply-add
             a, b = slope * a, inter * a + b

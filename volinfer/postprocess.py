@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import validate
 from .blockwise import blockwise
 from .errors import VolinferError
 
@@ -45,6 +46,7 @@ class OutputSpec:
             raise VolinferError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {self.activation!r}")
         if self.float_dtype not in ("float16", "float32"):
             raise VolinferError(f"probability dtype must be float16 or float32; got {self.float_dtype!r}")
+        validate.threshold(self.threshold, self.activation)
         for c in self.keep or ():
             if not 0 <= c < self.model_channels:
                 raise VolinferError(f"channel {c} does not exist; the model outputs {self.model_channels} channels")

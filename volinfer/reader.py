@@ -9,11 +9,18 @@ Requests arrive in on-disk order (z-rows, then y-rows, then x), and each source 
 * ``.nii.gz``: a forward-only window of whole z-planes, decompressed as a stream in on-disk order. Its size is
   ``X * Y * tile_z`` voxels of the stored dtype: the one part of reading that grows with the volume's cross-section.
 * numpy arrays (Python API): views.
+
+Every source passes through :class:`VolumeSource`, which is where the numeric domain is settled once for all
+commands: voxels reach the rest of volinfer in native byte order (big-endian files are swapped in place in the
+reader's own buffers, as they are read), and types no model input can represent faithfully (complex, RGB and other
+structured types) are refused with a line saying what to do. Declared sizes are checked against the bytes present
+before any buffer is allocated (for ``.nii.gz``, against what the compressed bytes can possibly expand to).
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +32,32 @@ import numpy as np
 from .errors import VolinferError
 
 Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+#: Deflate's largest possible expansion (zlib's documented limit is 1032:1); with gzip's per-member overhead, no
+#: stream of n compressed bytes inflates to more than this many times n.
+MAX_DEFLATE_RATIO = 1032
+
+
+def native(dtype: np.dtype) -> np.dtype:
+    """``dtype`` in this machine's byte order."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.isnative or dtype.byteorder == "|" else dtype.newbyteorder("=")
+
+
+def check_voxel_type(dtype: np.dtype, where: str = "the volume") -> None:
+    """Refuse voxel types a model input cannot represent without losing information, with what to do instead."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "c":
+        raise VolinferError(
+            f"{where}: complex voxels ({dtype.name}) are not supported: converting would drop the imaginary part; "
+            f"save the magnitude (abs) or the real and imaginary parts as separate channel files and give those")
+    if dtype.kind == "V" or dtype.fields is not None:
+        names = ",".join(dtype.names or ()) or "structured"
+        raise VolinferError(
+            f"{where}: {names} voxels (e.g. RGB24) are not supported: save each colour as its own 3-D file (or a "
+            f"4-D file with one channel per colour) and give those, or convert the image to grey levels")
+    if dtype.kind not in "biuf":
+        raise VolinferError(f"{where}: voxel type {dtype} is not a number type; expected integers or floats")
 
 
 class ChannelReader(Protocol):
@@ -60,16 +93,36 @@ class ArrayChannel:
         pass
 
 
+class NativeChannel:
+    """Wraps a channel whose voxels come in the other byte order (a big-endian array or Zarr store): each read is
+    converted to native order (a copy; NIfTI readers swap in their own buffers instead)."""
+
+    def __init__(self, inner: ChannelReader) -> None:
+        self.inner = inner
+        self.dtype = native(inner.dtype)
+        self.slope, self.inter = inner.slope, inner.inter
+
+    def region(self, r: Region) -> np.ndarray:
+        return self.inner.region(r).astype(self.dtype)
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        return self.inner.planes(z0, z1).astype(self.dtype)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 @dataclass
 class _Stored:
     """Where and how one channel's voxels lie in a NIfTI file."""
 
     path: Path
     shape: tuple[int, int, int]
-    dtype: np.dtype
+    dtype: np.dtype  # native byte order: what the reader hands out
     offset: int  # byte offset of this channel's first voxel
     slope: float
     inter: float
+    swap: bool = False  # the file stores the other byte order: swap every read in place
 
 
 class StripChannel:
@@ -94,6 +147,8 @@ class StripChannel:
             got = os.preadv(self._fd, [strip[k]], self.s.offset + ((z0 + k) * Y + y0) * X * item)
             if got != ny * X * item:
                 raise VolinferError(f"{self.s.path}: file is shorter than its header says (truncated?)")
+        if self.s.swap:
+            strip.byteswap(inplace=True)
         return strip
 
     def region(self, r: Region) -> np.ndarray:
@@ -112,6 +167,8 @@ class StripChannel:
         item = self.s.dtype.itemsize
         if os.preadv(self._fd, [out], self.s.offset + z0 * Y * X * item) != out.nbytes:
             raise VolinferError(f"{self.s.path}: file is shorter than its header says (truncated?)")
+        if self.s.swap:
+            out.byteswap(inplace=True)
         return out.transpose(2, 1, 0)
 
     def close(self) -> None:
@@ -153,7 +210,10 @@ class StreamChannel:
             self._buf[: self._w1 - z0] = self._buf[z0 - self._w0 : self._w1 - self._w0]
             self._w0 = z0
         while self._w1 < z1:
-            _read_into(self._f, memoryview(self._buf[self._w1 - self._w0]).cast("B"), self.s.path)
+            plane = self._buf[self._w1 - self._w0]
+            _read_into(self._f, memoryview(plane).cast("B"), self.s.path)
+            if self.s.swap:
+                plane.byteswap(inplace=True)
             self._w1 += 1
 
     def region(self, r: Region) -> np.ndarray:
@@ -214,8 +274,13 @@ class VolumeSource:
         affine: np.ndarray | None = None,
         paths: Sequence[Path] = (),
     ) -> None:
-        self.readers = list(channels)
+        readers = list(channels)
+        for r in readers:  # the one gate every source (NIfTI, Zarr, array) passes
+            check_voxel_type(r.dtype, str(paths[0]) if len(paths) == 1 else "the volume")
+        self.readers = [r if native(r.dtype) == r.dtype else NativeChannel(r) for r in readers]
         self.shape = shape
+        if header is not None and header.endianness != nib.volumeutils.native_code:
+            header = header.as_byteswapped(nib.volumeutils.native_code)  # outputs copy it: say native order
         self.header = header
         self.affine = affine
         self.paths = list(paths)
@@ -258,18 +323,15 @@ class VolumeSource:
             elif not np.allclose(img.affine, first.affine, atol=1e-4):
                 raise VolinferError(f"{p}: affine differs from {paths[0]}'s (the channels are not on one grid)")
             proxy = img.dataobj
-            dtype = np.dtype(proxy.dtype)
+            stored_dtype = np.dtype(proxy.dtype)
+            check_voxel_type(stored_dtype, str(p))
+            dtype = native(stored_dtype)
             n_ch = shape[3] if len(shape) == 4 else 1
-            vox = int(np.prod(shape[:3]))
-            size = os.path.getsize(p)
+            vox = math.prod(int(v) for v in shape[:3])  # Python ints: NIfTI-2 dims can overflow int64 products
+            if vox == 0 or n_ch == 0:
+                raise VolinferError(f"{p}: the header describes an empty image (shape {tuple(shape)})")
             compressed = _is_gzip(p)
-            if compressed:
-                _check_gzip_size(p, proxy.offset + vox * n_ch * dtype.itemsize)
-            elif size < proxy.offset + vox * n_ch * dtype.itemsize:
-                raise VolinferError(
-                    f"{p}: file holds {size} bytes but its header describes {proxy.offset + vox * n_ch * dtype.itemsize}"
-                    " (truncated, or the header's dimensions are wrong)"
-                )
+            _check_declared_size(p, int(proxy.offset) + vox * n_ch * dtype.itemsize, compressed)
             for c in range(n_ch):
                 stored = _Stored(
                     path=p,
@@ -278,6 +340,7 @@ class VolumeSource:
                     offset=int(proxy.offset) + c * vox * dtype.itemsize,
                     slope=float(proxy.slope),
                     inter=float(proxy.inter),
+                    swap=dtype != stored_dtype,
                 )
                 readers.append(StreamChannel(stored, depth) if compressed else StripChannel(stored))
         assert first is not None and shape3 is not None
@@ -311,6 +374,23 @@ def scan_slabs(reader: ChannelReader, shape: tuple[int, int, int], depth: int,
 def _is_gzip(p: Path) -> bool:
     with open(p, "rb") as f:
         return f.read(2) == b"\x1f\x8b"
+
+
+def _check_declared_size(p: Path, expected: int, compressed: bool) -> None:
+    """The bytes the header declares must be present, checked before anything of that size is allocated: the file
+    size for ``.nii``; for ``.nii.gz``, the most the compressed bytes can inflate to (deflate cannot exceed
+    :data:`MAX_DEFLATE_RATIO`, whatever the trailer says: its size field is only modulo 2**32) and the trailer."""
+    size = os.path.getsize(p)
+    if not compressed:
+        if size < expected:
+            raise VolinferError(f"{p}: file holds {size} bytes but its header describes {expected} (truncated, or "
+                                f"the header's dimensions are wrong)")
+        return
+    if expected > size * MAX_DEFLATE_RATIO:
+        raise VolinferError(
+            f"{p}: header describes {expected} bytes of voxels, more than {size} compressed bytes can hold (at most "
+            f"{size * MAX_DEFLATE_RATIO}): the header's dimensions are wrong or the file is truncated")
+    _check_gzip_size(p, expected)
 
 
 def _check_gzip_size(p: Path, expected: int) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import validate
 from .activation import graph_activation
 from .checks import check_input_range, check_nonfinite
 from .errors import VolinferError
@@ -28,23 +29,7 @@ DEFAULT_OVERLAP = 0.25
 
 def parse_overlap(value: Any) -> list[float] | None:
     """``0.25`` / ``"0.25"`` (fraction of the tile), ``32`` (voxels), ``"32,32,16"`` (per axis) → 3 numbers."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            items = [float(v) for v in value.split(",")]
-        except ValueError:
-            raise VolinferError(f"overlap must be a fraction (0.25) or voxels (32), optionally per axis; got {value!r}"
-                                ) from None
-    elif isinstance(value, (int, float)):
-        items = [float(value)]
-    else:
-        items = [float(v) for v in value]
-    if len(items) == 1:
-        items *= 3
-    if len(items) != 3 or any(v < 0 for v in items):
-        raise VolinferError(f"overlap needs one or three non-negative values; got {value!r}")
-    return items
+    return validate.overlap(value)  # values < 1 are fractions, whole numbers >= 1 voxels, the rest refused
 
 
 def overlap_voxels(items: list[float], tile: Sequence[int]) -> tuple[int, int, int]:

@@ -12,7 +12,84 @@ from typing import Any
 
 import openvino as ov
 
+from . import validate
+from .errors import VolinferError
+
 RT_KEY = "volinfer"
+
+
+def _ints(value: Any, minimum: int, counts: tuple[int, ...] = (3,)) -> list[int]:
+    vals = value if isinstance(value, list) else [value]
+    if len(vals) not in counts:
+        raise VolinferError(f"expected {' or '.join(map(str, counts))} whole numbers")
+    return [validate.count("value", v, minimum) for v in vals]
+
+
+def _strings(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise VolinferError("expected a list of names")
+    return value
+
+
+def _choice(value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in {c.lower() for c in choices}:
+        raise VolinferError(f"expected one of {', '.join(choices)}")
+    return value
+
+
+def _normalization(value: Any) -> dict[str, Any]:
+    kinds = ("none", "zscore", "minmax", "percentile", "scale")
+    if not isinstance(value, dict) or value.get("kind", "none") not in kinds:
+        raise VolinferError(f"expected a map with kind one of {', '.join(kinds)}")
+    validate.normalization(value)
+    return value
+
+
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise VolinferError("expected true or false")
+    return value
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        raise VolinferError("expected text")
+    return str(value)
+
+
+def _output(value: Any) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or (isinstance(value, int) and value < 0):
+        raise VolinferError("expected an output name or index")
+    return value
+
+
+#: How each stored setting is checked (value as decoded from its JSON text).
+_CHECKS: dict[str, Any] = {
+    "layout": lambda v: _choice(v, ("NCDHW", "NDHWC")),
+    "in_channels": lambda v: _ints(v, 1, (1,))[0],
+    "channel_names": _strings,
+    "tile": lambda v: v if isinstance(v, int) and _ints(v, 1, (1,)) else _ints(v, 1, (3,)),
+    "size_multiple": lambda v: _ints(v, 1, (1,))[0],
+    "overlap": lambda v: (validate.overlap(v), v)[1],
+    "stitch": lambda v: _choice(v, ("crop", "gaussian", "mean")),
+    "receptive_field": lambda v: _ints(v, 0, (3,)),
+    "normalization": _normalization,
+    "activation": lambda v: _choice(v, ("softmax", "sigmoid", "none")),
+    "labels": _strings,
+    "spacing": lambda v: [validate.positive("value", x) for x in (v if isinstance(v, list) else [None])],
+    "output": _output,
+    "instance_norm": _flag,
+}
+
+
+def _check_setting(key: str, value: Any) -> Any:
+    """``value`` if it is a valid ``key`` setting, else a one-line error naming the key and what is expected."""
+    check = _CHECKS.get(key, _text)
+    try:
+        return check(value)
+    except VolinferError as e:
+        raise VolinferError(f"the model's stored setting '{key}' (rt_info {RT_KEY}/{key}) is invalid: "
+                            f"{json.dumps(value)[:80]} ({e}); re-convert the model with `volinfer convert`") from None
 
 
 @dataclass
@@ -41,18 +118,29 @@ class ModelSettings:
 
     @classmethod
     def from_model(cls, model: ov.Model) -> "ModelSettings":
-        """Read the settings stored in ``model``; an IR without any gives all-``None`` settings."""
+        """Read the settings stored in ``model``; an IR without any gives all-``None`` settings. Every known key is
+        checked (type and value): a corrupt one is a one-line error naming it, never a traceback later."""
         if not model.has_rt_info([RT_KEY]):
             return cls()
         known = {f.name for f in fields(cls)} - {"extra"}
         values: dict[str, Any] = {}
         extra: dict[str, Any] = {}
-        for key, raw in model.get_rt_info()[RT_KEY].items():
-            text = raw.astype(str)
+        try:
+            items = list(model.get_rt_info()[RT_KEY].items())
+        except Exception:
+            raise VolinferError(f"the model's rt_info '{RT_KEY}' is not a map of settings; re-create it with "
+                                f"`volinfer convert`") from None
+        for key, raw in items:
+            try:
+                text = raw.astype(str)
+            except Exception:  # a nested map where a value belongs
+                text = str(raw)
             try:
                 value = json.loads(text)
             except json.JSONDecodeError:
                 value = text
+            if key in known and value is not None:
+                value = _check_setting(key, value)
             (values if key in known else extra)[key] = value
         return cls(**values, extra=extra)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import validate
 from .geometry import AxisPlan
 
 BLEND_MODES = ("gaussian", "mean")
@@ -22,8 +23,7 @@ def tile_weights_1d(mode: str, tile: int, sigma: float = 0.125) -> np.ndarray:
     if mode == "mean":
         return np.ones(tile, dtype=np.float32)
     if mode == "gaussian":
-        if sigma <= 0:
-            raise ValueError(f"gaussian sigma must be > 0, got {sigma}")
+        sigma = validate.positive("sigma", sigma)
         x = np.arange(tile, dtype=np.float64) - (tile - 1) / 2.0
         w = np.exp(-0.5 * (x / (sigma * tile)) ** 2)
         w /= w.max()
