@@ -11,13 +11,14 @@ import numpy as np
 
 from . import __version__
 from .engine import RunReport, peak_rss_mb, run_tiles
+from . import validate
 from .errors import Interrupted, VolinferError
 from .journal import Journal, ResumableError, file_identity, model_identity
 from .model import CompileOptions, TileModel
 from .reader import VolumeSource
 from .norm_stats import fit_norm_statistics
 from .feeder import TileFeeder
-from .runsetup import TilingChoice, RunSetup, plan_tiling, resolve, scan_volume, verdict
+from .runsetup import TilingChoice, RunSetup, needs_norm_passes, plan_tiling, resolve, scan_volume, verdict
 from .targets import OutputLock
 from .writer import ArrayWriter, NiftiWriter, check_target
 
@@ -75,7 +76,7 @@ def predict(
     normalize: dict[str, Any] | None = None,
     model_output: str | int | None = None,
     device: str = "CPU",
-    precision: str = "f32",
+    precision: str = "auto",
     threads: int | None = None,
     streams: int | None = None,
     cache_dir: str | None = None,
@@ -110,6 +111,9 @@ def predict(
     """
     t_start = time.perf_counter()
     mirror_axes = parse_mirror(mirror)
+    requests = validate.count("requests", requests)
+    if tile is not None:
+        validate.tile(tile if isinstance(tile, str) else ",".join(str(t) for t in np.atleast_1d(tile)))
     in_paths = [] if isinstance(volume, (np.ndarray, VolumeSource)) else (
         [Path(volume)] if isinstance(volume, (str, os.PathLike)) else [Path(p) for p in volume])
     lock = None
@@ -155,7 +159,7 @@ def predict(
                 tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=ov_vox, stitch=stitch, sigma=sigma,
                 pad_mode=pad_mode, kind=kind, activation=activation, channels=spec.channels, threshold=threshold,
                 dtype=str(spec.dtype), normalization=normalizer.describe(), nan_value=nan_value,
-                device=tm.options.device, precision=tm.options.precision, reuse_constant=reuse_constant,
+                device=tm.options.device, precision=tm.precision, reuse_constant=reuse_constant,
                 norm_stats=choice.norm_stats, norm_passes=passes, mirror=mirror_axes)))
             if resume:
                 start_row = journal.resume_row()
@@ -196,7 +200,7 @@ def predict(
     rep = RunReport(
         shape=source.shape, channels=source.channels, tile=tm.tile,
         grid=tuple(a.count for a in grid.axes), tiles=n, stitch=stitch, overlap=ov_vox, layout=tm.layout,  # type: ignore[arg-type]
-        device=tm.options.device, precision=tm.options.precision, requests=requests,
+        device=tm.options.device, precision=tm.precision, requests=requests,
         normalization=normalizer.describe(), output_kind=kind, output_dtype=str(spec.dtype),
         wall_s=time.perf_counter() - t_start, infer_busy_s=busy, peak_rss_mb=peak_rss_mb(),
         output=str(result) if output is not None else None, exact=fidelity.exact, not_exact=fidelity.reasons,
@@ -204,6 +208,8 @@ def predict(
     )
     for note in choice.notes + setup.notes:
         rep.notes.append(note)
+    if tm.options.precision == "auto":
+        rep.notes.append(f"precision {tm.precision}: {tm.precision_reason}")
     if mirror_axes:
         rep.notes.append(f"test-time mirroring over {''.join('xyz'[a] for a in mirror_axes)}: "
                          f"{2 ** len(mirror_axes)} inferences per tile")
@@ -258,7 +264,7 @@ def _freeze_norm_statistics(tm: TileModel, choice: TilingChoice, setup: RunSetup
                             pad_mode: str, progress: bool) -> tuple[TileModel, int]:
     """With whole-volume statistics asked for and several crop tiles, the model with its InstanceNorm/GroupNorm
     layers frozen to them (streamed passes), and the number of passes; else the model unchanged and 0."""
-    if not choice.norm_layers or choice.norm_stats != "volume" or setup.stitch != "crop" or len(setup.grid) == 1:
+    if not needs_norm_passes(setup, choice):
         return tm, 0
     from .norm_stats import waves
 

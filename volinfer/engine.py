@@ -231,6 +231,8 @@ def run_tiles(
             feeder.fill(tile, view)
             key = constant_value(view) if reuse_constant else None
             if key is not None and key in cache:
+                if grid.mode == "blend" and any(p is not None for p in pending):
+                    drain()  # blended sums are added in submission order, cached tiles included: bitwise reproducible
                 stitcher.add(tile, cache[key])
                 reused += 1
             else:

@@ -144,7 +144,8 @@ def _axis_options(n: int, m: int, radius: int, need: int, preferred: int) -> lis
 
 def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferred: Sequence[int],
                mem_per_voxel: float, weights_mb: float, budget_mb: float, speed_mb: float,
-               norm_layers: int, global_ops: bool, whole_stats: bool) -> Tiling | None:
+               norm_layers: int, global_ops: bool, whole_stats: bool,
+               weighed: list[Tiling] | None = None) -> Tiling | None:
     """The exact tiling with the fewest evaluated voxels (statistics passes counted) within ``speed_mb``, else the
     exact tiling with the least memory within ``budget_mb``; None when no exact tiling fits."""
     options = [_axis_options(n, multiple, r, multiple // 2 if norm_layers else 0, p)
@@ -173,6 +174,8 @@ def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferre
     def cost(t: Tiling) -> float:  # each statistics pass runs part of the network over the volume: ~half a run
         return t.evaluated * (1.0 + 0.5 * t.norm_passes)
 
+    if weighed is not None:  # what `volinfer plan` shows: the cheapest candidates, predicted cost first
+        weighed.extend(sorted(fits, key=lambda t: (cost(t), t.memory_mb))[:8])
     fast = [t for t in fits if t.memory_mb <= speed_mb]
     if fast:
         return min(fast, key=lambda t: (cost(t), t.memory_mb))

@@ -16,26 +16,30 @@ import numpy as np
 import openvino as ov
 
 from .errors import VolinferError, framework_message
+from .precision import resolve as resolve_precision
 from .settings import ModelSettings
 
 LAYOUTS = ("NCDHW", "NDHWC")
-PRECISIONS = ("f32", "bf16", "f16")
+PRECISIONS = ("auto", "f32", "bf16", "f16")
 
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """How to compile: device, precision hint, threads, streams, cache directory."""
+    """How to compile: device, precision hint (``auto``: see :mod:`volinfer.precision`), threads, streams, cache
+    directory."""
 
     device: str = "CPU"
-    precision: str = "f32"
+    precision: str = "auto"
     threads: int | None = None
     streams: int | None = None
     cache_dir: str | None = None
 
-    def config(self) -> dict[str, Any]:
+    def config(self, precision: str | None = None) -> dict[str, Any]:
+        """OpenVINO compile properties; ``precision`` is the resolved one (``auto`` resolves to f32 here)."""
         if self.precision not in PRECISIONS:
             raise VolinferError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
-        cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": self.precision}
+        p = precision or (self.precision if self.precision != "auto" else "f32")
+        cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": p}
         if self.threads:
             cfg["INFERENCE_NUM_THREADS"] = int(self.threads)
         if self.streams:
@@ -142,6 +146,8 @@ class TileModel:
         self.tile = self._resolve_tile(tile, pshape)
         self.output_index = self._resolve_output(output)
         self._reshape()
+        self.precision, self.precision_reason = resolve_precision(
+            self.options.precision, self.settings.extra.get("precision_check"), self.core, self.options.device)
         if not compile:  # shapes only (planning): output shape from shape inference
             self.input_dtype = self.model.input(0).get_element_type().to_dtype()
             self.out_channels = self.model.output(self.output_index).get_partial_shape()[_chan(self.layout)].get_length()
@@ -223,7 +229,7 @@ class TileModel:
 
     def _compile(self) -> ov.CompiledModel:
         try:
-            return self.core.compile_model(self.model, self.options.device, self.options.config())
+            return self.core.compile_model(self.model, self.options.device, self.options.config(self.precision))
         except VolinferError:
             raise
         except Exception as e:

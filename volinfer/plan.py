@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
+import numpy as np
+
 from .errors import VolinferError
 from .geometry import TileGrid
 
@@ -37,14 +39,30 @@ class Plan:
     peak_rss_mb: float
     time_s: float
     parts_mb: dict[str, float] = field(default_factory=dict)
+    exact: bool | None = None
+    not_exact: list[str] = field(default_factory=list)
+    norm_passes: int = 0  # streamed statistics passes before the tile loop
+    inferences_per_tile: int = 1  # 2^axes with test-time mirroring
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # tilings the planner weighed
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in self.parts_mb.items() if v >= 0.5)
-        return (f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
-                f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s")
+        lines = [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
+                 f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s"]
+        if self.norm_passes:
+            lines.append(f"  {self.norm_passes} streamed normalisation-statistics pass(es) before the run (in the time)")
+        if self.inferences_per_tile > 1:
+            lines.append(f"  test-time mirroring: {self.inferences_per_tile} inferences per tile (in the time)")
+        if self.exact is not None:
+            lines.append("  exact" if self.exact else "  not exact: " + "; ".join(self.not_exact))
+        for c in self.candidates:
+            lines.append(f"  weighed tile {'x'.join(map(str, c['tile']))}: {c['tiles']} tiles, "
+                         f"{c['evaluated_x']:.2f}x voxels evaluated, ~{c['memory_mb']:.0f} MB model memory, "
+                         f"{c['norm_passes']} statistics pass(es)")
+        return "\n".join(lines)
 
 
 _PROBE = r"""
@@ -163,14 +181,25 @@ def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
 def plan_run(paths: Sequence[str | Path], model_path: str | Path, *, tile: Any = None, layout: str | None = None,
              output: str | int | None = None, options: dict[str, Any] | None = None, overlap: Any = None,
              stitch: str | None = None, kind: str = "labels", channels: Sequence[int] | None = None,
-             prob_dtype: str = "float32", normalize: dict[str, Any] | None = None, requests: int = 2) -> Plan:
-    """Predict peak RSS and time of ``volinfer run`` with these settings (see module docs)."""
+             prob_dtype: str = "float32", normalize: dict[str, Any] | None = None, requests: int = 2,
+             max_memory_mb: float | None = None, norm_stats: str | None = None, mirror: Any = None) -> Plan:
+    """Predict peak RSS and time of ``volinfer run`` with these settings (see module docs): the same tile planning
+    as the run (fidelity first), then the model measured at that tile in a fresh process."""
+    from .api import _overlap_for, parse_mirror
     from .model import CompileOptions, TileModel
-    from .runsetup import resolve
+    from .runsetup import needs_norm_passes, plan_tiling, resolve, verdict
 
     facts = volume_facts(paths)
     opts = options or {}
-    tm = TileModel(model_path, tile=tile, layout=layout, output=output, options=CompileOptions(**opts), compile=False)
+    handle = TileModel(model_path, tile=tile, layout=layout, output=output, options=CompileOptions(**opts),
+                       compile=False)
+    choice = plan_tiling(handle, facts.shape, stitch=stitch, overlap=overlap, max_memory_mb=max_memory_mb,
+                         norm_stats=norm_stats)
+    tm = TileModel(model_path, tile=choice.tile, layout=layout, output=output, options=CompileOptions(**opts),
+                   compile=False)
+    tm.multiple = handle.multiple
+    if overlap is None:
+        overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
     setup = resolve(tm, facts.shape, facts.channels, stitch=stitch, overlap=overlap, kind=kind, keep=channels,
                     prob_dtype=prob_dtype, normalize=normalize)
     grid, spec = setup.grid, setup.spec
@@ -179,7 +208,17 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, *, tile: Any =
                               out_channels=spec.out_channels, out_itemsize=spec.dtype.itemsize, stitch=setup.stitch,
                               requests=requests, scans=facts.floating or not setup.normalizer.fitted)
     cost = measure_model(model_path, tm.tile, layout, output, opts, requests)
-    return make_plan(grid, cost, parts)
+    plan = make_plan(grid, cost, parts)
+    passes = len(choice.norm_layers) if needs_norm_passes(setup, choice) else 0
+    fid = verdict(setup, choice, frozen=passes > 0)
+    plan.inferences_per_tile = 2 ** len(parse_mirror(mirror))
+    plan.norm_passes = passes
+    plan.time_s = round(plan.time_s * (plan.inferences_per_tile + 0.5 * passes), 1)
+    plan.exact, plan.not_exact = fid.exact, fid.reasons
+    vox = float(np.prod(facts.shape))
+    plan.candidates = [{"tile": list(c.tile), "tiles": int(np.prod(c.counts)), "evaluated_x": c.evaluated / vox,
+                        "memory_mb": c.memory_mb, "norm_passes": c.norm_passes} for c in choice.candidates]
+    return plan
 
 
 def largest_fitting_tile(paths: Sequence[str | Path], model_path: str | Path, limit_mb: float,

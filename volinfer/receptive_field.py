@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import openvino as ov
 
+from .errors import framework_message
 from .model import TileModel
 from .spatial_norm import Moments, find_norm_layers, freeze, group_view, stat_tensor
 
@@ -119,7 +120,7 @@ def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2
         try:
             rf = _measure_at(model, tile, tol, probes, seed, core)  # type: ignore[arg-type]
         except Exception as e:  # the model refused the probe size, or ran out of memory
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            first = framework_message(e)[:200]
             return ReceptiveField((0, 0, 0), False, measured=False, reason=f"probe at {tile} failed: {first}")
         if rf.bounded:
             return rf

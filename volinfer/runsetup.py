@@ -128,6 +128,7 @@ class TilingChoice:
     norm_stats: str
     notes: list[str] = field(default_factory=list)
     tiling: Tiling | None = None
+    candidates: list[Tiling] = field(default_factory=list)
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -180,7 +181,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     preferred = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tm.tile)) / 2**20
     speed = max_memory_mb if max_memory_mb else min(budget, preferred + SPEED_HEADROOM_MB)
     best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, speed, len(layers),
-                      bool(global_ops), mode == "volume")
+                      bool(global_ops), mode == "volume", weighed=choice.candidates)
     if best is None:
         choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape)
         notes.append(f"no exact tiling fits in {budget:.0f} MB; running at tile {fmt_tile(choice.tile)}")
@@ -206,6 +207,13 @@ def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float
                                 f"{need:.0f} MB")
         big = max(tile)
         tile = [max(m, (t - m) if t == big else t) for t in tile]
+
+
+def needs_norm_passes(setup: RunSetup, choice: TilingChoice) -> bool:
+    """Whole-volume statistics are gathered in streamed passes only where they change anything: normalisation
+    layers, ``volume`` statistics, crop stitching and more than one tile."""
+    return bool(choice.norm_layers) and choice.norm_stats == "volume" and setup.stitch == "crop" and \
+        len(setup.grid) > 1
 
 
 def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:

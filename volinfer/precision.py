@@ -1,0 +1,85 @@
+"""``--precision auto``: reduced precision (bf16/f16) only where the hardware runs it natively AND the model's outputs
+stay faithful in it.
+
+Faithfulness is a property of the model, not of the hardware: deep normalisation networks and some TensorFlow U-Nets
+move their probabilities by 0.1 in reduced precision while random inputs hide it. So the verdict is measured once, on
+a calibration tile (a crop of a real volume when one is given), comparing f32 with the reduced precision on the same
+input, and stored in the IR (``precision_check``). Without a stored verdict, ``auto`` runs f32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import openvino as ov
+
+#: A reduced precision is faithful when labels agree on at least this share of voxels ...
+MIN_LABEL_AGREEMENT = 0.999
+#: ... and (activated) probabilities move by at most this much anywhere.
+MAX_PROB_ABS = 0.05
+
+PRECISIONS = ("auto", "f32", "bf16", "f16")
+
+
+def native_reduced(core: ov.Core, device: str) -> str | None:
+    """The reduced precision ``device`` executes natively (bf16 on CPUs with AVX-512 BF16/AMX, f16 on GPUs and
+    on CPUs that advertise FP16), or None."""
+    try:
+        caps = set(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
+    except Exception:
+        return None
+    if device.upper().startswith("CPU"):
+        return "bf16" if "BF16" in caps else ("f16" if "FP16" in caps else None)
+    return "f16" if "FP16" in caps else None
+
+
+def _activated(raw: np.ndarray, channel_axis: int, already: bool) -> np.ndarray:
+    x = raw.astype(np.float64)
+    if already:
+        return x
+    if x.shape[channel_axis] == 1:
+        return 1.0 / (1.0 + np.exp(-x))
+    x = x - x.max(axis=channel_axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=channel_axis, keepdims=True)
+
+
+def _labels(prob: np.ndarray, channel_axis: int) -> np.ndarray:
+    return prob.argmax(axis=channel_axis) if prob.shape[channel_axis] > 1 else (prob > 0.5)
+
+
+def compare(model: ov.Model, x: np.ndarray, precision: str, output: int, channel_axis: int,
+            probabilities: bool, device: str = "CPU", core: ov.Core | None = None) -> dict[str, Any]:
+    """Run ``model`` on ``x`` in f32 and in ``precision`` and measure what changed: label agreement and the largest
+    change of probabilities. ``probabilities``: the output already is probabilities (no activation applied)."""
+    core = core or ov.Core()
+    outs = []
+    for p in ("f32", precision):
+        compiled = core.compile_model(model, device, {"INFERENCE_PRECISION_HINT": p})
+        outs.append(np.asarray(compiled(x)[compiled.output(output)]))
+    ref, red = (_activated(o, channel_axis, probabilities) for o in outs)
+    agree = float((_labels(ref, channel_axis) == _labels(red, channel_axis)).mean())
+    prob_abs = float(np.abs(ref - red).max())
+    ok = agree >= MIN_LABEL_AGREEMENT and prob_abs <= MAX_PROB_ABS
+    return {"precision": precision, "label_agreement": round(agree, 6), "prob_max_abs": round(prob_abs, 5),
+            "faithful": ok, "criteria": f"labels >= {MIN_LABEL_AGREEMENT:.1%} equal, probabilities within "
+                                        f"{MAX_PROB_ABS}"}
+
+
+def resolve(requested: str, stored: dict[str, Any] | None, core: ov.Core, device: str) -> tuple[str, str]:
+    """The precision to compile with, and why (for the summary and ``--json``)."""
+    if requested != "auto":
+        return requested, "asked for"
+    native = native_reduced(core, device)
+    if native is None:
+        return "f32", f"{device} has no native reduced precision"
+    if not stored:
+        return "f32", f"{native} not verified for this model (`volinfer convert` checks and stores it)"
+    if stored.get("precision") != native:
+        return "f32", f"the stored check is for {stored.get('precision')}, {device} runs {native}"
+    if not stored.get("faithful"):
+        return "f32", (f"{native} changed this model's outputs too much (labels {stored.get('label_agreement')}, "
+                       f"probabilities by {stored.get('prob_max_abs')})")
+    return native, (f"{native} is native here and faithful for this model (labels {stored.get('label_agreement')} "
+                    f"equal, probabilities within {stored.get('prob_max_abs')})")
