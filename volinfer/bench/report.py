@@ -60,7 +60,8 @@ def conditions(cfg: BenchConfig, info: dict[str, Any]) -> str:
             f"tile and overlap with Gaussian blending). CPU: {info['cpu']}, {info['cores']} cores, "
             f"{info['ram_mb'] / 1024:.1f} GiB RAM; {libs}. Peak RSS: the OS's figure for each finished process; wall "
             f"and CPU (user + system, all threads): the method's own work after imports (model loading/compilation, "
-            f"reading, inference, argmax to uint8, writing).")
+            f"reading, inference, argmax to uint8, writing); for inference alone, its loop over that many random tiles "
+            f"(after one warm-up tile), which sets the floor volinfer's end-to-end throughput is compared with.")
 
 
 def markdown_table(results: list[Measurement]) -> str:
@@ -73,7 +74,7 @@ def markdown_table(results: list[Measurement]) -> str:
             continue
         ref = "naive" if _ok(results, m.size, "naive") else "crop"
         agree = f"{100 * m.agreement:.2f}% of {ref}" if m.agreement is not None else "—"
-        mvox = f"{m.mvox_s:.2f}" if m.mvox_s else f"({m.tiles} tiles)"
+        mvox = f"{m.mvox_s:.2f}" if m.mvox_s else f"({m.tiles} tile{'s' if m.tiles != 1 else ''})"
         lines.append(f"| {_size(m.size)} | {METHOD_NAMES[m.method]} | {m.peak_rss_mb:.0f} | {m.wall_s:.2f} | "
                      f"{m.cpu_s:.2f} | {mvox} | {agree} |")
     return "\n".join(lines)
