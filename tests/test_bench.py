@@ -142,6 +142,12 @@ def test_option_parsing():
         choose_methods("crop,fast", None)
 
 
+def test_peers_with_a_custom_model_need_its_torch_factory(tmp_path):
+    save_unet2(tmp_path / "m.xml")
+    r = CliRunner().invoke(main, ["bench", "-m", str(tmp_path / "m.xml"), "--vs", "torch", "-s", "20"])
+    assert r.exit_code == 2 and "--torch-factory" in r.output
+
+
 def test_memory_prediction_extrapolates_from_smaller_runs():
     assert predict_rss([], 10) is None
     assert predict_rss([(100, 50.0)], 400) == 200.0

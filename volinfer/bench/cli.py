@@ -15,6 +15,7 @@ import click
 from ..cliutil import friendly_errors
 from ..errors import VolinferError
 
+DEFAULT_FACTORY = "volinfer.bench.reference_unet:build_unet"
 PEER_METHODS = {"monai": "monai", "nnunet": "nnunet", "torch": "naive-torch"}
 PEER_NEEDS = {"monai": ("monai", "pip install monai 'volinfer[torch]'"),
               "nnunet": ("nnunetv2", "pip install 'volinfer[nnunet]' (see the README for keeping your torch)"),
@@ -109,7 +110,7 @@ def reference_model(work_dir: Path, tile: int) -> Path:
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep generated volumes and the reference model here and reuse them (default: a temporary "
                    "directory, removed at the end).")
-@click.option("--torch-factory", default="volinfer.bench.reference_unet:build_unet", show_default=True,
+@click.option("--torch-factory", default=DEFAULT_FACTORY, show_default=True,
               help="module:function building the PyTorch network the PyTorch peers run (the source of -m).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
@@ -122,6 +123,9 @@ def bench(model_path: Path | None, sizes: str, methods: str, versus: str | None,
 
     parse_overlap(overlap)  # one-line error for a malformed value before any work
     chosen = choose_methods(methods, versus)
+    if model_path and torch_factory == DEFAULT_FACTORY and any(m in PEER_NEEDS for m in chosen):
+        raise VolinferError("the PyTorch peers run --torch-factory's network: with -m, pass the factory the model "
+                            "was converted from (module:function)")
     out_dir = output or Path(tempfile.mkdtemp(prefix="volinfer-bench-"))
     with tempfile.TemporaryDirectory(prefix="volinfer-bench-work-") as tmp:
         wd = (work_dir or Path(tmp)).resolve()
