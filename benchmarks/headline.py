@@ -25,4 +25,5 @@ if __name__ == "__main__":
     for option, value in DEFAULTS.items():
         if option not in given:
             args += [option, value]
+    sys.argv = [sys.argv[0], *args]  # the report records the full command, defaults included
     bench.main(args=args, prog_name="headline.py")

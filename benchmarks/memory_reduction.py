@@ -21,4 +21,5 @@ if __name__ == "__main__":
         args = ["--sizes", "256,512,768,1024", *args]
     if not any(a.startswith(("--output", "-o")) for a in args):
         args = ["--output", str(RESULTS), *args]
+    sys.argv = [sys.argv[0], *args]  # the report records the full command, defaults included
     bench.main(args=args, prog_name="memory_reduction.py")

@@ -112,12 +112,13 @@ def reference_model(work_dir: Path, tile: int) -> Path:
                    "directory, removed at the end).")
 @click.option("--torch-factory", default=DEFAULT_FACTORY, show_default=True,
               help="module:function building the PyTorch network the PyTorch peers run (the source of -m).")
+@click.option("--note", default="", help="A remark printed with the report (e.g. that the machine was shared).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @friendly_errors
 def bench(model_path: Path | None, sizes: str, methods: str, versus: str | None, tile: int, overlap: str,
           device: str, precision: str, threads: int | None, cap_fraction: float, output: Path | None, name: str,
-          work_dir: Path | None, torch_factory: str, quiet: bool, as_json: bool) -> None:
+          work_dir: Path | None, torch_factory: str, note: str, quiet: bool, as_json: bool) -> None:
     """Measure peak RAM, wall and CPU time of each method at each volume size, each run in a fresh process."""
     from volinfer.runsetup import parse_overlap
 
@@ -130,12 +131,12 @@ def bench(model_path: Path | None, sizes: str, methods: str, versus: str | None,
     with tempfile.TemporaryDirectory(prefix="volinfer-bench-work-") as tmp:
         wd = (work_dir or Path(tmp)).resolve()
         _run(chosen, sizes, model_path, wd, tile, overlap, device, precision, threads, cap_fraction, out_dir, name,
-             torch_factory, quiet, as_json)
+             torch_factory, note, quiet, as_json)
 
 
 def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile: int, overlap: str, device: str,
          precision: str, threads: int | None, cap_fraction: float, out_dir: Path, name: str, torch_factory: str,
-         quiet: bool, as_json: bool) -> None:
+         note: str, quiet: bool, as_json: bool) -> None:
     from tqdm import tqdm
 
     from .harness import BenchConfig, run_benchmark
@@ -145,7 +146,7 @@ def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile:
     model = (model_path or reference_model(wd, tile)).resolve()
     cfg = BenchConfig(sizes=size_list, methods=chosen, model=model, work_dir=wd, tile=tile, overlap=overlap,
                       precision=precision, device=device, threads=threads, cap_fraction=cap_fraction,
-                      torch_factory=torch_factory, command=invocation())
+                      torch_factory=torch_factory, command=invocation(), note=note)
     with tqdm(total=len(size_list) * len(chosen), desc="bench runs", unit="run", disable=quiet,
               file=sys.stderr) as bar:
         results, info = run_benchmark(cfg, log=lambda s: None if quiet else bar.write(s, file=sys.stderr),

@@ -170,6 +170,7 @@ class BenchConfig:
     infer_only_max_tiles: int = 48
     keep_outputs: bool = False
     command: str = ""
+    note: str = ""  # conditions worth stating with the results (e.g. a shared machine)
 
 
 def _worker_args(cfg: BenchConfig, method: str, vol: Path | None, out: Path, res: Path, tiles: int) -> list[str]:

@@ -109,6 +109,8 @@ def markdown_report(results: list[Measurement], info: dict[str, Any], cfg: Bench
         parts += ["", "Ratios, all from the runs above:", "", ratio_table(rows)]
     if cfg.command:
         parts += ["", f"Command: `{cfg.command}`"]
+    if cfg.note:
+        parts += ["", f"Note: {cfg.note}"]
     return "\n".join(parts) + "\n"
 
 
