@@ -53,15 +53,14 @@ def argmax_uint8(scores: Any, shape: tuple[int, int, int], slab: int = 8) -> np.
 
 
 def _padded_input(a: argparse.Namespace, multiple: int) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """The volume as float32 (1, 1, X', Y', Z'), padded with zeros on the high side to the extent the tiled engine
-    uses (so that crop stitching can be compared voxel for voxel); one allocation of the padded size."""
+    """The volume as float32 (1, 1, X', Y', Z'), padded with zeros on the high side to the next multiple of the
+    model's size multiple (the least the network accepts, and the extent volinfer's engine pads to); one allocation
+    of the padded size."""
     import nibabel as nib
-
-    from volinfer.geometry import padded_size
 
     img = nib.load(a.volume)
     shape = tuple(int(n) for n in img.shape[:3])
-    padded = [padded_size(n, a.tile, multiple) for n in shape]
+    padded = [-(-n // multiple) * multiple for n in shape]
     x = np.zeros((1, 1, *padded), np.float32)
     x[0, 0, : shape[0], : shape[1], : shape[2]] = np.asanyarray(img.dataobj)
     return x, shape  # type: ignore[return-value]
