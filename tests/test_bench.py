@@ -1,44 +1,172 @@
-"""Benchmark harness smoke test: end to end on tiny sizes, and the peak-RSS figure checked against a known allocation."""
+"""Benchmark harness: what it measures and where it writes — never how fast anything is."""
 
 import importlib.util
 import json
+import os
+import sys
+import tempfile
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+import pytest
 from click.testing import CliRunner
 from models import save_unet2
 
+from volinfer.bench.cli import choose_methods, parse_sizes
 from volinfer.bench.harness import Spawner, predict_rss
+from volinfer.bench.worker import argmax_uint8, overlap_fraction
 from volinfer.cli import main
+from volinfer.errors import VolinferError
+
+HAS_TORCH_PEERS = all(importlib.util.find_spec(m) for m in ("torch", "monai"))
 
 
-def test_bench_end_to_end_on_tiny_sizes(tmp_path):
+def _files(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """A fresh system temporary directory, so that the test sees everything bench puts there."""
+    tmp = tmp_path / "systmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def test_bench_rows_fields_and_exact_naive_on_tiny_sizes(tmp_path, private_tmp, monkeypatch):
     save_unet2(tmp_path / "m.xml")
-    out = tmp_path / "results"
-    r = CliRunner().invoke(main, ["bench", "--sizes", "24,40x36x28", "--model", str(tmp_path / "m.xml"),
-                                  "--tile", "32", "--overlap", "24", "--work-dir", str(tmp_path / "work"),
-                                  "--out-dir", str(out)])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "report"
+    r = CliRunner().invoke(main, ["bench", "-s", "40x36x28", "-m", str(tmp_path / "m.xml"), "--tile", "32",
+                                  "--overlap", "24", "-o", str(out), "--name", "tiny", "--json", "-q"])
     assert r.exit_code == 0, r.output
-    table = (out / "results.md").read_text()
-    assert "| 24³ | volinfer crop |" in table and "| 40×36×28 | naive OpenVINO (whole volume) |" in table
-    data = json.loads((out / "results.json").read_text())
-    assert data["machine"]["cores"] >= 1 and data["machine"]["openvino"]
+    data = json.loads(r.stdout)
     rows = data["results"]
-    assert len(rows) == 6 and all(row["status"] == "ok" and row["peak_rss_mb"] > 50 for row in rows)
-    # margin 12 covers this model's receptive field (10): crop equals naive whole-volume inference
+    assert sorted((tuple(x["size"]), x["method"]) for x in rows) == sorted(
+        (s, m) for s in [(40, 36, 28)] for m in ["naive", "crop", "gaussian", "infer-only"])
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["peak_rss_mb"] > 50 and row["wall_s"] > 0 and row["cpu_s"] > 0
+        assert row["process_cpu_s"] >= row["cpu_s"] and row["process_wall_s"] >= row["wall_s"]
+    # margin 12 covers this model's receptive field (10): crop equals naive whole-volume inference voxel for voxel
     assert all(row["agreement"] == 1.0 for row in rows if row["method"] == "crop")
-    assert (out / "peak_rss.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    assert {x["method"] for x in data["ratios"]} == {"crop", "gaussian"}
+    assert all("throughput_vs_infer_only" in x and "rss_naive_over_this" in x for x in data["ratios"])
+    md = (out / "tiny.md").read_text()
+    assert "| 40×36×28 | volinfer crop |" in md and "| 40×36×28 | naive OpenVINO (whole volume) |" in md
+    assert "precision **f32**" in md and "tile 32³, overlap 24" in md and data["machine"]["cpu"] in md
+    assert data["machine"]["openvino"] in md
+    # bench writes its report into -o and nothing anywhere else (its work directory is removed at the end)
+    expected = {Path("tiny.md"), Path("tiny.json")}
+    if importlib.util.find_spec("matplotlib"):
+        expected.add(Path("tiny_peak_rss.png"))
+    assert _files(out) == expected
+    assert _files(cwd) == set() and _files(private_tmp) == set()
 
 
-def test_peak_rss_of_a_known_allocation_is_right_within_10_percent(tmp_path):
+def test_bench_default_output_is_a_new_temporary_directory(tmp_path, private_tmp, monkeypatch):
+    save_unet2(tmp_path / "m.xml")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["bench", "-s", "20", "-m", "m.xml", "--tile", "32", "--methods", "crop", "-q",
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    files = [Path(p) for p in json.loads(r.stdout)["files"]]
+    assert files and all(p.parent.parent == private_tmp for p in files)
+    assert {p.name for p in tmp_path.iterdir()} == {"m.xml", "m.bin", "systmp"}
+
+
+@pytest.mark.skipif(not HAS_TORCH_PEERS, reason="needs torch and monai")
+def test_torch_peer_workers_label_like_the_network(tmp_path):
+    """The PyTorch peers' workers, in this process (one torch import): naive PyTorch gives exactly the network's own
+    argmax; MONAI's and nnU-Net's sliding windows (Gaussian blending, tile 32 on a 36×28×20 volume) nearly."""
+    import torch
+
+    from volinfer.bench.reference_unet import build_small_unet
+    from volinfer.bench.worker import main as worker_main
+
+    vol = np.random.default_rng(5).normal(0, 1, (36, 28, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii"))
+    padded = np.zeros((1, 1, 36, 28, 20), np.float32)  # the multiple is 2: no padding needed
+    padded[0, 0, :, :28, :20] = vol
+    with torch.no_grad():
+        ref = build_small_unet()(torch.from_numpy(padded))[0].argmax(0).numpy()
+    peers = ["naive-torch", "monai"] + (["nnunet"] if importlib.util.find_spec("nnunetv2") else [])
+    for method in peers:
+        worker_main([method, "--volume", str(tmp_path / "v.nii"), "--tile", "32", "--overlap", "8", "--multiple",
+                     "2", "--torch-factory", "volinfer.bench.reference_unet:build_small_unet",
+                     "--out", str(tmp_path / f"{method}.nii"), "--result", str(tmp_path / f"{method}.json")])
+        res = json.loads((tmp_path / f"{method}.json").read_text())
+        assert res["wall_s"] > 0 and res["cpu_s"] > 0 and res["infer_s"] > 0
+        labels = np.asarray(nib.load(str(tmp_path / f"{method}.nii")).dataobj)
+        assert labels.dtype == np.uint8 and labels.shape == vol.shape
+        if method == "naive-torch":
+            np.testing.assert_array_equal(labels, ref)
+        else:
+            assert (labels == ref).mean() > 0.9
+
+
+def test_peak_rss_and_cpu_time_of_a_known_child(tmp_path):
     with Spawner() as s:
-        _, base, _ = s.run(["alloc", "--result", str(tmp_path / "a.json"), "--mb", "0"], 1e9)
-        _, peak, killed = s.run(["alloc", "--result", str(tmp_path / "b.json"), "--mb", "400"], 1e9)
-        assert not killed
-        assert abs((peak - base) - 400) < 40
-        rc, _, killed = s.run(["alloc", "--result", str(tmp_path / "c.json"), "--mb", "3000"], cap_mb=base + 300)
+        base = s.run_full(["alloc", "--result", str(tmp_path / "a.json"), "--mb", "0"], 1e9)
+        big = s.run_full(["alloc", "--result", str(tmp_path / "b.json"), "--mb", "400", "--burn", "0.6"], 1e9)
+        assert not big["killed"] and big["rc"] == 0
+        assert abs((big["peak_mb"] - base["peak_mb"]) - 400) < 40
+        assert big["cpu_s"] - base["cpu_s"] > 0.5
+        assert json.loads((tmp_path / "b.json").read_text())["cpu_s"] > 0.5
+        rc, _, killed = s.run(["alloc", "--result", str(tmp_path / "c.json"), "--mb", "3000"], cap_mb=base["peak_mb"]
+                              + 300)
         assert killed and rc != 0
+
+
+def test_argmax_uint8_matches_numpy_and_crops():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(3, 21, 12, 9)).astype(np.float32)
+    labels = argmax_uint8(scores, (19, 10, 7), slab=4)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, scores.argmax(0)[:19, :10, :7])
+
+
+def test_option_parsing():
+    assert parse_sizes("24,40x36x28") == [(24, 24, 24), (40, 36, 28)]
+    with pytest.raises(VolinferError):
+        parse_sizes("24x3")
+    assert overlap_fraction("0.25", 128) == 0.25 and overlap_fraction("32", 128) == 0.25
+    assert choose_methods("naive,crop", None) == ["naive", "crop"]
+    with pytest.raises(VolinferError, match="unknown peer"):
+        choose_methods("crop", "tensorflow")
+    with pytest.raises(VolinferError, match="unknown method"):
+        choose_methods("crop,fast", None)
+
+
+def test_peers_with_a_custom_model_need_its_torch_factory(tmp_path):
+    save_unet2(tmp_path / "m.xml")
+    r = CliRunner().invoke(main, ["bench", "-m", str(tmp_path / "m.xml"), "--vs", "torch", "-s", "20"])
+    assert r.exit_code == 2 and "--torch-factory" in r.output
 
 
 def test_memory_prediction_extrapolates_from_smaller_runs():
     assert predict_rss([], 10) is None
     assert predict_rss([(100, 50.0)], 400) == 200.0
     assert predict_rss([(100, 300.0), (200, 310.0)], 1000) == 390.0
+
+
+def test_naive_worker_labels_equal_an_independent_reference(tmp_path):
+    """The lean naive worker (in-place output, per-slab argmax to uint8) against numpy's argmax of OpenVINO's output."""
+    import openvino as ov
+    from conftest import whole_volume_reference
+
+    from volinfer.bench.worker import main as worker_main
+
+    save_unet2(tmp_path / "m.xml")
+    vol = np.random.default_rng(3).normal(0, 1, (22, 17, 13)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii"))
+    worker_main(["naive", "--volume", str(tmp_path / "v.nii"), "--model", str(tmp_path / "m.xml"), "--tile", "16",
+                 "--out", str(tmp_path / "l.nii"), "--result", str(tmp_path / "r.json")])
+    got = np.asarray(nib.load(str(tmp_path / "l.nii")).dataobj)
+    ref = whole_volume_reference(ov.Core().read_model(str(tmp_path / "m.xml")), vol[None], tile=16, multiple=4).argmax(0)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, ref)

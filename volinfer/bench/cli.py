@@ -1,8 +1,13 @@
-"""``volinfer bench``: the memory/time table, JSON and plot."""
+"""``volinfer bench``: peak RAM, wall and CPU time of volinfer against lean baselines and peers, each run in a fresh
+process; a Markdown/JSON report and a plot in a directory of the user's choosing (a new temporary one by default)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import shlex
+import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -10,71 +15,147 @@ import click
 from ..cliutil import friendly_errors
 from ..errors import VolinferError
 
+DEFAULT_FACTORY = "volinfer.bench.reference_unet:build_unet"
+PEER_METHODS = {"monai": "monai", "nnunet": "nnunet", "torch": "naive-torch"}
+PEER_NEEDS = {"monai": ("monai", "pip install monai 'volinfer[torch]'"),
+              "nnunet": ("nnunetv2", "pip install 'volinfer[nnunet]' (see the README for keeping your torch)"),
+              "naive-torch": ("torch", "pip install 'volinfer[torch]'")}
+
 
 def parse_sizes(text: str) -> list[tuple[int, int, int]]:
-    """``128,256`` → cubes; ``197x233x189`` → that shape."""
+    """``128,256`` → cubes; ``197x233x189`` → that shape; both may be mixed in one comma-separated list."""
     sizes = []
     for item in text.split(","):
         try:
-            dims = [int(v) for v in item.lower().split("x")]
+            dims = [int(v) for v in item.strip().lower().split("x")]
         except ValueError:
-            raise VolinferError(f"--sizes expects 128,256 or 197x233x189; got {item!r}") from None
+            raise VolinferError(f"--sizes expects N or XxYxZ, comma-separated (128,197x233x189); got {item!r}") from None
         if len(dims) not in (1, 3) or min(dims) < 1:
-            raise VolinferError(f"--sizes expects 128,256 or 197x233x189; got {item!r}")
+            raise VolinferError(f"--sizes expects N or XxYxZ, comma-separated (128,197x233x189); got {item!r}")
         sizes.append(tuple(dims * 3 if len(dims) == 1 else dims))
     return sizes  # type: ignore[return-value]
 
 
+def choose_methods(methods: str, versus: str | None) -> list[str]:
+    """The methods to run, in order, from ``--methods`` and ``--vs``; one-line errors for unknown or missing ones."""
+    from .harness import METHOD_NAMES
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    peers = [v.strip() for v in (versus or "").split(",") if v.strip()]
+    if peers == ["all"]:
+        peers = [p for p in PEER_METHODS if importlib.util.find_spec(PEER_NEEDS[PEER_METHODS[p]][0])]
+    for p in peers:
+        if p not in PEER_METHODS:
+            raise VolinferError(f"--vs: unknown peer {p!r}; choose from {', '.join(PEER_METHODS)} or all")
+        chosen.append(PEER_METHODS[p])
+    unknown = [m for m in chosen if m not in METHOD_NAMES]
+    if unknown:
+        raise VolinferError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
+    for m in chosen:
+        if m in PEER_NEEDS and importlib.util.find_spec(PEER_NEEDS[m][0]) is None:
+            raise VolinferError(f"{m} needs {PEER_NEEDS[m][0]}: {PEER_NEEDS[m][1]}")
+    return list(dict.fromkeys(chosen))
+
+
+def invocation() -> str:
+    """The command line that started this process, as a user would type it (for the report)."""
+    prog = sys.argv[0] if sys.argv else "volinfer"
+    if prog.endswith("__main__.py"):
+        head = ["python", "-m", "volinfer"]
+    elif prog.endswith(".py"):
+        head = ["python", prog]
+    else:
+        head = [Path(prog).name]
+    return shlex.join(head + sys.argv[1:])
+
+
 def reference_model(work_dir: Path, tile: int) -> Path:
-    """The reference U-Net as IR (converted once from PyTorch and reused)."""
+    """The reference U-Net as IR with full-precision weights (the PyTorch peers compute with the same weights),
+    converted once per work directory."""
     path = work_dir / f"reference_unet_{tile}.xml"
     if path.exists():
         return path
     if importlib.util.find_spec("torch") is None:
-        raise VolinferError("the reference U-Net is built with PyTorch: pip install 'volinfer[torch]', or pass --model")
+        raise VolinferError("the reference U-Net is built with PyTorch: pip install 'volinfer[torch]', or pass -m")
     from converters import convert
 
     work_dir.mkdir(parents=True, exist_ok=True)
     convert("volinfer.bench.reference_unet:build_unet", path, tile=tile, activation="softmax",
-            labels=["background", "foreground"], measure_rf=False, overwrite=True)
+            labels=["background", "foreground"], measure_rf=False, fp16=False, overwrite=True)
     return path
 
 
 @click.command()
-@click.option("--sizes", default="128,256,384,512", show_default=True, help="Cube sizes (or XxYxZ), comma-separated.")
-@click.option("--model", "model_path", type=click.Path(exists=True, path_type=Path),
-              help="Model to measure (default: the reference MONAI-style U-Net, built with PyTorch).")
-@click.option("--methods", default="naive,crop,gaussian", show_default=True,
-              help="Any of naive, crop, gaussian, mean, monai.")
-@click.option("--vs", "versus", type=click.Choice(["monai"]), help="Add MONAI's sliding_window_inference.")
-@click.option("--tile", default=128, show_default=True)
-@click.option("--overlap", default=0.25, show_default=True, help="Overlap fraction (or voxels) for tiled methods.")
-@click.option("--precision", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True)
-@click.option("--cap", "cap_fraction", default=0.85, show_default=True,
+@click.option("-m", "--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Model to measure (.xml/.onnx). Default: the reference MONAI-style U-Net, built with PyTorch "
+                   "(needed for the PyTorch peers, which run its source network; see --torch-factory).")
+@click.option("-s", "--sizes", default="256,512", show_default=True,
+              help="Volume sizes in voxels: N (a cube) or XxYxZ, comma-separated.")
+@click.option("--methods", default="naive,crop,gaussian,infer-only", show_default=True,
+              help="Any of naive, crop, gaussian, mean, infer-only (OpenVINO inference alone on the same tiles).")
+@click.option("--vs", "versus", help="Peers to add, comma-separated: monai, nnunet, torch (naive PyTorch), or all "
+                                     "(those installed). They run the PyTorch network of --torch-factory.")
+@click.option("--tile", default=128, show_default=True, type=click.IntRange(1), help="Tile edge in voxels.")
+@click.option("--overlap", default="0.25", show_default=True,
+              help="Overlap between neighbouring tiles: a fraction of the tile (0.25) or voxels (32).")
+@click.option("--device", default="CPU", show_default=True, help="OpenVINO device (CPU, GPU, NPU, AUTO, ...).")
+@click.option("--precision", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True,
+              help="Inference precision hint; f32 is exact, bf16/f16 faster on hardware that has them.")
+@click.option("--threads", type=int, help="Inference threads (default: all cores); PyTorch peers get the same.")
+@click.option("--cap", "cap_fraction", default=0.85, show_default=True, type=click.FloatRange(0.05, 1.0),
               help="Skip or stop runs that need more than this fraction of RAM.")
-@click.option("--work-dir", default="benchmarks/work", show_default=True, type=click.Path(path_type=Path),
-              help="Generated volumes, model and outputs (volumes are reused between runs).")
-@click.option("--out-dir", default="benchmarks/results", show_default=True, type=click.Path(path_type=Path),
-              help="Where results.md, results.json and peak_rss.png go.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for NAME.md, NAME.json and NAME_peak_rss.png. Default: a new temporary directory.")
+@click.option("--name", default="results", show_default=True, help="File name stem of the report files.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep generated volumes and the reference model here and reuse them (default: a temporary "
+                   "directory, removed at the end).")
+@click.option("--torch-factory", default=DEFAULT_FACTORY, show_default=True,
+              help="module:function building the PyTorch network the PyTorch peers run (the source of -m).")
+@click.option("--note", default="", help="A remark printed with the report (e.g. that the machine was shared).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @friendly_errors
-def bench(sizes: str, model_path: Path | None, methods: str, versus: str | None, tile: int, overlap: float,
-          precision: str, cap_fraction: float, work_dir: Path, out_dir: Path) -> None:
-    """Measure peak RAM and time of each method at each volume size, each run in a fresh process."""
-    from .harness import METHOD_NAMES, BenchConfig, markdown_table, run_benchmark, save_report
+def bench(model_path: Path | None, sizes: str, methods: str, versus: str | None, tile: int, overlap: str,
+          device: str, precision: str, threads: int | None, cap_fraction: float, output: Path | None, name: str,
+          work_dir: Path | None, torch_factory: str, note: str, quiet: bool, as_json: bool) -> None:
+    """Measure peak RAM, wall and CPU time of each method at each volume size, each run in a fresh process."""
+    from volinfer.runsetup import parse_overlap
 
-    chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    if versus:
-        chosen.append(versus)
-    unknown = [m for m in chosen if m not in METHOD_NAMES]
-    if unknown:
-        raise VolinferError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
-    if "monai" in chosen and importlib.util.find_spec("monai") is None:
-        raise VolinferError("--vs monai needs MONAI and PyTorch: pip install monai 'volinfer[torch]'")
-    model = model_path or reference_model(work_dir, tile)
-    cfg = BenchConfig(sizes=parse_sizes(sizes), methods=chosen, model=model, work_dir=work_dir, tile=tile,
-                      overlap=overlap, precision=precision, cap_fraction=cap_fraction)
-    results, info = run_benchmark(cfg, log=lambda s: click.echo(s, err=True))
-    files = save_report(results, info, cfg, out_dir)
-    click.echo(markdown_table(results))
-    click.echo(f"\n{info['cpu']}, {info['cores']} cores, {info['ram_mb'] / 1024:.1f} GiB; OpenVINO {info['openvino']}")
-    click.echo("wrote " + ", ".join(str(p) for p in files))
+    parse_overlap(overlap)  # one-line error for a malformed value before any work
+    chosen = choose_methods(methods, versus)
+    if model_path and torch_factory == DEFAULT_FACTORY and any(m in PEER_NEEDS for m in chosen):
+        raise VolinferError("the PyTorch peers run --torch-factory's network: with -m, pass the factory the model "
+                            "was converted from (module:function)")
+    out_dir = output or Path(tempfile.mkdtemp(prefix="volinfer-bench-"))
+    with tempfile.TemporaryDirectory(prefix="volinfer-bench-work-") as tmp:
+        wd = (work_dir or Path(tmp)).resolve()
+        _run(chosen, sizes, model_path, wd, tile, overlap, device, precision, threads, cap_fraction, out_dir, name,
+             torch_factory, note, quiet, as_json)
+
+
+def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile: int, overlap: str, device: str,
+         precision: str, threads: int | None, cap_fraction: float, out_dir: Path, name: str, torch_factory: str,
+         note: str, quiet: bool, as_json: bool) -> None:
+    from tqdm import tqdm
+
+    from .harness import BenchConfig, run_benchmark
+    from .report import markdown_report, ratios, save_report
+
+    size_list = parse_sizes(sizes)
+    model = (model_path or reference_model(wd, tile)).resolve()
+    cfg = BenchConfig(sizes=size_list, methods=chosen, model=model, work_dir=wd, tile=tile, overlap=overlap,
+                      precision=precision, device=device, threads=threads, cap_fraction=cap_fraction,
+                      torch_factory=torch_factory, command=invocation(), note=note)
+    with tqdm(total=len(size_list) * len(chosen), desc="bench runs", unit="run", disable=quiet,
+              file=sys.stderr) as bar:
+        results, info = run_benchmark(cfg, log=lambda s: None if quiet else bar.write(s, file=sys.stderr),
+                                      progress=bar)
+    files = save_report(results, info, cfg, out_dir, name)
+    if not quiet:
+        click.echo("\n" + markdown_report(results, info, cfg), err=True)
+        click.echo("wrote " + ", ".join(str(p) for p in files), err=True)
+    if as_json:
+        data = json.loads(files[1].read_text())
+        data.update(files=[str(p) for p in files], ratios=ratios(results))
+        click.echo(json.dumps(data, indent=2))

@@ -1,6 +1,7 @@
-"""Benchmark harness: every configuration in a fresh child process, peak RSS as the OS counts it for that finished
-process (``wait4``'s ``ru_maxrss``), runs that would exceed a memory cap skipped before they start (predicted from
-smaller sizes) or killed if they cross it anyway."""
+"""Benchmark harness: every configuration in a fresh child process, peak RSS and CPU time as the OS counts them for
+that finished process (``wait4``'s ``ru_maxrss``, ``ru_utime + ru_stime``), runs that would exceed a memory cap
+skipped before they start (predicted from smaller sizes) or killed if they cross it anyway. Everything a run writes
+goes under the configuration's work directory; the report (:mod:`volinfer.bench.report`) goes where the caller says."""
 
 from __future__ import annotations
 
@@ -10,19 +11,24 @@ import platform
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 METHOD_NAMES = {
     "naive": "naive OpenVINO (whole volume)",
+    "naive-torch": "naive PyTorch (whole volume)",
     "crop": "volinfer crop",
     "gaussian": "volinfer gaussian",
     "mean": "volinfer mean",
-    "monai": "MONAI sliding window (PyTorch)",
+    "monai": "MONAI sliding_window_inference",
+    "nnunet": "nnU-Net v2 sliding window",
+    "infer-only": "OpenVINO inference alone (same tiles, no I/O)",
 }
+VOLINFER_METHODS = ("crop", "gaussian", "mean")
+TORCH_METHODS = ("naive-torch", "monai", "nnunet")
 
 
 @dataclass
@@ -31,8 +37,12 @@ class Measurement:
     size: tuple[int, int, int]
     status: str  # ok, skipped, killed, failed
     peak_rss_mb: float | None = None
-    wall_s: float | None = None
+    wall_s: float | None = None  # the method's own work, after imports (model load/compile, read, infer, write)
+    cpu_s: float | None = None  # user + system CPU time of that same span, all threads
     infer_s: float | None = None
+    tiles: int | None = None
+    process_wall_s: float | None = None  # the whole child process, interpreter start and imports included
+    process_cpu_s: float | None = None
     note: str = ""
     agreement: float | None = None  # fraction of voxels whose label equals the reference method's
     raw: dict[str, Any] = field(default_factory=dict)
@@ -43,7 +53,7 @@ class Measurement:
 
     @property
     def mvox_s(self) -> float | None:
-        return self.voxels / self.wall_s / 1e6 if self.wall_s else None
+        return self.voxels / self.wall_s / 1e6 if self.wall_s and self.method != "infer-only" else None
 
 
 def total_ram_mb() -> float:
@@ -54,42 +64,55 @@ def total_ram_mb() -> float:
     return float("nan")
 
 
-def machine() -> dict[str, Any]:
-    """CPU, cores, RAM and library versions, for the JSON report."""
-    cpu = platform.processor()
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
     except OSError:
-        pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "ram_mb": round(total_ram_mb()),
+        return platform.processor()
+
+
+def machine() -> dict[str, Any]:
+    """CPU, cores, RAM and library versions (of the packages the workers import), for the report."""
+    info: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_mb": round(total_ram_mb()),
                             "python": platform.python_version(), "platform": platform.platform()}
-    for mod in ("openvino", "numpy", "nibabel", "torch", "monai"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for mod in ("openvino", "numpy", "nibabel", "torch", "monai", "nnunetv2"):
         try:
-            info[mod] = __import__(mod).__version__
-        except Exception:
+            info[mod] = version(mod)
+        except PackageNotFoundError:
             info[mod] = None
     return info
 
 
 class Spawner:
     """Starts workers from a tiny separate process (see :mod:`volinfer.bench.spawner`) so that each worker's peak
-    RSS is its own and not inherited from this (possibly large) process."""
+    RSS is its own and not inherited from this (possibly large) process. Workers run with ``cwd`` as their working
+    directory and find this copy of volinfer through ``PYTHONPATH``."""
 
-    def __init__(self) -> None:
+    def __init__(self, cwd: Path | None = None) -> None:
         script = Path(__file__).with_name("spawner.py")
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, cwd=cwd, env=env)
 
-    def run(self, args: Sequence[str], cap_mb: float, timeout_s: float | None = None) -> tuple[int, float, bool]:
-        """Run ``python -m volinfer.bench.worker ARGS``; return (exit code, peak RSS MB, killed for memory/time)."""
+    def run_full(self, args: Sequence[str], cap_mb: float, timeout_s: float | None = None) -> dict[str, Any]:
+        """Run ``python -m volinfer.bench.worker ARGS``; return the spawner's answer: rc, peak_mb, cpu_s, wall_s,
+        killed (for memory or time), stderr_tail."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         argv = [sys.executable, "-m", "volinfer.bench.worker", *args]
         self.proc.stdin.write(json.dumps({"argv": argv, "cap_mb": cap_mb, "timeout_s": timeout_s}) + "\n")
-        res = json.loads(self.proc.stdout.readline())
-        if res["rc"] != 0 and not res["killed"]:
-            sys.stderr.write(f"  child failed: {res['stderr_tail'] or res['rc']}\n")
-        return res["rc"], res["peak_mb"], res["killed"]
+        return json.loads(self.proc.stdout.readline())
+
+    def run(self, args: Sequence[str], cap_mb: float, timeout_s: float | None = None) -> tuple[int, float, bool]:
+        """As :meth:`run_full`; return (exit code, peak RSS MB, killed for memory/time)."""
+        ans = self.run_full(args, cap_mb, timeout_s)
+        if ans["rc"] != 0 and not ans["killed"]:
+            sys.stderr.write(f"  child failed: {ans['stderr_tail'] or ans['rc']}\n")
+        return ans["rc"], ans["peak_mb"], ans["killed"]
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -138,126 +161,101 @@ class BenchConfig:
     model: Path
     work_dir: Path
     tile: int = 128
-    overlap: float = 0.25
+    overlap: str = "0.25"
     precision: str = "f32"
+    device: str = "CPU"
+    threads: int | None = None
     cap_fraction: float = 0.85
     torch_factory: str = "volinfer.bench.reference_unet:build_unet"
+    infer_only_max_tiles: int = 48
     keep_outputs: bool = False
+    command: str = ""
+    note: str = ""  # conditions worth stating with the results (e.g. a shared machine)
 
 
-def run_benchmark(cfg: BenchConfig, log=print) -> tuple[list[Measurement], dict[str, Any]]:
-    """Measure every method at every size (smallest first). Returns the measurements and the machine description."""
+def _worker_args(cfg: BenchConfig, method: str, vol: Path | None, out: Path, res: Path, tiles: int) -> list[str]:
+    args = [method, "--model", str(cfg.model.resolve()), "--out", str(out), "--result", str(res),
+            "--tile", str(cfg.tile), "--overlap", str(cfg.overlap), "--precision", cfg.precision,
+            "--device", cfg.device, "--torch-factory", cfg.torch_factory, "--tiles", str(tiles)]
+    if vol is not None:
+        args += ["--volume", str(vol)]
+    if cfg.threads:
+        args += ["--threads", str(cfg.threads)]
+    return args
+
+
+def _measure(spawner: Spawner, cfg: BenchConfig, m: Measurement, vol: Path, out: Path, cap: float,
+             tiles: int = 0) -> None:
+    """Run one configuration and fill ``m`` from the OS's figures and the worker's own report."""
+    res = Path(tempfile.mkstemp(suffix=".json", dir=cfg.work_dir)[1])
+    try:
+        ans = spawner.run_full(_worker_args(cfg, m.method, None if m.method == "infer-only" else vol, out, res, tiles),
+                          cap)
+        m.peak_rss_mb = round(ans["peak_mb"], 1)
+        m.process_wall_s, m.process_cpu_s = round(ans["wall_s"], 2), round(ans["cpu_s"], 2)
+        if ans["killed"]:
+            m.status, m.note = "killed", f"crossed the {cap / 1024:.1f} GB cap; needs more than that"
+        elif ans["rc"] != 0:
+            m.status, m.note = "failed", f"exit code {ans['rc']}: {ans['stderr_tail']}"
+        else:
+            m.raw = json.loads(res.read_text())
+            m.wall_s, m.cpu_s = round(m.raw["wall_s"], 3), round(m.raw["cpu_s"], 3)
+            if m.method == "infer-only":  # the loop alone, without compiling: the floor the others are judged by
+                m.wall_s, m.cpu_s = round(m.raw["infer_s"], 3), round(m.raw["infer_cpu_s"], 3)
+            m.infer_s, m.tiles = round(m.raw["infer_s"], 3), m.raw.get("tiles")
+    finally:
+        res.unlink(missing_ok=True)
+
+
+def _order(methods: Sequence[str]) -> list[str]:
+    """Measure inference alone after volinfer's runs (it reuses their tile count)."""
+    return [m for m in methods if m != "infer-only"] + [m for m in methods if m == "infer-only"]
+
+
+def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print,
+                  progress: Any = None) -> tuple[list[Measurement], dict[str, Any]]:
+    """Measure every method at every size (smallest first). ``progress``: an object with ``update()`` (tqdm),
+    advanced once per run. Returns the measurements and the machine description."""
     from .volumes import make_volume
 
     cap = total_ram_mb() * cfg.cap_fraction
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     results: list[Measurement] = []
-    spawner = Spawner()
     history: dict[str, list[tuple[int, float]]] = {m: [] for m in cfg.methods}
-    for size in sorted(cfg.sizes, key=lambda s: int(np.prod(s))):
-        name = "x".join(map(str, size))
-        vol = make_volume(cfg.work_dir / f"volume_{name}.nii", size)
-        outputs: dict[str, Path] = {}
-        for method in cfg.methods:
-            m = Measurement(method, size, "ok")
-            need = predict_rss(history[method], m.voxels)
-            if need is not None and need > cap:
-                m.status, m.note = "skipped", f"would need ~{need / 1024:.1f} GB (cap {cap / 1024:.1f} GB)"
-                log(f"{name:>14} {method:<9} skipped: {m.note}")
+    with Spawner(cwd=cfg.work_dir) as spawner:
+        for size in sorted(cfg.sizes, key=lambda s: int(np.prod(s))):
+            name = "x".join(map(str, size))
+            vol = make_volume(cfg.work_dir / f"volume_{name}.nii", size).resolve()
+            outputs: dict[str, Path] = {}
+            for method in _order(cfg.methods):
+                m = Measurement(method, size, "ok")
+                need = predict_rss(history[method], m.voxels) if method != "infer-only" else None
+                out = (cfg.work_dir / f"labels_{method}_{name}.nii").resolve()
+                if need is not None and need > cap:
+                    m.status, m.note = "skipped", f"would need ~{need / 1024:.1f} GB (cap {cap / 1024:.1f} GB)"
+                else:
+                    tiles = max([r.tiles or 0 for r in results if r.size == size and r.method in VOLINFER_METHODS]
+                                or [16])
+                    _measure(spawner, cfg, m, vol, out, cap, min(tiles, cfg.infer_only_max_tiles))
+                if m.status == "ok":
+                    history[method].append((m.voxels, m.peak_rss_mb or 0.0))
+                    if method != "infer-only":
+                        outputs[method] = out
+                log(f"{name:>12} {method:<11} {m.status:<7} peak {m.peak_rss_mb or float('nan'):7.0f} MB  "
+                    f"wall {m.wall_s or float('nan'):7.2f} s  cpu {m.cpu_s or float('nan'):7.2f} s {m.note}")
                 results.append(m)
-                continue
-            out = cfg.work_dir / f"labels_{method}_{name}.nii"
-            res = Path(tempfile.mkstemp(suffix=".json", dir=cfg.work_dir)[1])
-            args = [method, "--volume", str(vol), "--model", str(cfg.model), "--out", str(out), "--result", str(res),
-                    "--tile", str(cfg.tile), "--overlap", str(cfg.overlap),
-                    "--precision", cfg.precision, "--torch-factory", cfg.torch_factory]
-            rc, peak, killed = spawner.run(args, cap)
-            m.peak_rss_mb = round(peak, 1)
-            if killed:
-                m.status, m.note = "killed", f"crossed the {cap / 1024:.1f} GB cap; needs more than that"
-            elif rc != 0:
-                m.status, m.note = "failed", f"exit code {rc}"
-            else:
-                m.raw = json.loads(res.read_text())
-                m.wall_s, m.infer_s = round(m.raw["wall_s"], 2), round(m.raw["infer_s"], 2)
-                history[method].append((m.voxels, peak))
-                outputs[method] = out
-            res.unlink(missing_ok=True)
-            log(f"{name:>14} {method:<9} {m.status:<7} peak {peak:8.0f} MB  wall {m.wall_s or float('nan'):7.1f} s")
-            results.append(m)
-        ref = outputs.get("naive") or outputs.get("crop")
-        for m in results:
-            if m.size == size and m.method in outputs and ref is not None and outputs[m.method] != ref:
-                m.agreement = label_agreement(ref, outputs[m.method])
-        if not cfg.keep_outputs:
-            for p in outputs.values():
-                p.unlink(missing_ok=True)
-    spawner.close()
+                if progress is not None:
+                    progress.update()
+            _agreements(results, size, outputs)
+            if not cfg.keep_outputs:
+                for p in outputs.values():
+                    p.unlink(missing_ok=True)
     return results, machine()
 
 
-def markdown_table(results: list[Measurement]) -> str:
-    """Method × size: peak RSS, reduction vs naive, wall time, throughput, label agreement with the reference
-    (naive whole-volume inference, or crop stitching where naive could not run)."""
-    naive = {m.size: m.peak_rss_mb for m in results if m.method == "naive" and m.status == "ok"}
-    lines = ["| volume | method | peak RSS (MB) | vs naive | wall (s) | Mvox/s | same labels as |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for m in sorted(results, key=lambda r: (r.voxels, list(METHOD_NAMES).index(r.method))):
-        size = "×".join(map(str, m.size)) if len(set(m.size)) > 1 else f"{m.size[0]}³"
-        if m.status != "ok":
-            lines.append(f"| {size} | {METHOD_NAMES[m.method]} | — | — | — | — | {m.status}: {m.note} |")
-            continue
-        red = f"{naive[m.size] / m.peak_rss_mb:.1f}×" if m.size in naive and m.method != "naive" else "—"
-        ref = "naive" if m.size in naive else "crop"
-        agree = f"{100 * m.agreement:.2f}% of {ref}" if m.agreement is not None else "—"
-        lines.append(f"| {size} | {METHOD_NAMES[m.method]} | {m.peak_rss_mb:.0f} | {red} | {m.wall_s:.1f} | "
-                     f"{m.mvox_s:.2f} | {agree} |")
-    return "\n".join(lines)
-
-
-def load_results(path: Path) -> tuple[list[Measurement], dict[str, Any]]:
-    """Measurements and machine description back from a ``results.json``."""
-    data = json.loads(Path(path).read_text())
-    keep = {f for f in Measurement.__dataclass_fields__}
-    results = [Measurement(**{k: (tuple(v) if k == "size" else v) for k, v in r.items() if k in keep})
-               for r in data["results"]]
-    return results, data["machine"]
-
-
-def save_report(results: list[Measurement], info: dict[str, Any], cfg: BenchConfig, out_dir: Path) -> list[Path]:
-    """Write ``results.md``, ``results.json`` and (with matplotlib) ``peak_rss.png`` into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results)
-    md = out_dir / "results.md"
-    md.write_text(table + "\n")
-    js = out_dir / "results.json"
-    js.write_text(json.dumps({
-        "machine": info,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "results": [dict(asdict(m), voxels=m.voxels, mvox_s=m.mvox_s) for m in results],
-    }, indent=2, default=str))
-    written = [md, js]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return written
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method in METHOD_NAMES:
-        pts = sorted((m.voxels, m.peak_rss_mb) for m in results if m.method == method and m.status == "ok")
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=METHOD_NAMES[method])
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("volume size (voxels)")
-    ax.set_ylabel("peak RSS (MB)")
-    ax.set_title(f"Peak memory vs volume size ({info.get('cores')} cores, {info.get('ram_mb', 0) / 1024:.0f} GiB)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    png = out_dir / "peak_rss.png"
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    return written + [png]
+def _agreements(results: list[Measurement], size: tuple[int, int, int], outputs: dict[str, Path]) -> None:
+    """Label agreement of every run at ``size`` with naive OpenVINO (or crop where naive could not run)."""
+    ref = outputs.get("naive") or outputs.get("crop")
+    for m in results:
+        if m.size == size and m.method in outputs and ref is not None and outputs[m.method] != ref:
+            m.agreement = label_agreement(ref, outputs[m.method])

@@ -77,3 +77,14 @@ def build_unet(in_channels: int = 1, out_channels: int = 2, seed: int = 0) -> nn
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     return net.eval()
+
+
+def build_small_unet(in_channels: int = 1, out_channels: int = 2, seed: int = 0) -> nn.Module:
+    """A two-level version of the reference U-Net (channels 4-8, size multiple 2), small enough for tests."""
+    torch.manual_seed(seed)
+    net = UNet3D(in_channels, out_channels, channels=(4, 8))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval()

@@ -6,7 +6,8 @@ child look at least that big. This spawner is started as a plain script (``pytho
 volinfer), stays at ~10 MB, and starts every worker itself, so each worker's ``ru_maxrss`` from ``wait4`` is its own.
 
 Protocol: one JSON request per line on stdin ``{"argv": [...], "cap_mb": N, "timeout_s": T}``; one JSON line back
-``{"rc": int, "peak_mb": float, "killed": bool, "stderr_tail": str}``.
+``{"rc": int, "peak_mb": float, "cpu_s": float, "wall_s": float, "killed": bool, "stderr_tail": str}`` — peak RSS,
+user + system CPU time and wall time of the whole child process (interpreter start and imports included).
 """
 
 import json
@@ -28,7 +29,7 @@ def _rss_mb(pid):
 
 
 def run(argv, cap_mb, timeout_s=None):
-    err_path = f"/tmp/volinfer-bench-{os.getpid()}.err"
+    err_path = f"volinfer-bench-{os.getpid()}.err"  # in the working directory the harness gave us
     with open(err_path, "wb") as err:
         p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL)
     killed = False
@@ -45,7 +46,8 @@ def run(argv, cap_mb, timeout_s=None):
     with open(err_path, "rb") as f:
         tail = f.read().decode(errors="replace").strip().splitlines()[-1:] or [""]
     os.unlink(err_path)
-    return {"rc": p.returncode, "peak_mb": ru.ru_maxrss / 1024.0, "killed": killed, "stderr_tail": tail[0][-500:]}
+    return {"rc": p.returncode, "peak_mb": ru.ru_maxrss / 1024.0, "cpu_s": ru.ru_utime + ru.ru_stime,
+            "wall_s": time.time() - t0, "killed": killed, "stderr_tail": tail[0][-500:]}
 
 
 def main():

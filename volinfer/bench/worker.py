@@ -1,110 +1,266 @@
-"""One benchmark configuration, run in its own fresh process (the parent reads this process's peak RSS from the OS).
+"""One benchmark configuration, run in its own fresh process (the parent reads this process's peak RSS and CPU time
+from the OS).
 
     python -m volinfer.bench.worker METHOD --volume v.nii --model m.xml --out labels.nii --result r.json [...]
 
-Methods:
-  naive             whole volume in RAM, model compiled at the whole (padded) shape, one inference
-  crop / gaussian   volinfer's streaming engine
-  monai             MONAI sliding_window_inference with the source PyTorch model (same tile, overlap, gaussian)
-  alloc             allocate and touch --mb megabytes (calibrates the harness's peak-RSS measurement)
+Methods (every baseline written as a competent user would write it: one copy of the data, labels as uint8):
+  naive             OpenVINO, the model compiled at the whole (padded) volume shape, one inference, output read in
+                    place, argmax per slab straight into uint8
+  naive-torch       the source PyTorch network on the whole (padded) volume under torch.no_grad, same argmax
+  crop / gaussian / mean
+                    volinfer's streaming engine
+  monai             MONAI's documented ``sliding_window_inference`` (same tile, overlap, gaussian blending)
+  nnunet            nnU-Net v2's own sliding-window predictor (``nnUNetPredictor.predict_sliding_window_return_logits``)
+                    on the same PyTorch network, same tile and step, gaussian, no mirroring
+  infer-only        the same compiled tile model as volinfer's, alone: an AsyncInferQueue loop on random tiles (no
+                    reading, stitching or writing) — the floor that volinfer's end-to-end throughput is judged against
+  alloc             allocate and touch --mb megabytes, then spin --burn seconds (calibrates the harness)
+
+Every method times its own work (after imports: model loading/compilation, reading, inference, argmax, writing) and
+reports the CPU time (user + system, all threads) of that same span.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 
-def _save_labels(labels: np.ndarray, reference: Path, out: Path) -> None:
+def _save_labels(labels: np.ndarray, reference: str, out: str) -> None:
+    """Write uint8 labels with the input's affine (a fresh uint8 header: no conversion copy on save)."""
     import nibabel as nib
 
-    ref = nib.load(str(reference))
-    nib.save(nib.Nifti1Image(labels.astype(np.uint8), ref.affine, ref.header), str(out))
+    img = nib.Nifti1Image(labels, nib.load(reference).affine)
+    img.set_data_dtype(np.uint8)
+    nib.save(img, out)
+
+
+def argmax_uint8(scores: Any, shape: tuple[int, int, int], slab: int = 8) -> np.ndarray:
+    """Argmax over the channel axis of (C, X', Y', Z') scores (numpy or torch), cropped to ``shape``, computed a few
+    x-planes at a time straight into uint8 — never a whole-volume int64 index array."""
+    labels = np.empty(shape, np.uint8)
+    for x0 in range(0, shape[0], slab):
+        x1 = min(shape[0], x0 + slab)
+        part = scores[:, x0:x1, : shape[1], : shape[2]].argmax(0)
+        labels[x0:x1] = part.numpy() if hasattr(part, "numpy") else part
+    return labels
+
+
+def _padded_input(a: argparse.Namespace, multiple: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The volume as float32 (1, 1, X', Y', Z'), padded with zeros on the high side to the next multiple of the
+    model's size multiple (the least the network accepts, and the extent volinfer's engine pads to); one allocation
+    of the padded size."""
+    import nibabel as nib
+
+    img = nib.load(a.volume)
+    shape = tuple(int(n) for n in img.shape[:3])
+    padded = [-(-n // multiple) * multiple for n in shape]
+    x = np.zeros((1, 1, *padded), np.float32)
+    x[0, 0, : shape[0], : shape[1], : shape[2]] = np.asanyarray(img.dataobj)
+    return x, shape  # type: ignore[return-value]
+
+
+def _ov_config(a: argparse.Namespace) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": a.precision}
+    if a.threads:
+        cfg["INFERENCE_NUM_THREADS"] = a.threads
+    return cfg
 
 
 def run_naive(a: argparse.Namespace) -> dict:
-    import nibabel as nib
     import openvino as ov
-
-    from volinfer.geometry import padded_size
 
     from volinfer.settings import ModelSettings
 
-    t0 = time.perf_counter()
-    vol = np.asarray(nib.load(a.volume).dataobj, dtype=np.float32)
-    shape = vol.shape
-    model = ov.Core().read_model(a.model)
-    multiple = ModelSettings.from_model(model).size_multiple or 1
-    # the same padded extent the tiled engine uses, so that crop stitching can be compared voxel for voxel
-    padded = [padded_size(n, a.tile, multiple) for n in shape]
-    x = np.zeros((1, 1, *padded), np.float32)
-    x[0, 0, : shape[0], : shape[1], : shape[2]] = vol
-    del vol
+    core = ov.Core()
+    model = core.read_model(a.model)
+    x, shape = _padded_input(a, ModelSettings.from_model(model).size_multiple or 1)
     model.reshape({0: x.shape})
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": a.precision})
+    request = core.compile_model(model, a.device, _ov_config(a)).create_infer_request()
     t1 = time.perf_counter()
-    out = compiled(x)[0]
+    request.infer({0: x}, share_inputs=True, share_outputs=True)
     infer = time.perf_counter() - t1
-    labels = out[0].argmax(0)[: shape[0], : shape[1], : shape[2]]
-    _save_labels(labels, Path(a.volume), Path(a.out))
-    return {"wall_s": time.perf_counter() - t0, "infer_s": infer}
+    scores = request.get_output_tensor(0).data[0]  # a view of the request's output, no copy
+    _save_labels(argmax_uint8(scores, shape), a.volume, a.out)
+    return {"infer_s": infer}
+
+
+def _torch_net(a: argparse.Namespace) -> Any:
+    import torch
+
+    from converters.sources import _load_factory
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    return _load_factory(a.torch_factory)().eval()
+
+
+def run_naive_torch(a: argparse.Namespace) -> dict:
+    import torch
+
+    from volinfer.settings import ModelSettings
+    from volinfer.model import read_model
+
+    multiple = a.multiple or ModelSettings.from_model(read_model(a.model)).size_multiple or 1
+    net = _torch_net(a)
+    x, shape = _padded_input(a, multiple)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        scores = net(torch.from_numpy(x))[0]
+    infer = time.perf_counter() - t1
+    _save_labels(argmax_uint8(scores, shape), a.volume, a.out)
+    return {"infer_s": infer}
+
+
+def _torch_volume(a: argparse.Namespace) -> Any:
+    import nibabel as nib
+    import torch
+
+    return torch.from_numpy(np.asarray(nib.load(a.volume).dataobj, dtype=np.float32))
+
+
+def overlap_fraction(overlap: str, tile: int) -> float:
+    """The overlap as a fraction of the tile, for the peers that take a fraction (MONAI, nnU-Net)."""
+    from volinfer.runsetup import parse_overlap
+
+    v = (parse_overlap(overlap) or [0.25])[0]
+    return v if v < 1 else v / tile
+
+
+def run_monai(a: argparse.Namespace) -> dict:
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    net = _torch_net(a)
+    vol = _torch_volume(a)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        out = sliding_window_inference(vol[None, None], (a.tile,) * 3, 1, net,
+                                       overlap=overlap_fraction(a.overlap, a.tile), mode="gaussian")
+    infer = time.perf_counter() - t1
+    _save_labels(argmax_uint8(out[0], tuple(vol.shape)), a.volume, a.out)
+    return {"infer_s": infer}
+
+
+def nnunet_predictor(net: Any, tile: int, overlap: float, channels: int) -> Any:
+    """nnU-Net v2's predictor around a plain network: CPU, gaussian, no mirroring, step = 1 - overlap. Only the
+    attributes its sliding-window routine reads are set (no plans or dataset.json: the network is not an nnU-Net
+    training output)."""
+    from types import SimpleNamespace
+
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    p = nnUNetPredictor(tile_step_size=1.0 - overlap, use_gaussian=True, use_mirroring=False,
+                        perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    p.network = net
+    p.configuration_manager = SimpleNamespace(patch_size=[tile] * 3)
+    p.label_manager = SimpleNamespace(num_segmentation_heads=channels)
+    p.allowed_mirroring_axes = None
+    return p
+
+
+def run_nnunet(a: argparse.Namespace) -> dict:
+    net = _torch_net(a)
+    predictor = nnunet_predictor(net, a.tile, overlap_fraction(a.overlap, a.tile), a.channels)
+    vol = _torch_volume(a)
+    t1 = time.perf_counter()
+    logits = predictor.predict_sliding_window_return_logits(vol[None])
+    infer = time.perf_counter() - t1
+    _save_labels(argmax_uint8(logits, tuple(vol.shape)), a.volume, a.out)
+    return {"infer_s": infer}
 
 
 def run_volinfer(a: argparse.Namespace) -> dict:
     from volinfer import predict
 
     rep = predict(a.volume, a.model, a.out, tile=a.tile, stitch=a.method, overlap=a.overlap, precision=a.precision,
-                  overwrite=True, progress=False)
-    return {"wall_s": rep.wall_s, "infer_s": rep.infer_busy_s, "tiles": rep.tiles,
-            "peak_rss_self_mb": rep.peak_rss_mb}
+                  device=a.device, threads=a.threads, overwrite=True, progress=False)
+    return {"infer_s": rep.infer_busy_s, "tiles": rep.tiles, "engine_wall_s": rep.wall_s}
 
 
-def run_monai(a: argparse.Namespace) -> dict:
-    import nibabel as nib
-    import torch
-    from monai.inferers import sliding_window_inference
+def run_infer_only(a: argparse.Namespace) -> dict:
+    """``--tiles`` random tiles through the compiled tile model, ``--requests`` in flight, nothing else."""
+    import openvino as ov
 
-    from converters.sources import _load_factory
+    from volinfer.model import CompileOptions, TileModel
 
-    t0 = time.perf_counter()
-    net = _load_factory(a.torch_factory)().eval()
-    vol = torch.from_numpy(np.asarray(nib.load(a.volume).dataobj, dtype=np.float32))[None, None]
-    t1 = time.perf_counter()
-    with torch.no_grad():
-        out = sliding_window_inference(vol, (a.tile,) * 3, 1, net, overlap=a.overlap, mode="gaussian")
-    infer = time.perf_counter() - t1
-    labels = out[0].argmax(0).numpy()
-    del out
-    _save_labels(labels, Path(a.volume), Path(a.out))
-    return {"wall_s": time.perf_counter() - t0, "infer_s": infer}
+    tm = TileModel(a.model, tile=a.tile, options=CompileOptions(device=a.device, precision=a.precision,
+                                                               threads=a.threads))
+    rng = np.random.default_rng(0)
+    tiles = [rng.standard_normal(tm.input_shape(), dtype=np.float32) for _ in range(a.requests)]
+    queue = ov.AsyncInferQueue(tm.compiled, a.requests)
+    queue.start_async({0: tiles[0]})  # the first inference pays one-off set-up; volinfer's runs pay it too, once
+    queue.wait_all()
+    t1, c1 = time.perf_counter(), time.process_time()
+    for i in range(a.tiles):
+        queue.start_async({0: tiles[i % len(tiles)]})
+    queue.wait_all()
+    return {"infer_s": time.perf_counter() - t1, "infer_cpu_s": time.process_time() - c1, "tiles": a.tiles}
 
 
 def run_alloc(a: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
     block = np.ones(int(a.mb * 2**20), dtype=np.uint8)  # ones: every page touched
-    return {"wall_s": time.perf_counter() - t0, "infer_s": 0.0, "checksum": int(block[:: 4096].sum())}
+    t0 = time.process_time()
+    while time.process_time() - t0 < a.burn:
+        pass
+    return {"infer_s": 0.0, "checksum": int(block[::4096].sum())}
 
 
-def main() -> None:
+METHODS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "naive": run_naive, "naive-torch": run_naive_torch, "crop": run_volinfer, "gaussian": run_volinfer,
+    "mean": run_volinfer, "monai": run_monai, "nnunet": run_nnunet, "infer-only": run_infer_only, "alloc": run_alloc,
+}
+
+
+# imported before the clock starts: every method is timed from its own work, not from its libraries' import time
+PRELOAD = {
+    "naive": ["openvino", "nibabel", "volinfer.settings", "volinfer.geometry"],
+    "naive-torch": ["torch", "nibabel", "converters.sources", "volinfer.model", "volinfer.geometry"],
+    "crop": ["volinfer", "openvino"], "gaussian": ["volinfer", "openvino"], "mean": ["volinfer", "openvino"],
+    "monai": ["torch", "nibabel", "monai.inferers", "converters.sources", "volinfer.runsetup"],
+    "nnunet": ["torch", "nibabel", "nnunetv2.inference.predict_from_raw_data", "converters.sources",
+               "volinfer.runsetup"],
+    "infer-only": ["openvino", "volinfer.model"], "alloc": [],
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("method", choices=["naive", "crop", "gaussian", "mean", "monai", "alloc"])
+    ap.add_argument("method", choices=list(METHODS))
     ap.add_argument("--volume")
     ap.add_argument("--model")
     ap.add_argument("--out")
     ap.add_argument("--result", required=True)
     ap.add_argument("--tile", type=int, default=128)
-    ap.add_argument("--overlap", type=float, default=0.25)
+    ap.add_argument("--overlap", default="0.25", help="fraction of the tile or voxels, as for `volinfer run`")
     ap.add_argument("--precision", default="f32")
+    ap.add_argument("--device", default="CPU")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--multiple", type=int, help="naive-torch: the model's size multiple (default: read from --model)")
+    ap.add_argument("--channels", type=int, default=2, help="nnunet: output channels of the network")
+    ap.add_argument("--tiles", type=int, default=16, help="infer-only: how many tiles")
+    ap.add_argument("--requests", type=int, default=2, help="infer-only: requests in flight (volinfer's default)")
     ap.add_argument("--torch-factory", default="volinfer.bench.reference_unet:build_unet")
     ap.add_argument("--mb", type=float, default=0)
-    a = ap.parse_args()
-    fn = {"naive": run_naive, "crop": run_volinfer, "gaussian": run_volinfer, "mean": run_volinfer,
-          "monai": run_monai, "alloc": run_alloc}[a.method]
-    Path(a.result).write_text(json.dumps(fn(a)))
+    ap.add_argument("--burn", type=float, default=0, help="alloc: seconds of CPU to spend")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    for module in PRELOAD[a.method]:
+        importlib.import_module(module)
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = METHODS[a.method](a)
+    res.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
+    Path(a.result).write_text(json.dumps(res))
 
 
 if __name__ == "__main__":

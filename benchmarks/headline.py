@@ -1,0 +1,29 @@
+"""The README's headline comparison, in one run of one command: volinfer (crop and Gaussian stitching) against lean
+naive whole-volume inference (OpenVINO and PyTorch), MONAI's ``sliding_window_inference`` and nnU-Net v2's
+sliding-window predictor (where installed), plus OpenVINO inference alone on the same tiles, at 256³ and 512³.
+
+    python benchmarks/headline.py                  # about 10 minutes on 2 cores; needs ~14 GB RAM for naive PyTorch
+    python benchmarks/headline.py --sizes 256      # one size (any `volinfer bench` option may be added)
+
+Writes benchmarks/results/headline.md, headline.json and headline_peak_rss.png (next to this script, wherever it is
+run from); generated volumes and the reference model go to a temporary directory (or --work-dir).
+"""
+
+import sys
+from pathlib import Path
+
+from volinfer.bench.cli import bench
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULTS = {"--sizes": "256,512", "--methods": "naive,crop,gaussian,infer-only", "--vs": "all",
+            "--tile": "128", "--overlap": "0.25", "--precision": "f32", "--output": str(RESULTS), "--name": "headline"}
+SHORT = {"-s": "--sizes", "-o": "--output"}
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    given = {SHORT.get(a.split("=")[0], a.split("=")[0]) for a in args if a.startswith("-")}
+    for option, value in DEFAULTS.items():
+        if option not in given:
+            args += [option, value]
+    sys.argv = [sys.argv[0], *args]  # the report records the full command, defaults included
+    bench.main(args=args, prog_name="headline.py")
