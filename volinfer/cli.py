@@ -288,9 +288,18 @@ def info(model_path: Path, tile: str | None, no_measure: bool, as_json: bool) ->
         if not no_measure:
             rf = measure_receptive_field(tm)
             data["receptive_field"] = {"radius": list(rf.radius), "bounded": rf.bounded, "text": str(rf)}
-        if tm.settings.instance_norm:
-            data["warning"] = ("model normalises with per-tile statistics (InstanceNorm): crop stitching is not "
-                               "exact for it; prefer gaussian stitching with a large overlap")
+        from .activation import graph_activation
+        from .runsetup import model_norm_layers
+
+        layers, global_ops = model_norm_layers(tm)
+        data["normalization_layers"] = [f"{layer.kind} {layer.name}" for layer in layers]
+        data["final_activation"] = graph_activation(tm.model, tm.output_index, 1 if tm.layout == "NCDHW" else 4)
+        if layers:
+            data["note"] = (f"{len(layers)} InstanceNorm/GroupNorm layer(s): `volinfer run` freezes them to "
+                            f"whole-volume statistics (streamed passes) unless --norm-stats tile")
+        if global_ops:
+            data["warning"] = (f"spatial reductions volinfer cannot freeze ({', '.join(global_ops[:3])}): tiled runs "
+                               f"are exact only when one tile covers the volume")
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
