@@ -29,8 +29,8 @@ def data(tmp_path_factory):
     return tmp, xml, vol
 
 
-def _read(path):
-    return zarr.open_array(str(path))[:]
+def _read(path, level=0):
+    return zarr.open_group(str(path))[str(level)][:]
 
 
 OPTS = dict(tile=32, overlap=24, kind="raw")
@@ -97,7 +97,7 @@ def test_rerun_skips_complete_blocks_and_repairs_the_rest(data):
     markers = sorted(done_marker_dir(out).iterdir())
     for m in markers[:3]:  # three blocks "never finished": no marker, garbage in their chunks
         m.unlink()
-    z = zarr.open_array(str(out), mode="r+")
+    z = zarr.open_group(str(out), mode="r+")["0"]
     z[:, :16, :16, :16] = 99.0
     rep = run_zarr(tmp / "in.zarr", xml, out, stitch="gaussian", block=32, resume=True, **OPTS)
     assert rep.extra["blocks"].startswith("3 run, 9 already complete")
@@ -109,9 +109,11 @@ def test_nifti_zarr_round_trip(tmp_path):
     aff = np.diag([0.5, 0.7, 2.0, 1.0])
     nib.save(nib.Nifti1Image(data, aff), str(tmp_path / "v.nii.gz"))
     nifti_to_zarr(tmp_path / "v.nii.gz", tmp_path / "v.zarr", chunks=16)
-    z = zarr.open_array(str(tmp_path / "v.zarr"))
+    g = zarr.open_group(str(tmp_path / "v.zarr"))
+    z = g["0"]
     assert z.shape == (23, 29, 37)
-    np.testing.assert_allclose(z.attrs["voxel_size"], [2.0, 0.7, 0.5], rtol=1e-6)
+    scale = g.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    np.testing.assert_allclose(scale, [2.0, 0.7, 0.5], rtol=1e-6)
     np.testing.assert_array_equal(z[:], data.transpose(2, 1, 0))
     zarr_to_nifti(tmp_path / "v.zarr", tmp_path / "back.nii")
     back = nib.load(str(tmp_path / "back.nii"))
@@ -130,9 +132,10 @@ def test_cli_zarr_run_and_errors(data):
                                   "--overlap", "24", "--kind", "raw", "--chunks", "24", "--block", "48",
                                   "--no-compression", "--json"])
     assert r.exit_code == 0, r.output
-    assert zarr.open_array(str(out)).chunks == (2, 24, 24, 24)
+    assert zarr.open_group(str(out))["0"].chunks == (2, 24, 24, 24)
     np.testing.assert_array_equal(np.moveaxis(_read(out), 0, -1), predict(vol, str(xml), **OPTS))
     r = CliRunner().invoke(main, ["run", str(tmp / "in.zarr"), "-m", str(xml), "-o", str(out), "--tile", "32"])
     assert r.exit_code == 2 and "already exists" in r.output
-    r = CliRunner().invoke(main, ["run", str(tmp / "in.zarr"), "-m", str(xml), "-o", str(tmp / "x.nii"), "--tile", "32"])
-    assert r.exit_code == 2 and "one .zarr input and a .zarr output" in r.output
+    r = CliRunner().invoke(main, ["run", str(tmp / "in.zarr"), str(tmp / "in.zarr"), "-m", str(xml), "-o",
+                                  str(tmp / "x.nii"), "--tile", "32"])
+    assert r.exit_code == 2 and "one .zarr input" in r.output

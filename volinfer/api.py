@@ -20,15 +20,17 @@ from .norm_stats import fit_norm_statistics
 from .feeder import TileFeeder
 from .runsetup import TilingChoice, RunSetup, needs_norm_passes, plan_tiling, resolve, scan_volume, verdict
 from .targets import OutputLock
-from .writer import ArrayWriter, NiftiWriter, check_target
+from .writer import ArrayWriter, NiftiWriter
+from .zarr_writer import ZarrWriter, check_any_output, is_zarr_output
 
 Overlap = float | int | str | Sequence[float | int] | None
 
 
-def _row_done(writer: NiftiWriter, journal: Journal, row: int, rows: int) -> None:
-    """Rows ``< row`` are final: make their data durable first, only then let the journal say so."""
+def _row_done(writer: Any, journal: Journal, row: int, rows: int) -> None:
+    """Rows ``< row`` are final: make their data durable first, only then let the journal say so (a Zarr output
+    may claim fewer rows: those whose planes are all in the store)."""
     writer.sync()
-    journal.update(row, rows)
+    journal.update(writer.durable_row(row) if isinstance(writer, ZarrWriter) else row, rows)
 
 
 def run_fingerprint(in_paths: Sequence[Path], model_path: Path | None, options: dict[str, Any]) -> dict[str, Any]:
@@ -40,7 +42,7 @@ def run_fingerprint(in_paths: Sequence[Path], model_path: Path | None, options: 
 def _discard(writer: Any, journal: Journal | None) -> None:
     """Remove what this run wrote (temporary file, journal). Nothing when no writer was made yet: a journal there
     belongs to an earlier interrupted run and must survive a refused or interrupted resume."""
-    if isinstance(writer, NiftiWriter):
+    if isinstance(writer, (NiftiWriter, ZarrWriter)):
         writer.abort()
         if journal is not None:
             journal.remove()
@@ -91,6 +93,7 @@ def predict(
     max_memory_mb: float | None = None,
     norm_stats: str | None = None,
     mirror: str | Sequence[int] | None = None,
+    zarr_output: dict[str, Any] | None = None,
 ) -> Any:
     """Run ``volume`` through ``model`` tile by tile.
 
@@ -108,6 +111,9 @@ def predict(
     volume within ``max_memory_mb`` (default: a quarter of available RAM). InstanceNorm/GroupNorm layers run with
     whole-volume statistics (``norm_stats="volume"``, found in streamed passes) or per tile (``"tile"``). The report
     says whether the run was ``exact`` and, if not, why.
+
+    An ``output`` ending in ``.zarr`` is written as OME-Zarr (:class:`volinfer.zarr_writer.ZarrWriter`) with the
+    input's affine; ``zarr_output`` sets its ``chunks``, ``compression`` and ``pyramid`` levels.
     """
     t_start = time.perf_counter()
     mirror_axes = parse_mirror(mirror)
@@ -118,7 +124,7 @@ def predict(
         [Path(volume)] if isinstance(volume, (str, os.PathLike)) else [Path(p) for p in volume])
     lock = None
     if output is not None:
-        check_target(Path(output), overwrite, in_paths)
+        check_any_output(Path(output), in_paths, overwrite, resume)
         lock = OutputLock(Path(output)).acquire()  # before anything is written: a second run fails here, at once
     journal: Journal | None = None
     try:
@@ -160,11 +166,15 @@ def predict(
                 pad_mode=pad_mode, kind=kind, activation=activation, channels=spec.channels, threshold=threshold,
                 dtype=str(spec.dtype), normalization=normalizer.describe(), nan_value=nan_value,
                 device=tm.options.device, precision=tm.precision, reuse_constant=reuse_constant,
-                norm_stats=choice.norm_stats, norm_passes=passes, mirror=mirror_axes)))
+                norm_stats=choice.norm_stats, norm_passes=passes, mirror=mirror_axes,
+                **_zarr_settings(output, zarr_output))))
             if resume:
                 start_row = journal.resume_row()
-            writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header, source.affine,
-                                 resume=resume)
+            if is_zarr_output(output):
+                writer = _zarr_writer(output, source, spec, grid, kind, zarr_output, overwrite, resume, start_row)
+            else:
+                writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header,
+                                     source.affine, resume=resume)
             rows = grid.axes[2].count
             on_row_done = lambda r: _row_done(writer, journal, r, rows)  # noqa: E731
             journal.update(start_row, rows)
@@ -182,7 +192,7 @@ def predict(
         if output is not None:
             journal.remove()
     except (KeyboardInterrupt, ResumableError) as e:
-        if isinstance(writer, NiftiWriter) and journal is not None and journal.exists():
+        if isinstance(writer, (NiftiWriter, ZarrWriter)) and journal is not None and journal.exists():
             writer.close_for_resume()
             if isinstance(e, ResumableError):
                 raise
@@ -238,6 +248,26 @@ def parse_mirror(value: str | Sequence[int] | None) -> tuple[int, ...]:
     if any(a not in (0, 1, 2) for a in axes):
         raise VolinferError(f"mirror axes must be 0, 1, 2 (x, y, z); got {value!r}")
     return axes
+
+
+def _zarr_settings(output: Any, zarr_output: dict[str, Any] | None) -> dict[str, Any]:
+    """What a Zarr output adds to the run fingerprint (nothing for NIfTI outputs)."""
+    if not is_zarr_output(output):
+        return {}
+    z = {"chunks": 64, "compression": True, "pyramid": 0, **(zarr_output or {})}
+    return {"zarr": {k: z[k] for k in ("chunks", "compression", "pyramid")}}
+
+
+def _zarr_writer(output: Any, source: VolumeSource, spec: Any, grid: Any, kind: str, zarr_output: Any,
+                 overwrite: bool, resume: bool, start_row: int) -> "ZarrWriter":
+    from .ome import geometry_from_nifti
+    from .zarr_writer import row_planes
+
+    z = _zarr_settings(output, zarr_output)["zarr"]
+    return ZarrWriter(output, source.shape, spec.out_channels, spec.dtype,
+                      geometry_from_nifti(source.header, source.affine), row_planes=row_planes(grid), kind=kind,
+                      chunks=z["chunks"], pyramid=z["pyramid"], compression=z["compression"], overwrite=overwrite,
+                      resume=resume, start_row=start_row)
 
 
 def _overlap_for(choice: TilingChoice, tm: TileModel) -> list[float] | None:

@@ -90,6 +90,9 @@ def main() -> None:
               help="Zarr runs: block size in voxels, >= 1 (whole output chunks).")
 @click.option("--chunks", type=V.COUNT, help="Zarr runs: output chunk size, >= 1 (default: the input's).")
 @click.option("--no-compression", is_flag=True, help="Zarr runs: store output chunks uncompressed (default zstd).")
+@click.option("--pyramid", type=click.IntRange(0, 16), default=0, show_default=True,
+              help="Zarr outputs: also write this many OME-Zarr levels, each half the previous along z, y, x "
+              "(nearest for labels, mean otherwise), as blocks complete.")
 @click.option("--max-memory", type=V.MEMORY, help="Peak RAM budget for choosing the tile (e.g. 600M, 2G; > 0; "
               "default a quarter of available RAM): the tile grows up to this for an exact run, else the run says it "
               "is not exact.")
@@ -104,7 +107,8 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
         channels: str | None, threshold: float, float16: bool, normalize: str | None, output_name: str | None,
         device: str, precision: str, threads: int | None, streams: int | None, requests: int,
         cache_dir: Path | None, nan_value: float | None, no_constant_reuse: bool, scheduler: str | None,
-        workers: int | None, block: int, chunks: int | None, no_compression: bool, max_memory: str | None,
+        workers: int | None, block: int, chunks: int | None, no_compression: bool, pyramid: int,
+        max_memory: str | None,
         norm_stats: str | None, mirror: str | None,
         resume: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
     """Segment/restore INPUTS (one NIfTI file, or one file per input channel) into OUTPUT.
@@ -122,10 +126,11 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
     compile_options = dict(device=device, precision=precision, threads=threads, streams=streams,
                            cache_dir=str(cache_dir) if cache_dir else None)
     from .zarr_io import is_zarr
+    from .zarr_writer import is_zarr_output
 
-    if any(is_zarr(p) for p in inputs) or str(output).rstrip("/").endswith(".zarr"):
-        if len(inputs) != 1 or not is_zarr(inputs[0]) or not str(output).rstrip("/").endswith(".zarr"):
-            raise VolinferError("Zarr runs take one .zarr input and a .zarr output (convert with `volinfer to-zarr`)")
+    if any(is_zarr(p) for p in inputs):
+        if len(inputs) != 1:
+            raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
         from .distributed import run_zarr
 
         report = run_zarr(
@@ -135,7 +140,7 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
             prob_dtype="float16" if float16 else "float32", normalize=parse_normalization(normalize),
             options=compile_options, requests=requests, nan_value=nan_value,
             reuse_constant=not no_constant_reuse, block=block, chunks=chunks, compression=not no_compression,
-            scheduler=scheduler,
+            pyramid=pyramid, scheduler=scheduler,
             workers=workers, resume=resume, overwrite=overwrite, progress=not quiet and not as_json)
         if as_json:
             click.echo(json.dumps(report.as_dict(), indent=2, default=str))
@@ -143,7 +148,12 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
             click.echo(report.summary(), err=True)
         return
     if scheduler or workers:
-        raise VolinferError("--scheduler/--workers apply to Zarr volumes (.zarr in and out)")
+        raise VolinferError("--scheduler/--workers run Zarr volumes (.zarr input and output)")
+    zarr_output = None
+    if is_zarr_output(output):
+        zarr_output = {"chunks": chunks or 64, "compression": not no_compression, "pyramid": pyramid}
+    elif pyramid:
+        raise VolinferError("--pyramid applies to Zarr outputs (-o out.zarr)")
     batch = batch_inputs(inputs)
     tm = TileModel(model_path, tile=parse_tile(tile), layout=layout.upper() if layout else None, output=output_name,
                    options=CompileOptions(**compile_options), compile=False)  # compiled at the planned tile
@@ -155,6 +165,10 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
         progress=not quiet and not as_json, norm_stats=norm_stats, mirror=mirror,
         max_memory_mb=parse_size_mb(max_memory) if max_memory else None,
     )
+    if zarr_output is not None:
+        if batch is not None:
+            raise VolinferError("batch runs write NIfTI files into a directory; give one volume for a .zarr output")
+        options["zarr_output"] = zarr_output
     if batch is None:
         report = predict(list(inputs), tm, output, **options)
         if as_json:
@@ -362,10 +376,11 @@ def demo(out_dir: Path, size: str, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True)
 @friendly_errors
 def to_zarr(nifti: Path, zarr_path: Path, chunks: int, overwrite: bool) -> None:
-    """Stream a NIfTI volume into a Zarr array (z, y, x), keeping voxel size and affine as attributes."""
+    """Stream a NIfTI volume into an OME-Zarr store (z, y, x): NGFF scale and translation from its affine, the
+    whole affine kept for `to-nifti`."""
     from .zarr_io import nifti_to_zarr
 
-    click.echo(nifti_to_zarr(nifti, zarr_path, chunks=chunks, overwrite=overwrite))
+    click.echo(nifti_to_zarr(nifti, zarr_path, chunks=chunks, overwrite=overwrite, progress=True))
 
 
 @main.command("to-nifti")
@@ -374,10 +389,11 @@ def to_zarr(nifti: Path, zarr_path: Path, chunks: int, overwrite: bool) -> None:
 @click.option("--overwrite", is_flag=True)
 @friendly_errors
 def to_nifti(zarr_path: Path, nifti: Path, overwrite: bool) -> None:
-    """Stream a 3-D Zarr array (z, y, x) into a NIfTI volume (x, y, z)."""
+    """Stream a Zarr array (z, y, x) or (c, z, y, x), or an OME-Zarr store's full-resolution level, into a NIfTI
+    volume (x, y, z) with the affine the store records."""
     from .zarr_io import zarr_to_nifti
 
-    click.echo(zarr_to_nifti(zarr_path, nifti, overwrite=overwrite))
+    click.echo(zarr_to_nifti(zarr_path, nifti, overwrite=overwrite, progress=True))
 
 
 def _register_optional() -> None:

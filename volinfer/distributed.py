@@ -1,10 +1,20 @@
-"""Chunked runs: Zarr in, Zarr out, block by block, in this process or on a Dask cluster.
+"""Chunked runs: Zarr in, Zarr out, block by block, in this process or on a Dask cluster; Zarr in, NIfTI out.
 
 The volume is split into blocks of whole output chunks (:mod:`volinfer.blocks`), so no two tasks ever write the
 same chunk. Each task reads its tiles (with the halo they need) straight from the input chunks, runs them through a
 model that its worker process compiled once (a per-process cache), writes its output chunks, then drops a completion
 marker. A re-run skips blocks whose marker exists; a block whose worker died is simply run again (Dask retries it),
 overwriting whatever partial chunks it left. Statistics for normalisation are gathered once, up front.
+
+With ``pyramid`` levels, each block is downsampled in memory once written and its footprint written into every
+lower level (whose chunks divide the block's footprint there, :func:`volinfer.ome.level_chunks`): the pyramid
+needs no second pass and no two blocks share a chunk of any level.
+
+A NIfTI output from a Zarr input is written slab by slab (:func:`run_zarr_to_nifti`): blocks spanning the whole
+cross-section of the array's last two axes, one or more rows of tiles thick along its first axis, in order, through
+the same :class:`volinfer.writer.NiftiWriter` and journal as NIfTI runs (so ``--resume`` and compression behave the
+same). The Zarr array ``[k, j, i]`` becomes NIfTI voxel ``(i, j, k)`` with the store's affine, exactly as
+``to-nifti`` maps it: ``run -o out.nii`` equals ``run -o out.zarr`` then ``to-nifti``.
 """
 
 from __future__ import annotations
@@ -26,9 +36,10 @@ from .normalize import Normalizer
 from .postprocess import OutputSpec
 from .runsetup import resolve, scan_volume
 from .journal import Journal
+from .ome import check_pyramid, downsample, downsample_method
 from .targets import OutputLock
-from .zarr_io import (check_zarr_output, create_output, done_marker_dir, ome_attrs, open_zarr_array,
-                      open_zarr_source)
+from .zarr_io import (check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source, store_geometry,
+                      sync_region)
 
 
 @dataclass
@@ -52,6 +63,8 @@ class ZarrJob:
     nan_fill: list[float] | None
     requests: int
     reuse_constant: bool = True
+    levels: int = 0
+    method: str = "nearest"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -70,11 +83,8 @@ def _marker(job: ZarrJob, block: Block) -> Path:
     return done_marker_dir(job.output) / "_".join(map(str, block.index))
 
 
-def run_block(job: ZarrJob, block: Block) -> dict[str, Any]:
-    """One task: run the tiles touching ``block``, write its chunks, mark it done. Skips finished blocks."""
-    marker = _marker(job, block)
-    if marker.exists():
-        return {"block": block.index, "skipped": True, "tiles": 0, "reused": 0, "busy_s": 0.0, "pid": os.getpid()}
+def run_block_array(job: ZarrJob, block: Block) -> tuple[np.ndarray, dict[str, Any]]:
+    """Run the tiles touching ``block``; its output (C, *block.shape) and what it cost."""
     tm = _model(job)
     source, _ = open_zarr_source(job.input)
     grid = TileGrid.build(source.shape, job.tile, [job.multiple] * 3, job.overlap,
@@ -85,42 +95,44 @@ def run_block(job: ZarrJob, block: Block) -> dict[str, Any]:
                                 normalizer=job.normalizer, sigma=job.sigma, pad_mode=job.pad_mode,
                                 requests=job.requests, progress=False, reuse_constant=job.reuse_constant,
                                 nan_fill=job.nan_fill, tiles=tiles, stitcher=stitcher)
-    out = open_zarr_array(job.output, mode="r+")
-    region = tuple(slice(a, b) for a, b in block.box)
-    if job.spec.out_channels == 1:
-        out[region] = stitcher.out[0]
-    else:
-        out[(slice(None), *region)] = stitcher.out
-    _sync_chunks(out, job.output, block)  # the data first, durably; only then the marker that says it is done
+    return stitcher.out, {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
+                          "pid": os.getpid(), "peak_rss_mb": _own_peak_mb()}
+
+
+def run_block(job: ZarrJob, block: Block) -> dict[str, Any]:
+    """One task: run the tiles touching ``block``, write its chunks (every level), mark it done. Skips finished
+    blocks."""
+    marker = _marker(job, block)
+    if marker.exists():
+        return {"block": block.index, "skipped": True, "tiles": 0, "reused": 0, "busy_s": 0.0, "pid": os.getpid()}
+    out, info = run_block_array(job, block)
+    _write_levels(job, block, out)  # the data first, durably; only then the marker that says it is done
     marker.parent.mkdir(parents=True, exist_ok=True)
     with open(marker, "w") as f:
         f.write("done")
         f.flush()
         os.fsync(f.fileno())
-    return {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
-            "pid": os.getpid(), "peak_rss_mb": _own_peak_mb()}
+    info["peak_rss_mb"] = _own_peak_mb()
+    return info
 
 
-def _sync_chunks(arr: Any, store: str, block: Block) -> None:
-    """fsync the chunk files of ``block`` (local stores; a no-op where the key encoding is unknown)."""
-    from itertools import product
+def _write_levels(job: ZarrJob, block: Block, out: np.ndarray) -> None:
+    """Write ``out`` (C, *block.shape) into level 0 and its downsampled copies into the lower levels; fsync them."""
+    import zarr
 
-    try:
-        encode = arr.metadata.chunk_key_encoding.encode_chunk_key
-    except AttributeError:
-        return
-    chunks = arr.chunks[-3:]
-    ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(block.box, chunks)]
-    lead = (0,) * (arr.ndim - 3)
-    for idx in product(*ranges):
-        try:
-            fd = os.open(os.path.join(store, encode((*lead, *idx))), os.O_RDONLY)
-        except OSError:
-            continue  # a chunk equal to the fill value is not stored
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    group = zarr.open_group(job.output, mode="r+")
+    box = block.box
+    for lev in range(job.levels + 1):
+        if lev:
+            out = downsample(out, job.method)
+            box = tuple((a >> 1, (a >> 1) + n) for (a, _), n in zip(box, out.shape[1:]))  # type: ignore[assignment]
+        arr = group[str(lev)]
+        region = tuple(slice(a, b) for a, b in box)
+        if out.shape[0] == 1 and arr.ndim == 3:
+            arr[region] = out[0]
+        else:
+            arr[(slice(None), *region)] = out
+        sync_region(arr, box)
 
 
 def _own_peak_mb() -> float:
@@ -158,6 +170,7 @@ def run_zarr(
     block: int = 256,
     chunks: Sequence[int] | int | None = None,
     compression: bool = True,
+    pyramid: int = 0,
     scheduler: str | None = None,
     workers: int | None = None,
     resume: bool = False,
@@ -165,20 +178,29 @@ def run_zarr(
     progress: bool = False,
 ) -> RunReport:
     """Run a Zarr volume into a Zarr output, block by block: in this process, on a local Dask cluster of ``workers``
-    processes, or on the Dask scheduler at ``scheduler``. Same options as :func:`volinfer.predict`.
+    processes, or on the Dask scheduler at ``scheduler``; or into a NIfTI output (``.nii``/``.nii.gz``), slab by
+    slab in this process (:func:`run_zarr_to_nifti`). Same options as :func:`volinfer.predict`; ``pyramid`` adds
+    that many downsampled OME-Zarr levels, written as blocks complete.
 
     The output is checked and locked like every output (:mod:`volinfer.targets`); its run fingerprint (input and
     model by content, every setting that changes the output) is kept in the store, and ``resume`` refuses a
     different run."""
+    run = dict(tile=tile, layout=layout, model_output=model_output, overlap=overlap, stitch=stitch, sigma=sigma,
+               pad_mode=pad_mode, kind=kind, activation=activation, channels=channels, threshold=threshold,
+               prob_dtype=prob_dtype, normalize=normalize, options=options, requests=requests, nan_value=nan_value,
+               reuse_constant=reuse_constant, block=block, resume=resume, progress=progress)
+    if not is_zarr(output):
+        if scheduler or workers:
+            raise VolinferError("--scheduler/--workers write Zarr outputs (.zarr); a NIfTI output is written by "
+                                "this process")
+        if pyramid:
+            raise VolinferError("--pyramid applies to Zarr outputs (.zarr)")
+        return run_zarr_to_nifti(volume, model, output, overwrite=overwrite, **run)  # type: ignore[arg-type]
+    check_pyramid(pyramid)
     check_zarr_output(output, [volume], overwrite, resume)
     with OutputLock(Path(output)):
-        return _run_zarr(volume, model, output, tile=tile, layout=layout, model_output=model_output,
-                         overlap=overlap, stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind,
-                         activation=activation, channels=channels, threshold=threshold, prob_dtype=prob_dtype,
-                         normalize=normalize, options=options, requests=requests, nan_value=nan_value,
-                         reuse_constant=reuse_constant, block=block, chunks=chunks, compression=compression,
-                         scheduler=scheduler, workers=workers, resume=resume, overwrite=overwrite,
-                         progress=progress)
+        return _run_zarr(volume, model, output, chunks=chunks, compression=compression, pyramid=pyramid,
+                         scheduler=scheduler, workers=workers, overwrite=overwrite, **run)
 
 
 def run_journal(output: str | Path) -> Path:
@@ -186,15 +208,22 @@ def run_journal(output: str | Path) -> Path:
     return Path(output) / ".volinfer-run.json"
 
 
-def _run_zarr(volume: Any, model: Any, output: Any, *, tile: Any, layout: Any, model_output: Any, overlap: Any,
-              stitch: Any, sigma: float, pad_mode: str, kind: str, activation: Any, channels: Any, threshold: float,
-              prob_dtype: str, normalize: Any, options: Any, requests: int, nan_value: Any, reuse_constant: bool,
-              block: int, chunks: Any, compression: bool, scheduler: Any, workers: Any, resume: bool,
-              overwrite: bool, progress: bool) -> RunReport:
-    """:func:`run_zarr` once the output is checked and locked."""
-    from .api import run_fingerprint
+@dataclass
+class _Prepared:
+    """A Zarr input opened and a run resolved for it (model not compiled yet)."""
 
-    t0 = time.perf_counter()
+    source: Any
+    in_arr: Any
+    tm: TileModel
+    setup: Any
+    options: dict[str, Any]
+    settings: dict[str, Any]  # what the fingerprint records
+
+
+def _prepare(volume: Any, model: Any, *, tile: Any, layout: Any, model_output: Any, overlap: Any, stitch: Any,
+             sigma: float, pad_mode: str, kind: str, activation: Any, channels: Any, threshold: float,
+             prob_dtype: str, normalize: Any, options: Any, nan_value: Any, reuse_constant: bool,
+             **_: Any) -> _Prepared:
     options = {k: v for k, v in (options or {}).items() if v is not None}
     source, in_arr = open_zarr_source(volume)
     tm = TileModel(model, tile=tile, layout=layout, output=model_output, options=CompileOptions(**options),
@@ -203,52 +232,170 @@ def _run_zarr(volume: Any, model: Any, output: Any, *, tile: Any, layout: Any, m
                     activation=activation, keep=channels, threshold=threshold, prob_dtype=prob_dtype,
                     normalize=normalize)
     scan_volume(setup, tm, source, nan_value)
-    stitch, spec, ov_vox, grid, normalizer = setup.stitch, setup.spec, setup.overlap, setup.grid, setup.normalizer
-    if chunks is None:
-        in_chunks = tuple(in_arr.chunks[-3:])
-        chunk3 = in_chunks if max(in_chunks) >= 16 else (64, 64, 64)
-    else:
-        chunk3 = (int(chunks),) * 3 if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
-    journal = Journal(Path(output), run_fingerprint([Path(volume)], tm.path, dict(
-        tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=ov_vox, stitch=stitch, sigma=sigma,
-        pad_mode=pad_mode, kind=kind, activation=activation, channels=spec.channels, threshold=threshold,
-        dtype=str(spec.dtype), normalization=normalizer.describe(), nan_value=nan_value,
-        precision=options.get("precision", "f32"), chunks=chunk3, block=block, compression=compression,
-        reuse_constant=reuse_constant)), path=run_journal(output))
-    resuming = resume and Path(output).exists()
-    if resuming:
-        journal.check()  # before touching the store: a different input, model or setting is refused
-    out_arr = create_output(output, source.shape, spec.out_channels, spec.dtype, chunk3, ome_attrs(in_arr),
-                            compressor="zstd" if compression else None, overwrite=overwrite, resume=resume)
-    if not resuming:
-        journal.update(0, 0)
-    out_arr.attrs.update({"volinfer": {"model": str(model), "stitch": stitch, "kind": kind, "tile": list(tm.tile),
-                                       "overlap": list(ov_vox)}})
-    if not resume:
-        marker_dir = done_marker_dir(output)
-        if marker_dir.exists():
-            for m in marker_dir.iterdir():
-                m.unlink()
-    blocks = plan_blocks(source.shape, chunk3, (block,) * 3)
-    job = ZarrJob(str(volume), str(output), str(model), tm.tile, tm.layout, tm.output_index, options, ov_vox,
-                  tm.multiple, stitch, sigma, pad_mode, spec, normalizer, setup.nan_fill, requests, reuse_constant)
-    results = _execute(job, blocks, scheduler, workers, progress)
+    settings = dict(tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=setup.overlap,
+                    stitch=setup.stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
+                    channels=setup.spec.channels, threshold=threshold, dtype=str(setup.spec.dtype),
+                    normalization=setup.normalizer.describe(), nan_value=nan_value,
+                    precision=options.get("precision", "f32"), reuse_constant=reuse_constant)
+    return _Prepared(source, in_arr, tm, setup, options, settings)
+
+
+def _job(p: _Prepared, volume: Any, output: Any, model: Any, *, sigma: float, pad_mode: str, requests: int,
+         reuse_constant: bool, kind: str, levels: int = 0, **_: Any) -> ZarrJob:
+    s = p.setup
+    return ZarrJob(str(volume), str(output), str(model), p.tm.tile, p.tm.layout, p.tm.output_index, p.options,
+                   s.overlap, p.tm.multiple, s.stitch, sigma, pad_mode, s.spec, s.normalizer, s.nan_fill, requests,
+                   reuse_constant, levels=levels, method=downsample_method(kind))
+
+
+def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]], requests: int) -> RunReport:
     done = [r for r in results if not r["skipped"]]
+    s, tm, options = p.setup, p.tm, p.options
     rep = RunReport(
-        shape=source.shape, channels=source.channels, tile=tm.tile, grid=tuple(a.count for a in grid.axes),  # type: ignore[arg-type]
-        tiles=sum(r["tiles"] for r in done), stitch=stitch, overlap=ov_vox, layout=tm.layout,
+        shape=p.source.shape, channels=p.source.channels, tile=tm.tile,
+        grid=tuple(a.count for a in s.grid.axes),  # type: ignore[arg-type]
+        tiles=sum(r["tiles"] for r in done), stitch=s.stitch, overlap=s.overlap, layout=tm.layout,
         device=options.get("device", "CPU"), precision=options.get("precision", "f32"), requests=requests,
-        normalization=normalizer.describe(), output_kind=kind, output_dtype=str(spec.dtype),
+        normalization=s.normalizer.describe(), output_kind=p.settings["kind"], output_dtype=str(s.spec.dtype),
         wall_s=time.perf_counter() - t0, infer_busy_s=sum(r["busy_s"] for r in done), peak_rss_mb=peak_rss_mb(),
         output=str(output))
-    rep.extra["blocks"] = (f"{len(done)} run, {len(results) - len(done)} already complete, "
-                           f"{len({r['pid'] for r in done})} process(es)")
     worker_peaks = [r["peak_rss_mb"] for r in done if "peak_rss_mb" in r]
     if worker_peaks:
         rep.extra["worker peak"] = f"{max(worker_peaks):.0f} MB (largest per-process peak RSS)"
     reused = sum(r["reused"] for r in done)
     if reused:
         rep.extra["constant"] = f"{reused} tiles were constant and reused one cached inference"
+    return rep
+
+
+def _chunk_shape(chunks: Any, in_arr: Any) -> tuple[int, int, int]:
+    if chunks is None:
+        in_chunks = tuple(int(c) for c in in_arr.chunks[-3:])
+        return in_chunks if max(in_chunks) >= 16 else (64, 64, 64)  # type: ignore[return-value]
+    if isinstance(chunks, (int, np.integer)):
+        return (int(chunks),) * 3
+    return tuple(int(c) for c in chunks)  # type: ignore[return-value]
+
+
+def _run_zarr(volume: Any, model: Any, output: Any, *, block: int, chunks: Any, compression: bool, pyramid: int,
+              scheduler: Any, workers: Any, resume: bool, overwrite: bool, progress: bool, requests: int,
+              **run: Any) -> RunReport:
+    """:func:`run_zarr` once the output is checked and locked."""
+    from .api import run_fingerprint
+
+    t0 = time.perf_counter()
+    p = _prepare(volume, model, **run)
+    chunk3 = _chunk_shape(chunks, p.in_arr)
+    per = block_extent(chunk3, (block,) * 3)
+    check_pyramid(pyramid, per, chunk3)
+    journal = Journal(Path(output), run_fingerprint([Path(volume)], p.tm.path, dict(
+        p.settings, chunks=chunk3, block=block, compression=compression,
+        **({"pyramid": pyramid} if pyramid else {}))), path=run_journal(output))
+    resuming = resume and Path(output).exists()
+    if resuming:
+        journal.check()  # before touching the store: a different input, model or setting is refused
+    spec = p.setup.spec
+    create_output(output, p.source.shape, spec.out_channels, spec.dtype, chunk3, store_geometry(volume),
+                  levels=pyramid, method=downsample_method(run["kind"]), block=per,
+                  attrs={"model": str(model), "stitch": p.setup.stitch, "kind": run["kind"],
+                         "tile": list(p.tm.tile), "overlap": list(p.setup.overlap)},
+                  compressor="zstd" if compression else None, overwrite=overwrite, resume=resume)
+    if not resuming:
+        journal.update(0, 0)
+    if not resume:
+        marker_dir = done_marker_dir(output)
+        if marker_dir.exists():
+            for m in marker_dir.iterdir():
+                m.unlink()
+    blocks = plan_blocks(p.source.shape, chunk3, (block,) * 3)
+    job = _job(p, volume, output, model, requests=requests, levels=pyramid, **run)
+    results = _execute(job, blocks, scheduler, workers, progress)
+    rep = _report(p, output, t0, results, requests)
+    done = [r for r in results if not r["skipped"]]
+    rep.extra["blocks"] = (f"{len(done)} run, {len(results) - len(done)} already complete, "
+                           f"{len({r['pid'] for r in done})} process(es)")
+    if pyramid:
+        rep.extra["pyramid"] = f"{pyramid} downsampled level(s) ({downsample_method(run['kind'])}), OME-Zarr"
+    return rep
+
+
+def block_extent(chunks: Sequence[int], block: Sequence[int]) -> tuple[int, int, int]:
+    """Per-axis size of the blocks :func:`volinfer.blocks.plan_blocks` makes (whole chunks)."""
+    return tuple(max(1, round(b / c)) * c for b, c in zip(block, chunks))  # type: ignore[return-value]
+
+
+def run_zarr_to_nifti(volume: str | Path, model: str | Path, output: str | Path, *, overwrite: bool = False,
+                      **run: Any) -> RunReport:
+    """A Zarr volume into a NIfTI file: slabs along the array's first axis, in order (see module docs)."""
+    from .writer import check_target
+
+    check_target(Path(output), overwrite, [Path(volume)])
+    with OutputLock(Path(output)):
+        return _run_zarr_to_nifti(volume, model, Path(output), **run)
+
+
+def nifti_slabs(grid: TileGrid, block: int) -> list[Block]:
+    """Blocks spanning axes 1 and 2 whole, made of whole rows of tiles along axis 0: one core per slab for crop
+    (every tile runs once), about ``block`` voxels for blending (tiles straddling two slabs run for both)."""
+    ax = grid.axes[0]
+    if grid.mode == "crop":
+        spans = list(ax.cores)
+        k = 1
+    else:
+        ends = list(ax.starts[1:]) + [ax.size]
+        spans = list(zip(ax.starts, ends))
+        k = max(1, round(block / max(1, ends[0] - ax.starts[0])))
+    groups = [spans[i : i + k] for i in range(0, len(spans), k)]
+    (_, Y), (_, X) = (0, grid.shape[1]), (0, grid.shape[2])
+    return [Block((n, 0, 0), ((g[0][0], g[-1][1]), (0, Y), (0, X))) for n, g in enumerate(groups)]
+
+
+def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, *, block: int, resume: bool, progress: bool,
+                       requests: int, **run: Any) -> RunReport:
+    from tqdm import tqdm
+
+    from .api import run_fingerprint
+    from .errors import Interrupted
+    from .journal import ResumableError
+    from .writer import NiftiWriter
+
+    t0 = time.perf_counter()
+    p = _prepare(volume, model, **run)
+    s = p.setup
+    slabs = nifti_slabs(s.grid, block)
+    journal = Journal(output, run_fingerprint([Path(volume)], p.tm.path, dict(p.settings, block=block)))
+    start = journal.resume_row() if resume else 0
+    G0, G1, G2 = p.source.shape
+    writer = NiftiWriter(output, (G2, G1, G0), s.spec.out_channels, s.spec.dtype,
+                         affine=store_geometry(volume).affine, resume=resume)
+    job = _job(p, volume, output, model, requests=requests, **run)
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(slabs), initial=start, unit="slab", disable=not progress, desc="volinfer", leave=False)
+    try:
+        journal.update(start, len(slabs))
+        for n in range(start, len(slabs)):
+            out, info = run_block_array(job, slabs[n])
+            writer.write(out, slabs[n].box[0][0], 0)  # (C, k, j, i): NIfTI (i, j, k) = Zarr [k, j, i]
+            writer.sync()
+            journal.update(n + 1, len(slabs))
+            results.append(info)
+            bar.update(1)
+        writer.commit()
+        journal.remove()
+    except (KeyboardInterrupt, ResumableError) as e:
+        writer.close_for_resume()
+        if isinstance(e, ResumableError):
+            raise
+        raise Interrupted(f"partial output kept beside {output}; run the same command with --resume to "
+                          f"continue") from None
+    except BaseException:
+        writer.abort()
+        journal.remove()
+        raise
+    finally:
+        bar.close()
+    rep = _report(p, output, t0, results, requests)
+    rep.extra["slabs"] = f"{len(results)} run, {start} already complete (Zarr [k, j, i] -> NIfTI (i, j, k))"
     return rep
 
 

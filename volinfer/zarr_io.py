@@ -1,10 +1,13 @@
 """Zarr volumes in and out (optional extra ``zarr``), and NIfTI ↔ Zarr conversion.
 
 Axis convention: a Zarr array's axes are fed to the model in order (axis 0 → D), with channels first for 4-D arrays
-(OME-Zarr's ``c, z, y, x``). NIfTI files are fed as nibabel gives them, ``x, y, z`` → D, H, W. The conversion helpers
-write OME-Zarr order (``z, y, x``), which is the *same bytes* as NIfTI's x-fastest layout but the transposed axis
-order: a model trained on NIfTI arrays sees a converted Zarr volume transposed. Convert back before running such a
-model, or train on the layout you run.
+(OME-Zarr's ``c, z, y, x``). NIfTI files are fed as nibabel gives them, ``x, y, z`` → D, H, W. Zarr outputs and the
+conversion helpers write OME-Zarr order (``z, y, x``), which is the *same bytes* as NIfTI's x-fastest layout but the
+transposed axis order: a model trained on NIfTI arrays sees a converted Zarr volume transposed. Convert back before
+running such a model, or train on the layout you run. The model's view is set by the *input*; the output format only
+serialises the result, so ``run -o out.zarr`` then ``to-nifti`` equals ``run -o out.nii`` (and the other way round).
+
+Every store volinfer writes is OME-Zarr (NGFF 0.5, see :mod:`volinfer.ome`), with the input's affine.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 
 from .errors import VolinferError
 from .reader import Region, VolumeSource
+from .ome import Geometry, geometry_attrs, geometry_from_nifti, level_chunks, level_shapes, multiscales, read_geometry
 from .targets import check_output, is_volinfer_store, mark_store, remove_store
 
 #: A chunk is decoded whole into memory: more than this per chunk is refused, whatever the store claims.
@@ -134,16 +138,6 @@ def open_zarr_source(path: str | Path) -> tuple[VolumeSource, Any]:
     return VolumeSource(readers, tuple(arr.shape[-3:])), arr  # type: ignore[arg-type]
 
 
-def ome_attrs(source_array: Any) -> dict[str, Any]:
-    """The multiscale/OME attributes worth copying to the output (voxel size, axes), when the input had them."""
-    try:
-        attrs = dict(source_array.attrs)
-    except Exception:
-        return {}
-    keep = {k: v for k, v in attrs.items() if k in ("multiscales", "ome", "volinfer_axes", "voxel_size")}
-    return json.loads(json.dumps(keep, default=str))
-
-
 def check_zarr_output(path: str | Path, inputs: Sequence[str | Path], overwrite: bool, resume: bool) -> None:
     """The shared output check (:func:`volinfer.targets.check_output`); resuming needs a store volinfer wrote."""
     p = Path(path)
@@ -154,34 +148,95 @@ def check_zarr_output(path: str | Path, inputs: Sequence[str | Path], overwrite:
 
 
 def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: np.dtype, chunks: Sequence[int],
-                  attrs: dict[str, Any] | None = None, compressor: str | None = "zstd", overwrite: bool = False,
-                  resume: bool = False) -> Any:
-    """The output array: ``(z, y, x)`` or ``(c, z, y, x)`` chunked as asked; existing arrays are reused on resume.
+                  geometry: Geometry | None = None, *, levels: int = 0, method: str = "nearest",
+                  block: Sequence[int] | None = None, attrs: dict[str, Any] | None = None,
+                  compressor: str | None = "zstd", overwrite: bool = False, resume: bool = False) -> list[Any]:
+    """The output: an OME-Zarr group (see :mod:`volinfer.ome`) holding level ``0`` of shape ``(z, y, x)`` or
+    ``(c, z, y, x)`` chunked as asked, and ``levels`` downsampled levels (chunks from :func:`ome.level_chunks`);
+    returns the level arrays. Existing stores are reused on resume (same shape, type and levels).
     Call :func:`check_zarr_output` first (and hold the output's lock): only a store volinfer wrote is replaced."""
     zarr = _zarr()
     p = Path(path)
-    full = tuple(shape) if channels == 1 else (channels, *shape)
-    full_chunks = tuple(chunks) if channels == 1 else (channels, *chunks)
+    shapes = level_shapes(shape, levels)
+    lead = () if channels == 1 else (channels,)
     if os.path.lexists(p):
         if resume:
-            if not is_volinfer_store(p):
-                raise VolinferError(f"{p}: not a store volinfer wrote; cannot resume into it")
-            arr = zarr.open_array(str(p), mode="r+")
-            if tuple(arr.shape) != full or np.dtype(arr.dtype) != np.dtype(dtype):
-                raise VolinferError(f"{p}: existing output has another shape or type; cannot resume into it")
-            return arr
+            return _reopen_output(p, [(*lead, *s) for s in shapes], dtype)
         if not overwrite:
             raise VolinferError(f"{p}: already exists (pass --overwrite to replace it, or --resume to continue)")
         remove_store(p)  # refuses anything volinfer did not write
     kwargs: dict[str, Any] = {}
     if compressor is None:
         kwargs["compressors"] = None
-    arr = zarr.create_array(store=str(p), shape=full, chunks=full_chunks, dtype=dtype, fill_value=0,
-                            overwrite=False, **kwargs)
+    group = zarr.open_group(str(p), mode="w-")
     mark_store(p)
-    if attrs:
-        arr.attrs.update(attrs)
-    return arr
+    names = (["c"] if channels > 1 else []) + ["z", "y", "x"]
+    arrays = []
+    for lev, (s, c) in enumerate(zip(shapes, level_chunks(chunks, block, levels))):
+        c = tuple(min(a, b) for a, b in zip(c, s)) if lev else tuple(c)
+        arrays.append(group.create_array(str(lev), shape=(*lead, *s), chunks=(*lead, *c), dtype=dtype,
+                                         fill_value=0, dimension_names=names, **kwargs))
+    geom = geometry or Geometry(np.eye(4))
+    group.attrs.update({"ome": multiscales(geom, channels, levels, method),
+                        "volinfer": {**geometry_attrs(geom), **(attrs or {})}})
+    return arrays
+
+
+def _reopen_output(p: Path, shapes: list[tuple[int, ...]], dtype: np.dtype) -> list[Any]:
+    zarr = _zarr()
+    if not is_volinfer_store(p):
+        raise VolinferError(f"{p}: not a store volinfer wrote; cannot resume into it")
+    try:
+        group = zarr.open_group(str(p), mode="r+")
+        arrays = [group[str(lev)] for lev in range(len(shapes))]
+    except Exception:
+        raise VolinferError(f"{p}: existing output has other levels; cannot resume into it") from None
+    if len(list(group.array_keys())) != len(shapes) or any(
+            tuple(a.shape) != s or np.dtype(a.dtype) != np.dtype(dtype) for a, s in zip(arrays, shapes)):
+        raise VolinferError(f"{p}: existing output has another shape, type or pyramid; cannot resume into it")
+    return arrays
+
+
+def store_geometry(path: str | Path) -> Geometry:
+    """The geometry recorded in a Zarr store (see :func:`volinfer.ome.read_geometry`), group or bare array."""
+    zarr = _zarr()
+    try:
+        root = zarr.open(str(path), mode="r")
+    except Exception as e:
+        raise VolinferError(f"{path}: not a readable Zarr store ({type(e).__name__}: {e})") from None
+    root_attrs = dict(root.attrs)
+    array_attrs: dict[str, Any] = {}
+    if not hasattr(root, "shape"):
+        ms = root_attrs.get("multiscales") or root_attrs.get("ome", {}).get("multiscales")
+        try:
+            array_attrs = dict(root[ms[0]["datasets"][0]["path"]].attrs) if ms else {}
+        except Exception:
+            array_attrs = {}
+    return read_geometry(root_attrs, array_attrs)
+
+
+def sync_region(arr: Any, box: Sequence[tuple[int, int]]) -> None:
+    """fsync the chunk files of ``arr`` that hold the spatial ``box`` (last three axes; local stores only; a no-op
+    where the key encoding or the store's directory is unknown). Data first, then whatever claims it is done."""
+    from itertools import product
+
+    try:
+        encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+        root = Path(str(arr.store.root)) / str(arr.path or "")
+    except AttributeError:
+        return
+    chunks = arr.chunks[-3:]
+    ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(box, chunks)]
+    lead = (0,) * (arr.ndim - 3)
+    for idx in product(*ranges):
+        try:
+            fd = os.open(root / encode((*lead, *idx)), os.O_RDONLY)
+        except OSError:
+            continue  # a chunk equal to the fill value is not stored
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def done_marker_dir(path: str | Path) -> Path:
@@ -189,20 +244,22 @@ def done_marker_dir(path: str | Path) -> Path:
     return Path(path) / ".volinfer_done"
 
 
-def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrite: bool = False) -> Path:
-    """Stream a NIfTI volume into an OME-style Zarr array ``(z, y, x)`` (or ``(c, z, y, x)``), slab by slab."""
+def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrite: bool = False,
+                  progress: bool = False) -> Path:
+    """Stream a NIfTI volume into an OME-Zarr store ``(z, y, x)`` (or ``(c, z, y, x)``), slab by slab, keeping its
+    affine (see :mod:`volinfer.ome` for the axis mapping)."""
+    from tqdm import tqdm
+
     from .reader import VolumeSource, scan_slabs
     from .targets import OutputLock
 
     check_zarr_output(out, [nifti], overwrite, resume=False)
     with OutputLock(Path(out)), VolumeSource.open([nifti], depth=chunks) as src:
         X, Y, Z = src.shape
-        zooms = [float(v) for v in src.header.get_zooms()[:3]] if src.header is not None else [1.0, 1.0, 1.0]
-        attrs = {"volinfer_axes": ["z", "y", "x"] if src.channels == 1 else ["c", "z", "y", "x"],
-                 "voxel_size": zooms[::-1],
-                 "affine": np.asarray(src.affine).tolist() if src.affine is not None else None}
-        arr = create_output(out, (Z, Y, X), src.channels, src.readers[0].dtype, (chunks,) * 3, attrs,
-                            overwrite=overwrite)
+        geom = geometry_from_nifti(src.header, src.affine)
+        arr = create_output(out, (Z, Y, X), src.channels, src.readers[0].dtype, (chunks,) * 3, geom,
+                            overwrite=overwrite)[0]
+        bar = tqdm(total=Z * src.channels, unit="plane", disable=not progress, desc="to-zarr", leave=False)
         for c, reader in enumerate(src.readers):
             z0 = 0
             for slab in scan_slabs(reader, src.shape, chunks, voxels=X * Y * chunks):
@@ -212,35 +269,45 @@ def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrit
                 else:
                     arr[c, z0 : z0 + zyx.shape[0]] = zyx
                 z0 += zyx.shape[0]
+                bar.update(zyx.shape[0])
+        bar.close()
     return Path(out)
 
 
-def zarr_to_nifti(zarr_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a ``(z, y, x)`` Zarr array as a NIfTI ``(x, y, z)`` volume, streaming z-slabs (atomic, like runs)."""
+def zarr_to_nifti(zarr_path: str | Path, out: str | Path, overwrite: bool = False, progress: bool = False) -> Path:
+    """Write a ``(z, y, x)`` (or ``(c, z, y, x)``) Zarr array as a NIfTI ``(x, y, z)`` (``(x, y, z, c)``) volume
+    with the affine the store records (OME-Zarr: level 0), streaming z-slabs; atomic, like runs."""
     from .targets import OutputLock
     from .writer import check_target
 
     arr = open_zarr_array(zarr_path)
-    if arr.ndim != 3:
-        raise VolinferError(f"{zarr_path}: zarr_to_nifti handles 3-D arrays, got shape {arr.shape}")
+    if arr.ndim not in (3, 4):
+        raise VolinferError(f"{zarr_path}: to-nifti handles 3-D (z, y, x) or 4-D (c, z, y, x) arrays, got shape "
+                            f"{arr.shape}")
+    geom = store_geometry(zarr_path)
     check_target(Path(out), overwrite, [Path(zarr_path)])
     with OutputLock(Path(out)):
-        return _zarr_to_nifti(arr, Path(out))
+        return _zarr_to_nifti(arr, Path(out), geom.affine, progress)
 
 
-def _zarr_to_nifti(arr: Any, out: Path) -> Path:
+def _zarr_to_nifti(arr: Any, out: Path, affine: np.ndarray, progress: bool = False) -> Path:
+    from tqdm import tqdm
+
     from .writer import NiftiWriter
 
-    Z, Y, X = arr.shape
-    attrs = dict(arr.attrs)
-    affine = np.asarray(attrs["affine"]) if attrs.get("affine") else np.diag([*attrs.get("voxel_size", [1, 1, 1])[::-1], 1])
-    w = NiftiWriter(out, (X, Y, Z), 1, np.dtype(arr.dtype), affine=affine)
+    Z, Y, X = arr.shape[-3:]
+    C = 1 if arr.ndim == 3 else arr.shape[0]
+    w = NiftiWriter(out, (X, Y, Z), C, np.dtype(arr.dtype), affine=affine)
+    bar = tqdm(total=Z, unit="plane", disable=not progress, desc="to-nifti", leave=False)
     try:
-        step = max(1, arr.chunks[0])
+        step = max(1, arr.chunks[-3])
         for z0 in range(0, Z, step):
-            block = np.asarray(arr[z0 : z0 + step])  # (z, y, x): what the writer's (c, z, y, X) blocks are
-            w.write(block[None], z0, 0)
+            block = np.asarray(arr[..., z0 : z0 + step, :, :])  # (z, y, x): what the writer's (c, z, y, X) blocks are
+            w.write(block if C > 1 else block[None], z0, 0)
+            bar.update(block.shape[-3])
         return w.commit()
     except BaseException:
         w.abort()
         raise
+    finally:
+        bar.close()

@@ -1,0 +1,218 @@
+"""OME-Zarr (NGFF 0.5) output: multiscale metadata, geometry ↔ NIfTI affine, and pyramid downsampling.
+
+Every Zarr store volinfer writes (``run -o out.zarr``, ``to-zarr``) is an OME-Zarr *group*: arrays ``0`` (full
+resolution), ``1``, ``2``, … (each half the previous along z, y, x) and, in the group's attributes, ``ome.multiscales``
+with the axes and one ``scale`` + ``translation`` per level, so napari, Neuroglancer and the ``ome-zarr`` readers
+place it in physical space. NGFF 0.5 is what the ``ome-zarr`` package (0.10 and later) reads and writes on Zarr v3.
+
+Axis mapping. Zarr arrays are ``(z, y, x)`` (``(c, z, y, x)`` with channels): array index ``[k, j, i]`` is NIfTI
+voxel ``(i, j, k)`` — the same bytes in the same order, NIfTI's ``x`` varying fastest. The NIfTI affine (voxel
+``(i, j, k)`` → world) is kept whole under ``volinfer.affine``; the NGFF transform is its axis-aligned part:
+``scale`` = the voxel size (length of each affine column) and ``translation`` = the affine's translation, both in
+``(z, y, x)`` order. Rotations and flips live only in ``volinfer.affine``, which ``to-nifti`` and NIfTI outputs use,
+so a NIfTI → Zarr → NIfTI round trip keeps the original affine exactly.
+
+Pyramid levels: labels are downsampled by taking every second voxel (nearest; level ``l`` voxel ``k`` is level-0
+voxel ``2**l * k``, same translation); intensities and probabilities by the mean of each 2×2×2 cell (fewer at odd
+edges; the cell centre moves by half a level-0 voxel per halving, which the translation records).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import VolinferError
+
+NGFF_VERSION = "0.5"
+#: NIfTI space units (nibabel names) → NGFF unit names.
+_UNITS = {"mm": "millimeter", "micron": "micrometer", "meter": "meter"}
+
+
+@dataclass
+class Geometry:
+    """Where the voxels lie: a NIfTI-convention 4×4 affine (voxel ``(i, j, k)`` = Zarr ``[k, j, i]`` → world) and
+    the NGFF unit of the space axes (None when unknown)."""
+
+    affine: np.ndarray
+    unit: str | None = "millimeter"
+
+    @property
+    def voxel_size_zyx(self) -> list[float]:
+        cols = np.linalg.norm(np.asarray(self.affine, float)[:3, :3], axis=0)
+        return [float(v) if v > 0 else 1.0 for v in cols[::-1]]
+
+    @property
+    def translation_zyx(self) -> list[float]:
+        return [float(v) for v in np.asarray(self.affine, float)[:3, 3][::-1]]
+
+    def transposed(self) -> "Geometry":
+        """The same placement for the array with its three axes reversed (``[i, j, k]`` instead of ``[k, j, i]``)."""
+        perm = np.eye(4)
+        perm[:3, :3] = np.eye(3)[::-1]
+        return Geometry(np.asarray(self.affine, float) @ perm, self.unit)
+
+
+def geometry_from_nifti(header: Any, affine: np.ndarray | None) -> Geometry:
+    """The geometry of a NIfTI input (identity when it has none)."""
+    unit: str | None = "millimeter"
+    if header is not None:
+        try:
+            space = header.get_xyzt_units()[0]
+            unit = _UNITS.get(space, "millimeter" if space == "unknown" else None)
+        except Exception:
+            pass
+    return Geometry(np.eye(4) if affine is None else np.asarray(affine, float), unit)
+
+
+def _multiscales(node_attrs: dict[str, Any]) -> list | None:
+    return node_attrs.get("multiscales") or (node_attrs.get("ome") or {}).get("multiscales")
+
+
+def read_geometry(root_attrs: dict[str, Any], array_attrs: dict[str, Any] | None = None) -> Geometry:
+    """The geometry a Zarr store records, in order of trust: volinfer's affine, the level-0 NGFF scale and
+    translation, the older ``voxel_size`` attribute, else identity."""
+    array_attrs = array_attrs or {}
+    for attrs in (root_attrs, array_attrs):
+        vi = attrs.get("volinfer")
+        aff = vi.get("affine") if isinstance(vi, dict) else None
+        aff = aff if aff is not None else attrs.get("affine")
+        if aff is not None:
+            a = np.asarray(aff, float)
+            if a.shape == (4, 4) and np.isfinite(a).all():
+                return Geometry(a, _unit_of(root_attrs) or "millimeter")
+    ms = _multiscales(root_attrs)
+    if ms:
+        return _geometry_from_ngff(ms[0])
+    vs = array_attrs.get("voxel_size") or root_attrs.get("voxel_size")
+    if vs:
+        return Geometry(np.diag([*[float(v) for v in vs[::-1]], 1.0]))
+    return Geometry(np.eye(4))
+
+
+def _unit_of(attrs: dict[str, Any]) -> str | None:
+    ms = _multiscales(attrs)
+    if not ms:
+        return None
+    units = [a.get("unit") for a in ms[0].get("axes", []) if a.get("type") == "space"]
+    return units[-1] if units else None
+
+
+def _geometry_from_ngff(ms: dict[str, Any]) -> Geometry:
+    """Level 0's scale and translation (after any multiscale-wide transform) as a diagonal affine."""
+    axes = ms.get("axes", [])
+    space = [n for n, a in enumerate(axes) if (a.get("type") if isinstance(a, dict) else None) == "space"]
+    scale = np.ones(len(axes))
+    shift = np.zeros(len(axes))
+    transforms = list(ms["datasets"][0].get("coordinateTransformations", [])) + \
+        list(ms.get("coordinateTransformations", []))
+    for t in transforms:
+        if t.get("type") == "scale" and "scale" in t:
+            s = np.asarray(t["scale"], float)
+            scale, shift = scale * s, shift * s
+        elif t.get("type") == "translation" and "translation" in t:
+            shift = shift + np.asarray(t["translation"], float)
+    space = space[-3:] if len(space) >= 3 else list(range(len(axes)))[-3:]
+    aff = np.eye(4)
+    aff[:3, :3] = np.diag(scale[space][::-1])
+    aff[:3, 3] = shift[space][::-1]
+    unit = axes[space[-1]].get("unit") if axes and isinstance(axes[space[-1]], dict) else None
+    return Geometry(aff, unit)
+
+
+def level_shapes(shape: Sequence[int], levels: int) -> list[tuple[int, ...]]:
+    """Spatial shapes of level 0 .. ``levels``: each ``ceil(previous / 2)``."""
+    out = [tuple(int(s) for s in shape)]
+    for _ in range(levels):
+        out.append(tuple(-(-s // 2) for s in out[-1]))
+    return out
+
+
+def downsample_method(kind: str) -> str:
+    """``nearest`` for labels, ``mean`` for probabilities and raw outputs."""
+    return "nearest" if kind == "labels" else "mean"
+
+
+def multiscales(geom: Geometry, channels: int, levels: int, method: str, name: str = "volinfer") -> dict[str, Any]:
+    """The ``ome`` group attribute (NGFF 0.5) for ``levels + 1`` levels ``"0"``, ``"1"``, …"""
+    space = [{"name": n, "type": "space", **({"unit": geom.unit} if geom.unit else {})} for n in ("z", "y", "x")]
+    axes = ([{"name": "c", "type": "channel"}] if channels > 1 else []) + space
+    lead = [1.0] if channels > 1 else []
+    lead0 = [0.0] if channels > 1 else []
+    vox, shift = geom.voxel_size_zyx, geom.translation_zyx
+    datasets = []
+    for lev in range(levels + 1):
+        f = 2.0 ** lev
+        centre = 0.5 * (f - 1.0) if method == "mean" else 0.0
+        datasets.append({"path": str(lev), "coordinateTransformations": [
+            {"type": "scale", "scale": lead + [v * f for v in vox]},
+            {"type": "translation", "translation": lead0 + [t + centre * v for t, v in zip(shift, vox)]}]})
+    ms = {"name": name, "axes": axes, "datasets": datasets,
+          "metadata": {"method": "volinfer " + ("stride-2 subsampling (nearest)" if method == "nearest"
+                                                 else "2x2x2 mean")}}
+    if method == "nearest":
+        ms["type"] = "nearest"
+    elif method == "mean":
+        ms["type"] = "mean"
+    return {"version": NGFF_VERSION, "multiscales": [ms]}
+
+
+def geometry_attrs(geom: Geometry) -> dict[str, Any]:
+    """volinfer's own record of the full affine, beside the NGFF metadata."""
+    return {"affine": np.asarray(geom.affine, float).tolist(),
+            "axes": "array [k, j, i] (z, y, x) is NIfTI voxel (i, j, k); affine maps (i, j, k, 1) to world"}
+
+
+def downsample(block: np.ndarray, method: str) -> np.ndarray:
+    """Halve the last three axes of ``block`` (``ceil(n / 2)``): every second voxel (nearest) or the mean of each
+    2×2×2 cell over the voxels it has (mean, in float32 or wider, cast back to the block's dtype)."""
+    if method == "nearest":
+        return np.ascontiguousarray(block[..., ::2, ::2, ::2])
+    work = block.astype(np.float64 if block.dtype == np.float64 else np.float32, copy=False)
+    for axis in (-3, -2, -1):
+        n = work.shape[axis]
+        even = n - n % 2
+        a = np.take(work, np.arange(0, even, 2), axis=axis)
+        b = np.take(work, np.arange(1, even, 2), axis=axis)
+        pair = (a + b) * np.float32(0.5)
+        if n % 2:
+            pair = np.concatenate([pair, np.take(work, [n - 1], axis=axis)], axis=axis)
+        work = pair
+    if np.issubdtype(block.dtype, np.integer):
+        info = np.iinfo(block.dtype)
+        work = np.clip(np.rint(work), info.min, info.max)
+    return work.astype(block.dtype, copy=False)
+
+
+def level_chunks(chunks: Sequence[int], block: Sequence[int] | None, levels: int) -> list[tuple[int, ...]]:
+    """Chunk shape of each level. With ``block`` (the block path's per-axis block size, a multiple of ``chunks``
+    and of ``2**levels``), each level's chunks divide the block's footprint there, so that no two blocks ever write
+    the same chunk of any level; without, every level keeps ``chunks``."""
+    out = []
+    for lev in range(levels + 1):
+        if block is None:
+            out.append(tuple(int(c) for c in chunks))
+        else:
+            out.append(tuple(math.gcd(int(c), int(b) >> lev) for c, b in zip(chunks, block)))
+    return out
+
+
+def check_pyramid(levels: int, block: Sequence[int] | None = None, chunks: Sequence[int] | None = None) -> None:
+    """Refuse pyramid settings that cannot be written block by block without a second pass."""
+    if levels < 0 or levels > 16:
+        raise VolinferError(f"--pyramid must be between 0 and 16 levels, got {levels}")
+    if not levels:
+        return
+    if chunks is not None and any(int(c) % 2 for c in chunks[:1]):
+        raise VolinferError(f"--pyramid needs an even chunk size along z (got {chunks[0]}); pass an even --chunks")
+    if block is not None and any(int(b) % (1 << levels) for b in block):
+        raise VolinferError(f"--pyramid {levels}: blocks of {'x'.join(map(str, block))} voxels do not halve "
+                            f"{levels} times; choose --block/--chunks with a multiple of {1 << levels}")
+
+
+def zarr_group_path(path: Path, level: int = 0) -> str:
+    return str(Path(path) / str(level))

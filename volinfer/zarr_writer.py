@@ -1,0 +1,174 @@
+"""A Zarr (OME-Zarr) output for the streaming engine: NIfTI in, ``-o out.zarr``.
+
+The engine hands finished blocks ``(channels, nz, ny, X)`` in row order (see :class:`volinfer.stitch.BlockWriter`).
+For a NIfTI grid ``(x, y, z)`` that is exactly the OME-Zarr ``(c, z, y, x)`` layout, so blocks are copied as they
+are into *slabs* of one chunk's depth spanning the whole ``(y, x)`` cross-section; a slab is written once all its
+planes are final (whole chunks, each written once) and freed. Memory: one or two slabs of the output dtype, the same
+order as what the stitchers already hold. With a pyramid, each written slab is downsampled into the next level's
+slab buffer, and so on: every level is written as the run goes, with no second pass over the output.
+
+Resume: the journal records the last row of tiles whose planes are all in the store (:meth:`ZarrWriter.durable_row`);
+a resumed run starts a little earlier, at a plane where every level's slab boundary falls, re-reads the level-0
+planes it needs from the store and rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import VolinferError
+from .ome import Geometry, check_pyramid, downsample, downsample_method
+from .targets import remove_store
+from .zarr_io import check_zarr_output, create_output, sync_region
+
+
+def is_zarr_output(path: str | Path) -> bool:
+    """An output path meant as a Zarr store (``.zarr``); everything else is a NIfTI file."""
+    return str(path).rstrip("/").lower().endswith(".zarr")
+
+
+def check_any_output(output: Path, inputs: Sequence[Path], overwrite: bool, resume: bool) -> None:
+    """The output check of :mod:`volinfer.targets` for either kind of output."""
+    from .writer import check_target
+
+    if is_zarr_output(output):
+        check_zarr_output(output, list(inputs), overwrite, resume)
+    else:
+        check_target(Path(output), overwrite, list(inputs))
+
+
+class _Level:
+    """One pyramid level: slabs of ``chunk_z`` planes waiting for their last plane, written in order."""
+
+    def __init__(self, arr: Any, shape_zyx: Sequence[int], channels: int, dtype: np.dtype, base: int) -> None:
+        self.arr, self.shape, self.channels, self.dtype = arr, tuple(shape_zyx), channels, np.dtype(dtype)
+        self.cz = int(arr.chunks[-3])
+        self.flushed = base  # planes below are in the store
+        self.pending: dict[int, np.ndarray] = {}
+
+    def put(self, block: np.ndarray, z0: int, y0: int) -> None:
+        """Copy ``block`` (C, nz, ny, nx) to planes ``z0..``, rows ``y0..`` (x from 0)."""
+        nz, ny, nx = block.shape[1:]
+        Z, Y, X = self.shape
+        z = z0
+        while z < z0 + nz:
+            s = z // self.cz
+            lo, hi = s * self.cz, min((s + 1) * self.cz, Z)
+            buf = self.pending.get(s)
+            if buf is None:
+                buf = self.pending[s] = np.zeros((self.channels, hi - lo, Y, X), dtype=self.dtype)
+            end = min(hi, z0 + nz)
+            buf[:, z - lo : end - lo, y0 : y0 + ny, :nx] = block[:, z - z0 : end - z0]
+            z = end
+
+    def complete_below(self, z: int) -> list[tuple[int, np.ndarray]]:
+        """Write every slab whose planes all lie below ``z``; returns them (start plane, data), in order."""
+        out = []
+        Z = self.shape[0]
+        while self.flushed < Z and min(self.flushed + self.cz, Z) <= z:
+            s = self.flushed // self.cz
+            buf = self.pending.pop(s, None)
+            if buf is None:
+                raise RuntimeError(f"slab {s} of {self.arr.path or 'level'} completed without data")
+            lo = self.flushed
+            region = (slice(lo, lo + buf.shape[1]),)
+            if self.arr.ndim == 3:
+                self.arr[region] = buf[0]
+            else:
+                self.arr[(slice(None), *region)] = buf
+            sync_region(self.arr, ((lo, lo + buf.shape[1]), (0, self.shape[1]), (0, self.shape[2])))
+            self.flushed = lo + buf.shape[1]
+            out.append((lo, buf))
+        return out
+
+
+class ZarrWriter:
+    """Streams the engine's blocks into an OME-Zarr store with ``levels`` downsampled levels (see module docs)."""
+
+    def __init__(self, target: str | Path, shape: Sequence[int], channels: int, dtype: np.dtype, geometry: Geometry,
+                 *, row_planes: Sequence[int], kind: str = "labels", chunks: int | Sequence[int] = 64,
+                 pyramid: int = 0, compression: bool = True, overwrite: bool = False, resume: bool = False,
+                 start_row: int = 0, attrs: dict[str, Any] | None = None) -> None:
+        """``shape``: the engine's grid ``(x, y, z)``; ``row_planes[r]``: the first plane rows ``>= r`` write
+        (``row_planes[-1]`` = the last plane + 1); ``start_row``: where a resumed engine starts."""
+        self.target = Path(target)
+        X, Y, Z = (int(s) for s in shape)
+        chunk3 = (int(chunks),) * 3 if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
+        check_pyramid(pyramid, None, chunk3)
+        self.row_planes = list(row_planes)
+        self.method = downsample_method(kind)
+        self._created = not resume
+        arrays = create_output(self.target, (Z, Y, X), channels, np.dtype(dtype), chunk3, geometry, levels=pyramid,
+                               method=self.method, attrs=attrs, compressor="zstd" if compression else None,
+                               overwrite=overwrite, resume=resume)
+        unit = math.lcm(*(int(a.chunks[-3]) << lev for lev, a in enumerate(arrays)))
+        first = self.row_planes[start_row] if resume else 0
+        base = first // unit * unit
+        self.levels = [_Level(a, a.shape[-3:], channels, dtype, base >> lev) for lev, a in enumerate(arrays)]
+        if resume:
+            self._replay(base, first)
+
+    def _replay(self, base: int, upto: int) -> None:
+        """Resume: feed level-0 planes ``[base, upto)`` back from the store, rebuilding every level's open slab."""
+        top = self.levels[0]
+        for z in range(base, upto, top.cz):
+            end = min(z + top.cz, upto)
+            data = np.asarray(top.arr[..., z:end, :, :])
+            self.write(data if top.arr.ndim == 4 else data[None], z, 0)
+            self._complete(end)
+
+    def write(self, block: np.ndarray, z0: int, y0: int) -> None:
+        """Store ``block`` (channels, nz, ny, X) at planes ``z0..`` and rows ``y0..`` (Zarr ``[c, z, y, x]``)."""
+        self.levels[0].put(block, z0, y0)
+
+    def _complete(self, z: int) -> None:
+        """Planes below ``z`` are final: write the finished slabs, cascading them down the pyramid."""
+        done = self.levels[0].complete_below(z)
+        for lev in range(1, len(self.levels)):
+            nxt = self.levels[lev]
+            for lo, buf in done:
+                nxt.put(downsample(buf, self.method), lo // 2, 0)
+            if done:
+                last_lo, last = done[-1]
+                done = nxt.complete_below(-(-(last_lo + last.shape[1]) // 2))
+            else:
+                done = []
+
+    def durable_row(self, row: int) -> int:
+        """Rows ``< row`` are written: flush the slabs they finished and return the largest ``r <= row`` whose
+        planes are all in the store (what the journal may claim)."""
+        self._complete(self.row_planes[row])
+        flushed = self.levels[0].flushed
+        return max(r for r in range(row + 1) if self.row_planes[r] <= flushed)
+
+    def sync(self) -> None:
+        """Slabs are fsync'ed as they are written; nothing else is pending on disk."""
+
+    def commit(self) -> Path:
+        self._complete(self.row_planes[-1])
+        if any(lev.pending for lev in self.levels):
+            raise RuntimeError(f"{self.target}: planes never written")
+        return self.target
+
+    def close_for_resume(self) -> None:
+        """Keep the store: the journal says how far it is final."""
+
+    def abort(self) -> None:
+        """Remove the store this run created (an interrupted resume keeps it)."""
+        if self._created and self.target.exists():
+            try:
+                remove_store(self.target)
+            except VolinferError:
+                pass
+
+
+def row_planes(grid: Any) -> list[int]:
+    """For each row of tiles ``r``, the first plane rows ``>= r`` write (as the engine's resume computes it), and
+    the volume's depth last."""
+    az = grid.axes[2]
+    firsts = [az.starts[r] if grid.mode == "blend" else az.cores[r][0] for r in range(az.count)]
+    return firsts + [grid.shape[2]]
