@@ -1,0 +1,201 @@
+"""OME-Zarr outputs (issue 13 item 2): any input format to any output format, NGFF geometry read back by the
+``ome-zarr`` package, pyramids equal to numpy downsampling, resumed Zarr outputs byte-identical."""
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from models import save_unet2
+
+zarr = pytest.importorskip("zarr")
+
+from volinfer.cli import main  # noqa: E402
+from volinfer.zarr_writer import ZarrWriter  # noqa: E402
+from volinfer.writer import NiftiWriter  # noqa: E402
+
+SHAPE = (29, 23, 45)  # NIfTI (x, y, z), odd: no axis a multiple of the chunks, tile or size multiple
+AFFINE = np.array([[0.5, 0, 0, -12.25], [0, 0.75, 0, 30.5], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])
+RUN = ["--tile", "16", "--overlap", "8", "-q"]
+
+
+def invoke(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r
+
+
+def ok(*args):
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ome")
+    vol = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, AFFINE), str(tmp / "vol.nii.gz"))
+    return tmp, tmp / "vol.nii.gz", save_unet2(tmp / "m.xml"), vol
+
+
+def level(path, n=0):
+    return zarr.open_group(str(path))[str(n)][:]
+
+
+def nifti(path):
+    img = nib.load(str(path))
+    return np.asarray(img.dataobj), img.affine
+
+
+def test_nifti_to_zarr_and_back_equals_direct_nifti_run(env):
+    tmp, vol, xml, _ = env
+    ok("run", vol, "-m", xml, "-o", tmp / "direct.nii", *RUN)
+    ok("run", vol, "-m", xml, "-o", tmp / "a.zarr", "--chunks", "8", *RUN)
+    ok("to-nifti", tmp / "a.zarr", tmp / "back.nii.gz")
+    direct, aff_direct = nifti(tmp / "direct.nii")
+    back, aff_back = nifti(tmp / "back.nii.gz")
+    assert back.dtype == direct.dtype == np.uint8 and direct.shape == SHAPE
+    np.testing.assert_array_equal(back, direct)  # bitwise: the Zarr output is the same labels, transposed to (z,y,x)
+    np.testing.assert_array_equal(level(tmp / "a.zarr"), direct.transpose(2, 1, 0))
+    np.testing.assert_allclose(aff_back, AFFINE)
+    np.testing.assert_allclose(aff_direct, AFFINE)
+    assert 0 < direct.mean() < 1  # both labels present: a constant output would compare equal trivially
+
+
+def test_ome_zarr_reader_sees_voxel_size_and_translation(env):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Multiscales, Reader
+
+    tmp, vol, xml, _ = env
+    out = tmp / "geo.zarr"
+    ok("run", vol, "-m", xml, "-o", out, "--chunks", "8", "--pyramid", "1", "--kind", "probabilities", *RUN)
+    nodes = list(Reader(parse_url(str(out)))())
+    image = nodes[0]
+    assert image.specs and isinstance(image.specs[0], Multiscales)
+    assert [a["name"] for a in image.metadata["axes"]] == ["c", "z", "y", "x"]
+    assert {a.get("unit") for a in image.metadata["axes"][1:]} == {"millimeter"}
+    transforms = image.metadata["coordinateTransformations"]
+    scale = next(t["scale"] for t in transforms[0] if t["type"] == "scale")
+    shift = next(t["translation"] for t in transforms[0] if t["type"] == "translation")
+    np.testing.assert_allclose(scale, [1.0, 2.0, 0.75, 0.5])  # (c, z, y, x): the affine's diagonal, reversed
+    np.testing.assert_allclose(shift, [0.0, 7.0, 30.5, -12.25])
+    scale1 = next(t["scale"] for t in transforms[1] if t["type"] == "scale")
+    np.testing.assert_allclose(scale1, [1.0, 4.0, 1.5, 1.0])
+    data = image.data  # dask arrays, one per level, as napari would get them
+    assert tuple(data[0].shape) == (2, 45, 23, 29) and tuple(data[1].shape) == (2, 23, 12, 15)
+
+
+def _mean_reference(a):
+    """Mean of each 2x2x2 cell over the voxels present, by padding with NaN (independent of volinfer's code)."""
+    c, *shape = a.shape
+    padded = np.full((c, *[n + n % 2 for n in shape]), np.nan)
+    padded[:, : shape[0], : shape[1], : shape[2]] = a
+    cells = padded.reshape(c, padded.shape[1] // 2, 2, padded.shape[2] // 2, 2, padded.shape[3] // 2, 2)
+    return np.nanmean(cells, axis=(2, 4, 6))
+
+
+@pytest.mark.parametrize("source", ["nifti", "zarr"])
+def test_pyramid_levels_equal_numpy_downsampling(env, source):
+    tmp, vol, xml, _ = env
+    src = vol
+    if source == "zarr":
+        src = tmp / "src_pyr.zarr"
+        if not src.exists():
+            ok("to-zarr", vol, src, "--chunks", "8")
+    labels, probs = tmp / f"pl_{source}.zarr", tmp / f"pp_{source}.zarr"
+    ok("run", src, "-m", xml, "-o", labels, "--chunks", "8", "--block", "16", "--pyramid", "2", *RUN)
+    ok("run", src, "-m", xml, "-o", probs, "--chunks", "8", "--block", "16", "--pyramid", "2",
+       "--kind", "probabilities", *RUN)
+    l0, l1, l2 = (level(labels, n) for n in range(3))
+    assert l0.shape == (45, 23, 29) and l1.shape == (23, 12, 15) and l2.shape == (12, 6, 8)
+    np.testing.assert_array_equal(l1, l0[::2, ::2, ::2])
+    np.testing.assert_array_equal(l2, l0[::4, ::4, ::4])
+    p0, p1, p2 = (level(probs, n) for n in range(3))
+    assert p0.shape == (2, 45, 23, 29) and p1.dtype == np.float32
+    np.testing.assert_allclose(p1, _mean_reference(p0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(p2, _mean_reference(p1), rtol=1e-6, atol=1e-7)
+    assert not np.allclose(p1, p0[:, ::2, ::2, ::2])  # mean, not subsampling
+    ok("run", src, "-m", xml, "-o", tmp / f"flat_{source}.zarr", "--chunks", "8", "--block", "16", *RUN)
+    np.testing.assert_array_equal(level(tmp / f"flat_{source}.zarr"), l0)  # a pyramid leaves level 0 unchanged
+    attrs = zarr.open_group(str(labels)).attrs.asdict()
+    np.testing.assert_allclose(attrs["volinfer"]["affine"], AFFINE)  # the full affine kept, both paths
+
+
+def test_zarr_to_nifti_run_equals_zarr_run_then_to_nifti(env):
+    from volinfer import predict
+
+    tmp, vol, xml, data = env
+    src = tmp / "src.zarr"
+    ok("to-zarr", vol, src, "--chunks", "8")
+    for kind in ("labels", "probabilities"):
+        ok("run", src, "-m", xml, "-o", tmp / f"z_{kind}.zarr", "--kind", kind, *RUN)
+        ok("run", src, "-m", xml, "-o", tmp / f"z_{kind}.nii.gz", "--kind", kind, "--block", "16", *RUN)
+        ok("to-nifti", tmp / f"z_{kind}.zarr", tmp / f"zz_{kind}.nii")
+        direct, aff = nifti(tmp / f"z_{kind}.nii.gz")
+        via, aff_via = nifti(tmp / f"zz_{kind}.nii")
+        np.testing.assert_array_equal(direct, via)
+        np.testing.assert_allclose(aff, AFFINE)
+        np.testing.assert_allclose(aff_via, AFFINE)
+    # independently: the model sees the Zarr array's own axes (z, y, x)
+    ref = predict(data.transpose(2, 1, 0), str(xml), tile=16, overlap=8)
+    np.testing.assert_array_equal(nifti(tmp / "z_labels.nii.gz")[0], ref.transpose(2, 1, 0))
+
+
+def _interrupt(monkeypatch, cls, n):
+    real, calls = cls.write, [0]
+
+    def write(self, *a):
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt()
+        real(self, *a)
+
+    monkeypatch.setattr(cls, "write", write)
+
+
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def test_resumed_nifti_to_zarr_pyramid_is_byte_identical(env, monkeypatch):
+    tmp, vol, xml, _ = env
+    args = ["--chunks", "8", "--pyramid", "2", "--kind", "probabilities", *RUN]
+    ok("run", vol, "-m", xml, "-o", tmp / "whole.zarr", *args)
+    out = tmp / "cut.zarr"
+    _interrupt(monkeypatch, ZarrWriter, 7)  # 5 rows of 2 strips: part-way through the fourth row
+    assert invoke("run", vol, "-m", xml, "-o", out, *args).exit_code == 130
+    monkeypatch.undo()
+    assert out.exists()
+    journal = json.loads((tmp / ".cut.zarr.partial.json").read_text())
+    assert 2 <= journal["rows_done"] < journal["rows_total"] == 5  # resumes part-way, not from scratch
+    r = invoke("run", vol, "-m", xml, "-o", out, *args[:-1])  # without --resume: refused, store kept
+    assert r.exit_code == 2 and "already exists" in r.output
+    ok("run", vol, "-m", xml, "-o", out, "--resume", *args)
+    assert _files(out) == _files(tmp / "whole.zarr")
+    assert not [p for p in os.listdir(tmp) if p.startswith(".cut.zarr")]  # journal and lock gone
+
+
+def test_resumed_zarr_to_nifti_is_byte_identical(env, monkeypatch):
+    tmp, vol, xml, _ = env
+    src = tmp / "src_res.zarr"
+    ok("to-zarr", vol, src, "--chunks", "8")
+    ok("run", src, "-m", xml, "-o", tmp / "zn_whole.nii.gz", *RUN)
+    _interrupt(monkeypatch, NiftiWriter, 3)
+    assert invoke("run", src, "-m", xml, "-o", tmp / "zn_cut.nii.gz", *RUN).exit_code == 130
+    monkeypatch.undo()
+    ok("run", src, "-m", xml, "-o", tmp / "zn_cut.nii.gz", "--resume", *RUN)
+    assert (tmp / "zn_cut.nii.gz").read_bytes() == (tmp / "zn_whole.nii.gz").read_bytes()
+
+
+def test_output_format_errors(env):
+    tmp, vol, xml, _ = env
+    r = invoke("run", vol, "-m", xml, "-o", tmp / "x.nii", "--pyramid", "1", *RUN)
+    assert r.exit_code == 2 and "--pyramid applies to Zarr outputs" in r.output
+    r = invoke("run", vol, "-m", xml, "-o", tmp / "x.zarr", "--workers", "2", *RUN)
+    assert r.exit_code == 2 and "--scheduler/--workers" in r.output
+    r = invoke("run", vol, "-m", xml, "-o", tmp / "odd.zarr", "--chunks", "7", "--pyramid", "1", *RUN)
+    assert r.exit_code == 2 and "even chunk size" in r.output
+    assert not (tmp / "odd.zarr").exists()
