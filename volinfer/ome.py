@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -49,12 +48,6 @@ class Geometry:
     @property
     def translation_zyx(self) -> list[float]:
         return [float(v) for v in np.asarray(self.affine, float)[:3, 3][::-1]]
-
-    def transposed(self) -> "Geometry":
-        """The same placement for the array with its three axes reversed (``[i, j, k]`` instead of ``[k, j, i]``)."""
-        perm = np.eye(4)
-        perm[:3, :3] = np.eye(3)[::-1]
-        return Geometry(np.asarray(self.affine, float) @ perm, self.unit)
 
 
 def geometry_from_nifti(header: Any, affine: np.ndarray | None) -> Geometry:
@@ -91,7 +84,7 @@ def read_geometry(root_attrs: dict[str, Any], array_attrs: dict[str, Any] | None
     vs = array_attrs.get("voxel_size") or root_attrs.get("voxel_size")
     if vs:
         return Geometry(np.diag([*[float(v) for v in vs[::-1]], 1.0]))
-    return Geometry(np.eye(4))
+    return Geometry(np.eye(4), None)  # nothing recorded: unit voxels, no physical unit claimed
 
 
 def _unit_of(attrs: dict[str, Any]) -> str | None:
@@ -212,7 +205,3 @@ def check_pyramid(levels: int, block: Sequence[int] | None = None, chunks: Seque
     if block is not None and any(int(b) % (1 << levels) for b in block):
         raise VolinferError(f"--pyramid {levels}: blocks of {'x'.join(map(str, block))} voxels do not halve "
                             f"{levels} times; choose --block/--chunks with a multiple of {1 << levels}")
-
-
-def zarr_group_path(path: Path, level: int = 0) -> str:
-    return str(Path(path) / str(level))

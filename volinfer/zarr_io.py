@@ -12,7 +12,6 @@ Every store volinfer writes is OME-Zarr (NGFF 0.5, see :mod:`volinfer.ome`), wit
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
