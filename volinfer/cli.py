@@ -140,7 +140,7 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
             prob_dtype="float16" if float16 else "float32", normalize=parse_normalization(normalize),
             options=compile_options, requests=requests, nan_value=nan_value,
             reuse_constant=not no_constant_reuse, block=block, chunks=chunks, compression=not no_compression,
-            pyramid=pyramid, scheduler=scheduler,
+            pyramid=pyramid, mirror=mirror, scheduler=scheduler,
             workers=workers, resume=resume, overwrite=overwrite, progress=not quiet and not as_json)
         if as_json:
             click.echo(json.dumps(report.as_dict(), indent=2, default=str))

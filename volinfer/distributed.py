@@ -65,6 +65,7 @@ class ZarrJob:
     reuse_constant: bool = True
     levels: int = 0
     method: str = "nearest"
+    mirror: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,7 +95,7 @@ def run_block_array(job: ZarrJob, block: Block) -> tuple[np.ndarray, dict[str, A
     busy, n, reused = run_tiles(source, tm, job.spec, None, grid=grid, stitch=job.stitch,  # type: ignore[arg-type]
                                 normalizer=job.normalizer, sigma=job.sigma, pad_mode=job.pad_mode,
                                 requests=job.requests, progress=False, reuse_constant=job.reuse_constant,
-                                nan_fill=job.nan_fill, tiles=tiles, stitcher=stitcher)
+                                nan_fill=job.nan_fill, tiles=tiles, stitcher=stitcher, mirror=job.mirror)
     return stitcher.out, {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
                           "pid": os.getpid(), "peak_rss_mb": _own_peak_mb()}
 
@@ -171,6 +172,7 @@ def run_zarr(
     chunks: Sequence[int] | int | None = None,
     compression: bool = True,
     pyramid: int = 0,
+    mirror: str | Sequence[int] | None = None,
     scheduler: str | None = None,
     workers: int | None = None,
     resume: bool = False,
@@ -188,7 +190,7 @@ def run_zarr(
     run = dict(tile=tile, layout=layout, model_output=model_output, overlap=overlap, stitch=stitch, sigma=sigma,
                pad_mode=pad_mode, kind=kind, activation=activation, channels=channels, threshold=threshold,
                prob_dtype=prob_dtype, normalize=normalize, options=options, requests=requests, nan_value=nan_value,
-               reuse_constant=reuse_constant, block=block, resume=resume, progress=progress)
+               reuse_constant=reuse_constant, block=block, resume=resume, progress=progress, mirror=mirror)
     if not is_zarr(output):
         if scheduler or workers:
             raise VolinferError("--scheduler/--workers write Zarr outputs (.zarr); a NIfTI output is written by "
@@ -222,8 +224,12 @@ class _Prepared:
 
 def _prepare(volume: Any, model: Any, *, tile: Any, layout: Any, model_output: Any, overlap: Any, stitch: Any,
              sigma: float, pad_mode: str, kind: str, activation: Any, channels: Any, threshold: float,
-             prob_dtype: str, normalize: Any, options: Any, nan_value: Any, reuse_constant: bool,
+             prob_dtype: str, normalize: Any, options: Any, nan_value: Any, reuse_constant: bool, mirror: Any,
              **_: Any) -> _Prepared:
+    from .api import parse_mirror
+
+    flips = tuple(sorted(2 - a for a in parse_mirror(mirror)))  # x, y, z are the array's axes 2, 1, 0
+
     options = {k: v for k, v in (options or {}).items() if v is not None}
     source, in_arr = open_zarr_source(volume)
     tm = TileModel(model, tile=tile, layout=layout, output=model_output, options=CompileOptions(**options),
@@ -236,7 +242,8 @@ def _prepare(volume: Any, model: Any, *, tile: Any, layout: Any, model_output: A
                     stitch=setup.stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
                     channels=setup.spec.channels, threshold=threshold, dtype=str(setup.spec.dtype),
                     normalization=setup.normalizer.describe(), nan_value=nan_value,
-                    precision=options.get("precision", "f32"), reuse_constant=reuse_constant)
+                    precision=options.get("precision", "f32"), reuse_constant=reuse_constant,
+                    **({"mirror": flips} if flips else {}))
     return _Prepared(source, in_arr, tm, setup, options, settings)
 
 
@@ -245,7 +252,8 @@ def _job(p: _Prepared, volume: Any, output: Any, model: Any, *, sigma: float, pa
     s = p.setup
     return ZarrJob(str(volume), str(output), str(model), p.tm.tile, p.tm.layout, p.tm.output_index, p.options,
                    s.overlap, p.tm.multiple, s.stitch, sigma, pad_mode, s.spec, s.normalizer, s.nan_fill, requests,
-                   reuse_constant, levels=levels, method=downsample_method(kind))
+                   reuse_constant, levels=levels, method=downsample_method(kind),
+                   mirror=tuple(p.settings.get("mirror", ())))
 
 
 def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]], requests: int) -> RunReport:
