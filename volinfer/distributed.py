@@ -242,7 +242,7 @@ def _prepare(volume: Any, model: Any, *, tile: Any, layout: Any, model_output: A
                     stitch=setup.stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
                     channels=setup.spec.channels, threshold=threshold, dtype=str(setup.spec.dtype),
                     normalization=setup.normalizer.describe(), nan_value=nan_value,
-                    precision=options.get("precision", "f32"), reuse_constant=reuse_constant,
+                    precision=tm.precision, reuse_constant=reuse_constant,
                     **({"mirror": flips} if flips else {}))
     return _Prepared(source, in_arr, tm, setup, options, settings)
 
@@ -263,7 +263,7 @@ def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]],
         shape=p.source.shape, channels=p.source.channels, tile=tm.tile,
         grid=tuple(a.count for a in s.grid.axes),  # type: ignore[arg-type]
         tiles=sum(r["tiles"] for r in done), stitch=s.stitch, overlap=s.overlap, layout=tm.layout,
-        device=options.get("device", "CPU"), precision=options.get("precision", "f32"), requests=requests,
+        device=options.get("device", "CPU"), precision=tm.precision, requests=requests,
         normalization=s.normalizer.describe(), output_kind=p.settings["kind"], output_dtype=str(s.spec.dtype),
         wall_s=time.perf_counter() - t0, infer_busy_s=sum(r["busy_s"] for r in done), peak_rss_mb=peak_rss_mb(),
         output=str(output))
