@@ -33,8 +33,8 @@ def main() -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="OpenVINO IR (.xml) or ONNX (.onnx) model.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Output: a .nii / .nii.gz file, a .zarr (OME-Zarr) store, or a directory "
-              "for batch runs.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Output: a .nii / .nii.gz file, a .zarr (OME-Zarr) store, or a directory for batch runs.")
 @click.option("--tile", type=V.TILE, help="Tile size: 128 or 128x128x64 (whole numbers >= 1), or auto (default): "
               "the fastest tiling whose crop margins cover the model's receptive field (up to one tile over the whole "
               "volume) within --max-memory. A given size is used as is; the summary then says whether the run is "
