@@ -34,7 +34,7 @@ from .geometry import TileGrid
 from .model import CompileOptions, TileModel
 from .normalize import Normalizer
 from .postprocess import OutputSpec
-from .runsetup import resolve, scan_volume
+from .runsetup import plan_tiling, resolve, scan_volume, verdict
 from .journal import Journal
 from .ome import check_pyramid, downsample, downsample_method
 from .targets import OutputLock
@@ -220,20 +220,28 @@ class _Prepared:
     setup: Any
     options: dict[str, Any]
     settings: dict[str, Any]  # what the fingerprint records
+    choice: Any = None  # the planner's decision (volinfer.runsetup.TilingChoice)
 
 
 def _prepare(volume: Any, model: Any, *, tile: Any, layout: Any, model_output: Any, overlap: Any, stitch: Any,
              sigma: float, pad_mode: str, kind: str, activation: Any, channels: Any, threshold: float,
              prob_dtype: str, normalize: Any, options: Any, nan_value: Any, reuse_constant: bool, mirror: Any,
              **_: Any) -> _Prepared:
-    from .api import parse_mirror
+    from .api import _overlap_for, parse_mirror
 
     flips = tuple(sorted(2 - a for a in parse_mirror(mirror)))  # x, y, z are the array's axes 2, 1, 0
 
     options = {k: v for k, v in (options or {}).items() if v is not None}
     source, in_arr = open_zarr_source(volume)
-    tm = TileModel(model, tile=tile, layout=layout, output=model_output, options=CompileOptions(**options),
+    handle = TileModel(model, tile=tile, layout=layout, output=model_output, options=CompileOptions(**options),
+                       compile=False)
+    # Zarr/Dask runs freeze no normalisation statistics yet: plan as for per-tile statistics
+    choice = plan_tiling(handle, source.shape, stitch=stitch, overlap=overlap, max_memory_mb=None, norm_stats="tile")
+    tm = TileModel(model, tile=choice.tile, layout=layout, output=model_output, options=CompileOptions(**options),
                    compile=False)
+    tm.multiple = handle.multiple
+    if overlap is None:
+        overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
     setup = resolve(tm, source.shape, source.channels, stitch=stitch, overlap=overlap, kind=kind,
                     activation=activation, keep=channels, threshold=threshold, prob_dtype=prob_dtype,
                     normalize=normalize)
@@ -244,7 +252,7 @@ def _prepare(volume: Any, model: Any, *, tile: Any, layout: Any, model_output: A
                     normalization=setup.normalizer.describe(), nan_value=nan_value,
                     precision=tm.precision, reuse_constant=reuse_constant,
                     **({"mirror": flips} if flips else {}))
-    return _Prepared(source, in_arr, tm, setup, options, settings)
+    return _Prepared(source, in_arr, tm, setup, options, settings, choice)
 
 
 def _job(p: _Prepared, volume: Any, output: Any, model: Any, *, sigma: float, pad_mode: str, requests: int,
@@ -267,6 +275,12 @@ def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]],
         normalization=s.normalizer.describe(), output_kind=p.settings["kind"], output_dtype=str(s.spec.dtype),
         wall_s=time.perf_counter() - t0, infer_busy_s=sum(r["busy_s"] for r in done), peak_rss_mb=peak_rss_mb(),
         output=str(output))
+    if p.choice is not None:
+        fid = verdict(s, p.choice, frozen=False)
+        rep.exact, rep.not_exact = fid.exact, fid.reasons
+        if p.choice.norm_layers and not fid.exact:
+            rep.not_exact.append("Zarr/Dask runs do not yet freeze whole-volume normalisation statistics")
+        rep.notes.extend(p.choice.notes + s.notes)
     worker_peaks = [r["peak_rss_mb"] for r in done if "peak_rss_mb" in r]
     if worker_peaks:
         rep.extra["worker peak"] = f"{max(worker_peaks):.0f} MB (largest per-process peak RSS)"
