@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
-from converters import convert, kind_of  # noqa: E402
+from converters import convert as _convert  # noqa: E402
+from converters import kind_of  # noqa: E402
 from volinfer import ModelSettings, TileModel, VolinferError, predict  # noqa: E402
 from volinfer.bench.reference_unet import UNet3D  # noqa: E402
 from volinfer.cli import main  # noqa: E402
@@ -73,6 +74,12 @@ def nets(tmp_path):
     return p
 
 
+def convert(*args, **kwargs):
+    """The converter with --random-weights (these tests convert factories' seeded weights on purpose)."""
+    kwargs.setdefault("random_weights", "weights" not in kwargs)
+    return _convert(*args, **kwargs)
+
+
 def _settings(xml):
     return ModelSettings.from_model(ov.Core().read_model(str(xml)))
 
@@ -103,7 +110,7 @@ def test_factory_with_state_dict_converts_matches_and_describes_itself(tmp_path,
 def test_state_dict_mismatch_lists_keys(tmp_path, nets):
     weights = tmp_path / "w.pth"
     torch.save({"conv.weight": torch.zeros(1)}, weights)
-    with pytest.raises(VolinferError, match=r"missing \d+ key\(s\) e\.g\. body\..*unexpected 1 key\(s\) e\.g\. conv"):
+    with pytest.raises(VolinferError, match=r"missing \d+ key\(s\): body\..*unexpected 1 key\(s\): conv"):
         convert(f"{nets}:small_unet", tmp_path / "x.xml", weights=str(weights), tile=32)
     assert not list(tmp_path.glob("*.xml"))
 
