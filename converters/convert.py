@@ -259,13 +259,13 @@ def _prepare(src: Source, layout: str, channels: int | None, tile: int | Sequenc
     t3 = None if tile is None else ([int(tile)] * 3 if isinstance(tile, (int, np.integer)) else [int(v) for v in tile])
     probe_tile = t3 or [64, 64, 64]
     if channels is None and src.framework.startswith(("pytorch", "torch")):
-        channels = _guess_torch_channels(src, [64, 32, 128, *probe_tile])
+        channels = _guess_torch_channels(src, [*probe_tile, 64, 32, 128])
     conv_shape = None
     if channels is not None:
         conv_shape = _shape(layout, channels, probe_tile)
         if not static:
             conv_shape = [1, channels, -1, -1, -1] if layout == "NCDHW" else [1, -1, -1, -1, channels]
-    ov_model = _convert_with_examples(src, conv_shape, layout, channels or 1, [64, *probe_tile, 128, 96, 32])
+    ov_model = _convert_with_examples(src, conv_shape, layout, channels or 1, [*probe_tile, 64, 128, 96, 32])
     old = ModelSettings.from_model(ov_model) if src.framework == "openvino" else None
     ov_model = freeze_inputs(ov_model, src.pending_fixed)
     ov_model = pick_image_input(ov_model, image if src.pending_fixed or not src.framework.startswith(
