@@ -71,26 +71,72 @@ def _convert(framework: str, path: Path, cut: list[str] | None) -> ov.Model:
         raise VolinferError(f"{path}: OpenVINO cannot convert it: {framework_message(e)}") from None
 
 
-def _cut_tf_outputs(path: Path, cut: list[str] | None, outputs: list[str]) -> ov.Model:
-    """Cut a frozen GraphDef at named output nodes with TensorFlow's own graph tools, then convert the cut graph
-    (OpenVINO's converter only selects among a graph's existing outputs)."""
+def _placeholder_for(graph: Any, name: str, path: Path) -> Any:
+    """A Placeholder NodeDef standing in for node ``name`` (a PlaceholderWithDefault fed by an iterator, or any
+    internal node), with that tensor's dtype and shape as TensorFlow infers them."""
+    import tensorflow as tf
+
+    base = name.split(":")[0]
+    g = tf.Graph()
+    with g.as_default():
+        tf.compat.v1.import_graph_def(graph, name="")
+    try:
+        t = g.get_tensor_by_name(f"{base}:0")
+    except (KeyError, ValueError):
+        raise VolinferError(f"{path}: no input or tensor named {name!r}; the graph's inputs: "
+                            f"{', '.join(tf_graph_inputs(path)) or '(none)'}") from None
+    node = tf.compat.v1.NodeDef(name=base, op="Placeholder")
+    node.attr["dtype"].type = t.dtype.as_datatype_enum
+    node.attr["shape"].shape.CopyFrom(t.shape.as_proto())
+    return node
+
+
+def _cut_tf_graph(path: Path, cut: list[str] | None, outputs: list[str] | None) -> ov.Model:
+    """Cut a frozen GraphDef with TensorFlow's own graph tools: each ``cut`` node becomes a Placeholder (so a
+    PlaceholderWithDefault behind a tf.data iterator becomes a plain input), and the graph is trimmed to the named
+    outputs (default: the sinks reachable from the cut inputs). OpenVINO's converter alone only selects among a
+    graph's existing inputs and outputs."""
     import tempfile
 
     import tensorflow as tf
 
     graph = _tf_graph_def(path)
     names = {n.name for n in graph.node}
-    missing = [o for o in outputs if o.split(":")[0] not in names]
+    missing = [o for o in outputs or [] if o.split(":")[0] not in names]
     if missing:
         raise VolinferError(f"{path}: no node named {missing[0]!r} to cut the graph at")
-    sub = tf.compat.v1.graph_util.extract_sub_graph(graph, [o.split(":")[0] for o in outputs])
+    for name in cut or []:
+        base = name.split(":")[0]
+        node = next((n for n in graph.node if n.name == base), None)
+        if node is None:
+            raise VolinferError(f"{path}: no input or tensor named {name!r}; the graph's inputs: "
+                                f"{', '.join(tf_graph_inputs(path)) or '(none)'}")
+        if node.op != "Placeholder":
+            node.CopyFrom(_placeholder_for(graph, name, path))
+    targets = [o.split(":")[0] for o in outputs] if outputs else _reachable_sinks(graph, cut or [])
+    sub = tf.compat.v1.graph_util.extract_sub_graph(graph, targets)
     with tempfile.TemporaryDirectory() as tmp:
         cut_path = Path(tmp) / "cut.pb"
         cut_path.write_bytes(sub.SerializeToString())
         try:
-            return _convert("tensorflow-frozen-pb", cut_path, cut)
+            return _convert("tensorflow-frozen-pb", cut_path, [n.split(":")[0] for n in cut] if cut else None)
         except VolinferError as e:
             raise VolinferError(str(e).replace(str(cut_path), str(path))) from None
+
+
+def _reachable_sinks(graph: Any, starts: list[str]) -> list[str]:
+    """Nodes fed (transitively) by ``starts`` whose outputs nothing consumes: the graph's outputs past the cut."""
+    consumers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i.lstrip("^").split(":")[0], []).append(n.name)
+    seen, todo = set(), [s.split(":")[0] for s in starts] or [n.name for n in graph.node]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(consumers.get(name, []))
+    return sorted(n for n in seen if not consumers.get(n))
 
 
 def cut_outputs(model: ov.Model, names: list[str], path: Path) -> ov.Model:
@@ -125,8 +171,8 @@ def frontend_source(framework: str, path: Path, inputs: list[str] | None, output
                                 f"pass --trust-pickle only if you trust whoever made the file")
 
     def to_ov(*_: object) -> ov.Model:
-        if outputs and framework == "tensorflow-frozen-pb" and importlib.util.find_spec("tensorflow"):
-            model = _cut_tf_outputs(path, cut, outputs)
+        if (outputs or cut) and framework == "tensorflow-frozen-pb" and importlib.util.find_spec("tensorflow"):
+            model = _cut_tf_graph(path, cut, outputs)
         else:
             model = _convert(framework, path, cut if framework != "openvino" else None)
             model = cut_outputs(model, outputs, path) if outputs else model
