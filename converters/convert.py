@@ -344,6 +344,8 @@ def _measure_rf(ov_model: ov.Model, t3: list[int], settings: ModelSettings, note
         from .messages import framework_message
 
         rf, reason = None, framework_message(e)
+    if rf is not None and not getattr(rf, "measured", True):
+        rf, reason = None, getattr(rf, "reason", "") or "the probe could not run"
     if rf is not None and not any(rf.radius) and _has_spatial_kernels(ov_model):
         rf, reason = None, "the probe saw no spread although the graph has spatial kernels"
     if rf is None:
