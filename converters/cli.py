@@ -16,14 +16,27 @@ def _list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch modules (.pt/.pth), pickles inside "
+              "torch.export .pt2 and TorchScript archives beyond tensors, Keras Lambda layers (Python bytecode), "
+              "and TensorFlow graphs with file/Python ops. Without it these are refused (ONNX, IR, plain weights "
+              "need no trust). Only for files whose author you trust: loading them can run any code.")
+
+
 @click.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="IR path to write (.xml).")
-@click.option("--weights", help="state_dict for a file.py:factory / package.module:factory model "
-              "(loaded with torch.load(weights_only=True)).")
+@click.option("--weights", help="state_dict for a file.py:factory / package.module:factory model (always loaded "
+              "with torch.load(weights_only=True); .npz arrays without pickles also work).")
+@click.option("--random-weights", is_flag=True, help="Convert a factory without --weights, with the random "
+              "weights it builds (refused otherwise).")
 @click.option("--factory-args", help="JSON keyword arguments for the factory, e.g. '{\"out_channels\": 3}'.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled torch module (runs code from it).")
-@click.option("--input", "inputs", help="TF frozen graph / SavedModel: input node name(s) to cut the graph at.")
+@click.option("--trust-pickle", is_flag=True, help=TRUST_HELP)
+@click.option("--input", "inputs", help="The image input's name (graph input, TF node to cut a frozen graph at, e.g. "
+              "a PlaceholderWithDefault fed by an iterator, or a torch forward argument). A wrong name lists the "
+              "real ones.")
+@click.option("--set", "set_values", multiple=True, metavar="NAME=VALUE",
+              help="Freeze a model input to a constant (repeatable), e.g. --set training=false; the parity "
+              "reference gets the same value.")
 @click.option("--output-node", "outputs", help="TF frozen graph: output node name(s) to cut the graph at.")
 @click.option("--output-name", help="Which output `volinfer run` uses when the model has several (name or index).")
 @click.option("--tile", type=V.TILE, help="Tile size the model will run at (128 or 128,128,64; whole numbers >= 1).")
@@ -46,15 +59,19 @@ def _list(text: str | None) -> list[str] | None:
 @click.option("--calibration-tiles", type=V.COUNT, default=8, show_default=True,
               help="Tiles sampled for INT8 calibration (>= 1).")
 @click.option("--no-check", is_flag=True, help="Skip the parity check against the source model.")
-@click.option("--tolerance", type=V.POSITIVE, help="Max relative error (> 0) of the parity check (default 1e-2 "
-              "with FP16 weights, 1e-4 without).")
+@click.option("--tolerance", type=V.POSITIVE, help="Max relative error (> 0) of the parity check "
+              "(default 1e-2 with FP16 weights, 1e-4 without). Segmentation outputs also pass when argmax labels "
+              "agree on >= 99.9% of voxels and the relative error is <= max(0.05, 10 x default tolerance) (10 x an "
+              "explicit --tolerance). --int8 is accepted when labels agree with FP32 on >= 99% of the calibration "
+              "tiles' voxels and mean foreground Dice >= 0.95.")
 @click.option("--calibration-volume", type=click.Path(exists=True), help="Check parity on a crop of this NIfTI volume.")
 @click.option("--no-receptive-field", is_flag=True, help="Skip measuring the receptive field.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing IR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @friendly_errors
-def convert(model: str, output: Path, weights: str | None, factory_args: str | None, trust_pickle: bool,
-            inputs: str | None, outputs: str | None, output_name: str | None, tile: str | None,
+def convert(model: str, output: Path, weights: str | None, random_weights: bool, factory_args: str | None,
+            trust_pickle: bool, inputs: str | None, set_values: tuple[str, ...], outputs: str | None,
+            output_name: str | None, tile: str | None,
             channels: int | None, layout: str | None, static: bool, activation: str | None, labels: str | None,
             channel_names: str | None, normalize: str | None, spacing: str | None, overlap: float | None,
             stitch: str | None, no_fp16: bool, int8: bool, calibration_tiles: int, no_check: bool, tolerance: float | None,
@@ -72,10 +89,15 @@ def convert(model: str, output: Path, weights: str | None, factory_args: str | N
       frozen.pb                  TF1 frozen graph (cut with --input / --output-node)
       model.keras / model.h5     Keras
       model.xml                  an existing IR (re-check and re-describe it)
+
+    Parity runs the source in its own framework (PyTorch, onnxruntime, TensorFlow); when that framework is not
+    installed the report says "not checked". Importing file.py runs that file: name only code you trust. See
+    SECURITY.md for what is data and what is code.
     """
     from volinfer.normalize import parse_normalization
 
     from .convert import convert as run_convert
+    from .inputs import parse_set
 
     try:
         kwargs = json.loads(factory_args) if factory_args else None
@@ -84,8 +106,9 @@ def convert(model: str, output: Path, weights: str | None, factory_args: str | N
     except (ValueError, json.JSONDecodeError) as e:
         raise VolinferError(f"bad option value: {e}") from None
     result = run_convert(
-        model, output, weights=weights, trust_pickle=trust_pickle, factory_kwargs=kwargs, inputs=_list(inputs),
-        outputs=_list(outputs), select_output=output_name, tile=parse_tile(tile), channels=channels,
+        model, output, weights=weights, trust_pickle=trust_pickle, random_weights=random_weights,
+        factory_kwargs=kwargs, inputs=_list(inputs), outputs=_list(outputs), fixed=parse_set(set_values),
+        select_output=output_name, tile=parse_tile(tile), channels=channels,
         layout=layout.upper() if layout else None, static=static, activation=activation, labels=_list(labels),
         channel_names=_list(channel_names), normalization=parse_normalization(normalize), spacing=spacing_v,
         overlap=ov_overlap, stitch=stitch, fp16=not no_fp16, int8=int8, calibration_tiles=calibration_tiles,
@@ -95,10 +118,13 @@ def convert(model: str, output: Path, weights: str | None, factory_args: str | N
     if as_json:
         click.echo(json.dumps({
             "path": str(result.path), "parity": result.parity.__dict__ if result.parity else None,
+            "int8": result.int8.__dict__ if result.int8 else None,
             "settings": result.settings.as_dict(), "notes": result.notes}, indent=2, default=str))
         return
     click.echo(f"wrote {result.path} (+ {result.path.with_suffix('.bin').name})")
     click.echo(str(result.parity) if result.parity else "parity check skipped (--no-check)")
+    if result.int8:
+        click.echo(str(result.int8))
     s = result.settings
     click.echo(f"layout {s.layout}, {s.in_channels} channel(s), tile {s.tile}, size multiple {s.size_multiple}, "
                f"receptive field {s.receptive_field}")

@@ -55,3 +55,57 @@ def test_frozen_graph_cut_at_named_nodes_and_keras_file(tmp_path):
     net.save(str(tmp_path / "m.keras"))
     r = convert(str(tmp_path / "m.keras"), tmp_path / "k.xml", tile=16)
     assert r.parity.passed and r.parity.reference == "TensorFlow/Keras"
+
+
+def _tf1_graph_with_iterator_and_training_flag(path):
+    """A TF1-era frozen graph as published: the image input is a PlaceholderWithDefault fed by a tf.data iterator,
+    and a `training` flag (PlaceholderWithDefault, default True) switches dropout on."""
+    g = tf.Graph()
+    with g.as_default():
+        ds = tf.data.Dataset.from_tensors(np.zeros((1, 16, 16, 16, 1), np.float32)).repeat()
+        it = tf.compat.v1.data.make_one_shot_iterator(ds)
+        img = tf.compat.v1.placeholder_with_default(it.get_next(), [1, None, None, None, 1], name="img")
+        training = tf.compat.v1.placeholder_with_default(True, [], name="training")
+        rng = np.random.default_rng(0)
+        w1 = tf.constant(rng.standard_normal((3, 3, 3, 1, 4)).astype(np.float32) * 0.5)
+        w2 = tf.constant(rng.standard_normal((1, 1, 1, 4, 2)).astype(np.float32) * 0.5)
+        h = tf.nn.relu(tf.nn.conv3d(img, w1, [1, 1, 1, 1, 1], "SAME"))
+        h = tf.cond(training, lambda: tf.nn.dropout(h, rate=0.5), lambda: tf.identity(h))  # what layers.dropout did
+        tf.identity(tf.nn.conv3d(h, w2, [1, 1, 1, 1, 1], "SAME"), name="logits")
+    tf.io.write_graph(g.as_graph_def(), str(path.parent), path.name, as_text=False)
+    return w1, w2
+
+
+def test_tf1_frozen_graph_with_placeholder_with_default_and_training_flag(tmp_path):
+    from click.testing import CliRunner
+
+    from volinfer import VolinferError
+    from volinfer.cli import main
+
+    pb = tmp_path / "tf1.pb"
+    _tf1_graph_with_iterator_and_training_flag(pb)
+    # a wrong input name: one line listing the real ones
+    r = CliRunner().invoke(main, ["convert", str(pb), "-o", str(tmp_path / "x.xml"), "--input", "image:0",
+                                  "--output-node", "logits", "--tile", "16"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "img" in r.output and "training" in r.output, \
+        r.output
+    # dropout left on (training defaults to true) cannot match TensorFlow's inference output
+    with pytest.raises(VolinferError):
+        convert(str(pb), tmp_path / "on.xml", tile=16, inputs=["img"], outputs=["logits"], fp16=False,
+                measure_rf=False, fixed={"training": True})
+    r = convert(str(pb), tmp_path / "tf1.xml", tile=16, inputs=["img"], outputs=["logits"],
+                fixed={"training": False}, fp16=False, measure_rf=False)
+    assert r.parity.checked and r.parity.passed and r.parity.reference == "TensorFlow" and r.parity.max_rel < 1e-4
+    m = ov.Core().read_model(str(tmp_path / "tf1.xml"))
+    assert len(m.inputs) == 1 and ModelSettings.from_model(m).extra["frozen_inputs"] == {"training": False}
+    # independently: TF1 session with training=False equals the IR on an odd shape
+    vol = np.random.default_rng(3).standard_normal((1, 12, 20, 14, 1)).astype(np.float32)
+    g = tf.Graph()
+    with g.as_default():
+        gd = tf.compat.v1.GraphDef()
+        gd.ParseFromString(pb.read_bytes())
+        tf.compat.v1.import_graph_def(gd, name="")
+        with tf.compat.v1.Session(graph=g) as sess:
+            want = sess.run("logits:0", {"img:0": vol, "training:0": False})
+    got = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(vol)[0]
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
