@@ -202,14 +202,14 @@ def convert(
                                                               inputs[0] if inputs else None)
     per_tile = sorted({op.get_type_name() for op in ov_model.get_ops()} & PER_TILE_STAT_OPS)
     if per_tile:
-        notes.append(f"model normalises per input ({', '.join(per_tile)}): per-tile statistics differ from "
-                     f"whole-volume ones, so crop stitching is not exact; gaussian stitching is the default for it")
+        notes.append(f"model normalises per input ({', '.join(per_tile)}): `volinfer run` freezes these layers to "
+                     f"whole-volume statistics (streamed passes) unless --norm-stats tile")
     out_index = _select_output(ov_model, select_output, notes)
 
     settings = ModelSettings(
         layout=layout, in_channels=channels, channel_names=list(channel_names) if channel_names else None,
         tile=t3, size_multiple=multiple or None, overlap=overlap,
-        stitch=stitch or ("gaussian" if per_tile else None), normalization=normalization, activation=activation,
+        stitch=stitch, normalization=normalization, activation=activation,
         labels=list(labels) if labels else None, spacing=list(spacing) if spacing else None,
         output=str(out_index) if out_index is not None else None, instance_norm=bool(per_tile) or None,
         source_framework=src.framework, source_file=src.path.name if src.path else None,
@@ -225,6 +225,9 @@ def convert(
     _record_activation(ov_model, out_index or 0, layout, activation, settings, notes)
     if measure_rf:
         _measure_rf(ov_model, t3, settings, notes)
+    if not int8:
+        _check_precision(ov_model, layout, channels, t3, out_index or 0, settings, notes, calibration_volume,
+                         normalization)
     settings.to_model(ov_model)
     f32_model, int8_tiles = ov_model, None
     if int8:
@@ -332,6 +335,32 @@ def _record_activation(model: ov.Model, index: int, layout: str, activation: str
     elif activation != "none":
         notes.append(f"the graph already ends in {found}, and --activation {activation} applies another on top "
                      f"(stored as asked)")
+
+
+def _check_precision(ov_model: ov.Model, layout: str, channels: int, tile: list[int], out_index: int,
+                     settings: ModelSettings, notes: list[str], calibration_volume: str | None,
+                     normalization: dict[str, Any] | None) -> None:
+    """Store whether this CPU's native reduced precision (bf16/f16) keeps the model's outputs faithful, for
+    ``--precision auto`` (see :mod:`volinfer.precision`); measured on a calibration crop when one is given."""
+    from volinfer.precision import check_model
+
+    from .messages import framework_message
+
+    x = _calibration_tiles(calibration_volume, layout, channels, tile, normalization)[0] if calibration_volume \
+        else None
+    probabilities = settings.extra.get("outputs") in ("probabilities", "log-probabilities")
+    try:
+        verdict = check_model(ov_model, layout, channels, list(tile), out_index, probabilities, x)
+    except Exception as e:  # a model the reduced precision cannot compile: auto stays f32
+        notes.append(f"reduced precision not checked ({framework_message(e)[:120]}); --precision auto runs f32")
+        return
+    if verdict is None:
+        return
+    settings.extra["precision_check"] = verdict
+    word = "faithful" if verdict["faithful"] else "NOT faithful"
+    notes.append(f"{verdict['precision']} is {word} for this model (labels {verdict['label_agreement']:.4%} equal, "
+                 f"probabilities within {verdict['prob_max_abs']:.3g}): --precision auto runs "
+                 f"{verdict['precision'] if verdict['faithful'] else 'f32'}")
 
 
 def _measure_rf(ov_model: ov.Model, t3: list[int], settings: ModelSettings, notes: list[str]) -> None:

@@ -83,3 +83,36 @@ def resolve(requested: str, stored: dict[str, Any] | None, core: ov.Core, device
                        f"probabilities by {stored.get('prob_max_abs')})")
     return native, (f"{native} is native here and faithful for this model (labels {stored.get('label_agreement')} "
                     f"equal, probabilities within {stored.get('prob_max_abs')})")
+
+
+def smooth_tile(shape: list[int], seed: int = 0) -> np.ndarray:
+    """A float32 input of ``shape`` (N, C, D, H, W or channels last) that looks more like an image than white noise
+    does: blobs on a few scales plus mild noise, zero mean and unit variance. Random noise alone hides precision
+    problems that real data shows."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32) * 0.2
+    dims = [d for d in range(len(shape)) if shape[d] > 8]
+    grids = np.meshgrid(*[np.arange(shape[d], dtype=np.float32) for d in dims], indexing="ij")
+    field = np.zeros(grids[0].shape, np.float32)
+    for _ in range(8):
+        centre = [rng.uniform(0, shape[d]) for d in dims]
+        r = rng.uniform(3, max(4, min(shape[d] for d in dims) / 3))
+        field += np.exp(-sum((g - c) ** 2 for g, c in zip(grids, centre)) / (2 * r * r)).astype(np.float32)
+    index = tuple(slice(None) if d in dims else None for d in range(len(shape)))
+    x += field[index] * 2.0
+    return ((x - x.mean()) / (x.std() + 1e-6)).astype(np.float32)
+
+
+def check_model(model: ov.Model, layout: str, channels: int, tile: list[int], output: int, probabilities: bool,
+                x: np.ndarray | None = None, device: str = "CPU") -> dict[str, Any] | None:
+    """The stored verdict for ``--precision auto``: f32 against the device's native reduced precision on ``x`` (a
+    calibration tile; a synthetic image-like tile when None). None when the device has no reduced precision."""
+    core = ov.Core()
+    native = native_reduced(core, device)
+    if native is None:
+        return None
+    shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
+    m = model.clone()
+    m.reshape({m.input(0): ov.PartialShape(shape)})
+    x = smooth_tile(shape) if x is None else x
+    return compare(m, x, native, output, 1 if layout == "NCDHW" else 4, probabilities, device, core)
