@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from .blockwise import blockwise
-from .geometry import Tile, TileGrid
+from .geometry import AxisPlan, Tile, TileGrid
 from .postprocess import OutputSpec
 from .weights import tile_weights_1d, weight_sum_1d
 
@@ -69,69 +69,155 @@ class CropStitcher:
 
 
 class BlendStitcher:
-    """Weighted blending (Gaussian or mean) of overlapping tiles, in a sliding window of whole z-planes."""
+    """Weighted blending (Gaussian or mean) of overlapping tiles, holding only sums that can still grow.
+
+    Tiles arrive z-row by z-row, y-row by y-row, x innermost (submission order). Two float32 buffers hold every
+    sum that a later tile may still add to:
+
+    * the *strip* of the current (z-row, y-row): ``tile_z`` planes × ``tile_y`` rows × X, a ring over y (row ``y``
+      lives in slot ``y % tile_y``; rows the next y-row overlaps stay where they are);
+    * the *carry*: the planes the next z-row overlaps (``overlap_z`` of them) × the whole (x, y) cross-section.
+
+    When a y-row is done, its rows up to the next y-row's start are complete for this z-row: the planes up to the
+    next z-row's start are final (normalised, post-processed and written as blocks spanning the whole x axis) and
+    the planes beyond go to the carry; a new row of the strip starts from the carry (or zero). Every voxel's sum
+    therefore receives exactly the additions, in exactly the order, of a whole-volume accumulator — bitwise the
+    same result as :class:`volinfer.blocks.BlockBlendStitcher` — in ``(tile_z·tile_y + overlap_z·Y)·X`` floats per
+    model channel instead of ``tile_z·Y·X``. The normaliser is separable (see :mod:`volinfer.weights`).
+    """
+
+    CHUNK = 16  # planes weighted per step: small temporaries, cache-friendly transposes
 
     def __init__(self, grid: TileGrid, spec: OutputSpec, writer: BlockWriter, mode: str, sigma: float = 0.125) -> None:
         self.grid, self.spec, self.writer = grid, spec, writer
-        tx, ty, tz = grid.tile_shape
-        X, Y, Z = grid.shape
-        self._w = [tile_weights_1d(mode, t, sigma) for t in (tx, ty, tz)]
+        self._w = [tile_weights_1d(mode, t, sigma) for t in grid.tile_shape]  # wx, wy, wz (float32)
         self._norm = [1.0 / weight_sum_1d(a, w) for a, w in zip(grid.axes, self._w)]
-        wz, wy, wx = self._w[2], self._w[1], self._w[0]
-        self._w3 = (wz[:, None, None] * wy[None, :, None] * wx[None, None, :]).astype(np.float32)  # (z, y, x)
-        self._acc: np.ndarray | None = None
-        self._scratch: np.ndarray | None = None
-        self._depth = min(tz, Z)
-        self._z0 = 0  # planes [z0, z0 + depth) are open; plane z lives in ring slot z % depth
-        self._out = np.empty((spec.out_channels, 1, Y, X), dtype=spec.dtype)
+        X, Y, Z = grid.shape
+        tx, ty, tz = grid.tile_shape
+        self._depth, self._ring = min(tz, Z), min(ty, Y)
+        self._carry_depth = carry_depth(grid.axes[2])
+        self._strip: np.ndarray | None = None  # (C, depth, ring, X)
+        self._carry: np.ndarray | None = None  # (C, carry_depth, Y, X)
+        self._tmp: np.ndarray | None = None  # (C, CHUNK, ty, tx): one chunk of a weighted tile
+        self._out = np.empty((spec.out_channels, 1, self._ring, X), dtype=spec.dtype)
+        self._iz: int | None = None  # current z-row
+        self._iy = -1  # current y-row
+        self._y_open = self._y_done = 0  # rows < y_open are initialised in the strip; rows < y_done are closed
+        self._carry_from: int | None = None  # the z-row whose contributions the carry holds
+        self._carry_in = 0  # planes of the current z-row that started from the carry
+        self._z0 = 0  # resuming: planes below z0 are final on disk and are not written again
 
+    # -- the engine's interface -----------------------------------------------------------------------------------
     def add(self, tile: Tile, output: np.ndarray) -> None:
-        """Add ``weights * output`` (C, x, y, z) to the window, finishing planes no later tile can touch."""
-        c = output.shape[0]
-        X, Y, _ = self.grid.shape
-        if self._acc is None:
-            self._acc = np.zeros((c, self._depth, Y, X), dtype=np.float32)
-            self._scratch = np.empty((c, *self._w3.shape), dtype=np.float32)
-        (x0, x1), (y0, y1), (z0, z1) = (self.grid.axes[i].extent(tile.index[i]) for i in range(3))
-        skip = max(0, self._z0 - z0)  # resuming: planes below the window are already final on disk
-        nx, ny, nz = x1 - x0, y1 - y0, z1 - z0
-        if skip >= nz:
-            return
-        part = self._scratch[:, : nz - skip, :ny, :nx]  # type: ignore[index]
-        blockwise(lambda o, w, dst: np.multiply(o, w, out=dst), part,
-                  output[:, :nx, :ny, skip:nz].transpose(0, 3, 2, 1), self._w3[skip:nz, :ny, :nx], step=16)
-        lo = z0 + skip
-        while lo < z1:  # the tile's planes map to at most two contiguous runs of ring slots
-            slot = lo % self._depth
-            n = min(z1 - lo, self._depth - slot)
-            self._acc[:, slot : slot + n, y0:y1, x0:x1] += part[:, lo - z0 - skip : lo - z0 - skip + n]
-            lo += n
+        """Add ``weights * output`` (C, x, y, z) to the open sums, closing rows no later tile can touch."""
+        iz, iy = tile.index[2], tile.index[1]
+        if self._iz is not None and iz != self._iz:
+            if iz < self._iz:
+                raise RuntimeError("blended tiles must be stitched in grid order")
+            self._end_zrow()
+        if self._iz is None:
+            self._begin_zrow(iz, output.shape[0])
+        if iy != self._iy:
+            if iy < self._iy:
+                raise RuntimeError("blended tiles must be stitched in grid order")
+            ay = self.grid.axes[1]
+            self._close_rows(ay.starts[iy])
+            self._open_rows(ay.extent(iy)[1])
+            self._iy = iy
+        self._accumulate(tile, output)
 
     def end_row(self, next_z: int) -> None:
-        """The current z-row is complete; planes below ``next_z`` (where the next row starts) are final."""
-        if self._acc is not None and next_z > self._z0:
-            self._finalize(next_z)
+        """The current z-row is complete: planes below ``next_z`` (where the next row starts) are final."""
+        if self._iz is not None:
+            self._end_zrow()
 
     def start_at(self, z: int) -> None:
-        """Resume: planes below ``z`` are final on disk; later tiles only add to planes from ``z`` on."""
+        """Resume: planes below ``z`` are final on disk; replayed earlier rows only carry into planes from ``z``."""
         self._z0 = z
-
-    def _finalize(self, upto: int) -> None:
-        """Normalise, post-process and write planes [z0, upto), then slide the window to start at ``upto``."""
-        acc = self._acc
-        assert acc is not None
-        nx_, ny_, nz_ = self._norm
-        plane_norm = ny_[:, None] * nx_[None, :]
-        for z in range(self._z0, upto):
-            raw = acc[:, z % self._depth]
-            raw *= plane_norm * nz_[z]
-            self.spec(raw[:, None], self._out)
-            self.writer.write(self._out, z, 0)
-            raw[...] = 0.0  # the slot is reused for plane z + depth
-        self._z0 = upto
 
     def finish(self) -> None:
         self.end_row(self.grid.shape[2])
+
+    # -- rows and planes ------------------------------------------------------------------------------------------
+    def _begin_zrow(self, iz: int, channels: int) -> None:
+        X, Y, _ = self.grid.shape
+        tx, ty, _ = self.grid.tile_shape
+        if self._strip is None:
+            self._strip = np.empty((channels, self._depth, self._ring, X), dtype=np.float32)
+            self._carry = np.empty((channels, self._carry_depth, Y, X), dtype=np.float32)
+            self._tmp = np.empty((channels, self.CHUNK, ty, tx), dtype=np.float32)
+        az = self.grid.axes[2]
+        self._iz, self._iy, self._y_open, self._y_done = iz, -1, 0, 0
+        self._carry_in = max(0, az.extent(iz - 1)[1] - az.starts[iz]) if iz and self._carry_from == iz - 1 else 0
+
+    def _end_zrow(self) -> None:
+        self._close_rows(self.grid.shape[1])
+        last = self._iz == self.grid.axes[2].count - 1
+        self._carry_from, self._iz = (None if last else self._iz), None
+
+    def _slots(self, lo: int, hi: int):
+        """Rows [lo, hi) as runs ``(row0, row1, slot0)`` of contiguous ring slots (at most two)."""
+        while lo < hi:
+            slot = lo % self._ring
+            n = min(hi - lo, self._ring - slot)
+            yield lo, lo + n, slot
+            lo += n
+
+    def _open_rows(self, hi: int) -> None:
+        """Start rows [y_open, hi) of the current z-row: from the previous z-row's carry, zero elsewhere."""
+        strip, k = self._strip, self._carry_in
+        for a, b, s in self._slots(self._y_open, hi):
+            strip[:, k:, s : s + b - a] = 0.0  # type: ignore[index]
+            if k:
+                strip[:, :k, s : s + b - a] = self._carry[:, :k, a:b]  # type: ignore[index]
+        self._y_open = max(self._y_open, hi)
+
+    def _close_rows(self, hi: int) -> None:
+        """Rows [y_done, hi) are complete for this z-row: write their final planes, carry the rest."""
+        if hi <= self._y_done:
+            return
+        self._open_rows(hi)
+        az = self.grid.axes[2]
+        z0, z1 = az.extent(self._iz)  # type: ignore[arg-type]
+        last = self._iz == az.count - 1
+        final = z1 if last else az.starts[self._iz + 1]  # type: ignore[operator]
+        for a, b, s in self._slots(self._y_done, hi):
+            rows = self._strip[:, :, s : s + b - a]  # type: ignore[index]
+            self._write(rows, z0, final, a, b)
+            if not last:
+                self._carry[:, : z1 - final, a:b] = rows[:, final - z0 : z1 - z0]  # type: ignore[index]
+        self._y_done = hi
+
+    def _write(self, rows: np.ndarray, z0: int, z1: int, y0: int, y1: int) -> None:
+        """Normalise, post-process and write planes [z0, z1) of rows [y0, y1) (``rows`` starts at plane z0)."""
+        nx_, ny_, nz_ = self._norm
+        plane_norm = ny_[y0:y1, None] * nx_[None, :]
+        out = self._out[:, :, : y1 - y0]
+        for z in range(max(z0, self._z0), z1):
+            raw = rows[:, z - z0]
+            raw *= plane_norm * nz_[z]
+            self.spec(raw[:, None], out)
+            self.writer.write(out, z, y0)
+
+    def _accumulate(self, tile: Tile, output: np.ndarray) -> None:
+        """strip[planes, rows, x0:x1] += output * (wz · wy · wx), chunk by chunk of planes, in plane order."""
+        (x0, x1), (y0, y1), (z0, z1) = (self.grid.axes[i].extent(tile.index[i]) for i in range(3))
+        wx, wy, wz = self._w
+        nx, nz = x1 - x0, z1 - z0
+        for k in range(0, nz, self.CHUNK):
+            kz = min(self.CHUNK, nz - k)
+            for a, b, s in self._slots(y0, y1):
+                ya, yb = a - y0, b - y0
+                w = wz[k : k + kz, None, None] * wy[None, ya:yb, None] * wx[None, None, :nx]  # as (wz*wy)*wx
+                part = self._tmp[:, :kz, : b - a, :nx]  # type: ignore[index]
+                blockwise(lambda o, ww, dst: np.multiply(o, ww, out=dst), part,
+                          output[:, :nx, ya:yb, k : k + kz].transpose(0, 3, 2, 1), w, step=16)
+                self._strip[:, k : k + kz, s : s + b - a, x0:x1] += part  # type: ignore[index]
+
+
+def carry_depth(az: AxisPlan) -> int:
+    """Most planes one z-row of blended tiles shares with the next (what the carry must hold)."""
+    return max([az.extent(r)[1] - az.starts[r + 1] for r in range(az.count - 1)], default=0)
 
 
 def make_stitcher(grid: TileGrid, spec: OutputSpec, writer: BlockWriter, stitch: str, sigma: float = 0.125):
