@@ -108,6 +108,8 @@ def engine_buffers_mb(grid: TileGrid, *, in_channels: int, stored_itemsize: int,
                       model_channels: int, out_channels: int, out_itemsize: int, stitch: str, requests: int,
                       scans: bool) -> dict[str, float]:
     """The engine's memory beyond the compiled model, in MB, by part (see module docs)."""
+    from .stitch import BlendStitcher
+
     X, Y, Z = grid.shape
     tx, ty, tz = grid.tile_shape
     parts: dict[str, float] = {}
@@ -119,10 +121,9 @@ def engine_buffers_mb(grid: TileGrid, *, in_channels: int, stored_itemsize: int,
         cy = max(c1 - c0 for c0, c1 in grid.axes[1].cores)
         cz = max(c1 - c0 for c0, c1 in grid.axes[2].cores)
         parts["stitch"] = (requests + 1) * out_channels * cy * cz * X * out_itemsize / MB
-    else:
-        tile_vox = tx * ty * tz
-        parts["stitch"] = (model_channels * min(tz, Z) * Y * X * 4 + (model_channels + 1) * tile_vox * 4
-                           + out_channels * X * Y * out_itemsize) / MB
+    else:  # float32 sums of the open tile row and of the planes the next z-row overlaps; one output plane strip
+        parts["stitch"] = (BlendStitcher.buffer_bytes(grid, model_channels)
+                           + out_channels * min(ty, Y) * X * out_itemsize + 2 * min(ty, Y) * X * 4) / MB
     parts["tile temporaries"] = 2 * model_channels * tx * ty * tz * 4 / MB / 4  # chunked post-processing, padding
     if scans:  # statistics / NaN passes: one slab as stored plus two float64 copies
         parts["statistics pass"] = (1 << 20) * (stored_itemsize + 16) / MB

@@ -107,6 +107,14 @@ class BlendStitcher:
         self._carry_in = 0  # planes of the current z-row that started from the carry
         self._z0 = 0  # resuming: planes below z0 are final on disk and are not written again
 
+    @classmethod
+    def buffer_bytes(cls, grid: TileGrid, channels: int) -> int:
+        """Bytes of the float32 sums a blend over ``grid`` holds (strip, carry, one weighted chunk of a tile)."""
+        X, Y, Z = grid.shape
+        tx, ty, tz = grid.tile_shape
+        floats = min(tz, Z) * min(ty, Y) * X + carry_depth(grid.axes[2]) * Y * X + cls.CHUNK * ty * tx
+        return channels * floats * 4
+
     # -- the engine's interface -----------------------------------------------------------------------------------
     def add(self, tile: Tile, output: np.ndarray) -> None:
         """Add ``weights * output`` (C, x, y, z) to the open sums, closing rows no later tile can touch."""
