@@ -6,9 +6,11 @@ contiguous on disk for every (channel, z) pair, so writers need one positioned w
 
 * :class:`CropStitcher`: each tile's centre is post-processed straight into a strip buffer of the *output* dtype
   (``X * core_y * core_z``); no float accumulator at all, and each output voxel is written once.
-* :class:`BlendStitcher`: weighted sums of raw outputs in a float32 ring of ``tile_z`` planes over the whole (x, y)
-  cross-section (finished planes are written and their slot reused, nothing is shifted); the normaliser is separable
-  (see :mod:`volinfer.weights`), so no weight map is stored.
+* :class:`BlendStitcher`: float32 weighted sums of raw outputs, only where a later tile can still add: the current
+  tile row (``tile_z * tile_y * X``, a ring over y) and the planes the next z-row overlaps (``overlap_z * Y * X``).
+  Tiles must arrive in grid order (the engine stitches in submission order, cached constant tiles included); the
+  sums are then bitwise those of a whole-volume accumulator. The normaliser is separable (see
+  :mod:`volinfer.weights`), so no weight map is stored.
 """
 
 from __future__ import annotations
