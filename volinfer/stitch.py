@@ -78,7 +78,8 @@ class BlendStitcher:
 
     * the *strip* of the current (z-row, y-row): ``tile_z`` planes × ``tile_y`` rows × X, a ring over y (row ``y``
       lives in slot ``y % tile_y``; rows the next y-row overlaps stay where they are);
-    * the *carry*: the planes the next z-row overlaps (``overlap_z`` of them) × the whole (x, y) cross-section.
+    * the *carry*: the planes the next z-row overlaps × the whole (x, y) cross-section (``overlap_z`` planes; more
+      where the last tile, flush with the padded end, overlaps its neighbour by more).
 
     When a y-row is done, its rows up to the next y-row's start are complete for this z-row: the planes up to the
     next z-row's start are final (normalised, post-processed and written as blocks spanning the whole x axis) and
