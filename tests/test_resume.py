@@ -42,7 +42,7 @@ def _data(path):
     return np.asarray(nib.load(str(path)).dataobj)
 
 
-@pytest.mark.parametrize("stitch,kill_at", [("crop", 9), ("gaussian", 40)])
+@pytest.mark.parametrize("stitch,kill_at", [("crop", 9), ("gaussian", 110)])
 def test_sigkill_then_resume_is_identical(setup, stitch, kill_at):
     tmp, vol, xml = setup
     args = [str(vol), "-m", str(xml), "--tile", "32", "--overlap", "24", "--stitch", stitch, "--kind", "raw", "-q"]
