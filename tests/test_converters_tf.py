@@ -32,7 +32,7 @@ def test_channels_last_savedmodel_converts_and_tiles_exactly(tmp_path):
     assert s.layout == "NDHWC" and s.size_multiple == 2 and s.source_framework == "tensorflow-savedmodel"
     vol = np.random.default_rng(1).standard_normal((45, 38, 29)).astype(np.float32)
     margin = max(s.receptive_field) + 2
-    got = predict(vol, str(tmp_path / "tf.xml"), kind="raw", overlap=2 * margin)
+    got = predict(vol, str(tmp_path / "tf.xml"), kind="raw", overlap=2 * margin, precision="f32")
     padded = [padded_size(n, 32, 2) for n in vol.shape]
     full = np.pad(vol, [(0, p - n) for p, n in zip(padded, vol.shape)])[None, ..., None]
     want = net(full).numpy()[0, :45, :38, :29]
