@@ -61,7 +61,8 @@ class Plan:
         for c in self.candidates:
             lines.append(f"  weighed tile {'x'.join(map(str, c['tile']))}: {c['tiles']} tiles, "
                          f"{c['evaluated_x']:.2f}x voxels evaluated, ~{c['memory_mb']:.0f} MB model memory, "
-                         f"{c['norm_passes']} statistics pass(es)")
+                         f"{c['norm_passes']} statistics pass(es)"
+                         + ("" if c.get("within_budget", True) else "  [over the speed budget]"))
         return "\n".join(lines)
 
 
@@ -218,7 +219,8 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, *, tile: Any =
     plan.exact, plan.not_exact = fid.exact, fid.reasons
     vox = float(np.prod(facts.shape))
     plan.candidates = [{"tile": list(c.tile), "tiles": int(np.prod(c.counts)), "evaluated_x": c.evaluated / vox,
-                        "memory_mb": c.memory_mb, "norm_passes": c.norm_passes} for c in choice.candidates]
+                        "memory_mb": c.memory_mb, "norm_passes": c.norm_passes, "within_budget": c.within_budget}
+                       for c in choice.candidates]
     return plan
 
 
