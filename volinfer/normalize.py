@@ -69,6 +69,13 @@ def exceeds_float32(dtype: np.dtype, slope: float = 1.0, inter: float = 0.0) -> 
     return top * abs(slope) + abs(inter) > _F32_MAX
 
 
+def percentile_step(shape: tuple[int, int, int]) -> int:
+    """Percentiles are taken on every ``step**3``-th voxel of each slab: a sample of at most ~4M voxels (the whole
+    volume up to ~13M voxels). Shared with the planner, which counts the sample's memory."""
+    x, y, z = shape
+    return max(1, round((x * y * z / 4e6) ** (1 / 3)))
+
+
 class Normalizer:
     """Per-channel affine map ``x * a + b`` (plus optional clipping) fitted once for the whole volume."""
 
@@ -122,7 +129,7 @@ class Normalizer:
             lo, hi = math.inf, -math.inf
             samples = []
             sample_dtype = np.float64 if exceeds_float32(reader.dtype, reader.slope, reader.inter) else np.float32
-            step = max(1, round((x * y * z / 4e6) ** (1 / 3)))  # percentile sample of at most ~4M voxels
+            step = percentile_step(source.shape)
             for stored in scan_slabs(reader, source.shape, slab):
                 block = stored.astype(np.float64)
                 block = block * reader.slope + reader.inter
