@@ -154,8 +154,8 @@ def statistics_pass_mb(shape: tuple[int, int, int], depth: int, stored_itemsize:
         return slab * (stored_itemsize + 1) / MB
     mb = slab * (stored_itemsize + 16) / MB
     if statistics == "percentile":
-        per_slab = percentile_step(shape) ** 3
-        n = sum(-(-min(planes, Z - z0) * X * Y // per_slab) for z0 in range(0, Z, planes))
+        step = percentile_step(shape)
+        n = -(-X // step) * -(-Y // step) * -(-Z // step)  # the sample's lattice
         mb += n * (2 * (8 if wide else 4) + 16) / MB
     return mb
 
