@@ -111,14 +111,14 @@ def test_torch_peer_workers_label_like_the_network(tmp_path):
 
 def test_peak_rss_and_cpu_time_of_a_known_child(tmp_path):
     with Spawner() as s:
-        base = s.run_full(["alloc", "--result", str(tmp_path / "a.json"), "--mb", "0"], 1e9)
-        big = s.run_full(["alloc", "--result", str(tmp_path / "b.json"), "--mb", "400", "--burn", "0.6"], 1e9)
+        base = s.run_full(["alloc", "--result", str(tmp_path / "a.json"), "--mb", "0"], 1e9, 120)
+        big = s.run_full(["alloc", "--result", str(tmp_path / "b.json"), "--mb", "400", "--burn", "0.6"], 1e9, 120)
         assert not big["killed"] and big["rc"] == 0
         assert abs((big["peak_mb"] - base["peak_mb"]) - 400) < 40
         assert big["cpu_s"] - base["cpu_s"] > 0.5
         assert json.loads((tmp_path / "b.json").read_text())["cpu_s"] > 0.5
         rc, _, killed = s.run(["alloc", "--result", str(tmp_path / "c.json"), "--mb", "3000"], cap_mb=base["peak_mb"]
-                              + 300)
+                              + 300, timeout_s=120)
         assert killed and rc != 0
 
 

@@ -81,7 +81,7 @@ def test_channel_mismatch_and_rejected_tile(files):
 def test_real_process_prints_no_traceback(files):
     tmp, _, xml, _ = files
     p = subprocess.run([sys.executable, "-m", "volinfer", "run", str(tmp / "nope.nii"), "-m", str(xml), "-o",
-                        str(tmp / "o.nii")], capture_output=True, text=True)
+                        str(tmp / "o.nii")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip() == f"error: {tmp / 'nope.nii'}: no such file"
 
@@ -174,7 +174,7 @@ def test_file_size_limit_and_unwritable_directory(tmp_path, files):
         "main()"
     )
     out = tmp_path / "big.nii"
-    p = subprocess.run([sys.executable, "-c", code, str(vol), str(xml), str(out)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", code, str(vol), str(xml), str(out)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "File too large" in p.stderr and p.stderr.count("\n") == 1
     assert not list(tmp_path.glob("*big*"))
     locked = tmp_path / "locked"

@@ -50,7 +50,7 @@ def test_sigkill_then_resume_is_identical(setup, stitch, kill_at):
     assert CliRunner().invoke(main, ["run", *args, "-o", str(ref)]).exit_code == 0
     out = tmp / "out.nii.gz"
     p = subprocess.run([sys.executable, "-c", KILLER, "run", *args, "-o", str(out)], capture_output=True,
-                       env={**__import__("os").environ, "KILL_AT": str(kill_at)})
+                       env={**__import__("os").environ, "KILL_AT": str(kill_at)}, timeout=300)
     assert p.returncode == -9 and not out.exists()
     journal = json.loads((tmp / ".out.nii.gz.partial.json").read_text())
     assert 0 < journal["rows_done"] < journal["rows_total"]  # it really stopped part-way, after some rows
@@ -66,7 +66,7 @@ def test_resume_with_other_settings_is_refused(setup):
     tmp, vol, xml = setup
     args = [str(vol), "-m", str(xml), "--tile", "32", "--overlap", "24", "-q", "-o", str(tmp / "o.nii")]
     p = subprocess.run([sys.executable, "-c", KILLER, "run", *args], capture_output=True,
-                       env={**__import__("os").environ, "KILL_AT": "9"})
+                       env={**__import__("os").environ, "KILL_AT": "9"}, timeout=300)
     assert p.returncode == -9
     r = CliRunner().invoke(main, ["run", *args[:-3], "--overlap", "16", "-q", "-o", str(tmp / "o.nii"), "--resume"])
     assert r.exit_code == 2 and "cannot resume: options.overlap differ(s)" in r.output

@@ -69,6 +69,23 @@ def exceeds_float32(dtype: np.dtype, slope: float = 1.0, inter: float = 0.0) -> 
     return top * abs(slope) + abs(inter) > _F32_MAX
 
 
+def percentile_step(shape: tuple[int, int, int]) -> int:
+    """Percentiles are taken on every ``step``-th voxel along each axis: a sample of at most ~4M voxels (the whole
+    volume up to ~13M voxels). Shared with the planner, which counts the sample's memory."""
+    x, y, z = shape
+    return max(1, round((x * y * z / 4e6) ** (1 / 3)))
+
+
+def _lattice_sample(stored: np.ndarray, z0: int, step: int, slope: float, inter: float,
+                    dtype: type) -> np.ndarray:
+    """The finite real-world values of the slab starting at plane ``z0`` on the lattice of every ``step``-th voxel
+    along x, y and z, continued across slabs. A lattice over all three axes represents every part of the volume; a
+    stride in memory order would take the same few planes of each slab (thin structures along z unseen)."""
+    picked = stored[::step, ::step, (-z0) % step :: step].astype(np.float64) * slope + inter
+    picked = picked[np.isfinite(picked)] if not np.isfinite(picked).all() else picked.ravel()
+    return picked.astype(dtype)
+
+
 class Normalizer:
     """Per-channel affine map ``x * a + b`` (plus optional clipping) fitted once for the whole volume."""
 
@@ -122,8 +139,11 @@ class Normalizer:
             lo, hi = math.inf, -math.inf
             samples = []
             sample_dtype = np.float64 if exceeds_float32(reader.dtype, reader.slope, reader.inter) else np.float32
-            step = max(1, round((x * y * z / 4e6) ** (1 / 3)))  # percentile sample of at most ~4M voxels
+            step, z0 = percentile_step(source.shape), 0
             for stored in scan_slabs(reader, source.shape, slab):
+                if self.kind == "percentile":
+                    samples.append(_lattice_sample(stored, z0, step, reader.slope, reader.inter, sample_dtype))
+                z0 += stored.shape[2]
                 block = stored.astype(np.float64)
                 block = block * reader.slope + reader.inter
                 if block.dtype.kind == "f" and not np.isfinite(block).all():
@@ -134,8 +154,6 @@ class Normalizer:
                 s1 += float(block.sum())
                 s2 += float(np.square(block).sum())
                 lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
-                if self.kind == "percentile":
-                    samples.append(block.ravel()[:: step**3].astype(sample_dtype))
             if not n:  # every voxel NaN/Inf: nothing to measure (replaced voxels get the fill value)
                 continue
             mean = s1 / n

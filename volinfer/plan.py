@@ -107,7 +107,7 @@ def measure_model(model: str | Path, tile: Sequence[int], layout: str | None, ou
 
 def engine_buffers_mb(grid: TileGrid, *, in_channels: int, stored_itemsize: int, compressed: bool,
                       model_channels: int, out_channels: int, out_itemsize: int, stitch: str, requests: int,
-                      scans: bool) -> dict[str, float]:
+                      scans: bool, statistics: str | None = None, wide: bool = False) -> dict[str, float]:
     """The engine's memory beyond the compiled model, in MB, by part (see module docs)."""
     from .stitch import BlendStitcher
 
@@ -126,9 +126,39 @@ def engine_buffers_mb(grid: TileGrid, *, in_channels: int, stored_itemsize: int,
         parts["stitch"] = (BlendStitcher.buffer_bytes(grid, model_channels)
                            + out_channels * min(ty, Y) * X * out_itemsize + 2 * min(ty, Y) * X * 4) / MB
     parts["tile temporaries"] = 2 * model_channels * tx * ty * tz * 4 / MB / 4  # chunked post-processing, padding
-    if scans:  # statistics / NaN passes: one slab as stored plus two float64 copies
-        parts["statistics pass"] = (1 << 20) * (stored_itemsize + 16) / MB
+    if scans:  # NaN/Inf scan and normalisation statistics, before the tile loop
+        parts["statistics pass"] = statistics_pass_mb(grid.shape, tz, stored_itemsize, statistics, wide)
     return parts
+
+
+def statistics_pass_mb(shape: tuple[int, int, int], depth: int, stored_itemsize: int, statistics: str | None,
+                       wide: bool = False) -> float:
+    """Peak memory of the streamed passes over the input before the tile loop, in MB, as they allocate.
+
+    Each pass reads z-slabs of ``depth`` planes (at most :func:`volinfer.reader.scan_slabs`' voxel bound). The
+    NaN/Inf scan holds a slab and its finite mask; :meth:`volinfer.normalize.Normalizer.fit` (``statistics`` is the
+    kind it fits, None when nothing is fitted) a slab as stored, its float64 copy and one float64 temporary. For
+    percentiles it also keeps a sample of the volume (float32, float64 for ``wide`` voxels) over every slab, then
+    concatenates, clips and centres it in float64: 2 sample copies + 2 float64 ones at the end. Slab temporaries
+    freed into the heap stay resident, so the sample adds to the slab rather than replacing it.
+    """
+    import inspect
+
+    from .normalize import percentile_step
+    from .reader import scan_slabs
+
+    X, Y, Z = shape
+    bound = inspect.signature(scan_slabs).parameters["voxels"].default
+    planes = max(1, min(depth, bound // max(1, X * Y)))
+    slab = min(planes, Z) * X * Y
+    if statistics not in ("zscore", "minmax", "percentile"):
+        return slab * (stored_itemsize + 1) / MB
+    mb = slab * (stored_itemsize + 16) / MB
+    if statistics == "percentile":
+        step = percentile_step(shape)
+        n = -(-X // step) * -(-Y // step) * -(-Z // step)  # the sample's lattice
+        mb += n * (2 * (8 if wide else 4) + 16) / MB
+    return mb
 
 
 def make_plan(grid: TileGrid, cost: ModelCost, parts: dict[str, float]) -> Plan:
@@ -208,7 +238,9 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, *, tile: Any =
     parts = engine_buffers_mb(grid, in_channels=facts.channels, stored_itemsize=facts.itemsize,
                               compressed=facts.compressed, model_channels=tm.out_channels,
                               out_channels=spec.out_channels, out_itemsize=spec.dtype.itemsize, stitch=setup.stitch,
-                              requests=requests, scans=facts.floating or not setup.normalizer.fitted)
+                              requests=requests, scans=facts.floating or not setup.normalizer.fitted,
+                              statistics=None if setup.normalizer.fitted else setup.normalizer.kind,
+                              wide=facts.floating and facts.itemsize > 4)
     cost = measure_model(model_path, tm.tile, layout, output, opts, requests)
     plan = make_plan(grid, cost, parts)
     passes = len(choice.norm_layers) if needs_norm_passes(setup, choice) else 0
