@@ -96,7 +96,7 @@ def measure_model(model: str | Path, tile: Sequence[int], layout: str | None, ou
     """Compile and run the model at ``tile`` in a fresh process; return its peak RSS and tile latency."""
     args = json.dumps({"model": str(model), "tile": list(tile), "layout": layout, "output": output,
                        "options": options, "requests": requests})
-    p = subprocess.run([sys.executable, "-c", _PROBE, args], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", _PROBE, args], capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
         msg = lines[-1] if lines else f"exit code {p.returncode}"
