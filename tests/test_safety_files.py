@@ -157,9 +157,10 @@ def test_resume_after_input_content_change_is_refused(env, monkeypatch):
     assert invoke("run", vol, "-m", xml, "-o", out, *RUN).exit_code == 130
     monkeypatch.undo()
     st = vol.stat()
-    data = bytearray(vol.read_bytes())
-    data[-10] ^= 0xFF  # same size, same mtime, other content
-    vol.write_bytes(bytes(data))
+    img = nib.load(str(vol))
+    data = np.asanyarray(img.dataobj).copy()
+    data[-1, -1, -1] += 1  # one voxel of other content, same name, mtime restored
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), str(vol))
     os.utime(vol, ns=(st.st_atime_ns, st.st_mtime_ns))
     r = invoke("run", vol, "-m", xml, "-o", out, "--resume", *RUN)
     assert r.exit_code == 2 and "cannot resume: inputs" in r.output

@@ -13,7 +13,7 @@ from . import __version__
 from .engine import RunReport, peak_rss_mb, run_tiles
 from . import validate
 from .errors import Interrupted, VolinferError
-from .journal import Journal, ResumableError, file_identity, model_identity
+from .journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
 from .model import CompileOptions, TileModel
 from .reader import VolumeSource
 from .norm_stats import fit_norm_statistics
@@ -33,9 +33,18 @@ def _row_done(writer: Any, journal: Journal, row: int, rows: int) -> None:
     journal.update(writer.durable_row(row) if isinstance(writer, ZarrWriter) else row, rows)
 
 
-def run_fingerprint(in_paths: Sequence[Path], model_path: Path | None, options: dict[str, Any]) -> dict[str, Any]:
-    """What makes a run's output what it is: inputs and model by content, and every setting that changes it."""
-    return {"volinfer": __version__, "inputs": [file_identity(p) for p in in_paths],
+def run_fingerprint(in_paths: Sequence[Path], model_path: Path | None, options: dict[str, Any],
+                    setup: RunSetup | None = None, header: Any = None) -> dict[str, Any]:
+    """What makes a run's output what it is: inputs and model by content, and every setting that changes it. With
+    ``setup`` carrying the pre-pass's voxel digests, the inputs are those digests plus the header (no extra pass);
+    otherwise each input file or store is hashed here."""
+    if setup is not None and setup.digests is not None:
+        head = getattr(header, "binaryblock", None)
+        inputs: Any = {"voxels": setup.digests,
+                       "header": content_bytes_hash(bytes(head)) if head is not None else None}
+    else:
+        inputs = [file_identity(p) for p in in_paths]
+    return {"volinfer": __version__, "inputs": inputs,
             "model": model_identity(model_path) if model_path else None, "options": options}
 
 
@@ -152,7 +161,7 @@ def predict(
                         overlap=overlap if choice.overlap is None else list(choice.overlap), kind=kind,
                         activation=activation, keep=channels, threshold=threshold, prob_dtype=prob_dtype,
                         normalize=normalize)
-        scan_volume(setup, tm, source, nan_value)
+        scan_volume(setup, tm, source, nan_value, fingerprint=output is not None and bool(in_paths))
         tm, passes = _freeze_norm_statistics(tm, choice, setup, source, pad_mode, progress)
         fidelity = verdict(setup, choice, frozen=passes > 0)
         stitch, activation, spec, ov_vox, grid = setup.stitch, setup.activation, setup.spec, setup.overlap, setup.grid
@@ -161,7 +170,8 @@ def predict(
         if output is not None:
             if resume and (tm.path is None or not in_paths):
                 raise VolinferError("resume needs the model and the volume given as files")
-            journal = Journal(Path(output), run_fingerprint(in_paths, tm.path, dict(
+            journal = Journal(Path(output), run_fingerprint(in_paths, tm.path, setup=setup, header=source.header,
+                                                            options=dict(
                 tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=ov_vox, stitch=stitch, sigma=sigma,
                 pad_mode=pad_mode, kind=kind, activation=activation, channels=spec.channels, threshold=threshold,
                 dtype=str(spec.dtype), normalization=normalizer.describe(), nan_value=nan_value,
@@ -214,7 +224,7 @@ def predict(
         normalization=normalizer.describe(), output_kind=kind, output_dtype=str(spec.dtype),
         wall_s=time.perf_counter() - t_start, infer_busy_s=busy, peak_rss_mb=peak_rss_mb(),
         output=str(result) if output is not None else None, exact=fidelity.exact, not_exact=fidelity.reasons,
-        input_passes=passes,
+        input_passes=setup.input_passes + passes,
     )
     for note in choice.notes + setup.notes:
         rep.notes.append(note)
@@ -225,7 +235,10 @@ def predict(
                          f"{2 ** len(mirror_axes)} inferences per tile")
     if passes:
         rep.notes.append(f"{len(choice.norm_layers)} normalisation layer(s) frozen to whole-volume statistics in "
-                         f"{passes} streamed pass(es)")
+                         f"{passes} streamed pass(es) of the model")
+    rep.notes.append(f"{setup.input_passes + passes} pass(es) over the input before the tiles "
+                     f"({setup.input_passes} pre-pass: NaN/Inf, value range, statistics, fingerprint as needed"
+                     f"{f'; {passes} normalisation-statistics' if passes else ''})")
     if reused:
         rep.extra["constant"] = f"{reused} of {n} tiles were constant and reused one cached inference"
     if nonfinite:

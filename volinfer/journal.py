@@ -40,6 +40,13 @@ except ImportError:  # pragma: no cover - xxhash is an install dependency, this 
     HASH_NAME = "blake2b128"
 
 
+def content_bytes_hash(data: bytes) -> str:
+    """The fingerprint hash of a few bytes (a header)."""
+    h = _hasher()
+    h.update(data)
+    return h.hexdigest()
+
+
 class ResumableError(VolinferError):
     """A failure after which the partial output and its journal are kept, so that ``--resume`` can continue."""
 

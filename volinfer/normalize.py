@@ -129,52 +129,41 @@ class Normalizer:
         self.a, self.b = 1.0 / std, -mean / std
 
     def fit(self, source: VolumeSource, slab: int) -> None:
-        """Gather the volume statistics this normalisation needs, streaming z-slabs of ``slab`` planes."""
-        if self.fitted:
+        """Gather the volume statistics this normalisation needs in a streaming pass of z-slabs of ``slab`` planes
+        (on its own; a run feeds :meth:`statistics` from its one pre-pass instead, see :mod:`volinfer.prepass`)."""
+        from .prepass import PrePass
+
+        pre = PrePass(source, slab)
+        pre.add(self.statistics(source))
+        pre.run()
+
+    def statistics(self, source: VolumeSource) -> "_Statistics | None":
+        """A pre-pass consumer that fits this normalisation on ``source`` when the pass finishes; None when the
+        normalisation needs no statistics (none, scale, fixed parameters)."""
+        return None if self.fitted else _Statistics(self, source)
+
+    def _set(self, c: int, n: int, s1: float, s2: float, lo: float, hi: float, samples: list[np.ndarray]) -> None:
+        """The affine map of channel ``c`` from its streamed sums (and percentile sample)."""
+        if not n:  # every voxel NaN/Inf: nothing to measure (replaced voxels get the fill value)
             return
-        x, y, z = source.shape
-        for c in range(self.channels):
-            reader = source.readers[c]
-            n, s1, s2 = 0, 0.0, 0.0
-            lo, hi = math.inf, -math.inf
-            samples = []
-            sample_dtype = np.float64 if exceeds_float32(reader.dtype, reader.slope, reader.inter) else np.float32
-            step, z0 = percentile_step(source.shape), 0
-            for stored in scan_slabs(reader, source.shape, slab):
-                if self.kind == "percentile":
-                    samples.append(_lattice_sample(stored, z0, step, reader.slope, reader.inter, sample_dtype))
-                z0 += stored.shape[2]
-                block = stored.astype(np.float64)
-                block = block * reader.slope + reader.inter
-                if block.dtype.kind == "f" and not np.isfinite(block).all():
-                    block = block[np.isfinite(block)]  # NaN/Inf are replaced later; they do not count here
-                if not block.size:
-                    continue
-                n += block.size
-                s1 += float(block.sum())
-                s2 += float(np.square(block).sum())
-                lo, hi = min(lo, float(block.min())), max(hi, float(block.max()))
-            if not n:  # every voxel NaN/Inf: nothing to measure (replaced voxels get the fill value)
-                continue
-            mean = s1 / n
-            std = math.sqrt(max(s2 / n - mean * mean, 0.0))
-            if self.kind != "none" and not (math.isfinite(mean) and math.isfinite(std)):
-                raise VolinferError(
-                    f"channel {c}: values up to {max(abs(lo), abs(hi)):g} are too large for {self.kind} statistics; "
-                    f"rescale the volume or pass --normalize scale:A:B with a small A")
-            if self.kind == "zscore":
-                self.a[c], self.b[c] = 1.0 / (std or 1.0), -mean / (std or 1.0)
-            elif self.kind == "minmax":
-                span = (hi - lo) or 1.0
-                self.a[c], self.b[c] = 1.0 / span, -lo / span
-            elif self.kind == "percentile":
-                sample = np.concatenate(samples)
-                plo, phi = np.percentile(sample, [self.spec.get("lower", 0.5), self.spec.get("upper", 99.5)])
-                clipped = np.clip(sample, plo, phi)
-                m, s = float(clipped.mean()), float(clipped.std()) or 1.0
-                self.clip[c] = (float(plo), float(phi))
-                self.a[c], self.b[c] = 1.0 / s, -m / s
-        self.fitted = True
+        mean = s1 / n
+        std = math.sqrt(max(s2 / n - mean * mean, 0.0))
+        if self.kind != "none" and not (math.isfinite(mean) and math.isfinite(std)):
+            raise VolinferError(
+                f"channel {c}: values up to {max(abs(lo), abs(hi)):g} are too large for {self.kind} statistics; "
+                f"rescale the volume or pass --normalize scale:A:B with a small A")
+        if self.kind == "zscore":
+            self.a[c], self.b[c] = 1.0 / (std or 1.0), -mean / (std or 1.0)
+        elif self.kind == "minmax":
+            span = (hi - lo) or 1.0
+            self.a[c], self.b[c] = 1.0 / span, -lo / span
+        elif self.kind == "percentile":
+            sample = np.concatenate(samples)
+            plo, phi = np.percentile(sample, [self.spec.get("lower", 0.5), self.spec.get("upper", 99.5)])
+            clipped = np.clip(sample, plo, phi)
+            m, s = float(clipped.mean()), float(clipped.std()) or 1.0
+            self.clip[c] = (float(plo), float(phi))
+            self.a[c], self.b[c] = 1.0 / s, -m / s
 
     def describe(self) -> dict[str, Any]:
         """The fitted parameters, for the run report."""
@@ -220,3 +209,37 @@ class Normalizer:
             out *= np.float32(a)
         if b:
             out += np.float32(b)
+
+
+class _Statistics:
+    """Streamed sums of one normalisation's channels (a :mod:`volinfer.prepass` consumer): count, sum, sum of
+    squares, range, and for percentiles a lattice sample; fitted into the normaliser when the pass finishes."""
+
+    def __init__(self, norm: Normalizer, source: VolumeSource) -> None:
+        self.norm, self.readers = norm, source.readers
+        self.step = percentile_step(source.shape)
+        k = norm.channels
+        self.n, self.s1, self.s2 = [0] * k, [0.0] * k, [0.0] * k
+        self.lo, self.hi = [math.inf] * k, [-math.inf] * k
+        self.samples: list[list[np.ndarray]] = [[] for _ in range(k)]
+
+    def update(self, c: int, stored: np.ndarray, z0: int) -> None:
+        reader = self.readers[c]
+        if self.norm.kind == "percentile":
+            wide = exceeds_float32(reader.dtype, reader.slope, reader.inter)
+            self.samples[c].append(_lattice_sample(stored, z0, self.step, reader.slope, reader.inter,
+                                                   np.float64 if wide else np.float32))
+        block = stored.astype(np.float64) * reader.slope + reader.inter
+        if block.dtype.kind == "f" and not np.isfinite(block).all():
+            block = block[np.isfinite(block)]  # NaN/Inf are replaced later; they do not count here
+        if not block.size:
+            return
+        self.n[c] += block.size
+        self.s1[c] += float(block.sum())
+        self.s2[c] += float(np.square(block).sum())
+        self.lo[c], self.hi[c] = min(self.lo[c], float(block.min())), max(self.hi[c], float(block.max()))
+
+    def finish(self) -> None:
+        for c in range(self.norm.channels):
+            self.norm._set(c, self.n[c], self.s1[c], self.s2[c], self.lo[c], self.hi[c], self.samples[c])
+        self.norm.fitted = True

@@ -10,7 +10,8 @@ import numpy as np
 
 from . import validate
 from .activation import graph_activation
-from .checks import check_input_range, check_nonfinite
+from .checks import check_input_range, check_nonfinite, needs_value_scan
+from .prepass import ContentDigest, PrePass, ValueScan
 from .errors import VolinferError
 from .fidelity import Fidelity, Tiling, accepts, probe_multiple, activation_bytes_per_voxel, default_budget_mb, fmt_tile, judge, plan_exact
 from .fidelity import SPEED_HEADROOM_MB, RUNTIME_FLOOR_MB, weights_mb
@@ -60,6 +61,8 @@ class RunSetup:
     nonfinite: int = 0
     nan_fill: list[float] | None = None
     notes: list[str] = field(default_factory=list)
+    input_passes: int = 0  # streamed passes over the input before inference (the pre-pass: 0 or 1)
+    digests: list[str] | None = None  # content fingerprint of each channel, when asked for
 
 
 def resolve(tm: TileModel, shape: Sequence[int], channels: int, *, stitch: str | None = None, overlap: Any = None,
@@ -86,12 +89,22 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, *, stitch: str |
     return RunSetup(stitch, activation, spec, ov_vox, grid, normalizer, notes=[note] if note else [])
 
 
-def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value: float | None) -> None:
-    """The whole-volume passes, streamed: NaN/Inf policy, normalisation statistics, input-type range."""
-    depth = tm.tile[2]
-    setup.nonfinite = check_nonfinite(source, depth, nan_value)
-    setup.normalizer.fit(source, depth)
-    check_input_range(source, depth, setup.normalizer, tm.input_dtype)
+def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value: float | None,
+                fingerprint: bool = False) -> None:
+    """Everything that needs the whole input before inference, in ONE streamed pass (none when nothing asks):
+    NaN/Inf policy and value range (:mod:`volinfer.checks`), normalisation statistics, and the content fingerprint
+    that keys ``--resume`` (``fingerprint``). Sets ``setup.input_passes`` and ``setup.digests``."""
+    pre = PrePass(source, tm.tile[2])
+    values = ValueScan(source.channels) if needs_value_scan(source.readers, tm.input_dtype) else None
+    digest = ContentDigest(source.channels) if fingerprint else None
+    pre.add(values)
+    pre.add(setup.normalizer.statistics(source))
+    pre.add(digest)
+    setup.input_passes = pre.run()
+    setup.digests = digest.digests if digest else None
+    if values is not None:
+        setup.nonfinite = check_nonfinite(values, nan_value)
+        check_input_range(values, source.readers, setup.normalizer, tm.input_dtype)
     if setup.nonfinite:
         setup.nan_fill = [setup.normalizer.normalized(nan_value, c) for c in range(source.channels)]  # type: ignore[arg-type]
 
