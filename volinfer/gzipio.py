@@ -76,6 +76,9 @@ class _GzipReader:
 #: Decompress on a background thread (ISA-L only): a few MB of decompressed blocks are read ahead.
 READ_THREAD = False
 
+#: Bytes per block the reader thread hands over (two are queued; its inflater buffers eight times as many).
+READ_BLOCK = 1 << 18
+
 
 def open_read(path: str | os.PathLike) -> _GzipReader:
     """Open a gzip file for reading in on-disk order, with ISA-L where installed."""
@@ -83,7 +86,7 @@ def open_read(path: str | os.PathLike) -> _GzipReader:
         if READ_THREAD:
             from isal import igzip_threaded
 
-            return _GzipReader(igzip_threaded.open(path, "rb", threads=1))
+            return _GzipReader(igzip_threaded.open(path, "rb", threads=1, block_size=READ_BLOCK))
         return _GzipReader(_igzip.open(path, "rb"))
     return _GzipReader(gzip.open(path, "rb"))
 
@@ -112,10 +115,8 @@ def crc32(data: Any, value: int = 0) -> int:
 
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     """CRC-32 of A + B from CRC(A), CRC(B) and len(B) (zlib's algorithm; ISA-L's where installed)."""
-    z = _zlib()
-    if z is not zlib:
-        return z.crc32_combine(crc1, crc2, len2)
-    return _crc32_combine(crc1, crc2, len2)
+    fast = getattr(_zlib(), "crc32_combine", None)  # ISA-L's (the standard library's zlib module has none)
+    return fast(crc1, crc2, len2) if fast is not None else _crc32_combine(crc1, crc2, len2)
 
 
 def _gf2_times(mat: list[int], vec: int) -> int:

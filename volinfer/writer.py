@@ -303,11 +303,22 @@ class NiftiWriter:
         if self._fd >= 0:
             try:
                 os.fsync(self._fd)
-                if self._gz is not None:
-                    self._gz.advance(self._final_limits(self._hi))
+                self._release_written()
             except OSError as e:
                 raise ResumableError(f"cannot write {self.target}: {e.strerror or e}; free space and run the same "
                                      f"command with --resume to continue") from None
+
+    def release_written(self) -> None:
+        """Every block written so far is final: let the background compressor have it (no fsync). For writers that
+        write final planes in order without a journal (e.g. ``to-nifti``); ``sync`` does this too."""
+        try:
+            self._release_written()
+        except OSError as e:
+            raise VolinferError(f"cannot write {self.target}: {e.strerror or e}") from None
+
+    def _release_written(self) -> None:
+        if self._gz is not None:
+            self._gz.advance(self._final_limits(self._hi))
 
     def write(self, block: np.ndarray, z0: int, y0: int) -> None:
         """Write ``block`` (channels, nz, ny, X): one positioned write per (channel, plane)."""
