@@ -4,7 +4,6 @@ standard library (volinfer.gzipio): exact bytes, valid files from both libraries
 import errno
 import gzip
 import json
-import os
 import time
 import zlib
 

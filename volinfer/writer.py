@@ -60,7 +60,7 @@ def output_header(
 
 #: Bytes read back and compressed per step: bounds the compressor's memory, and fixes the grid on which each part is
 #: cut (the compressed bytes must not depend on when rows became final, so that a resumed run writes the same bytes).
-SLAB_BYTES = 4 << 20
+SLAB_BYTES = 2 << 20
 
 
 class _Part:
