@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import VolinferError
+from .gzipio import open_read as open_gzip
 
 Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -192,7 +193,7 @@ class StreamChannel:
     def _open(self) -> None:
         if self._f is not None:
             self._f.close()
-        self._f = gzip.open(self.s.path, "rb")
+        self._f = open_gzip(self.s.path)  # ISA-L where installed
         _read_exact(self._f, self.s.offset, self.s.path)
 
     def _advance(self, z0: int, z1: int) -> None:

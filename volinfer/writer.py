@@ -2,21 +2,25 @@
 
 :class:`NiftiWriter` writes finished blocks with positioned writes (``os.pwrite``) into a temporary uncompressed
 ``.nii`` beside the target: plain file I/O, so written pages live in the OS page cache and not in the process's
-resident memory (a writable memory map would count them). For a ``.nii.gz`` target the finished temporary file is
-compressed as a stream in on-disk order. Only then is the result renamed onto the target, so an interrupted run never
-leaves a truncated file under the output name.
+resident memory (a writable memory map would count them). For a ``.nii.gz`` target a :class:`GzipStreamer` compresses
+the temporary file *while the run goes on*: each time the rows written so far are final (``sync``), a background
+thread reads the newly final bytes back in on-disk order and compresses them, so that after the last tile only the
+tail is left to compress. Only then is the result renamed onto the target, so an interrupted run never leaves a
+truncated file under the output name.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
+import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
 
+from . import gzipio
 from .errors import VolinferError
 from .journal import ResumableError
 from .targets import aux_path, check_output
@@ -54,8 +58,149 @@ def output_header(
     return hdr
 
 
+#: Bytes read back and compressed per step: bounds the compressor's memory, and fixes the grid on which each part is
+#: cut (the compressed bytes must not depend on when rows became final, so that a resumed run writes the same bytes).
+SLAB_BYTES = 2 << 20
+
+
+class _Part:
+    """One independently compressed byte range ``[start, end)`` of the source file, compressed into ``out``."""
+
+    def __init__(self, start: int, end: int, out: BinaryIO, path: Path, level: int) -> None:
+        self.start, self.end, self.pos = start, end, start
+        self.out, self.path = out, path
+        self.crc = 0
+        self.comp = gzipio.compressor(level)
+
+    def slab_end(self) -> int:
+        return min(self.pos + SLAB_BYTES, self.end)
+
+
+class GzipStreamer:
+    """Gzips a file while it is being written, range by range as the ranges become final, on a background thread.
+
+    The source is cut into parts whose prefixes grow final together (for NIfTI: the header with channel 0's planes,
+    then each further channel's planes). Each part is raw deflate of its own, compressed in slabs on a fixed grid and
+    ended by a sync flush (the last part by the final block); the parts are joined behind one reproducible gzip header
+    (no name, mtime 0) with their CRCs combined: one ordinary gzip member, as pigz writes it. Part 0 streams into
+    ``out`` directly, later parts into files of their own that :meth:`finish` appends.
+    """
+
+    def __init__(self, src: Path, out: Path, ranges: list[tuple[int, int]], part_paths: list[Path],
+                 level: int = 1) -> None:
+        self.out, self._level = out, level
+        self._limits = [start for start, _ in ranges]
+        self._cond = threading.Condition()
+        self._stop = False
+        self.error: BaseException | None = None
+        self._parts: list[_Part] = []
+        self._src = -1
+        try:
+            self._src = os.open(src, os.O_RDONLY)
+            for i, (start, end) in enumerate(ranges):
+                path = out if i == 0 else part_paths[i - 1]
+                f = open(path, "wb")
+                self._parts.append(_Part(start, end, f, path, level))
+            self._parts[0].out.write(gzipio.gzip_header(level))
+        except BaseException:
+            self.discard()
+            raise
+        self._thread = threading.Thread(target=self._run, name="volinfer-gzip", daemon=True)
+        self._thread.start()
+
+    def advance(self, limits: list[int]) -> None:
+        """Bytes below ``limits[i]`` of part i are final: compress them (in the background). Raises the background
+        thread's error, if it had one."""
+        self.check()
+        with self._cond:
+            self._limits = [max(a, b) for a, b in zip(self._limits, limits)]
+            self._cond.notify()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _ready(self) -> bool:
+        return any(p.pos < p.end and p.slab_end() <= lim for p, lim in zip(self._parts, self._limits))
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stop and not self._ready():
+                        if all(p.pos == p.end for p in self._parts):
+                            return
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    limits = list(self._limits)
+                for part, lim in zip(self._parts, limits):
+                    while part.pos < part.end and part.slab_end() <= lim and not self._stop:
+                        self._compress_slab(part)
+        except BaseException as e:  # reported to the writing thread by advance()/finish()
+            self.error = e
+
+    def _compress_slab(self, part: _Part) -> None:
+        n = part.slab_end() - part.pos
+        data = os.pread(self._src, n, part.pos)
+        if len(data) != n:
+            raise OSError(f"temporary file ends early at byte {part.pos + len(data)}")
+        part.crc = gzipio.crc32(data, part.crc)
+        part.out.write(part.comp.compress(data))
+        part.pos += n
+
+    def finish(self) -> None:
+        """Everything is final: compress the tail, join the parts, write the trailer and make the file durable."""
+        self.advance([p.end for p in self._parts])
+        self._thread.join()
+        self.check()
+        first = self._parts[0]
+        crc, size = 0, 0
+        for i, part in enumerate(self._parts):
+            last = i == len(self._parts) - 1
+            part.out.write(part.comp.flush(gzipio.FINISH if last else gzipio.SYNC_FLUSH))
+            crc = gzipio.crc32_combine(crc, part.crc, part.end - part.start) if i else part.crc
+            size += part.end - part.start
+            if i:
+                part.out.close()
+                with open(part.path, "rb") as f:
+                    shutil.copyfileobj(f, first.out, 1 << 22)
+                part.path.unlink()
+        first.out.write(gzipio.gzip_trailer(crc, size))
+        first.out.flush()
+        os.fsync(first.out.fileno())
+        self._close()
+
+    def _close(self, quiet: bool = False) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if getattr(self, "_thread", None) is not None:
+            self._thread.join()
+        for part in self._parts:
+            try:
+                part.out.close()
+            except OSError:
+                if not quiet:
+                    raise
+        if self._src >= 0:
+            os.close(self._src)
+            self._src = -1
+
+    def discard(self) -> None:
+        """Stop the background thread and remove every compressed file (the source is untouched)."""
+        self._close(quiet=True)
+        for part in self._parts:
+            part.path.unlink(missing_ok=True)
+        self.out.unlink(missing_ok=True)
+
+
 class NiftiWriter:
-    """Streams blocks into ``target`` (``.nii`` or ``.nii.gz``) through a temporary file; see module docs."""
+    """Streams blocks into ``target`` (``.nii`` or ``.nii.gz``) through a temporary file; see module docs.
+
+    Contract with the caller: when :meth:`sync` is called, every block written so far is final (the engine drains
+    a z-row of tiles before it says the row is done). That is what lets a ``.nii.gz`` be compressed as the run goes.
+    """
 
     def __init__(
         self,
@@ -76,9 +221,12 @@ class NiftiWriter:
         self.compresslevel = compresslevel
         self.tmp = aux_path(self.target, ".partial.nii")
         self._gz_tmp = aux_path(self.target, ".partial.nii.gz")
+        self._part_tmps = [aux_path(self.target, f".partial.c{c}.gz") for c in range(1, channels)]
         full = shape if channels == 1 else (*shape, channels)
         hdr = output_header(reference, affine, full, self.dtype)
         self._fd = -1
+        self._gz: GzipStreamer | None = None
+        self._hi = 0  # planes below the highest plane written so far are final at the next sync()
         size = 0
         if resume:  # continue an interrupted run: the temporary file already has header and finished rows
             if not self.tmp.exists():
@@ -89,6 +237,7 @@ class NiftiWriter:
                 raise VolinferError(f"{self.tmp}: interrupted output has another shape or type; run without --resume")
             self._check_space(0, self.offset + int(np.prod(full)) * self.dtype.itemsize)
             self._fd = os.open(self.tmp, os.O_WRONLY)
+            self._start_compression()  # the compressed stream restarts from plane 0 of the temporary file
             return
         estimate = self.offset_estimate(hdr) + int(np.prod(full)) * self.dtype.itemsize
         self._check_space(estimate, estimate)
@@ -103,6 +252,7 @@ class NiftiWriter:
                 except AttributeError:
                     f.truncate(size)
             self._fd = os.open(self.tmp, os.O_WRONLY)
+            self._start_compression()
         except OSError as e:
             self.abort()
             raise VolinferError(f"cannot create {self.target}: {e.strerror or e} "
@@ -111,6 +261,25 @@ class NiftiWriter:
     @staticmethod
     def offset_estimate(hdr: nib.Nifti1Header) -> int:
         return int(hdr.single_vox_offset) + 4096  # header plus room for extensions
+
+    @property
+    def _plane_bytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def _start_compression(self) -> None:
+        """For ``.nii.gz``: start compressing in the background; part 0 is the header and channel 0, part c
+        channel c (channels lie one after the other, each plane by plane)."""
+        if not self.compress:
+            return
+        per_channel = self._plane_bytes * self.shape[2]
+        ranges = [(0 if c == 0 else self.offset + c * per_channel, self.offset + (c + 1) * per_channel)
+                  for c in range(self.channels)]
+        self._gz = GzipStreamer(self.tmp, self._gz_tmp, ranges, self._part_tmps, self.compresslevel)
+
+    def _final_limits(self, planes: int) -> list[int]:
+        """Per compressed part, the end of the bytes that are final when planes [0, ``planes``) are."""
+        per_channel = self._plane_bytes * self.shape[2]
+        return [self.offset + c * per_channel + planes * self._plane_bytes for c in range(self.channels)]
 
     def _check_space(self, tmp_bytes: int, data_bytes: int) -> None:
         """Refuse now, not after hours of work, when the disk cannot hold the temporary file and (for .nii.gz) a
@@ -128,19 +297,35 @@ class NiftiWriter:
                                 + ("; free space or write an uncompressed .nii" if gz else ""))
 
     def sync(self) -> None:
-        """Make the rows written so far durable: called before the journal claims them."""
+        """Make the rows written so far durable: called before the journal claims them, once every block written so
+        far is final. For ``.nii.gz``, hands the newly final planes to the background compressor (and reports its
+        failure, if it had one: the journal then keeps its last count, and ``--resume`` continues from there)."""
         if self._fd >= 0:
             try:
                 os.fsync(self._fd)
+                self._release_written()
             except OSError as e:
                 raise ResumableError(f"cannot write {self.target}: {e.strerror or e}; free space and run the same "
                                      f"command with --resume to continue") from None
+
+    def release_written(self) -> None:
+        """Every block written so far is final: let the background compressor have it (no fsync). For writers that
+        write final planes in order without a journal (e.g. ``to-nifti``); ``sync`` does this too."""
+        try:
+            self._release_written()
+        except OSError as e:
+            raise VolinferError(f"cannot write {self.target}: {e.strerror or e}") from None
+
+    def _release_written(self) -> None:
+        if self._gz is not None:
+            self._gz.advance(self._final_limits(self._hi))
 
     def write(self, block: np.ndarray, z0: int, y0: int) -> None:
         """Write ``block`` (channels, nz, ny, X): one positioned write per (channel, plane)."""
         X, Y, Z = self.shape
         c_n, nz, ny, nx = block.shape
         assert nx == X and block.dtype == self.dtype
+        self._hi = max(self._hi, z0 + nz)
         item = self.dtype.itemsize
         for c in range(c_n):
             for k in range(nz):
@@ -171,32 +356,42 @@ class NiftiWriter:
             else:
                 os.replace(self.tmp, self.target)
         except OSError as e:
-            self._gz_tmp.unlink(missing_ok=True)
+            self._discard_compression()
             raise ResumableError(f"cannot write {self.target}: {e.strerror or e}; the finished result is kept in "
                                  f"{self.tmp}: fix that and run the same command with --resume to finish") from None
         return self.target
 
     def _compress(self) -> None:
-        """Gzip the temporary file as a stream, reproducibly: no file name and mtime 0 in the gzip header, so a
-        resumed run writes the same bytes as an uninterrupted one."""
-        with open(self.tmp, "rb") as src, open(self._gz_tmp, "wb") as raw:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=self.compresslevel,
-                               mtime=0) as dst:
-                shutil.copyfileobj(src, dst, 1 << 22)
-            raw.flush()
-            os.fsync(raw.fileno())
+        """Compress what the background compressor has not yet (the tail), and finish the gzip file. Reproducible:
+        no file name and mtime 0 in the gzip header, slabs on a fixed grid, so a resumed run writes the same bytes
+        as an uninterrupted one."""
+        if self._gz is None:  # the compressor was stopped: start over from plane 0
+            self._start_compression()
+        assert self._gz is not None
+        self._gz.finish()
+        self._gz = None
+
+    def _discard_compression(self) -> None:
+        """Stop compressing and remove the compressed files: a resumed run restarts the stream from plane 0."""
+        if self._gz is not None:
+            self._gz.discard()
+            self._gz = None
+        for p in (self._gz_tmp, *self._part_tmps):
+            p.unlink(missing_ok=True)
 
     def close_for_resume(self) -> None:
         """Stop writing but keep the temporary file, so that ``--resume`` can continue it."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._discard_compression()
 
     def abort(self) -> None:
         """Remove every temporary file; the target (if any) is untouched."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._discard_compression()
         for p in (self.tmp, self._gz_tmp):
             try:
                 p.unlink()
@@ -218,34 +413,6 @@ class ArrayWriter:
 
     def __init__(self, shape: tuple[int, int, int], channels: int, dtype: np.dtype) -> None:
         self.array = np.zeros((*shape, channels), dtype=dtype)
-
-    @staticmethod
-    def offset_estimate(hdr: nib.Nifti1Header) -> int:
-        return int(hdr.single_vox_offset) + 4096  # header plus room for extensions
-
-    def _check_space(self, tmp_bytes: int, data_bytes: int) -> None:
-        """Refuse now, not after hours of work, when the disk cannot hold the temporary file and (for .nii.gz) a
-        conservative estimate of the compressed copy: as large as the data for floats, a quarter for integers."""
-        gz = (data_bytes if self.dtype.kind in "fc" else data_bytes // 4) if self.compress else 0
-        try:
-            st = os.statvfs(self.tmp.parent)
-        except (AttributeError, OSError):
-            return
-        free = st.f_bavail * st.f_frsize
-        if tmp_bytes + gz > free:
-            what = "the temporary file and its compressed copy" if gz else "the temporary file"
-            raise VolinferError(f"{self.target}: not enough disk space in {self.tmp.parent}: needs about "
-                                f"{(tmp_bytes + gz) / 2**20:.0f} MB for {what}, {free / 2**20:.0f} MB free"
-                                + ("; free space or write an uncompressed .nii" if gz else ""))
-
-    def sync(self) -> None:
-        """Make the rows written so far durable: called before the journal claims them."""
-        if self._fd >= 0:
-            try:
-                os.fsync(self._fd)
-            except OSError as e:
-                raise ResumableError(f"cannot write {self.target}: {e.strerror or e}; free space and run the same "
-                                     f"command with --resume to continue") from None
 
     def write(self, block: np.ndarray, z0: int, y0: int) -> None:
         c, nz, ny, _ = block.shape
