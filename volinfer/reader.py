@@ -181,6 +181,8 @@ class StripChannel:
 class StreamChannel:
     """Forward-only reader for gzip files: keeps a window of whole z-planes, decompressing in on-disk order."""
 
+    verify_end = False  # the file's last channel: check the gzip trailer once the last plane is read
+
     def __init__(self, stored: _Stored, depth: int) -> None:
         self.s = stored
         self.dtype, self.slope, self.inter = stored.dtype, stored.slope, stored.inter
@@ -216,6 +218,22 @@ class StreamChannel:
             if self.s.swap:
                 plane.byteswap(inplace=True)
             self._w1 += 1
+        if self._w1 == self.s.shape[2] and self.verify_end:
+            self._check_end()
+
+    def _check_end(self) -> None:
+        """After the last plane of the file's last channel, the stream must end here: reading on makes the gzip
+        layer check its CRC and length, so a corrupt file fails instead of giving wrong voxels."""
+        assert self._f is not None
+        try:
+            extra = self._f.read(1)
+        except Exception as e:  # zlib/ISA-L/gzip errors: a bad checksum or stream
+            raise VolinferError(f"{self.s.path}: corrupt compressed data (checksum or length check failed: {e})"
+                                ) from None
+        if extra:
+            raise VolinferError(f"{self.s.path}: more data after the voxels the header describes (corrupt file, or "
+                                f"wrong header dimensions)")
+        self.verify_end = False  # checked once per stream
 
     def region(self, r: Region) -> np.ndarray:
         (x0, x1), (y0, y1), (z0, z1) = r
@@ -344,6 +362,8 @@ class VolumeSource:
                     swap=dtype != stored_dtype,
                 )
                 readers.append(StreamChannel(stored, depth) if compressed else StripChannel(stored))
+                if compressed and c == n_ch - 1:
+                    readers[-1].verify_end = True  # type: ignore[attr-defined]
         assert first is not None and shape3 is not None
         return cls(readers, shape3, header=first.header, affine=first.affine, paths=[Path(p) for p in paths])
 
