@@ -15,7 +15,7 @@ from pathlib import Path
 from volinfer.bench.cli import bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULTS = {"--sizes": "256,512", "--methods": "naive,crop,gaussian,infer-only", "--vs": "all",
+DEFAULTS = {"--sizes": "256,512", "--methods": "naive,crop,gaussian,auto,infer-only", "--vs": "all",
             "--tile": "128", "--overlap": "0.25", "--precision": "f32", "--output": str(RESULTS), "--name": "headline"}
 SHORT = {"-s": "--sizes", "-o": "--output"}
 

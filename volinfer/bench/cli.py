@@ -81,7 +81,7 @@ def reference_model(work_dir: Path, tile: int) -> Path:
 
     work_dir.mkdir(parents=True, exist_ok=True)
     convert("volinfer.bench.reference_unet:build_unet", path, tile=tile, activation="softmax",
-            labels=["background", "foreground"], measure_rf=False, fp16=False, overwrite=True)
+            labels=["background", "foreground"], fp16=False, overwrite=True, random_weights=True)
     return path
 
 
@@ -92,7 +92,8 @@ def reference_model(work_dir: Path, tile: int) -> Path:
 @click.option("-s", "--sizes", default="256,512", show_default=True,
               help="Volume sizes in voxels: N (a cube) or XxYxZ, comma-separated.")
 @click.option("--methods", default="naive,crop,gaussian,infer-only", show_default=True,
-              help="Any of naive, crop, gaussian, mean, infer-only (OpenVINO inference alone on the same tiles).")
+              help="Any of naive, crop, gaussian, mean, auto (volinfer with no options: planned exact tile, auto "
+              "precision), infer-only (OpenVINO inference alone on the same tiles).")
 @click.option("--vs", "versus", help="Peers to add, comma-separated: monai, nnunet, torch (naive PyTorch), or all "
                                      "(those installed). They run the PyTorch network of --torch-factory.")
 @click.option("--tile", default=128, show_default=True, type=click.IntRange(1), help="Tile edge in voxels.")

@@ -8,6 +8,7 @@ Methods (every baseline written as a competent user would write it: one copy of 
                     place, argmax per slab straight into uint8
   naive-torch       the source PyTorch network on the whole (padded) volume under torch.no_grad, same argmax
   crop / gaussian / mean
+  auto              volinfer with no options: tile planned for an exact run, --precision auto
                     volinfer's streaming engine
   monai             MONAI's documented ``sliding_window_inference`` (same tile, overlap, gaussian blending)
   nnunet            nnU-Net v2's own sliding-window predictor (``nnUNetPredictor.predict_sliding_window_return_logits``)
@@ -180,9 +181,13 @@ def run_nnunet(a: argparse.Namespace) -> dict:
 def run_volinfer(a: argparse.Namespace) -> dict:
     from volinfer import predict
 
-    rep = predict(a.volume, a.model, a.out, tile=a.tile, stitch=a.method, overlap=a.overlap, precision=a.precision,
-                  device=a.device, threads=a.threads, overwrite=True, progress=False)
-    return {"infer_s": rep.infer_busy_s, "tiles": rep.tiles, "engine_wall_s": rep.wall_s}
+    if a.method == "auto":  # what `volinfer run` does with no options: planned tile, auto precision, crop, exact
+        rep = predict(a.volume, a.model, a.out, device=a.device, threads=a.threads, overwrite=True, progress=False)
+    else:
+        rep = predict(a.volume, a.model, a.out, tile=a.tile, stitch=a.method, overlap=a.overlap,
+                      precision=a.precision, device=a.device, threads=a.threads, overwrite=True, progress=False)
+    return {"infer_s": rep.infer_busy_s, "tiles": rep.tiles, "engine_wall_s": rep.wall_s,
+            "tile": list(rep.tile), "precision": rep.precision, "exact": rep.exact}
 
 
 def run_infer_only(a: argparse.Namespace) -> dict:
@@ -215,7 +220,7 @@ def run_alloc(a: argparse.Namespace) -> dict:
 
 METHODS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "naive": run_naive, "naive-torch": run_naive_torch, "crop": run_volinfer, "gaussian": run_volinfer,
-    "mean": run_volinfer, "monai": run_monai, "nnunet": run_nnunet, "infer-only": run_infer_only, "alloc": run_alloc,
+    "mean": run_volinfer, "auto": run_volinfer, "monai": run_monai, "nnunet": run_nnunet, "infer-only": run_infer_only, "alloc": run_alloc,
 }
 
 
@@ -224,6 +229,7 @@ PRELOAD = {
     "naive": ["openvino", "nibabel", "volinfer.settings", "volinfer.geometry"],
     "naive-torch": ["torch", "nibabel", "converters.sources", "volinfer.model", "volinfer.geometry"],
     "crop": ["volinfer", "openvino"], "gaussian": ["volinfer", "openvino"], "mean": ["volinfer", "openvino"],
+    "auto": ["volinfer", "openvino"],
     "monai": ["torch", "nibabel", "monai.inferers", "converters.sources", "volinfer.runsetup"],
     "nnunet": ["torch", "nibabel", "nnunetv2.inference.predict_from_raw_data", "converters.sources",
                "volinfer.runsetup"],
