@@ -283,6 +283,8 @@ def plan(inputs: tuple[Path, ...], model_path: Path, tile: str | None, tile_list
          quiet: bool, as_json: bool) -> None:
     """Predict the peak RAM and time of `volinfer run` on INPUTS (NIfTI files or one Zarr store), from measuring
     the compiled model in a fresh process at each tile size."""
+    import numpy as np
+
     from .plan import parse_size_mb, plan_run
 
     sizes = tile_list if tile_list else [parse_tile(tile)]
@@ -290,7 +292,7 @@ def plan(inputs: tuple[Path, ...], model_path: Path, tile: str | None, tile_list
     plans = []
     with progress_bar(len(sizes), "measuring", "size", disable=quiet or as_json) as bar:
         for t in sizes:
-            bar.set_postfix_str("tile " + ("auto" if t is None else "x".join(map(str, t))))
+            bar.set_postfix_str("tile " + ("auto" if t is None else "x".join(map(str, np.atleast_1d(t)))))
             plans.append(plan_run(list(inputs), model_path, tile=t, overlap=overlap, stitch=stitch, kind=kind,
                                   options=options, requests=requests,
                                   max_memory_mb=parse_size_mb(max_memory) if max_memory else None,

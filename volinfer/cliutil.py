@@ -156,10 +156,12 @@ SIZE = V.Checked("size", _size)
 
 
 def strip_path(message: str, path: Any) -> str:
-    """``message`` without a leading ``"<path>: "`` (errors name their file; a line that already says which file
-    failed should not say it twice)."""
+    """``message`` without a leading ``"<path>: "``, and any further mention of the path shortened to its file name
+    (errors name their file; a line that already says which file failed should not say it twice)."""
     prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    message = message[len(prefix):] if message.startswith(prefix) else message
+    name = getattr(path, "name", None)
+    return message.replace(str(path), name) if name else message  # a library's own text may quote it again
 
 
 def _sizes(name: str, value: Any) -> list[list[int]]:

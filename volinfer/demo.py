@@ -70,7 +70,7 @@ def make_demo_volume(shape: tuple[int, int, int] = (160, 144, 112), blobs: int =
     truth = np.zeros(shape, dtype=np.uint8)
     grid = np.ogrid[tuple(slice(0, n) for n in shape)]
     for _ in range(blobs):
-        r = rng.uniform(5, 12)
+        r = min(rng.uniform(5, 12), min(shape) / 2)  # small demo volumes get smaller blobs
         c = [rng.uniform(r, n - r) for n in shape]
         inside = sum((g - ci) ** 2 for g, ci in zip(grid, c)) <= r * r
         truth[inside] = 1
