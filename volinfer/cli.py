@@ -25,8 +25,15 @@ def main() -> None:
     \b
     volinfer demo                                   try it on a generated volume
     volinfer run ct.nii.gz -m model.xml -o seg.nii.gz
+    volinfer plan ct.nii.gz -m model.xml            predicted peak RAM and time, before running
     volinfer info model.xml                         what a model expects
     volinfer convert model.onnx -o model.xml        any framework -> verified OpenVINO IR
+    volinfer to-zarr ct.nii.gz -o ct.zarr           NIfTI -> OME-Zarr (to-nifti: back)
+    volinfer bench -s 256 --vs monai                peak RAM and time against peers
+
+    Every command takes its input first, the model as -m/--model and what it writes as -o/--output; sizes are N or
+    XxYxZ, overlaps a fraction or whole voxels. Summaries and progress bars go to stderr, --json output alone to
+    stdout, -q/--quiet silences both.
     """
 
 
@@ -420,7 +427,7 @@ def refuse_existing(output: Path, overwrite: bool) -> None:
 @main.command("to-zarr")
 @click.argument("nifti", type=click.Path(path_type=Path))
 @click.argument("legacy_output", required=False, metavar="", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="OME-Zarr store to write (a .zarr directory).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="OME-Zarr store to write (a .zarr directory; required).")
 @click.option("--chunks", type=V.COUNT, default=64, show_default=True, help="Chunk edge in voxels, >= 1 (cubic "
               "chunks).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store (only one volinfer wrote).")
@@ -449,7 +456,7 @@ def to_zarr(nifti: Path, legacy_output: Path | None, output: Path | None, chunks
 @main.command("to-nifti")
 @click.argument("zarr_path", type=click.Path(path_type=Path))
 @click.argument("legacy_output", required=False, metavar="", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="NIfTI file to write (.nii or .nii.gz).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="NIfTI file to write (.nii or .nii.gz; required).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @output_options("what was written")
 @friendly_errors
