@@ -427,7 +427,8 @@ def refuse_existing(output: Path, overwrite: bool) -> None:
 @main.command("to-zarr")
 @click.argument("nifti", type=click.Path(path_type=Path))
 @click.argument("legacy_output", required=False, metavar="", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="OME-Zarr store to write (a .zarr directory; required).")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="OME-Zarr store to write (a .zarr directory; required).")
 @click.option("--chunks", type=V.COUNT, default=64, show_default=True, help="Chunk edge in voxels, >= 1 (cubic "
               "chunks).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store (only one volinfer wrote).")
@@ -456,7 +457,8 @@ def to_zarr(nifti: Path, legacy_output: Path | None, output: Path | None, chunks
 @main.command("to-nifti")
 @click.argument("zarr_path", type=click.Path(path_type=Path))
 @click.argument("legacy_output", required=False, metavar="", type=click.Path(path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="NIfTI file to write (.nii or .nii.gz; required).")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="NIfTI file to write (.nii or .nii.gz; required).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @output_options("what was written")
 @friendly_errors
