@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import click
 
 from volinfer import validate as V
-from volinfer.cliutil import friendly_errors, parse_tile
+from volinfer.cliutil import emit, friendly_errors, output_options, parse_tile, progress_bar
 from volinfer.errors import VolinferError
 
 
@@ -39,7 +43,9 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
               "reference gets the same value.")
 @click.option("--output-node", "outputs", help="TF frozen graph: output node name(s) to cut the graph at.")
 @click.option("--output-name", help="Which output `volinfer run` uses when the model has several (name or index).")
-@click.option("--tile", type=V.TILE, help="Tile size the model will run at (128 or 128,128,64; whole numbers >= 1).")
+@click.option("--tile", type=V.TILE, help="Tile size the model will run at: 128 or 128x128x64 (whole numbers >= 1). "
+              "Default: the tile an IR already stores, else the model's static shape, else 64 (or its size "
+              "multiple).")
 @click.option("--channels", type=V.COUNT, help="Input channels (>= 1), when the model does not fix them.")
 @click.option("--layout", type=click.Choice(["NCDHW", "NDHWC"], case_sensitive=False),
               help="Input layout (default: NCDHW; NDHWC for TensorFlow/Keras).")
@@ -50,8 +56,7 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--normalize", type=V.NORMALIZE, help="Normalisation to store: none, zscore, minmax, percentile:LO:HI "
               "(0 <= LO < HI <= 100), scale:A:B (finite, A != 0).")
 @click.option("--spacing", type=V.SPACING, help="Voxel spacing the model expects, in mm, > 0 (e.g. 1,1,1).")
-@click.option("--overlap", type=V.SINGLE_OVERLAP, help="Default overlap to store: a fraction of the tile in [0, 1), "
-              "or a whole number of voxels >= 1.")
+@click.option("--overlap", type=V.OVERLAP, help="Default overlap to store, as for `run`: " + V.OVERLAP_RULE + ".")
 @click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]), help="Default stitching to store.")
 @click.option("--no-fp16", is_flag=True, help="Keep FP32 weights (default: compress weights to FP16).")
 @click.option("--int8", is_flag=True, help="Post-training INT8 quantisation with NNCF, calibrated on "
@@ -67,15 +72,16 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--calibration-volume", type=click.Path(exists=True), help="Check parity on a crop of this NIfTI volume.")
 @click.option("--no-receptive-field", is_flag=True, help="Skip measuring the receptive field.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing IR.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@output_options("the result")
 @friendly_errors
 def convert(model: str, output: Path, weights: str | None, random_weights: bool, factory_args: str | None,
             trust_pickle: bool, inputs: str | None, set_values: tuple[str, ...], outputs: str | None,
             output_name: str | None, tile: str | None,
             channels: int | None, layout: str | None, static: bool, activation: str | None, labels: str | None,
-            channel_names: str | None, normalize: str | None, spacing: str | None, overlap: float | None,
+            channel_names: str | None, normalize: str | None, spacing: str | None, overlap: str | None,
             stitch: str | None, no_fp16: bool, int8: bool, calibration_tiles: int, no_check: bool, tolerance: float | None,
-            calibration_volume: str | None, no_receptive_field: bool, overwrite: bool, as_json: bool) -> None:
+            calibration_volume: str | None, no_receptive_field: bool, overwrite: bool, quiet: bool,
+            as_json: bool) -> None:
     """Convert MODEL to OpenVINO IR, check it computes what the source computes, store its run settings.
 
     \b
@@ -102,31 +108,81 @@ def convert(model: str, output: Path, weights: str | None, random_weights: bool,
     try:
         kwargs = json.loads(factory_args) if factory_args else None
         spacing_v = [float(v) for v in spacing.split(",")] if spacing else None
-        ov_overlap = int(overlap) if overlap is not None and overlap >= 1 else overlap
     except (ValueError, json.JSONDecodeError) as e:
         raise VolinferError(f"bad option value: {e}") from None
-    result = run_convert(
-        model, output, weights=weights, trust_pickle=trust_pickle, random_weights=random_weights,
-        factory_kwargs=kwargs, inputs=_list(inputs), outputs=_list(outputs), fixed=parse_set(set_values),
-        select_output=output_name, tile=parse_tile(tile), channels=channels,
-        layout=layout.upper() if layout else None, static=static, activation=activation, labels=_list(labels),
-        channel_names=_list(channel_names), normalization=parse_normalization(normalize), spacing=spacing_v,
-        overlap=ov_overlap, stitch=stitch, fp16=not no_fp16, int8=int8, calibration_tiles=calibration_tiles,
-        check=not no_check, tolerance=tolerance,
-        calibration_volume=calibration_volume, measure_rf=not no_receptive_field, overwrite=overwrite,
-    )
-    if as_json:
-        click.echo(json.dumps({
-            "path": str(result.path), "parity": result.parity.__dict__ if result.parity else None,
+    stages_module = importlib.import_module(__package__ + ".convert")  # the module (the package exports the function)
+    with stage_progress(stages_module, measure_rf=not no_receptive_field, int8=int8, check=not no_check,
+                        disable=quiet or as_json):
+        result = run_convert(
+            model, output, weights=weights, trust_pickle=trust_pickle, random_weights=random_weights,
+            factory_kwargs=kwargs, inputs=_list(inputs), outputs=_list(outputs), fixed=parse_set(set_values),
+            select_output=output_name, tile=parse_tile(tile), channels=channels,
+            layout=layout.upper() if layout else None, static=static, activation=activation, labels=_list(labels),
+            channel_names=_list(channel_names), normalization=parse_normalization(normalize), spacing=spacing_v,
+            overlap=stored_overlap(overlap), stitch=stitch, fp16=not no_fp16, int8=int8,
+            calibration_tiles=calibration_tiles, check=not no_check, tolerance=tolerance,
+            calibration_volume=calibration_volume, measure_rf=not no_receptive_field, overwrite=overwrite,
+        )
+    data = {"path": str(result.path), "parity": result.parity.__dict__ if result.parity else None,
             "int8": result.int8.__dict__ if result.int8 else None,
-            "settings": result.settings.as_dict(), "notes": result.notes}, indent=2, default=str))
-        return
-    click.echo(f"wrote {result.path} (+ {result.path.with_suffix('.bin').name})")
-    click.echo(str(result.parity) if result.parity else "parity check skipped (--no-check)")
+            "settings": result.settings.as_dict(), "notes": result.notes}
+    emit(data, lambda: summary(result), as_json=as_json, quiet=quiet)
+
+
+def stored_overlap(text: str | None) -> float | int | list[float | int] | None:
+    """``--overlap`` as stored in the IR: one number (a fraction, or whole voxels as an int) or three per axis."""
+    values = V.overlap(text)
+    if values is None:
+        return None
+    out: list[float | int] = [int(v) if v >= 1 else v for v in values]
+    return out[0] if len(set(out)) == 1 else out
+
+
+def summary(result: Any) -> str:
+    """The human report of a conversion (stderr)."""
+    lines = [f"wrote {result.path} (+ {result.path.with_suffix('.bin').name})",
+             str(result.parity) if result.parity else "parity check skipped (--no-check)"]
     if result.int8:
-        click.echo(str(result.int8))
+        lines.append(str(result.int8))
     s = result.settings
-    click.echo(f"layout {s.layout}, {s.in_channels} channel(s), tile {s.tile}, size multiple {s.size_multiple}, "
-               f"receptive field {s.receptive_field}")
-    for n in result.notes:
-        click.echo(f"note: {n}")
+    lines.append(f"layout {s.layout}, {s.in_channels} channel(s), tile {s.tile}, size multiple {s.size_multiple}, "
+                 f"receptive field {s.receptive_field}")
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+#: The stages of a conversion that take time, as (function of converters.convert, label); see stage_progress.
+STAGES = [("load", "loading the source"), ("_prepare", "export to OpenVINO"),
+          ("_measure_rf", "receptive field"), ("_check_precision", "precision check"),
+          ("quantize_int8", "INT8 calibration"), ("_save_checked", "parity check")]
+
+
+@contextmanager
+def stage_progress(module: Any, *, measure_rf: bool, int8: bool, check: bool, disable: bool) -> Iterator[None]:
+    """A stage bar on stderr for `volinfer convert`: each stage function of :mod:`converters.convert` is wrapped,
+    for the duration of the command only, so that the bar names the stage running and advances when it ends (the
+    conversion itself knows nothing of the bar). A stage that is renamed or gone is simply not shown."""
+    skip = {"_measure_rf": not measure_rf, "_check_precision": int8, "quantize_int8": not int8}
+    chosen = [(n, label) for n, label in STAGES if not skip.get(n) and callable(getattr(module, n, None))]
+    if not check:
+        chosen = [(n, "saving" if n == "_save_checked" else label) for n, label in chosen]
+    saved = {n: getattr(module, n) for n, _ in chosen}
+    bar = progress_bar(len(chosen), "convert", "stage", disable=disable)
+
+    def wrap(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def staged(*args: Any, **kwargs: Any) -> Any:
+            bar.set_description_str(f"convert: {label}")
+            out = fn(*args, **kwargs)
+            bar.update()
+            return out
+        return staged
+
+    try:
+        for n, label in chosen:
+            setattr(module, n, wrap(saved[n], label))
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(module, n, fn)
+        bar.close()

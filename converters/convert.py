@@ -270,6 +270,8 @@ def _prepare(src: Source, layout: str, channels: int | None, tile: int | Sequenc
             conv_shape = [1, channels, -1, -1, -1] if layout == "NCDHW" else [1, -1, -1, -1, channels]
     ov_model = _convert_with_examples(src, conv_shape, layout, channels or 1, [*probe_tile, 64, 128, 96, 32])
     old = ModelSettings.from_model(ov_model) if src.framework == "openvino" else None
+    if t3 is None and old is not None and old.tile is not None:  # re-describing an IR: keep its tile unless asked
+        t3 = [int(old.tile)] * 3 if isinstance(old.tile, int) else [int(v) for v in old.tile]
     ov_model = freeze_inputs(ov_model, src.pending_fixed)
     ov_model = pick_image_input(ov_model, image if src.pending_fixed or not src.framework.startswith(
         ("pytorch", "torch")) else None)
@@ -289,6 +291,8 @@ def _prepare(src: Source, layout: str, channels: int | None, tile: int | Sequenc
         ov_model.reshape({0: ov.PartialShape(_shape(layout, channels, t3 or probe_tile) if static
                                              else (_shape(layout, channels, [-1, -1, -1])))})
     multiple = probe_size_multiple(ov_model, layout, channels) if not static else None
+    if multiple and old is not None and old.size_multiple:  # shape inference can miss a stored constraint: keep it
+        multiple = multiple * old.size_multiple // gcd(multiple, old.size_multiple)
     if t3 is None:
         t3 = [max(64, multiple or 1)] * 3 if (multiple or 1) <= 64 else [multiple] * 3  # type: ignore[list-item]
     if multiple and any(v % multiple for v in t3):

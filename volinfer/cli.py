@@ -12,7 +12,8 @@ import click
 
 from . import __version__
 from . import validate as V
-from .cliutil import friendly_errors, parse_tile
+from .cliutil import (SIZE, TILES, emit, friendly_errors, note, output_options, parse_tile, progress_bar,
+                      runtime_options, strip_path)
 from .errors import VolinferError
 
 
@@ -24,8 +25,15 @@ def main() -> None:
     \b
     volinfer demo                                   try it on a generated volume
     volinfer run ct.nii.gz -m model.xml -o seg.nii.gz
+    volinfer plan ct.nii.gz -m model.xml            predicted peak RAM and time, before running
     volinfer info model.xml                         what a model expects
     volinfer convert model.onnx -o model.xml        any framework -> verified OpenVINO IR
+    volinfer to-zarr ct.nii.gz -o ct.zarr           NIfTI -> OME-Zarr (to-nifti: back)
+    volinfer bench -s 256 --vs monai                peak RAM and time against peers
+
+    Every command takes its input first, the model as -m/--model and what it writes as -o/--output; sizes are N or
+    XxYxZ, overlaps a fraction or whole voxels. Summaries and progress bars go to stderr, --json output alone to
+    stdout, -q/--quiet silences both.
     """
 
 
@@ -65,17 +73,13 @@ def main() -> None:
 @click.option("--threshold", type=V.FLOAT, default=0.5, show_default=True, callback=V.threshold_callback,
               help="Threshold for one-channel (or sigmoid) labels, on probabilities: 0 < T < 1 (any finite number "
               "with --activation none).")
-@click.option("--float16", "float16", is_flag=True, help="Write probabilities as float16.")
+@click.option("--float16", "float16", is_flag=True, help="Write probabilities as float16 (Zarr outputs; NIfTI has "
+              "no float16 type, so NIfTI outputs get float32 and the summary says so).")
 @click.option("--normalize", type=V.NORMALIZE, help="Intensity normalisation: none, zscore, minmax, "
               "percentile:LO:HI (0 <= LO < HI <= 100, default 0.5:99.5), scale:A:B (x * A + B; finite, A != 0). "
               "Default: stored in the model, else none.")
 @click.option("--output-name", help="Which model output to use (name or index) when there are several.")
-@click.option("--device", default="CPU", show_default=True, help="OpenVINO device (CPU, GPU, NPU, AUTO, ...).")
-@click.option("--precision", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto", show_default=True,
-              help="Inference precision. auto: bf16/f16 where the device runs it natively AND `volinfer convert` "
-              "verified on a calibration tile that this model's outputs stay faithful in it (labels >= 99.9% equal, "
-              "probabilities within 0.05), else f32. f32 is exact.")
-@click.option("--threads", type=V.COUNT, help="Inference threads, >= 1 (default: all cores).")
+@runtime_options()
 @click.option("--streams", type=V.COUNT, help="OpenVINO streams, >= 1 (more speed for more memory).")
 @click.option("--requests", type=V.COUNT, default=2, show_default=True,
               help="Infer requests in flight, >= 1 (each ~1 tile of I/O memory).")
@@ -100,8 +104,7 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command) from its last finished "
               "row of tiles; refused if the model, input or settings changed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON on stdout.")
+@output_options("the run report")
 @friendly_errors
 def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | None, overlap: str | None,
         stitch: str | None, sigma: float, pad_mode: str, layout: str | None, kind: str, activation: str | None,
@@ -112,23 +115,23 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
         max_memory: str | None,
         norm_stats: str | None, mirror: str | None,
         resume: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
-    """Segment/restore INPUTS (one NIfTI file, or one file per input channel) into OUTPUT.
+    """Segment/restore INPUTS (one NIfTI file or Zarr store, or one NIfTI file per input channel) into OUTPUT.
 
     \b
     Batch: give one directory or glob (quoted) as INPUTS and a directory as OUTPUT; each volume is written to
     OUTPUT/<its file name>, the model is compiled once, and a failing volume does not stop the others.
     """
-    from .api import predict
     from .model import CompileOptions, TileModel
     from .normalize import parse_normalization
     from .plan import parse_size_mb
     from .postprocess import parse_channels
-
-    compile_options = dict(device=device, precision=precision, threads=threads, streams=streams,
-                           cache_dir=str(cache_dir) if cache_dir else None)
     from .zarr_io import is_zarr
     from .zarr_writer import is_zarr_output
 
+    compile_options = dict(device=device, precision=precision, threads=threads, streams=streams,
+                           cache_dir=str(cache_dir) if cache_dir else None)
+    prob_dtype, dtype_note = output_float_dtype(float16, kind, zarr=is_zarr_output(output))
+    progress = not quiet and not as_json
     if any(is_zarr(p) for p in inputs):
         if len(inputs) != 1:
             raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
@@ -138,15 +141,13 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
             inputs[0], model_path, output, tile=parse_tile(tile), layout=layout.upper() if layout else None,
             model_output=output_name, overlap=overlap, stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind,
             activation=activation, channels=parse_channels(channels), threshold=threshold,
-            prob_dtype="float16" if float16 else "float32", normalize=parse_normalization(normalize),
+            prob_dtype=prob_dtype, normalize=parse_normalization(normalize),
             options=compile_options, requests=requests, nan_value=nan_value,
             reuse_constant=not no_constant_reuse, block=block, chunks=chunks, compression=not no_compression,
             pyramid=pyramid, mirror=mirror, scheduler=scheduler,
-            workers=workers, resume=resume, overwrite=overwrite, progress=not quiet and not as_json)
-        if as_json:
-            click.echo(json.dumps(report.as_dict(), indent=2, default=str))
-        elif not quiet:
-            click.echo(report.summary(), err=True)
+            workers=workers, resume=resume, overwrite=overwrite, progress=progress)
+        _add_note(report, dtype_note)
+        emit(report.as_dict(), report.summary, as_json=as_json, quiet=quiet)
         return
     if scheduler or workers:
         raise VolinferError("--scheduler/--workers run Zarr volumes (.zarr input and output)")
@@ -160,10 +161,10 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
                    options=CompileOptions(**compile_options), compile=False)  # compiled at the planned tile
     options = dict(
         overlap=overlap, stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
-        channels=parse_channels(channels), threshold=threshold, prob_dtype="float16" if float16 else "float32",
+        channels=parse_channels(channels), threshold=threshold, prob_dtype=prob_dtype,
         normalize=parse_normalization(normalize), requests=requests, nan_value=nan_value,
         reuse_constant=not no_constant_reuse, resume=resume, overwrite=overwrite,
-        progress=not quiet and not as_json, norm_stats=norm_stats, mirror=mirror,
+        progress=progress, norm_stats=norm_stats, mirror=mirror,
         max_memory_mb=parse_size_mb(max_memory) if max_memory else None,
     )
     if zarr_output is not None:
@@ -171,30 +172,57 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
             raise VolinferError("batch runs write NIfTI files into a directory; give one volume for a .zarr output")
         options["zarr_output"] = zarr_output
     if batch is None:
+        from .api import predict
+
         report = predict(list(inputs), tm, output, **options)
-        if as_json:
-            click.echo(json.dumps(report.as_dict(), indent=2, default=str))
-        elif not quiet:
-            click.echo(report.summary(), err=True)
+        _add_note(report, dtype_note)
+        emit(report.as_dict(), report.summary, as_json=as_json, quiet=quiet)
         return
+    run_batch(batch, tm, output, options, dtype_note, resume=resume, quiet=quiet, as_json=as_json)
+
+
+def output_float_dtype(float16: bool, kind: str, zarr: bool) -> tuple[str, str | None]:
+    """The probability dtype to write, and a note when ``--float16`` cannot apply: NIfTI-1 has no float16 type
+    (nibabel refuses it), so NIfTI outputs get float32; Zarr stores float16."""
+    if not float16:
+        return "float32", None
+    if kind != "probabilities":
+        return "float32", f"--float16 applies to --kind probabilities; {kind} written as usual"
+    if not zarr:
+        return "float32", "NIfTI has no float16 type: probabilities written as float32 (a .zarr output stores float16)"
+    return "float16", None
+
+
+def _add_note(report: Any, text: str | None) -> None:
+    if text and text not in report.notes:
+        report.notes.append(text)
+
+
+def run_batch(batch: list[Path], tm: Any, output: Path, options: dict[str, Any], dtype_note: str | None, *,
+              resume: bool, quiet: bool, as_json: bool) -> None:
+    """Run every volume of a batch into ``output``/<name>; failures are collected, said once each (the error's own
+    text, without repeating the path), and make the exit status 1."""
+    from .api import predict
+    from .errors import Interrupted
+    from .journal import journal_path
+
     if output.exists() and not output.is_dir():
         raise VolinferError(f"{output}: batch output must be a directory")
     output.mkdir(parents=True, exist_ok=True)
     failed: list[tuple[Path, str]] = []
     reports = []
-    from .errors import Interrupted
-    from .journal import journal_path
-
+    human = not quiet and not as_json
     for n, path in enumerate(batch, 1):
         target = output / path.name
         if resume and not journal_path(target).exists() and target.exists():
-            if not quiet and not as_json:
+            if human:
                 click.echo(f"[{n}/{len(batch)}] {path}: already written, skipped", err=True)
             continue  # finished by the interrupted batch
-        if not quiet and not as_json:
+        if human:
             click.echo(f"[{n}/{len(batch)}] {path}", err=True)
         try:
             rep = predict([path], tm, target, **{**options, "resume": resume and journal_path(target).exists()})
+            _add_note(rep, dtype_note)
             reports.append(rep.as_dict())
         except Interrupted as e:
             raise Interrupted(f"batch stopped at {path} ({e}); run the same command with --resume to skip the "
@@ -203,16 +231,13 @@ def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | No
             raise Interrupted(f"batch stopped at {path}; run the same command with --resume to skip the finished "
                               f"volumes and continue") from None
         except VolinferError as e:
-            failed.append((path, str(e)))
-            if not quiet and not as_json:
-                click.echo(f"  failed: {e}", err=True)
-    if as_json:
-        click.echo(json.dumps({"runs": reports, "failed": [{"input": str(p), "error": m} for p, m in failed]},
-                              indent=2, default=str))
-    elif not quiet:
-        click.echo(f"{len(batch) - len(failed)} of {len(batch)} volume(s) written to {output}", err=True)
-        for p, m in failed:
-            click.echo(f"failed: {p}: {m}", err=True)
+            failed.append((path, strip_path(str(e), path)))
+            if human:
+                click.echo(f"  failed: {failed[-1][1]}", err=True)
+    summary = "\n".join([f"{len(batch) - len(failed)} of {len(batch)} volume(s) written to {output}"]
+                         + [f"failed: {p}: {m}" for p, m in failed])
+    emit({"runs": reports, "failed": [{"input": str(p), "error": m} for p, m in failed]}, summary,
+         as_json=as_json, quiet=quiet)
     if failed:
         sys.exit(1)
 
@@ -235,51 +260,69 @@ def batch_inputs(inputs: tuple[Path, ...]) -> list[Path] | None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path), help="Model (.xml/.onnx).")
-@click.option("--tile", type=V.TILE, help="Tile size, whole numbers >= 1, or auto (default): the run's own "
-              "planning, fidelity first; the plan lists the tilings it weighed.")
-@click.option("--tiles", "tile_list", type=V.TILES, help="Several cubic tile sizes to compare, e.g. 64,96,128.")
-@click.option("--max-memory", type=V.MEMORY, help="As for `run`: RAM budget for choosing the tile (600M, 2G).")
-@click.option("--norm-stats", type=click.Choice(["volume", "tile"]), help="As for `run`.")
-@click.option("--mirror", help="As for `run`: test-time mirroring axes (e.g. xyz); multiplies the time.")
-@click.option("--overlap", type=V.OVERLAP, help="As for `run`: " + V.OVERLAP_RULE + ".")
-@click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]))
-@click.option("--kind", type=click.Choice(["labels", "probabilities", "raw"]), default="labels", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "f32", "bf16", "f16"]), default="auto", show_default=True,
-              help="As for `run`.")
-@click.option("--device", default="CPU", show_default=True)
-@click.option("--requests", type=V.COUNT, default=2, show_default=True, help="Infer requests in flight, >= 1.")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="OpenVINO IR (.xml) or ONNX (.onnx) model.")
+@click.option("--tile", type=V.TILE, help="Tile size: 128 or 128x128x64 (whole numbers >= 1), or auto (default): the "
+              "run's own planning, fidelity first; the plan lists the tilings it weighed.")
+@click.option("--tiles", "tile_list", type=TILES, help="Several tile sizes to compare, comma-separated, each N or "
+              "XxYxZ (e.g. 64,96,128x128x64).")
+@click.option("--max-memory", type=V.MEMORY, help="As for `run`: peak RAM budget for choosing the tile (e.g. 600M, "
+              "2G; > 0; default a quarter of available RAM).")
+@click.option("--norm-stats", type=click.Choice(["volume", "tile"]), help="As for `run`: InstanceNorm/GroupNorm "
+              "statistics from the whole volume (default; streamed passes, counted in the time) or per tile.")
+@click.option("--mirror", help="As for `run`: test-time mirroring axes (any of x, y, z, e.g. xyz); 2^axes "
+              "inferences per tile, counted in the time.")
+@click.option("--overlap", type=V.OVERLAP, help="As for `run`: " + V.OVERLAP_RULE + ". Default: stored in the "
+              "model, else 2x its receptive field (crop) or 0.25.")
+@click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]),
+              help="As for `run`: crop (default; exact when the margin covers the receptive field) or "
+              "gaussian/mean blending, which holds a blend window and costs more memory.")
+@click.option("--kind", type=click.Choice(["labels", "probabilities", "raw"]), default="labels", show_default=True,
+              help="As for `run`: what is written; decides the output buffers' type and size.")
+@runtime_options()
+@click.option("--requests", type=V.COUNT, default=2, show_default=True,
+              help="Infer requests in flight, >= 1 (each ~1 tile of I/O memory).")
+@output_options("the plans (a list)")
 @friendly_errors
-def plan(inputs: tuple[Path, ...], model_path: Path, tile: str | None, tile_list: str | None,
+def plan(inputs: tuple[Path, ...], model_path: Path, tile: str | None, tile_list: list[list[int]] | None,
          max_memory: str | None, norm_stats: str | None, mirror: str | None, overlap: str | None,
-         stitch: str | None, kind: str, precision: str, device: str, requests: int, as_json: bool) -> None:
-    """Predict the peak RAM and time of `volinfer run` on INPUTS, from measuring the compiled model."""
-    from .plan import plan_run
+         stitch: str | None, kind: str, device: str, precision: str, threads: int | None, requests: int,
+         quiet: bool, as_json: bool) -> None:
+    """Predict the peak RAM and time of `volinfer run` on INPUTS (NIfTI files or one Zarr store), from measuring
+    the compiled model in a fresh process at each tile size."""
+    import numpy as np
 
-    sizes = [parse_tile(t) for t in tile_list.split(",")] if tile_list else [parse_tile(tile)]
-    from .plan import parse_size_mb
+    from .plan import parse_size_mb, plan_run
 
-    plans = [plan_run(list(inputs), model_path, tile=t, overlap=overlap, stitch=stitch, kind=kind,
-                      options={"device": device, "precision": precision}, requests=requests,
-                      max_memory_mb=parse_size_mb(max_memory) if max_memory else None, norm_stats=norm_stats,
-                      mirror=mirror) for t in sizes]
-    if as_json:
-        click.echo(json.dumps([p.as_dict() for p in plans], indent=2))
-        return
-    for p in plans:
-        click.echo(p.summary())
+    sizes = tile_list if tile_list else [parse_tile(tile)]
+    options = {"device": device, "precision": precision, "threads": threads}
+    plans = []
+    with progress_bar(len(sizes), "measuring", "size", disable=quiet or as_json) as bar:
+        for t in sizes:
+            bar.set_postfix_str("tile " + ("auto" if t is None else "x".join(map(str, np.atleast_1d(t)))))
+            plans.append(plan_run(list(inputs), model_path, tile=t, overlap=overlap, stitch=stitch, kind=kind,
+                                  options=options, requests=requests,
+                                  max_memory_mb=parse_size_mb(max_memory) if max_memory else None,
+                                  norm_stats=norm_stats, mirror=mirror))
+            bar.update()
+    emit([p.as_dict() for p in plans], lambda: "\n".join(p.summary() for p in plans), as_json=as_json, quiet=quiet)
 
 
 @main.command()
 @click.argument("model_path", type=click.Path(path_type=Path))
-@click.option("--tile", type=V.TILE, help="Tile size to measure the receptive field at, whole numbers >= 1 "
-              "(default: the model's).")
-@click.option("--no-measure", is_flag=True, help="Skip measuring the receptive field.")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--tile", type=V.TILE, help="Tile size to measure the receptive field at: 128 or 128x128x64 (whole "
+              "numbers >= 1; default: the model's).")
+@click.option("--no-measure", is_flag=True, help="Skip measuring the receptive field (faster).")
+@output_options("the model description")
 @friendly_errors
-def info(model_path: Path, tile: str | None, no_measure: bool, as_json: bool) -> None:
+def info(model_path: Path, tile: str | None, no_measure: bool, quiet: bool, as_json: bool) -> None:
     """Show a model's inputs, outputs, layout, stored settings and receptive field."""
+    data = describe_model(model_path, tile, measure=not no_measure)
+    emit(data, lambda: info_text(data), as_json=as_json, quiet=quiet)
+
+
+def describe_model(model_path: Path, tile: str | None, measure: bool) -> dict[str, Any]:
+    """What `volinfer info` reports about a model, as a dict (the ``--json`` output)."""
     from .model import TileModel, read_model
     from .receptive_field import measure_receptive_field
 
@@ -294,107 +337,150 @@ def info(model_path: Path, tile: str | None, no_measure: bool, as_json: bool) ->
     try:
         tm = TileModel(model_path, tile=parse_tile(tile))
     except VolinferError as e:
-        tm = None
         data["note"] = str(e)
-    if tm is not None:
-        data.update(layout=tm.layout, in_channels=tm.in_channels, out_channels=tm.out_channels, tile=list(tm.tile),
-                    size_multiple=tm.multiple)
-        data["settings"] = tm.settings.as_dict()
-        if not no_measure:
-            rf = measure_receptive_field(tm)
-            data["receptive_field"] = {"radius": list(rf.radius), "bounded": rf.bounded, "text": str(rf)}
-        from .activation import graph_activation
-        from .runsetup import model_norm_layers
+        return data
+    data.update(layout=tm.layout, in_channels=tm.in_channels, out_channels=tm.out_channels, tile=list(tm.tile),
+                size_multiple=tm.multiple)
+    data["settings"] = tm.settings.as_dict()
+    if measure:
+        rf = measure_receptive_field(tm)
+        data["receptive_field"] = {"radius": list(rf.radius), "bounded": rf.bounded, "text": str(rf)}
+    from .activation import graph_activation
+    from .runsetup import model_norm_layers
 
-        layers, global_ops = model_norm_layers(tm)
-        data["normalization_layers"] = [f"{layer.kind} {layer.name}" for layer in layers]
-        data["final_activation"] = graph_activation(tm.model, tm.output_index, 1 if tm.layout == "NCDHW" else 4)
-        if layers:
-            data["note"] = (f"{len(layers)} InstanceNorm/GroupNorm layer(s): `volinfer run` freezes them to "
-                            f"whole-volume statistics (streamed passes) unless --norm-stats tile")
-        if global_ops:
-            data["warning"] = (f"spatial reductions volinfer cannot freeze ({', '.join(global_ops[:3])}): tiled runs "
-                               f"are exact only when one tile covers the volume")
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
-        return
-    click.echo(f"model        {data['model']}")
+    layers, global_ops = model_norm_layers(tm)
+    data["normalization_layers"] = [f"{layer.kind} {layer.name}" for layer in layers]
+    data["final_activation"] = graph_activation(tm.model, tm.output_index, 1 if tm.layout == "NCDHW" else 4)
+    if layers:
+        data["note"] = (f"{len(layers)} InstanceNorm/GroupNorm layer(s): `volinfer run` freezes them to "
+                        f"whole-volume statistics (streamed passes) unless --norm-stats tile")
+    if global_ops:
+        data["warning"] = (f"spatial reductions volinfer cannot freeze ({', '.join(global_ops[:3])}): tiled runs "
+                           f"are exact only when one tile covers the volume")
+    return data
+
+
+def info_text(data: dict[str, Any]) -> str:
+    """The human form of :func:`describe_model`'s dict."""
+    lines = [f"model        {data['model']}"]
     for kind in ("inputs", "outputs"):
         for p in data[kind]:
-            click.echo(f"{kind[:-1]:<12} {','.join(p['names']) or '-'}  {p['shape']}  {p['type']}")
+            lines.append(f"{kind[:-1]:<12} {','.join(p['names']) or '-'}  {p['shape']}  {p['type']}")
     for key in ("layout", "in_channels", "out_channels", "tile", "size_multiple"):
         if key in data:
-            click.echo(f"{key:<12} {data[key]}")
+            lines.append(f"{key:<12} {data[key]}")
     if "receptive_field" in data:
-        click.echo(f"{'receptive':<12} radius {data['receptive_field']['text']} voxels (measured, f32)")
+        lines.append(f"{'receptive':<12} radius {data['receptive_field']['text']} voxels (measured, f32)")
     for k, v in (data.get("settings") or {}).items():
-        click.echo(f"  stored {k}: {json.dumps(v) if not isinstance(v, str) else v}")
+        lines.append(f"  stored {k}: {json.dumps(v) if not isinstance(v, str) else v}")
     if "settings" in data and not data["settings"]:
-        click.echo("  (no volinfer settings stored; `volinfer convert` adds them)")
+        lines.append("  (no volinfer settings stored; `volinfer convert` adds them)")
     for key in ("warning", "note"):
         if key in data:
-            click.echo(f"{key}: {data[key]}")
+            lines.append(f"{key}: {data[key]}")
+    return "\n".join(lines)
 
 
 @main.command()
-@click.option("--out-dir", default="volinfer-demo", show_default=True, type=click.Path(path_type=Path),
-              help="Where to write the demo volume and its segmentation.")
-@click.option("--size", default="160,144,112", show_default=True, help="Demo volume shape x,y,z.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run report as JSON.")
+@click.option("-o", "--output", "out_dir", default="volinfer-demo", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write the demo volume, its ground truth and its segmentation into (created).")
+@click.option("--out-dir", "legacy_out_dir", hidden=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--size", type=SIZE, default="160x144x112", show_default=True,
+              help="Demo volume shape in voxels: N (a cube) or XxYxZ, whole numbers >= 1.")
+@runtime_options()
+@output_options("the run report")
 @friendly_errors
-def demo(out_dir: Path, size: str, as_json: bool) -> None:
-    """Generate a volume of bright blobs in noise, segment it with the built-in model, and report."""
-    import nibabel as nib
-    import numpy as np
+def demo(out_dir: Path, legacy_out_dir: Path | None, size: list[int], device: str, precision: str,
+         threads: int | None, quiet: bool, as_json: bool) -> None:
+    """Generate a volume of bright blobs in noise, segment it with the built-in model, and report (with the Dice
+    score against the generated ground truth)."""
+    from .demo import run_demo
 
-    from .api import predict
-    from .demo import demo_model_path, write_demo_volume
+    if legacy_out_dir is not None:
+        note("--out-dir is now -o/--output", quiet=quiet or as_json)
+        out_dir = legacy_out_dir
+    report = run_demo(out_dir, tuple(size), device=device, precision=precision, threads=threads,  # type: ignore
+                      progress=not quiet and not as_json)
+    emit(report.as_dict(), report.summary, as_json=as_json, quiet=quiet)
 
-    try:
-        shape = tuple(int(v) for v in size.split(","))
-        assert len(shape) == 3 and min(shape) > 0
-    except (ValueError, AssertionError):
-        raise VolinferError(f"--size expects x,y,z; got {size!r}") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vol_path, truth_path = write_demo_volume(out_dir / "demo_volume.nii.gz", shape)  # type: ignore[arg-type]
-    seg_path = out_dir / "demo_labels.nii.gz"
-    report = predict(vol_path, demo_model_path(), seg_path, overwrite=True, progress=not as_json)
-    seg = np.asarray(nib.load(str(seg_path)).dataobj)
-    truth = np.asarray(nib.load(str(truth_path)).dataobj)
-    dice = 2.0 * float((seg & truth).sum()) / max(1.0, float(seg.sum() + truth.sum()))
-    report.extra["dice"] = f"{dice:.3f} against the generated ground truth ({truth_path.name})"
-    report.extra["input"] = str(vol_path)
-    if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
-    else:
-        click.echo(report.summary())
+
+def resolve_output(legacy: Path | None, output: Path | None, quiet: bool) -> Path:
+    """``-o/--output``, or the old positional OUTPUT (still accepted, with a note)."""
+    if legacy is not None and output is not None:
+        raise VolinferError(f"two outputs given ({legacy} and -o {output}); give only -o/--output")
+    if legacy is None and output is None:
+        raise VolinferError("no output: give -o/--output")
+    if legacy is not None:
+        note(f"the output as a second argument is deprecated; use -o {legacy}", quiet=quiet)
+    return output or legacy  # type: ignore[return-value]
+
+
+def refuse_existing(output: Path, overwrite: bool) -> None:
+    """One line for an existing output (before any work), naming the one way on these commands: --overwrite."""
+    import os
+
+    if os.path.lexists(output) and not overwrite:
+        raise VolinferError(f"{output}: already exists (pass --overwrite to replace it)")
 
 
 @main.command("to-zarr")
 @click.argument("nifti", type=click.Path(path_type=Path))
-@click.argument("zarr_path", type=click.Path(path_type=Path))
-@click.option("--chunks", type=V.COUNT, default=64, show_default=True, help="Chunk size, >= 1.")
-@click.option("--overwrite", is_flag=True)
+@click.argument("legacy_output", required=False, metavar="", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="OME-Zarr store to write (a .zarr directory; required).")
+@click.option("--chunks", type=V.COUNT, default=64, show_default=True, help="Chunk edge in voxels, >= 1 (cubic "
+              "chunks).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store (only one volinfer wrote).")
+@output_options("what was written")
 @friendly_errors
-def to_zarr(nifti: Path, zarr_path: Path, chunks: int, overwrite: bool) -> None:
-    """Stream a NIfTI volume into an OME-Zarr store (z, y, x): NGFF scale and translation from its affine, the
-    whole affine kept for `to-nifti`."""
-    from .zarr_io import nifti_to_zarr
+def to_zarr(nifti: Path, legacy_output: Path | None, output: Path | None, chunks: int, overwrite: bool,
+            quiet: bool, as_json: bool) -> None:
+    """Stream the NIfTI volume NIFTI into an OME-Zarr store (z, y, x): NGFF scale and translation from its affine,
+    the whole affine kept for `to-nifti`."""
+    import time
 
-    click.echo(nifti_to_zarr(nifti, zarr_path, chunks=chunks, overwrite=overwrite, progress=True))
+    from .zarr_io import nifti_to_zarr, open_zarr_array
+
+    out = resolve_output(legacy_output, output, quiet or as_json)
+    refuse_existing(out, overwrite)
+    t0 = time.perf_counter()
+    nifti_to_zarr(nifti, out, chunks=chunks, overwrite=overwrite, progress=not quiet and not as_json)
+    arr = open_zarr_array(out)
+    data = {"input": str(nifti), "output": str(out), "format": "OME-Zarr", "shape": list(arr.shape),
+            "axes": "czyx"[-arr.ndim:], "dtype": str(arr.dtype), "chunks": list(arr.chunks),
+            "wall_s": round(time.perf_counter() - t0, 3)}
+    emit(data, f"wrote {out}: OME-Zarr ({', '.join(data['axes'])}) {'x'.join(map(str, arr.shape))} {arr.dtype}, "
+               f"chunks {'x'.join(map(str, arr.chunks))}, {data['wall_s']:.1f} s", as_json=as_json, quiet=quiet)
 
 
 @main.command("to-nifti")
 @click.argument("zarr_path", type=click.Path(path_type=Path))
-@click.argument("nifti", type=click.Path(path_type=Path))
-@click.option("--overwrite", is_flag=True)
+@click.argument("legacy_output", required=False, metavar="", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="NIfTI file to write (.nii or .nii.gz; required).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@output_options("what was written")
 @friendly_errors
-def to_nifti(zarr_path: Path, nifti: Path, overwrite: bool) -> None:
-    """Stream a Zarr array (z, y, x) or (c, z, y, x), or an OME-Zarr store's full-resolution level, into a NIfTI
-    volume (x, y, z) with the affine the store records."""
+def to_nifti(zarr_path: Path, legacy_output: Path | None, output: Path | None, overwrite: bool, quiet: bool,
+             as_json: bool) -> None:
+    """Stream the Zarr array ZARR_PATH (z, y, x) or (c, z, y, x), or an OME-Zarr store's full-resolution level, into
+    a NIfTI volume (x, y, z) with the affine the store records."""
+    import time
+
+    import nibabel as nib
+
     from .zarr_io import zarr_to_nifti
 
-    click.echo(zarr_to_nifti(zarr_path, nifti, overwrite=overwrite, progress=True))
+    out = resolve_output(legacy_output, output, quiet or as_json)
+    refuse_existing(out, overwrite)
+    t0 = time.perf_counter()
+    zarr_to_nifti(zarr_path, out, overwrite=overwrite, progress=not quiet and not as_json)
+    img = nib.load(str(out))
+    data = {"input": str(zarr_path), "output": str(out), "format": "NIfTI", "shape": list(img.shape),
+            "dtype": str(img.get_data_dtype()), "wall_s": round(time.perf_counter() - t0, 3)}
+    emit(data, f"wrote {out}: NIfTI {'x'.join(map(str, img.shape))} {data['dtype']}, {data['wall_s']:.1f} s",
+         as_json=as_json, quiet=quiet)
 
 
 def _register_optional() -> None:

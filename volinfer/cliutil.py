@@ -1,4 +1,5 @@
-"""Shared helpers of the command-line tools: one-line errors, option parsing."""
+"""Shared helpers of the command-line tools: one-line errors, option parsing, and the conventions every command
+follows (shared runtime options, human text on stderr and ``--json`` on stdout, progress bars on stderr)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Callable
 
 import click
 
+from . import validate as V
 from .errors import Interrupted, VolinferError, framework_message
 
 
@@ -72,3 +74,104 @@ def parse_tile(value: str | None) -> Any:
     except ValueError:
         raise VolinferError(f"--tile expects a size (128) or three sizes (128,128,64); got {value!r}") from None
     return parts[0] if len(parts) == 1 else parts
+
+
+# ---- one convention for every command: shared options, output streams, progress ----
+
+#: Choices, default and help of the options that say how the model is compiled; every command that runs a model
+#: declares them through :func:`runtime_options`, so they read the same everywhere.
+PRECISIONS = ["auto", "f32", "bf16", "f16"]
+DEVICE_HELP = "OpenVINO device (CPU, GPU, NPU, AUTO, ...)."
+PRECISION_HELP = ("Inference precision. auto: bf16/f16 where the device runs it natively AND `volinfer convert` "
+                  "verified on a calibration tile that this model's outputs stay faithful in it (labels >= 99.9% "
+                  "equal, probabilities within 0.05), else f32. f32 is exact.")
+THREADS_HELP = "Inference threads, >= 1 (default: all cores)."
+QUIET_HELP = "No progress bar, no summary (errors still go to stderr)."
+
+
+def runtime_options(precision_default: str = "auto", precision_note: str = "") -> Callable[[Any], Any]:
+    """``--device``, ``--precision`` and ``--threads`` exactly as ``volinfer run`` declares them."""
+
+    def apply(fn: Any) -> Any:
+        for opt in reversed([
+            click.option("--device", default="CPU", show_default=True, help=DEVICE_HELP),
+            click.option("--precision", type=click.Choice(PRECISIONS), default=precision_default, show_default=True,
+                         help=PRECISION_HELP + precision_note),
+            click.option("--threads", type=V.COUNT, help=THREADS_HELP),
+        ]):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+def output_options(what: str) -> Callable[[Any], Any]:
+    """``-q/--quiet`` and ``--json``: human text on stderr, ``what`` as JSON on stdout, nothing else there."""
+
+    def apply(fn: Any) -> Any:
+        fn = click.option("--json", "as_json", is_flag=True,
+                          help=f"Print {what} as JSON on stdout (nothing else goes there; no progress bar).")(fn)
+        return click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)(fn)
+
+    return apply
+
+
+def emit(data: Any, summary: str | Callable[[], str], *, as_json: bool, quiet: bool) -> None:
+    """The one way a command reports: ``data`` as JSON on stdout with ``--json``; otherwise the human ``summary``
+    on stderr (unless ``--quiet``), so that stdout stays clean for pipes."""
+    import json
+
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif not quiet:
+        click.echo(summary() if callable(summary) else summary, err=True)
+
+
+def note(text: str, *, quiet: bool) -> None:
+    """A one-line remark on stderr (suppressed by ``--quiet``; ``--json`` keeps stderr for humans)."""
+    if not quiet:
+        click.echo(f"note: {text}", err=True)
+
+
+def progress_bar(total: int | None, desc: str, unit: str, *, disable: bool) -> Any:
+    """A tqdm bar on stderr (never stdout: ``--json`` output stays parseable); ``disable`` for --quiet/--json."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, leave=False)
+
+
+def _size(name: str, value: Any) -> list[int]:
+    """A volume size: ``N`` (a cube) or ``XxYxZ`` (``X,Y,Z`` also accepted), whole numbers >= 1."""
+    try:
+        sizes = V.tile(value)
+    except VolinferError:
+        sizes = None
+    if not sizes:
+        raise VolinferError(f"{name} must be N or XxYxZ, whole numbers >= 1 (e.g. 96 or 160x144x112); got {value!r}")
+    return sizes * 3 if len(sizes) == 1 else sizes
+
+
+#: click type of ``--size``-like options (three whole numbers, parsed by :func:`validate.tile`).
+SIZE = V.Checked("size", _size)
+
+
+def strip_path(message: str, path: Any) -> str:
+    """``message`` without a leading ``"<path>: "``, and any further mention of the path shortened to its file name
+    (errors name their file; a line that already says which file failed should not say it twice)."""
+    prefix = f"{path}: "
+    message = message[len(prefix):] if message.startswith(prefix) else message
+    name = getattr(path, "name", None)
+    return message.replace(str(path), name) if name else message  # a library's own text may quote it again
+
+
+def _sizes(name: str, value: Any) -> list[list[int]]:
+    """Several sizes, comma-separated, each ``N`` or ``XxYxZ`` (``64,96,128x128x64``)."""
+    items = [v.strip() for v in str(value).split(",")]
+    if not all(items):
+        raise VolinferError(f"{name} expects sizes separated by commas, each N or XxYxZ (64,96,128x128x64); got "
+                            f"{value!r}")
+    return [_size(name, v) for v in items]
+
+
+#: click type of ``--tiles``-like options (a list of sizes).
+TILES = V.Checked("sizes", _sizes)

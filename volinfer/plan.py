@@ -201,9 +201,19 @@ class VolumeFacts:
 
 
 def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
-    """What the plan needs to know about the input files, from their headers only."""
+    """What the plan needs to know about the input files (NIfTI files, or one Zarr store), from their headers only.
+    A Zarr store's shape is (z, y, x), the order its runs plan and tile in; its chunks are read region by region,
+    never as whole streamed planes."""
     from .reader import StreamChannel, VolumeSource
+    from .zarr_io import is_zarr, open_zarr_source
 
+    if any(is_zarr(p) for p in paths):
+        if len(paths) != 1:
+            raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
+        zsrc, _ = open_zarr_source(paths[0])
+        with zsrc:
+            return VolumeFacts(tuple(zsrc.shape), zsrc.channels, max(r.dtype.itemsize for r in zsrc.readers),
+                               False, any(r.dtype.kind == "f" for r in zsrc.readers))
     with VolumeSource.open(paths, depth=1) as src:
         return VolumeFacts(src.shape, src.channels, max(r.dtype.itemsize for r in src.readers),
                            any(isinstance(r, StreamChannel) for r in src.readers),
@@ -222,6 +232,10 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, *, tile: Any =
     from .runsetup import needs_norm_passes, plan_tiling, resolve, verdict
 
     facts = volume_facts(paths)
+    from .zarr_io import is_zarr
+
+    if norm_stats is None and any(is_zarr(p) for p in paths):
+        norm_stats = "tile"  # what Zarr (block-wise) runs use: see volinfer.distributed
     opts = options or {}
     handle = TileModel(model_path, tile=tile, layout=layout, output=output, options=CompileOptions(**opts),
                        compile=False)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from ..cliutil import friendly_errors
+from .. import validate as V
+from ..cliutil import friendly_errors, output_options, progress_bar, runtime_options
 from ..errors import VolinferError
 
 DEFAULT_FACTORY = "volinfer.bench.reference_unet:build_unet"
@@ -85,6 +86,27 @@ def reference_model(work_dir: Path, tile: int) -> Path:
     return path
 
 
+def _cube(name: str, value: object) -> int:
+    sizes = V.tile(value)
+    if not sizes or len(set(sizes)) != 1:
+        raise VolinferError(f"{name} must be one tile edge N (or NxNxN) in voxels, >= 1: every method here, the peers "
+                            f"included, runs cubic tiles; got {value!r}")
+    return sizes[0]
+
+
+CUBE = V.Checked("tile", _cube)
+
+
+def resolve_precision(model: Path, precision: str, device: str) -> str:
+    """``auto`` resolved once, as `volinfer run` would for this model and device, so that every method of the
+    report runs (and the report names) one concrete precision."""
+    if precision != "auto":
+        return precision
+    from volinfer.model import CompileOptions, TileModel
+
+    return TileModel(model, options=CompileOptions(device=device, precision="auto"), compile=False).precision
+
+
 @click.command()
 @click.option("-m", "--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Model to measure (.xml/.onnx). Default: the reference MONAI-style U-Net, built with PyTorch "
@@ -96,13 +118,13 @@ def reference_model(work_dir: Path, tile: int) -> Path:
               "precision), infer-only (OpenVINO inference alone on the same tiles).")
 @click.option("--vs", "versus", help="Peers to add, comma-separated: monai, nnunet, torch (naive PyTorch), or all "
                                      "(those installed). They run the PyTorch network of --torch-factory.")
-@click.option("--tile", default=128, show_default=True, type=click.IntRange(1), help="Tile edge in voxels.")
-@click.option("--overlap", default="0.25", show_default=True,
-              help="Overlap between neighbouring tiles: a fraction of the tile (0.25) or voxels (32).")
-@click.option("--device", default="CPU", show_default=True, help="OpenVINO device (CPU, GPU, NPU, AUTO, ...).")
-@click.option("--precision", type=click.Choice(["f32", "bf16", "f16"]), default="f32", show_default=True,
-              help="Inference precision hint; f32 is exact, bf16/f16 faster on hardware that has them.")
-@click.option("--threads", type=int, help="Inference threads (default: all cores); PyTorch peers get the same.")
+@click.option("--tile", default="128", show_default=True, type=CUBE,
+              help="Tile edge in voxels, every method the same: N (or NxNxN; the peers take cubic tiles).")
+@click.option("--overlap", default="0.25", show_default=True, type=V.OVERLAP,
+              help="Overlap between neighbouring tiles, as for `run`: " + V.OVERLAP_RULE.split(", optionally")[0]
+              + ".")
+@runtime_options(precision_default="f32", precision_note=" Default f32 here: the PyTorch peers compute in f32, and "
+                 "every method of one report runs the one precision the report names (auto is resolved once).")
 @click.option("--cap", "cap_fraction", default=0.85, show_default=True, type=click.FloatRange(0.05, 1.0),
               help="Skip or stop runs that need more than this fraction of RAM.")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
@@ -114,8 +136,7 @@ def reference_model(work_dir: Path, tile: int) -> Path:
 @click.option("--torch-factory", default=DEFAULT_FACTORY, show_default=True,
               help="module:function building the PyTorch network the PyTorch peers run (the source of -m).")
 @click.option("--note", default="", help="A remark printed with the report (e.g. that the machine was shared).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@output_options("the report")
 @friendly_errors
 def bench(model_path: Path | None, sizes: str, methods: str, versus: str | None, tile: int, overlap: str,
           device: str, precision: str, threads: int | None, cap_fraction: float, output: Path | None, name: str,
@@ -138,22 +159,21 @@ def bench(model_path: Path | None, sizes: str, methods: str, versus: str | None,
 def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile: int, overlap: str, device: str,
          precision: str, threads: int | None, cap_fraction: float, out_dir: Path, name: str, torch_factory: str,
          note: str, quiet: bool, as_json: bool) -> None:
-    from tqdm import tqdm
-
     from .harness import BenchConfig, run_benchmark
     from .report import markdown_report, ratios, save_report
 
     size_list = parse_sizes(sizes)
     model = (model_path or reference_model(wd, tile)).resolve()
+    precision = resolve_precision(model, precision, device)
     cfg = BenchConfig(sizes=size_list, methods=chosen, model=model, work_dir=wd, tile=tile, overlap=overlap,
                       precision=precision, device=device, threads=threads, cap_fraction=cap_fraction,
                       torch_factory=torch_factory, command=invocation(), note=note)
-    with tqdm(total=len(size_list) * len(chosen), desc="bench runs", unit="run", disable=quiet,
-              file=sys.stderr) as bar:
-        results, info = run_benchmark(cfg, log=lambda s: None if quiet else bar.write(s, file=sys.stderr),
+    human = not quiet and not as_json  # --json: the report alone, on stdout
+    with progress_bar(len(size_list) * len(chosen), "bench runs", "run", disable=not human) as bar:
+        results, info = run_benchmark(cfg, log=lambda s: bar.write(s, file=sys.stderr) if human else None,
                                       progress=bar)
     files = save_report(results, info, cfg, out_dir, name)
-    if not quiet:
+    if human:
         click.echo("\n" + markdown_report(results, info, cfg), err=True)
         click.echo("wrote " + ", ".join(str(p) for p in files), err=True)
     if as_json:
