@@ -197,7 +197,7 @@ def convert(
     notes: list[str] = []
     if random_weights:
         notes.append("converted with the factory's own (random) weights: --random-weights")
-    layout = (layout or src.layout or "NCDHW").upper()
+    layout = (layout or src.layout or _stored_layout(src) or "NCDHW").upper()
     ov_model, old_settings, channels, t3, multiple = _prepare(src, layout, channels, tile, static,
                                                               inputs[0] if inputs else None)
     per_tile = sorted({op.get_type_name() for op in ov_model.get_ops()} & PER_TILE_STAT_OPS)
@@ -339,6 +339,16 @@ def _record_activation(model: ov.Model, index: int, layout: str, activation: str
     elif activation != "none":
         notes.append(f"the graph already ends in {found}, and --activation {activation} applies another on top "
                      f"(stored as asked)")
+
+
+def _stored_layout(src: Source) -> str | None:
+    """The layout an IR being re-described already stores (re-describing must not reset it to NCDHW)."""
+    if src.framework != "openvino" or src.path is None:
+        return None
+    try:
+        return ModelSettings.from_model(ov.Core().read_model(str(src.path))).layout
+    except Exception:
+        return None
 
 
 def _check_precision(ov_model: ov.Model, layout: str, channels: int, tile: list[int], out_index: int,
