@@ -64,8 +64,13 @@ def test_killed_worker_is_retried_and_output_identical(data):
     ref = tmp / "kill_ref.zarr"
     run_zarr(tmp / "in.zarr", xml, ref, stitch="crop", block=16, overwrite=True, **OPTS)
     out = tmp / "kill.zarr"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      host="127.0.0.1") as cluster:
+    import dask
+
+    # a chunk lock the killed worker held is freed when its lease expires: short leases keep the test quick
+    with dask.config.set({"distributed.scheduler.locks.lease-timeout": "2s",
+                          "distributed.scheduler.locks.lease-validation-interval": "0.5s"}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                         host="127.0.0.1") as cluster:
         with Client(cluster) as client:  # closed before run_zarr opens its own client on the scheduler address
             pids = list(client.run(os.getpid).values())
         killed = []
