@@ -1,14 +1,19 @@
 """Chunked runs: Zarr in, Zarr out, block by block, in this process or on a Dask cluster; Zarr in, NIfTI out.
 
-The volume is split into blocks of whole output chunks (:mod:`volinfer.blocks`), so no two tasks ever write the
-same chunk. Each task reads its tiles (with the halo they need) straight from the input chunks, runs them through a
-model that its worker process compiled once (a per-process cache), writes its output chunks, then drops a completion
-marker. A re-run skips blocks whose marker exists; a block whose worker died is simply run again (Dask retries it),
-overwriting whatever partial chunks it left. Statistics for normalisation are gathered once, up front.
+The volume is split into blocks (:mod:`volinfer.blocks`). Crop runs split it along the grid's tile centres, so every
+tile runs exactly once; blocks then share the output chunks their borders cross, and write those under a per-chunk
+lock (a Dask lock on a cluster; a run in this process writes blocks one after another) as a read-modify-write of
+their own voxels only. Blended runs, and crop runs with a pyramid, split it into blocks of whole output chunks, so no
+two tasks ever write the same chunk; tiles whose extent crosses a block border run once per block they touch (the
+summary reports the count, :func:`volinfer.blocks.redundancy`). Each task reads its tiles (with the halo they need)
+straight from the input chunks, runs them through a model that its worker process compiled once (a per-process
+cache), writes its output, then drops a completion marker. A re-run skips blocks whose marker exists; a block whose
+worker died is simply run again (Dask retries it), overwriting its own voxels whatever it left (Zarr's local store
+replaces chunk files atomically). Statistics for normalisation are gathered once, up front.
 
 With ``pyramid`` levels, each block is downsampled in memory once written and its footprint written into every
 lower level (whose chunks divide the block's footprint there, :func:`volinfer.ome.level_chunks`): the pyramid
-needs no second pass and no two blocks share a chunk of any level.
+needs no second pass and no two blocks share a chunk of any level (pyramid runs use chunk-aligned blocks).
 
 A NIfTI output from a Zarr input is written slab by slab (:func:`run_zarr_to_nifti`): blocks spanning the whole
 cross-section of the array's last two axes, one or more rows of tiles thick along its first axis, in order, through
@@ -21,13 +26,15 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .blocks import Block, block_tiles, make_block_stitcher, plan_blocks
+from .blocks import Block, block_tiles, make_block_stitcher, plan_blocks, plan_core_blocks, redundancy
 from .engine import RunReport, peak_rss_mb, run_tiles
 from .errors import VolinferError
 from .geometry import TileGrid
@@ -90,13 +97,13 @@ def run_block_array(job: ZarrJob, block: Block) -> tuple[np.ndarray, dict[str, A
     source, _ = open_zarr_source(job.input)
     grid = TileGrid.build(source.shape, job.tile, [job.multiple] * 3, job.overlap,
                           "crop" if job.stitch == "crop" else "blend")
-    stitcher = make_block_stitcher(grid, block, job.spec, job.stitch, job.sigma)
+    stitcher, array = make_block_stitcher(grid, block, job.spec, job.stitch, job.sigma)
     tiles = list(block_tiles(grid, block))
     busy, n, reused = run_tiles(source, tm, job.spec, None, grid=grid, stitch=job.stitch,  # type: ignore[arg-type]
                                 normalizer=job.normalizer, sigma=job.sigma, pad_mode=job.pad_mode,
                                 requests=job.requests, progress=False, reuse_constant=job.reuse_constant,
                                 nan_fill=job.nan_fill, tiles=tiles, stitcher=stitcher, mirror=job.mirror)
-    return stitcher.out, {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
+    return array.out, {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
                           "pid": os.getpid(), "peak_rss_mb": _own_peak_mb()}
 
 
@@ -123,17 +130,64 @@ def _write_levels(job: ZarrJob, block: Block, out: np.ndarray) -> None:
 
     group = zarr.open_group(job.output, mode="r+")
     box = block.box
+    if not job.levels:
+        with _shared_chunk_locks(job, box, group["0"]):
+            _write_box(group["0"], box, out)
+        return
     for lev in range(job.levels + 1):
         if lev:
             out = downsample(out, job.method)
             box = tuple((a >> 1, (a >> 1) + n) for (a, _), n in zip(box, out.shape[1:]))  # type: ignore[assignment]
-        arr = group[str(lev)]
-        region = tuple(slice(a, b) for a, b in box)
-        if out.shape[0] == 1 and arr.ndim == 3:
-            arr[region] = out[0]
-        else:
-            arr[(slice(None), *region)] = out
-        sync_region(arr, box)
+        _write_box(group[str(lev)], box, out)
+
+
+def _write_box(arr: Any, box: Any, out: np.ndarray) -> None:
+    """``out`` (C, *box shape) into ``arr`` at ``box``, then fsync its chunks."""
+    region = tuple(slice(a, b) for a, b in box)
+    if out.shape[0] == 1 and arr.ndim == 3:
+        arr[region] = out[0]
+    else:
+        arr[(slice(None), *region)] = out
+    sync_region(arr, box)
+
+
+def shared_chunks(box: Sequence[tuple[int, int]], chunks: Sequence[int], shape: Sequence[int]) -> list[tuple]:
+    """Indices of the chunks that ``box`` covers only in part (a neighbouring block writes the rest of them)."""
+    axes = []
+    for (a, b), c, n in zip(box, chunks, shape):
+        axes.append([(k, k * c < a or min((k + 1) * c, n) > b) for k in range(a // c, -(-b // c))])
+    return [tuple(k for k, _ in combo) for combo in product(*axes) if any(p for _, p in combo)]
+
+
+@contextmanager
+def _shared_chunk_locks(job: ZarrJob, box: Any, arr: Any) -> Iterator[None]:
+    """Hold a lock on every output chunk ``box`` shares with another block while writing it (Dask tasks only:
+    blocks run in this process are written one after another). Locks are taken in sorted order: no deadlock; a
+    lock held by a worker that died is released by the scheduler when its lease times out."""
+    keys = shared_chunks(box, arr.chunks[-3:], arr.shape[-3:])
+    worker = None
+    if keys:
+        try:
+            from distributed import get_worker
+
+            worker = get_worker()
+        except (ImportError, ValueError):
+            worker = None
+    if worker is None:
+        yield
+        return
+    from distributed import Lock
+
+    locks = [Lock(f"volinfer:{os.path.abspath(job.output)}:{'.'.join(map(str, k))}") for k in sorted(keys)]
+    held = []
+    try:
+        for lock in locks:
+            lock.acquire()
+            held.append(lock)
+        yield
+    finally:
+        for lock in reversed(held):
+            lock.release()
 
 
 def _own_peak_mb() -> float:
@@ -310,8 +364,9 @@ def _run_zarr(volume: Any, model: Any, output: Any, *, block: int, chunks: Any, 
     chunk3 = _chunk_shape(chunks, p.in_arr)
     per = block_extent(chunk3, (block,) * 3)
     check_pyramid(pyramid, per, chunk3)
+    blocks, split = split_blocks(p.setup.grid, chunk3, block, pyramid)
     journal = Journal(Path(output), run_fingerprint([Path(volume)], p.tm.path, dict(
-        p.settings, chunks=chunk3, block=block, compression=compression,
+        p.settings, chunks=chunk3, block=block, compression=compression, split=split,
         **({"pyramid": pyramid} if pyramid else {}))), path=run_journal(output))
     resuming = resume and Path(output).exists()
     if resuming:
@@ -329,16 +384,30 @@ def _run_zarr(volume: Any, model: Any, output: Any, *, block: int, chunks: Any, 
         if marker_dir.exists():
             for m in marker_dir.iterdir():
                 m.unlink()
-    blocks = plan_blocks(p.source.shape, chunk3, (block,) * 3)
     job = _job(p, volume, output, model, requests=requests, levels=pyramid, **run)
     results = _execute(job, blocks, scheduler, workers, progress)
     rep = _report(p, output, t0, results, requests)
     done = [r for r in results if not r["skipped"]]
     rep.extra["blocks"] = (f"{len(done)} run, {len(results) - len(done)} already complete, "
-                           f"{len({r['pid'] for r in done})} process(es)")
+                           f"{len({r['pid'] for r in done})} process(es), split along {split}")
+    rep.extra["tile runs"] = tile_runs_line(p.setup.grid, blocks)
     if pyramid:
         rep.extra["pyramid"] = f"{pyramid} downsampled level(s) ({downsample_method(run['kind'])}), OME-Zarr"
     return rep
+
+
+def split_blocks(grid: TileGrid, chunks: Sequence[int], block: int, pyramid: int) -> tuple[list[Block], str]:
+    """The run's blocks and what their borders follow: tile centres for crop (each tile runs once), whole output
+    chunks for blending and for pyramids (whose levels are downsampled block by block)."""
+    if grid.mode == "crop" and not pyramid:
+        return plan_core_blocks(grid, (block,) * 3), "tile centres"
+    return plan_blocks(grid.shape, chunks, (block,) * 3), "output chunks"
+
+
+def tile_runs_line(grid: TileGrid, blocks: Sequence[Block]) -> str:
+    """The summary's count of tile inferences the split costs, e.g. ``154 computed for 125 in the grid (1.23x)``."""
+    runs, tiles = redundancy(grid, blocks)
+    return f"{runs} computed for {tiles} in the grid ({runs / tiles:.2f}x)"
 
 
 def block_extent(chunks: Sequence[int], block: Sequence[int]) -> tuple[int, int, int]:
@@ -418,6 +487,7 @@ def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, *, block: int, res
         bar.close()
     rep = _report(p, output, t0, results, requests)
     rep.extra["slabs"] = f"{len(results)} run, {start} already complete (Zarr [k, j, i] -> NIfTI (i, j, k))"
+    rep.extra["tile runs"] = tile_runs_line(s.grid, slabs)
     return rep
 
 

@@ -25,26 +25,44 @@ from .postprocess import OutputSpec
 from .weights import tile_weights_1d, weight_sum_1d
 
 
+Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
 class BlockWriter(Protocol):
     def write(self, block: np.ndarray, z0: int, y0: int) -> None:
-        """Store ``block`` (channels, nz, ny, X) at planes ``z0..`` and rows ``y0..``."""
+        """Store ``block`` (channels, nz, ny, X) at planes ``z0..`` and rows ``y0..`` (x from the region's start)."""
+
+
+def whole(grid: TileGrid) -> Region:
+    """The region covering all of ``grid``'s volume."""
+    return tuple((0, n) for n in grid.shape)  # type: ignore[return-value]
+
+
+def _clip(span: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    return max(span[0], box[0]), min(span[1], box[1])
 
 
 class CropStitcher:
-    """Exact crop stitching: each output voxel comes from the one tile whose centre holds it."""
+    """Exact crop stitching: each output voxel comes from the one tile whose centre holds it.
 
-    def __init__(self, grid: TileGrid, spec: OutputSpec, writer: BlockWriter) -> None:
+    With a ``region`` (one block of a chunked run, :mod:`volinfer.blocks`) only the tiles whose centre meets it are
+    added, and only their voxels inside it are kept and written; x of written blocks starts at the region's start.
+    """
+
+    def __init__(self, grid: TileGrid, spec: OutputSpec, writer: BlockWriter, region: Region | None = None) -> None:
         self.grid, self.spec, self.writer = grid, spec, writer
+        self.region = region or whole(grid)
+        (rx0, rx1), ry, rz = self.region
         self._open: dict[tuple[int, int], list] = {}  # row -> [strip view, tiles still missing, buffer]
         self._free: list[np.ndarray] = []  # strip buffers of the largest core size, reused for every row
-        self._per_row = grid.axes[0].count
-        core_y = max(c1 - c0 for c0, c1 in grid.axes[1].cores)
-        core_z = max(c1 - c0 for c0, c1 in grid.axes[2].cores)
-        self._full = (spec.out_channels, core_z, core_y, grid.shape[0])
+        self._per_row = sum(1 for c in grid.axes[0].cores if c[0] < rx1 and rx0 < c[1])
+        core_y = max(min(c1, ry[1]) - max(c0, ry[0]) for c0, c1 in grid.axes[1].cores)
+        core_z = max(min(c1, rz[1]) - max(c0, rz[0]) for c0, c1 in grid.axes[2].cores)
+        self._full = (spec.out_channels, core_z, core_y, rx1 - rx0)
 
     def add(self, tile: Tile, output: np.ndarray) -> None:
         """Post-process the centre of ``output`` (C, x, y, z, a view of the request's buffer) into its strip."""
-        (cx0, cx1), (cy0, cy1), (cz0, cz1) = tile.core
+        (cx0, cx1), (cy0, cy1), (cz0, cz1) = (_clip(c, r) for c, r in zip(tile.core, self.region))
         sx, sy, sz = tile.start
         entry = self._open.get(tile.row)
         if entry is None:
@@ -52,7 +70,8 @@ class CropStitcher:
             # leading rows of each plane: every (channel, z) plane of the view stays contiguous for the writer
             entry = self._open[tile.row] = [buf[:, : cz1 - cz0, : cy1 - cy0], self._per_row, buf]
         core = output[:, cx0 - sx : cx1 - sx, cy0 - sy : cy1 - sy, cz0 - sz : cz1 - sz]
-        self.spec(core.transpose(0, 3, 2, 1), entry[0][..., cx0:cx1])
+        rx0 = self.region[0][0]
+        self.spec(core.transpose(0, 3, 2, 1), entry[0][..., cx0 - rx0 : cx1 - rx0])
         entry[1] -= 1
         if entry[1] == 0:
             self.writer.write(entry[0], cz0, cy0)
@@ -85,17 +104,24 @@ class BlendStitcher:
     next z-row's start are final (normalised, post-processed and written as blocks spanning the whole x axis) and
     the planes beyond go to the carry; a new row of the strip starts from the carry (or zero). Every voxel's sum
     therefore receives exactly the additions, in exactly the order, of a whole-volume accumulator — bitwise the
-    same result as :class:`volinfer.blocks.BlockBlendStitcher` — in ``(tile_z·tile_y + overlap_z·Y)·X`` floats per
-    model channel instead of ``tile_z·Y·X``. The normaliser is separable (see :mod:`volinfer.weights`).
+    same result as a whole-volume accumulator — in ``(tile_z·tile_y + overlap_z·Y)·X`` floats per model channel
+    instead of ``tile_z·Y·X``. The normaliser is separable (see :mod:`volinfer.weights`).
+
+    With a ``region`` (one block of a chunked run, :mod:`volinfer.blocks`) X and Y above are the region's, tiles add
+    only their voxels inside it, only its planes are written, and the normaliser is the whole grid's: every kept
+    voxel receives the same float32 additions in the same order as without a region, so the same bits.
     """
 
     CHUNK = 16  # planes weighted per step: small temporaries, cache-friendly transposes
 
-    def __init__(self, grid: TileGrid, spec: OutputSpec, writer: BlockWriter, mode: str, sigma: float = 0.125) -> None:
+    def __init__(self, grid: TileGrid, spec: OutputSpec, writer: BlockWriter, mode: str, sigma: float = 0.125,
+                 region: Region | None = None) -> None:
         self.grid, self.spec, self.writer = grid, spec, writer
+        self.region = region or whole(grid)
         self._w = [tile_weights_1d(mode, t, sigma) for t in grid.tile_shape]  # wx, wy, wz (float32)
         self._norm = [1.0 / weight_sum_1d(a, w) for a, w in zip(grid.axes, self._w)]
-        X, Y, Z = grid.shape
+        X, Y = (b - a for a, b in self.region[:2])
+        Z = grid.shape[2]
         tx, ty, tz = grid.tile_shape
         self._depth, self._ring = min(tz, Z), min(ty, Y)
         self._carry_depth = carry_depth(grid.axes[2])
@@ -105,10 +131,10 @@ class BlendStitcher:
         self._out = np.empty((spec.out_channels, 1, self._ring, X), dtype=spec.dtype)
         self._iz: int | None = None  # current z-row
         self._iy = -1  # current y-row
-        self._y_open = self._y_done = 0  # rows < y_open are initialised in the strip; rows < y_done are closed
+        self._y_open = self._y_done = self.region[1][0]  # rows < y_open are initialised; rows < y_done are closed
         self._carry_from: int | None = None  # the z-row whose contributions the carry holds
         self._carry_in = 0  # planes of the current z-row that started from the carry
-        self._z0 = 0  # resuming: planes below z0 are final on disk and are not written again
+        self._z0 = self.region[2][0]  # resuming (or a region): planes below z0 are not written
 
     @classmethod
     def buffer_bytes(cls, grid: TileGrid, channels: int) -> int:
@@ -131,9 +157,9 @@ class BlendStitcher:
         if iy != self._iy:
             if iy < self._iy:
                 raise RuntimeError("blended tiles must be stitched in grid order")
-            ay = self.grid.axes[1]
-            self._close_rows(ay.starts[iy])
-            self._open_rows(ay.extent(iy)[1])
+            (ay0, ay1), (ry0, ry1) = self.grid.axes[1].extent(iy), self.region[1]
+            self._close_rows(min(max(ay0, ry0), ry1))
+            self._open_rows(min(ay1, ry1))
             self._iy = iy
         self._accumulate(tile, output)
 
@@ -144,25 +170,26 @@ class BlendStitcher:
 
     def start_at(self, z: int) -> None:
         """Resume: planes below ``z`` are final on disk; replayed earlier rows only carry into planes from ``z``."""
-        self._z0 = z
+        self._z0 = max(z, self.region[2][0])
 
     def finish(self) -> None:
         self.end_row(self.grid.shape[2])
 
     # -- rows and planes ------------------------------------------------------------------------------------------
     def _begin_zrow(self, iz: int, channels: int) -> None:
-        X, Y, _ = self.grid.shape
+        X, Y = (b - a for a, b in self.region[:2])
         tx, ty, _ = self.grid.tile_shape
         if self._strip is None:
             self._strip = np.empty((channels, self._depth, self._ring, X), dtype=np.float32)
             self._carry = np.empty((channels, self._carry_depth, Y, X), dtype=np.float32)
             self._tmp = np.empty((channels, self.CHUNK, ty, tx), dtype=np.float32)
         az = self.grid.axes[2]
-        self._iz, self._iy, self._y_open, self._y_done = iz, -1, 0, 0
+        ry0 = self.region[1][0]
+        self._iz, self._iy, self._y_open, self._y_done = iz, -1, ry0, ry0
         self._carry_in = max(0, az.extent(iz - 1)[1] - az.starts[iz]) if iz and self._carry_from == iz - 1 else 0
 
     def _end_zrow(self) -> None:
-        self._close_rows(self.grid.shape[1])
+        self._close_rows(self.region[1][1])
         last = self._iz == self.grid.axes[2].count - 1
         self._carry_from, self._iz = (None if last else self._iz), None
 
@@ -176,11 +203,11 @@ class BlendStitcher:
 
     def _open_rows(self, hi: int) -> None:
         """Start rows [y_open, hi) of the current z-row: from the previous z-row's carry, zero elsewhere."""
-        strip, k = self._strip, self._carry_in
+        strip, k, ry0 = self._strip, self._carry_in, self.region[1][0]
         for a, b, s in self._slots(self._y_open, hi):
             strip[:, k:, s : s + b - a] = 0.0  # type: ignore[index]
             if k:
-                strip[:, :k, s : s + b - a] = self._carry[:, :k, a:b]  # type: ignore[index]
+                strip[:, :k, s : s + b - a] = self._carry[:, :k, a - ry0 : b - ry0]  # type: ignore[index]
         self._y_open = max(self._y_open, hi)
 
     def _close_rows(self, hi: int) -> None:
@@ -196,15 +223,17 @@ class BlendStitcher:
             rows = self._strip[:, :, s : s + b - a]  # type: ignore[index]
             self._write(rows, z0, final, a, b)
             if not last:
-                self._carry[:, : z1 - final, a:b] = rows[:, final - z0 : z1 - z0]  # type: ignore[index]
+                ry0 = self.region[1][0]
+                self._carry[:, : z1 - final, a - ry0 : b - ry0] = rows[:, final - z0 : z1 - z0]  # type: ignore[index]
         self._y_done = hi
 
     def _write(self, rows: np.ndarray, z0: int, z1: int, y0: int, y1: int) -> None:
         """Normalise, post-process and write planes [z0, z1) of rows [y0, y1) (``rows`` starts at plane z0)."""
         nx_, ny_, nz_ = self._norm
-        plane_norm = ny_[y0:y1, None] * nx_[None, :]
+        (rx0, rx1), _, (_, rz1) = self.region
+        plane_norm = ny_[y0:y1, None] * nx_[None, rx0:rx1]
         out = self._out[:, :, : y1 - y0]
-        for z in range(max(z0, self._z0), z1):
+        for z in range(max(z0, self._z0), min(z1, rz1)):
             raw = rows[:, z - z0]
             raw *= plane_norm * nz_[z]
             self.spec(raw[:, None], out)
@@ -212,18 +241,21 @@ class BlendStitcher:
 
     def _accumulate(self, tile: Tile, output: np.ndarray) -> None:
         """strip[planes, rows, x0:x1] += output * (wz · wy · wx), chunk by chunk of planes, in plane order."""
-        (x0, x1), (y0, y1), (z0, z1) = (self.grid.axes[i].extent(tile.index[i]) for i in range(3))
+        ext = [self.grid.axes[i].extent(tile.index[i]) for i in range(3)]
+        (x0, x1), (y0, y1), (za, zb) = (_clip(e, r) for e, r in zip(ext, self.region))
+        ox, ty0, z0 = x0 - ext[0][0], ext[1][0], ext[2][0]  # the kept part's x offset, the tile's y and z starts
+        rx0 = self.region[0][0]
         wx, wy, wz = self._w
-        nx, nz = x1 - x0, z1 - z0
-        for k in range(0, nz, self.CHUNK):
-            kz = min(self.CHUNK, nz - k)
+        nx = x1 - x0
+        for k in range(za - z0, zb - z0, self.CHUNK):  # strip plane k is volume plane z0 + k; the region's only
+            kz = min(self.CHUNK, zb - z0 - k)
             for a, b, s in self._slots(y0, y1):
-                ya, yb = a - y0, b - y0
-                w = wz[k : k + kz, None, None] * wy[None, ya:yb, None] * wx[None, None, :nx]  # as (wz*wy)*wx
+                ya, yb = a - ty0, b - ty0
+                w = wz[k : k + kz, None, None] * wy[None, ya:yb, None] * wx[None, None, ox : ox + nx]  # (wz*wy)*wx
                 part = self._tmp[:, :kz, : b - a, :nx]  # type: ignore[index]
                 blockwise(lambda o, ww, dst: np.multiply(o, ww, out=dst), part,
-                          output[:, :nx, ya:yb, k : k + kz].transpose(0, 3, 2, 1), w, step=16)
-                self._strip[:, k : k + kz, s : s + b - a, x0:x1] += part  # type: ignore[index]
+                          output[:, ox : ox + nx, ya:yb, k : k + kz].transpose(0, 3, 2, 1), w, step=16)
+                self._strip[:, k : k + kz, s : s + b - a, x0 - rx0 : x1 - rx0] += part  # type: ignore[index]
 
 
 def carry_depth(az: AxisPlan) -> int:
@@ -231,8 +263,10 @@ def carry_depth(az: AxisPlan) -> int:
     return max([az.extent(r)[1] - az.starts[r + 1] for r in range(az.count - 1)], default=0)
 
 
-def make_stitcher(grid: TileGrid, spec: OutputSpec, writer: BlockWriter, stitch: str, sigma: float = 0.125):
-    """``crop`` → :class:`CropStitcher`; ``gaussian`` / ``mean`` → :class:`BlendStitcher`."""
+def make_stitcher(grid: TileGrid, spec: OutputSpec, writer: BlockWriter, stitch: str, sigma: float = 0.125,
+                  region: Region | None = None):
+    """``crop`` → :class:`CropStitcher`; ``gaussian`` / ``mean`` → :class:`BlendStitcher`; ``region`` keeps one box
+    of the volume (default: all of it)."""
     if stitch == "crop":
-        return CropStitcher(grid, spec, writer)
-    return BlendStitcher(grid, spec, writer, stitch, sigma)
+        return CropStitcher(grid, spec, writer, region)
+    return BlendStitcher(grid, spec, writer, stitch, sigma, region)
