@@ -261,10 +261,10 @@ def markdown(res: dict[str, Any]) -> str:
         f"InstanceNorm3d, ends in Softmax); input: deepbet's own preprocessing of `{res['volume_name']}` (head box "
         f"{res['preprocess']['bbox']} resampled to 256³, normalised). Reference: PyTorch {ref['info'].get('torch')} "
         f"on the whole 256³ volume. Each row is a fresh process; peak RSS and wall time from `/usr/bin/time -v`. "
-        f"Machine: {res['machine']}, shared with other jobs while measured: times are indicative. \"exact\" is "
+        f"volinfer at {res.get('volinfer_commit')}. Machine: {res['machine']}, shared with other jobs while measured: times are indicative. \"exact\" is "
         "volinfer's own verdict (`--json`); Dice is of the brain label against the reference.",
         "",
-        "| IR | run | tile | tiles | stitch | statistics passes | exact (volinfer says) | Dice vs PyTorch | "
+        "| IR | run | tile | tiles | stitch | input passes | exact (volinfer says) | Dice vs PyTorch | "
         "equal voxels | peak RSS (MB) | wall (s) |",
         "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|",
         f"| — | PyTorch, whole volume (reference) | 256³ | 1 | — | — | — | 1 | 100% | {ref['peak_rss_mb']:.0f} | "
@@ -388,7 +388,16 @@ def benchmark(volume: Path, work: Path, names: list[str], timeout_s: float) -> d
     return {"volume": str(volume), "volume_name": volume.name, "work_dir": str(work), "model": str(model),
             "deepbet_version": md.version("deepbet"), "model_params": params, "preprocess": prep,
             "converts": list(converts.values()), "reference": ref, "runs": runs, "commands": commands,
-            "machine": _machine(), "versions": {m: _version(m) for m in ("torch", "openvino", "nibabel", "numpy")}}
+            "machine": _machine(), "volinfer_commit": _commit(), "versions": {m: _version(m) for m in ("torch", "openvino", "nibabel", "numpy")}}
+
+
+def _commit() -> str | None:
+    """The volinfer checkout's commit, for the record."""
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _version(mod: str) -> str | None:
