@@ -280,6 +280,8 @@ def markdown(res: dict[str, Any]) -> str:
                      f"{_fmt(r.get('stitch'))} | {_fmt(r.get('input_passes'))} | {_fmt(r.get('exact'))} | "
                      f"{r['dice']:.4f} | {100 * r['equal']:.3f}% | {_fmt(r['peak_rss_mb'], '.0f')} | "
                      f"{_fmt(r['wall_s'], '.1f')} |")
+    if res.get("note"):
+        lines += ["", f"Note: {res['note']}."]
     lines += ["", "volinfer's reasons when it says a run is not exact:", ""]
     for r in res["runs"]:
         if r.get("not_exact"):
