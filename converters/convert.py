@@ -399,7 +399,8 @@ def _measure_rf(ov_model: ov.Model, t3: list[int], settings: ModelSettings, note
     settings.receptive_field = list(rf.radius)
     if not rf.bounded:
         settings.extra["receptive_field_bounded"] = False
-        notes.append(f"receptive field {rf} at tile {t3}: crop stitching cannot be exact at this tile size")
+        notes.append(f"receptive field {rf}: it reaches past the largest probe, so only a tile covering the whole "
+                     f"(padded) volume is exact; `volinfer run` plans one when it fits the memory budget")
 
 
 def _has_spatial_kernels(model: ov.Model) -> bool:

@@ -172,3 +172,22 @@ def test_mirroring_equals_flip_averaged_whole_volume_inference(tmp_path):
     assert np.abs(got - ref).max() < 1e-4
     plain = volinfer.predict(vol, xml, tile=28, overlap=24, kind="raw")
     assert np.abs(np.moveaxis(plain, -1, 0) - ref).max() > 1e-3  # mirroring really changed the output
+
+
+def test_unbounded_receptive_field_plans_one_tile_over_the_volume(tmp_path, monkeypatch):
+    """A receptive field that still reaches the edge of the largest probe is only a lower bound: the default run
+    must use one tile over the padded volume (exact), not the stored small tile (the deepbet failure)."""
+    import volinfer.receptive_field as rfm
+
+    monkeypatch.setattr(rfm, "MAX_PROBE_TILE", 16)  # this network's reach (13) touches a 16-voxel probe's edge
+    net = NormUNet("instance")
+    xml = _ir(net, tmp_path, "unb")
+    rf = measure_receptive_field(TileModel(xml, tile=8))
+    assert not rf.bounded
+    vol = _volume((45, 38, 50), seed=5)
+    raw, rep = volinfer.predict(vol, xml, kind="raw", report=True)
+    assert rep.tiles == 1 and rep.exact is True and rep.tile == (48, 40, 52)
+    forced, rep_forced = volinfer.predict(vol, xml, tile=24, kind="raw", report=True)
+    assert rep_forced.exact is False and any("not bounded" in r for r in rep_forced.not_exact)
+    ref = _torch_whole(net, vol)
+    assert (np.moveaxis(raw, -1, 0).argmax(0) == ref.argmax(0)).mean() >= 0.9999

@@ -133,6 +133,8 @@ def _axis_options(n: int, m: int, radius: int, need: int, preferred: int) -> lis
     ``radius`` (+ ``need`` for aligned statistics cores) up to one tile over the padded axis."""
     whole = -(-n // m) * m
     out = [(whole, 1, 0)]
+    if radius < 0:  # receptive field not bounded by the largest probe: only one tile over the axis is exact
+        return out
     margin = radius + need
     smallest = max(m, -(-(2 * margin + m) // m) * m)
     sizes = sorted({t for t in range(smallest, whole, m)} | ({preferred} if smallest <= preferred < whole else set()))
@@ -153,8 +155,9 @@ def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferre
                weighed: list[Tiling] | None = None) -> Tiling | None:
     """The exact tiling with the fewest evaluated voxels (statistics passes counted) within ``speed_mb``, else the
     exact tiling with the least memory within ``budget_mb``; None when no exact tiling fits."""
+    radii = rf.radius if rf.bounded else (-1, -1, -1)
     options = [_axis_options(n, multiple, r, multiple // 2 if norm_layers else 0, p)
-               for n, r, p in zip(shape, rf.radius, preferred)]
+               for n, r, p in zip(shape, radii, preferred)]
     fits: list[Tiling] = []
     for ox in options[0]:
         for oy in options[1]:
@@ -206,8 +209,9 @@ def judge(shape: Sequence[int], tile: Sequence[int], overlap: Sequence[int], cou
             reasons.append(f"crop margins do not cover the receptive field ({', '.join(short)} voxels)")
         if not rf.bounded and any(multi):
             reasons.append(f"receptive field {rf} was not bounded")
-    if any(multi) and norm_layers and stats == "tile":
-        reasons.append(f"{norm_layers} normalisation layer(s) use per-tile statistics (--norm-stats tile)")
+    if any(multi) and norm_layers and stats != "volume":
+        why = "--norm-stats tile" if stats == "tile" else "whole-volume statistics are gathered for crop stitching"
+        reasons.append(f"{norm_layers} normalisation layer(s) use per-tile statistics ({why})")
     if any(multi) and global_ops:
         reasons.append("the model reduces over whole tiles (global pooling/statistics volinfer cannot freeze)")
     del shape, tile

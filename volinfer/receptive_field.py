@@ -23,7 +23,7 @@ from .model import TileModel
 from .spatial_norm import Moments, find_norm_layers, freeze, group_view, stat_tensor
 
 #: Largest probe edge: a probe at this size compiles the model once at (max_tile)^3.
-MAX_PROBE_TILE = 192
+MAX_PROBE_TILE = 320
 
 
 @dataclass(frozen=True)
@@ -107,12 +107,13 @@ def _measure_at(model: TileModel, tile: tuple[int, int, int], tol: float, probes
 
 
 def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2, seed: int = 0,
-                            max_tile: int = MAX_PROBE_TILE) -> ReceptiveField:
+                            max_tile: int | None = None) -> ReceptiveField:
     """Perturb voxels near the probe's centre and report the farthest output voxel that changed by more than ``tol``
     (relative to the output's range), growing the probe from the model's tile until the reach is bounded. Runs in f32
     on the CPU, whatever precision the model was compiled for. Never raises: a model that cannot be probed (fixed
     input shape, rejected sizes) gives ``measured=False`` with the reason."""
     core = ov.Core()
+    max_tile = max_tile or MAX_PROBE_TILE
     m = max(1, model.multiple)
     tile = tuple(int(t) for t in model.tile)
     fixed = model.declared_input.is_static
@@ -127,7 +128,8 @@ def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2
         if fixed:
             return ReceptiveField(rf.radius, False, measured=True,
                                   reason="the model's input shape is fixed, so the probe cannot grow")
-        grown = tuple(min(max_tile // m * m, -(-2 * t // m) * m) for t in tile)
+        cap = max(max_tile // m * m, m)
+        grown = tuple(max(t, min(cap, -(-2 * t // m) * m)) for t in tile)  # never shrinks below the probe so far
         if grown == tile:
-            return rf
+            return rf  # unbounded: the radius is a lower bound ("at least the probe")
         tile = grown  # type: ignore[assignment]

@@ -186,7 +186,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         clamped = tm.tile
     choice = TilingChoice(clamped, None, rf, layers, global_ops, mode, notes)  # type: ignore[arg-type]
     fixed = tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop"
-    if fixed or overlap not in (None, "") or not rf.measured or not rf.bounded:
+    if fixed or overlap not in (None, "") or not rf.measured:
         return choice
     per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
     w_mb = weights_mb(tm.model)
@@ -232,6 +232,6 @@ def needs_norm_passes(setup: RunSetup, choice: TilingChoice) -> bool:
 def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
     """Whether the resolved run is exact, and why not."""
     counts = tuple(a.count for a in setup.grid.axes)
-    stats = "volume" if frozen else choice.norm_stats
+    stats = "volume" if frozen else ("tile" if choice.norm_stats == "tile" else "blend")
     return judge(setup.grid.shape, setup.grid.tile_shape, setup.overlap, counts, setup.stitch, choice.rf,
                  len(choice.norm_layers), bool(choice.global_ops), stats if choice.norm_layers else "volume")
