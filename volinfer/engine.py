@@ -10,7 +10,6 @@ finished planes.
 from __future__ import annotations
 
 import itertools
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 import openvino as ov
 from tqdm import tqdm
 
+from . import portable
 from .feeder import TileFeeder
 from .geometry import Tile, TileGrid
 from .model import TileModel
@@ -30,9 +30,9 @@ from .stitch import BlockWriter, make_stitcher
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, as the OS counts it (MB)."""
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024.0 if sys.platform != "darwin" else kb / 2**20
+    """This process's peak resident memory so far, as the OS counts it (MB); 0.0 where the OS does not say (see
+    :func:`volinfer.portable.peak_rss_mb`)."""
+    return portable.peak_rss_mb() or 0.0
 
 
 @dataclass

@@ -10,13 +10,13 @@ voxels whose predicted memory fits the budget; it changes nothing when the user 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
 import openvino as ov
 
+from . import portable
 from .geometry import GeometryError, plan_axis_crop
 from .receptive_field import ReceptiveField
 
@@ -56,18 +56,9 @@ class Tiling:
 
 
 def available_mb() -> float:
-    """Memory the OS could give this process now (MemAvailable), in MB; a conservative 4 GiB where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (ValueError, OSError, AttributeError):
-        return 4096.0
+    """Memory the OS could give this process now (MemAvailable), in MB; a conservative 4 GiB where unknown (see
+    :func:`volinfer.portable.available_mb` for the fallbacks on other systems)."""
+    return portable.available_mb()
 
 
 def activation_bytes_per_voxel(model: ov.Model, layout: str, channels: int, tile: Sequence[int],

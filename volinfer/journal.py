@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import portable
 from .errors import VolinferError
 from .targets import aux_path
 
@@ -100,17 +101,9 @@ def model_identity(path: Path) -> dict[str, Any]:
 
 
 def fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (no-op where directories cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """Make a rename in ``path`` durable (skipped where directories cannot be flushed, e.g. Windows: see
+    :func:`volinfer.portable.fsync_dir`)."""
+    portable.fsync_dir(path)
 
 
 def journal_path(target: Path) -> Path:
@@ -154,12 +147,10 @@ class Journal:
         body = json.dumps({"fingerprint": self.fingerprint, "rows_done": rows_done, "rows_total": rows_total,
                            **extra}).encode()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = portable.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                view = memoryview(body)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
+                portable.pwrite_all(fd, body, 0)
+                portable.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, self.path)

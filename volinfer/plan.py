@@ -86,8 +86,11 @@ times = []
 req = q[0]
 for _ in range(3):
     t = time.perf_counter(); req.infer(); times.append(time.perf_counter() - t)
-st = {l.split(":")[0]: int(l.split()[1]) / 1024 for l in open("/proc/self/status") if l.startswith(("VmHWM", "VmRSS"))}
-print(json.dumps({"peak_mb": st["VmHWM"], "steady_mb": st["VmRSS"], "tile_s": sorted(times)[1]}))
+from volinfer.portable import memory_status  # VmHWM/VmRSS on Linux, fallbacks elsewhere
+st = memory_status()
+if st["peak_mb"] is None:
+    raise SystemExit("cannot measure memory use on this system: install psutil (pip install psutil)")
+print(json.dumps({"peak_mb": st["peak_mb"], "steady_mb": st["rss_mb"], "tile_s": sorted(times)[1]}))
 """
 
 

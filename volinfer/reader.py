@@ -29,6 +29,7 @@ from typing import Iterator, Protocol, Sequence
 import nibabel as nib
 import numpy as np
 
+from . import portable
 from .errors import VolinferError
 from .gzipio import open_read as open_gzip
 
@@ -133,7 +134,7 @@ class StripChannel:
     def __init__(self, stored: _Stored) -> None:
         self.s = stored
         self.dtype, self.slope, self.inter = stored.dtype, stored.slope, stored.inter
-        self._fd = os.open(stored.path, os.O_RDONLY)
+        self._fd = portable.open_fd(stored.path, os.O_RDONLY)
         self._key: tuple[int, int, int, int] | None = None
         self._buf = np.empty((0, 0, stored.shape[0]), dtype=stored.dtype)  # (z, y, X)
 
@@ -145,9 +146,7 @@ class StripChannel:
         strip = self._buf[:nz, :ny]
         item = self.s.dtype.itemsize
         for k in range(nz):  # rows y0..y1 of one plane are contiguous on disk, and so is strip[k] in memory
-            got = os.preadv(self._fd, [strip[k]], self.s.offset + ((z0 + k) * Y + y0) * X * item)
-            if got != ny * X * item:
-                raise VolinferError(f"{self.s.path}: file is shorter than its header says (truncated?)")
+            self._read_exact(strip[k], self.s.offset + ((z0 + k) * Y + y0) * X * item)
         if self.s.swap:
             strip.byteswap(inplace=True)
         return strip
@@ -166,11 +165,15 @@ class StripChannel:
         X, Y, _ = self.s.shape
         out = np.empty((z1 - z0, Y, X), dtype=self.s.dtype)
         item = self.s.dtype.itemsize
-        if os.preadv(self._fd, [out], self.s.offset + z0 * Y * X * item) != out.nbytes:
-            raise VolinferError(f"{self.s.path}: file is shorter than its header says (truncated?)")
+        self._read_exact(out, self.s.offset + z0 * Y * X * item)
         if self.s.swap:
             out.byteswap(inplace=True)
         return out.transpose(2, 1, 0)
+
+    def _read_exact(self, buf: np.ndarray, offset: int) -> None:
+        """Fill ``buf`` from ``offset`` (in bounded chunks, short reads continued: any size works)."""
+        if portable.pread_into(self._fd, buf, offset) != buf.nbytes:
+            raise VolinferError(f"{self.s.path}: file is shorter than its header says (truncated?)")
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -326,46 +329,17 @@ class VolumeSource:
     def open(cls, paths: Sequence[str | os.PathLike], depth: int) -> "VolumeSource":
         """Open NIfTI files lazily; ``depth`` is the deepest z-range one tile request spans (the tile's z size)."""
         readers: list[ChannelReader] = []
-        first: nib.Nifti1Image | None = None
-        shape3: tuple[int, int, int] | None = None
-        for p in map(Path, paths):
-            img = _load_header(p)
-            shape = img.shape
-            if len(shape) == 5 and shape[3] == 1:  # NIfTI stores vector data as (x, y, z, 1, c)
-                shape = shape[:3] + shape[4:]
-            if len(shape) not in (3, 4):
-                raise VolinferError(f"{p}: expected a 3-D or 4-D image, got {len(img.shape)}-D shape {img.shape}")
-            if first is None:
-                first, shape3 = img, tuple(shape[:3])  # type: ignore[assignment]
-            elif tuple(shape[:3]) != shape3:
-                raise VolinferError(f"{p}: shape {tuple(shape[:3])} differs from {paths[0]}'s {shape3}")
-            elif not np.allclose(img.affine, first.affine, atol=1e-4):
-                raise VolinferError(f"{p}: affine differs from {paths[0]}'s (the channels are not on one grid)")
-            proxy = img.dataobj
-            stored_dtype = np.dtype(proxy.dtype)
-            check_voxel_type(stored_dtype, str(p))
-            dtype = native(stored_dtype)
-            n_ch = shape[3] if len(shape) == 4 else 1
-            vox = math.prod(int(v) for v in shape[:3])  # Python ints: NIfTI-2 dims can overflow int64 products
-            if vox == 0 or n_ch == 0:
-                raise VolinferError(f"{p}: the header describes an empty image (shape {tuple(shape)})")
-            compressed = _is_gzip(p)
-            _check_declared_size(p, int(proxy.offset) + vox * n_ch * dtype.itemsize, compressed)
-            for c in range(n_ch):
-                stored = _Stored(
-                    path=p,
-                    shape=tuple(shape[:3]),  # type: ignore[arg-type]
-                    dtype=dtype,
-                    offset=int(proxy.offset) + c * vox * dtype.itemsize,
-                    slope=float(proxy.slope),
-                    inter=float(proxy.inter),
-                    swap=dtype != stored_dtype,
-                )
-                readers.append(StreamChannel(stored, depth) if compressed else StripChannel(stored))
-                if compressed and c == n_ch - 1:
-                    readers[-1].verify_end = True  # type: ignore[attr-defined]
-        assert first is not None and shape3 is not None
-        return cls(readers, shape3, header=first.header, affine=first.affine, paths=[Path(p) for p in paths])
+        try:  # a file that fails closes the readers already opened for the earlier ones
+            first = None
+            for p in map(Path, paths):
+                first = _open_file(p, paths, first, depth, readers)
+        except BaseException:
+            for r in readers:
+                r.close()
+            raise
+        assert first is not None
+        return cls(readers, tuple(first.shape[:3]), header=first.header, affine=first.affine,  # type: ignore[arg-type]
+                   paths=[Path(p) for p in paths])
 
     def read(self, channel: int, r: Region) -> np.ndarray:
         """Stored voxels of ``channel`` in region ``r``, as an (x, y, z) array (scaling not yet applied)."""
@@ -380,6 +354,48 @@ class VolumeSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_file(p: Path, paths: Sequence[str | os.PathLike], first: nib.Nifti1Image | None, depth: int,
+               readers: list[ChannelReader]) -> nib.Nifti1Image:
+    """Check one NIfTI file against the first (shape, affine) and append a reader per channel to ``readers``;
+    returns the first file's image."""
+    img = _load_header(p)
+    shape = img.shape
+    if len(shape) == 5 and shape[3] == 1:  # NIfTI stores vector data as (x, y, z, 1, c)
+        shape = shape[:3] + shape[4:]
+    if len(shape) not in (3, 4):
+        raise VolinferError(f"{p}: expected a 3-D or 4-D image, got {len(img.shape)}-D shape {img.shape}")
+    if first is None:
+        first = img
+    elif tuple(shape[:3]) != tuple(first.shape[:3]):
+        raise VolinferError(f"{p}: shape {tuple(shape[:3])} differs from {paths[0]}'s {tuple(first.shape[:3])}")
+    elif not np.allclose(img.affine, first.affine, atol=1e-4):
+        raise VolinferError(f"{p}: affine differs from {paths[0]}'s (the channels are not on one grid)")
+    proxy = img.dataobj
+    stored_dtype = np.dtype(proxy.dtype)
+    check_voxel_type(stored_dtype, str(p))
+    dtype = native(stored_dtype)
+    n_ch = shape[3] if len(shape) == 4 else 1
+    vox = math.prod(int(v) for v in shape[:3])  # Python ints: NIfTI-2 dims can overflow int64 products
+    if vox == 0 or n_ch == 0:
+        raise VolinferError(f"{p}: the header describes an empty image (shape {tuple(shape)})")
+    compressed = _is_gzip(p)
+    _check_declared_size(p, int(proxy.offset) + vox * n_ch * dtype.itemsize, compressed)
+    for c in range(n_ch):
+        stored = _Stored(
+            path=p,
+            shape=tuple(shape[:3]),  # type: ignore[arg-type]
+            dtype=dtype,
+            offset=int(proxy.offset) + c * vox * dtype.itemsize,
+            slope=float(proxy.slope),
+            inter=float(proxy.inter),
+            swap=dtype != stored_dtype,
+        )
+        readers.append(StreamChannel(stored, depth) if compressed else StripChannel(stored))
+        if compressed and c == n_ch - 1:
+            readers[-1].verify_end = True  # type: ignore[attr-defined]
+    return first
 
 
 def scan_slabs(reader: ChannelReader, shape: tuple[int, int, int], depth: int,

@@ -10,8 +10,9 @@ Every command that writes (``run`` on NIfTI, batch and Zarr paths, ``to-zarr``, 
   volinfer's marker file. An arbitrary directory is never deleted;
 * whether the replacement can succeed (directory writable, sticky directory owned by someone else) is checked before
   any work starts, not at the final rename hours later;
-* a per-output exclusive lock (``fcntl.flock`` on a lock file beside the output; an ``O_EXCL`` lock file with the
-  owner's pid where ``fcntl`` is missing) makes a second run on the same output fail at once;
+* a per-output exclusive lock (``flock`` on a lock file beside the output; an ``O_EXCL`` lock file with the
+  owner's pid where ``fcntl`` is missing, e.g. Windows: see :mod:`volinfer.portable`) makes a second run on the same
+  output fail at once;
 * names of the files volinfer keeps beside an output (temporary data, journal, lock) stay under the 255-byte limit
   of file names, by shortening long names with a hash (:func:`aux_path`).
 """
@@ -23,15 +24,12 @@ import json
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 from typing import Iterable
 
+from . import portable
 from .errors import VolinferError
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
 
 #: Marker file volinfer writes at the root of every Zarr store it creates; only such stores are replaced.
 STORE_MARKER = ".volinfer-store"
@@ -171,6 +169,7 @@ class OutputLock:
         self.target = Path(target)
         self.path = aux_path(self.target, ".lock")
         self._fd = -1
+        self._flock = False
 
     def __enter__(self) -> "OutputLock":
         self.acquire()
@@ -185,57 +184,78 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         try:
-            if fcntl is None:
-                self._acquire_excl()
-            else:
+            if portable.HAS_FCNTL:
                 self._acquire_flock()
+            else:
+                self._acquire_excl()
         except OSError as e:
             raise VolinferError(f"cannot lock {self.path}: {e.strerror or e}") from None
         return self
 
     def _acquire_flock(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = portable.open_fd(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                portable.lock_exclusive(fd)
             except BlockingIOError:
                 os.close(fd)
                 raise self._busy() from None
+            except BaseException:
+                os.close(fd)
+                raise
             if _ident(self.path) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
                 break  # still the file at that name (the previous holder may have unlinked it meanwhile)
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
+        self._flock = True
 
     def _acquire_excl(self) -> None:
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = portable.open_fd(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 if _pid_alive(self.path):
                     raise self._busy() from None
                 self.path.unlink(missing_ok=True)  # stale: its owner is gone
                 continue
-            os.write(fd, str(os.getpid()).encode())
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            except BaseException:
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise
             self._fd = fd
+            self._flock = False
             return
         raise self._busy()
 
     def release(self) -> None:
         if self._fd < 0:
             return
+        fd, self._fd = self._fd, -1
+        if not self._flock:  # O_EXCL file: close first (Windows cannot delete an open file), then remove
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            return
         try:
             self.path.unlink(missing_ok=True)  # while still holding it: a waiting run re-checks the inode
         finally:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = -1
+            os.close(fd)  # closing drops the flock
 
 
 def _pid_alive(path: Path) -> bool:
+    """Whether the process named in lock file ``path`` still runs (never signals it: see portable.pid_alive)."""
     try:
-        pid = int(path.read_text().strip() or "0")
-        os.kill(pid, 0)
+        text = path.read_text().strip()
+        if not text:  # just created, its pid not yet written: stale only once it has stayed empty a while
+            return time.time() - path.stat().st_mtime < 10
+        pid = int(text)
     except (ValueError, OSError):
         return False
-    return True
+    return portable.pid_alive(pid)

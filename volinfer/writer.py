@@ -1,6 +1,6 @@
 """Writing the output progressively: a NIfTI file on disk (atomically) or an array in memory.
 
-:class:`NiftiWriter` writes finished blocks with positioned writes (``os.pwrite``) into a temporary uncompressed
+:class:`NiftiWriter` writes finished blocks with positioned writes (:func:`volinfer.portable.pwrite_all`) into a temporary uncompressed
 ``.nii`` beside the target: plain file I/O, so written pages live in the OS page cache and not in the process's
 resident memory (a writable memory map would count them). For a ``.nii.gz`` target a :class:`GzipStreamer` compresses
 the temporary file *while the run goes on*: each time the rows written so far are final (``sync``), a background
@@ -20,7 +20,7 @@ from typing import BinaryIO
 import nibabel as nib
 import numpy as np
 
-from . import gzipio
+from . import gzipio, portable
 from .errors import VolinferError
 from .journal import ResumableError
 from .targets import aux_path, check_output
@@ -96,7 +96,7 @@ class GzipStreamer:
         self._parts: list[_Part] = []
         self._src = -1
         try:
-            self._src = os.open(src, os.O_RDONLY)
+            self._src = portable.open_fd(src, os.O_RDONLY)
             for i, (start, end) in enumerate(ranges):
                 path = out if i == 0 else part_paths[i - 1]
                 f = open(path, "wb")
@@ -142,7 +142,7 @@ class GzipStreamer:
 
     def _compress_slab(self, part: _Part) -> None:
         n = part.slab_end() - part.pos
-        data = os.pread(self._src, n, part.pos)
+        data = portable.pread(self._src, n, part.pos)
         if len(data) != n:
             raise OSError(f"temporary file ends early at byte {part.pos + len(data)}")
         part.crc = gzipio.crc32(data, part.crc)
@@ -168,7 +168,7 @@ class GzipStreamer:
                 part.path.unlink()
         first.out.write(gzipio.gzip_trailer(crc, size))
         first.out.flush()
-        os.fsync(first.out.fileno())
+        portable.fsync(first.out.fileno())
         self._close()
 
     def _close(self, quiet: bool = False) -> None:
@@ -236,8 +236,12 @@ class NiftiWriter:
             if old.get_data_shape() != full or old.get_data_dtype() != self.dtype:
                 raise VolinferError(f"{self.tmp}: interrupted output has another shape or type; run without --resume")
             self._check_space(0, self.offset + int(np.prod(full)) * self.dtype.itemsize)
-            self._fd = os.open(self.tmp, os.O_WRONLY)
-            self._start_compression()  # the compressed stream restarts from plane 0 of the temporary file
+            self._fd = portable.open_fd(self.tmp, os.O_WRONLY)
+            try:
+                self._start_compression()  # the compressed stream restarts from plane 0 of the temporary file
+            except BaseException:
+                self.close_for_resume()  # no descriptor left open; the interrupted output stays resumable
+                raise
             return
         estimate = self.offset_estimate(hdr) + int(np.prod(full)) * self.dtype.itemsize
         self._check_space(estimate, estimate)
@@ -247,16 +251,16 @@ class NiftiWriter:
                 self.offset = int(hdr["vox_offset"])
                 size = self.offset + int(np.prod(full)) * self.dtype.itemsize
                 f.flush()
-                try:  # reserve the disk space now: a full disk or a file-size limit fails here, not hours later
-                    os.posix_fallocate(f.fileno(), 0, size)
-                except AttributeError:
-                    f.truncate(size)
-            self._fd = os.open(self.tmp, os.O_WRONLY)
+                portable.reserve(f.fileno(), size)  # a full disk or a file-size limit fails here, not hours later
+            self._fd = portable.open_fd(self.tmp, os.O_WRONLY)
             self._start_compression()
         except OSError as e:
             self.abort()
             raise VolinferError(f"cannot create {self.target}: {e.strerror or e} "
                                 f"(needs {size / 2**20:.0f} MB in {self.tmp.parent})") from None
+        except BaseException:  # interrupted while creating: nothing left open or behind
+            self.abort()
+            raise
 
     @staticmethod
     def offset_estimate(hdr: nib.Nifti1Header) -> int:
@@ -285,11 +289,9 @@ class NiftiWriter:
         """Refuse now, not after hours of work, when the disk cannot hold the temporary file and (for .nii.gz) a
         conservative estimate of the compressed copy: as large as the data for floats, a quarter for integers."""
         gz = (data_bytes if self.dtype.kind in "fc" else data_bytes // 4) if self.compress else 0
-        try:
-            st = os.statvfs(self.tmp.parent)
-        except (AttributeError, OSError):
+        free = portable.disk_free(self.tmp.parent)
+        if free is None:
             return
-        free = st.f_bavail * st.f_frsize
         if tmp_bytes + gz > free:
             what = "the temporary file and its compressed copy" if gz else "the temporary file"
             raise VolinferError(f"{self.target}: not enough disk space in {self.tmp.parent}: needs about "
@@ -302,7 +304,7 @@ class NiftiWriter:
         failure, if it had one: the journal then keeps its last count, and ``--resume`` continues from there)."""
         if self._fd >= 0:
             try:
-                os.fsync(self._fd)
+                portable.fsync(self._fd)
                 self._release_written()
             except OSError as e:
                 raise ResumableError(f"cannot write {self.target}: {e.strerror or e}; free space and run the same "
@@ -330,15 +332,11 @@ class NiftiWriter:
         for c in range(c_n):
             for k in range(nz):
                 pos = self.offset + (((c * Z + z0 + k) * Y + y0) * X) * item
-                data = np.ascontiguousarray(block[c, k])
-                try:
-                    written = os.pwrite(self._fd, data, pos)
+                try:  # bounded chunks, short writes continued (portable.pwrite_all)
+                    portable.pwrite_all(self._fd, np.ascontiguousarray(block[c, k]), pos)
                 except OSError as e:
                     raise ResumableError(f"cannot write {self.target}: {e.strerror or e}; fix that and run the "
                                          f"same command with --resume to continue") from None
-                if written != data.nbytes:
-                    raise ResumableError(f"cannot write {self.target}: short write (disk full?); free space and "
-                                         f"run the same command with --resume to continue")
 
     def commit(self) -> Path:
         """Finish: compress if asked, then rename onto the target. Returns the target path.

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import portable
 from .errors import VolinferError
 from .reader import Region, VolumeSource
 from .ome import Geometry, geometry_attrs, geometry_from_nifti, level_chunks, level_shapes, multiscales, read_geometry
@@ -228,14 +229,7 @@ def sync_region(arr: Any, box: Sequence[tuple[int, int]]) -> None:
     ranges = [range(a // c, -(-b // c)) for (a, b), c in zip(box, chunks)]
     lead = (0,) * (arr.ndim - 3)
     for idx in product(*ranges):
-        try:
-            fd = os.open(root / encode((*lead, *idx)), os.O_RDONLY)
-        except OSError:
-            continue  # a chunk equal to the fill value is not stored
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        portable.fsync_path(root / encode((*lead, *idx)))  # False: a chunk equal to the fill value is not stored
 
 
 def done_marker_dir(path: str | Path) -> Path:

@@ -1,0 +1,394 @@
+"""Every operating-system-specific call volinfer makes, each with a fallback, so volinfer imports and runs on Linux,
+macOS and Windows. Standard library only (``psutil`` is used where installed), and no import of volinfer: the
+benchmark spawner loads this file by path without importing the package.
+
+* positioned reads and writes (:func:`pread_into`, :func:`pread`, :func:`pwrite_all`) go in bounded chunks of at most
+  :data:`MAX_IO_BYTES` and loop on short transfers: one ``preadv``/``pwrite`` call moves at most 0x7ffff000 bytes on
+  Linux (about 2 GiB), so a single call over a larger buffer comes back short and looked like a truncated file;
+* :func:`reserve` reserves disk space (``posix_fallocate``, else ``ftruncate``); :func:`disk_free` (``statvfs``, else
+  :func:`shutil.disk_usage`);
+* memory: :func:`peak_rss_mb` (``getrusage``, else ``psutil``, else ``None``), :func:`memory_status` (VmHWM/VmRSS),
+  :func:`available_mb`, :func:`wait_child` (a child's exit status, peak RSS and CPU time: ``wait4``, else polling);
+* locks and processes: :func:`lock_exclusive` (``flock``; callers fall back to ``O_EXCL`` lock files where
+  :data:`HAS_FCNTL` is false), :func:`pid_alive` (never ``os.kill(pid, 0)`` on Windows: that kills the process);
+* durability: :func:`fsync` (``F_FULLFSYNC`` on macOS), :func:`fsync_path`, :func:`fsync_dir` (skipped on Windows,
+  where directories cannot be opened).
+
+The ``HAS_*`` flags say which native call is used; tests set them to ``False`` to run the fallbacks on Linux.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+IS_WINDOWS = os.name == "nt"
+IS_MACOS = sys.platform == "darwin"
+HAS_PREADV = hasattr(os, "preadv")
+HAS_PREAD = hasattr(os, "pread")
+HAS_PWRITE = hasattr(os, "pwrite")
+HAS_FALLOCATE = hasattr(os, "posix_fallocate")
+HAS_RESOURCE = resource is not None
+HAS_FCNTL = fcntl is not None
+HAS_STATVFS = hasattr(os, "statvfs")
+HAS_WAIT4 = hasattr(os, "wait4")
+HAS_PROC = os.path.exists("/proc/self/status")
+
+#: Most bytes one positioned read or write call moves (Linux caps one call at 0x7ffff000 bytes).
+MAX_IO_BYTES = 256 << 20
+#: Binary mode for os.open: without it, Windows translates line ends in os.read/os.write.
+O_BINARY = getattr(os, "O_BINARY", 0)
+#: Memory assumed available where the OS does not say (MB): conservative, so plans stay small.
+DEFAULT_AVAILABLE_MB = 4096.0
+
+_seek_lock = threading.Lock()  # the seek+read/write fallbacks move the shared file offset
+
+
+def _psutil() -> Any:
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+# ---------------------------------------------------------------------------------------------------------- file I/O
+
+def open_fd(path: str | os.PathLike, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` in binary mode (matters on Windows only)."""
+    return os.open(path, flags | O_BINARY, mode)
+
+
+def _read_at(fd: int, view: memoryview, offset: int) -> int:
+    """One read of at most len(view) bytes at ``offset`` into ``view``; returns the count (0 at end of file)."""
+    if HAS_PREADV:
+        return os.preadv(fd, [view], offset)
+    if HAS_PREAD:
+        data = os.pread(fd, len(view), offset)
+    else:
+        with _seek_lock:
+            os.lseek(fd, offset, os.SEEK_SET)
+            data = os.read(fd, len(view))
+    view[: len(data)] = data
+    return len(data)
+
+
+def _write_at(fd: int, view: memoryview, offset: int) -> int:
+    if HAS_PWRITE:
+        return os.pwrite(fd, view, offset)
+    with _seek_lock:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, view)
+
+
+def _bytes_view(buf: Any) -> memoryview:
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def pread_into(fd: int, buf: Any, offset: int) -> int:
+    """Fill the writable contiguous buffer ``buf`` with the bytes at ``offset``, in calls of at most
+    :data:`MAX_IO_BYTES`, continuing after short reads. Returns the bytes read: less than ``buf``'s size only at the
+    end of the file."""
+    view = _bytes_view(buf)
+    got = 0
+    while got < len(view):
+        n = _read_at(fd, view[got : got + MAX_IO_BYTES], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
+
+
+def pread(fd: int, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes at ``offset`` (fewer only at the end of the file)."""
+    buf = bytearray(n)
+    got = pread_into(fd, buf, offset)
+    return bytes(buf) if got == n else bytes(buf[:got])
+
+
+def pwrite_all(fd: int, buf: Any, offset: int) -> None:
+    """Write all of the contiguous buffer ``buf`` at ``offset``, in calls of at most :data:`MAX_IO_BYTES`,
+    continuing after short writes. A call that writes nothing raises ``OSError(ENOSPC)``."""
+    view = _bytes_view(buf)
+    done = 0
+    while done < len(view):
+        n = _write_at(fd, view[done : done + MAX_IO_BYTES], offset + done)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "short write (disk full?)")
+        done += n
+
+
+def reserve(fd: int, size: int) -> None:
+    """Make the file ``size`` bytes long, reserving the blocks where the OS can (a full disk or a file-size limit
+    then fails here, not hours later). Filesystems without allocation support fall back to ``ftruncate``."""
+    if HAS_FALLOCATE:
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1)):
+                raise
+    if os.fstat(fd).st_size < size:
+        os.ftruncate(fd, size)
+
+
+def disk_free(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged user may still write on the filesystem holding ``path``; None where unknown."""
+    try:
+        if HAS_STATVFS:
+            st = os.statvfs(path)
+            return st.f_bavail * st.f_frsize
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------------- durability
+
+def fsync(fd: int) -> None:
+    """Flush ``fd`` to stable storage (on macOS ``fsync`` only reaches the drive's cache: ``F_FULLFSYNC``)."""
+    if IS_MACOS and HAS_FCNTL and hasattr(fcntl, "F_FULLFSYNC"):
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
+def fsync_path(path: str | os.PathLike) -> bool:
+    """fsync the file at ``path``; False when it does not exist (Windows needs write access to flush a file)."""
+    try:
+        fd = open_fd(path, os.O_RDWR if IS_WINDOWS else os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in directory ``path`` durable. Skipped on Windows (directories cannot be opened or flushed
+    there; NTFS journals the rename itself) and wherever the filesystem refuses."""
+    if IS_WINDOWS:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------- locks and processes
+
+def lock_exclusive(fd: int) -> None:
+    """Take an exclusive, non-blocking ``flock`` on ``fd``; raises BlockingIOError when another process holds it.
+    Only where :data:`HAS_FCNTL`; elsewhere callers use ``O_EXCL`` lock files."""
+    if not HAS_FCNTL:
+        raise OSError(errno.ENOSYS, "flock is not available on this platform")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (for stale lock files)."""
+    if pid <= 0:
+        return False
+    if IS_WINDOWS:
+        return _pid_alive_windows(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, but belongs to another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _pid_alive_windows(pid: int) -> bool:
+    ps = _psutil()
+    if ps is not None:
+        return bool(ps.pid_exists(pid))
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+# ----------------------------------------------------------------------------------------------------------- memory
+
+def _proc_status(pid: int | str = "self") -> dict[str, float]:
+    """VmHWM / VmRSS (MB) from /proc/<pid>/status; empty where there is no /proc."""
+    out: dict[str, float] = {}
+    if not HAS_PROC:
+        return out
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    out[line.split(":")[0]] = int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (MB), as the OS counts it; None where nothing says."""
+    if HAS_RESOURCE:
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 2**20 if IS_MACOS else kb / 1024.0  # macOS counts bytes, Linux kilobytes
+    ps = _psutil()
+    if ps is not None:
+        info = ps.Process().memory_info()
+        peak = getattr(info, "peak_wset", None)  # Windows
+        if peak is not None:
+            return peak / 2**20
+    return _proc_status().get("VmHWM")
+
+
+def memory_status() -> dict[str, float | None]:
+    """``peak_mb`` (the current address space's high-water mark: VmHWM, which unlike ``ru_maxrss`` does not carry a
+    forking parent's peak) and ``rss_mb`` (resident now) of this process; fallbacks where /proc is missing."""
+    st = _proc_status()
+    peak, rss = st.get("VmHWM"), st.get("VmRSS")
+    if rss is None:
+        ps = _psutil()
+        rss = ps.Process().memory_info().rss / 2**20 if ps is not None else None
+    if peak is None:
+        peak = peak_rss_mb()
+    return {"peak_mb": peak, "rss_mb": rss if rss is not None else peak}
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of process ``pid`` now (MB); None where unknown or gone."""
+    st = _proc_status(pid)
+    if "VmRSS" in st:
+        return st["VmRSS"]
+    ps = _psutil()
+    if ps is None:
+        return None
+    try:
+        return ps.Process(pid).memory_info().rss / 2**20
+    except Exception:  # psutil.Error: gone, access denied
+        return None
+
+
+def available_mb() -> float:
+    """Memory the OS could give this process now (MB): /proc/meminfo's MemAvailable, else ``sysconf``, else
+    ``psutil``, else (Windows) GlobalMemoryStatusEx, else :data:`DEFAULT_AVAILABLE_MB`."""
+    if HAS_PROC:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) / 1024.0
+        except (OSError, ValueError, IndexError):
+            pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (ValueError, OSError, AttributeError):
+        pass
+    ps = _psutil()
+    if ps is not None:
+        return ps.virtual_memory().available / 2**20
+    if IS_WINDOWS:
+        got = _windows_available_mb()
+        if got is not None:
+            return got
+    return DEFAULT_AVAILABLE_MB
+
+
+def _windows_available_mb() -> float | None:
+    import ctypes
+
+    class MemoryStatusEx(ctypes.Structure):
+        _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                    ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                    ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                    ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                    ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+    st = MemoryStatusEx()
+    st.dwLength = ctypes.sizeof(st)
+    try:
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):  # type: ignore[attr-defined]
+            return st.ullAvailPhys / 2**20
+    except (AttributeError, OSError):
+        pass
+    return None
+
+
+def wait_child(proc: subprocess.Popen, should_kill: Any = None, poll_s: float = 0.05) -> dict[str, Any]:
+    """Wait for ``proc``, killing it once ``should_kill()`` says so. Returns ``rc``, ``peak_mb`` (the finished
+    child's peak RSS), ``cpu_s`` (user + system), ``killed``. ``wait4`` where available (exact figures from the
+    kernel); elsewhere polling, with psutil samples of the running child (its OS peak where psutil reports one)
+    and ``None`` for what cannot be known."""
+    killed = False
+    if HAS_WAIT4:
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if not killed and should_kill is not None and should_kill():
+                proc.kill()
+                killed = True
+            time.sleep(poll_s)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        kb = ru.ru_maxrss
+        return {"rc": proc.returncode, "peak_mb": kb / 2**20 if IS_MACOS else kb / 1024.0,
+                "cpu_s": ru.ru_utime + ru.ru_stime, "killed": killed}
+    ps = _psutil()
+    handle = None
+    if ps is not None:
+        try:
+            handle = ps.Process(proc.pid)
+        except Exception:
+            handle = None
+    peak: float | None = None
+    cpu: float | None = None
+    while proc.poll() is None:
+        if handle is not None:
+            try:
+                info = handle.memory_info()
+                sample = getattr(info, "peak_wset", None) or info.rss
+                peak = max(peak or 0.0, sample / 2**20)
+                t = handle.cpu_times()
+                cpu = t.user + t.system
+            except Exception:
+                pass
+        if not killed and should_kill is not None and should_kill():
+            proc.kill()
+            killed = True
+        time.sleep(poll_s)
+    return {"rc": proc.returncode, "peak_mb": peak, "cpu_s": cpu, "killed": killed}
