@@ -149,7 +149,9 @@ class Journal:
         try:
             fd = portable.open_fd(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                portable.pwrite_all(fd, body, 0)
+                view = memoryview(body)
+                while view:
+                    view = view[os.write(fd, view):]
                 portable.fsync(fd)
             finally:
                 os.close(fd)
