@@ -8,7 +8,7 @@ benchmark spawner loads this file by path without importing the package.
 * :func:`reserve` reserves disk space (``posix_fallocate``, else ``ftruncate``); :func:`disk_free` (``statvfs``, else
   :func:`shutil.disk_usage`);
 * memory: :func:`peak_rss_mb` (``getrusage``, else ``psutil``, else ``None``), :func:`memory_status` (VmHWM/VmRSS),
-  :func:`available_mb`, :func:`wait_child` (a child's exit status, peak RSS and CPU time: ``wait4``, else polling);
+  :func:`available_mb`, :func:`total_mb`, :func:`wait_child` (a child's exit status, peak RSS and CPU time: ``wait4``, else polling);
 * locks and processes: :func:`lock_exclusive` (``flock``; callers fall back to ``O_EXCL`` lock files where
   :data:`HAS_FCNTL` is false), :func:`pid_alive` (never ``os.kill(pid, 0)`` on Windows: that kills the process);
 * durability: :func:`fsync` (``F_FULLFSYNC`` on macOS), :func:`fsync_path`, :func:`fsync_dir` (skipped on Windows,
@@ -329,7 +329,32 @@ def available_mb() -> float:
     return DEFAULT_AVAILABLE_MB
 
 
+def total_mb() -> float | None:
+    """Physical memory of the machine (MB): /proc/meminfo's MemTotal, else ``sysconf``, else ``psutil``, else
+    (Windows) GlobalMemoryStatusEx; None where unknown."""
+    if HAS_PROC:
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemTotal:"):
+                        return int(line.split()[1]) / 1024.0
+        except (OSError, ValueError, IndexError):
+            pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (ValueError, OSError, AttributeError):
+        pass
+    ps = _psutil()
+    if ps is not None:
+        return ps.virtual_memory().total / 2**20
+    return _windows_memory_mb("ullTotalPhys") if IS_WINDOWS else None
+
+
 def _windows_available_mb() -> float | None:
+    return _windows_memory_mb("ullAvailPhys")
+
+
+def _windows_memory_mb(field: str) -> float | None:
     import ctypes
 
     class MemoryStatusEx(ctypes.Structure):
@@ -343,7 +368,7 @@ def _windows_available_mb() -> float | None:
     st.dwLength = ctypes.sizeof(st)
     try:
         if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):  # type: ignore[attr-defined]
-            return st.ullAvailPhys / 2**20
+            return getattr(st, field) / 2**20
     except (AttributeError, OSError):
         pass
     return None
