@@ -58,11 +58,9 @@ class Measurement:
 
 
 def total_ram_mb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    from volinfer import portable
+
+    return portable.total_mb() or float("nan")
 
 
 def cpu_model() -> str:
