@@ -206,10 +206,15 @@ class TileModel:
         tile = tuple(int(t) for t in tile)
         if model is None and self.compiled is not None and tile == self.tile:
             return self
+        cached = getattr(self, "_last_at", None)
+        if model is None and cached is not None and cached.tile == tile:
+            return cached  # batch runs: volumes that plan the same tile share one compiled model
         tm = TileModel(model if model is not None else self.model.clone(), tile=tile, layout=self.layout,
                        output=self.output_index, options=self.options, core=self.core)
         tm.path, tm.tile_given, tm.declared_input = self.path, self.tile_given, self.declared_input
         tm.multiple = self.multiple  # probed when the model stores none
+        if model is None:
+            self._last_at = tm
         return tm
 
     def input_shape(self) -> list[int]:
