@@ -156,11 +156,13 @@ def statistics_pass_mb(shape: tuple[int, int, int], depth: int, stored_itemsize:
     slab = min(planes, Z) * X * Y
     if statistics not in ("zscore", "minmax", "percentile"):
         return slab * (stored_itemsize + 1) / MB
-    mb = slab * (stored_itemsize + 16) / MB
+    # measured (fresh process, VmHWM) since the pre-pass fuses the scans: a slab as stored plus one float64 working
+    # copy; the sample as kept plus one float64 copy while clipping (concatenation reuses freed slab memory)
+    mb = slab * (stored_itemsize + 8) / MB
     if statistics == "percentile":
         step = percentile_step(shape)
         n = -(-X // step) * -(-Y // step) * -(-Z // step)  # the sample's lattice
-        mb += n * (2 * (8 if wide else 4) + 16) / MB
+        mb += n * ((8 if wide else 4) + 8) / MB
     return mb
 
 
