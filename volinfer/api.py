@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from . import __version__
 from .engine import RunReport, peak_rss_mb, run_tiles
-from . import validate
 from .errors import Interrupted, VolinferError
 from .journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
 from .model import CompileOptions, TileModel
 from .reader import VolumeSource
+from .run_settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
 from .norm_stats import fit_norm_statistics
 from .feeder import TileFeeder
 from .runsetup import TilingChoice, RunSetup, needs_norm_passes, plan_tiling, resolve, scan_volume, verdict
@@ -68,48 +69,20 @@ def open_source(volume: Any, depth: int, channel_axis: int | None = None) -> Vol
     return VolumeSource.open(paths, depth)
 
 
-def predict(
-    volume: Any,
-    model: str | os.PathLike | TileModel,
-    output: str | os.PathLike | None = None,
-    *,
-    tile: int | Sequence[int] | None = None,
-    layout: str | None = None,
-    overlap: Overlap = None,
-    stitch: str | None = None,
-    sigma: float = 0.125,
-    pad_mode: str = "constant",
-    kind: str = "labels",
-    activation: str | None = None,
-    channels: Sequence[int] | None = None,
-    threshold: float = 0.5,
-    prob_dtype: str = "float32",
-    normalize: dict[str, Any] | None = None,
-    model_output: str | int | None = None,
-    device: str = "CPU",
-    precision: str = "auto",
-    threads: int | None = None,
-    streams: int | None = None,
-    cache_dir: str | None = None,
-    requests: int = 2,
-    channel_axis: int | None = None,
-    nan_value: float | None = None,
-    reuse_constant: bool = True,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = False,
-    report: bool = False,
-    max_memory_mb: float | None = None,
-    norm_stats: str | None = None,
-    mirror: str | Sequence[int] | None = None,
-    zarr_output: dict[str, Any] | None = None,
-) -> Any:
+def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.PathLike | None = None,
+            settings: RunSettings | None = None, *, report: bool = False, **options: Any) -> Any:
     """Run ``volume`` through ``model`` tile by tile.
 
     ``volume``: a NIfTI path, a list of paths (one per input channel), or a numpy array (x, y, z) — with
     ``channel_axis`` for 4-D arrays. ``model``: an ``.xml``/``.onnx`` path or a :class:`TileModel`.
     With ``output`` (``.nii`` / ``.nii.gz``) the result is streamed to disk and a :class:`RunReport` is returned;
     without, the result array is returned ((x, y, z) or (x, y, z, c)), or ``(array, report)`` when ``report=True``.
+    ``settings`` (:class:`volinfer.run_settings.RunSettings`) says how to run; keyword ``options`` (``tile=``,
+    ``overlap=``, ``stitch=``, ``sigma=``, ``pad_mode=``, ``kind=``, ``activation=``, ``channels=``, ``threshold=``,
+    ``prob_dtype=``, ``normalize=``, ``model_output=``, ``layout=``, ``device=``, ``precision=``, ``threads=``,
+    ``streams=``, ``cache_dir=``, ``requests=``, ``channel_axis=``, ``nan_value=``, ``reuse_constant=``,
+    ``resume=``, ``overwrite=``, ``progress=``, ``max_memory_mb=``, ``norm_stats=``, ``mirror=``, ``zarr_output=``)
+    override single fields of it (:meth:`RunSettings.from_kwargs`).
     Options default to the settings stored in the model (tile, overlap, stitching, activation, normalisation).
     Volumes with NaN/Inf voxels are refused unless ``nan_value`` says what to replace them with. File outputs are
     journaled per z-row of tiles: after an interruption, ``resume=True`` continues where the run stopped and writes
@@ -122,150 +95,217 @@ def predict(
     says whether the run was ``exact`` and, if not, why.
 
     An ``output`` ending in ``.zarr`` is written as OME-Zarr (:class:`volinfer.zarr_writer.ZarrWriter`) with the
-    input's affine; ``zarr_output`` sets its ``chunks``, ``compression`` and ``pyramid`` levels.
+    input's affine; ``zarr_output`` (or the settings' ``chunks``, ``compression``, ``pyramid``) sets its layout.
     """
     t_start = time.perf_counter()
-    mirror_axes = parse_mirror(mirror)
-    requests = validate.count("requests", requests)
-    if tile is not None:
-        validate.tile(tile if isinstance(tile, str) else ",".join(str(t) for t in np.atleast_1d(tile)))
-    in_paths = [] if isinstance(volume, (np.ndarray, VolumeSource)) else (
-        [Path(volume)] if isinstance(volume, (str, os.PathLike)) else [Path(p) for p in volume])
-    lock = None
-    if output is not None:
-        check_any_output(Path(output), in_paths, overwrite, resume)
-        lock = OutputLock(Path(output)).acquire()  # before anything is written: a second run fails here, at once
-    journal: Journal | None = None
+    s = RunSettings.from_kwargs(settings, **options)
+    run = _Run(s, None if output is None else Path(output), _input_paths(volume))
+    _lock_output(run)
     try:
-        handle = model if isinstance(model, TileModel) else TileModel(
-            model, tile=tile, layout=layout, output=model_output, compile=False,
-            options=CompileOptions(device=device, precision=precision, threads=threads, streams=streams,
-                                   cache_dir=cache_dir))
-        shape, n_channels = _volume_shape(volume, channel_axis)
-        if n_channels != handle.in_channels:
-            raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
-                                f"(give one 3-D file per channel, or one 4-D file)")
-        choice = plan_tiling(handle, shape, stitch=stitch, overlap=overlap, max_memory_mb=max_memory_mb,
-                             norm_stats=norm_stats)
-        tm = handle.at(choice.tile)
-        if overlap is None and choice.overlap is None:
-            overlap = _overlap_for(choice, tm)
-        source = open_source(volume, tm.tile[2], channel_axis)
+        _plan(run, volume, model)
     except BaseException:
-        if lock is not None:
-            lock.release()
+        if run.lock is not None:
+            run.lock.release()
         raise
-    writer: Any = None
     try:
-        setup = resolve(tm, source.shape, source.channels, stitch=stitch,
-                        overlap=overlap if choice.overlap is None else list(choice.overlap), kind=kind,
-                        activation=activation, keep=channels, threshold=threshold, prob_dtype=prob_dtype,
-                        normalize=normalize)
-        scan_volume(setup, tm, source, nan_value, fingerprint=output is not None and bool(in_paths))
-        tm, passes = _freeze_norm_statistics(tm, choice, setup, source, pad_mode, progress)
-        fidelity = verdict(setup, choice, frozen=passes > 0)
-        stitch, activation, spec, ov_vox, grid = setup.stitch, setup.activation, setup.spec, setup.overlap, setup.grid
-        normalizer, nonfinite = setup.normalizer, setup.nonfinite
-        start_row, on_row_done = 0, None
-        if output is not None:
-            if resume and (tm.path is None or not in_paths):
-                raise VolinferError("resume needs the model and the volume given as files")
-            journal = Journal(Path(output), run_fingerprint(in_paths, tm.path, setup=setup, header=source.header,
-                                                            options=dict(
-                tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=ov_vox, stitch=stitch, sigma=sigma,
-                pad_mode=pad_mode, kind=kind, activation=activation, channels=spec.channels, threshold=threshold,
-                dtype=str(spec.dtype), normalization=normalizer.describe(), nan_value=nan_value,
-                device=tm.options.device, precision=tm.precision, reuse_constant=reuse_constant,
-                norm_stats=choice.norm_stats, norm_passes=passes, mirror=mirror_axes,
-                **_zarr_settings(output, zarr_output))))
-            if resume:
-                start_row = journal.resume_row()
-            if is_zarr_output(output):
-                writer = _zarr_writer(output, source, spec, grid, kind, zarr_output, overwrite, resume, start_row)
-            else:
-                writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header,
-                                     source.affine, resume=resume)
-            rows = grid.axes[2].count
-            on_row_done = lambda r: _row_done(writer, journal, r, rows)  # noqa: E731
-            journal.update(start_row, rows)
-        else:
-            writer = ArrayWriter(source.shape, spec.out_channels, spec.dtype)
-        busy = n = reused = 0
-        if output is None or start_row < grid.axes[2].count:  # a resumed run may only lack the final compression
-            busy, n, reused = run_tiles(source, tm, spec, writer, grid=grid, stitch=stitch, normalizer=normalizer,
-                                        sigma=sigma, pad_mode=pad_mode, requests=requests, progress=progress,
-                                        reuse_constant=reuse_constant, nan_fill=setup.nan_fill, start_row=start_row,
-                                        on_row_done=on_row_done, mirror=mirror_axes)
-        if output is not None:
-            _row_done(writer, journal, rows, rows)  # every row final: a failure while compressing stays resumable
-        result = writer.commit() if output is not None else writer.result()
-        if output is not None:
-            journal.remove()
-    except (KeyboardInterrupt, ResumableError) as e:
-        if isinstance(writer, (NiftiWriter, ZarrWriter)) and journal is not None and journal.exists():
-            writer.close_for_resume()
-            if isinstance(e, ResumableError):
-                raise
-            raise Interrupted(f"partial output kept beside {output}; run the same command with --resume to "
-                              f"continue") from None
-        _discard(writer, journal)
-        raise
-    except BaseException:
-        _discard(writer, journal)
-        raise
+        _execute(run)
     finally:
-        source.close()
-        if lock is not None:
-            lock.release()
-    rep = RunReport(
-        shape=source.shape, channels=source.channels, tile=tm.tile,
-        grid=tuple(a.count for a in grid.axes), tiles=n, stitch=stitch, overlap=ov_vox, layout=tm.layout,  # type: ignore[arg-type]
-        device=tm.options.device, precision=tm.precision, requests=requests,
-        normalization=normalizer.describe(), output_kind=kind, output_dtype=str(spec.dtype),
-        wall_s=time.perf_counter() - t_start, infer_busy_s=busy, peak_rss_mb=peak_rss_mb(),
-        output=str(result) if output is not None else None, exact=fidelity.exact, not_exact=fidelity.reasons,
-        input_passes=setup.input_passes + passes,
-    )
-    for note in choice.notes + setup.notes:
-        rep.notes.append(note)
-    if tm.options.precision == "auto":
-        rep.notes.append(f"precision {tm.precision}: {tm.precision_reason}")
-    if mirror_axes:
-        rep.notes.append(f"test-time mirroring over {''.join('xyz'[a] for a in mirror_axes)}: "
-                         f"{2 ** len(mirror_axes)} inferences per tile")
-    if passes:
-        rep.notes.append(f"{len(choice.norm_layers)} normalisation layer(s) frozen to whole-volume statistics in "
-                         f"{passes} streamed pass(es) of the model")
-    rep.notes.append(f"{setup.input_passes + passes} pass(es) over the input before the tiles "
-                     f"({setup.input_passes} pre-pass: NaN/Inf, value range, statistics, fingerprint as needed"
-                     f"{f'; {passes} normalisation-statistics' if passes else ''})")
-    if reused:
-        rep.extra["constant"] = f"{reused} of {n} tiles were constant and reused one cached inference"
-    if nonfinite:
-        rep.extra["nan/inf"] = f"{nonfinite} voxel(s) replaced by {nan_value}"
+        run.source.close()
+        if run.lock is not None:
+            run.lock.release()
+    rep = _report(run, time.perf_counter() - t_start)
     if output is not None:
         return rep
-    return (result, rep) if report else result
+    return (run.result, rep) if report else run.result
 
 
-def parse_mirror(value: str | Sequence[int] | None) -> tuple[int, ...]:
-    """``"xyz"`` / ``"xz"`` / ``[0, 2]`` → sorted volume axes to mirror over; empty for none."""
-    if value is None or value == "" or value == "none":
-        return ()
-    if isinstance(value, str):
-        bad = set(value.lower()) - set("xyz")
-        if bad or len(set(value.lower())) != len(value):
-            raise VolinferError(f"--mirror takes a subset of the axes x, y, z (e.g. xyz or xz); got {value!r}")
-        return tuple(sorted("xyz".index(c) for c in value.lower()))
-    axes = tuple(sorted(set(int(a) for a in value)))
-    if any(a not in (0, 1, 2) for a in axes):
-        raise VolinferError(f"mirror axes must be 0, 1, 2 (x, y, z); got {value!r}")
-    return axes
+@dataclass
+class _Run:
+    """One :func:`predict` call's state as it goes: settings, output, model, plan, writer, counts."""
+
+    s: RunSettings
+    output: Path | None
+    in_paths: list[Path]
+    lock: Any = None
+    tm: Any = None
+    choice: Any = None
+    source: Any = None
+    overlap: Any = None
+    setup: Any = None
+    passes: int = 0
+    fidelity: Any = None
+    journal: Journal | None = None
+    writer: Any = None
+    start_row: int = 0
+    counts: tuple[float, int, int] = (0.0, 0, 0)  # busy seconds, tiles run, constant tiles reused
+    result: Any = None
+
+
+def _input_paths(volume: Any) -> list[Path]:
+    """The input files (for the output check, the lock and the fingerprint); none for arrays."""
+    if isinstance(volume, (np.ndarray, VolumeSource)):
+        return []
+    return [Path(volume)] if isinstance(volume, (str, os.PathLike)) else [Path(p) for p in volume]
+
+
+def _lock_output(run: _Run) -> None:
+    """Check the output and lock it before anything is written: a second run fails here, at once."""
+    if run.output is not None:
+        check_any_output(run.output, run.in_paths, run.s.overwrite, run.s.resume)
+        run.lock = OutputLock(run.output).acquire()
+
+
+def _plan(run: _Run, volume: Any, model: Any) -> None:
+    """The model (not compiled yet), the planned tiling, and the opened volume."""
+    t, rt = run.s.tiling, run.s.runtime
+    handle = model if isinstance(model, TileModel) else TileModel(
+        model, tile=t.tile, layout=rt.layout, output=rt.model_output, compile=False, options=rt.compile_options())
+    shape, n_channels = _volume_shape(volume, run.s.input.channel_axis)
+    if n_channels != handle.in_channels:
+        raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
+                            f"(give one 3-D file per channel, or one 4-D file)")
+    run.choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
+                             norm_stats=t.norm_stats)
+    run.tm = handle.at(run.choice.tile)
+    run.overlap = t.overlap
+    if t.overlap is None and run.choice.overlap is None:
+        run.overlap = _overlap_for(run.choice, run.tm)
+    if run.choice.overlap is not None:
+        run.overlap = list(run.choice.overlap)
+    run.source = open_source(volume, run.tm.tile[2], run.s.input.channel_axis)
+
+
+def _execute(run: _Run) -> None:
+    """Resolve, pre-pass, open the writer and run the tiles; on failure keep a resumable output or discard it."""
+    try:
+        _resolve(run)
+        _open_writer(run)
+        _run_tiles(run)
+        if run.output is not None:
+            rows = run.setup.grid.axes[2].count
+            _row_done(run.writer, run.journal, rows, rows)  # every row final: a failure while compressing stays resumable
+        run.result = run.writer.commit() if run.output is not None else run.writer.result()
+        if run.output is not None:
+            run.journal.remove()  # type: ignore[union-attr]
+    except (KeyboardInterrupt, ResumableError) as e:
+        if isinstance(run.writer, (NiftiWriter, ZarrWriter)) and run.journal is not None and run.journal.exists():
+            run.writer.close_for_resume()
+            if isinstance(e, ResumableError):
+                raise
+            raise Interrupted(f"partial output kept beside {run.output}; run the same command with --resume to "
+                              f"continue") from None
+        _discard(run.writer, run.journal)
+        raise
+    except BaseException:
+        _discard(run.writer, run.journal)
+        raise
+
+
+def _resolve(run: _Run) -> None:
+    """Settings against the model and volume, the one pre-pass, frozen normalisation statistics, the verdict."""
+    s, o = run.s, run.s.output
+    run.setup = resolve(run.tm, run.source.shape, run.source.channels, stitch=s.tiling.stitch, overlap=run.overlap,
+                        kind=o.kind, activation=o.activation, keep=o.channels, threshold=o.threshold,
+                        prob_dtype=o.prob_dtype, normalize=s.input.normalize)
+    scan_volume(run.setup, run.tm, run.source, s.input.nan_value,
+                fingerprint=run.output is not None and bool(run.in_paths))
+    run.tm, run.passes = _freeze_norm_statistics(run.tm, run.choice, run.setup, run.source, s.tiling.pad_mode,
+                                                 s.progress)
+    run.fidelity = verdict(run.setup, run.choice, frozen=run.passes > 0)
+
+
+def _fingerprint_options(run: _Run) -> dict[str, Any]:
+    """Every setting that changes a file output, as the journal records it."""
+    s, t, o, tm, setup = run.s, run.s.tiling, run.s.output, run.tm, run.setup
+    return dict(
+        tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=setup.overlap, stitch=setup.stitch,
+        sigma=t.sigma, pad_mode=t.pad_mode, kind=o.kind, activation=setup.activation, channels=setup.spec.channels,
+        threshold=o.threshold, dtype=str(setup.spec.dtype), normalization=setup.normalizer.describe(),
+        nan_value=s.input.nan_value, device=tm.options.device, precision=tm.precision,
+        reuse_constant=t.reuse_constant, norm_stats=run.choice.norm_stats, norm_passes=run.passes, mirror=t.mirror,
+        **_zarr_settings(run.output, o.zarr_output()))
+
+
+def _open_writer(run: _Run) -> None:
+    """An in-memory array, or a NIfTI/Zarr file output with its journal (resumed where it stopped)."""
+    setup, source, output = run.setup, run.source, run.output
+    spec = setup.spec
+    if output is None:
+        run.writer = ArrayWriter(source.shape, spec.out_channels, spec.dtype)
+        return
+    if run.s.resume and (run.tm.path is None or not run.in_paths):
+        raise VolinferError("resume needs the model and the volume given as files")
+    run.journal = Journal(output, run_fingerprint(run.in_paths, run.tm.path, setup=setup, header=source.header,
+                                                  options=_fingerprint_options(run)))
+    if run.s.resume:
+        run.start_row = run.journal.resume_row()
+    if is_zarr_output(output):
+        run.writer = _zarr_writer(output, source, spec, setup.grid, run.s.output.kind, run.s.output.zarr_output(),
+                                  run.s.overwrite, run.s.resume, run.start_row)
+    else:
+        run.writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header,
+                                 source.affine, resume=run.s.resume)
+    run.journal.update(run.start_row, setup.grid.axes[2].count)
+
+
+def _run_tiles(run: _Run) -> None:
+    """The tiles, row by row (a resumed run starts at its first unfinished row; it may only lack compression)."""
+    setup, t, rows = run.setup, run.s.tiling, run.setup.grid.axes[2].count
+    if run.output is not None and run.start_row >= rows:
+        return
+    on_row_done = None
+    if run.output is not None:
+        writer, journal = run.writer, run.journal
+        on_row_done = lambda r: _row_done(writer, journal, r, rows)  # noqa: E731
+    run.counts = run_tiles(run.source, run.tm, setup.spec, run.writer, grid=setup.grid, stitch=setup.stitch,
+                           normalizer=setup.normalizer, sigma=t.sigma, pad_mode=t.pad_mode,
+                           requests=run.s.runtime.requests, progress=run.s.progress, reuse_constant=t.reuse_constant,
+                           nan_fill=setup.nan_fill, start_row=run.start_row, on_row_done=on_row_done,
+                           mirror=t.mirror)
+
+
+def _report(run: _Run, wall_s: float) -> RunReport:
+    """The run's report: what ran, how fast, how much memory, whether it was exact, and the notes."""
+    setup, tm, source, grid = run.setup, run.tm, run.source, run.setup.grid
+    busy, n, reused = run.counts
+    rep = RunReport(
+        shape=source.shape, channels=source.channels, tile=tm.tile,
+        grid=tuple(a.count for a in grid.axes), tiles=n, stitch=setup.stitch, overlap=setup.overlap,  # type: ignore[arg-type]
+        layout=tm.layout, device=tm.options.device, precision=tm.precision, requests=run.s.runtime.requests,
+        normalization=setup.normalizer.describe(), output_kind=run.s.output.kind, output_dtype=str(setup.spec.dtype),
+        wall_s=wall_s, infer_busy_s=busy, peak_rss_mb=peak_rss_mb(),
+        output=str(run.result) if run.output is not None else None, exact=run.fidelity.exact,
+        not_exact=run.fidelity.reasons, input_passes=setup.input_passes + run.passes,
+    )
+    rep.notes.extend(_notes(run))
+    if reused:
+        rep.extra["constant"] = f"{reused} of {n} tiles were constant and reused one cached inference"
+    if setup.nonfinite:
+        rep.extra["nan/inf"] = f"{setup.nonfinite} voxel(s) replaced by {run.s.input.nan_value}"
+    return rep
+
+
+def _notes(run: _Run) -> list[str]:
+    """The summary's notes: planning, precision, mirroring, frozen statistics and the passes over the input."""
+    tm, setup, passes, mirror = run.tm, run.setup, run.passes, run.s.tiling.mirror
+    notes = list(run.choice.notes + setup.notes)
+    if tm.options.precision == "auto":
+        notes.append(f"precision {tm.precision}: {tm.precision_reason}")
+    if mirror:
+        notes.append(f"test-time mirroring over {''.join('xyz'[a] for a in mirror)}: "
+                     f"{2 ** len(mirror)} inferences per tile")
+    if passes:
+        notes.append(f"{len(run.choice.norm_layers)} normalisation layer(s) frozen to whole-volume statistics in "
+                     f"{passes} streamed pass(es) of the model")
+    notes.append(f"{setup.input_passes + passes} pass(es) over the input before the tiles "
+                 f"({setup.input_passes} pre-pass: NaN/Inf, value range, statistics, fingerprint as needed"
+                 f"{f'; {passes} normalisation-statistics' if passes else ''})")
+    return notes
 
 
 def _zarr_settings(output: Any, zarr_output: dict[str, Any] | None) -> dict[str, Any]:
     """What a Zarr output adds to the run fingerprint (nothing for NIfTI outputs)."""
-    if not is_zarr_output(output):
+    if output is None or not is_zarr_output(output):
         return {}
     z = {"chunks": 64, "compression": True, "pyramid": 0, **(zarr_output or {})}
     return {"zarr": {k: z[k] for k in ("chunks", "compression", "pyramid")}}
@@ -314,3 +354,125 @@ def _freeze_norm_statistics(tm: TileModel, choice: TilingChoice, setup: RunSetup
     feeder = TileFeeder(source, setup.grid, setup.normalizer, pad_mode, 0.0, setup.nan_fill)
     frozen = fit_norm_statistics(tm, feeder, setup.grid, choice.norm_layers, progress=progress)
     return tm.at(tm.tile, model=frozen), len(waves(tm.model, choice.norm_layers))
+
+
+# ---- every way of running one command line's inputs: NIfTI, Zarr (local or Dask), batch ----
+
+
+@dataclass(frozen=True)
+class BlockSettings:
+    """Zarr-input runs only: block edge in voxels, and where the blocks run (a Dask scheduler address, or a local
+    cluster of ``workers`` processes; neither: this process)."""
+
+    block: int = 256
+    scheduler: str | None = None
+    workers: int | None = None
+
+
+@dataclass
+class BatchResult:
+    """What a batch run did: the reports of the volumes written and the (path, one-line error) of those that
+    failed."""
+
+    output: Path
+    total: int
+    reports: list[RunReport]
+    failed: list[tuple[Path, str]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"runs": [r.as_dict() for r in self.reports],
+                "failed": [{"input": str(p), "error": m} for p, m in self.failed]}
+
+    def summary(self) -> str:
+        return "\n".join([f"{self.total - len(self.failed)} of {self.total} volume(s) written to {self.output}"]
+                         + [f"failed: {p}: {m}" for p, m in self.failed])
+
+
+def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, settings: RunSettings, *,
+            blocks: BlockSettings = BlockSettings(), note: str | None = None,
+            notify: Any = None) -> RunReport | BatchResult:
+    """What ``volinfer run`` does with its inputs: a Zarr input block by block (:func:`volinfer.distributed.run_zarr`),
+    one NIfTI volume (:func:`predict`), or a batch (one directory or glob of NIfTI files into a directory output,
+    :func:`run_batch`). ``note`` is added to every report; ``notify`` receives the batch's per-volume lines."""
+    from .zarr_io import is_zarr
+
+    if any(is_zarr(p) for p in inputs):
+        if len(inputs) != 1:
+            raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
+        from .distributed import run_zarr
+
+        return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
+                                   scheduler=blocks.scheduler, workers=blocks.workers), note)
+    if blocks.scheduler or blocks.workers:
+        raise VolinferError("--scheduler/--workers run Zarr volumes (.zarr input and output)")
+    if not is_zarr_output(output) and settings.output.pyramid:
+        raise VolinferError("--pyramid applies to Zarr outputs (-o out.zarr)")
+    batch = batch_inputs(inputs)
+    rt = settings.runtime
+    tm = TileModel(model, tile=settings.tiling.tile, layout=rt.layout, output=rt.model_output,
+                   options=rt.compile_options(), compile=False)  # compiled at the planned tile
+    if is_zarr_output(output) and batch is not None:
+        raise VolinferError("batch runs write NIfTI files into a directory; give one volume for a .zarr output")
+    if batch is None:
+        return _with_note(predict(list(inputs), tm, output, settings), note)
+    return run_batch(batch, tm, output, settings, note=note, notify=notify)
+
+
+def _with_note(report: RunReport, text: str | None) -> RunReport:
+    if text and text not in report.notes:
+        report.notes.append(text)
+    return report
+
+
+def batch_inputs(inputs: Sequence[Path]) -> list[Path] | None:
+    """The volumes of a batch run (one directory or one glob pattern), or None for a single run."""
+    import glob
+
+    if len(inputs) != 1:
+        return None
+    text = str(inputs[0])
+    if Path(inputs[0]).is_dir():
+        found = sorted(p for p in Path(inputs[0]).iterdir() if p.name.lower().endswith((".nii", ".nii.gz")))
+    elif any(ch in text for ch in "*?["):
+        found = sorted(Path(p) for p in glob.glob(text) if p.lower().endswith((".nii", ".nii.gz")))
+    else:
+        return None
+    if not found:
+        raise VolinferError(f"{text}: no .nii or .nii.gz files found")
+    return found
+
+
+def run_batch(batch: list[Path], tm: TileModel, output: Path, settings: RunSettings, *, note: str | None = None,
+              notify: Any = None) -> BatchResult:
+    """Run every volume of a batch into ``output``/<name>, the model compiled once; failures are collected (the
+    error's own text, without repeating the path) and do not stop the others. With ``resume``, volumes an
+    interrupted batch finished are skipped. ``notify`` (if given) receives one line per volume."""
+    from dataclasses import replace
+
+    from .cliutil import strip_path
+    from .journal import journal_path
+
+    if output.exists() and not output.is_dir():
+        raise VolinferError(f"{output}: batch output must be a directory")
+    output.mkdir(parents=True, exist_ok=True)
+    say = notify or (lambda text: None)
+    result = BatchResult(output, len(batch), [], [])
+    for n, path in enumerate(batch, 1):
+        target = output / path.name
+        if settings.resume and not journal_path(target).exists() and target.exists():
+            say(f"[{n}/{len(batch)}] {path}: already written, skipped")
+            continue  # finished by the interrupted batch
+        say(f"[{n}/{len(batch)}] {path}")
+        try:
+            one = replace(settings, resume=settings.resume and journal_path(target).exists())
+            result.reports.append(_with_note(predict([path], tm, target, one), note))
+        except Interrupted as e:
+            raise Interrupted(f"batch stopped at {path} ({e}); run the same command with --resume to skip the "
+                              f"finished volumes and continue") from None
+        except KeyboardInterrupt:
+            raise Interrupted(f"batch stopped at {path}; run the same command with --resume to skip the finished "
+                              f"volumes and continue") from None
+        except VolinferError as e:
+            result.failed.append((path, strip_path(str(e), path)))
+            say(f"  failed: {result.failed[-1][1]}")
+    return result

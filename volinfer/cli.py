@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import click
 from . import __version__
 from . import validate as V
 from .cliutil import (SIZE, TILES, emit, friendly_errors, note, output_options, parse_tile, progress_bar,
-                      runtime_options, strip_path)
+                      runtime_options)
 from .errors import VolinferError
 
 
@@ -106,156 +105,27 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @output_options("the run report")
 @friendly_errors
-def run(inputs: tuple[Path, ...], model_path: Path, output: Path, tile: str | None, overlap: str | None,
-        stitch: str | None, sigma: float, pad_mode: str, layout: str | None, kind: str, activation: str | None,
-        channels: str | None, threshold: float, float16: bool, normalize: str | None, output_name: str | None,
-        device: str, precision: str, threads: int | None, streams: int | None, requests: int,
-        cache_dir: Path | None, nan_value: float | None, no_constant_reuse: bool, scheduler: str | None,
-        workers: int | None, block: int, chunks: int | None, no_compression: bool, pyramid: int,
-        max_memory: str | None,
-        norm_stats: str | None, mirror: str | None,
-        resume: bool, overwrite: bool, quiet: bool, as_json: bool) -> None:
+def run(**params: Any) -> None:
     """Segment/restore INPUTS (one NIfTI file or Zarr store, or one NIfTI file per input channel) into OUTPUT.
 
     \b
     Batch: give one directory or glob (quoted) as INPUTS and a directory as OUTPUT; each volume is written to
     OUTPUT/<its file name>, the model is compiled once, and a failing volume does not stop the others.
     """
-    from .model import CompileOptions, TileModel
-    from .normalize import parse_normalization
-    from .plan import parse_size_mb
-    from .postprocess import parse_channels
-    from .zarr_io import is_zarr
+    from .api import BlockSettings, run_any
+    from .run_settings import from_cli, output_float_dtype
     from .zarr_writer import is_zarr_output
 
-    compile_options = dict(device=device, precision=precision, threads=threads, streams=streams,
-                           cache_dir=str(cache_dir) if cache_dir else None)
-    prob_dtype, dtype_note = output_float_dtype(float16, kind, zarr=is_zarr_output(output))
-    progress = not quiet and not as_json
-    if any(is_zarr(p) for p in inputs):
-        if len(inputs) != 1:
-            raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
-        from .distributed import run_zarr
-
-        report = run_zarr(
-            inputs[0], model_path, output, tile=parse_tile(tile), layout=layout.upper() if layout else None,
-            model_output=output_name, overlap=overlap, stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind,
-            activation=activation, channels=parse_channels(channels), threshold=threshold,
-            prob_dtype=prob_dtype, normalize=parse_normalization(normalize),
-            options=compile_options, requests=requests, nan_value=nan_value,
-            reuse_constant=not no_constant_reuse, block=block, chunks=chunks, compression=not no_compression,
-            pyramid=pyramid, mirror=mirror, scheduler=scheduler,
-            workers=workers, resume=resume, overwrite=overwrite, progress=progress)
-        _add_note(report, dtype_note)
-        emit(report.as_dict(), report.summary, as_json=as_json, quiet=quiet)
-        return
-    if scheduler or workers:
-        raise VolinferError("--scheduler/--workers run Zarr volumes (.zarr input and output)")
-    zarr_output = None
-    if is_zarr_output(output):
-        zarr_output = {"chunks": chunks or 64, "compression": not no_compression, "pyramid": pyramid}
-    elif pyramid:
-        raise VolinferError("--pyramid applies to Zarr outputs (-o out.zarr)")
-    batch = batch_inputs(inputs)
-    tm = TileModel(model_path, tile=parse_tile(tile), layout=layout.upper() if layout else None, output=output_name,
-                   options=CompileOptions(**compile_options), compile=False)  # compiled at the planned tile
-    options = dict(
-        overlap=overlap, stitch=stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
-        channels=parse_channels(channels), threshold=threshold, prob_dtype=prob_dtype,
-        normalize=parse_normalization(normalize), requests=requests, nan_value=nan_value,
-        reuse_constant=not no_constant_reuse, resume=resume, overwrite=overwrite,
-        progress=progress, norm_stats=norm_stats, mirror=mirror,
-        max_memory_mb=parse_size_mb(max_memory) if max_memory else None,
-    )
-    if zarr_output is not None:
-        if batch is not None:
-            raise VolinferError("batch runs write NIfTI files into a directory; give one volume for a .zarr output")
-        options["zarr_output"] = zarr_output
-    if batch is None:
-        from .api import predict
-
-        report = predict(list(inputs), tm, output, **options)
-        _add_note(report, dtype_note)
-        emit(report.as_dict(), report.summary, as_json=as_json, quiet=quiet)
-        return
-    run_batch(batch, tm, output, options, dtype_note, resume=resume, quiet=quiet, as_json=as_json)
-
-
-def output_float_dtype(float16: bool, kind: str, zarr: bool) -> tuple[str, str | None]:
-    """The probability dtype to write, and a note when ``--float16`` cannot apply: NIfTI-1 has no float16 type
-    (nibabel refuses it), so NIfTI outputs get float32; Zarr stores float16."""
-    if not float16:
-        return "float32", None
-    if kind != "probabilities":
-        return "float32", f"--float16 applies to --kind probabilities; {kind} written as usual"
-    if not zarr:
-        return "float32", "NIfTI has no float16 type: probabilities written as float32 (a .zarr output stores float16)"
-    return "float16", None
-
-
-def _add_note(report: Any, text: str | None) -> None:
-    if text and text not in report.notes:
-        report.notes.append(text)
-
-
-def run_batch(batch: list[Path], tm: Any, output: Path, options: dict[str, Any], dtype_note: str | None, *,
-              resume: bool, quiet: bool, as_json: bool) -> None:
-    """Run every volume of a batch into ``output``/<name>; failures are collected, said once each (the error's own
-    text, without repeating the path), and make the exit status 1."""
-    from .api import predict
-    from .errors import Interrupted
-    from .journal import journal_path
-
-    if output.exists() and not output.is_dir():
-        raise VolinferError(f"{output}: batch output must be a directory")
-    output.mkdir(parents=True, exist_ok=True)
-    failed: list[tuple[Path, str]] = []
-    reports = []
+    inputs, output, quiet, as_json = params["inputs"], params["output"], params["quiet"], params["as_json"]
+    prob_dtype, dtype_note = output_float_dtype(params["float16"], params["kind"], zarr=is_zarr_output(output))
+    settings = from_cli({**params, "prob_dtype": prob_dtype})
+    blocks = BlockSettings(params["block"], params["scheduler"], params["workers"])
     human = not quiet and not as_json
-    for n, path in enumerate(batch, 1):
-        target = output / path.name
-        if resume and not journal_path(target).exists() and target.exists():
-            if human:
-                click.echo(f"[{n}/{len(batch)}] {path}: already written, skipped", err=True)
-            continue  # finished by the interrupted batch
-        if human:
-            click.echo(f"[{n}/{len(batch)}] {path}", err=True)
-        try:
-            rep = predict([path], tm, target, **{**options, "resume": resume and journal_path(target).exists()})
-            _add_note(rep, dtype_note)
-            reports.append(rep.as_dict())
-        except Interrupted as e:
-            raise Interrupted(f"batch stopped at {path} ({e}); run the same command with --resume to skip the "
-                              f"finished volumes and continue") from None
-        except KeyboardInterrupt:
-            raise Interrupted(f"batch stopped at {path}; run the same command with --resume to skip the finished "
-                              f"volumes and continue") from None
-        except VolinferError as e:
-            failed.append((path, strip_path(str(e), path)))
-            if human:
-                click.echo(f"  failed: {failed[-1][1]}", err=True)
-    summary = "\n".join([f"{len(batch) - len(failed)} of {len(batch)} volume(s) written to {output}"]
-                         + [f"failed: {p}: {m}" for p, m in failed])
-    emit({"runs": reports, "failed": [{"input": str(p), "error": m} for p, m in failed]}, summary,
-         as_json=as_json, quiet=quiet)
-    if failed:
+    result = run_any(inputs, params["model_path"], output, settings, blocks=blocks, note=dtype_note,
+                     notify=(lambda text: click.echo(text, err=True)) if human else None)
+    emit(result.as_dict(), result.summary, as_json=as_json, quiet=quiet)
+    if getattr(result, "failed", None):
         sys.exit(1)
-
-
-def batch_inputs(inputs: tuple[Path, ...]) -> list[Path] | None:
-    """The volumes of a batch run (one directory or one glob pattern), or None for a single run."""
-    if len(inputs) != 1:
-        return None
-    text = str(inputs[0])
-    if inputs[0].is_dir():
-        found = sorted(p for p in inputs[0].iterdir() if p.name.lower().endswith((".nii", ".nii.gz")))
-    elif any(ch in text for ch in "*?["):
-        found = sorted(Path(p) for p in glob.glob(text) if p.lower().endswith((".nii", ".nii.gz")))
-    else:
-        return None
-    if not found:
-        raise VolinferError(f"{text}: no .nii or .nii.gz files found")
-    return found
 
 
 @main.command()
@@ -284,26 +154,25 @@ def batch_inputs(inputs: tuple[Path, ...]) -> list[Path] | None:
               help="Infer requests in flight, >= 1 (each ~1 tile of I/O memory).")
 @output_options("the plans (a list)")
 @friendly_errors
-def plan(inputs: tuple[Path, ...], model_path: Path, tile: str | None, tile_list: list[list[int]] | None,
-         max_memory: str | None, norm_stats: str | None, mirror: str | None, overlap: str | None,
-         stitch: str | None, kind: str, device: str, precision: str, threads: int | None, requests: int,
-         quiet: bool, as_json: bool) -> None:
+def plan(**params: Any) -> None:
     """Predict the peak RAM and time of `volinfer run` on INPUTS (NIfTI files or one Zarr store), from measuring
     the compiled model in a fresh process at each tile size."""
+    from dataclasses import replace
+
     import numpy as np
 
-    from .plan import parse_size_mb, plan_run
+    from .plan import plan_run
+    from .run_settings import from_cli
 
-    sizes = tile_list if tile_list else [parse_tile(tile)]
-    options = {"device": device, "precision": precision, "threads": threads}
+    quiet, as_json = params["quiet"], params["as_json"]
+    settings = from_cli(params)
+    sizes = params["tile_list"] or [settings.tiling.tile]
     plans = []
     with progress_bar(len(sizes), "measuring", "size", disable=quiet or as_json) as bar:
         for t in sizes:
             bar.set_postfix_str("tile " + ("auto" if t is None else "x".join(map(str, np.atleast_1d(t)))))
-            plans.append(plan_run(list(inputs), model_path, tile=t, overlap=overlap, stitch=stitch, kind=kind,
-                                  options=options, requests=requests,
-                                  max_memory_mb=parse_size_mb(max_memory) if max_memory else None,
-                                  norm_stats=norm_stats, mirror=mirror))
+            one = replace(settings, tiling=replace(settings.tiling, tile=t))
+            plans.append(plan_run(list(params["inputs"]), params["model_path"], one))
             bar.update()
     emit([p.as_dict() for p in plans], lambda: "\n".join(p.summary() for p in plans), as_json=as_json, quiet=quiet)
 

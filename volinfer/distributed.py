@@ -41,6 +41,7 @@ from .geometry import TileGrid
 from .model import CompileOptions, TileModel
 from .normalize import Normalizer
 from .postprocess import OutputSpec
+from .run_settings import RunSettings
 from .runsetup import plan_tiling, resolve, scan_volume, verdict
 from .journal import Journal
 from .ome import check_pyramid, downsample, downsample_method
@@ -200,63 +201,31 @@ def _own_peak_mb() -> float:
         return peak_rss_mb()
 
 
-def run_zarr(
-    volume: str | Path,
-    model: str | Path,
-    output: str | Path,
-    *,
-    tile: Any = None,
-    layout: str | None = None,
-    model_output: str | int | None = None,
-    overlap: Any = None,
-    stitch: str | None = None,
-    sigma: float = 0.125,
-    pad_mode: str = "constant",
-    kind: str = "labels",
-    activation: str | None = None,
-    channels: Sequence[int] | None = None,
-    threshold: float = 0.5,
-    prob_dtype: str = "float32",
-    normalize: dict[str, Any] | None = None,
-    options: dict[str, Any] | None = None,
-    requests: int = 2,
-    nan_value: float | None = None,
-    reuse_constant: bool = True,
-    block: int = 256,
-    chunks: Sequence[int] | int | None = None,
-    compression: bool = True,
-    pyramid: int = 0,
-    mirror: str | Sequence[int] | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = False,
-) -> RunReport:
+def run_zarr(volume: str | Path, model: str | Path, output: str | Path, settings: RunSettings | None = None, *,
+             block: int = 256, scheduler: str | None = None, workers: int | None = None,
+             **options: Any) -> RunReport:
     """Run a Zarr volume into a Zarr output, block by block: in this process, on a local Dask cluster of ``workers``
     processes, or on the Dask scheduler at ``scheduler``; or into a NIfTI output (``.nii``/``.nii.gz``), slab by
-    slab in this process (:func:`run_zarr_to_nifti`). Same options as :func:`volinfer.predict`; ``pyramid`` adds
-    that many downsampled OME-Zarr levels, written as blocks complete.
+    slab in this process (:func:`run_zarr_to_nifti`). ``settings`` and keyword ``options`` as for
+    :func:`volinfer.predict` (plus ``options=`` a dict of compile options); the output settings' ``chunks``
+    (default: the input's), ``compression`` and ``pyramid`` (that many downsampled OME-Zarr levels, written as
+    blocks complete) shape the store. ``block``: block edge in voxels.
 
     The output is checked and locked like every output (:mod:`volinfer.targets`); its run fingerprint (input and
     model by content, every setting that changes the output) is kept in the store, and ``resume`` refuses a
     different run."""
-    run = dict(tile=tile, layout=layout, model_output=model_output, overlap=overlap, stitch=stitch, sigma=sigma,
-               pad_mode=pad_mode, kind=kind, activation=activation, channels=channels, threshold=threshold,
-               prob_dtype=prob_dtype, normalize=normalize, options=options, requests=requests, nan_value=nan_value,
-               reuse_constant=reuse_constant, block=block, resume=resume, progress=progress, mirror=mirror)
+    s = RunSettings.from_kwargs(settings, **options)
     if not is_zarr(output):
         if scheduler or workers:
             raise VolinferError("--scheduler/--workers write Zarr outputs (.zarr); a NIfTI output is written by "
                                 "this process")
-        if pyramid:
+        if s.output.pyramid:
             raise VolinferError("--pyramid applies to Zarr outputs (.zarr)")
-        return run_zarr_to_nifti(volume, model, output, overwrite=overwrite, **run)  # type: ignore[arg-type]
-    check_pyramid(pyramid)
-    check_zarr_output(output, [volume], overwrite, resume)
+        return run_zarr_to_nifti(volume, model, output, s, block=block)
+    check_pyramid(s.output.pyramid)
+    check_zarr_output(output, [volume], s.overwrite, s.resume)
     with OutputLock(Path(output)):
-        return _run_zarr(volume, model, output, chunks=chunks, compression=compression, pyramid=pyramid,
-                         scheduler=scheduler, workers=workers, overwrite=overwrite, **run)
+        return _run_zarr(volume, model, output, s, block, (scheduler, workers))
 
 
 def run_journal(output: str | Path) -> Path:
@@ -277,44 +246,42 @@ class _Prepared:
     choice: Any = None  # the planner's decision (volinfer.runsetup.TilingChoice)
 
 
-def _prepare(volume: Any, model: Any, *, tile: Any, layout: Any, model_output: Any, overlap: Any, stitch: Any,
-             sigma: float, pad_mode: str, kind: str, activation: Any, channels: Any, threshold: float,
-             prob_dtype: str, normalize: Any, options: Any, nan_value: Any, reuse_constant: bool, mirror: Any,
-             **_: Any) -> _Prepared:
-    from .api import _overlap_for, parse_mirror
+def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
+    from .api import _overlap_for
 
-    flips = tuple(sorted(2 - a for a in parse_mirror(mirror)))  # x, y, z are the array's axes 2, 1, 0
-
-    options = {k: v for k, v in (options or {}).items() if v is not None}
+    t, o, rt = s.tiling, s.output, s.runtime
+    flips = tuple(sorted(2 - a for a in t.mirror))  # x, y, z are the array's axes 2, 1, 0
+    options = {k: v for k, v in rt.compile_dict().items() if v is not None}
     source, in_arr = open_zarr_source(volume)
-    handle = TileModel(model, tile=tile, layout=layout, output=model_output, options=CompileOptions(**options),
-                       compile=False)
+    handle = TileModel(model, tile=t.tile, layout=rt.layout, output=rt.model_output,
+                       options=CompileOptions(**options), compile=False)
     # Zarr/Dask runs freeze no normalisation statistics yet: plan as for per-tile statistics
-    choice = plan_tiling(handle, source.shape, stitch=stitch, overlap=overlap, max_memory_mb=None, norm_stats="tile")
-    tm = TileModel(model, tile=choice.tile, layout=layout, output=model_output, options=CompileOptions(**options),
-                   compile=False)
+    choice = plan_tiling(handle, source.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=None,
+                         norm_stats="tile")
+    tm = TileModel(model, tile=choice.tile, layout=rt.layout, output=rt.model_output,
+                   options=CompileOptions(**options), compile=False)
     tm.multiple = handle.multiple
+    overlap = t.overlap
     if overlap is None:
         overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
-    setup = resolve(tm, source.shape, source.channels, stitch=stitch, overlap=overlap, kind=kind,
-                    activation=activation, keep=channels, threshold=threshold, prob_dtype=prob_dtype,
-                    normalize=normalize)
-    scan_volume(setup, tm, source, nan_value)
+    setup = resolve(tm, source.shape, source.channels, stitch=t.stitch, overlap=overlap, kind=o.kind,
+                    activation=o.activation, keep=o.channels, threshold=o.threshold, prob_dtype=o.prob_dtype,
+                    normalize=s.input.normalize)
+    scan_volume(setup, tm, source, s.input.nan_value)
     settings = dict(tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=setup.overlap,
-                    stitch=setup.stitch, sigma=sigma, pad_mode=pad_mode, kind=kind, activation=activation,
-                    channels=setup.spec.channels, threshold=threshold, dtype=str(setup.spec.dtype),
-                    normalization=setup.normalizer.describe(), nan_value=nan_value,
-                    precision=tm.precision, reuse_constant=reuse_constant,
+                    stitch=setup.stitch, sigma=t.sigma, pad_mode=t.pad_mode, kind=o.kind, activation=o.activation,
+                    channels=setup.spec.channels, threshold=o.threshold, dtype=str(setup.spec.dtype),
+                    normalization=setup.normalizer.describe(), nan_value=s.input.nan_value,
+                    precision=tm.precision, reuse_constant=t.reuse_constant,
                     **({"mirror": flips} if flips else {}))
     return _Prepared(source, in_arr, tm, setup, options, settings, choice)
 
 
-def _job(p: _Prepared, volume: Any, output: Any, model: Any, *, sigma: float, pad_mode: str, requests: int,
-         reuse_constant: bool, kind: str, levels: int = 0, **_: Any) -> ZarrJob:
-    s = p.setup
+def _job(p: _Prepared, volume: Any, output: Any, model: Any, s: RunSettings, levels: int = 0) -> ZarrJob:
+    st, t = p.setup, s.tiling
     return ZarrJob(str(volume), str(output), str(model), p.tm.tile, p.tm.layout, p.tm.output_index, p.options,
-                   s.overlap, p.tm.multiple, s.stitch, sigma, pad_mode, s.spec, s.normalizer, s.nan_fill, requests,
-                   reuse_constant, levels=levels, method=downsample_method(kind),
+                   st.overlap, p.tm.multiple, st.stitch, t.sigma, t.pad_mode, st.spec, st.normalizer, st.nan_fill,
+                   s.runtime.requests, t.reuse_constant, levels=levels, method=downsample_method(s.output.kind),
                    mirror=tuple(p.settings.get("mirror", ())))
 
 
@@ -353,47 +320,54 @@ def _chunk_shape(chunks: Any, in_arr: Any) -> tuple[int, int, int]:
     return tuple(int(c) for c in chunks)  # type: ignore[return-value]
 
 
-def _run_zarr(volume: Any, model: Any, output: Any, *, block: int, chunks: Any, compression: bool, pyramid: int,
-              scheduler: Any, workers: Any, resume: bool, overwrite: bool, progress: bool, requests: int,
-              **run: Any) -> RunReport:
-    """:func:`run_zarr` once the output is checked and locked."""
+def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
+              where: tuple[str | None, int | None]) -> RunReport:
+    """:func:`run_zarr` once the output is checked and locked; ``where``: (scheduler, workers)."""
     from .api import run_fingerprint
 
     t0 = time.perf_counter()
-    p = _prepare(volume, model, **run)
-    chunk3 = _chunk_shape(chunks, p.in_arr)
+    o = s.output
+    p = _prepare(volume, model, s)
+    chunk3 = _chunk_shape(o.chunks, p.in_arr)
     per = block_extent(chunk3, (block,) * 3)
-    check_pyramid(pyramid, per, chunk3)
-    blocks, split = split_blocks(p.setup.grid, chunk3, block, pyramid)
+    check_pyramid(o.pyramid, per, chunk3)
+    blocks, split = split_blocks(p.setup.grid, chunk3, block, o.pyramid)
     journal = Journal(Path(output), run_fingerprint([Path(volume)], p.tm.path, dict(
-        p.settings, chunks=chunk3, block=block, compression=compression, split=split,
-        **({"pyramid": pyramid} if pyramid else {}))), path=run_journal(output))
-    resuming = resume and Path(output).exists()
-    if resuming:
-        journal.check()  # before touching the store: a different input, model or setting is refused
-    spec = p.setup.spec
-    create_output(output, p.source.shape, spec.out_channels, spec.dtype, chunk3, store_geometry(volume),
-                  levels=pyramid, method=downsample_method(run["kind"]), block=per,
-                  attrs={"model": str(model), "stitch": p.setup.stitch, "kind": run["kind"],
-                         "tile": list(p.tm.tile), "overlap": list(p.setup.overlap)},
-                  compressor="zstd" if compression else None, overwrite=overwrite, resume=resume)
-    if not resuming:
-        journal.update(0, 0)
-    if not resume:
-        marker_dir = done_marker_dir(output)
-        if marker_dir.exists():
-            for m in marker_dir.iterdir():
-                m.unlink()
-    job = _job(p, volume, output, model, requests=requests, levels=pyramid, **run)
-    results = _execute(job, blocks, scheduler, workers, progress)
-    rep = _report(p, output, t0, results, requests)
+        p.settings, chunks=chunk3, block=block, compression=o.compression, split=split,
+        **({"pyramid": o.pyramid} if o.pyramid else {}))), path=run_journal(output))
+    _create_store(p, volume, model, output, s, chunk3, per, journal)
+    job = _job(p, volume, output, model, s, levels=o.pyramid)
+    results = _execute(job, blocks, where[0], where[1], s.progress)
+    rep = _report(p, output, t0, results, s.runtime.requests)
     done = [r for r in results if not r["skipped"]]
     rep.extra["blocks"] = (f"{len(done)} run, {len(results) - len(done)} already complete, "
                            f"{len({r['pid'] for r in done})} process(es), split along {split}")
     rep.extra["tile runs"] = tile_runs_line(p.setup.grid, blocks)
-    if pyramid:
-        rep.extra["pyramid"] = f"{pyramid} downsampled level(s) ({downsample_method(run['kind'])}), OME-Zarr"
+    if o.pyramid:
+        rep.extra["pyramid"] = f"{o.pyramid} downsampled level(s) ({downsample_method(o.kind)}), OME-Zarr"
     return rep
+
+
+def _create_store(p: _Prepared, volume: Any, model: Any, output: Any, s: RunSettings, chunk3: tuple[int, int, int],
+                  per: tuple[int, int, int], journal: Journal) -> None:
+    """Create (or, resuming, reopen after checking the fingerprint) the output store; clear stale markers."""
+    o = s.output
+    resuming = s.resume and Path(output).exists()
+    if resuming:
+        journal.check()  # before touching the store: a different input, model or setting is refused
+    spec = p.setup.spec
+    create_output(output, p.source.shape, spec.out_channels, spec.dtype, chunk3, store_geometry(volume),
+                  levels=o.pyramid, method=downsample_method(o.kind), block=per,
+                  attrs={"model": str(model), "stitch": p.setup.stitch, "kind": o.kind,
+                         "tile": list(p.tm.tile), "overlap": list(p.setup.overlap)},
+                  compressor="zstd" if o.compression else None, overwrite=s.overwrite, resume=s.resume)
+    if not resuming:
+        journal.update(0, 0)
+    if not s.resume:
+        marker_dir = done_marker_dir(output)
+        if marker_dir.exists():
+            for m in marker_dir.iterdir():
+                m.unlink()
 
 
 def split_blocks(grid: TileGrid, chunks: Sequence[int], block: int, pyramid: int) -> tuple[list[Block], str]:
@@ -415,14 +389,15 @@ def block_extent(chunks: Sequence[int], block: Sequence[int]) -> tuple[int, int,
     return tuple(max(1, round(b / c)) * c for b, c in zip(block, chunks))  # type: ignore[return-value]
 
 
-def run_zarr_to_nifti(volume: str | Path, model: str | Path, output: str | Path, *, overwrite: bool = False,
-                      **run: Any) -> RunReport:
+def run_zarr_to_nifti(volume: str | Path, model: str | Path, output: str | Path,
+                      settings: RunSettings | None = None, *, block: int = 256, **options: Any) -> RunReport:
     """A Zarr volume into a NIfTI file: slabs along the array's first axis, in order (see module docs)."""
     from .writer import check_target
 
-    check_target(Path(output), overwrite, [Path(volume)])
+    s = RunSettings.from_kwargs(settings, **options)
+    check_target(Path(output), s.overwrite, [Path(volume)])
     with OutputLock(Path(output)):
-        return _run_zarr_to_nifti(volume, model, Path(output), **run)
+        return _run_zarr_to_nifti(volume, model, Path(output), s, block)
 
 
 def nifti_slabs(grid: TileGrid, block: int) -> list[Block]:
@@ -441,25 +416,35 @@ def nifti_slabs(grid: TileGrid, block: int) -> list[Block]:
     return [Block((n, 0, 0), ((g[0][0], g[-1][1]), (0, Y), (0, X))) for n, g in enumerate(groups)]
 
 
-def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, *, block: int, resume: bool, progress: bool,
-                       requests: int, **run: Any) -> RunReport:
-    from tqdm import tqdm
-
+def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, s: RunSettings, block: int) -> RunReport:
     from .api import run_fingerprint
-    from .errors import Interrupted
-    from .journal import ResumableError
     from .writer import NiftiWriter
 
     t0 = time.perf_counter()
-    p = _prepare(volume, model, **run)
-    s = p.setup
-    slabs = nifti_slabs(s.grid, block)
+    p = _prepare(volume, model, s)
+    slabs = nifti_slabs(p.setup.grid, block)
     journal = Journal(output, run_fingerprint([Path(volume)], p.tm.path, dict(p.settings, block=block)))
-    start = journal.resume_row() if resume else 0
+    start = journal.resume_row() if s.resume else 0
     G0, G1, G2 = p.source.shape
-    writer = NiftiWriter(output, (G2, G1, G0), s.spec.out_channels, s.spec.dtype,
-                         affine=store_geometry(volume).affine, resume=resume)
-    job = _job(p, volume, output, model, requests=requests, **run)
+    writer = NiftiWriter(output, (G2, G1, G0), p.setup.spec.out_channels, p.setup.spec.dtype,
+                         affine=store_geometry(volume).affine, resume=s.resume)
+    job = _job(p, volume, output, model, s)
+    results = _write_slabs(job, slabs, start, writer, journal, s.progress)
+    rep = _report(p, output, t0, results, s.runtime.requests)
+    rep.extra["slabs"] = f"{len(results)} run, {start} already complete (Zarr [k, j, i] -> NIfTI (i, j, k))"
+    rep.extra["tile runs"] = tile_runs_line(p.setup.grid, slabs)
+    return rep
+
+
+def _write_slabs(job: ZarrJob, slabs: list[Block], start: int, writer: Any, journal: Journal,
+                 progress: bool) -> list[dict[str, Any]]:
+    """Run and write the slabs from ``start`` on, journaled slab by slab; keep a resumable output when
+    interrupted, remove it on any other failure."""
+    from tqdm import tqdm
+
+    from .errors import Interrupted
+    from .journal import ResumableError
+
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(slabs), initial=start, unit="slab", disable=not progress, desc="volinfer", leave=False)
     try:
@@ -477,7 +462,7 @@ def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, *, block: int, res
         writer.close_for_resume()
         if isinstance(e, ResumableError):
             raise
-        raise Interrupted(f"partial output kept beside {output}; run the same command with --resume to "
+        raise Interrupted(f"partial output kept beside {job.output}; run the same command with --resume to "
                           f"continue") from None
     except BaseException:
         writer.abort()
@@ -485,10 +470,7 @@ def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, *, block: int, res
         raise
     finally:
         bar.close()
-    rep = _report(p, output, t0, results, requests)
-    rep.extra["slabs"] = f"{len(results)} run, {start} already complete (Zarr [k, j, i] -> NIfTI (i, j, k))"
-    rep.extra["tile runs"] = tile_runs_line(s.grid, slabs)
-    return rep
+    return results
 
 
 def _execute(job: ZarrJob, blocks: list[Block], scheduler: str | None, workers: int | None,

@@ -225,46 +225,68 @@ def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
                            any(r.dtype.kind == "f" for r in src.readers))
 
 
-def plan_run(paths: Sequence[str | Path], model_path: str | Path, *, tile: Any = None, layout: str | None = None,
-             output: str | int | None = None, options: dict[str, Any] | None = None, overlap: Any = None,
-             stitch: str | None = None, kind: str = "labels", channels: Sequence[int] | None = None,
-             prob_dtype: str = "float32", normalize: dict[str, Any] | None = None, requests: int = 2,
-             max_memory_mb: float | None = None, norm_stats: str | None = None, mirror: Any = None) -> Plan:
+def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any = None,
+             **options: Any) -> Plan:
     """Predict peak RSS and time of ``volinfer run`` with these settings (see module docs): the same tile planning
-    as the run (fidelity first), then the model measured at that tile in a fresh process."""
-    from .api import _overlap_for, parse_mirror
-    from .model import CompileOptions, TileModel
-    from .runsetup import needs_norm_passes, plan_tiling, resolve, verdict
-
-    facts = volume_facts(paths)
+    as the run (fidelity first), then the model measured at that tile in a fresh process. ``settings``: a
+    :class:`volinfer.run_settings.RunSettings`; keyword ``options`` as for :func:`volinfer.predict` (``output=``
+    here names the model output, ``options=`` is a dict of compile options)."""
+    from .run_settings import RunSettings
     from .zarr_io import is_zarr
 
-    if norm_stats is None and any(is_zarr(p) for p in paths):
-        norm_stats = "tile"  # what Zarr (block-wise) runs use: see volinfer.distributed
-    opts = options or {}
-    handle = TileModel(model_path, tile=tile, layout=layout, output=output, options=CompileOptions(**opts),
-                       compile=False)
-    choice = plan_tiling(handle, facts.shape, stitch=stitch, overlap=overlap, max_memory_mb=max_memory_mb,
-                         norm_stats=norm_stats)
-    tm = TileModel(model_path, tile=choice.tile, layout=layout, output=output, options=CompileOptions(**opts),
-                   compile=False)
+    if "output" in options:
+        options["model_output"] = options.pop("output")
+    s = RunSettings.from_kwargs(settings, **options)
+    if s.tiling.norm_stats is None and any(is_zarr(p) for p in paths):
+        s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr (block-wise) runs use: see volinfer.distributed
+    facts = volume_facts(paths)
+    tm, choice, setup = _plan_tiling(facts, model_path, s)
+    opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
+    parts = _buffers(facts, tm, setup, s.runtime.requests)
+    cost = measure_model(model_path, tm.tile, s.runtime.layout, s.runtime.model_output, opts, s.runtime.requests)
+    return _finish_plan(make_plan(setup.grid, cost, parts), facts, choice, setup, s)
+
+
+def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, Any]:
+    """The run's own tile planning and settings resolution, on the volume's facts (no voxel read)."""
+    from .api import _overlap_for
+    from .model import TileModel
+    from .runsetup import plan_tiling, resolve
+
+    t, rt, o = s.tiling, s.runtime, s.output
+    handle = TileModel(model_path, tile=t.tile, layout=rt.layout, output=rt.model_output,
+                       options=rt.compile_options(), compile=False)
+    choice = plan_tiling(handle, facts.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
+                         norm_stats=t.norm_stats)
+    tm = TileModel(model_path, tile=choice.tile, layout=rt.layout, output=rt.model_output,
+                   options=rt.compile_options(), compile=False)
     tm.multiple = handle.multiple
+    overlap = t.overlap
     if overlap is None:
         overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
-    setup = resolve(tm, facts.shape, facts.channels, stitch=stitch, overlap=overlap, kind=kind, keep=channels,
-                    prob_dtype=prob_dtype, normalize=normalize)
+    setup = resolve(tm, facts.shape, facts.channels, stitch=t.stitch, overlap=overlap, kind=o.kind,
+                    keep=o.channels, prob_dtype=o.prob_dtype, normalize=s.input.normalize)
+    return tm, choice, setup
+
+
+def _buffers(facts: Any, tm: Any, setup: Any, requests: int) -> dict[str, float]:
+    """The engine's own buffers for this run (see :func:`engine_buffers_mb`)."""
     grid, spec = setup.grid, setup.spec
-    parts = engine_buffers_mb(grid, in_channels=facts.channels, stored_itemsize=facts.itemsize,
-                              compressed=facts.compressed, model_channels=tm.out_channels,
-                              out_channels=spec.out_channels, out_itemsize=spec.dtype.itemsize, stitch=setup.stitch,
-                              requests=requests, scans=facts.floating or not setup.normalizer.fitted,
-                              statistics=None if setup.normalizer.fitted else setup.normalizer.kind,
-                              wide=facts.floating and facts.itemsize > 4)
-    cost = measure_model(model_path, tm.tile, layout, output, opts, requests)
-    plan = make_plan(grid, cost, parts)
+    return engine_buffers_mb(grid, in_channels=facts.channels, stored_itemsize=facts.itemsize,
+                             compressed=facts.compressed, model_channels=tm.out_channels,
+                             out_channels=spec.out_channels, out_itemsize=spec.dtype.itemsize, stitch=setup.stitch,
+                             requests=requests, scans=facts.floating or not setup.normalizer.fitted,
+                             statistics=None if setup.normalizer.fitted else setup.normalizer.kind,
+                             wide=facts.floating and facts.itemsize > 4)
+
+
+def _finish_plan(plan: Plan, facts: Any, choice: Any, setup: Any, s: Any) -> Plan:
+    """Mirroring, normalisation-statistics passes, the fidelity verdict and the weighed tilings."""
+    from .runsetup import needs_norm_passes, verdict
+
     passes = len(choice.norm_layers) if needs_norm_passes(setup, choice) else 0
     fid = verdict(setup, choice, frozen=passes > 0)
-    plan.inferences_per_tile = 2 ** len(parse_mirror(mirror))
+    plan.inferences_per_tile = 2 ** len(s.tiling.mirror)
     plan.norm_passes = passes
     plan.time_s = round(plan.time_s * (plan.inferences_per_tile + 0.5 * passes), 1)
     plan.exact, plan.not_exact = fid.exact, fid.reasons

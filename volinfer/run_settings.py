@@ -1,0 +1,262 @@
+"""A run's settings as values: what to read, how to tile and stitch, what to write, how to run the model.
+
+Built once — from the command line (:func:`RunSettings.from_cli`), from the Python API's keywords
+(:meth:`RunSettings.from_kwargs`), or left at their defaults so that the model's stored settings apply (every
+``None`` here means "stored in the model, else volinfer's default") — validated once, in the constructors (through
+:mod:`volinfer.validate`), and passed down whole to :func:`volinfer.api.predict`, :func:`volinfer.distributed.run_zarr`
+and :func:`volinfer.plan.plan_run`. They are frozen: a layer that needs another value makes a new one with
+:func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import validate
+from .errors import VolinferError
+
+STITCH_MODES = ("crop", "gaussian", "mean")
+NORM_STATS = ("volume", "tile")
+KINDS = ("labels", "probabilities", "raw")
+PAD_MODES = ("constant", "edge", "reflect")
+
+
+def parse_mirror(value: str | Sequence[int] | None) -> tuple[int, ...]:
+    """``"xyz"`` / ``"xz"`` / ``[0, 2]`` → sorted volume axes to mirror over; empty for none."""
+    if value is None or value == "" or value == "none":
+        return ()
+    if isinstance(value, str):
+        bad = set(value.lower()) - set("xyz")
+        if bad or len(set(value.lower())) != len(value):
+            raise VolinferError(f"--mirror takes a subset of the axes x, y, z (e.g. xyz or xz); got {value!r}")
+        return tuple(sorted("xyz".index(c) for c in value.lower()))
+    axes = tuple(sorted(set(int(a) for a in value)))
+    if any(a not in (0, 1, 2) for a in axes):
+        raise VolinferError(f"mirror axes must be 0, 1, 2 (x, y, z); got {value!r}")
+    return axes
+
+
+def _choice(name: str, value: str | None, allowed: Sequence[str]) -> None:
+    if value is not None and value not in allowed:
+        raise VolinferError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    """How the volume is cut into tiles and the tiles' outputs put back together."""
+
+    tile: Any = None  # None/"auto": planned for fidelity; an int or three ints: used as is
+    overlap: Any = None  # fraction(s) of the tile, whole voxels, or None (stored, else planned/default)
+    stitch: str | None = None  # crop | gaussian | mean; None: stored, else crop
+    sigma: float = 0.125
+    pad_mode: str = "constant"
+    mirror: tuple[int, ...] = ()  # volume axes of test-time mirroring
+    norm_stats: str | None = None  # volume | tile; None: stored, else volume
+    max_memory_mb: float | None = None
+    reuse_constant: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tile is not None:
+            validate.tile(self.tile if isinstance(self.tile, str) else ",".join(str(t) for t in np.atleast_1d(self.tile)))
+        if self.overlap not in (None, ""):
+            validate.overlap(self.overlap)
+        _choice("stitch", self.stitch, STITCH_MODES)
+        _choice("norm-stats", self.norm_stats, NORM_STATS)
+        _choice("pad mode", self.pad_mode, PAD_MODES)
+        validate.positive("sigma", self.sigma)
+        if self.max_memory_mb is not None:
+            validate.positive("max-memory", self.max_memory_mb)
+        object.__setattr__(self, "mirror", parse_mirror(self.mirror))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What is written: labels, probabilities or raw outputs, which channels, in which type; Zarr store layout."""
+
+    kind: str = "labels"
+    activation: str | None = None  # softmax | sigmoid | none; None: from the graph / stored / default
+    channels: tuple[int, ...] | None = None
+    threshold: float = 0.5
+    prob_dtype: str = "float32"
+    chunks: Any = None  # Zarr outputs: chunk edge(s); None: 64 (NIfTI input) or the input's (Zarr input)
+    compression: bool = True  # Zarr outputs
+    pyramid: int = 0  # Zarr outputs: downsampled OME-Zarr levels
+
+    def __post_init__(self) -> None:
+        _choice("kind", self.kind, KINDS)
+        _choice("activation", self.activation, ("softmax", "sigmoid", "none"))
+        validate.finite("threshold", self.threshold)  # the range depends on the resolved activation: OutputSpec
+        if self.channels is not None:
+            object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        validate.count("pyramid", self.pyramid, minimum=0)
+
+    def zarr_output(self, default_chunks: int = 64) -> dict[str, Any]:
+        """The Zarr store settings a NIfTI-input run records and writes with."""
+        return {"chunks": self.chunks if self.chunks is not None else default_chunks,
+                "compression": self.compression, "pyramid": self.pyramid}
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    """How input voxels are read: intensity normalisation, the NaN/Inf replacement, an array's channel axis."""
+
+    normalize: dict[str, Any] | None = None  # None: stored in the model, else none
+    nan_value: float | None = None  # None: refuse volumes with NaN/Inf voxels
+    channel_axis: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.normalize, dict):
+            validate.normalization(self.normalize)
+        if self.nan_value is not None:
+            validate.finite("nan_value", self.nan_value)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How the model runs: device, precision, threads/streams, cache, requests in flight, layout, which output."""
+
+    device: str = "CPU"
+    precision: str = "auto"
+    threads: int | None = None
+    streams: int | None = None
+    cache_dir: str | None = None
+    requests: int = 2
+    layout: str | None = None
+    model_output: str | int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "requests", validate.count("requests", self.requests))
+        for name in ("threads", "streams"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, validate.count(name, getattr(self, name)))
+        if self.layout is not None:
+            object.__setattr__(self, "layout", self.layout.upper())
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", str(self.cache_dir))
+
+    def compile_options(self) -> Any:
+        """The :class:`volinfer.model.CompileOptions` these settings compile with."""
+        from .model import CompileOptions
+
+        return CompileOptions(**self.compile_dict())
+
+    def compile_dict(self) -> dict[str, Any]:
+        """The compile options as a dict (picklable; what Zarr jobs send their workers)."""
+        return dict(device=self.device, precision=self.precision, threads=self.threads, streams=self.streams,
+                    cache_dir=self.cache_dir)
+
+
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run is asked to do, in four parts, plus how it treats an existing output."""
+
+    tiling: TilingSettings = field(default_factory=TilingSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    input: InputSettings = field(default_factory=InputSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = False
+
+    @classmethod
+    def from_kwargs(cls, base: "RunSettings | None" = None, **kw: Any) -> "RunSettings":
+        """Settings from the Python API's flat keywords (``tile=``, ``kind=``, ``device=``, ...), on top of ``base``.
+        Also accepts ``options=`` (a dict of compile options), ``zarr_output=`` (a dict of ``chunks``,
+        ``compression``, ``pyramid``). Unknown keywords are refused."""
+        base = base or cls()
+        kw = _flatten(kw)
+        parts: dict[str, dict[str, Any]] = {"tiling": {}, "output": {}, "input": {}, "runtime": {}}
+        top: dict[str, Any] = {}
+        for key, value in kw.items():
+            part = _part_of(key)
+            if part is None:
+                top[key] = value
+            else:
+                parts[part][key] = value
+        return replace(base, **top, **{p: replace(getattr(base, p), **v) for p, v in parts.items() if v})
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The flat keywords these settings were built from (the inverse of :meth:`from_kwargs`)."""
+        out: dict[str, Any] = {"resume": self.resume, "overwrite": self.overwrite, "progress": self.progress}
+        for part in (self.tiling, self.output, self.input, self.runtime):
+            out.update({f.name: getattr(part, f.name) for f in fields(part)})
+        return out
+
+
+_TOP = ("resume", "overwrite", "progress")
+
+
+def _part_of(key: str) -> str | None:
+    """The part of :class:`RunSettings` a flat keyword belongs to (None: RunSettings itself)."""
+    if key in _TOP:
+        return None
+    for name, cls in (("tiling", TilingSettings), ("output", OutputSettings), ("input", InputSettings),
+                      ("runtime", RuntimeSettings)):
+        if key in {f.name for f in fields(cls)}:
+            return name
+    raise TypeError(f"unknown run setting {key!r}")
+
+
+def _flatten(kw: dict[str, Any]) -> dict[str, Any]:
+    """Unpack the grouped keywords some entry points take (``options``, ``zarr_output``)."""
+    kw = dict(kw)
+    options = kw.pop("options", None) or {}
+    for k, v in options.items():
+        if v is not None:
+            kw.setdefault(k, v)
+    zarr_output = kw.pop("zarr_output", None) or {}
+    for k in ("chunks", "compression", "pyramid"):
+        if k in zarr_output:
+            kw[k] = zarr_output[k]
+    return kw
+
+
+def output_float_dtype(float16: bool, kind: str, zarr: bool) -> tuple[str, str | None]:
+    """The probability dtype to write, and a note when ``--float16`` cannot apply: NIfTI-1 has no float16 type
+    (nibabel refuses it), so NIfTI outputs get float32; Zarr stores float16."""
+    if not float16:
+        return "float32", None
+    if kind != "probabilities":
+        return "float32", f"--float16 applies to --kind probabilities; {kind} written as usual"
+    if not zarr:
+        return "float32", "NIfTI has no float16 type: probabilities written as float32 (a .zarr output stores float16)"
+    return "float16", None
+
+
+def from_cli(params: dict[str, Any]) -> RunSettings:
+    """Settings from the ``run``/``plan`` commands' parsed options (click's parameter names)."""
+    from .cliutil import parse_tile
+    from .normalize import parse_normalization
+    from .plan import parse_size_mb
+    from .postprocess import parse_channels
+
+    p = dict(params)
+    kw: dict[str, Any] = {}
+    simple = ("overlap", "stitch", "sigma", "pad_mode", "norm_stats", "mirror", "kind", "activation", "threshold",
+              "device", "precision", "threads", "streams", "requests", "layout", "nan_value", "chunks", "pyramid",
+              "resume", "overwrite", "prob_dtype")
+    for key in simple:
+        if key in p and p[key] is not None:
+            kw[key] = p[key]
+    kw["tile"] = parse_tile(p.get("tile"))
+    if p.get("cache_dir"):
+        kw["cache_dir"] = str(p["cache_dir"])
+    if p.get("channels"):
+        kw["channels"] = parse_channels(p["channels"])
+    if p.get("normalize"):
+        kw["normalize"] = parse_normalization(p["normalize"])
+    if p.get("output_name") is not None:
+        kw["model_output"] = p["output_name"]
+    if p.get("max_memory"):
+        kw["max_memory_mb"] = parse_size_mb(p["max_memory"])
+    if "no_constant_reuse" in p:
+        kw["reuse_constant"] = not p["no_constant_reuse"]
+    if "no_compression" in p:
+        kw["compression"] = not p["no_compression"]
+    kw["progress"] = not p.get("quiet") and not p.get("as_json")
+    return RunSettings.from_kwargs(**kw)
