@@ -7,6 +7,7 @@ verified against the source and carrying their run settings (see :mod:`volinfer.
 """
 
 from .convert import ConversionResult, ParityReport, convert, probe_size_multiple
+from .settings import ConvertSettings
 from .sources import kind_of
 
-__all__ = ["convert", "ConversionResult", "ParityReport", "probe_size_multiple", "kind_of"]
+__all__ = ["convert", "ConversionResult", "ParityReport", "probe_size_multiple", "kind_of", "ConvertSettings"]

@@ -74,14 +74,7 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--overwrite", is_flag=True, help="Replace an existing IR.")
 @output_options("the result")
 @friendly_errors
-def convert(model: str, output: Path, weights: str | None, random_weights: bool, factory_args: str | None,
-            trust_pickle: bool, inputs: str | None, set_values: tuple[str, ...], outputs: str | None,
-            output_name: str | None, tile: str | None,
-            channels: int | None, layout: str | None, static: bool, activation: str | None, labels: str | None,
-            channel_names: str | None, normalize: str | None, spacing: str | None, overlap: str | None,
-            stitch: str | None, no_fp16: bool, int8: bool, calibration_tiles: int, no_check: bool, tolerance: float | None,
-            calibration_volume: str | None, no_receptive_field: bool, overwrite: bool, quiet: bool,
-            as_json: bool) -> None:
+def convert(model: str, **params: Any) -> None:
     """Convert MODEL to OpenVINO IR, check it computes what the source computes, store its run settings.
 
     \b
@@ -100,33 +93,43 @@ def convert(model: str, output: Path, weights: str | None, random_weights: bool,
     installed the report says "not checked". Importing file.py runs that file: name only code you trust. See
     SECURITY.md for what is data and what is code.
     """
-    from volinfer.normalize import parse_normalization
-
     from .convert import convert as run_convert
-    from .inputs import parse_set
 
-    try:
-        kwargs = json.loads(factory_args) if factory_args else None
-        spacing_v = [float(v) for v in spacing.split(",")] if spacing else None
-    except (ValueError, json.JSONDecodeError) as e:
-        raise VolinferError(f"bad option value: {e}") from None
+    p = params
+    settings = convert_settings(p)
+    quiet, as_json = p["quiet"], p["as_json"]
     stages_module = importlib.import_module(__package__ + ".convert")  # the module (the package exports the function)
-    with stage_progress(stages_module, measure_rf=not no_receptive_field, int8=int8, check=not no_check,
-                        disable=quiet or as_json):
-        result = run_convert(
-            model, output, weights=weights, trust_pickle=trust_pickle, random_weights=random_weights,
-            factory_kwargs=kwargs, inputs=_list(inputs), outputs=_list(outputs), fixed=parse_set(set_values),
-            select_output=output_name, tile=parse_tile(tile), channels=channels,
-            layout=layout.upper() if layout else None, static=static, activation=activation, labels=_list(labels),
-            channel_names=_list(channel_names), normalization=parse_normalization(normalize), spacing=spacing_v,
-            overlap=stored_overlap(overlap), stitch=stitch, fp16=not no_fp16, int8=int8,
-            calibration_tiles=calibration_tiles, check=not no_check, tolerance=tolerance,
-            calibration_volume=calibration_volume, measure_rf=not no_receptive_field, overwrite=overwrite,
-        )
+    with stage_progress(stages_module, measure_rf=not p["no_receptive_field"], int8=p["int8"],
+                        check=not p["no_check"], disable=quiet or as_json):
+        result = run_convert(model, p["output"], settings)
     data = {"path": str(result.path), "parity": result.parity.__dict__ if result.parity else None,
             "int8": result.int8.__dict__ if result.int8 else None,
             "settings": result.settings.as_dict(), "notes": result.notes}
     emit(data, lambda: summary(result), as_json=as_json, quiet=quiet)
+
+
+def convert_settings(p: dict[str, Any]) -> Any:
+    """The :class:`converters.settings.ConvertSettings` of `volinfer convert`'s parsed options."""
+    from volinfer.normalize import parse_normalization
+
+    from .inputs import parse_set
+    from .settings import ConvertSettings
+
+    try:
+        kwargs = json.loads(p["factory_args"]) if p["factory_args"] else None
+        spacing_v = [float(v) for v in p["spacing"].split(",")] if p["spacing"] else None
+    except (ValueError, json.JSONDecodeError) as e:
+        raise VolinferError(f"bad option value: {e}") from None
+    return ConvertSettings.from_kwargs(
+        weights=p["weights"], trust_pickle=p["trust_pickle"], random_weights=p["random_weights"],
+        factory_kwargs=kwargs, inputs=_list(p["inputs"]), outputs=_list(p["outputs"]),
+        fixed=parse_set(p["set_values"]), select_output=p["output_name"], tile=parse_tile(p["tile"]),
+        channels=p["channels"], layout=p["layout"].upper() if p["layout"] else None, static=p["static"],
+        activation=p["activation"], labels=_list(p["labels"]), channel_names=_list(p["channel_names"]),
+        normalization=parse_normalization(p["normalize"]), spacing=spacing_v, overlap=stored_overlap(p["overlap"]),
+        stitch=p["stitch"], fp16=not p["no_fp16"], int8=p["int8"], calibration_tiles=p["calibration_tiles"],
+        check=not p["no_check"], tolerance=p["tolerance"], calibration_volume=p["calibration_volume"],
+        measure_rf=not p["no_receptive_field"], overwrite=p["overwrite"])
 
 
 def stored_overlap(text: str | None) -> float | int | list[float | int] | None:

@@ -21,6 +21,7 @@ from volinfer.settings import ModelSettings
 from .inputs import freeze_inputs, pick_image_input
 from .messages import framework_errors
 from .parity import Int8Report, ParityReport, compare, judge, judge_int8
+from .settings import ConvertSettings
 from .sources import ReferenceUnavailable, Source, load
 
 #: Graph ops that normalise with statistics of their own input: per-tile statistics differ from whole-volume ones.
@@ -151,100 +152,102 @@ def check_int8(f32: ov.Model, int8: ov.Model, tiles: list[np.ndarray], output: i
     return judge_int8(pairs, layout)
 
 
-def convert(
-    model: str,
-    output: str | os.PathLike,
-    *,
-    weights: str | None = None,
-    trust_pickle: bool = False,
-    random_weights: bool = False,
-    factory_kwargs: dict[str, Any] | None = None,
-    inputs: list[str] | None = None,
-    outputs: list[str] | None = None,
-    fixed: dict[str, Any] | None = None,
-    select_output: str | int | None = None,
-    tile: int | Sequence[int] | None = None,
-    channels: int | None = None,
-    layout: str | None = None,
-    static: bool = False,
-    activation: str | None = None,
-    labels: Sequence[str] | None = None,
-    channel_names: Sequence[str] | None = None,
-    normalization: dict[str, Any] | None = None,
-    spacing: Sequence[float] | None = None,
-    overlap: float | int | None = None,
-    stitch: str | None = None,
-    fp16: bool = True,
-    int8: bool = False,
-    calibration_tiles: int = 8,
-    check: bool = True,
-    tolerance: float | None = None,
-    calibration_volume: str | None = None,
-    measure_rf: bool = True,
-    overwrite: bool = False,
-    seed: int = 0,
-) -> ConversionResult:
+def convert(model: str, output: str | os.PathLike, settings: ConvertSettings | None = None,
+            **options: Any) -> ConversionResult:
     """Convert ``model`` (any supported framework; see :func:`converters.sources.kind_of`) to an OpenVINO IR at
-    ``output``, verify it against the source run in its own framework, and store the run settings in it. ``inputs``
-    names the image input (``--input``), ``fixed`` freezes other inputs to constants (``--set``). Nothing is left at
+    ``output``, verify it against the source run in its own framework, and store the run settings in it.
+    ``settings`` (:class:`converters.settings.ConvertSettings`) says how; keyword ``options`` (``weights=``,
+    ``tile=``, ``activation=``, ``int8=``, ... every field of its parts) override single fields. ``inputs`` names
+    the image input (``--input``), ``fixed`` freezes other inputs to constants (``--set``). Nothing is left at
     ``output`` when any step fails. Returns the saved path, the parity report and the stored settings."""
+    cs = ConvertSettings.from_kwargs(settings, **options)
     out = Path(output)
-    _check_output_path(out, overwrite)
-    if tile is not None and any(int(v) <= 0 for v in ([tile] if isinstance(tile, (int, np.integer)) else tile)):
-        raise VolinferError(f"--tile must be positive; got {tile}")
-    src = load(model, weights=weights, trust_pickle=trust_pickle, random_weights=random_weights,
-               factory_kwargs=factory_kwargs, inputs=inputs, outputs=outputs, fixed=fixed)
+    _check_output_path(out, cs.overwrite)
+    src = load(model, **cs.source.load_kwargs())
     notes: list[str] = []
-    if random_weights:
+    if cs.source.random_weights:
         notes.append("converted with the factory's own (random) weights: --random-weights")
-    layout = (layout or src.layout or _stored_layout(src) or "NCDHW").upper()
-    ov_model, old_settings, channels, t3, multiple = _prepare(src, layout, channels, tile, static,
-                                                              inputs[0] if inputs else None)
-    per_tile = sorted({op.get_type_name() for op in ov_model.get_ops()} & PER_TILE_STAT_OPS)
-    if per_tile:
-        notes.append(f"model normalises per input ({', '.join(per_tile)}): `volinfer run` freezes these layers to "
+    g = _Graph(src, (cs.shape.layout or src.layout or _stored_layout(src) or "NCDHW").upper())
+    inputs = cs.source.inputs
+    g.model, g.old, g.channels, g.tile, g.multiple = _prepare(src, g.layout, cs.shape.channels, cs.shape.tile,
+                                                              cs.shape.static, inputs[0] if inputs else None)
+    g.per_tile = sorted({op.get_type_name() for op in g.model.get_ops()} & PER_TILE_STAT_OPS)
+    if g.per_tile:
+        notes.append(f"model normalises per input ({', '.join(g.per_tile)}): `volinfer run` freezes these layers to "
                      f"whole-volume statistics (streamed passes) unless --norm-stats tile")
-    out_index = _select_output(ov_model, select_output, notes)
+    g.out_index = _select_output(g.model, cs.source.select_output, notes)
+    settings_ = _describe(g, cs, notes)
+    f32_model, int8_tiles = g.model, None
+    if cs.check.int8:
+        int8_tiles = _quantize(g, cs, settings_, notes)
+    c = cs.check
+    parity, int8_report = _save_checked(
+        src, g.model, out, fp16=c.fp16, check=c.check, tolerance=c.tolerance, int8=c.int8,
+        calibration_volume=c.calibration_volume, layout=g.layout, channels=g.channels, tile=g.tile,
+        normalization=cs.stored.normalization, seed=c.seed, out_index=g.out_index, f32_model=f32_model,
+        int8_tiles=int8_tiles)
+    return ConversionResult(out, parity, settings_, notes, int8_report)
 
+
+@dataclass
+class _Graph:
+    """The converted graph and what was found about it on the way (layout, channels, tile, size multiple, ...)."""
+
+    src: Source
+    layout: str
+    model: Any = None
+    old: ModelSettings | None = None  # the settings an IR being re-described already stores
+    channels: int = 1
+    tile: list[int] = field(default_factory=list)
+    multiple: int | None = None
+    per_tile: list[str] = field(default_factory=list)
+    out_index: int | None = None
+
+
+def _describe(g: _Graph, cs: ConvertSettings, notes: list[str]) -> ModelSettings:
+    """The settings stored in the IR (kept from a re-described IR where not given), its activation, receptive
+    field and precision verdict, written into the graph."""
+    st, src = cs.stored, g.src
     settings = ModelSettings(
-        layout=layout, in_channels=channels, channel_names=list(channel_names) if channel_names else None,
-        tile=t3, size_multiple=multiple or None, overlap=overlap,
-        stitch=stitch, normalization=normalization, activation=activation,
-        labels=list(labels) if labels else None, spacing=list(spacing) if spacing else None,
-        output=str(out_index) if out_index is not None else None, instance_norm=bool(per_tile) or None,
+        layout=g.layout, in_channels=g.channels, channel_names=list(st.channel_names) if st.channel_names else None,
+        tile=g.tile, size_multiple=g.multiple or None, overlap=st.overlap,
+        stitch=st.stitch, normalization=st.normalization, activation=st.activation,
+        labels=list(st.labels) if st.labels else None, spacing=list(st.spacing) if st.spacing else None,
+        output=str(g.out_index) if g.out_index is not None else None, instance_norm=bool(g.per_tile) or None,
         source_framework=src.framework, source_file=src.path.name if src.path else None,
         source_sha256=_sha256(src.path), volinfer_version=volinfer.__version__,
     )
-    if old_settings is not None:  # re-describing an IR: keep what it already stores
-        for k, v in old_settings.as_dict().items():
+    if g.old is not None:  # re-describing an IR: keep what it already stores
+        for k, v in g.old.as_dict().items():
             if getattr(settings, k, None) is None and k in settings.__dataclass_fields__:
                 setattr(settings, k, v)
-        settings.extra.update(old_settings.extra)
-    if fixed:
-        settings.extra["frozen_inputs"] = dict(fixed)
-    _record_activation(ov_model, out_index or 0, layout, activation, settings, notes)
-    if measure_rf:
-        _measure_rf(ov_model, t3, settings, notes)
-    if not int8:
-        _check_precision(ov_model, layout, channels, t3, out_index or 0, settings, notes, calibration_volume,
-                         normalization)
-    settings.to_model(ov_model)
-    f32_model, int8_tiles = ov_model, None
-    if int8:
-        if not calibration_volume:
-            raise VolinferError("--int8 needs --calibration-volume (real tiles to calibrate the quantisation on)")
-        int8_tiles = _calibration_tiles(calibration_volume, layout, channels, t3, normalization,
-                                        count=calibration_tiles, seed=seed)
-        ov_model = quantize_int8(ov_model.clone(), int8_tiles)
-        settings.extra["quantization"] = f"int8 (NNCF, {calibration_tiles} calibration tiles)"
-        settings.to_model(ov_model)
-        notes.append("INT8 weights and activations: parity below is against the FP32 source and reported only; "
-                     "the INT8 check against FP32 on the calibration tiles decides")
-    parity, int8_report = _save_checked(
-        src, ov_model, out, fp16=fp16, check=check, tolerance=tolerance, int8=int8, calibration_volume=calibration_volume,
-        layout=layout, channels=channels, tile=t3, normalization=normalization, seed=seed, out_index=out_index,
-        f32_model=f32_model, int8_tiles=int8_tiles)
-    return ConversionResult(out, parity, settings, notes, int8_report)
+        settings.extra.update(g.old.extra)
+    if cs.source.fixed:
+        settings.extra["frozen_inputs"] = dict(cs.source.fixed)
+    _record_activation(g.model, g.out_index or 0, g.layout, st.activation, settings, notes)
+    if cs.check.measure_rf:
+        _measure_rf(g.model, g.tile, settings, notes)
+    if not cs.check.int8:
+        _check_precision(g.model, g.layout, g.channels, g.tile, g.out_index or 0, settings, notes,
+                         cs.check.calibration_volume, st.normalization)
+    settings.to_model(g.model)
+    return settings
+
+
+def _quantize(g: _Graph, cs: ConvertSettings, settings: ModelSettings, notes: list[str]) -> list[np.ndarray]:
+    """Quantise ``g.model`` to INT8 on tiles of the calibration volume (``g.model`` becomes the INT8 graph); the
+    calibration tiles, for the INT8-against-FP32 check."""
+    c = cs.check
+    if not c.calibration_volume:
+        raise VolinferError("--int8 needs --calibration-volume (real tiles to calibrate the quantisation on)")
+    tiles = _calibration_tiles(c.calibration_volume, g.layout, g.channels, g.tile, cs.stored.normalization,
+                               count=c.calibration_tiles, seed=c.seed)
+    g.model = quantize_int8(g.model.clone(), tiles)
+    settings.extra["quantization"] = f"int8 (NNCF, {c.calibration_tiles} calibration tiles)"
+    settings.to_model(g.model)
+    notes.append("INT8 weights and activations: parity below is against the FP32 source and reported only; "
+                 "the INT8 check against FP32 on the calibration tiles decides")
+    return tiles
 
 
 def _check_output_path(out: Path, overwrite: bool) -> None:
