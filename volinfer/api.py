@@ -203,10 +203,8 @@ def _execute(run: _Run) -> None:
 
 def _resolve(run: _Run) -> None:
     """Settings against the model and volume, the one pre-pass, frozen normalisation statistics, the verdict."""
-    s, o = run.s, run.s.output
-    run.setup = resolve(run.tm, run.source.shape, run.source.channels, stitch=s.tiling.stitch, overlap=run.overlap,
-                        kind=o.kind, activation=o.activation, keep=o.channels, threshold=o.threshold,
-                        prob_dtype=o.prob_dtype, normalize=s.input.normalize)
+    s = run.s
+    run.setup = resolve(run.tm, run.source.shape, run.source.channels, s, overlap=run.overlap)
     scan_volume(run.setup, run.tm, run.source, s.input.nan_value,
                 fingerprint=run.output is not None and bool(run.in_paths))
     run.tm, run.passes = _freeze_norm_statistics(run.tm, run.choice, run.setup, run.source, s.tiling.pad_mode,

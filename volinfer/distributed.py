@@ -264,9 +264,7 @@ def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
     overlap = t.overlap
     if overlap is None:
         overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
-    setup = resolve(tm, source.shape, source.channels, stitch=t.stitch, overlap=overlap, kind=o.kind,
-                    activation=o.activation, keep=o.channels, threshold=o.threshold, prob_dtype=o.prob_dtype,
-                    normalize=s.input.normalize)
+    setup = resolve(tm, source.shape, source.channels, s, overlap=overlap)
     scan_volume(setup, tm, source, s.input.nan_value)
     settings = dict(tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=setup.overlap,
                     stitch=setup.stitch, sigma=t.sigma, pad_mode=t.pad_mode, kind=o.kind, activation=o.activation,

@@ -108,12 +108,16 @@ def measure_model(model: str | Path, tile: Sequence[int], layout: str | None, ou
     return ModelCost(data["peak_mb"], data["steady_mb"], data["tile_s"])
 
 
-def engine_buffers_mb(grid: TileGrid, *, in_channels: int, stored_itemsize: int, compressed: bool,
-                      model_channels: int, out_channels: int, out_itemsize: int, stitch: str, requests: int,
-                      scans: bool, statistics: str | None = None, wide: bool = False) -> dict[str, float]:
-    """The engine's memory beyond the compiled model, in MB, by part (see module docs)."""
+def engine_buffers_mb(setup: Any, facts: "VolumeFacts", model_channels: int, requests: int) -> dict[str, float]:
+    """The engine's memory beyond the compiled model, in MB, by part (see module docs), for a resolved run
+    (:class:`volinfer.runsetup.RunSetup`) on a volume (:class:`VolumeFacts`)."""
     from .stitch import BlendStitcher
 
+    grid, stitch, norm = setup.grid, setup.stitch, setup.normalizer
+    in_channels, stored_itemsize, compressed = facts.channels, facts.itemsize, facts.compressed
+    out_channels, out_itemsize = setup.spec.out_channels, setup.spec.dtype.itemsize
+    scans, statistics = facts.floating or not norm.fitted, None if norm.fitted else norm.kind
+    wide = facts.floating and facts.itemsize > 4
     X, Y, Z = grid.shape
     tx, ty, tz = grid.tile_shape
     parts: dict[str, float] = {}
@@ -242,7 +246,7 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     facts = volume_facts(paths)
     tm, choice, setup = _plan_tiling(facts, model_path, s)
     opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
-    parts = _buffers(facts, tm, setup, s.runtime.requests)
+    parts = engine_buffers_mb(setup, facts, tm.out_channels, s.runtime.requests)
     cost = measure_model(model_path, tm.tile, s.runtime.layout, s.runtime.model_output, opts, s.runtime.requests)
     return _finish_plan(make_plan(setup.grid, cost, parts), facts, choice, setup, s)
 
@@ -253,7 +257,7 @@ def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, 
     from .model import TileModel
     from .runsetup import plan_tiling, resolve
 
-    t, rt, o = s.tiling, s.runtime, s.output
+    t, rt = s.tiling, s.runtime
     handle = TileModel(model_path, tile=t.tile, layout=rt.layout, output=rt.model_output,
                        options=rt.compile_options(), compile=False)
     choice = plan_tiling(handle, facts.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
@@ -264,20 +268,8 @@ def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, 
     overlap = t.overlap
     if overlap is None:
         overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
-    setup = resolve(tm, facts.shape, facts.channels, stitch=t.stitch, overlap=overlap, kind=o.kind,
-                    keep=o.channels, prob_dtype=o.prob_dtype, normalize=s.input.normalize)
+    setup = resolve(tm, facts.shape, facts.channels, s, overlap=overlap)
     return tm, choice, setup
-
-
-def _buffers(facts: Any, tm: Any, setup: Any, requests: int) -> dict[str, float]:
-    """The engine's own buffers for this run (see :func:`engine_buffers_mb`)."""
-    grid, spec = setup.grid, setup.spec
-    return engine_buffers_mb(grid, in_channels=facts.channels, stored_itemsize=facts.itemsize,
-                             compressed=facts.compressed, model_channels=tm.out_channels,
-                             out_channels=spec.out_channels, out_itemsize=spec.dtype.itemsize, stitch=setup.stitch,
-                             requests=requests, scans=facts.floating or not setup.normalizer.fitted,
-                             statistics=None if setup.normalizer.fitted else setup.normalizer.kind,
-                             wide=facts.floating and facts.itemsize > 4)
 
 
 def _finish_plan(plan: Plan, facts: Any, choice: Any, setup: Any, s: Any) -> Plan:

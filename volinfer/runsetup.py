@@ -65,11 +65,16 @@ class RunSetup:
     digests: list[str] | None = None  # content fingerprint of each channel, when asked for
 
 
-def resolve(tm: TileModel, shape: Sequence[int], channels: int, *, stitch: str | None = None, overlap: Any = None,
-            kind: str = "labels", activation: str | None = None, keep: Sequence[int] | None = None,
-            threshold: float = 0.5, prob_dtype: str = "float32",
-            normalize: dict[str, Any] | None = None) -> RunSetup:
-    """Everything that follows from the options, the model's stored settings and the volume's shape (no I/O)."""
+def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = None, *,
+            overlap: Any = None) -> RunSetup:
+    """Everything that follows from the run's settings (:class:`volinfer.run_settings.RunSettings`), the model's
+    stored settings and the volume's shape (no I/O). ``overlap``: the planned one, else the settings'."""
+    from .run_settings import RunSettings
+
+    s = settings or RunSettings()
+    o = s.output
+    stitch, keep, normalize = s.tiling.stitch, o.channels, s.input.normalize
+    overlap = s.tiling.overlap if overlap is None else overlap
     st = tm.settings
     stitch = stitch or st.stitch or "crop"
     if stitch not in STITCH_MODES:
@@ -77,9 +82,9 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, *, stitch: str |
     if channels != tm.in_channels:
         raise VolinferError(f"the volume has {channels} channel(s) but the model expects {tm.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
-    activation, note = resolve_activation(tm, activation)
-    spec = OutputSpec(tm.out_channels, kind=kind, activation=activation,
-                      keep=tuple(keep) if keep is not None else None, threshold=threshold, float_dtype=prob_dtype)
+    activation, note = resolve_activation(tm, o.activation)
+    spec = OutputSpec(tm.out_channels, kind=o.kind, activation=activation,
+                      keep=tuple(keep) if keep is not None else None, threshold=o.threshold, float_dtype=o.prob_dtype)
     ov_vox = overlap_voxels(parse_overlap(overlap) or default_overlap(tm, stitch), tm.tile)
     try:
         grid = TileGrid.build(shape, tm.tile, [tm.multiple] * 3, ov_vox, "crop" if stitch == "crop" else "blend")
