@@ -129,9 +129,9 @@ class RuntimeSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requests", validate.count("requests", self.requests))
-        for name in ("threads", "streams"):
+        for name in ("threads", "streams"):  # 0 means "not set" (the device's default), as OpenVINO reads it
             if getattr(self, name) is not None:
-                object.__setattr__(self, name, validate.count(name, getattr(self, name)))
+                object.__setattr__(self, name, validate.count(name, getattr(self, name), minimum=0) or None)
         if self.layout is not None:
             object.__setattr__(self, "layout", self.layout.upper())
         if self.cache_dir is not None:
