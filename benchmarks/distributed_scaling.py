@@ -6,7 +6,7 @@
 For each volume and stitch mode: wall time, throughput, speedup against one worker, each worker's own peak RSS
 (``VmHWM``, reported by its tasks: ``ru_maxrss`` would also carry the RSS of the client process the worker was
 forked from) and the tile-run redundancy of the block split (tile inferences the split costs over tiles in the grid,
-:func:`volinfer.blocks.redundancy`: exactly 1.00 for crop, whose blocks follow tile centres; blended tiles that
+:func:`volinfer.tiling.blocks.redundancy`: exactly 1.00 for crop, whose blocks follow tile centres; blended tiles that
 straddle a block border run once per block). Every output is compared with the one-process run. Workers share the
 machine's cores: ``--threads`` per worker defaults to ``cores // workers`` (at least 1), so on a 2-core machine more
 workers measure the overhead of distribution, not extra hardware.
@@ -22,8 +22,8 @@ import zarr
 
 from volinfer.bench.cli import reference_model
 from volinfer.bench.volumes import make_volume
-from volinfer.distributed import run_zarr
-from volinfer.zarr_io import nifti_to_zarr
+from volinfer.run.distributed import run_zarr
+from volinfer.io.zarr_io import nifti_to_zarr
 
 
 def _args() -> argparse.Namespace:

@@ -39,7 +39,7 @@ def timed_run(args: list[str]) -> tuple[float, float]:
 def main() -> None:
     from volinfer.bench.volumes import make_volume
     from volinfer.demo import demo_model_path
-    from volinfer.gzipio import BACKEND
+    from volinfer.io.gzipio import BACKEND
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=256)

@@ -14,7 +14,7 @@ from pathlib import Path
 from volinfer.bench.cli import reference_model
 from volinfer.bench.harness import Spawner, total_ram_mb
 from volinfer.bench.volumes import make_volume
-from volinfer.plan import plan_run
+from volinfer.run.plan import plan_run
 
 
 def main() -> None:

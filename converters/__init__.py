@@ -1,5 +1,5 @@
 """Converters: trained models from PyTorch, TorchScript, torch.export, ONNX, TensorFlow and Keras to OpenVINO IR,
-verified against the source and carrying their run settings (see :mod:`volinfer.settings`).
+verified against the source and carrying their run settings (see :mod:`volinfer.model.settings`).
 
     from converters import convert
     result = convert("model.onnx", "unet.xml", tile=128, activation="softmax", labels=["background", "tumour"])

@@ -110,7 +110,7 @@ def convert(model: str, **params: Any) -> None:
 
 def convert_settings(p: dict[str, Any]) -> Any:
     """The :class:`converters.settings.ConvertSettings` of `volinfer convert`'s parsed options."""
-    from volinfer.normalize import parse_normalization
+    from volinfer.run.normalize import parse_normalization
 
     from .inputs import parse_set
     from .settings import ConvertSettings

@@ -14,9 +14,9 @@ import openvino as ov
 
 import volinfer
 from volinfer.errors import VolinferError
-from volinfer.model import TileModel
-from volinfer.receptive_field import measure_receptive_field
-from volinfer.settings import ModelSettings
+from volinfer.model.tile_model import TileModel
+from volinfer.model.receptive_field import measure_receptive_field
+from volinfer.model.settings import ModelSettings
 
 from .inputs import freeze_inputs, pick_image_input
 from .messages import framework_errors
@@ -86,8 +86,8 @@ def _calibration_tiles(path: str, layout: str, channels: int, tile: Sequence[int
                        normalization: dict[str, Any] | None, count: int = 1, seed: int = 0) -> list[np.ndarray]:
     """Tile-sized crops of a real volume, normalised the way ``volinfer run`` will: the centre first, then seeded
     random positions (read in on-disk order)."""
-    from volinfer.normalize import Normalizer
-    from volinfer.reader import VolumeSource
+    from volinfer.run.normalize import Normalizer
+    from volinfer.io.reader import VolumeSource
 
     with VolumeSource.open([path], depth=max(tile)) as src:
         if src.channels != channels:
@@ -326,7 +326,7 @@ def _record_activation(model: ov.Model, index: int, layout: str, activation: str
     """A graph that already ends in Softmax/Sigmoid/LogSoftmax outputs (log-)probabilities: store
     ``activation="none"`` and ``outputs`` so that ``run`` applies no second one. An explicit ``--activation`` wins."""
     try:
-        from volinfer.activation import OUTPUT_KIND, graph_activation
+        from volinfer.model.activation import OUTPUT_KIND, graph_activation
     except ImportError:  # TODO(lead): volinfer/activation.py not on main yet; detection is skipped until it is
         return
     found = graph_activation(model, index, channel_axis=1 if layout == "NCDHW" else 4)
@@ -358,8 +358,8 @@ def _check_precision(ov_model: ov.Model, layout: str, channels: int, tile: list[
                      settings: ModelSettings, notes: list[str], calibration_volume: str | None,
                      normalization: dict[str, Any] | None) -> None:
     """Store whether this CPU's native reduced precision (bf16/f16) keeps the model's outputs faithful, for
-    ``--precision auto`` (see :mod:`volinfer.precision`); measured on a calibration crop when one is given."""
-    from volinfer.precision import check_model
+    ``--precision auto`` (see :mod:`volinfer.model.precision`); measured on a calibration crop when one is given."""
+    from volinfer.model.precision import check_model
 
     from .messages import framework_message
 

@@ -1,4 +1,4 @@
-"""A conversion's settings as values (the counterpart of :mod:`volinfer.run_settings` for ``volinfer convert``).
+"""A conversion's settings as values (the counterpart of :mod:`volinfer.run.settings` for ``volinfer convert``).
 
 Built once — from the command line or from :func:`converters.convert`'s keywords (:meth:`ConvertSettings.
 from_kwargs`) — validated in the constructors, and passed down whole. Four parts: how to load the source, the input

@@ -17,7 +17,7 @@ def whole_volume_reference(model: ov.Model, vol: np.ndarray, tile: int, multiple
                            pad_mode: str = "constant") -> np.ndarray:
     """Independent reference: pad the whole (C, x, y, z) volume to the grid's padded size, run it in one go at f32,
     crop back. Returns (C_out, x, y, z)."""
-    from volinfer.geometry import padded_size  # the one formula shared with the engine, tested on its own
+    from volinfer.tiling.geometry import padded_size  # the one formula shared with the engine, tested on its own
 
     c, *shape = vol.shape
     padded = [padded_size(n, tile, multiple) for n in shape]

@@ -14,10 +14,10 @@ import pytest
 from models import tiny_unet
 
 from volinfer import TileModel, predict
-from volinfer.geometry import TileGrid
-from volinfer.postprocess import OutputSpec
-from volinfer.stitch import BlendStitcher
-from volinfer.writer import ArrayWriter
+from volinfer.tiling.geometry import TileGrid
+from volinfer.run.postprocess import OutputSpec
+from volinfer.tiling.stitch import BlendStitcher
+from volinfer.io.writer import ArrayWriter
 
 RNG = np.random.default_rng(7)
 

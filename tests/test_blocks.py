@@ -1,8 +1,8 @@
 """Blocks (issue 12 item 2, issue 14 item 6): one stitcher for every path, each crop tile run once, exact redundancy.
 
-* the stitchers of :mod:`volinfer.stitch` restricted to any split into regions give, voxel for voxel, the bits of
+* the stitchers of :mod:`volinfer.tiling.stitch` restricted to any split into regions give, voxel for voxel, the bits of
   the whole-volume stitcher (crop, Gaussian, mean; split borders anywhere, not only on chunk or tile borders);
-* :func:`volinfer.blocks.redundancy` equals a brute-force count over voxel masks;
+* :func:`volinfer.tiling.blocks.redundancy` equals a brute-force count over voxel masks;
 * a Zarr run in crop mode computes each tile of the grid exactly once (the run report's tile count);
 * Zarr block runs equal the one-process (NIfTI) engine bit for bit for crop, Gaussian and mean, with constant
   regions (cached tiles) and probabilities (post-processing applied to block-sized pieces).
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from models import save_unet2
 
-from volinfer.blocks import (Block, BlockArray, block_tiles, plan_blocks, plan_core_blocks, redundancy)
-from volinfer.geometry import TileGrid
-from volinfer.postprocess import OutputSpec
-from volinfer.stitch import make_stitcher
+from volinfer.tiling.blocks import (Block, BlockArray, block_tiles, plan_blocks, plan_core_blocks, redundancy)
+from volinfer.tiling.geometry import TileGrid
+from volinfer.run.postprocess import OutputSpec
+from volinfer.tiling.stitch import make_stitcher
 
 zarr = pytest.importorskip("zarr")
 
@@ -156,7 +156,7 @@ def data(tmp_path_factory):
                                          ("gaussian", "raw"), ("mean", "raw")])
 def test_zarr_blocks_equal_one_process_bitwise(data, stitch, kind):
     from volinfer import predict
-    from volinfer.distributed import run_zarr
+    from volinfer.run.distributed import run_zarr
 
     tmp, xml, vol = data
     ref = predict(vol, str(xml), stitch=stitch, kind=kind, **OPTS)

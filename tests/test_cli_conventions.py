@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from models import save_unet2
 
 from volinfer.cli import main
-from volinfer.zarr_io import open_zarr_array
+from volinfer.io.zarr_io import open_zarr_array
 
 SHAPE = (23, 19, 17)  # odd, smaller than one tile
 WRITERS = ["run", "demo", "convert", "to-zarr", "to-nifti", "bench"]

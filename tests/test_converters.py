@@ -16,7 +16,7 @@ from converters import kind_of  # noqa: E402
 from volinfer import ModelSettings, TileModel, VolinferError, predict  # noqa: E402
 from volinfer.bench.reference_unet import UNet3D  # noqa: E402
 from volinfer.cli import main  # noqa: E402
-from volinfer.geometry import padded_size  # noqa: E402
+from volinfer.tiling.geometry import padded_size  # noqa: E402
 
 NETS = textwrap.dedent('''
     import torch

@@ -151,7 +151,7 @@ def test_wrong_layout_is_rejected(tmp_path, nets):
 
 
 def test_softmax_head_is_detected_and_not_applied_twice(tmp_path, nets):
-    pytest.importorskip("volinfer.activation")
+    pytest.importorskip("volinfer.model.activation")
     path, mod = nets
     _save_weights(mod.softmax_unet(), tmp_path / "w.pth", seed=2)
     r = convert(f"{path}:softmax_unet", tmp_path / "s.xml", weights=str(tmp_path / "w.pth"), tile=16,

@@ -8,7 +8,7 @@ tf = pytest.importorskip("tensorflow")
 
 from converters import convert  # noqa: E402
 from volinfer import ModelSettings, predict  # noqa: E402
-from volinfer.geometry import padded_size  # noqa: E402
+from volinfer.tiling.geometry import padded_size  # noqa: E402
 
 
 def _keras_net():

@@ -14,8 +14,8 @@ from models import save_unet2
 zarr = pytest.importorskip("zarr")
 pytest.importorskip("dask.distributed")
 
-from volinfer.distributed import run_zarr  # noqa: E402
-from volinfer.zarr_io import done_marker_dir  # noqa: E402
+from volinfer.run.distributed import run_zarr  # noqa: E402
+from volinfer.io.zarr_io import done_marker_dir  # noqa: E402
 
 SHAPE = (70, 61, 53)
 OPTS = dict(tile=32, overlap=24, kind="raw", stitch="crop", block=16)

@@ -7,9 +7,9 @@ from conftest import whole_volume_reference
 from models import tiny_unet
 
 from volinfer import TileModel, VolinferError, predict
-from volinfer.geometry import TileGrid, padded_size
-from volinfer.receptive_field import measure_receptive_field
-from volinfer.weights import tile_weights_1d
+from volinfer.tiling.geometry import TileGrid, padded_size
+from volinfer.model.receptive_field import measure_receptive_field
+from volinfer.tiling.weights import tile_weights_1d
 
 RNG = np.random.default_rng(42)
 

@@ -75,7 +75,7 @@ def _read_zarr(path) -> np.ndarray:
 
 
 def _nifti_vs_zarr(tmp, xml, stitch, block, reuse=True):
-    from volinfer.distributed import run_zarr
+    from volinfer.run.distributed import run_zarr
 
     vol = _zarr_volume()
     z = zarr.create_array(store=str(tmp / "in.zarr"), shape=ZSHAPE, chunks=(16, 16, 16), dtype="float32",

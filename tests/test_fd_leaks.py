@@ -18,7 +18,7 @@ from models import save_unet2
 
 import volinfer
 from volinfer.errors import VolinferError
-from volinfer.reader import VolumeSource
+from volinfer.io.reader import VolumeSource
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds through /proc/self/fd")
 
@@ -67,8 +67,8 @@ def _fail_at(monkeypatch, cls, n, exc):
 
 def _scenarios(tmp, xml, monkeypatch):
     """Each a callable that runs once (raising or not); leaves nothing open."""
-    from volinfer.writer import NiftiWriter
-    from volinfer.zarr_writer import ZarrWriter
+    from volinfer.io.writer import NiftiWriter
+    from volinfer.io.zarr_writer import ZarrWriter
 
     def ok(src, out, **kw):
         return lambda: volinfer.predict(str(tmp / src), xml, str(tmp / out), overwrite=True, **OPTS, **kw)
@@ -96,9 +96,9 @@ def _scenarios(tmp, xml, monkeypatch):
         "interrupt mid-run nii.gz": failing("v.nii.gz", "i.nii.gz", NiftiWriter, KeyboardInterrupt),
         "interrupt mid-run zarr": failing("v.nii", "i.zarr", ZarrWriter, KeyboardInterrupt),
         "resume nii.gz": ok("v.nii.gz", "i.nii.gz", resume=True),
-        "to-zarr": lambda: volinfer.zarr_io.nifti_to_zarr(tmp / "v.nii.gz", tmp / "c.zarr", chunks=16,
+        "to-zarr": lambda: volinfer.io.zarr_io.nifti_to_zarr(tmp / "v.nii.gz", tmp / "c.zarr", chunks=16,
                                                           overwrite=True),
-        "to-nifti": lambda: (tmp / "c.nii.gz").unlink(missing_ok=True) or volinfer.zarr_io.zarr_to_nifti(
+        "to-nifti": lambda: (tmp / "c.nii.gz").unlink(missing_ok=True) or volinfer.io.zarr_io.zarr_to_nifti(
             tmp / "c.zarr", tmp / "c.nii.gz"),
     }
 
@@ -115,7 +115,7 @@ def _run_all(scenarios) -> dict[str, str]:
 
 
 def test_no_descriptor_thread_or_temporary_file_left_by_runs_that_succeed_or_fail(env, monkeypatch):
-    import volinfer.zarr_io  # noqa: F401
+    import volinfer.io.zarr_io  # noqa: F401
 
     tmp, xml = env
     scenarios = _scenarios(tmp, xml, monkeypatch)
@@ -150,8 +150,8 @@ def test_a_failing_second_input_closes_the_first(env):
 def test_dask_cluster_runs_release_everything(env):
     """A Zarr run on a local Dask cluster (one worker), succeeding and failing: no descriptor or thread is left."""
     pytest.importorskip("dask.distributed")
-    from volinfer.distributed import run_zarr
-    from volinfer.zarr_io import nifti_to_zarr
+    from volinfer.run.distributed import run_zarr
+    from volinfer.io.zarr_io import nifti_to_zarr
 
     tmp, xml = env
     nifti_to_zarr(tmp / "v.nii", tmp / "in.zarr", chunks=16)

@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import volinfer  # noqa: E402
-from volinfer.activation import graph_activation  # noqa: E402
-from volinfer.model import TileModel  # noqa: E402
-from volinfer.receptive_field import measure_receptive_field  # noqa: E402
+from volinfer.model.activation import graph_activation  # noqa: E402
+from volinfer.model.tile_model import TileModel  # noqa: E402
+from volinfer.model.receptive_field import measure_receptive_field  # noqa: E402
 
 
 class NormUNet(torch.nn.Module):
@@ -177,7 +177,7 @@ def test_mirroring_equals_flip_averaged_whole_volume_inference(tmp_path):
 def test_unbounded_receptive_field_plans_one_tile_over_the_volume(tmp_path, monkeypatch):
     """A receptive field that still reaches the edge of the largest probe is only a lower bound: the default run
     must use one tile over the padded volume (exact), not the stored small tile (the deepbet failure)."""
-    import volinfer.receptive_field as rfm
+    import volinfer.model.receptive_field as rfm
 
     monkeypatch.setattr(rfm, "MAX_PROBE_TILE", 16)  # this network's reach (13) touches a 16-voxel probe's edge
     net = NormUNet("instance")

@@ -3,8 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
-from volinfer.geometry import GeometryError, TileGrid, padded_size, plan_axis_blend, plan_axis_crop
-from volinfer.weights import tile_weights_1d, weight_sum_1d
+from volinfer.tiling.geometry import GeometryError, TileGrid, padded_size, plan_axis_blend, plan_axis_crop
+from volinfer.tiling.weights import tile_weights_1d, weight_sum_1d
 
 
 @pytest.mark.parametrize("size,tile,multiple,margin", [

@@ -1,5 +1,5 @@
-""".nii.gz output compressed while the run goes (volinfer.writer.GzipStreamer) and gzip through ISA-L or the
-standard library (volinfer.gzipio): exact bytes, valid files from both libraries, resumable failures."""
+""".nii.gz output compressed while the run goes (volinfer.io.writer.GzipStreamer) and gzip through ISA-L or the
+standard library (volinfer.io.gzipio): exact bytes, valid files from both libraries, resumable failures."""
 
 import errno
 import gzip
@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from models import save_unet2
 
-from volinfer import VolinferError, gzipio, predict
-from volinfer import writer as W
+from volinfer import VolinferError, predict
+from volinfer.io import gzipio
+from volinfer.io import writer as W
 from volinfer.errors import Interrupted
-from volinfer.journal import ResumableError
-from volinfer.reader import VolumeSource
+from volinfer.io.journal import ResumableError
+from volinfer.io.reader import VolumeSource
 
 BACKENDS = ["zlib"] + (["isal"] if gzipio._isal_zlib is not None else [])
 RUN = dict(tile=32, overlap=24, kind="raw")  # two float32 channels: two compressed parts

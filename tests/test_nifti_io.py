@@ -8,8 +8,8 @@ import pytest
 from conftest import SHARED_DATA, whole_volume_reference
 
 from volinfer import TileModel, VolinferError, predict
-from volinfer.reader import VolumeSource
-from volinfer.writer import NiftiWriter
+from volinfer.io.reader import VolumeSource
+from volinfer.io.writer import NiftiWriter
 
 RNG = np.random.default_rng(7)
 
@@ -154,8 +154,8 @@ def test_corrupt_gzip_input_never_gives_wrong_voxels_silently(tmp_path, monkeypa
     """Byte flips anywhere in a .nii.gz: reading every plane either raises one VolinferError or returns the original
     voxels (the gzip CRC/length check must run although nothing reads past the last voxel; Python's gzip reads in
     small pieces and never reaches the trailer by itself)."""
-    from volinfer import gzipio
-    from volinfer.reader import VolumeSource, scan_slabs
+    from volinfer.io import gzipio
+    from volinfer.io.reader import VolumeSource, scan_slabs
 
     if backend == "isal":
         pytest.importorskip("isal")

@@ -82,8 +82,8 @@ def test_sampled_percentiles_of_a_large_volume_see_thin_structures():
     planes thick holds 1.6% of the voxels, so the 99.5th percentile lies inside it (numpy: ~1000); a sample that
     skips planes (every 8th voxel in memory order takes only planes z = 0 and 8 of each 16-plane slab) misses it
     and clips the lesion to the background (~125)."""
-    from volinfer.normalize import Normalizer
-    from volinfer.reader import VolumeSource
+    from volinfer.run.normalize import Normalizer
+    from volinfer.io.reader import VolumeSource
 
     shape = (320, 240, 192)  # 14.7 M voxels: sampled
     vol = np.random.default_rng(3).normal(100.0, 10.0, shape).astype(np.float32)

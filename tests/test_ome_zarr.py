@@ -14,8 +14,8 @@ from models import save_unet2
 zarr = pytest.importorskip("zarr")
 
 from volinfer.cli import main  # noqa: E402
-from volinfer.zarr_writer import ZarrWriter  # noqa: E402
-from volinfer.writer import NiftiWriter  # noqa: E402
+from volinfer.io.zarr_writer import ZarrWriter  # noqa: E402
+from volinfer.io.writer import NiftiWriter  # noqa: E402
 
 SHAPE = (29, 23, 45)  # NIfTI (x, y, z), odd: no axis a multiple of the chunks, tile or size multiple
 AFFINE = np.array([[0.5, 0, 0, -12.25], [0, 0.75, 0, 30.5], [0, 0, 2.0, 7.0], [0, 0, 0, 1]])

@@ -10,7 +10,7 @@ from models import save_unet2
 
 from volinfer.bench.harness import Spawner
 from volinfer.cli import main
-from volinfer.plan import candidate_tiles, parse_size_mb, plan_run
+from volinfer.run.plan import candidate_tiles, parse_size_mb, plan_run
 
 
 @pytest.fixture

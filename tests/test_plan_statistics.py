@@ -12,7 +12,7 @@ import numpy as np
 from models import save_unet2
 
 import volinfer.bench.spawner as spawner_module
-from volinfer.plan import plan_run
+from volinfer.run.plan import plan_run
 
 SHAPE = (160, 150, 128)  # 3.1 M float32 voxels: the percentile sample (the whole volume here) dominates the loop
 

@@ -25,8 +25,8 @@ from models import tiny_unet
 import volinfer
 from volinfer import portable
 from volinfer.errors import VolinferError
-from volinfer.reader import StripChannel, VolumeSource, _Stored
-from volinfer.targets import OutputLock
+from volinfer.io.reader import StripChannel, VolumeSource, _Stored
+from volinfer.io.targets import OutputLock
 
 FALLBACK_FLAGS = ("HAS_PREADV", "HAS_PREAD", "HAS_PWRITE", "HAS_FALLOCATE", "HAS_RESOURCE", "HAS_FCNTL",
                   "HAS_STATVFS", "HAS_WAIT4", "HAS_PROC")
@@ -152,7 +152,7 @@ def test_seek_fallback_writes_and_reserve_without_fallocate(tmp_path, fallbacks)
 
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="compares with /proc (Linux)")
 def test_memory_fallbacks(monkeypatch):
-    from volinfer.engine import peak_rss_mb
+    from volinfer.run.engine import peak_rss_mb
 
     native = portable.peak_rss_mb()
     assert native > 10 and abs(portable.memory_status()["peak_mb"] - native) < 0.2 * native + 20
@@ -212,7 +212,7 @@ def _run(tmp_path, model, vol, name, **kw):
 
 def _interrupted_then_resumed(tmp_path, model, vol, name, monkeypatch):
     """KeyboardInterrupt at the 5th block written, then resume: returns the resumed output's bytes."""
-    from volinfer.writer import NiftiWriter
+    from volinfer.io.writer import NiftiWriter
 
     real, calls = NiftiWriter.write, [0]
 
@@ -267,7 +267,7 @@ sys.modules["fcntl"] = None
 import numpy as np, nibabel as nib
 import volinfer
 from volinfer import portable
-from volinfer.targets import OutputLock
+from volinfer.io.targets import OutputLock
 assert not portable.HAS_RESOURCE and not portable.HAS_FCNTL
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from models import tiny_unet

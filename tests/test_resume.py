@@ -14,7 +14,7 @@ from volinfer.cli import main
 
 KILLER = """
 import os, signal, sys
-from volinfer.writer import NiftiWriter
+from volinfer.io.writer import NiftiWriter
 calls = [0]
 real = NiftiWriter.write
 def write(self, *a):

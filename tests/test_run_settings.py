@@ -11,7 +11,7 @@ from models import save_unet2
 
 from converters.settings import ConvertSettings
 from volinfer import TileModel, VolinferError, predict
-from volinfer.run_settings import OutputSettings, RunSettings, TilingSettings, from_cli
+from volinfer.run.settings import OutputSettings, RunSettings, TilingSettings, from_cli
 
 RNG = np.random.default_rng(12)
 

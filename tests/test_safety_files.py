@@ -19,8 +19,8 @@ from models import save_unet2
 
 from volinfer import VolinferError
 from volinfer.cli import main
-from volinfer.targets import OutputLock
-from volinfer.writer import NiftiWriter
+from volinfer.io.targets import OutputLock
+from volinfer.io.writer import NiftiWriter
 
 zarr = pytest.importorskip("zarr")
 
@@ -183,7 +183,7 @@ def test_resume_after_model_weights_change_is_refused(env, monkeypatch):
 
 
 def test_zarr_resume_with_another_model_is_refused(env):
-    from volinfer.distributed import run_zarr
+    from volinfer.run.distributed import run_zarr
 
     tmp, _, xml = env
     _zarr_input(tmp / "in.zarr")
@@ -252,7 +252,7 @@ def test_no_room_for_compressed_copy_is_refused_before_the_run(env, monkeypatch)
 
 
 def test_disk_full_while_writing_journal_is_one_line_and_resumable(env, monkeypatch):
-    import volinfer.journal as jmod
+    import volinfer.io.journal as jmod
 
     tmp, vol, xml = env
     out = tmp / "o.nii"
@@ -310,7 +310,7 @@ def test_batch_resume_skips_finished_and_resumes_interrupted(env, monkeypatch):
 
 SLOW_BATCH = """
 import os, sys, time
-from volinfer.writer import NiftiWriter
+from volinfer.io.writer import NiftiWriter
 real = NiftiWriter.write
 def write(self, *a):
     open(os.environ["READY"], "w").close()
@@ -350,7 +350,7 @@ def test_signal_stops_a_batch_within_seconds(env, sig, code):
 def test_huge_zarr_metadata_is_refused_fast_in_little_memory(tmp_path):
     zarr.create_array(store=str(tmp_path / "bomb.zarr"), shape=(100000,) * 3, chunks=(64,) * 3, dtype="float32")
     code = ("import resource, time, sys\n"
-            "from volinfer.zarr_io import open_zarr_source\n"
+            "from volinfer.io.zarr_io import open_zarr_source\n"
             "from volinfer.errors import VolinferError\n"
             "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; t = time.time()\n"
             "try:\n    open_zarr_source(sys.argv[1])\nexcept VolinferError as e:\n    print('refused:', e)\n"

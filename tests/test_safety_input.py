@@ -21,8 +21,8 @@ from volinfer import TileModel, VolinferError, predict
 from volinfer.cli import main
 from volinfer.cliutil import friendly_errors
 from volinfer.errors import framework_message
-from volinfer.model import CompileOptions
-from volinfer.reader import VolumeSource
+from volinfer.model.tile_model import CompileOptions
+from volinfer.io.reader import VolumeSource
 
 RNG = np.random.default_rng(10)
 

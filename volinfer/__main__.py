@@ -1,3 +1,3 @@
-from .cli import main
+from volinfer.cli import main
 
 main()

@@ -10,19 +10,19 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import __version__
-from .engine import RunReport, peak_rss_mb, run_tiles
-from .errors import Interrupted, VolinferError
-from .journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
-from .model import CompileOptions, TileModel
-from .reader import VolumeSource
-from .run_settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
-from .norm_stats import fit_norm_statistics
-from .feeder import TileFeeder
-from .runsetup import TilingChoice, RunSetup, needs_norm_passes, plan_tiling, resolve, scan_volume, verdict
-from .targets import OutputLock
-from .writer import ArrayWriter, NiftiWriter
-from .zarr_writer import ZarrWriter, check_any_output, is_zarr_output
+from volinfer import __version__
+from volinfer.run.engine import RunReport, peak_rss_mb, run_tiles
+from volinfer.errors import Interrupted, VolinferError
+from volinfer.io.journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
+from volinfer.model.tile_model import CompileOptions, TileModel
+from volinfer.io.reader import VolumeSource
+from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
+from volinfer.run.norm_stats import fit_norm_statistics
+from volinfer.tiling.feeder import TileFeeder
+from volinfer.run.setup import TilingChoice, RunSetup, needs_norm_passes, plan_tiling, resolve, scan_volume, verdict
+from volinfer.io.targets import OutputLock
+from volinfer.io.writer import ArrayWriter, NiftiWriter
+from volinfer.io.zarr_writer import ZarrWriter, check_any_output, is_zarr_output
 
 Overlap = float | int | str | Sequence[float | int] | None
 
@@ -77,7 +77,7 @@ def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.
     ``channel_axis`` for 4-D arrays. ``model``: an ``.xml``/``.onnx`` path or a :class:`TileModel`.
     With ``output`` (``.nii`` / ``.nii.gz``) the result is streamed to disk and a :class:`RunReport` is returned;
     without, the result array is returned ((x, y, z) or (x, y, z, c)), or ``(array, report)`` when ``report=True``.
-    ``settings`` (:class:`volinfer.run_settings.RunSettings`) says how to run; keyword ``options`` (``tile=``,
+    ``settings`` (:class:`volinfer.run.settings.RunSettings`) says how to run; keyword ``options`` (``tile=``,
     ``overlap=``, ``stitch=``, ``sigma=``, ``pad_mode=``, ``kind=``, ``activation=``, ``channels=``, ``threshold=``,
     ``prob_dtype=``, ``normalize=``, ``model_output=``, ``layout=``, ``device=``, ``precision=``, ``threads=``,
     ``streams=``, ``cache_dir=``, ``requests=``, ``channel_axis=``, ``nan_value=``, ``reuse_constant=``,
@@ -94,7 +94,7 @@ def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.
     whole-volume statistics (``norm_stats="volume"``, found in streamed passes) or per tile (``"tile"``). The report
     says whether the run was ``exact`` and, if not, why.
 
-    An ``output`` ending in ``.zarr`` is written as OME-Zarr (:class:`volinfer.zarr_writer.ZarrWriter`) with the
+    An ``output`` ending in ``.zarr`` is written as OME-Zarr (:class:`volinfer.io.zarr_writer.ZarrWriter`) with the
     input's affine; ``zarr_output`` (or the settings' ``chunks``, ``compression``, ``pyramid``) sets its layout.
     """
     t_start = time.perf_counter()
@@ -311,8 +311,8 @@ def _zarr_settings(output: Any, zarr_output: dict[str, Any] | None) -> dict[str,
 
 def _zarr_writer(output: Any, source: VolumeSource, spec: Any, grid: Any, kind: str, zarr_output: Any,
                  overwrite: bool, resume: bool, start_row: int) -> "ZarrWriter":
-    from .ome import geometry_from_nifti
-    from .zarr_writer import row_planes
+    from volinfer.io.ome import geometry_from_nifti
+    from volinfer.io.zarr_writer import row_planes
 
     z = _zarr_settings(output, zarr_output)["zarr"]
     return ZarrWriter(output, source.shape, spec.out_channels, spec.dtype,
@@ -347,7 +347,7 @@ def _freeze_norm_statistics(tm: TileModel, choice: TilingChoice, setup: RunSetup
     layers frozen to them (streamed passes), and the number of passes; else the model unchanged and 0."""
     if not needs_norm_passes(setup, choice):
         return tm, 0
-    from .norm_stats import waves
+    from volinfer.run.norm_stats import waves
 
     feeder = TileFeeder(source, setup.grid, setup.normalizer, pad_mode, 0.0, setup.nan_fill)
     frozen = fit_norm_statistics(tm, feeder, setup.grid, choice.norm_layers, progress=progress)
@@ -389,15 +389,15 @@ class BatchResult:
 def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, settings: RunSettings, *,
             blocks: BlockSettings = BlockSettings(), note: str | None = None,
             notify: Any = None) -> RunReport | BatchResult:
-    """What ``volinfer run`` does with its inputs: a Zarr input block by block (:func:`volinfer.distributed.run_zarr`),
+    """What ``volinfer run`` does with its inputs: a Zarr input block by block (:func:`volinfer.run.distributed.run_zarr`),
     one NIfTI volume (:func:`predict`), or a batch (one directory or glob of NIfTI files into a directory output,
     :func:`run_batch`). ``note`` is added to every report; ``notify`` receives the batch's per-volume lines."""
-    from .zarr_io import is_zarr
+    from volinfer.io.zarr_io import is_zarr
 
     if any(is_zarr(p) for p in inputs):
         if len(inputs) != 1:
             raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
-        from .distributed import run_zarr
+        from volinfer.run.distributed import run_zarr
 
         return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
                                    scheduler=blocks.scheduler, workers=blocks.workers), note)
@@ -447,8 +447,8 @@ def run_batch(batch: list[Path], tm: TileModel, output: Path, settings: RunSetti
     interrupted batch finished are skipped. ``notify`` (if given) receives one line per volume."""
     from dataclasses import replace
 
-    from .cliutil import strip_path
-    from .journal import journal_path
+    from volinfer.cliutil import strip_path
+    from volinfer.io.journal import journal_path
 
     if output.exists() and not output.is_dir():
         raise VolinferError(f"{output}: batch output must be a directory")

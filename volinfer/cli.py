@@ -9,11 +9,11 @@ from typing import Any
 
 import click
 
-from . import __version__
-from . import validate as V
-from .cliutil import (SIZE, TILES, emit, friendly_errors, note, output_options, parse_tile, progress_bar,
+from volinfer import __version__
+from volinfer import validate as V
+from volinfer.cliutil import (SIZE, TILES, emit, friendly_errors, note, output_options, parse_tile, progress_bar,
                       runtime_options)
-from .errors import VolinferError
+from volinfer.errors import VolinferError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -112,9 +112,9 @@ def run(**params: Any) -> None:
     Batch: give one directory or glob (quoted) as INPUTS and a directory as OUTPUT; each volume is written to
     OUTPUT/<its file name>, the model is compiled once, and a failing volume does not stop the others.
     """
-    from .api import BlockSettings, run_any
-    from .run_settings import from_cli, output_float_dtype
-    from .zarr_writer import is_zarr_output
+    from volinfer.api import BlockSettings, run_any
+    from volinfer.run.settings import from_cli, output_float_dtype
+    from volinfer.io.zarr_writer import is_zarr_output
 
     inputs, output, quiet, as_json = params["inputs"], params["output"], params["quiet"], params["as_json"]
     prob_dtype, dtype_note = output_float_dtype(params["float16"], params["kind"], zarr=is_zarr_output(output))
@@ -161,8 +161,8 @@ def plan(**params: Any) -> None:
 
     import numpy as np
 
-    from .plan import plan_run
-    from .run_settings import from_cli
+    from volinfer.run.plan import plan_run
+    from volinfer.run.settings import from_cli
 
     quiet, as_json = params["quiet"], params["as_json"]
     settings = from_cli(params)
@@ -192,8 +192,8 @@ def info(model_path: Path, tile: str | None, no_measure: bool, quiet: bool, as_j
 
 def describe_model(model_path: Path, tile: str | None, measure: bool) -> dict[str, Any]:
     """What `volinfer info` reports about a model, as a dict (the ``--json`` output)."""
-    from .model import TileModel, read_model
-    from .receptive_field import measure_receptive_field
+    from volinfer.model.tile_model import TileModel, read_model
+    from volinfer.model.receptive_field import measure_receptive_field
 
     raw = read_model(model_path)
     data: dict[str, Any] = {
@@ -214,8 +214,8 @@ def describe_model(model_path: Path, tile: str | None, measure: bool) -> dict[st
     if measure:
         rf = measure_receptive_field(tm)
         data["receptive_field"] = {"radius": list(rf.radius), "bounded": rf.bounded, "text": str(rf)}
-    from .activation import graph_activation
-    from .runsetup import model_norm_layers
+    from volinfer.model.activation import graph_activation
+    from volinfer.run.setup import model_norm_layers
 
     layers, global_ops = model_norm_layers(tm)
     data["normalization_layers"] = [f"{layer.kind} {layer.name}" for layer in layers]
@@ -264,7 +264,7 @@ def demo(out_dir: Path, legacy_out_dir: Path | None, size: list[int], device: st
          threads: int | None, quiet: bool, as_json: bool) -> None:
     """Generate a volume of bright blobs in noise, segment it with the built-in model, and report (with the Dice
     score against the generated ground truth)."""
-    from .demo import run_demo
+    from volinfer.demo import run_demo
 
     if legacy_out_dir is not None:
         note("--out-dir is now -o/--output", quiet=quiet or as_json)
@@ -309,7 +309,7 @@ def to_zarr(nifti: Path, legacy_output: Path | None, output: Path | None, chunks
     the whole affine kept for `to-nifti`."""
     import time
 
-    from .zarr_io import nifti_to_zarr, open_zarr_array
+    from volinfer.io.zarr_io import nifti_to_zarr, open_zarr_array
 
     out = resolve_output(legacy_output, output, quiet or as_json)
     refuse_existing(out, overwrite)
@@ -339,7 +339,7 @@ def to_nifti(zarr_path: Path, legacy_output: Path | None, output: Path | None, o
 
     import nibabel as nib
 
-    from .zarr_io import zarr_to_nifti
+    from volinfer.io.zarr_io import zarr_to_nifti
 
     out = resolve_output(legacy_output, output, quiet or as_json)
     refuse_existing(out, overwrite)
@@ -362,7 +362,7 @@ def _register_optional() -> None:
 
 
 def _register_bench() -> None:
-    from .bench.cli import bench
+    from volinfer.bench.cli import bench
 
     main.add_command(bench)
 

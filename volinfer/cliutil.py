@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import click
 
-from . import validate as V
-from .errors import Interrupted, VolinferError, framework_message
+from volinfer import validate as V
+from volinfer.errors import Interrupted, VolinferError, framework_message
 
 
 #: The signal that interrupted this process (SIGINT or SIGTERM), for the exit status 128 + signal.

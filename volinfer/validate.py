@@ -1,7 +1,7 @@
 """Validating numeric option values, once, for every way in: the command line (at parse time, through the click
 types at the end of this module) and the Python API / stored model settings (the same functions, called by
-:class:`~volinfer.postprocess.OutputSpec`, :class:`~volinfer.normalize.Normalizer`, the blend weights and
-:func:`~volinfer.runsetup.parse_overlap`).
+:class:`~volinfer.run.postprocess.OutputSpec`, :class:`~volinfer.run.normalize.Normalizer`, the blend weights and
+:func:`~volinfer.run.setup.parse_overlap`).
 
 Every check raises :class:`~volinfer.errors.VolinferError` with one line naming the option, the valid range and the
 value given. NaN and infinities are refused everywhere: a NaN that slips through a comparison (``nan <= 0`` is false)
@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from .errors import VolinferError
+from volinfer.errors import VolinferError
 
 #: How the overlap rule reads (in --help and in errors).
 OVERLAP_RULE = ("a fraction of the tile in [0, 1) (0.25), or a whole number of voxels >= 1 (32), optionally per "
@@ -234,13 +234,13 @@ def _positive_list(name: str, value: Any) -> list[float]:
 
 
 def _normalize(name: str, value: Any) -> Any:
-    from .normalize import parse_normalization  # the one parser; it validates through this module
+    from volinfer.run.normalize import parse_normalization  # the one parser; it validates through this module
 
     return parse_normalization(value)
 
 
 def _memory(name: str, value: Any) -> float:
-    from .plan import parse_size_mb
+    from volinfer.run.plan import parse_size_mb
 
     return positive(name, parse_size_mb(str(value)))
 

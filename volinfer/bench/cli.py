@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from .. import validate as V
-from ..cliutil import friendly_errors, output_options, progress_bar, runtime_options
-from ..errors import VolinferError
+from volinfer import validate as V
+from volinfer.cliutil import friendly_errors, output_options, progress_bar, runtime_options
+from volinfer.errors import VolinferError
 
 DEFAULT_FACTORY = "volinfer.bench.reference_unet:build_unet"
 PEER_METHODS = {"monai": "monai", "nnunet": "nnunet", "torch": "naive-torch"}
@@ -39,7 +39,7 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
 
 def choose_methods(methods: str, versus: str | None) -> list[str]:
     """The methods to run, in order, from ``--methods`` and ``--vs``; one-line errors for unknown or missing ones."""
-    from .harness import METHOD_NAMES
+    from volinfer.bench.harness import METHOD_NAMES
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     peers = [v.strip() for v in (versus or "").split(",") if v.strip()]
@@ -102,7 +102,7 @@ def resolve_precision(model: Path, precision: str, device: str) -> str:
     report runs (and the report names) one concrete precision."""
     if precision != "auto":
         return precision
-    from volinfer.model import CompileOptions, TileModel
+    from volinfer.model.tile_model import CompileOptions, TileModel
 
     return TileModel(model, options=CompileOptions(device=device, precision="auto"), compile=False).precision
 
@@ -142,7 +142,7 @@ def bench(model_path: Path | None, sizes: str, methods: str, versus: str | None,
           device: str, precision: str, threads: int | None, cap_fraction: float, output: Path | None, name: str,
           work_dir: Path | None, torch_factory: str, note: str, quiet: bool, as_json: bool) -> None:
     """Measure peak RAM, wall and CPU time of each method at each volume size, each run in a fresh process."""
-    from volinfer.runsetup import parse_overlap
+    from volinfer.run.setup import parse_overlap
 
     parse_overlap(overlap)  # one-line error for a malformed value before any work
     chosen = choose_methods(methods, versus)
@@ -159,8 +159,8 @@ def bench(model_path: Path | None, sizes: str, methods: str, versus: str | None,
 def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile: int, overlap: str, device: str,
          precision: str, threads: int | None, cap_fraction: float, out_dir: Path, name: str, torch_factory: str,
          note: str, quiet: bool, as_json: bool) -> None:
-    from .harness import BenchConfig, run_benchmark
-    from .report import markdown_report, ratios, save_report
+    from volinfer.bench.harness import BenchConfig, run_benchmark
+    from volinfer.bench.report import markdown_report, ratios, save_report
 
     size_list = parse_sizes(sizes)
     model = (model_path or reference_model(wd, tile)).resolve()

@@ -215,7 +215,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print,
                   progress: Any = None) -> tuple[list[Measurement], dict[str, Any]]:
     """Measure every method at every size (smallest first). ``progress``: an object with ``update()`` (tqdm),
     advanced once per run. Returns the measurements and the machine description."""
-    from .volumes import make_volume
+    from volinfer.bench.volumes import make_volume
 
     cap = total_ram_mb() * cfg.cap_fraction
     cfg.work_dir.mkdir(parents=True, exist_ok=True)

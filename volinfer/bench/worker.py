@@ -77,7 +77,7 @@ def _ov_config(a: argparse.Namespace) -> dict[str, Any]:
 def run_naive(a: argparse.Namespace) -> dict:
     import openvino as ov
 
-    from volinfer.settings import ModelSettings
+    from volinfer.model.settings import ModelSettings
 
     core = ov.Core()
     model = core.read_model(a.model)
@@ -105,8 +105,8 @@ def _torch_net(a: argparse.Namespace) -> Any:
 def run_naive_torch(a: argparse.Namespace) -> dict:
     import torch
 
-    from volinfer.settings import ModelSettings
-    from volinfer.model import read_model
+    from volinfer.model.settings import ModelSettings
+    from volinfer.model.tile_model import read_model
 
     multiple = a.multiple or ModelSettings.from_model(read_model(a.model)).size_multiple or 1
     net = _torch_net(a)
@@ -128,7 +128,7 @@ def _torch_volume(a: argparse.Namespace) -> Any:
 
 def overlap_fraction(overlap: str, tile: int) -> float:
     """The overlap as a fraction of the tile, for the peers that take a fraction (MONAI, nnU-Net)."""
-    from volinfer.runsetup import parse_overlap
+    from volinfer.run.setup import parse_overlap
 
     v = (parse_overlap(overlap) or [0.25])[0]
     return v if v < 1 else v / tile
@@ -194,7 +194,7 @@ def run_infer_only(a: argparse.Namespace) -> dict:
     """``--tiles`` random tiles through the compiled tile model, ``--requests`` in flight, nothing else."""
     import openvino as ov
 
-    from volinfer.model import CompileOptions, TileModel
+    from volinfer.model.tile_model import CompileOptions, TileModel
 
     tm = TileModel(a.model, tile=a.tile, options=CompileOptions(device=a.device, precision=a.precision,
                                                                threads=a.threads))
@@ -226,14 +226,14 @@ METHODS: dict[str, Callable[[argparse.Namespace], dict]] = {
 
 # imported before the clock starts: every method is timed from its own work, not from its libraries' import time
 PRELOAD = {
-    "naive": ["openvino", "nibabel", "volinfer.settings", "volinfer.geometry"],
-    "naive-torch": ["torch", "nibabel", "converters.sources", "volinfer.model", "volinfer.geometry"],
+    "naive": ["openvino", "nibabel", "volinfer.model.settings", "volinfer.tiling.geometry"],
+    "naive-torch": ["torch", "nibabel", "converters.sources", "volinfer.model.tile_model", "volinfer.tiling.geometry"],
     "crop": ["volinfer", "openvino"], "gaussian": ["volinfer", "openvino"], "mean": ["volinfer", "openvino"],
     "auto": ["volinfer", "openvino"],
-    "monai": ["torch", "nibabel", "monai.inferers", "converters.sources", "volinfer.runsetup"],
+    "monai": ["torch", "nibabel", "monai.inferers", "converters.sources", "volinfer.run.setup"],
     "nnunet": ["torch", "nibabel", "nnunetv2.inference.predict_from_raw_data", "converters.sources",
-               "volinfer.runsetup"],
-    "infer-only": ["openvino", "volinfer.model"], "alloc": [],
+               "volinfer.run.setup"],
+    "infer-only": ["openvino", "volinfer.model.tile_model"], "alloc": [],
 }
 
 

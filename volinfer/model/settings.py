@@ -12,8 +12,8 @@ from typing import Any
 
 import openvino as ov
 
-from . import validate
-from .errors import VolinferError
+from volinfer import validate
+from volinfer.errors import VolinferError
 
 RT_KEY = "volinfer"
 

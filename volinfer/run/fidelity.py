@@ -3,7 +3,7 @@
 A tiled run with crop stitching equals the model's own whole-volume inference (on the volume padded to the model's
 size multiple) when, on every axis cut into several tiles, the discarded margin covers the receptive field, and when
 no layer sees statistics of its whole input (InstanceNorm/GroupNorm) — unless those are frozen to whole-volume
-statistics (:mod:`volinfer.norm_stats`) or one tile covers the padded volume. The planner searches per-axis tile sizes
+statistics (:mod:`volinfer.run.norm_stats`) or one tile covers the padded volume. The planner searches per-axis tile sizes
 (multiples of the model's size multiple, up to the whole padded axis) for the exact tiling with the fewest evaluated
 voxels whose predicted memory fits the budget; it changes nothing when the user forced a tile.
 """
@@ -16,9 +16,9 @@ from typing import Sequence
 import numpy as np
 import openvino as ov
 
-from . import portable
-from .geometry import GeometryError, plan_axis_crop
-from .receptive_field import ReceptiveField
+from volinfer import portable
+from volinfer.tiling.geometry import GeometryError, plan_axis_crop
+from volinfer.model.receptive_field import ReceptiveField
 
 #: Resident memory of a process that has imported volinfer and OpenVINO and compiled a small model (MB, measured).
 RUNTIME_FLOOR_MB = 150.0

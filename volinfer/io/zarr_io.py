@@ -7,7 +7,7 @@ transposed axis order: a model trained on NIfTI arrays sees a converted Zarr vol
 running such a model, or train on the layout you run. The model's view is set by the *input*; the output format only
 serialises the result, so ``run -o out.zarr`` then ``to-nifti`` equals ``run -o out.nii`` (and the other way round).
 
-Every store volinfer writes is OME-Zarr (NGFF 0.5, see :mod:`volinfer.ome`), with the input's affine.
+Every store volinfer writes is OME-Zarr (NGFF 0.5, see :mod:`volinfer.io.ome`), with the input's affine.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import portable
-from .errors import VolinferError
-from .reader import Region, VolumeSource
-from .ome import Geometry, geometry_attrs, geometry_from_nifti, level_chunks, level_shapes, multiscales, read_geometry
-from .targets import check_output, is_volinfer_store, mark_store, remove_store
+from volinfer import portable
+from volinfer.errors import VolinferError
+from volinfer.io.reader import Region, VolumeSource
+from volinfer.io.ome import Geometry, geometry_attrs, geometry_from_nifti, level_chunks, level_shapes, multiscales, read_geometry
+from volinfer.io.targets import check_output, is_volinfer_store, mark_store, remove_store
 
 #: A chunk is decoded whole into memory: more than this per chunk is refused, whatever the store claims.
 MAX_CHUNK_BYTES = 1 << 30
@@ -139,7 +139,7 @@ def open_zarr_source(path: str | Path) -> tuple[VolumeSource, Any]:
 
 
 def check_zarr_output(path: str | Path, inputs: Sequence[str | Path], overwrite: bool, resume: bool) -> None:
-    """The shared output check (:func:`volinfer.targets.check_output`); resuming needs a store volinfer wrote."""
+    """The shared output check (:func:`volinfer.io.targets.check_output`); resuming needs a store volinfer wrote."""
     p = Path(path)
     if resume and os.path.lexists(p):
         check_output(p, [Path(i) for i in inputs], True, "zarr")
@@ -151,7 +151,7 @@ def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: 
                   geometry: Geometry | None = None, *, levels: int = 0, method: str = "nearest",
                   block: Sequence[int] | None = None, attrs: dict[str, Any] | None = None,
                   compressor: str | None = "zstd", overwrite: bool = False, resume: bool = False) -> list[Any]:
-    """The output: an OME-Zarr group (see :mod:`volinfer.ome`) holding level ``0`` of shape ``(z, y, x)`` or
+    """The output: an OME-Zarr group (see :mod:`volinfer.io.ome`) holding level ``0`` of shape ``(z, y, x)`` or
     ``(c, z, y, x)`` chunked as asked, and ``levels`` downsampled levels (chunks from :func:`ome.level_chunks`);
     returns the level arrays. Existing stores are reused on resume (same shape, type and levels).
     Call :func:`check_zarr_output` first (and hold the output's lock): only a store volinfer wrote is replaced."""
@@ -198,7 +198,7 @@ def _reopen_output(p: Path, shapes: list[tuple[int, ...]], dtype: np.dtype) -> l
 
 
 def store_geometry(path: str | Path) -> Geometry:
-    """The geometry recorded in a Zarr store (see :func:`volinfer.ome.read_geometry`), group or bare array."""
+    """The geometry recorded in a Zarr store (see :func:`volinfer.io.ome.read_geometry`), group or bare array."""
     zarr = _zarr()
     try:
         root = zarr.open(str(path), mode="r")
@@ -240,11 +240,11 @@ def done_marker_dir(path: str | Path) -> Path:
 def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrite: bool = False,
                   progress: bool = False) -> Path:
     """Stream a NIfTI volume into an OME-Zarr store ``(z, y, x)`` (or ``(c, z, y, x)``), slab by slab, keeping its
-    affine (see :mod:`volinfer.ome` for the axis mapping)."""
+    affine (see :mod:`volinfer.io.ome` for the axis mapping)."""
     from tqdm import tqdm
 
-    from .reader import VolumeSource, scan_slabs
-    from .targets import OutputLock
+    from volinfer.io.reader import VolumeSource, scan_slabs
+    from volinfer.io.targets import OutputLock
 
     check_zarr_output(out, [nifti], overwrite, resume=False)
     with OutputLock(Path(out)), VolumeSource.open([nifti], depth=chunks) as src:
@@ -270,8 +270,8 @@ def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrit
 def zarr_to_nifti(zarr_path: str | Path, out: str | Path, overwrite: bool = False, progress: bool = False) -> Path:
     """Write a ``(z, y, x)`` (or ``(c, z, y, x)``) Zarr array as a NIfTI ``(x, y, z)`` (``(x, y, z, c)``) volume
     with the affine the store records (OME-Zarr: level 0), streaming z-slabs; atomic, like runs."""
-    from .targets import OutputLock
-    from .writer import check_target
+    from volinfer.io.targets import OutputLock
+    from volinfer.io.writer import check_target
 
     arr = open_zarr_array(zarr_path)
     if arr.ndim not in (3, 4):
@@ -286,7 +286,7 @@ def zarr_to_nifti(zarr_path: str | Path, out: str | Path, overwrite: bool = Fals
 def _zarr_to_nifti(arr: Any, out: Path, affine: np.ndarray, progress: bool = False) -> Path:
     from tqdm import tqdm
 
-    from .writer import NiftiWriter
+    from volinfer.io.writer import NiftiWriter
 
     Z, Y, X = arr.shape[-3:]
     C = 1 if arr.ndim == 3 else arr.shape[0]

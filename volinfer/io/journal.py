@@ -20,9 +20,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import portable
-from .errors import VolinferError
-from .targets import aux_path
+from volinfer import portable
+from volinfer.errors import VolinferError
+from volinfer.io.targets import aux_path
 
 _CHUNK = 1 << 22  # 4 MiB reads: bounded memory, large enough for full disk/cache speed
 

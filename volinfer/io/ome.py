@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import VolinferError
+from volinfer.errors import VolinferError
 
 NGFF_VERSION = "0.5"
 #: NIfTI space units (nibabel names) → NGFF unit names.

@@ -29,9 +29,9 @@ from typing import Iterator, Protocol, Sequence
 import nibabel as nib
 import numpy as np
 
-from . import portable
-from .errors import VolinferError
-from .gzipio import open_read as open_gzip
+from volinfer import portable
+from volinfer.errors import VolinferError
+from volinfer.io.gzipio import open_read as open_gzip
 
 Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 

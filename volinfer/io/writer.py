@@ -20,10 +20,11 @@ from typing import BinaryIO
 import nibabel as nib
 import numpy as np
 
-from . import gzipio, portable
-from .errors import VolinferError
-from .journal import ResumableError
-from .targets import aux_path, check_output
+from volinfer import portable
+from volinfer.io import gzipio
+from volinfer.errors import VolinferError
+from volinfer.io.journal import ResumableError
+from volinfer.io.targets import aux_path, check_output
 
 
 def check_target(target: Path, overwrite: bool, inputs: list[Path] = ()) -> None:  # type: ignore[assignment]

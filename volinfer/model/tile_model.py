@@ -15,9 +15,9 @@ from typing import Any, Sequence
 import numpy as np
 import openvino as ov
 
-from .errors import VolinferError, framework_message
-from .precision import resolve as resolve_precision
-from .settings import ModelSettings
+from volinfer.errors import VolinferError, framework_message
+from volinfer.model.precision import resolve as resolve_precision
+from volinfer.model.settings import ModelSettings
 
 LAYOUTS = ("NCDHW", "NDHWC")
 PRECISIONS = ("auto", "f32", "bf16", "f16")
@@ -25,7 +25,7 @@ PRECISIONS = ("auto", "f32", "bf16", "f16")
 
 @dataclass(frozen=True)
 class CompileOptions:
-    """How to compile: device, precision hint (``auto``: see :mod:`volinfer.precision`), threads, streams, cache
+    """How to compile: device, precision hint (``auto``: see :mod:`volinfer.model.precision`), threads, streams, cache
     directory."""
 
     device: str = "CPU"

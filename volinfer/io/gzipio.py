@@ -7,7 +7,7 @@ Everything that opens or writes gzip data goes through this module, so that the 
   Decompression errors of either library surface as :class:`gzip.BadGzipFile` (an ``OSError``), never as the
   libraries' own ``zlib.error`` / ``IsalError``.
 * :func:`compressor`, :func:`crc32`, :func:`crc32_combine` and :func:`gzip_header` / :func:`gzip_trailer` are the
-  pieces of a gzip file written in independently compressed parts (see :mod:`volinfer.writer`).
+  pieces of a gzip file written in independently compressed parts (see :mod:`volinfer.io.writer`).
 
 ``BACKEND`` (``"isal"`` or ``"zlib"``) is read at call time; tests set it to ``"zlib"`` to force the fallback.
 """

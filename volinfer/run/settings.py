@@ -3,8 +3,8 @@
 Built once — from the command line (:func:`RunSettings.from_cli`), from the Python API's keywords
 (:meth:`RunSettings.from_kwargs`), or left at their defaults so that the model's stored settings apply (every
 ``None`` here means "stored in the model, else volinfer's default") — validated once, in the constructors (through
-:mod:`volinfer.validate`), and passed down whole to :func:`volinfer.api.predict`, :func:`volinfer.distributed.run_zarr`
-and :func:`volinfer.plan.plan_run`. They are frozen: a layer that needs another value makes a new one with
+:mod:`volinfer.validate`), and passed down whole to :func:`volinfer.api.predict`, :func:`volinfer.run.distributed.run_zarr`
+and :func:`volinfer.run.plan.plan_run`. They are frozen: a layer that needs another value makes a new one with
 :func:`dataclasses.replace`.
 """
 
@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import validate
-from .errors import VolinferError
+from volinfer import validate
+from volinfer.errors import VolinferError
 
 STITCH_MODES = ("crop", "gaussian", "mean")
 NORM_STATS = ("volume", "tile")
@@ -138,8 +138,8 @@ class RuntimeSettings:
             object.__setattr__(self, "cache_dir", str(self.cache_dir))
 
     def compile_options(self) -> Any:
-        """The :class:`volinfer.model.CompileOptions` these settings compile with."""
-        from .model import CompileOptions
+        """The :class:`volinfer.model.tile_model.CompileOptions` these settings compile with."""
+        from volinfer.model.tile_model import CompileOptions
 
         return CompileOptions(**self.compile_dict())
 
@@ -230,10 +230,10 @@ def output_float_dtype(float16: bool, kind: str, zarr: bool) -> tuple[str, str |
 
 def from_cli(params: dict[str, Any]) -> RunSettings:
     """Settings from the ``run``/``plan`` commands' parsed options (click's parameter names)."""
-    from .cliutil import parse_tile
-    from .normalize import parse_normalization
-    from .plan import parse_size_mb
-    from .postprocess import parse_channels
+    from volinfer.cliutil import parse_tile
+    from volinfer.run.normalize import parse_normalization
+    from volinfer.run.plan import parse_size_mb
+    from volinfer.run.postprocess import parse_channels
 
     p = dict(params)
     kw: dict[str, Any] = {}

@@ -1,7 +1,7 @@
 """Assembling one tile of model input: read the stored voxels, normalise them, pad past the volume's end.
 
 The result goes straight into the infer request's own input buffer (shared with OpenVINO, never reallocated). Padding
-follows the grid's convention (:mod:`volinfer.geometry`): only past the high end of an axis, as if the whole volume had
+follows the grid's convention (:mod:`volinfer.tiling.geometry`): only past the high end of an axis, as if the whole volume had
 been padded with ``numpy.pad(mode)``; ``constant`` pads with ``pad_value`` *after* normalisation.
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import VolinferError
-from .geometry import Tile, TileGrid
-from .normalize import Normalizer
-from .reader import VolumeSource
+from volinfer.errors import VolinferError
+from volinfer.tiling.geometry import Tile, TileGrid
+from volinfer.run.normalize import Normalizer
+from volinfer.io.reader import VolumeSource
 
 PAD_MODES = ("constant", "edge", "reflect")
 

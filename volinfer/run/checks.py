@@ -1,5 +1,5 @@
 """Input checks that need to look at the voxels: NaN/Inf policy and whether (normalised) values fit the type the
-model computes in. Both read what the run's one pre-pass recorded (:class:`volinfer.prepass.ValueScan`): no check
+model computes in. Both read what the run's one pre-pass recorded (:class:`volinfer.run.prepass.ValueScan`): no check
 makes a pass of its own, and the pre-pass scans a channel's values only when a check can find something there.
 """
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import validate
-from .errors import VolinferError
-from .normalize import Normalizer, exceeds_float32
-from .prepass import ValueScan
-from .reader import ChannelReader
+from volinfer import validate
+from volinfer.errors import VolinferError
+from volinfer.run.normalize import Normalizer, exceeds_float32
+from volinfer.run.prepass import ValueScan
+from volinfer.io.reader import ChannelReader
 
 
 def needs_value_scan(readers: list[ChannelReader], dtype: np.dtype) -> bool:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import validate
-from .geometry import AxisPlan
+from volinfer import validate
+from volinfer.tiling.geometry import AxisPlan
 
 BLEND_MODES = ("gaussian", "mean")
 

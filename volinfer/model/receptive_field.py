@@ -18,9 +18,9 @@ from typing import Sequence
 import numpy as np
 import openvino as ov
 
-from .errors import framework_message
-from .model import TileModel
-from .spatial_norm import Moments, find_norm_layers, freeze, group_view, stat_tensor
+from volinfer.errors import framework_message
+from volinfer.model.tile_model import TileModel
+from volinfer.model.spatial_norm import Moments, find_norm_layers, freeze, group_view, stat_tensor
 
 #: Largest probe edge: a probe at this size compiles the model once at (max_tile)^3.
 MAX_PROBE_TILE = 320

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from . import portable
-from .errors import VolinferError
+from volinfer import portable
+from volinfer.errors import VolinferError
 
 #: Marker file volinfer writes at the root of every Zarr store it creates; only such stores are replaced.
 STORE_MARKER = ".volinfer-store"
@@ -157,7 +157,7 @@ def remove_store(path: Path) -> None:
 
 def mark_store(path: Path, info: dict | None = None) -> None:
     """Mark a Zarr store as written by volinfer, so that a later ``--overwrite`` may replace it."""
-    from . import __version__
+    from volinfer import __version__
 
     (path / STORE_MARKER).write_text(json.dumps({"written_by": "volinfer", "version": __version__, **(info or {})}))
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from . import validate
-from .blockwise import cast_copy
-from .errors import VolinferError
-from .reader import VolumeSource, scan_slabs
+from volinfer import validate
+from volinfer.tiling.blockwise import cast_copy
+from volinfer.errors import VolinferError
+from volinfer.io.reader import VolumeSource, scan_slabs
 
 KINDS = ("none", "zscore", "minmax", "percentile", "scale")
 
@@ -130,8 +130,8 @@ class Normalizer:
 
     def fit(self, source: VolumeSource, slab: int) -> None:
         """Gather the volume statistics this normalisation needs in a streaming pass of z-slabs of ``slab`` planes
-        (on its own; a run feeds :meth:`statistics` from its one pre-pass instead, see :mod:`volinfer.prepass`)."""
-        from .prepass import PrePass
+        (on its own; a run feeds :meth:`statistics` from its one pre-pass instead, see :mod:`volinfer.run.prepass`)."""
+        from volinfer.run.prepass import PrePass
 
         pre = PrePass(source, slab)
         pre.add(self.statistics(source))
@@ -212,7 +212,7 @@ class Normalizer:
 
 
 class _Statistics:
-    """Streamed sums of one normalisation's channels (a :mod:`volinfer.prepass` consumer): count, sum, sum of
+    """Streamed sums of one normalisation's channels (a :mod:`volinfer.run.prepass` consumer): count, sum, sum of
     squares, range, and for percentiles a lattice sample; fitted into the normaliser when the pass finishes."""
 
     def __init__(self, norm: Normalizer, source: VolumeSource) -> None:

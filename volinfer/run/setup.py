@@ -8,20 +8,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import validate
-from .activation import graph_activation
-from .checks import check_input_range, check_nonfinite, needs_value_scan
-from .prepass import ContentDigest, PrePass, ValueScan
-from .errors import VolinferError
-from .fidelity import Fidelity, Tiling, accepts, probe_multiple, activation_bytes_per_voxel, default_budget_mb, fmt_tile, judge, plan_exact
-from .fidelity import SPEED_HEADROOM_MB, RUNTIME_FLOOR_MB, weights_mb
-from .receptive_field import ReceptiveField, measure_receptive_field
-from .spatial_norm import NormLayer, find_norm_layers
-from .geometry import GeometryError, TileGrid
-from .model import TileModel
-from .normalize import Normalizer
-from .postprocess import OutputSpec
-from .reader import VolumeSource
+from volinfer import validate
+from volinfer.model.activation import graph_activation
+from volinfer.run.checks import check_input_range, check_nonfinite, needs_value_scan
+from volinfer.run.prepass import ContentDigest, PrePass, ValueScan
+from volinfer.errors import VolinferError
+from volinfer.run.fidelity import Fidelity, Tiling, accepts, probe_multiple, activation_bytes_per_voxel, default_budget_mb, fmt_tile, judge, plan_exact
+from volinfer.run.fidelity import SPEED_HEADROOM_MB, RUNTIME_FLOOR_MB, weights_mb
+from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
+from volinfer.model.spatial_norm import NormLayer, find_norm_layers
+from volinfer.tiling.geometry import GeometryError, TileGrid
+from volinfer.model.tile_model import TileModel
+from volinfer.run.normalize import Normalizer
+from volinfer.run.postprocess import OutputSpec
+from volinfer.io.reader import VolumeSource
 
 STITCH_MODES = ("crop", "gaussian", "mean")
 NORM_STATS = ("volume", "tile")
@@ -67,9 +67,9 @@ class RunSetup:
 
 def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = None, *,
             overlap: Any = None) -> RunSetup:
-    """Everything that follows from the run's settings (:class:`volinfer.run_settings.RunSettings`), the model's
+    """Everything that follows from the run's settings (:class:`volinfer.run.settings.RunSettings`), the model's
     stored settings and the volume's shape (no I/O). ``overlap``: the planned one, else the settings'."""
-    from .run_settings import RunSettings
+    from volinfer.run.settings import RunSettings
 
     s = settings or RunSettings()
     o = s.output
@@ -97,7 +97,7 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
 def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value: float | None,
                 fingerprint: bool = False) -> None:
     """Everything that needs the whole input before inference, in ONE streamed pass (none when nothing asks):
-    NaN/Inf policy and value range (:mod:`volinfer.checks`), normalisation statistics, and the content fingerprint
+    NaN/Inf policy and value range (:mod:`volinfer.run.checks`), normalisation statistics, and the content fingerprint
     that keys ``--resume`` (``fingerprint``). Sets ``setup.input_passes`` and ``setup.digests``."""
     pre = PrePass(source, tm.tile[2])
     values = ValueScan(source.channels) if needs_value_scan(source.readers, tm.input_dtype) else None
@@ -171,7 +171,7 @@ def model_norm_layers(tm: TileModel) -> tuple[list[NormLayer], list[str]]:
 def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, overlap: Any,
                 max_memory_mb: float | None, norm_stats: str | None) -> TilingChoice:
     """Faithfulness first: unless the tile was fixed by the caller, the fastest exact crop tiling within the memory
-    budget (growing the tile up to the whole padded volume); see :mod:`volinfer.fidelity`."""
+    budget (growing the tile up to the whole padded volume); see :mod:`volinfer.run.fidelity`."""
     mode = norm_stats or tm.settings.extra.get("norm_stats") or "volume"
     if mode not in NORM_STATS:
         raise VolinferError(f"norm-stats must be one of {', '.join(NORM_STATS)}; got {mode!r}")

@@ -1,6 +1,6 @@
 """A Zarr (OME-Zarr) output for the streaming engine: NIfTI in, ``-o out.zarr``.
 
-The engine hands finished blocks ``(channels, nz, ny, X)`` in row order (see :class:`volinfer.stitch.BlockWriter`).
+The engine hands finished blocks ``(channels, nz, ny, X)`` in row order (see :class:`volinfer.tiling.stitch.BlockWriter`).
 For a NIfTI grid ``(x, y, z)`` that is exactly the OME-Zarr ``(c, z, y, x)`` layout, so blocks are copied as they
 are into *slabs* of one chunk's depth spanning the whole ``(y, x)`` cross-section; a slab is written once all its
 planes are final (whole chunks, each written once) and freed. Memory: one or two slabs of the output dtype, the same
@@ -20,10 +20,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import VolinferError
-from .ome import Geometry, check_pyramid, downsample, downsample_method
-from .targets import remove_store
-from .zarr_io import check_zarr_output, create_output, sync_region
+from volinfer.errors import VolinferError
+from volinfer.io.ome import Geometry, check_pyramid, downsample, downsample_method
+from volinfer.io.targets import remove_store
+from volinfer.io.zarr_io import check_zarr_output, create_output, sync_region
 
 
 def is_zarr_output(path: str | Path) -> bool:
@@ -32,8 +32,8 @@ def is_zarr_output(path: str | Path) -> bool:
 
 
 def check_any_output(output: Path, inputs: Sequence[Path], overwrite: bool, resume: bool) -> None:
-    """The output check of :mod:`volinfer.targets` for either kind of output."""
-    from .writer import check_target
+    """The output check of :mod:`volinfer.io.targets` for either kind of output."""
+    from volinfer.io.writer import check_target
 
     if is_zarr_output(output):
         check_zarr_output(output, list(inputs), overwrite, resume)

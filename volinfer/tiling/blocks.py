@@ -2,7 +2,7 @@
 
 A block is a box of the output processed on its own (the unit of work of chunked Zarr runs and Dask tasks). It runs
 exactly the tiles of the *global* grid that touch it, in the grid's order, through the same stitchers as a
-one-process run (:mod:`volinfer.stitch`) restricted to the block's region, so its voxels are bitwise those of a
+one-process run (:mod:`volinfer.tiling.stitch`) restricted to the block's region, so its voxels are bitwise those of a
 one-process run whatever the split: crop keeps each voxel from the one tile whose centre owns it; Gaussian/mean
 blending adds the same float32 contributions in the same order and divides by the whole grid's normaliser.
 
@@ -12,7 +12,7 @@ Splitting (:func:`plan_blocks`):
   (blending) crosses a block border run once for every block they touch;
 * core-aligned blocks, crop only (:func:`plan_core_blocks`): borders follow the grid's tile centres, so every tile
   runs exactly once; blocks may then share output chunks, which the writer handles
-  (:func:`volinfer.distributed.write_block`).
+  (:func:`volinfer.run.distributed.write_block`).
 
 :func:`redundancy` is the exact count of tile runs a split costs against the grid's own tile count.
 """
@@ -25,9 +25,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .geometry import AxisPlan, Tile, TileGrid
-from .postprocess import OutputSpec
-from .stitch import make_stitcher
+from volinfer.tiling.geometry import AxisPlan, Tile, TileGrid
+from volinfer.run.postprocess import OutputSpec
+from volinfer.tiling.stitch import make_stitcher
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -107,7 +107,7 @@ def redundancy(grid: TileGrid, blocks: Sequence[Block]) -> tuple[int, int]:
 
 
 class BlockArray:
-    """A :class:`volinfer.stitch.BlockWriter` into one block held in RAM: ``out`` (C, *block.shape), array order."""
+    """A :class:`volinfer.tiling.stitch.BlockWriter` into one block held in RAM: ``out`` (C, *block.shape), array order."""
 
     def __init__(self, block: Block, channels: int, dtype: np.dtype) -> None:
         self.block = block

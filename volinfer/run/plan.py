@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import VolinferError
-from .geometry import TileGrid
+from volinfer.errors import VolinferError
+from volinfer.tiling.geometry import TileGrid
 
 MB = 2**20
 
@@ -71,7 +71,7 @@ import json, sys, time
 import numpy as np
 import openvino as ov
 import volinfer  # the same imports a run has
-from volinfer.model import CompileOptions, TileModel
+from volinfer.model.tile_model import CompileOptions, TileModel
 a = json.loads(sys.argv[1])
 tm = TileModel(a["model"], tile=a["tile"], layout=a["layout"], output=a["output"], options=CompileOptions(**a["options"]))
 q = ov.AsyncInferQueue(tm.compiled, a["requests"])
@@ -110,8 +110,8 @@ def measure_model(model: str | Path, tile: Sequence[int], layout: str | None, ou
 
 def engine_buffers_mb(setup: Any, facts: "VolumeFacts", model_channels: int, requests: int) -> dict[str, float]:
     """The engine's memory beyond the compiled model, in MB, by part (see module docs), for a resolved run
-    (:class:`volinfer.runsetup.RunSetup`) on a volume (:class:`VolumeFacts`)."""
-    from .stitch import BlendStitcher
+    (:class:`volinfer.run.setup.RunSetup`) on a volume (:class:`VolumeFacts`)."""
+    from volinfer.tiling.stitch import BlendStitcher
 
     grid, stitch, norm = setup.grid, setup.stitch, setup.normalizer
     in_channels, stored_itemsize, compressed = facts.channels, facts.itemsize, facts.compressed
@@ -142,8 +142,8 @@ def statistics_pass_mb(shape: tuple[int, int, int], depth: int, stored_itemsize:
                        wide: bool = False) -> float:
     """Peak memory of the streamed passes over the input before the tile loop, in MB, as they allocate.
 
-    Each pass reads z-slabs of ``depth`` planes (at most :func:`volinfer.reader.scan_slabs`' voxel bound). The
-    NaN/Inf scan holds a slab and its finite mask; :meth:`volinfer.normalize.Normalizer.fit` (``statistics`` is the
+    Each pass reads z-slabs of ``depth`` planes (at most :func:`volinfer.io.reader.scan_slabs`' voxel bound). The
+    NaN/Inf scan holds a slab and its finite mask; :meth:`volinfer.run.normalize.Normalizer.fit` (``statistics`` is the
     kind it fits, None when nothing is fitted) a slab as stored, its float64 copy and one float64 temporary. For
     percentiles it also keeps a sample of the volume (float32, float64 for ``wide`` voxels) over every slab, then
     concatenates, clips and centres it in float64: 2 sample copies + 2 float64 ones at the end. Slab temporaries
@@ -151,8 +151,8 @@ def statistics_pass_mb(shape: tuple[int, int, int], depth: int, stored_itemsize:
     """
     import inspect
 
-    from .normalize import percentile_step
-    from .reader import scan_slabs
+    from volinfer.run.normalize import percentile_step
+    from volinfer.io.reader import scan_slabs
 
     X, Y, Z = shape
     bound = inspect.signature(scan_slabs).parameters["voxels"].default
@@ -213,8 +213,8 @@ def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
     """What the plan needs to know about the input files (NIfTI files, or one Zarr store), from their headers only.
     A Zarr store's shape is (z, y, x), the order its runs plan and tile in; its chunks are read region by region,
     never as whole streamed planes."""
-    from .reader import StreamChannel, VolumeSource
-    from .zarr_io import is_zarr, open_zarr_source
+    from volinfer.io.reader import StreamChannel, VolumeSource
+    from volinfer.io.zarr_io import is_zarr, open_zarr_source
 
     if any(is_zarr(p) for p in paths):
         if len(paths) != 1:
@@ -233,16 +233,16 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
              **options: Any) -> Plan:
     """Predict peak RSS and time of ``volinfer run`` with these settings (see module docs): the same tile planning
     as the run (fidelity first), then the model measured at that tile in a fresh process. ``settings``: a
-    :class:`volinfer.run_settings.RunSettings`; keyword ``options`` as for :func:`volinfer.predict` (``output=``
+    :class:`volinfer.run.settings.RunSettings`; keyword ``options`` as for :func:`volinfer.predict` (``output=``
     here names the model output, ``options=`` is a dict of compile options)."""
-    from .run_settings import RunSettings
-    from .zarr_io import is_zarr
+    from volinfer.run.settings import RunSettings
+    from volinfer.io.zarr_io import is_zarr
 
     if "output" in options:
         options["model_output"] = options.pop("output")
     s = RunSettings.from_kwargs(settings, **options)
     if s.tiling.norm_stats is None and any(is_zarr(p) for p in paths):
-        s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr (block-wise) runs use: see volinfer.distributed
+        s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr (block-wise) runs use: see volinfer.run.distributed
     facts = volume_facts(paths)
     tm, choice, setup = _plan_tiling(facts, model_path, s)
     opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
@@ -253,9 +253,9 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
 
 def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, Any]:
     """The run's own tile planning and settings resolution, on the volume's facts (no voxel read)."""
-    from .api import _overlap_for
-    from .model import TileModel
-    from .runsetup import plan_tiling, resolve
+    from volinfer.api import _overlap_for
+    from volinfer.model.tile_model import TileModel
+    from volinfer.run.setup import plan_tiling, resolve
 
     t, rt = s.tiling, s.runtime
     handle = TileModel(model_path, tile=t.tile, layout=rt.layout, output=rt.model_output,
@@ -274,7 +274,7 @@ def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, 
 
 def _finish_plan(plan: Plan, facts: Any, choice: Any, setup: Any, s: Any) -> Plan:
     """Mirroring, normalisation-statistics passes, the fidelity verdict and the weighed tilings."""
-    from .runsetup import needs_norm_passes, verdict
+    from volinfer.run.setup import needs_norm_passes, verdict
 
     passes = len(choice.norm_layers) if needs_norm_passes(setup, choice) else 0
     fid = verdict(setup, choice, frozen=passes > 0)
@@ -292,7 +292,7 @@ def _finish_plan(plan: Plan, facts: Any, choice: Any, setup: Any, s: Any) -> Pla
 def largest_fitting_tile(paths: Sequence[str | Path], model_path: str | Path, limit_mb: float,
                          **kwargs: Any) -> Plan:
     """The plan with the largest cubic tile whose predicted peak fits ``limit_mb``; refuses with the smallest need."""
-    from .model import TileModel
+    from volinfer.model.tile_model import TileModel
 
     tm = TileModel(model_path, layout=kwargs.get("layout"), tile=kwargs.get("tile") or 32,
                    output=kwargs.get("output"), compile=False)

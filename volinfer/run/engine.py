@@ -19,14 +19,14 @@ import numpy as np
 import openvino as ov
 from tqdm import tqdm
 
-from . import portable
-from .feeder import TileFeeder
-from .geometry import Tile, TileGrid
-from .model import TileModel
-from .normalize import Normalizer
-from .postprocess import OutputSpec
-from .reader import VolumeSource
-from .stitch import BlockWriter, make_stitcher
+from volinfer import portable
+from volinfer.tiling.feeder import TileFeeder
+from volinfer.tiling.geometry import Tile, TileGrid
+from volinfer.model.tile_model import TileModel
+from volinfer.run.normalize import Normalizer
+from volinfer.run.postprocess import OutputSpec
+from volinfer.io.reader import VolumeSource
+from volinfer.tiling.stitch import BlockWriter, make_stitcher
 
 
 def peak_rss_mb() -> float:
@@ -57,7 +57,7 @@ class RunReport:
     infer_busy_s: float = 0.0
     peak_rss_mb: float = 0.0
     output: str | None = None
-    exact: bool | None = None  # tiled output equals whole-volume inference (see volinfer.fidelity)
+    exact: bool | None = None  # tiled output equals whole-volume inference (see volinfer.run.fidelity)
     not_exact: list[str] = field(default_factory=list)  # why not, when exact is False
     input_passes: int = 0  # streamed passes over the input before the tile loop (normalisation statistics)
     notes: list[str] = field(default_factory=list)
@@ -156,7 +156,7 @@ def run_tiles(
     ``start_row`` resumes an interrupted run whose first ``start_row`` z-rows are final on disk (blending replays
     the earlier rows that overlap it, adding only to later planes); ``on_row_done(r)`` is called once rows ``< r``
     are written. ``tiles`` / ``stitcher`` run a subset of the grid into another stitcher (one block of a chunked
-    volume, see :mod:`volinfer.blocks`); tiles must keep the grid's order. ``mirror`` (volume axes 0-2) averages
+    volume, see :mod:`volinfer.tiling.blocks`); tiles must keep the grid's order. ``mirror`` (volume axes 0-2) averages
     each tile's output over its flips along every subset of those axes (test-time augmentation, see
     :class:`Mirror`).
     """

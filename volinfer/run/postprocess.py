@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import validate
-from .blockwise import blockwise
-from .errors import VolinferError
+from volinfer import validate
+from volinfer.tiling.blockwise import blockwise
+from volinfer.errors import VolinferError
 
 OUTPUT_KINDS = ("labels", "probabilities", "raw")
 ACTIVATIONS = ("softmax", "sigmoid", "none")

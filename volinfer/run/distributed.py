@@ -1,23 +1,23 @@
 """Chunked runs: Zarr in, Zarr out, block by block, in this process or on a Dask cluster; Zarr in, NIfTI out.
 
-The volume is split into blocks (:mod:`volinfer.blocks`). Crop runs split it along the grid's tile centres, so every
+The volume is split into blocks (:mod:`volinfer.tiling.blocks`). Crop runs split it along the grid's tile centres, so every
 tile runs exactly once; blocks then share the output chunks their borders cross, and write those under a per-chunk
 lock (a Dask lock on a cluster; a run in this process writes blocks one after another) as a read-modify-write of
 their own voxels only. Blended runs, and crop runs with a pyramid, split it into blocks of whole output chunks, so no
 two tasks ever write the same chunk; tiles whose extent crosses a block border run once per block they touch (the
-summary reports the count, :func:`volinfer.blocks.redundancy`). Each task reads its tiles (with the halo they need)
+summary reports the count, :func:`volinfer.tiling.blocks.redundancy`). Each task reads its tiles (with the halo they need)
 straight from the input chunks, runs them through a model that its worker process compiled once (a per-process
 cache), writes its output, then drops a completion marker. A re-run skips blocks whose marker exists; a block whose
 worker died is simply run again (Dask retries it), overwriting its own voxels whatever it left (Zarr's local store
 replaces chunk files atomically). Statistics for normalisation are gathered once, up front.
 
 With ``pyramid`` levels, each block is downsampled in memory once written and its footprint written into every
-lower level (whose chunks divide the block's footprint there, :func:`volinfer.ome.level_chunks`): the pyramid
+lower level (whose chunks divide the block's footprint there, :func:`volinfer.io.ome.level_chunks`): the pyramid
 needs no second pass and no two blocks share a chunk of any level (pyramid runs use chunk-aligned blocks).
 
 A NIfTI output from a Zarr input is written slab by slab (:func:`run_zarr_to_nifti`): blocks spanning the whole
 cross-section of the array's last two axes, one or more rows of tiles thick along its first axis, in order, through
-the same :class:`volinfer.writer.NiftiWriter` and journal as NIfTI runs (so ``--resume`` and compression behave the
+the same :class:`volinfer.io.writer.NiftiWriter` and journal as NIfTI runs (so ``--resume`` and compression behave the
 same). The Zarr array ``[k, j, i]`` becomes NIfTI voxel ``(i, j, k)`` with the store's affine, exactly as
 ``to-nifti`` maps it: ``run -o out.nii`` equals ``run -o out.zarr`` then ``to-nifti``.
 """
@@ -34,19 +34,19 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .blocks import Block, block_tiles, make_block_stitcher, plan_blocks, plan_core_blocks, redundancy
-from .engine import RunReport, peak_rss_mb, run_tiles
-from .errors import VolinferError
-from .geometry import TileGrid
-from .model import CompileOptions, TileModel
-from .normalize import Normalizer
-from .postprocess import OutputSpec
-from .run_settings import RunSettings
-from .runsetup import plan_tiling, resolve, scan_volume, verdict
-from .journal import Journal
-from .ome import check_pyramid, downsample, downsample_method
-from .targets import OutputLock
-from .zarr_io import (check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source, store_geometry,
+from volinfer.tiling.blocks import Block, block_tiles, make_block_stitcher, plan_blocks, plan_core_blocks, redundancy
+from volinfer.run.engine import RunReport, peak_rss_mb, run_tiles
+from volinfer.errors import VolinferError
+from volinfer.tiling.geometry import TileGrid
+from volinfer.model.tile_model import CompileOptions, TileModel
+from volinfer.run.normalize import Normalizer
+from volinfer.run.postprocess import OutputSpec
+from volinfer.run.settings import RunSettings
+from volinfer.run.setup import plan_tiling, resolve, scan_volume, verdict
+from volinfer.io.journal import Journal
+from volinfer.io.ome import check_pyramid, downsample, downsample_method
+from volinfer.io.targets import OutputLock
+from volinfer.io.zarr_io import (check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source, store_geometry,
                       sync_region)
 
 
@@ -211,7 +211,7 @@ def run_zarr(volume: str | Path, model: str | Path, output: str | Path, settings
     (default: the input's), ``compression`` and ``pyramid`` (that many downsampled OME-Zarr levels, written as
     blocks complete) shape the store. ``block``: block edge in voxels.
 
-    The output is checked and locked like every output (:mod:`volinfer.targets`); its run fingerprint (input and
+    The output is checked and locked like every output (:mod:`volinfer.io.targets`); its run fingerprint (input and
     model by content, every setting that changes the output) is kept in the store, and ``resume`` refuses a
     different run."""
     s = RunSettings.from_kwargs(settings, **options)
@@ -243,11 +243,11 @@ class _Prepared:
     setup: Any
     options: dict[str, Any]
     settings: dict[str, Any]  # what the fingerprint records
-    choice: Any = None  # the planner's decision (volinfer.runsetup.TilingChoice)
+    choice: Any = None  # the planner's decision (volinfer.run.setup.TilingChoice)
 
 
 def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
-    from .api import _overlap_for
+    from volinfer.api import _overlap_for
 
     t, o, rt = s.tiling, s.output, s.runtime
     flips = tuple(sorted(2 - a for a in t.mirror))  # x, y, z are the array's axes 2, 1, 0
@@ -321,7 +321,7 @@ def _chunk_shape(chunks: Any, in_arr: Any) -> tuple[int, int, int]:
 def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
               where: tuple[str | None, int | None]) -> RunReport:
     """:func:`run_zarr` once the output is checked and locked; ``where``: (scheduler, workers)."""
-    from .api import run_fingerprint
+    from volinfer.api import run_fingerprint
 
     t0 = time.perf_counter()
     o = s.output
@@ -383,14 +383,14 @@ def tile_runs_line(grid: TileGrid, blocks: Sequence[Block]) -> str:
 
 
 def block_extent(chunks: Sequence[int], block: Sequence[int]) -> tuple[int, int, int]:
-    """Per-axis size of the blocks :func:`volinfer.blocks.plan_blocks` makes (whole chunks)."""
+    """Per-axis size of the blocks :func:`volinfer.tiling.blocks.plan_blocks` makes (whole chunks)."""
     return tuple(max(1, round(b / c)) * c for b, c in zip(block, chunks))  # type: ignore[return-value]
 
 
 def run_zarr_to_nifti(volume: str | Path, model: str | Path, output: str | Path,
                       settings: RunSettings | None = None, *, block: int = 256, **options: Any) -> RunReport:
     """A Zarr volume into a NIfTI file: slabs along the array's first axis, in order (see module docs)."""
-    from .writer import check_target
+    from volinfer.io.writer import check_target
 
     s = RunSettings.from_kwargs(settings, **options)
     check_target(Path(output), s.overwrite, [Path(volume)])
@@ -415,8 +415,8 @@ def nifti_slabs(grid: TileGrid, block: int) -> list[Block]:
 
 
 def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, s: RunSettings, block: int) -> RunReport:
-    from .api import run_fingerprint
-    from .writer import NiftiWriter
+    from volinfer.api import run_fingerprint
+    from volinfer.io.writer import NiftiWriter
 
     t0 = time.perf_counter()
     p = _prepare(volume, model, s)
@@ -440,8 +440,8 @@ def _write_slabs(job: ZarrJob, slabs: list[Block], start: int, writer: Any, jour
     interrupted, remove it on any other failure."""
     from tqdm import tqdm
 
-    from .errors import Interrupted
-    from .journal import ResumableError
+    from volinfer.errors import Interrupted
+    from volinfer.io.journal import ResumableError
 
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(slabs), initial=start, unit="slab", disable=not progress, desc="volinfer", leave=False)

@@ -17,10 +17,10 @@ import numpy as np
 import openvino as ov
 from tqdm import tqdm
 
-from .feeder import TileFeeder
-from .geometry import TileGrid
-from .model import TileModel
-from .spatial_norm import Moments, NormLayer, freeze, group_view, stat_tensor
+from volinfer.tiling.feeder import TileFeeder
+from volinfer.tiling.geometry import TileGrid
+from volinfer.model.tile_model import TileModel
+from volinfer.model.spatial_norm import Moments, NormLayer, freeze, group_view, stat_tensor
 
 
 def aligned_cores(grid: TileGrid, multiple: int) -> list[list[tuple[int, int]]]:
@@ -35,7 +35,7 @@ def aligned_cores(grid: TileGrid, multiple: int) -> list[list[tuple[int, int]]]:
 
 def _ancestors(model: ov.Model, layer: NormLayer, names: set[str]) -> set[str]:
     """Names (among ``names``) of normalisation layers upstream of ``layer``."""
-    from .spatial_norm import _node
+    from volinfer.model.spatial_norm import _node
 
     seen: set[str] = set()
     found: set[str] = set()

@@ -10,7 +10,7 @@ contiguous on disk for every (channel, z) pair, so writers need one positioned w
   tile row (``tile_z * tile_y * X``, a ring over y) and the planes the next z-row overlaps (``overlap_z * Y * X``).
   Tiles must arrive in grid order (the engine stitches in submission order, cached constant tiles included); the
   sums are then bitwise those of a whole-volume accumulator. The normaliser is separable (see
-  :mod:`volinfer.weights`), so no weight map is stored.
+  :mod:`volinfer.tiling.weights`), so no weight map is stored.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Protocol
 
 import numpy as np
 
-from .blockwise import blockwise
-from .geometry import AxisPlan, Tile, TileGrid
-from .postprocess import OutputSpec
-from .weights import tile_weights_1d, weight_sum_1d
+from volinfer.tiling.blockwise import blockwise
+from volinfer.tiling.geometry import AxisPlan, Tile, TileGrid
+from volinfer.run.postprocess import OutputSpec
+from volinfer.tiling.weights import tile_weights_1d, weight_sum_1d
 
 
 Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
@@ -45,7 +45,7 @@ def _clip(span: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
 class CropStitcher:
     """Exact crop stitching: each output voxel comes from the one tile whose centre holds it.
 
-    With a ``region`` (one block of a chunked run, :mod:`volinfer.blocks`) only the tiles whose centre meets it are
+    With a ``region`` (one block of a chunked run, :mod:`volinfer.tiling.blocks`) only the tiles whose centre meets it are
     added, and only their voxels inside it are kept and written; x of written blocks starts at the region's start.
     """
 
@@ -105,9 +105,9 @@ class BlendStitcher:
     the planes beyond go to the carry; a new row of the strip starts from the carry (or zero). Every voxel's sum
     therefore receives exactly the additions, in exactly the order, of a whole-volume accumulator — bitwise the
     same result as a whole-volume accumulator — in ``(tile_z·tile_y + overlap_z·Y)·X`` floats per model channel
-    instead of ``tile_z·Y·X``. The normaliser is separable (see :mod:`volinfer.weights`).
+    instead of ``tile_z·Y·X``. The normaliser is separable (see :mod:`volinfer.tiling.weights`).
 
-    With a ``region`` (one block of a chunked run, :mod:`volinfer.blocks`) X and Y above are the region's, tiles add
+    With a ``region`` (one block of a chunked run, :mod:`volinfer.tiling.blocks`) X and Y above are the region's, tiles add
     only their voxels inside it, only its planes are written, and the normaliser is the whole grid's: every kept
     voxel receives the same float32 additions in the same order as without a region, so the same bits.
     """

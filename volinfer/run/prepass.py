@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .reader import VolumeSource, scan_slabs
+from volinfer.io.reader import VolumeSource, scan_slabs
 
 
 class SlabConsumer(Protocol):
@@ -81,7 +81,7 @@ class ContentDigest:
     order, fed from the same slabs: what ``--resume`` compares, whatever the file's name, place or compression."""
 
     def __init__(self, channels: int) -> None:
-        from .journal import _hasher
+        from volinfer.io.journal import _hasher
 
         self._h = [_hasher() for _ in range(channels)]
         self.digests: list[str] = []
