@@ -9,21 +9,13 @@ Writes benchmarks/results/headline.md, headline.json and headline_peak_rss.png (
 run from); generated volumes and the reference model go to a temporary directory (or --work-dir).
 """
 
-import sys
 from pathlib import Path
 
-from volinfer.bench.cli import bench
+from volinfer.bench.cli import main_with_defaults
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULTS = {"--sizes": "256,512", "--methods": "naive,crop,gaussian,auto,infer-only", "--vs": "all",
             "--tile": "128", "--overlap": "0.25", "--precision": "f32", "--output": str(RESULTS), "--name": "headline"}
-SHORT = {"-s": "--sizes", "-o": "--output"}
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    given = {SHORT.get(a.split("=")[0], a.split("=")[0]) for a in args if a.startswith("-")}
-    for option, value in DEFAULTS.items():
-        if option not in given:
-            args += [option, value]
-    sys.argv = [sys.argv[0], *args]  # the report records the full command, defaults included
-    bench.main(args=args, prog_name="headline.py")
+    main_with_defaults(DEFAULTS, "headline.py")

@@ -10,21 +10,13 @@ Writes benchmarks/results/scale.md, scale.json and scale_peak_rss.png. Not yet r
 machine (see the README's limitations).
 """
 
-import sys
 from pathlib import Path
 
-from volinfer.bench.cli import bench
+from volinfer.bench.cli import main_with_defaults
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULTS = {"--sizes": "512,1024,2048", "--methods": "naive,crop,auto", "--vs": "monai", "--tile": "128",
             "--overlap": "0.25", "--precision": "f32", "--output": str(RESULTS), "--name": "scale"}
-SHORT = {"-s": "--sizes", "-o": "--output"}
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    given = {SHORT.get(a.split("=")[0], a.split("=")[0]) for a in args if a.startswith("-")}
-    for option, value in DEFAULTS.items():
-        if option not in given:
-            args += [option, value]
-    sys.argv = [sys.argv[0], *args]  # the report records the full command, defaults included
-    bench.main(args=args, prog_name="scale.py")
+    main_with_defaults(DEFAULTS, "scale.py")

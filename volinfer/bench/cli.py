@@ -180,3 +180,18 @@ def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile:
         data = json.loads(files[1].read_text())
         data.update(files=[str(p) for p in files], ratios=ratios(results))
         click.echo(json.dumps(data, indent=2))
+
+
+def main_with_defaults(defaults: dict[str, str], prog: str) -> None:
+    """Run `volinfer bench` with ``defaults`` for every option the command line does not give (the benchmark
+    scripts); the report records the full command, defaults included."""
+    import sys
+
+    short = {"-s": "--sizes", "-o": "--output"}
+    args = sys.argv[1:]
+    given = {short.get(a.split("=")[0], a.split("=")[0]) for a in args if a.startswith("-")}
+    for option, value in defaults.items():
+        if option not in given:
+            args += [option, value]
+    sys.argv = [sys.argv[0], *args]
+    bench.main(args=args, prog_name=prog)
