@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from volinfer import validate as V
-from volinfer.cliutil import emit, friendly_errors, output_options, parse_tile, progress_bar
+from volinfer.cliutil import runtime_options, emit, friendly_errors, output_options, parse_tile, progress_bar
 from volinfer.errors import VolinferError
 
 
@@ -72,6 +72,8 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--calibration-volume", type=click.Path(exists=True), help="Check parity on a crop of this NIfTI volume.")
 @click.option("--no-receptive-field", is_flag=True, help="Skip measuring the receptive field.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing IR.")
+@runtime_options(precision_note=" For convert: the reduced precision to verify and store the verdict of (auto: "
+                 "the device's native one; f32: none); parity itself is always checked at f32 on the CPU.")
 @output_options("the result")
 @friendly_errors
 def convert(model: str, **params: Any) -> None:
@@ -129,7 +131,8 @@ def convert_settings(p: dict[str, Any]) -> Any:
         normalization=parse_normalization(p["normalize"]), spacing=spacing_v, overlap=stored_overlap(p["overlap"]),
         stitch=p["stitch"], fp16=not p["no_fp16"], int8=p["int8"], calibration_tiles=p["calibration_tiles"],
         check=not p["no_check"], tolerance=p["tolerance"], calibration_volume=p["calibration_volume"],
-        measure_rf=not p["no_receptive_field"], overwrite=p["overwrite"])
+        measure_rf=not p["no_receptive_field"], overwrite=p["overwrite"], device=p["device"],
+        precision=p["precision"], threads=p["threads"])
 
 
 def stored_overlap(text: str | None) -> float | int | list[float | int] | None:

@@ -229,7 +229,7 @@ def _describe(g: _Graph, cs: ConvertSettings, notes: list[str]) -> ModelSettings
         _measure_rf(g.model, g.tile, settings, notes)
     if not cs.check.int8:
         _check_precision(g.model, g.layout, g.channels, g.tile, g.out_index or 0, settings, notes,
-                         cs.check.calibration_volume, st.normalization)
+                         cs.check, st.normalization)
     settings.to_model(g.model)
     return settings
 
@@ -355,7 +355,7 @@ def _stored_layout(src: Source) -> str | None:
 
 
 def _check_precision(ov_model: ov.Model, layout: str, channels: int, tile: list[int], out_index: int,
-                     settings: ModelSettings, notes: list[str], calibration_volume: str | None,
+                     settings: ModelSettings, notes: list[str], settings_check: Any,
                      normalization: dict[str, Any] | None) -> None:
     """Store whether this CPU's native reduced precision (bf16/f16) keeps the model's outputs faithful, for
     ``--precision auto`` (see :mod:`volinfer.model.precision`); measured on a calibration crop when one is given."""
@@ -363,11 +363,14 @@ def _check_precision(ov_model: ov.Model, layout: str, channels: int, tile: list[
 
     from .messages import framework_message
 
+    calibration_volume = settings_check.calibration_volume
     x = _calibration_tiles(calibration_volume, layout, channels, tile, normalization)[0] if calibration_volume \
         else None
     probabilities = settings.extra.get("outputs") in ("probabilities", "log-probabilities")
     try:
-        verdict = check_model(ov_model, layout, channels, list(tile), out_index, probabilities, x)
+        verdict = check_model(ov_model, layout, channels, list(tile), out_index, probabilities, x,
+                              device=settings_check.device, precision=settings_check.precision,
+                              threads=settings_check.threads)
     except Exception as e:  # a model the reduced precision cannot compile: auto stays f32
         notes.append(f"reduced precision not checked ({framework_message(e)[:120]}); --precision auto runs f32")
         return

@@ -86,9 +86,14 @@ class CheckSettings:
     calibration_volume: str | None = None
     measure_rf: bool = True
     seed: int = 0
+    device: str = "CPU"  # whose native reduced precision is verified for `--precision auto`
+    precision: str = "auto"  # which reduced precision to verify: auto (the device's native one), f32 (none)
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         validate.count("calibration-tiles", self.calibration_tiles)
+        if self.threads is not None:
+            validate.count("threads", self.threads)
         if self.tolerance is not None:
             validate.positive("tolerance", self.tolerance)
 

@@ -66,7 +66,7 @@ def test_help_style_is_the_same_everywhere(name):
         assert "-m" in names and "--model" in names
 
 
-@pytest.mark.parametrize("name", ["plan", "demo", "bench"])
+@pytest.mark.parametrize("name", ["plan", "demo", "bench", "convert"])
 def test_runtime_options_read_as_runs_do(name):
     def opts(cmd):
         return {p.name: p for p in command(cmd).params if p.name in ("device", "precision", "threads")}
