@@ -369,8 +369,8 @@ def _check_precision(ov_model: ov.Model, layout: str, channels: int, tile: list[
     probabilities = settings.extra.get("outputs") in ("probabilities", "log-probabilities")
     try:
         verdict = check_model(ov_model, layout, channels, list(tile), out_index, probabilities, x,
-                              device=settings_check.device, precision=settings_check.precision,
-                              threads=settings_check.threads)
+                              {"device": settings_check.device, "precision": settings_check.precision,
+                               "threads": settings_check.threads})
     except Exception as e:  # a model the reduced precision cannot compile: auto stays f32
         notes.append(f"reduced precision not checked ({framework_message(e)[:120]}); --precision auto runs f32")
         return

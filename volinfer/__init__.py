@@ -5,7 +5,25 @@ Data flow, one module each: :mod:`~volinfer.io.reader` (read lazily) → :mod:`~
 :mod:`~volinfer.tiling.stitch` (combine) → :mod:`~volinfer.run.postprocess` → :mod:`~volinfer.io.writer` (write as it goes).
 """
 
+import os as _os
+import signal as _signal
+import sys as _sys
+import threading as _threading
 from importlib.metadata import PackageNotFoundError, version
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C while the command line is still importing OpenVINO and friends (about a second): one line, exit 130,
+    nothing written yet. The command's own handlers replace this one once it starts (volinfer.cliutil)."""
+    _sys.stderr.write("interrupted: nothing was written\n")
+    raise SystemExit(130)
+
+
+_STARTING_CLI = (_threading.current_thread() is _threading.main_thread()
+                 and _os.path.basename(_sys.argv[0] if _sys.argv else "") in ("volinfer", "volinfer.exe", "-m",
+                                                                                "__main__.py"))
+if _STARTING_CLI and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    _signal.signal(_signal.SIGINT, _interrupted_while_starting)
 
 try:
     __version__ = version("volinfer")

@@ -19,6 +19,12 @@ from volinfer.errors import Interrupted, VolinferError, framework_message
 _received: list[int] = []
 
 
+def _interrupted_while_starting() -> Any:
+    import volinfer
+
+    return getattr(volinfer, "_interrupted_while_starting", None)
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     if not _received:
         _received.append(signum)
@@ -38,7 +44,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         if hasattr(signal, "SIGXFSZ"):  # a file-size limit then fails the write (EFBIG) instead of killing us
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, _raise_interrupt)  # batch schedulers send SIGTERM before killing
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupted_while_starting()):
             signal.signal(signal.SIGINT, _raise_interrupt)
         try:
             return fn(*args, **kwargs)

@@ -41,6 +41,15 @@ def finite(name: str, value: Any) -> float:
     return _num(name, value)
 
 
+def float32_value(name: str, value: Any) -> float:
+    """A finite number that float32, the type volinfer computes in, can hold (e.g. ``--nan-value``)."""
+    v = _num(name, value)
+    limit = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max
+    if abs(v) > limit:
+        raise VolinferError(f"{name} must be within float32's range (±{limit:.4g}); got {value!r}")
+    return v
+
+
 def positive(name: str, value: Any) -> float:
     """A finite number > 0 (e.g. ``--sigma``, ``--tolerance``)."""
     v = _num(name, value)

@@ -163,6 +163,10 @@ def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile:
     from volinfer.bench.report import markdown_report, ratios, save_report
 
     size_list = parse_sizes(sizes)
+    if model_path is not None:  # the same one-line refusal as run/info, before any process is spawned
+        from volinfer.model.tile_model import read_model
+
+        read_model(model_path)
     model = (model_path or reference_model(wd, tile)).resolve()
     precision = resolve_precision(model, precision, device)
     cfg = BenchConfig(sizes=size_list, methods=chosen, model=model, work_dir=wd, tile=tile, overlap=overlap,
@@ -180,6 +184,8 @@ def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile:
         data = json.loads(files[1].read_text())
         data.update(files=[str(p) for p in files], ratios=ratios(results))
         click.echo(json.dumps(data, indent=2))
+    if results and not any(r.status == "ok" for r in results):
+        raise VolinferError(f"every run failed (see {files[0]})")
 
 
 def main_with_defaults(defaults: dict[str, str], prog: str) -> None:

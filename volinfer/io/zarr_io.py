@@ -245,18 +245,26 @@ def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrit
 
     from volinfer.io.reader import VolumeSource, scan_slabs
     from volinfer.io.targets import OutputLock
+    from volinfer.run.normalize import exceeds_float32
 
     check_zarr_output(out, [nifti], overwrite, resume=False)
     with OutputLock(Path(out)), VolumeSource.open([nifti], depth=chunks) as src:
         X, Y, Z = src.shape
         geom = geometry_from_nifti(src.header, src.affine)
-        arr = create_output(out, (Z, Y, X), src.channels, src.readers[0].dtype, (chunks,) * 3, geom,
-                            overwrite=overwrite)[0]
+        # NIfTI intensity scaling (scl_slope / scl_inter) is applied here: Zarr has no such header, and a store of
+        # raw stored values would silently change every result computed from it
+        scaled = any((r.slope, r.inter) != (1.0, 0.0) for r in src.readers)
+        dtype = np.dtype(np.float32) if scaled else src.readers[0].dtype
+        if scaled and any(exceeds_float32(r.dtype, r.slope, r.inter) for r in src.readers):
+            dtype = np.dtype(np.float64)
+        arr = create_output(out, (Z, Y, X), src.channels, dtype, (chunks,) * 3, geom, overwrite=overwrite)[0]
         bar = tqdm(total=Z * src.channels, unit="plane", disable=not progress, desc="to-zarr", leave=False)
         for c, reader in enumerate(src.readers):
             z0 = 0
             for slab in scan_slabs(reader, src.shape, chunks, voxels=X * Y * chunks):
                 zyx = np.ascontiguousarray(slab.transpose(2, 1, 0))
+                if scaled:
+                    zyx = (zyx.astype(np.float64) * reader.slope + reader.inter).astype(dtype)
                 if src.channels == 1:
                     arr[z0 : z0 + zyx.shape[0]] = zyx
                 else:

@@ -50,11 +50,10 @@ def _labels(prob: np.ndarray, channel_axis: int) -> np.ndarray:
 
 
 def compare(model: ov.Model, x: np.ndarray, precision: str, output: int, channel_axis: int,
-            probabilities: bool, device: str = "CPU", core: ov.Core | None = None,
-            threads: int | None = None) -> dict[str, Any]:
+            probabilities: bool, device: str = "CPU", threads: int | None = None) -> dict[str, Any]:
     """Run ``model`` on ``x`` in f32 and in ``precision`` and measure what changed: label agreement and the largest
     change of probabilities. ``probabilities``: the output already is probabilities (no activation applied)."""
-    core = core or ov.Core()
+    core = ov.Core()
     outs = []
     for p in ("f32", precision):
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": p}
@@ -108,11 +107,13 @@ def smooth_tile(shape: list[int], seed: int = 0) -> np.ndarray:
 
 
 def check_model(model: ov.Model, layout: str, channels: int, tile: list[int], output: int, probabilities: bool,
-                x: np.ndarray | None = None, *, device: str = "CPU", precision: str = "auto",
-                threads: int | None = None) -> dict[str, Any] | None:
+                x: np.ndarray | None = None, runtime: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The stored verdict for ``--precision auto``: f32 against ``precision`` (auto: the device's native reduced
     precision) on ``x`` (a calibration tile; a synthetic image-like tile when None). None when there is nothing to
-    verify (f32, or a device without reduced precision)."""
+    verify (f32, or a device without reduced precision). ``runtime``: ``device`` (CPU), ``precision`` (auto),
+    ``threads``."""
+    runtime = runtime or {}
+    device, precision, threads = runtime.get("device", "CPU"), runtime.get("precision", "auto"), runtime.get("threads")
     core = ov.Core()
     native = native_reduced(core, device) if precision == "auto" else (None if precision == "f32" else precision)
     if native is None:
@@ -121,4 +122,4 @@ def check_model(model: ov.Model, layout: str, channels: int, tile: list[int], ou
     m = model.clone()
     m.reshape({m.input(0): ov.PartialShape(shape)})
     x = smooth_tile(shape) if x is None else x
-    return compare(m, x, native, output, 1 if layout == "NCDHW" else 4, probabilities, device, core, threads)
+    return compare(m, x, native, output, 1 if layout == "NCDHW" else 4, probabilities, device, threads)

@@ -31,7 +31,7 @@ def _range_matters(reader: ChannelReader, dtype: np.dtype) -> bool:
 def check_nonfinite(scan: ValueScan, replace: float | None) -> int:
     """Refuse volumes with NaN/Inf (the default), or accept them when ``replace`` is given. Returns the count."""
     if replace is not None:
-        validate.finite("nan_value", replace)
+        validate.float32_value("nan_value", replace)
     counts = scan.nonfinite
     total = sum(counts)
     if total and replace is None:

@@ -111,7 +111,7 @@ class InputSettings:
         if isinstance(self.normalize, dict):
             validate.normalization(self.normalize)
         if self.nan_value is not None:
-            validate.finite("nan_value", self.nan_value)
+            validate.float32_value("nan_value", self.nan_value)
 
 
 @dataclass(frozen=True)
