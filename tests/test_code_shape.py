@@ -17,7 +17,6 @@ ALLOWED: dict[str, str] = {
     "volinfer/run/engine.py:run_tiles": "the tile loop; next: take a RunSetup and TilingSettings instead of keywords",
     "volinfer/bench/cli.py:bench": "a click command: one parameter per option",
     "volinfer/run/fidelity.py:plan_exact": "the planner's search; next: a planning-inputs value",
-    "volinfer/run/fidelity.py:judge": "the verdict's inputs; next: take a RunSetup",
     "volinfer/io/zarr_io.py:create_output": "the store's layout; next: a store-layout value",
 }
 

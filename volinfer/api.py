@@ -347,11 +347,9 @@ def _freeze_norm_statistics(tm: TileModel, choice: TilingChoice, setup: RunSetup
     layers frozen to them (streamed passes), and the number of passes; else the model unchanged and 0."""
     if not needs_norm_passes(setup, choice):
         return tm, 0
-    from volinfer.run.norm_stats import waves
-
     feeder = TileFeeder(source, setup.grid, setup.normalizer, pad_mode, 0.0, setup.nan_fill)
-    frozen = fit_norm_statistics(tm, feeder, setup.grid, choice.norm_layers, progress=progress)
-    return tm.at(tm.tile, model=frozen), len(waves(tm.model, choice.norm_layers))
+    frozen, passes = fit_norm_statistics(tm, feeder, setup.grid, choice.norm_layers, progress=progress)
+    return tm.at(tm.tile, model=frozen), passes
 
 
 # ---- every way of running one command line's inputs: NIfTI, Zarr (local or Dask), batch ----

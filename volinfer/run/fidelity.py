@@ -38,7 +38,6 @@ class Fidelity:
 
     exact: bool
     reasons: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return "exact" if self.exact else "not exact: " + "; ".join(self.reasons)
@@ -183,8 +182,8 @@ def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferre
     return min(fits, key=lambda t: (t.memory_mb, cost(t)))
 
 
-def judge(shape: Sequence[int], tile: Sequence[int], overlap: Sequence[int], counts: Sequence[int], stitch: str,
-          rf: ReceptiveField | None, norm_layers: int, global_ops: bool, stats: str) -> Fidelity:
+def judge(overlap: Sequence[int], counts: Sequence[int], stitch: str, rf: ReceptiveField | None, norm_layers: int,
+          global_ops: bool, stats: str) -> Fidelity:
     """Is a run with this tiling exact? Every reason it is not, in words a user can act on."""
     reasons: list[str] = []
     multi = [c > 1 for c in counts]
@@ -205,7 +204,6 @@ def judge(shape: Sequence[int], tile: Sequence[int], overlap: Sequence[int], cou
         reasons.append(f"{norm_layers} normalisation layer(s) use per-tile statistics ({why})")
     if any(multi) and global_ops:
         reasons.append("the model reduces over whole tiles (global pooling/statistics volinfer cannot freeze)")
-    del shape, tile
     return Fidelity(not reasons, reasons)
 
 

@@ -76,8 +76,10 @@ def _core_slices(layer: NormLayer, value: np.ndarray, tile: tuple[int, ...], loc
 
 
 def fit_norm_statistics(tm: TileModel, feeder: TileFeeder, grid: TileGrid, layers: list[NormLayer],
-                        progress: bool = False, on_pass: Callable[[int], None] | None = None) -> ov.Model:
-    """A copy of ``tm``'s model (at its tile) with every layer of ``layers`` frozen to whole-volume statistics."""
+                        progress: bool = False,
+                        on_pass: Callable[[int], None] | None = None) -> tuple[ov.Model, int]:
+    """A copy of ``tm``'s model (at its tile) with every layer of ``layers`` frozen to whole-volume statistics, and
+    the number of streamed passes that took."""
     model = tm.model.clone()
     cores = aligned_cores(grid, tm.multiple)
     plan = waves(model, layers)
@@ -114,4 +116,4 @@ def fit_norm_statistics(tm: TileModel, feeder: TileFeeder, grid: TileGrid, layer
                 on_pass(n + 1)
     finally:
         bar.close()
-    return model
+    return model, len(plan)

@@ -274,9 +274,11 @@ def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, 
 
 def _finish_plan(plan: Plan, facts: Any, choice: Any, setup: Any, s: Any) -> Plan:
     """Mirroring, normalisation-statistics passes, the fidelity verdict and the weighed tilings."""
+    from volinfer.run.norm_stats import waves
     from volinfer.run.setup import needs_norm_passes, verdict
 
-    passes = len(choice.norm_layers) if needs_norm_passes(setup, choice) else 0
+    # the same count the run reports: layers that do not depend on each other share a pass
+    passes = len(waves(tm.model, choice.norm_layers)) if needs_norm_passes(setup, choice) else 0
     fid = verdict(setup, choice, frozen=passes > 0)
     plan.inferences_per_tile = 2 ** len(s.tiling.mirror)
     plan.norm_passes = passes

@@ -13,7 +13,8 @@ from volinfer.model.activation import graph_activation
 from volinfer.run.checks import check_input_range, check_nonfinite, needs_value_scan
 from volinfer.run.prepass import ContentDigest, PrePass, ValueScan
 from volinfer.errors import VolinferError
-from volinfer.run.fidelity import Fidelity, Tiling, accepts, probe_multiple, activation_bytes_per_voxel, default_budget_mb, fmt_tile, judge, plan_exact
+from volinfer.run.fidelity import (Fidelity, Tiling, accepts, activation_bytes_per_voxel, default_budget_mb, fmt_tile,
+                                   judge, plan_exact, probe_multiple)
 from volinfer.run.fidelity import SPEED_HEADROOM_MB, RUNTIME_FLOOR_MB, weights_mb
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
 from volinfer.model.spatial_norm import NormLayer, find_norm_layers
@@ -145,7 +146,6 @@ class TilingChoice:
     global_ops: list[str]
     norm_stats: str
     notes: list[str] = field(default_factory=list)
-    tiling: Tiling | None = None
     candidates: list[Tiling] = field(default_factory=list)
 
 
@@ -204,7 +204,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape)
         notes.append(f"no exact tiling fits in {budget:.0f} MB; running at tile {fmt_tile(choice.tile)}")
         return choice
-    choice.tile, choice.overlap, choice.tiling = best.tile, best.overlap, best
+    choice.tile, choice.overlap = best.tile, best.overlap
     if best.tile != tm.tile:
         notes.append(f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {rf}, predicted "
                      f"{best.memory_mb:.0f} MB, {best.evaluated / float(np.prod(shape)):.2f}x the volume evaluated)")
@@ -238,5 +238,5 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
     """Whether the resolved run is exact, and why not."""
     counts = tuple(a.count for a in setup.grid.axes)
     stats = "volume" if frozen else ("tile" if choice.norm_stats == "tile" else "blend")
-    return judge(setup.grid.shape, setup.grid.tile_shape, setup.overlap, counts, setup.stitch, choice.rf,
-                 len(choice.norm_layers), bool(choice.global_ops), stats if choice.norm_layers else "volume")
+    return judge(setup.overlap, counts, setup.stitch, choice.rf, len(choice.norm_layers), bool(choice.global_ops),
+                 stats if choice.norm_layers else "volume")
