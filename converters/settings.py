@@ -7,7 +7,7 @@ the IR takes, the run settings stored in it, and how it is checked and saved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -112,17 +112,6 @@ class ConvertSettings:
     def from_kwargs(cls, base: "ConvertSettings | None" = None, **kw: Any) -> "ConvertSettings":
         """Settings from :func:`converters.convert`'s flat keywords, on top of ``base``; unknown keywords are
         refused."""
-        base = base or cls()
-        parts: dict[str, dict[str, Any]] = {"source": {}, "shape": {}, "stored": {}, "check": {}}
-        top: dict[str, Any] = {}
-        for key, value in kw.items():
-            if key == "overwrite":
-                top[key] = value
-                continue
-            for name, part in parts.items():
-                if key in {f.name for f in fields(getattr(base, name))}:
-                    part[key] = value
-                    break
-            else:
-                raise TypeError(f"unknown conversion setting {key!r}")
-        return replace(base, **top, **{p: replace(getattr(base, p), **v) for p, v in parts.items() if v})
+        from volinfer.run.settings import replace_flat
+
+        return replace_flat(base or cls(), kw, ("overwrite",), "conversion")

@@ -10,7 +10,7 @@ and :func:`volinfer.run.plan.plan_run`. They are frozen: a layer that needs anot
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -168,17 +168,7 @@ class RunSettings:
         """Settings from the Python API's flat keywords (``tile=``, ``kind=``, ``device=``, ...), on top of ``base``.
         Also accepts ``options=`` (a dict of compile options), ``zarr_output=`` (a dict of ``chunks``,
         ``compression``, ``pyramid``). Unknown keywords are refused."""
-        base = base or cls()
-        kw = _flatten(kw)
-        parts: dict[str, dict[str, Any]] = {"tiling": {}, "output": {}, "input": {}, "runtime": {}}
-        top: dict[str, Any] = {}
-        for key, value in kw.items():
-            part = _part_of(key)
-            if part is None:
-                top[key] = value
-            else:
-                parts[part][key] = value
-        return replace(base, **top, **{p: replace(getattr(base, p), **v) for p, v in parts.items() if v})
+        return replace_flat(base or cls(), _flatten(kw), _TOP, "run")
 
     def as_kwargs(self) -> dict[str, Any]:
         """The flat keywords these settings were built from (the inverse of :meth:`from_kwargs`)."""
@@ -191,15 +181,22 @@ class RunSettings:
 _TOP = ("resume", "overwrite", "progress")
 
 
-def _part_of(key: str) -> str | None:
-    """The part of :class:`RunSettings` a flat keyword belongs to (None: RunSettings itself)."""
-    if key in _TOP:
-        return None
-    for name, cls in (("tiling", TilingSettings), ("output", OutputSettings), ("input", InputSettings),
-                      ("runtime", RuntimeSettings)):
-        if key in {f.name for f in fields(cls)}:
-            return name
-    raise TypeError(f"unknown run setting {key!r}")
+def replace_flat(base: Any, kw: dict[str, Any], top: Sequence[str], what: str) -> Any:
+    """``base`` (a frozen dataclass of frozen parts) with flat keywords routed to the part that has a field of that
+    name, and the names in ``top`` set on ``base`` itself; an unknown keyword is a TypeError naming ``what``.
+    Shared by :class:`RunSettings` and :class:`converters.settings.ConvertSettings`."""
+    parts = {f.name: getattr(base, f.name) for f in fields(base) if is_dataclass(getattr(base, f.name))}
+    own: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {name: {} for name in parts}
+    for key, value in kw.items():
+        if key in top:
+            own[key] = value
+            continue
+        name = next((n for n, part in parts.items() if key in {f.name for f in fields(part)}), None)
+        if name is None:
+            raise TypeError(f"unknown {what} setting {key!r}")
+        nested[name][key] = value
+    return replace(base, **own, **{n: replace(parts[n], **v) for n, v in nested.items() if v})
 
 
 def _flatten(kw: dict[str, Any]) -> dict[str, Any]:
