@@ -205,3 +205,15 @@ def test_output_format_errors(env):
     r = invoke("run", vol, "-m", xml, "-o", tmp / "odd.zarr", "--chunks", "7", "--pyramid", "1", *RUN)
     assert r.exit_code == 2 and "even chunk size" in r.output
     assert not (tmp / "odd.zarr").exists()
+    # 45 voxels along the longest axis halve to one voxel after 6 levels: a 7th would declare scales beyond the image
+    r = invoke("run", vol, "-m", xml, "-o", tmp / "deep.zarr", "--chunks", "64", "--pyramid", "7", *RUN)
+    assert r.exit_code == 2 and "--pyramid 6 or fewer" in r.output, r.output
+    assert not (tmp / "deep.zarr").exists()
+
+
+def test_max_levels_matches_halving():
+    from volinfer.io.ome import level_shapes, max_levels
+    for shape in [(1, 1, 1), (2, 1, 1), (5, 3, 2), (45, 23, 29), (64, 64, 64), (65, 7, 7)]:
+        k = max_levels(shape)
+        shapes = level_shapes(shape, k)
+        assert shapes[-1] == (1, 1, 1) and (k == 0 or shapes[-2] != (1, 1, 1)), (shape, shapes)

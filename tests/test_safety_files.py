@@ -92,6 +92,15 @@ def test_to_zarr_overwrite_replaces_only_volinfer_stores(env):
     assert (plain / "notes.txt").read_text() == "precious"
     assert invoke("to-zarr", vol, tmp / "ours.zarr").exit_code == 0
     assert invoke("to-zarr", vol, tmp / "ours.zarr", "--overwrite").exit_code == 0  # its own store: replaced
+    # the mark is the root group's attribute: zarr sees no object it does not recognise, and a plain zarr group
+    # (no volinfer attribute) stays protected
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(zarr.open_group(str(tmp / "ours.zarr")).keys()) == ["0"]
+    zarr.open_group(str(tmp / "foreign.zarr"), mode="w", attributes={"volinfer": {"written_by": "someone"}})
+    r = invoke("to-zarr", vol, tmp / "foreign.zarr", "--overwrite")
+    assert r.exit_code == 2 and (tmp / "foreign.zarr" / "zarr.json").exists()
     r = invoke("to-zarr", vol, tmp, "--overwrite")  # a directory holding the input itself
     assert r.exit_code == 2 and vol.exists()
 
@@ -360,7 +369,7 @@ def test_huge_zarr_metadata_is_refused_fast_in_little_memory(tmp_path):
     out = p.stdout.splitlines()
     assert out[0].startswith("refused:") and "chunk file(s) exist" in out[0], p.stdout + p.stderr
     secs, grew_kb = out[1].split()
-    assert float(secs) < 2 and int(grew_kb) < 100_000
+    assert float(secs) < 10 and int(grew_kb) < 100_000  # generous: the machine may be busy; a scan takes hours
     r = invoke("run", tmp_path / "bomb.zarr", "-m", save_unet2(tmp_path / "m.xml"), "-o", tmp_path / "o.zarr")
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "declares shape" in r.output
     zarr.create_array(store=str(tmp_path / "fat.zarr"), shape=(2048,) * 3, chunks=(1024,) * 3, dtype="float32")

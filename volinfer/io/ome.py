@@ -125,6 +125,20 @@ def level_shapes(shape: Sequence[int], levels: int) -> list[tuple[int, ...]]:
     return out
 
 
+def max_levels(shape: Sequence[int]) -> int:
+    """How many times ``shape`` halves (rounding up) before every axis is one voxel: more levels would only declare
+    ever larger voxels over the same single voxel, i.e. scales beyond the image."""
+    return max(0, int(max(shape)) - 1).bit_length()
+
+
+def check_levels(shape: Sequence[int], levels: int) -> None:
+    """Refuse a pyramid deeper than the volume allows (see :func:`max_levels`)."""
+    most = max_levels(shape)
+    if levels > most:
+        raise VolinferError(f"--pyramid {levels}: a {'x'.join(map(str, shape))} volume halves to a single voxel after "
+                            f"{most} level(s); use --pyramid {most} or fewer")
+
+
 def downsample_method(kind: str) -> str:
     """``nearest`` for labels, ``mean`` for probabilities and raw outputs."""
     return "nearest" if kind == "labels" else "mean"

@@ -32,7 +32,9 @@ from volinfer import portable
 from volinfer.errors import VolinferError
 
 #: Marker file volinfer writes at the root of every Zarr store it creates; only such stores are replaced.
-STORE_MARKER = ".volinfer-store"
+STORE_MARKER = ".volinfer-store"  # the marker file earlier volinfer versions wrote; still recognised
+STORE_ATTR = "volinfer"  # the root group attribute that marks a store volinfer wrote (see store_mark)
+_META_MAX = 1 << 24  # a zarr.json larger than this is not one volinfer wrote
 _ZARR_META = ("zarr.json", ".zarray", ".zgroup")
 _NAME_MAX = 255
 
@@ -119,7 +121,20 @@ def _check_replaceable(target: Path) -> None:
 
 
 def is_volinfer_store(path: Path) -> bool:
-    return path.is_dir() and not path.is_symlink() and (path / STORE_MARKER).is_file()
+    """A store volinfer wrote: its root ``zarr.json`` says so (``attributes.volinfer.written_by``), or it holds the
+    marker file earlier versions wrote."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if (path / STORE_MARKER).is_file():
+        return True
+    meta = path / "zarr.json"
+    try:
+        if meta.is_symlink() or meta.stat().st_size > _META_MAX:
+            return False
+        mark = (json.loads(meta.read_text()).get("attributes") or {}).get(STORE_ATTR)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(mark, dict) and mark.get("written_by") == "volinfer"
 
 
 def check_output(output: Path, inputs: Iterable[Path], overwrite: bool, kind: str) -> None:
@@ -141,8 +156,8 @@ def check_output(output: Path, inputs: Iterable[Path], overwrite: bool, kind: st
         if kind == "nifti" and (output.is_dir() or not (output.is_file() or output.is_symlink())):
             raise VolinferError(f"{output}: is a directory or special file; --overwrite only replaces NIfTI files")
         if kind == "zarr" and not is_volinfer_store(output):
-            raise VolinferError(f"{output}: --overwrite only replaces Zarr stores that volinfer wrote (this one has "
-                                f"no {STORE_MARKER} marker); remove it yourself or choose another output")
+            raise VolinferError(f"{output}: --overwrite only replaces Zarr stores that volinfer wrote (its zarr.json "
+                                f"does not say so); remove it yourself or choose another output")
         _check_replaceable(output)
     elif not os.access(parent, os.W_OK | os.X_OK):
         raise VolinferError(f"{parent}: output directory is not writable")
@@ -155,11 +170,13 @@ def remove_store(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def mark_store(path: Path, info: dict | None = None) -> None:
-    """Mark a Zarr store as written by volinfer, so that a later ``--overwrite`` may replace it."""
+def store_mark() -> dict[str, str]:
+    """What marks a Zarr store as written by volinfer (so that a later ``--overwrite`` may replace it): the root
+    group's ``volinfer`` attribute, set when the group is created (a marker file would make zarr warn about an
+    object it does not recognise)."""
     from volinfer import __version__
 
-    (path / STORE_MARKER).write_text(json.dumps({"written_by": "volinfer", "version": __version__, **(info or {})}))
+    return {"written_by": "volinfer", "version": __version__}
 
 
 class OutputLock:

@@ -22,8 +22,8 @@ import numpy as np
 from volinfer import portable
 from volinfer.errors import VolinferError
 from volinfer.io.reader import Region, VolumeSource
-from volinfer.io.ome import Geometry, geometry_attrs, geometry_from_nifti, level_chunks, level_shapes, multiscales, read_geometry
-from volinfer.io.targets import check_output, is_volinfer_store, mark_store, remove_store
+from volinfer.io.ome import Geometry, check_levels, geometry_attrs, geometry_from_nifti, level_chunks, level_shapes, multiscales, read_geometry
+from volinfer.io.targets import STORE_ATTR, check_output, is_volinfer_store, remove_store, store_mark
 
 #: A chunk is decoded whole into memory: more than this per chunk is refused, whatever the store claims.
 MAX_CHUNK_BYTES = 1 << 30
@@ -157,6 +157,7 @@ def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: 
     Call :func:`check_zarr_output` first (and hold the output's lock): only a store volinfer wrote is replaced."""
     zarr = _zarr()
     p = Path(path)
+    check_levels(shape, levels)
     shapes = level_shapes(shape, levels)
     lead = () if channels == 1 else (channels,)
     if os.path.lexists(p):
@@ -168,8 +169,7 @@ def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: 
     kwargs: dict[str, Any] = {}
     if compressor is None:
         kwargs["compressors"] = None
-    group = zarr.open_group(str(p), mode="w-")
-    mark_store(p)
+    group = zarr.open_group(str(p), mode="w-", attributes={STORE_ATTR: store_mark()})
     names = (["c"] if channels > 1 else []) + ["z", "y", "x"]
     arrays = []
     for lev, (s, c) in enumerate(zip(shapes, level_chunks(chunks, block, levels))):
@@ -178,7 +178,7 @@ def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: 
                                          fill_value=0, dimension_names=names, **kwargs))
     geom = geometry or Geometry(np.eye(4))
     group.attrs.update({"ome": multiscales(geom, channels, levels, method),
-                        "volinfer": {**geometry_attrs(geom), **(attrs or {})}})
+                        STORE_ATTR: {**store_mark(), **geometry_attrs(geom), **(attrs or {})}})
     return arrays
 
 
