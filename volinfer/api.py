@@ -272,9 +272,9 @@ def _report(run: _Run, wall_s: float) -> RunReport:
         layout=tm.layout, device=tm.options.device, precision=tm.precision, requests=run.s.runtime.requests,
         normalization=setup.normalizer.describe(), output_kind=run.s.output.kind, output_dtype=str(setup.spec.dtype),
         wall_s=wall_s, infer_busy_s=busy, peak_rss_mb=peak_rss_mb(),
-        output=str(run.result) if run.output is not None else None, exact=run.fidelity.exact,
-        not_exact=run.fidelity.reasons, input_passes=setup.input_passes + run.passes,
+        output=str(run.result) if run.output is not None else None, input_passes=setup.input_passes + run.passes,
     )
+    rep.set_fidelity(run.fidelity)
     rep.notes.extend(_notes(run))
     if reused:
         rep.extra["constant"] = f"{reused} of {n} tiles were constant and reused one cached inference"
