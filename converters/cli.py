@@ -169,7 +169,8 @@ def stage_progress(module: Any, *, measure_rf: bool, int8: bool, check: bool, di
     """A stage bar on stderr for `volinfer convert`: each stage function of :mod:`converters.convert` is wrapped,
     for the duration of the command only, so that the bar names the stage running and advances when it ends (the
     conversion itself knows nothing of the bar). A stage that is renamed or gone is simply not shown."""
-    skip = {"_measure_rf": not measure_rf, "_check_tiling": not measure_rf, "_check_precision": int8, "quantize_int8": not int8}
+    skip = {"_measure_rf": not measure_rf, "_check_tiling": not measure_rf, "_check_precision": int8,
+            "quantize_int8": not int8}
     chosen = [(n, label) for n, label in STAGES if not skip.get(n) and callable(getattr(module, n, None))]
     if not check:
         chosen = [(n, "saving" if n == "_save_checked" else label) for n, label in chosen]

@@ -86,8 +86,8 @@ def _independent(model: ov.Model, radius, m: int, seed: int = 0):
     for side in itertools.product((0, 1), repeat=3):
         start = [0 if s == 0 else p - t for s, p, t in zip(side, probe, tile)]
         keep = [(0, p // 2) if s == 0 else (p // 2, p) for s, p in zip(side, probe)]
-        out = np.asarray(run_tile(np.ascontiguousarray(x[:, :, start[0]:start[0] + tile[0],
-                                                          start[1]:start[1] + tile[1], start[2]:start[2] + tile[2]]))[0])[0]
+        part = x[:, :, start[0]:start[0] + tile[0], start[1]:start[1] + tile[1], start[2]:start[2] + tile[2]]
+        out = np.asarray(run_tile(np.ascontiguousarray(part))[0])[0]
         tiled[:, keep[0][0]:keep[0][1], keep[1][0]:keep[1][1], keep[2][0]:keep[2][1]] = \
             out[:, keep[0][0] - start[0]:keep[0][1] - start[0], keep[1][0] - start[1]:keep[1][1] - start[1],
                 keep[2][0] - start[2]:keep[2][1] - start[2]]

@@ -1,9 +1,13 @@
 """Choosing a tiling that is faithful first and fast second, and saying honestly when a run is not exact.
 
-A tiled run with crop stitching equals the model's own whole-volume inference (on the volume padded to the model's
-size multiple) when, on every axis cut into several tiles, the discarded margin covers the receptive field, and when
-no layer sees statistics of its whole input (InstanceNorm/GroupNorm) — unless those are frozen to whole-volume
-statistics (:mod:`volinfer.run.norm_stats`) or one tile covers the padded volume. The planner searches per-axis tile sizes
+A run is *exact* when one tile covers the volume padded to the model's size multiple (then it IS the model's own
+whole-volume inference), or when crop stitching cuts it into tiles whose discarded margin, on every axis cut into
+several tiles, covers the receptive field, and no layer sees statistics of its whole input (InstanceNorm/GroupNorm)
+unless those are frozen to whole-volume statistics (:mod:`volinfer.run.norm_stats`). The receptive field is where ONE
+voxel's influence exceeds 1e-5 of the output range; a tile border removes all the context beyond the margin at once,
+and those small influences add up, so an exact multi-tile run is close to whole-volume inference but not equal in
+values: the deviation measured at convert time (:mod:`volinfer.model.tiling_check`) is quoted with the verdict
+(:func:`explain_exact`). The planner searches per-axis tile sizes
 (multiples of the model's size multiple, up to the whole padded axis) for the exact tiling with the fewest evaluated
 voxels whose predicted memory fits the budget; it changes nothing when the user forced a tile.
 """
