@@ -183,6 +183,9 @@ def test_exact_run_says_what_exact_means(tmp_path):
             "normal (seed 0) input): max |diff| 0.026 (2.6% of the output range), labels 99.9999% equal") in fid
     assert "equals whole-volume inference" not in rep.summary()
     assert rep.as_dict()["tiling_deviation"] == CHECK and rep.as_dict()["exact"] is True
+    assert "this run feeds intensities un-normalised" in fid  # random-input check, raw intensities: said so
+    _, rep = volinfer.predict(vol, with_check, tile=32, overlap=16, normalize={"kind": "zscore"}, report=True)
+    assert rep.exact_meaning.endswith("labels 99.9999% equal")  # normalised run: no such caveat
     # an IR without the check (or with a corrupt one) loads, runs, and says the deviation was not measured
     for name, extra in (("b", {}), ("c", {"tiling_check": "garbage"})):
         _, rep = volinfer.predict(vol, _ir_with(tmp_path, name, **extra), tile=32, overlap=16, report=True)

@@ -52,19 +52,25 @@ class Fidelity:
         return self.meaning if self.exact else "not exact: " + "; ".join(self.reasons)
 
 
-def explain_exact(counts: Sequence[int], rf: ReceptiveField | None,
-                  check: dict[str, Any] | None) -> tuple[str, dict[str, Any] | None]:
+def explain_exact(counts: Sequence[int], rf: ReceptiveField | None, check: dict[str, Any] | None,
+                  unnormalised: bool = False) -> tuple[str, dict[str, Any] | None]:
     """What "exact" means for a run cut into ``counts`` tiles per axis, and the deviation to quote. One tile over
     the whole padded volume IS whole-volume inference. Otherwise the margins cover the receptive field, measured as
     the farthest reach of one voxel's influence above 1e-5 of the output range: the whole border's influence adds
-    up, so the tiled-vs-whole deviation measured at convert time (``check``) is quoted, or said to be unmeasured."""
+    up, so the tiled-vs-whole deviation measured at convert time (``check``) is quoted, or said to be unmeasured.
+    ``unnormalised``: the run feeds intensities as they are, so a check made on random (zero-mean, unit-variance)
+    input says too little: the deviation grows with the input's distance from the zero padding."""
     if all(c == 1 for c in counts):
         return "exact: one tile covers the whole (padded) volume, so the output equals whole-volume inference", None
     radius = "x".join(map(str, rf.radius)) if rf is not None else "?"
     if check is None:
         return f"exact: crop margins cover the receptive field ({radius}; tiling deviation not measured)", None
-    return (f"exact: crop margins cover the receptive field ({radius}); tiled vs whole measured at convert "
-            f"({check.get('input', 'random')} input): {describe_deviation(check)}", check)
+    text = (f"exact: crop margins cover the receptive field ({radius}); tiled vs whole measured at convert "
+            f"({check.get('input', 'random')} input): {describe_deviation(check)}")
+    if unnormalised and str(check.get("input", "random")).startswith("random"):
+        text += ("; this run feeds intensities un-normalised, and inputs far from zero deviate more (`volinfer "
+                 "convert --calibration-volume` measures it on real data)")
+    return text, check
 
 
 @dataclass(frozen=True)

@@ -244,5 +244,6 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
     fid = judge(setup.overlap, counts, setup.stitch, choice.rf, len(choice.norm_layers), bool(choice.global_ops),
                 stats if choice.norm_layers else "volume")
     if fid.exact:
-        fid.meaning, fid.deviation = explain_exact(counts, choice.rf, choice.tiling_check)
+        fid.meaning, fid.deviation = explain_exact(counts, choice.rf, choice.tiling_check,
+                                                   unnormalised=setup.normalizer.kind == "none")
     return fid
