@@ -428,11 +428,8 @@ def _check_tiling(ov_model: ov.Model, t3: list[int], settings: ModelSettings, no
         settings.to_model(described)  # layout, size multiple, output, activation: as a run will read them
         tm = TileModel(described, tile=t3, compile=False)
         activation = resolve_activation(tm, None)[0]
-        probe_input = None
-        if calibration_volume:
-            def probe_input(probe: list[int]) -> tuple[np.ndarray, str]:
-                x = _calibration_tiles(calibration_volume, tm.layout, tm.in_channels, probe, settings.normalization)
-                return x[0], f"the centre crop of {Path(calibration_volume).name}"
+        probe_input = _calibration_probe(calibration_volume, tm, settings.normalization) if calibration_volume \
+            else None
         record = check_tiling(tm, rf, activation, probe_input)
         if record.get("measured"):
             probabilities = activation != "none" or settings.extra.get("outputs") == "probabilities"
@@ -443,6 +440,14 @@ def _check_tiling(ov_model: ov.Model, t3: list[int], settings: ModelSettings, no
         record = {"measured": False, "reason": framework_message(e)[:200]}
     settings.extra[KEY] = record
     notes.append(f"tiling check: {note(record)}")
+
+
+def _calibration_probe(path: str, tm: TileModel, normalization: dict[str, Any] | None) -> Any:
+    """The tiling check's probe input: the centre crop of a real volume, normalised as `volinfer run` will."""
+    def make(probe: list[int]) -> tuple[np.ndarray, str]:
+        x = _calibration_tiles(path, tm.layout, tm.in_channels, probe, normalization)[0]
+        return x, f"the centre crop of {Path(path).name}"
+    return make
 
 
 def _has_spatial_kernels(model: ov.Model) -> bool:

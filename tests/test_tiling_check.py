@@ -226,6 +226,13 @@ def test_convert_stores_it_info_shows_it_run_json_quotes_it(tmp_path):
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["exact"] is True and data["tiling_deviation"] == rec
+    # measured on a crop of a real volume instead, when one is given (offset from zero: the border shows more)
+    nib.save(nib.Nifti1Image((np.random.default_rng(1).standard_normal((70, 61, 50)) + 5).astype(np.float32),
+                             np.eye(4)), str(vol))
+    res = convert(str(src), tmp_path / "cal.xml", tile=32, activation="softmax", fp16=False, precision="f32",
+                  calibration_volume=str(vol))
+    cal = res.settings.extra["tiling_check"]
+    assert cal["measured"] is True and cal["input"] == "the centre crop of v.nii" and cal["max_abs"] > rec["max_abs"]
 
 
 def test_plan_says_the_same(tmp_path):
