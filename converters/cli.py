@@ -159,7 +159,8 @@ def summary(result: Any) -> str:
 
 #: The stages of a conversion that take time, as (function of converters.convert, label); see stage_progress.
 STAGES = [("load", "loading the source"), ("_prepare", "export to OpenVINO"),
-          ("_measure_rf", "receptive field"), ("_check_precision", "precision check"),
+          ("_measure_rf", "receptive field"), ("_check_tiling", "tiling check"),
+          ("_check_precision", "precision check"),
           ("quantize_int8", "INT8 calibration"), ("_save_checked", "parity check")]
 
 
@@ -168,7 +169,8 @@ def stage_progress(module: Any, *, measure_rf: bool, int8: bool, check: bool, di
     """A stage bar on stderr for `volinfer convert`: each stage function of :mod:`converters.convert` is wrapped,
     for the duration of the command only, so that the bar names the stage running and advances when it ends (the
     conversion itself knows nothing of the bar). A stage that is renamed or gone is simply not shown."""
-    skip = {"_measure_rf": not measure_rf, "_check_precision": int8, "quantize_int8": not int8}
+    skip = {"_measure_rf": not measure_rf, "_check_tiling": not measure_rf, "_check_precision": int8,
+            "quantize_int8": not int8}
     chosen = [(n, label) for n, label in STAGES if not skip.get(n) and callable(getattr(module, n, None))]
     if not check:
         chosen = [(n, "saving" if n == "_save_checked" else label) for n, label in chosen]

@@ -227,6 +227,7 @@ def _describe(g: _Graph, cs: ConvertSettings, notes: list[str]) -> ModelSettings
     _record_activation(g.model, g.out_index or 0, g.layout, st.activation, settings, notes)
     if cs.check.measure_rf:
         _measure_rf(g.model, g.tile, settings, notes)
+        _check_tiling(g.model, g.tile, settings, notes, cs.check.calibration_volume)
     if not cs.check.int8:
         _check_precision(g.model, g.layout, g.channels, g.tile, g.out_index or 0, settings, notes,
                          cs.check, st.normalization)
@@ -407,6 +408,46 @@ def _measure_rf(ov_model: ov.Model, t3: list[int], settings: ModelSettings, note
         settings.extra["receptive_field_bounded"] = False
         notes.append(f"receptive field {rf}: it reaches past the largest probe, so only a tile covering the whole "
                      f"(padded) volume is exact; `volinfer run` plans one when it fits the memory budget")
+
+
+def _check_tiling(ov_model: ov.Model, t3: list[int], settings: ModelSettings, notes: list[str],
+                  calibration_volume: str | None = None) -> None:
+    """Store how far crop tiling with margins equal to the measured receptive field moves the outputs (tiled vs
+    whole on a small probe, :mod:`volinfer.model.tiling_check`), or why it was not measured; one note either way.
+    The probe is a crop of ``calibration_volume`` (normalised as runs are) when given, else random normal."""
+    from volinfer.model.receptive_field import ReceptiveField
+    from volinfer.model.tiling_check import KEY, check_tiling, note
+    from volinfer.run.setup import resolve_activation
+
+    rf = None
+    if settings.receptive_field:
+        bounded = settings.extra.get("receptive_field_bounded", True) not in (False, "false")
+        rf = ReceptiveField(tuple(int(v) for v in settings.receptive_field), bool(bounded))  # type: ignore[arg-type]
+    try:
+        described = ov_model.clone()
+        settings.to_model(described)  # layout, size multiple, output, activation: as a run will read them
+        tm = TileModel(described, tile=t3, compile=False)
+        activation = resolve_activation(tm, None)[0]
+        probe_input = _calibration_probe(calibration_volume, tm, settings.normalization) if calibration_volume \
+            else None
+        record = check_tiling(tm, rf, activation, probe_input)
+        if record.get("measured"):
+            probabilities = activation != "none" or settings.extra.get("outputs") == "probabilities"
+            record["space"] = "probabilities" if probabilities else "outputs"
+    except Exception as e:  # noqa: BLE001 - never fails a conversion: recorded as not measured
+        from .messages import framework_message
+
+        record = {"measured": False, "reason": framework_message(e)[:200]}
+    settings.extra[KEY] = record
+    notes.append(f"tiling check: {note(record)}")
+
+
+def _calibration_probe(path: str, tm: TileModel, normalization: dict[str, Any] | None) -> Any:
+    """The tiling check's probe input: the centre crop of a real volume, normalised as `volinfer run` will."""
+    def make(probe: list[int]) -> tuple[np.ndarray, str]:
+        x = _calibration_tiles(path, tm.layout, tm.in_channels, probe, normalization)[0]
+        return x, f"the centre crop of {Path(path).name}"
+    return make
 
 
 def _has_spatial_kernels(model: ov.Model) -> bool:

@@ -92,7 +92,8 @@ def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.
     fidelity first: crop margins that cover the model's receptive field, growing the tile up to the whole padded
     volume within ``max_memory_mb`` (default: a quarter of available RAM). InstanceNorm/GroupNorm layers run with
     whole-volume statistics (``norm_stats="volume"``, found in streamed passes) or per tile (``"tile"``). The report
-    says whether the run was ``exact`` and, if not, why.
+    says whether the run was ``exact`` and, if not, why; if so, what exact means for it (``exact_meaning``) and the
+    tiled-vs-whole deviation measured at convert time (``tiling_deviation``, None when not stored or one tile).
 
     An ``output`` ending in ``.zarr`` is written as OME-Zarr (:class:`volinfer.io.zarr_writer.ZarrWriter`) with the
     input's affine; ``zarr_output`` (or the settings' ``chunks``, ``compression``, ``pyramid``) sets its layout.
@@ -272,9 +273,10 @@ def _report(run: _Run, wall_s: float) -> RunReport:
         layout=tm.layout, device=tm.options.device, precision=tm.precision, requests=run.s.runtime.requests,
         normalization=setup.normalizer.describe(), output_kind=run.s.output.kind, output_dtype=str(setup.spec.dtype),
         wall_s=wall_s, infer_busy_s=busy, peak_rss_mb=peak_rss_mb(),
-        output=str(run.result) if run.output is not None else None, exact=run.fidelity.exact,
-        not_exact=run.fidelity.reasons, input_passes=setup.input_passes + run.passes,
+        output=str(run.result) if run.output is not None else None,
+        input_passes=setup.input_passes + run.passes,
     )
+    rep.set_fidelity(run.fidelity)
     rep.notes.extend(_notes(run))
     if reused:
         rep.extra["constant"] = f"{reused} of {n} tiles were constant and reused one cached inference"

@@ -211,6 +211,9 @@ def describe_model(model_path: Path, tile: str | None, measure: bool) -> dict[st
     data.update(layout=tm.layout, in_channels=tm.in_channels, out_channels=tm.out_channels, tile=list(tm.tile),
                 size_multiple=tm.multiple)
     data["settings"] = tm.settings.as_dict()
+    check = tm.settings.extra.get("tiling_check")
+    if isinstance(check, dict):  # tiled vs whole, measured by `volinfer convert` (volinfer.model.tiling_check)
+        data["tiling_check"] = check
     if measure:
         rf = measure_receptive_field(tm)
         data["receptive_field"] = {"radius": list(rf.radius), "bounded": rf.bounded, "text": str(rf)}
@@ -240,6 +243,10 @@ def info_text(data: dict[str, Any]) -> str:
             lines.append(f"{key:<12} {data[key]}")
     if "receptive_field" in data:
         lines.append(f"{'receptive':<12} radius {data['receptive_field']['text']} voxels (measured, f32)")
+    if "tiling_check" in data:
+        from volinfer.model.tiling_check import note
+
+        lines.append(f"{'tiling':<12} {note(data['tiling_check'])} (measured at convert)")
     for k, v in (data.get("settings") or {}).items():
         lines.append(f"  stored {k}: {json.dumps(v) if not isinstance(v, str) else v}")
     if "settings" in data and not data["settings"]:

@@ -1,6 +1,9 @@
 """Measuring a model's receptive-field radius by perturbation, until it is bounded.
 
-Crop stitching equals whole-volume inference when each tile's discarded margin is at least this radius. Deriving it from
+Crop stitching is exact (volinfer's word, see :mod:`volinfer.run.fidelity`) when each tile's discarded margin is at
+least this radius: no single voxel beyond it moves an output by more than the tolerance (1e-5 of the output range).
+The influences beyond it add up over a whole tile border, so tiled outputs still deviate a little from whole-volume
+inference; :mod:`volinfer.model.tiling_check` measures by how much. Deriving the radius from
 the graph is brittle (pooling, interpolation, attention); measuring is not: change one input voxel and see how far the
 output moves. A few probe positions cover the phases of strided layers; the widest reach wins. When the reach touches
 the probe tile's edge, the probe grows (up to ``max_tile``), so the radius is never silently capped at the tile.

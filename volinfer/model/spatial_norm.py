@@ -3,9 +3,9 @@
 Such a layer makes every output voxel depend on every input voxel of the tile, so a tiled run differs from
 whole-volume inference however wide the margins are. Freezing each layer's mean and variance to constants removes
 that global dependence: frozen to the statistics of the whole volume, tiled inference with margins that cover the
-(now bounded) receptive field equals whole-volume inference. In OpenVINO these layers are ``MVN`` and
-``GroupNormalization`` nodes; a layer counts only when it reduces over a spatial axis (an MVN over channels alone,
-LayerNorm style, is local to each voxel).
+(now bounded) receptive field is exact in volinfer's sense (:mod:`volinfer.run.fidelity`). In OpenVINO these
+layers are ``MVN`` and ``GroupNormalization`` nodes; a layer counts only when it reduces over a spatial axis (an MVN
+over channels alone, LayerNorm style, is local to each voxel).
 """
 
 from __future__ import annotations

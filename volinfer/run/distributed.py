@@ -296,7 +296,7 @@ def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]],
         output=str(output))
     if p.choice is not None:
         fid = verdict(s, p.choice, frozen=False)
-        rep.exact, rep.not_exact = fid.exact, fid.reasons
+        rep.set_fidelity(fid)
         if p.choice.norm_layers and not fid.exact:
             rep.not_exact.append("Zarr/Dask runs do not yet freeze whole-volume normalisation statistics")
         rep.notes.extend(p.choice.notes + s.notes)

@@ -57,8 +57,10 @@ class RunReport:
     infer_busy_s: float = 0.0
     peak_rss_mb: float = 0.0
     output: str | None = None
-    exact: bool | None = None  # tiled output equals whole-volume inference (see volinfer.run.fidelity)
+    exact: bool | None = None  # crop margins cover the receptive field, or one tile (see volinfer.run.fidelity)
     not_exact: list[str] = field(default_factory=list)  # why not, when exact is False
+    exact_meaning: str | None = None  # what exact means for this run, with the measured deviation when stored
+    tiling_deviation: dict[str, Any] | None = None  # tiled vs whole, measured at convert (volinfer.model.tiling_check)
     input_passes: int = 0  # streamed passes over the input before the tile loop (normalisation statistics)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -78,6 +80,12 @@ class RunReport:
                  mvox_per_s=round(self.voxels / self.wall_s / 1e6, 3) if self.wall_s else None)
         return d
 
+    def set_fidelity(self, fid: Any) -> None:
+        """Copy a :class:`volinfer.run.fidelity.Fidelity` verdict into the report."""
+        self.exact, self.not_exact = fid.exact, list(fid.reasons)
+        self.exact_meaning = fid.meaning if fid.exact else None
+        self.tiling_deviation = fid.deviation if fid.exact else None
+
     def summary(self) -> str:
         sx = "x".join(map(str, self.shape))
         lines = [
@@ -90,7 +98,7 @@ class RunReport:
             f"peak RSS    {self.peak_rss_mb:.0f} MB",
         ]
         if self.exact is not None:
-            lines.append(f"{'fidelity':<11} " + ("exact (equals whole-volume inference)" if self.exact
+            lines.append(f"{'fidelity':<11} " + ((self.exact_meaning or "exact") if self.exact
                                                   else "not exact: " + "; ".join(self.not_exact)))
         for note in self.notes:
             lines.append(f"{'note':<11} {note}")

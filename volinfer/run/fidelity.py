@@ -1,9 +1,13 @@
 """Choosing a tiling that is faithful first and fast second, and saying honestly when a run is not exact.
 
-A tiled run with crop stitching equals the model's own whole-volume inference (on the volume padded to the model's
-size multiple) when, on every axis cut into several tiles, the discarded margin covers the receptive field, and when
-no layer sees statistics of its whole input (InstanceNorm/GroupNorm) — unless those are frozen to whole-volume
-statistics (:mod:`volinfer.run.norm_stats`) or one tile covers the padded volume. The planner searches per-axis tile sizes
+A run is *exact* when one tile covers the volume padded to the model's size multiple (then it IS the model's own
+whole-volume inference), or when crop stitching cuts it into tiles whose discarded margin, on every axis cut into
+several tiles, covers the receptive field, and no layer sees statistics of its whole input (InstanceNorm/GroupNorm)
+unless those are frozen to whole-volume statistics (:mod:`volinfer.run.norm_stats`). The receptive field is where ONE
+voxel's influence exceeds 1e-5 of the output range; a tile border removes all the context beyond the margin at once,
+and those small influences add up, so an exact multi-tile run is close to whole-volume inference but not equal in
+values: the deviation measured at convert time (:mod:`volinfer.model.tiling_check`) is quoted with the verdict
+(:func:`explain_exact`). The planner searches per-axis tile sizes
 (multiples of the model's size multiple, up to the whole padded axis) for the exact tiling with the fewest evaluated
 voxels whose predicted memory fits the budget; it changes nothing when the user forced a tile.
 """
@@ -11,7 +15,7 @@ voxels whose predicted memory fits the budget; it changes nothing when the user 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import openvino as ov
@@ -19,6 +23,7 @@ import openvino as ov
 from volinfer import portable
 from volinfer.tiling.geometry import GeometryError, plan_axis_crop
 from volinfer.model.receptive_field import ReceptiveField
+from volinfer.model.tiling_check import describe as describe_deviation
 
 #: Resident memory of a process that has imported volinfer and OpenVINO and compiled a small model (MB, measured).
 RUNTIME_FLOOR_MB = 150.0
@@ -34,13 +39,38 @@ PLUGIN_FACTOR = 1.7
 
 @dataclass
 class Fidelity:
-    """The verdict a run reports: ``exact`` and, when not, the reasons (receptive field, margin, statistics)."""
+    """The verdict a run reports: ``exact`` and, when not, the reasons (receptive field, margin, statistics); when
+    exact, ``meaning`` says what exactness means for this run and ``deviation`` is the tiled-vs-whole measurement
+    stored at convert time (:mod:`volinfer.model.tiling_check`), None when not stored or one tile covers it all."""
 
     exact: bool
     reasons: list[str] = field(default_factory=list)
+    meaning: str = "exact"
+    deviation: dict[str, Any] | None = None
 
     def summary(self) -> str:
-        return "exact" if self.exact else "not exact: " + "; ".join(self.reasons)
+        return self.meaning if self.exact else "not exact: " + "; ".join(self.reasons)
+
+
+def explain_exact(counts: Sequence[int], rf: ReceptiveField | None, check: dict[str, Any] | None,
+                  unnormalised: bool = False) -> tuple[str, dict[str, Any] | None]:
+    """What "exact" means for a run cut into ``counts`` tiles per axis, and the deviation to quote. One tile over
+    the whole padded volume IS whole-volume inference. Otherwise the margins cover the receptive field, measured as
+    the farthest reach of one voxel's influence above 1e-5 of the output range: the whole border's influence adds
+    up, so the tiled-vs-whole deviation measured at convert time (``check``) is quoted, or said to be unmeasured.
+    ``unnormalised``: the run feeds intensities as they are, so a check made on random (zero-mean, unit-variance)
+    input says too little: the deviation grows with the input's distance from the zero padding."""
+    if all(c == 1 for c in counts):
+        return "exact: one tile covers the whole (padded) volume, so the output equals whole-volume inference", None
+    radius = "x".join(map(str, rf.radius)) if rf is not None else "?"
+    if check is None:
+        return f"exact: crop margins cover the receptive field ({radius}; tiling deviation not measured)", None
+    text = (f"exact: crop margins cover the receptive field ({radius}); tiled vs whole measured at convert "
+            f"({check.get('input', 'random')} input): {describe_deviation(check)}")
+    if unnormalised and str(check.get("input", "random")).startswith("random"):
+        text += ("; this run feeds intensities un-normalised, and inputs far from zero deviate more (`volinfer "
+                 "convert --calibration-volume` measures it on real data)")
+    return text, check
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ class Plan:
     parts_mb: dict[str, float] = field(default_factory=dict)
     exact: bool | None = None
     not_exact: list[str] = field(default_factory=list)
+    exact_meaning: str | None = None  # as the run reports it (volinfer.run.fidelity.explain_exact)
+    tiling_deviation: dict[str, Any] | None = None
     norm_passes: int = 0  # streamed statistics passes before the tile loop
     inferences_per_tile: int = 1  # 2^axes with test-time mirroring
     candidates: list[dict[str, Any]] = field(default_factory=list)  # tilings the planner weighed
@@ -57,7 +59,8 @@ class Plan:
         if self.inferences_per_tile > 1:
             lines.append(f"  test-time mirroring: {self.inferences_per_tile} inferences per tile (in the time)")
         if self.exact is not None:
-            lines.append("  exact" if self.exact else "  not exact: " + "; ".join(self.not_exact))
+            lines.append("  " + (self.exact_meaning or "exact") if self.exact
+                         else "  not exact: " + "; ".join(self.not_exact))
         for c in self.candidates:
             lines.append(f"  weighed tile {'x'.join(map(str, c['tile']))}: {c['tiles']} tiles, "
                          f"{c['evaluated_x']:.2f}x voxels evaluated, ~{c['memory_mb']:.0f} MB model memory, "
@@ -284,6 +287,7 @@ def _finish_plan(plan: Plan, facts: Any, choice: Any, setup: Any, s: Any) -> Pla
     plan.norm_passes = passes
     plan.time_s = round(plan.time_s * (plan.inferences_per_tile + 0.5 * passes), 1)
     plan.exact, plan.not_exact = fid.exact, fid.reasons
+    plan.exact_meaning, plan.tiling_deviation = (fid.meaning, fid.deviation) if fid.exact else (None, None)
     vox = float(np.prod(facts.shape))
     plan.candidates = [{"tile": list(c.tile), "tiles": int(np.prod(c.counts)), "evaluated_x": c.evaluated / vox,
                         "memory_mb": c.memory_mb, "norm_passes": c.norm_passes, "within_budget": c.within_budget}

@@ -13,11 +13,12 @@ from volinfer.model.activation import graph_activation
 from volinfer.run.checks import check_input_range, check_nonfinite, needs_value_scan
 from volinfer.run.prepass import ContentDigest, PrePass, ValueScan
 from volinfer.errors import VolinferError
-from volinfer.run.fidelity import (Fidelity, Tiling, accepts, activation_bytes_per_voxel, default_budget_mb, fmt_tile,
-                                   judge, plan_exact, probe_multiple)
+from volinfer.run.fidelity import (Fidelity, Tiling, accepts, activation_bytes_per_voxel, default_budget_mb,
+                                   explain_exact, fmt_tile, judge, plan_exact, probe_multiple)
 from volinfer.run.fidelity import SPEED_HEADROOM_MB, RUNTIME_FLOOR_MB, weights_mb
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
 from volinfer.model.spatial_norm import NormLayer, find_norm_layers
+from volinfer.model.tiling_check import stored as stored_tiling_check
 from volinfer.tiling.geometry import GeometryError, TileGrid
 from volinfer.model.tile_model import TileModel
 from volinfer.run.normalize import Normalizer
@@ -147,6 +148,7 @@ class TilingChoice:
     norm_stats: str
     notes: list[str] = field(default_factory=list)
     candidates: list[Tiling] = field(default_factory=list)
+    tiling_check: dict[str, Any] | None = None  # tiled-vs-whole deviation stored at convert, for this receptive field
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -190,6 +192,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     if clamped != tm.tile and not accepts(tm.model, tm.layout, tm.in_channels, clamped):
         clamped = tm.tile
     choice = TilingChoice(clamped, None, rf, layers, global_ops, mode, notes)  # type: ignore[arg-type]
+    choice.tiling_check = stored_tiling_check(tm.settings.extra, rf.radius if rf.measured else None)
     fixed = tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop"
     if fixed or overlap not in (None, "") or not rf.measured:
         return choice
@@ -238,5 +241,9 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
     """Whether the resolved run is exact, and why not."""
     counts = tuple(a.count for a in setup.grid.axes)
     stats = "volume" if frozen else ("tile" if choice.norm_stats == "tile" else "blend")
-    return judge(setup.overlap, counts, setup.stitch, choice.rf, len(choice.norm_layers), bool(choice.global_ops),
-                 stats if choice.norm_layers else "volume")
+    fid = judge(setup.overlap, counts, setup.stitch, choice.rf, len(choice.norm_layers), bool(choice.global_ops),
+                stats if choice.norm_layers else "volume")
+    if fid.exact:
+        fid.meaning, fid.deviation = explain_exact(counts, choice.rf, choice.tiling_check,
+                                                   unnormalised=setup.normalizer.kind == "none")
+    return fid

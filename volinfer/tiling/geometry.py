@@ -5,8 +5,9 @@ Conventions
 * Volume axes are NIfTI's (x, y, z); x varies fastest on disk, so slabs along z are contiguous.
 * The model sees the volume padded on the high side of each axis to ``padded = max(tile, ceil(n / multiple) * multiple)``.
   Every tile starts on a multiple of ``multiple`` (the model's total down-sampling factor), so a translation-equivariant
-  network sees each tile on the same sampling grid as it would see the whole padded volume. That is what makes crop
-  stitching *exact*: its output equals whole-volume inference on the padded volume, cropped back to ``n``.
+  network sees each tile on the same sampling grid as it would see the whole padded volume. That is what lets crop
+  stitching be *exact*: with margins covering the receptive field, its output is whole-volume inference on the padded
+  volume, cropped back to ``n``, up to the small deviation :mod:`volinfer.model.tiling_check` measures.
 * Tiles are visited z-row by z-row, then y-row, then x (x innermost), matching the on-disk order.
 """
 
