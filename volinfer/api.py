@@ -19,7 +19,8 @@ from volinfer.io.reader import VolumeSource
 from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
 from volinfer.run.norm_stats import fit_norm_statistics
 from volinfer.tiling.feeder import TileFeeder
-from volinfer.run.setup import TilingChoice, RunSetup, needs_norm_passes, plan_tiling, resolve, scan_volume, verdict
+from volinfer.run.setup import (TilingChoice, RunSetup, guard_precision, needs_norm_passes, plan_tiling, resolve,
+                                scan_volume, verdict)
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter
 from volinfer.io.zarr_writer import ZarrWriter, check_any_output, is_zarr_output
@@ -208,6 +209,7 @@ def _resolve(run: _Run) -> None:
     run.setup = resolve(run.tm, run.source.shape, run.source.channels, s, overlap=run.overlap)
     scan_volume(run.setup, run.tm, run.source, s.input.nan_value,
                 fingerprint=run.output is not None and bool(run.in_paths))
+    run.tm = guard_precision(run.tm, run.setup)
     run.tm, run.passes = _freeze_norm_statistics(run.tm, run.choice, run.setup, run.source, s.tiling.pad_mode,
                                                  s.progress)
     run.fidelity = verdict(run.setup, run.choice, frozen=run.passes > 0)
@@ -289,7 +291,7 @@ def _notes(run: _Run) -> list[str]:
     """The summary's notes: planning, precision, mirroring, frozen statistics and the passes over the input."""
     tm, setup, passes, mirror = run.tm, run.setup, run.passes, run.s.tiling.mirror
     notes = list(run.choice.notes + setup.notes)
-    if tm.options.precision == "auto":
+    if tm.precision_reason != "asked for":  # auto, or a guard overruled it (run.setup.guard_precision)
         notes.append(f"precision {tm.precision}: {tm.precision_reason}")
     if mirror:
         notes.append(f"test-time mirroring over {''.join('xyz'[a] for a in mirror)}: "

@@ -4,7 +4,11 @@ stay faithful in it.
 Faithfulness is a property of the model, not of the hardware: deep normalisation networks and some TensorFlow U-Nets
 move their probabilities by 0.1 in reduced precision while random inputs hide it. So the verdict is measured once, on
 a calibration tile (a crop of a real volume when one is given), comparing f32 with the reduced precision on the same
-input, and stored in the IR (``precision_check``). Without a stored verdict, ``auto`` runs f32.
+input, and stored in the IR (``precision_check``) with the largest input magnitude it saw. Without a stored verdict,
+``auto`` runs f32; and a verdict says nothing about inputs far larger than those it was measured on (raw intensities
+fed to a model checked on normalised ones move probabilities by up to 0.9 in bf16 on the benchmark's U-Net while its
+check on a normalised tile passed), so a run whose normalised input reaches beyond :data:`RANGE_FACTOR` times that
+magnitude runs f32 (:func:`outside_checked`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ MIN_LABEL_AGREEMENT = 0.999
 MAX_PROB_ABS = 0.05
 
 PRECISIONS = ("auto", "f32", "bf16", "f16")
+
+#: A stored verdict covers inputs up to this many times the largest magnitude of the input it was measured on.
+RANGE_FACTOR = 4.0
+#: The largest magnitude assumed for verdicts stored without one (the synthetic tile is zero-mean, unit-variance).
+DEFAULT_CHECKED_ABS_MAX = 5.0
 
 
 def native_reduced(core: ov.Core, device: str) -> str | None:
@@ -122,4 +131,21 @@ def check_model(model: ov.Model, layout: str, channels: int, tile: list[int], ou
     m = model.clone()
     m.reshape({m.input(0): ov.PartialShape(shape)})
     x = smooth_tile(shape) if x is None else x
-    return compare(m, x, native, output, 1 if layout == "NCDHW" else 4, probabilities, device, threads)
+    record = compare(m, x, native, output, 1 if layout == "NCDHW" else 4, probabilities, device, threads)
+    record["input_abs_max"] = round(float(np.abs(x).max()), 4)
+    return record
+
+
+def outside_checked(stored: dict[str, Any] | None, abs_max: float) -> str | None:
+    """Why a stored reduced-precision verdict does not cover a run whose model input reaches ``|x| = abs_max``, or
+    None when it does."""
+    if not stored:
+        return None
+    try:
+        checked = float(stored.get("input_abs_max") or DEFAULT_CHECKED_ABS_MAX)
+    except (TypeError, ValueError):
+        checked = DEFAULT_CHECKED_ABS_MAX
+    if abs_max <= RANGE_FACTOR * checked:
+        return None
+    return (f"its stored check saw model inputs within ±{checked:.3g}, this volume reaches ±{abs_max:.4g} "
+            f"(more than {RANGE_FACTOR:g}x)")

@@ -8,7 +8,7 @@ the size multiple the model requires, and which output to use.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -213,8 +213,24 @@ class TileModel:
                        output=self.output_index, options=self.options, core=self.core)
         tm.path, tm.tile_given, tm.declared_input = self.path, self.tile_given, self.declared_input
         tm.multiple = self.multiple  # probed when the model stores none
+        if tm.precision == self.precision:
+            tm.precision_reason = self.precision_reason  # e.g. why a guard chose f32 (see with_precision)
         if model is None:
             self._last_at = tm
+        return tm
+
+    @property
+    def auto_reduced(self) -> bool:
+        """Whether ``--precision auto`` chose a reduced precision (from the verdict stored in the IR)."""
+        return self.options.precision == "auto" and self.precision != "f32"
+
+    def with_precision(self, precision: str, reason: str, compile: bool = True) -> "TileModel":
+        """This model (same tile, layout, output) with ``precision`` instead, ``reason`` saying why."""
+        tm = TileModel(self.model, tile=self.tile, layout=self.layout, output=self.output_index,
+                       options=replace(self.options, precision=precision), core=self.core, compile=compile)
+        tm.path, tm.tile_given, tm.declared_input = self.path, self.tile_given, self.declared_input
+        tm.multiple = self.multiple
+        tm.precision_reason = reason
         return tm
 
     def input_shape(self) -> list[int]:

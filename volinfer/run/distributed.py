@@ -42,7 +42,7 @@ from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
 from volinfer.run.settings import RunSettings
-from volinfer.run.setup import plan_tiling, resolve, scan_volume, verdict
+from volinfer.run.setup import guard_precision, plan_tiling, resolve, scan_volume, verdict
 from volinfer.io.journal import Journal
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
@@ -266,6 +266,9 @@ def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
         overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
     setup = resolve(tm, source.shape, source.channels, s, overlap=overlap)
     scan_volume(setup, tm, source, s.input.nan_value)
+    guarded = guard_precision(tm, setup, compile=False)
+    if guarded is not tm:
+        tm, options = guarded, {**options, "precision": guarded.precision}
     settings = dict(tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=setup.overlap,
                     stitch=setup.stitch, sigma=t.sigma, pad_mode=t.pad_mode, kind=o.kind, activation=o.activation,
                     channels=setup.spec.channels, threshold=o.threshold, dtype=str(setup.spec.dtype),

@@ -65,6 +65,7 @@ class RunSetup:
     notes: list[str] = field(default_factory=list)
     input_passes: int = 0  # streamed passes over the input before inference (the pre-pass: 0 or 1)
     digests: list[str] | None = None  # content fingerprint of each channel, when asked for
+    input_abs_max: float | None = None  # largest |value| the model's input will see (after normalisation), if scanned
 
 
 def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = None, *,
@@ -102,7 +103,8 @@ def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value:
     NaN/Inf policy and value range (:mod:`volinfer.run.checks`), normalisation statistics, and the content fingerprint
     that keys ``--resume`` (``fingerprint``). Sets ``setup.input_passes`` and ``setup.digests``."""
     pre = PrePass(source, tm.tile[2])
-    values = ValueScan(source.channels) if needs_value_scan(source.readers, tm.input_dtype) else None
+    wanted = needs_value_scan(source.readers, tm.input_dtype) or tm.auto_reduced  # the range guards auto precision
+    values = ValueScan(source.channels) if wanted else None
     digest = ContentDigest(source.channels) if fingerprint else None
     pre.add(values)
     pre.add(setup.normalizer.statistics(source))
@@ -112,8 +114,31 @@ def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value:
     if values is not None:
         setup.nonfinite = check_nonfinite(values, nan_value)
         check_input_range(values, source.readers, setup.normalizer, tm.input_dtype)
+        setup.input_abs_max = _normalised_abs_max(values, source, setup.normalizer)
     if setup.nonfinite:
         setup.nan_fill = [setup.normalizer.normalized(nan_value, c) for c in range(source.channels)]  # type: ignore[arg-type]
+
+
+def _normalised_abs_max(values: ValueScan, source: VolumeSource, normalizer: Normalizer) -> float | None:
+    ends = [abs(normalizer.normalized(v * r.slope + r.inter, c))
+            for c, r in enumerate(source.readers) if values.lo[c] <= values.hi[c] for v in (values.lo[c], values.hi[c])]
+    return max(ends) if ends else None
+
+
+def guard_precision(tm: TileModel, setup: RunSetup, compile: bool = True) -> TileModel:
+    """``--precision auto`` chose a reduced precision from a verdict measured on calibration inputs; when this
+    volume's normalised values reach far beyond those, the verdict does not cover it: f32 instead, saying why
+    (:func:`volinfer.model.precision.outside_checked`)."""
+    from volinfer.model.precision import outside_checked
+
+    if setup.input_abs_max is None or not tm.auto_reduced:
+        return tm
+    why = outside_checked(tm.settings.extra.get("precision_check"), setup.input_abs_max)
+    if why is None:
+        return tm
+    return tm.with_precision("f32", f"{tm.precision} not verified for this input: {why}; store a normalisation "
+                                    f"(`volinfer convert --normalize`) or check on such data (`--calibration-volume`)",
+                             compile=compile)
 
 
 def resolve_activation(tm: TileModel, explicit: str | None) -> tuple[str, str | None]:

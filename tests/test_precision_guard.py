@@ -1,0 +1,90 @@
+"""``--precision auto`` trusts a stored reduced-precision verdict only for inputs like those it was measured on: a run
+whose normalised input reaches far beyond the calibration input's magnitude runs f32 and says why."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from models import save_unet2
+
+from volinfer.cli import main
+from volinfer.model import precision
+from volinfer.model.tile_model import CompileOptions, TileModel
+from volinfer.run.setup import guard_precision
+
+CHECK = {"precision": "bf16", "faithful": True, "label_agreement": 0.9995, "prob_max_abs": 0.004,
+         "input_abs_max": 3.0}
+
+
+def test_outside_checked_covers_up_to_the_factor():
+    assert precision.outside_checked(CHECK, 3.0 * precision.RANGE_FACTOR) is None
+    why = precision.outside_checked(CHECK, 3.0 * precision.RANGE_FACTOR + 0.5)
+    assert why is not None and "±3" in why and "±12.5" in why
+    old = {k: v for k, v in CHECK.items() if k != "input_abs_max"}  # stored before the range was recorded
+    assert precision.outside_checked(old, precision.DEFAULT_CHECKED_ABS_MAX * precision.RANGE_FACTOR) is None
+    assert precision.outside_checked(old, 1000.0) is not None
+    assert precision.outside_checked(None, 1e9) is None
+
+
+def test_check_model_records_the_input_magnitude(tmp_path):
+    m = TileModel(save_unet2(tmp_path / "m.xml"), tile=8, compile=False).model
+    x = np.full([1, 1, 8, 8, 8], -2.5, np.float32)
+    x[0, 0, 1, 2, 3] = 7.25
+    rec = precision.check_model(m, "NCDHW", 1, [8, 8, 8], 0, False, x=x, runtime={"precision": "bf16"})
+    assert rec["input_abs_max"] == 7.25
+
+
+class _Setup:
+    def __init__(self, abs_max):
+        self.input_abs_max = abs_max
+
+
+def _auto_bf16(tmp_path, monkeypatch, check=CHECK):
+    monkeypatch.setattr(precision, "native_reduced", lambda core, device: "bf16")
+    xml = save_unet2(tmp_path / "m.xml", precision_check=json.dumps(check))
+    return TileModel(xml, tile=8, compile=False, options=CompileOptions(precision="auto"))
+
+
+def test_guard_keeps_reduced_precision_within_the_checked_range(tmp_path, monkeypatch):
+    tm = _auto_bf16(tmp_path, monkeypatch)
+    assert tm.precision == "bf16" and tm.auto_reduced
+    assert guard_precision(tm, _Setup(10.0), compile=False) is tm
+    assert guard_precision(tm, _Setup(None), compile=False) is tm  # nothing scanned: nothing to judge
+
+
+def test_guard_falls_back_to_f32_beyond_it_and_says_why(tmp_path, monkeypatch):
+    tm = _auto_bf16(tmp_path, monkeypatch)
+    out = guard_precision(tm, _Setup(1876.0), compile=False)
+    assert out.precision == "f32" and not out.auto_reduced
+    assert "bf16 not verified for this input" in out.precision_reason and "±1876" in out.precision_reason
+    assert out.at((12, 12, 12)).precision_reason == out.precision_reason  # kept when recompiled at another tile
+    forced = TileModel(tm.path, tile=8, compile=False, options=CompileOptions(precision="bf16"))
+    assert guard_precision(forced, _Setup(1876.0), compile=False) is forced  # asked for: never overruled
+
+
+@pytest.mark.skipif(precision.native_reduced(__import__("openvino").Core(), "CPU") is None,
+                    reason="this CPU runs no reduced precision natively")
+@pytest.mark.parametrize("scale, normalize, expect", [(1000.0, None, "f32"), (1000.0, "zscore", "native"),
+                                                      (1.0, None, "native")])
+def test_run_scans_the_normalised_range(tmp_path, scale, normalize, expect):
+    native = precision.native_reduced(__import__("openvino").Core(), "CPU")
+    xml = save_unet2(tmp_path / "m.xml", precision_check=json.dumps({**CHECK, "precision": native}))
+    rng = np.random.default_rng(0)
+    vol = (1.0 + 0.5 * rng.standard_normal((21, 18, 15))) * scale  # int16 when scaled: ~1000 +- 500
+    vol = vol.astype(np.int16 if scale > 1 else np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii"))
+    args = ["run", str(tmp_path / "v.nii"), "-m", str(xml), "-o", str(tmp_path / "o.nii"), "--json", "-q"]
+    if normalize:
+        args += ["--normalize", normalize]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["precision"] == (native if expect == "native" else "f32"), rep
+    note = [n for n in rep["notes"] if n.startswith("precision ")][0]
+    if expect == "f32":
+        # the largest normalised magnitude, computed here from the voxels: the guard must have seen exactly that
+        assert f"±{float(np.abs(vol).max()):.4g}" in note, note
+    else:
+        assert "faithful" in note
