@@ -108,12 +108,12 @@ def main() -> None:
 
             ref = reference_model(tmp / "ref", int(a.ref_tile))
             vol = make_volume(tmp / f"v{a.ref_size}.nii", (a.ref_size,) * 3)
-            sets.append({"set": "realistic", "model": "reference U-Net (random weights, softmax)", "size": a.ref_size,
+            sets.append({"set": "realistic", "model": ref.name, "size": a.ref_size,
                          "tile": a.ref_tile, "rows": measure(vol, str(ref), a.ref_tile, a.rounds, kinds, tmp)})
     lines = [f"`.nii.gz` vs `.nii` output, int16 input, f32, gzip backend {BACKEND}, median of {a.rounds} alternating "
              f"fresh-process runs, {os.cpu_count()} cores. CPU: user + system time of the run's process.", ""]
     what = {"worst case": "the demo model: inference costs next to nothing, so compression weighs as much as it can",
-            "realistic": "the benchmark's reference U-Net"}
+            "realistic": "the benchmark's reference U-Net: random weights, softmax, converted from PyTorch"}
     for s in sets:
         lines += table(f"**{s['set'].capitalize()}**: {s['size']}³, tile {s['tile']}, model `{s['model']}` "
                        f"({what[s['set']]}).", s["rows"])
