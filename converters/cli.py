@@ -71,6 +71,8 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
               "tiles' voxels and mean foreground Dice >= 0.95.")
 @click.option("--calibration-volume", type=click.Path(exists=True), help="Check parity on a crop of this NIfTI volume.")
 @click.option("--no-receptive-field", is_flag=True, help="Skip measuring the receptive field.")
+@click.option("--no-speed-profile", is_flag=True, help="Skip timing the model at a few tile shapes (a few seconds; "
+              "without a profile `volinfer run --tile auto` assumes every tile shape costs the same per voxel).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing IR.")
 @runtime_options(precision_note=" For convert: the reduced precision to verify and store the verdict of (auto: "
                  "the device's native one; f32: none); parity itself is always checked at f32 on the CPU.")
@@ -102,7 +104,7 @@ def convert(model: str, **params: Any) -> None:
     quiet, as_json = p["quiet"], p["as_json"]
     stages_module = importlib.import_module(__package__ + ".convert")  # the module (the package exports the function)
     with stage_progress(stages_module, measure_rf=not p["no_receptive_field"], int8=p["int8"],
-                        check=not p["no_check"], disable=quiet or as_json):
+                        check=not p["no_check"], disable=quiet or as_json, speed=not p["no_speed_profile"]):
         result = run_convert(model, p["output"], settings)
     data = {"path": str(result.path), "parity": result.parity.__dict__ if result.parity else None,
             "int8": result.int8.__dict__ if result.int8 else None,
@@ -132,7 +134,7 @@ def convert_settings(p: dict[str, Any]) -> Any:
         stitch=p["stitch"], fp16=not p["no_fp16"], int8=p["int8"], calibration_tiles=p["calibration_tiles"],
         check=not p["no_check"], tolerance=p["tolerance"], calibration_volume=p["calibration_volume"],
         measure_rf=not p["no_receptive_field"], overwrite=p["overwrite"], device=p["device"],
-        precision=p["precision"], threads=p["threads"])
+        precision=p["precision"], threads=p["threads"], speed_profile=not p["no_speed_profile"])
 
 
 def stored_overlap(text: str | None) -> float | int | list[float | int] | None:
@@ -160,17 +162,18 @@ def summary(result: Any) -> str:
 #: The stages of a conversion that take time, as (function of converters.convert, label); see stage_progress.
 STAGES = [("load", "loading the source"), ("_prepare", "export to OpenVINO"),
           ("_measure_rf", "receptive field"), ("_check_tiling", "tiling check"),
-          ("_check_precision", "precision check"),
+          ("_check_precision", "precision check"), ("_measure_speed", "speed profile"),
           ("quantize_int8", "INT8 calibration"), ("_save_checked", "parity check")]
 
 
 @contextmanager
-def stage_progress(module: Any, *, measure_rf: bool, int8: bool, check: bool, disable: bool) -> Iterator[None]:
+def stage_progress(module: Any, *, measure_rf: bool, int8: bool, check: bool, disable: bool,
+                   speed: bool = True) -> Iterator[None]:
     """A stage bar on stderr for `volinfer convert`: each stage function of :mod:`converters.convert` is wrapped,
     for the duration of the command only, so that the bar names the stage running and advances when it ends (the
     conversion itself knows nothing of the bar). A stage that is renamed or gone is simply not shown."""
     skip = {"_measure_rf": not measure_rf, "_check_tiling": not measure_rf, "_check_precision": int8,
-            "quantize_int8": not int8}
+            "quantize_int8": not int8, "_measure_speed": int8 or not speed}
     chosen = [(n, label) for n, label in STAGES if not skip.get(n) and callable(getattr(module, n, None))]
     if not check:
         chosen = [(n, "saving" if n == "_save_checked" else label) for n, label in chosen]

@@ -231,6 +231,7 @@ def _describe(g: _Graph, cs: ConvertSettings, notes: list[str]) -> ModelSettings
     if not cs.check.int8:
         _check_precision(g.model, g.layout, g.channels, g.tile, g.out_index or 0, settings, notes,
                          cs.check, st.normalization)
+    _speed_profile(g, cs.check, settings, notes)
     settings.to_model(g.model)
     return settings
 
@@ -382,6 +383,43 @@ def _check_precision(ov_model: ov.Model, layout: str, channels: int, tile: list[
     notes.append(f"{verdict['precision']} is {word} for this model (labels {verdict['label_agreement']:.4%} equal, "
                  f"probabilities within {verdict['prob_max_abs']:.3g}): --precision auto runs "
                  f"{verdict['precision'] if verdict['faithful'] else 'f32'}")
+
+
+def _speed_profile(g: "_Graph", check: Any, settings: ModelSettings, notes: list[str]) -> None:
+    """Store the model's speed profile for the planner (:mod:`volinfer.model.speed_profile`), unless
+    ``--no-speed-profile`` (then none, also not one kept from a re-described IR). Never fails the conversion: a
+    profile that cannot be measured leaves a note saying why."""
+    from volinfer.model import speed_profile as sp
+
+    for key in (sp.KEY, sp.NOTE_KEY):  # an old profile (re-described IR) is measured afresh or dropped
+        settings.extra.pop(key, None)
+        if g.model.has_rt_info(["volinfer", key]):
+            g.model.set_rt_info("null", ["volinfer", key])  # rt_info keys cannot be removed one by one
+    if not getattr(check, "speed_profile", True):
+        return
+    if check.int8:
+        settings.extra[sp.NOTE_KEY] = "not measured: INT8 models are quantised after this stage"
+        return
+    _measure_speed(g, check, settings, notes)
+
+
+def _measure_speed(g: "_Graph", check: Any, settings: ModelSettings, notes: list[str]) -> None:
+    """The timed part of :func:`_speed_profile` (its own progress stage)."""
+    from volinfer.model import speed_profile as sp
+
+    from .messages import framework_message
+
+    try:
+        prof = sp.profile_model(g.model, g.layout, g.channels, g.tile, g.multiple,
+                                {"device": check.device, "threads": check.threads},
+                                settings.extra.get("precision_check"))
+    except Exception as e:  # noqa: BLE001 - a speed profile is an optimisation, never a reason to fail
+        why = framework_message(e)[:160]
+        settings.extra[sp.NOTE_KEY] = f"not measured: {why}"
+        notes.append(f"speed profile not measured ({why}); the planner assumes a constant per-voxel cost")
+        return
+    settings.extra[sp.KEY] = prof.as_dict()
+    notes.append(f"speed: {prof.summary(here=prof.cpu)}")
 
 
 def _measure_rf(ov_model: ov.Model, t3: list[int], settings: ModelSettings, notes: list[str]) -> None:

@@ -89,6 +89,7 @@ class CheckSettings:
     device: str = "CPU"  # whose native reduced precision is verified for `--precision auto`
     precision: str = "auto"  # which reduced precision to verify: auto (the device's native one), f32 (none)
     threads: int | None = None
+    speed_profile: bool = True  # time the model at a few tile shapes for the planner (--no-speed-profile: skip)
 
     def __post_init__(self) -> None:
         validate.count("calibration-tiles", self.calibration_tiles)

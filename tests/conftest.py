@@ -38,3 +38,13 @@ def unet2():
     m = tiny_unet(levels=2)
     m.set_rt_info("4", ["volinfer", "size_multiple"])
     return m
+
+
+@pytest.fixture(autouse=True)
+def _quick_speed_profile(monkeypatch):
+    """Conversions in tests time only the model's own tile, twice (the speed profile adds ~0.1 s, not ~2 s, to each
+    of the suite's conversions); tests/test_speed_profile.py sets the budget back where it checks more sizes."""
+    from volinfer.model import speed_profile
+
+    monkeypatch.setattr(speed_profile, "TOTAL_BUDGET_S", 0.0)
+    monkeypatch.setattr(speed_profile, "MIN_TIMED_S", 0.0)

@@ -4,6 +4,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import openvino as ov
 import pytest
 from click.testing import CliRunner
 from models import save_unet2
@@ -51,3 +52,21 @@ def test_helpers():
     assert parse_size_mb("600M") == 600 and parse_size_mb("1.5G") == 1536 and parse_size_mb("800") == 800
     assert candidate_tiles(16)[:3] == [256, 240, 224] and all(t % 16 == 0 for t in candidate_tiles(16))
     assert candidate_tiles(32)[-1] == 32
+
+
+def test_plan_counts_normalisation_passes_of_a_model_with_instance_norm(tmp_path):
+    """A model with an MVN (InstanceNorm) layer and several tiles: the plan counts one streamed statistics pass
+    (it once failed with a NameError on this path)."""
+    import openvino.opset13 as ops
+
+    p = ops.parameter([1, 1, -1, -1, -1], np.float32, name="image")
+    w = np.random.default_rng(0).standard_normal((4, 1, 3, 3, 3)).astype(np.float32)
+    x = ops.convolution(p, ops.constant(w), [1] * 3, [1] * 3, [1] * 3, [1] * 3)
+    x = ops.mvn(x, ops.constant(np.array([2, 3, 4], np.int64)), True, 1e-5, "inside_sqrt")
+    y = ops.convolution(x, ops.constant(np.ones((2, 4, 1, 1, 1), np.float32)), [1] * 3, [0] * 3, [0] * 3, [1] * 3)
+    m = ov.Model([y], [p], "mvn")
+    m.set_rt_info("1", ["volinfer", "size_multiple"])
+    ov.save_model(m, str(tmp_path / "mvn.xml"))
+    nib.save(nib.Nifti1Image(np.zeros((40, 36, 30), np.float32), np.eye(4)), str(tmp_path / "v.nii"))
+    plan = plan_run([tmp_path / "v.nii"], tmp_path / "mvn.xml", tile=16, overlap=4, stitch="crop")
+    assert plan.tiles > 1 and plan.norm_passes == 1

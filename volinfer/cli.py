@@ -214,6 +214,7 @@ def describe_model(model_path: Path, tile: str | None, measure: bool) -> dict[st
     check = tm.settings.extra.get("tiling_check")
     if isinstance(check, dict):  # tiled vs whole, measured by `volinfer convert` (volinfer.model.tiling_check)
         data["tiling_check"] = check
+    data["speed"] = speed_text(tm)
     if measure:
         rf = measure_receptive_field(tm)
         data["receptive_field"] = {"radius": list(rf.radius), "bounded": rf.bounded, "text": str(rf)}
@@ -232,6 +233,16 @@ def describe_model(model_path: Path, tile: str | None, measure: bool) -> dict[st
     return data
 
 
+def speed_text(tm: Any) -> str:
+    """The model's stored speed profile in words (``volinfer info``), or why there is none."""
+    from volinfer.model import speed_profile as sp
+
+    prof = sp.stored(tm.settings.extra)
+    if prof is None:
+        return str(tm.settings.extra.get(sp.NOTE_KEY) or "not measured (`volinfer convert` measures it)")
+    return prof.summary(here=sp.device_name(tm.core, tm.options.device))
+
+
 def info_text(data: dict[str, Any]) -> str:
     """The human form of :func:`describe_model`'s dict."""
     lines = [f"model        {data['model']}"]
@@ -247,7 +258,11 @@ def info_text(data: dict[str, Any]) -> str:
         from volinfer.model.tiling_check import note
 
         lines.append(f"{'tiling':<12} {note(data['tiling_check'])} (measured at convert)")
+    if data.get("speed"):
+        lines.append(f"{'speed':<12} {data['speed']}")
     for k, v in (data.get("settings") or {}).items():
+        if k == "speed_profile" and data.get("speed"):
+            continue  # shown above, in words
         lines.append(f"  stored {k}: {json.dumps(v) if not isinstance(v, str) else v}")
     if "settings" in data and not data["settings"]:
         lines.append("  (no volinfer settings stored; `volinfer convert` adds them)")

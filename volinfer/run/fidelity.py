@@ -14,8 +14,9 @@ voxels whose predicted memory fits the budget; it changes nothing when the user 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import openvino as ov
@@ -82,6 +83,7 @@ class Tiling:
     memory_mb: float
     norm_passes: int  # streamed statistics passes before the run (0: none needed)
     within_budget: bool = True  # within the speed budget (default runs); the rest only when nothing else fits
+    voxel_s: float | None = None  # predicted seconds per evaluated voxel at this tile (speed profile), None: unknown
 
 
 def available_mb() -> float:
@@ -172,10 +174,15 @@ def _axis_options(n: int, m: int, radius: int, need: int, preferred: int) -> lis
 def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferred: Sequence[int],
                mem_per_voxel: float, weights_mb: float, budget_mb: float, speed_mb: float,
                norm_layers: int, global_ops: bool, whole_stats: bool,
-               weighed: list[Tiling] | None = None) -> Tiling | None:
-    """The exact tiling with the fewest evaluated voxels (statistics passes counted) within ``speed_mb``, else the
-    exact tiling with the least memory within ``budget_mb``; None when no exact tiling fits."""
+               weighed: list[Tiling] | None = None,
+               voxel_cost: Callable[[float], float] | None = None) -> Tiling | None:
+    """The exact tiling with the least predicted time within ``speed_mb``, else the exact tiling with the least
+    memory within ``budget_mb``; None when no exact tiling fits. Predicted time = evaluated voxels x per-voxel cost
+    at the tile's voxel count (``voxel_cost``, seconds per voxel from the model's speed profile, see
+    :mod:`volinfer.model.speed_profile`; constant when None: the fewest evaluated voxels win) x the statistics
+    passes' factor."""
     radii = rf.radius if rf.bounded else (-1, -1, -1)
+    voxel_cost = functools.lru_cache(maxsize=None)(voxel_cost) if voxel_cost is not None else None
     options = [_axis_options(n, multiple, r, multiple // 2 if norm_layers else 0, p)
                for n, r, p in zip(shape, radii, preferred)]
     fits: list[Tiling] = []
@@ -195,12 +202,13 @@ def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferre
                     continue
                 evaluated = int(np.prod([t * c for t, c, _ in axes]))
                 fits.append(Tiling(tile, tuple(o for _, _, o in axes), tuple(c for _, c, _ in axes),  # type: ignore[arg-type]
-                                   evaluated, round(mem, 1), passes))
+                                   evaluated, round(mem, 1), passes,
+                                   voxel_s=None if voxel_cost is None else voxel_cost(float(np.prod(tile)))))
     if not fits:
         return None
 
     def cost(t: Tiling) -> float:  # each statistics pass runs part of the network over the volume: ~half a run
-        return t.evaluated * (1.0 + 0.5 * t.norm_passes)
+        return t.evaluated * (1.0 if t.voxel_s is None else t.voxel_s) * (1.0 + 0.5 * t.norm_passes)
 
     fast = [t for t in fits if t.memory_mb <= speed_mb]
     if weighed is not None:  # what `volinfer plan` shows: the cheapest candidates within budget, then beyond it

@@ -46,6 +46,7 @@ class Plan:
     norm_passes: int = 0  # streamed statistics passes before the tile loop
     inferences_per_tile: int = 1  # 2^axes with test-time mirroring
     candidates: list[dict[str, Any]] = field(default_factory=list)  # tilings the planner weighed
+    speed_source: str = ""  # where the candidates' per-voxel cost came from (the model's speed profile)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,9 +62,12 @@ class Plan:
         if self.exact is not None:
             lines.append("  " + (self.exact_meaning or "exact") if self.exact
                          else "  not exact: " + "; ".join(self.not_exact))
+        if self.candidates and self.speed_source:
+            lines.append(f"  per-voxel cost: {self.speed_source}")
         for c in self.candidates:
+            when = "" if c.get("time_s") is None else f", predicted {c['time_s']:.1f} s"
             lines.append(f"  weighed tile {'x'.join(map(str, c['tile']))}: {c['tiles']} tiles, "
-                         f"{c['evaluated_x']:.2f}x voxels evaluated, ~{c['memory_mb']:.0f} MB model memory, "
+                         f"{c['evaluated_x']:.2f}x voxels evaluated{when}, ~{c['memory_mb']:.0f} MB model memory, "
                          f"{c['norm_passes']} statistics pass(es)"
                          + ("" if c.get("within_budget", True) else "  [over the speed budget]"))
         return "\n".join(lines)
@@ -251,7 +255,7 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
     parts = engine_buffers_mb(setup, facts, tm.out_channels, s.runtime.requests)
     cost = measure_model(model_path, tm.tile, s.runtime.layout, s.runtime.model_output, opts, s.runtime.requests)
-    return _finish_plan(make_plan(setup.grid, cost, parts), facts, choice, setup, s)
+    return _finish_plan(make_plan(setup.grid, cost, parts), facts, (tm, choice), setup, s)
 
 
 def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, Any]:
@@ -275,8 +279,10 @@ def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, 
     return tm, choice, setup
 
 
-def _finish_plan(plan: Plan, facts: Any, choice: Any, setup: Any, s: Any) -> Plan:
-    """Mirroring, normalisation-statistics passes, the fidelity verdict and the weighed tilings."""
+def _finish_plan(plan: Plan, facts: Any, planned: tuple[Any, Any], setup: Any, s: Any) -> Plan:
+    """Mirroring, normalisation-statistics passes, the fidelity verdict and the weighed tilings (``planned``: the
+    tile model and the planner's choice)."""
+    tm, choice = planned
     from volinfer.run.norm_stats import waves
     from volinfer.run.setup import needs_norm_passes, verdict
 
@@ -292,7 +298,29 @@ def _finish_plan(plan: Plan, facts: Any, choice: Any, setup: Any, s: Any) -> Pla
     plan.candidates = [{"tile": list(c.tile), "tiles": int(np.prod(c.counts)), "evaluated_x": c.evaluated / vox,
                         "memory_mb": c.memory_mb, "norm_passes": c.norm_passes, "within_budget": c.within_budget}
                        for c in choice.candidates]
+    plan.speed_source = choice.speed_source
+    _candidate_times(plan, choice.candidates)
     return plan
+
+
+def _candidate_times(plan: Plan, weighed: Sequence[Any]) -> None:
+    """Each weighed tiling's predicted time: evaluated voxels x the speed profile's per-voxel cost at its tile x
+    (inferences per tile + half a run per statistics pass), as ``profile_time_s``; and as ``time_s``, the same
+    scaled so that the chosen tiling's equals the plan's time (measured now at that tile): the profile ranks the
+    shapes, the measurement gives this machine's seconds."""
+    runs = plan.inferences_per_tile
+    for c, t in zip(plan.candidates, weighed):
+        c["profile_time_s"] = None if t.voxel_s is None else t.evaluated * t.voxel_s * (runs + 0.5 * t.norm_passes)
+    chosen = next((c for c in plan.candidates if tuple(c["tile"]) == tuple(plan.tile)), None)
+    scale = 1.0
+    if chosen is not None and chosen["profile_time_s"] and plan.time_s > 0:
+        scale = plan.time_s / chosen["profile_time_s"]
+        plan.speed_source += (f"; times x{scale:.2f} to match the latency measured now at tile "
+                              f"{'x'.join(map(str, plan.tile))}")
+    for c in plan.candidates:
+        raw = c["profile_time_s"]
+        c["profile_time_s"] = None if raw is None else round(raw, 1)
+        c["time_s"] = None if raw is None else round(raw * scale, 1)
 
 
 def largest_fitting_tile(paths: Sequence[str | Path], model_path: str | Path, limit_mb: float,

@@ -174,6 +174,7 @@ class TilingChoice:
     notes: list[str] = field(default_factory=list)
     candidates: list[Tiling] = field(default_factory=list)
     tiling_check: dict[str, Any] | None = None  # tiled-vs-whole deviation stored at convert, for this receptive field
+    speed_source: str = ""  # where the planner's per-voxel cost came from (the model's speed profile), in words
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -226,8 +227,9 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     budget = max_memory_mb if max_memory_mb else default_budget_mb()
     preferred = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tm.tile)) / 2**20
     speed = max_memory_mb if max_memory_mb else min(budget, preferred + SPEED_HEADROOM_MB)
+    cost, choice.speed_source = planner_voxel_cost(tm)
     best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, speed, len(layers),
-                      bool(global_ops), mode == "volume", weighed=choice.candidates)
+                      bool(global_ops), mode == "volume", weighed=choice.candidates, voxel_cost=cost)
     if best is None:
         choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape)
         notes.append(f"no exact tiling fits in {budget:.0f} MB; running at tile {fmt_tile(choice.tile)}")
@@ -237,6 +239,16 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         notes.append(f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {rf}, predicted "
                      f"{best.memory_mb:.0f} MB, {best.evaluated / float(np.prod(shape)):.2f}x the volume evaluated)")
     return choice
+
+
+def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
+    """The per-voxel cost the planner weighs tilings with, from the model's stored speed profile in the run's
+    precision (None: constant), and where it came from (see :func:`volinfer.model.speed_profile.voxel_cost`)."""
+    from volinfer.model import speed_profile as sp
+
+    profile = sp.stored(tm.settings.extra)
+    here = sp.device_name(tm.core, tm.options.device) if profile is not None else None
+    return sp.voxel_cost(profile, tm.precision, tm.options.device, here)
 
 
 def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float,
