@@ -36,7 +36,9 @@ def private_tmp(tmp_path, monkeypatch):
 
 
 def test_bench_rows_fields_and_exact_naive_on_tiny_sizes(tmp_path, private_tmp, monkeypatch):
-    save_unet2(tmp_path / "m.xml")
+    """The model stores a z-score normalisation and the bench's volumes hold raw intensities (~1000 ± 700): naive
+    OpenVINO z-scores the volume itself, volinfer applies the stored normalisation; crop equals naive exactly."""
+    save_unet2(tmp_path / "m.xml", normalization=json.dumps({"kind": "zscore"}))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -59,6 +61,7 @@ def test_bench_rows_fields_and_exact_naive_on_tiny_sizes(tmp_path, private_tmp, 
     md = (out / "tiny.md").read_text()
     assert "| 40×36×28 | volinfer crop |" in md and "| 40×36×28 | naive OpenVINO (whole volume) |" in md
     assert "precision **f32**" in md and "tile 32³, overlap 24" in md and data["machine"]["cpu"] in md
+    assert "z-scored with the whole volume's mean and std by every method" in md
     assert data["machine"]["openvino"] in md
     # bench writes its report into -o and nothing anywhere else (its work directory is removed at the end)
     expected = {Path("tiny.md"), Path("tiny.json")}
@@ -82,31 +85,40 @@ def test_bench_default_output_is_a_new_temporary_directory(tmp_path, private_tmp
 @pytest.mark.skipif(not HAS_TORCH_PEERS, reason="needs torch and monai")
 def test_torch_peer_workers_label_like_the_network(tmp_path):
     """The PyTorch peers' workers, in this process (one torch import): naive PyTorch gives exactly the network's own
-    argmax; MONAI's and nnU-Net's sliding windows (Gaussian blending, tile 32 on a 36×28×20 volume) nearly."""
+    argmax on the z-scored volume; MONAI's and nnU-Net's sliding windows (Gaussian blending, tile 32 on a 36×28×20
+    volume, each z-scoring with its own transform) nearly. Raw intensities ~1000: without the z-score the labels
+    differ."""
     import torch
 
     from volinfer.bench.reference_unet import build_small_unet
     from volinfer.bench.worker import main as worker_main
 
-    vol = np.random.default_rng(5).normal(0, 1, (36, 28, 20)).astype(np.float32)
+    vol = (1000 + 300 * np.random.default_rng(5).normal(0, 1, (36, 28, 20))).astype(np.int16)
     nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii"))
-    padded = np.zeros((1, 1, 36, 28, 20), np.float32)  # the multiple is 2: no padding needed
-    padded[0, 0, :, :28, :20] = vol
-    with torch.no_grad():
-        ref = build_small_unet()(torch.from_numpy(padded))[0].argmax(0).numpy()
-    peers = ["naive-torch", "monai"] + (["nnunet"] if importlib.util.find_spec("nnunetv2") else [])
-    for method in peers:
+    wide = vol.astype(np.float64)  # independent z-score: numpy's mean and std in float64
+    z = ((vol - np.float32(wide.mean())) / np.float32(wide.std())).astype(np.float32)
+    with torch.no_grad():  # the multiple is 2: no padding needed
+        ref = build_small_unet()(torch.from_numpy(z)[None, None])[0].argmax(0).numpy()
+    assert 0.1 < ref.mean() < 0.9  # both labels present: agreement below means something
+
+    def labels(method: str, normalize: str) -> np.ndarray:
         worker_main([method, "--volume", str(tmp_path / "v.nii"), "--tile", "32", "--overlap", "8", "--multiple",
-                     "2", "--torch-factory", "volinfer.bench.reference_unet:build_small_unet",
-                     "--out", str(tmp_path / f"{method}.nii"), "--result", str(tmp_path / f"{method}.json")])
+                     "2", "--torch-factory", "volinfer.bench.reference_unet:build_small_unet", "--normalize",
+                     normalize, "--out", str(tmp_path / f"{method}.nii"), "--result", str(tmp_path / f"{method}.json")])
         res = json.loads((tmp_path / f"{method}.json").read_text())
         assert res["wall_s"] > 0 and res["cpu_s"] > 0 and res["infer_s"] > 0
-        labels = np.asarray(nib.load(str(tmp_path / f"{method}.nii")).dataobj)
-        assert labels.dtype == np.uint8 and labels.shape == vol.shape
+        out = np.asarray(nib.load(str(tmp_path / f"{method}.nii")).dataobj)
+        assert out.dtype == np.uint8 and out.shape == vol.shape
+        return out
+
+    peers = ["naive-torch", "monai"] + (["nnunet"] if importlib.util.find_spec("nnunetv2") else [])
+    for method in peers:
+        got = labels(method, "zscore")
         if method == "naive-torch":
-            np.testing.assert_array_equal(labels, ref)
+            np.testing.assert_array_equal(got, ref)
         else:
-            assert (labels == ref).mean() > 0.9
+            assert (got == ref).mean() > 0.9, method
+    assert (labels("naive-torch", "none") == ref).mean() < 0.8  # raw intensities: another segmentation
 
 
 def test_peak_rss_and_cpu_time_of_a_known_child(tmp_path):
@@ -170,3 +182,49 @@ def test_naive_worker_labels_equal_an_independent_reference(tmp_path):
     ref = whole_volume_reference(ov.Core().read_model(str(tmp_path / "m.xml")), vol[None], tile=16, multiple=4).argmax(0)
     assert got.dtype == np.uint8
     np.testing.assert_array_equal(got, ref)
+
+
+def test_naive_worker_and_volinfer_label_alike_when_both_normalise(tmp_path):
+    """Raw intensities ~1000 and a model storing a z-score: the naive worker told to z-score (as the bench tells it
+    for such a model) labels exactly as volinfer's crop run (tile 32, margin 12 covers the receptive field, 10); fed raw, it
+    labels differently — the normalisation is what makes the comparison fair."""
+    from volinfer import predict
+    from volinfer.bench.worker import main as worker_main
+
+    model = save_unet2(tmp_path / "m.xml", normalization=json.dumps({"kind": "zscore"}))
+    vol = (1000 + 300 * np.random.default_rng(7).normal(0, 1, (40, 36, 28))).astype(np.int16)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii"))
+    predict(str(tmp_path / "v.nii"), str(model), str(tmp_path / "vi.nii"), tile=32, overlap="24", stitch="crop",
+            precision="f32", overwrite=True, progress=False)
+    ours = np.asarray(nib.load(str(tmp_path / "vi.nii")).dataobj)
+
+    def naive(normalize: str) -> np.ndarray:
+        worker_main(["naive", "--volume", str(tmp_path / "v.nii"), "--model", str(model), "--tile", "32",
+                     "--normalize", normalize, "--out", str(tmp_path / "l.nii"), "--result", str(tmp_path / "r.json")])
+        return np.asarray(nib.load(str(tmp_path / "l.nii")).dataobj)
+
+    assert 0 < (ours > 0).mean() < 1  # more than one label: equality below is not trivial
+    np.testing.assert_array_equal(naive("zscore"), ours)
+    assert (naive("none") == ours).mean() < 0.9
+
+
+def test_baselines_normalise_as_the_model_stores(tmp_path):
+    from volinfer.bench.cli import baseline_normalization
+    from volinfer.bench.worker import zscore_inplace
+
+    def stored(name: str, spec: dict | None) -> Path:
+        return save_unet2(tmp_path / f"{name}.xml", **({"normalization": json.dumps(spec)} if spec else {}))
+
+    z, raw = stored("z", {"kind": "zscore"}), stored("raw", None)
+    pct, fixed = stored("p", {"kind": "percentile", "lower": 1, "upper": 99}), stored("f", {"kind": "zscore",
+                                                                                              "mean": 5, "std": 2})
+    assert baseline_normalization(z, ["naive", "crop"]) == "zscore"
+    assert baseline_normalization(raw, ["naive", "monai"]) == "none"
+    assert baseline_normalization(pct, ["crop", "gaussian"]) == "none"  # no baseline measured: nothing to match
+    for model in (pct, fixed):
+        with pytest.raises(VolinferError, match="baselines"):
+            baseline_normalization(model, ["naive", "crop"])
+    v = (1000 + 700 * np.random.default_rng(2).normal(0, 1, (19, 6, 5))).astype(np.float32)
+    ref = (v.astype(np.float64) - v.astype(np.float64).mean()) / v.astype(np.float64).std()
+    zscore_inplace(v, slab=4)
+    np.testing.assert_allclose(v, ref, atol=1e-5)

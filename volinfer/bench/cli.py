@@ -18,6 +18,7 @@ from volinfer.errors import VolinferError
 
 DEFAULT_FACTORY = "volinfer.bench.reference_unet:build_unet"
 PEER_METHODS = {"monai": "monai", "nnunet": "nnunet", "torch": "naive-torch"}
+BASELINES = ("naive", "naive-torch", "monai", "nnunet")  # the methods normalising on their own (not volinfer's)
 PEER_NEEDS = {"monai": ("monai", "pip install monai 'volinfer[torch]'"),
               "nnunet": ("nnunetv2", "pip install 'volinfer[nnunet]' (see the README for keeping your torch)"),
               "naive-torch": ("torch", "pip install 'volinfer[torch]'")}
@@ -70,20 +71,52 @@ def invocation() -> str:
     return shlex.join(head + sys.argv[1:])
 
 
+#: What the reference U-Net stores for `volinfer run` (and what every baseline therefore does too): z-score with the
+#: whole volume's mean and std, as MONAI's NormalizeIntensity and nnU-Net's ZScoreNormalization do per image.
+REFERENCE_NORMALIZATION = {"kind": "zscore"}
+
+
 def reference_model(work_dir: Path, tile: int) -> Path:
-    """The reference U-Net as IR with full-precision weights (the PyTorch peers compute with the same weights),
-    converted once per work directory."""
-    path = work_dir / f"reference_unet_{tile}.xml"
+    """The reference U-Net as IR with full-precision weights (the PyTorch peers compute with the same weights) and a
+    stored z-score normalisation, converted once per work directory. Convert's precision and tiling checks are
+    measured on a crop of a benchmark-like volume (:func:`volinfer.bench.volumes.make_volume`), normalised as runs
+    normalise it."""
+    path = work_dir / f"reference_unet_{tile}_z.xml"  # _z: stores the normalisation (older IRs did not)
     if path.exists():
         return path
     if importlib.util.find_spec("torch") is None:
         raise VolinferError("the reference U-Net is built with PyTorch: pip install 'volinfer[torch]', or pass -m")
     from converters import convert
+    from volinfer.bench.volumes import make_volume
 
     work_dir.mkdir(parents=True, exist_ok=True)
+    # the precision check runs one tile of it, the tiling check a 128³ probe (receptive-field radius 44): no padding
+    edge = max(2 * tile, 128)
+    calibration = make_volume(work_dir / f"calibration_{edge}.nii", (edge,) * 3)
     convert("volinfer.bench.reference_unet:build_unet", path, tile=tile, activation="softmax",
-            labels=["background", "foreground"], fp16=False, overwrite=True, random_weights=True)
+            labels=["background", "foreground"], fp16=False, overwrite=True, random_weights=True,
+            normalization=dict(REFERENCE_NORMALIZATION), calibration_volume=str(calibration))
     return path
+
+
+def baseline_normalization(model: Path, methods: list[str]) -> str:
+    """How the baselines normalise, matching what ``model`` stores for `volinfer run`: ``zscore`` (whole-volume
+    mean and std) or ``none``. Other stored normalisations are refused when a baseline is measured (the baselines
+    would see other values than volinfer)."""
+    from volinfer.model.settings import ModelSettings
+    from volinfer.model.tile_model import read_model
+
+    spec = ModelSettings.from_model(read_model(model)).normalization or {"kind": "none"}
+    kind = spec.get("kind", "none")
+    if kind == "zscore" and "mean" not in spec:
+        return "zscore"
+    if kind == "none":
+        return "none"
+    baselines = [m for m in methods if m in BASELINES]
+    if baselines:
+        raise VolinferError(f"{model.name} stores normalization {kind!r}; the baselines ({', '.join(baselines)}) "
+                            f"z-score or leave the input raw: convert with --normalize zscore (or none) to compare")
+    return "none"
 
 
 def _cube(name: str, value: object) -> int:
@@ -171,7 +204,8 @@ def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile:
     precision = resolve_precision(model, precision, device)
     cfg = BenchConfig(sizes=size_list, methods=chosen, model=model, work_dir=wd, tile=tile, overlap=overlap,
                       precision=precision, device=device, threads=threads, cap_fraction=cap_fraction,
-                      torch_factory=torch_factory, command=invocation(), note=note)
+                      torch_factory=torch_factory, command=invocation(), note=note,
+                      normalize=baseline_normalization(model, chosen))
     human = not quiet and not as_json  # --json: the report alone, on stdout
     with progress_bar(len(size_list) * len(chosen), "bench runs", "run", disable=not human) as bar:
         results, info = run_benchmark(cfg, log=lambda s: bar.write(s, file=sys.stderr) if human else None,

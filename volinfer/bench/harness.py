@@ -170,12 +170,14 @@ class BenchConfig:
     keep_outputs: bool = False
     command: str = ""
     note: str = ""  # conditions worth stating with the results (e.g. a shared machine)
+    normalize: str = "none"  # the baselines' normalisation, matching the model's stored one: zscore or none
 
 
 def _worker_args(cfg: BenchConfig, method: str, vol: Path | None, out: Path, res: Path, tiles: int) -> list[str]:
     args = [method, "--model", str(cfg.model.resolve()), "--out", str(out), "--result", str(res),
             "--tile", str(cfg.tile), "--overlap", str(cfg.overlap), "--precision", cfg.precision,
-            "--device", cfg.device, "--torch-factory", cfg.torch_factory, "--tiles", str(tiles)]
+            "--device", cfg.device, "--torch-factory", cfg.torch_factory, "--tiles", str(tiles),
+            "--normalize", cfg.normalize]
     if vol is not None:
         args += ["--volume", str(vol)]
     if cfg.threads:

@@ -51,17 +51,27 @@ def ratios(results: list[Measurement]) -> list[dict[str, Any]]:
     return rows
 
 
+def _normalization(cfg: BenchConfig) -> str:
+    """How the input was normalised, the same for every method."""
+    if cfg.normalize == "zscore":
+        return ("Input z-scored with the whole volume's mean and std by every method (volinfer: stored in the IR, "
+                "statistics from its streamed pre-pass; naive OpenVINO and PyTorch: in place on their float32 array; "
+                "MONAI: NormalizeIntensity; nnU-Net: its ZScoreNormalization).")
+    return "Input fed raw (the model stores no normalisation), by every method."
+
+
 def conditions(cfg: BenchConfig, info: dict[str, Any]) -> str:
     """One paragraph stating what was measured, where and how."""
     libs = ", ".join(f"{k} {info[k]}" for k in ("openvino", "torch", "monai", "nnunetv2") if info.get(k))
     threads = f"{cfg.threads} threads" if cfg.threads else "all cores"
     return (f"Model `{Path(cfg.model).name}`; OpenVINO precision **{cfg.precision}** on {cfg.device} ({threads}), "
             f"PyTorch peers in f32; tile {cfg.tile}³, overlap {cfg.overlap} (volinfer; MONAI and nnU-Net get the same "
-            f"tile and overlap with Gaussian blending). CPU: {info['cpu']}, {info['cores']} cores, "
-            f"{info['ram_mb'] / 1024:.1f} GiB RAM; {libs}. Peak RSS: the OS's figure for each finished process; wall "
-            f"and CPU (user + system, all threads): the method's own work after imports (model loading/compilation, "
-            f"reading, inference, argmax to uint8, writing); for inference alone, its loop over that many random tiles "
-            f"(after one warm-up tile), which sets the floor volinfer's end-to-end throughput is compared with.")
+            f"tile and overlap with Gaussian blending). {_normalization(cfg)} CPU: {info['cpu']}, "
+            f"{info['cores']} cores, {info['ram_mb'] / 1024:.1f} GiB RAM; {libs}. Peak RSS: the OS's figure for each "
+            f"finished process; wall and CPU (user + system, all threads): the method's own work after imports (model "
+            f"loading/compilation, reading, normalisation, inference, argmax to uint8, writing); for inference alone, "
+            f"its loop over that many random tiles (after one warm-up tile), which sets the floor volinfer's "
+            f"end-to-end throughput is compared with.")
 
 
 def markdown_table(results: list[Measurement]) -> str:

@@ -17,8 +17,12 @@ Methods (every baseline written as a competent user would write it: one copy of 
                     reading, stitching or writing) — the floor that volinfer's end-to-end throughput is judged against
   alloc             allocate and touch --mb megabytes, then spin --burn seconds (calibrates the harness)
 
-Every method times its own work (after imports: model loading/compilation, reading, inference, argmax, writing) and
-reports the CPU time (user + system, all threads) of that same span.
+Every baseline normalises its input as the model's stored normalisation says (``--normalize zscore``: mean and std
+of the whole volume, the way each tool's users write it: naive OpenVINO and PyTorch in place on their float32 array,
+MONAI with ``NormalizeIntensity``, nnU-Net with its ``ZScoreNormalization``); volinfer's methods apply the stored one.
+
+Every method times its own work (after imports: model loading/compilation, reading, normalisation, inference, argmax,
+writing) and reports the CPU time (user + system, all threads) of that same span.
 """
 
 from __future__ import annotations
@@ -67,6 +71,20 @@ def _padded_input(a: argparse.Namespace, multiple: int) -> tuple[np.ndarray, tup
     return x, shape  # type: ignore[return-value]
 
 
+def zscore_inplace(v: np.ndarray, slab: int = 8) -> None:
+    """Z-score ``v`` (float32) in place with its own mean and (population) std, the sums accumulated in float64 a
+    few x-planes at a time (no whole-volume temporary); a constant volume is only centred."""
+    n, s1, s2 = v.size, 0.0, 0.0
+    for x0 in range(0, v.shape[0], slab):
+        part = v[x0 : x0 + slab].astype(np.float64)
+        s1 += float(part.sum())
+        s2 += float(np.square(part).sum())
+    mean = s1 / n
+    std = max(s2 / n - mean * mean, 0.0) ** 0.5 or 1.0
+    v -= np.float32(mean)
+    v /= np.float32(std)
+
+
 def _ov_config(a: argparse.Namespace) -> dict[str, Any]:
     cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": a.precision}
     if a.threads:
@@ -82,6 +100,8 @@ def run_naive(a: argparse.Namespace) -> dict:
     core = ov.Core()
     model = core.read_model(a.model)
     x, shape = _padded_input(a, ModelSettings.from_model(model).size_multiple or 1)
+    if a.normalize == "zscore":  # the volume, not the zero padding the network needs around it
+        zscore_inplace(x[0, 0, : shape[0], : shape[1], : shape[2]])
     model.reshape({0: x.shape})
     request = core.compile_model(model, a.device, _ov_config(a)).create_infer_request()
     t1 = time.perf_counter()
@@ -111,6 +131,8 @@ def run_naive_torch(a: argparse.Namespace) -> dict:
     multiple = a.multiple or ModelSettings.from_model(read_model(a.model)).size_multiple or 1
     net = _torch_net(a)
     x, shape = _padded_input(a, multiple)
+    if a.normalize == "zscore":
+        zscore_inplace(x[0, 0, : shape[0], : shape[1], : shape[2]])
     t1 = time.perf_counter()
     with torch.no_grad():
         scores = net(torch.from_numpy(x))[0]
@@ -119,11 +141,10 @@ def run_naive_torch(a: argparse.Namespace) -> dict:
     return {"infer_s": infer}
 
 
-def _torch_volume(a: argparse.Namespace) -> Any:
+def _volume(a: argparse.Namespace) -> np.ndarray:
     import nibabel as nib
-    import torch
 
-    return torch.from_numpy(np.asarray(nib.load(a.volume).dataobj, dtype=np.float32))
+    return np.asarray(nib.load(a.volume).dataobj, dtype=np.float32)
 
 
 def overlap_fraction(overlap: str, tile: int) -> float:
@@ -139,7 +160,11 @@ def run_monai(a: argparse.Namespace) -> dict:
     from monai.inferers import sliding_window_inference
 
     net = _torch_net(a)
-    vol = _torch_volume(a)
+    vol = torch.from_numpy(_volume(a))
+    if a.normalize == "zscore":  # MONAI's own transform on the whole volume, as a MONAI pipeline does
+        from monai.transforms import NormalizeIntensity
+
+        vol = NormalizeIntensity()(vol)
     t1 = time.perf_counter()
     with torch.no_grad():
         out = sliding_window_inference(vol[None, None], (a.tile,) * 3, 1, net,
@@ -168,9 +193,16 @@ def nnunet_predictor(net: Any, tile: int, overlap: float, channels: int) -> Any:
 
 
 def run_nnunet(a: argparse.Namespace) -> dict:
+    import torch
+
     net = _torch_net(a)
     predictor = nnunet_predictor(net, a.tile, overlap_fraction(a.overlap, a.tile), a.channels)
-    vol = _torch_volume(a)
+    vol = _volume(a)
+    if a.normalize == "zscore":  # nnU-Net's own scheme, per image (no mask: the volume has no empty background)
+        from nnunetv2.preprocessing.normalization.default_normalization_schemes import ZScoreNormalization
+
+        vol = ZScoreNormalization(use_mask_for_norm=False, intensityproperties={}).run(vol)
+    vol = torch.from_numpy(vol)
     t1 = time.perf_counter()
     logits = predictor.predict_sliding_window_return_logits(vol[None])
     infer = time.perf_counter() - t1
@@ -230,8 +262,9 @@ PRELOAD = {
     "naive-torch": ["torch", "nibabel", "converters.sources", "volinfer.model.tile_model", "volinfer.tiling.geometry"],
     "crop": ["volinfer", "openvino"], "gaussian": ["volinfer", "openvino"], "mean": ["volinfer", "openvino"],
     "auto": ["volinfer", "openvino"],
-    "monai": ["torch", "nibabel", "monai.inferers", "converters.sources", "volinfer.run.setup"],
-    "nnunet": ["torch", "nibabel", "nnunetv2.inference.predict_from_raw_data", "converters.sources",
+    "monai": ["torch", "nibabel", "monai.inferers", "monai.transforms", "converters.sources", "volinfer.run.setup"],
+    "nnunet": ["torch", "nibabel", "nnunetv2.inference.predict_from_raw_data",
+               "nnunetv2.preprocessing.normalization.default_normalization_schemes", "converters.sources",
                "volinfer.run.setup"],
     "infer-only": ["openvino", "volinfer.model.tile_model"], "alloc": [],
 }
@@ -249,6 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--precision", default="f32")
     ap.add_argument("--device", default="CPU")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--normalize", choices=["none", "zscore"], default="none",
+                    help="baselines: the model's stored normalisation (zscore: the whole volume's mean and std); "
+                         "volinfer's methods apply the stored one themselves")
     ap.add_argument("--multiple", type=int, help="naive-torch: the model's size multiple (default: read from --model)")
     ap.add_argument("--channels", type=int, default=2, help="nnunet: output channels of the network")
     ap.add_argument("--tiles", type=int, default=16, help="infer-only: how many tiles")
