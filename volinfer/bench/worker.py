@@ -71,16 +71,16 @@ def _padded_input(a: argparse.Namespace, multiple: int) -> tuple[np.ndarray, tup
     return x, shape  # type: ignore[return-value]
 
 
-def zscore_inplace(v: np.ndarray, slab: int = 8) -> None:
-    """Z-score ``v`` (float32) in place with its own mean and (population) std, the sums accumulated in float64 a
-    few x-planes at a time (no whole-volume temporary); a constant volume is only centred."""
-    n, s1, s2 = v.size, 0.0, 0.0
-    for x0 in range(0, v.shape[0], slab):
-        part = v[x0 : x0 + slab].astype(np.float64)
-        s1 += float(part.sum())
-        s2 += float(np.square(part).sum())
-    mean = s1 / n
-    std = max(s2 / n - mean * mean, 0.0) ** 0.5 or 1.0
+def zscore_inplace(v: np.ndarray) -> None:
+    """Z-score ``v`` (float32, any strides) in place with its own mean and (population) std, the sums accumulated in
+    float64 one x-plane at a time (no whole-volume temporary); a constant volume is only centred."""
+    s1, s2 = 0.0, 0.0
+    for plane in v:
+        p = plane.astype(np.float64).ravel()
+        s1 += float(p.sum())
+        s2 += float(p @ p)
+    mean = s1 / v.size
+    std = max(s2 / v.size - mean * mean, 0.0) ** 0.5 or 1.0
     v -= np.float32(mean)
     v /= np.float32(std)
 
