@@ -1,6 +1,7 @@
 """The README's headline comparison, in one run of one command: volinfer (crop and Gaussian stitching) against lean
 naive whole-volume inference (OpenVINO and PyTorch), MONAI's ``sliding_window_inference`` and nnU-Net v2's
 sliding-window predictor (where installed), plus OpenVINO inference alone on the same tiles, at 256³ and 512³.
+Every method z-scores the input with the whole volume's statistics (volinfer: stored in the reference IR).
 
     python benchmarks/headline.py                  # about 10 minutes on 2 cores; needs ~14 GB RAM for naive PyTorch
     python benchmarks/headline.py --sizes 256      # one size (any `volinfer bench` option may be added)

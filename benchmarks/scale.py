@@ -2,6 +2,7 @@
 MONAI, in one run of one command. Volumes are generated on disk slab by slab (never whole in RAM: 2048³ int16 is
 16 GiB of disk); naive OpenVINO and MONAI run where their predicted peak fits under the harness's memory cap and are
 otherwise reported as skipped with the peak extrapolated from their measured growth (labelled so in the table).
+Every method z-scores the input with the whole volume's statistics (volinfer: stored in the reference IR).
 
     python benchmarks/scale.py                              # 512³, 1024³, 2048³: hours on 2 cores; ~20 GB disk
     python benchmarks/scale.py --sizes 512,1024             # without the 2048³ run

@@ -143,7 +143,8 @@ def resolve_precision(model: Path, precision: str, device: str) -> str:
 @click.command()
 @click.option("-m", "--model", "model_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Model to measure (.xml/.onnx). Default: the reference MONAI-style U-Net, built with PyTorch "
-                   "(needed for the PyTorch peers, which run its source network; see --torch-factory).")
+                   "(needed for the PyTorch peers, which run its source network; see --torch-factory), storing a "
+                   "whole-volume z-score. The baselines normalise as the model stores: z-score or none.")
 @click.option("-s", "--sizes", default="256,512", show_default=True,
               help="Volume sizes in voxels: N (a cube) or XxYxZ, comma-separated.")
 @click.option("--methods", default="naive,crop,gaussian,infer-only", show_default=True,
