@@ -56,12 +56,20 @@ def test_settings_are_frozen_and_unknown_keywords_refused():
     (lambda: RunSettings.from_kwargs(requests=0), "requests"),
     (lambda: RunSettings.from_kwargs(nan_value=float("inf")), "nan_value"),
     (lambda: RunSettings.from_kwargs(normalize={"kind": "zscore", "mean": 0, "std": 0}), "std"),
+    (lambda: RunSettings.from_kwargs(normalize="zscor"), "normalize"),
+    (lambda: RunSettings.from_kwargs(normalize=3), "normalize"),
     (lambda: ConvertSettings.from_kwargs(tile=[0, 8, 8]), "tile"),
     (lambda: ConvertSettings.from_kwargs(calibration_tiles=0), "calibration"),
 ])
 def test_validated_once_at_construction(make, match):
     with pytest.raises(VolinferError, match=match):
         make()
+
+
+def test_normalize_takes_the_cli_form_too():
+    assert RunSettings.from_kwargs(normalize="zscore").input.normalize == {"kind": "zscore"}
+    assert RunSettings.from_kwargs(normalize="percentile:1:99").input.normalize == \
+        {"kind": "percentile", "lower": 1.0, "upper": 99.0}
 
 
 def test_from_cli_matches_the_keyword_form():

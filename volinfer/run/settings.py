@@ -108,6 +108,13 @@ class InputSettings:
     channel_axis: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.normalize, str):  # the CLI form ("zscore", "percentile:1:99"), e.g. from predict()
+            from volinfer.run.normalize import parse_normalization
+
+            object.__setattr__(self, "normalize", parse_normalization(self.normalize))
+        if self.normalize is not None and not isinstance(self.normalize, dict):
+            raise VolinferError(f"normalize must be a string such as 'zscore' or a dict such as {{'kind': 'zscore'}}; "
+                                f"got {self.normalize!r}")
         if isinstance(self.normalize, dict):
             validate.normalization(self.normalize)
         if self.nan_value is not None:
