@@ -49,7 +49,8 @@ def test_bench_of_a_non_model_fails_in_one_line(tmp_path):
 
 def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "volinfer", "info", str(tmp_path / "none.xml")],
-                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tmp_path)
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tmp_path,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     time.sleep(0.1)  # still importing OpenVINO
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
