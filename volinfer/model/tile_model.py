@@ -209,10 +209,7 @@ class TileModel:
         cached = getattr(self, "_last_at", None)
         if model is None and cached is not None and cached.tile == tile:
             return cached  # batch runs: volumes that plan the same tile share one compiled model
-        tm = TileModel(model if model is not None else self.model.clone(), tile=tile, layout=self.layout,
-                       output=self.output_index, options=self.options, core=self.core)
-        tm.path, tm.tile_given, tm.declared_input = self.path, self.tile_given, self.declared_input
-        tm.multiple = self.multiple  # probed when the model stores none
+        tm = self._derived(model if model is not None else self.model.clone(), tile, self.options)
         if tm.precision == self.precision:
             tm.precision_reason = self.precision_reason  # e.g. why a guard chose f32 (see with_precision)
         if model is None:
@@ -226,11 +223,17 @@ class TileModel:
 
     def with_precision(self, precision: str, reason: str, compile: bool = True) -> "TileModel":
         """This model (same tile, layout, output) with ``precision`` instead, ``reason`` saying why."""
-        tm = TileModel(self.model, tile=self.tile, layout=self.layout, output=self.output_index,
-                       options=replace(self.options, precision=precision), core=self.core, compile=compile)
-        tm.path, tm.tile_given, tm.declared_input = self.path, self.tile_given, self.declared_input
-        tm.multiple = self.multiple
+        tm = self._derived(self.model, self.tile, replace(self.options, precision=precision), compile)
         tm.precision_reason = reason
+        return tm
+
+    def _derived(self, model: ov.Model, tile: Sequence[int], options: CompileOptions,
+                 compile: bool = True) -> "TileModel":
+        """``model`` as a TileModel like this one (layout, output, file, the caller's tile, the size multiple)."""
+        tm = TileModel(model, tile=tile, layout=self.layout, output=self.output_index, options=options,
+                       core=self.core, compile=compile)
+        tm.path, tm.tile_given, tm.declared_input = self.path, self.tile_given, self.declared_input
+        tm.multiple = self.multiple  # probed when the model stores none
         return tm
 
     def input_shape(self) -> list[int]:
