@@ -56,3 +56,41 @@ def save_unet2(path, **settings) -> Path:
         m.set_rt_info(str(value), ["volinfer", key])
     ov.save_model(m, str(path))
     return Path(path)
+
+
+def stream_unet(seed: int = 0, softmax: bool = True) -> ov.Model:
+    """A U-Net made of every operation the layer-streaming engine runs (size multiple 4): strided and dilated
+    convolutions, a grouped convolution, max pooling, both transposed-convolution shapes (k3 s2 p1 op1 and k2 s2),
+    PReLU, residual addition, channel concatenation and a channel softmax. Dynamic spatial input, NCDHW."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int) -> ov.Node:
+        return ops.constant((rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32))
+
+    def bias(c: int) -> ov.Node:
+        return ops.constant((rng.standard_normal((1, c, 1, 1, 1)) * 0.1).astype(np.float32))
+
+    def conv(x, cin, cout, k=3, s=1, p=1, d=1):
+        return ops.add(ops.convolution(x, w(cout, cin, k, k, k), [s] * 3, [p] * 3, [p] * 3, [d] * 3), bias(cout))
+
+    def prelu(x, c):
+        return ops.prelu(x, ops.constant(np.full((c, 1, 1, 1), 0.2, np.float32)))
+
+    param = ops.parameter([1, 1, -1, -1, -1], np.float32, name="image")
+    e0 = prelu(conv(param, 1, 6), 6)                                     # full resolution
+    e1 = prelu(conv(e0, 6, 8, s=2), 8)                                    # 1/2, strided
+    e1 = ops.add(e1, conv(e1, 8, 8, d=2, p=2))                            # dilated residual
+    g = ops.group_convolution(e1, ops.constant(rng.standard_normal((2, 4, 4, 3, 3, 3)).astype(np.float32) * 0.1),
+                              [1] * 3, [1] * 3, [1] * 3, [1] * 3)
+    e2 = ops.max_pool(prelu(g, 8), [2] * 3, [1] * 3, [0] * 3, [0] * 3, [2] * 3).output(0)  # 1/4
+    b = prelu(conv(e2, 8, 12), 12)
+    u1 = ops.convolution_backprop_data(b, w(12, 8, 3, 3, 3), [2] * 3, pads_begin=[1] * 3, pads_end=[1] * 3,
+                                       output_padding=[1] * 3)            # back to 1/2
+    d1 = prelu(conv(ops.concat([u1, e1], 1), 16, 8), 8)
+    u0 = ops.convolution_backprop_data(d1, w(8, 6, 2, 2, 2), [2] * 3, pads_begin=[0] * 3, pads_end=[0] * 3)  # full
+    y = conv(ops.concat([u0, e0], 1), 12, 3, k=1, p=0)
+    if softmax:
+        y = ops.softmax(y, 1)
+    m = ov.Model([y], [param], "stream_unet")
+    m.set_rt_info("4", ["volinfer", "size_multiple"])
+    return m

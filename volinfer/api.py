@@ -19,8 +19,10 @@ from volinfer.io.reader import VolumeSource
 from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
 from volinfer.run.norm_stats import fit_norm_statistics
 from volinfer.tiling.feeder import TileFeeder
-from volinfer.run.setup import (TilingChoice, RunSetup, guard_precision, needs_norm_passes, plan_tiling, resolve,
-                                scan_volume, verdict)
+from volinfer.run.fidelity import Fidelity
+from volinfer.run.setup import (TilingChoice, RunSetup, choose_stream, guard_precision, needs_norm_passes, plan_tiling,
+                                resolve, scan_volume, verdict)
+from volinfer.run.stream import run_stream
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter
 from volinfer.io.zarr_writer import ZarrWriter, check_any_output, is_zarr_output
@@ -141,6 +143,7 @@ class _Run:
     start_row: int = 0
     counts: tuple[float, int, int] = (0.0, 0, 0)  # busy seconds, tiles run, constant tiles reused
     result: Any = None
+    stream: Any = None  # a volinfer.run.stream.StreamPlan when the run streams layer by layer
 
 
 def _input_paths(volume: Any) -> list[Path]:
@@ -168,7 +171,13 @@ def _plan(run: _Run, volume: Any, model: Any) -> None:
                             f"(give one 3-D file per channel, or one 4-D file)")
     run.choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
                              norm_stats=t.norm_stats)
-    run.tm = handle.at(run.choice.tile)
+    run.stream = choose_stream(handle, shape, run.choice, run.s)
+    if run.stream is not None:  # rows of output planes over the whole padded cross-section; nothing compiled whole
+        px, py, _ = run.stream.padded
+        run.choice.tile, run.choice.overlap = (px, py, run.stream.out_planes), (0, 0, 0)
+        run.tm = handle.at(run.choice.tile, compile=False)
+    else:
+        run.tm = handle.at(run.choice.tile)
     run.overlap = t.overlap
     if t.overlap is None and run.choice.overlap is None:
         run.overlap = _overlap_for(run.choice, run.tm)
@@ -209,7 +218,12 @@ def _resolve(run: _Run) -> None:
     run.setup = resolve(run.tm, run.source.shape, run.source.channels, s, overlap=run.overlap)
     scan_volume(run.setup, run.tm, run.source, s.input.nan_value,
                 fingerprint=run.output is not None and bool(run.in_paths))
-    run.tm = guard_precision(run.tm, run.setup)
+    run.tm = guard_precision(run.tm, run.setup, compile=run.stream is None)
+    if run.stream is not None:
+        run.stream.graph.store_in(run.tm.precision)  # the guard may have moved to f32
+        run.fidelity = Fidelity(True, meaning="exact: whole-volume inference, computed layer by layer along z "
+                                              "(every voxel of every layer once; no tile margins)")
+        return
     run.tm, run.passes = _freeze_norm_statistics(run.tm, run.choice, run.setup, run.source, s.tiling.pad_mode,
                                                  s.progress)
     run.fidelity = verdict(run.setup, run.choice, frozen=run.passes > 0)
@@ -224,6 +238,7 @@ def _fingerprint_options(run: _Run) -> dict[str, Any]:
         threshold=o.threshold, dtype=str(setup.spec.dtype), normalization=setup.normalizer.describe(),
         nan_value=s.input.nan_value, device=tm.options.device, precision=tm.precision,
         reuse_constant=t.reuse_constant, norm_stats=run.choice.norm_stats, norm_passes=run.passes, mirror=t.mirror,
+        engine="stream" if run.stream is not None else "tiles",
         **_zarr_settings(run.output, o.zarr_output()))
 
 
@@ -258,6 +273,12 @@ def _run_tiles(run: _Run) -> None:
     if run.output is not None:
         writer, journal = run.writer, run.journal
         on_row_done = lambda r: _row_done(writer, journal, r, rows)  # noqa: E731
+    if run.stream is not None:
+        busy, calls = run_stream(run.source, run.tm, run.stream, setup.spec, run.writer, grid=setup.grid,
+                                 normalizer=setup.normalizer, pad_mode=t.pad_mode, nan_fill=setup.nan_fill,
+                                 progress=run.s.progress, start_row=run.start_row, on_row_done=on_row_done)
+        run.counts = (busy, calls, 0)
+        return
     run.counts = run_tiles(run.source, run.tm, setup.spec, run.writer, grid=setup.grid, stitch=setup.stitch,
                            normalizer=setup.normalizer, sigma=t.sigma, pad_mode=t.pad_mode,
                            requests=run.s.runtime.requests, progress=run.s.progress, reuse_constant=t.reuse_constant,
@@ -276,7 +297,7 @@ def _report(run: _Run, wall_s: float) -> RunReport:
         normalization=setup.normalizer.describe(), output_kind=run.s.output.kind, output_dtype=str(setup.spec.dtype),
         wall_s=wall_s, infer_busy_s=busy, peak_rss_mb=peak_rss_mb(),
         output=str(run.result) if run.output is not None else None,
-        input_passes=setup.input_passes + run.passes,
+        input_passes=setup.input_passes + run.passes, engine="stream" if run.stream is not None else "tiles",
     )
     rep.set_fidelity(run.fidelity)
     rep.notes.extend(_notes(run))

@@ -200,10 +200,15 @@ class TileModel:
         names = ", ".join(sorted(n for o in outs for n in o.get_names()))
         raise VolinferError(f"model has no output named {want!r}; outputs: {names}")
 
-    def at(self, tile: Sequence[int], model: ov.Model | None = None) -> "TileModel":
+    def at(self, tile: Sequence[int], model: ov.Model | None = None, compile: bool = True) -> "TileModel":
         """This model compiled at ``tile`` (itself when it already is), or ``model`` (a transformed copy of it, e.g.
-        with frozen normalisation statistics) compiled with the same layout, output and options."""
+        with frozen normalisation statistics) compiled with the same layout, output and options. ``compile=False``:
+        shapes only (the layer-streaming engine compiles pieces of the model instead)."""
         tile = tuple(int(t) for t in tile)
+        if not compile:
+            tm = self._derived(self.model.clone(), tile, self.options, compile=False)
+            tm.precision_reason = self.precision_reason
+            return tm
         if model is None and self.compiled is not None and tile == self.tile:
             return self
         cached = getattr(self, "_last_at", None)
@@ -237,9 +242,13 @@ class TileModel:
         return tm
 
     def input_shape(self) -> list[int]:
+        return self.input_shape_for(self.tile)
+
+    def input_shape_for(self, spatial: Sequence[int]) -> list[int]:
+        """The model's input shape for a (x, y, z) extent, in its layout."""
         if self.layout == "NCDHW":
-            return [1, self.in_channels, *self.tile]
-        return [1, *self.tile, self.in_channels]
+            return [1, self.in_channels, *spatial]
+        return [1, *spatial, self.in_channels]
 
     def _reshape(self) -> None:
         try:
@@ -268,6 +277,10 @@ class TileModel:
         """The request's output as a (C, x, y, z) view of OpenVINO's own buffer (no copy)."""
         data = request.get_output_tensor(self.output_index).data[0]
         return data if self.layout == "NCDHW" else np.moveaxis(data, -1, 0)
+
+    def output_view_of(self, data: np.ndarray) -> np.ndarray:
+        """A (1, ...) output array in the model's layout as (C, x, y, z)."""
+        return data[0] if self.layout == "NCDHW" else np.moveaxis(data[0], -1, 0)
 
     def input_view(self, buffer: np.ndarray) -> np.ndarray:
         """The host buffer as (C, x, y, z), whatever the layout."""

@@ -64,6 +64,7 @@ class RunReport:
     input_passes: int = 0  # streamed passes over the input before the tile loop (normalisation statistics)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    engine: str = "tiles"  # or "stream": layer by layer (volinfer.run.stream); tiles then counts segment calls
 
     @property
     def voxels(self) -> int:
@@ -88,10 +89,15 @@ class RunReport:
 
     def summary(self) -> str:
         sx = "x".join(map(str, self.shape))
+        if self.engine == "stream":
+            work = (f"engine      layer streaming along z: {self.tiles} segment calls, {self.grid[2]} rows of "
+                    f"{self.tile[2]} output planes over the whole {self.tile[0]}x{self.tile[1]} cross-section")
+        else:
+            work = (f"tiles       {self.tiles} of {'x'.join(map(str, self.tile))} ({'x'.join(map(str, self.grid))} "
+                    f"grid), {self.stitch} stitching, overlap {'/'.join(map(str, self.overlap))} voxels")
         lines = [
             f"volume      {sx} x {self.channels} channel(s), {self.voxels / 1e6:.1f} Mvoxels",
-            f"tiles       {self.tiles} of {'x'.join(map(str, self.tile))} ({'x'.join(map(str, self.grid))} grid), "
-            f"{self.stitch} stitching, overlap {'/'.join(map(str, self.overlap))} voxels",
+            work,
             f"model       {self.layout}, {self.device} {self.precision}, {self.requests} infer request(s)",
             f"time        {self.wall_s:.2f} s wall, {self.infer_busy_s:.2f} s inference "
             f"(wall/inference {self.overhead_ratio:.2f}), {self.voxels / max(self.wall_s, 1e-9) / 1e6:.2f} Mvox/s",

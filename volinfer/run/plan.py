@@ -47,14 +47,17 @@ class Plan:
     inferences_per_tile: int = 1  # 2^axes with test-time mirroring
     candidates: list[dict[str, Any]] = field(default_factory=list)  # tilings the planner weighed
     speed_source: str = ""  # where the candidates' per-voxel cost came from (the model's speed profile)
+    engine: str = "tiles"  # "stream": the run streams layer by layer (volinfer.run.stream); tile figures then apply
+    stream: str | None = None  # to --engine tiles; this says what the streamed run does and its predicted peak
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in self.parts_mb.items() if v >= 0.5)
-        lines = [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
-                 f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s"]
+        lines = [f"engine: {self.stream}", "  with --engine tiles:"] if self.stream else []
+        lines += [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
+                  f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s"]
         if self.norm_passes:
             lines.append(f"  {self.norm_passes} streamed normalisation-statistics pass(es) before the run (in the time)")
         if self.inferences_per_tile > 1:
@@ -255,20 +258,26 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
     parts = engine_buffers_mb(setup, facts, tm.out_channels, s.runtime.requests)
     cost = measure_model(model_path, tm.tile, s.runtime.layout, s.runtime.model_output, opts, s.runtime.requests)
-    return _finish_plan(make_plan(setup.grid, cost, parts), facts, (tm, choice), setup, s)
+    plan = _finish_plan(make_plan(setup.grid, cost, parts), facts, (tm, choice), setup, s)
+    if choice.stream is not None:
+        plan.engine = "stream"
+        plan.stream = f"{choice.stream.describe()}; predicted peak RSS {choice.stream.peak_mb:.0f} MB; exact " \
+                      f"(whole-volume inference)"
+    return plan
 
 
 def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, Any]:
     """The run's own tile planning and settings resolution, on the volume's facts (no voxel read)."""
     from volinfer.api import _overlap_for
     from volinfer.model.tile_model import TileModel
-    from volinfer.run.setup import plan_tiling, resolve
+    from volinfer.run.setup import choose_stream, plan_tiling, resolve
 
     t, rt = s.tiling, s.runtime
     handle = TileModel(model_path, tile=t.tile, layout=rt.layout, output=rt.model_output,
                        options=rt.compile_options(), compile=False)
     choice = plan_tiling(handle, facts.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
                          norm_stats=t.norm_stats)
+    choose_stream(handle, facts.shape, choice, s)  # sets choice.stream when the run would stream
     tm = TileModel(model_path, tile=choice.tile, layout=rt.layout, output=rt.model_output,
                    options=rt.compile_options(), compile=False)
     tm.multiple = handle.multiple

@@ -22,6 +22,7 @@ STITCH_MODES = ("crop", "gaussian", "mean")
 NORM_STATS = ("volume", "tile")
 KINDS = ("labels", "probabilities", "raw")
 PAD_MODES = ("constant", "edge", "reflect")
+ENGINES = ("auto", "tiles", "stream")
 
 
 def parse_mirror(value: str | Sequence[int] | None) -> tuple[int, ...]:
@@ -57,8 +58,10 @@ class TilingSettings:
     norm_stats: str | None = None  # volume | tile; None: stored, else volume
     max_memory_mb: float | None = None
     reuse_constant: bool = True
+    engine: str = "tiles"  # tiles | stream (layer by layer, see volinfer.run.stream; opt-in) | auto: stream where it pays
 
     def __post_init__(self) -> None:
+        _choice("engine", self.engine, ENGINES)
         if self.tile is not None:
             validate.tile(self.tile if isinstance(self.tile, str) else ",".join(str(t) for t in np.atleast_1d(self.tile)))
         if self.overlap not in (None, ""):
@@ -243,7 +246,7 @@ def from_cli(params: dict[str, Any]) -> RunSettings:
     kw: dict[str, Any] = {}
     simple = ("overlap", "stitch", "sigma", "pad_mode", "norm_stats", "mirror", "kind", "activation", "threshold",
               "device", "precision", "threads", "streams", "requests", "layout", "nan_value", "chunks", "pyramid",
-              "resume", "overwrite", "prob_dtype")
+              "resume", "overwrite", "prob_dtype", "engine")
     for key in simple:
         if key in p and p[key] is not None:
             kw[key] = p[key]

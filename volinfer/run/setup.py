@@ -175,6 +175,7 @@ class TilingChoice:
     candidates: list[Tiling] = field(default_factory=list)
     tiling_check: dict[str, Any] | None = None  # tiled-vs-whole deviation stored at convert, for this receptive field
     speed_source: str = ""  # where the planner's per-voxel cost came from (the model's speed profile), in words
+    stream: Any = None  # the volinfer.run.stream.StreamPlan when the run streams layer by layer (choose_stream)
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -284,3 +285,66 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
         fid.meaning, fid.deviation = explain_exact(counts, choice.rf, choice.tiling_check,
                                                    unnormalised=setup.normalizer.kind == "none")
     return fid
+
+
+#: ``--engine auto`` streams only when tiling would evaluate at least this many times the volume: streamed layers
+#: run each voxel once but cost more per voxel than a fused tile (measured on the reference U-Net, bf16: about 1.5x).
+STREAM_MIN_EVALUATED = 1.5
+
+
+def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, settings: Any) -> Any:
+    """The :class:`volinfer.run.stream.StreamPlan` this run streams with, or None (tile by tile); says why in
+    ``choice.notes`` when auto-selection passes over a streamable model. ``--engine stream`` that cannot stream is a
+    one-line error."""
+    from volinfer.model.stream_graph import NotStreamable
+    from volinfer.run.stream import plan_stream
+
+    t = settings.tiling
+    if t.engine == "tiles":
+        return None
+    asked = t.engine == "stream"
+    conflicts = [name for name, on in (("--tile", tm.tile_given), ("--overlap", t.overlap not in (None, "")),
+                                       ("--stitch " + str(t.stitch), (t.stitch or "crop") != "crop"),
+                                       ("--mirror", bool(t.mirror))) if on]
+    if conflicts or choice.norm_layers or choice.global_ops:
+        if asked:
+            why = ", ".join(conflicts) or "InstanceNorm/GroupNorm layers (whole-volume statistics)"
+            raise VolinferError(f"--engine stream computes whole-volume inference layer by layer; it does not combine "
+                                f"with {why} (use --engine tiles)")
+        return None
+    counts = TileGrid.build(shape, choice.tile, [tm.multiple] * 3, choice.overlap or (0, 0, 0), "crop").axes \
+        if choice.overlap is not None else None
+    evaluated = (float(np.prod([a.count * a.tile for a in counts])) / float(np.prod(shape))) if counts else None
+    if not asked and (evaluated is None or evaluated < STREAM_MIN_EVALUATED):
+        return None
+    try:
+        plan = plan_stream(tm, tuple(shape), tm.precision)  # type: ignore[arg-type]
+    except NotStreamable as e:
+        if asked:
+            raise VolinferError(f"--engine stream: this model cannot be streamed ({e}); use --engine tiles") from None
+        choice.notes.append(f"layer streaming not possible ({e}): tiles instead")
+        return None
+    need = RUNTIME_FLOOR_MB + weights_mb(tm.model) + plan.memory_mb
+    cap = t.max_memory_mb or min(default_budget_mb(), stream_default_cap_mb(tm))
+    if need > cap and not asked:
+        choice.notes.append(f"layer streaming would need about {need:.0f} MB (> {cap:.0f} MB): tiles instead")
+        return None
+    if asked and t.max_memory_mb and need > t.max_memory_mb:
+        raise VolinferError(f"--engine stream needs about {need:.0f} MB for this cross-section, more than --max-memory "
+                            f"{t.max_memory_mb:.0f} MB (use --engine tiles)")
+    plan.peak_mb = need
+    choice.notes.append(f"{plan.describe()}; predicted peak {need:.0f} MB"
+                        + (f" (tiling would evaluate {evaluated:.2f}x the volume)" if evaluated else ""))
+    choice.stream = plan
+    return plan
+
+
+#: What a default streamed run may take above the runtime and the weights (plane buffers plus OpenVINO's memory for
+#: the segments): a 512³ volume through the reference U-Net streams in about 640 MB of it.
+STREAM_HEADROOM_MB = 768.0
+
+
+def stream_default_cap_mb(tm: TileModel) -> float:
+    """A default streamed run's memory cap (without --max-memory): the runtime, the weights and
+    :data:`STREAM_HEADROOM_MB`; larger cross-sections run tile by tile."""
+    return RUNTIME_FLOOR_MB + weights_mb(tm.model) + STREAM_HEADROOM_MB

