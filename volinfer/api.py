@@ -19,9 +19,8 @@ from volinfer.io.reader import VolumeSource
 from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
 from volinfer.run.norm_stats import fit_norm_statistics
 from volinfer.tiling.feeder import TileFeeder
-from volinfer.run.fidelity import Fidelity
 from volinfer.run.setup import (TilingChoice, RunSetup, choose_stream, guard_precision, needs_norm_passes, plan_tiling,
-                                resolve, scan_volume, verdict)
+                                resolve, scan_volume, stream_verdict, verdict)
 from volinfer.run.stream import run_stream
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter
@@ -143,7 +142,11 @@ class _Run:
     start_row: int = 0
     counts: tuple[float, int, int] = (0.0, 0, 0)  # busy seconds, tiles run, constant tiles reused
     result: Any = None
-    stream: Any = None  # a volinfer.run.stream.StreamPlan when the run streams layer by layer
+
+    @property
+    def stream(self) -> Any:
+        """The :class:`volinfer.run.stream.StreamPlan` when the run streams layer by layer (planned with the tiling)."""
+        return self.choice.stream if self.choice is not None else None
 
 
 def _input_paths(volume: Any) -> list[Path]:
@@ -171,7 +174,7 @@ def _plan(run: _Run, volume: Any, model: Any) -> None:
                             f"(give one 3-D file per channel, or one 4-D file)")
     run.choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
                              norm_stats=t.norm_stats)
-    run.stream = choose_stream(handle, shape, run.choice, run.s)
+    choose_stream(handle, shape, run.choice, run.s)
     if run.stream is not None:  # rows of output planes over the whole padded cross-section; nothing compiled whole
         px, py, _ = run.stream.padded
         run.choice.tile, run.choice.overlap = (px, py, run.stream.out_planes), (0, 0, 0)
@@ -221,8 +224,7 @@ def _resolve(run: _Run) -> None:
     run.tm = guard_precision(run.tm, run.setup, compile=run.stream is None)
     if run.stream is not None:
         run.stream.graph.store_in(run.tm.precision)  # the guard may have moved to f32
-        run.fidelity = Fidelity(True, meaning="exact: whole-volume inference, computed layer by layer along z "
-                                              "(every voxel of every layer once; no tile margins)")
+        run.fidelity = stream_verdict()
         return
     run.tm, run.passes = _freeze_norm_statistics(run.tm, run.choice, run.setup, run.source, s.tiling.pad_mode,
                                                  s.progress)

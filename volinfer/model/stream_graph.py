@@ -18,7 +18,7 @@ and runs tile by tile instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import openvino as ov
@@ -82,7 +82,7 @@ class ZWindow:
     def local_offset(self, t: int) -> int:
         """Transposed: where output plane ``a`` lies in the chunk's un-padded local output (aligned ``a``)."""
         lo, _ = self.input_range(0, t)
-        return 0 + self.p - lo * self.s if self.kind == "transposed" else 0
+        return self.p - lo * self.s if self.kind == "transposed" else 0
 
 
 @dataclass
@@ -141,9 +141,6 @@ class StreamGraph:
     tensors: dict[str, StreamTensor]
     segments: list[Segment]
     producer: dict[str, int]  # tensor key -> segment index (the input has none)
-
-    def consumers(self, key: str) -> list[tuple[int, ZWindow]]:
-        return [(s.index, w) for s in self.segments for k, w in s.inputs if k == key]
 
     def store_in(self, precision: str) -> None:
         """Keep the planes between segments in ``precision`` (a bf16/f16 run computes in it anyway: storing it
@@ -410,15 +407,3 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int]) -> dict[
     for tin in targets:
         tin.replace_source_output(sl.output(0))
     return {f"{node.get_friendly_name()}:0": sl.output(0)}
-
-
-def segment_summary(graph: StreamGraph) -> str:
-    """One line: how the model was cut (for logs and `volinfer info`)."""
-    anchored = sum(1 for s in graph.segments if s.anchor is not None)
-    return f"{len(graph.segments)} segments ({anchored} z-window operations), {len(graph.tensors)} streamed tensors"
-
-
-def describe(graph: StreamGraph) -> Iterable[str]:
-    for s in graph.segments:
-        yield (f"seg {s.index}: anchor={s.anchor} win={s.window} nodes={len(s.nodes)} "
-               f"in={[k for k, _ in s.inputs]} out={s.outputs}")

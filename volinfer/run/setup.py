@@ -292,16 +292,16 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
 STREAM_MIN_EVALUATED = 1.5
 
 
-def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, settings: Any) -> Any:
-    """The :class:`volinfer.run.stream.StreamPlan` this run streams with, or None (tile by tile); says why in
-    ``choice.notes`` when auto-selection passes over a streamable model. ``--engine stream`` that cannot stream is a
-    one-line error."""
+def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, settings: Any) -> None:
+    """Set ``choice.stream`` to the :class:`volinfer.run.stream.StreamPlan` this run streams with (left None: tile by
+    tile); says why in ``choice.notes`` when auto-selection passes over a streamable model. ``--engine stream`` that
+    cannot stream is a one-line error."""
     from volinfer.model.stream_graph import NotStreamable
     from volinfer.run.stream import plan_stream
 
     t = settings.tiling
     if t.engine == "tiles":
-        return None
+        return
     asked = t.engine == "stream"
     conflicts = [name for name, on in (("--tile", tm.tile_given), ("--overlap", t.overlap not in (None, "")),
                                        ("--stitch " + str(t.stitch), (t.stitch or "crop") != "crop"),
@@ -311,24 +311,23 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
             why = ", ".join(conflicts) or "InstanceNorm/GroupNorm layers (whole-volume statistics)"
             raise VolinferError(f"--engine stream computes whole-volume inference layer by layer; it does not combine "
                                 f"with {why} (use --engine tiles)")
-        return None
-    counts = TileGrid.build(shape, choice.tile, [tm.multiple] * 3, choice.overlap or (0, 0, 0), "crop").axes \
-        if choice.overlap is not None else None
-    evaluated = (float(np.prod([a.count * a.tile for a in counts])) / float(np.prod(shape))) if counts else None
+        return
+    planned = next((c for c in choice.candidates if c.tile == choice.tile and c.overlap == choice.overlap), None)
+    evaluated = planned.evaluated / float(np.prod(shape)) if planned is not None else None  # the exact tiling's
     if not asked and (evaluated is None or evaluated < STREAM_MIN_EVALUATED):
-        return None
+        return
     try:
         plan = plan_stream(tm, tuple(shape), tm.precision)  # type: ignore[arg-type]
     except NotStreamable as e:
         if asked:
             raise VolinferError(f"--engine stream: this model cannot be streamed ({e}); use --engine tiles") from None
         choice.notes.append(f"layer streaming not possible ({e}): tiles instead")
-        return None
+        return
     need = RUNTIME_FLOOR_MB + weights_mb(tm.model) + plan.memory_mb
     cap = t.max_memory_mb or min(default_budget_mb(), stream_default_cap_mb(tm))
     if need > cap and not asked:
         choice.notes.append(f"layer streaming would need about {need:.0f} MB (> {cap:.0f} MB): tiles instead")
-        return None
+        return
     if asked and t.max_memory_mb and need > t.max_memory_mb:
         raise VolinferError(f"--engine stream needs about {need:.0f} MB for this cross-section, more than --max-memory "
                             f"{t.max_memory_mb:.0f} MB (use --engine tiles)")
@@ -336,7 +335,13 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
     choice.notes.append(f"{plan.describe()}; predicted peak {need:.0f} MB"
                         + (f" (tiling would evaluate {evaluated:.2f}x the volume)" if evaluated else ""))
     choice.stream = plan
-    return plan
+
+
+def stream_verdict() -> Fidelity:
+    """A streamed run's verdict: it is whole-volume inference (on the volume padded to the size multiple, as tiling's
+    reference is), so there is no tiling deviation to quote."""
+    return Fidelity(True, meaning="exact: whole-volume inference, computed layer by layer along z (every voxel of "
+                                  "every layer once; no tile margins)")
 
 
 #: What a default streamed run may take above the runtime and the weights (plane buffers plus OpenVINO's memory for

@@ -79,7 +79,6 @@ class _Seg:
     t: int
     next: int = 0
     request: Any = None
-    scratch: list[np.ndarray | None] | None = None
 
 
 #: Input planes one call may cover, whatever the segment's resolution: deep (down-sampled) levels computed in big
@@ -115,7 +114,6 @@ class StreamRun:
         self.bufs = {k: PlaneBuffer(t, caps[k], allocate=self.compute)
                      for k, t in graph.tensors.items()}
         self.busy = 0.0
-        self.seg_busy: dict[int, float] = {}
         self.calls = 0
         # each consumer's lowest plane still needed, per tensor: (segment index, input j) -> plane
         self.needs: dict[str, dict[tuple[int, int], int]] = {k: {} for k in graph.tensors}
@@ -127,7 +125,6 @@ class StreamRun:
             assert compile_segment is not None
             for rs in self.segs:
                 rs.request = compile_segment(rs.seg, rs.t).create_infer_request()
-                rs.scratch = [None] * len(rs.seg.inputs)
 
     def pull(self, key: str, upto: int) -> None:
         """Compute tensor ``key`` up to plane ``upto`` (exclusive; clipped to its length)."""
@@ -150,18 +147,16 @@ class StreamRun:
         slots = [self.bufs[k].reserve(a, t) for k in seg.outputs]
         if self.compute:
             req = rs.request
-            for j, ((key, _), (lo, hi)) in enumerate(zip(seg.inputs, ranges)):
-                pad = seg.pad_value if seg.anchor is not None and j == 0 else 0.0
-                req.set_input_tensor(j, _tensor(self._gather(rs, j, key, lo, hi, pad), self.g.tensors[key]))
+            inputs = [self._gather(key, lo, hi, seg.pad_value if seg.anchor is not None and j == 0 else 0.0)
+                      for j, ((key, _), (lo, hi)) in enumerate(zip(seg.inputs, ranges))]  # alive until infer returns
+            for j, ((key, _), data) in enumerate(zip(seg.inputs, inputs)):
+                req.set_input_tensor(j, _tensor(data, self.g.tensors[key]))
             for j, (k, slot) in enumerate(zip(seg.outputs, slots)):
                 req.set_output_tensor(j, _tensor(slot, self.g.tensors[k]))
             t0 = time.perf_counter()
             req.infer()
-            dt = time.perf_counter() - t0
-            self.busy += dt
-            self.seg_busy[seg.index] = self.seg_busy.get(seg.index, 0.0) + dt
+            self.busy += time.perf_counter() - t0
             self.calls += 1
-            rs.scratch = [None] * len(seg.inputs)  # padding copies live for one call only
         for k in seg.outputs:
             self.bufs[k].commit(a, t)
         rs.next += t
@@ -169,13 +164,13 @@ class StreamRun:
             self.needs[key][(seg.index, j)] = win.input_range(rs.next, t)[0]
             self._release(key)
 
-    def _gather(self, rs: _Seg, j: int, key: str, lo: int, hi: int, pad: float) -> np.ndarray:
-        """Planes [lo, hi) of ``key``: a view of its buffer, or (at the volume's ends) a copy with padding planes."""
+    def _gather(self, key: str, lo: int, hi: int, pad: float) -> np.ndarray:
+        """Planes [lo, hi) of ``key``: a view of its buffer, or (at the volume's ends) a copy with padding planes,
+        made for this call only."""
         buf = self.bufs[key]
         if lo >= 0 and hi <= buf.n:
             return buf.view(lo, hi)
-        scratch = rs.scratch[j] = np.empty((hi - lo, *buf.plane_shape), buf.ten.np_dtype)  # type: ignore[index]
-        scratch.fill(_bits(pad, buf.ten))
+        scratch = np.full((hi - lo, *buf.plane_shape), _bits(pad, buf.ten), buf.ten.np_dtype)
         a, b = max(lo, 0), min(hi, buf.n)
         if b > a:
             scratch[a - lo: b - lo] = buf.view(a, b)
@@ -195,11 +190,6 @@ class StreamRun:
     def done(self, upto: int) -> None:
         self.needs[self.g.output_key][(-1, 0)] = upto
         self._release(self.g.output_key)
-
-    def memory_bytes(self) -> int:
-        """Bytes of plane buffers and padding scratch this pass holds."""
-        total = sum(b.capacity * b.ten.plane_bytes for b in self.bufs.values())
-        return total + sum(s.nbytes for rs in self.segs for s in (rs.scratch or []) if s is not None)
 
 
 def _tensor(arr: np.ndarray, ten: StreamTensor) -> ov.Tensor:
