@@ -58,7 +58,7 @@ def save_unet2(path, **settings) -> Path:
     return Path(path)
 
 
-def stream_unet(seed: int = 0, softmax: bool = True) -> ov.Model:
+def stream_unet(seed: int = 0, softmax: bool = True, in_channels: int = 1) -> ov.Model:
     """A U-Net made of every operation the layer-streaming engine runs (size multiple 4): strided and dilated
     convolutions, a grouped convolution, max pooling, both transposed-convolution shapes (k3 s2 p1 op1 and k2 s2),
     PReLU, residual addition, channel concatenation and a channel softmax. Dynamic spatial input, NCDHW."""
@@ -76,8 +76,8 @@ def stream_unet(seed: int = 0, softmax: bool = True) -> ov.Model:
     def prelu(x, c):
         return ops.prelu(x, ops.constant(np.full((c, 1, 1, 1), 0.2, np.float32)))
 
-    param = ops.parameter([1, 1, -1, -1, -1], np.float32, name="image")
-    e0 = prelu(conv(param, 1, 6), 6)                                     # full resolution
+    param = ops.parameter([1, in_channels, -1, -1, -1], np.float32, name="image")
+    e0 = prelu(conv(param, in_channels, 6), 6)                                     # full resolution
     e1 = prelu(conv(e0, 6, 8, s=2), 8)                                    # 1/2, strided
     e1 = ops.add(e1, conv(e1, 8, 8, d=2, p=2))                            # dilated residual
     g = ops.group_convolution(e1, ops.constant(rng.standard_normal((2, 4, 4, 3, 3, 3)).astype(np.float32) * 0.1),

@@ -15,6 +15,7 @@ import openvino as ov
 import pytest
 
 from models import stream_unet, tiny_unet
+from test_resume import KILLER
 from volinfer import predict
 from volinfer.errors import VolinferError
 from volinfer.model.stream_graph import NotStreamable, ZWindow, analyse
@@ -24,12 +25,13 @@ def whole_volume(path, vol: np.ndarray, multiple: int = 4, pad_mode: str = "cons
     """The IR at ``path`` (read back: ``ov.save_model`` stores f16 weights, so the file, not the in-memory model, is
     what volinfer runs) on the whole volume padded on the high side to the size multiple, cropped back:
     (C, x, y, z)."""
-    padded = [-(-n // multiple) * multiple for n in vol.shape]
-    x = np.pad(vol, [(0, p - n) for p, n in zip(padded, vol.shape)], mode=pad_mode).astype(np.float32)
+    chans = vol if vol.ndim == 4 else vol[None]  # (C, x, y, z)
+    padded = [-(-n // multiple) * multiple for n in chans.shape[1:]]
+    x = np.pad(chans, [(0, 0)] + [(0, p - n) for p, n in zip(padded, chans.shape[1:])], mode=pad_mode)
     m = ov.Core().read_model(str(path))
-    m.reshape([1, 1, *padded])
-    out = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x[None, None])[0][0]
-    return out[:, : vol.shape[0], : vol.shape[1], : vol.shape[2]]
+    m.reshape([1, len(chans), *padded])
+    out = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x[None].astype(np.float32))[0][0]
+    return out[:, : chans.shape[1], : chans.shape[2], : chans.shape[3]]
 
 
 def _volume(shape, seed=1) -> np.ndarray:
@@ -152,3 +154,46 @@ def test_cli_stream_matches_one_whole_tile(unet_xml, tmp_path):
         outs[engine] = np.asarray(nib.load(str(dst)).dataobj)
     assert outs["stream"].shape == vol.shape
     assert (outs["stream"] == outs["tiles"]).mean() > 0.9999
+
+
+def test_careless_inputs_stream_like_the_whole_volume(tmp_path):
+    """Two input channels, NaN voxels replaced by --nan-value and a whole-volume z-score: the streamed output equals
+    whole-volume inference on the volume prepared with numpy."""
+    path = tmp_path / "two.xml"
+    m = stream_unet(seed=6, in_channels=2)
+    ov.save_model(m, str(path))
+    vol = np.stack([_volume((21, 26, 35), seed=7), _volume((21, 26, 35), seed=8) * 40 + 300], axis=-1)
+    vol[3, 4, 5, 0] = np.nan
+    out = predict(vol, path, engine="stream", precision="f32", kind="raw", normalize="zscore", nan_value=0.0,
+                  channel_axis=3, progress=False)
+    prepared = np.moveaxis(vol.astype(np.float64), -1, 0)  # (C, x, y, z)
+    for c in prepared:
+        finite = np.isfinite(c)
+        mean, std = c[finite].mean(), c[finite].std()
+        c[~finite] = 0.0  # --nan-value replaces before normalisation
+        c -= mean
+        c /= std
+    ref = whole_volume(path, prepared.astype(np.float32))
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5, rtol=0)
+
+
+def test_sigkill_then_resume_stream_is_identical(unet_xml, tmp_path):
+    """A streamed run killed part-way resumes (the journal counts rows of output planes) to the same bytes."""
+    import json
+    import os
+
+    vol = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(_volume((20, 24, 70), seed=9), np.eye(4)), str(vol))
+    args = [str(vol), "-m", str(unet_xml), "--engine", "stream", "--precision", "f32", "--kind", "raw", "-q"]
+    ref, out = tmp_path / "ref.nii.gz", tmp_path / "out.nii.gz"
+    assert subprocess.run([sys.executable, "-m", "volinfer", "run", *args, "-o", str(ref)]).returncode == 0
+    p = subprocess.run([sys.executable, "-c", KILLER, "run", *args, "-o", str(out)], capture_output=True,
+                       env={**os.environ, "KILL_AT": "3"}, timeout=300)
+    assert p.returncode == -9 and not out.exists()
+    journal = json.loads((tmp_path / ".out.nii.gz.partial.json").read_text())
+    assert 0 < journal["rows_done"] < journal["rows_total"]
+    r = subprocess.run([sys.executable, "-m", "volinfer", "run", *args, "-o", str(out), "--resume"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), np.asarray(nib.load(str(ref)).dataobj))
+    assert not list(tmp_path.glob(".out*"))
