@@ -229,6 +229,9 @@ class _Statistics:
             wide = exceeds_float32(reader.dtype, reader.slope, reader.inter)
             self.samples[c].append(_lattice_sample(stored, z0, self.step, reader.slope, reader.inter,
                                                    np.float64 if wide else np.float32))
+        if stored.dtype.kind in "iu" and stored.size:
+            self._add_integers(c, stored, float(reader.slope), float(reader.inter))
+            return
         block = stored.astype(np.float64) * reader.slope + reader.inter
         if block.dtype.kind == "f" and not np.isfinite(block).all():
             block = block[np.isfinite(block)]  # NaN/Inf are replaced later; they do not count here
@@ -238,6 +241,17 @@ class _Statistics:
         self.s1[c] += float(block.sum())
         self.s2[c] += float(np.square(block).sum())
         self.lo[c], self.hi[c] = min(self.lo[c], float(block.min())), max(self.hi[c], float(block.max()))
+
+    def _add_integers(self, c: int, stored: np.ndarray, a: float, b: float) -> None:
+        """Integer voxels (never NaN): sums of the stored values (a dot product for the squares), scaled by the
+        file's slope and intercept afterwards — the same sums as scaling every voxel first, in half the time."""
+        f = stored.astype(np.float64).ravel()
+        n, s1, s2 = f.size, float(f.sum()), float(np.dot(f, f))
+        self.n[c] += n
+        self.s1[c] += a * s1 + b * n
+        self.s2[c] += a * a * s2 + 2 * a * b * s1 + b * b * n
+        ends = (a * float(stored.min()) + b, a * float(stored.max()) + b)
+        self.lo[c], self.hi[c] = min(self.lo[c], *ends), max(self.hi[c], *ends)
 
     def finish(self) -> None:
         for c in range(self.norm.channels):
