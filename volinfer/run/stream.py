@@ -12,6 +12,7 @@ The result is whole-volume inference on the padded volume (the same padding rule
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -123,8 +124,12 @@ class StreamRun:
         self.needs[graph.output_key][(-1, 0)] = 0
         if self.compute:
             assert compile_segment is not None
-            for rs in self.segs:
-                rs.request = compile_segment(rs.seg, rs.t).create_infer_request()
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(2) as pool:  # OpenVINO compiles without the GIL: two at a time
+                compiled = list(pool.map(lambda rs: compile_segment(rs.seg, rs.t), self.segs))
+            for rs, c in zip(self.segs, compiled):
+                rs.request = c.create_infer_request()
 
     def pull(self, key: str, upto: int) -> None:
         """Compute tensor ``key`` up to plane ``upto`` (exclusive; clipped to its length)."""
@@ -303,9 +308,12 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
 
     config = model.options.config(model.precision)
     core = model.core
+    building = threading.Lock()  # graph surgery on clones of one model, one at a time; compiling in parallel
 
     def compile_segment(seg: Segment, t: int) -> Any:
-        return core.compile_model(build_segment_model(plan.graph, seg, t), model.options.device, config)
+        with building:
+            sub = build_segment_model(plan.graph, seg, t)
+        return core.compile_model(sub, model.options.device, config)
 
     run = StreamRun(plan.graph, read, plan.read_planes, plan.capacities, compile_segment)
     cores = grid.axes[2].cores
