@@ -49,8 +49,8 @@ def main() -> None:
 @click.option("--norm-stats", type=click.Choice(["volume", "tile"]),
               help="InstanceNorm/GroupNorm statistics: volume (default; whole-volume statistics found in streamed "
               "passes before the run, exact) or tile (per-tile, for models trained to run patch-wise).")
-@click.option("--engine", type=click.Choice(["auto", "tiles", "stream"]), default="tiles", show_default=True,
-              help="Experimental (opt-in): stream: run the network layer by layer along z, every voxel of every layer computed once "
+@click.option("--engine", type=click.Choice(["auto", "tiles", "stream"]), default="auto", show_default=True,
+              help="stream: run the network layer by layer along z, every voxel of every layer computed once "
               "(whole-volume inference, no tile margins; convolution/pooling/element-wise models); tiles: tile by "
               "tile; auto: stream when the model allows it, the tiling would recompute margins, and the streamed "
               "run's plane buffers fit the memory budget.")
@@ -147,7 +147,7 @@ def run(**params: Any) -> None:
               "statistics from the whole volume (default; streamed passes, counted in the time) or per tile.")
 @click.option("--mirror", help="As for `run`: test-time mirroring axes (any of x, y, z, e.g. xyz); 2^axes "
               "inferences per tile, counted in the time.")
-@click.option("--engine", type=click.Choice(["auto", "tiles", "stream"]), default="tiles", show_default=True,
+@click.option("--engine", type=click.Choice(["auto", "tiles", "stream"]), default="auto", show_default=True,
               help="As for `run`: whether the run would stream layer by layer (the plan then says so and predicts "
               "its peak; the tile figures apply to --engine tiles).")
 @click.option("--overlap", type=V.OVERLAP, help="As for `run`: " + V.OVERLAP_RULE + ". Default: stored in the "

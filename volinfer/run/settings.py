@@ -58,7 +58,7 @@ class TilingSettings:
     norm_stats: str | None = None  # volume | tile; None: stored, else volume
     max_memory_mb: float | None = None
     reuse_constant: bool = True
-    engine: str = "tiles"  # tiles | stream (layer by layer, see volinfer.run.stream; opt-in) | auto: stream where it pays
+    engine: str = "auto"  # tiles | stream (layer by layer, see volinfer.run.stream) | auto: stream where it pays
 
     def __post_init__(self) -> None:
         _choice("engine", self.engine, ENGINES)
