@@ -197,3 +197,33 @@ def test_sigkill_then_resume_stream_is_identical(unet_xml, tmp_path):
     assert r.returncode == 0, r.stderr
     np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), np.asarray(nib.load(str(ref)).dataobj))
     assert not list(tmp_path.glob(".out*"))
+
+
+def test_bands_along_y_when_the_cross_section_does_not_fit(tmp_path):
+    """A --max-memory below the whole cross-section's need: the stream runs in bands of y rows whose margins cover
+    the (measured) receptive field, and the output matches whole-volume inference to the tiling deviation."""
+    from volinfer.model.tile_model import CompileOptions, TileModel
+    from volinfer.run.fidelity import RUNTIME_FLOOR_MB, weights_mb
+    from volinfer.run.stream import plan_stream
+
+    path = tmp_path / "wide.xml"
+    ov.save_model(stream_unet(seed=10), str(path))
+    shape = (28, 150, 44)
+    vol = _volume(shape, seed=11)
+    tm = TileModel(path, compile=False, options=CompileOptions(precision="f32"))
+    fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
+    whole = plan_stream(tm, shape, "f32")
+    narrow = plan_stream(tm, shape, "f32", fits=lambda p: False, margin_y=24)  # the narrowest band
+    budget = fixed + (whole.memory_mb + narrow.memory_mb) / 2
+    out, rep = predict(vol, path, engine="stream", precision="f32", kind="raw", max_memory_mb=budget,
+                       progress=False, report=True)
+    assert rep.engine == "stream" and rep.grid[1] > 1, rep.notes
+    assert rep.exact and "bands along y" in rep.exact_meaning
+    assert any("bands of" in n for n in rep.notes)
+    ref = whole_volume(path, vol)
+    assert np.abs(np.moveaxis(out, -1, 0) - ref).max() < 1e-3
+    # a compressed file output takes bands too: planes become final only after the last band
+    dst = tmp_path / "bands.nii.gz"
+    rep = predict(vol, path, dst, engine="stream", precision="f32", kind="raw", max_memory_mb=budget, progress=False)
+    assert rep.grid[1] > 1
+    np.testing.assert_array_equal(np.asarray(nib.load(str(dst)).dataobj), out)

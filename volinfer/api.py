@@ -174,10 +174,10 @@ def _plan(run: _Run, volume: Any, model: Any) -> None:
                             f"(give one 3-D file per channel, or one 4-D file)")
     run.choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
                              norm_stats=t.norm_stats)
-    choose_stream(handle, shape, run.choice, run.s)
-    if run.stream is not None:  # rows of output planes over the whole padded cross-section; nothing compiled whole
-        px, py, _ = run.stream.padded
-        run.choice.tile, run.choice.overlap = (px, py, run.stream.out_planes), (0, 0, 0)
+    choose_stream(handle, shape, run.choice, run.s, banded=run.output is None or not is_zarr_output(run.output))
+    if run.stream is not None:  # rows of output planes over bands of the padded cross-section; nothing compiled whole
+        sp = run.stream
+        run.choice.tile, run.choice.overlap = (sp.padded[0], sp.band, sp.out_planes), (0, 2 * sp.margin, 0)
         run.tm = handle.at(run.choice.tile, compile=False)
     else:
         run.tm = handle.at(run.choice.tile)
@@ -224,7 +224,7 @@ def _resolve(run: _Run) -> None:
     run.tm = guard_precision(run.tm, run.setup, compile=run.stream is None)
     if run.stream is not None:
         run.stream.graph.store_in(run.tm.precision)  # the guard may have moved to f32
-        run.fidelity = stream_verdict()
+        run.fidelity = stream_verdict(run.setup, run.choice)
         return
     run.tm, run.passes = _freeze_norm_statistics(run.tm, run.choice, run.setup, run.source, s.tiling.pad_mode,
                                                  s.progress)

@@ -261,8 +261,8 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     plan = _finish_plan(make_plan(setup.grid, cost, parts), facts, (tm, choice), setup, s)
     if choice.stream is not None:
         plan.engine = "stream"
-        plan.stream = f"{choice.stream.describe()}; predicted peak RSS {choice.stream.peak_mb:.0f} MB; exact " \
-                      f"(whole-volume inference)"
+        plan.stream = f"{choice.stream.describe(facts.shape[1], tm.multiple)}; predicted peak RSS " \
+                      f"{choice.stream.peak_mb:.0f} MB"
     return plan
 
 

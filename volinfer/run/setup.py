@@ -292,13 +292,12 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
 STREAM_MIN_EVALUATED = 1.5
 
 
-def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, settings: Any) -> None:
+def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, settings: Any,
+                  banded: bool = True) -> None:
     """Set ``choice.stream`` to the :class:`volinfer.run.stream.StreamPlan` this run streams with (left None: tile by
     tile); says why in ``choice.notes`` when auto-selection passes over a streamable model. ``--engine stream`` that
-    cannot stream is a one-line error."""
-    from volinfer.model.stream_graph import NotStreamable
-    from volinfer.run.stream import plan_stream
-
+    cannot stream is a one-line error. ``banded``: the output takes bands of y rows (not Zarr stores, which keep
+    z-slabs until every row of them is written)."""
     t = settings.tiling
     if t.engine == "tiles":
         return
@@ -316,32 +315,62 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
     evaluated = planned.evaluated / float(np.prod(shape)) if planned is not None else None  # the exact tiling's
     if not asked and (evaluated is None or evaluated < STREAM_MIN_EVALUATED):
         return
-    try:
-        plan = plan_stream(tm, tuple(shape), tm.precision)  # type: ignore[arg-type]
-    except NotStreamable as e:
-        if asked:
-            raise VolinferError(f"--engine stream: this model cannot be streamed ({e}); use --engine tiles") from None
-        choice.notes.append(f"layer streaming not possible ({e}): tiles instead")
+    plan = _fit_stream(tm, shape, choice, t.max_memory_mb, asked, banded)
+    if plan is None:
         return
-    need = RUNTIME_FLOOR_MB + weights_mb(tm.model) + plan.memory_mb
-    cap = t.max_memory_mb or min(default_budget_mb(), stream_default_cap_mb(tm))
-    if need > cap and not asked:
-        choice.notes.append(f"layer streaming would need about {need:.0f} MB (> {cap:.0f} MB): tiles instead")
+    rows = plan.bands(shape[1], tm.multiple)
+    redundancy = rows.count * rows.tile / shape[1]  # bands recompute their y margins
+    if not asked and evaluated < STREAM_MIN_EVALUATED * redundancy:  # type: ignore[operator]
+        choice.notes.append(f"layer streaming in bands would evaluate {redundancy:.2f}x the rows: tiles instead")
         return
-    if asked and t.max_memory_mb and need > t.max_memory_mb:
-        raise VolinferError(f"--engine stream needs about {need:.0f} MB for this cross-section, more than --max-memory "
-                            f"{t.max_memory_mb:.0f} MB (use --engine tiles)")
-    plan.peak_mb = need
-    choice.notes.append(f"{plan.describe()}; predicted peak {need:.0f} MB"
+    choice.notes.append(f"{plan.describe(shape[1], tm.multiple)}; predicted peak {plan.peak_mb:.0f} MB"
                         + (f" (tiling would evaluate {evaluated:.2f}x the volume)" if evaluated else ""))
     choice.stream = plan
 
 
-def stream_verdict() -> Fidelity:
-    """A streamed run's verdict: it is whole-volume inference (on the volume padded to the size multiple, as tiling's
-    reference is), so there is no tiling deviation to quote."""
-    return Fidelity(True, meaning="exact: whole-volume inference, computed layer by layer along z (every voxel of "
-                                  "every layer once; no tile margins)")
+def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_memory_mb: float | None, asked: bool,
+                banded: bool) -> Any:
+    """The stream plan within the memory budget (whole cross-section, else bands of y rows with margins covering the
+    receptive field), its predicted peak set; None (with a note) when auto cannot stream within it."""
+    from volinfer.model.stream_graph import NotStreamable
+    from volinfer.run.stream import plan_stream
+
+    fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
+    cap = max_memory_mb or min(default_budget_mb(), stream_default_cap_mb(tm))
+    rf = choice.rf
+    margin = rf.radius[1] if banded and rf is not None and rf.measured and rf.bounded else None
+    try:
+        plan = plan_stream(tm, tuple(shape), tm.precision, fits=lambda p: fixed + p.memory_mb <= cap,  # type: ignore
+                           margin_y=margin)
+    except NotStreamable as e:
+        if asked:
+            raise VolinferError(f"--engine stream: this model cannot be streamed ({e}); use --engine tiles") from None
+        choice.notes.append(f"layer streaming not possible ({e}): tiles instead")
+        return None
+    plan.peak_mb = fixed + plan.memory_mb
+    if plan.peak_mb > cap and not asked:
+        choice.notes.append(f"layer streaming would need about {plan.peak_mb:.0f} MB (> {cap:.0f} MB): tiles instead")
+        return None
+    if asked and max_memory_mb and plan.peak_mb > max_memory_mb:
+        raise VolinferError(f"--engine stream needs about {plan.peak_mb:.0f} MB for this cross-section, more than "
+                            f"--max-memory {max_memory_mb:.0f} MB (use --engine tiles)")
+    return plan
+
+
+def stream_verdict(setup: RunSetup, choice: TilingChoice) -> Fidelity:
+    """A streamed run's verdict. One band over the whole cross-section is whole-volume inference (on the volume padded
+    to the size multiple, as tiling's reference is): no tiling deviation to quote. Bands along y are tiles along y
+    with crop margins covering the receptive field: the tiled verdict, with its measured deviation."""
+    if setup.grid.axes[1].count == 1:
+        return Fidelity(True, meaning="exact: whole-volume inference, computed layer by layer along z (every voxel "
+                                      "of every layer once; no tile margins)")
+    counts = (1, setup.grid.axes[1].count, 1)  # rows of output planes along z are not tiles: only y is cut
+    fid = judge(setup.overlap, counts, setup.stitch, choice.rf, 0, False, "volume")
+    if fid.exact:
+        meaning, fid.deviation = explain_exact(counts, choice.rf, choice.tiling_check,
+                                               unnormalised=setup.normalizer.kind == "none")
+        fid.meaning = f"layer by layer along z in {counts[1]} bands along y; {meaning}"
+    return fid
 
 
 #: What a default streamed run may take above the runtime and the weights (plane buffers plus OpenVINO's memory for

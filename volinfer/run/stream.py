@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from volinfer.model.stream_graph import NotStreamable, Segment, StreamGraph, StreamTensor, analyse, build_segment_model
 from volinfer.model.tile_model import TileModel
+from volinfer.tiling.geometry import AxisPlan, plan_axis_crop
 
 #: Bytes of output one segment call aims at: large enough for OpenVINO to use every core, small enough to keep the
 #: planes in flight few.
@@ -104,7 +105,7 @@ class StreamRun:
     the buffers)."""
 
     def __init__(self, graph: StreamGraph, read: Callable[[int, np.ndarray | None], None], read_planes: int,
-                 capacities: dict[str, int] | None = None, compile_segment: Callable[[Segment, int], Any] | None = None,
+                 capacities: dict[str, int] | None = None, requests: list[Any] | None = None,
                  chunk_bytes: int = CHUNK_BYTES, span: int = CHUNK_SPAN) -> None:
         self.g = graph
         self.read, self.read_t = read, read_planes
@@ -123,13 +124,9 @@ class StreamRun:
                 self.needs[key][(rs.seg.index, j)] = win.input_range(0, rs.t)[0]
         self.needs[graph.output_key][(-1, 0)] = 0
         if self.compute:
-            assert compile_segment is not None
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(2) as pool:  # OpenVINO compiles without the GIL: two at a time
-                compiled = list(pool.map(lambda rs: compile_segment(rs.seg, rs.t), self.segs))
-            for rs, c in zip(self.segs, compiled):
-                rs.request = c.create_infer_request()
+            assert requests is not None
+            for rs, req in zip(self.segs, requests):
+                rs.request = req
 
     def pull(self, key: str, upto: int) -> None:
         """Compute tensor ``key`` up to plane ``upto`` (exclusive; clipped to its length)."""
@@ -197,6 +194,18 @@ class StreamRun:
         self._release(self.g.output_key)
 
 
+def compile_segments(graph: StreamGraph, compile_segment: Callable[[Segment, int], Any],
+                     chunk_bytes: int = CHUNK_BYTES, span: int = CHUNK_SPAN) -> list[Any]:
+    """One infer request per segment, compiled at its chunk size, two at a time (OpenVINO compiles without the GIL);
+    a :class:`StreamRun` per band reuses them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        compiled = list(pool.map(lambda s: compile_segment(s, chunk_planes(graph, s, chunk_bytes, span)),
+                                 graph.segments))
+    return [c.create_infer_request() for c in compiled]
+
+
 def _tensor(arr: np.ndarray, ten: StreamTensor) -> ov.Tensor:
     """``arr`` shared with OpenVINO (bf16 planes are kept as uint16 bits)."""
     if ten.storage == "bf16":
@@ -241,11 +250,14 @@ OUT_PLANES = 16
 
 @dataclass
 class StreamPlan:
-    """A streamed run, decided before anything is compiled: the cut graph, the padded volume, the planes read and
-    written per step, every buffer's size, and the memory all of it is predicted to take."""
+    """A streamed run, decided before anything is compiled: the cut graph, the padded volume, the band of y rows
+    streamed at once (the whole padded y extent, or bands with receptive-field margins), the planes read and written
+    per step, every buffer's size, and the memory all of it is predicted to take."""
 
     graph: StreamGraph
     padded: tuple[int, int, int]
+    band: int  # padded y rows one stream covers (padded[1]: one band)
+    margin: int  # y margin of each band's inner sides (0 with one band)
     read_planes: int
     out_planes: int
     capacities: dict[str, int]
@@ -257,22 +269,53 @@ class StreamPlan:
     def memory_mb(self) -> float:
         return self.buffers_mb + self.working_mb
 
-    def describe(self) -> str:
+    def bands(self, size_y: int, multiple: int) -> AxisPlan:
+        """The y bands (starts and the rows each one writes): the crop planner's own axis plan."""
+        return plan_axis_crop(size_y, self.band, multiple, self.margin)
+
+    def describe(self, size_y: int, multiple: int) -> str:
         anchored = sum(1 for s in self.graph.segments if s.anchor is not None)
-        return (f"layer streaming along z: {len(self.graph.segments)} segments ({anchored} convolution/pooling "
-                f"layers), every voxel of every layer computed once; plane buffers {self.buffers_mb:.0f} MB")
+        ay = self.bands(size_y, multiple)
+        where = "" if ay.count == 1 else (f" in {ay.count} bands of {self.band} rows along y (margins {self.margin}, "
+                                          f"{ay.count * ay.tile / size_y:.2f}x the rows evaluated)")
+        return (f"layer streaming along z{where}: {len(self.graph.segments)} segments ({anchored} convolution/pooling "
+                f"layers), every voxel of every layer computed once per band; plane buffers {self.buffers_mb:.0f} MB")
 
 
-def plan_stream(tm: TileModel, shape: tuple[int, int, int], precision: str) -> StreamPlan:
-    """How ``tm`` would stream a volume of ``shape`` (x, y, z) at ``precision``; raises NotStreamable."""
+def plan_stream(tm: TileModel, shape: tuple[int, int, int], precision: str,
+                fits: Callable[[StreamPlan], bool] | None = None, margin_y: int | None = None) -> StreamPlan:
+    """How ``tm`` would stream a volume of ``shape`` (x, y, z) at ``precision``: the whole cross-section at once,
+    or — when that does not satisfy ``fits`` and a y margin covering the receptive field is given — the widest band
+    of y rows that does (memory grows with the rows of a band; the narrowest band when none does). Raises
+    NotStreamable."""
     m = tm.multiple
     padded = tuple(-(-n // m) * m for n in shape)
-    graph = stream_graph_for(tm, padded)  # type: ignore[arg-type]
-    graph.store_in(precision if precision in ("bf16", "f16") else "f32")
-    from volinfer.tiling.geometry import TileGrid
+    whole = _plan_band(tm, shape, padded, padded[1], 0, precision)  # type: ignore[arg-type]
+    if fits is None or fits(whole) or margin_y is None:
+        return whole
+    margin = -(-margin_y // m) * m
+    extents = list(range(2 * margin + m, padded[1] - m + 1, m))  # band rows, a core of >= m rows each
+    if not extents:
+        return whole
+    best, lo, hi = None, 0, len(extents) - 1
+    while lo <= hi:  # memory grows with the band: the widest that fits
+        mid = (lo + hi) // 2
+        cand = _plan_band(tm, shape, padded, extents[mid], margin, precision)  # type: ignore[arg-type]
+        if fits(cand):
+            best, lo = cand, mid + 1
+        else:
+            hi = mid - 1
+    return best or _plan_band(tm, shape, padded, extents[0], margin, precision)  # type: ignore[arg-type]
 
+
+def _plan_band(tm: TileModel, shape: tuple[int, int, int], padded: tuple[int, int, int], band: int, margin: int,
+               precision: str) -> StreamPlan:
+    """The plan for streaming ``band`` padded y rows at a time."""
+    m = tm.multiple
+    graph = stream_graph_for(tm, (padded[0], band, padded[2]))
+    graph.store_in(precision if precision in ("bf16", "f16") else "f32")
     step = max(m, OUT_PLANES // m * m)
-    rows = TileGrid.build(shape, (*padded[:2], step), [m] * 3, (0, 0, 0), "crop").axes[2].cores
+    rows = plan_axis_crop(shape[2], step, m, 0).cores
     caps = plan_capacities(graph, step, list(rows))
     buffers = sum(caps[k] * t.plane_bytes for k, t in graph.tensors.items())
     working = 0
@@ -281,57 +324,72 @@ def plan_stream(tm: TileModel, shape: tuple[int, int, int], precision: str) -> S
         working += sum(w.input_planes(t) * graph.tensors[k].plane_bytes for k, w in s.inputs)
         working += sum(t * graph.tensors[k].plane_bytes for k in s.outputs)
     working = int(WORKING_FACTOR * working)
-    return StreamPlan(graph, padded, step, step, caps, buffers / 2**20, working / 2**20)  # type: ignore[arg-type]
+    return StreamPlan(graph, padded, band, margin, step, step, caps, buffers / 2**20, working / 2**20)
 
 
 def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, writer: Any, *, grid: Any,
                normalizer: Any, pad_mode: str = "constant", nan_fill: list[float] | None = None,
                progress: bool = True, start_row: int = 0,
                on_row_done: Callable[[int], None] | None = None) -> tuple[float, int]:
-    """Stream ``source`` through ``model`` (read → normalise → every segment → post-process → write), one row of
-    ``grid`` (its z cores: whole cross-sections) at a time. Returns (seconds OpenVINO computed, segment calls).
+    """Stream ``source`` through ``model`` (read → normalise → every segment → post-process → write), band by band
+    along y (``grid.axes[1]``), one row of output planes (``grid.axes[2]`` cores) at a time. Returns (seconds
+    OpenVINO computed, segment calls).
 
-    A resumed run (``start_row``) recomputes the rows before it (the stream has no other way to rebuild the layers'
-    plane buffers) but does not write them again."""
+    With one band a resumed run (``start_row``) recomputes the rows before it (the stream has no other way to
+    rebuild the layers' plane buffers) but does not write them again, and rows are journaled as they finish. With
+    several bands a plane is final only after the last band: rows are not journaled (a resume starts over)."""
     from volinfer.tiling.feeder import TileFeeder
     from volinfer.tiling.geometry import Tile, TileGrid
 
     shape = tuple(source.shape)
-    px, py, pz = plan.padded
+    px, _, _ = plan.padded
     zaxis = 4 if model.layout == "NCDHW" else 3
-    reads = TileGrid.build(shape, (px, py, plan.read_planes), [model.multiple] * 3, (0, 0, 0), "crop")
+    reads = TileGrid.build(shape, (px, plan.band, plan.read_planes), [model.multiple] * 3, (0, 0, 0), "crop")
     feeder = TileFeeder(source, reads, normalizer, pad_mode, 0.0, nan_fill)
+    requests = compile_segments(plan.graph, _segment_compiler(model, plan.graph))
+    ay, cores = grid.axes[1], grid.axes[2].cores
+    if ay.count > 1:
+        start_row, on_row_done = 0, None
+    block = np.empty((spec.out_channels, max(b - a for a, b in cores), max(b - a for a, b in ay.cores), shape[0]),
+                     spec.dtype)
+    bar = tqdm(total=len(cores) * ay.count, initial=start_row, unit="slab", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True, desc="volinfer", leave=False)
+    busy, calls = 0.0, 0
+    try:
+        for sy, (cy0, cy1) in zip(ay.starts, ay.cores):
+            def read(a: int, slot: np.ndarray | None, sy: int = sy) -> None:
+                if slot is not None:
+                    feeder.fill(Tile((0, 0, 0), (0, sy, a), ((0, 0), (0, 0), (0, 0))),
+                                model.input_view(np.moveaxis(slot, 0, zaxis)))
 
-    def read(a: int, slot: np.ndarray | None) -> None:
-        if slot is not None:
-            feeder.fill(Tile((0, 0, 0), (0, 0, a), ((0, 0), (0, 0), (0, 0))), model.input_view(np.moveaxis(slot, 0, zaxis)))
+            run = None  # the previous band's buffers go before this band's are made
+            run = StreamRun(plan.graph, read, plan.read_planes, plan.capacities, requests)
+            for r, (a, b) in enumerate(cores):
+                n, ny = b - a, cy1 - cy0
+                planes = run.take(a, n)
+                if r >= start_row:
+                    out = model.output_view_of(np.moveaxis(planes, 0, zaxis))
+                    spec(out[:, : shape[0], cy0 - sy: cy1 - sy, :n].transpose(0, 3, 2, 1), block[:, :n, :ny])
+                    writer.write(block[:, :n, :ny], a, cy0)
+                run.done(b)
+                if on_row_done is not None and r >= start_row:
+                    on_row_done(r + 1)
+                bar.update(1)
+            busy, calls = busy + run.busy, calls + run.calls
+    finally:
+        bar.close()
+    return busy, calls
 
+
+def _segment_compiler(model: TileModel, graph: StreamGraph) -> Callable[[Segment, int], Any]:
+    """Builds a segment's model (graph surgery on clones of one model: one at a time) and compiles it as ``model``
+    compiles (device, precision, threads)."""
     config = model.options.config(model.precision)
-    core = model.core
-    building = threading.Lock()  # graph surgery on clones of one model, one at a time; compiling in parallel
+    building = threading.Lock()
 
     def compile_segment(seg: Segment, t: int) -> Any:
         with building:
-            sub = build_segment_model(plan.graph, seg, t)
-        return core.compile_model(sub, model.options.device, config)
+            sub = build_segment_model(graph, seg, t)
+        return model.core.compile_model(sub, model.options.device, config)
 
-    run = StreamRun(plan.graph, read, plan.read_planes, plan.capacities, compile_segment)
-    cores = grid.axes[2].cores
-    block = np.empty((spec.out_channels, max(b - a for a, b in cores), shape[1], shape[0]), spec.dtype)
-    bar = tqdm(total=len(cores), initial=start_row, unit="slab", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, desc="volinfer", leave=False)
-    try:
-        for r, (a, b) in enumerate(cores):
-            n = b - a
-            planes = run.take(a, n)
-            if r >= start_row:
-                out = model.output_view_of(np.moveaxis(planes, 0, zaxis))[:, : shape[0], : shape[1], :n]
-                spec(out.transpose(0, 3, 2, 1), block[:, :n])
-                writer.write(block[:, :n], a, 0)
-            run.done(b)
-            if on_row_done is not None and r >= start_row:
-                on_row_done(r + 1)
-            bar.update(1)
-    finally:
-        bar.close()
-    return run.busy, run.calls
+    return compile_segment
