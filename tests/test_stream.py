@@ -220,6 +220,7 @@ def test_bands_along_y_when_the_cross_section_does_not_fit(tmp_path):
     assert rep.engine == "stream" and rep.grid[1] > 1, rep.notes
     assert rep.exact and "bands along y" in rep.exact_meaning
     assert any("bands of" in n for n in rep.notes)
+    assert f"{rep.grid[1]} bands of" in rep.summary()
     ref = whole_volume(path, vol)
     assert np.abs(np.moveaxis(out, -1, 0) - ref).max() < 1e-3
     # a compressed file output takes bands too: planes become final only after the last band
