@@ -106,8 +106,15 @@ class StreamTensor:
 
     @property
     def plane_shape(self) -> tuple[int, ...]:
-        """Shape of one plane, z removed (the stored layout is ``(planes, *plane_shape)``)."""
-        return tuple(d for i, d in enumerate(self.shape) if i != self.zaxis)
+        """Shape of one stored plane: the two other spatial axes, then channels (the batch of 1 dropped). Planes
+        are stored ``(planes, *plane_shape)``: z outermost, channels innermost — the memory order of OpenVINO's own
+        channels-last (``acdeb``) layout, so a segment's inputs and outputs need no reorder."""
+        return (*(self.shape[i] for i in _others(self.zaxis)), self.shape[1])
+
+    def model_view(self, planes: np.ndarray) -> np.ndarray:
+        """Stored planes ``(planes, *plane_shape)`` as a view in the tensor's own (N, C, s0, s1, s2) order."""
+        stored = _orders(self.zaxis)[1]
+        return np.transpose(planes[None], [stored.index(a) for a in range(5)])
 
     @property
     def plane_bytes(self) -> int:
@@ -230,9 +237,9 @@ def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: in
         k = _key(out)
         if k not in tensors:
             shp = tuple(int(d) for d in out.get_shape())
-            if len(shp) != 5 or zof[k] < 2:
+            if len(shp) != 5 or zof[k] < 2 or shp[0] != 1:
                 raise NotStreamable(f"{out.get_node().get_type_name()} {out.get_node().get_friendly_name()} "
-                                    f"makes a tensor that is not (N, C, D, H, W)")
+                                    f"makes a tensor that is not (1, C, D, H, W)")
             tensors[k] = StreamTensor(k, shp[zof[k]], zof[k], shp)
         return tensors[k]
 
@@ -302,13 +309,19 @@ def _set_outputs(model: ov.Model, segments: list[Segment], seg_of: dict[str, int
                 seg.outputs.append(k)
 
 
+def _others(zaxis: int) -> list[int]:
+    return [a for a in (2, 3, 4) if a != zaxis]
+
+
 def _orders(zaxis: int) -> tuple[list[int], list[int], list[int]]:
     """Axis orders for a native (N, C, s0, s1, s2) tensor streamed along ``zaxis``: ``q`` runs the segment (z the
     outermost spatial axis: OpenVINO's kernels vectorise along the innermost one, which must stay wide), ``r`` stores
-    it (planes outermost), and the spatial axes of ``q`` as native spatial indices."""
-    others = [a for a in (2, 3, 4) if a != zaxis]
+    it (N, planes, the other spatial axes, channels: with N = 1 any run of planes is one contiguous block, and it is
+    the memory order OpenVINO's channels-last kernels use, so the transposes between the two fold away), and the
+    spatial axes of ``q`` as native spatial indices."""
+    others = _others(zaxis)
     q = [0, 1, zaxis, *others]
-    r = [zaxis, 0, 1, *others]
+    r = [0, zaxis, *others, 1]
     return q, r, [a - 2 for a in q[2:]]
 
 
@@ -331,12 +344,15 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
         if ten.zaxis != zaxis:
             raise NotStreamable(f"segment {seg.index} mixes tensors streamed along different axes")
         planes = win.input_planes(t) if win.kind != "same" else t
-        p = ops.parameter([planes, *ten.plane_shape], ten.ov_type, name=f"in{j}")
-        data = ops.transpose(p, ops.constant(np.array(to_q, np.int64)))
+        p = ops.parameter([1, planes, *ten.plane_shape], ten.ov_type, name=f"in{j}")
+        made: dict[Any, ov.Output] = {}
         for inp, jj in ports:
             if jj == j:
-                cast = data if inp.get_element_type() == ten.ov_type else ops.convert(data, inp.get_element_type())
-                inp.replace_source_output(cast.output(0))
+                want = inp.get_element_type()
+                if want not in made:  # convert, then transpose: OpenVINO folds the transpose into its reorder
+                    cast = p if want == ten.ov_type else ops.convert(p, want)
+                    made[want] = ops.transpose(cast, ops.constant(np.array(to_q, np.int64))).output(0)
+                inp.replace_source_output(made[want])
         params.append(p)
     sliced: dict[str, ov.Output] = {}
     if seg.anchor is not None:
@@ -345,14 +361,13 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
     for key in seg.outputs:
         name, idx = key.rsplit(":", 1)
         out = sliced.get(key) or nodes[name].output(int(idx))
-        z = ops.transpose(out, ops.constant(np.array(to_r, np.int64)))
         if out.get_element_type() != graph.tensors[key].ov_type:
-            z = ops.convert(z, graph.tensors[key].ov_type)
-        results.append(ops.result(z))
+            out = ops.convert(out, graph.tensors[key].ov_type).output(0)
+        results.append(ops.result(ops.transpose(out, ops.constant(np.array(to_r, np.int64)))))
     sub = ov.Model(results, params, f"segment{seg.index}")
     sub.validate_nodes_and_infer_types()
     for res, key in zip(sub.outputs, seg.outputs):
-        want = [t, *graph.tensors[key].plane_shape]
+        want = [1, t, *graph.tensors[key].plane_shape]
         if list(res.get_shape()) != want:
             raise NotStreamable(f"segment {seg.index} computes {list(res.get_shape())} for {key}, expected {want}")
     return sub

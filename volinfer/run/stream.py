@@ -209,8 +209,8 @@ def compile_segments(graph: StreamGraph, compile_segment: Callable[[Segment, int
 def _tensor(arr: np.ndarray, ten: StreamTensor) -> ov.Tensor:
     """``arr`` shared with OpenVINO (bf16 planes are kept as uint16 bits)."""
     if ten.storage == "bf16":
-        return ov.Tensor(arr, list(arr.shape), ov.Type.bf16)
-    return ov.Tensor(arr, shared_memory=True)
+        return ov.Tensor(arr, [1, *arr.shape], ov.Type.bf16)
+    return ov.Tensor(arr[None], shared_memory=True)
 
 
 def _bits(value: float, ten: StreamTensor) -> Any:
@@ -233,9 +233,9 @@ def plan_capacities(graph: StreamGraph, read_planes: int, rows: list[tuple[int, 
 
 def stream_graph_for(model: TileModel, padded: tuple[int, int, int]) -> StreamGraph:
     """The model cut into segments for a whole padded volume (x, y, z); raises NotStreamable."""
-    full = model.input_shape_for(padded)
-    zaxis = 4 if model.layout == "NCDHW" else 3
-    return analyse(model.model, full, zaxis, model.output_index)
+    if model.layout != "NCDHW":
+        raise NotStreamable(f"the model's input is {model.layout} (layer streaming runs NCDHW models)")
+    return analyse(model.model, model.input_shape_for(padded), 4, model.output_index)
 
 
 # ---- the engine as a run uses it: plan (graph, chunking, buffer sizes, memory) and the streamed pass ----
@@ -343,7 +343,7 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
 
     shape = tuple(source.shape)
     px, _, _ = plan.padded
-    zaxis = 4 if model.layout == "NCDHW" else 3
+    in_ten, out_ten = plan.graph.tensors[plan.graph.input_key], plan.graph.tensors[plan.graph.output_key]
     reads = TileGrid.build(shape, (px, plan.band, plan.read_planes), [model.multiple] * 3, (0, 0, 0), "crop")
     feeder = TileFeeder(source, reads, normalizer, pad_mode, 0.0, nan_fill)
     requests = compile_segments(plan.graph, _segment_compiler(model, plan.graph))
@@ -360,7 +360,7 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
             def read(a: int, slot: np.ndarray | None, sy: int = sy) -> None:
                 if slot is not None:
                     feeder.fill(Tile((0, 0, 0), (0, sy, a), ((0, 0), (0, 0), (0, 0))),
-                                model.input_view(np.moveaxis(slot, 0, zaxis)))
+                                model.input_view(in_ten.model_view(slot)))
 
             run = None  # the previous band's buffers go before this band's are made
             run = StreamRun(plan.graph, read, plan.read_planes, plan.capacities, requests)
@@ -368,7 +368,7 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
                 n, ny = b - a, cy1 - cy0
                 planes = run.take(a, n)
                 if r >= start_row:
-                    out = model.output_view_of(np.moveaxis(planes, 0, zaxis))
+                    out = model.output_view_of(out_ten.model_view(planes))
                     spec(out[:, : shape[0], cy0 - sy: cy1 - sy, :n].transpose(0, 3, 2, 1), block[:, :n, :ny])
                     writer.write(block[:, :n, :ny], a, cy0)
                 run.done(b)
