@@ -12,6 +12,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import openvino as ov
+import openvino.opset13 as ops
 import pytest
 
 from models import stream_unet, tiny_unet
@@ -228,3 +229,35 @@ def test_bands_along_y_when_the_cross_section_does_not_fit(tmp_path):
     rep = predict(vol, path, dst, engine="stream", precision="f32", kind="raw", max_memory_mb=budget, progress=False)
     assert rep.grid[1] > 1
     np.testing.assert_array_equal(np.asarray(nib.load(str(dst)).dataobj), out)
+
+
+@pytest.mark.parametrize("k,s,pb,pe,op,cout", [(3, 2, 1, 1, 1, 2), (2, 2, 0, 0, 0, 3), (4, 2, 1, 1, 0, 1),
+                                               (3, 3, 0, 0, 0, 2), (5, 3, 1, 1, 0, 2), (4, 2, 2, 0, 0, 2)])
+def test_transposed_convolution_as_stride_phases(tmp_path, monkeypatch, k, s, pb, pe, op, cout):
+    """Transposed convolutions with few output channels run as one convolution over their stride phases plus
+    DepthToSpace: every kernel/stride/padding shape gives OpenVINO's own transposed convolution, on the whole
+    volume, to float32 rounding — and the phase path really ran."""
+    import volinfer.model.stream_graph as sg
+
+    rng = np.random.default_rng(k * 10 + s)
+    param = ops.parameter([1, 1, -1, -1, -1], np.float32)
+    down = ops.convolution(param, ops.constant(rng.standard_normal((4, 1, s, s, s)).astype(np.float32)),
+                           [s] * 3, [0] * 3, [0] * 3, [1] * 3)
+    up = ops.convolution_backprop_data(down, ops.constant(rng.standard_normal((4, cout, k, k, k)).astype(np.float32)),
+                                       [s] * 3, None, [pb] * 3, [pe] * 3, [1] * 3, output_padding=[op] * 3)
+    m = ov.Model([ops.relu(up)], [param], "updown")
+    m.set_rt_info(str(s), ["volinfer", "size_multiple"])
+    path = tmp_path / "updown.xml"
+    ov.save_model(m, str(path), compress_to_fp16=False)
+    built: list[ov.Model] = []
+    real_build = sg.build_segment_model
+    monkeypatch.setattr("volinfer.run.stream.build_segment_model",
+                        lambda *a, **kw: built.append(real_build(*a, **kw)) or built[-1])
+    shape = (5 * s + 1, 4 * s - 1, 9 * s + 2)
+    vol = _volume(shape, seed=k)
+    out = predict(vol, path, engine="stream", precision="f32", kind="raw", progress=False)
+    out = out if out.ndim == 4 else out[..., None]
+    ref = whole_volume(path, vol, multiple=s)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+    kinds = {op.get_type_name() for b in built for op in b.get_ops()}
+    assert "DepthToSpace" in kinds and "ConvolutionBackpropData" not in kinds

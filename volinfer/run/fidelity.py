@@ -15,6 +15,7 @@ voxels whose predicted memory fits the budget; it changes nothing when the user 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
@@ -197,13 +198,13 @@ def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferre
                 if not single and norm_layers:
                     passes = norm_layers
                 tile = tuple(t for t, _, _ in axes)
-                mem = RUNTIME_FLOOR_MB + weights_mb + mem_per_voxel * float(np.prod(tile)) / 2**20
+                mem = RUNTIME_FLOOR_MB + weights_mb + mem_per_voxel * float(math.prod(tile)) / 2**20
                 if mem > budget_mb:
                     continue
-                evaluated = int(np.prod([t * c for t, c, _ in axes]))
+                evaluated = math.prod(t * c for t, c, _ in axes)
                 fits.append(Tiling(tile, tuple(o for _, _, o in axes), tuple(c for _, c, _ in axes),  # type: ignore[arg-type]
                                    evaluated, round(mem, 1), passes,
-                                   voxel_s=None if voxel_cost is None else voxel_cost(float(np.prod(tile)))))
+                                   voxel_s=None if voxel_cost is None else voxel_cost(float(math.prod(tile)))))
     if not fits:
         return None
 

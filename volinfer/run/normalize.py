@@ -245,7 +245,7 @@ class _Statistics:
     def _add_integers(self, c: int, stored: np.ndarray, a: float, b: float) -> None:
         """Integer voxels (never NaN): sums of the stored values (a dot product for the squares), scaled by the
         file's slope and intercept afterwards — the same sums as scaling every voxel first, in half the time."""
-        f = stored.astype(np.float64).ravel()
+        f = stored.astype(np.float64).ravel(order="K")  # memory order: a slab is a transposed view
         n, s1, s2 = f.size, float(f.sum()), float(np.dot(f, f))
         self.n[c] += n
         self.s1[c] += a * s1 + b * n
