@@ -31,42 +31,48 @@ CHUNK_BYTES = 2 << 20
 
 
 class PlaneBuffer:
-    """Planes [lo, hi) of one streamed tensor, z-first, in one preallocated array (shifted down when full)."""
+    """Planes [lo, hi) of one streamed tensor, z-first, in a ring of ``capacity`` planes followed by ``mirror``
+    planes that repeat the ring's first ones. Writes start on multiples of the producer's chunk, which divides the
+    capacity, so a written slot never wraps; the mirror makes every consumer's window (at most ``mirror + 1``
+    planes) one contiguous view wherever it starts. Nothing is ever shifted; only the few planes at the ring's
+    start are copied once, into the mirror."""
 
-    def __init__(self, ten: StreamTensor, capacity: int, allocate: bool = True) -> None:
-        self.n, self.plane_shape, self.capacity, self.ten = ten.n, ten.plane_shape, capacity, ten
-        self.arr = np.empty((capacity, *self.plane_shape), ten.np_dtype) if allocate else None
-        self.base = self.lo = self.hi = 0
+    def __init__(self, ten: StreamTensor, capacity: int, mirror: int = 0, allocate: bool = True) -> None:
+        self.n, self.plane_shape, self.capacity, self.mirror, self.ten = ten.n, ten.plane_shape, capacity, mirror, ten
+        self.arr = np.empty((capacity + mirror, *self.plane_shape), ten.np_dtype) if allocate else None
+        self.lo = self.hi = 0
         self.need = 0  # the most planes [lo, end of a write) this buffer had to hold (dry runs size buffers with it)
 
     def reserve(self, a: int, t: int) -> np.ndarray | None:
-        """The slot for planes [a, a+t), the next ones after ``hi``; older planes move down when needed."""
+        """The slot for planes [a, a+t), the next ones after ``hi``."""
         if a != self.hi:
             raise RuntimeError(f"planes written out of order ({a} after {self.hi})")
         self.need = max(self.need, a + t - self.lo)
-        if a + t - self.base > self.capacity:
-            self._shift()
         if self.arr is None:
             return None
-        if a + t - self.base > self.capacity:
+        p = a % self.capacity
+        if a + t - self.lo > self.capacity or p + t > self.capacity:
             raise RuntimeError(f"plane buffer too small: {a + t - self.lo} planes needed, {self.capacity} held")
-        return self.arr[a - self.base: a + t - self.base]
-
-    def _shift(self) -> None:
-        """Move planes [lo, hi) to the start (forward, plane by plane: no temporary copy of the whole buffer)."""
-        d = self.lo - self.base
-        if self.arr is not None and d:
-            for i in range(self.hi - self.lo):
-                self.arr[i] = self.arr[i + d]
-        self.base = self.lo
+        return self.arr[p: p + t]
 
     def commit(self, a: int, t: int) -> None:
+        if self.arr is not None and self.mirror:
+            p = a % self.capacity
+            if p < self.mirror:
+                e = min(p + t, self.mirror)
+                self.arr[self.capacity + p: self.capacity + e] = self.arr[p:e]
         self.hi = min(a + t, self.n)
 
     def view(self, lo: int, hi: int) -> np.ndarray:
+        """Planes [lo, hi): a view (a copy only for a window longer than the mirror allows, across the ring's
+        end)."""
         if lo < self.lo or hi > self.hi:
             raise RuntimeError(f"planes [{lo}, {hi}) requested, [{self.lo}, {self.hi}) held")
-        return self.arr[lo - self.base: hi - self.base]  # type: ignore[index]
+        assert self.arr is not None
+        p = lo % self.capacity
+        if p + hi - lo <= self.capacity + self.mirror:
+            return self.arr[p: p + hi - lo]
+        return np.concatenate((self.arr[p: self.capacity], self.arr[: p + hi - lo - self.capacity]))
 
     def release(self, lo: int) -> None:
         """Planes below ``lo`` are no longer needed."""
@@ -105,16 +111,14 @@ class StreamRun:
     the buffers)."""
 
     def __init__(self, graph: StreamGraph, read: Callable[[int, np.ndarray | None], None], read_planes: int,
-                 capacities: dict[str, int] | None = None, requests: list[Any] | None = None,
+                 capacities: dict[str, tuple[int, int]] | None = None, requests: list[Any] | None = None,
                  chunk_bytes: int = CHUNK_BYTES, span: int = CHUNK_SPAN) -> None:
         self.g = graph
         self.read, self.read_t = read, read_planes
         self.compute = capacities is not None
         self.segs = [_Seg(s, chunk_planes(graph, s, chunk_bytes, span)) for s in graph.segments]
-        big = {k: 1 << 40 for k in graph.tensors}
-        caps = capacities or big
-        self.bufs = {k: PlaneBuffer(t, caps[k], allocate=self.compute)
-                     for k, t in graph.tensors.items()}
+        caps = capacities or {k: (1 << 40, 0) for k in graph.tensors}
+        self.bufs = {k: PlaneBuffer(t, *caps[k], allocate=self.compute) for k, t in graph.tensors.items()}
         self.busy = 0.0
         self.calls = 0
         # each consumer's lowest plane still needed, per tensor: (segment index, input j) -> plane
@@ -221,14 +225,27 @@ def _bits(value: float, ten: StreamTensor) -> Any:
 
 
 def plan_capacities(graph: StreamGraph, read_planes: int, rows: list[tuple[int, int]],
-                    chunk_bytes: int = CHUNK_BYTES, span: int = CHUNK_SPAN) -> dict[str, int]:
-    """Planes each buffer must hold, from a bookkeeping-only pass over the whole volume, written in ``rows`` (the
-    output plane ranges the run will take, in order)."""
+                    chunk_bytes: int = CHUNK_BYTES, span: int = CHUNK_SPAN) -> dict[str, tuple[int, int]]:
+    """(ring planes, mirror planes) of each buffer: the planes it must hold, from a bookkeeping-only pass over the
+    whole volume written in ``rows`` (the output plane ranges the run will take, in order), rounded up to whole
+    slots of its producer's chunk; and its longest window read by a segment, less one."""
     dry = StreamRun(graph, lambda a, slot: None, read_planes, chunk_bytes=chunk_bytes, span=span)
     for a, b in rows:
         dry.take(a, b - a)
         dry.done(b)
-    return {k: max(1, b.need) for k, b in dry.bufs.items()}
+    window = {k: 0 for k in graph.tensors}  # the longest window a segment reads of each tensor
+    for rs in dry.segs:
+        for key, win in rs.seg.inputs:
+            window[key] = max(window[key], win.input_planes(rs.t) if win.kind != "same" else rs.t)
+    caps = {}
+    for k, b in dry.bufs.items():
+        if k != graph.input_key and k not in graph.producer:  # inside one segment: never stored
+            caps[k] = (0, 0)
+            continue
+        step = read_planes if k == graph.input_key else dry.segs[graph.producer[k]].t
+        cap = -(-max(1, b.need) // step) * step  # whole slots: a write never wraps
+        caps[k] = (cap, min(max(0, window[k] - 1), cap))
+    return caps
 
 
 def stream_graph_for(model: TileModel, padded: tuple[int, int, int]) -> StreamGraph:
@@ -240,9 +257,10 @@ def stream_graph_for(model: TileModel, padded: tuple[int, int, int]) -> StreamGr
 
 # ---- the engine as a run uses it: plan (graph, chunking, buffer sizes, memory) and the streamed pass ----
 
-#: OpenVINO's memory for a compiled segment, in units of its call's inputs plus outputs (input transposes, blocked
-#: layouts, precision conversions); measured on the reference U-Net at 512³ (bf16): 320 MB over 23 segments.
-WORKING_FACTOR = 2.5
+#: OpenVINO's memory for a compiled segment, in units of its call's inputs plus outputs (blocked layouts, precision
+#: conversions, the phase convolutions' DepthToSpace); measured on the reference U-Net (bf16, channels-last planes):
+#: 1.75x at 256³ (372 MB peak), 1.63x at 512³ (683-703 MB).
+WORKING_FACTOR = 1.75
 
 #: Output planes written per step (one journal row); a multiple of the model's size multiple.
 OUT_PLANES = 16
@@ -260,7 +278,7 @@ class StreamPlan:
     margin: int  # y margin of each band's inner sides (0 with one band)
     read_planes: int
     out_planes: int
-    capacities: dict[str, int]
+    capacities: dict[str, tuple[int, int]]  # (ring planes, mirror planes) per tensor
     buffers_mb: float
     working_mb: float  # OpenVINO's own memory for the segments' calls (estimated)
     peak_mb: float | None = None  # the run's predicted peak: runtime, weights, buffers, working memory
@@ -317,7 +335,7 @@ def _plan_band(tm: TileModel, shape: tuple[int, int, int], padded: tuple[int, in
     step = max(m, OUT_PLANES // m * m)
     rows = plan_axis_crop(shape[2], step, m, 0).cores
     caps = plan_capacities(graph, step, list(rows))
-    buffers = sum(caps[k] * t.plane_bytes for k, t in graph.tensors.items())
+    buffers = sum(sum(caps[k]) * t.plane_bytes for k, t in graph.tensors.items())
     working = 0
     for s in graph.segments:  # every compiled segment keeps its own copies of its call's inputs and outputs
         t = chunk_planes(graph, s)
