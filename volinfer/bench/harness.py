@@ -23,7 +23,7 @@ METHOD_NAMES = {
     "crop": "volinfer crop",
     "gaussian": "volinfer gaussian",
     "mean": "volinfer mean",
-    "auto": "volinfer default (auto tile + precision, exact)",
+    "auto": "volinfer default (auto engine, tile, precision; exact)",
     "monai": "MONAI sliding_window_inference",
     "nnunet": "nnU-Net v2 sliding window",
     "infer-only": "OpenVINO inference alone (same tiles, no I/O)",

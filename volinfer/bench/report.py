@@ -30,7 +30,7 @@ def ratios(results: list[Measurement]) -> list[dict[str, Any]]:
     a machine with few cores lowers the first and raises the second."""
     rows = []
     for m in results:
-        if m.method not in VOLINFER_METHODS or m.status != "ok":
+        if m.method not in (*VOLINFER_METHODS, "auto") or m.status != "ok":
             continue
         row: dict[str, Any] = {"size": list(m.size), "method": m.method}
         for peer in PEERS:
@@ -41,7 +41,7 @@ def ratios(results: list[Measurement]) -> list[dict[str, Any]]:
             row[f"wall_this_over_{peer}"] = round(m.wall_s / p.wall_s, 3)  # type: ignore[operator]
             row[f"cpu_this_over_{peer}"] = round(m.cpu_s / p.cpu_s, 3)  # type: ignore[operator]
         floor = _ok(results, m.size, "infer-only")
-        if floor is not None and m.tiles and floor.tiles:
+        if floor is not None and m.tiles and floor.tiles and m.method != "auto":  # auto may not run those tiles
             rate = floor.tiles / floor.raw["infer_s"]
             row["throughput_vs_infer_only"] = round((m.tiles / m.wall_s) / rate, 3)  # type: ignore[operator]
             cpu_per_tile = floor.raw.get("infer_cpu_s", 0.0) / floor.tiles
