@@ -94,6 +94,7 @@ class StreamTensor:
     zaxis: int  # index of z in the tensor's own shape
     shape: tuple[int, ...]  # full shape in the model's order
     storage: str = "f32"  # how planes are kept between segments: f32, or the run's reduced precision (bf16/f16)
+    channels_last: bool = True  # see :attr:`order`
 
     @property
     def ov_type(self) -> ov.Type:
@@ -105,16 +106,23 @@ class StreamTensor:
         return {"f32": np.float32, "bf16": np.uint16, "f16": np.float16}[self.storage]
 
     @property
+    def order(self) -> list[int]:
+        """The stored axis order, in the tensor's own (N, C, s0, s1, s2) indices: N, z, then the other spatial axes
+        with channels innermost (OpenVINO's channels-last ``acdeb``: a segment's inputs and outputs need no
+        reorder) — or, for the model's output (``channels_last`` False), channels before them (the float32 output
+        leaves OpenVINO planar, and post-processing reads channels as planes)."""
+        others = _others(self.zaxis)
+        return [0, self.zaxis, *others, 1] if self.channels_last else [0, self.zaxis, 1, *others]
+
+    @property
     def plane_shape(self) -> tuple[int, ...]:
-        """Shape of one stored plane: the two other spatial axes, then channels (the batch of 1 dropped). Planes
-        are stored ``(planes, *plane_shape)``: z outermost, channels innermost — the memory order of OpenVINO's own
-        channels-last (``acdeb``) layout, so a segment's inputs and outputs need no reorder."""
-        return (*(self.shape[i] for i in _others(self.zaxis)), self.shape[1])
+        """Shape of one stored plane (the batch of 1 dropped): planes are stored ``(planes, *plane_shape)``, z
+        outermost, so any run of planes is one contiguous block."""
+        return tuple(self.shape[i] for i in self.order[2:])
 
     def model_view(self, planes: np.ndarray) -> np.ndarray:
         """Stored planes ``(planes, *plane_shape)`` as a view in the tensor's own (N, C, s0, s1, s2) order."""
-        stored = _orders(self.zaxis)[1]
-        return np.transpose(planes[None], [stored.index(a) for a in range(5)])
+        return np.transpose(planes[None], [self.order.index(a) for a in range(5)])
 
     @property
     def plane_bytes(self) -> int:
@@ -154,6 +162,7 @@ class StreamGraph:
         halves the buffers and the memory traffic); the input and the output stay float32."""
         for key, ten in self.tensors.items():
             ten.storage = "f32" if key in (self.input_key, self.output_key) else precision
+            ten.channels_last = key != self.output_key
 
 
 def _key(out: ov.Output) -> str:
@@ -313,16 +322,12 @@ def _others(zaxis: int) -> list[int]:
     return [a for a in (2, 3, 4) if a != zaxis]
 
 
-def _orders(zaxis: int) -> tuple[list[int], list[int], list[int]]:
-    """Axis orders for a native (N, C, s0, s1, s2) tensor streamed along ``zaxis``: ``q`` runs the segment (z the
-    outermost spatial axis: OpenVINO's kernels vectorise along the innermost one, which must stay wide), ``r`` stores
-    it (N, planes, the other spatial axes, channels: with N = 1 any run of planes is one contiguous block, and it is
-    the memory order OpenVINO's channels-last kernels use, so the transposes between the two fold away), and the
-    spatial axes of ``q`` as native spatial indices."""
-    others = _others(zaxis)
-    q = [0, 1, zaxis, *others]
-    r = [0, zaxis, *others, 1]
-    return q, r, [a - 2 for a in q[2:]]
+def _orders(zaxis: int) -> tuple[list[int], list[int]]:
+    """For a native (N, C, s0, s1, s2) tensor streamed along ``zaxis``: the axis order a segment computes in (z
+    the outermost spatial axis: OpenVINO's kernels vectorise along the innermost one, which must stay wide), and its
+    spatial axes as native spatial indices (how the anchor's weights and attributes are permuted)."""
+    q = [0, 1, zaxis, *_others(zaxis)]
+    return q, [a - 2 for a in q[2:]]
 
 
 def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
@@ -334,9 +339,7 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
     model = graph.model.clone()
     nodes = {n.get_friendly_name(): n for n in model.get_ordered_ops()}
     zaxis = graph.tensors[seg.inputs[0][0]].zaxis
-    q, r, sp = _orders(zaxis)
-    to_q = [r.index(a) for a in q]
-    to_r = [q.index(a) for a in r]
+    q, sp = _orders(zaxis)
     ports = _input_ports(seg, nodes)
     params = []
     for j, (key, win) in enumerate(seg.inputs):
@@ -351,6 +354,7 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
                 want = inp.get_element_type()
                 if want not in made:  # convert, then transpose: OpenVINO folds the transpose into its reorder
                     cast = p if want == ten.ov_type else ops.convert(p, want)
+                    to_q = [ten.order.index(a) for a in q]
                     made[want] = ops.transpose(cast, ops.constant(np.array(to_q, np.int64))).output(0)
                 inp.replace_source_output(made[want])
         params.append(p)
@@ -363,6 +367,7 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
         out = sliced.get(key) or nodes[name].output(int(idx))
         if out.get_element_type() != graph.tensors[key].ov_type:
             out = ops.convert(out, graph.tensors[key].ov_type).output(0)
+        to_r = [q.index(a) for a in graph.tensors[key].order]
         results.append(ops.result(ops.transpose(out, ops.constant(np.array(to_r, np.int64)))))
     sub = ov.Model(results, params, f"segment{seg.index}")
     sub.validate_nodes_and_infer_types()
