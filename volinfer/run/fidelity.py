@@ -186,39 +186,41 @@ def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferre
     voxel_cost = functools.lru_cache(maxsize=None)(voxel_cost) if voxel_cost is not None else None
     options = [_axis_options(n, multiple, r, multiple // 2 if norm_layers else 0, p)
                for n, r, p in zip(shape, radii, preferred)]
-    fits: list[Tiling] = []
+    # candidates as plain tuples (thousands of them): a Tiling is made only for the few kept
+    fits: list[tuple[float, float, tuple[Any, Any, Any], int, int, float | None]] = []
+    single_only = global_ops or (norm_layers and not whole_stats)
     for ox in options[0]:
         for oy in options[1]:
             for oz in options[2]:
-                axes = (ox, oy, oz)
-                single = all(c == 1 for _, c, _ in axes)
-                passes = 0
-                if not single and (global_ops or (norm_layers and not whole_stats)):
+                single = ox[1] == 1 and oy[1] == 1 and oz[1] == 1
+                if not single and single_only:
                     continue
-                if not single and norm_layers:
-                    passes = norm_layers
-                tile = tuple(t for t, _, _ in axes)
-                mem = RUNTIME_FLOOR_MB + weights_mb + mem_per_voxel * float(math.prod(tile)) / 2**20
+                passes = norm_layers if not single and norm_layers else 0
+                voxels = ox[0] * oy[0] * oz[0]
+                mem = RUNTIME_FLOOR_MB + weights_mb + mem_per_voxel * voxels / 2**20
                 if mem > budget_mb:
                     continue
-                evaluated = math.prod(t * c for t, c, _ in axes)
-                fits.append(Tiling(tile, tuple(o for _, _, o in axes), tuple(c for _, c, _ in axes),  # type: ignore[arg-type]
-                                   evaluated, round(mem, 1), passes,
-                                   voxel_s=None if voxel_cost is None else voxel_cost(float(math.prod(tile)))))
+                evaluated = ox[0] * ox[1] * oy[0] * oy[1] * oz[0] * oz[1]
+                voxel_s = None if voxel_cost is None else voxel_cost(float(voxels))
+                # each statistics pass runs part of the network over the volume: ~half a run
+                cost = evaluated * (1.0 if voxel_s is None else voxel_s) * (1.0 + 0.5 * passes)
+                fits.append((cost, mem, (ox, oy, oz), evaluated, passes, voxel_s))
     if not fits:
         return None
 
-    def cost(t: Tiling) -> float:  # each statistics pass runs part of the network over the volume: ~half a run
-        return t.evaluated * (1.0 if t.voxel_s is None else t.voxel_s) * (1.0 + 0.5 * t.norm_passes)
+    def tiling(f: tuple[float, float, tuple[Any, Any, Any], int, int, float | None], within: bool = True) -> Tiling:
+        _, mem, axes, evaluated, passes, voxel_s = f
+        return Tiling(tuple(a[0] for a in axes), tuple(a[2] for a in axes), tuple(a[1] for a in axes),  # type: ignore[arg-type]
+                      evaluated, round(mem, 1), passes, within, voxel_s)
 
-    fast = [t for t in fits if t.memory_mb <= speed_mb]
+    by_speed = lambda f: (f[0], round(f[1], 1))  # noqa: E731  (cost, then memory as a Tiling rounds it)
+    fast = sorted((f for f in fits if round(f[1], 1) <= speed_mb), key=by_speed)
     if weighed is not None:  # what `volinfer plan` shows: the cheapest candidates within budget, then beyond it
-        key = lambda t: (cost(t), t.memory_mb)  # noqa: E731
-        slow = [replace(t, within_budget=False) for t in fits if t.memory_mb > speed_mb]
-        weighed.extend(sorted(fast, key=key)[:6] + sorted(slow, key=key)[:3])
+        slow = sorted((f for f in fits if round(f[1], 1) > speed_mb), key=by_speed)
+        weighed.extend([tiling(f) for f in fast[:6]] + [tiling(f, False) for f in slow[:3]])
     if fast:
-        return min(fast, key=lambda t: (cost(t), t.memory_mb))
-    return min(fits, key=lambda t: (t.memory_mb, cost(t)))
+        return tiling(fast[0])
+    return tiling(min(fits, key=lambda f: (round(f[1], 1), f[0])))
 
 
 def judge(overlap: Sequence[int], counts: Sequence[int], stitch: str, rf: ReceptiveField | None, norm_layers: int,
