@@ -288,7 +288,8 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
 
 
 #: ``--engine auto`` streams only when tiling would evaluate at least this many times the volume: streamed layers
-#: run each voxel once but cost more per voxel than a fused tile (measured on the reference U-Net, bf16: about 1.5x).
+#: run each voxel once but can cost more per voxel than a fused tile (the reference U-Net's, bf16: about 1.5x with
+#: planar planes, before planes were stored channels-last; not re-measured since).
 STREAM_MIN_EVALUATED = 1.5
 
 
@@ -374,7 +375,7 @@ def stream_verdict(setup: RunSetup, choice: TilingChoice) -> Fidelity:
 
 
 #: What a default streamed run may take above the runtime and the weights (plane buffers plus OpenVINO's memory for
-#: the segments): a 512³ volume through the reference U-Net streams in about 640 MB of it.
+#: the segments): a 512³ volume through the reference U-Net streams in about 540 MB of it.
 STREAM_HEADROOM_MB = 768.0
 
 
