@@ -73,8 +73,9 @@ class _GzipReader:
         self.close()
 
 
-#: Decompress on a background thread (ISA-L only): a few MB of decompressed blocks are read ahead.
-READ_THREAD = False
+#: Decompress on a background thread (ISA-L only): a few MB of decompressed blocks are read ahead. 512³ default run
+#: through the reference U-Net: .nii.gz input 13.1 s on the main thread, 12.2-12.4 s with it (.nii: 11.9-13.2 s).
+READ_THREAD = True
 
 #: Bytes per block the reader thread hands over (two are queued; its inflater buffers eight times as many).
 READ_BLOCK = 1 << 18
