@@ -409,6 +409,7 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int]) -> dict[
             node.set_attribute(name, v)
     if "auto_pad" in a:
         node.set_attribute("auto_pad", "explicit")
+    w, perm = None, None
     if kind in ("MaxPool", "AvgPool"):
         node.set_attribute("rounding_type", "floor")
     else:
@@ -422,7 +423,7 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int]) -> dict[
     out = node.output(0)
     targets = list(out.get_target_inputs())
     off = seg.window.local_offset(t)
-    phased = _phase_convolution(node, off, t) if _use_phases(node) else None
+    phased = _phase_convolution(node, w, perm, off, t) if w is not None and _use_phases(node) else None
     sl = phased if phased is not None else ops.slice(out, np.array([off], np.int64), np.array([off + t], np.int64),
                                                      np.array([1], np.int64), np.array([2], np.int64)).output(0)
     for tin in targets:
@@ -451,8 +452,9 @@ def _constant_value(out: ov.Output) -> np.ndarray | None:
     return np.asarray(node.get_data(), dtype=np.float32)
 
 
-def _phase_convolution(node: ov.Node, off: int, t: int) -> ov.Output | None:
-    """A transposed convolution (already in (N, C, z, s, s) order, no z padding) computed as one ordinary
+def _phase_convolution(node: ov.Node, w_src: ov.Output, perm: list[int], off: int, t: int) -> ov.Output | None:
+    """A transposed convolution (already in (N, C, z, s, s) order, no z padding; ``w_src`` its original weights,
+    ``perm`` the axis permutation that put them in that order) computed as one ordinary
     convolution producing every stride phase as channels, then DepthToSpace, then the crop to planes
     ``[off, off + t)`` along z and to the node's in-plane output. Output position ``o' = s*q + r`` of a transposed
     convolution sums ``x[q - l] * w[r + s*l]``: for phase ``r`` that is an ordinary correlation with the kernel taps
@@ -464,16 +466,10 @@ def _phase_convolution(node: ov.Node, off: int, t: int) -> ov.Output | None:
     s = int(a["strides"][0])
     if s < 2 or any(int(v) != s for v in a["strides"]) or any(int(d) != 1 for d in a["dilations"]):
         return None
-    w_src = node.input_value(1)
-    perm = None
-    if w_src.get_node().get_type_name() == "Transpose":  # the permutation _permute_anchor put in
-        perm = [int(v) for v in w_src.get_node().input_value(1).get_node().get_data()]
-        w_src = w_src.get_node().input_value(0)
     w = _constant_value(w_src)
     if w is None:
         return None
-    if perm is not None:
-        w = np.transpose(w, perm)
+    w = np.transpose(w, perm)
     cin, cout, k = w.shape[0], w.shape[1], w.shape[2:]
     L = [-(-kk // s) for kk in k]
     big = np.zeros((s ** 3 * cout, cin, *L), np.float32)
