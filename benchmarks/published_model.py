@@ -4,6 +4,7 @@ with the model's own whole-volume inference in PyTorch.
     pip install deepbet==1.0.2        # weights ship inside the wheel (data/models/model.pt): nothing downloads at run time
     python benchmarks/published_model.py                      # MNI152 T1 from volinfer's data, default configurations
     python benchmarks/published_model.py --volume t1.nii.gz --configs default,tile96 --work-dir /tmp/deepbet
+    python benchmarks/published_model.py --resolution 0.5 --configs budget1g   # the whole head at 0.5 mm, 1 GB budget
 
 The model: deepbet 1.0.2 (Fisch et al., Computers in Biology and Medicine 2024; MIT licence), a TorchScript LinkNet3d
 (stride 32, InstanceNorm3d throughout, ends in Softmax over 2 channels: background, brain). deepbet's documented
@@ -22,7 +23,7 @@ Measured, each in its own fresh process under `/usr/bin/time -v` (so its peak RS
 - `volinfer run` with default settings and with forced tiles, each compared with the reference: Dice of the brain
   label, the share of equal voxels, and volinfer's own `exact` verdict and reasons from `--json`.
 
-Writes benchmarks/results/published_model.{json,md} (or --results-dir). Not a test: it needs the deepbet wheel.
+Writes benchmarks/results/published_model.{json,md} (published_model_0.5mm.* with --resolution 0.5; or --results-dir). Not a test: it needs the deepbet wheel.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ CONFIGS: dict[str, tuple[str, list[str]]] = {
     "tile96-gaussian": ("published", ["--tile", "96", "--stitch", "gaussian"]),
     "tile256": ("published", ["--tile", "256"]),
     "whole-default": ("whole", []),
+    # the same network where one tile over the volume does not fit the budget (use with --resolution 0.5)
+    "budget1g": ("published", ["--max-memory", "1G"]),
 }
 DEFAULT_CONFIGS = ",".join(CONFIGS)
 
@@ -114,6 +117,29 @@ def deepbet_input(volume: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]
     info = {"source_shape": list(x.shape), "bbox": box, "resampled_to": [256, 256, 256],
             "input_mean": float(seen.mean()), "input_std": float(seen.std())}
     return seen[0, 0].numpy().astype(np.float32), canon.affine @ to_src, info
+
+
+def fine_input(volume: Path, resolution: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """The whole head resampled to ``resolution`` mm (trilinear) and normalised as deepbet normalises (clip to the
+    0.5/99.5% quantiles, z-score, map to mean 0.449 / std 0.226): a volume where one tile over the padded volume
+    no longer fits a small budget. No bounding box: the network sees the whole field of view."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    canon = nib.as_closest_canonical(nib.load(str(volume)))
+    x = canon.get_fdata(dtype=np.float32)
+    x = np.nan_to_num(x[..., 0] if x.ndim == 4 else x)
+    zooms = np.array(canon.header.get_zooms()[:3], dtype=float)
+    factor = zooms / resolution
+    x = ndimage.zoom(x, factor, order=1).astype(np.float32)
+    low, high = np.quantile(x, [0.005, 0.995])
+    x = np.clip((x - low) / max(high - low, 1e-12), 0.0, 1.0)
+    x = (0.226 * (x - x.mean()) / x.std() + 0.449).astype(np.float32)
+    affine = canon.affine @ np.diag([*(1.0 / factor), 1.0])
+    info = {"source_shape": list(canon.shape[:3]), "bbox": "none (whole field of view)",
+            "resampled_to": list(x.shape), "resolution_mm": resolution,
+            "input_mean": float(x.mean()), "input_std": float(x.std())}
+    return x, affine, info
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -254,20 +280,21 @@ def _fmt(v: Any, spec: str = "") -> str:
 def markdown(res: dict[str, Any]) -> str:
     """The results table and the commands that reproduce it."""
     ref = res["reference"]
+    shape = res["preprocess"]["resampled_to"]
     lines = [
         f"# A published model, end to end: deepbet {res['deepbet_version']} on {res['volume_name']}",
         "",
         f"Model: deepbet's LinkNet3d (TorchScript, {res['model_params'] / 1e6:.1f} M parameters, stride 32, 34 "
         f"InstanceNorm3d, ends in Softmax); input: deepbet's own preprocessing of `{res['volume_name']}` (head box "
-        f"{res['preprocess']['bbox']} resampled to 256³, normalised). Reference: PyTorch {ref['info'].get('torch')} "
-        f"on the whole 256³ volume. Each row is a fresh process; peak RSS and wall time from `/usr/bin/time -v`. "
+        f"{res['preprocess']['bbox']} resampled to {_fmt(shape)}, normalised). Reference: PyTorch "
+        f"{ref['info'].get('torch')} on the whole {_fmt(shape)} volume. Each row is a fresh process; peak RSS and wall time from `/usr/bin/time -v`. "
         f"volinfer at {res.get('volinfer_commit')}. Machine: {res['machine']}, shared with other jobs while measured: times are indicative. \"exact\" is "
         "volinfer's own verdict (`--json`); Dice is of the brain label against the reference.",
         "",
         "| IR | run | tile | tiles | stitch | input passes | exact (volinfer says) | Dice vs PyTorch | "
         "equal voxels | peak RSS (MB) | wall (s) |",
         "|---|---|---|---:|---|---:|---|---:|---:|---:|---:|",
-        f"| — | PyTorch, whole volume (reference) | 256³ | 1 | — | — | — | 1 | 100% | {ref['peak_rss_mb']:.0f} | "
+        f"| — | PyTorch, whole volume (reference) | {_fmt(shape)} | 1 | — | — | — | 1 | 100% | {ref['peak_rss_mb']:.0f} | "
         f"{ref['wall_s']:.1f} |",
     ]
     for r in res["runs"]:
@@ -310,15 +337,19 @@ def main() -> None:
     ap.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma-separated subset of {', '.join(CONFIGS)}")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per child process, seconds")
+    ap.add_argument("--resolution", type=float, default=None,
+                    help="mm: feed the whole head resampled to this spacing instead of deepbet's 256³ box "
+                         "(e.g. 0.5, where one tile over the volume does not fit a 1 GB budget)")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the results .json")
     ap.add_argument("--reference-child", nargs=3, metavar=("MODEL", "INPUT", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.reference_child:
         reference_child(*(Path(p) for p in a.reference_child))
         return
+    stem = "published_model" + (f"_{a.resolution:g}mm" if a.resolution else "")
     if a.render:
-        res = json.loads((a.results_dir / "published_model.json").read_text())
-        (a.results_dir / "published_model.md").write_text(markdown(res))
+        res = json.loads((a.results_dir / f"{stem}.json").read_text())
+        (a.results_dir / f"{stem}.md").write_text(markdown(res))
         print(markdown(res))
         return
     volume = a.volume or DEFAULT_VOLUME
@@ -330,14 +361,15 @@ def main() -> None:
         sys.exit(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
     work = a.work_dir or Path(tempfile.mkdtemp(prefix="volinfer-published-"))
     work.mkdir(parents=True, exist_ok=True)
-    res = benchmark(volume, work, names, a.timeout)
+    res = benchmark(volume, work, names, a.timeout, a.resolution)
     a.results_dir.mkdir(parents=True, exist_ok=True)
-    (a.results_dir / "published_model.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    (a.results_dir / "published_model.md").write_text(markdown(res))
+    (a.results_dir / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (a.results_dir / f"{stem}.md").write_text(markdown(res))
     print(markdown(res))
 
 
-def benchmark(volume: Path, work: Path, names: list[str], timeout_s: float) -> dict[str, Any]:
+def benchmark(volume: Path, work: Path, names: list[str], timeout_s: float, resolution: float | None = None
+              ) -> dict[str, Any]:
     """Convert, preprocess, reference, then every configuration; everything the report needs."""
     import importlib.metadata as md
 
@@ -353,7 +385,7 @@ def benchmark(volume: Path, work: Path, names: list[str], timeout_s: float) -> d
         if converts[ir]["rc"] == 0:
             print(f"      {converts[ir]['wall_s']:.1f} s; notes: {converts[ir]['result'].get('notes')}", flush=True)
     print(f"[2/4] deepbet's preprocessing of {volume}", flush=True)
-    x, affine, prep = deepbet_input(volume)
+    x, affine, prep = deepbet_input(volume) if resolution is None else fine_input(volume, resolution)
     inp = work / "deepbet_input.nii"
     nib.save(nib.Nifti1Image(x, affine), str(inp))
     params = sum(p.numel() for p in torch.jit.load(str(model), map_location="cpu").parameters())
@@ -382,6 +414,7 @@ def benchmark(volume: Path, work: Path, names: list[str], timeout_s: float) -> d
     subs = {str(work): "$WORK", str(model): "$DEEPBET_PT"}
     commands = ["pip install deepbet==1.0.2   # weights inside the wheel", "WORK=$(mktemp -d)",
                 "python benchmarks/published_model.py --volume " + shlex.quote(str(volume)) + " --work-dir $WORK"
+                + (f" --resolution {resolution}" if resolution else "") + f" --configs {','.join(names)}"
                 "   # everything below",
                 "# by hand: DEEPBET_PT=$(python -c \"import deepbet.utils as u; print(u.DATA_PATH + '/models/model.pt')\")",
                 "# $WORK/deepbet_input.nii is deepbet's own preprocessing, written by the script",
