@@ -1,0 +1,114 @@
+"""Volumes as users have them (issue 23): every reader hands the model the same (x, y, z) array for the same voxels.
+
+The model is deliberately asymmetric (anisotropic kernels, different along every axis), so any reader that feeds it
+the axes in another order, or flipped, changes its labels; the volume is int16 with an odd shape. The reference is
+the direct NIfTI run, itself checked against whole-volume OpenVINO f32 inference computed here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+import pytest
+from click.testing import CliRunner
+
+from volinfer.cli import main
+
+SHAPE = (27, 21, 17)  # (x, y, z), odd, no two equal
+AFFINE = np.array([[0.9, 0, 0, -11.0], [0, 1.1, 0, 7.5], [0, 0, 1.3, 3.25], [0, 0, 0, 1]])
+RUN = ["-q", "--precision", "f32", "--tile", "16", "--overlap", "8"]
+
+
+def asymmetric_model() -> ov.Model:
+    """1 → 3 channels: a 5x3x1 convolution then a 1x3x5 one (kernels differ along every axis), no padding loss."""
+    rng = np.random.default_rng(23)
+    x = param = ops.parameter([1, 1, -1, -1, -1], np.float32, name="image")
+    for cin, cout, k in ((1, 4, (5, 3, 1)), (4, 3, (1, 3, 5))):
+        w = rng.standard_normal((cout, cin, *k)).astype(np.float32)
+        pad = [s // 2 for s in k]
+        x = ops.convolution(x, ops.constant(w), [1, 1, 1], pad, pad, [1, 1, 1])
+        x = ops.add(x, ops.constant(rng.standard_normal((1, cout, 1, 1, 1)).astype(np.float32)))
+        if cout == 4:
+            x = ops.relu(x)
+    return ov.Model([x], [param], "asymmetric")
+
+
+def whole_volume_labels(model: ov.Model, vol: np.ndarray) -> np.ndarray:
+    """Independent reference: the whole (x, y, z) volume through OpenVINO f32 in one inference, argmax."""
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    out = compiled(vol.astype(np.float32)[None, None])[0][0]
+    return out.argmax(0)
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ok(*args: object):
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def labels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(5)
+    vol = (rng.standard_normal(SHAPE) * 300).astype(np.int16)
+    vol[4:15, 3:9, 2:12] += 900  # an off-centre block: structure that no flip or transpose maps onto itself
+    nib.save(nib.Nifti1Image(vol, AFFINE), str(tmp / "v.nii.gz"))
+    model = asymmetric_model()
+    ov.save_model(model, str(tmp / "asym.xml"))
+    ok("run", tmp / "v.nii.gz", "-m", tmp / "asym.xml", "-o", tmp / "direct.nii.gz", *RUN)
+    direct = labels(tmp / "direct.nii.gz")
+    np.testing.assert_array_equal(direct, whole_volume_labels(model, vol))
+    return tmp, vol, direct
+
+
+def test_model_is_asymmetric(env):
+    """The test's premise: feeding the volume transposed or flipped changes the labels."""
+    tmp, vol, direct = env
+    model = asymmetric_model()
+    moved = whole_volume_labels(model, vol.transpose(2, 1, 0)).transpose(2, 1, 0)
+    flipped = whole_volume_labels(model, vol[::-1])[::-1]
+    assert (moved == direct).mean() < 0.9 and (flipped == direct).mean() < 0.99
+    assert len(np.unique(direct)) == 3
+
+
+@pytest.mark.parametrize("out", ["o.zarr", "o.nii"])
+def test_zarr_round_trip_gives_the_direct_labels(env, out):
+    """to-zarr → run → (to-nifti): the model sees the same array as for the NIfTI file (it saw it transposed)."""
+    tmp, _, direct = env
+    store = tmp / "v.zarr"
+    if not store.exists():
+        ok("to-zarr", tmp / "v.nii.gz", "-o", store, "--chunks", "8")
+    target = tmp / f"rt_{out}"
+    ok("run", store, "-m", tmp / "asym.xml", "-o", target, *RUN, "--block", "16")
+    if out.endswith(".zarr"):
+        ok("to-nifti", target, "-o", tmp / "rt_back.nii")
+        target = tmp / "rt_back.nii"
+    np.testing.assert_array_equal(labels(target), direct)
+    np.testing.assert_allclose(nib.load(str(target)).affine, AFFINE)
+
+
+def test_zarr_axes_metadata_is_read(env, tmp_path):
+    """A plain Zarr array that names its axes (x, y, z) is read by those names; without names, as (z, y, x)."""
+    import zarr
+
+    tmp, vol, direct = env
+    named = zarr.create_array(str(tmp_path / "xyz.zarr"), shape=vol.shape, dtype=vol.dtype, chunks=(8, 8, 8),
+                              dimension_names=["x", "y", "z"])
+    named[:] = vol
+    plain = zarr.create_array(str(tmp_path / "plain.zarr"), shape=vol.shape[::-1], dtype=vol.dtype, chunks=(8, 8, 8))
+    plain[:] = vol.transpose(2, 1, 0)
+    for store in ("xyz.zarr", "plain.zarr"):
+        ok("run", tmp_path / store, "-m", tmp / "asym.xml", "-o", tmp_path / f"{store}.nii", *RUN, "--block", "16")
+        np.testing.assert_array_equal(labels(tmp_path / f"{store}.nii"), direct)
