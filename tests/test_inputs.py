@@ -112,3 +112,34 @@ def test_zarr_axes_metadata_is_read(env, tmp_path):
     for store in ("xyz.zarr", "plain.zarr"):
         ok("run", tmp_path / store, "-m", tmp / "asym.xml", "-o", tmp_path / f"{store}.nii", *RUN, "--block", "16")
         np.testing.assert_array_equal(labels(tmp_path / f"{store}.nii"), direct)
+
+
+def test_zarr_round_trip_keeps_the_nifti_header(env, tmp_path):
+    """to-zarr → to-nifti keeps sform code 4 (MNI), the qform code and mm units (issue 25), voxels bit for bit."""
+    tmp, vol, _ = env
+    img = nib.Nifti1Image(vol, AFFINE)
+    img.header.set_sform(AFFINE, code=4)
+    img.header.set_qform(AFFINE, code=2)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(tmp_path / "mni.nii"))
+    ok("to-zarr", tmp_path / "mni.nii", "-o", tmp_path / "mni.zarr")
+    ok("to-nifti", tmp_path / "mni.zarr", "-o", tmp_path / "back.nii")
+    back = nib.load(str(tmp_path / "back.nii"))
+    assert int(back.header["sform_code"]) == 4 and int(back.header["qform_code"]) == 2
+    assert back.header.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_allclose(back.affine, AFFINE)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), vol)
+
+
+def test_float16_zarr_output_to_nifti(env):
+    """run --float16 -o p.zarr then to-nifti: float32 NIfTI with the same values (was HeaderDataError)."""
+    tmp, _, _ = env
+    ok("run", tmp / "v.nii.gz", "-m", tmp / "asym.xml", "-o", tmp / "p16.zarr", "--kind", "probabilities",
+       "--float16", *RUN)
+    ok("to-nifti", tmp / "p16.zarr", "-o", tmp / "p16.nii")
+    import zarr
+
+    stored = zarr.open_group(str(tmp / "p16.zarr"))["0"][:]
+    back = nib.load(str(tmp / "p16.nii"))
+    assert stored.dtype == np.float16 and back.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.moveaxis(stored, 0, -1).transpose(2, 1, 0, 3))
