@@ -143,3 +143,91 @@ def test_float16_zarr_output_to_nifti(env):
     back = nib.load(str(tmp / "p16.nii"))
     assert stored.dtype == np.float16 and back.get_data_dtype() == np.float32
     np.testing.assert_array_equal(np.asarray(back.dataobj), np.moveaxis(stored, 0, -1).transpose(2, 1, 0, 3))
+
+
+def _write_formats(tmp: Path, vol: np.ndarray) -> dict[str, Path]:
+    """The same voxels as a TIFF stack (pages = z, rows = y, columns = x), plain and compressed, and as .mha, .mhd,
+    .nrrd written by SimpleITK, raw and compressed. ITK's LPS origin/direction here make the RAS affine AFFINE."""
+    import SimpleITK as sitk
+    import tifffile
+
+    zyx = vol.transpose(2, 1, 0)
+    out = {"tif": tmp / "v.tif", "tif_zlib": tmp / "v_zlib.tiff"}
+    tifffile.imwrite(out["tif"], zyx, photometric="minisblack", metadata={"axes": "ZYX"})
+    tifffile.imwrite(out["tif_zlib"], zyx, photometric="minisblack", compression="zlib")
+    img = sitk.GetImageFromArray(zyx)
+    img.SetSpacing(np.diag(AFFINE)[:3].tolist())
+    img.SetDirection([-1, 0, 0, 0, -1, 0, 0, 0, 1])  # RAS axes in LPS terms
+    img.SetOrigin([-AFFINE[0, 3], -AFFINE[1, 3], AFFINE[2, 3]])
+    for name, compress in (("mha", False), ("mhd", False), ("nrrd", False), ("mha_gz", True), ("nrrd_gz", True)):
+        out[name] = tmp / f"v_{name}.{name.split('_')[0]}"
+        sitk.WriteImage(img, str(out[name]), compress)
+    return out
+
+
+def test_every_format_gives_the_direct_labels(env):
+    """Acceptance (issue 23): TIFF stacks, .mha, .mhd and .nrrd of the same voxels give 100% the direct run's
+    labels (raw files through the lazy strip reader, compressed ones decoded); the ITK files' affine is RAS."""
+    from volinfer.io.sources import open_paths
+    from volinfer.io.reader import StripChannel
+
+    tmp, vol, direct = env
+    for name, path in _write_formats(tmp, vol).items():
+        with open_paths([path], 8) as src:
+            assert src.shape == SHAPE
+            assert isinstance(src.readers[0], StripChannel) == (not name.endswith(("_gz", "_zlib")))
+            if not name.startswith("tif"):
+                np.testing.assert_allclose(src.affine, AFFINE, atol=1e-9)
+        ok("run", path, "-m", tmp / "asym.xml", "-o", tmp / f"out_{name}.nii", *RUN)
+        got = labels(tmp / f"out_{name}.nii")
+        assert (got == direct).mean() == 1.0, name
+
+
+def test_tiff_input_tiff_output(env):
+    """A TIFF stack in, a TIFF stack out (pages = z): the direct labels, with the voxel size (OME, µm) kept."""
+    import tifffile
+
+    tmp, vol, direct = env
+    src = tmp / "ome.ome.tif"
+    tifffile.imwrite(src, vol.transpose(2, 1, 0), photometric="minisblack", ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 900.0, "PhysicalSizeY": 1100.0, "PhysicalSizeZ": 1300.0})
+    ok("run", src, "-m", tmp / "asym.xml", "-o", tmp / "seg.tif", *RUN)
+    with tifffile.TiffFile(tmp / "seg.tif") as tf:
+        out = tf.asarray()
+        assert tf.is_ome and "PhysicalSizeX=\"900" in tf.ome_metadata
+    np.testing.assert_array_equal(out, direct.transpose(2, 1, 0))
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".seg.tif")]
+
+
+def _refused(tmp: Path, path: Path, words: str) -> None:
+    r = invoke("run", path, "-m", tmp / "asym.xml", "-o", tmp / "refused.nii", *RUN)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert words in r.output, r.output
+    assert not [p for p in tmp.iterdir() if "refused" in p.name]
+
+
+def test_bad_tiffs_and_lying_mha_are_refused(env, tmp_path):
+    """Truncated TIFFs (raw and compressed), RGB pages, two channels, an MHA whose header claims more voxels than
+    the file holds: one-line errors, before any voxel buffer of the declared size is allocated, nothing written."""
+    import tifffile
+
+    tmp, vol, _ = env
+    formats = _write_formats(tmp_path, vol)
+    for name in ("tif", "tif_zlib"):
+        data = formats[name].read_bytes()
+        cut = tmp_path / f"cut_{name}.tif"
+        cut.write_bytes(data[: len(data) * 2 // 3])
+        _refused(tmp, cut, "truncated")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 5, 6, 3), np.uint8), photometric="rgb")
+    _refused(tmp, tmp_path / "rgb.tif", "RGB")
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((4, 2, 5, 6), np.uint16), imagej=True, metadata={"axes": "ZCYX"})
+    _refused(tmp, tmp_path / "two.tif", "2 channels")
+    text = formats["mha"].read_bytes()
+    lying = tmp_path / "lying.mha"
+    lying.write_bytes(text.replace(b"DimSize = 27 21 17", b"DimSize = 27 21 9000"))
+    _refused(tmp, lying, "header describes")
+    gz = formats["mha_gz"].read_bytes()
+    bomb = tmp_path / "bomb.mha"
+    bomb.write_bytes(gz.replace(b"DimSize = 27 21 17", b"DimSize = 27000 21000 17000"))
+    _refused(tmp, bomb, "header describes")

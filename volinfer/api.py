@@ -16,6 +16,8 @@ from volinfer.errors import Interrupted, VolinferError
 from volinfer.io.journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
 from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.io.reader import VolumeSource
+from volinfer.io.sources import is_tiff_output, open_paths
+from volinfer.io.tiff_io import TiffWriter
 from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
 from volinfer.run.norm_stats import fit_norm_statistics
 from volinfer.tiling.feeder import TileFeeder
@@ -54,13 +56,15 @@ def run_fingerprint(in_paths: Sequence[Path], model_path: Path | None, options: 
 def _discard(writer: Any, journal: Journal | None) -> None:
     """Remove what this run wrote (temporary file, journal). Nothing when no writer was made yet: a journal there
     belongs to an earlier interrupted run and must survive a refused or interrupted resume."""
-    if isinstance(writer, (NiftiWriter, ZarrWriter)):
+    if isinstance(writer, (NiftiWriter, ZarrWriter)):  # TiffWriter is a NiftiWriter
         writer.abort()
         if journal is not None:
             journal.remove()
 
 
 def open_source(volume: Any, depth: int, channel_axis: int | None = None) -> VolumeSource:
+    """The volume as a :class:`VolumeSource` in ``(x, y, z)`` order with its affine: an array, or files of any
+    format a reader in :mod:`volinfer.io` handles (picked by :func:`volinfer.io.sources.open_paths`)."""
     if isinstance(volume, VolumeSource):
         return volume
     if isinstance(volume, np.ndarray):
@@ -68,7 +72,7 @@ def open_source(volume: Any, depth: int, channel_axis: int | None = None) -> Vol
     paths = [volume] if isinstance(volume, (str, os.PathLike)) else list(volume)
     if not paths:
         raise VolinferError("no input volume given")
-    return VolumeSource.open(paths, depth)
+    return open_paths(paths, depth)
 
 
 def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.PathLike | None = None,
@@ -260,6 +264,10 @@ def _open_writer(run: _Run) -> None:
     if is_zarr_output(output):
         run.writer = _zarr_writer(output, source, spec, setup.grid, run.s.output.kind, run.s.output.zarr_output(),
                                   run.s.overwrite, run.s.resume, run.start_row)
+    elif is_tiff_output(output):
+        voxel = np.linalg.norm(np.asarray(source.affine if source.affine is not None else np.eye(4))[:3, :3], axis=0)
+        run.writer = TiffWriter(output, source.shape, spec.out_channels, spec.dtype, voxel_mm=tuple(voxel),
+                                resume=run.s.resume)
     else:
         run.writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header,
                                  source.affine, resume=run.s.resume)

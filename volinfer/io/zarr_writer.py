@@ -32,11 +32,14 @@ def is_zarr_output(path: str | Path) -> bool:
 
 
 def check_any_output(output: Path, inputs: Sequence[Path], overwrite: bool, resume: bool) -> None:
-    """The output check of :mod:`volinfer.io.targets` for either kind of output."""
+    """The output check of :mod:`volinfer.io.targets` for every kind of output (Zarr, TIFF, NIfTI)."""
+    from volinfer.io.targets import check_output
     from volinfer.io.writer import check_target
 
     if is_zarr_output(output):
         check_zarr_output(output, list(inputs), overwrite, resume)
+    elif str(output).lower().endswith((".tif", ".tiff")):
+        check_output(Path(output), [Path(p) for p in inputs], overwrite, "tiff")
     else:
         check_target(Path(output), overwrite, list(inputs))
 
