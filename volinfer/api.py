@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,6 +20,7 @@ from volinfer.io.sources import is_tiff_output, open_paths
 from volinfer.io.tiff_io import TiffWriter
 from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
 from volinfer.run.norm_stats import fit_norm_statistics
+from volinfer.run.model_grid import ModelGrid, plan_model_grid, run_on_model_grid, settings_for_model_grid
 from volinfer.tiling.feeder import TileFeeder
 from volinfer.run.setup import (TilingChoice, RunSetup, choose_stream, guard_precision, needs_norm_passes, plan_tiling,
                                 resolve, scan_volume, stream_verdict, verdict)
@@ -107,9 +108,14 @@ def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.
     t_start = time.perf_counter()
     s = RunSettings.from_kwargs(settings, **options)
     run = _Run(s, None if output is None else Path(output), _input_paths(volume))
+    handle = _handle(model, s)
+    grid = _model_grid(volume, handle, s)
     _lock_output(run)
+    if grid.active:
+        return _run_on_model_grid(run, grid, handle, report)
+    run.grid_notes = grid.notes
     try:
-        _plan(run, volume, model)
+        _plan(run, volume, handle)
     except BaseException:
         if run.lock is not None:
             run.lock.release()
@@ -146,6 +152,7 @@ class _Run:
     start_row: int = 0
     counts: tuple[float, int, int] = (0.0, 0, 0)  # busy seconds, tiles run, constant tiles reused
     result: Any = None
+    grid_notes: list[str] = field(default_factory=list)  # what the model's grid step said (volinfer.run.model_grid)
 
     @property
     def stream(self) -> Any:
@@ -160,6 +167,71 @@ def _input_paths(volume: Any) -> list[Path]:
     return [Path(volume)] if isinstance(volume, (str, os.PathLike)) else [Path(p) for p in volume]
 
 
+def _handle(model: Any, s: RunSettings) -> TileModel:
+    """The model, read but not compiled (compiled at the planned tile)."""
+    t, rt = s.tiling, s.runtime
+    return model if isinstance(model, TileModel) else TileModel(
+        model, tile=t.tile, layout=rt.layout, output=rt.model_output, compile=False, options=rt.compile_options())
+
+
+def _model_grid(volume: Any, handle: TileModel, s: RunSettings) -> ModelGrid:
+    """What bringing ``volume`` to the model's stored orientation and spacing takes (headers only)."""
+    settings = handle.settings
+    if getattr(settings, "orientation", None) is None and getattr(settings, "spacing", None) is None:
+        return plan_model_grid(None, settings, s.input.resample)
+    if isinstance(volume, (np.ndarray, VolumeSource)):
+        return plan_model_grid(volume if isinstance(volume, VolumeSource) else None, settings, s.input.resample)
+    with open_source(volume, 1, s.input.channel_axis) as src:
+        return plan_model_grid(src, settings, s.input.resample)
+
+
+def _run_on_model_grid(run: _Run, grid: ModelGrid, handle: TileModel, report: bool) -> Any:
+    """:func:`predict` through the model's grid (:mod:`volinfer.run.model_grid`): the output lock is held."""
+    inner = settings_for_model_grid(run.s)
+    try:
+        result, rep = run_on_model_grid(
+            grid, run.in_paths, lambda src, out: predict([src], handle, out, inner),
+            lambda source, channels, dtype: _final_writer(run, source, channels, dtype), resume=run.s.resume,
+            kind=run.s.output.kind, near=run.output.parent if run.output is not None else None)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+    rep.output = str(result) if run.output is not None else None
+    if run.output is not None:
+        return rep
+    return (result, rep) if report else result
+
+
+def _final_writer(run: _Run, source: VolumeSource, channels: int, dtype: np.dtype) -> tuple[Any, np.dtype]:
+    """The output writer for the input's grid, and the type it stores (float16 where asked, for Zarr)."""
+    o, output = run.s.output, run.output
+    if o.kind != "labels" and o.prob_dtype == "float16" and output is not None and is_zarr_output(output):
+        dtype = np.dtype(np.float16)
+    if output is None:
+        return _ArrayResult(source.shape, channels, dtype), dtype
+    if is_zarr_output(output):
+        z = _zarr_settings(output, o.zarr_output())["zarr"]
+        from volinfer.io.ome import geometry_from_nifti
+
+        return ZarrWriter(output, source.shape, channels, dtype, geometry_from_nifti(source.header, source.affine),
+                          row_planes=[0, source.shape[2]], kind=o.kind, chunks=z["chunks"], pyramid=z["pyramid"],
+                          compression=z["compression"], overwrite=run.s.overwrite), dtype
+    if is_tiff_output(output):
+        voxel = np.linalg.norm(np.asarray(source.affine)[:3, :3], axis=0)
+        return TiffWriter(output, source.shape, channels, dtype, voxel_mm=tuple(voxel)), dtype
+    return NiftiWriter(output, source.shape, channels, dtype, source.header, source.affine), dtype
+
+
+class _ArrayResult(ArrayWriter):
+    """An :class:`ArrayWriter` whose ``commit`` returns the array (the grid steps commit every writer)."""
+
+    def commit(self) -> np.ndarray:
+        return self.result()
+
+    def abort(self) -> None:
+        pass
+
+
 def _lock_output(run: _Run) -> None:
     """Check the output and lock it before anything is written: a second run fails here, at once."""
     if run.output is not None:
@@ -167,11 +239,9 @@ def _lock_output(run: _Run) -> None:
         run.lock = OutputLock(run.output).acquire()
 
 
-def _plan(run: _Run, volume: Any, model: Any) -> None:
-    """The model (not compiled yet), the planned tiling, and the opened volume."""
-    t, rt = run.s.tiling, run.s.runtime
-    handle = model if isinstance(model, TileModel) else TileModel(
-        model, tile=t.tile, layout=rt.layout, output=rt.model_output, compile=False, options=rt.compile_options())
+def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
+    """The planned tiling, the model at its tile (compiled unless it streams), and the opened volume."""
+    t = run.s.tiling
     shape, n_channels = _volume_shape(volume, run.s.input.channel_axis)
     if n_channels != handle.in_channels:
         raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
@@ -321,7 +391,7 @@ def _report(run: _Run, wall_s: float) -> RunReport:
 def _notes(run: _Run) -> list[str]:
     """The summary's notes: planning, precision, mirroring, frozen statistics and the passes over the input."""
     tm, setup, passes, mirror = run.tm, run.setup, run.passes, run.s.tiling.mirror
-    notes = list(run.choice.notes + setup.notes)
+    notes = list(run.choice.notes + setup.notes + run.grid_notes)
     if tm.precision_reason != "asked for":  # auto, or a guard overruled it (run.setup.guard_precision)
         notes.append(f"precision {tm.precision}: {tm.precision_reason}")
     if mirror:

@@ -92,6 +92,9 @@ def main() -> None:
               "such volumes).")
 @click.option("--no-constant-reuse", is_flag=True, help="Run every tile, even constant ones (default: constant tiles "
               "reuse one cached inference).")
+@click.option("--no-resample", is_flag=True, help="Run at the volume's own voxel size even when the model stores "
+              "another spacing (default: resample to it, linear, and map the output back; the stored orientation is "
+              "always honoured, by exact axis permutations and flips).")
 @click.option("--scheduler", help="Zarr runs: Dask scheduler address (tcp://host:8786) to run the blocks on.")
 @click.option("--workers", type=V.COUNT, help="Zarr runs: start a local Dask cluster of this many (>= 1) worker "
               "processes.")

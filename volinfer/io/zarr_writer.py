@@ -141,6 +141,11 @@ class ZarrWriter:
             else:
                 done = []
 
+    def planes_final(self, z: int) -> None:
+        """Every plane below ``z`` is final (whole planes written in order, e.g. by a grid step): store the slabs
+        they complete, so that no more than a slab per level waits in memory."""
+        self._complete(z)
+
     def durable_row(self, row: int) -> int:
         """Rows ``< row`` are written: flush the slabs they finished and return the largest ``r <= row`` whose
         planes are all in the store (what the journal may claim)."""
