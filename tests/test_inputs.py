@@ -313,3 +313,53 @@ def test_spacing_is_resampled_and_mapped_back(tmp_path):
     assert "--no-resample" in r.output
     ok("run", tmp_path / "v.nii", "-m", _model_with(tmp_path, "plain.xml"), "-o", tmp_path / "plain.nii", *RUN[1:])
     np.testing.assert_array_equal(labels(tmp_path / "nr.nii"), labels(tmp_path / "plain.nii"))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _full_disk_after(monkeypatch, module: str, calls: int) -> None:
+    """Make the ``calls``-th chunk fsync of ``module`` fail as a full disk does."""
+    import errno
+
+    real, seen = getattr(__import__(module, fromlist=["sync_region"]), "sync_region"), [0]
+
+    def sync_region(*a, **k):
+        seen[0] += 1
+        if seen[0] >= calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(f"{module}.sync_region", sync_region)
+
+
+@pytest.mark.parametrize("source", ["nifti", "zarr"])
+def test_full_disk_while_writing_ome_zarr_is_resumable(env, tmp_path, monkeypatch, source):
+    """ENOSPC while writing an OME-Zarr output (stream writer for NIfTI inputs, blocks for Zarr inputs): a one-line
+    error, the store and its state kept, and --resume finishes it with the bytes of an uninterrupted run. The
+    store holds nothing a Zarr reader warns about (volinfer's journal and block markers lie beside it)."""
+    import warnings
+
+    import zarr
+
+    tmp, _, _ = env
+    src = tmp / "v.nii.gz"
+    if source == "zarr":
+        src = tmp_path / "in.zarr"
+        ok("to-zarr", tmp / "v.nii.gz", "-o", src, "--chunks", "8")
+    args = ["-m", tmp / "asym.xml", "--chunks", "8", "--block", "16", *RUN]
+    ok("run", src, "-o", tmp_path / "whole.zarr", *args)
+    module = "volinfer.io.zarr_writer" if source == "nifti" else "volinfer.run.distributed"
+    _full_disk_after(monkeypatch, module, 2)
+    r = invoke("run", src, "-o", tmp_path / "cut.zarr", *args)
+    monkeypatch.undo()
+    assert r.exit_code == 2 and "No space left on device" in r.output and "--resume" in r.output, r.output
+    assert "internal error" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert (tmp_path / "cut.zarr").is_dir()
+    ok("run", src, "-o", tmp_path / "cut.zarr", "--resume", *args)
+    assert _files(tmp_path / "cut.zarr") == _files(tmp_path / "whole.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group = zarr.open_group(str(tmp_path / "cut.zarr"), mode="r")
+        assert sorted(group.keys()) == ["0"] and group["0"].shape == SHAPE[::-1]

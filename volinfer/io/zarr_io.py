@@ -23,7 +23,8 @@ from volinfer import portable
 from volinfer.errors import VolinferError
 from volinfer.io.reader import Region, VolumeSource
 from volinfer.io.ome import Geometry, check_levels, geometry_attrs, geometry_from_nifti, level_chunks, level_shapes, multiscales, read_geometry
-from volinfer.io.targets import STORE_ATTR, check_output, is_volinfer_store, remove_store, store_mark
+from volinfer.io.journal import ResumableError
+from volinfer.io.targets import STORE_ATTR, aux_path, check_output, is_volinfer_store, remove_store, store_mark
 
 #: A chunk is decoded whole into memory: more than this per chunk is refused, whatever the store claims.
 MAX_CHUNK_BYTES = 1 << 30
@@ -289,8 +290,16 @@ def sync_region(arr: Any, box: Sequence[tuple[int, int]]) -> None:
 
 
 def done_marker_dir(path: str | Path) -> Path:
-    """Per-block completion markers: a block is complete when its chunks were written *and* its marker exists."""
-    return Path(path) / ".volinfer_done"
+    """Per-block completion markers: a block is complete when its chunks were written *and* its marker exists.
+    Beside the store, not in it (``.<name>.zarr.done``): a Zarr reader warns about any object in a store that is not
+    part of its hierarchy."""
+    return aux_path(Path(path), ".done")
+
+
+def store_write_error(target: Path, e: OSError) -> ResumableError:
+    """A failed write into an output store (a full disk, a quota, a vanished mount): one line, and resumable."""
+    return ResumableError(f"cannot write {target}: {e.strerror or e}; the store written so far is kept: free space "
+                          f"and run the same command with --resume to continue")
 
 
 def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrite: bool = False,

@@ -23,7 +23,7 @@ import numpy as np
 from volinfer.errors import VolinferError
 from volinfer.io.ome import Geometry, check_pyramid, downsample, downsample_method
 from volinfer.io.targets import remove_store
-from volinfer.io.zarr_io import check_zarr_output, create_output, sync_region
+from volinfer.io.zarr_io import check_zarr_output, create_output, store_write_error, sync_region
 
 
 def is_zarr_output(path: str | Path) -> bool:
@@ -129,7 +129,15 @@ class ZarrWriter:
         self.levels[0].put(block, z0, y0)
 
     def _complete(self, z: int) -> None:
-        """Planes below ``z`` are final: write the finished slabs, cascading them down the pyramid."""
+        """Planes below ``z`` are final: write the finished slabs, cascading them down the pyramid. A failed write
+        (a full disk) is a :class:`volinfer.io.journal.ResumableError`: the store stays, the journal keeps the rows
+        it held before."""
+        try:
+            self._complete_levels(z)
+        except OSError as e:
+            raise store_write_error(self.target, e) from None
+
+    def _complete_levels(self, z: int) -> None:
         done = self.levels[0].complete_below(z)
         for lev in range(1, len(self.levels)):
             nxt = self.levels[lev]

@@ -50,8 +50,8 @@ from volinfer.run.setup import guard_precision, plan_tiling, resolve, scan_volum
 from volinfer.io.journal import Journal
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
-from volinfer.io.zarr_io import (check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source, store_geometry,
-                      sync_region)
+from volinfer.io.zarr_io import (check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source,
+                                store_geometry, store_write_error, sync_region)
 
 
 @dataclass
@@ -119,12 +119,15 @@ def run_block(job: ZarrJob, block: Block) -> dict[str, Any]:
     if marker.exists():
         return {"block": block.index, "skipped": True, "tiles": 0, "reused": 0, "busy_s": 0.0, "pid": os.getpid()}
     out, info = run_block_array(job, block)
-    _write_levels(job, block, out)  # the data first, durably; only then the marker that says it is done
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    with open(marker, "w") as f:
-        f.write("done")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        _write_levels(job, block, out)  # the data first, durably; only then the marker that says it is done
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write("done")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise store_write_error(Path(job.output), e) from None
     info["peak_rss_mb"] = _own_peak_mb()
     return info
 
@@ -235,8 +238,11 @@ def run_zarr(volume: str | Path, model: str | Path, output: str | Path, settings
 
 
 def run_journal(output: str | Path) -> Path:
-    """Where a Zarr output keeps the fingerprint of the run that writes it."""
-    return Path(output) / ".volinfer-run.json"
+    """Where a Zarr output keeps the fingerprint of the run that writes it: beside the store (``.<name>.zarr.run.json``),
+    like the block markers (:func:`volinfer.io.zarr_io.done_marker_dir`), so that Zarr readers see a clean store."""
+    from volinfer.io.targets import aux_path
+
+    return aux_path(Path(output), ".run.json")
 
 
 @dataclass
@@ -371,7 +377,7 @@ def _create_store(p: _Prepared, volume: Any, model: Any, output: Any, s: RunSett
                   compressor="zstd" if o.compression else None, overwrite=s.overwrite, resume=s.resume)
     if not resuming:
         journal.update(0, 0)
-    if not s.resume:
+    if not resuming:  # a fresh store (also under --resume when there was none): no marker may survive
         marker_dir = done_marker_dir(output)
         if marker_dir.exists():
             for m in marker_dir.iterdir():
