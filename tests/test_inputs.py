@@ -231,6 +231,12 @@ def test_bad_tiffs_and_lying_mha_are_refused(env, tmp_path):
     bomb = tmp_path / "bomb.mha"
     bomb.write_bytes(gz.replace(b"DimSize = 27 21 17", b"DimSize = 27000 21000 17000"))
     _refused(tmp, bomb, "header describes")
+    header = tmp_path / "h.mhd"  # a header naming the output as its data file: the output may not replace it
+    header.write_bytes(formats["mhd"].read_bytes().replace(b"v_mhd.raw", b"refused.nii"))
+    (tmp_path / "refused.nii").write_bytes((tmp_path / "v_mhd.raw").read_bytes())
+    r = invoke("run", header, "-m", tmp / "asym.xml", "-o", tmp_path / "refused.nii", "--overwrite", *RUN)
+    assert r.exit_code == 2 and "input" in r.output, r.output
+    assert (tmp_path / "refused.nii").read_bytes() == (tmp_path / "v_mhd.raw").read_bytes()
 
 
 def _model_with(tmp: Path, name: str, **stored: object) -> Path:
@@ -274,6 +280,10 @@ def test_reoriented_volume_gives_the_ras_labels_mapped_back(env, tmp_path, codes
     expected = nib.orientations.apply_orientation(direct, ornt)
     np.testing.assert_array_equal(np.asarray(out.dataobj), expected)
     np.testing.assert_allclose(out.affine, stored.affine)
+    # the same through Zarr: the store's affine is the volume's, so the run reorients it the same way
+    ok("to-zarr", tmp_path / "v.nii.gz", "-o", tmp_path / "v.zarr", "--chunks", "8")
+    ok("run", tmp_path / "v.zarr", "-m", xml, "-o", tmp_path / "oz.nii", *RUN[1:])
+    np.testing.assert_array_equal(labels(tmp_path / "oz.nii"), expected)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".volinfer-grid")]
 
 

@@ -16,7 +16,7 @@ from volinfer.errors import Interrupted, VolinferError
 from volinfer.io.journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
 from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.io.reader import VolumeSource
-from volinfer.io.sources import is_tiff_output, open_paths
+from volinfer.io.sources import input_files, is_tiff_output, open_paths
 from volinfer.io.tiff_io import TiffWriter
 from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
 from volinfer.run.norm_stats import fit_norm_statistics
@@ -167,6 +167,11 @@ def _input_paths(volume: Any) -> list[Path]:
     return [Path(volume)] if isinstance(volume, (str, os.PathLike)) else [Path(p) for p in volume]
 
 
+def _output_guard_paths(run: _Run) -> list[Path]:
+    """The inputs an output may not be written over: the input files and the data files their headers name."""
+    return input_files(run.in_paths)
+
+
 def _handle(model: Any, s: RunSettings) -> TileModel:
     """The model, read but not compiled (compiled at the planned tile)."""
     t, rt = s.tiling, s.runtime
@@ -235,7 +240,7 @@ class _ArrayResult(ArrayWriter):
 def _lock_output(run: _Run) -> None:
     """Check the output and lock it before anything is written: a second run fails here, at once."""
     if run.output is not None:
-        check_any_output(run.output, run.in_paths, run.s.overwrite, run.s.resume)
+        check_any_output(run.output, _output_guard_paths(run), run.s.overwrite, run.s.resume)
         run.lock = OutputLock(run.output).acquire()
 
 
@@ -502,6 +507,8 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
             raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
         from volinfer.run.distributed import run_zarr
 
+        if _zarr_needs_model_grid(inputs[0], model, settings, blocks):
+            return _with_note(predict(list(inputs), model, output, settings), note)
         return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
                                    scheduler=blocks.scheduler, workers=blocks.workers), note)
     if blocks.scheduler or blocks.workers:
@@ -517,6 +524,18 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
     if batch is None:
         return _with_note(predict(list(inputs), tm, output, settings), note)
     return run_batch(batch, tm, output, settings, note=note, notify=notify)
+
+
+def _zarr_needs_model_grid(volume: Path, model: Any, settings: RunSettings, blocks: BlockSettings) -> bool:
+    """Whether a Zarr input must go through the model's grid (:mod:`volinfer.run.model_grid`): then it runs in this
+    process like a NIfTI file (the block/Dask path runs on the store's own grid)."""
+    if not _model_grid(volume, _handle(model, settings), settings).active:
+        return False
+    if blocks.scheduler or blocks.workers:
+        raise VolinferError("this model stores an orientation/spacing the volume must be reoriented or resampled to, "
+                            "which runs in this process: drop --scheduler/--workers (or pass --no-resample when only "
+                            "the spacing differs)")
+    return True
 
 
 def _with_note(report: RunReport, text: str | None) -> RunReport:

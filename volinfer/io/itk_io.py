@@ -139,6 +139,21 @@ def _detached(p: Path, name: str, skip: int, nbytes: int, big: bool) -> RawData 
     return RawData(data, max(0, offset), big)
 
 
+def data_files(p: Path) -> list[Path]:
+    """The separate data file a ``.mhd``/``.nhdr`` header names (none for attached data, lists or patterns): an
+    input too, so that no output may be written over it."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(HEADER_MAX).decode("latin-1")
+    except OSError:
+        return []
+    fields = {**_fields(head, "="), **_fields(head, ":")}
+    name = fields.get("elementdatafile") or fields.get("data file") or fields.get("datafile") or ""
+    if not name or name.upper() in ("LOCAL", "LIST") or " " in name or "%" in name:
+        return []
+    return [p.parent / name]
+
+
 def _open_one(p: Path) -> tuple[Any, ItkHeader]:
     """One scalar volume: its channel reader (strips of the raw data, or the decompressed array) and header."""
     hdr = read_header(p)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from volinfer.errors import VolinferError
-from volinfer.io.itk_io import is_itk, open_itk_source
+from volinfer.io.itk_io import data_files, is_itk, open_itk_source
 from volinfer.io.reader import VolumeSource
 from volinfer.io.tiff_io import is_tiff, open_tiff_source
 from volinfer.io.zarr_io import is_zarr, open_zarr_source
@@ -48,6 +48,13 @@ def open_paths(paths: Sequence[str | os.PathLike], depth: int) -> VolumeSource:
     if kind == "itk":
         return open_itk_source(paths, depth)
     return VolumeSource.open(paths, depth)
+
+
+def input_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Every file an input consists of (the paths, plus the data files ``.mhd``/``.nhdr`` headers name): what
+    output checks compare against."""
+    out = [Path(p) for p in paths]
+    return out + [d for p in out if is_itk(p) for d in data_files(p)]
 
 
 def is_tiff_output(path: str | os.PathLike) -> bool:
