@@ -373,3 +373,14 @@ def test_full_disk_while_writing_ome_zarr_is_resumable(env, tmp_path, monkeypatc
         warnings.simplefilter("error")
         group = zarr.open_group(str(tmp_path / "cut.zarr"), mode="r")
         assert sorted(group.keys()) == ["0"] and group["0"].shape == SHAPE[::-1]
+
+
+def test_stack_without_geometry_is_not_reoriented_or_resampled(env, tmp_path):
+    """A TIFF stack records no orientation (and without OME sizes no voxel size): a model storing RAS and 2 mm runs
+    it as is, and the summary says why, instead of flipping or resampling it on a guess."""
+    tmp, vol, direct = env
+    path = _write_formats(tmp_path, vol)["tif"]
+    xml = _model_with(tmp_path, "lps.xml", orientation="LPS", spacing=[2, 2, 2])
+    r = ok("run", path, "-m", xml, "-o", tmp_path / "o.nii", *RUN[1:])
+    assert "no anatomical orientation" in r.output and "no voxel size" in r.output
+    np.testing.assert_array_equal(labels(tmp_path / "o.nii"), direct)

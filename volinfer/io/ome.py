@@ -41,6 +41,8 @@ class Geometry:
     affine: np.ndarray
     unit: str | None = "millimeter"
     header: bytes | None = None
+    oriented: bool = True  # the affine says where the axes point (volinfer's or a NIfTI-born store's affine)
+    sized: bool = True  # the affine says how large the voxels are (NGFF scale, voxel_size or affine recorded)
 
     def nifti_header(self) -> Any:
         """A NIfTI header carrying this geometry for an output: the stored header (validated against the affine),
@@ -104,11 +106,13 @@ def read_geometry(root_attrs: dict[str, Any], array_attrs: dict[str, Any] | None
                 return Geometry(a, _unit_of(root_attrs) or "millimeter", _header_of(vi))
     ms = _multiscales(root_attrs)
     if ms:
-        return _geometry_from_ngff(ms[0])
+        geom = _geometry_from_ngff(ms[0])
+        geom.oriented = False  # NGFF transforms are axis-aligned scales: no anatomical direction
+        return geom
     vs = array_attrs.get("voxel_size") or root_attrs.get("voxel_size")
     if vs:
-        return Geometry(np.diag([*[float(v) for v in vs[::-1]], 1.0]))
-    return Geometry(np.eye(4), None)  # nothing recorded: unit voxels, no physical unit claimed
+        return Geometry(np.diag([*[float(v) for v in vs[::-1]], 1.0]), oriented=False)
+    return Geometry(np.eye(4), None, oriented=False, sized=False)  # nothing recorded: unit voxels, no unit claimed
 
 
 def _header_of(vi: Any) -> bytes | None:

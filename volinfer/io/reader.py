@@ -307,6 +307,9 @@ class VolumeSource:
         self.header = header
         self.affine = affine
         self.paths = list(paths)
+        # whether the affine says where the axes point / how large the voxels are (a TIFF stack without OME sizes
+        # knows neither; the model's grid step (volinfer.run.model_grid) then leaves that part alone)
+        self.orientation_known = self.spacing_known = affine is not None
 
     @property
     def channels(self) -> int:

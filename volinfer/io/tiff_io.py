@@ -131,14 +131,16 @@ def _check_pages(tf: Any, series: Any, path: Path, z: int, size: int) -> None:
             raise VolinferError(f"{path}: page {n}'s data lie past the end of the file ({size} bytes; truncated?)")
 
 
-def _voxel_mm(tf: Any) -> tuple[float, float, float]:
-    """OME ``PhysicalSizeX/Y/Z`` in millimetres (1 where absent or unreadable)."""
+def _voxel_mm(tf: Any) -> tuple[float, float, float] | None:
+    """OME ``PhysicalSizeX/Y/Z`` in millimetres (1 where one is absent or unreadable); None without OME sizes."""
     if not getattr(tf, "is_ome", False):
-        return 1.0, 1.0, 1.0
+        return None
     try:
         pixels = next(el for el in ET.fromstring(tf.ome_metadata).iter() if el.tag.endswith("Pixels"))
     except Exception:
-        return 1.0, 1.0, 1.0
+        return None
+    if not any(pixels.get(f"PhysicalSize{ax}") for ax in "XYZ"):
+        return None
     out = []
     for ax in "XYZ":
         try:
@@ -150,8 +152,9 @@ def _voxel_mm(tf: Any) -> tuple[float, float, float]:
     return out[0], out[1], out[2]
 
 
-def _open_one(p: Path, depth: int) -> tuple[Any, tuple[int, int, int], np.ndarray]:
-    """One single-channel stack: its reader, ``(x, y, z)`` shape and affine, all checked before allocation."""
+def _open_one(p: Path, depth: int) -> tuple[Any, tuple[int, int, int], tuple[float, float, float] | None]:
+    """One single-channel stack: its reader, ``(x, y, z)`` shape and voxel size in mm (None: not recorded), all
+    checked before allocation."""
     tifffile = _tifffile()
     if not p.is_file() or p.stat().st_size == 0:
         raise VolinferError(f"{p}: no such file" if not p.exists() else f"{p}: not a TIFF file (empty or a directory)")
@@ -174,32 +177,36 @@ def _open_one(p: Path, depth: int) -> tuple[Any, tuple[int, int, int], np.ndarra
         logger.removeHandler(errors)
     if errors.messages:
         raise VolinferError(f"{p}: damaged TIFF ({errors.messages[0][:200]}); truncated or corrupt?")
-    affine = np.diag([*voxel, 1.0])
     if offset is None:
-        return PageChannel(p, shape, stored, depth), shape, affine
+        return PageChannel(p, shape, stored, depth), shape, voxel
     check_declared_size(p, int(offset) + math.prod(shape) * stored.itemsize, compressed=False)
     layout = StoredLayout(p, shape, native(stored), int(offset), 1.0, 0.0, swap=native(stored) != stored)
-    return StripChannel(layout), shape, affine
+    return StripChannel(layout), shape, voxel
 
 
 def open_tiff_source(paths: Sequence[str | os.PathLike], depth: int) -> VolumeSource:
-    """A :class:`VolumeSource` over one TIFF stack per channel (same shape and voxel size), lazily."""
+    """A :class:`VolumeSource` over one TIFF stack per channel (same shape and voxel size), lazily. A stack has no
+    anatomical orientation, and without OME sizes no voxel size either: the source says so
+    (``orientation_known``, ``spacing_known``), and its affine is the diagonal of the voxel size (or 1)."""
     readers: list[Any] = []
     try:
         first: tuple[Any, ...] | None = None
         for p in map(Path, paths):
-            reader, shape, affine = _open_one(p, depth)
+            reader, shape, voxel = _open_one(p, depth)
             readers.append(reader)
             if first is None:
-                first = (shape, affine)
-            elif shape != first[0] or not np.allclose(affine, first[1]):
+                first = (shape, voxel)
+            elif shape != first[0] or voxel != first[1]:
                 raise VolinferError(f"{p}: shape {shape} or voxel size differs from {paths[0]}'s")
     except BaseException:
         for r in readers:
             r.close()
         raise
     assert first is not None
-    return VolumeSource(readers, first[0], affine=first[1], paths=[Path(p) for p in paths])
+    source = VolumeSource(readers, first[0], affine=np.diag([*(first[1] or (1.0, 1.0, 1.0)), 1.0]),
+                          paths=[Path(p) for p in paths])
+    source.orientation_known, source.spacing_known = False, first[1] is not None
+    return source
 
 
 class TiffWriter(NiftiWriter):

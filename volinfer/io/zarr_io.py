@@ -192,7 +192,9 @@ def open_zarr_source(path: str | Path) -> tuple[VolumeSource, Any]:
     else:
         readers = [ZarrChannel(arr, None, names)]
     geom = store_geometry(path)
-    return VolumeSource(readers, readers[0].shape, affine=geom.affine, paths=[Path(path)]), arr
+    source = VolumeSource(readers, readers[0].shape, affine=geom.affine, paths=[Path(path)])
+    source.orientation_known, source.spacing_known = geom.oriented, geom.sized
+    return source, arr
 
 
 def check_zarr_output(path: str | Path, inputs: Sequence[str | Path], overwrite: bool, resume: bool) -> None:

@@ -65,13 +65,19 @@ def plan_model_grid(source: VolumeSource | None, settings: Any, resample: bool) 
         grid.notes.append("an array has no affine: the model's stored orientation/spacing are not applied")
         return grid
     affine, shape = np.asarray(source.affine, float), source.shape
-    if orientation is not None:
+    if orientation is not None and not getattr(source, "orientation_known", True):
+        grid.notes.append(f"the volume records no anatomical orientation (TIFF stack, or a Zarr array with only NGFF "
+                          f"scales): taken as is, not reoriented to the model's {orientation}")
+    elif orientation is not None:
         grid.amap, grid.target = AxisMap.between(affine, orientation), orientation
         if grid.amap is not None:
             affine, shape = grid.amap.affine(affine, shape), grid.amap.shape(shape)
     elif spacing is not None:
         grid.notes.append("the model stores no orientation: the volume is resampled along its own axes")
-    if spacing is not None:
+    if spacing is not None and not getattr(source, "spacing_known", True):
+        grid.notes.append(f"the volume records no voxel size: run at its own grid, not resampled to the model's "
+                          f"{'x'.join(f'{v:g}' for v in spacing)} mm")
+    elif spacing is not None:
         found = Resampling.between(shape, affine, spacing)
         if found is not None and not resample:
             grid.notes.append(f"--no-resample: the volume runs at its own voxel size "
