@@ -384,3 +384,38 @@ def test_stack_without_geometry_is_not_reoriented_or_resampled(env, tmp_path):
     r = ok("run", path, "-m", xml, "-o", tmp_path / "o.nii", *RUN[1:])
     assert "no anatomical orientation" in r.output and "no voxel size" in r.output
     np.testing.assert_array_equal(labels(tmp_path / "o.nii"), direct)
+
+
+def test_interrupted_tiff_run_resumes_byte_identical(env, tmp_path, monkeypatch):
+    """TIFF in, TIFF out, interrupted part-way: --resume continues the temporary stack (content fingerprint of the
+    TIFF's voxels) and writes the bytes of an uninterrupted run; a changed input is refused."""
+    import tifffile
+
+    from volinfer.io.tiff_io import TiffWriter
+
+    tmp, vol, _ = env
+    src = _write_formats(tmp_path, vol)["tif"]
+    args = ["-m", tmp / "asym.xml", "--engine", "tiles", *RUN]
+    ok("run", src, "-o", tmp_path / "whole.tif", *args)
+    real, calls = TiffWriter.write, [0]
+
+    def write(self, *a):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt()
+        real(self, *a)
+
+    monkeypatch.setattr(TiffWriter, "write", write)
+    assert invoke("run", src, "-o", tmp_path / "cut.tif", *args).exit_code == 130
+    monkeypatch.undo()
+    assert not (tmp_path / "cut.tif").exists() and (tmp_path / ".cut.tif.partial.tif").exists()
+    changed = tmp_path / "changed.tif"
+    tifffile.imwrite(changed, (vol + 1).transpose(2, 1, 0), photometric="minisblack")
+    os_replace = __import__("os").replace
+    os_replace(src, tmp_path / "orig.tif")
+    os_replace(changed, src)
+    r = invoke("run", src, "-o", tmp_path / "cut.tif", "--resume", *args)
+    assert r.exit_code == 2 and "cannot resume" in r.output, r.output
+    os_replace(tmp_path / "orig.tif", src)
+    ok("run", src, "-o", tmp_path / "cut.tif", "--resume", *args)
+    assert (tmp_path / "cut.tif").read_bytes() == (tmp_path / "whole.tif").read_bytes()

@@ -20,9 +20,11 @@ that order), created by tifffile and filled with positioned writes through a tem
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Sequence
@@ -242,6 +244,9 @@ class TiffWriter(NiftiWriter):
         axes = "ZYX" if len(full) == 3 else "CZYX"
         meta = {"axes": axes, "PhysicalSizeX": voxel_mm[0] * 1e3, "PhysicalSizeY": voxel_mm[1] * 1e3,
                 "PhysicalSizeZ": voxel_mm[2] * 1e3}
+        # the OME UUID from what the file holds, not a random one: a resumed run writes the same bytes
+        digest = hashlib.blake2b(repr((full, self.dtype.str, meta)).encode(), digest_size=16).digest()
+        meta["UUID"] = str(uuid.UUID(bytes=digest))
         mm = tifffile.memmap(str(self.tmp), shape=full, dtype=self.dtype, photometric="minisblack", ome=True,
                              metadata=meta)
         offset = int(mm.offset)
