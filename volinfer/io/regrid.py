@@ -6,10 +6,11 @@ writers of :mod:`volinfer.io.writer` or an uncompressed NIfTI file, so the grid 
 (:mod:`volinfer.run.model_grid`) are made of the same readers and writers as the run itself.
 
 * **Reorientation** (:class:`AxisMap`): target axis ``m`` is source axis ``perm[m]``, reversed where ``flip[m]``:
-  only copies of voxels, no interpolation, so it is exact and its inverse restores every voxel. The source is read
-  in its own z-slabs (the order every reader reads fastest, including ``.nii.gz`` streams); when the permutation
-  moves z, a slab lands across the whole target, so the target is an uncompressed NIfTI written through a memory
-  map whose pages are written back and dropped after every slab (resident memory stays about one slab).
+  only copies of voxels, no interpolation, so it is exact and its inverse restores every voxel. Target planes are
+  produced in order, in blocks: when target z is source z, a block is a few source planes (flipped z reads them
+  backwards: a ``.nii.gz`` stream restarts per block); when it is source x or y, a block of at most
+  :data:`GRID_SLAB_BYTES` is gathered in one pass over the source's z-slabs (more passes for larger volumes), so
+  memory stays one block plus one source slab whatever the volume's size.
 * **Resampling** (:func:`resample_into`): target index ``j`` along an axis samples the source at
   ``(j + 0.5) * ratio - 0.5`` (voxel centres aligned, the extent kept: ``n_out = round(n * ratio⁻¹)``), clamped to
   the volume (edge voxels repeat). Linear: the two neighbouring voxels weighted, along z first (two source planes
@@ -20,7 +21,6 @@ writers of :mod:`volinfer.io.writer` or an uncompressed NIfTI file, so the grid 
 from __future__ import annotations
 
 import math
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,9 @@ from volinfer.io.reader import VolumeSource, scan_slabs
 
 #: Voxels of source planes a grid step reads at once (bounds its memory: ~16 MB of float32 per copy).
 SLAB_VOXELS = 1 << 22
+#: Bytes of one block of reoriented planes: a permutation that moves z gathers each block in one pass over the
+#: source's z-slabs, so a volume larger than this costs ``ceil(size / GRID_SLAB_BYTES)`` passes.
+GRID_SLAB_BYTES = 1 << 25
 #: Relative difference under which a voxel size counts as equal to the model's (no resampling on that axis).
 SPACING_TOLERANCE = 1e-3
 
@@ -152,7 +155,11 @@ def _along(a: np.ndarray, axis: int, samples: tuple[np.ndarray, np.ndarray, np.n
     shape = [1] * a.ndim
     shape[axis] = -1
     w = w.reshape(shape)
-    return lo * (1 - w) + np.take(a, i1, axis=axis) * w
+    hi = np.take(a, i1, axis=axis)
+    hi -= lo  # lo + (hi - lo) * w, in place: two arrays of the result's size at any time
+    hi *= w
+    lo += hi
+    return lo
 
 
 def resample_into(source: VolumeSource, out_shape: Sequence[int], ratio: Sequence[float], mode: str, writer: Any,
@@ -201,70 +208,47 @@ def source_dtype(source: VolumeSource) -> np.dtype:
     return np.dtype(source.readers[0].dtype)
 
 
-class MappedNifti:
-    """An uncompressed NIfTI file ``(x, y, z[, c])`` written box by box through a memory map: after every box the
-    written pages go back to the file and leave resident memory (``flush`` + ``MADV_DONTNEED`` where available)."""
-
-    def __init__(self, path: Path, shape: Sequence[int], channels: int, dtype: np.dtype, affine: np.ndarray) -> None:
-        full = tuple(shape) if channels == 1 else (*shape, channels)
-        img_header = nib.Nifti1Header() if max(full) <= 32767 else nib.Nifti2Header()
-        img_header.set_data_shape(full)
-        img_header.set_data_dtype(dtype)
-        img_header.set_qform(affine, code=1)
-        img_header.set_sform(affine, code=1)
-        img_header.set_xyzt_units("mm")
-        self.path, self.dtype = Path(path), np.dtype(dtype)
-        nbytes = math.prod(full) * self.dtype.itemsize
-        with open(self.path, "wb") as f:
-            img_header.write_to(f)
-            offset = int(img_header["vox_offset"])
-            f.truncate(offset + nbytes)
-        self._f = open(self.path, "r+b")
-        self._map = mmap.mmap(self._f.fileno(), offset + nbytes)
-        data = np.frombuffer(self._map, self.dtype, math.prod(full), offset)
-        self.array = data.reshape((channels, *tuple(shape)[::-1]))  # (c, z, y, x): the file's order
-
-    def box(self, c: int) -> np.ndarray:
-        """Channel ``c`` as an ``(x, y, z)`` view to assign boxes into."""
-        return self.array[c].transpose(2, 1, 0)
-
-    def release(self) -> None:
-        self._map.flush()
-        if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED)
-
-    def close(self) -> None:
-        self.release()
-        self.array = None  # type: ignore[assignment]
-        try:
-            self._map.close()
-        except BufferError:  # a view still alive somewhere: the map closes with it
-            pass
-        self._f.close()
+def reoriented_blocks(source: VolumeSource, amap: AxisMap, dtype: np.dtype) -> Iterator[tuple[int, np.ndarray]]:
+    """``source`` (every channel, scaling applied) in ``amap``'s orientation, as ``(k0, block)`` pairs of
+    ``(C, nk, Y', X')`` blocks of ``dtype`` in target plane order (see module docs for the memory this takes)."""
+    tshape = amap.shape(source.shape)
+    s2, flip = amap.perm[2], amap.flip[2]
+    n2 = source.shape[s2]
+    plane = tshape[0] * tshape[1] * source.channels * np.dtype(dtype).itemsize
+    step = max(1, GRID_SLAB_BYTES // plane)
+    if s2 == 2:
+        step = min(step, slab_depth(source.shape))  # whole source planes: at most what a stream window holds
+    for k0 in range(0, tshape[2], step):
+        k1 = min(tshape[2], k0 + step)
+        lo, hi = (n2 - k1, n2 - k0) if flip else (k0, k1)
+        block = np.empty((source.channels, k1 - k0, tshape[1], tshape[0]), dtype=dtype)
+        for c, reader in enumerate(source.readers):  # one channel's source range at a time, copied once
+            block[c] = amap.apply(_source_range(reader, source.shape, s2, lo, hi, dtype)).transpose(2, 1, 0)
+        yield k0, block
 
 
-def reorient_into(source: VolumeSource, amap: AxisMap, path: Path, dtype: np.dtype | None = None) -> Path:
-    """Write ``source`` (every channel, scaling applied) in ``amap``'s orientation as an uncompressed NIfTI at
-    ``path``, reading the source in its own z-slabs (see module docs); returns ``path``."""
+def _source_range(reader: Any, shape: Sequence[int], axis: int, lo: int, hi: int, dtype: np.dtype) -> np.ndarray:
+    """Source voxels ``[lo, hi)`` along ``axis`` (whole along the others) as an ``(x, y, z)`` array: whole planes
+    for z; for x or y, one pass over the source's z-slabs, keeping that range of each."""
+    if axis == 2:
+        return _cast(_scaled(reader.planes(lo, hi), reader, "nearest"), dtype)
+    out_shape = list(shape)
+    out_shape[axis] = hi - lo
+    out = np.empty(out_shape, dtype=dtype)
+    z0 = 0
+    for slab in _slabs(reader, shape):
+        part = slab[lo:hi] if axis == 0 else slab[:, lo:hi]
+        out[..., z0 : z0 + slab.shape[2]] = _cast(_scaled(part, reader, "nearest"), dtype)
+        z0 += slab.shape[2]
+    return out
+
+
+def reorient_into(source: VolumeSource, amap: AxisMap, writer: Any, dtype: np.dtype | None = None) -> None:
+    """Write ``source`` in ``amap``'s orientation into ``writer`` (``(C, nk, Y, X)`` blocks in plane order)."""
     dtype = np.dtype(dtype or source_dtype(source))
-    X, Y, Z = source.shape
-    affine = amap.affine(source.affine if source.affine is not None else np.eye(4), source.shape)
-    out = MappedNifti(path, amap.shape(source.shape), source.channels, dtype, affine)
-    try:
-        zaxis = amap.perm.index(2)
-        for c, reader in enumerate(source.readers):
-            z0 = 0
-            for slab in _slabs(reader, source.shape):
-                z1 = z0 + slab.shape[2]
-                lo, hi = (Z - z1, Z - z0) if amap.flip[zaxis] else (z0, z1)
-                box = [slice(None)] * 3
-                box[zaxis] = slice(lo, hi)
-                out.box(c)[tuple(box)] = amap.apply(_cast(_scaled(slab, reader, "nearest"), dtype))
-                out.release()
-                z0 = z1
-    finally:
-        out.close()
-    return Path(path)
+    for k0, block in reoriented_blocks(source, amap, dtype):
+        writer.write(block, k0, 0)
+        _final(writer, k0 + block.shape[1])
 
 
 def slab_depth(shape: Sequence[int]) -> int:
@@ -278,29 +262,11 @@ def _slabs(reader: Any, shape: Sequence[int]) -> Iterator[np.ndarray]:
     return scan_slabs(reader, tuple(shape), depth=slab_depth(shape), voxels=SLAB_VOXELS)
 
 
-def copy_into(source: VolumeSource, writer: Any, dtype: np.dtype) -> None:
-    """Stream ``source`` into ``writer`` as ``(C, nz, Y, X)`` blocks of ``dtype``, unchanged (z-slab by z-slab)."""
-    X, Y, Z = source.shape
-    step = slab_depth(source.shape)
-    for z0 in range(0, Z, step):
-        z1 = min(Z, z0 + step)
-        block = np.stack([_cast(r.planes(z0, z1), dtype).transpose(2, 1, 0) for r in source.readers])
-        writer.write(np.ascontiguousarray(block), z0, 0)
-        _final(writer, z1)
-
-
 def _final(writer: Any, z: int) -> None:
     """Tell a file writer that every plane below ``z`` is final (it may compress or store them now)."""
     hook = getattr(writer, "planes_final", None)
     if hook is not None:
         hook(z)
-
-
-def remove_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def check_regrid_size(shape: Sequence[int], channels: int, dtype: np.dtype, where: str) -> None:

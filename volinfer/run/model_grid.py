@@ -14,7 +14,7 @@ and ``.spacing``). A run then, before anything else (:func:`plan_model_grid`):
    own header and affine.
 
 The intermediate volumes are uncompressed NIfTI files in a temporary directory beside the output (removed at the
-end, also on failure); memory stays bounded by the slabs each step reads. Such runs are not resumable (``--resume``
+end, also on failure); memory stays bounded by the blocks each step holds (:mod:`volinfer.io.regrid`). Such runs are not resumable (``--resume``
 is refused). Models that store neither run on the volume's own grid, as before, with a one-line note; so do arrays
 given to the Python API (they carry no affine).
 """
@@ -32,8 +32,8 @@ import numpy as np
 
 from volinfer.errors import VolinferError
 from volinfer.io.reader import VolumeSource
-from volinfer.io.regrid import (AxisMap, Resampling, check_regrid_size, copy_into, reorient_into, resample_into,
-                                slab_depth, source_dtype, voxel_sizes)
+from volinfer.io.regrid import (AxisMap, Resampling, check_regrid_size, reorient_into, resample_into, slab_depth,
+                                source_dtype, voxel_sizes)
 from volinfer.io.sources import open_paths
 from volinfer.io.writer import NiftiWriter
 
@@ -125,11 +125,16 @@ def _to_model_grid(grid: ModelGrid, source: VolumeSource, work: Path) -> Path:
     current, opened = source, None
     try:
         if grid.amap is not None:
-            path = reorient_into(source, grid.amap, work / "oriented_input.nii")
-            current = opened = open_paths([path], slab_depth(grid.amap.shape(source.shape)))
-        if grid.resampling is None:
-            return Path(current.paths[0])  # the reoriented input
+            amap, path = grid.amap, work / "oriented_input.nii"
+            dtype = source_dtype(source)
+            writer = NiftiWriter(path, amap.shape(source.shape), source.channels, dtype,
+                                 affine=amap.affine(source.affine, source.shape))
+            _fill(writer, lambda: reorient_into(source, amap, writer, dtype))
+            if grid.resampling is None:
+                return path
+            current = opened = open_paths([path], slab_depth(amap.shape(source.shape)))
         r = grid.resampling
+        assert r is not None
         check_regrid_size(r.out_shape, current.channels, np.dtype(np.float32), str(source.paths[0]))
         target = work / "model_input.nii"
         writer = NiftiWriter(target, r.out_shape, current.channels, np.dtype(np.float32),
@@ -156,31 +161,33 @@ def _back_to_input(grid: ModelGrid, source: VolumeSource, work: Path, kind: str,
     mode = "nearest" if kind == "labels" else "linear"
     opened: list[VolumeSource] = []
     try:
-        out_path = work / "model_output.nii"
-        with open_paths([out_path], 1) as head:
-            out_shape = head.shape
-        current = open_paths([out_path], slab_depth(out_shape))
-        opened.append(current)
+        current = _open(work / "model_output.nii", opened)
         dtype = source_dtype(current)
-        oriented = grid.amap.shape(source.shape) if grid.amap is not None else source.shape
         if grid.resampling is not None:
+            oriented = grid.amap.shape(source.shape) if grid.amap is not None else source.shape
             ratio = tuple(1.0 / r for r in grid.resampling.ratio)
             if grid.amap is None:
                 writer, final_dtype = make_writer(source, current.channels, dtype)
                 return _fill(writer, lambda: resample_into(current, oriented, ratio, mode, writer, final_dtype))
             back = NiftiWriter(work / "oriented_output.nii", oriented, current.channels, dtype)
             _fill(back, lambda: resample_into(current, oriented, ratio, mode, back, dtype))
-            current = open_paths([work / "oriented_output.nii"], slab_depth(oriented))
-            opened.append(current)
+            current = _open(work / "oriented_output.nii", opened)
         assert grid.amap is not None
-        path = reorient_into(current, grid.amap.inverse(), work / "output.nii", dtype)
-        final = open_paths([path], slab_depth(source.shape))
-        opened.append(final)
+        inverse, final = grid.amap.inverse(), current
         writer, final_dtype = make_writer(source, final.channels, dtype)
-        return _fill(writer, lambda: copy_into(final, writer, final_dtype))
+        return _fill(writer, lambda: reorient_into(final, inverse, writer, final_dtype))
     finally:
         for s in opened:
             s.close()
+
+
+def _open(path: Path, opened: list[VolumeSource]) -> VolumeSource:
+    """An intermediate file, opened for the grid steps' reads (and remembered in ``opened`` to be closed)."""
+    with open_paths([path], 1) as head:
+        shape = head.shape
+    source = open_paths([path], slab_depth(shape))
+    opened.append(source)
+    return source
 
 
 def settings_for_model_grid(settings: Any) -> Any:
