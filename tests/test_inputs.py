@@ -419,3 +419,26 @@ def test_interrupted_tiff_run_resumes_byte_identical(env, tmp_path, monkeypatch)
     os_replace(tmp_path / "orig.tif", src)
     ok("run", src, "-o", tmp_path / "cut.tif", "--resume", *args)
     assert (tmp_path / "cut.tif").read_bytes() == (tmp_path / "whole.tif").read_bytes()
+
+
+def test_ome_zarr_with_time_and_channel_axes(env, tmp_path):
+    """An OME-Zarr image as other tools write it, (t, c, z, y, x) with t = c = 1, its scale in the NGFF metadata:
+    read by its axes' names, the model sees the direct run's array; a time axis longer than 1 is refused in one
+    line."""
+    import zarr
+
+    tmp, vol, direct = env
+    for name, t in (("tczyx.zarr", 1), ("movie.zarr", 2)):
+        group = zarr.open_group(str(tmp_path / name), mode="w")
+        arr = group.create_array("0", shape=(t, 1, *vol.shape[::-1]), chunks=(1, 1, 8, 8, 8), dtype=vol.dtype)
+        arr[:] = np.broadcast_to(vol.transpose(2, 1, 0), arr.shape)
+        axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + \
+            [{"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"]
+        scale = [1.0, 1.0, *np.diag(AFFINE)[:3][::-1]]
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]}
+    ok("run", tmp_path / "tczyx.zarr", "-m", tmp / "asym.xml", "-o", tmp_path / "o.nii", *RUN, "--block", "16")
+    np.testing.assert_array_equal(labels(tmp_path / "o.nii"), direct)
+    np.testing.assert_allclose(np.diag(nib.load(str(tmp_path / "o.nii")).affine), np.diag(AFFINE))
+    r = invoke("run", tmp_path / "movie.zarr", "-m", tmp / "asym.xml", "-o", tmp_path / "m.nii", *RUN)
+    assert r.exit_code == 2 and "axis 't' has length 2" in r.output and len(r.output.strip().splitlines()) == 1
