@@ -16,6 +16,7 @@ from volinfer.errors import Interrupted, VolinferError
 from volinfer.io.journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
 from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.io.reader import VolumeSource
+from volinfer.io.ome import geometry_from_nifti
 from volinfer.io.sources import input_files, is_tiff_output, open_paths
 from volinfer.io.tiff_io import TiffWriter
 from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
@@ -80,9 +81,13 @@ def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.
             settings: RunSettings | None = None, *, report: bool = False, **options: Any) -> Any:
     """Run ``volume`` through ``model`` tile by tile.
 
-    ``volume``: a NIfTI path, a list of paths (one per input channel), or a numpy array (x, y, z) — with
-    ``channel_axis`` for 4-D arrays. ``model``: an ``.xml``/``.onnx`` path or a :class:`TileModel`.
-    With ``output`` (``.nii`` / ``.nii.gz``) the result is streamed to disk and a :class:`RunReport` is returned;
+    ``volume``: a path (NIfTI, TIFF stack, MHA/MHD/NRRD, Zarr: :mod:`volinfer.io.sources`), a list of paths (one per
+    input channel), or a numpy array (x, y, z) — with ``channel_axis`` for 4-D arrays. ``model``: an
+    ``.xml``/``.onnx`` path or a :class:`TileModel`. A model that stores an orientation or spacing has file inputs
+    reoriented and resampled to them and the output mapped back (:mod:`volinfer.run.model_grid`; ``resample=False``
+    keeps the volume's voxel size).
+    With ``output`` (``.nii`` / ``.nii.gz`` / ``.tif`` / ``.zarr``) the result is streamed to disk and a
+    :class:`RunReport` is returned;
     without, the result array is returned ((x, y, z) or (x, y, z, c)), or ``(array, report)`` when ``report=True``.
     ``settings`` (:class:`volinfer.run.settings.RunSettings`) says how to run; keyword ``options`` (``tile=``,
     ``overlap=``, ``stitch=``, ``sigma=``, ``pad_mode=``, ``kind=``, ``activation=``, ``channels=``, ``threshold=``,
@@ -216,8 +221,6 @@ def _final_writer(run: _Run, source: VolumeSource, channels: int, dtype: np.dtyp
         return _ArrayResult(source.shape, channels, dtype), dtype
     if is_zarr_output(output):
         z = _zarr_settings(output, o.zarr_output())["zarr"]
-        from volinfer.io.ome import geometry_from_nifti
-
         return ZarrWriter(output, source.shape, channels, dtype, geometry_from_nifti(source.header, source.affine),
                           row_planes=[0, source.shape[2]], kind=o.kind, chunks=z["chunks"], pyramid=z["pyramid"],
                           compression=z["compression"], overwrite=run.s.overwrite), dtype
@@ -421,7 +424,6 @@ def _zarr_settings(output: Any, zarr_output: dict[str, Any] | None) -> dict[str,
 
 def _zarr_writer(output: Any, source: VolumeSource, spec: Any, grid: Any, kind: str, zarr_output: Any,
                  overwrite: bool, resume: bool, start_row: int) -> "ZarrWriter":
-    from volinfer.io.ome import geometry_from_nifti
     from volinfer.io.zarr_writer import row_planes
 
     z = _zarr_settings(output, zarr_output)["zarr"]
