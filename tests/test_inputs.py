@@ -223,6 +223,8 @@ def test_bad_tiffs_and_lying_mha_are_refused(env, tmp_path):
     _refused(tmp, tmp_path / "rgb.tif", "RGB")
     tifffile.imwrite(tmp_path / "two.tif", np.zeros((4, 2, 5, 6), np.uint16), imagej=True, metadata={"axes": "ZCYX"})
     _refused(tmp, tmp_path / "two.tif", "2 channels")
+    tifffile.imwrite(tmp_path / "movie.tif", np.zeros((4, 5, 6), np.uint16), imagej=True, metadata={"axes": "TYX"})
+    _refused(tmp, tmp_path / "movie.tif", "time series")
     text = formats["mha"].read_bytes()
     lying = tmp_path / "lying.mha"
     lying.write_bytes(text.replace(b"DimSize = 27 21 17", b"DimSize = 27 21 9000"))

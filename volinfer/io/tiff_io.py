@@ -117,8 +117,9 @@ def _stack_shape(series: Any, path: Path) -> tuple[int, int, int]:
     if any(a in "C" for a in extra):
         raise VolinferError(f"{path}: the TIFF holds {extra['C']} channels: save one single-channel stack per "
                             f"channel and give those files (one per model input channel)")
-    if len(extra) > 1 or axes[-2:] != "YX":
-        raise VolinferError(f"{path}: TIFF series with axes {axes} {shape}: expected one z-stack of grey pages")
+    if len(extra) > 1 or axes[-2:] != "YX" or any(a not in "ZQI" for a in extra):
+        raise VolinferError(f"{path}: TIFF series with axes {axes} {shape}: expected one z-stack of grey pages "
+                            f"(not a time series or several stacks)")
     return shape[-1], shape[-2], next(iter(extra.values()), 1)
 
 
