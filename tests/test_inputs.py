@@ -444,3 +444,25 @@ def test_ome_zarr_with_time_and_channel_axes(env, tmp_path):
     np.testing.assert_allclose(np.diag(nib.load(str(tmp_path / "o.nii")).affine), np.diag(AFFINE))
     r = invoke("run", tmp_path / "movie.zarr", "-m", tmp / "asym.xml", "-o", tmp_path / "m.nii", *RUN)
     assert r.exit_code == 2 and "axis 't' has length 2" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_compressed_bombs_are_refused_before_allocation(env, tmp_path):
+    """A zlib TIFF whose pages claim 50000x50000 pixels, and a bzip2 NRRD (expansion unbounded): one-line errors
+    before any page window or volume of that size exists."""
+    import tifffile
+
+    tmp, vol, _ = env
+    big = tmp_path / "bomb.tif"
+    tifffile.imwrite(big, np.zeros((2, 64, 64), np.uint8), compression="zlib", metadata=None, rowsperstrip=64)
+    data = bytearray(big.read_bytes())
+    with tifffile.TiffFile(big) as tf:  # ImageWidth, ImageLength, RowsPerStrip of every page, patched in place
+        for page in tf.pages:
+            for code in (256, 257, 278):
+                tag = page.tags[code]
+                data[tag.valueoffset : tag.valueoffset + 2] = (50000).to_bytes(2, "little")
+    big.write_bytes(bytes(data))
+    _refused(tmp, big, "compressed bytes")
+    nrrd = _write_formats(tmp_path, vol)["nrrd"]
+    bz = tmp_path / "bz.nrrd"
+    bz.write_bytes(nrrd.read_bytes().replace(b"encoding: raw", b"encoding: bzip2"))
+    _refused(tmp, bz, "bzip2")

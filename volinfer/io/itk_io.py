@@ -127,6 +127,16 @@ def raw_data(p: Path, nbytes: int) -> RawData | None:
     return _detached(p, data, int(fields.get("headersize", "0")), nbytes, big)
 
 
+def _nrrd_encoding(p: Path) -> str | None:
+    """The ``encoding`` field of a NRRD header (None for MetaImage files)."""
+    with open(p, "rb") as f:
+        head = f.read(HEADER_MAX)
+    if not head.startswith(b"NRRD"):
+        return None
+    end = head.find(b"\n\n")
+    return _fields(head[: end if end >= 0 else len(head)].decode("latin-1"), ":").get("encoding", "raw")
+
+
 def _detached(p: Path, name: str, skip: int, nbytes: int, big: bool) -> RawData | None:
     """A header's separate data file (one file, no pattern or list), with ``skip`` bytes before the voxels (-1: the
     voxels are the file's last ``nbytes``)."""
@@ -166,6 +176,10 @@ def _open_one(p: Path) -> tuple[Any, ItkHeader]:
                               swap=native(stored) != stored)
         return StripChannel(layout), hdr
     size = os.path.getsize(p)
+    encoding = _nrrd_encoding(p)
+    if encoding is not None and encoding not in ("gzip", "gz", "text", "txt", "ascii", "hex"):
+        raise VolinferError(f"{p}: NRRD encoding '{encoding}' is not read (its expansion cannot be bounded before "
+                            f"decoding): save it raw or gzip-compressed")
     if nbytes > size * MAX_DEFLATE_RATIO:
         raise VolinferError(f"{p}: header describes {nbytes} bytes of voxels, more than {size} compressed bytes can "
                             f"hold: the header's size is wrong or the file is truncated")

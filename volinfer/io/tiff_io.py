@@ -38,6 +38,9 @@ from volinfer.io.targets import aux_path
 from volinfer.io.writer import NiftiWriter
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+#: The most a TIFF codec expands its bytes (deflate ~1032:1, LZW with 12-bit codes ~2730:1): a compressed stack that
+#: declares more pixels than its bytes can hold is refused before its page window is allocated.
+MAX_CODEC_RATIO = 4096
 #: OME length units → millimetres.
 _TO_MM = {"nm": 1e-6, "µm": 1e-3, "um": 1e-3, "micron": 1e-3, "mm": 1.0, "cm": 10.0, "m": 1e3}
 
@@ -181,6 +184,10 @@ def _open_one(p: Path, depth: int) -> tuple[Any, tuple[int, int, int], tuple[flo
     if errors.messages:
         raise VolinferError(f"{p}: damaged TIFF ({errors.messages[0][:200]}); truncated or corrupt?")
     if offset is None:
+        declared, size = math.prod(shape) * stored.itemsize, p.stat().st_size
+        if declared > size * MAX_CODEC_RATIO:
+            raise VolinferError(f"{p}: pages declare {declared} bytes of pixels, more than {size} compressed bytes "
+                                f"can hold: the file is corrupt or truncated")
         return PageChannel(p, shape, stored, depth), shape, voxel
     check_declared_size(p, int(offset) + math.prod(shape) * stored.itemsize, compressed=False)
     layout = StoredLayout(p, shape, native(stored), int(offset), 1.0, 0.0, swap=native(stored) != stored)
