@@ -41,7 +41,8 @@ def main() -> None:
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="OpenVINO IR (.xml) or ONNX (.onnx) model.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="Output: a .nii / .nii.gz file, a .zarr (OME-Zarr) store, or a directory for batch runs.")
+              help="Output: a .nii / .nii.gz file, a .tif stack, a .zarr (OME-Zarr) store, or a directory for batch "
+              "runs.")
 @click.option("--tile", type=V.TILE, help="Tile size: 128 or 128x128x64 (whole numbers >= 1), or auto (default): "
               "the fastest tiling whose crop margins cover the model's receptive field (up to one tile over the whole "
               "volume) within --max-memory. A given size is used as is; the summary then says whether the run is "
@@ -114,7 +115,9 @@ def main() -> None:
 @output_options("the run report")
 @friendly_errors
 def run(**params: Any) -> None:
-    """Segment/restore INPUTS (one NIfTI file or Zarr store, or one NIfTI file per input channel) into OUTPUT.
+    """Segment/restore INPUTS (a NIfTI, TIFF stack, MHA/MHD/NRRD file or Zarr store, or one file per input
+    channel) into OUTPUT; a model storing an orientation/spacing gets the volume reoriented/resampled to them and
+    the output mapped back onto the input's grid.
 
     \b
     Batch: give one directory or glob (quoted) as INPUTS and a directory as OUTPUT; each volume is written to
