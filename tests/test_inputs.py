@@ -466,3 +466,33 @@ def test_compressed_bombs_are_refused_before_allocation(env, tmp_path):
     bz = tmp_path / "bz.nrrd"
     bz.write_bytes(nrrd.read_bytes().replace(b"encoding: raw", b"encoding: bzip2"))
     _refused(tmp, bz, "bzip2")
+
+
+def test_model_grid_run_failures_leave_nothing(env, tmp_path, monkeypatch):
+    """A full disk while a model-grid run writes its output: one line that does not promise --resume (such runs
+    keep nothing), no output, no temporary directory; --resume itself is refused in one line."""
+    import errno
+
+    from volinfer.io.writer import NiftiWriter
+
+    tmp, vol, _ = env
+    nib.save(nib.Nifti1Image(vol[::-1], AFFINE @ np.diag([-1, 1, 1, 1])), str(tmp_path / "las.nii"))
+    xml = _model_with(tmp_path, "ras.xml", orientation="RAS")
+    real = NiftiWriter.write
+
+    def write(self, block, z0, y0):  # the final output's first positioned write fails as on a full disk
+        if self.target.name == "o.nii":
+            monkeypatch.setattr("volinfer.portable.pwrite_all", enospc)
+        real(self, block, z0, y0)
+
+    def enospc(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(NiftiWriter, "write", write)
+    r = invoke("run", tmp_path / "las.nii", "-m", xml, "-o", tmp_path / "o.nii", *RUN)
+    monkeypatch.undo()
+    assert r.exit_code == 2 and "No space left" in r.output and "not resumable" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["las.nii", "ras.bin", "ras.xml"]
+    r = invoke("run", tmp_path / "las.nii", "-m", xml, "-o", tmp_path / "o.nii", "--resume", *RUN)
+    assert r.exit_code == 2 and "--resume is not available" in r.output

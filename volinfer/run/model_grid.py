@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from volinfer.errors import VolinferError
+from volinfer.errors import Interrupted, VolinferError
+from volinfer.io.journal import ResumableError
 from volinfer.io.reader import VolumeSource
 from volinfer.io.regrid import (AxisMap, Resampling, check_regrid_size, reorient_into, resample_into, slab_depth,
                                 source_dtype, voxel_sizes)
@@ -109,6 +110,12 @@ def run_on_model_grid(grid: ModelGrid, paths: list[Path], run: Callable[[Path, P
             model_input = _to_model_grid(grid, source, work)
             report = run(model_input, work / "model_output.nii")
             result = _back_to_input(grid, source, work, kind, make_writer)
+    except ResumableError as e:  # nothing of such a run is kept to resume: say so, not "--resume"
+        raise VolinferError(f"{str(e).split('; ')[0]}; runs through the model's grid are not resumable: fix that "
+                            f"and run the command again") from None
+    except (Interrupted, KeyboardInterrupt):
+        raise Interrupted("interrupted; runs through the model's grid are not resumable: run the command again"
+                          ) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report.notes.extend(grid.notes)
