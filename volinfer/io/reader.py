@@ -1,5 +1,10 @@
 """Reading tiles of a volume without loading it whole.
 
+Axis order: every reader in :mod:`volinfer.io` (NIfTI here; TIFF stacks, MHA/MHD/NRRD and Zarr in their modules,
+picked by :func:`volinfer.io.sources.open_paths`) hands on ``(x, y, z)`` arrays — NIfTI's voxel order, x varying
+fastest on disk — with the affine that maps voxel ``(i, j, k)`` to world (RAS, mm), so the model sees the same array
+for the same voxels whatever the file format.
+
 A :class:`VolumeSource` gives the voxels of one region of one channel, as stored (scaling applied later, per tile).
 Requests arrive in on-disk order (z-rows, then y-rows, then x), and each source keeps only what those requests need:
 
