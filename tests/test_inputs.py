@@ -496,3 +496,23 @@ def test_model_grid_run_failures_leave_nothing(env, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["las.nii", "ras.bin", "ras.xml"]
     r = invoke("run", tmp_path / "las.nii", "-m", xml, "-o", tmp_path / "o.nii", "--resume", *RUN)
     assert r.exit_code == 2 and "--resume is not available" in r.output
+
+
+def test_model_grid_probabilities_into_float16_zarr(env, tmp_path):
+    """Probabilities through the model grid (reoriented and resampled) into a float16 OME-Zarr: mapped back
+    linearly onto the input's grid (so they still sum to 1), stored float16 with the input's affine."""
+    import zarr
+
+    from volinfer.io.zarr_io import store_geometry
+
+    tmp, vol, _ = env
+    affine = np.diag([-0.8, 0.8, 1.5, 1.0])  # LAS, anisotropic
+    nib.save(nib.Nifti1Image(vol, affine), str(tmp_path / "v.nii"))
+    xml = _model_with(tmp_path, "g.xml", orientation="RAS", spacing=[1, 1, 1])
+    r = ok("run", tmp_path / "v.nii", "-m", xml, "-o", tmp_path / "p.zarr", "--kind", "probabilities", "--float16",
+           *RUN[1:])
+    assert "reoriented LAS -> RAS" in r.output and "(linear)" in r.output
+    probs = zarr.open_group(str(tmp_path / "p.zarr"))["0"][:]
+    assert probs.dtype == np.float16 and probs.shape == (3, *SHAPE[::-1])
+    np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=3e-3)
+    np.testing.assert_allclose(store_geometry(tmp_path / "p.zarr").affine, affine)
