@@ -51,7 +51,8 @@ class AxisMap:
     @classmethod
     def between(cls, affine: np.ndarray, target: str) -> "AxisMap | None":
         """The map that brings a volume with ``affine`` to orientation ``target`` (e.g. ``RAS``); None when it is
-        there already."""
+        there already. An oblique affine goes to its closest axis-aligned orientation (nibabel's
+        ``io_orientation``), as TotalSegmentator and nibabel's ``as_closest_canonical`` do."""
         src = nib.orientations.io_orientation(np.asarray(affine, float))
         dst = nib.orientations.axcodes2ornt(tuple(target))
         perm, flip = [], []
@@ -84,11 +85,11 @@ class AxisMap:
         return out[tuple(slice(None, None, -1) if f else slice(None) for f in self.flip)]
 
     def describe(self, affine: np.ndarray, target: str) -> str:
+        """The summary's words, e.g. ``reoriented PSL -> RAS: input axes zxy become xyz; flipped xy``."""
         src = "".join(nib.orientations.aff2axcodes(np.asarray(affine, float)))
-        flips = [f"{'xyz'[m]}" for m in range(3) if self.flip[m]]
-        moves = "" if self.perm == (0, 1, 2) else f"axes ({', '.join('xyz'[s] for s in self.perm)}) -> (x, y, z)"
-        return f"reoriented {src} -> {target}: " + "; ".join(x for x in (moves, flips and f"flipped {''.join(flips)}")
-                                                           if x)
+        moves = "" if self.perm == (0, 1, 2) else f"input axes {''.join('xyz'[s] for s in self.perm)} become xyz"
+        flips = "".join("xyz"[m] for m in range(3) if self.flip[m])
+        return f"reoriented {src} -> {target}: " + "; ".join(x for x in (moves, flips and f"flipped {flips}") if x)
 
 
 def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
