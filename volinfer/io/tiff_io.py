@@ -126,7 +126,7 @@ def _stack_shape(series: Any, path: Path) -> tuple[int, int, int]:
     return shape[-1], shape[-2], next(iter(extra.values()), 1)
 
 
-def _check_pages(tf: Any, series: Any, path: Path, z: int, size: int) -> None:
+def _check_pages(tf: Any, path: Path, z: int, size: int) -> None:
     """Every page the stack needs is there and its data lie inside the file (a truncated file fails here)."""
     if len(tf.pages) < z:
         raise VolinferError(f"{path}: {len(tf.pages)} page(s) found, the stack needs {z} (truncated?)")
@@ -173,8 +173,9 @@ def _open_one(p: Path, depth: int) -> tuple[Any, tuple[int, int, int], tuple[flo
             shape = _stack_shape(series, p)
             stored = np.dtype(series.dtype).newbyteorder(tf.byteorder)
             check_voxel_type(stored, str(p))
-            _check_pages(tf, series, p, shape[2], p.stat().st_size)
             offset, voxel = series.dataoffset, _voxel_mm(tf)
+            if offset is None:  # contiguous stacks (ImageJ's > 4 GB ones list one page) are checked by size below
+                _check_pages(tf, p, shape[2], p.stat().st_size)
     except VolinferError:
         raise
     except Exception as e:
