@@ -56,6 +56,8 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--normalize", type=V.NORMALIZE, help="Normalisation to store: none, zscore, minmax, percentile:LO:HI "
               "(0 <= LO < HI <= 100), scale:A:B (finite, A != 0).")
 @click.option("--spacing", type=V.SPACING, help="Voxel spacing the model expects, in mm, > 0 (e.g. 1,1,1).")
+@click.option("--orientation", type=V.ORIENTATION, help="Orientation the model expects, three letters (e.g. RAS): "
+              "`run` reorients other volumes to it (axis permutations and flips).")
 @click.option("--overlap", type=V.OVERLAP, help="Default overlap to store, as for `run`: " + V.OVERLAP_RULE + ".")
 @click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]), help="Default stitching to store.")
 @click.option("--no-fp16", is_flag=True, help="Keep FP32 weights (default: compress weights to FP16).")
@@ -130,7 +132,8 @@ def convert_settings(p: dict[str, Any]) -> Any:
         fixed=parse_set(p["set_values"]), select_output=p["output_name"], tile=parse_tile(p["tile"]),
         channels=p["channels"], layout=p["layout"].upper() if p["layout"] else None, static=p["static"],
         activation=p["activation"], labels=_list(p["labels"]), channel_names=_list(p["channel_names"]),
-        normalization=parse_normalization(p["normalize"]), spacing=spacing_v, overlap=stored_overlap(p["overlap"]),
+        normalization=parse_normalization(p["normalize"]), spacing=spacing_v,
+        orientation=p.get("orientation"), overlap=stored_overlap(p["overlap"]),
         stitch=p["stitch"], fp16=not p["no_fp16"], int8=p["int8"], calibration_tiles=p["calibration_tiles"],
         check=not p["no_check"], tolerance=p["tolerance"], calibration_volume=p["calibration_volume"],
         measure_rf=not p["no_receptive_field"], overwrite=p["overwrite"], device=p["device"],

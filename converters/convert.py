@@ -213,6 +213,7 @@ def _describe(g: _Graph, cs: ConvertSettings, notes: list[str]) -> ModelSettings
         tile=g.tile, size_multiple=g.multiple or None, overlap=st.overlap,
         stitch=st.stitch, normalization=st.normalization, activation=st.activation,
         labels=list(st.labels) if st.labels else None, spacing=list(st.spacing) if st.spacing else None,
+        orientation=st.orientation,
         output=str(g.out_index) if g.out_index is not None else None, instance_norm=bool(g.per_tile) or None,
         source_framework=src.framework, source_file=src.path.name if src.path else None,
         source_sha256=_sha256(src.path), volinfer_version=volinfer.__version__,

@@ -62,10 +62,13 @@ class StoredSettings:
     channel_names: Sequence[str] | None = None
     normalization: dict[str, Any] | None = None
     spacing: Sequence[float] | None = None
+    orientation: str | None = None
     overlap: float | int | Sequence[float | int] | None = None
     stitch: str | None = None
 
     def __post_init__(self) -> None:
+        if self.orientation is not None:
+            object.__setattr__(self, "orientation", validate.orientation(self.orientation))
         if isinstance(self.normalization, dict):
             validate.normalization(self.normalization)
         if self.spacing is not None:

@@ -147,7 +147,8 @@ def data(tmp_path_factory):
     xml = save_unet2(tmp / "m.xml")
     vol = np.random.default_rng(11).standard_normal(SHAPE).astype(np.float32)
     vol[:18] = 0.0  # constant slab: tiles reused from the constant cache, in blocks and in one process
-    z = zarr.create_array(store=str(tmp / "in.zarr"), shape=SHAPE, chunks=(8, 8, 8), dtype="float32")
+    z = zarr.create_array(store=str(tmp / "in.zarr"), shape=SHAPE, chunks=(8, 8, 8), dtype="float32",
+                          dimension_names=["x", "y", "z"])  # stored (x, y, z), named so
     z[:] = vol
     return tmp, xml, vol
 
@@ -164,7 +165,7 @@ def test_zarr_blocks_equal_one_process_bitwise(data, stitch, kind):
     rep = run_zarr(tmp / "in.zarr", xml, out, stitch=stitch, kind=kind, block=16, chunks=8, overwrite=True,
                    **OPTS)
     got = zarr.open_group(str(out))["0"][:]
-    got = got if got.ndim == 3 else np.moveaxis(got, 0, -1)
+    got = got.transpose(2, 1, 0) if got.ndim == 3 else np.moveaxis(got.transpose(0, 3, 2, 1), 0, -1)  # (c, z, y, x)
     assert int(rep.extra["blocks"].split()[0]) >= 8 and "constant" in rep.extra
     np.testing.assert_array_equal(got, ref)
     if stitch == "crop":  # every tile of the grid inferred exactly once across all blocks

@@ -49,7 +49,8 @@ def test_killed_worker_block_is_rerun_and_output_identical(tmp_path):
     from dask.distributed import Client, LocalCluster
 
     xml = save_unet2(tmp_path / "m.xml")
-    z = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=SHAPE, chunks=(16, 16, 16), dtype="float32")
+    z = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=SHAPE, chunks=(16, 16, 16), dtype="float32",
+                          dimension_names=["x", "y", "z"])  # stored (x, y, z), named so
     z[:] = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     ref = tmp_path / "ref.zarr"
     run_zarr(tmp_path / "in.zarr", xml, ref, overwrite=True, **OPTS)

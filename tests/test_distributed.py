@@ -24,7 +24,8 @@ def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zarr")
     xml = save_unet2(tmp / "m.xml")
     vol = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
-    z = zarr.create_array(store=str(tmp / "in.zarr"), shape=SHAPE, chunks=(16, 16, 16), dtype="float32")
+    z = zarr.create_array(store=str(tmp / "in.zarr"), shape=SHAPE, chunks=(16, 16, 16), dtype="float32",
+                          dimension_names=["x", "y", "z"])  # stored (x, y, z), named so
     z[:] = vol
     return tmp, xml, vol
 
@@ -42,8 +43,8 @@ def test_local_zarr_run_equals_single_process_bitwise(data, stitch):
     ref = predict(vol, str(xml), stitch=stitch, **OPTS)
     rep = run_zarr(tmp / "in.zarr", xml, tmp / f"local_{stitch}.zarr", stitch=stitch, block=32, overwrite=True, **OPTS)
     out = _read(tmp / f"local_{stitch}.zarr")
-    assert out.shape == (2, *SHAPE) and int(rep.extra["blocks"].split()[0]) >= 8  # several blocks on each axis
-    np.testing.assert_array_equal(np.moveaxis(out, 0, -1), ref)
+    assert out.shape == (2, *SHAPE[::-1]) and int(rep.extra["blocks"].split()[0]) >= 8  # several blocks on each axis
+    np.testing.assert_array_equal(np.moveaxis(out.transpose(0, 3, 2, 1), 0, -1), ref)  # store: (c, z, y, x)
 
 
 def test_dask_cluster_of_two_workers_gives_identical_output(data):
@@ -138,7 +139,7 @@ def test_cli_zarr_run_and_errors(data):
                                   "--no-compression", "--json"])
     assert r.exit_code == 0, r.output
     assert zarr.open_group(str(out))["0"].chunks == (2, 24, 24, 24)
-    np.testing.assert_array_equal(np.moveaxis(_read(out), 0, -1), predict(vol, str(xml), **OPTS))
+    np.testing.assert_array_equal(np.moveaxis(_read(out).transpose(0, 3, 2, 1), 0, -1), predict(vol, str(xml), **OPTS))
     r = CliRunner().invoke(main, ["run", str(tmp / "in.zarr"), "-m", str(xml), "-o", str(out), "--tile", "32"])
     assert r.exit_code == 2 and "already exists" in r.output
     r = CliRunner().invoke(main, ["run", str(tmp / "in.zarr"), str(tmp / "in.zarr"), "-m", str(xml), "-o",

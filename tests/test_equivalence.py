@@ -78,9 +78,9 @@ def _nifti_vs_zarr(tmp, xml, stitch, block, reuse=True):
     from volinfer.run.distributed import run_zarr
 
     vol = _zarr_volume()
-    z = zarr.create_array(store=str(tmp / "in.zarr"), shape=ZSHAPE, chunks=(16, 16, 16), dtype="float32",
+    z = zarr.create_array(store=str(tmp / "in.zarr"), shape=ZSHAPE[::-1], chunks=(16, 16, 16), dtype="float32",
                           overwrite=True)
-    z[:] = vol
+    z[:] = vol.transpose(2, 1, 0)  # a plain array without axis names is (z, y, x)
     nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp / "in.nii"))
     extra = [] if reuse else ["--no-constant-reuse"]
     r = CliRunner().invoke(main, ["run", *_args(tmp / "in.nii", xml, stitch), *extra, "-o", str(tmp / "o.nii")])
@@ -88,7 +88,7 @@ def _nifti_vs_zarr(tmp, xml, stitch, block, reuse=True):
     ref = np.asarray(nib.load(str(tmp / "o.nii")).dataobj)  # (x, y, z, c)
     run_zarr(tmp / "in.zarr", xml, tmp / "o.zarr", stitch=stitch, block=block, overwrite=True, tile=32, overlap=24,
              kind="raw", reuse_constant=reuse)
-    return np.moveaxis(_read_zarr(tmp / "o.zarr"), 0, -1), ref
+    return np.moveaxis(_read_zarr(tmp / "o.zarr").transpose(0, 3, 2, 1), 0, -1), ref  # store: (c, z, y, x)
 
 
 def test_zarr_blocks_equal_nifti_run_crop(setup):

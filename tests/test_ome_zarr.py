@@ -139,14 +139,13 @@ def test_zarr_to_nifti_run_equals_zarr_run_then_to_nifti(env):
         np.testing.assert_array_equal(direct, via)
         np.testing.assert_allclose(aff, AFFINE)
         np.testing.assert_allclose(aff_via, AFFINE)
-    # independently: the model sees the Zarr array's own axes (z, y, x)
-    ref = predict(data.transpose(2, 1, 0), str(xml), tile=16, overlap=8)
-    np.testing.assert_array_equal(nifti(tmp / "z_labels.nii.gz")[0], ref.transpose(2, 1, 0))
-    # --mirror names physical axes: x is the Zarr array's last axis
+    # independently: the model sees the same (x, y, z) array as for the NIfTI file (issue 23)
+    ref = predict(data, str(xml), tile=16, overlap=8)
+    np.testing.assert_array_equal(nifti(tmp / "z_labels.nii.gz")[0], ref)
+    # --mirror names physical axes: x is the NIfTI x, whatever the Zarr array's axis order
     ok("run", src, "-m", xml, "-o", tmp / "z_mirror.nii", "--kind", "probabilities", "--mirror", "x", *RUN)
-    ref = predict(data.transpose(2, 1, 0), str(xml), tile=16, overlap=8, kind="probabilities", mirror=[2])
-    np.testing.assert_allclose(nifti(tmp / "z_mirror.nii")[0], np.moveaxis(ref, -1, 0).transpose(3, 2, 1, 0),
-                               rtol=0, atol=1e-6)
+    ref = predict(data, str(xml), tile=16, overlap=8, kind="probabilities", mirror=[0])
+    np.testing.assert_allclose(nifti(tmp / "z_mirror.nii")[0], ref, rtol=0, atol=1e-6)
     assert not np.allclose(nifti(tmp / "z_mirror.nii")[0], nifti(tmp / "z_probabilities.nii.gz")[0], atol=1e-6)
 
 

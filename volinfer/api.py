@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,8 +16,12 @@ from volinfer.errors import Interrupted, VolinferError
 from volinfer.io.journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
 from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.io.reader import VolumeSource
+from volinfer.io.ome import geometry_from_nifti
+from volinfer.io.sources import input_files, is_tiff_output, open_paths
+from volinfer.io.tiff_io import TiffWriter
 from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
 from volinfer.run.norm_stats import fit_norm_statistics
+from volinfer.run.model_grid import ModelGrid, plan_model_grid, run_on_model_grid, settings_for_model_grid
 from volinfer.tiling.feeder import TileFeeder
 from volinfer.run.setup import (TilingChoice, RunSetup, choose_stream, guard_precision, needs_norm_passes, plan_tiling,
                                 resolve, scan_volume, stream_verdict, verdict)
@@ -54,13 +58,15 @@ def run_fingerprint(in_paths: Sequence[Path], model_path: Path | None, options: 
 def _discard(writer: Any, journal: Journal | None) -> None:
     """Remove what this run wrote (temporary file, journal). Nothing when no writer was made yet: a journal there
     belongs to an earlier interrupted run and must survive a refused or interrupted resume."""
-    if isinstance(writer, (NiftiWriter, ZarrWriter)):
+    if isinstance(writer, (NiftiWriter, ZarrWriter)):  # TiffWriter is a NiftiWriter
         writer.abort()
         if journal is not None:
             journal.remove()
 
 
 def open_source(volume: Any, depth: int, channel_axis: int | None = None) -> VolumeSource:
+    """The volume as a :class:`VolumeSource` in ``(x, y, z)`` order with its affine: an array, or files of any
+    format a reader in :mod:`volinfer.io` handles (picked by :func:`volinfer.io.sources.open_paths`)."""
     if isinstance(volume, VolumeSource):
         return volume
     if isinstance(volume, np.ndarray):
@@ -68,16 +74,20 @@ def open_source(volume: Any, depth: int, channel_axis: int | None = None) -> Vol
     paths = [volume] if isinstance(volume, (str, os.PathLike)) else list(volume)
     if not paths:
         raise VolinferError("no input volume given")
-    return VolumeSource.open(paths, depth)
+    return open_paths(paths, depth)
 
 
 def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.PathLike | None = None,
             settings: RunSettings | None = None, *, report: bool = False, **options: Any) -> Any:
     """Run ``volume`` through ``model`` tile by tile.
 
-    ``volume``: a NIfTI path, a list of paths (one per input channel), or a numpy array (x, y, z) — with
-    ``channel_axis`` for 4-D arrays. ``model``: an ``.xml``/``.onnx`` path or a :class:`TileModel`.
-    With ``output`` (``.nii`` / ``.nii.gz``) the result is streamed to disk and a :class:`RunReport` is returned;
+    ``volume``: a path (NIfTI, TIFF stack, MHA/MHD/NRRD, Zarr: :mod:`volinfer.io.sources`), a list of paths (one per
+    input channel), or a numpy array (x, y, z) — with ``channel_axis`` for 4-D arrays. ``model``: an
+    ``.xml``/``.onnx`` path or a :class:`TileModel`. A model that stores an orientation or spacing has file inputs
+    reoriented and resampled to them and the output mapped back (:mod:`volinfer.run.model_grid`; ``resample=False``
+    keeps the volume's voxel size).
+    With ``output`` (``.nii`` / ``.nii.gz`` / ``.tif`` / ``.zarr``) the result is streamed to disk and a
+    :class:`RunReport` is returned;
     without, the result array is returned ((x, y, z) or (x, y, z, c)), or ``(array, report)`` when ``report=True``.
     ``settings`` (:class:`volinfer.run.settings.RunSettings`) says how to run; keyword ``options`` (``tile=``,
     ``overlap=``, ``stitch=``, ``sigma=``, ``pad_mode=``, ``kind=``, ``activation=``, ``channels=``, ``threshold=``,
@@ -103,9 +113,14 @@ def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.
     t_start = time.perf_counter()
     s = RunSettings.from_kwargs(settings, **options)
     run = _Run(s, None if output is None else Path(output), _input_paths(volume))
+    handle = _handle(model, s)
+    grid = _model_grid(volume, handle, s)
     _lock_output(run)
+    if grid.active:
+        return _run_on_model_grid(run, grid, handle, report)
+    run.grid_notes = grid.notes
     try:
-        _plan(run, volume, model)
+        _plan(run, volume, handle)
     except BaseException:
         if run.lock is not None:
             run.lock.release()
@@ -142,6 +157,7 @@ class _Run:
     start_row: int = 0
     counts: tuple[float, int, int] = (0.0, 0, 0)  # busy seconds, tiles run, constant tiles reused
     result: Any = None
+    grid_notes: list[str] = field(default_factory=list)  # what the model's grid step said (volinfer.run.model_grid)
 
     @property
     def stream(self) -> Any:
@@ -156,18 +172,84 @@ def _input_paths(volume: Any) -> list[Path]:
     return [Path(volume)] if isinstance(volume, (str, os.PathLike)) else [Path(p) for p in volume]
 
 
+def _output_guard_paths(run: _Run) -> list[Path]:
+    """The inputs an output may not be written over: the input files and the data files their headers name."""
+    return input_files(run.in_paths)
+
+
+def _handle(model: Any, s: RunSettings) -> TileModel:
+    """The model, read but not compiled (compiled at the planned tile)."""
+    t, rt = s.tiling, s.runtime
+    return model if isinstance(model, TileModel) else TileModel(
+        model, tile=t.tile, layout=rt.layout, output=rt.model_output, compile=False, options=rt.compile_options())
+
+
+def _model_grid(volume: Any, handle: TileModel, s: RunSettings) -> ModelGrid:
+    """What bringing ``volume`` to the model's stored orientation and spacing takes (headers only)."""
+    settings = handle.settings
+    if getattr(settings, "orientation", None) is None and getattr(settings, "spacing", None) is None:
+        return plan_model_grid(None, settings, s.input.resample)
+    if isinstance(volume, (np.ndarray, VolumeSource)):
+        return plan_model_grid(volume if isinstance(volume, VolumeSource) else None, settings, s.input.resample)
+    with open_source(volume, 1, s.input.channel_axis) as src:
+        return plan_model_grid(src, settings, s.input.resample)
+
+
+def _run_on_model_grid(run: _Run, grid: ModelGrid, handle: TileModel, report: bool) -> Any:
+    """:func:`predict` through the model's grid (:mod:`volinfer.run.model_grid`): the output lock is held."""
+    inner = settings_for_model_grid(run.s)
+    try:
+        result, rep = run_on_model_grid(
+            grid, run.in_paths, lambda src, out: predict([src], handle, out, inner),
+            lambda source, channels, dtype: _final_writer(run, source, channels, dtype), resume=run.s.resume,
+            kind=run.s.output.kind, near=run.output.parent if run.output is not None else None)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+    rep.output = str(result) if run.output is not None else None
+    if run.output is not None:
+        return rep
+    return (result, rep) if report else result
+
+
+def _final_writer(run: _Run, source: VolumeSource, channels: int, dtype: np.dtype) -> tuple[Any, np.dtype]:
+    """The output writer for the input's grid, and the type it stores (float16 where asked, for Zarr)."""
+    o, output = run.s.output, run.output
+    if o.kind != "labels" and o.prob_dtype == "float16" and output is not None and is_zarr_output(output):
+        dtype = np.dtype(np.float16)
+    if output is None:
+        return _ArrayResult(source.shape, channels, dtype), dtype
+    if is_zarr_output(output):
+        z = _zarr_settings(output, o.zarr_output())["zarr"]
+        return ZarrWriter(output, source.shape, channels, dtype, geometry_from_nifti(source.header, source.affine),
+                          row_planes=[0, source.shape[2]], kind=o.kind, chunks=z["chunks"], pyramid=z["pyramid"],
+                          compression=z["compression"], overwrite=run.s.overwrite), dtype
+    if is_tiff_output(output):
+        voxel = np.linalg.norm(np.asarray(source.affine)[:3, :3], axis=0)
+        return TiffWriter(output, source.shape, channels, dtype, voxel_mm=tuple(voxel)), dtype
+    return NiftiWriter(output, source.shape, channels, dtype, source.header, source.affine), dtype
+
+
+class _ArrayResult(ArrayWriter):
+    """An :class:`ArrayWriter` whose ``commit`` returns the array (the grid steps commit every writer)."""
+
+    def commit(self) -> np.ndarray:
+        return self.result()
+
+    def abort(self) -> None:
+        pass
+
+
 def _lock_output(run: _Run) -> None:
     """Check the output and lock it before anything is written: a second run fails here, at once."""
     if run.output is not None:
-        check_any_output(run.output, run.in_paths, run.s.overwrite, run.s.resume)
+        check_any_output(run.output, _output_guard_paths(run), run.s.overwrite, run.s.resume)
         run.lock = OutputLock(run.output).acquire()
 
 
-def _plan(run: _Run, volume: Any, model: Any) -> None:
-    """The model (not compiled yet), the planned tiling, and the opened volume."""
-    t, rt = run.s.tiling, run.s.runtime
-    handle = model if isinstance(model, TileModel) else TileModel(
-        model, tile=t.tile, layout=rt.layout, output=rt.model_output, compile=False, options=rt.compile_options())
+def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
+    """The planned tiling, the model at its tile (compiled unless it streams), and the opened volume."""
+    t = run.s.tiling
     shape, n_channels = _volume_shape(volume, run.s.input.channel_axis)
     if n_channels != handle.in_channels:
         raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
@@ -260,6 +342,10 @@ def _open_writer(run: _Run) -> None:
     if is_zarr_output(output):
         run.writer = _zarr_writer(output, source, spec, setup.grid, run.s.output.kind, run.s.output.zarr_output(),
                                   run.s.overwrite, run.s.resume, run.start_row)
+    elif is_tiff_output(output):
+        voxel = np.linalg.norm(np.asarray(source.affine if source.affine is not None else np.eye(4))[:3, :3], axis=0)
+        run.writer = TiffWriter(output, source.shape, spec.out_channels, spec.dtype, voxel_mm=tuple(voxel),
+                                resume=run.s.resume)
     else:
         run.writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header,
                                  source.affine, resume=run.s.resume)
@@ -313,7 +399,7 @@ def _report(run: _Run, wall_s: float) -> RunReport:
 def _notes(run: _Run) -> list[str]:
     """The summary's notes: planning, precision, mirroring, frozen statistics and the passes over the input."""
     tm, setup, passes, mirror = run.tm, run.setup, run.passes, run.s.tiling.mirror
-    notes = list(run.choice.notes + setup.notes)
+    notes = list(run.choice.notes + setup.notes + run.grid_notes)
     if tm.precision_reason != "asked for":  # auto, or a guard overruled it (run.setup.guard_precision)
         notes.append(f"precision {tm.precision}: {tm.precision_reason}")
     if mirror:
@@ -338,7 +424,6 @@ def _zarr_settings(output: Any, zarr_output: dict[str, Any] | None) -> dict[str,
 
 def _zarr_writer(output: Any, source: VolumeSource, spec: Any, grid: Any, kind: str, zarr_output: Any,
                  overwrite: bool, resume: bool, start_row: int) -> "ZarrWriter":
-    from volinfer.io.ome import geometry_from_nifti
     from volinfer.io.zarr_writer import row_planes
 
     z = _zarr_settings(output, zarr_output)["zarr"]
@@ -424,6 +509,8 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
             raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
         from volinfer.run.distributed import run_zarr
 
+        if _zarr_needs_model_grid(inputs[0], model, settings, blocks):
+            return _with_note(predict(list(inputs), model, output, settings), note)
         return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
                                    scheduler=blocks.scheduler, workers=blocks.workers), note)
     if blocks.scheduler or blocks.workers:
@@ -439,6 +526,18 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
     if batch is None:
         return _with_note(predict(list(inputs), tm, output, settings), note)
     return run_batch(batch, tm, output, settings, note=note, notify=notify)
+
+
+def _zarr_needs_model_grid(volume: Path, model: Any, settings: RunSettings, blocks: BlockSettings) -> bool:
+    """Whether a Zarr input must go through the model's grid (:mod:`volinfer.run.model_grid`): then it runs in this
+    process like a NIfTI file (the block/Dask path runs on the store's own grid)."""
+    if not _model_grid(volume, _handle(model, settings), settings).active:
+        return False
+    if blocks.scheduler or blocks.workers:
+        raise VolinferError("this model stores an orientation/spacing the volume must be reoriented or resampled to, "
+                            "which runs in this process: drop --scheduler/--workers (or pass --no-resample when only "
+                            "the spacing differs)")
+    return True
 
 
 def _with_note(report: RunReport, text: str | None) -> RunReport:

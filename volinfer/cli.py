@@ -41,7 +41,8 @@ def main() -> None:
 @click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="OpenVINO IR (.xml) or ONNX (.onnx) model.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="Output: a .nii / .nii.gz file, a .zarr (OME-Zarr) store, or a directory for batch runs.")
+              help="Output: a .nii / .nii.gz file, a .tif stack, a .zarr (OME-Zarr) store, or a directory for batch "
+              "runs.")
 @click.option("--tile", type=V.TILE, help="Tile size: 128 or 128x128x64 (whole numbers >= 1), or auto (default): "
               "the fastest tiling whose crop margins cover the model's receptive field (up to one tile over the whole "
               "volume) within --max-memory. A given size is used as is; the summary then says whether the run is "
@@ -92,6 +93,9 @@ def main() -> None:
               "such volumes).")
 @click.option("--no-constant-reuse", is_flag=True, help="Run every tile, even constant ones (default: constant tiles "
               "reuse one cached inference).")
+@click.option("--no-resample", is_flag=True, help="Run at the volume's own voxel size even when the model stores "
+              "another spacing (default: resample to it, linear, and map the output back; the stored orientation is "
+              "always honoured, by exact axis permutations and flips).")
 @click.option("--scheduler", help="Zarr runs: Dask scheduler address (tcp://host:8786) to run the blocks on.")
 @click.option("--workers", type=V.COUNT, help="Zarr runs: start a local Dask cluster of this many (>= 1) worker "
               "processes.")
@@ -111,7 +115,9 @@ def main() -> None:
 @output_options("the run report")
 @friendly_errors
 def run(**params: Any) -> None:
-    """Segment/restore INPUTS (one NIfTI file or Zarr store, or one NIfTI file per input channel) into OUTPUT.
+    """Segment/restore INPUTS (a NIfTI, TIFF stack, MHA/MHD/NRRD file or Zarr store, or one file per input
+    channel) into OUTPUT; a model storing an orientation/spacing gets the volume reoriented/resampled to them and
+    the output mapped back onto the input's grid.
 
     \b
     Batch: give one directory or glob (quoted) as INPUTS and a directory as OUTPUT; each volume is written to

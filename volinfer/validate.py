@@ -242,6 +242,21 @@ def _positive_list(name: str, value: Any) -> list[float]:
     return [positive(name, v) for v in _split(name, value)]
 
 
+def orientation(value: Any) -> str:
+    """An orientation code: three letters naming where each voxel axis points, one of R/L, one of A/P, one of S/I
+    (NIfTI's convention, e.g. RAS, LPS); returned upper-case."""
+    text = str(value).strip().upper() if isinstance(value, str) else ""
+    pairs = [{"R", "L"}, {"A", "P"}, {"S", "I"}]
+    if len(text) != 3 or sorted(next((i for i, p in enumerate(pairs) if c in p), 9) for c in text) != [0, 1, 2]:
+        raise VolinferError(f"orientation must be three letters with one of R/L, A/P, S/I each (e.g. RAS, LPS); "
+                            f"got {value!r}")
+    return text
+
+
+def _orientation(name: str, value: Any) -> str:
+    return orientation(value)
+
+
 def _normalize(name: str, value: Any) -> Any:
     from volinfer.run.normalize import parse_normalization  # the one parser; it validates through this module
 
@@ -262,6 +277,7 @@ SINGLE_OVERLAP = Checked("overlap", _single_overlap)
 TILE = Checked("tile", _tile, keep_text=True)
 TILES = Checked("tiles", _tiles, keep_text=True)
 SPACING = Checked("spacing", _positive_list, keep_text=True)
+ORIENTATION = Checked("orientation", _orientation)
 NORMALIZE = Checked("normalize", _normalize, keep_text=True)
 MEMORY = Checked("size", _memory, keep_text=True)
 

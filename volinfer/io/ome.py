@@ -34,11 +34,35 @@ _UNITS = {"mm": "millimeter", "micron": "micrometer", "meter": "meter"}
 
 @dataclass
 class Geometry:
-    """Where the voxels lie: a NIfTI-convention 4×4 affine (voxel ``(i, j, k)`` = Zarr ``[k, j, i]`` → world) and
-    the NGFF unit of the space axes (None when unknown)."""
+    """Where the voxels lie: a NIfTI-convention 4×4 affine (voxel ``(i, j, k)`` = Zarr ``[k, j, i]`` → world), the
+    NGFF unit of the space axes (None when unknown), and the NIfTI header of a NIfTI-born volume (its raw bytes: the
+    sform/qform codes, units and description that ``to-nifti`` restores)."""
 
     affine: np.ndarray
     unit: str | None = "millimeter"
+    header: bytes | None = None
+    oriented: bool = True  # the affine says where the axes point (volinfer's or a NIfTI-born store's affine)
+    sized: bool = True  # the affine says how large the voxels are (NGFF scale, voxel_size or affine recorded)
+
+    def nifti_header(self) -> Any:
+        """A NIfTI header carrying this geometry for an output: the stored header (validated against the affine),
+        else a fresh one with the affine (code 1, scanner) and the unit; None when there is nothing to say."""
+        import nibabel as nib
+
+        if self.header is not None:
+            try:
+                cls = nib.Nifti2Header if len(self.header) == 540 else nib.Nifti1Header
+                hdr = cls(self.header)
+                if np.allclose(hdr.get_best_affine(), self.affine, atol=1e-4):
+                    return hdr
+            except Exception:
+                pass  # a damaged record: fall back to the affine
+        hdr = nib.Nifti1Header()
+        hdr.set_qform(self.affine, code=1)
+        hdr.set_sform(self.affine, code=1)
+        space = {v: k for k, v in _UNITS.items()}.get(self.unit or "", "unknown")
+        hdr.set_xyzt_units(space)
+        return hdr
 
     @property
     def voxel_size_zyx(self) -> list[float]:
@@ -59,7 +83,9 @@ def geometry_from_nifti(header: Any, affine: np.ndarray | None) -> Geometry:
             unit = _UNITS.get(space, "millimeter" if space == "unknown" else None)
         except Exception:
             pass
-    return Geometry(np.eye(4) if affine is None else np.asarray(affine, float), unit)
+    block = getattr(header, "binaryblock", None)
+    return Geometry(np.eye(4) if affine is None else np.asarray(affine, float), unit,
+                    bytes(block) if block is not None else None)
 
 
 def _multiscales(node_attrs: dict[str, Any]) -> list | None:
@@ -77,14 +103,28 @@ def read_geometry(root_attrs: dict[str, Any], array_attrs: dict[str, Any] | None
         if aff is not None:
             a = np.asarray(aff, float)
             if a.shape == (4, 4) and np.isfinite(a).all():
-                return Geometry(a, _unit_of(root_attrs) or "millimeter")
+                return Geometry(a, _unit_of(root_attrs) or "millimeter", _header_of(vi))
     ms = _multiscales(root_attrs)
     if ms:
-        return _geometry_from_ngff(ms[0])
+        geom = _geometry_from_ngff(ms[0])
+        geom.oriented = False  # NGFF transforms are axis-aligned scales: no anatomical direction
+        return geom
     vs = array_attrs.get("voxel_size") or root_attrs.get("voxel_size")
     if vs:
-        return Geometry(np.diag([*[float(v) for v in vs[::-1]], 1.0]))
-    return Geometry(np.eye(4), None)  # nothing recorded: unit voxels, no physical unit claimed
+        return Geometry(np.diag([*[float(v) for v in vs[::-1]], 1.0]), oriented=False)
+    return Geometry(np.eye(4), None, oriented=False, sized=False)  # nothing recorded: unit voxels, no unit claimed
+
+
+def _header_of(vi: Any) -> bytes | None:
+    """The NIfTI header volinfer kept in a store's attributes (base64), if any."""
+    import base64
+
+    text = vi.get("nifti_header") if isinstance(vi, dict) else None
+    try:
+        raw = base64.b64decode(text, validate=True) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return raw if raw is not None and len(raw) in (348, 540) else None
 
 
 def _unit_of(attrs: dict[str, Any]) -> str | None:
@@ -96,8 +136,11 @@ def _unit_of(attrs: dict[str, Any]) -> str | None:
 
 
 def _geometry_from_ngff(ms: dict[str, Any]) -> Geometry:
-    """Level 0's scale and translation (after any multiscale-wide transform) as a diagonal affine."""
+    """Level 0's scale and translation (after any multiscale-wide transform) as a diagonal affine: the axes named
+    ``x``, ``y``, ``z`` give its columns 0, 1, 2, whatever their order in the array (unnamed: the last three space
+    axes, taken as ``z, y, x``)."""
     axes = ms.get("axes", [])
+    names = [str(a.get("name", "") if isinstance(a, dict) else a).lower() for a in axes]
     space = [n for n, a in enumerate(axes) if (a.get("type") if isinstance(a, dict) else None) == "space"]
     scale = np.ones(len(axes))
     shift = np.zeros(len(axes))
@@ -109,11 +152,14 @@ def _geometry_from_ngff(ms: dict[str, Any]) -> Geometry:
             scale, shift = scale * s, shift * s
         elif t.get("type") == "translation" and "translation" in t:
             shift = shift + np.asarray(t["translation"], float)
-    space = space[-3:] if len(space) >= 3 else list(range(len(axes)))[-3:]
+    if all(n in names for n in ("x", "y", "z")):
+        xyz = [names.index(n) for n in ("x", "y", "z")]
+    else:
+        xyz = (space[-3:] if len(space) >= 3 else list(range(len(axes)))[-3:])[::-1]
     aff = np.eye(4)
-    aff[:3, :3] = np.diag(scale[space][::-1])
-    aff[:3, 3] = shift[space][::-1]
-    unit = axes[space[-1]].get("unit") if axes and isinstance(axes[space[-1]], dict) else None
+    aff[:3, :3] = np.diag(scale[xyz])
+    aff[:3, 3] = shift[xyz]
+    unit = axes[xyz[0]].get("unit") if axes and isinstance(axes[xyz[0]], dict) else None
     return Geometry(aff, unit)
 
 
@@ -169,9 +215,14 @@ def multiscales(geom: Geometry, channels: int, levels: int, method: str, name: s
 
 
 def geometry_attrs(geom: Geometry) -> dict[str, Any]:
-    """volinfer's own record of the full affine, beside the NGFF metadata."""
-    return {"affine": np.asarray(geom.affine, float).tolist(),
-            "axes": "array [k, j, i] (z, y, x) is NIfTI voxel (i, j, k); affine maps (i, j, k, 1) to world"}
+    """volinfer's own record of the full affine (and of a NIfTI-born volume's header), beside the NGFF metadata."""
+    import base64
+
+    out: dict[str, Any] = {"affine": np.asarray(geom.affine, float).tolist(),
+                           "axes": "array [k, j, i] (z, y, x) is NIfTI voxel (i, j, k); affine maps (i, j, k, 1) to world"}
+    if geom.header is not None:
+        out["nifti_header"] = base64.b64encode(geom.header).decode("ascii")
+    return out
 
 
 def downsample(block: np.ndarray, method: str) -> np.ndarray:

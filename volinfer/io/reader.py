@@ -1,5 +1,10 @@
 """Reading tiles of a volume without loading it whole.
 
+Axis order: every reader in :mod:`volinfer.io` (NIfTI here; TIFF stacks, MHA/MHD/NRRD and Zarr in their modules,
+picked by :func:`volinfer.io.sources.open_paths`) hands on ``(x, y, z)`` arrays — NIfTI's voxel order, x varying
+fastest on disk — with the affine that maps voxel ``(i, j, k)`` to world (RAS, mm), so the model sees the same array
+for the same voxels whatever the file format.
+
 A :class:`VolumeSource` gives the voxels of one region of one channel, as stored (scaling applied later, per tile).
 Requests arrive in on-disk order (z-rows, then y-rows, then x), and each source keeps only what those requests need:
 
@@ -115,8 +120,9 @@ class NativeChannel:
 
 
 @dataclass
-class _Stored:
-    """Where and how one channel's voxels lie in a NIfTI file."""
+class StoredLayout:
+    """Where and how one channel's voxels lie in a file, x fastest, then y, then z (NIfTI, and the raw layouts of
+    TIFF, MHA/MHD and NRRD files), so that one strip reader serves them all."""
 
     path: Path
     shape: tuple[int, int, int]
@@ -131,7 +137,7 @@ class StripChannel:
     """Random-access reader for uncompressed files: one full-x strip at a time, read with one positioned read per
     z-plane straight into a buffer that is reused for every strip (no per-tile allocation, no memory map)."""
 
-    def __init__(self, stored: _Stored) -> None:
+    def __init__(self, stored: StoredLayout) -> None:
         self.s = stored
         self.dtype, self.slope, self.inter = stored.dtype, stored.slope, stored.inter
         self._fd = portable.open_fd(stored.path, os.O_RDONLY)
@@ -186,7 +192,7 @@ class StreamChannel:
 
     verify_end = False  # the file's last channel: check the gzip trailer once the last plane is read
 
-    def __init__(self, stored: _Stored, depth: int) -> None:
+    def __init__(self, stored: StoredLayout, depth: int) -> None:
         self.s = stored
         self.dtype, self.slope, self.inter = stored.dtype, stored.slope, stored.inter
         x, y, _ = stored.shape
@@ -306,6 +312,9 @@ class VolumeSource:
         self.header = header
         self.affine = affine
         self.paths = list(paths)
+        # whether the affine says where the axes point / how large the voxels are (a TIFF stack without OME sizes
+        # knows neither; the model's grid step (volinfer.run.model_grid) then leaves that part alone)
+        self.orientation_known = self.spacing_known = affine is not None
 
     @property
     def channels(self) -> int:
@@ -381,9 +390,9 @@ def _open_file(p: Path, paths: Sequence[str | os.PathLike], first: nib.Nifti1Ima
     if vox == 0 or n_ch == 0:
         raise VolinferError(f"{p}: the header describes an empty image (shape {tuple(shape)})")
     compressed = _is_gzip(p)
-    _check_declared_size(p, int(proxy.offset) + vox * n_ch * dtype.itemsize, compressed)
+    check_declared_size(p, int(proxy.offset) + vox * n_ch * dtype.itemsize, compressed)
     for c in range(n_ch):
-        stored = _Stored(
+        stored = StoredLayout(
             path=p,
             shape=tuple(shape[:3]),  # type: ignore[arg-type]
             dtype=dtype,
@@ -413,7 +422,7 @@ def _is_gzip(p: Path) -> bool:
         return f.read(2) == b"\x1f\x8b"
 
 
-def _check_declared_size(p: Path, expected: int, compressed: bool) -> None:
+def check_declared_size(p: Path, expected: int, compressed: bool) -> None:
     """The bytes the header declares must be present, checked before anything of that size is allocated: the file
     size for ``.nii``; for ``.nii.gz``, the most the compressed bytes can inflate to (deflate cannot exceed
     :data:`MAX_DEFLATE_RATIO`, whatever the trailer says: its size field is only modulo 2**32) and the trailer."""

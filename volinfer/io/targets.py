@@ -138,10 +138,12 @@ def is_volinfer_store(path: Path) -> bool:
 
 
 def check_output(output: Path, inputs: Iterable[Path], overwrite: bool, kind: str) -> None:
-    """The one check before writing ``output`` (``kind`` ``"nifti"`` or ``"zarr"``): see module docs."""
+    """The one check before writing ``output`` (``kind`` ``"nifti"``, ``"tiff"`` or ``"zarr"``): see module docs."""
     name = output.name.lower()
     if kind == "nifti" and not name.endswith((".nii", ".nii.gz")):
-        raise VolinferError(f"{output}: output must end in .nii or .nii.gz")
+        raise VolinferError(f"{output}: output must end in .nii or .nii.gz (or .tif/.tiff, or .zarr)")
+    if kind == "tiff" and not name.endswith((".tif", ".tiff")):
+        raise VolinferError(f"{output}: output must end in .tif or .tiff")
     if len(output.name.encode()) > _NAME_MAX:
         raise VolinferError(f"{output}: file name longer than {_NAME_MAX} bytes")
     parent = output.parent if str(output.parent) else Path(".")
@@ -153,8 +155,8 @@ def check_output(output: Path, inputs: Iterable[Path], overwrite: bool, kind: st
             more = " (pass --overwrite to replace it, or --resume to continue)" if kind == "zarr" else \
                 " (pass --overwrite to replace it)"
             raise VolinferError(f"{output}: already exists{more}")
-        if kind == "nifti" and (output.is_dir() or not (output.is_file() or output.is_symlink())):
-            raise VolinferError(f"{output}: is a directory or special file; --overwrite only replaces NIfTI files")
+        if kind in ("nifti", "tiff") and (output.is_dir() or not (output.is_file() or output.is_symlink())):
+            raise VolinferError(f"{output}: is a directory or special file; --overwrite only replaces files")
         if kind == "zarr" and not is_volinfer_store(output):
             raise VolinferError(f"{output}: --overwrite only replaces Zarr stores that volinfer wrote (its zarr.json "
                                 f"does not say so); remove it yourself or choose another output")

@@ -353,6 +353,10 @@ class NiftiWriter:
         except OSError as e:
             raise VolinferError(f"cannot write {self.target}: {e.strerror or e}") from None
 
+    def planes_final(self, z: int) -> None:
+        """Every plane below ``z`` is final (blocks written in plane order, whole planes): compress them now."""
+        self.release_written()
+
     def _release_written(self) -> None:
         if self._gz is not None:
             self._gz.advance(self._final_limits(self._hi))

@@ -1,13 +1,13 @@
 """Zarr volumes in and out (optional extra ``zarr``), and NIfTI ↔ Zarr conversion.
 
-Axis convention: a Zarr array's axes are fed to the model in order (axis 0 → D), with channels first for 4-D arrays
-(OME-Zarr's ``c, z, y, x``). NIfTI files are fed as nibabel gives them, ``x, y, z`` → D, H, W. Zarr outputs and the
-conversion helpers write OME-Zarr order (``z, y, x``), which is the *same bytes* as NIfTI's x-fastest layout but the
-transposed axis order: a model trained on NIfTI arrays sees a converted Zarr volume transposed. Convert back before
-running such a model, or train on the layout you run. The model's view is set by the *input*; the output format only
-serialises the result, so ``run -o out.zarr`` then ``to-nifti`` equals ``run -o out.nii`` (and the other way round).
-
-Every store volinfer writes is OME-Zarr (NGFF 0.5, see :mod:`volinfer.io.ome`), with the input's affine.
+Axes are data, not convention. Every reader hands volinfer a volume in one axis order, NIfTI's ``(x, y, z)`` (see
+:mod:`volinfer.io.reader`), and a Zarr array's axes are found by name: the OME-Zarr ``multiscales`` ``axes``, else
+the Zarr v3 ``dimension_names``, else xarray's ``_ARRAY_DIMENSIONS``; only an array that names none of them is read
+in the documented order of a plain array, OME-Zarr's ``(z, y, x)`` (``(c, z, y, x)`` with channels). Axes named
+``x``, ``y``, ``z`` are the space axes in any order; one channel axis (``c``/``channel`` or type ``channel``) gives
+the channels; other axes (e.g. ``t``) must have length 1. So ``to-zarr`` then ``run`` feeds the model the same
+array as running the NIfTI file, and every store volinfer writes is OME-Zarr (NGFF 0.5, see :mod:`volinfer.io.ome`)
+in ``(z, y, x)`` / ``(c, z, y, x)`` order with the input's affine (and its NIfTI header, for ``to-nifti``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from volinfer import portable
 from volinfer.errors import VolinferError
 from volinfer.io.reader import Region, VolumeSource
 from volinfer.io.ome import Geometry, check_levels, geometry_attrs, geometry_from_nifti, level_chunks, level_shapes, multiscales, read_geometry
-from volinfer.io.targets import STORE_ATTR, check_output, is_volinfer_store, remove_store, store_mark
+from volinfer.io.journal import ResumableError
+from volinfer.io.targets import STORE_ATTR, aux_path, check_output, is_volinfer_store, remove_store, store_mark
 
 #: A chunk is decoded whole into memory: more than this per chunk is refused, whatever the store claims.
 MAX_CHUNK_BYTES = 1 << 30
@@ -45,27 +46,82 @@ def is_zarr(path: str | Path) -> bool:
                                                          or (Path(p) / ".zarray").exists()))
 
 
-class ZarrChannel:
-    """One channel of a 3-D or channels-first 4-D Zarr array; reads go straight to the chunks they touch."""
+#: The space axes in the order every reader hands them on (NIfTI's voxel order).
+SPACE_AXES = ("x", "y", "z")
+#: A plain array's axes when nothing names them (OME-Zarr's order).
+PLAIN_AXES = {3: ("z", "y", "x"), 4: ("c", "z", "y", "x")}
 
-    def __init__(self, array: Any, channel: int | None) -> None:
-        self.array, self.channel = array, channel
+
+class ZarrChannel:
+    """One channel of a Zarr array whose axes are ``names`` (see module docs): ``region`` takes the ``(x, y, z)``
+    ranges every reader takes and returns an ``(x, y, z)`` array, whatever the array's own axis order; reads go
+    straight to the chunks they touch."""
+
+    def __init__(self, array: Any, channel: int | None, names: Sequence[str] = ("z", "y", "x")) -> None:
+        self.array, self.channel, self.names = array, channel, tuple(names)
         self.dtype = np.dtype(array.dtype)
         self.slope, self.inter = 1.0, 0.0
+        space = [n for n in self.names if n in SPACE_AXES]
+        self._to_xyz = tuple(space.index(n) for n in SPACE_AXES)  # transpose of a read into (x, y, z)
+        self.shape = tuple(int(array.shape[self.names.index(n)]) for n in SPACE_AXES)
+        self.chunks = tuple(int(array.chunks[self.names.index(n)]) for n in SPACE_AXES)
 
     def region(self, r: Region) -> np.ndarray:
-        sl = tuple(slice(a, b) for a, b in r)
-        return np.asarray(self.array[sl] if self.channel is None else self.array[(self.channel, *sl)])
+        key: list[Any] = []
+        for n in self.names:
+            if n in SPACE_AXES:
+                a, b = r[SPACE_AXES.index(n)]
+                key.append(slice(a, b))
+            else:  # the channel axis, or an axis of length 1
+                key.append(self.channel if n == "c" else 0)
+        return np.asarray(self.array[tuple(key)]).transpose(self._to_xyz)
 
     def planes(self, z0: int, z1: int) -> np.ndarray:
-        shape = self.array.shape[-3:]
-        return self.region(((0, shape[0]), (0, shape[1]), (z0, z1)))
+        return self.region(((0, self.shape[0]), (0, self.shape[1]), (z0, z1)))
 
     def close(self) -> None:
         pass
 
 
+def _axis_name(axis: Any) -> str:
+    """One axis of OME-Zarr metadata (a dict, or a bare name in NGFF 0.3) or a dimension name, normalised: the
+    channel axis is ``c``."""
+    name = str(axis.get("name", "") if isinstance(axis, dict) else axis or "").lower()
+    kind = axis.get("type") if isinstance(axis, dict) else None
+    return "c" if kind == "channel" or name in ("c", "channel", "channels") else name
+
+
+def array_axes(arr: Any, root_attrs: dict[str, Any] | None, path: Path) -> tuple[str, ...]:
+    """The names of ``arr``'s axes (see module docs), checked: ``x``, ``y`` and ``z`` once each, at most one channel
+    axis, every other axis of length 1."""
+    ms = (root_attrs or {}).get("multiscales") or ((root_attrs or {}).get("ome") or {}).get("multiscales")
+    attrs = dict(getattr(arr, "attrs", {}) or {})
+    found = (ms[0].get("axes") if ms and isinstance(ms[0], dict) else None) \
+        or getattr(getattr(arr, "metadata", None), "dimension_names", None) or attrs.get("_ARRAY_DIMENSIONS")
+    if found is None or not any(found):
+        if arr.ndim not in PLAIN_AXES:
+            raise VolinferError(f"{path}: expected a 3-D (z, y, x) or channels-first 4-D (c, z, y, x) array, got "
+                                f"shape {tuple(arr.shape)} with no axis names")
+        return PLAIN_AXES[arr.ndim]
+    names = tuple(_axis_name(a) for a in found)
+    if len(names) != arr.ndim:
+        raise VolinferError(f"{path}: metadata names {len(names)} axes {names} for a {arr.ndim}-D array")
+    if sorted(n for n in names if n in SPACE_AXES) != sorted(SPACE_AXES) or names.count("c") > 1:
+        raise VolinferError(f"{path}: axes {names}: expected x, y and z once each and at most one channel axis")
+    extra = [(n, s) for n, s in zip(names, arr.shape) if n not in (*SPACE_AXES, "c") and s != 1]
+    if extra:
+        raise VolinferError(f"{path}: axis {extra[0][0]!r} has length {extra[0][1]}; volinfer runs one 3-D volume "
+                            f"(select one time point or other index first)")
+    return names
+
+
 def open_zarr_array(path: str | Path, mode: str = "r") -> Any:
+    """The array of a Zarr store: a bare array, or an OME-Zarr group's full-resolution level; checked when read."""
+    return _open_array(path, mode)[0]
+
+
+def _open_array(path: str | Path, mode: str = "r") -> tuple[Any, dict[str, Any]]:
+    """The array (as :func:`open_zarr_array`) and the attributes of the store's root (its OME-Zarr metadata)."""
     zarr = _zarr()
     p = Path(path)
     if mode == "r" and not p.exists():
@@ -74,8 +130,8 @@ def open_zarr_array(path: str | Path, mode: str = "r") -> Any:
         node = zarr.open(str(p), mode=mode)
     except Exception as e:
         raise VolinferError(f"{p}: not a readable Zarr array ({type(e).__name__}: {e})") from None
+    attrs = dict(node.attrs)
     if not hasattr(node, "shape"):  # an OME-Zarr group: its first multiscale level is the full-resolution array
-        attrs = dict(node.attrs)
         ms = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
         if not ms:
             raise VolinferError(f"{p}: Zarr group without an array (expected an array or OME-Zarr multiscales)")
@@ -85,7 +141,7 @@ def open_zarr_array(path: str | Path, mode: str = "r") -> Any:
             raise VolinferError(f"{p}: OME-Zarr multiscales name a missing array ({type(e).__name__}: {e})") from None
     if mode == "r":
         validate_array(node, p)
-    return node
+    return node, attrs
 
 
 def validate_array(arr: Any, path: Path) -> None:
@@ -127,15 +183,18 @@ def _count_files(root: Path, stop: int) -> int:
 
 
 def open_zarr_source(path: str | Path) -> tuple[VolumeSource, Any]:
-    """A :class:`VolumeSource` over a 3-D array (one channel) or a 4-D channels-first array; plus the array."""
-    arr = open_zarr_array(path)
-    if arr.ndim == 3:
-        readers = [ZarrChannel(arr, None)]
-    elif arr.ndim == 4:
-        readers = [ZarrChannel(arr, c) for c in range(arr.shape[0])]
+    """A :class:`VolumeSource` over a Zarr array, in ``(x, y, z)`` order whatever the array's own (see module docs),
+    with the store's affine; plus the array."""
+    arr, root_attrs = _open_array(path)
+    names = array_axes(arr, root_attrs, Path(path))
+    if "c" in names:
+        readers = [ZarrChannel(arr, c, names) for c in range(arr.shape[names.index("c")])]
     else:
-        raise VolinferError(f"{path}: expected a 3-D or channels-first 4-D array, got shape {arr.shape}")
-    return VolumeSource(readers, tuple(arr.shape[-3:])), arr  # type: ignore[arg-type]
+        readers = [ZarrChannel(arr, None, names)]
+    geom = store_geometry(path)
+    source = VolumeSource(readers, readers[0].shape, affine=geom.affine, paths=[Path(path)])
+    source.orientation_known, source.spacing_known = geom.oriented, geom.sized
+    return source, arr
 
 
 def check_zarr_output(path: str | Path, inputs: Sequence[str | Path], overwrite: bool, resume: bool) -> None:
@@ -233,8 +292,16 @@ def sync_region(arr: Any, box: Sequence[tuple[int, int]]) -> None:
 
 
 def done_marker_dir(path: str | Path) -> Path:
-    """Per-block completion markers: a block is complete when its chunks were written *and* its marker exists."""
-    return Path(path) / ".volinfer_done"
+    """Per-block completion markers: a block is complete when its chunks were written *and* its marker exists.
+    Beside the store, not in it (``.<name>.zarr.done``): a Zarr reader warns about any object in a store that is not
+    part of its hierarchy."""
+    return aux_path(Path(path), ".done")
+
+
+def store_write_error(target: Path, e: OSError) -> ResumableError:
+    """A failed write into an output store (a full disk, a quota, a vanished mount): one line, and resumable."""
+    return ResumableError(f"cannot write {target}: {e.strerror or e}; the store written so far is kept: free space "
+                          f"and run the same command with --resume to continue")
 
 
 def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrite: bool = False,
@@ -275,37 +342,52 @@ def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrit
     return Path(out)
 
 
+def nifti_dtype(dtype: np.dtype, where: str) -> np.dtype:
+    """The NIfTI type that holds ``dtype`` exactly: itself, or float32 for float16 and uint8 for bool (NIfTI-1 has
+    neither); a one-line error for types NIfTI cannot hold at all."""
+    import nibabel as nib
+
+    dtype = np.dtype(dtype)
+    widened = {np.dtype(np.float16): np.dtype(np.float32), np.dtype(bool): np.dtype(np.uint8)}.get(dtype, dtype)
+    try:
+        nib.Nifti1Header().set_data_dtype(widened)
+    except Exception:
+        raise VolinferError(f"{where}: voxel type {dtype} has no NIfTI equivalent") from None
+    return widened
+
+
 def zarr_to_nifti(zarr_path: str | Path, out: str | Path, overwrite: bool = False, progress: bool = False) -> Path:
-    """Write a ``(z, y, x)`` (or ``(c, z, y, x)``) Zarr array as a NIfTI ``(x, y, z)`` (``(x, y, z, c)``) volume
-    with the affine the store records (OME-Zarr: level 0), streaming z-slabs; atomic, like runs."""
+    """Write a Zarr array (any axis order its metadata names, see module docs; OME-Zarr: level 0) as a NIfTI
+    ``(x, y, z)`` (``(x, y, z, c)``) volume with the geometry the store records: its affine, and the NIfTI header a
+    NIfTI-born store keeps (sform/qform codes, units, description), streaming z-slabs; atomic, like runs. float16
+    is written as float32 (NIfTI has no float16)."""
     from volinfer.io.targets import OutputLock
     from volinfer.io.writer import check_target
 
-    arr = open_zarr_array(zarr_path)
-    if arr.ndim not in (3, 4):
-        raise VolinferError(f"{zarr_path}: to-nifti handles 3-D (z, y, x) or 4-D (c, z, y, x) arrays, got shape "
-                            f"{arr.shape}")
+    source, _ = open_zarr_source(zarr_path)
     geom = store_geometry(zarr_path)
     check_target(Path(out), overwrite, [Path(zarr_path)])
-    with OutputLock(Path(out)):
-        return _zarr_to_nifti(arr, Path(out), geom.affine, progress)
+    with OutputLock(Path(out)), source:
+        return _zarr_to_nifti(source, Path(out), geom, progress)
 
 
-def _zarr_to_nifti(arr: Any, out: Path, affine: np.ndarray, progress: bool = False) -> Path:
+def _zarr_to_nifti(source: VolumeSource, out: Path, geom: Geometry, progress: bool = False) -> Path:
     from tqdm import tqdm
 
     from volinfer.io.writer import NiftiWriter
 
-    Z, Y, X = arr.shape[-3:]
-    C = 1 if arr.ndim == 3 else arr.shape[0]
-    w = NiftiWriter(out, (X, Y, Z), C, np.dtype(arr.dtype), affine=affine)
+    X, Y, Z = source.shape
+    dtype = nifti_dtype(source.readers[0].dtype, str(source.paths[0]))
+    w = NiftiWriter(out, (X, Y, Z), source.channels, dtype, reference=geom.nifti_header(), affine=geom.affine)
     bar = tqdm(total=Z, unit="plane", disable=not progress, desc="to-nifti", leave=False)
     try:
-        step = max(1, arr.chunks[-3])
+        step = max(1, source.readers[0].chunks[2])  # type: ignore[attr-defined]
         for z0 in range(0, Z, step):
-            block = np.asarray(arr[..., z0 : z0 + step, :, :])  # (z, y, x): what the writer's (c, z, y, X) blocks are
-            w.write(block if C > 1 else block[None], z0, 0)
-            bar.update(block.shape[-3])
+            z1 = min(Z, z0 + step)
+            block = np.stack([r.planes(z0, z1).transpose(2, 1, 0) for r in source.readers]).astype(dtype, copy=False)
+            w.write(block, z0, 0)  # (c, z, y, x): the writer's blocks
+            w.release_written()
+            bar.update(z1 - z0)
         return w.commit()
     except BaseException:
         w.abort()

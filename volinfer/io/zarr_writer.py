@@ -23,7 +23,7 @@ import numpy as np
 from volinfer.errors import VolinferError
 from volinfer.io.ome import Geometry, check_pyramid, downsample, downsample_method
 from volinfer.io.targets import remove_store
-from volinfer.io.zarr_io import check_zarr_output, create_output, sync_region
+from volinfer.io.zarr_io import check_zarr_output, create_output, store_write_error, sync_region
 
 
 def is_zarr_output(path: str | Path) -> bool:
@@ -32,11 +32,14 @@ def is_zarr_output(path: str | Path) -> bool:
 
 
 def check_any_output(output: Path, inputs: Sequence[Path], overwrite: bool, resume: bool) -> None:
-    """The output check of :mod:`volinfer.io.targets` for either kind of output."""
+    """The output check of :mod:`volinfer.io.targets` for every kind of output (Zarr, TIFF, NIfTI)."""
+    from volinfer.io.targets import check_output
     from volinfer.io.writer import check_target
 
     if is_zarr_output(output):
         check_zarr_output(output, list(inputs), overwrite, resume)
+    elif str(output).lower().endswith((".tif", ".tiff")):
+        check_output(Path(output), [Path(p) for p in inputs], overwrite, "tiff")
     else:
         check_target(Path(output), overwrite, list(inputs))
 
@@ -126,7 +129,15 @@ class ZarrWriter:
         self.levels[0].put(block, z0, y0)
 
     def _complete(self, z: int) -> None:
-        """Planes below ``z`` are final: write the finished slabs, cascading them down the pyramid."""
+        """Planes below ``z`` are final: write the finished slabs, cascading them down the pyramid. A failed write
+        (a full disk) is a :class:`volinfer.io.journal.ResumableError`: the store stays, the journal keeps the rows
+        it held before."""
+        try:
+            self._complete_levels(z)
+        except OSError as e:
+            raise store_write_error(self.target, e) from None
+
+    def _complete_levels(self, z: int) -> None:
         done = self.levels[0].complete_below(z)
         for lev in range(1, len(self.levels)):
             nxt = self.levels[lev]
@@ -137,6 +148,11 @@ class ZarrWriter:
                 done = nxt.complete_below(-(-(last_lo + last.shape[1]) // 2))
             else:
                 done = []
+
+    def planes_final(self, z: int) -> None:
+        """Every plane below ``z`` is final (whole planes written in order, e.g. by a grid step): store the slabs
+        they complete, so that no more than a slab per level waits in memory."""
+        self._complete(z)
 
     def durable_row(self, row: int) -> int:
         """Rows ``< row`` are written: flush the slabs they finished and return the largest ``r <= row`` whose

@@ -76,7 +76,9 @@ _CHECKS: dict[str, Any] = {
     "normalization": _normalization,
     "activation": lambda v: _choice(v, ("softmax", "sigmoid", "none")),
     "labels": _strings,
-    "spacing": lambda v: [validate.positive("value", x) for x in (v if isinstance(v, list) else [None])],
+    "spacing": lambda v: [validate.positive("value", x) for x in (v if isinstance(v, list) and len(v) in (1, 3)
+                                                                   else [None])],
+    "orientation": validate.orientation,
     "output": _output,
     "instance_norm": _flag,
 }
@@ -107,7 +109,8 @@ class ModelSettings:
     normalization: dict[str, Any] | None = None
     activation: str | None = None  # "softmax", "sigmoid", "none"
     labels: list[str] | None = None
-    spacing: list[float] | None = None
+    spacing: list[float] | None = None  # voxel size in mm the model expects, (x, y, z) of its input
+    orientation: str | None = None  # where the model's input axes point (e.g. "RAS")
     output: str | None = None  # output name to use when the model has several
     instance_norm: bool | None = None  # per-tile statistics: crop stitching is not exact
     source_framework: str | None = None

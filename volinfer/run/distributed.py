@@ -15,11 +15,15 @@ With ``pyramid`` levels, each block is downsampled in memory once written and it
 lower level (whose chunks divide the block's footprint there, :func:`volinfer.io.ome.level_chunks`): the pyramid
 needs no second pass and no two blocks share a chunk of any level (pyramid runs use chunk-aligned blocks).
 
+Axes: the input is read through :func:`volinfer.io.zarr_io.open_zarr_source`, which hands it on in ``(x, y, z)`` order
+whatever the array's own axis order (its OME-Zarr ``axes``), like every other reader: tiles, blocks and the grid are
+in ``(x, y, z)``, and blocks are transposed to the output store's ``(c, z, y, x)`` only when written. So the model sees
+the same array for a Zarr input as for the NIfTI file it was converted from.
+
 A NIfTI output from a Zarr input is written slab by slab (:func:`run_zarr_to_nifti`): blocks spanning the whole
-cross-section of the array's last two axes, one or more rows of tiles thick along its first axis, in order, through
-the same :class:`volinfer.io.writer.NiftiWriter` and journal as NIfTI runs (so ``--resume`` and compression behave the
-same). The Zarr array ``[k, j, i]`` becomes NIfTI voxel ``(i, j, k)`` with the store's affine, exactly as
-``to-nifti`` maps it: ``run -o out.nii`` equals ``run -o out.zarr`` then ``to-nifti``.
+``(x, y)`` cross-section, one or more rows of tiles thick along z, in order, through the same
+:class:`volinfer.io.writer.NiftiWriter` and journal as NIfTI runs (so ``--resume`` and compression behave the same),
+with the store's affine: ``run -o out.nii`` equals ``run -o out.zarr`` then ``to-nifti``.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ from volinfer.run.setup import guard_precision, plan_tiling, resolve, scan_volum
 from volinfer.io.journal import Journal
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
-from volinfer.io.zarr_io import (check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source, store_geometry,
-                      sync_region)
+from volinfer.io.zarr_io import (check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source,
+                                store_geometry, store_write_error, sync_region)
 
 
 @dataclass
@@ -115,22 +119,27 @@ def run_block(job: ZarrJob, block: Block) -> dict[str, Any]:
     if marker.exists():
         return {"block": block.index, "skipped": True, "tiles": 0, "reused": 0, "busy_s": 0.0, "pid": os.getpid()}
     out, info = run_block_array(job, block)
-    _write_levels(job, block, out)  # the data first, durably; only then the marker that says it is done
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    with open(marker, "w") as f:
-        f.write("done")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        _write_levels(job, block, out)  # the data first, durably; only then the marker that says it is done
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        with open(marker, "w") as f:
+            f.write("done")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise store_write_error(Path(job.output), e) from None
     info["peak_rss_mb"] = _own_peak_mb()
     return info
 
 
 def _write_levels(job: ZarrJob, block: Block, out: np.ndarray) -> None:
-    """Write ``out`` (C, *block.shape) into level 0 and its downsampled copies into the lower levels; fsync them."""
+    """Write ``out`` (C, *block.shape), in ``(x, y, z)``, into level 0 of the ``(c, z, y, x)`` store and its
+    downsampled copies into the lower levels; fsync them."""
     import zarr
 
     group = zarr.open_group(job.output, mode="r+")
-    box = block.box
+    box = block.box[::-1]
+    out = out.transpose(0, 3, 2, 1)
     if not job.levels:
         with _shared_chunk_locks(job, box, group["0"]):
             _write_box(group["0"], box, out)
@@ -229,8 +238,11 @@ def run_zarr(volume: str | Path, model: str | Path, output: str | Path, settings
 
 
 def run_journal(output: str | Path) -> Path:
-    """Where a Zarr output keeps the fingerprint of the run that writes it."""
-    return Path(output) / ".volinfer-run.json"
+    """Where a Zarr output keeps the fingerprint of the run that writes it: beside the store (``.<name>.zarr.run.json``),
+    like the block markers (:func:`volinfer.io.zarr_io.done_marker_dir`), so that Zarr readers see a clean store."""
+    from volinfer.io.targets import aux_path
+
+    return aux_path(Path(output), ".run.json")
 
 
 @dataclass
@@ -250,7 +262,7 @@ def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
     from volinfer.api import _overlap_for
 
     t, o, rt = s.tiling, s.output, s.runtime
-    flips = tuple(sorted(2 - a for a in t.mirror))  # x, y, z are the array's axes 2, 1, 0
+    flips = tuple(sorted(t.mirror))  # the source is (x, y, z), like every reader's
     options = {k: v for k, v in rt.compile_dict().items() if v is not None}
     source, in_arr = open_zarr_source(volume)
     handle = TileModel(model, tile=t.tile, layout=rt.layout, output=rt.model_output,
@@ -312,9 +324,10 @@ def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]],
     return rep
 
 
-def _chunk_shape(chunks: Any, in_arr: Any) -> tuple[int, int, int]:
+def _chunk_shape(chunks: Any, source: Any) -> tuple[int, int, int]:
+    """The output store's chunks in its ``(z, y, x)`` order: as asked, else the input's."""
     if chunks is None:
-        in_chunks = tuple(int(c) for c in in_arr.chunks[-3:])
+        in_chunks = tuple(source.readers[0].chunks[::-1])
         return in_chunks if max(in_chunks) >= 16 else (64, 64, 64)  # type: ignore[return-value]
     if isinstance(chunks, (int, np.integer)):
         return (int(chunks),) * 3
@@ -329,10 +342,10 @@ def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
     t0 = time.perf_counter()
     o = s.output
     p = _prepare(volume, model, s)
-    chunk3 = _chunk_shape(o.chunks, p.in_arr)
+    chunk3 = _chunk_shape(o.chunks, p.source)  # (z, y, x), the store's order; the grid's is (x, y, z)
     per = block_extent(chunk3, (block,) * 3)
     check_pyramid(o.pyramid, per, chunk3)
-    blocks, split = split_blocks(p.setup.grid, chunk3, block, o.pyramid)
+    blocks, split = split_blocks(p.setup.grid, chunk3[::-1], block, o.pyramid)
     journal = Journal(Path(output), run_fingerprint([Path(volume)], p.tm.path, dict(
         p.settings, chunks=chunk3, block=block, compression=o.compression, split=split,
         **({"pyramid": o.pyramid} if o.pyramid else {}))), path=run_journal(output))
@@ -357,14 +370,14 @@ def _create_store(p: _Prepared, volume: Any, model: Any, output: Any, s: RunSett
     if resuming:
         journal.check()  # before touching the store: a different input, model or setting is refused
     spec = p.setup.spec
-    create_output(output, p.source.shape, spec.out_channels, spec.dtype, chunk3, store_geometry(volume),
+    create_output(output, p.source.shape[::-1], spec.out_channels, spec.dtype, chunk3, store_geometry(volume),
                   levels=o.pyramid, method=downsample_method(o.kind), block=per,
                   attrs={"model": str(model), "stitch": p.setup.stitch, "kind": o.kind,
                          "tile": list(p.tm.tile), "overlap": list(p.setup.overlap)},
                   compressor="zstd" if o.compression else None, overwrite=s.overwrite, resume=s.resume)
     if not resuming:
         journal.update(0, 0)
-    if not s.resume:
+    if not resuming:  # a fresh store (also under --resume when there was none): no marker may survive
         marker_dir = done_marker_dir(output)
         if marker_dir.exists():
             for m in marker_dir.iterdir():
@@ -402,9 +415,9 @@ def run_zarr_to_nifti(volume: str | Path, model: str | Path, output: str | Path,
 
 
 def nifti_slabs(grid: TileGrid, block: int) -> list[Block]:
-    """Blocks spanning axes 1 and 2 whole, made of whole rows of tiles along axis 0: one core per slab for crop
-    (every tile runs once), about ``block`` voxels for blending (tiles straddling two slabs run for both)."""
-    ax = grid.axes[0]
+    """Blocks spanning x and y whole, made of whole rows of tiles along z: one core per slab for crop (every tile
+    runs once), about ``block`` voxels for blending (tiles straddling two slabs run for both)."""
+    ax = grid.axes[2]
     if grid.mode == "crop":
         spans = list(ax.cores)
         k = 1
@@ -413,8 +426,8 @@ def nifti_slabs(grid: TileGrid, block: int) -> list[Block]:
         spans = list(zip(ax.starts, ends))
         k = max(1, round(block / max(1, ends[0] - ax.starts[0])))
     groups = [spans[i : i + k] for i in range(0, len(spans), k)]
-    (_, Y), (_, X) = (0, grid.shape[1]), (0, grid.shape[2])
-    return [Block((n, 0, 0), ((g[0][0], g[-1][1]), (0, Y), (0, X))) for n, g in enumerate(groups)]
+    X, Y = grid.shape[0], grid.shape[1]
+    return [Block((0, 0, n), ((0, X), (0, Y), (g[0][0], g[-1][1]))) for n, g in enumerate(groups)]
 
 
 def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, s: RunSettings, block: int) -> RunReport:
@@ -426,13 +439,12 @@ def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, s: RunSettings, bl
     slabs = nifti_slabs(p.setup.grid, block)
     journal = Journal(output, run_fingerprint([Path(volume)], p.tm.path, dict(p.settings, block=block)))
     start = journal.resume_row() if s.resume else 0
-    G0, G1, G2 = p.source.shape
-    writer = NiftiWriter(output, (G2, G1, G0), p.setup.spec.out_channels, p.setup.spec.dtype,
+    writer = NiftiWriter(output, p.source.shape, p.setup.spec.out_channels, p.setup.spec.dtype,
                          affine=store_geometry(volume).affine, resume=s.resume)
     job = _job(p, volume, output, model, s)
     results = _write_slabs(job, slabs, start, writer, journal, s.progress)
     rep = _report(p, output, t0, results, s.runtime.requests)
-    rep.extra["slabs"] = f"{len(results)} run, {start} already complete (Zarr [k, j, i] -> NIfTI (i, j, k))"
+    rep.extra["slabs"] = f"{len(results)} run, {start} already complete"
     rep.extra["tile runs"] = tile_runs_line(p.setup.grid, slabs)
     return rep
 
@@ -452,7 +464,7 @@ def _write_slabs(job: ZarrJob, slabs: list[Block], start: int, writer: Any, jour
         journal.update(start, len(slabs))
         for n in range(start, len(slabs)):
             out, info = run_block_array(job, slabs[n])
-            writer.write(out, slabs[n].box[0][0], 0)  # (C, k, j, i): NIfTI (i, j, k) = Zarr [k, j, i]
+            writer.write(out.transpose(0, 3, 2, 1), slabs[n].box[2][0], 0)  # (C, x, y, z) -> the writer's (C, z, y, x)
             writer.sync()
             journal.update(n + 1, len(slabs))
             results.append(info)

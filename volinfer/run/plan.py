@@ -221,9 +221,10 @@ class VolumeFacts:
 
 def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
     """What the plan needs to know about the input files (NIfTI files, or one Zarr store), from their headers only.
-    A Zarr store's shape is (z, y, x), the order its runs plan and tile in; its chunks are read region by region,
-    never as whole streamed planes."""
-    from volinfer.io.reader import StreamChannel, VolumeSource
+    A Zarr store's shape is (x, y, z) like every input's (its axes read by name); its chunks are read region by
+    region, never as whole streamed planes. TIFF, MHA/MHD and NRRD files open through their readers."""
+    from volinfer.io.reader import StreamChannel
+    from volinfer.io.sources import open_paths
     from volinfer.io.zarr_io import is_zarr, open_zarr_source
 
     if any(is_zarr(p) for p in paths):
@@ -233,7 +234,7 @@ def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
         with zsrc:
             return VolumeFacts(tuple(zsrc.shape), zsrc.channels, max(r.dtype.itemsize for r in zsrc.readers),
                                False, any(r.dtype.kind == "f" for r in zsrc.readers))
-    with VolumeSource.open(paths, depth=1) as src:
+    with open_paths(paths, depth=1) as src:
         return VolumeFacts(src.shape, src.channels, max(r.dtype.itemsize for r in src.readers),
                            any(isinstance(r, StreamChannel) for r in src.readers),
                            any(r.dtype.kind == "f" for r in src.readers))

@@ -104,11 +104,13 @@ class OutputSettings:
 
 @dataclass(frozen=True)
 class InputSettings:
-    """How input voxels are read: intensity normalisation, the NaN/Inf replacement, an array's channel axis."""
+    """How input voxels are read: intensity normalisation, the NaN/Inf replacement, an array's channel axis, and
+    whether to resample to the model's stored spacing."""
 
     normalize: dict[str, Any] | None = None  # None: stored in the model, else none
     nan_value: float | None = None  # None: refuse volumes with NaN/Inf voxels
     channel_axis: int | None = None
+    resample: bool = True  # resample to the model's stored spacing (volinfer.run.model_grid)
 
     def __post_init__(self) -> None:
         if isinstance(self.normalize, str):  # the CLI form ("zscore", "percentile:1:99"), e.g. from predict()
@@ -265,5 +267,7 @@ def from_cli(params: dict[str, Any]) -> RunSettings:
         kw["reuse_constant"] = not p["no_constant_reuse"]
     if "no_compression" in p:
         kw["compression"] = not p["no_compression"]
+    if "no_resample" in p:
+        kw["resample"] = not p["no_resample"]
     kw["progress"] = not p.get("quiet") and not p.get("as_json")
     return RunSettings.from_kwargs(**kw)

@@ -1,0 +1,518 @@
+"""Volumes as users have them (issue 23): every reader hands the model the same (x, y, z) array for the same voxels.
+
+The model is deliberately asymmetric (anisotropic kernels, different along every axis), so any reader that feeds it
+the axes in another order, or flipped, changes its labels; the volume is int16 with an odd shape. The reference is
+the direct NIfTI run, itself checked against whole-volume OpenVINO f32 inference computed here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+import pytest
+from click.testing import CliRunner
+
+from volinfer.cli import main
+
+SHAPE = (27, 21, 17)  # (x, y, z), odd, no two equal
+AFFINE = np.array([[0.9, 0, 0, -11.0], [0, 1.1, 0, 7.5], [0, 0, 1.3, 3.25], [0, 0, 0, 1]])
+RUN = ["-q", "--precision", "f32", "--tile", "16", "--overlap", "8"]
+
+
+def asymmetric_model() -> ov.Model:
+    """1 → 3 channels: a 5x3x1 convolution then a 1x3x5 one (kernels differ along every axis), no padding loss."""
+    rng = np.random.default_rng(23)
+    x = param = ops.parameter([1, 1, -1, -1, -1], np.float32, name="image")
+    for cin, cout, k in ((1, 4, (5, 3, 1)), (4, 3, (1, 3, 5))):
+        w = rng.standard_normal((cout, cin, *k)).astype(np.float32)
+        pad = [s // 2 for s in k]
+        x = ops.convolution(x, ops.constant(w), [1, 1, 1], pad, pad, [1, 1, 1])
+        x = ops.add(x, ops.constant(rng.standard_normal((1, cout, 1, 1, 1)).astype(np.float32)))
+        if cout == 4:
+            x = ops.relu(x)
+    return ov.Model([x], [param], "asymmetric")
+
+
+def whole_volume_labels(model: ov.Model, vol: np.ndarray) -> np.ndarray:
+    """Independent reference: the whole (x, y, z) volume through OpenVINO f32 in one inference, argmax."""
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    out = compiled(vol.astype(np.float32)[None, None])[0][0]
+    return out.argmax(0)
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def ok(*args: object):
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def labels(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(5)
+    vol = (rng.standard_normal(SHAPE) * 300).astype(np.int16)
+    vol[4:15, 3:9, 2:12] += 900  # an off-centre block: structure that no flip or transpose maps onto itself
+    nib.save(nib.Nifti1Image(vol, AFFINE), str(tmp / "v.nii.gz"))
+    model = asymmetric_model()
+    ov.save_model(model, str(tmp / "asym.xml"))
+    ok("run", tmp / "v.nii.gz", "-m", tmp / "asym.xml", "-o", tmp / "direct.nii.gz", *RUN)
+    direct = labels(tmp / "direct.nii.gz")
+    np.testing.assert_array_equal(direct, whole_volume_labels(model, vol))
+    return tmp, vol, direct
+
+
+def test_model_is_asymmetric(env):
+    """The test's premise: feeding the volume transposed or flipped changes the labels."""
+    tmp, vol, direct = env
+    model = asymmetric_model()
+    moved = whole_volume_labels(model, vol.transpose(2, 1, 0)).transpose(2, 1, 0)
+    flipped = whole_volume_labels(model, vol[::-1])[::-1]
+    assert (moved == direct).mean() < 0.9 and (flipped == direct).mean() < 0.99
+    assert len(np.unique(direct)) == 3
+
+
+@pytest.mark.parametrize("out", ["o.zarr", "o.nii"])
+def test_zarr_round_trip_gives_the_direct_labels(env, out):
+    """to-zarr → run → (to-nifti): the model sees the same array as for the NIfTI file (it saw it transposed)."""
+    tmp, _, direct = env
+    store = tmp / "v.zarr"
+    if not store.exists():
+        ok("to-zarr", tmp / "v.nii.gz", "-o", store, "--chunks", "8")
+    target = tmp / f"rt_{out}"
+    ok("run", store, "-m", tmp / "asym.xml", "-o", target, *RUN, "--block", "16")
+    if out.endswith(".zarr"):
+        ok("to-nifti", target, "-o", tmp / "rt_back.nii")
+        target = tmp / "rt_back.nii"
+    np.testing.assert_array_equal(labels(target), direct)
+    np.testing.assert_allclose(nib.load(str(target)).affine, AFFINE)
+
+
+def test_zarr_axes_metadata_is_read(env, tmp_path):
+    """A plain Zarr array that names its axes (x, y, z) is read by those names; without names, as (z, y, x)."""
+    import zarr
+
+    tmp, vol, direct = env
+    named = zarr.create_array(str(tmp_path / "xyz.zarr"), shape=vol.shape, dtype=vol.dtype, chunks=(8, 8, 8),
+                              dimension_names=["x", "y", "z"])
+    named[:] = vol
+    plain = zarr.create_array(str(tmp_path / "plain.zarr"), shape=vol.shape[::-1], dtype=vol.dtype, chunks=(8, 8, 8))
+    plain[:] = vol.transpose(2, 1, 0)
+    for store in ("xyz.zarr", "plain.zarr"):
+        ok("run", tmp_path / store, "-m", tmp / "asym.xml", "-o", tmp_path / f"{store}.nii", *RUN, "--block", "16")
+        np.testing.assert_array_equal(labels(tmp_path / f"{store}.nii"), direct)
+
+
+def test_zarr_round_trip_keeps_the_nifti_header(env, tmp_path):
+    """to-zarr → to-nifti keeps sform code 4 (MNI), the qform code and mm units (issue 25), voxels bit for bit."""
+    tmp, vol, _ = env
+    img = nib.Nifti1Image(vol, AFFINE)
+    img.header.set_sform(AFFINE, code=4)
+    img.header.set_qform(AFFINE, code=2)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(tmp_path / "mni.nii"))
+    ok("to-zarr", tmp_path / "mni.nii", "-o", tmp_path / "mni.zarr")
+    ok("to-nifti", tmp_path / "mni.zarr", "-o", tmp_path / "back.nii")
+    back = nib.load(str(tmp_path / "back.nii"))
+    assert int(back.header["sform_code"]) == 4 and int(back.header["qform_code"]) == 2
+    assert back.header.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_allclose(back.affine, AFFINE)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), vol)
+
+
+def test_float16_zarr_output_to_nifti(env):
+    """run --float16 -o p.zarr then to-nifti: float32 NIfTI with the same values (was HeaderDataError)."""
+    tmp, _, _ = env
+    ok("run", tmp / "v.nii.gz", "-m", tmp / "asym.xml", "-o", tmp / "p16.zarr", "--kind", "probabilities",
+       "--float16", *RUN)
+    ok("to-nifti", tmp / "p16.zarr", "-o", tmp / "p16.nii")
+    import zarr
+
+    stored = zarr.open_group(str(tmp / "p16.zarr"))["0"][:]
+    back = nib.load(str(tmp / "p16.nii"))
+    assert stored.dtype == np.float16 and back.get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asarray(back.dataobj), np.moveaxis(stored, 0, -1).transpose(2, 1, 0, 3))
+
+
+def _write_formats(tmp: Path, vol: np.ndarray) -> dict[str, Path]:
+    """The same voxels as a TIFF stack (pages = z, rows = y, columns = x), plain and compressed, and as .mha, .mhd,
+    .nrrd written by SimpleITK, raw and compressed. ITK's LPS origin/direction here make the RAS affine AFFINE."""
+    import SimpleITK as sitk
+    import tifffile
+
+    zyx = vol.transpose(2, 1, 0)
+    out = {"tif": tmp / "v.tif", "tif_zlib": tmp / "v_zlib.tiff"}
+    tifffile.imwrite(out["tif"], zyx, photometric="minisblack", metadata={"axes": "ZYX"})
+    tifffile.imwrite(out["tif_zlib"], zyx, photometric="minisblack", compression="zlib")
+    img = sitk.GetImageFromArray(zyx)
+    img.SetSpacing(np.diag(AFFINE)[:3].tolist())
+    img.SetDirection([-1, 0, 0, 0, -1, 0, 0, 0, 1])  # RAS axes in LPS terms
+    img.SetOrigin([-AFFINE[0, 3], -AFFINE[1, 3], AFFINE[2, 3]])
+    for name, compress in (("mha", False), ("mhd", False), ("nrrd", False), ("mha_gz", True), ("nrrd_gz", True)):
+        out[name] = tmp / f"v_{name}.{name.split('_')[0]}"
+        sitk.WriteImage(img, str(out[name]), compress)
+    return out
+
+
+def test_every_format_gives_the_direct_labels(env):
+    """Acceptance (issue 23): TIFF stacks, .mha, .mhd and .nrrd of the same voxels give 100% the direct run's
+    labels (raw files through the lazy strip reader, compressed ones decoded); the ITK files' affine is RAS."""
+    from volinfer.io.sources import open_paths
+    from volinfer.io.reader import StripChannel
+
+    tmp, vol, direct = env
+    for name, path in _write_formats(tmp, vol).items():
+        with open_paths([path], 8) as src:
+            assert src.shape == SHAPE
+            assert isinstance(src.readers[0], StripChannel) == (not name.endswith(("_gz", "_zlib")))
+            if not name.startswith("tif"):
+                np.testing.assert_allclose(src.affine, AFFINE, atol=1e-9)
+        ok("run", path, "-m", tmp / "asym.xml", "-o", tmp / f"out_{name}.nii", *RUN)
+        got = labels(tmp / f"out_{name}.nii")
+        assert (got == direct).mean() == 1.0, name
+
+
+def test_tiff_input_tiff_output(env):
+    """A TIFF stack in, a TIFF stack out (pages = z): the direct labels, with the voxel size (OME, µm) kept."""
+    import tifffile
+
+    tmp, vol, direct = env
+    src = tmp / "ome.ome.tif"
+    tifffile.imwrite(src, vol.transpose(2, 1, 0), photometric="minisblack", ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 900.0, "PhysicalSizeY": 1100.0, "PhysicalSizeZ": 1300.0})
+    ok("run", src, "-m", tmp / "asym.xml", "-o", tmp / "seg.tif", *RUN)
+    with tifffile.TiffFile(tmp / "seg.tif") as tf:
+        out = tf.asarray()
+        assert tf.is_ome and "PhysicalSizeX=\"900" in tf.ome_metadata
+    np.testing.assert_array_equal(out, direct.transpose(2, 1, 0))
+    assert not [p for p in tmp.iterdir() if p.name.startswith(".seg.tif")]
+
+
+def _refused(tmp: Path, path: Path, words: str) -> None:
+    r = invoke("run", path, "-m", tmp / "asym.xml", "-o", tmp / "refused.nii", *RUN)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert words in r.output, r.output
+    assert not [p for p in tmp.iterdir() if "refused" in p.name]
+
+
+def test_bad_tiffs_and_lying_mha_are_refused(env, tmp_path):
+    """Truncated TIFFs (raw and compressed), RGB pages, two channels, an MHA whose header claims more voxels than
+    the file holds: one-line errors, before any voxel buffer of the declared size is allocated, nothing written."""
+    import tifffile
+
+    tmp, vol, _ = env
+    formats = _write_formats(tmp_path, vol)
+    for name in ("tif", "tif_zlib"):
+        data = formats[name].read_bytes()
+        cut = tmp_path / f"cut_{name}.tif"
+        cut.write_bytes(data[: len(data) * 2 // 3])
+        _refused(tmp, cut, "truncated")
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 5, 6, 3), np.uint8), photometric="rgb")
+    _refused(tmp, tmp_path / "rgb.tif", "RGB")
+    tifffile.imwrite(tmp_path / "two.tif", np.zeros((4, 2, 5, 6), np.uint16), imagej=True, metadata={"axes": "ZCYX"})
+    _refused(tmp, tmp_path / "two.tif", "2 channels")
+    tifffile.imwrite(tmp_path / "movie.tif", np.zeros((4, 5, 6), np.uint16), imagej=True, metadata={"axes": "TYX"})
+    _refused(tmp, tmp_path / "movie.tif", "time series")
+    text = formats["mha"].read_bytes()
+    lying = tmp_path / "lying.mha"
+    lying.write_bytes(text.replace(b"DimSize = 27 21 17", b"DimSize = 27 21 9000"))
+    _refused(tmp, lying, "header describes")
+    gz = formats["mha_gz"].read_bytes()
+    bomb = tmp_path / "bomb.mha"
+    bomb.write_bytes(gz.replace(b"DimSize = 27 21 17", b"DimSize = 27000 21000 17000"))
+    _refused(tmp, bomb, "header describes")
+    header = tmp_path / "h.mhd"  # a header naming the output as its data file: the output may not replace it
+    header.write_bytes(formats["mhd"].read_bytes().replace(b"v_mhd.raw", b"refused.nii"))
+    (tmp_path / "refused.nii").write_bytes((tmp_path / "v_mhd.raw").read_bytes())
+    r = invoke("run", header, "-m", tmp / "asym.xml", "-o", tmp_path / "refused.nii", "--overwrite", *RUN)
+    assert r.exit_code == 2 and "input" in r.output, r.output
+    assert (tmp_path / "refused.nii").read_bytes() == (tmp_path / "v_mhd.raw").read_bytes()
+
+
+def _model_with(tmp: Path, name: str, **stored: object) -> Path:
+    """The asymmetric model with stored settings (as `volinfer convert` writes them into rt_info)."""
+    import json
+
+    model = asymmetric_model()
+    for key, value in stored.items():
+        model.set_rt_info(json.dumps(value), ["volinfer", key])
+    ov.save_model(model, str(tmp / name))
+    return tmp / name
+
+
+def test_convert_stores_orientation(env, tmp_path):
+    """`convert --orientation ras` stores RAS; a bad code is a one-line error."""
+    from volinfer.model.tile_model import TileModel
+
+    tmp, _, _ = env
+    ok("convert", tmp / "asym.xml", "-o", tmp_path / "ras.xml", "--orientation", "ras", "--no-check",
+       "--no-receptive-field", "--no-speed-profile", "-q")
+    assert TileModel(tmp_path / "ras.xml", compile=False).settings.orientation == "RAS"
+    r = invoke("convert", tmp / "asym.xml", "-o", tmp_path / "bad.xml", "--orientation", "RAR", "-q")
+    assert r.exit_code == 2 and "orientation" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("codes", ["LAS", "PSL"])
+def test_reoriented_volume_gives_the_ras_labels_mapped_back(env, tmp_path, codes):
+    """Acceptance: the volume stored LAS (x flipped) or PSL (axes permuted and flipped), into a model that stores
+    RAS, gives the RAS run's labels mapped back onto its own grid: exactly (permutations and flips only)."""
+    tmp, vol, direct = env
+    xml = _model_with(tmp_path, "ras.xml", orientation="RAS")
+    ras = nib.Nifti1Image(vol, AFFINE)
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(AFFINE),
+                                           nib.orientations.axcodes2ornt(tuple(codes)))
+    stored = ras.as_reoriented(ornt)
+    assert "".join(nib.aff2axcodes(stored.affine)) == codes
+    nib.save(stored, str(tmp_path / "v.nii.gz"))
+    r = ok("run", tmp_path / "v.nii.gz", "-m", xml, "-o", tmp_path / "o.nii.gz", *RUN[1:])
+    assert f"reoriented {codes} -> RAS" in r.output
+    out = nib.load(str(tmp_path / "o.nii.gz"))
+    expected = nib.orientations.apply_orientation(direct, ornt)
+    np.testing.assert_array_equal(np.asarray(out.dataobj), expected)
+    np.testing.assert_allclose(out.affine, stored.affine)
+    # the same through Zarr: the store's affine is the volume's, so the run reorients it the same way
+    ok("to-zarr", tmp_path / "v.nii.gz", "-o", tmp_path / "v.zarr", "--chunks", "8")
+    ok("run", tmp_path / "v.zarr", "-m", xml, "-o", tmp_path / "oz.nii", *RUN[1:])
+    np.testing.assert_array_equal(labels(tmp_path / "oz.nii"), expected)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".volinfer-grid")]
+
+
+def _resample_reference(vol: np.ndarray, ratio: tuple[float, ...], shape: tuple[int, ...], order: int) -> np.ndarray:
+    """scipy.ndimage: sample (j + 0.5) * ratio - 0.5 along each axis (voxel centres aligned), edges repeated."""
+    from scipy import ndimage
+
+    axes = [np.clip((np.arange(n) + 0.5) * r - 0.5, 0, m - 1) for n, r, m in zip(shape, ratio, vol.shape)]
+    if order == 0:
+        axes = [np.floor(a + 0.5) for a in axes]
+    coords = np.meshgrid(*axes, indexing="ij")
+    return ndimage.map_coordinates(vol.astype(np.float32), coords, order=min(order, 1), mode="nearest")
+
+
+def test_spacing_is_resampled_and_mapped_back(tmp_path):
+    """Acceptance: a 0.8x0.8x1.5 mm volume into a model storing 1x1x1 mm: per-class Dice >= 0.97 against
+    scipy's linear resampling to 1 mm -> whole-volume OpenVINO f32 inference -> nearest back; --no-resample runs
+    at the volume's own size and says so."""
+    shape, vox = (41, 37, 19), (0.8, 0.8, 1.5)
+    rng = np.random.default_rng(9)
+    x, y, z = np.meshgrid(*[np.arange(n) * v for n, v in zip(shape, vox)], indexing="ij")
+    vol = (300 * np.sin(x / 4.0) * np.cos(y / 5.0) + 200 * np.sin(z / 3.0) + rng.normal(0, 20, shape)).astype(np.int16)
+    nib.save(nib.Nifti1Image(vol, np.diag([*vox, 1.0])), str(tmp_path / "v.nii"))
+    xml = _model_with(tmp_path, "mm.xml", spacing=[1, 1, 1], orientation="RAS")
+    r = ok("run", tmp_path / "v.nii", "-m", xml, "-o", tmp_path / "o.nii.gz", *RUN[1:])
+    assert "resampled 0.8x0.8x1.5 mm -> 1x1x1 mm" in r.output
+    got = np.asarray(nib.load(str(tmp_path / "o.nii.gz")).dataobj)
+    grid = tuple(int(round(n * v)) for n, v in zip(shape, vox))
+    fine = _resample_reference(vol, (1 / 0.8, 1 / 0.8, 1 / 1.5), grid, 1)
+    labels_1mm = whole_volume_labels(asymmetric_model(), fine)
+    expected = _resample_reference(labels_1mm, vox, shape, 0).astype(np.uint8)
+    assert got.shape == shape and np.allclose(nib.load(str(tmp_path / "o.nii.gz")).affine, np.diag([*vox, 1.0]))
+    for c in range(3):
+        dice = 2 * ((got == c) & (expected == c)).sum() / ((got == c).sum() + (expected == c).sum())
+        assert dice >= 0.97, (c, dice)
+    r = ok("run", tmp_path / "v.nii", "-m", xml, "-o", tmp_path / "nr.nii", "--no-resample", *RUN[1:])
+    assert "--no-resample" in r.output
+    ok("run", tmp_path / "v.nii", "-m", _model_with(tmp_path, "plain.xml"), "-o", tmp_path / "plain.nii", *RUN[1:])
+    np.testing.assert_array_equal(labels(tmp_path / "nr.nii"), labels(tmp_path / "plain.nii"))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _full_disk_after(monkeypatch, module: str, calls: int) -> None:
+    """Make the ``calls``-th chunk fsync of ``module`` fail as a full disk does."""
+    import errno
+
+    real, seen = getattr(__import__(module, fromlist=["sync_region"]), "sync_region"), [0]
+
+    def sync_region(*a, **k):
+        seen[0] += 1
+        if seen[0] >= calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(f"{module}.sync_region", sync_region)
+
+
+@pytest.mark.parametrize("source", ["nifti", "zarr"])
+def test_full_disk_while_writing_ome_zarr_is_resumable(env, tmp_path, monkeypatch, source):
+    """ENOSPC while writing an OME-Zarr output (stream writer for NIfTI inputs, blocks for Zarr inputs): a one-line
+    error, the store and its state kept, and --resume finishes it with the bytes of an uninterrupted run. The
+    store holds nothing a Zarr reader warns about (volinfer's journal and block markers lie beside it)."""
+    import warnings
+
+    import zarr
+
+    tmp, _, _ = env
+    src = tmp / "v.nii.gz"
+    if source == "zarr":
+        src = tmp_path / "in.zarr"
+        ok("to-zarr", tmp / "v.nii.gz", "-o", src, "--chunks", "8")
+    args = ["-m", tmp / "asym.xml", "--chunks", "8", "--block", "16", *RUN]
+    ok("run", src, "-o", tmp_path / "whole.zarr", *args)
+    module = "volinfer.io.zarr_writer" if source == "nifti" else "volinfer.run.distributed"
+    _full_disk_after(monkeypatch, module, 2)
+    r = invoke("run", src, "-o", tmp_path / "cut.zarr", *args)
+    monkeypatch.undo()
+    assert r.exit_code == 2 and "No space left on device" in r.output and "--resume" in r.output, r.output
+    assert "internal error" not in r.output and len(r.output.strip().splitlines()) == 1
+    assert (tmp_path / "cut.zarr").is_dir()
+    ok("run", src, "-o", tmp_path / "cut.zarr", "--resume", *args)
+    assert _files(tmp_path / "cut.zarr") == _files(tmp_path / "whole.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        group = zarr.open_group(str(tmp_path / "cut.zarr"), mode="r")
+        assert sorted(group.keys()) == ["0"] and group["0"].shape == SHAPE[::-1]
+
+
+def test_stack_without_geometry_is_not_reoriented_or_resampled(env, tmp_path):
+    """A TIFF stack records no orientation (and without OME sizes no voxel size): a model storing RAS and 2 mm runs
+    it as is, and the summary says why, instead of flipping or resampling it on a guess."""
+    tmp, vol, direct = env
+    path = _write_formats(tmp_path, vol)["tif"]
+    xml = _model_with(tmp_path, "lps.xml", orientation="LPS", spacing=[2, 2, 2])
+    r = ok("run", path, "-m", xml, "-o", tmp_path / "o.nii", *RUN[1:])
+    assert "no anatomical orientation" in r.output and "no voxel size" in r.output
+    np.testing.assert_array_equal(labels(tmp_path / "o.nii"), direct)
+
+
+def test_interrupted_tiff_run_resumes_byte_identical(env, tmp_path, monkeypatch):
+    """TIFF in, TIFF out, interrupted part-way: --resume continues the temporary stack (content fingerprint of the
+    TIFF's voxels) and writes the bytes of an uninterrupted run; a changed input is refused."""
+    import tifffile
+
+    from volinfer.io.tiff_io import TiffWriter
+
+    tmp, vol, _ = env
+    src = _write_formats(tmp_path, vol)["tif"]
+    args = ["-m", tmp / "asym.xml", "--engine", "tiles", *RUN]
+    ok("run", src, "-o", tmp_path / "whole.tif", *args)
+    real, calls = TiffWriter.write, [0]
+
+    def write(self, *a):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt()
+        real(self, *a)
+
+    monkeypatch.setattr(TiffWriter, "write", write)
+    assert invoke("run", src, "-o", tmp_path / "cut.tif", *args).exit_code == 130
+    monkeypatch.undo()
+    assert not (tmp_path / "cut.tif").exists() and (tmp_path / ".cut.tif.partial.tif").exists()
+    changed = tmp_path / "changed.tif"
+    tifffile.imwrite(changed, (vol + 1).transpose(2, 1, 0), photometric="minisblack")
+    os_replace = __import__("os").replace
+    os_replace(src, tmp_path / "orig.tif")
+    os_replace(changed, src)
+    r = invoke("run", src, "-o", tmp_path / "cut.tif", "--resume", *args)
+    assert r.exit_code == 2 and "cannot resume" in r.output, r.output
+    os_replace(tmp_path / "orig.tif", src)
+    ok("run", src, "-o", tmp_path / "cut.tif", "--resume", *args)
+    assert (tmp_path / "cut.tif").read_bytes() == (tmp_path / "whole.tif").read_bytes()
+
+
+def test_ome_zarr_with_time_and_channel_axes(env, tmp_path):
+    """An OME-Zarr image as other tools write it, (t, c, z, y, x) with t = c = 1, its scale in the NGFF metadata:
+    read by its axes' names, the model sees the direct run's array; a time axis longer than 1 is refused in one
+    line."""
+    import zarr
+
+    tmp, vol, direct = env
+    for name, t in (("tczyx.zarr", 1), ("movie.zarr", 2)):
+        group = zarr.open_group(str(tmp_path / name), mode="w")
+        arr = group.create_array("0", shape=(t, 1, *vol.shape[::-1]), chunks=(1, 1, 8, 8, 8), dtype=vol.dtype)
+        arr[:] = np.broadcast_to(vol.transpose(2, 1, 0), arr.shape)
+        axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"}] + \
+            [{"name": n, "type": "space", "unit": "millimeter"} for n in "zyx"]
+        scale = [1.0, 1.0, *np.diag(AFFINE)[:3][::-1]]
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]}
+    ok("run", tmp_path / "tczyx.zarr", "-m", tmp / "asym.xml", "-o", tmp_path / "o.nii", *RUN, "--block", "16")
+    np.testing.assert_array_equal(labels(tmp_path / "o.nii"), direct)
+    np.testing.assert_allclose(np.diag(nib.load(str(tmp_path / "o.nii")).affine), np.diag(AFFINE))
+    r = invoke("run", tmp_path / "movie.zarr", "-m", tmp / "asym.xml", "-o", tmp_path / "m.nii", *RUN)
+    assert r.exit_code == 2 and "axis 't' has length 2" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_compressed_bombs_are_refused_before_allocation(env, tmp_path):
+    """A zlib TIFF whose pages claim 50000x50000 pixels, and a bzip2 NRRD (expansion unbounded): one-line errors
+    before any page window or volume of that size exists."""
+    import tifffile
+
+    tmp, vol, _ = env
+    big = tmp_path / "bomb.tif"
+    tifffile.imwrite(big, np.zeros((2, 64, 64), np.uint8), compression="zlib", metadata=None, rowsperstrip=64)
+    data = bytearray(big.read_bytes())
+    with tifffile.TiffFile(big) as tf:  # ImageWidth, ImageLength, RowsPerStrip of every page, patched in place
+        for page in tf.pages:
+            for code in (256, 257, 278):
+                tag = page.tags[code]
+                data[tag.valueoffset : tag.valueoffset + 2] = (50000).to_bytes(2, "little")
+    big.write_bytes(bytes(data))
+    _refused(tmp, big, "compressed bytes")
+    nrrd = _write_formats(tmp_path, vol)["nrrd"]
+    bz = tmp_path / "bz.nrrd"
+    bz.write_bytes(nrrd.read_bytes().replace(b"encoding: raw", b"encoding: bzip2"))
+    _refused(tmp, bz, "bzip2")
+
+
+def test_model_grid_run_failures_leave_nothing(env, tmp_path, monkeypatch):
+    """A full disk while a model-grid run writes its output: one line that does not promise --resume (such runs
+    keep nothing), no output, no temporary directory; --resume itself is refused in one line."""
+    import errno
+
+    from volinfer.io.writer import NiftiWriter
+
+    tmp, vol, _ = env
+    nib.save(nib.Nifti1Image(vol[::-1], AFFINE @ np.diag([-1, 1, 1, 1])), str(tmp_path / "las.nii"))
+    xml = _model_with(tmp_path, "ras.xml", orientation="RAS")
+    real = NiftiWriter.write
+
+    def write(self, block, z0, y0):  # the final output's first positioned write fails as on a full disk
+        if self.target.name == "o.nii":
+            monkeypatch.setattr("volinfer.portable.pwrite_all", enospc)
+        real(self, block, z0, y0)
+
+    def enospc(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(NiftiWriter, "write", write)
+    r = invoke("run", tmp_path / "las.nii", "-m", xml, "-o", tmp_path / "o.nii", *RUN)
+    monkeypatch.undo()
+    assert r.exit_code == 2 and "No space left" in r.output and "not resumable" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["las.nii", "ras.bin", "ras.xml"]
+    r = invoke("run", tmp_path / "las.nii", "-m", xml, "-o", tmp_path / "o.nii", "--resume", *RUN)
+    assert r.exit_code == 2 and "--resume is not available" in r.output
+
+
+def test_model_grid_probabilities_into_float16_zarr(env, tmp_path):
+    """Probabilities through the model grid (reoriented and resampled) into a float16 OME-Zarr: mapped back
+    linearly onto the input's grid (so they still sum to 1), stored float16 with the input's affine."""
+    import zarr
+
+    from volinfer.io.zarr_io import store_geometry
+
+    tmp, vol, _ = env
+    affine = np.diag([-0.8, 0.8, 1.5, 1.0])  # LAS, anisotropic
+    nib.save(nib.Nifti1Image(vol, affine), str(tmp_path / "v.nii"))
+    xml = _model_with(tmp_path, "g.xml", orientation="RAS", spacing=[1, 1, 1])
+    r = ok("run", tmp_path / "v.nii", "-m", xml, "-o", tmp_path / "p.zarr", "--kind", "probabilities", "--float16",
+           *RUN[1:])
+    assert "reoriented LAS -> RAS" in r.output and "(linear)" in r.output
+    probs = zarr.open_group(str(tmp_path / "p.zarr"))["0"][:]
+    assert probs.dtype == np.float16 and probs.shape == (3, *SHAPE[::-1])
+    np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=3e-3)
+    np.testing.assert_allclose(store_geometry(tmp_path / "p.zarr").affine, affine)

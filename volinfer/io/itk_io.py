@@ -1,0 +1,213 @@
+"""MHA / MHD / NRRD volumes in (optional extra ``itk``: SimpleITK), as CT from research pipelines comes.
+
+SimpleITK reads the header (size, pixel type, spacing, origin, direction) without the voxels. ITK's physical space is
+LPS; the affine handed on is NIfTI's RAS one, ``diag(-1, -1, 1) · [direction · diag(spacing) | origin]``, as ITK's own
+NIfTI writer stores it, and the voxels come in ``(x, y, z)`` order (ITK's index order, x fastest), like every reader.
+
+Lazy where the format is raw: an uncompressed ``.mha`` (``ElementDataFile = LOCAL``), ``.mhd`` + ``.raw`` and NRRD with
+``encoding: raw`` (attached or detached) have NIfTI's memory layout, so they are read by the same positioned strip
+reader as ``.nii`` files (:class:`volinfer.io.reader.StripChannel`) at the data offset their header gives. Compressed
+files (``CompressedData = True``, NRRD gzip/bzip2) are decompressed whole by SimpleITK (memory: the volume), after
+checking that the compressed bytes can hold what the header declares. Declared sizes are checked against the bytes
+present before anything of that size is allocated; vector (multi-component) images are refused (one file per
+channel); DICOM series are out of scope (convert them with ``dcm2niix``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from volinfer.errors import VolinferError
+from volinfer.io.reader import (MAX_DEFLATE_RATIO, ArrayChannel, StoredLayout, StripChannel, VolumeSource,
+                                check_declared_size, native)
+
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+#: Header bytes read to find the data offset (MetaImage / NRRD headers are a few hundred bytes).
+HEADER_MAX = 1 << 16
+
+
+def is_itk(path: str | Path) -> bool:
+    return str(path).lower().endswith(ITK_SUFFIXES)
+
+
+def _sitk() -> Any:
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise VolinferError("MHA/MHD/NRRD volumes need SimpleITK: pip install 'volinfer[itk]'") from None
+    return sitk
+
+
+@dataclass
+class ItkHeader:
+    """What SimpleITK's header read says about one file."""
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    affine: np.ndarray
+
+
+@dataclass
+class RawData:
+    """Where an uncompressed file's voxels lie (None from :func:`raw_data` for compressed or unusual layouts)."""
+
+    path: Path
+    offset: int
+    big_endian: bool
+
+
+def read_header(p: Path) -> ItkHeader:
+    """Size, pixel type and RAS affine of ``p``, from its header only; one-line errors for anything unusable."""
+    sitk = _sitk()
+    if not p.is_file() or p.stat().st_size == 0:
+        raise VolinferError(f"{p}: no such file" if not p.exists() else f"{p}: empty file or a directory")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(p))
+    try:
+        reader.ReadImageInformation()
+    except Exception as e:
+        raise VolinferError(f"{p}: not a readable MHA/MHD/NRRD volume ({str(e).strip().splitlines()[-1][:200]})"
+                            ) from None
+    size = tuple(int(s) for s in reader.GetSize())
+    if len(size) != 3 or min(size) < 1:
+        raise VolinferError(f"{p}: expected a 3-D image, got size {size}")
+    if reader.GetNumberOfComponents() != 1:
+        raise VolinferError(f"{p}: {reader.GetNumberOfComponents()} components per voxel (vector image): save one "
+                            f"scalar volume per channel and give those files")
+    dtype = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID())).dtype)
+    direction = np.asarray(reader.GetDirection(), float).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(reader.GetSpacing(), float)[None, :]
+    lps[:3, 3] = reader.GetOrigin()
+    return ItkHeader(size, dtype, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps)  # type: ignore[arg-type]
+
+
+def _fields(text: str, sep: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, found, value = line.partition(sep)
+        if found and not line.startswith("#"):
+            out[key.strip().lower()] = value.strip()
+    return out
+
+
+def raw_data(p: Path, nbytes: int) -> RawData | None:
+    """The data file, offset and byte order of an uncompressed MetaImage or NRRD, from its header; None where the
+    voxels are compressed or laid out in a way only SimpleITK reads (lists of files, line skips)."""
+    with open(p, "rb") as f:
+        head = f.read(HEADER_MAX)
+    if head.startswith(b"NRRD"):
+        end = head.find(b"\n\n")
+        fields = _fields(head[: max(end, 0)].decode("latin-1"), ":")
+        if fields.get("encoding") != "raw" or fields.get("line skip", "0") != "0":
+            return None
+        big = fields.get("endian") == "big"
+        data = fields.get("data file") or fields.get("datafile")
+        skip = int(fields.get("byte skip", "0"))
+        if data is None:
+            return None if end < 0 or skip else RawData(p, end + 2, big)
+        return _detached(p, data, skip, nbytes, big)
+    cut = head.find(b"ElementDataFile")
+    if cut < 0:
+        return None
+    line_end = head.find(b"\n", cut)
+    fields = _fields(head[: line_end if line_end >= 0 else len(head)].decode("latin-1"), "=")
+    if fields.get("compresseddata", "false").lower() == "true":
+        return None
+    big = (fields.get("binarydatabyteordermsb") or fields.get("elementbyteordermsb", "false")).lower() == "true"
+    data = fields.get("elementdatafile", "")
+    if data.upper() == "LOCAL":
+        return RawData(p, line_end + 1, big) if line_end >= 0 else None
+    return _detached(p, data, int(fields.get("headersize", "0")), nbytes, big)
+
+
+def _nrrd_encoding(p: Path) -> str | None:
+    """The ``encoding`` field of a NRRD header (None for MetaImage files)."""
+    with open(p, "rb") as f:
+        head = f.read(HEADER_MAX)
+    if not head.startswith(b"NRRD"):
+        return None
+    end = head.find(b"\n\n")
+    return _fields(head[: end if end >= 0 else len(head)].decode("latin-1"), ":").get("encoding", "raw")
+
+
+def _detached(p: Path, name: str, skip: int, nbytes: int, big: bool) -> RawData | None:
+    """A header's separate data file (one file, no pattern or list), with ``skip`` bytes before the voxels (-1: the
+    voxels are the file's last ``nbytes``)."""
+    if " " in name.strip() or "%" in name or name.upper() == "LIST":
+        return None
+    data = (p.parent / name) if not Path(name).is_absolute() else Path(name)
+    if not data.is_file():
+        raise VolinferError(f"{p}: its data file {data} does not exist")
+    offset = os.path.getsize(data) - nbytes if skip == -1 else skip
+    return RawData(data, max(0, offset), big)
+
+
+def data_files(p: Path) -> list[Path]:
+    """The separate data file a ``.mhd``/``.nhdr`` header names (none for attached data, lists or patterns): an
+    input too, so that no output may be written over it."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(HEADER_MAX).decode("latin-1")
+    except OSError:
+        return []
+    fields = {**_fields(head, "="), **_fields(head, ":")}
+    name = fields.get("elementdatafile") or fields.get("data file") or fields.get("datafile") or ""
+    if not name or name.upper() in ("LOCAL", "LIST") or " " in name or "%" in name:
+        return []
+    return [p.parent / name]
+
+
+def _open_one(p: Path) -> tuple[Any, ItkHeader]:
+    """One scalar volume: its channel reader (strips of the raw data, or the decompressed array) and header."""
+    hdr = read_header(p)
+    nbytes = math.prod(hdr.shape) * hdr.dtype.itemsize
+    raw = raw_data(p, nbytes)
+    if raw is not None:
+        stored = hdr.dtype.newbyteorder(">" if raw.big_endian else "<")
+        check_declared_size(raw.path, raw.offset + nbytes, compressed=False)
+        layout = StoredLayout(raw.path, hdr.shape, native(stored), raw.offset, 1.0, 0.0,
+                              swap=native(stored) != stored)
+        return StripChannel(layout), hdr
+    size = os.path.getsize(p)
+    encoding = _nrrd_encoding(p)
+    if encoding is not None and encoding not in ("gzip", "gz", "text", "txt", "ascii", "hex"):
+        raise VolinferError(f"{p}: NRRD encoding '{encoding}' is not read (its expansion cannot be bounded before "
+                            f"decoding): save it raw or gzip-compressed")
+    if nbytes > size * MAX_DEFLATE_RATIO:
+        raise VolinferError(f"{p}: header describes {nbytes} bytes of voxels, more than {size} compressed bytes can "
+                            f"hold: the header's size is wrong or the file is truncated")
+    sitk = _sitk()
+    try:
+        array = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))  # (z, y, x)
+    except Exception as e:
+        raise VolinferError(f"{p}: voxels cannot be read ({str(e).strip().splitlines()[-1][:200]}); truncated or "
+                            f"corrupt?") from None
+    return ArrayChannel(array.transpose(2, 1, 0)), hdr
+
+
+def open_itk_source(paths: Sequence[str | os.PathLike], depth: int) -> VolumeSource:
+    """A :class:`VolumeSource` over one MHA/MHD/NRRD file per channel (same grid), lazily where raw. ``depth`` is
+    unused (strip reads are random access); kept for the common opener signature."""
+    readers: list[Any] = []
+    try:
+        first: ItkHeader | None = None
+        for p in map(Path, paths):
+            reader, hdr = _open_one(p)
+            readers.append(reader)
+            if first is None:
+                first = hdr
+            elif hdr.shape != first.shape or not np.allclose(hdr.affine, first.affine, atol=1e-4):
+                raise VolinferError(f"{p}: grid differs from {paths[0]}'s (the channels are not on one grid)")
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    assert first is not None
+    return VolumeSource(readers, first.shape, affine=first.affine, paths=[Path(p) for p in paths])

@@ -1,0 +1,272 @@
+"""Multi-page TIFF / OME-TIFF z-stacks in and out (optional extra ``tiff``: tifffile).
+
+A stack is one image per page: pages = z, rows = y, columns = x, handed on as every reader does, in ``(x, y, z)``
+order (see :mod:`volinfer.io.reader`). Reading is lazy:
+
+* an uncompressed stack stored contiguously (what tifffile, ImageJ and most acquisition software write) has NIfTI's
+  memory layout, x fastest: it is read by the same positioned strip reader as ``.nii`` files
+  (:class:`volinfer.io.reader.StripChannel`), not a memory map, so file pages never count towards the process's
+  resident memory;
+* any other stack (compressed, tiled, scattered strips) is decoded page by page into a window of ``depth`` pages.
+
+Geometry: OME-TIFF ``PhysicalSizeX/Y/Z`` (with their units) give the voxel size, converted to millimetres (NIfTI's
+unit) on the affine's diagonal; without them, 1 per voxel. Safety: a stack must be one series of single-channel grey
+pages; RGB pages and several channels are refused (one stack per channel), and so are files whose pages tifffile
+cannot all find or whose page data lie past the file's end (truncated), before anything of their size is allocated.
+
+Outputs (``-o seg.tif``): an uncompressed contiguous stack ``(z, y, x)`` (``(c, z, y, x)`` with channels, pages in
+that order), created by tifffile and filled with positioned writes through a temporary file, like NIfTI outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from volinfer.errors import VolinferError
+from volinfer.io.reader import (Region, StoredLayout, StripChannel, VolumeSource, check_declared_size,
+                                check_voxel_type, native)
+from volinfer.io.targets import aux_path
+from volinfer.io.writer import NiftiWriter
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+#: The most a TIFF codec expands its bytes (deflate ~1032:1, LZW with 12-bit codes ~2730:1): a compressed stack that
+#: declares more pixels than its bytes can hold is refused before its page window is allocated.
+MAX_CODEC_RATIO = 4096
+#: OME length units → millimetres.
+_TO_MM = {"nm": 1e-6, "µm": 1e-3, "um": 1e-3, "micron": 1e-3, "mm": 1.0, "cm": 10.0, "m": 1e3}
+
+
+def is_tiff(path: str | Path) -> bool:
+    return str(path).lower().endswith(TIFF_SUFFIXES)
+
+
+def _tifffile() -> Any:
+    try:
+        import tifffile
+    except ImportError:
+        raise VolinferError("TIFF volumes need the tifffile package: pip install 'volinfer[tiff]'") from None
+    return tifffile
+
+
+class _LogErrors(logging.Handler):
+    """Collects the errors tifffile logs instead of raising (a broken page chain, a stack that failed to reshape)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+class PageChannel:
+    """Pages decoded one at a time into a window of ``depth`` whole planes (compressed or scattered stacks)."""
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], dtype: np.dtype, depth: int) -> None:
+        self.path, self.shape = path, shape
+        self.dtype, self.slope, self.inter = native(dtype), 1.0, 0.0
+        self._tf = _tifffile().TiffFile(str(path))
+        x, y, _ = shape
+        self._buf = np.empty((max(1, depth), y, x), dtype=self.dtype)
+        self._w0 = self._w1 = 0  # the window holds planes [w0, w1)
+
+    def _fill(self, z0: int, z1: int) -> None:
+        if z1 - z0 > self._buf.shape[0]:
+            self._buf = np.empty((z1 - z0, *self._buf.shape[1:]), dtype=self.dtype)
+        keep = range(max(z0, self._w0), min(z1, self._w1))
+        old = {z: self._buf[z - self._w0].copy() for z in keep}  # at most a window: planes both windows share
+        for z in range(z0, z1):
+            self._buf[z - z0] = old[z] if z in old else self._page(z)
+        self._w0, self._w1 = z0, z1
+
+    def _page(self, z: int) -> np.ndarray:
+        try:
+            page = self._tf.asarray(key=z, series=0)
+        except Exception as e:  # corrupt compressed data, a page cut short
+            raise VolinferError(f"{self.path}: page {z} cannot be decoded ({type(e).__name__}: {e})") from None
+        if page.shape != self._buf.shape[1:]:
+            raise VolinferError(f"{self.path}: page {z} is {page.shape}, not {self._buf.shape[1:]} like the first")
+        return page
+
+    def region(self, r: Region) -> np.ndarray:
+        (x0, x1), (y0, y1), (z0, z1) = r
+        if not (self._w0 <= z0 and z1 <= self._w1):
+            self._fill(z0, z1)
+        return self._buf[z0 - self._w0 : z1 - self._w0].transpose(2, 1, 0)[x0:x1, y0:y1]
+
+    def planes(self, z0: int, z1: int) -> np.ndarray:
+        return self.region(((0, self.shape[0]), (0, self.shape[1]), (z0, z1)))
+
+    def close(self) -> None:
+        self._tf.close()
+
+
+def _stack_shape(series: Any, path: Path) -> tuple[int, int, int]:
+    """``(x, y, z)`` of a series of grey pages; one-line refusals for colour, channels and other dimensions."""
+    axes, shape = str(series.axes), tuple(int(s) for s in series.shape)
+    if "S" in axes:
+        raise VolinferError(f"{path}: RGB/multi-sample pages ({dict(zip(axes, shape))['S']} samples per pixel) are "
+                            f"not supported: save one grey stack per channel and give those files")
+    extra = {a: n for a, n in zip(axes[:-2], shape[:-2]) if n > 1}
+    if any(a in "C" for a in extra):
+        raise VolinferError(f"{path}: the TIFF holds {extra['C']} channels: save one single-channel stack per "
+                            f"channel and give those files (one per model input channel)")
+    if len(extra) > 1 or axes[-2:] != "YX" or any(a not in "ZQI" for a in extra):
+        raise VolinferError(f"{path}: TIFF series with axes {axes} {shape}: expected one z-stack of grey pages "
+                            f"(not a time series or several stacks)")
+    return shape[-1], shape[-2], next(iter(extra.values()), 1)
+
+
+def _check_pages(tf: Any, path: Path, z: int, size: int) -> None:
+    """Every page the stack needs is there and its data lie inside the file (a truncated file fails here)."""
+    if len(tf.pages) < z:
+        raise VolinferError(f"{path}: {len(tf.pages)} page(s) found, the stack needs {z} (truncated?)")
+    for n in range(z):
+        page = tf.pages[n]
+        ends = [int(o) + int(b) for o, b in zip(page.dataoffsets, page.databytecounts)]
+        if not ends or max(ends) > size or 0 in page.databytecounts:
+            raise VolinferError(f"{path}: page {n}'s data lie past the end of the file ({size} bytes; truncated?)")
+
+
+def _voxel_mm(tf: Any) -> tuple[float, float, float] | None:
+    """OME ``PhysicalSizeX/Y/Z`` in millimetres (1 where one is absent or unreadable); None without OME sizes."""
+    if not getattr(tf, "is_ome", False):
+        return None
+    try:
+        pixels = next(el for el in ET.fromstring(tf.ome_metadata).iter() if el.tag.endswith("Pixels"))
+    except Exception:
+        return None
+    if not any(pixels.get(f"PhysicalSize{ax}") for ax in "XYZ"):
+        return None
+    out = []
+    for ax in "XYZ":
+        try:
+            size = float(pixels.get(f"PhysicalSize{ax}", "nan"))
+        except ValueError:
+            size = math.nan
+        unit = _TO_MM.get(pixels.get(f"PhysicalSize{ax}Unit", "µm"), math.nan)
+        out.append(size * unit if math.isfinite(size * unit) and size > 0 else 1.0)
+    return out[0], out[1], out[2]
+
+
+def _open_one(p: Path, depth: int) -> tuple[Any, tuple[int, int, int], tuple[float, float, float] | None]:
+    """One single-channel stack: its reader, ``(x, y, z)`` shape and voxel size in mm (None: not recorded), all
+    checked before allocation."""
+    tifffile = _tifffile()
+    if not p.is_file() or p.stat().st_size == 0:
+        raise VolinferError(f"{p}: no such file" if not p.exists() else f"{p}: not a TIFF file (empty or a directory)")
+    errors = _LogErrors()
+    logger = logging.getLogger("tifffile")
+    logger.addHandler(errors)
+    try:
+        with tifffile.TiffFile(str(p)) as tf:
+            series = tf.series[0]
+            shape = _stack_shape(series, p)
+            stored = np.dtype(series.dtype).newbyteorder(tf.byteorder)
+            check_voxel_type(stored, str(p))
+            offset, voxel = series.dataoffset, _voxel_mm(tf)
+            if offset is None:  # contiguous stacks (ImageJ's > 4 GB ones list one page) are checked by size below
+                _check_pages(tf, p, shape[2], p.stat().st_size)
+    except VolinferError:
+        raise
+    except Exception as e:
+        raise VolinferError(f"{p}: not a readable TIFF stack ({type(e).__name__}: {e})") from None
+    finally:
+        logger.removeHandler(errors)
+    if errors.messages:
+        raise VolinferError(f"{p}: damaged TIFF ({errors.messages[0][:200]}); truncated or corrupt?")
+    if offset is None:
+        declared, size = math.prod(shape) * stored.itemsize, p.stat().st_size
+        if declared > size * MAX_CODEC_RATIO:
+            raise VolinferError(f"{p}: pages declare {declared} bytes of pixels, more than {size} compressed bytes "
+                                f"can hold: the file is corrupt or truncated")
+        return PageChannel(p, shape, stored, depth), shape, voxel
+    check_declared_size(p, int(offset) + math.prod(shape) * stored.itemsize, compressed=False)
+    layout = StoredLayout(p, shape, native(stored), int(offset), 1.0, 0.0, swap=native(stored) != stored)
+    return StripChannel(layout), shape, voxel
+
+
+def open_tiff_source(paths: Sequence[str | os.PathLike], depth: int) -> VolumeSource:
+    """A :class:`VolumeSource` over one TIFF stack per channel (same shape and voxel size), lazily. A stack has no
+    anatomical orientation, and without OME sizes no voxel size either: the source says so
+    (``orientation_known``, ``spacing_known``), and its affine is the diagonal of the voxel size (or 1)."""
+    readers: list[Any] = []
+    try:
+        first: tuple[Any, ...] | None = None
+        for p in map(Path, paths):
+            reader, shape, voxel = _open_one(p, depth)
+            readers.append(reader)
+            if first is None:
+                first = (shape, voxel)
+            elif shape != first[0] or voxel != first[1]:
+                raise VolinferError(f"{p}: shape {shape} or voxel size differs from {paths[0]}'s")
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    assert first is not None
+    source = VolumeSource(readers, first[0], affine=np.diag([*(first[1] or (1.0, 1.0, 1.0)), 1.0]),
+                          paths=[Path(p) for p in paths])
+    source.orientation_known, source.spacing_known = False, first[1] is not None
+    return source
+
+
+class TiffWriter(NiftiWriter):
+    """A TIFF stack output: an uncompressed contiguous ``(z, y, x)`` / ``(c, z, y, x)`` stack whose pixel data have
+    the NIfTI writer's layout, so blocks are written by the same positioned writes into a temporary file that is
+    renamed onto the target at the end (see module docs). ``resume`` continues an interrupted temporary file."""
+
+    def __init__(self, target: str | os.PathLike, shape: tuple[int, int, int], channels: int, dtype: np.dtype,
+                 voxel_mm: Sequence[float] = (1.0, 1.0, 1.0), resume: bool = False) -> None:
+        from volinfer import portable
+
+        self.target = Path(target)
+        self.shape, self.channels, self.dtype = shape, channels, np.dtype(dtype)
+        self.compress, self.compresslevel = False, 1
+        self.tmp = aux_path(self.target, ".partial.tif")
+        self._gz_tmp = aux_path(self.target, ".partial.tif.gz")  # never made: TIFF outputs are not compressed
+        self._part_tmps, self._gz, self._fd, self._hi = [], None, -1, 0
+        X, Y, Z = shape
+        full = (Z, Y, X) if channels == 1 else (channels, Z, Y, X)
+        if resume and not self.tmp.exists():
+            raise VolinferError(f"{self.tmp}: no interrupted output to resume (run without --resume)")
+        try:
+            self.offset = self._existing(full) if resume else self._create(full, voxel_mm)
+            self._fd = portable.open_fd(self.tmp, os.O_WRONLY)
+        except OSError as e:
+            self.abort()
+            raise VolinferError(f"cannot create {self.target}: {e.strerror or e}") from None
+
+    def _create(self, full: tuple[int, ...], voxel_mm: Sequence[float]) -> int:
+        """Make the temporary stack (tifffile writes the header and page directories) and return its data offset."""
+        tifffile = _tifffile()
+        self._check_space(0, math.prod(full) * self.dtype.itemsize + 65536)
+        axes = "ZYX" if len(full) == 3 else "CZYX"
+        meta = {"axes": axes, "PhysicalSizeX": voxel_mm[0] * 1e3, "PhysicalSizeY": voxel_mm[1] * 1e3,
+                "PhysicalSizeZ": voxel_mm[2] * 1e3}
+        # the OME UUID from what the file holds, not a random one: a resumed run writes the same bytes
+        digest = hashlib.blake2b(repr((full, self.dtype.str, meta)).encode(), digest_size=16).digest()
+        meta["UUID"] = str(uuid.UUID(bytes=digest))
+        mm = tifffile.memmap(str(self.tmp), shape=full, dtype=self.dtype, photometric="minisblack", ome=True,
+                             metadata=meta)
+        offset = int(mm.offset)
+        del mm  # nothing written through the map: data go in by positioned writes
+        return offset
+
+    def _existing(self, full: tuple[int, ...]) -> int:
+        """The data offset of an interrupted temporary stack of the same shape and type."""
+        tifffile = _tifffile()
+        with tifffile.TiffFile(str(self.tmp)) as tf:
+            s = tf.series[0]
+            if tuple(s.shape) != full or np.dtype(s.dtype) != self.dtype or s.dataoffset is None:
+                raise VolinferError(f"{self.tmp}: interrupted output has another shape or type; run without --resume")
+            return int(s.dataoffset)
