@@ -173,7 +173,7 @@ def _plan(run: _Run, volume: Any, model: Any) -> None:
         raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
     run.choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
-                             norm_stats=t.norm_stats)
+                             norm_stats=t.norm_stats, mirror=bool(t.mirror))
     choose_stream(handle, shape, run.choice, run.s, banded=run.output is None or not is_zarr_output(run.output))
     if run.stream is not None:  # rows of output planes over bands of the padded cross-section; nothing compiled whole
         sp = run.stream
