@@ -4,6 +4,7 @@ command line is still starting."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 
 import nibabel as nib
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from models import save_unet2
 
@@ -56,3 +58,40 @@ def test_ctrl_c_while_starting_is_one_line_and_130(tmp_path):
     _, err = p.communicate(timeout=60)
     lines = [ln for ln in err.decode().splitlines() if ln.strip()]
     assert p.returncode in (130, 2) and len(lines) == 1 and "Traceback" not in err.decode()
+
+
+GOOD_CHECK = {"precision": "bf16", "faithful": True, "label_agreement": 0.9995, "prob_max_abs": 0.004}
+
+
+@pytest.mark.parametrize("stored, why", [
+    ({**GOOD_CHECK, "faithful": "false"}, "faithful must be true or false"),  # a string: truthy, ran bf16
+    ({**GOOD_CHECK, "label_agreement": 0.5}, "faithful with labels 50.00% equal"),  # incoherent verdict
+    ({**GOOD_CHECK, "prob_max_abs": "0.01"}, "prob_max_abs must be a number"),
+    ({**GOOD_CHECK, "precision": "int4"}, "expected one of bf16, f16"),
+    ("yes", "expected a map"),  # was an internal AttributeError
+    ([1, 2], "expected a map"),
+])
+def test_stored_precision_check_is_schema_checked(tmp_path, stored, why):
+    vol = np.random.default_rng(0).standard_normal((13, 11, 9)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "s.nii"))
+    xml = save_unet2(tmp_path / "m.xml", precision_check=json.dumps(stored))
+    r = _invoke("run", tmp_path / "s.nii", "-m", xml, "-o", tmp_path / "o.nii", "--precision", "auto")
+    assert r.exit_code == 2 and why in r.output and "precision_check" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "o.nii").exists()
+
+
+@pytest.mark.parametrize("key, value", [("receptive_field_bounded", '"false"'), ("norm_stats", '"blend"'),
+                                        ("outputs", "[1]")])
+def test_stored_run_settings_in_extra_are_typed(tmp_path, key, value):
+    nib.save(nib.Nifti1Image(np.zeros((9, 9, 9), np.float32), np.eye(4)), str(tmp_path / "s.nii"))
+    r = _invoke("run", tmp_path / "s.nii", "-m", save_unet2(tmp_path / "m.xml", **{key: value}), "-o",
+                tmp_path / "o.nii")
+    assert r.exit_code == 2 and key in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_coherent_stored_precision_check_still_runs(tmp_path):
+    vol = np.random.default_rng(0).standard_normal((13, 11, 9)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "s.nii"))
+    xml = save_unet2(tmp_path / "m.xml", precision_check=json.dumps({**GOOD_CHECK, "faithful": False}))
+    r = _invoke("run", tmp_path / "s.nii", "-m", xml, "-o", tmp_path / "o.nii", "-q")
+    assert r.exit_code == 0 and (tmp_path / "o.nii").exists()
