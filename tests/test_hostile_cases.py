@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from models import save_unet2
 
+import volinfer
 from volinfer.cli import main
 
 
@@ -95,3 +96,37 @@ def test_coherent_stored_precision_check_still_runs(tmp_path):
     xml = save_unet2(tmp_path / "m.xml", precision_check=json.dumps({**GOOD_CHECK, "faithful": False}))
     r = _invoke("run", tmp_path / "s.nii", "-m", xml, "-o", tmp_path / "o.nii", "-q")
     assert r.exit_code == 0 and (tmp_path / "o.nii").exists()
+
+
+def _two_dirs(tmp_path, names=("s.nii", "s.nii")):
+    for d, name in zip("ab", names):
+        (tmp_path / d).mkdir()
+        vol = np.random.default_rng(ord(d)).standard_normal((13, 11, 9)).astype(np.float32)
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / d / name))
+    return save_unet2(tmp_path / "m.xml")
+
+
+def test_batch_outputs_with_one_name_are_refused_before_any_work(tmp_path):
+    xml = _two_dirs(tmp_path)
+    r = _invoke("run", f"{tmp_path}/[ab]/s.nii", "-m", xml, "-o", tmp_path / "out", "--overwrite")
+    assert r.exit_code == 2 and "must be unique" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # refused before any work: not even the directory
+
+
+def test_batch_resume_is_keyed_on_settings_model_and_output(tmp_path):
+    xml = _two_dirs(tmp_path, ("s.nii", "t.nii"))
+    glob, out = f"{tmp_path}/[ab]/*.nii", tmp_path / "out"
+    assert _invoke("run", glob, "-m", xml, "-o", out, "--kind", "labels", "-q").exit_code == 0
+    labels = nib.load(str(out / "s.nii")).get_fdata()
+    r = _invoke("run", glob, "-m", xml, "-o", out, "--kind", "probabilities", "--resume")
+    assert r.exit_code == 1 and "output.kind differ" in r.output and "settings, skipped" not in r.output  # was: exit 0, skipped
+    np.testing.assert_array_equal(nib.load(str(out / "s.nii")).get_fdata(), labels)  # nothing replaced silently
+    r = _invoke("run", glob, "-m", xml, "-o", out, "--kind", "labels", "--resume")
+    assert r.exit_code == 0 and r.output.count("settings, skipped") == 2  # same settings: finished volumes skipped
+    r = _invoke("run", glob, "-m", xml, "-o", out, "--kind", "probabilities", "--resume", "--overwrite", "-q")
+    assert r.exit_code == 0
+    want = volinfer.predict(str(tmp_path / "a" / "s.nii"), xml, kind="probabilities")
+    np.testing.assert_allclose(nib.load(str(out / "s.nii")).get_fdata(), want, atol=1e-6)
+    nib.save(nib.Nifti1Image(np.zeros((13, 11, 9, 2), np.float32), np.eye(4)), str(out / "t.nii"))  # replaced
+    r = _invoke("run", glob, "-m", xml, "-o", out, "--kind", "probabilities", "--resume")
+    assert r.exit_code == 1 and "replaced since" in r.output and r.output.count("settings, skipped") == 1
