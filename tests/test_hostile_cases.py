@@ -130,3 +130,21 @@ def test_batch_resume_is_keyed_on_settings_model_and_output(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((13, 11, 9, 2), np.float32), np.eye(4)), str(out / "t.nii"))  # replaced
     r = _invoke("run", glob, "-m", xml, "-o", out, "--kind", "probabilities", "--resume")
     assert r.exit_code == 1 and "replaced since" in r.output and r.output.count("settings, skipped") == 1
+
+
+def test_demo_replaces_links_in_its_directory_never_writes_through_them(tmp_path):
+    out = tmp_path / "demo"
+    out.mkdir()
+    precious = {}
+    for name in ("demo_volume.nii.gz", "demo_volume_truth.nii.gz", "demo_labels.nii.gz"):
+        target = tmp_path / f"precious-{name}"
+        target.write_bytes(b"user data " + name.encode())
+        precious[target] = target.read_bytes()
+        (out / name).symlink_to(target)
+    r = _invoke("demo", "-o", out, "--size", "24", "-q")
+    assert r.exit_code == 0, r.output
+    for target, data in precious.items():
+        assert target.read_bytes() == data  # was: the demo volume written through the link
+    for name in ("demo_volume.nii.gz", "demo_volume_truth.nii.gz", "demo_labels.nii.gz"):
+        assert not (out / name).is_symlink() and nib.load(str(out / name)).shape == (24, 24, 24)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary file left
