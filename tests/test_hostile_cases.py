@@ -12,6 +12,7 @@ import time
 
 import nibabel as nib
 import numpy as np
+import openvino as ov
 import pytest
 from click.testing import CliRunner
 from models import save_unet2
@@ -148,3 +149,23 @@ def test_demo_replaces_links_in_its_directory_never_writes_through_them(tmp_path
     for name in ("demo_volume.nii.gz", "demo_volume_truth.nii.gz", "demo_labels.nii.gz"):
         assert not (out / name).is_symlink() and nib.load(str(out / name)).shape == (24, 24, 24)
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+
+
+def test_tile_larger_than_a_thin_slab_runs_as_one_tile(tmp_path):
+    """--tile 64 on a 64x64x5 slab failed "margin 4 leaves no room in a tile of 6" (the tile clamped to the slab,
+    the margins kept): one tile over an axis has no neighbour, so it needs no margin."""
+    from conftest import whole_volume_reference
+
+    from volinfer.tiling.geometry import plan_axis_blend, plan_axis_crop
+
+    assert plan_axis_crop(5, 6, 2, 4).cores == ((0, 5),) and plan_axis_blend(5, 8, 4, 12).starts == (0,)
+    vol = np.random.default_rng(2).standard_normal((64, 64, 5)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "slab.nii"))
+    xml = save_unet2(tmp_path / "m.xml", overlap=16)
+    r = _invoke("run", tmp_path / "slab.nii", "-m", xml, "-o", tmp_path / "o.nii", "--tile", "64", "--kind", "raw",
+                "--precision", "f32", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["exact"] is True
+    ref = whole_volume_reference(ov.Core().read_model(str(xml)), vol[None], 4, 4)  # padded to the multiple only
+    got = np.moveaxis(nib.load(str(tmp_path / "o.nii")).get_fdata(), -1, 0)
+    assert np.abs(got - ref).max() < 1e-5
