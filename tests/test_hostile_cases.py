@@ -169,3 +169,24 @@ def test_tile_larger_than_a_thin_slab_runs_as_one_tile(tmp_path):
     ref = whole_volume_reference(ov.Core().read_model(str(xml)), vol[None], 4, 4)  # padded to the multiple only
     got = np.moveaxis(nib.load(str(tmp_path / "o.nii")).get_fdata(), -1, 0)
     assert np.abs(got - ref).max() < 1e-5
+
+
+def test_multi_member_gzip_is_read_and_a_truncated_one_refused(tmp_path):
+    """A valid .nii.gz of several gzip members (passes gzip -t, nibabel reads it) was refused as truncated: the
+    trailer's size is the last member's only."""
+    import gzip
+
+    vol = np.random.default_rng(3).standard_normal((20, 18, 16)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii"))
+    raw = (tmp_path / "v.nii").read_bytes()
+    data = b"".join(gzip.compress(raw[a:b]) for a, b in ((0, 1000), (1000, 9000), (9000, len(raw))))
+    (tmp_path / "v.nii.gz").write_bytes(data)
+    xml = save_unet2(tmp_path / "m.xml")
+    for name in ("v.nii", "v.nii.gz"):
+        r = _invoke("run", tmp_path / name, "-m", xml, "-o", tmp_path / f"o-{name}", "--kind", "raw", "-q")
+        assert r.exit_code == 0, r.output
+    plain, multi = (nib.load(str(tmp_path / f"o-{n}")).get_fdata() for n in ("v.nii", "v.nii.gz"))
+    np.testing.assert_array_equal(multi, plain)
+    (tmp_path / "t.nii.gz").write_bytes(data[: len(data) * 2 // 3])
+    r = _invoke("run", tmp_path / "t.nii.gz", "-m", xml, "-o", tmp_path / "t.nii")
+    assert r.exit_code == 2 and "truncated" in r.output and not (tmp_path / "t.nii").exists()

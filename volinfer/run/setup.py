@@ -213,6 +213,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     layers, global_ops = model_norm_layers(tm)
     if tm.settings.size_multiple is None and not tm.declared_input.is_static:
         tm.multiple = probe_multiple(tm.model, tm.layout, tm.in_channels)
+    check_overlap_fits(tm, overlap, stitch or tm.settings.stitch or "crop")
     # a tile longer than the volume padded to the size multiple would show the model more padding than whole-volume
     # inference does (features computed from padding are not the zeros a convolution pads with): clamp it
     whole = [-(-n // tm.multiple) * tm.multiple for n in shape]
@@ -241,6 +242,20 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         notes.append(f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {rf}, predicted "
                      f"{best.memory_mb:.0f} MB, {best.evaluated / float(np.prod(shape)):.2f}x the volume evaluated)")
     return choice
+
+
+def check_overlap_fits(tm: TileModel, overlap: Any, stitch: str) -> None:
+    """An ``--overlap`` that leaves no room in the tile asked for is a wrong option, refused whatever the volume;
+    checked against the tile before it is clamped to a small volume (where one tile per axis needs no margin, see
+    :func:`volinfer.tiling.geometry.plan_axis_crop`)."""
+    items = parse_overlap(overlap)
+    if not items:
+        return
+    for axis, (o, t) in enumerate(zip(overlap_voxels(items, tm.tile), tm.tile)):
+        room = (t - 2 * (o // 2)) // tm.multiple * tm.multiple if stitch == "crop" else t - o
+        if room <= 0:
+            raise VolinferError(f"--overlap {o} leaves no room in a tile of {t} along {'xyz'[axis]}: need tile - "
+                                f"overlap >= {tm.multiple if stitch == 'crop' else 1}; give a smaller overlap")
 
 
 def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
