@@ -203,3 +203,34 @@ def test_float64_file_gives_what_the_same_values_as_float32_give(tmp_path, norma
     a, b = (volinfer.predict(str(tmp_path / f"{n}.nii"), xml, kind="raw", precision="f32", normalize=normalize)
             for n in ("float32", "float64"))
     np.testing.assert_array_equal(a, b)
+
+
+def _run_limited(tmp_path, limit_mb, *args):
+    """``volinfer run`` in a fresh process whose address space is capped at ``limit_mb`` (``ulimit -v``)."""
+    import resource
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_mb << 20, resource.RLIM_INFINITY))
+
+    return subprocess.run([sys.executable, "-m", "volinfer", "run", *map(str, args)], capture_output=True,
+                          text=True, preexec_fn=cap, timeout=300, cwd=tmp_path)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc arenas, RLIMIT_AS")
+def test_virtual_memory_limit_streams_and_refuses_in_one_line(tmp_path):
+    """Under ulimit -v the layer-streaming engine failed with an internal error (RuntimeError: Resource temporarily
+    unavailable): glibc gave each of its compile threads a malloc arena of 64 MB address space (peak virtual memory
+    1506 MB against 728 MB for tiles, here). Capped arenas: ~600 MB; a limit too small for it is one line."""
+    from models import stream_unet
+
+    m = stream_unet()
+    m.set_rt_info("4", ["volinfer", "size_multiple"])
+    ov.save_model(m, str(tmp_path / "s.xml"))
+    vol = np.random.default_rng(0).standard_normal((32, 30, 28)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii"))
+    r = _run_limited(tmp_path, 1000, "v.nii", "-m", "s.xml", "-o", "o.nii", "--engine", "stream", "-q")
+    assert r.returncode == 0, r.stderr
+    r = _run_limited(tmp_path, 400, "v.nii", "-m", "s.xml", "-o", "p.nii", "--engine", "stream", "-q")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "out of memory" in lines[0] and "ulimit -v" in lines[0], r.stderr
+    assert not any(p.name.startswith((".p.nii", "p.nii")) for p in tmp_path.iterdir())
