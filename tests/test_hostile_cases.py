@@ -234,3 +234,26 @@ def test_virtual_memory_limit_streams_and_refuses_in_one_line(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "out of memory" in lines[0] and "ulimit -v" in lines[0], r.stderr
     assert not any(p.name.startswith((".p.nii", "p.nii")) for p in tmp_path.iterdir())
+
+
+def test_batch_into_its_own_input_directory_is_refused_before_any_work(tmp_path):
+    xml = _two_dirs(tmp_path, ("s.nii", "t.nii"))
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    for out in (tmp_path / "a", tmp_path / "b" / ".." / "a", tmp_path / "link"):
+        r = _invoke("run", f"{tmp_path}/[ab]/*.nii", "-m", xml, "-o", out, "--overwrite")
+        assert r.exit_code == 2 and "holds the input" in r.output and len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["s.nii"]
+
+
+def test_a_hostile_batch_record_is_never_trusted_or_followed(tmp_path):
+    xml = _two_dirs(tmp_path, ("s.nii", "t.nii"))
+    out = tmp_path / "out"
+    out.mkdir()
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    (out / ".volinfer-batch.json").symlink_to(secret)
+    assert _invoke("run", f"{tmp_path}/[ab]/*.nii", "-m", xml, "-o", out, "-q").exit_code == 0
+    assert secret.read_text() == "{}" and not (out / ".volinfer-batch.json").is_symlink()  # replaced, not followed
+    (out / ".volinfer-batch.json").write_text("[garbage")
+    r = _invoke("run", f"{tmp_path}/[ab]/*.nii", "-m", xml, "-o", out, "--resume")
+    assert r.exit_code == 1 and "settings, skipped" not in r.output  # unreadable record: nothing skipped

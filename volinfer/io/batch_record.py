@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,17 +25,25 @@ from typing import Any, Sequence
 from volinfer import portable
 from volinfer.errors import VolinferError
 from volinfer.io.journal import content_bytes_hash, file_identity, model_identity
+from volinfer.io.targets import resolved
 
 #: The record's file name inside the batch's output directory.
 RECORD_NAME = ".volinfer-batch.json"
+#: A record larger than this is not one volinfer wrote (read as empty: nothing is skipped).
+_RECORD_MAX = 1 << 24
 #: Settings that do not change what a volume's output holds.
 _NOT_OUTPUT = ("resume", "overwrite", "progress")
 
 
 def check_unique(batch: Sequence[Path], output: Path) -> None:
-    """Refuse a batch in which two inputs would write the same output file (one line, before any work)."""
+    """Refuse a batch in which two inputs would write the same output file, or an input would be its own output (the
+    output directory is the input's), in one line before any work."""
     seen: dict[str, Path] = {}
+    out_dir = resolved(output)
     for path in batch:
+        if resolved(path.parent) == out_dir:  # OUTPUT/<name> is this very directory entry
+            raise VolinferError(f"{output}: the batch output directory holds the input {path}, whose output would "
+                                f"replace it; choose another output directory")
         key = path.name.casefold()
         if key in seen:
             raise VolinferError(f"{seen[key]} and {path} would both be written to {output / path.name}: batch "
@@ -75,6 +84,9 @@ class BatchRecord:
     def _read(self) -> dict[str, Any]:
         if self._entries is None:
             try:
+                st = os.lstat(self.path)
+                if not stat.S_ISREG(st.st_mode) or st.st_size > _RECORD_MAX:  # a link, a device, a huge file
+                    raise ValueError(self.path)
                 data = json.loads(self.path.read_text())
                 self._entries = data["done"] if isinstance(data, dict) and isinstance(data.get("done"), dict) else {}
             except (OSError, ValueError):
@@ -106,6 +118,7 @@ class BatchRecord:
     def mark(self, source: Path, target: Path) -> None:
         """Record ``target`` as finished from ``source`` (atomic replace of the record file)."""
         st = os.stat(target)
+        self._entries = None  # read again: another batch into this directory may have recorded volumes since
         entries = self._read()
         entries[target.name] = {"key": self._key(source), "settings": self.settings,
                                 "file": [st.st_size, st.st_mtime_ns]}
