@@ -257,3 +257,9 @@ def test_a_hostile_batch_record_is_never_trusted_or_followed(tmp_path):
     (out / ".volinfer-batch.json").write_text("[garbage")
     r = _invoke("run", f"{tmp_path}/[ab]/*.nii", "-m", xml, "-o", out, "--resume")
     assert r.exit_code == 1 and "settings, skipped" not in r.output  # unreadable record: nothing skipped
+
+
+def test_batch_into_a_nifti_file_name_is_refused_not_made_a_directory(tmp_path):
+    xml = _two_dirs(tmp_path, ("s.nii", "t.nii"))
+    r = _invoke("run", tmp_path / "a", "-m", xml, "-o", tmp_path / "seg.nii.gz")
+    assert r.exit_code == 2 and "directory" in r.output and not (tmp_path / "seg.nii.gz").exists()

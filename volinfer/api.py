@@ -480,6 +480,9 @@ def run_batch(batch: list[Path], tm: TileModel, output: Path, settings: RunSetti
 
     if output.exists() and not output.is_dir():
         raise VolinferError(f"{output}: batch output must be a directory")
+    if not output.exists() and output.name.lower().endswith((".nii", ".nii.gz")):
+        raise VolinferError(f"{output}: a batch ({len(batch)} volumes) writes into a directory, not one NIfTI file; "
+                            f"give a directory name")
     check_unique(batch, output)
     output.mkdir(parents=True, exist_ok=True)
     say = notify or (lambda text: None)
