@@ -138,7 +138,8 @@ def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2
             first = framework_message(e)[:200]
             return ReceptiveField((0, 0, 0), False, measured=False, reason=f"probe at {tile} failed: {first}")
         if whole and rf.measured:  # a perturbation spreads thin over a whole-tile reduction: the graph says unbounded
-            return ReceptiveField(rf.radius, False, reason=f"the whole input: {whole[0]} combines values across space")
+            why = f"the whole input: {whole[0]} combines values across space or depends on positions in the tile"
+            return ReceptiveField(rf.radius, False, reason=why)
         if rf.bounded:
             return rf
         if fixed:

@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
+import openvino.passes as ov_passes
 
 NORM_OPS = ("MVN", "GroupNormalization")
 #: Reductions over space that cannot be frozen here: any of them makes the receptive field the whole tile.
@@ -27,7 +28,11 @@ GLOBAL_AXIS_OPS = ("NormalizeL2", "Softmax", "LogSoftmax", "TopK", "CumSum", "DF
 #: Ops that mix over space by construction: global (adaptive) pooling, matrix products over flattened voxels
 #: (attention), Einstein sums over a spatial index.
 GLOBAL_MIX_OPS = ("AdaptiveAvgPool", "AdaptiveMaxPool", "MatMul", "Einsum")
-_CANDIDATES = NORM_OPS + GLOBAL_REDUCE_OPS + GLOBAL_AXIS_OPS + GLOBAL_MIX_OPS
+#: Ops whose output depends on where a voxel lies in the tile, not only on its neighbourhood: interpolation with
+#: ``align_corners`` (output j reads input j·(n_in−1)/(n_out−1), which moves with the tile's size), sampling at a
+#: computed grid. No tiling reproduces whole-volume inference through them; only one tile over the volume does.
+POSITION_OPS = ("Interpolate", "GridSample")
+_CANDIDATES = NORM_OPS + GLOBAL_REDUCE_OPS + GLOBAL_AXIS_OPS + GLOBAL_MIX_OPS + POSITION_OPS
 
 
 @dataclass(frozen=True)
@@ -50,15 +55,27 @@ Shapes = dict[str, list[list[int] | None]]
 
 
 def _input_shapes(model: ov.Model, layout: str, channels: int, tile: Sequence[int]) -> Shapes:
-    """Input shapes (None where not static) of every candidate node at ``tile`` (shape inference only)."""
+    """Input shapes of every candidate node at ``tile`` (shape inference only, after constant folding: a scale that
+    reaches an Interpolate through a Convert leaves its output size unknown otherwise). Unknown lengths are -1; an
+    input of unknown rank is None."""
     m = model.clone()
     shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
     m.reshape({m.input(0): ov.PartialShape(shape)})
+    return _shapes_of(m)
+
+
+def _shapes_of(m: ov.Model) -> Shapes:
+    """:func:`_input_shapes` of ``m`` (a clone: folded in place) at its own input shape."""
+    folding = ov_passes.Manager()
+    folding.register_pass(ov_passes.ConstantFolding())
+    folding.run_passes(m)
+    m.validate_nodes_and_infer_types()
     out: Shapes = {}
     for op in m.get_ordered_ops():
         if op.get_type_name() in _CANDIDATES:
             shapes = [op.input_value(i).get_partial_shape() for i in range(op.get_input_size())]
-            out[op.get_friendly_name()] = [[d.get_length() for d in ps] if ps.is_static else None for ps in shapes]
+            out[op.get_friendly_name()] = [[d.get_length() if d.is_static else -1 for d in ps]
+                                           if ps.rank.is_static else None for ps in shapes]
     return out
 
 
@@ -102,6 +119,12 @@ def _einsum_mixed(equation: str, shapes: list[list[int]]) -> list[tuple[int, int
 def _mixed(op: ov.Node, shapes: list[list[int]]) -> list[tuple[int, int]] | None:
     """(input, axis) pairs over which ``op`` combines values of different positions; None when unknown (any)."""
     kind, rank = op.get_type_name(), len(shapes[0])
+    if kind == "Interpolate":
+        attrs = op.get_attributes()
+        aligned = attrs.get("coordinate_transformation_mode") == "align_corners" or attrs.get("align_corners")
+        return [(0, a) for a in range(2, rank)] if aligned else []
+    if kind == "GridSample":
+        return None
     if kind in ("AdaptiveAvgPool", "AdaptiveMaxPool"):
         return [(0, a) for a in range(2, rank)]
     if kind == "MatMul":
@@ -117,16 +140,17 @@ def _mixed(op: ov.Node, shapes: list[list[int]]) -> list[tuple[int, int]] | None
 
 
 def _varying(probes: list[Shapes], name: str) -> list[list[int]] | None:
-    """Per input of node ``name``: the axis that holds volume x, y, z (-1: none or several) found from probes at tiles
-    that differ along one axis at a time; followed by one list per input of every axis whose length moved. None when
-    a shape is not static at some probe."""
+    """Per input of node ``name``: every axis whose length moved between probes at tiles that differ along one axis
+    at a time, or that shape inference left unknown (volume-sized, as far as anyone can tell). None when the node
+    or the rank of an input is unknown at some probe."""
     shapes = [p.get(name) for p in probes]
     if any(s is None or any(i is None for i in s) for s in shapes):
         return None
     moved = []
     for i in range(len(shapes[0])):  # type: ignore[arg-type]
         base = shapes[0][i]  # type: ignore[index]
-        moved.append(sorted({a for p in shapes[1:] for a, (u, v) in enumerate(zip(base, p[i])) if u != v}))  # type: ignore
+        moved.append(sorted({a for p in shapes for a, (u, v) in enumerate(zip(base, p[i]))  # type: ignore
+                             if u != v or u < 0 or v < 0}))
     return moved
 
 
@@ -136,7 +160,7 @@ def _norm_layer(op: ov.Node, probes: list[Shapes], reduced: tuple[int, ...]) -> 
     spatial = []
     for axis in range(3):
         base, grown = probes[0][name][0], probes[axis + 1][name][0]  # type: ignore[index]
-        moved = [i for i, (a, b) in enumerate(zip(base, grown)) if a != b]  # type: ignore[arg-type]
+        moved = [i for i, (a, b) in enumerate(zip(base, grown)) if a != b or a < 0]  # type: ignore[arg-type]
         spatial.append(moved[0] if len(moved) == 1 else -1)
     if -1 in spatial or not reduced:
         return None
@@ -152,7 +176,8 @@ def find_norm_layers(model: ov.Model, layout: str, channels: int, tile: Sequence
                                                                                                 list[str]]:
     """The spatial normalisation layers of ``model`` in topological order, and the names of every other op that
     combines values across space (global reductions and pooling, NormalizeL2, softmax/sort/prefix sums over space,
-    products over flattened voxels: none can be frozen, each makes the receptive field the whole tile). Which input
+    products over flattened voxels) or depends on positions in the tile (:data:`POSITION_OPS`): none can be frozen,
+    each makes the receptive field the whole tile. Which input
     axes are space is found by shape inference at tiles that differ along one axis at a time; where the graph does not
     say (axes computed at run time, shapes not static), the op counts as global: "not exact" is the safe mistake."""
     base = [int(t) for t in tile]
@@ -183,18 +208,19 @@ def fixed_shape_global_ops(model: ov.Model, layout: str) -> list[str]:
     """For a model whose input shape is fixed (no probes at other tiles): every normalisation layer, and every other
     candidate op that combines values along an axis past batch and channels (channels last for ``NDHWC``) or along
     axes the graph does not say; the same safe side as :func:`find_norm_layers`."""
+    shapes = _shapes_of(model.clone())
     found = []
     for op in model.get_ordered_ops():
-        kind = op.get_type_name()
+        kind, name = op.get_type_name(), op.get_friendly_name()
         if kind not in _CANDIDATES:
             continue
-        shapes = [op.input_value(i).get_partial_shape() for i in range(op.get_input_size())]
-        mixed = _mixed(op, [[d.get_length() for d in ps] if ps.is_static else [] for ps in shapes]) \
-            if all(ps.is_static for ps in shapes) else None
-        rank = len(shapes[0]) if shapes[0].rank.is_static else 0
+        ins = shapes.get(name)
+        known = ins is not None and all(i is not None for i in ins)
+        mixed = _mixed(op, ins) if known else None  # type: ignore[arg-type]
+        rank = len(ins[0]) if known else 0  # type: ignore[index, arg-type]
         channel = rank - 1 if layout == "NDHWC" and rank == 5 else 1
         if kind in NORM_OPS or mixed is None or any(a not in (0, channel) for i, a in mixed if i == 0):
-            found.append(f"{kind} {op.get_friendly_name()}")
+            found.append(f"{kind} {name}")
     return found
 
 
