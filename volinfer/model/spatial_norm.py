@@ -177,9 +177,9 @@ def find_norm_layers(model: ov.Model, layout: str, channels: int, tile: Sequence
     """The spatial normalisation layers of ``model`` in topological order, and the names of every other op that
     combines values across space (global reductions and pooling, NormalizeL2, softmax/sort/prefix sums over space,
     products over flattened voxels) or depends on positions in the tile (:data:`POSITION_OPS`): none can be frozen,
-    each makes the receptive field the whole tile. Which input
-    axes are space is found by shape inference at tiles that differ along one axis at a time; where the graph does not
-    say (axes computed at run time, shapes not static), the op counts as global: "not exact" is the safe mistake."""
+    each makes the receptive field the whole tile. Which input axes are space is found by shape inference at tiles
+    that differ along one axis at a time; where the graph does not say (axes computed at run time, lengths unknown),
+    the op counts as global: "not exact" is the safe mistake. Ops on constants alone (folded away) are skipped."""
     base = [int(t) for t in tile]
     probes = [_input_shapes(model, layout, channels, base)]
     for axis in range(3):
@@ -190,8 +190,8 @@ def find_norm_layers(model: ov.Model, layout: str, channels: int, tile: Sequence
     unsupported: list[str] = []
     for op in model.get_ordered_ops():
         kind, name = op.get_type_name(), op.get_friendly_name()
-        if kind not in _CANDIDATES:
-            continue
+        if kind not in _CANDIDATES or name not in probes[0]:
+            continue  # not a candidate, or computed from constants alone (folded)
         moved = _varying(probes, name)
         mixed = _mixed(op, probes[0][name]) if moved is not None else None  # type: ignore[arg-type]
         if mixed is not None and not any(a in moved[i] for i, a in mixed):  # type: ignore[index]
@@ -212,7 +212,7 @@ def fixed_shape_global_ops(model: ov.Model, layout: str) -> list[str]:
     found = []
     for op in model.get_ordered_ops():
         kind, name = op.get_type_name(), op.get_friendly_name()
-        if kind not in _CANDIDATES:
+        if kind not in _CANDIDATES or name not in shapes:
             continue
         ins = shapes.get(name)
         known = ins is not None and all(i is not None for i in ins)
