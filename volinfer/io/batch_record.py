@@ -31,8 +31,9 @@ from volinfer.io.targets import resolved
 RECORD_NAME = ".volinfer-batch.json"
 #: A record larger than this is not one volinfer wrote (read as empty: nothing is skipped).
 _RECORD_MAX = 1 << 24
-#: Settings that do not change what a volume's output holds.
+#: Settings that do not change what a volume's output holds (top level, and per settings group).
 _NOT_OUTPUT = ("resume", "overwrite", "progress")
+_NOT_OUTPUT_IN = {"runtime": ("threads", "streams", "cache_dir", "requests")}
 
 
 def check_unique(batch: Sequence[Path], output: Path) -> None:
@@ -56,6 +57,9 @@ def settings_view(settings: Any) -> dict[str, Any]:
     data = asdict(settings)
     for key in _NOT_OUTPUT:
         data.pop(key, None)
+    for group, keys in _NOT_OUTPUT_IN.items():
+        for key in keys:
+            (data.get(group) or {}).pop(key, None)
     return json.loads(json.dumps(data, default=str, sort_keys=True))
 
 
