@@ -460,7 +460,7 @@ def _inflated_size(p: Path, chunk: int = 1 << 22) -> int:
                     return total
                 total += n
     except (EOFError, gzip.BadGzipFile, OSError) as e:
-        raise VolinferError(f"{p}: corrupt or truncated compressed data ({e})") from None
+        raise VolinferError(f"{p}: the file is truncated or corrupt ({e})") from None
 
 
 def _load_header(p: Path) -> nib.Nifti1Image:
