@@ -13,6 +13,7 @@ import numpy as np
 from volinfer import __version__
 from volinfer.run.engine import RunReport, peak_rss_mb, run_tiles
 from volinfer.errors import Interrupted, VolinferError
+from volinfer.io.batch_record import BatchRecord, check_unique
 from volinfer.io.journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
 from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.io.reader import VolumeSource
@@ -255,7 +256,7 @@ def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
         raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
     run.choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
-                             norm_stats=t.norm_stats)
+                             norm_stats=t.norm_stats, mirror=bool(t.mirror))
     choose_stream(handle, shape, run.choice, run.s, banded=run.output is None or not is_zarr_output(run.output))
     if run.stream is not None:  # rows of output planes over bands of the padded cross-section; nothing compiled whole
         sp = run.stream
@@ -567,8 +568,10 @@ def batch_inputs(inputs: Sequence[Path]) -> list[Path] | None:
 def run_batch(batch: list[Path], tm: TileModel, output: Path, settings: RunSettings, *, note: str | None = None,
               notify: Any = None) -> BatchResult:
     """Run every volume of a batch into ``output``/<name>, the model compiled once; failures are collected (the
-    error's own text, without repeating the path) and do not stop the others. With ``resume``, volumes an
-    interrupted batch finished are skipped. ``notify`` (if given) receives one line per volume."""
+    error's own text, without repeating the path) and do not stop the others. Two inputs with one file name are
+    refused before any work. With ``resume``, a volume is skipped only when the batch record says this model made its
+    output from this input with these settings (:mod:`volinfer.io.batch_record`). ``notify`` (if given) receives
+    one line per volume."""
     from dataclasses import replace
 
     from volinfer.cliutil import strip_path
@@ -576,18 +579,29 @@ def run_batch(batch: list[Path], tm: TileModel, output: Path, settings: RunSetti
 
     if output.exists() and not output.is_dir():
         raise VolinferError(f"{output}: batch output must be a directory")
+    if not output.exists() and output.name.lower().endswith((".nii", ".nii.gz")):
+        raise VolinferError(f"{output}: a batch ({len(batch)} volumes) writes into a directory, not one NIfTI file; "
+                            f"give a directory name")
+    check_unique(batch, output)
     output.mkdir(parents=True, exist_ok=True)
     say = notify or (lambda text: None)
     result = BatchResult(output, len(batch), [], [])
+    record = BatchRecord(output, tm.path, settings)
     for n, path in enumerate(batch, 1):
         target = output / path.name
-        if settings.resume and not journal_path(target).exists() and target.exists():
-            say(f"[{n}/{len(batch)}] {path}: already written, skipped")
-            continue  # finished by the interrupted batch
-        say(f"[{n}/{len(batch)}] {path}")
+        interrupted = journal_path(target).exists()
+        if settings.resume and not interrupted and target.exists():
+            why = record.finished(path, target)
+            if why is None:
+                say(f"[{n}/{len(batch)}] {path}: already written with these settings, skipped")
+                continue  # finished by the interrupted batch
+            say(f"[{n}/{len(batch)}] {path}: {target.name} exists but is not skipped: {why}")
+        else:
+            say(f"[{n}/{len(batch)}] {path}")
         try:
-            one = replace(settings, resume=settings.resume and journal_path(target).exists())
+            one = replace(settings, resume=settings.resume and interrupted)
             result.reports.append(_with_note(predict([path], tm, target, one), note))
+            record.mark(path, target)
         except Interrupted as e:
             raise Interrupted(f"batch stopped at {path} ({e}); run the same command with --resume to skip the "
                               f"finished volumes and continue") from None

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import click
 
+from volinfer import portable
 from volinfer import validate as V
 from volinfer.errors import Interrupted, VolinferError, framework_message
 
@@ -36,6 +37,15 @@ def interrupt_status() -> int:
     return 128 + (_received[0] if _received else int(signal.SIGINT))
 
 
+def out_of_memory(error: BaseException | None) -> str:
+    """The one line for a run that ran out of memory or threads, naming the address-space limit when one is set."""
+    cause = f" ({framework_message(error)})" if error is not None else ""
+    limit = portable.virtual_memory_limit_mb()
+    where = f"; this process may use at most {limit:.0f} MB of virtual memory (ulimit -v)" if limit else ""
+    return (f"out of memory{cause}{where}: raise the limit, or lower --max-memory, use --engine tiles, a smaller "
+            f"--tile or fewer --requests")
+
+
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn user errors into one line on stderr and exit code 2; SIGINT/SIGTERM into exit 130/143. No tracebacks."""
 
@@ -44,6 +54,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         if hasattr(signal, "SIGXFSZ"):  # a file-size limit then fails the write (EFBIG) instead of killing us
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, _raise_interrupt)  # batch schedulers send SIGTERM before killing
+        portable.limit_malloc_arenas()  # under ulimit -v: a few malloc arenas, not 64 MB of address space per thread
         if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupted_while_starting()):
             signal.signal(signal.SIGINT, _raise_interrupt)
         try:
@@ -58,13 +69,16 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo("interrupted: no output was written", err=True)
             sys.exit(interrupt_status())
         except MemoryError:
-            click.echo("error: out of memory; use a smaller --tile or fewer --requests", err=True)
+            click.echo(f"error: {out_of_memory(None)}", err=True)
             sys.exit(2)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # click's own control flow (usage errors, --help inside a command)
         except Exception as e:  # a bug or an unforeseen library error: still one line, with the way to see more
             if os.environ.get("VOLINFER_DEBUG"):
                 raise
+            if portable.exhausted_memory(e):
+                click.echo(f"error: {out_of_memory(e)}", err=True)
+                sys.exit(2)
             click.echo(f"error: internal error ({type(e).__name__}: {framework_message(e)}); rerun with "
                        f"VOLINFER_DEBUG=1 for the traceback", err=True)
             sys.exit(1)

@@ -17,6 +17,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 
+from volinfer.io.writer import save_image
 from volinfer.model.settings import ModelSettings
 
 DEMO_MODEL = "demo_blobs.xml"
@@ -79,12 +80,13 @@ def make_demo_volume(shape: tuple[int, int, int] = (160, 144, 112), blobs: int =
 
 
 def write_demo_volume(path: Path, shape: tuple[int, int, int], seed: int = 0) -> tuple[Path, Path]:
-    """Write the demo volume and its ground truth as NIfTI (1 mm, RAS) beside each other."""
+    """Write the demo volume and its ground truth as NIfTI (1 mm, RAS) beside each other, each through the checks
+    every output passes (a link there is replaced, never written through: :func:`volinfer.io.writer.save_image`)."""
     vol, truth = make_demo_volume(shape, seed=seed)
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     truth_path = path.with_name(path.name.replace(".nii", "_truth.nii"))
-    nib.save(nib.Nifti1Image(vol, affine), str(path))
-    nib.save(nib.Nifti1Image(truth, affine), str(truth_path))
+    save_image(nib.Nifti1Image(vol, affine), path)
+    save_image(nib.Nifti1Image(truth, affine), truth_path)
     return path, truth_path
 
 

@@ -36,6 +36,7 @@ def make_volume(path: Path, shape: tuple[int, int, int], seed: int = 0, slab: in
     hdr.set_qform(np.eye(4), code=1)
     hdr.set_sform(np.eye(4), code=1)
     tmp = path.with_name(path.name + ".partial")
+    tmp.unlink(missing_ok=True)  # a stale one, or a link: removed, never written through
     with open(tmp, "wb") as f:
         hdr.write_to(f)
         f.seek(int(hdr["vox_offset"]))

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +44,8 @@ def _save_labels(labels: np.ndarray, reference: str, out: str) -> None:
 
     img = nib.Nifti1Image(labels, nib.load(reference).affine)
     img.set_data_dtype(np.uint8)
+    if os.path.lexists(out):
+        os.unlink(out)  # a link there is replaced, never written through
     nib.save(img, out)
 
 

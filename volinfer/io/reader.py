@@ -441,14 +441,35 @@ def check_declared_size(p: Path, expected: int, compressed: bool) -> None:
 
 def _check_gzip_size(p: Path, expected: int) -> None:
     """Compare the size the header implies with the gzip trailer's record of the uncompressed size (mod 2**32):
-    catches truncated or corrupt files and wrong header dimensions before any work, without decompressing."""
+    catches truncated or corrupt files and wrong header dimensions before any work, without decompressing. The
+    trailer is the LAST member's: a valid file of several gzip members (concatenated, or written in parts by
+    ``bgzip``/``pigz``-like tools) records only its own part there, so on a mismatch the whole stream is inflated
+    once, counting bytes in bounded memory, before the file is refused."""
     with open(p, "rb") as f:
         f.seek(-4, os.SEEK_END)
         isize = int.from_bytes(f.read(4), "little")
-    if isize != expected % 2**32:
+    if isize == expected % 2**32:
+        return
+    inside = _inflated_size(p)
+    if inside != expected:
         raise VolinferError(
-            f"{p}: compressed data does not match the header ({isize % 2**32} bytes inside, header implies "
+            f"{p}: compressed data does not match the header ({inside} bytes inside, header implies "
             f"{expected}): the file is truncated or corrupt, or its header's dimensions are wrong")
+
+
+def _inflated_size(p: Path, chunk: int = 1 << 22) -> int:
+    """Bytes the whole gzip stream of ``p`` (every member) inflates to; a corrupt stream is a one-line error."""
+    total = 0
+    buf = bytearray(chunk)
+    try:
+        with open_gzip(p) as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    return total
+                total += n
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        raise VolinferError(f"{p}: the file is truncated or corrupt ({e})") from None
 
 
 def _load_header(p: Path) -> nib.Nifti1Image:

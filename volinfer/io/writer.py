@@ -32,6 +32,26 @@ def check_target(target: Path, overwrite: bool, inputs: list[Path] = ()) -> None
     check_output(Path(target), [Path(p) for p in inputs], overwrite, "nifti")
 
 
+def save_image(img: nib.Nifti1Image, target: Path, inputs: list[Path] = ()) -> Path:  # type: ignore[assignment]
+    """Write a small in-memory image volinfer made (the demo's volume and ground truth) to ``target``, replacing a
+    file there as ``--overwrite`` would: through the same checks as run outputs (:func:`check_target`), written to a
+    temporary file beside it and renamed over it, so a symlink or hard link at ``target`` is replaced, never written
+    through (its target stays as it was)."""
+    target = Path(target)
+    check_target(target, True, inputs)
+    suffix = ".partial.nii.gz" if target.name.lower().endswith(".gz") else ".partial.nii"
+    tmp = aux_path(target, suffix)
+    tmp.unlink(missing_ok=True)  # a stale one, or a planted link: removed, never written through
+    try:
+        nib.save(img, str(tmp))
+        portable.fsync_path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
 #: NIfTI-1 stores dimensions as int16; larger volumes need a NIfTI-2 header.
 NIFTI1_MAX_DIM = 32767
 

@@ -23,7 +23,8 @@ import openvino as ov
 
 from volinfer.errors import framework_message
 from volinfer.model.tile_model import TileModel
-from volinfer.model.spatial_norm import Moments, find_norm_layers, freeze, group_view, stat_tensor
+from volinfer.model.spatial_norm import (Moments, find_norm_layers, fixed_shape_global_ops, freeze, group_view,
+                                         stat_tensor)
 
 #: Largest probe edge: a probe at this size compiles the model once at (max_tile)^3.
 MAX_PROBE_TILE = 320
@@ -43,7 +44,7 @@ class ReceptiveField:
         if not self.measured:
             return f"unknown ({self.reason})"
         text = "x".join(map(str, self.radius))
-        return text if self.bounded else f">= {text} (reaches the edge of the largest probe)"
+        return text if self.bounded else f">= {text} ({self.reason or 'reaches the edge of the largest probe'})"
 
 
 def _shape(layout: str, channels: int, tile: Sequence[int]) -> list[int]:
@@ -109,6 +110,15 @@ def _measure_at(model: TileModel, tile: tuple[int, int, int], tol: float, probes
     return ReceptiveField(tuple(int(r) for r in radius), bounded)  # type: ignore[arg-type]
 
 
+def _global_ops(model: TileModel) -> list[str]:
+    """The model's ops that combine values across the whole tile and cannot be frozen (see
+    :func:`volinfer.model.spatial_norm.find_norm_layers`)."""
+    try:
+        return find_norm_layers(model.model, model.layout, model.in_channels, model.tile)[1]
+    except Exception:  # noqa: BLE001 - a fixed input shape: read the ops at that shape
+        return fixed_shape_global_ops(model.model, model.layout)
+
+
 def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2, seed: int = 0,
                             max_tile: int | None = None) -> ReceptiveField:
     """Perturb voxels near the probe's centre and report the farthest output voxel that changed by more than ``tol``
@@ -120,12 +130,16 @@ def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2
     m = max(1, model.multiple)
     tile = tuple(int(t) for t in model.tile)
     fixed = model.declared_input.is_static
+    whole = _global_ops(model)
     while True:
         try:
             rf = _measure_at(model, tile, tol, probes, seed, core)  # type: ignore[arg-type]
         except Exception as e:  # the model refused the probe size, or ran out of memory
             first = framework_message(e)[:200]
             return ReceptiveField((0, 0, 0), False, measured=False, reason=f"probe at {tile} failed: {first}")
+        if whole and rf.measured:  # a perturbation spreads thin over a whole-tile reduction: the graph says unbounded
+            why = f"the whole input: {whole[0]} combines values across space or depends on positions in the tile"
+            return ReceptiveField(rf.radius, False, reason=why)
         if rf.bounded:
             return rf
         if fixed:

@@ -14,6 +14,7 @@ import openvino as ov
 
 from volinfer import validate
 from volinfer.errors import VolinferError
+from volinfer.model.precision import MAX_PROB_ABS, MIN_LABEL_AGREEMENT
 
 RT_KEY = "volinfer"
 
@@ -63,6 +64,35 @@ def _output(value: Any) -> str | int:
     return value
 
 
+def _number(record: dict[str, Any], key: str, low: float, high: float = float("inf"),
+            optional: bool = False) -> float | None:
+    """``record[key]`` as a finite number within [low, high] (not a bool, not text)."""
+    v = record.get(key)
+    if v is None and optional:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= float(v) <= high:
+        raise VolinferError(f"{key} must be a number from {low:g} to {high:g}; got {json.dumps(v)}")
+    return float(v)
+
+
+def _precision_check(value: Any) -> dict[str, Any]:
+    """The stored reduced-precision verdict (:func:`volinfer.model.precision.compare`): typed, and coherent (a
+    "faithful" verdict must meet the criteria with its own figures: it decides whether runs use bf16/f16)."""
+    if not isinstance(value, dict):
+        raise VolinferError("expected a map (precision, faithful, label_agreement, prob_max_abs)")
+    _choice(value.get("precision"), ("bf16", "f16"))
+    faithful = value.get("faithful")
+    if not isinstance(faithful, bool):
+        raise VolinferError(f"faithful must be true or false; got {json.dumps(faithful)}")
+    agree = _number(value, "label_agreement", 0.0, 1.0)
+    moved = _number(value, "prob_max_abs", 0.0)
+    _number(value, "input_abs_max", 0.0, float("inf"), optional=True)
+    if faithful and (agree < MIN_LABEL_AGREEMENT or moved > MAX_PROB_ABS):  # type: ignore[operator]
+        raise VolinferError(f"it says faithful with labels {agree:.2%} equal and probabilities moved by {moved:g} "
+                            f"(faithful needs >= {MIN_LABEL_AGREEMENT:.1%} and <= {MAX_PROB_ABS})")
+    return value
+
+
 #: How each stored setting is checked (value as decoded from its JSON text).
 _CHECKS: dict[str, Any] = {
     "layout": lambda v: _choice(v, ("NCDHW", "NDHWC")),
@@ -82,11 +112,18 @@ _CHECKS: dict[str, Any] = {
     "output": _output,
     "instance_norm": _flag,
 }
+#: Checks of stored keys kept in ``ModelSettings.extra`` that decide how a run computes (not only what it says).
+_EXTRA_CHECKS: dict[str, Any] = {
+    "precision_check": _precision_check,
+    "receptive_field_bounded": _flag,
+    "norm_stats": lambda v: _choice(v, ("volume", "tile")),
+    "outputs": lambda v: _choice(v, ("logits", "probabilities", "log-probabilities")),
+}
 
 
 def _check_setting(key: str, value: Any) -> Any:
     """``value`` if it is a valid ``key`` setting, else a one-line error naming the key and what is expected."""
-    check = _CHECKS.get(key, _text)
+    check = _CHECKS.get(key) or _EXTRA_CHECKS.get(key, _text)
     try:
         return check(value)
     except VolinferError as e:
@@ -142,7 +179,7 @@ class ModelSettings:
                 value = json.loads(text)
             except json.JSONDecodeError:
                 value = text
-            if key in known and value is not None:
+            if (key in known or key in _EXTRA_CHECKS) and value is not None:
                 value = _check_setting(key, value)
             (values if key in known else extra)[key] = value
         return cls(**values, extra=extra)

@@ -16,10 +16,23 @@ from typing import Sequence
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
+import openvino.passes as ov_passes
 
 NORM_OPS = ("MVN", "GroupNormalization")
 #: Reductions over space that cannot be frozen here: any of them makes the receptive field the whole tile.
-GLOBAL_REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceL1")
+GLOBAL_REDUCE_OPS = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceL1",
+                     "ReduceLogicalAnd", "ReduceLogicalOr")
+#: Every other op whose output at one voxel can depend on all voxels along the axes it works over (its axes from a
+#: constant input 1 or an ``axis`` attribute): normalising, sorting, prefix sums, Fourier transforms over space.
+GLOBAL_AXIS_OPS = ("NormalizeL2", "Softmax", "LogSoftmax", "TopK", "CumSum", "DFT", "IDFT", "RDFT", "IRDFT")
+#: Ops that mix over space by construction: global (adaptive) pooling, matrix products over flattened voxels
+#: (attention), Einstein sums over a spatial index.
+GLOBAL_MIX_OPS = ("AdaptiveAvgPool", "AdaptiveMaxPool", "MatMul", "Einsum")
+#: Ops whose output depends on where a voxel lies in the tile, not only on its neighbourhood: interpolation with
+#: ``align_corners`` (output j reads input j·(n_in−1)/(n_out−1), which moves with the tile's size), sampling at a
+#: computed grid. No tiling reproduces whole-volume inference through them; only one tile over the volume does.
+POSITION_OPS = ("Interpolate", "GridSample")
+_CANDIDATES = NORM_OPS + GLOBAL_REDUCE_OPS + GLOBAL_AXIS_OPS + GLOBAL_MIX_OPS + POSITION_OPS
 
 
 @dataclass(frozen=True)
@@ -38,36 +51,135 @@ class NormLayer:
     groups: int = 0
 
 
-def _input_shapes(model: ov.Model, layout: str, channels: int, tile: Sequence[int]) -> dict[str, list[int]]:
-    """Static input-0 shape of every MVN / GroupNormalization / reduction node at ``tile`` (shape inference only)."""
+Shapes = dict[str, list[list[int] | None]]
+
+
+def _input_shapes(model: ov.Model, layout: str, channels: int, tile: Sequence[int]) -> Shapes:
+    """Input shapes of every candidate node at ``tile`` (shape inference only, after constant folding: a scale that
+    reaches an Interpolate through a Convert leaves its output size unknown otherwise). Unknown lengths are -1; an
+    input of unknown rank is None."""
     m = model.clone()
     shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
     m.reshape({m.input(0): ov.PartialShape(shape)})
-    out = {}
+    return _shapes_of(m)
+
+
+def _shapes_of(m: ov.Model) -> Shapes:
+    """:func:`_input_shapes` of ``m`` (a clone: folded in place) at its own input shape."""
+    folding = ov_passes.Manager()
+    folding.register_pass(ov_passes.ConstantFolding())
+    folding.run_passes(m)
+    m.validate_nodes_and_infer_types()
+    out: Shapes = {}
     for op in m.get_ordered_ops():
-        if op.get_type_name() in NORM_OPS + GLOBAL_REDUCE_OPS:
-            ps = op.input_value(0).get_partial_shape()
-            if ps.is_static:
-                out[op.get_friendly_name()] = [d.get_length() for d in ps]
+        if op.get_type_name() in _CANDIDATES:
+            shapes = [op.input_value(i).get_partial_shape() for i in range(op.get_input_size())]
+            out[op.get_friendly_name()] = [[d.get_length() if d.is_static else -1 for d in ps]
+                                           if ps.rank.is_static else None for ps in shapes]
     return out
 
 
-def _axes_of(op: ov.Node, rank: int) -> tuple[int, ...]:
-    """Reduction axes of an MVN (v6 from its constant input, v1 from its attributes) or reduce op."""
-    if op.get_type_name() == "MVN" and op.get_input_size() == 1:  # MVN-1: spatial (and channel) axes
+def _const_axes(op: ov.Node, index: int, rank: int) -> tuple[int, ...] | None:
+    """Axes held by the constant input ``index`` of ``op`` (normalised to ``rank``); None when not a constant."""
+    if op.get_input_size() <= index:
+        return None
+    src = op.input_value(index).get_node()
+    if src.get_type_name() != "Constant":
+        return None
+    return tuple(sorted({int(a) % rank for a in np.atleast_1d(src.get_data())}))
+
+
+def _axes_of(op: ov.Node, rank: int) -> tuple[int, ...] | None:
+    """Axes of input 0 that an MVN (v6 from its constant input, v1 from its attributes), reduce or axis op works
+    over; None when they cannot be read from the graph (a computed axes input: assume any)."""
+    kind = op.get_type_name()
+    if kind == "MVN" and op.get_input_size() == 1:  # MVN-1: spatial (and channel) axes
         first = 1 if op.get_attributes().get("across_channels") else 2
         return tuple(range(first, rank))
-    src = op.input_value(1).get_node()
-    if src.get_type_name() != "Constant":
-        return ()
-    return tuple(sorted(int(a) % rank for a in np.atleast_1d(src.get_data())))
+    if kind in ("Softmax", "LogSoftmax", "TopK"):
+        return (int(op.get_attributes()["axis"]) % rank,)
+    if kind == "GroupNormalization":
+        return tuple(range(2, rank))
+    if kind in ("DFT", "IDFT", "IRDFT"):  # complex input: a trailing (real, imaginary) axis the axes do not count
+        return _const_axes(op, 1, rank - 1)
+    return _const_axes(op, 1, rank)
+
+
+def _einsum_mixed(equation: str, shapes: list[list[int]]) -> list[tuple[int, int]]:
+    """(input, axis) pairs of an Einsum that are summed away (their label is absent from the output)."""
+    lhs, _, rhs = equation.replace(" ", "").partition("->")
+    mixed = []
+    for i, term in enumerate(lhs.split(",")):
+        if "." in term or i >= len(shapes):
+            return [(j, a) for j, s in enumerate(shapes) for a in range(len(s))]  # ellipsis: assume any
+        mixed += [(i, a) for a, label in enumerate(term) if label not in rhs]
+    return mixed
+
+
+def _mixed(op: ov.Node, shapes: list[list[int]]) -> list[tuple[int, int]] | None:
+    """(input, axis) pairs over which ``op`` combines values of different positions; None when unknown (any)."""
+    kind, rank = op.get_type_name(), len(shapes[0])
+    if kind == "Interpolate":
+        attrs = op.get_attributes()
+        aligned = attrs.get("coordinate_transformation_mode") == "align_corners" or attrs.get("align_corners")
+        return [(0, a) for a in range(2, rank)] if aligned else []
+    if kind == "GridSample":
+        return None
+    if kind in ("AdaptiveAvgPool", "AdaptiveMaxPool"):
+        return [(0, a) for a in range(2, rank)]
+    if kind == "MatMul":
+        if min(len(shapes[0]), len(shapes[1])) < 2:
+            return [(0, rank - 1), (1, 0)]
+        attrs = op.get_attributes()
+        return [(0, rank - 2 if attrs.get("transpose_a") else rank - 1),
+                (1, len(shapes[1]) - (1 if attrs.get("transpose_b") else 2))]
+    if kind == "Einsum":
+        return _einsum_mixed(str(op.get_attributes().get("equation", "")), shapes)
+    axes = _axes_of(op, rank)
+    return None if axes is None else [(0, a) for a in axes]
+
+
+def _varying(probes: list[Shapes], name: str) -> list[list[int]] | None:
+    """Per input of node ``name``: every axis whose length moved between probes at tiles that differ along one axis
+    at a time, or that shape inference left unknown (volume-sized, as far as anyone can tell). None when the node
+    or the rank of an input is unknown at some probe."""
+    shapes = [p.get(name) for p in probes]
+    if any(s is None or any(i is None for i in s) for s in shapes):
+        return None
+    moved = []
+    for i in range(len(shapes[0])):  # type: ignore[arg-type]
+        base = shapes[0][i]  # type: ignore[index]
+        moved.append(sorted({a for p in shapes for a, (u, v) in enumerate(zip(base, p[i]))  # type: ignore
+                             if u != v or u < 0 or v < 0}))
+    return moved
+
+
+def _norm_layer(op: ov.Node, probes: list[Shapes], reduced: tuple[int, ...]) -> NormLayer | None:
+    """``op`` (MVN / GroupNormalization) as a layer that can be frozen, or None when its x, y, z axes are unclear."""
+    name = op.get_friendly_name()
+    spatial = []
+    for axis in range(3):
+        base, grown = probes[0][name][0], probes[axis + 1][name][0]  # type: ignore[index]
+        moved = [i for i, (a, b) in enumerate(zip(base, grown)) if a != b or a < 0]  # type: ignore[arg-type]
+        spatial.append(moved[0] if len(moved) == 1 else -1)
+    if -1 in spatial or not reduced:
+        return None
+    attrs = op.get_attributes()
+    return NormLayer(
+        name=name, kind=op.get_type_name(), reduced=reduced, spatial=tuple(spatial),  # type: ignore[arg-type]
+        eps=float(attrs.get("eps", attrs.get("epsilon", 1e-5))),
+        inside_sqrt=str(attrs.get("eps_mode", "INSIDE_SQRT")).upper() == "INSIDE_SQRT",
+        variance=bool(attrs.get("normalize_variance", True)), groups=int(attrs.get("num_groups", 0)))
 
 
 def find_norm_layers(model: ov.Model, layout: str, channels: int, tile: Sequence[int]) -> tuple[list[NormLayer],
                                                                                                 list[str]]:
-    """The spatial normalisation layers of ``model`` in topological order, and the names of spatial reductions that
-    cannot be frozen (global pooling, hand-written statistics). Which input axis is volume x, y or z is found by
-    shape inference at tiles that differ along one axis at a time."""
+    """The spatial normalisation layers of ``model`` in topological order, and the names of every other op that
+    combines values across space (global reductions and pooling, NormalizeL2, softmax/sort/prefix sums over space,
+    products over flattened voxels) or depends on positions in the tile (:data:`POSITION_OPS`): none can be frozen,
+    each makes the receptive field the whole tile. Which input axes are space is found by shape inference at tiles
+    that differ along one axis at a time; where the graph does not say (axes computed at run time, lengths unknown),
+    the op counts as global: "not exact" is the safe mistake. Ops on constants alone (folded away) are skipped."""
     base = [int(t) for t in tile]
     probes = [_input_shapes(model, layout, channels, base)]
     for axis in range(3):
@@ -78,29 +190,38 @@ def find_norm_layers(model: ov.Model, layout: str, channels: int, tile: Sequence
     unsupported: list[str] = []
     for op in model.get_ordered_ops():
         kind, name = op.get_type_name(), op.get_friendly_name()
-        if kind not in NORM_OPS + GLOBAL_REDUCE_OPS or name not in probes[0]:
-            continue
-        shapes = [p.get(name) for p in probes]
-        if any(s is None for s in shapes):
-            continue
-        spatial = []
-        for axis in range(3):
-            moved = [i for i, (a, b) in enumerate(zip(shapes[0], shapes[axis + 1])) if a != b]
-            spatial.append(moved[0] if len(moved) == 1 else -1)
-        rank = len(shapes[0])
-        reduced = tuple(range(2, rank)) if kind == "GroupNormalization" else _axes_of(op, rank)
-        if not set(reduced) & {a for a in spatial if a >= 0}:
-            continue  # local to each voxel (channel-wise normalisation, or a reduction over channels)
-        if kind in GLOBAL_REDUCE_OPS or -1 in spatial or not reduced:
+        if kind not in _CANDIDATES or name not in probes[0]:
+            continue  # not a candidate, or computed from constants alone (folded)
+        moved = _varying(probes, name)
+        mixed = _mixed(op, probes[0][name]) if moved is not None else None  # type: ignore[arg-type]
+        if mixed is not None and not any(a in moved[i] for i, a in mixed):  # type: ignore[index]
+            continue  # local to each voxel (channel-wise normalisation, a reduction over channels)
+        layer = _norm_layer(op, probes, tuple(a for _, a in mixed)) if kind in NORM_OPS and mixed else None
+        if layer is None:
             unsupported.append(f"{kind} {name}")
-            continue
-        attrs = op.get_attributes()
-        layers.append(NormLayer(
-            name=name, kind=kind, reduced=reduced, spatial=tuple(spatial),  # type: ignore[arg-type]
-            eps=float(attrs.get("eps", attrs.get("epsilon", 1e-5))),
-            inside_sqrt=str(attrs.get("eps_mode", "INSIDE_SQRT")).upper() == "INSIDE_SQRT",
-            variance=bool(attrs.get("normalize_variance", True)), groups=int(attrs.get("num_groups", 0))))
+        else:
+            layers.append(layer)
     return layers, unsupported
+
+
+def fixed_shape_global_ops(model: ov.Model, layout: str) -> list[str]:
+    """For a model whose input shape is fixed (no probes at other tiles): every normalisation layer, and every other
+    candidate op that combines values along an axis past batch and channels (channels last for ``NDHWC``) or along
+    axes the graph does not say; the same safe side as :func:`find_norm_layers`."""
+    shapes = _shapes_of(model.clone())
+    found = []
+    for op in model.get_ordered_ops():
+        kind, name = op.get_type_name(), op.get_friendly_name()
+        if kind not in _CANDIDATES or name not in shapes:
+            continue
+        ins = shapes.get(name)
+        known = ins is not None and all(i is not None for i in ins)
+        mixed = _mixed(op, ins) if known else None  # type: ignore[arg-type]
+        rank = len(ins[0]) if known else 0  # type: ignore[index, arg-type]
+        channel = rank - 1 if layout == "NDHWC" and rank == 5 else 1
+        if kind in NORM_OPS or mixed is None or any(a not in (0, channel) for i, a in mixed if i == 0):
+            found.append(f"{kind} {name}")
+    return found
 
 
 def _node(model: ov.Model, name: str) -> ov.Node:

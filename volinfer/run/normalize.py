@@ -83,7 +83,18 @@ def _lattice_sample(stored: np.ndarray, z0: int, step: int, slope: float, inter:
     stride in memory order would take the same few planes of each slab (thin structures along z unseen)."""
     picked = stored[::step, ::step, (-z0) % step :: step].astype(np.float64) * slope + inter
     picked = picked[np.isfinite(picked)] if not np.isfinite(picked).all() else picked.ravel()
+    if dtype is np.float64 and (not picked.size or float(np.abs(picked).max()) <= _F32_MAX):
+        dtype = np.float32  # wide voxels whose values fit float32: the sample a float32 file of them gives
     return picked.astype(dtype)
+
+
+def fits_float32(stored: np.ndarray, slope: float = 1.0, inter: float = 0.0) -> bool:
+    """Whether these stored voxels, scaled by the file's slope/intercept, all lie within float32's range (NaN
+    counts as not: the wide path handles it)."""
+    if not stored.size:
+        return True
+    top = float(np.abs(stored).max())
+    return top * abs(slope) + abs(inter) <= _F32_MAX
 
 
 class Normalizer:
@@ -190,7 +201,9 @@ class Normalizer:
             return
         clip = self.clip[channel]
         a, b = float(self.a[channel]), float(self.b[channel])
-        if exceeds_float32(stored.dtype, slope, inter):  # float64 voxels: scale before narrowing (range-checked)
+        # float64 voxels beyond float32's range: scale before narrowing (range-checked). Voxels that fit take the
+        # float32 path, so that a float64 file gives exactly what the same values stored as float32 give
+        if exceeds_float32(stored.dtype, slope, inter) and not fits_float32(stored, slope, inter):
             wide = stored.astype(np.float64) * slope + inter
             if clip is not None:
                 np.clip(wide, clip[0], clip[1], out=wide)

@@ -277,7 +277,7 @@ def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, 
     handle = TileModel(model_path, tile=t.tile, layout=rt.layout, output=rt.model_output,
                        options=rt.compile_options(), compile=False)
     choice = plan_tiling(handle, facts.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
-                         norm_stats=t.norm_stats)
+                         norm_stats=t.norm_stats, mirror=bool(t.mirror))
     choose_stream(handle, facts.shape, choice, s)  # sets choice.stream when the run would stream
     tm = TileModel(model_path, tile=choice.tile, layout=rt.layout, output=rt.model_output,
                    options=rt.compile_options(), compile=False)

@@ -17,7 +17,7 @@ from volinfer.run.fidelity import (Fidelity, Tiling, accepts, activation_bytes_p
                                    explain_exact, fmt_tile, judge, plan_exact, probe_multiple)
 from volinfer.run.fidelity import SPEED_HEADROOM_MB, RUNTIME_FLOOR_MB, weights_mb
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
-from volinfer.model.spatial_norm import NormLayer, find_norm_layers
+from volinfer.model.spatial_norm import NormLayer, find_norm_layers, fixed_shape_global_ops
 from volinfer.model.tiling_check import stored as stored_tiling_check
 from volinfer.tiling.geometry import GeometryError, TileGrid
 from volinfer.model.tile_model import TileModel
@@ -66,6 +66,7 @@ class RunSetup:
     input_passes: int = 0  # streamed passes over the input before inference (the pre-pass: 0 or 1)
     digests: list[str] | None = None  # content fingerprint of each channel, when asked for
     input_abs_max: float | None = None  # largest |value| the model's input will see (after normalisation), if scanned
+    mirror: tuple[int, ...] = ()  # volume axes of test-time mirroring
 
 
 def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = None, *,
@@ -94,7 +95,8 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
     except GeometryError as e:
         raise VolinferError(str(e)) from None
     normalizer = Normalizer(normalize if normalize is not None else st.normalization, channels)
-    return RunSetup(stitch, activation, spec, ov_vox, grid, normalizer, notes=[note] if note else [])
+    return RunSetup(stitch, activation, spec, ov_vox, grid, normalizer, notes=[note] if note else [],
+                    mirror=tuple(s.tiling.mirror))
 
 
 def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value: float | None,
@@ -191,16 +193,15 @@ def model_norm_layers(tm: TileModel) -> tuple[list[NormLayer], list[str]]:
     """Spatial normalisation layers (and unfreezable spatial reductions) of the model, found at its tile."""
     try:
         return find_norm_layers(tm.model, tm.layout, tm.in_channels, tm.tile)
-    except Exception:  # a fixed-shape model cannot be probed at other sizes: count the ops instead
-        names = [f"{op.get_type_name()} {op.get_friendly_name()}" for op in tm.model.get_ordered_ops()
-                 if op.get_type_name() in ("MVN", "GroupNormalization")]
-        return [], names
+    except Exception:  # a fixed-shape model cannot be probed at other sizes: read the ops at its own shape instead
+        return [], fixed_shape_global_ops(tm.model, tm.layout)
 
 
 def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, overlap: Any,
-                max_memory_mb: float | None, norm_stats: str | None) -> TilingChoice:
+                max_memory_mb: float | None, norm_stats: str | None, mirror: bool = False) -> TilingChoice:
     """Faithfulness first: unless the tile was fixed by the caller, the fastest exact crop tiling within the memory
-    budget (growing the tile up to the whole padded volume); see :mod:`volinfer.run.fidelity`."""
+    budget (growing the tile up to the whole padded volume); see :mod:`volinfer.run.fidelity`. ``mirror``: test-time
+    mirroring, with which frozen whole-volume statistics are not exact (see :func:`verdict`): one tile only."""
     mode = norm_stats or tm.settings.extra.get("norm_stats") or "volume"
     if mode not in NORM_STATS:
         raise VolinferError(f"norm-stats must be one of {', '.join(NORM_STATS)}; got {mode!r}")
@@ -212,6 +213,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     layers, global_ops = model_norm_layers(tm)
     if tm.settings.size_multiple is None and not tm.declared_input.is_static:
         tm.multiple = probe_multiple(tm.model, tm.layout, tm.in_channels)
+    check_overlap_fits(tm, overlap, stitch or tm.settings.stitch or "crop")
     # a tile longer than the volume padded to the size multiple would show the model more padding than whole-volume
     # inference does (features computed from padding are not the zeros a convolution pads with): clamp it
     whole = [-(-n // tm.multiple) * tm.multiple for n in shape]
@@ -230,7 +232,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     speed = max_memory_mb if max_memory_mb else min(budget, preferred + SPEED_HEADROOM_MB)
     cost, choice.speed_source = planner_voxel_cost(tm)
     best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, speed, len(layers),
-                      bool(global_ops), mode == "volume", weighed=choice.candidates, voxel_cost=cost)
+                      bool(global_ops), mode == "volume" and not mirror, weighed=choice.candidates, voxel_cost=cost)
     if best is None:
         choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape)
         notes.append(f"no exact tiling fits in {budget:.0f} MB; running at tile {fmt_tile(choice.tile)}")
@@ -240,6 +242,20 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         notes.append(f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {rf}, predicted "
                      f"{best.memory_mb:.0f} MB, {best.evaluated / float(np.prod(shape)):.2f}x the volume evaluated)")
     return choice
+
+
+def check_overlap_fits(tm: TileModel, overlap: Any, stitch: str) -> None:
+    """An ``--overlap`` that leaves no room in the tile asked for is a wrong option, refused whatever the volume;
+    checked against the tile before it is clamped to a small volume (where one tile per axis needs no margin, see
+    :func:`volinfer.tiling.geometry.plan_axis_crop`)."""
+    items = parse_overlap(overlap)
+    if not items:
+        return
+    for axis, (o, t) in enumerate(zip(overlap_voxels(items, tm.tile), tm.tile)):
+        room = (t - 2 * (o // 2)) // tm.multiple * tm.multiple if stitch == "crop" else t - o
+        if room <= 0:
+            raise VolinferError(f"--overlap {o} leaves no room in a tile of {t} along {'xyz'[axis]}: need tile - "
+                                f"overlap >= {tm.multiple if stitch == 'crop' else 1}; give a smaller overlap")
 
 
 def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
@@ -281,6 +297,13 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
     stats = "volume" if frozen else ("tile" if choice.norm_stats == "tile" else "blend")
     fid = judge(setup.overlap, counts, setup.stitch, choice.rf, len(choice.norm_layers), bool(choice.global_ops),
                 stats if choice.norm_layers else "volume")
+    if setup.mirror and choice.norm_layers and any(c > 1 for c in counts):
+        # each flip of the volume has its own statistics (flipped kernels, a strided layer's other sampling grid),
+        # which whole-volume mirrored inference uses; tiles can only use the unflipped volume's (or their own)
+        fid.exact = False
+        fid.reasons.append(f"test-time mirroring with {len(choice.norm_layers)} normalisation layer(s): each flip "
+                           f"of the volume has its own statistics, tiles use the unflipped volume's (one tile over "
+                           f"the volume is exact)")
     if fid.exact:
         fid.meaning, fid.deviation = explain_exact(counts, choice.rf, choice.tiling_check,
                                                    unnormalised=setup.normalizer.kind == "none")

@@ -63,6 +63,8 @@ def plan_axis_crop(size: int, tile: int, multiple: int, margin: int) -> AxisPlan
     _check_tile(size, tile, multiple)
     if margin < 0:
         raise GeometryError(f"margin must be >= 0, got {margin}")
+    if _single(size, tile, multiple):
+        return AxisPlan(size=size, tile=tile, padded=padded_size(size, tile, multiple), starts=(0,), cores=((0, size),))
     stride = (tile - 2 * margin) // multiple * multiple
     if stride <= 0:
         raise GeometryError(
@@ -85,6 +87,8 @@ def plan_axis_crop(size: int, tile: int, multiple: int, margin: int) -> AxisPlan
 def plan_axis_blend(size: int, tile: int, multiple: int, overlap: int) -> AxisPlan:
     """Tiles that overlap by at least ``overlap`` voxels; every tile contributes everywhere it lies in the volume."""
     _check_tile(size, tile, multiple)
+    if overlap >= 0 and _single(size, tile, multiple):
+        return AxisPlan(size=size, tile=tile, padded=padded_size(size, tile, multiple), starts=(0,), cores=((0, size),))
     if not 0 <= overlap < tile:
         raise GeometryError(f"overlap must be in [0, tile={tile}), got {overlap}")
     stride = max(multiple, (tile - overlap) // multiple * multiple)
@@ -96,6 +100,12 @@ def plan_axis_blend(size: int, tile: int, multiple: int, overlap: int) -> AxisPl
         starts=tuple(starts),
         cores=tuple((s, min(s + tile, size)) for s in starts),
     )
+
+
+def _single(size: int, tile: int, multiple: int) -> bool:
+    """One tile covers the whole (padded) axis: no neighbour, so no margin or overlap is needed, whatever was asked
+    (a tile clamped to a thin slab's extent must not fail for margins it does not have)."""
+    return tile >= -(-size // multiple) * multiple
 
 
 def _check_tile(size: int, tile: int, multiple: int) -> None:
