@@ -25,7 +25,7 @@ from models import tiny_unet
 import volinfer
 from volinfer import portable
 from volinfer.errors import VolinferError
-from volinfer.io.reader import StripChannel, VolumeSource, _Stored
+from volinfer.io.reader import StripChannel, VolumeSource, StoredLayout
 from volinfer.io.targets import OutputLock
 
 FALLBACK_FLAGS = ("HAS_PREADV", "HAS_PREAD", "HAS_PWRITE", "HAS_FALLOCATE", "HAS_RESOURCE", "HAS_FCNTL",
@@ -96,7 +96,7 @@ def test_short_reads_are_continued_not_taken_for_truncation(tmp_path, monkeypatc
     assert len(calls) > 10
     with open(path, "r+b") as f:  # now really truncated: the reader still says so
         f.truncate(path.stat().st_size - 100)
-    ch = StripChannel(_Stored(path=path, shape=vol.shape, dtype=np.dtype(np.int16), offset=352, slope=1.0,
+    ch = StripChannel(StoredLayout(path=path, shape=vol.shape, dtype=np.dtype(np.int16), offset=352, slope=1.0,
                               inter=0.0))
     try:
         with pytest.raises(VolinferError, match="shorter than its header"):
