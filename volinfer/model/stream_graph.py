@@ -300,7 +300,9 @@ def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: in
     out_key = _key(out)
     if out_key not in zof:
         raise NotStreamable("the model's output does not depend on its input")
-    tensor(out)
+    if tensor(out).shape[2:] != tuple(full_shape[2:]):
+        raise NotStreamable(f"the model's output {list(tensor(out).shape)} does not keep its input's spatial size "
+                            f"{list(full_shape)}")
     _set_outputs(model, segments, seg_of, out_key)
     producer = {k: s.index for s in segments for k in s.outputs}
     return StreamGraph(model, _key(param.output(0)), out_key, tensors, segments, producer)
