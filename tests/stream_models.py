@@ -47,3 +47,40 @@ def monai_basic_unet(seed: int = 0, **kw) -> ov.Model:
                 mod.running_mean.normal_(0, 0.1)
                 mod.running_var.uniform_(0.5, 2.0)
     return from_torch(net, 16)
+
+
+def torch_upsample_unet(align_corners: bool = True, mode: str = "trilinear", seed: int = 0):
+    """A small PyTorch U-Net (size multiple 4) whose decoder upsamples with ``nn.Upsample(scale_factor=2)`` (as
+    MONAI's ``upsample="nontrainable"`` and several published brain models do), not transposed convolutions:
+    conv-BN-LeakyReLU blocks, max pooling, a strided convolution, channel concatenation, a softmax head."""
+    import torch
+    from torch import nn
+
+    def block(cin: int, cout: int) -> nn.Module:
+        return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1), nn.BatchNorm3d(cout), nn.LeakyReLU(0.1))
+
+    class UpsampleUNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            kw = {"align_corners": align_corners} if mode != "nearest" else {}
+            self.e0, self.e1, self.e2 = block(1, 4), block(4, 6), block(6, 8)
+            self.down = nn.Conv3d(6, 6, 3, stride=2, padding=1)
+            self.up = nn.Upsample(scale_factor=2, mode=mode, **kw)
+            self.d1, self.d0 = block(14, 6), block(10, 4)
+            self.head = nn.Conv3d(4, 3, 1)
+
+        def forward(self, x):
+            s0 = self.e0(x)
+            s1 = self.e1(nn.functional.max_pool3d(s0, 2))
+            b = self.e2(self.down(s1))
+            d1 = self.d1(torch.cat([self.up(b), s1], 1))
+            return torch.softmax(self.head(self.d0(torch.cat([self.up(d1), s0], 1))), 1)
+
+    torch.manual_seed(seed)
+    net = UpsampleUNet().eval()
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, nn.BatchNorm3d):
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 2.0)
+    return net

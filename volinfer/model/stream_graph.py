@@ -17,12 +17,14 @@ and runs tile by tile instead.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
+from openvino.passes import ConstantFolding, Manager
 
 #: Operations that map each plane of their inputs to the same plane of their output (given constant operands that
 #: do not vary along z): the ops a segment may carry after its z-window operation.
@@ -36,7 +38,7 @@ SquaredDifference Subtract Swish Tan Tanh
 
 #: Operations whose output plane j depends on a window of input planes along z.
 WINDOW = frozenset(["Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData",
-                    "MaxPool", "AvgPool"])
+                    "MaxPool", "AvgPool", "Interpolate"])
 
 
 class NotStreamable(Exception):
@@ -83,6 +85,102 @@ class ZWindow:
         """Transposed: where output plane ``a`` lies in the chunk's un-padded local output (aligned ``a``)."""
         lo, _ = self.input_range(0, t)
         return self.p - lo * self.s if self.kind == "transposed" else 0
+
+    def call_inputs(self, a: int, t: int) -> list[np.ndarray]:
+        """Inputs a segment call takes besides its planes (an interpolation's source planes and weights)."""
+        return []
+
+
+#: Interpolate's coordinate transformations: output plane j -> source coordinate, given (j, scale, n_in, n_out), in
+#: float32 as OpenVINO computes them (an axis whose scale is 1 or whose size does not change maps j to j).
+_TRANSFORMS = {
+    "half_pixel": lambda j, s, n, m: (j + np.float32(0.5)) / s - np.float32(0.5),
+    "pytorch_half_pixel": lambda j, s, n, m: (j + np.float32(0.5)) / s - np.float32(0.5) if m > 1 else j * 0,
+    "asymmetric": lambda j, s, n, m: j / s,
+    "tf_half_pixel_for_nn": lambda j, s, n, m: (j + np.float32(0.5)) / s,
+    "align_corners": lambda j, s, n, m: j * (np.float32(n - 1) / np.float32(m - 1)) if m > 1 else j * 0,
+}
+
+
+@dataclass(frozen=True)
+class InterpWindow(ZWindow):
+    """Interpolation along z: output plane j reads the source plane(s) at the coordinate the transform gives (two,
+    weighted, for linear; one for nearest). The window moves with j at the scale's rate: a chunk of output planes
+    reads the planes its coordinates span, at most :meth:`input_planes` of them (read from the lowest)."""
+
+    kind: str = "interp"
+    n_in: int = 1
+    n_out: int = 1
+    scale: float = 1.0  # the z scale the coordinates use (the op's scale; out/in when it is given sizes)
+    linear: bool = True
+    transform: str = "half_pixel"
+    nearest_mode: str = "round_prefer_floor"
+    plane: tuple[tuple[int, float, int], ...] = ()  # the other resized axes: (model axis, scale, output size)
+
+    @functools.cached_property
+    def sources(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For every output plane: its two source planes and the second one's weight (nearest: one plane, 0)."""
+        j = np.arange(self.n_out, dtype=np.float32)
+        if self.scale == 1.0 or self.n_in == self.n_out:
+            c = j
+        else:
+            c = _TRANSFORMS[self.transform](j, np.float32(self.scale), self.n_in, self.n_out).astype(np.float32)
+        top = self.n_in - 1
+        if self.linear:
+            c = np.clip(c, 0, top)
+            i0 = np.minimum(np.floor(c), top).astype(np.int64)
+            return i0, np.minimum(i0 + 1, top), (c - i0).astype(np.float32)
+        i0 = _nearest(c, self.nearest_mode, self.scale < 1)
+        i0 = np.clip(i0, 0, top)
+        return i0, i0, np.zeros(self.n_out, np.float32)
+
+    def input_range(self, a: int, t: int) -> tuple[int, int]:
+        if a >= self.n_out:
+            return self.n_in, self.n_in + self.input_planes(t)
+        lo = int(self.sources[0][a: a + t].min())
+        return lo, lo + self.input_planes(t)
+
+    def input_planes(self, t: int) -> int:
+        return _spans(self.sources, self.n_out, t)
+
+    def chunk_multiple(self) -> int:
+        return 1
+
+    def call_inputs(self, a: int, t: int) -> list[np.ndarray]:
+        """Planes [a, a+t)'s source planes, relative to the chunk's first input plane, and weights (planes past
+        the output's end repeat its last)."""
+        lo = self.input_range(a, t)[0]
+        j = np.minimum(np.arange(a, a + t), self.n_out - 1)
+        i0, i1, w = (v[j] for v in self.sources)
+        if not self.linear:
+            return [(i0 - lo).astype(np.int32)]
+        shape = (1, 1, t, 1, 1)
+        return [(i0 - lo).astype(np.int32), (i1 - lo).astype(np.int32), (1 - w).reshape(shape), w.reshape(shape)]
+
+
+def _nearest(c: np.ndarray, mode: str, downsample: bool) -> np.ndarray:
+    """Interpolate's nearest-plane rounding of source coordinates ``c`` (float32), as OpenVINO rounds them."""
+    fl = np.floor(c)
+    if mode == "round_prefer_floor":
+        r = np.where(c == fl + np.float32(0.5), fl, np.floor(c + np.float32(0.5)))
+    elif mode == "round_prefer_ceil":
+        r = np.floor(c + np.float32(0.5))
+    elif mode == "floor":
+        r = fl
+    elif mode == "ceil":
+        r = np.ceil(c)
+    else:  # "simple"
+        r = np.ceil(c) if downsample else np.trunc(c)
+    return r.astype(np.int64)
+
+
+def _spans(sources: tuple[np.ndarray, np.ndarray, np.ndarray], n_out: int, t: int) -> int:
+    """The most source planes any aligned chunk of ``t`` output planes reads."""
+    i0, i1, _ = sources
+    starts = np.arange(0, n_out, t)
+    lo = np.minimum.reduceat(i0, starts)
+    hi = np.maximum.reduceat(i1, starts)
+    return int((hi - lo).max()) + 1
 
 
 @dataclass
@@ -174,10 +272,12 @@ def _is_const_like(node: ov.Node, streamed: set[str]) -> bool:
 
 
 def _window_of(node: ov.Node, zaxis: int) -> tuple[ZWindow, float]:
-    """The z-window of a convolution/pooling node whose data input has z at ``zaxis`` (a spatial axis)."""
+    """The z-window of a convolution/pooling/interpolation node whose data input has z at ``zaxis`` (spatial)."""
     t = node.get_type_name()
     a = node.get_attributes()
     si = zaxis - 2
+    if t == "Interpolate":
+        return _interp_window(node, zaxis), 0.0
     if si < 0:
         raise NotStreamable(f"{t} {node.get_friendly_name()} convolves over the axis volinfer streams along")
     if t == "AvgPool" and (a["pads_begin"][si] or a["pads_end"][si]):
@@ -198,6 +298,49 @@ def _window_of(node: ov.Node, zaxis: int) -> tuple[ZWindow, float]:
     if kind == "transposed" and node.get_input_size() > 2:
         raise NotStreamable(f"{t} {node.get_friendly_name()} takes an explicit output shape")
     return ZWindow(kind, k, int(a["strides"][si]), int(a["pads_begin"][si]), int(a["dilations"][si])), 0.0
+
+
+def interp_axes(node: ov.Node) -> dict[int, tuple[float, int]]:
+    """An Interpolate (v4 or v11) node's resized axes: axis -> (scale its coordinates use, output size). Raises
+    NotStreamable for what the stream does not run (modes other than nearest/linear, padding, non-constant sizes)."""
+    t, name, a = node.get_type_name(), node.get_friendly_name(), node.get_attributes()
+    version = node.get_type_info().version_id
+    if version not in ("opset4", "opset11") or a["mode"] not in ("nearest", "linear", "linear_onnx"):
+        raise NotStreamable(f"{t} {name} ({version}, mode {a.get('mode')}) is not streamed (nearest and linear "
+                            f"Interpolate v4/v11 are)")
+    if any(a["pads_begin"]) or any(a["pads_end"]):
+        raise NotStreamable(f"{t} {name} pads its input")
+    rank = node.get_input_partial_shape(0).rank.get_length()
+    by_scale = a["shape_calculation_mode"] == "scales"
+    given = _constant_value(node.input_value(2 if version == "opset4" and by_scale else 1))
+    axes_port = 3 if version == "opset4" else 2
+    axes = (_constant_value(node.input_value(axes_port)) if node.get_input_size() > axes_port
+            else np.arange(rank, dtype=np.float32))
+    if given is None or axes is None:
+        raise NotStreamable(f"{t} {name} takes sizes or scales computed at run time")
+    n_in = [int(d.get_length()) for d in node.get_input_partial_shape(0)]
+    n_out = [int(d.get_length()) for d in node.get_output_partial_shape(0)]
+    out = {}
+    for ax, v in zip((int(x) % rank for x in axes), given.reshape(-1)):
+        scale = float(np.float32(v)) if by_scale else float(np.float32(n_out[ax]) / np.float32(n_in[ax]))
+        out[ax] = (scale, n_out[ax])
+    return out
+
+
+def _interp_window(node: ov.Node, zaxis: int) -> "InterpWindow":
+    """The z-window of an Interpolate node (see :class:`InterpWindow`)."""
+    a, name = node.get_attributes(), node.get_friendly_name()
+    axes = interp_axes(node)
+    if any(ax < 2 and n != node.get_input_partial_shape(0)[ax].get_length() for ax, (_, n) in axes.items()):
+        raise NotStreamable(f"Interpolate {name} resizes the batch or channel axis")
+    n_in = node.get_input_partial_shape(0)[zaxis].get_length()
+    scale, n_out = axes.get(zaxis, (1.0, n_in))
+    linear = a["mode"] != "nearest"
+    if linear and a["antialias"] and n_out < n_in:
+        raise NotStreamable(f"Interpolate {name} antialiases while shrinking z (a window wider than two planes)")
+    plane = tuple((ax, sc, n) for ax, (sc, n) in sorted(axes.items()) if ax not in (0, 1, zaxis))
+    return InterpWindow(n_in=n_in, n_out=n_out, scale=scale, linear=linear,
+                        transform=a["coordinate_transformation_mode"], nearest_mode=a["nearest_mode"], plane=plane)
 
 
 def _pointwise_ok(node: ov.Node, zaxes: list[int | None], zlen: int) -> None:
@@ -236,6 +379,9 @@ def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: in
         model.reshape({model.input(0): ov.PartialShape(full_shape)})
     except Exception as e:  # noqa: BLE001  (the tile path reports shape errors with the user's sizes)
         raise NotStreamable(f"the model rejects the whole-volume shape {full_shape}: {e}") from None
+    folding = Manager()  # sizes computed from shapes (ShapeOf -> Resize) become constants at this shape
+    folding.register_pass(ConstantFolding())
+    folding.run_passes(model)
     param = model.input(0).get_node()
     zof: dict[str, int] = {_key(param.output(0)): zaxis}
     tensors: dict[str, StreamTensor] = {}
@@ -249,6 +395,9 @@ def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: in
             if len(shp) != 5 or zof[k] < 2 or shp[0] != 1:
                 raise NotStreamable(f"{out.get_node().get_type_name()} {out.get_node().get_friendly_name()} "
                                     f"makes a tensor that is not (1, C, D, H, W)")
+            if 0 in shp:
+                raise NotStreamable(f"{out.get_node().get_type_name()} {out.get_node().get_friendly_name()} "
+                                    f"makes an empty tensor {list(shp)} at this volume's size")
             tensors[k] = StreamTensor(k, shp[zof[k]], zof[k], shp)
         return tensors[k]
 
@@ -361,7 +510,9 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
                 inp.replace_source_output(made[want])
         params.append(p)
     sliced: dict[str, ov.Output] = {}
-    if seg.anchor is not None:
+    if isinstance(seg.window, InterpWindow):
+        sliced = _interp_anchor(nodes[seg.anchor], seg.window, t, q, params)
+    elif seg.anchor is not None:
         sliced = _permute_anchor(nodes[seg.anchor], seg, t, sp)
     results = []
     for key in seg.outputs:
@@ -371,7 +522,7 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
             out = ops.convert(out, graph.tensors[key].ov_type).output(0)
         to_r = [q.index(a) for a in graph.tensors[key].order]
         results.append(ops.result(ops.transpose(out, ops.constant(np.array(to_r, np.int64)))))
-    sub = ov.Model(results, params, f"segment{seg.index}")
+    sub = ov.Model(results, params, f"segment{seg.index}")  # an interpolation's call inputs after the planes
     sub.validate_nodes_and_infer_types()
     for res, key in zip(sub.outputs, seg.outputs):
         want = [1, t, *graph.tensors[key].plane_shape]
@@ -431,6 +582,37 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int]) -> dict[
     for tin in targets:
         tin.replace_source_output(sl)
     return {f"{node.get_friendly_name()}:0": sl}
+
+
+def _interp_anchor(node: ov.Node, win: InterpWindow, t: int, q: list[int], params: list[ov.Node]) -> dict[str, ov.Output]:
+    """An Interpolate in (N, C, z, s, s) order, made of its z part and its in-plane part (both interpolations are
+    separable, so this is the same arithmetic): along z, the ``t`` output planes gather their source planes from
+    the chunk's input planes and weigh them (indices and weights are inputs of every call, appended to ``params``:
+    :meth:`InterpWindow.call_inputs`); in-plane, OpenVINO's own Interpolate on the other axes, same attributes."""
+    a = node.get_attributes()
+    data = node.input_value(0)
+    ftype = data.get_element_type()
+    names = ["index0"] if not win.linear else ["index0", "index1", "weight0", "weight1"]
+    extra = [ops.parameter([t] if n.startswith("index") else [1, 1, t, 1, 1],
+                           ov.Type.i32 if n.startswith("index") else ov.Type.f32, name=n) for n in names]
+    params.extend(extra)
+    axis = ops.constant(np.array(2, np.int64))
+    z = ops.gather(data, extra[0], axis).output(0)
+    if win.linear:
+        w0, w1 = (w if ftype == ov.Type.f32 else ops.convert(w, ftype) for w in extra[2:])
+        z = ops.add(ops.multiply(z, w0), ops.multiply(ops.gather(data, extra[1], axis), w1)).output(0)
+    plane = {q.index(ax): (sc, n) for ax, sc, n in win.plane}
+    if plane:
+        by_scale = a["shape_calculation_mode"] == "scales"
+        axes = sorted(plane)
+        given = (np.array([plane[ax][0] for ax in axes], np.float32) if by_scale
+                 else np.array([plane[ax][1] for ax in axes], np.int64))
+        z = ops.interpolate(z, ops.constant(given), a["mode"], a["shape_calculation_mode"], [0] * 5, [0] * 5,
+                            a["coordinate_transformation_mode"], a["nearest_mode"], a["antialias"], a["cube_coeff"],
+                            ops.constant(np.array(axes, np.int64))).output(0)
+    for tin in list(node.output(0).get_target_inputs()):
+        tin.replace_source_output(z)
+    return {f"{node.get_friendly_name()}:0": z}
 
 
 def _use_phases(node: ov.Node) -> bool:

@@ -169,6 +169,8 @@ class StreamRun:
                       for j, ((key, _), (lo, hi)) in enumerate(zip(seg.inputs, ranges))]  # alive until infer returns
             for j, ((key, _), data) in enumerate(zip(seg.inputs, inputs)):
                 req.set_input_tensor(j, _tensor(data, self.g.tensors[key]))
+            for j, arr in enumerate(seg.window.call_inputs(a, t), len(seg.inputs)):  # an interpolation's planes
+                req.set_input_tensor(j, ov.Tensor(arr))
             for j, (k, slot) in enumerate(zip(seg.outputs, slots)):
                 req.set_output_tensor(j, _tensor(slot, self.g.tensors[k]))
             t0 = time.perf_counter()
