@@ -28,6 +28,7 @@ NETWORKS = {
     "transposed_k3s2": (lambda: stream_models.updown(), 2),
     "transposed_k4s2_asym": (lambda: stream_models.updown(k=4, pb=2, pe=0, op=0), 2),
     "monai_basic_unet_batchnorm": (lambda: stream_models.monai_basic_unet(norm="batch"), 16),
+    "monai_basic_unet_trilinear": (lambda: stream_models.monai_basic_unet(norm="batch", upsample="nontrainable"), 16),
 }
 
 SHAPES = [(13, 11, 1), (9, 14, 6), (22, 17, 30)]
