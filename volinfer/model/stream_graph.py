@@ -360,6 +360,8 @@ def _pointwise_ok(node: ov.Node, zaxes: list[int | None], zlen: int) -> None:
         if t in ("Concat", "Softmax", "LogSoftmax") or (t == "FakeQuantize" and i == 0):
             continue
         r = shp.rank.get_length()
+        if t == "PRelu" and r == 1:  # a 1-D slope broadcasts along the channel axis (PReLU's own rule)
+            continue
         for ax in range(2, out_rank):
             pos = ax - (out_rank - r)
             if pos >= 0 and shp[pos].get_length() != 1:
@@ -370,8 +372,31 @@ def _pointwise_ok(node: ov.Node, zaxes: list[int | None], zlen: int) -> None:
 
 
 def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: int = 0) -> StreamGraph:
-    """Cut ``model`` (single input, z at ``zaxis`` of it) into segments; ``full_shape``: the whole padded volume's
-    input shape. Raises :class:`NotStreamable` naming the first operation that cannot be streamed."""
+    """Cut ``model`` (single input, z at ``zaxis`` of it) into segments computing its output ``output_index`` (the
+    operations other outputs alone need are left out: a deep-supervision model streams the output the run asks
+    for); ``full_shape``: the whole padded volume's input shape. Raises :class:`NotStreamable` naming the first
+    operation that cannot be streamed."""
+    model = _at_shape(model, full_shape)
+    out = model.output(output_index).get_node().input_value(0)
+    cut = _Cutter(model.input(0).get_node().output(0), zaxis)
+    needed = _ancestors(out.get_node())
+    for node in model.get_ordered_ops():
+        if node.get_friendly_name() in needed:
+            cut.add(node)
+    out_key = _key(out)
+    if out_key not in cut.zof:
+        raise NotStreamable("the model's output does not depend on its input")
+    if cut.tensor(out).shape[2:] != tuple(full_shape[2:]):
+        raise NotStreamable(f"the model's output {list(cut.tensor(out).shape)} does not keep its input's spatial "
+                            f"size {list(full_shape)}")
+    _set_outputs(model, cut.segments, cut.seg_of, out_key)
+    producer = {k: s.index for s in cut.segments for k in s.outputs}
+    return StreamGraph(model, cut.input_key, out_key, cut.tensors, cut.segments, producer)
+
+
+def _at_shape(model: ov.Model, full_shape: list[int]) -> ov.Model:
+    """A copy of ``model`` at the whole volume's static shape, its nodes named ``vi<i>`` (unique), shapes computed
+    from shapes folded to constants (ShapeOf -> Resize sizes)."""
     model = model.clone()
     for i, node in enumerate(model.get_ordered_ops()):
         node.set_friendly_name(f"vi{i}")
@@ -379,82 +404,91 @@ def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: in
         model.reshape({model.input(0): ov.PartialShape(full_shape)})
     except Exception as e:  # noqa: BLE001  (the tile path reports shape errors with the user's sizes)
         raise NotStreamable(f"the model rejects the whole-volume shape {full_shape}: {e}") from None
-    folding = Manager()  # sizes computed from shapes (ShapeOf -> Resize) become constants at this shape
+    folding = Manager()
     folding.register_pass(ConstantFolding())
     folding.run_passes(model)
-    param = model.input(0).get_node()
-    zof: dict[str, int] = {_key(param.output(0)): zaxis}
-    tensors: dict[str, StreamTensor] = {}
-    seg_of: dict[str, int] = {}  # node name -> segment index
-    segments: list[Segment] = []
+    return model
 
-    def tensor(out: ov.Output) -> StreamTensor:
+
+def _ancestors(node: ov.Node) -> set[str]:
+    """Names of ``node`` and every node it depends on."""
+    seen: set[str] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n.get_friendly_name() not in seen:
+            seen.add(n.get_friendly_name())
+            todo.extend(i.get_source_output().get_node() for i in n.inputs())
+    return seen
+
+
+class _Cutter:
+    """Builds the segments node by node, in topological order: a z-window operation opens a segment, plane-local
+    operations join the latest segment their streamed inputs come from."""
+
+    def __init__(self, source: ov.Output, zaxis: int) -> None:
+        self.input_key = _key(source)
+        self.zof: dict[str, int] = {self.input_key: zaxis}  # streamed tensor -> its z axis
+        self.tensors: dict[str, StreamTensor] = {}
+        self.seg_of: dict[str, int] = {}  # node name -> segment index
+        self.segments: list[Segment] = []
+        self.tensor(source)
+
+    def tensor(self, out: ov.Output) -> StreamTensor:
+        """The streamed tensor of ``out`` (made on first use, its shape checked)."""
         k = _key(out)
-        if k not in tensors:
+        if k not in self.tensors:
             shp = tuple(int(d) for d in out.get_shape())
-            if len(shp) != 5 or zof[k] < 2 or shp[0] != 1:
-                raise NotStreamable(f"{out.get_node().get_type_name()} {out.get_node().get_friendly_name()} "
-                                    f"makes a tensor that is not (1, C, D, H, W)")
+            what = f"{out.get_node().get_type_name()} {out.get_node().get_friendly_name()}"
+            if len(shp) != 5 or self.zof[k] < 2 or shp[0] != 1:
+                raise NotStreamable(f"{what} makes a tensor that is not (1, C, D, H, W)")
             if 0 in shp:
-                raise NotStreamable(f"{out.get_node().get_type_name()} {out.get_node().get_friendly_name()} "
-                                    f"makes an empty tensor {list(shp)} at this volume's size")
-            tensors[k] = StreamTensor(k, shp[zof[k]], zof[k], shp)
-        return tensors[k]
+                raise NotStreamable(f"{what} makes an empty tensor {list(shp)} at this volume's size")
+            self.tensors[k] = StreamTensor(k, shp[self.zof[k]], self.zof[k], shp)
+        return self.tensors[k]
 
-    tensor(param.output(0))
-    for node in model.get_ordered_ops():
-        t = node.get_type_name()
-        name = node.get_friendly_name()
-        if t in ("Parameter", "Constant") or _is_const_like(node, set(zof)):
-            continue
+    def add(self, node: ov.Node) -> None:
+        t, name = node.get_type_name(), node.get_friendly_name()
+        if t in ("Parameter", "Constant", "Result") or _is_const_like(node, set(self.zof)):
+            return
         srcs = [i.get_source_output() for i in node.inputs()]
-        zaxes = [zof.get(_key(s)) for s in srcs]
-        if t == "Result":
-            continue
+        zaxes = [self.zof.get(_key(s)) for s in srcs]
         if node.get_output_size() != 1 and t != "MaxPool":
             raise NotStreamable(f"{t} {name} has several outputs")
         if t in WINDOW:
             if zaxes[0] is None or any(z is not None for z in zaxes[1:]):
                 raise NotStreamable(f"{t} {name} takes streamed weights")
             window, pad = _window_of(node, zaxes[0])
-            seg = Segment(len(segments), [name], name, window, pad, [(_key(srcs[0]), window)])
-            segments.append(seg)
-            seg_of[name] = seg.index
-            tensor(srcs[0])
-            zof[_key(node.output(0))] = zaxes[0]
-            continue
+            self.segments.append(Segment(len(self.segments), [name], name, window, pad, [(_key(srcs[0]), window)]))
+            self.seg_of[name] = len(self.segments) - 1
+            self.tensor(srcs[0])
+            self.zof[_key(node.output(0))] = zaxes[0]
+            return
         if t not in POINTWISE:
             raise NotStreamable(f"{t} {name} is not plane-local (volinfer streams convolutions, pooling, "
-                                f"transposed convolutions and element-wise operations)")
-        z = next(z for z in zaxes if z is not None)
-        _pointwise_ok(node, zaxes, tensor(next(s for s, zz in zip(srcs, zaxes) if zz is not None)).n)
-        zof[_key(node.output(0))] = z
+                                f"interpolation, transposed convolutions and element-wise operations)")
         streamed = [s for s, zz in zip(srcs, zaxes) if zz is not None]
-        owners = [seg_of.get(s.get_node().get_friendly_name()) for s in streamed]
+        _pointwise_ok(node, zaxes, self.tensor(streamed[0]).n)
+        self.zof[_key(node.output(0))] = next(z for z in zaxes if z is not None)
+        self._join(name, streamed)
+
+    def _join(self, name: str, streamed: list[ov.Output]) -> None:
+        """Put plane-local node ``name`` in the latest segment its ``streamed`` inputs come from (a new one when
+        they all come from the input); inputs from other segments become that segment's plane-by-plane inputs."""
+        owners = [self.seg_of.get(s.get_node().get_friendly_name()) for s in streamed]
         host = max((o for o in owners if o is not None), default=None)
         if host is None:
-            seg = Segment(len(segments), [name])
-            segments.append(seg)
-            host = seg.index
+            self.segments.append(Segment(len(self.segments), [name]))
+            host = len(self.segments) - 1
         else:
-            segments[host].nodes.append(name)
-        seg_of[name] = host
+            self.segments[host].nodes.append(name)
+        self.seg_of[name] = host
+        seg = self.segments[host]
         for s, o in zip(streamed, owners):
-            seg = segments[host]
             tail = seg.inputs[1:] if seg.anchor is not None else seg.inputs
             if o != host and (_key(s), ZWindow()) not in tail:
                 seg.inputs.append((_key(s), ZWindow()))
-                tensor(s)
-    out = model.output(output_index).get_node().input_value(0)
-    out_key = _key(out)
-    if out_key not in zof:
-        raise NotStreamable("the model's output does not depend on its input")
-    if tensor(out).shape[2:] != tuple(full_shape[2:]):
-        raise NotStreamable(f"the model's output {list(tensor(out).shape)} does not keep its input's spatial size "
-                            f"{list(full_shape)}")
-    _set_outputs(model, segments, seg_of, out_key)
-    producer = {k: s.index for s in segments for k in s.outputs}
-    return StreamGraph(model, _key(param.output(0)), out_key, tensors, segments, producer)
+                self.tensor(s)
 
 
 def _set_outputs(model: ov.Model, segments: list[Segment], seg_of: dict[str, int], out_key: str) -> None:
