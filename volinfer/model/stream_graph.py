@@ -158,6 +158,20 @@ class InterpWindow(ZWindow):
         return [(i0 - lo).astype(np.int32), (i1 - lo).astype(np.int32), (1 - w).reshape(shape), w.reshape(shape)]
 
 
+@dataclass(frozen=True)
+class ExcludePadWindow(ZWindow):
+    """An average pooling that excludes padding: the segment pools over zero padding planes as if they counted, and
+    each output plane is then scaled by ``k / (planes of its window inside the volume)`` (a per-call input). The
+    in-plane count is OpenVINO's own: the divisor of a box is the product of its per-axis counts."""
+
+    n_in: int = 1
+
+    def call_inputs(self, a: int, t: int) -> list[np.ndarray]:
+        taps = (np.arange(a, a + t) * self.s - self.p)[:, None] + np.arange(self.k)[None, :] * self.d
+        inside = ((taps >= 0) & (taps < self.n_in)).sum(axis=1)
+        return [(self.k / np.maximum(inside, 1)).astype(np.float32).reshape(1, 1, t, 1, 1)]
+
+
 def _nearest(c: np.ndarray, mode: str, downsample: bool) -> np.ndarray:
     """Interpolate's nearest-plane rounding of source coordinates ``c`` (float32), as OpenVINO rounds them."""
     fl = np.floor(c)
@@ -280,15 +294,14 @@ def _window_of(node: ov.Node, zaxis: int) -> tuple[ZWindow, float]:
         return _interp_window(node, zaxis), 0.0
     if si < 0:
         raise NotStreamable(f"{t} {node.get_friendly_name()} convolves over the axis volinfer streams along")
-    if t == "AvgPool" and (a["pads_begin"][si] or a["pads_end"][si]):
-        raise NotStreamable(f"AvgPool {node.get_friendly_name()} pads along z (exclude-pad averages)")
-    if t in ("MaxPool", "AvgPool"):
-        k = int(a["kernel"][si])
-        d = int(a.get("dilations", [1, 1, 1])[si]) if "dilations" in a else 1
-        if t == "MaxPool" and node.get_output_size() > 1 and node.output(1).get_target_inputs():
+    if t == "AvgPool":
+        return _avg_pool_window(node, zaxis), 0.0
+    if t == "MaxPool":
+        if node.get_output_size() > 1 and node.output(1).get_target_inputs():
             raise NotStreamable(f"MaxPool {node.get_friendly_name()} uses its indices output")
-        return ZWindow("conv", k, int(a["strides"][si]), int(a["pads_begin"][si]), d), \
-            (float("-inf") if t == "MaxPool" else 0.0)
+        d = int(a["dilations"][si]) if "dilations" in a else 1
+        return ZWindow("conv", int(a["kernel"][si]), int(a["strides"][si]), int(a["pads_begin"][si]), d), \
+            float("-inf")
     wshape = node.input(1).get_partial_shape()
     if wshape.is_dynamic:
         raise NotStreamable(f"{t} {node.get_friendly_name()} has dynamic weights")
@@ -341,6 +354,21 @@ def _interp_window(node: ov.Node, zaxis: int) -> "InterpWindow":
     plane = tuple((ax, sc, n) for ax, (sc, n) in sorted(axes.items()) if ax not in (0, 1, zaxis))
     return InterpWindow(n_in=n_in, n_out=n_out, scale=scale, linear=linear,
                         transform=a["coordinate_transformation_mode"], nearest_mode=a["nearest_mode"], plane=plane)
+
+
+def _avg_pool_window(node: ov.Node, zaxis: int) -> ZWindow:
+    """An AvgPool's z-window. Padding planes are supplied as zeros: averages that count them need nothing more;
+    averages that exclude them (``exclude_pad``) are rescaled per output plane (:class:`ExcludePadWindow`). A
+    window reaching past the padding (ceil rounding) would average a count OpenVINO defines its own way: refused."""
+    a, si = node.get_attributes(), zaxis - 2
+    k, s, pb = int(a["kernel"][si]), int(a["strides"][si]), int(a["pads_begin"][si])
+    n_in = node.get_input_partial_shape(0)[zaxis].get_length()
+    n_out = node.get_output_partial_shape(0)[zaxis].get_length()
+    if (n_out - 1) * s - pb + k > n_in + int(a["pads_end"][si]):
+        raise NotStreamable(f"AvgPool {node.get_friendly_name()} averages windows past its padding (ceil rounding)")
+    if a["exclude-pad"] and (pb or a["pads_end"][si] or (n_out - 1) * s - pb + k > n_in):
+        return ExcludePadWindow("conv", k, s, pb, n_in=n_in)
+    return ZWindow("conv", k, s, pb)
 
 
 def _pointwise_ok(node: ov.Node, zaxes: list[int | None], zlen: int) -> None:
@@ -547,7 +575,7 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
     if isinstance(seg.window, InterpWindow):
         sliced = _interp_anchor(nodes[seg.anchor], seg.window, t, q, params)
     elif seg.anchor is not None:
-        sliced = _permute_anchor(nodes[seg.anchor], seg, t, sp)
+        sliced = _permute_anchor(nodes[seg.anchor], seg, t, sp, params)
     results = []
     for key in seg.outputs:
         name, idx = key.rsplit(":", 1)
@@ -583,9 +611,11 @@ def _input_ports(seg: Segment, nodes: dict[str, ov.Node]) -> list[tuple[ov.Input
     return ports
 
 
-def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int]) -> dict[str, ov.Output]:
+def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int], params: list[ov.Node]) -> dict[str, ov.Output]:
     """Run the anchor in (N, C, z, s, s) order without z padding (the caller supplies padding planes); a transposed
-    convolution's output is sliced to the ``t`` planes the chunk owns. Returns replaced outputs by tensor key."""
+    convolution's output is sliced to the ``t`` planes the chunk owns, an exclude-pad average rescaled per plane
+    (its factors a call input appended to ``params``). Returns replaced outputs by tensor key. (Pooling keeps its
+    rounding: a chunk's input planes hold exactly its windows, so floor and ceil agree along z.)"""
     kind = node.get_type_name()
     a = node.get_attributes()
     for name in ("strides", "dilations", "pads_begin", "pads_end", "kernel", "output_padding"):
@@ -597,25 +627,33 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int]) -> dict[
     if "auto_pad" in a:
         node.set_attribute("auto_pad", "explicit")
     w, perm = None, None
-    if kind in ("MaxPool", "AvgPool"):
-        node.set_attribute("rounding_type", "floor")
-    else:
+    if kind not in ("MaxPool", "AvgPool"):
         lead = 3 if kind.startswith("Group") else 2
         perm = list(range(lead)) + [lead + i for i in sp]
         w = node.input_value(1)
         node.input(1).replace_source_output(ops.transpose(w, ops.constant(np.array(perm, np.int64))).output(0))
     node.validate_and_infer_types()
+    if isinstance(seg.window, ExcludePadWindow):
+        factor = ops.parameter([1, 1, t, 1, 1], ov.Type.f32, name="exclude_pad_factor")
+        params.append(factor)
+        scale = factor if node.get_output_element_type(0) == ov.Type.f32 else ops.convert(factor, node.get_output_element_type(0))
+        return _rewire(node, ops.multiply(node.output(0), scale).output(0))
     if seg.window.kind != "transposed":
         return {}
     out = node.output(0)
-    targets = list(out.get_target_inputs())
     off = seg.window.local_offset(t)
     phased = _phase_convolution(node, w, perm, off, t) if w is not None and _use_phases(node) else None
     sl = phased if phased is not None else ops.slice(out, np.array([off], np.int64), np.array([off + t], np.int64),
                                                      np.array([1], np.int64), np.array([2], np.int64)).output(0)
-    for tin in targets:
-        tin.replace_source_output(sl)
-    return {f"{node.get_friendly_name()}:0": sl}
+    return _rewire(node, sl)
+
+
+def _rewire(node: ov.Node, out: ov.Output) -> dict[str, ov.Output]:
+    """Every consumer of ``node``'s output reads ``out`` instead (the node's output, reworked for the chunk)."""
+    for tin in list(node.output(0).get_target_inputs()):
+        if tin.get_node() != out.get_node():
+            tin.replace_source_output(out)
+    return {f"{node.get_friendly_name()}:0": out}
 
 
 def _interp_anchor(node: ov.Node, win: InterpWindow, t: int, q: list[int], params: list[ov.Node]) -> dict[str, ov.Output]:
@@ -644,9 +682,7 @@ def _interp_anchor(node: ov.Node, win: InterpWindow, t: int, q: list[int], param
         z = ops.interpolate(z, ops.constant(given), a["mode"], a["shape_calculation_mode"], [0] * 5, [0] * 5,
                             a["coordinate_transformation_mode"], a["nearest_mode"], a["antialias"], a["cube_coeff"],
                             ops.constant(np.array(axes, np.int64))).output(0)
-    for tin in list(node.output(0).get_target_inputs()):
-        tin.replace_source_output(z)
-    return {f"{node.get_friendly_name()}:0": z}
+    return _rewire(node, z)
 
 
 def _use_phases(node: ov.Node) -> bool:
