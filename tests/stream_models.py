@@ -84,3 +84,57 @@ def torch_upsample_unet(align_corners: bool = True, mode: str = "trilinear", see
                 mod.running_mean.normal_(0, 0.1)
                 mod.running_var.uniform_(0.5, 2.0)
     return net
+
+
+def torch_vocabulary(tk: int = 3, ts: int = 2, tp: int = 1, top: int = 1, tg: int = 1, td: int = 1,
+                     ceil: bool = False, include_pad: bool = True, seed: int = 0):
+    """A PyTorch network (size multiple 2) of the rest of a U-Net's vocabulary: dilated convolutions (2 and 3),
+    PReLU per channel, a depthwise and a grouped strided convolution, LeakyReLU, max and average pooling (ceil
+    mode and count_include_pad as given), a transposed convolution (kernel ``tk``, stride ``ts``, padding ``tp``,
+    output padding ``top``, groups ``tg``, dilation ``td``), a sigmoid head."""
+    import torch
+    from torch import nn
+
+    class Vocabulary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c0, self.a0 = nn.Conv3d(1, 8, 3, padding=2, dilation=2), nn.PReLU(8)
+            self.dw = nn.Conv3d(8, 8, 3, padding=1, groups=8)
+            self.g, self.a1 = nn.Conv3d(8, 8, 3, stride=2, padding=1, groups=4), nn.LeakyReLU(0.05)
+            self.d3 = nn.Conv3d(16, 8, 3, padding=3, dilation=3)
+            self.up = nn.ConvTranspose3d(8, 8, tk, stride=ts, padding=tp, output_padding=top, groups=tg, dilation=td)
+            self.head = nn.Conv3d(16, 2, 1)
+
+        def forward(self, x):
+            e = self.a0(self.c0(x))
+            e = e + self.dw(e)
+            k, p = (2, 0) if ceil else (3, 1)  # ceil mode: windows that stay inside (overhanging ones are refused)
+            pooled = torch.cat([nn.functional.max_pool3d(e, 2, ceil_mode=ceil),
+                                nn.functional.avg_pool3d(e, k, 2, p, ceil_mode=ceil, count_include_pad=include_pad)], 1)
+            b = self.a1(self.d3(torch.cat([self.a1(self.g(e)), pooled[:, ::2]], 1)))
+            return torch.sigmoid(self.head(torch.cat([self.up(b), e], 1)))
+
+    torch.manual_seed(seed)
+    return Vocabulary().eval()
+
+
+def torch_deep_supervision(seed: int = 0):
+    """A PyTorch U-Net (size multiple 2) with three outputs, as deep-supervision networks export: full-resolution
+    logits, half-resolution logits, and a full-resolution softmax head from the encoder."""
+    import torch
+    from torch import nn
+
+    class DeepSupervision(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.e0, self.e1 = nn.Conv3d(1, 4, 3, padding=1), nn.Conv3d(4, 8, 3, stride=2, padding=1)
+            self.up = nn.ConvTranspose3d(8, 4, 2, stride=2)
+            self.h0, self.h1, self.h2 = nn.Conv3d(8, 2, 1), nn.Conv3d(8, 2, 1), nn.Conv3d(4, 3, 1)
+
+        def forward(self, x):
+            e0 = torch.relu(self.e0(x))
+            e1 = torch.relu(self.e1(e0))
+            return self.h0(torch.cat([self.up(e1), e0], 1)), self.h1(e1), torch.softmax(self.h2(e0), 1)
+
+    torch.manual_seed(seed)
+    return DeepSupervision().eval()

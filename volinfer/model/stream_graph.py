@@ -36,6 +36,11 @@ Multiply Negative NotEqual PRelu Power Relu Round Select Selu Sigmoid Sign Sin S
 SquaredDifference Subtract Swish Tan Tanh
 """.split())
 
+#: Plane-local when they work along the channel axis only (their axes input, at this index, is [1]; reductions
+#: keep dims): channel slices (``x[:, ::2]``), channel sums/means/maxima, channel L2 normalisation.
+ALONG_CHANNELS = {"Slice": 4, "ReduceSum": 1, "ReduceMean": 1, "ReduceMax": 1, "ReduceMin": 1, "ReduceProd": 1,
+                  "ReduceL1": 1, "ReduceL2": 1, "NormalizeL2": 1}
+
 #: Operations whose output plane j depends on a window of input planes along z.
 WINDOW = frozenset(["Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData",
                     "MaxPool", "AvgPool", "Interpolate"])
@@ -356,6 +361,18 @@ def _interp_window(node: ov.Node, zaxis: int) -> "InterpWindow":
                         transform=a["coordinate_transformation_mode"], nearest_mode=a["nearest_mode"], plane=plane)
 
 
+def _along_channels(node: ov.Node) -> None:
+    """Raise unless ``node`` (one of :data:`ALONG_CHANNELS`) works along the channel axis only."""
+    t, name = node.get_type_name(), node.get_friendly_name()
+    port = ALONG_CHANNELS[t]
+    axes = _constant_value(node.input_value(port)) if node.get_input_size() > port else None
+    rank = node.get_output_partial_shape(0).rank.get_length()
+    if axes is None or rank != 5 or any(int(a) % rank != 1 for a in axes.reshape(-1)):
+        raise NotStreamable(f"{t} {name} works across space (volinfer streams it along channels only)")
+    if t.startswith("Reduce") and not node.get_attributes().get("keep_dims", False):
+        raise NotStreamable(f"{t} {name} drops the channel axis")
+
+
 def _avg_pool_window(node: ov.Node, zaxis: int) -> ZWindow:
     """An AvgPool's z-window. Padding planes are supplied as zeros: averages that count them need nothing more;
     averages that exclude them (``exclude_pad``) are rescaled per output plane (:class:`ExcludePadWindow`). A
@@ -385,7 +402,7 @@ def _pointwise_ok(node: ov.Node, zaxes: list[int | None], zlen: int) -> None:
             if shp.rank.get_length() != out_rank or shp[z].get_length() != zlen:
                 raise NotStreamable(f"{t} {node.get_friendly_name()} broadcasts a streamed tensor along z")
             continue
-        if t in ("Concat", "Softmax", "LogSoftmax") or (t == "FakeQuantize" and i == 0):
+        if t in ("Concat", "Softmax", "LogSoftmax") or (t == "FakeQuantize" and i == 0) or t in ALONG_CHANNELS:
             continue
         r = shp.rank.get_length()
         if t == "PRelu" and r == 1:  # a 1-D slope broadcasts along the channel axis (PReLU's own rule)
@@ -492,7 +509,9 @@ class _Cutter:
             self.tensor(srcs[0])
             self.zof[_key(node.output(0))] = zaxes[0]
             return
-        if t not in POINTWISE:
+        if t in ALONG_CHANNELS:
+            _along_channels(node)
+        elif t not in POINTWISE:
             raise NotStreamable(f"{t} {name} is not plane-local (volinfer streams convolutions, pooling, "
                                 f"interpolation, transposed convolutions and element-wise operations)")
         streamed = [s for s, zz in zip(srcs, zaxes) if zz is not None]
