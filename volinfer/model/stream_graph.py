@@ -7,7 +7,7 @@ that its kernel still needs, skip connections keep the planes their decoder has 
 whole-volume inference, plane slab by plane slab, in memory that grows with the cross-section, not the volume.
 
 This module reads an OpenVINO model and cuts it into *segments*: one z-window operation (convolution, transposed
-convolution, pooling) followed by the operations that act plane by plane (bias, activation, batch norm, residual
+convolution, pooling, interpolation) followed by the operations that act plane by plane (bias, activation, batch norm, residual
 additions, concatenation over channels), or plane-by-plane operations alone. Each segment becomes its own small
 OpenVINO model, compiled at a static number of planes, whose inputs and outputs are stored z-first (planes
 outermost) so that any run of planes is one contiguous block shared with OpenVINO without copies. A model with an
