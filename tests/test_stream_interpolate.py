@@ -117,3 +117,38 @@ def test_trilinear_align_corners_unet_streams(tmp_path, route):
             else:
                 assert np.abs(out - ref).max() < 0.03
                 assert (out.argmax(0) == ref.argmax(0)).mean() > 0.99
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_bands_only_where_interpolation_allows_them(tmp_path):
+    """A budget below the whole cross-section: half-pixel upsampling streams in bands of y rows (shift-equivariant
+    for band starts on the size multiple: equal to whole-volume inference); align_corners=True cannot (its
+    coordinates scale with the extent: a band would be a tile), so --engine stream refuses within that budget
+    instead of computing something else."""
+    from volinfer.errors import VolinferError
+    from volinfer.model.tile_model import CompileOptions, TileModel
+    from volinfer.run.fidelity import RUNTIME_FLOOR_MB, weights_mb
+    from volinfer.run.stream import plan_stream
+
+    shape = (20, 150, 28)
+    vol = _volume(shape, seed=30)
+    for align in (False, True):
+        path = tmp_path / f"up{align}.xml"
+        m = stream_models.from_torch(stream_models.torch_upsample_unet(align_corners=align, seed=4), 4)
+        m.set_rt_info("[20, 20, 20]", ["volinfer", "receptive_field"])
+        ov.save_model(m, str(path))
+        tm = TileModel(path, compile=False, options=CompileOptions(precision="f32"))
+        whole = plan_stream(tm, shape, "f32")
+        narrow = plan_stream(tm, shape, "f32", fits=lambda p: False, margin_y=24)
+        if align:
+            assert narrow.band == whole.band
+            budget = RUNTIME_FLOOR_MB + weights_mb(tm.model) + 0.8 * whole.memory_mb
+            with pytest.raises(VolinferError, match="--max-memory"):
+                predict(vol, path, engine="stream", precision="f32", max_memory_mb=budget, progress=False)
+            continue
+        assert narrow.band < whole.band
+        budget = RUNTIME_FLOOR_MB + weights_mb(tm.model) + (whole.memory_mb + narrow.memory_mb) / 2
+        out, rep = predict(vol, path, engine="stream", precision="f32", kind="raw", max_memory_mb=budget,
+                           progress=False, report=True)
+        assert rep.grid[1] > 1, rep.notes
+        np.testing.assert_allclose(np.moveaxis(out, -1, 0), whole_volume(path, vol), atol=1e-5, rtol=0)

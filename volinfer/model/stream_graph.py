@@ -274,6 +274,12 @@ class StreamGraph:
     segments: list[Segment]
     producer: dict[str, int]  # tensor key -> segment index (the input has none)
 
+    def bands_exact(self, axis: int) -> bool:
+        """Whether bands along model ``axis`` (with margins) compute what the whole extent does: not when an
+        interpolation resizes that axis with align_corners (its coordinates scale with the extent)."""
+        return not any(isinstance(s.window, InterpWindow) and s.window.transform == "align_corners"
+                       and any(ax == axis for ax, _, _ in s.window.plane) for s in self.segments)
+
     def store_in(self, precision: str) -> None:
         """Keep the planes between segments in ``precision`` (a bf16/f16 run computes in it anyway: storing it
         halves the buffers and the memory traffic); the input and the output stay float32."""

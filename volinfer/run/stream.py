@@ -332,12 +332,13 @@ def plan_stream(tm: TileModel, shape: tuple[int, int, int], precision: str,
                 fits: Callable[[StreamPlan], bool] | None = None, margin_y: int | None = None) -> StreamPlan:
     """How ``tm`` would stream a volume of ``shape`` (x, y, z) at ``precision``: the whole cross-section at once,
     or — when that does not satisfy ``fits`` and a y margin covering the receptive field is given — the widest band
-    of y rows that does (memory grows with the rows of a band; the narrowest band when none does). Raises
-    NotStreamable."""
+    of y rows that does (memory grows with the rows of a band; the narrowest band when none does). A model whose
+    in-plane coordinates depend on the extent along y (align_corners interpolation) streams whole cross-sections
+    only: a band would be a tile, and no tiling is exact for it. Raises NotStreamable."""
     m = tm.multiple
     padded = tuple(-(-n // m) * m for n in shape)
     whole = _plan_band(tm, shape, padded, padded[1], 0, precision)  # type: ignore[arg-type]
-    if fits is None or fits(whole) or margin_y is None:
+    if fits is None or fits(whole) or margin_y is None or not whole.graph.bands_exact(3):
         return whole
     margin = -(-margin_y // m) * m
     extents = list(range(2 * margin + m, padded[1] - m + 1, m))  # band rows, a core of >= m rows each
