@@ -99,6 +99,7 @@ def test_unstreamable_model_runs_tiles_or_says_why(tmp_path):
                          axes=ops.constant(np.array([2, 3, 4], np.int64)))
     m = ov.Model([ops.add(up, param)], [param])
     m.set_rt_info("2", ["volinfer", "size_multiple"])
+    m.set_rt_info("[12, 12, 12]", ["volinfer", "receptive_field"])  # stored: the tiled run measures nothing
     path = tmp_path / "cubic.xml"
     ov.save_model(m, str(path))
     vol = _volume((20, 18, 22))
