@@ -152,3 +152,14 @@ def test_bands_only_where_interpolation_allows_them(tmp_path):
                            progress=False, report=True)
         assert rep.grid[1] > 1, rep.notes
         np.testing.assert_allclose(np.moveaxis(out, -1, 0), whole_volume(path, vol), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("transform,scale,bands", [("half_pixel", 2.0, True), ("asymmetric", 0.5, True),
+                                                   ("align_corners", 2.0, False), ("half_pixel", 1.5, False)])
+def test_bands_exact_only_for_whole_factors_without_align_corners(transform, scale, bands):
+    """Bands along y are tiles along y: exact for whole up/down factors whose coordinates shift with the band."""
+    from volinfer.model.stream_graph import analyse
+
+    graph = analyse(_resample("linear_onnx", transform, "floor", scale), [1, 1, 16, 24, 12], 4)
+    assert graph.bands_exact(3) is bands
+    assert graph.bands_exact(2) is bands and graph.bands_exact(4)  # z is never cut into bands

@@ -276,9 +276,16 @@ class StreamGraph:
 
     def bands_exact(self, axis: int) -> bool:
         """Whether bands along model ``axis`` (with margins) compute what the whole extent does: not when an
-        interpolation resizes that axis with align_corners (its coordinates scale with the extent)."""
-        return not any(isinstance(s.window, InterpWindow) and s.window.transform == "align_corners"
-                       and any(ax == axis for ax, _, _ in s.window.plane) for s in self.segments)
+        interpolation resizes that axis with align_corners (its coordinates scale with the extent) or by a factor
+        that is not a whole number (up or down: coordinates shift by fractions of a voxel between bands)."""
+        for seg in self.segments:
+            if not isinstance(seg.window, InterpWindow):
+                continue
+            for ax, scale, _ in seg.window.plane:
+                whole = min(abs(scale - round(scale)), abs(1 / scale - round(1 / scale))) < 1e-6
+                if ax == axis and (seg.window.transform == "align_corners" or not whole):
+                    return False
+        return True
 
     def store_in(self, precision: str) -> None:
         """Keep the planes between segments in ``precision`` (a bf16/f16 run computes in it anyway: storing it
