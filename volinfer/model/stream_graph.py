@@ -7,9 +7,9 @@ that its kernel still needs, skip connections keep the planes their decoder has 
 whole-volume inference, plane slab by plane slab, in memory that grows with the cross-section, not the volume.
 
 This module reads an OpenVINO model and cuts it into *segments*: one z-window operation (convolution, transposed
-convolution, pooling, interpolation) followed by the operations that act plane by plane (bias, activation, batch norm, residual
-additions, concatenation over channels), or plane-by-plane operations alone. Each segment becomes its own small
-OpenVINO model, compiled at a static number of planes, whose inputs and outputs are stored z-first (planes
+convolution, pooling, interpolation) followed by the operations that act plane by plane (bias, activation, batch
+norm, residual additions, concatenation over channels), or plane-by-plane operations alone. Each segment becomes its
+own small OpenVINO model, compiled at a static number of planes, whose inputs and outputs are stored z-first (planes
 outermost) so that any run of planes is one contiguous block shared with OpenVINO without copies. A model with an
 operation that is not plane-local (InstanceNorm over the volume, reshapes, attention) is reported as not streamable
 and runs tile by tile instead.
@@ -358,7 +358,7 @@ def interp_axes(node: ov.Node) -> dict[int, tuple[float, int]]:
     return out
 
 
-def _interp_window(node: ov.Node, zaxis: int) -> "InterpWindow":
+def _interp_window(node: ov.Node, zaxis: int) -> InterpWindow:
     """The z-window of an Interpolate node (see :class:`InterpWindow`)."""
     a, name = node.get_attributes(), node.get_friendly_name()
     axes = interp_axes(node)
@@ -643,7 +643,8 @@ def _input_ports(seg: Segment, nodes: dict[str, ov.Node]) -> list[tuple[ov.Input
     return ports
 
 
-def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int], params: list[ov.Node]) -> dict[str, ov.Output]:
+def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int],
+                    params: list[ov.Node]) -> dict[str, ov.Output]:
     """Run the anchor in (N, C, z, s, s) order without z padding (the caller supplies padding planes); a transposed
     convolution's output is sliced to the ``t`` planes the chunk owns, an exclude-pad average rescaled per plane
     (its factors a call input appended to ``params``). Returns replaced outputs by tensor key. (Pooling keeps its
@@ -668,7 +669,8 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int], params: 
     if isinstance(seg.window, ExcludePadWindow):
         factor = ops.parameter([1, 1, t, 1, 1], ov.Type.f32, name="exclude_pad_factor")
         params.append(factor)
-        scale = factor if node.get_output_element_type(0) == ov.Type.f32 else ops.convert(factor, node.get_output_element_type(0))
+        ftype = node.get_output_element_type(0)
+        scale = factor if ftype == ov.Type.f32 else ops.convert(factor, ftype)
         return _rewire(node, ops.multiply(node.output(0), scale).output(0))
     if seg.window.kind != "transposed":
         return {}
@@ -688,7 +690,8 @@ def _rewire(node: ov.Node, out: ov.Output) -> dict[str, ov.Output]:
     return {f"{node.get_friendly_name()}:0": out}
 
 
-def _interp_anchor(node: ov.Node, win: InterpWindow, t: int, q: list[int], params: list[ov.Node]) -> dict[str, ov.Output]:
+def _interp_anchor(node: ov.Node, win: InterpWindow, t: int, q: list[int],
+                   params: list[ov.Node]) -> dict[str, ov.Output]:
     """An Interpolate in (N, C, z, s, s) order, made of its z part and its in-plane part (both interpolations are
     separable, so this is the same arithmetic): along z, the ``t`` output planes gather their source planes from
     the chunk's input planes and weigh them (indices and weights are inputs of every call, appended to ``params``:
