@@ -304,8 +304,10 @@ class StreamPlan:
         """Keep the planes between segments in ``precision`` (a run whose precision changed after planning: the
         guard moving bf16 to f32). Plane sizes set the chunks, and the chunks the buffers: all re-sized together,
         the predicted peak moved by the difference."""
-        before = self.memory_mb
+        before, stored = self.memory_mb, [t.storage for t in self.graph.tensors.values()]
         self.graph.store_in(precision if precision in ("bf16", "f16") else "f32")
+        if stored == [t.storage for t in self.graph.tensors.values()]:
+            return  # planned for this storage already
         self.chunks, self.capacities, self.buffers_mb, self.working_mb = _sizes(self.graph, self.read_planes,
                                                                                 self.rows)
         if self.peak_mb is not None:
