@@ -453,8 +453,8 @@ def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: in
 
 
 def _at_shape(model: ov.Model, full_shape: list[int]) -> ov.Model:
-    """A copy of ``model`` at the whole volume's static shape, its nodes named ``vi<i>`` (unique), shapes computed
-    from shapes folded to constants (ShapeOf -> Resize sizes)."""
+    """A copy of ``model`` at the whole volume's static shape, its nodes named ``vi<i>`` (unique), interpolation
+    values computed from shapes folded to constants (:func:`_fold_shapes`)."""
     model = model.clone()
     for i, node in enumerate(model.get_ordered_ops()):
         node.set_friendly_name(f"vi{i}")
@@ -462,10 +462,31 @@ def _at_shape(model: ov.Model, full_shape: list[int]) -> ov.Model:
         model.reshape({model.input(0): ov.PartialShape(full_shape)})
     except Exception as e:  # noqa: BLE001  (the tile path reports shape errors with the user's sizes)
         raise NotStreamable(f"the model rejects the whole-volume shape {full_shape}: {e}") from None
+    _fold_shapes(model)
+    return model
+
+
+def _fold_shapes(model: ov.Model) -> None:
+    """Values computed from shapes (ONNX Resize sizes: ShapeOf -> Gather; ONNX biases reshaped to a rank read from
+    their convolution's shape) and small f16-compressed constants (interpolation scales: shape inference does not
+    see through their Convert) replaced by constants at the model's static shape. Folding the whole model would
+    also turn f16-compressed weights into float32 copies, twice their memory: those stay."""
+    folded = model.clone()
     folding = Manager()
     folding.register_pass(ConstantFolding())
-    folding.run_passes(model)
-    return model
+    folding.run_passes(folded)
+    twins = {n.get_friendly_name(): n for n in folded.get_ordered_ops()}
+    for node in model.get_ordered_ops():
+        twin = twins.get(node.get_friendly_name())
+        if twin is None or twin.get_type_name() == "Constant" or twin.get_input_size() != node.get_input_size():
+            continue
+        for i in range(node.get_input_size()):
+            value = twin.input_value(i).get_node()
+            if value.get_type_name() != "Constant" or node.input_value(i).get_node().get_type_name() == "Constant":
+                continue
+            if int(np.prod(value.get_output_shape(0))) <= 16 or _constant_value(node.input_value(i)) is None:
+                node.input(i).replace_source_output(ops.constant(value.get_data().copy()).output(0))
+    model.validate_nodes_and_infer_types()
 
 
 def _ancestors(node: ov.Node) -> set[str]:
