@@ -326,8 +326,9 @@ class StreamPlan:
         ay = self.bands(size_y, multiple)
         where = "" if ay.count == 1 else (f" in {ay.count} bands of {self.band} rows along y (margins {self.margin}, "
                                           f"{ay.count * ay.tile / size_y:.2f}x the rows evaluated)")
-        return (f"layer streaming along z{where}: {len(self.graph.segments)} segments ({anchored} convolution/pooling "
-                f"layers), every voxel of every layer computed once per band; plane buffers {self.buffers_mb:.0f} MB")
+        return (f"layer streaming along z{where}: {len(self.graph.segments)} segments ({anchored} convolution/pooling/"
+                f"interpolation layers), every voxel of every layer computed once per band; plane buffers "
+                f"{self.buffers_mb:.0f} MB")
 
 
 def plan_stream(tm: TileModel, shape: tuple[int, int, int], precision: str,
