@@ -18,7 +18,6 @@ ALLOWED: dict[str, str] = {
     "volinfer/bench/cli.py:bench": "a click command: one parameter per option",
     "volinfer/run/fidelity.py:plan_exact": "the planner's search; next: a planning-inputs value",
     "volinfer/io/zarr_io.py:create_output": "the store's layout; next: a store-layout value",
-    "volinfer/model/stream_graph.py:analyse": "landed in the last minutes of a session; next: split per op class",
     "volinfer/run/stream.py:run_stream": "mirrors run_tiles' keywords; next: take a RunSetup like run_tiles should",
 }
 

@@ -15,7 +15,7 @@ import openvino as ov
 import openvino.opset13 as ops
 import pytest
 
-from models import stream_unet, tiny_unet
+from models import stream_unet
 from test_resume import KILLER
 from volinfer import predict
 from volinfer.errors import VolinferError
@@ -91,13 +91,21 @@ def test_auto_streams_a_model_that_sees_far(tmp_path):
 
 
 def test_unstreamable_model_runs_tiles_or_says_why(tmp_path):
-    """Interpolate is not streamed: auto runs tiles; --engine stream is a one-line error naming the operation."""
-    path = tmp_path / "interp.xml"
-    ov.save_model(tiny_unet(levels=1), str(path))
+    """Cubic interpolation is not streamed (its window is four planes): auto runs tiles; --engine stream is a
+    one-line error naming the operation."""
+    param = ops.parameter([1, 1, -1, -1, -1], np.float32)
+    down = ops.avg_pool(param, [2] * 3, [0] * 3, [0] * 3, [2] * 3, exclude_pad=True)
+    up = ops.interpolate(down, ops.constant(np.array([2.0] * 3, np.float32)), "cubic", "scales",
+                         axes=ops.constant(np.array([2, 3, 4], np.int64)))
+    m = ov.Model([ops.add(up, param)], [param])
+    m.set_rt_info("2", ["volinfer", "size_multiple"])
+    m.set_rt_info("[12, 12, 12]", ["volinfer", "receptive_field"])  # stored: the tiled run measures nothing
+    path = tmp_path / "cubic.xml"
+    ov.save_model(m, str(path))
     vol = _volume((20, 18, 22))
     _, rep = predict(vol, path, engine="auto", precision="f32", progress=False, report=True)
     assert rep.engine == "tiles"
-    with pytest.raises(VolinferError, match="cannot be streamed.*Interpolate"):
+    with pytest.raises(VolinferError, match="cannot be streamed.*Interpolate.*cubic"):
         predict(vol, path, engine="stream", progress=False)
 
 

@@ -306,7 +306,7 @@ def _resolve(run: _Run) -> None:
                 fingerprint=run.output is not None and bool(run.in_paths))
     run.tm = guard_precision(run.tm, run.setup, compile=run.stream is None)
     if run.stream is not None:
-        run.stream.graph.store_in(run.tm.precision)  # the guard may have moved to f32
+        run.stream.store_in(run.tm.precision)  # the guard may have moved to f32: chunks and buffers re-sized
         run.fidelity = stream_verdict(run.setup, run.choice)
         return
     run.tm, run.passes = _freeze_norm_statistics(run.tm, run.choice, run.setup, run.source, s.tiling.pad_mode,

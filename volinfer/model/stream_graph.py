@@ -7,9 +7,9 @@ that its kernel still needs, skip connections keep the planes their decoder has 
 whole-volume inference, plane slab by plane slab, in memory that grows with the cross-section, not the volume.
 
 This module reads an OpenVINO model and cuts it into *segments*: one z-window operation (convolution, transposed
-convolution, pooling) followed by the operations that act plane by plane (bias, activation, batch norm, residual
-additions, concatenation over channels), or plane-by-plane operations alone. Each segment becomes its own small
-OpenVINO model, compiled at a static number of planes, whose inputs and outputs are stored z-first (planes
+convolution, pooling, interpolation) followed by the operations that act plane by plane (bias, activation, batch
+norm, residual additions, concatenation over channels), or plane-by-plane operations alone. Each segment becomes its
+own small OpenVINO model, compiled at a static number of planes, whose inputs and outputs are stored z-first (planes
 outermost) so that any run of planes is one contiguous block shared with OpenVINO without copies. A model with an
 operation that is not plane-local (InstanceNorm over the volume, reshapes, attention) is reported as not streamable
 and runs tile by tile instead.
@@ -17,12 +17,14 @@ and runs tile by tile instead.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
+from openvino.passes import ConstantFolding, Manager
 
 #: Operations that map each plane of their inputs to the same plane of their output (given constant operands that
 #: do not vary along z): the ops a segment may carry after its z-window operation.
@@ -34,9 +36,14 @@ Multiply Negative NotEqual PRelu Power Relu Round Select Selu Sigmoid Sign Sin S
 SquaredDifference Subtract Swish Tan Tanh
 """.split())
 
+#: Plane-local when they work along the channel axis only (their axes input, at this index, is [1]; reductions
+#: keep dims): channel slices (``x[:, ::2]``), channel sums/means/maxima, channel L2 normalisation.
+ALONG_CHANNELS = {"Slice": 4, "ReduceSum": 1, "ReduceMean": 1, "ReduceMax": 1, "ReduceMin": 1, "ReduceProd": 1,
+                  "ReduceL1": 1, "ReduceL2": 1, "NormalizeL2": 1}
+
 #: Operations whose output plane j depends on a window of input planes along z.
 WINDOW = frozenset(["Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData",
-                    "MaxPool", "AvgPool"])
+                    "MaxPool", "AvgPool", "Interpolate"])
 
 
 class NotStreamable(Exception):
@@ -83,6 +90,116 @@ class ZWindow:
         """Transposed: where output plane ``a`` lies in the chunk's un-padded local output (aligned ``a``)."""
         lo, _ = self.input_range(0, t)
         return self.p - lo * self.s if self.kind == "transposed" else 0
+
+    def call_inputs(self, a: int, t: int) -> list[np.ndarray]:
+        """Inputs a segment call takes besides its planes (an interpolation's source planes and weights)."""
+        return []
+
+
+#: Interpolate's coordinate transformations: output plane j -> source coordinate, given (j, scale, n_in, n_out), in
+#: float32 as OpenVINO computes them (an axis whose scale is 1 or whose size does not change maps j to j).
+_TRANSFORMS = {
+    "half_pixel": lambda j, s, n, m: (j + np.float32(0.5)) / s - np.float32(0.5),
+    "pytorch_half_pixel": lambda j, s, n, m: (j + np.float32(0.5)) / s - np.float32(0.5) if m > 1 else j * 0,
+    "asymmetric": lambda j, s, n, m: j / s,
+    "tf_half_pixel_for_nn": lambda j, s, n, m: (j + np.float32(0.5)) / s,
+    "align_corners": lambda j, s, n, m: j * (np.float32(n - 1) / np.float32(m - 1)) if m > 1 else j * 0,
+}
+
+
+@dataclass(frozen=True)
+class InterpWindow(ZWindow):
+    """Interpolation along z: output plane j reads the source plane(s) at the coordinate the transform gives (two,
+    weighted, for linear; one for nearest). The window moves with j at the scale's rate: a chunk of output planes
+    reads the planes its coordinates span, at most :meth:`input_planes` of them (read from the lowest)."""
+
+    kind: str = "interp"
+    n_in: int = 1
+    n_out: int = 1
+    scale: float = 1.0  # the z scale the coordinates use (the op's scale; out/in when it is given sizes)
+    linear: bool = True
+    transform: str = "half_pixel"
+    nearest_mode: str = "round_prefer_floor"
+    plane: tuple[tuple[int, float, int], ...] = ()  # the other resized axes: (model axis, scale, output size)
+
+    @functools.cached_property
+    def sources(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For every output plane: its two source planes and the second one's weight (nearest: one plane, 0)."""
+        j = np.arange(self.n_out, dtype=np.float32)
+        if self.scale == 1.0 or self.n_in == self.n_out:
+            c = j
+        else:
+            c = _TRANSFORMS[self.transform](j, np.float32(self.scale), self.n_in, self.n_out).astype(np.float32)
+        top = self.n_in - 1
+        if self.linear:
+            c = np.clip(c, 0, top)
+            i0 = np.minimum(np.floor(c), top).astype(np.int64)
+            return i0, np.minimum(i0 + 1, top), (c - i0).astype(np.float32)
+        i0 = _nearest(c, self.nearest_mode, self.scale < 1)
+        i0 = np.clip(i0, 0, top)
+        return i0, i0, np.zeros(self.n_out, np.float32)
+
+    def input_range(self, a: int, t: int) -> tuple[int, int]:
+        if a >= self.n_out:
+            return self.n_in, self.n_in + self.input_planes(t)
+        lo = int(self.sources[0][a: a + t].min())
+        return lo, lo + self.input_planes(t)
+
+    def input_planes(self, t: int) -> int:
+        return _spans(self.sources, self.n_out, t)
+
+    def chunk_multiple(self) -> int:
+        return 1
+
+    def call_inputs(self, a: int, t: int) -> list[np.ndarray]:
+        """Planes [a, a+t)'s source planes, relative to the chunk's first input plane, and weights (planes past
+        the output's end repeat its last)."""
+        lo = self.input_range(a, t)[0]
+        j = np.minimum(np.arange(a, a + t), self.n_out - 1)
+        i0, i1, w = (v[j] for v in self.sources)
+        if not self.linear:
+            return [(i0 - lo).astype(np.int32)]
+        shape = (1, 1, t, 1, 1)
+        return [(i0 - lo).astype(np.int32), (i1 - lo).astype(np.int32), (1 - w).reshape(shape), w.reshape(shape)]
+
+
+@dataclass(frozen=True)
+class ExcludePadWindow(ZWindow):
+    """An average pooling that excludes padding: the segment pools over zero padding planes as if they counted, and
+    each output plane is then scaled by ``k / (planes of its window inside the volume)`` (a per-call input). The
+    in-plane count is OpenVINO's own: the divisor of a box is the product of its per-axis counts."""
+
+    n_in: int = 1
+
+    def call_inputs(self, a: int, t: int) -> list[np.ndarray]:
+        taps = (np.arange(a, a + t) * self.s - self.p)[:, None] + np.arange(self.k)[None, :] * self.d
+        inside = ((taps >= 0) & (taps < self.n_in)).sum(axis=1)
+        return [(self.k / np.maximum(inside, 1)).astype(np.float32).reshape(1, 1, t, 1, 1)]
+
+
+def _nearest(c: np.ndarray, mode: str, downsample: bool) -> np.ndarray:
+    """Interpolate's nearest-plane rounding of source coordinates ``c`` (float32), as OpenVINO rounds them."""
+    fl = np.floor(c)
+    if mode == "round_prefer_floor":
+        r = np.where(c == fl + np.float32(0.5), fl, np.floor(c + np.float32(0.5)))
+    elif mode == "round_prefer_ceil":
+        r = np.floor(c + np.float32(0.5))
+    elif mode == "floor":
+        r = fl
+    elif mode == "ceil":
+        r = np.ceil(c)
+    else:  # "simple"
+        r = np.ceil(c) if downsample else np.trunc(c)
+    return r.astype(np.int64)
+
+
+def _spans(sources: tuple[np.ndarray, np.ndarray, np.ndarray], n_out: int, t: int) -> int:
+    """The most source planes any aligned chunk of ``t`` output planes reads."""
+    i0, i1, _ = sources
+    starts = np.arange(0, n_out, t)
+    lo = np.minimum.reduceat(i0, starts)
+    hi = np.maximum.reduceat(i1, starts)
+    return int((hi - lo).max()) + 1
 
 
 @dataclass
@@ -157,6 +274,19 @@ class StreamGraph:
     segments: list[Segment]
     producer: dict[str, int]  # tensor key -> segment index (the input has none)
 
+    def bands_exact(self, axis: int) -> bool:
+        """Whether bands along model ``axis`` (with margins) compute what the whole extent does: not when an
+        interpolation resizes that axis with align_corners (its coordinates scale with the extent) or by a factor
+        that is not a whole number (up or down: coordinates shift by fractions of a voxel between bands)."""
+        for seg in self.segments:
+            if not isinstance(seg.window, InterpWindow):
+                continue
+            for ax, scale, _ in seg.window.plane:
+                whole = min(abs(scale - round(scale)), abs(1 / scale - round(1 / scale))) < 1e-6
+                if ax == axis and (seg.window.transform == "align_corners" or not whole):
+                    return False
+        return True
+
     def store_in(self, precision: str) -> None:
         """Keep the planes between segments in ``precision`` (a bf16/f16 run computes in it anyway: storing it
         halves the buffers and the memory traffic); the input and the output stay float32."""
@@ -174,21 +304,22 @@ def _is_const_like(node: ov.Node, streamed: set[str]) -> bool:
 
 
 def _window_of(node: ov.Node, zaxis: int) -> tuple[ZWindow, float]:
-    """The z-window of a convolution/pooling node whose data input has z at ``zaxis`` (a spatial axis)."""
+    """The z-window of a convolution/pooling/interpolation node whose data input has z at ``zaxis`` (spatial)."""
     t = node.get_type_name()
     a = node.get_attributes()
     si = zaxis - 2
+    if t == "Interpolate":
+        return _interp_window(node, zaxis), 0.0
     if si < 0:
         raise NotStreamable(f"{t} {node.get_friendly_name()} convolves over the axis volinfer streams along")
-    if t == "AvgPool" and (a["pads_begin"][si] or a["pads_end"][si]):
-        raise NotStreamable(f"AvgPool {node.get_friendly_name()} pads along z (exclude-pad averages)")
-    if t in ("MaxPool", "AvgPool"):
-        k = int(a["kernel"][si])
-        d = int(a.get("dilations", [1, 1, 1])[si]) if "dilations" in a else 1
-        if t == "MaxPool" and node.get_output_size() > 1 and node.output(1).get_target_inputs():
+    if t == "AvgPool":
+        return _avg_pool_window(node, zaxis), 0.0
+    if t == "MaxPool":
+        if node.get_output_size() > 1 and node.output(1).get_target_inputs():
             raise NotStreamable(f"MaxPool {node.get_friendly_name()} uses its indices output")
-        return ZWindow("conv", k, int(a["strides"][si]), int(a["pads_begin"][si]), d), \
-            (float("-inf") if t == "MaxPool" else 0.0)
+        d = int(a["dilations"][si]) if "dilations" in a else 1
+        return ZWindow("conv", int(a["kernel"][si]), int(a["strides"][si]), int(a["pads_begin"][si]), d), \
+            float("-inf")
     wshape = node.input(1).get_partial_shape()
     if wshape.is_dynamic:
         raise NotStreamable(f"{t} {node.get_friendly_name()} has dynamic weights")
@@ -198,6 +329,76 @@ def _window_of(node: ov.Node, zaxis: int) -> tuple[ZWindow, float]:
     if kind == "transposed" and node.get_input_size() > 2:
         raise NotStreamable(f"{t} {node.get_friendly_name()} takes an explicit output shape")
     return ZWindow(kind, k, int(a["strides"][si]), int(a["pads_begin"][si]), int(a["dilations"][si])), 0.0
+
+
+def interp_axes(node: ov.Node) -> dict[int, tuple[float, int]]:
+    """An Interpolate (v4 or v11) node's resized axes: axis -> (scale its coordinates use, output size). Raises
+    NotStreamable for what the stream does not run (modes other than nearest/linear, padding, non-constant sizes)."""
+    t, name, a = node.get_type_name(), node.get_friendly_name(), node.get_attributes()
+    version = node.get_type_info().version_id
+    if version not in ("opset4", "opset11") or a["mode"] not in ("nearest", "linear", "linear_onnx"):
+        raise NotStreamable(f"{t} {name} ({version}, mode {a.get('mode')}) is not streamed (nearest and linear "
+                            f"Interpolate v4/v11 are)")
+    if any(a["pads_begin"]) or any(a["pads_end"]):
+        raise NotStreamable(f"{t} {name} pads its input")
+    rank = node.get_input_partial_shape(0).rank.get_length()
+    by_scale = a["shape_calculation_mode"] == "scales"
+    given = _constant_value(node.input_value(2 if version == "opset4" and by_scale else 1))
+    axes_port = 3 if version == "opset4" else 2
+    axes = (_constant_value(node.input_value(axes_port)) if node.get_input_size() > axes_port
+            else np.arange(rank, dtype=np.float32))
+    if given is None or axes is None:
+        raise NotStreamable(f"{t} {name} takes sizes or scales computed at run time")
+    n_in = [int(d.get_length()) for d in node.get_input_partial_shape(0)]
+    n_out = [int(d.get_length()) for d in node.get_output_partial_shape(0)]
+    out = {}
+    for ax, v in zip((int(x) % rank for x in axes), given.reshape(-1)):
+        scale = float(np.float32(v)) if by_scale else float(np.float32(n_out[ax]) / np.float32(n_in[ax]))
+        out[ax] = (scale, n_out[ax])
+    return out
+
+
+def _interp_window(node: ov.Node, zaxis: int) -> InterpWindow:
+    """The z-window of an Interpolate node (see :class:`InterpWindow`)."""
+    a, name = node.get_attributes(), node.get_friendly_name()
+    axes = interp_axes(node)
+    if any(ax < 2 and n != node.get_input_partial_shape(0)[ax].get_length() for ax, (_, n) in axes.items()):
+        raise NotStreamable(f"Interpolate {name} resizes the batch or channel axis")
+    n_in = node.get_input_partial_shape(0)[zaxis].get_length()
+    scale, n_out = axes.get(zaxis, (1.0, n_in))
+    linear = a["mode"] != "nearest"
+    if linear and a["antialias"] and n_out < n_in:
+        raise NotStreamable(f"Interpolate {name} antialiases while shrinking z (a window wider than two planes)")
+    plane = tuple((ax, sc, n) for ax, (sc, n) in sorted(axes.items()) if ax not in (0, 1, zaxis))
+    return InterpWindow(n_in=n_in, n_out=n_out, scale=scale, linear=linear,
+                        transform=a["coordinate_transformation_mode"], nearest_mode=a["nearest_mode"], plane=plane)
+
+
+def _along_channels(node: ov.Node) -> None:
+    """Raise unless ``node`` (one of :data:`ALONG_CHANNELS`) works along the channel axis only."""
+    t, name = node.get_type_name(), node.get_friendly_name()
+    port = ALONG_CHANNELS[t]
+    axes = _constant_value(node.input_value(port)) if node.get_input_size() > port else None
+    rank = node.get_output_partial_shape(0).rank.get_length()
+    if axes is None or rank != 5 or any(int(a) % rank != 1 for a in axes.reshape(-1)):
+        raise NotStreamable(f"{t} {name} works across space (volinfer streams it along channels only)")
+    if t.startswith("Reduce") and not node.get_attributes().get("keep_dims", False):
+        raise NotStreamable(f"{t} {name} drops the channel axis")
+
+
+def _avg_pool_window(node: ov.Node, zaxis: int) -> ZWindow:
+    """An AvgPool's z-window. Padding planes are supplied as zeros: averages that count them need nothing more;
+    averages that exclude them (``exclude_pad``) are rescaled per output plane (:class:`ExcludePadWindow`). A
+    window reaching past the padding (ceil rounding) would average a count OpenVINO defines its own way: refused."""
+    a, si = node.get_attributes(), zaxis - 2
+    k, s, pb = int(a["kernel"][si]), int(a["strides"][si]), int(a["pads_begin"][si])
+    n_in = node.get_input_partial_shape(0)[zaxis].get_length()
+    n_out = node.get_output_partial_shape(0)[zaxis].get_length()
+    if (n_out - 1) * s - pb + k > n_in + int(a["pads_end"][si]):
+        raise NotStreamable(f"AvgPool {node.get_friendly_name()} averages windows past its padding (ceil rounding)")
+    if a["exclude-pad"] and (pb or a["pads_end"][si] or (n_out - 1) * s - pb + k > n_in):
+        return ExcludePadWindow("conv", k, s, pb, n_in=n_in)
+    return ZWindow("conv", k, s, pb)
 
 
 def _pointwise_ok(node: ov.Node, zaxes: list[int | None], zlen: int) -> None:
@@ -214,9 +415,11 @@ def _pointwise_ok(node: ov.Node, zaxes: list[int | None], zlen: int) -> None:
             if shp.rank.get_length() != out_rank or shp[z].get_length() != zlen:
                 raise NotStreamable(f"{t} {node.get_friendly_name()} broadcasts a streamed tensor along z")
             continue
-        if t in ("Concat", "Softmax", "LogSoftmax") or (t == "FakeQuantize" and i == 0):
+        if t in ("Concat", "Softmax", "LogSoftmax") or (t == "FakeQuantize" and i == 0) or t in ALONG_CHANNELS:
             continue
         r = shp.rank.get_length()
+        if t == "PRelu" and r == 1:  # a 1-D slope broadcasts along the channel axis (PReLU's own rule)
+            continue
         for ax in range(2, out_rank):
             pos = ax - (out_rank - r)
             if pos >= 0 and shp[pos].get_length() != 1:
@@ -227,8 +430,31 @@ def _pointwise_ok(node: ov.Node, zaxes: list[int | None], zlen: int) -> None:
 
 
 def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: int = 0) -> StreamGraph:
-    """Cut ``model`` (single input, z at ``zaxis`` of it) into segments; ``full_shape``: the whole padded volume's
-    input shape. Raises :class:`NotStreamable` naming the first operation that cannot be streamed."""
+    """Cut ``model`` (single input, z at ``zaxis`` of it) into segments computing its output ``output_index`` (the
+    operations other outputs alone need are left out: a deep-supervision model streams the output the run asks
+    for); ``full_shape``: the whole padded volume's input shape. Raises :class:`NotStreamable` naming the first
+    operation that cannot be streamed."""
+    model = _at_shape(model, full_shape)
+    out = model.output(output_index).get_node().input_value(0)
+    cut = _Cutter(model.input(0).get_node().output(0), zaxis)
+    needed = _ancestors(out.get_node())
+    for node in model.get_ordered_ops():
+        if node.get_friendly_name() in needed:
+            cut.add(node)
+    out_key = _key(out)
+    if out_key not in cut.zof:
+        raise NotStreamable("the model's output does not depend on its input")
+    if cut.tensor(out).shape[2:] != tuple(full_shape[2:]):
+        raise NotStreamable(f"the model's output {list(cut.tensor(out).shape)} does not keep its input's spatial "
+                            f"size {list(full_shape)}")
+    _set_outputs(model, cut.segments, cut.seg_of, out_key)
+    producer = {k: s.index for s in cut.segments for k in s.outputs}
+    return StreamGraph(model, cut.input_key, out_key, cut.tensors, cut.segments, producer)
+
+
+def _at_shape(model: ov.Model, full_shape: list[int]) -> ov.Model:
+    """A copy of ``model`` at the whole volume's static shape, its nodes named ``vi<i>`` (unique), interpolation
+    values computed from shapes folded to constants (:func:`_fold_shapes`)."""
     model = model.clone()
     for i, node in enumerate(model.get_ordered_ops()):
         node.set_friendly_name(f"vi{i}")
@@ -236,74 +462,114 @@ def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: in
         model.reshape({model.input(0): ov.PartialShape(full_shape)})
     except Exception as e:  # noqa: BLE001  (the tile path reports shape errors with the user's sizes)
         raise NotStreamable(f"the model rejects the whole-volume shape {full_shape}: {e}") from None
-    param = model.input(0).get_node()
-    zof: dict[str, int] = {_key(param.output(0)): zaxis}
-    tensors: dict[str, StreamTensor] = {}
-    seg_of: dict[str, int] = {}  # node name -> segment index
-    segments: list[Segment] = []
+    _fold_shapes(model)
+    return model
 
-    def tensor(out: ov.Output) -> StreamTensor:
-        k = _key(out)
-        if k not in tensors:
-            shp = tuple(int(d) for d in out.get_shape())
-            if len(shp) != 5 or zof[k] < 2 or shp[0] != 1:
-                raise NotStreamable(f"{out.get_node().get_type_name()} {out.get_node().get_friendly_name()} "
-                                    f"makes a tensor that is not (1, C, D, H, W)")
-            tensors[k] = StreamTensor(k, shp[zof[k]], zof[k], shp)
-        return tensors[k]
 
-    tensor(param.output(0))
+def _fold_shapes(model: ov.Model) -> None:
+    """Values computed from shapes (ONNX Resize sizes: ShapeOf -> Gather; ONNX biases reshaped to a rank read from
+    their convolution's shape) and small f16-compressed constants (interpolation scales: shape inference does not
+    see through their Convert) replaced by constants at the model's static shape. Folding the whole model would
+    also turn f16-compressed weights into float32 copies, twice their memory: those stay."""
+    folded = model.clone()
+    folding = Manager()
+    folding.register_pass(ConstantFolding())
+    folding.run_passes(folded)
+    twins = {n.get_friendly_name(): n for n in folded.get_ordered_ops()}
     for node in model.get_ordered_ops():
-        t = node.get_type_name()
-        name = node.get_friendly_name()
-        if t in ("Parameter", "Constant") or _is_const_like(node, set(zof)):
+        twin = twins.get(node.get_friendly_name())
+        if twin is None or twin.get_type_name() == "Constant" or twin.get_input_size() != node.get_input_size():
             continue
+        for i in range(node.get_input_size()):
+            value = twin.input_value(i).get_node()
+            if value.get_type_name() != "Constant" or node.input_value(i).get_node().get_type_name() == "Constant":
+                continue
+            if int(np.prod(value.get_output_shape(0))) <= 16 or _constant_value(node.input_value(i)) is None:
+                node.input(i).replace_source_output(ops.constant(value.get_data().copy()).output(0))
+    model.validate_nodes_and_infer_types()
+
+
+def _ancestors(node: ov.Node) -> set[str]:
+    """Names of ``node`` and every node it depends on."""
+    seen: set[str] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n.get_friendly_name() not in seen:
+            seen.add(n.get_friendly_name())
+            todo.extend(i.get_source_output().get_node() for i in n.inputs())
+    return seen
+
+
+class _Cutter:
+    """Builds the segments node by node, in topological order: a z-window operation opens a segment, plane-local
+    operations join the latest segment their streamed inputs come from."""
+
+    def __init__(self, source: ov.Output, zaxis: int) -> None:
+        self.input_key = _key(source)
+        self.zof: dict[str, int] = {self.input_key: zaxis}  # streamed tensor -> its z axis
+        self.tensors: dict[str, StreamTensor] = {}
+        self.seg_of: dict[str, int] = {}  # node name -> segment index
+        self.segments: list[Segment] = []
+        self.tensor(source)
+
+    def tensor(self, out: ov.Output) -> StreamTensor:
+        """The streamed tensor of ``out`` (made on first use, its shape checked)."""
+        k = _key(out)
+        if k not in self.tensors:
+            shp = tuple(int(d) for d in out.get_shape())
+            what = f"{out.get_node().get_type_name()} {out.get_node().get_friendly_name()}"
+            if len(shp) != 5 or self.zof[k] < 2 or shp[0] != 1:
+                raise NotStreamable(f"{what} makes a tensor that is not (1, C, D, H, W)")
+            if 0 in shp:
+                raise NotStreamable(f"{what} makes an empty tensor {list(shp)} at this volume's size")
+            self.tensors[k] = StreamTensor(k, shp[self.zof[k]], self.zof[k], shp)
+        return self.tensors[k]
+
+    def add(self, node: ov.Node) -> None:
+        t, name = node.get_type_name(), node.get_friendly_name()
+        if t in ("Parameter", "Constant", "Result") or _is_const_like(node, set(self.zof)):
+            return
         srcs = [i.get_source_output() for i in node.inputs()]
-        zaxes = [zof.get(_key(s)) for s in srcs]
-        if t == "Result":
-            continue
+        zaxes = [self.zof.get(_key(s)) for s in srcs]
         if node.get_output_size() != 1 and t != "MaxPool":
             raise NotStreamable(f"{t} {name} has several outputs")
         if t in WINDOW:
             if zaxes[0] is None or any(z is not None for z in zaxes[1:]):
                 raise NotStreamable(f"{t} {name} takes streamed weights")
             window, pad = _window_of(node, zaxes[0])
-            seg = Segment(len(segments), [name], name, window, pad, [(_key(srcs[0]), window)])
-            segments.append(seg)
-            seg_of[name] = seg.index
-            tensor(srcs[0])
-            zof[_key(node.output(0))] = zaxes[0]
-            continue
-        if t not in POINTWISE:
+            self.segments.append(Segment(len(self.segments), [name], name, window, pad, [(_key(srcs[0]), window)]))
+            self.seg_of[name] = len(self.segments) - 1
+            self.tensor(srcs[0])
+            self.zof[_key(node.output(0))] = zaxes[0]
+            return
+        if t in ALONG_CHANNELS:
+            _along_channels(node)
+        elif t not in POINTWISE:
             raise NotStreamable(f"{t} {name} is not plane-local (volinfer streams convolutions, pooling, "
-                                f"transposed convolutions and element-wise operations)")
-        z = next(z for z in zaxes if z is not None)
-        _pointwise_ok(node, zaxes, tensor(next(s for s, zz in zip(srcs, zaxes) if zz is not None)).n)
-        zof[_key(node.output(0))] = z
+                                f"interpolation, transposed convolutions and element-wise operations)")
         streamed = [s for s, zz in zip(srcs, zaxes) if zz is not None]
-        owners = [seg_of.get(s.get_node().get_friendly_name()) for s in streamed]
+        _pointwise_ok(node, zaxes, self.tensor(streamed[0]).n)
+        self.zof[_key(node.output(0))] = next(z for z in zaxes if z is not None)
+        self._join(name, streamed)
+
+    def _join(self, name: str, streamed: list[ov.Output]) -> None:
+        """Put plane-local node ``name`` in the latest segment its ``streamed`` inputs come from (a new one when
+        they all come from the input); inputs from other segments become that segment's plane-by-plane inputs."""
+        owners = [self.seg_of.get(s.get_node().get_friendly_name()) for s in streamed]
         host = max((o for o in owners if o is not None), default=None)
         if host is None:
-            seg = Segment(len(segments), [name])
-            segments.append(seg)
-            host = seg.index
+            self.segments.append(Segment(len(self.segments), [name]))
+            host = len(self.segments) - 1
         else:
-            segments[host].nodes.append(name)
-        seg_of[name] = host
+            self.segments[host].nodes.append(name)
+        self.seg_of[name] = host
+        seg = self.segments[host]
         for s, o in zip(streamed, owners):
-            seg = segments[host]
             tail = seg.inputs[1:] if seg.anchor is not None else seg.inputs
             if o != host and (_key(s), ZWindow()) not in tail:
                 seg.inputs.append((_key(s), ZWindow()))
-                tensor(s)
-    out = model.output(output_index).get_node().input_value(0)
-    out_key = _key(out)
-    if out_key not in zof:
-        raise NotStreamable("the model's output does not depend on its input")
-    tensor(out)
-    _set_outputs(model, segments, seg_of, out_key)
-    producer = {k: s.index for s in segments for k in s.outputs}
-    return StreamGraph(model, _key(param.output(0)), out_key, tensors, segments, producer)
+                self.tensor(s)
 
 
 def _set_outputs(model: ov.Model, segments: list[Segment], seg_of: dict[str, int], out_key: str) -> None:
@@ -359,8 +625,10 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
                 inp.replace_source_output(made[want])
         params.append(p)
     sliced: dict[str, ov.Output] = {}
-    if seg.anchor is not None:
-        sliced = _permute_anchor(nodes[seg.anchor], seg, t, sp)
+    if isinstance(seg.window, InterpWindow):
+        sliced = _interp_anchor(nodes[seg.anchor], seg.window, t, q, params)
+    elif seg.anchor is not None:
+        sliced = _permute_anchor(nodes[seg.anchor], seg, t, sp, params)
     results = []
     for key in seg.outputs:
         name, idx = key.rsplit(":", 1)
@@ -369,7 +637,7 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
             out = ops.convert(out, graph.tensors[key].ov_type).output(0)
         to_r = [q.index(a) for a in graph.tensors[key].order]
         results.append(ops.result(ops.transpose(out, ops.constant(np.array(to_r, np.int64)))))
-    sub = ov.Model(results, params, f"segment{seg.index}")
+    sub = ov.Model(results, params, f"segment{seg.index}")  # an interpolation's call inputs after the planes
     sub.validate_nodes_and_infer_types()
     for res, key in zip(sub.outputs, seg.outputs):
         want = [1, t, *graph.tensors[key].plane_shape]
@@ -396,9 +664,12 @@ def _input_ports(seg: Segment, nodes: dict[str, ov.Node]) -> list[tuple[ov.Input
     return ports
 
 
-def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int]) -> dict[str, ov.Output]:
+def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int],
+                    params: list[ov.Node]) -> dict[str, ov.Output]:
     """Run the anchor in (N, C, z, s, s) order without z padding (the caller supplies padding planes); a transposed
-    convolution's output is sliced to the ``t`` planes the chunk owns. Returns replaced outputs by tensor key."""
+    convolution's output is sliced to the ``t`` planes the chunk owns, an exclude-pad average rescaled per plane
+    (its factors a call input appended to ``params``). Returns replaced outputs by tensor key. (Pooling keeps its
+    rounding: a chunk's input planes hold exactly its windows, so floor and ceil agree along z.)"""
     kind = node.get_type_name()
     a = node.get_attributes()
     for name in ("strides", "dilations", "pads_begin", "pads_end", "kernel", "output_padding"):
@@ -410,25 +681,64 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int]) -> dict[
     if "auto_pad" in a:
         node.set_attribute("auto_pad", "explicit")
     w, perm = None, None
-    if kind in ("MaxPool", "AvgPool"):
-        node.set_attribute("rounding_type", "floor")
-    else:
+    if kind not in ("MaxPool", "AvgPool"):
         lead = 3 if kind.startswith("Group") else 2
         perm = list(range(lead)) + [lead + i for i in sp]
         w = node.input_value(1)
         node.input(1).replace_source_output(ops.transpose(w, ops.constant(np.array(perm, np.int64))).output(0))
     node.validate_and_infer_types()
+    if isinstance(seg.window, ExcludePadWindow):
+        factor = ops.parameter([1, 1, t, 1, 1], ov.Type.f32, name="exclude_pad_factor")
+        params.append(factor)
+        ftype = node.get_output_element_type(0)
+        scale = factor if ftype == ov.Type.f32 else ops.convert(factor, ftype)
+        return _rewire(node, ops.multiply(node.output(0), scale).output(0))
     if seg.window.kind != "transposed":
         return {}
     out = node.output(0)
-    targets = list(out.get_target_inputs())
     off = seg.window.local_offset(t)
     phased = _phase_convolution(node, w, perm, off, t) if w is not None and _use_phases(node) else None
     sl = phased if phased is not None else ops.slice(out, np.array([off], np.int64), np.array([off + t], np.int64),
                                                      np.array([1], np.int64), np.array([2], np.int64)).output(0)
-    for tin in targets:
-        tin.replace_source_output(sl)
-    return {f"{node.get_friendly_name()}:0": sl}
+    return _rewire(node, sl)
+
+
+def _rewire(node: ov.Node, out: ov.Output) -> dict[str, ov.Output]:
+    """Every consumer of ``node``'s output reads ``out`` instead (the node's output, reworked for the chunk)."""
+    for tin in list(node.output(0).get_target_inputs()):
+        if tin.get_node() != out.get_node():
+            tin.replace_source_output(out)
+    return {f"{node.get_friendly_name()}:0": out}
+
+
+def _interp_anchor(node: ov.Node, win: InterpWindow, t: int, q: list[int],
+                   params: list[ov.Node]) -> dict[str, ov.Output]:
+    """An Interpolate in (N, C, z, s, s) order, made of its z part and its in-plane part (both interpolations are
+    separable, so this is the same arithmetic): along z, the ``t`` output planes gather their source planes from
+    the chunk's input planes and weigh them (indices and weights are inputs of every call, appended to ``params``:
+    :meth:`InterpWindow.call_inputs`); in-plane, OpenVINO's own Interpolate on the other axes, same attributes."""
+    a = node.get_attributes()
+    data = node.input_value(0)
+    ftype = data.get_element_type()
+    names = ["index0"] if not win.linear else ["index0", "index1", "weight0", "weight1"]
+    extra = [ops.parameter([t] if n.startswith("index") else [1, 1, t, 1, 1],
+                           ov.Type.i32 if n.startswith("index") else ov.Type.f32, name=n) for n in names]
+    params.extend(extra)
+    axis = ops.constant(np.array(2, np.int64))
+    z = ops.gather(data, extra[0], axis).output(0)
+    if win.linear:
+        w0, w1 = (w if ftype == ov.Type.f32 else ops.convert(w, ftype) for w in extra[2:])
+        z = ops.add(ops.multiply(z, w0), ops.multiply(ops.gather(data, extra[1], axis), w1)).output(0)
+    plane = {q.index(ax): (sc, n) for ax, sc, n in win.plane}
+    if plane:
+        by_scale = a["shape_calculation_mode"] == "scales"
+        axes = sorted(plane)
+        given = (np.array([plane[ax][0] for ax in axes], np.float32) if by_scale
+                 else np.array([plane[ax][1] for ax in axes], np.int64))
+        z = ops.interpolate(z, ops.constant(given), a["mode"], a["shape_calculation_mode"], [0] * 5, [0] * 5,
+                            a["coordinate_transformation_mode"], a["nearest_mode"], a["antialias"], a["cube_coeff"],
+                            ops.constant(np.array(axes, np.int64))).output(0)
+    return _rewire(node, z)
 
 
 def _use_phases(node: ov.Node) -> bool:

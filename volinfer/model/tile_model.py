@@ -148,20 +148,29 @@ class TileModel:
         self._reshape()
         self.precision, self.precision_reason = resolve_precision(
             self.options.precision, self.settings.extra.get("precision_check"), self.core, self.options.device)
-        if not compile:  # shapes only (planning): output shape from shape inference
+        self._check_output_shape(self.model.output(self.output_index).get_partial_shape())
+        if not compile:  # shapes only (planning, the layer-streaming engine): output shape from shape inference
             self.input_dtype = self.model.input(0).get_element_type().to_dtype()
             self.out_channels = self.model.output(self.output_index).get_partial_shape()[_chan(self.layout)].get_length()
             return
         self.compiled = self._compile()
-        out_shape = list(self.compiled.output(self.output_index).get_shape())
-        out_spatial = [out_shape[i] for i in _spatial(self.layout)]
-        if len(out_shape) != 5 or out_spatial != list(self.tile):
+        self._check_output_shape(self.compiled.output(self.output_index).get_partial_shape())
+        self.out_channels = self.compiled.output(self.output_index).get_shape()[_chan(self.layout)]
+        self.input_dtype = self.compiled.input(0).get_element_type().to_dtype()
+
+    def _check_output_shape(self, shape: ov.PartialShape) -> None:
+        """Every engine (tiles, and the layer-streaming engine planning without compiling) runs only models whose
+        output keeps the input's spatial size: the output geometry is checked here, where every path builds its
+        model, at the tile shape (a dimension shape inference leaves open is checked once compiled)."""
+        if shape.rank.is_dynamic or shape.rank.get_length() != 5:
+            raise VolinferError(f"model output shape {shape} is not 5-D; only same-size (segmentation/restoration) "
+                                f"models are supported")
+        dims = [shape[i] for i in _spatial(self.layout)]
+        if any(d.is_static and d.get_length() != t for d, t in zip(dims, self.tile)):
             raise VolinferError(
-                f"model output shape {out_shape} does not keep the tile's spatial size {list(self.tile)} "
+                f"model output shape {shape.to_string()} does not keep its input's spatial size {list(self.tile)} "
                 f"(layout {self.layout}); only same-size (segmentation/restoration) models are supported"
             )
-        self.out_channels = out_shape[_chan(self.layout)]
-        self.input_dtype = self.compiled.input(0).get_element_type().to_dtype()
 
     def _resolve_tile(self, tile: Sequence[int] | int | None, pshape: ov.PartialShape) -> tuple[int, int, int]:
         if tile is None and self.settings.tile:

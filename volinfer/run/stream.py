@@ -94,9 +94,12 @@ class _Seg:
 CHUNK_SPAN = 8
 
 
-def chunk_planes(graph: StreamGraph, seg: Segment, chunk_bytes: int = CHUNK_BYTES, span: int = CHUNK_SPAN) -> int:
-    """Output planes per call of ``seg``: about ``chunk_bytes`` of output and at most ``span`` input-resolution
-    planes, a multiple of the window's alignment."""
+def chunk_planes(graph: StreamGraph, seg: Segment, chunk_bytes: int | None = None, span: int | None = None) -> int:
+    """Output planes per call of ``seg``: about ``chunk_bytes`` of output (default :data:`CHUNK_BYTES`) and at most
+    ``span`` input-resolution planes (default :data:`CHUNK_SPAN`), a multiple of the window's alignment. Depends on
+    how the planes are stored (bf16 planes are half the bytes): a plan fixes its chunks once (:func:`chunking`)."""
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    span = CHUNK_SPAN if span is None else span
     out = graph.tensors[seg.outputs[0]]
     m = seg.window.chunk_multiple()
     scale = max(1.0, graph.tensors[graph.input_key].n / out.n)
@@ -106,18 +109,27 @@ def chunk_planes(graph: StreamGraph, seg: Segment, chunk_bytes: int = CHUNK_BYTE
     return min(t, -(-out.n // m) * m)
 
 
+def chunking(graph: StreamGraph, chunk_bytes: int | None = None, span: int | None = None) -> list[int]:
+    """Every segment's output planes per call (:func:`chunk_planes`), in segment order."""
+    return [chunk_planes(graph, s, chunk_bytes, span) for s in graph.segments]
+
+
 class StreamRun:
     """One streamed pass of a volume through a :class:`StreamGraph` (``compute=False``: bookkeeping only, to size
     the buffers)."""
 
     def __init__(self, graph: StreamGraph, read: Callable[[int, np.ndarray | None], None], read_planes: int,
-                 capacities: dict[str, tuple[int, int]] | None = None, requests: list[Any] | None = None,
-                 chunk_bytes: int = CHUNK_BYTES, span: int = CHUNK_SPAN) -> None:
+                 chunks: list[int], capacities: dict[str, tuple[int, int]] | None = None,
+                 requests: list[Any] | None = None) -> None:
         self.g = graph
         self.read, self.read_t = read, read_planes
         self.compute = capacities is not None
-        self.segs = [_Seg(s, chunk_planes(graph, s, chunk_bytes, span)) for s in graph.segments]
+        self.segs = [_Seg(s, t) for s, t in zip(graph.segments, chunks, strict=True)]
         caps = capacities or {k: (1 << 40, 0) for k in graph.tensors}
+        for k, (cap, _) in (capacities or {}).items():  # writes start on multiples of the producer's chunk
+            step = read_planes if k == graph.input_key else chunks[graph.producer[k]] if k in graph.producer else 1
+            if cap % step:
+                raise RuntimeError(f"buffer of {k} holds {cap} planes, not whole chunks of {step}")
         self.bufs = {k: PlaneBuffer(t, *caps[k], allocate=self.compute) for k, t in graph.tensors.items()}
         self.busy = 0.0
         self.calls = 0
@@ -157,6 +169,8 @@ class StreamRun:
                       for j, ((key, _), (lo, hi)) in enumerate(zip(seg.inputs, ranges))]  # alive until infer returns
             for j, ((key, _), data) in enumerate(zip(seg.inputs, inputs)):
                 req.set_input_tensor(j, _tensor(data, self.g.tensors[key]))
+            for j, arr in enumerate(seg.window.call_inputs(a, t), len(seg.inputs)):  # an interpolation's planes
+                req.set_input_tensor(j, ov.Tensor(arr))
             for j, (k, slot) in enumerate(zip(seg.outputs, slots)):
                 req.set_output_tensor(j, _tensor(slot, self.g.tensors[k]))
             t0 = time.perf_counter()
@@ -199,14 +213,13 @@ class StreamRun:
 
 
 def compile_segments(graph: StreamGraph, compile_segment: Callable[[Segment, int], Any],
-                     chunk_bytes: int = CHUNK_BYTES, span: int = CHUNK_SPAN) -> list[Any]:
+                     chunks: list[int]) -> list[Any]:
     """One infer request per segment, compiled at its chunk size, two at a time (OpenVINO compiles without the GIL);
     a :class:`StreamRun` per band reuses them."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
-        compiled = list(pool.map(lambda s: compile_segment(s, chunk_planes(graph, s, chunk_bytes, span)),
-                                 graph.segments))
+        compiled = list(pool.map(compile_segment, graph.segments, chunks))
     return [c.create_infer_request() for c in compiled]
 
 
@@ -225,11 +238,12 @@ def _bits(value: float, ten: StreamTensor) -> Any:
 
 
 def plan_capacities(graph: StreamGraph, read_planes: int, rows: list[tuple[int, int]],
-                    chunk_bytes: int = CHUNK_BYTES, span: int = CHUNK_SPAN) -> dict[str, tuple[int, int]]:
+                    chunks: list[int]) -> dict[str, tuple[int, int]]:
     """(ring planes, mirror planes) of each buffer: the planes it must hold, from a bookkeeping-only pass over the
-    whole volume written in ``rows`` (the output plane ranges the run will take, in order), rounded up to whole
-    slots of its producer's chunk; and its longest window read by a segment, less one."""
-    dry = StreamRun(graph, lambda a, slot: None, read_planes, chunk_bytes=chunk_bytes, span=span)
+    whole volume written in ``rows`` (the output plane ranges the run will take, in order) with the segments
+    computing ``chunks`` planes per call, rounded up to whole slots of its producer's chunk; and its longest window
+    read by a segment, less one. Valid for exactly these chunks (another chunking needs other sizes)."""
+    dry = StreamRun(graph, lambda a, slot: None, read_planes, chunks)
     for a, b in rows:
         dry.take(a, b - a)
         dry.done(b)
@@ -270,7 +284,8 @@ OUT_PLANES = 16
 class StreamPlan:
     """A streamed run, decided before anything is compiled: the cut graph, the padded volume, the band of y rows
     streamed at once (the whole padded y extent, or bands with receptive-field margins), the planes read and written
-    per step, every buffer's size, and the memory all of it is predicted to take."""
+    per step, every segment's planes per call, every buffer's size (for exactly those chunks), and the memory all of
+    it is predicted to take."""
 
     graph: StreamGraph
     padded: tuple[int, int, int]
@@ -278,10 +293,25 @@ class StreamPlan:
     margin: int  # y margin of each band's inner sides (0 with one band)
     read_planes: int
     out_planes: int
+    rows: list[tuple[int, int]]  # the output plane ranges the run takes, in order
+    chunks: list[int]  # output planes per call of each segment (what the buffers were sized for)
     capacities: dict[str, tuple[int, int]]  # (ring planes, mirror planes) per tensor
     buffers_mb: float
     working_mb: float  # OpenVINO's own memory for the segments' calls (estimated)
     peak_mb: float | None = None  # the run's predicted peak: runtime, weights, buffers, working memory
+
+    def store_in(self, precision: str) -> None:
+        """Keep the planes between segments in ``precision`` (a run whose precision changed after planning: the
+        guard moving bf16 to f32). Plane sizes set the chunks, and the chunks the buffers: all re-sized together,
+        the predicted peak moved by the difference."""
+        before, stored = self.memory_mb, [t.storage for t in self.graph.tensors.values()]
+        self.graph.store_in(precision if precision in ("bf16", "f16") else "f32")
+        if stored == [t.storage for t in self.graph.tensors.values()]:
+            return  # planned for this storage already
+        self.chunks, self.capacities, self.buffers_mb, self.working_mb = _sizes(self.graph, self.read_planes,
+                                                                                self.rows)
+        if self.peak_mb is not None:
+            self.peak_mb += self.memory_mb - before
 
     @property
     def memory_mb(self) -> float:
@@ -296,20 +326,22 @@ class StreamPlan:
         ay = self.bands(size_y, multiple)
         where = "" if ay.count == 1 else (f" in {ay.count} bands of {self.band} rows along y (margins {self.margin}, "
                                           f"{ay.count * ay.tile / size_y:.2f}x the rows evaluated)")
-        return (f"layer streaming along z{where}: {len(self.graph.segments)} segments ({anchored} convolution/pooling "
-                f"layers), every voxel of every layer computed once per band; plane buffers {self.buffers_mb:.0f} MB")
+        return (f"layer streaming along z{where}: {len(self.graph.segments)} segments ({anchored} convolution/pooling/"
+                f"interpolation layers), every voxel of every layer computed once per band; plane buffers "
+                f"{self.buffers_mb:.0f} MB")
 
 
 def plan_stream(tm: TileModel, shape: tuple[int, int, int], precision: str,
                 fits: Callable[[StreamPlan], bool] | None = None, margin_y: int | None = None) -> StreamPlan:
     """How ``tm`` would stream a volume of ``shape`` (x, y, z) at ``precision``: the whole cross-section at once,
     or — when that does not satisfy ``fits`` and a y margin covering the receptive field is given — the widest band
-    of y rows that does (memory grows with the rows of a band; the narrowest band when none does). Raises
-    NotStreamable."""
+    of y rows that does (memory grows with the rows of a band; the narrowest band when none does). A model whose
+    in-plane coordinates depend on the extent along y (align_corners interpolation) streams whole cross-sections
+    only: a band would be a tile, and no tiling is exact for it. Raises NotStreamable."""
     m = tm.multiple
     padded = tuple(-(-n // m) * m for n in shape)
     whole = _plan_band(tm, shape, padded, padded[1], 0, precision)  # type: ignore[arg-type]
-    if fits is None or fits(whole) or margin_y is None:
+    if fits is None or fits(whole) or margin_y is None or not whole.graph.bands_exact(3):
         return whole
     margin = -(-margin_y // m) * m
     extents = list(range(2 * margin + m, padded[1] - m + 1, m))  # band rows, a core of >= m rows each
@@ -333,16 +365,23 @@ def _plan_band(tm: TileModel, shape: tuple[int, int, int], padded: tuple[int, in
     graph = stream_graph_for(tm, (padded[0], band, padded[2]))
     graph.store_in(precision if precision in ("bf16", "f16") else "f32")
     step = max(m, OUT_PLANES // m * m)
-    rows = plan_axis_crop(shape[2], step, m, 0).cores
-    caps = plan_capacities(graph, step, list(rows))
+    rows = list(plan_axis_crop(shape[2], step, m, 0).cores)
+    chunks, caps, buffers, working = _sizes(graph, step, rows)
+    return StreamPlan(graph, padded, band, margin, step, step, rows, chunks, caps, buffers, working)
+
+
+def _sizes(graph: StreamGraph, step: int, rows: list[tuple[int, int]]) -> tuple[list[int], dict[str, tuple[int, int]],
+                                                                              float, float]:
+    """For the graph's current plane storage: the segments' chunks, the buffers' capacities for those chunks, and
+    the MB of buffers and of OpenVINO's working memory."""
+    chunks = chunking(graph)
+    caps = plan_capacities(graph, step, rows, chunks)
     buffers = sum(sum(caps[k]) * t.plane_bytes for k, t in graph.tensors.items())
     working = 0
-    for s in graph.segments:  # every compiled segment keeps its own copies of its call's inputs and outputs
-        t = chunk_planes(graph, s)
+    for s, t in zip(graph.segments, chunks):  # every compiled segment keeps its own copies of its inputs and outputs
         working += sum(w.input_planes(t) * graph.tensors[k].plane_bytes for k, w in s.inputs)
         working += sum(t * graph.tensors[k].plane_bytes for k in s.outputs)
-    working = int(WORKING_FACTOR * working)
-    return StreamPlan(graph, padded, band, margin, step, step, caps, buffers / 2**20, working / 2**20)
+    return chunks, caps, buffers / 2**20, WORKING_FACTOR * working / 2**20
 
 
 def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, writer: Any, *, grid: Any,
@@ -364,7 +403,7 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
     in_ten, out_ten = plan.graph.tensors[plan.graph.input_key], plan.graph.tensors[plan.graph.output_key]
     reads = TileGrid.build(shape, (px, plan.band, plan.read_planes), [model.multiple] * 3, (0, 0, 0), "crop")
     feeder = TileFeeder(source, reads, normalizer, pad_mode, 0.0, nan_fill)
-    requests = compile_segments(plan.graph, _segment_compiler(model, plan.graph))
+    requests = compile_segments(plan.graph, _segment_compiler(model, plan.graph), plan.chunks)
     ay, cores = grid.axes[1], grid.axes[2].cores
     if ay.count > 1:
         start_row, on_row_done = 0, None
@@ -381,7 +420,7 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
                                 model.input_view(in_ten.model_view(slot)))
 
             run = None  # the previous band's buffers go before this band's are made
-            run = StreamRun(plan.graph, read, plan.read_planes, plan.capacities, requests)
+            run = StreamRun(plan.graph, read, plan.read_planes, plan.chunks, plan.capacities, requests)
             for r, (a, b) in enumerate(cores):
                 n, ny = b - a, cy1 - cy0
                 planes = run.take(a, n)
