@@ -29,7 +29,8 @@ from volinfer.model.tiling_check import describe as describe_deviation
 
 #: Resident memory of a process that has imported volinfer and OpenVINO and compiled a small model (MB, measured).
 RUNTIME_FLOOR_MB = 150.0
-#: Default share of available RAM a run may use to stay exact (``--max-memory`` overrides it).
+#: Default share of the machine's memory (physical RAM, capped by a cgroup limit) a run may plan for (``--max-memory``
+#: overrides it). Of the machine, not of what happens to be free: the same command plans the same on the same machine.
 DEFAULT_MEMORY_FRACTION = 0.25
 #: Beyond exactness, a default run grows tiles for speed only this far above the preferred tile's prediction.
 SPEED_HEADROOM_MB = 384.0
@@ -85,12 +86,6 @@ class Tiling:
     norm_passes: int  # streamed statistics passes before the run (0: none needed)
     within_budget: bool = True  # within the speed budget (default runs); the rest only when nothing else fits
     voxel_s: float | None = None  # predicted seconds per evaluated voxel at this tile (speed profile), None: unknown
-
-
-def available_mb() -> float:
-    """Memory the OS could give this process now (MemAvailable), in MB; a conservative 4 GiB where unknown (see
-    :func:`volinfer.portable.available_mb` for the fallbacks on other systems)."""
-    return portable.available_mb()
 
 
 def activation_bytes_per_voxel(model: ov.Model, layout: str, channels: int, tile: Sequence[int],
@@ -259,7 +254,10 @@ def weights_mb(model: ov.Model) -> float:
 
 
 def default_budget_mb() -> float:
-    return DEFAULT_MEMORY_FRACTION * available_mb()
+    """The memory budget of a run without ``--max-memory`` (MB): :data:`DEFAULT_MEMORY_FRACTION` of the machine's
+    memory (:func:`volinfer.portable.machine_mb`), never of its momentary free memory (a resumed run must plan the
+    tiling its journal recorded)."""
+    return DEFAULT_MEMORY_FRACTION * portable.machine_mb()
 
 
 def fmt_tile(t: Sequence[int]) -> str:

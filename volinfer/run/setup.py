@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volinfer import validate
+from volinfer import portable, validate
 from volinfer.model.activation import graph_activation
 from volinfer.run.checks import check_input_range, check_nonfinite, needs_value_scan
 from volinfer.run.prepass import ContentDigest, PrePass, ValueScan
@@ -232,7 +232,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, speed, len(layers),
                       bool(global_ops), mode == "volume", weighed=choice.candidates, voxel_cost=cost)
     if best is None:
-        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape)
+        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb))
         notes.append(f"no exact tiling fits in {budget:.0f} MB; running at tile {fmt_tile(choice.tile)}")
         return choice
     choice.tile, choice.overlap = best.tile, best.overlap
@@ -253,8 +253,11 @@ def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
 
 
 def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float,
-                     shape: Sequence[int]) -> tuple[int, int, int]:
-    """The largest tile, at most the preferred one per axis, predicted to fit ``budget``; refuses when none does."""
+                     shape: Sequence[int], given: bool) -> tuple[int, int, int]:
+    """The largest tile, at most the preferred one per axis, predicted to fit ``budget``. When none does: refused
+    under a ``given`` budget (``--max-memory``); under the default one, the smallest tile still runs when it fits
+    the machine's memory (:func:`volinfer.portable.machine_mb`): a run is refused only when it cannot fit what the
+    machine has."""
     m = tm.multiple
     tile = [min(t, -(-n // m) * m) for t, n in zip(tm.tile, shape)]
     while True:
@@ -262,8 +265,13 @@ def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float
         if need <= budget:
             return tuple(tile)  # type: ignore[return-value]
         if max(tile) <= m:
-            raise VolinferError(f"--max-memory {budget:.0f} MB is too small: the smallest tile needs about "
-                                f"{need:.0f} MB")
+            if given:
+                raise VolinferError(f"--max-memory {budget:.0f} MB is too small: the smallest tile needs about "
+                                    f"{need:.0f} MB")
+            if need > portable.machine_mb():
+                raise VolinferError(f"this model needs about {need:.0f} MB even at tile {fmt_tile(tile)}, more than "
+                                    f"this machine's {portable.machine_mb():.0f} MB")
+            return tuple(tile)  # type: ignore[return-value]
         big = max(tile)
         tile = [max(m, (t - m) if t == big else t) for t in tile]
 
