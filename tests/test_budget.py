@@ -74,3 +74,58 @@ def test_killed_stream_run_resumes_with_less_free_memory(tmp_path, monkeypatch):
     ref = tmp_path / "ref.nii"
     assert CliRunner().invoke(main, ["run", *args, "-o", str(ref)]).exit_code == 0
     np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), np.asarray(nib.load(str(ref)).dataobj))
+
+
+# ---- one planner, one objective: the least predicted time within the budget, the leanest within 10% of it ----
+
+def _norm_model_plan(budget_mb):
+    """A 256³ volume through a model with 13 normalisation layers (every multi-tile run needs 13 statistics passes),
+    ~65 bytes of model memory per tile voxel (one 256³ tile: ~1.2 GB), preferred tile 128³."""
+    from volinfer.model.receptive_field import ReceptiveField
+    from volinfer.run.fidelity import plan_exact
+
+    weighed = []
+    best = plan_exact((256, 256, 256), 16, ReceptiveField((40, 40, 40), True), (128, 128, 128), 65.0, 5.0, budget_mb,
+                      13, False, True, weighed=weighed)
+    return best, weighed
+
+
+def test_a_normalisation_model_runs_as_one_tile_when_it_fits_the_budget():
+    """The issue's MONAI InstanceNorm UNet at 256³: one tile (no statistics pass) fits a 6 GB budget; the hidden
+    "speed budget" (preferred tile + 384 MB) chose 8 tiles and 13 statistics passes, ~10x the predicted time."""
+    best, weighed = _norm_model_plan(6000.0)
+    assert best.counts == (1, 1, 1) and best.norm_passes == 0 and best.memory_mb > 1000
+    tiled = [t for t in weighed if t.counts != (1, 1, 1) and t.within_budget]
+    assert tiled and all(t.cost > 5 * best.cost for t in tiled)  # each pays 13 passes over the volume
+    lean, _ = _norm_model_plan(800.0)  # a budget below the single tile: the statistics passes are the price
+    assert lean.counts != (1, 1, 1) and lean.norm_passes == 13 and lean.memory_mb <= 800
+
+
+@pytest.mark.parametrize("stream_voxel_cost", [1.5, 0.6])
+def test_stream_and_tiles_are_weighed_by_the_same_objective(tmp_path, monkeypatch, stream_voxel_cost):
+    """``--engine auto`` streams when the stream is predicted fastest (or within 10% and leaner), tiles otherwise;
+    the stream's predicted time is the planner's cost of the voxels its bands evaluate. (A streamed voxel costing
+    0.6 tiled ones makes the stream win, 1.5 the tiles, on this small model.)"""
+    from volinfer.model.tile_model import TileModel
+    from volinfer.run import setup
+    from volinfer.run.settings import RunSettings
+    from volinfer.run.setup import choose_stream, plan_tiling, stream_cost
+
+    monkeypatch.setattr(setup, "STREAM_VOXEL_COST", stream_voxel_cost)
+    m = stream_unet()
+    m.set_rt_info("[18, 18, 18]", ["volinfer", "receptive_field"])
+    ov.save_model(m, str(tmp_path / "s.xml"))
+    shape, chosen = (120, 120, 40), set()
+    for budget in (4000.0, 210.0):
+        tm = TileModel(tmp_path / "s.xml", compile=False)
+        choice = plan_tiling(tm, shape, stitch=None, overlap=None, max_memory_mb=budget, norm_stats=None)
+        choose_stream(tm, shape, choice, RunSettings.from_kwargs(None, max_memory_mb=budget))
+        sp, cost = choice.stream_option
+        assert cost == stream_cost(tm, shape, sp, choice.voxel_cost)
+        voxels = np.prod(sp.padded) * sp.bands(shape[1], 4).count * sp.bands(shape[1], 4).tile / sp.padded[1]
+        assert cost == pytest.approx(stream_voxel_cost * voxels)  # no speed profile: voxels
+        planned = choice.planned
+        faster = cost < planned.cost / 1.1 or (cost <= 1.1 * planned.cost and sp.peak_mb < planned.memory_mb)
+        assert (choice.stream is not None) == faster, (budget, cost, planned)
+        chosen.add(choice.stream is not None)
+    assert chosen == {stream_voxel_cost < 1}

@@ -49,13 +49,20 @@ class Plan:
     speed_source: str = ""  # where the candidates' per-voxel cost came from (the model's speed profile)
     engine: str = "tiles"  # "stream": the run streams layer by layer (volinfer.run.stream); tile figures then apply
     stream: str | None = None  # to --engine tiles; this says what the streamed run does and its predicted peak
+    stream_peak_mb: float | None = None  # the streamed run's predicted peak RSS and time (engine "stream")
+    stream_time_s: float | None = None
+    budget_mb: float | None = None  # the memory budget the planner chose within (--max-memory, else the default)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in self.parts_mb.items() if v >= 0.5)
-        lines = [f"engine: {self.stream}", "  with --engine tiles:"] if self.stream else []
+        lines = []
+        if self.stream:
+            when = "" if self.stream_time_s is None else f", about {self.stream_time_s:.0f} s"
+            lines += [f"engine: {self.stream}; predicted peak RSS {self.stream_peak_mb:.0f} MB{when}",
+                      "  with --engine tiles:"]
         lines += [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
                   f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s"]
         if self.norm_passes:
@@ -65,15 +72,27 @@ class Plan:
         if self.exact is not None:
             lines.append("  " + (self.exact_meaning or "exact") if self.exact
                          else "  not exact: " + "; ".join(self.not_exact))
-        if self.candidates and self.speed_source:
-            lines.append(f"  per-voxel cost: {self.speed_source}")
-        for c in self.candidates:
-            when = "" if c.get("time_s") is None else f", predicted {c['time_s']:.1f} s"
-            lines.append(f"  weighed tile {'x'.join(map(str, c['tile']))}: {c['tiles']} tiles, "
-                         f"{c['evaluated_x']:.2f}x voxels evaluated{when}, ~{c['memory_mb']:.0f} MB model memory, "
-                         f"{c['norm_passes']} statistics pass(es)"
-                         + ("" if c.get("within_budget", True) else "  [over the speed budget]"))
+        if self.candidates:
+            budget = f" within {self.budget_mb:.0f} MB" if self.budget_mb else ""
+            lines.append(f"  candidates weighed (least predicted time{budget}; within 10% of it, the leanest):")
+            if self.speed_source:
+                lines.append(f"  per-voxel cost: {self.speed_source}")
+        lines += [_candidate_line(c) for c in self.candidates]
         return "\n".join(lines)
+
+
+def _candidate_line(c: dict[str, Any]) -> str:
+    """One weighed candidate as `volinfer plan` prints it: ``*`` marks the chosen one."""
+    mark = "*" if c.get("chosen") else " "
+    when = "" if c.get("time_s") is None else f", predicted {c['time_s']:.1f} s"
+    if c.get("engine") == "stream":
+        what = "layer stream" + ("" if c["tiles"] == 1 else " in %d bands along y" % c["tiles"])
+    else:
+        what = f"tile {'x'.join(map(str, c['tile']))}: {c['tiles']} tiles"
+    over = "" if c.get("within_budget", True) else "  [over the memory budget]"
+    passes = f", {c['norm_passes']} statistics pass(es)" if c.get("norm_passes") else ""
+    return (f"  {mark} {what}, {c['evaluated_x']:.2f}x voxels evaluated{when}, ~{c['memory_mb']:.0f} MB "
+            f"predicted peak{passes}{over}")
 
 
 _PROBE = r"""
@@ -260,9 +279,9 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     cost = measure_model(model_path, tm.tile, s.runtime.layout, s.runtime.model_output, opts, s.runtime.requests)
     plan = _finish_plan(make_plan(setup.grid, cost, parts), facts, (tm, choice), setup, s)
     if choice.stream is not None:
-        plan.engine = "stream"
-        plan.stream = f"{choice.stream.describe(facts.shape[1], tm.multiple)}; predicted peak RSS " \
-                      f"{choice.stream.peak_mb:.0f} MB"
+        stream = next(c for c in plan.candidates if c["engine"] == "stream")
+        plan.engine, plan.stream = "stream", choice.stream.describe(facts.shape[1], tm.multiple)
+        plan.stream_peak_mb, plan.stream_time_s = round(choice.stream.peak_mb, 1), stream.get("time_s")
     return plan
 
 
@@ -303,33 +322,51 @@ def _finish_plan(plan: Plan, facts: Any, planned: tuple[Any, Any], setup: Any, s
     plan.time_s = round(plan.time_s * (plan.inferences_per_tile + 0.5 * passes), 1)
     plan.exact, plan.not_exact = fid.exact, fid.reasons
     plan.exact_meaning, plan.tiling_deviation = (fid.meaning, fid.deviation) if fid.exact else (None, None)
-    vox = float(np.prod(facts.shape))
-    plan.candidates = [{"tile": list(c.tile), "tiles": int(np.prod(c.counts)), "evaluated_x": c.evaluated / vox,
-                        "memory_mb": c.memory_mb, "norm_passes": c.norm_passes, "within_budget": c.within_budget}
-                       for c in choice.candidates]
-    plan.speed_source = choice.speed_source
-    _candidate_times(plan, choice.candidates)
+    plan.candidates = _candidates(choice, facts.shape, tm.multiple)
+    plan.speed_source, plan.budget_mb = choice.speed_source, choice.budget_mb
+    _candidate_times(plan, choice)
     return plan
 
 
-def _candidate_times(plan: Plan, weighed: Sequence[Any]) -> None:
-    """Each weighed tiling's predicted time: evaluated voxels x the speed profile's per-voxel cost at its tile x
-    (inferences per tile + half a run per statistics pass), as ``profile_time_s``; and as ``time_s``, the same
-    scaled so that the chosen tiling's equals the plan's time (measured now at that tile): the profile ranks the
-    shapes, the measurement gives this machine's seconds."""
+def _candidates(choice: Any, shape: Sequence[int], multiple: int) -> list[dict[str, Any]]:
+    """Every plan the planner weighed (:class:`volinfer.run.setup.TilingChoice`): tilings on the time/memory front,
+    the fastest beyond the budget, and the layer stream when it was weighed; the chosen one marked."""
+    vox = float(np.prod(shape))
+    streams = choice.stream is not None
+    out = [{"engine": "tiles", "tile": list(c.tile), "tiles": int(np.prod(c.counts)), "evaluated_x": c.evaluated / vox,
+            "memory_mb": c.memory_mb, "norm_passes": c.norm_passes, "within_budget": c.within_budget,
+            "chosen": not streams and c == choice.planned, "cost": c.cost, "voxel_s": c.voxel_s}
+           for c in choice.candidates]
+    if choice.stream_option is not None:
+        sp, cost = choice.stream_option
+        rows = sp.bands(shape[1], multiple)
+        out.append({"engine": "stream", "tile": [sp.padded[0], sp.band, sp.out_planes], "tiles": rows.count,
+                    "evaluated_x": sp.padded[0] * rows.count * rows.tile * sp.padded[2] / vox,
+                    "memory_mb": round(sp.peak_mb, 1), "norm_passes": 0, "within_budget": True, "chosen": streams,
+                    "cost": cost, "voxel_s": choice.voxel_cost is not None})
+    return sorted(out, key=lambda c: c["cost"])
+
+
+def _candidate_times(plan: Plan, choice: Any) -> None:
+    """Each candidate's predicted time: the planner's cost (:attr:`volinfer.run.fidelity.Tiling.cost`: seconds from
+    the speed profile, else evaluated voxels) x inferences per tile, as ``profile_time_s`` when the profile gave
+    seconds; and as ``time_s``, scaled so that the planned tiling's equals the plan's time (measured now at that
+    tile): the planner's costs rank the plans, the measurement gives this machine's seconds."""
     runs = plan.inferences_per_tile
-    for c, t in zip(plan.candidates, weighed):
-        c["profile_time_s"] = None if t.voxel_s is None else t.evaluated * t.voxel_s * (runs + 0.5 * t.norm_passes)
-    chosen = next((c for c in plan.candidates if tuple(c["tile"]) == tuple(plan.tile)), None)
-    scale = 1.0
-    if chosen is not None and chosen["profile_time_s"] and plan.time_s > 0:
-        scale = plan.time_s / chosen["profile_time_s"]
-        plan.speed_source += (f"; times x{scale:.2f} to match the latency measured now at tile "
+    for c in plan.candidates:
+        c["raw"] = c.pop("cost") * (runs + 0.5 * c["norm_passes"]) / (1.0 + 0.5 * c["norm_passes"]) \
+            if c["engine"] == "tiles" else c.pop("cost")
+        c["profile_time_s"] = round(c["raw"], 1) if c.pop("voxel_s") else None
+    planned = choice.planned
+    measured = next((c for c in plan.candidates if c["engine"] == "tiles" and planned is not None
+                     and tuple(c["tile"]) == tuple(planned.tile) == tuple(plan.tile)), None)
+    scale = plan.time_s / measured["raw"] if measured is not None and measured["raw"] > 0 else None
+    if scale is not None and plan.speed_source:
+        plan.speed_source += (f"; times x{scale:.3g} to match the latency measured now at tile "
                               f"{'x'.join(map(str, plan.tile))}")
     for c in plan.candidates:
-        raw = c["profile_time_s"]
-        c["profile_time_s"] = None if raw is None else round(raw, 1)
-        c["time_s"] = None if raw is None else round(raw * scale, 1)
+        raw = c.pop("raw")
+        c["time_s"] = None if scale is None else round(raw * scale, 1)
 
 
 def largest_fitting_tile(paths: Sequence[str | Path], model_path: str | Path, limit_mb: float,

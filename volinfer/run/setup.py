@@ -15,7 +15,7 @@ from volinfer.run.prepass import ContentDigest, PrePass, ValueScan
 from volinfer.errors import VolinferError
 from volinfer.run.fidelity import (Fidelity, Tiling, accepts, activation_bytes_per_voxel, default_budget_mb,
                                    explain_exact, fmt_tile, judge, plan_exact, probe_multiple)
-from volinfer.run.fidelity import SPEED_HEADROOM_MB, RUNTIME_FLOOR_MB, weights_mb
+from volinfer.run.fidelity import RUNTIME_FLOOR_MB, leanest_near_fastest, weights_mb
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
 from volinfer.model.spatial_norm import NormLayer, find_norm_layers
 from volinfer.model.tiling_check import stored as stored_tiling_check
@@ -176,6 +176,11 @@ class TilingChoice:
     tiling_check: dict[str, Any] | None = None  # tiled-vs-whole deviation stored at convert, for this receptive field
     speed_source: str = ""  # where the planner's per-voxel cost came from (the model's speed profile), in words
     stream: Any = None  # the volinfer.run.stream.StreamPlan when the run streams layer by layer (choose_stream)
+    budget_mb: float | None = None  # the memory budget planned in (--max-memory, else the machine's default)
+    voxel_cost: Any = None  # the planner's per-voxel cost (planner_voxel_cost), None: constant
+    planned: Tiling | None = None  # the tiling the planner chose (None: a fixed tile, or none fits)
+    stream_option: Any = None  # (StreamPlan, predicted cost) weighed against ``planned``, chosen or not
+    tile_note: str | None = None  # the note saying which tile was planned (dropped when the run streams instead)
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -226,19 +231,19 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
     w_mb = weights_mb(tm.model)
     budget = max_memory_mb if max_memory_mb else default_budget_mb()
-    preferred = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tm.tile)) / 2**20
-    speed = max_memory_mb if max_memory_mb else min(budget, preferred + SPEED_HEADROOM_MB)
     cost, choice.speed_source = planner_voxel_cost(tm)
-    best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, speed, len(layers),
+    best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, len(layers),
                       bool(global_ops), mode == "volume", weighed=choice.candidates, voxel_cost=cost)
+    choice.budget_mb, choice.voxel_cost, choice.planned = budget, cost, best
     if best is None:
         choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb))
         notes.append(f"no exact tiling fits in {budget:.0f} MB; running at tile {fmt_tile(choice.tile)}")
         return choice
     choice.tile, choice.overlap = best.tile, best.overlap
     if best.tile != tm.tile:
-        notes.append(f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {rf}, predicted "
-                     f"{best.memory_mb:.0f} MB, {best.evaluated / float(np.prod(shape)):.2f}x the volume evaluated)")
+        choice.tile_note = (f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {rf}, predicted "
+                            f"{best.memory_mb:.0f} MB, {best.evaluated / float(np.prod(shape)):.2f}x the volume evaluated)")
+        notes.append(choice.tile_note)
     return choice
 
 
@@ -295,18 +300,19 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
     return fid
 
 
-#: ``--engine auto`` streams only when tiling would evaluate at least this many times the volume: streamed layers
-#: run each voxel once but can cost more per voxel than a fused tile (the reference U-Net's, bf16: about 1.5x with
-#: planar planes, before planes were stored channels-last; not re-measured since).
-STREAM_MIN_EVALUATED = 1.5
+#: A streamed voxel's cost over a tiled voxel's at the model's tile (per layer, streamed segments run smaller calls
+#: than one fused tile): the stream's predicted time is this x the voxels it evaluates x the tile's per-voxel cost.
+#: Measured on the reference U-Net (bf16, channels-last planes, this 2-core machine), see the README's "Plan".
+STREAM_VOXEL_COST = 1.5
 
 
 def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, settings: Any,
                   banded: bool = True) -> None:
     """Set ``choice.stream`` to the :class:`volinfer.run.stream.StreamPlan` this run streams with (left None: tile by
-    tile); says why in ``choice.notes`` when auto-selection passes over a streamable model. ``--engine stream`` that
-    cannot stream is a one-line error. ``banded``: the output takes bands of y rows (not Zarr stores, which keep
-    z-slabs until every row of them is written)."""
+    tile). ``--engine auto`` weighs the stream (its whole cross-section, else bands of y rows, within the budget)
+    against the planned tiling by the planner's one objective (:func:`volinfer.run.fidelity.leanest_near_fastest`)
+    and says why in ``choice.notes``; ``--engine stream`` that cannot stream is a one-line error. ``banded``: the
+    output takes bands of y rows (not Zarr stores, which keep z-slabs until every row of them is written)."""
     t = settings.tiling
     if t.engine == "tiles":
         return
@@ -320,21 +326,37 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
             raise VolinferError(f"--engine stream computes whole-volume inference layer by layer; it does not combine "
                                 f"with {why} (use --engine tiles)")
         return
-    planned = next((c for c in choice.candidates if c.tile == choice.tile and c.overlap == choice.overlap), None)
-    evaluated = planned.evaluated / float(np.prod(shape)) if planned is not None else None  # the exact tiling's
-    if not asked and (evaluated is None or evaluated < STREAM_MIN_EVALUATED):
+    planned = choice.planned
+    if not asked and planned is None:  # the tile was fixed, or no exact tiling fits: nothing to weigh against
         return
     plan = _fit_stream(tm, shape, choice, t.max_memory_mb, asked, banded)
     if plan is None:
         return
-    rows = plan.bands(shape[1], tm.multiple)
-    redundancy = rows.count * rows.tile / shape[1]  # bands recompute their y margins
-    if not asked and evaluated < STREAM_MIN_EVALUATED * redundancy:  # type: ignore[operator]
-        choice.notes.append(f"layer streaming in bands would evaluate {redundancy:.2f}x the rows: tiles instead")
-        return
+    cost = stream_cost(tm, shape, plan, choice.voxel_cost)
+    choice.stream_option = (plan, cost)
+    if not asked:
+        pick = leanest_near_fastest([("tiles", planned.cost, planned.memory_mb), ("stream", cost, plan.peak_mb)],
+                                    lambda c: c[1], lambda c: c[2])
+        if pick[0] != "stream":
+            choice.notes.append(f"tiles instead of layer streaming: predicted {cost / planned.cost:.2f}x the "
+                                f"tiling's time, {plan.peak_mb:.0f} MB against {planned.memory_mb:.0f} MB")
+            return
+    evaluated = planned.evaluated / float(np.prod(shape)) if planned is not None else None
+    if choice.tile_note in choice.notes:
+        choice.notes.remove(choice.tile_note)
     choice.notes.append(f"{plan.describe(shape[1], tm.multiple)}; predicted peak {plan.peak_mb:.0f} MB"
                         + (f" (tiling would evaluate {evaluated:.2f}x the volume)" if evaluated else ""))
     choice.stream = plan
+
+
+def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any) -> float:
+    """A stream plan's predicted time in the tilings' units (:attr:`volinfer.run.fidelity.Tiling.cost`): the padded
+    voxels its bands evaluate (bands recompute their y margins) x :data:`STREAM_VOXEL_COST` x the per-voxel cost
+    at the model's tile."""
+    rows = plan.bands(shape[1], tm.multiple)
+    voxels = float(plan.padded[0]) * rows.count * rows.tile * plan.padded[2]
+    unit = 1.0 if voxel_cost is None else voxel_cost(float(np.prod(tm.tile)))
+    return STREAM_VOXEL_COST * voxels * unit
 
 
 def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_memory_mb: float | None, asked: bool,
@@ -345,7 +367,7 @@ def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_m
     from volinfer.run.stream import plan_stream
 
     fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
-    cap = max_memory_mb or min(default_budget_mb(), stream_default_cap_mb(tm))
+    cap = max_memory_mb or choice.budget_mb or default_budget_mb()
     rf = choice.rf
     margin = rf.radius[1] if banded and rf is not None and rf.measured and rf.bounded else None
     try:
@@ -380,14 +402,3 @@ def stream_verdict(setup: RunSetup, choice: TilingChoice) -> Fidelity:
                                                unnormalised=setup.normalizer.kind == "none")
         fid.meaning = f"layer by layer along z in {counts[1]} bands along y; {meaning}"
     return fid
-
-
-#: What a default streamed run may take above the runtime and the weights (plane buffers plus OpenVINO's memory for
-#: the segments): a 512³ volume through the reference U-Net streams in about 540 MB of it.
-STREAM_HEADROOM_MB = 768.0
-
-
-def stream_default_cap_mb(tm: TileModel) -> float:
-    """A default streamed run's memory cap (without --max-memory): the runtime, the weights and
-    :data:`STREAM_HEADROOM_MB`; larger cross-sections run tile by tile."""
-    return RUNTIME_FLOOR_MB + weights_mb(tm.model) + STREAM_HEADROOM_MB
