@@ -129,3 +129,54 @@ def test_stream_and_tiles_are_weighed_by_the_same_objective(tmp_path, monkeypatc
         assert (choice.stream is not None) == faster, (budget, cost, planned)
         chosen.add(choice.stream is not None)
     assert chosen == {stream_voxel_cost < 1}
+
+
+# ---- every probe honours the budget ----
+
+def _peak_of_run(args):
+    """Peak RSS (MB, the OS's figure for the finished child) and --json report of `volinfer run` in a fresh process."""
+    p = subprocess.Popen([sys.executable, "-m", "volinfer", "run", *args, "-q", "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    got = portable.wait_child(p)
+    assert got["rc"] == 0, p.stderr.read().decode()[-2000:]
+    return got["peak_mb"], json.loads(p.stdout.read())
+
+
+def test_receptive_field_probe_stays_within_max_memory(tmp_path):
+    """A 120-class model with no stored receptive field: the run-time probe (64³ at first, float64 copies of every
+    class) peaked at ~1090 MB under --max-memory 400M; it now probes within the budget (measured ~240 MB)."""
+    from models import tiny_unet
+
+    m = tiny_unet(out_ch=120, levels=2)
+    m.set_rt_info("4", ["volinfer", "size_multiple"])
+    ov.save_model(m, str(tmp_path / "c120.xml"))
+    vol = tmp_path / "v.nii"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 100, (40, 44, 36)).astype(np.int16), np.eye(4)),
+             str(vol))
+    peak, rep = _peak_of_run([str(vol), "-m", str(tmp_path / "c120.xml"), "-o", str(tmp_path / "o.nii"),
+                              "--max-memory", "400M"])
+    assert peak <= 400, peak
+    assert rep["exact"] and any("measured now" in n for n in rep["notes"])
+
+
+def test_zarr_run_plans_within_max_memory(tmp_path):
+    """A Zarr input plans its tile within --max-memory, the tile `volinfer plan` predicts (it planned without it)."""
+    import zarr
+    from models import save_unet2
+
+    from volinfer.run.distributed import run_zarr
+    from volinfer.run.plan import _plan_tiling, volume_facts
+    from volinfer.run.settings import RunSettings
+
+    xml = save_unet2(tmp_path / "m.xml")
+    z = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=(53, 61, 70), chunks=(16, 16, 16), dtype="float32")
+    z[:] = np.random.default_rng(0).standard_normal((53, 61, 70)).astype(np.float32)
+    tiles = {}
+    for budget in (None, 160.0):
+        rep = run_zarr(tmp_path / "in.zarr", xml, tmp_path / f"o{budget}.zarr", kind="raw", max_memory_mb=budget,
+                       block=64)
+        s = RunSettings.from_kwargs(None, max_memory_mb=budget, norm_stats="tile")
+        tm, _, _ = _plan_tiling(volume_facts([tmp_path / "in.zarr"]), xml, s)
+        assert rep.tile == tm.tile
+        tiles[budget] = np.prod(rep.tile)
+    assert tiles[160.0] < tiles[None]

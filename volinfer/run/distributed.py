@@ -256,7 +256,7 @@ def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
     handle = TileModel(model, tile=t.tile, layout=rt.layout, output=rt.model_output,
                        options=CompileOptions(**options), compile=False)
     # Zarr/Dask runs freeze no normalisation statistics yet: plan as for per-tile statistics
-    choice = plan_tiling(handle, source.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=None,
+    choice = plan_tiling(handle, source.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
                          norm_stats="tile")
     tm = TileModel(model, tile=choice.tile, layout=rt.layout, output=rt.model_output,
                    options=CompileOptions(**options), compile=False)

@@ -211,8 +211,9 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         raise VolinferError(f"norm-stats must be one of {', '.join(NORM_STATS)}; got {mode!r}")
     rf = stored_receptive_field(tm)
     notes: list[str] = []
+    budget = max_memory_mb if max_memory_mb else default_budget_mb()
     if rf is None:
-        rf = measure_receptive_field(tm)
+        rf = measure_receptive_field(tm, fits=probe_fits(tm, budget))
         notes.append(f"receptive field {rf} measured now (not stored in the model; `volinfer convert` stores it)")
     layers, global_ops = model_norm_layers(tm)
     if tm.settings.size_multiple is None and not tm.declared_input.is_static:
@@ -230,7 +231,6 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         return choice
     per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
     w_mb = weights_mb(tm.model)
-    budget = max_memory_mb if max_memory_mb else default_budget_mb()
     cost, choice.speed_source = planner_voxel_cost(tm)
     best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, len(layers),
                       bool(global_ops), mode == "volume", weighed=choice.candidates, voxel_cost=cost)
@@ -245,6 +245,27 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
                             f"{best.memory_mb:.0f} MB, {best.evaluated / float(np.prod(shape)):.2f}x the volume evaluated)")
         notes.append(choice.tile_note)
     return choice
+
+
+#: Bytes per voxel and output channel the receptive-field probe holds beside the compiled model: the output tensor
+#: (f32) and the probe's float64 base output, perturbed output, their difference and its absolute value.
+PROBE_OUTPUT_BYTES = 4 + 4 * 8
+
+
+def probe_fits(tm: TileModel, budget_mb: float) -> Any:
+    """Whether a receptive-field probe at a tile fits ``budget_mb``: the runtime, the weights, the model's live
+    tensors in f32 (the probe runs f32) and the probe's own copies of the output (:data:`PROBE_OUTPUT_BYTES`)."""
+    try:
+        per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
+    except Exception:  # a model that cannot be reshaped: the probe says so itself
+        return None
+    fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
+    per_voxel += PROBE_OUTPUT_BYTES * tm.out_channels + 4 * tm.in_channels
+
+    def fits(tile: Sequence[int]) -> bool:
+        return fixed + per_voxel * float(np.prod(tile)) / 2**20 <= budget_mb
+
+    return fits
 
 
 def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
