@@ -273,8 +273,9 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     if s.tiling.norm_stats is None and any(is_zarr(p) for p in paths):
         s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr (block-wise) runs use: see volinfer.run.distributed
     facts = volume_facts(paths)
-    tm, choice, setup = _plan_tiling(facts, model_path, s)
+    tm, choice, setup = _plan_tiling(facts, model_path, s, paths)
     opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
+    opts["precision"] = tm.options.precision  # f32 where the run's precision guard will choose it
     parts = engine_buffers_mb(setup, facts, tm.out_channels, s.runtime.requests)
     cost = measure_model(model_path, tm.tile, s.runtime.layout, s.runtime.model_output, opts, s.runtime.requests)
     plan = _finish_plan(make_plan(setup.grid, cost, parts), facts, (tm, choice), setup, s)
@@ -285,8 +286,9 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     return plan
 
 
-def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, Any]:
-    """The run's own tile planning and settings resolution, on the volume's facts (no voxel read)."""
+def _plan_tiling(facts: Any, model_path: str | Path, s: Any, paths: Sequence[str | Path] = ()) -> tuple[Any, Any, Any]:
+    """The run's own tile planning and settings resolution, on the volume's facts, in the precision the run will use
+    (``paths``: the input, read once when ``--precision auto``'s choice depends on its values)."""
     from volinfer.api import _overlap_for
     from volinfer.model.tile_model import TileModel
     from volinfer.run.setup import choose_stream, plan_tiling, resolve
@@ -294,17 +296,33 @@ def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, 
     t, rt = s.tiling, s.runtime
     handle = TileModel(model_path, tile=t.tile, layout=rt.layout, output=rt.model_output,
                        options=rt.compile_options(), compile=False)
+    handle = _run_precision(handle, paths, s)
     choice = plan_tiling(handle, facts.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
                          norm_stats=t.norm_stats)
     choose_stream(handle, facts.shape, choice, s)  # sets choice.stream when the run would stream
-    tm = TileModel(model_path, tile=choice.tile, layout=rt.layout, output=rt.model_output,
-                   options=rt.compile_options(), compile=False)
-    tm.multiple = handle.multiple
+    tm = handle.at(choice.tile, compile=False)
     overlap = t.overlap
     if overlap is None:
         overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
     setup = resolve(tm, facts.shape, facts.channels, s, overlap=overlap)
     return tm, choice, setup
+
+
+def _run_precision(handle: Any, paths: Sequence[str | Path], s: Any) -> Any:
+    """``handle`` in the precision the run will use: when ``--precision auto`` chose a reduced precision whose stored
+    check the input's range may overrule, the input is scanned as the run scans it (one pass over its voxels) and
+    the run's precision guard applied (:func:`volinfer.run.setup.guard_for`)."""
+    from volinfer.api import open_source
+    from volinfer.io.zarr_io import is_zarr, open_zarr_source
+    from volinfer.run.setup import guard_for, make_normalizer, needs_input_scan, scan_input
+
+    if not paths or not needs_input_scan(handle):
+        return handle
+    zarr_input = any(is_zarr(p) for p in paths)
+    source = open_zarr_source(paths[0])[0] if zarr_input else open_source(list(paths), handle.tile[2])
+    with source:
+        scan = scan_input(handle, source, make_normalizer(handle, s, source.channels), s.input.nan_value)
+    return guard_for(handle, scan.input_abs_max)
 
 
 def _finish_plan(plan: Plan, facts: Any, planned: tuple[Any, Any], setup: Any, s: Any) -> Plan:

@@ -69,14 +69,15 @@ class RunSetup:
 
 
 def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = None, *,
-            overlap: Any = None) -> RunSetup:
+            overlap: Any = None, normalizer: Normalizer | None = None) -> RunSetup:
     """Everything that follows from the run's settings (:class:`volinfer.run.settings.RunSettings`), the model's
-    stored settings and the volume's shape (no I/O). ``overlap``: the planned one, else the settings'."""
+    stored settings and the volume's shape (no I/O). ``overlap``: the planned one, else the settings'.
+    ``normalizer``: the one the input scan fitted (:func:`scan_input`), else a new one."""
     from volinfer.run.settings import RunSettings
 
     s = settings or RunSettings()
     o = s.output
-    stitch, keep, normalize = s.tiling.stitch, o.channels, s.input.normalize
+    stitch, keep = s.tiling.stitch, o.channels
     overlap = s.tiling.overlap if overlap is None else overlap
     st = tm.settings
     stitch = stitch or st.stitch or "crop"
@@ -93,30 +94,61 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
         grid = TileGrid.build(shape, tm.tile, [tm.multiple] * 3, ov_vox, "crop" if stitch == "crop" else "blend")
     except GeometryError as e:
         raise VolinferError(str(e)) from None
-    normalizer = Normalizer(normalize if normalize is not None else st.normalization, channels)
+    normalizer = normalizer or make_normalizer(tm, s, channels)
     return RunSetup(stitch, activation, spec, ov_vox, grid, normalizer, notes=[note] if note else [])
 
 
-def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value: float | None,
-                fingerprint: bool = False) -> None:
+def make_normalizer(tm: TileModel, settings: Any, channels: int) -> Normalizer:
+    """The run's input normalisation: ``--normalize``, else the model's stored one (not fitted yet)."""
+    normalize = settings.input.normalize
+    return Normalizer(normalize if normalize is not None else tm.settings.normalization, channels)
+
+
+@dataclass
+class InputScan:
+    """What the one pre-pass over the input found (:func:`scan_input`), before anything is planned: the fitted
+    normaliser, NaN/Inf count and fill, the largest normalised |value|, content digests, passes made."""
+
+    normalizer: Normalizer
+    nonfinite: int = 0
+    nan_fill: list[float] | None = None
+    input_abs_max: float | None = None
+    digests: list[str] | None = None
+    input_passes: int = 0
+
+    def apply(self, setup: RunSetup) -> None:
+        """Hand the findings to the resolved run."""
+        setup.normalizer, setup.nonfinite, setup.nan_fill = self.normalizer, self.nonfinite, self.nan_fill
+        setup.input_abs_max, setup.digests, setup.input_passes = self.input_abs_max, self.digests, self.input_passes
+
+
+def scan_input(tm: TileModel, source: VolumeSource, normalizer: Normalizer, nan_value: float | None,
+               fingerprint: bool = False) -> InputScan:
     """Everything that needs the whole input before inference, in ONE streamed pass (none when nothing asks):
     NaN/Inf policy and value range (:mod:`volinfer.run.checks`), normalisation statistics, and the content fingerprint
-    that keys ``--resume`` (``fingerprint``). Sets ``setup.input_passes`` and ``setup.digests``."""
+    that keys ``--resume`` (``fingerprint``). Independent of the tiling, so it runs before planning: the precision
+    guard (:func:`guard_for`) decides from it, and the run is planned in the precision that will run."""
     pre = PrePass(source, tm.tile[2])
     wanted = needs_value_scan(source.readers, tm.input_dtype) or tm.auto_reduced  # the range guards auto precision
     values = ValueScan(source.channels) if wanted else None
     digest = ContentDigest(source.channels) if fingerprint else None
     pre.add(values)
-    pre.add(setup.normalizer.statistics(source))
+    pre.add(normalizer.statistics(source))
     pre.add(digest)
-    setup.input_passes = pre.run()
-    setup.digests = digest.digests if digest else None
+    scan = InputScan(normalizer, input_passes=pre.run(), digests=digest.digests if digest else None)
     if values is not None:
-        setup.nonfinite = check_nonfinite(values, nan_value)
-        check_input_range(values, source.readers, setup.normalizer, tm.input_dtype)
-        setup.input_abs_max = _normalised_abs_max(values, source, setup.normalizer)
-    if setup.nonfinite:
-        setup.nan_fill = [setup.normalizer.normalized(nan_value, c) for c in range(source.channels)]  # type: ignore[arg-type]
+        scan.nonfinite = check_nonfinite(values, nan_value)
+        check_input_range(values, source.readers, normalizer, tm.input_dtype)
+        scan.input_abs_max = _normalised_abs_max(values, source, normalizer)
+    if scan.nonfinite:
+        scan.nan_fill = [normalizer.normalized(nan_value, c) for c in range(source.channels)]  # type: ignore[arg-type]
+    return scan
+
+
+def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value: float | None,
+                fingerprint: bool = False) -> None:
+    """:func:`scan_input` for a resolved run: its findings set on ``setup``."""
+    scan_input(tm, source, setup.normalizer, nan_value, fingerprint).apply(setup)
 
 
 def _normalised_abs_max(values: ValueScan, source: VolumeSource, normalizer: Normalizer) -> float | None:
@@ -126,19 +158,31 @@ def _normalised_abs_max(values: ValueScan, source: VolumeSource, normalizer: Nor
 
 
 def guard_precision(tm: TileModel, setup: RunSetup, compile: bool = True) -> TileModel:
+    """:func:`guard_for` with a resolved run's scanned input range."""
+    return guard_for(tm, setup.input_abs_max, compile)
+
+
+def guard_for(tm: TileModel, input_abs_max: float | None, compile: bool = False) -> TileModel:
     """``--precision auto`` chose a reduced precision from a verdict measured on calibration inputs; when this
-    volume's normalised values reach far beyond those, the verdict does not cover it: f32 instead, saying why
-    (:func:`volinfer.model.precision.outside_checked`)."""
+    volume's normalised values (largest |value| ``input_abs_max``, from :func:`scan_input`) reach far beyond those,
+    the verdict does not cover it: f32 instead, saying why (:func:`volinfer.model.precision.outside_checked`).
+    Decided before planning: memory and time are planned in the precision that runs."""
     from volinfer.model.precision import outside_checked
 
-    if setup.input_abs_max is None or not tm.auto_reduced:
+    if input_abs_max is None or not tm.auto_reduced:
         return tm
-    why = outside_checked(tm.settings.extra.get("precision_check"), setup.input_abs_max)
+    why = outside_checked(tm.settings.extra.get("precision_check"), input_abs_max)
     if why is None:
         return tm
     return tm.with_precision("f32", f"{tm.precision} not verified for this input: {why}; store a normalisation "
                                     f"(`volinfer convert --normalize`) or check on such data (`--calibration-volume`)",
                              compile=compile)
+
+
+def needs_input_scan(tm: TileModel) -> bool:
+    """Whether planning must see the input first: ``--precision auto`` chose a reduced precision that the input's
+    range may overrule (:func:`guard_for`)."""
+    return tm.auto_reduced and bool(tm.settings.extra.get("precision_check"))
 
 
 def resolve_activation(tm: TileModel, explicit: str | None) -> tuple[str, str | None]:
@@ -227,10 +271,14 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     choice = TilingChoice(clamped, None, rf, layers, global_ops, mode, notes)  # type: ignore[arg-type]
     choice.tiling_check = stored_tiling_check(tm.settings.extra, rf.radius if rf.measured else None)
     fixed = tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop"
-    if fixed or overlap not in (None, "") or not rf.measured:
+    if fixed:
         return choice
     per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
     w_mb = weights_mb(tm.model)
+    if overlap not in (None, "") or not rf.measured:  # nothing to plan for exactness; the budget still holds
+        if RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(choice.tile)) / 2**20 > budget:
+            choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb))
+        return choice
     cost, choice.speed_source = planner_voxel_cost(tm)
     best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, len(layers),
                       bool(global_ops), mode == "volume", weighed=choice.candidates, voxel_cost=cost)
