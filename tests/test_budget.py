@@ -180,3 +180,27 @@ def test_zarr_run_plans_within_max_memory(tmp_path):
         assert rep.tile == tm.tile
         tiles[budget] = np.prod(rep.tile)
     assert tiles[160.0] < tiles[None]
+
+
+# ---- a model file straight from ONNX says what it costs and how to avoid it ----
+
+def test_an_onnx_model_says_what_convert_would_have_stored(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from volinfer import predict
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 3, padding=1))
+    torch.onnx.export(net, torch.zeros(1, 1, 16, 16, 16), str(tmp_path / "m.onnx"), dynamo=False,
+                      input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {2: "d", 3: "h", 4: "w"}, "logits": {2: "d", 3: "h", 4: "w"}})
+    vol = np.random.default_rng(0).standard_normal((20, 18, 22)).astype(np.float32)
+    _, rep = predict(vol, tmp_path / "m.onnx", report=True, progress=False)
+    note = next(n for n in rep.notes if "stores none of what `volinfer convert` measures once" in n)
+    assert "receptive field" in note and "volinfer convert m.onnx -o model.xml" in note
+    m = stream_unet()  # everything convert stores but the speed profile: nothing worth saying
+    m.set_rt_info("[18, 18, 18]", ["volinfer", "receptive_field"])
+    m.set_rt_info(json.dumps({"precision": "bf16", "faithful": True, "input_abs_max": 3.0}),
+                  ["volinfer", "precision_check"])
+    ov.save_model(m, str(tmp_path / "s.xml"))
+    _, rep = predict(vol, tmp_path / "s.xml", report=True, progress=False)
+    assert not any("measures once" in n for n in rep.notes)

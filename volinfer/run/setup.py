@@ -3,6 +3,7 @@ plan): stitching, activation, output spec, overlap, grid, and the whole-volume p
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -257,8 +258,13 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     notes: list[str] = []
     budget = max_memory_mb if max_memory_mb else default_budget_mb()
     if rf is None:
+        t0 = time.perf_counter()
         rf = measure_receptive_field(tm, fits=probe_fits(tm, budget))
-        notes.append(f"receptive field {rf} measured now (not stored in the model; `volinfer convert` stores it)")
+        notes.append(f"receptive field {rf} measured now in {time.perf_counter() - t0:.1f} s (not stored in the "
+                     f"model; `volinfer convert` stores it)")
+    missing = unconverted_note(tm)
+    if missing:
+        notes.append(missing)
     layers, global_ops = model_norm_layers(tm)
     if tm.settings.size_multiple is None and not tm.declared_input.is_static:
         tm.multiple = probe_multiple(tm.model, tm.layout, tm.in_channels)
@@ -314,6 +320,25 @@ def probe_fits(tm: TileModel, budget_mb: float) -> Any:
         return fixed + per_voxel * float(np.prod(tile)) / 2**20 <= budget_mb
 
     return fits
+
+
+def unconverted_note(tm: TileModel) -> str | None:
+    """Why a model file that `volinfer convert` did not write (an ONNX file, a plain IR) costs more to run than its
+    converted IR: what convert measures once and stores is probed or assumed on every run. None when nothing is
+    missing."""
+    from volinfer.model import speed_profile
+
+    s = tm.settings
+    missing = [what for what, absent in (
+        ("receptive field (probed now, every run)", not s.receptive_field),
+        ("size multiple (probed now)", s.size_multiple is None and not tm.declared_input.is_static),
+        ("precision verdict (auto runs f32)", tm.options.precision == "auto" and not s.extra.get("precision_check")),
+        ("speed profile (tilings ranked by voxels alone)", speed_profile.stored(s.extra) is None)) if absent]
+    if len(missing) < 2:
+        return None
+    name = tm.path.name if tm.path is not None else "the model"
+    return (f"{name} stores none of what `volinfer convert` measures once: {', '.join(missing)}; a converted IR "
+            f"runs without these costs (`volinfer convert {name} -o model.xml`)")
 
 
 def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
