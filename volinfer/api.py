@@ -92,10 +92,11 @@ def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.
 
     Unless ``tile`` is given (or ``model`` is a :class:`TileModel` built with a tile), the tile is planned for
     fidelity first: crop margins that cover the model's receptive field, growing the tile up to the whole padded
-    volume within ``max_memory_mb`` (default: a quarter of available RAM). InstanceNorm/GroupNorm layers run with
-    whole-volume statistics (``norm_stats="volume"``, found in streamed passes) or per tile (``"tile"``). The report
-    says whether the run was ``exact`` and, if not, why; if so, what exact means for it (``exact_meaning``) and the
-    tiled-vs-whole deviation measured at convert time (``tiling_deviation``, None when not stored or one tile).
+    volume within ``max_memory_mb`` (default: a quarter of the machine's RAM or cgroup limit).
+    InstanceNorm/GroupNorm layers run with whole-volume statistics (``norm_stats="volume"``, found in streamed
+    passes) or per tile (``"tile"``). The report says whether the run was ``exact`` and, if not, why; if so, what
+    exact means for it (``exact_meaning``) and the tiled-vs-whole deviation measured at convert time
+    (``tiling_deviation``, None when not stored or one tile).
 
     An ``output`` ending in ``.zarr`` is written as OME-Zarr (:class:`volinfer.io.zarr_writer.ZarrWriter`) with the
     input's affine; ``zarr_output`` (or the settings' ``chunks``, ``compression``, ``pyramid``) sets its layout.

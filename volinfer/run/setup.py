@@ -295,8 +295,9 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         return choice
     choice.tile, choice.overlap = best.tile, best.overlap
     if best.tile != tm.tile:
+        evaluated = best.evaluated / float(np.prod(shape))
         choice.tile_note = (f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {rf}, predicted "
-                            f"{best.memory_mb:.0f} MB, {best.evaluated / float(np.prod(shape)):.2f}x the volume evaluated)")
+                            f"{best.memory_mb:.0f} MB, {evaluated:.2f}x the volume evaluated)")
         notes.append(choice.tile_note)
     return choice
 
