@@ -5,8 +5,7 @@ and precisions, at default options unless a case says otherwise.
     python benchmarks/plan_vs_run.py --sizes 256 --models monai_instancenorm
 
 Each prediction is `volinfer plan`'s (the run's own planning; the model measured at the planned tile in a probe
-process); each measurement a fresh `volinfer run` process, its peak RSS the OS's figure for the finished child
-(VmHWM / ru_maxrss). Predicted time is inference only (the plan's tile latency x tiles, or the stream's cost scaled
+process); each measurement a fresh `volinfer run` process, its peak RSS the child's own VmHWM (Linux). Predicted time is inference only (the plan's tile latency x tiles, or the stream's cost scaled
 by the same latency); the table shows the run's inference-busy seconds beside its whole-process wall.
 
 Models: the reference U-Net (IR with a stored z-score; `volinfer bench`'s), and a MONAI UNet with InstanceNorm
@@ -21,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-from volinfer import portable
 from volinfer.bench.cli import reference_model
 from volinfer.bench.volumes import make_volume
 from volinfer.run.plan import plan_run
@@ -58,17 +56,35 @@ def monai_models(work: Path) -> tuple[Path, Path]:
     return onnx, xml
 
 
+#: `volinfer run` in a child that writes its own VmHWM (MB) at exit to the file named by its first argument: the OS's
+#: ru_maxrss of a child carries its parent's resident size (this process has loaded OpenVINO, maybe PyTorch) across
+#: fork and exec; VmHWM is the child's own (Linux).
+HWM_CHILD = """
+import atexit, sys
+path = sys.argv.pop(1)
+def hwm():
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(path, "w") as f:
+        f.write(str(kb / 1024))
+atexit.register(hwm)
+from volinfer.cli import main
+sys.argv[0] = "volinfer"
+main()
+"""
+
+
 def measure(vol: Path, model: Path, out: Path, options: dict) -> tuple[float, dict]:
-    """Peak RSS (MB) and --json report of one `volinfer run` in a fresh process."""
-    args = [sys.executable, "-m", "volinfer", "run", str(vol), "-m", str(model), "-o", str(out), "--overwrite", "-q",
-            "--json"]
+    """Peak RSS (MB, the child's own VmHWM) and --json report of one `volinfer run` in a fresh process."""
+    hwm = out.with_suffix(".hwm")
+    args = [sys.executable, "-c", HWM_CHILD, str(hwm), "run", str(vol), "-m", str(model), "-o", str(out),
+            "--overwrite", "-q", "--json"]
     for k, v in options.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    got = portable.wait_child(p)
-    if got["rc"] != 0:
-        raise SystemExit(p.stderr.read().decode()[-2000:])
-    return got["peak_mb"], json.loads(p.stdout.read())
+    p = subprocess.run(args, capture_output=True)
+    if p.returncode != 0:
+        raise SystemExit(p.stderr.decode()[-2000:])
+    return float(hwm.read_text()), json.loads(p.stdout)
 
 
 def main() -> None:

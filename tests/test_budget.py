@@ -12,6 +12,7 @@ import openvino as ov
 import pytest
 from click.testing import CliRunner
 from models import stream_unet
+from test_plan_peaks import measured_run
 from test_resume import KILLER
 
 from volinfer import portable
@@ -133,15 +134,6 @@ def test_stream_and_tiles_are_weighed_by_the_same_objective(tmp_path, monkeypatc
 
 # ---- every probe honours the budget ----
 
-def _peak_of_run(args):
-    """Peak RSS (MB, the OS's figure for the finished child) and --json report of `volinfer run` in a fresh process."""
-    p = subprocess.Popen([sys.executable, "-m", "volinfer", "run", *args, "-q", "--json"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    got = portable.wait_child(p)
-    assert got["rc"] == 0, p.stderr.read().decode()[-2000:]
-    return got["peak_mb"], json.loads(p.stdout.read())
-
-
 def test_receptive_field_probe_stays_within_max_memory(tmp_path):
     """A 120-class model with no stored receptive field: the run-time probe (64³ at first, float64 copies of every
     class) peaked at ~1090 MB under --max-memory 400M; it now probes within the budget (measured ~240 MB)."""
@@ -153,8 +145,8 @@ def test_receptive_field_probe_stays_within_max_memory(tmp_path):
     vol = tmp_path / "v.nii"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 100, (40, 44, 36)).astype(np.int16), np.eye(4)),
              str(vol))
-    peak, rep = _peak_of_run([str(vol), "-m", str(tmp_path / "c120.xml"), "-o", str(tmp_path / "o.nii"),
-                              "--max-memory", "400M"])
+    peak, rep = measured_run([vol, "-m", tmp_path / "c120.xml", "-o", tmp_path / "o.nii", "--max-memory", "400M"],
+                             tmp_path / "run.hwm")
     assert peak <= 400, peak
     assert rep["exact"] and any("measured now" in n for n in rep["notes"])
 
