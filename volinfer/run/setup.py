@@ -146,21 +146,10 @@ def scan_input(tm: TileModel, source: VolumeSource, normalizer: Normalizer, nan_
     return scan
 
 
-def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value: float | None,
-                fingerprint: bool = False) -> None:
-    """:func:`scan_input` for a resolved run: its findings set on ``setup``."""
-    scan_input(tm, source, setup.normalizer, nan_value, fingerprint).apply(setup)
-
-
 def _normalised_abs_max(values: ValueScan, source: VolumeSource, normalizer: Normalizer) -> float | None:
     ends = [abs(normalizer.normalized(v * r.slope + r.inter, c))
             for c, r in enumerate(source.readers) if values.lo[c] <= values.hi[c] for v in (values.lo[c], values.hi[c])]
     return max(ends) if ends else None
-
-
-def guard_precision(tm: TileModel, setup: RunSetup, compile: bool = True) -> TileModel:
-    """:func:`guard_for` with a resolved run's scanned input range."""
-    return guard_for(tm, setup.input_abs_max, compile)
 
 
 def guard_for(tm: TileModel, input_abs_max: float | None, compile: bool = False) -> TileModel:
