@@ -279,10 +279,14 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     parts = engine_buffers_mb(setup, facts, tm.out_channels, s.runtime.requests)
     cost = measure_model(model_path, tm.tile, s.runtime.layout, s.runtime.model_output, opts, s.runtime.requests)
     plan = _finish_plan(make_plan(setup.grid, cost, parts), facts, (tm, choice), setup, s)
+    if choice.probe_mb is not None:  # the receptive-field probe runs before anything else: the larger peak counts
+        plan.parts_mb["receptive-field probe"] = round(choice.probe_mb, 1)
+        plan.peak_rss_mb = max(plan.peak_rss_mb, round(choice.probe_mb, 1))
     if choice.stream is not None:
         stream = next(c for c in plan.candidates if c["engine"] == "stream")
         plan.engine, plan.stream = "stream", choice.stream.describe(facts.shape[1], tm.multiple)
-        plan.stream_peak_mb, plan.stream_time_s = round(choice.stream.peak_mb, 1), stream.get("time_s")
+        plan.stream_peak_mb, plan.stream_time_s = round(max(choice.stream.peak_mb, choice.probe_mb or 0.0), 1), \
+            stream.get("time_s")
     return plan
 
 

@@ -215,6 +215,7 @@ class TilingChoice:
     planned: Tiling | None = None  # the tiling the planner chose (None: a fixed tile, or none fits)
     stream_option: Any = None  # (StreamPlan, predicted cost) weighed against ``planned``, chosen or not
     tile_note: str | None = None  # the note saying which tile was planned (dropped when the run streams instead)
+    probe_mb: float | None = None  # predicted peak of the largest receptive-field probe made while planning
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -245,10 +246,11 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         raise VolinferError(f"norm-stats must be one of {', '.join(NORM_STATS)}; got {mode!r}")
     rf = stored_receptive_field(tm)
     notes: list[str] = []
+    probed: list[float] = []  # predicted peaks of the receptive-field probes made
     budget = max_memory_mb if max_memory_mb else default_budget_mb()
     if rf is None:
         t0 = time.perf_counter()
-        rf = measure_receptive_field(tm, fits=probe_fits(tm, budget))
+        rf = measure_receptive_field(tm, fits=probe_fits(tm, budget, probed))
         notes.append(f"receptive field {rf} measured now in {time.perf_counter() - t0:.1f} s (not stored in the "
                      f"model; `volinfer convert` stores it)")
     missing = unconverted_note(tm)
@@ -264,6 +266,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     if clamped != tm.tile and not accepts(tm.model, tm.layout, tm.in_channels, clamped):
         clamped = tm.tile
     choice = TilingChoice(clamped, None, rf, layers, global_ops, mode, notes)  # type: ignore[arg-type]
+    choice.probe_mb = max(probed, default=None)
     choice.tiling_check = stored_tiling_check(tm.settings.extra, rf.radius if rf.measured else None)
     fixed = tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop"
     if fixed:
@@ -296,9 +299,10 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
 PROBE_OUTPUT_BYTES = 4 + 4 * 8
 
 
-def probe_fits(tm: TileModel, budget_mb: float) -> Any:
+def probe_fits(tm: TileModel, budget_mb: float, probed: list[float] | None = None) -> Any:
     """Whether a receptive-field probe at a tile fits ``budget_mb``: the runtime, the weights, the model's live
-    tensors in f32 (the probe runs f32) and the probe's own copies of the output (:data:`PROBE_OUTPUT_BYTES`)."""
+    tensors in f32 (the probe runs f32) and the probe's own copies of the output (:data:`PROBE_OUTPUT_BYTES`).
+    ``probed`` receives the predicted peak of each tile that fits (the probe measures every such tile)."""
     try:
         per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
     except Exception:  # a model that cannot be reshaped: the probe says so itself
@@ -307,7 +311,10 @@ def probe_fits(tm: TileModel, budget_mb: float) -> Any:
     per_voxel += PROBE_OUTPUT_BYTES * tm.out_channels + 4 * tm.in_channels
 
     def fits(tile: Sequence[int]) -> bool:
-        return fixed + per_voxel * float(np.prod(tile)) / 2**20 <= budget_mb
+        need = fixed + per_voxel * float(np.prod(tile)) / 2**20
+        if need <= budget_mb and probed is not None:
+            probed.append(need)
+        return need <= budget_mb
 
     return fits
 
