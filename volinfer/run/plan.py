@@ -277,7 +277,9 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
     opts["precision"] = tm.options.precision  # f32 where the run's precision guard will choose it
     parts = engine_buffers_mb(setup, facts, tm.out_channels, s.runtime.requests)
-    cost = measure_model(model_path, tm.tile, s.runtime.layout, s.runtime.model_output, opts, s.runtime.requests)
+    # a request that never runs a tile never gets its output tensors: a grid of fewer tiles uses fewer requests
+    cost = measure_model(model_path, tm.tile, s.runtime.layout, s.runtime.model_output, opts,
+                         max(1, min(s.runtime.requests, len(setup.grid))))
     plan = _finish_plan(make_plan(setup.grid, cost, parts), facts, (tm, choice), setup, s)
     if choice.probe_mb is not None:  # the receptive-field probe runs before anything else: the larger peak counts
         plan.parts_mb["receptive-field probe"] = round(choice.probe_mb, 1)
