@@ -52,6 +52,7 @@ class Plan:
     stream_peak_mb: float | None = None  # the streamed run's predicted peak RSS and time (engine "stream")
     stream_time_s: float | None = None
     budget_mb: float | None = None  # the memory budget the planner chose within (--max-memory, else the default)
+    probe_mb: float | None = None  # predicted peak of the run-time receptive-field probe (none stored in the model)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -282,14 +283,27 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
                          max(1, min(s.runtime.requests, len(setup.grid))))
     plan = _finish_plan(make_plan(setup.grid, cost, parts), facts, (tm, choice), setup, s)
     if choice.probe_mb is not None:  # the receptive-field probe runs before anything else: the larger peak counts
-        plan.parts_mb["receptive-field probe"] = round(choice.probe_mb, 1)
-        plan.peak_rss_mb = max(plan.peak_rss_mb, round(choice.probe_mb, 1))
+        _add_probe(plan, choice.probe_mb, tm, cost)
     if choice.stream is not None:
         stream = next(c for c in plan.candidates if c["engine"] == "stream")
         plan.engine, plan.stream = "stream", choice.stream.describe(facts.shape[1], tm.multiple)
-        plan.stream_peak_mb, plan.stream_time_s = round(max(choice.stream.peak_mb, choice.probe_mb or 0.0), 1), \
+        plan.stream_peak_mb, plan.stream_time_s = round(max(choice.stream.peak_mb, plan.probe_mb or 0.0), 1), \
             stream.get("time_s")
     return plan
+
+
+def _add_probe(plan: Plan, probe_mb: float, tm: Any, cost: ModelCost) -> None:
+    """The run-time receptive-field probe's peak (``probe_mb``, the planner's estimate) in the plan: its excess over
+    the planner's estimate for the model at the run's tile, added to the model's measured memory (both estimates
+    share the planner's conservative runtime floor); the plan's peak is the larger of the two phases."""
+    from volinfer.run.fidelity import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
+
+    per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
+    at_tile = RUNTIME_FLOOR_MB + weights_mb(tm.model) + per_voxel * float(np.prod(tm.tile)) / MB
+    probe = round(cost.steady_mb + max(0.0, probe_mb - at_tile), 1)
+    plan.parts_mb["receptive-field probe"] = probe
+    plan.peak_rss_mb = max(plan.peak_rss_mb, probe)
+    plan.probe_mb = probe
 
 
 def _plan_tiling(facts: Any, model_path: str | Path, s: Any, paths: Sequence[str | Path] = ()) -> tuple[Any, Any, Any]:
