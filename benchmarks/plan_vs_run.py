@@ -5,8 +5,9 @@ and precisions, at default options unless a case says otherwise.
     python benchmarks/plan_vs_run.py --sizes 256 --models monai_instancenorm
 
 Each prediction is `volinfer plan`'s (the run's own planning; the model measured at the planned tile in a probe
-process); each measurement a fresh `volinfer run` process, its peak RSS the child's own VmHWM (Linux). Predicted time is inference only (the plan's tile latency x tiles, or the stream's cost scaled
-by the same latency); the table shows the run's inference-busy seconds beside its whole-process wall.
+process); each measurement a fresh `volinfer run` process, its peak RSS the child's own VmHWM (Linux). Predicted
+time is inference only (the plan's tile latency x tiles, or the stream's cost scaled by the same latency); the
+table shows the run's inference-busy seconds beside its whole-process wall.
 
 Models: the reference U-Net (IR with a stored z-score; `volinfer bench`'s), and a MONAI UNet with InstanceNorm
 (16-32-64-128, residual units, 3 classes; the planner issue's case) exported to ONNX, run both straight from ONNX and

@@ -88,7 +88,7 @@ class Tiling:
     norm_passes: int  # streamed statistics passes before the run (0: none needed)
     within_budget: bool = True  # within the memory budget; the rest are listed by `volinfer plan` only
     voxel_s: float | None = None  # predicted seconds per evaluated voxel at this tile (speed profile), None: unknown
-    cost: float = 0.0  # the planner's predicted time: seconds with a speed profile, else evaluated voxels (see plan_exact)
+    cost: float = 0.0  # predicted time (plan_exact): seconds with a speed profile, else evaluated voxels
 
 
 def activation_bytes_per_voxel(model: ov.Model, layout: str, channels: int, tile: Sequence[int],
