@@ -71,6 +71,8 @@ def test_plan_predicts_the_measured_peak_within_20_percent(model, engine, precis
         nib.save(nib.Nifti1Image(data, np.eye(4)), str(vol))
     plan = plan_run([vol], xml, engine=engine, precision=precision)
     assert plan.engine == engine
+    # planning a stream compiles no tile as large as the budget allows: the model is measured at its own tile
+    assert (np.prod(plan.measured_tile) < np.prod(plan.tile)) == (engine == "stream"), (plan.measured_tile, plan.tile)
     predicted = plan.stream_peak_mb if engine == "stream" else plan.peak_rss_mb
     peak, rep = _measured(vol, xml, tmp / f"{engine}_{precision}.nii", "--engine", engine, "--precision", precision)
     assert rep["engine"] == engine and rep["precision"] == precision

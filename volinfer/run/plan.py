@@ -53,6 +53,7 @@ class Plan:
     stream_time_s: float | None = None
     budget_mb: float | None = None  # the memory budget the planner chose within (--max-memory, else the default)
     probe_mb: float | None = None  # predicted peak of the run-time receptive-field probe (none stored in the model)
+    measured_tile: list[int] | None = None  # where the model was measured (a streamed run's tiling: estimated from it)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +67,9 @@ class Plan:
                       "  with --engine tiles:"]
         lines += [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
                   f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s"]
+        if self.measured_tile and tuple(self.measured_tile) != tuple(self.tile):
+            lines.append(f"  (model figures estimated from its measurement at tile "
+                         f"{'x'.join(map(str, self.measured_tile))})")
         if self.norm_passes:
             lines.append(f"  {self.norm_passes} streamed normalisation-statistics pass(es) before the run (in the time)")
         if self.inferences_per_tile > 1:
@@ -279,9 +283,11 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     opts["precision"] = tm.options.precision  # f32 where the run's precision guard will choose it
     parts = engine_buffers_mb(setup, facts, tm.out_channels, s.runtime.requests)
     # a request that never runs a tile never gets its output tensors: a grid of fewer tiles uses fewer requests
-    cost = measure_model(model_path, tm.tile, s.runtime.layout, s.runtime.model_output, opts,
-                         max(1, min(s.runtime.requests, len(setup.grid))))
-    plan = _finish_plan(make_plan(setup.grid, cost, parts), facts, (tm, choice), setup, s)
+    requests = max(1, min(s.runtime.requests, len(setup.grid)))
+    cost, measured_at = _model_cost(model_path, tm, choice, s, (opts, requests))
+    plan = make_plan(setup.grid, cost, parts)
+    plan.measured_tile = list(measured_at)
+    plan = _finish_plan(plan, facts, (tm, choice), setup, s)
     if choice.probe_mb is not None:  # the receptive-field probe runs before anything else: the larger peak counts
         _add_probe(plan, choice.probe_mb, tm, cost)
     if choice.stream is not None:
@@ -290,6 +296,29 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
         plan.stream_peak_mb, plan.stream_time_s = round(max(choice.stream.peak_mb, plan.probe_mb or 0.0), 1), \
             stream.get("time_s")
     return plan
+
+
+def _model_cost(model_path: str | Path, tm: Any, choice: Any, s: Any, how: tuple[dict[str, Any], int]
+                ) -> tuple[ModelCost, tuple[int, ...]]:
+    """The model's cost at the planned tile, measured in a probe process (``how``: compile options, requests), and
+    the tile it was measured at. When the run streams, the tiling is only what ``--engine tiles`` would run: the
+    model is measured at its own, smaller tile and the planned tile's figures estimated from it (memory: the
+    measurement plus the planner's estimate of the difference; latency: scaled by voxels x per-voxel cost), so that
+    planning a stream never compiles a tile as large as the budget allows."""
+    from volinfer.run.fidelity import activation_bytes_per_voxel
+
+    opts, requests = how
+    at = tuple(choice.preferred or tm.tile)
+    if choice.stream is None or np.prod(at) >= np.prod(tm.tile):
+        at = tuple(tm.tile)
+    cost = measure_model(model_path, at, s.runtime.layout, s.runtime.model_output, opts, requests)
+    if at == tuple(tm.tile):
+        return cost, at
+    per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, at)
+    extra = per_voxel * float(np.prod(tm.tile) - np.prod(at)) / MB
+    unit = choice.voxel_cost or (lambda v: 1.0)
+    ratio = float(np.prod(tm.tile)) * unit(float(np.prod(tm.tile))) / (float(np.prod(at)) * unit(float(np.prod(at))))
+    return ModelCost(cost.peak_mb + extra, cost.steady_mb + extra, cost.tile_s * ratio), at
 
 
 def _add_probe(plan: Plan, probe_mb: float, tm: Any, cost: ModelCost) -> None:
@@ -401,7 +430,7 @@ def _candidate_times(plan: Plan, choice: Any) -> None:
     scale = plan.time_s / measured["raw"] if measured is not None and measured["raw"] > 0 else None
     if scale is not None and plan.speed_source:
         plan.speed_source += (f"; times x{scale:.3g} to match the latency measured now at tile "
-                              f"{'x'.join(map(str, plan.tile))}")
+                              f"{'x'.join(map(str, plan.measured_tile or plan.tile))}")
     for c in plan.candidates:
         raw = c.pop("raw")
         c["time_s"] = None if scale is None else round(raw * scale, 1)

@@ -216,6 +216,7 @@ class TilingChoice:
     stream_option: Any = None  # (StreamPlan, predicted cost) weighed against ``planned``, chosen or not
     tile_note: str | None = None  # the note saying which tile was planned (dropped when the run streams instead)
     probe_mb: float | None = None  # predicted peak of the largest receptive-field probe made while planning
+    preferred: tuple[int, int, int] | None = None  # the model's own tile (clamped to the volume)
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -266,7 +267,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     if clamped != tm.tile and not accepts(tm.model, tm.layout, tm.in_channels, clamped):
         clamped = tm.tile
     choice = TilingChoice(clamped, None, rf, layers, global_ops, mode, notes)  # type: ignore[arg-type]
-    choice.probe_mb = max(probed, default=None)
+    choice.probe_mb, choice.preferred = max(probed, default=None), clamped
     choice.tiling_check = stored_tiling_check(tm.settings.extra, rf.radius if rf.measured else None)
     fixed = tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop"
     if fixed:
