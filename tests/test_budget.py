@@ -196,3 +196,26 @@ def test_an_onnx_model_says_what_convert_would_have_stored(tmp_path):
     ov.save_model(m, str(tmp_path / "s.xml"))
     _, rep = predict(vol, tmp_path / "s.xml", report=True, progress=False)
     assert not any("measures once" in n for n in rep.notes)
+
+
+def test_per_voxel_cost_rises_beyond_the_largest_tile_measured(tmp_path):
+    """The speed profile clamps beyond its largest tile; the planner does not trust that flat line (huge tiles are
+    slower per voxel): the cost rises linearly in log2(voxels) to STREAM_VOXEL_COST x over UNMEASURED_DOUBLINGS."""
+    from volinfer.model import speed_profile as sp
+    from volinfer.model.settings import ModelSettings
+    from volinfer.model.tile_model import CompileOptions, TileModel
+    from volinfer.run.setup import STREAM_VOXEL_COST, UNMEASURED_DOUBLINGS, planner_voxel_cost
+
+    m = stream_unet()
+    settings = ModelSettings(size_multiple=4)
+    prof = sp.SpeedProfile("f32", "CPU", "Test CPU", ((4096, 2.0), (32768, 1.0)), ())
+    settings.extra[sp.KEY] = prof.as_dict()
+    settings.to_model(m)
+    ov.save_model(m, str(tmp_path / "p.xml"))
+    cost, source = planner_voxel_cost(TileModel(tmp_path / "p.xml", compile=False,
+                                                options=CompileOptions(precision="f32")))
+    assert cost(4096) == pytest.approx(2e-6) and cost(32768) == pytest.approx(1e-6)  # measured: as stored
+    steps = 2 ** UNMEASURED_DOUBLINGS
+    assert cost(32768 * 2) == pytest.approx(1e-6 * (1 + (STREAM_VOXEL_COST - 1) / UNMEASURED_DOUBLINGS))
+    assert cost(32768 * steps) == pytest.approx(1e-6 * STREAM_VOXEL_COST) == cost(32768 * steps * 64)
+    assert "beyond the largest tile measured" in source
