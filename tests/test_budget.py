@@ -219,3 +219,27 @@ def test_per_voxel_cost_rises_beyond_the_largest_tile_measured(tmp_path):
     assert cost(32768 * 2) == pytest.approx(1e-6 * (1 + (STREAM_VOXEL_COST - 1) / UNMEASURED_DOUBLINGS))
     assert cost(32768 * steps) == pytest.approx(1e-6 * STREAM_VOXEL_COST) == cost(32768 * steps * 64)
     assert "beyond the largest tile measured" in source
+
+
+def test_default_budget_refuses_only_what_the_machine_cannot_hold(tmp_path, monkeypatch):
+    """Under the default budget a model whose smallest tile exceeds it still runs when the machine can hold it;
+    refused, saying what it needs, only beyond the machine's memory. A given --max-memory is a hard limit."""
+    from models import save_unet2
+
+    from volinfer.errors import VolinferError
+    from volinfer.model.tile_model import TileModel
+    from volinfer.run.setup import plan_tiling
+
+    xml = save_unet2(tmp_path / "m.xml", receptive_field="[10, 10, 10]")
+
+    def plan(max_memory_mb=None):
+        return plan_tiling(TileModel(xml, compile=False), (60, 52, 44), stitch=None, overlap=None,
+                           max_memory_mb=max_memory_mb, norm_stats=None)
+
+    monkeypatch.setattr(fidelity, "DEFAULT_MEMORY_FRACTION", 1e-6)  # a default budget of a few KB
+    assert any("no exact tiling fits" in n for n in plan().notes)  # runs: the machine has the memory
+    with pytest.raises(VolinferError, match="--max-memory 20 MB is too small"):
+        plan(20.0)
+    monkeypatch.setattr(portable, "machine_mb", lambda: 100.0)
+    with pytest.raises(VolinferError, match=r"needs about \d+ MB even at tile .*more than this machine's 100 MB"):
+        plan()
