@@ -12,7 +12,7 @@ from models import save_unet2
 from volinfer.cli import main
 from volinfer.model import precision
 from volinfer.model.tile_model import CompileOptions, TileModel
-from volinfer.run.setup import guard_precision
+from volinfer.run.setup import guard_for
 
 CHECK = {"precision": "bf16", "faithful": True, "label_agreement": 0.9995, "prob_max_abs": 0.004,
          "input_abs_max": 3.0}
@@ -36,11 +36,6 @@ def test_check_model_records_the_input_magnitude(tmp_path):
     assert rec["input_abs_max"] == 7.25
 
 
-class _Setup:
-    def __init__(self, abs_max):
-        self.input_abs_max = abs_max
-
-
 def _auto_bf16(tmp_path, monkeypatch, check=CHECK):
     monkeypatch.setattr(precision, "native_reduced", lambda core, device: "bf16")
     xml = save_unet2(tmp_path / "m.xml", precision_check=json.dumps(check))
@@ -50,18 +45,18 @@ def _auto_bf16(tmp_path, monkeypatch, check=CHECK):
 def test_guard_keeps_reduced_precision_within_the_checked_range(tmp_path, monkeypatch):
     tm = _auto_bf16(tmp_path, monkeypatch)
     assert tm.precision == "bf16" and tm.auto_reduced
-    assert guard_precision(tm, _Setup(10.0), compile=False) is tm
-    assert guard_precision(tm, _Setup(None), compile=False) is tm  # nothing scanned: nothing to judge
+    assert guard_for(tm, 10.0) is tm
+    assert guard_for(tm, None) is tm  # nothing scanned: nothing to judge
 
 
 def test_guard_falls_back_to_f32_beyond_it_and_says_why(tmp_path, monkeypatch):
     tm = _auto_bf16(tmp_path, monkeypatch)
-    out = guard_precision(tm, _Setup(1876.0), compile=False)
+    out = guard_for(tm, 1876.0)
     assert out.precision == "f32" and not out.auto_reduced
     assert "bf16 not verified for this input" in out.precision_reason and "±1876" in out.precision_reason
     assert out.at((12, 12, 12)).precision_reason == out.precision_reason  # kept when recompiled at another tile
     forced = TileModel(tm.path, tile=8, compile=False, options=CompileOptions(precision="bf16"))
-    assert guard_precision(forced, _Setup(1876.0), compile=False) is forced  # asked for: never overruled
+    assert guard_for(forced, 1876.0) is forced  # asked for: never overruled
 
 
 @pytest.mark.skipif(precision.native_reduced(__import__("openvino").Core(), "CPU") is None,

@@ -24,8 +24,8 @@ from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (pars
 from volinfer.run.norm_stats import fit_norm_statistics
 from volinfer.run.model_grid import ModelGrid, plan_model_grid, run_on_model_grid, settings_for_model_grid
 from volinfer.tiling.feeder import TileFeeder
-from volinfer.run.setup import (TilingChoice, RunSetup, choose_stream, guard_precision, needs_norm_passes, plan_tiling,
-                                resolve, scan_volume, stream_verdict, verdict)
+from volinfer.run.setup import (TilingChoice, RunSetup, choose_stream, guard_for, make_normalizer, needs_norm_passes,
+                                plan_tiling, resolve, scan_input, stream_verdict, verdict)
 from volinfer.run.stream import run_stream
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter
@@ -103,10 +103,11 @@ def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.
 
     Unless ``tile`` is given (or ``model`` is a :class:`TileModel` built with a tile), the tile is planned for
     fidelity first: crop margins that cover the model's receptive field, growing the tile up to the whole padded
-    volume within ``max_memory_mb`` (default: a quarter of available RAM). InstanceNorm/GroupNorm layers run with
-    whole-volume statistics (``norm_stats="volume"``, found in streamed passes) or per tile (``"tile"``). The report
-    says whether the run was ``exact`` and, if not, why; if so, what exact means for it (``exact_meaning``) and the
-    tiled-vs-whole deviation measured at convert time (``tiling_deviation``, None when not stored or one tile).
+    volume within ``max_memory_mb`` (default: a quarter of the machine's RAM or cgroup limit).
+    InstanceNorm/GroupNorm layers run with whole-volume statistics (``norm_stats="volume"``, found in streamed
+    passes) or per tile (``"tile"``). The report says whether the run was ``exact`` and, if not, why; if so, what
+    exact means for it (``exact_meaning``) and the tiled-vs-whole deviation measured at convert time
+    (``tiling_deviation``, None when not stored or one tile).
 
     An ``output`` ending in ``.zarr`` is written as OME-Zarr (:class:`volinfer.io.zarr_writer.ZarrWriter`) with the
     input's affine; ``zarr_output`` (or the settings' ``chunks``, ``compression``, ``pyramid``) sets its layout.
@@ -146,6 +147,7 @@ class _Run:
     output: Path | None
     in_paths: list[Path]
     lock: Any = None
+    scan: Any = None  # the pre-pass's findings (volinfer.run.setup.InputScan), made before planning
     tm: Any = None
     choice: Any = None
     source: Any = None
@@ -255,6 +257,7 @@ def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
     if n_channels != handle.in_channels:
         raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
+    handle = _scan_input(run, volume, handle)  # before planning: the precision guard decides from it
     run.choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
                              norm_stats=t.norm_stats, mirror=bool(t.mirror))
     choose_stream(handle, shape, run.choice, run.s, banded=run.output is None or not is_zarr_output(run.output))
@@ -270,6 +273,20 @@ def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
     if run.choice.overlap is not None:
         run.overlap = list(run.choice.overlap)
     run.source = open_source(volume, run.tm.tile[2], run.s.input.channel_axis)
+
+
+def _scan_input(run: _Run, volume: Any, handle: TileModel) -> TileModel:
+    """The one pre-pass over the input (:func:`volinfer.run.setup.scan_input`), then the precision guard: the model
+    in the precision the run will use, so that the plan's memory and time are that precision's."""
+    s = run.s
+    source = open_source(volume, handle.tile[2], s.input.channel_axis)
+    try:
+        run.scan = scan_input(handle, source, make_normalizer(handle, s, source.channels), s.input.nan_value,
+                              fingerprint=run.output is not None and bool(run.in_paths))
+    finally:
+        if source is not volume:
+            source.close()
+    return guard_for(handle, run.scan.input_abs_max)
 
 
 def _execute(run: _Run) -> None:
@@ -301,10 +318,9 @@ def _execute(run: _Run) -> None:
 def _resolve(run: _Run) -> None:
     """Settings against the model and volume, the one pre-pass, frozen normalisation statistics, the verdict."""
     s = run.s
-    run.setup = resolve(run.tm, run.source.shape, run.source.channels, s, overlap=run.overlap)
-    scan_volume(run.setup, run.tm, run.source, s.input.nan_value,
-                fingerprint=run.output is not None and bool(run.in_paths))
-    run.tm = guard_precision(run.tm, run.setup, compile=run.stream is None)
+    run.setup = resolve(run.tm, run.source.shape, run.source.channels, s, overlap=run.overlap,
+                        normalizer=run.scan.normalizer)
+    run.scan.apply(run.setup)  # the pre-pass ran before planning (_scan_input)
     if run.stream is not None:
         run.stream.store_in(run.tm.precision)  # the guard may have moved to f32: chunks and buffers re-sized
         run.fidelity = stream_verdict(run.setup, run.choice)
@@ -401,7 +417,7 @@ def _notes(run: _Run) -> list[str]:
     """The summary's notes: planning, precision, mirroring, frozen statistics and the passes over the input."""
     tm, setup, passes, mirror = run.tm, run.setup, run.passes, run.s.tiling.mirror
     notes = list(run.choice.notes + setup.notes + run.grid_notes)
-    if tm.precision_reason != "asked for":  # auto, or a guard overruled it (run.setup.guard_precision)
+    if tm.precision_reason != "asked for":  # auto, or a guard overruled it (run.setup.guard_for)
         notes.append(f"precision {tm.precision}: {tm.precision_reason}")
     if mirror:
         notes.append(f"test-time mirroring over {''.join('xyz'[a] for a in mirror)}: "

@@ -106,9 +106,9 @@ def main() -> None:
 @click.option("--pyramid", type=click.IntRange(0, 16), default=0, show_default=True,
               help="Zarr outputs: also write this many OME-Zarr levels, each half the previous along z, y, x "
               "(nearest for labels, mean otherwise), as blocks complete.")
-@click.option("--max-memory", type=V.MEMORY, help="Peak RAM budget for choosing the tile (e.g. 600M, 2G; > 0; "
-              "default a quarter of available RAM): the tile grows up to this for an exact run, else the run says it "
-              "is not exact.")
+@click.option("--max-memory", type=V.MEMORY, help="Peak RAM budget for the plan (e.g. 600M, 2G; > 0; default a "
+              "quarter of the machine's RAM or cgroup limit, never of the memory free now): the fastest exact plan "
+              "within it runs, else the run says it is not exact.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command) from its last finished "
               "row of tiles; refused if the model, input or settings changed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -148,7 +148,7 @@ def run(**params: Any) -> None:
 @click.option("--tiles", "tile_list", type=TILES, help="Several tile sizes to compare, comma-separated, each N or "
               "XxYxZ (e.g. 64,96,128x128x64).")
 @click.option("--max-memory", type=V.MEMORY, help="As for `run`: peak RAM budget for choosing the tile (e.g. 600M, "
-              "2G; > 0; default a quarter of available RAM).")
+              "2G; > 0; default a quarter of the machine's RAM or cgroup limit).")
 @click.option("--norm-stats", type=click.Choice(["volume", "tile"]), help="As for `run`: InstanceNorm/GroupNorm "
               "statistics from the whole volume (default; streamed passes, counted in the time) or per tile.")
 @click.option("--mirror", help="As for `run`: test-time mirroring axes (any of x, y, z, e.g. xyz); 2^axes "

@@ -48,6 +48,10 @@ HAS_FCNTL = fcntl is not None
 HAS_STATVFS = hasattr(os, "statvfs")
 HAS_WAIT4 = hasattr(os, "wait4")
 HAS_PROC = os.path.exists("/proc/self/status")
+#: Where the Linux control-group file systems are mounted.
+CGROUP_ROOT = "/sys/fs/cgroup"
+#: This process's control groups, one line per hierarchy (``id:controllers:path``; v2 is ``0::path``).
+PROC_CGROUP = "/proc/self/cgroup"
 
 #: Most bytes one positioned read or write call moves (Linux caps one call at 0x7ffff000 bytes).
 MAX_IO_BYTES = 256 << 20
@@ -395,6 +399,51 @@ def total_mb() -> float | None:
     if ps is not None:
         return ps.virtual_memory().total / 2**20
     return _windows_memory_mb("ullTotalPhys") if IS_WINDOWS else None
+
+
+def cgroup_limit_mb() -> float | None:
+    """The memory limit of this process's control group (MB): cgroup v2 ``memory.max`` (the tightest on the path
+    from its group up to the root), else cgroup v1 ``memory.limit_in_bytes``; None where there is none (``max``, the
+    v1 "unlimited" sentinel, no cgroup file system, other systems)."""
+    if not HAS_PROC:
+        return None
+    try:
+        with open(PROC_CGROUP) as f:
+            lines = [ln.rstrip("\n").split(":", 2) for ln in f if ln.count(":") >= 2]
+    except OSError:
+        return None
+    limits: list[float] = []
+    for _, controllers, path in lines:
+        if controllers == "":  # v2: the unified hierarchy; every level may limit
+            parts = [p for p in path.split("/") if p]
+            for i in range(len(parts), -1, -1):
+                limits += _cgroup_value(os.path.join(CGROUP_ROOT, *parts[:i], "memory.max"))
+        elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
+            for base in (os.path.join(CGROUP_ROOT, "memory", path.lstrip("/")), os.path.join(CGROUP_ROOT, "memory")):
+                limits += _cgroup_value(os.path.join(base, "memory.limit_in_bytes"))
+    return min(limits) / 2**20 if limits else None
+
+
+def _cgroup_value(path: str) -> list[float]:
+    """A cgroup memory limit file's value in bytes, as a list of none or one (``max``/unreadable: none; v1's
+    unlimited sentinel, a page-rounded 2^63, is beyond any machine: none)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return []
+    if not text.isdigit() or int(text) >= 2**60:
+        return []
+    return [float(text)]
+
+
+def machine_mb() -> float:
+    """The memory this process can have at most (MB): the machine's physical memory, capped by its control group's
+    limit where there is one. A property of the machine and its configuration, not of the moment: planning on it
+    makes the same command plan the same on the same machine (unlike :func:`available_mb`, which moves with every
+    other process). :data:`DEFAULT_AVAILABLE_MB` where nothing says."""
+    figures = [v for v in (total_mb(), cgroup_limit_mb()) if v is not None and v > 0]
+    return min(figures) if figures else DEFAULT_AVAILABLE_MB
 
 
 def _windows_available_mb() -> float | None:

@@ -16,7 +16,7 @@ output), which is how volinfer runs them with whole-volume statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import openvino as ov
@@ -120,16 +120,23 @@ def _global_ops(model: TileModel) -> list[str]:
 
 
 def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2, seed: int = 0,
-                            max_tile: int | None = None) -> ReceptiveField:
+                            max_tile: int | None = None,
+                            fits: Callable[[Sequence[int]], bool] | None = None) -> ReceptiveField:
     """Perturb voxels near the probe's centre and report the farthest output voxel that changed by more than ``tol``
     (relative to the output's range), growing the probe from the model's tile until the reach is bounded. Runs in f32
     on the CPU, whatever precision the model was compiled for. Never raises: a model that cannot be probed (fixed
-    input shape, rejected sizes) gives ``measured=False`` with the reason."""
+    input shape, rejected sizes) gives ``measured=False`` with the reason. ``fits``: whether a probe tile fits the
+    run's memory budget; no probe beyond it is made (the first shrinks to fit; a bound not reached within it is a
+    lower bound)."""
     core = ov.Core()
     max_tile = max_tile or MAX_PROBE_TILE
     m = max(1, model.multiple)
     tile = tuple(int(t) for t in model.tile)
     fixed = model.declared_input.is_static
+    while fits is not None and not fits(tile) and not fixed and max(tile) > m:  # the largest axis first
+        tile = tuple(max(m, t - m) if t == max(tile) else t for t in tile)
+    if fits is not None and not fits(tile):
+        return ReceptiveField((0, 0, 0), False, measured=False, reason=f"a probe at {tile} exceeds the memory budget")
     whole = _global_ops(model)
     while True:
         try:
@@ -147,6 +154,6 @@ def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2
                                   reason="the model's input shape is fixed, so the probe cannot grow")
         cap = max(max_tile // m * m, m)
         grown = tuple(max(t, min(cap, -(-2 * t // m) * m)) for t in tile)  # never shrinks below the probe so far
-        if grown == tile:
+        if grown == tile or (fits is not None and not fits(grown)):
             return rf  # unbounded: the radius is a lower bound ("at least the probe")
         tile = grown  # type: ignore[assignment]

@@ -4,8 +4,8 @@ OpenVINO's cost per voxel is not constant: small tiles pay per-inference overhea
 amortise it; bf16 and f32 differ. The planner (:func:`volinfer.run.fidelity.plan_exact`) minimises predicted time =
 evaluated voxels x per-voxel cost at the tile's voxel count, so a larger tile that evaluates more voxels can win when
 each voxel is cheaper there. The profile is a few points (tile voxels -> seconds per Mvoxel), measured in the
-precision ``--precision auto`` would run, on cubes from the model's tile up to about twice its edge (within the
-default speed budget's memory and a few seconds in all). Between points the cost is interpolated linearly in
+precision ``--precision auto`` would run, on cubes from the model's tile up to about twice its edge (within
+:data:`MEASURED_HEADROOM_MB` of memory and a few seconds in all). Between points the cost is interpolated linearly in
 log(voxels), clamped at the ends. Only ratios rank tilings, so a profile measured on another CPU still ranks shapes
 sensibly; its absolute seconds are this CPU's only when the CPU matches.
 
@@ -25,9 +25,12 @@ import openvino as ov
 
 KEY = "speed_profile"
 NOTE_KEY = "speed_profile_note"
-#: The largest tile measured, as a multiple of the model's tile edges (then shrunk to fit the default run's speed
-#: budget, the range the planner grows tiles in by default).
+#: The largest tile measured, as a multiple of the model's tile edges (then shrunk to fit
+#: :data:`MEASURED_HEADROOM_MB`).
 MAX_EDGE_FACTOR = 2.0
+#: The largest tile measured predicts at most this much more model memory than the model's tile (keeps the profile's
+#: compilations small; the planner clamps the cost beyond the largest point measured).
+MEASURED_HEADROOM_MB = 384.0
 #: Wall-clock budget of the whole profile (compilation, warm-up and timed runs), seconds. The model's own tile is
 #: always measured; a larger one only when its predicted time fits what is left.
 TOTAL_BUDGET_S = 10.0
@@ -184,14 +187,14 @@ def profile_model(model: ov.Model, layout: str, channels: int, tile: Sequence[in
     ``runtime``: ``device`` (CPU), ``threads``."""
     from volinfer.model.precision import resolve
     from volinfer.model.tile_model import CompileOptions
-    from volinfer.run.fidelity import SPEED_HEADROOM_MB, accepts, activation_bytes_per_voxel, default_budget_mb
+    from volinfer.run.fidelity import accepts, activation_bytes_per_voxel, default_budget_mb
 
     device, threads = runtime.get("device") or "CPU", runtime.get("threads")
     core = ov.Core()
     precision, _ = resolve("auto", precision_check, core, device)
     config = CompileOptions(device=device, threads=threads).config(precision)
     per_voxel = activation_bytes_per_voxel(model, layout, channels, tile)  # as the planner predicts memory
-    cap = min(per_voxel * float(np.prod(tile)) / 2**20 + SPEED_HEADROOM_MB, default_budget_mb())  # its speed budget
+    cap = min(per_voxel * float(np.prod(tile)) / 2**20 + MEASURED_HEADROOM_MB, default_budget_mb())
     tiles = profile_tiles(tile, multiple, lambda t: per_voxel * float(np.prod(t)) / 2**20 <= cap) if multiple \
         else [tuple(tile)]  # a static input (no size multiple): the planner never changes its tile
     tiles = tiles[:1] + [t for t in tiles[1:] if accepts(model, layout, channels, t)]  # size multiple unknown

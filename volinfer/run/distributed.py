@@ -46,7 +46,7 @@ from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
 from volinfer.run.settings import RunSettings
-from volinfer.run.setup import guard_precision, plan_tiling, resolve, scan_volume, verdict
+from volinfer.run.setup import guard_for, make_normalizer, plan_tiling, resolve, scan_input, verdict
 from volinfer.io.journal import Journal
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
@@ -267,8 +267,12 @@ def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
     source, in_arr = open_zarr_source(volume)
     handle = TileModel(model, tile=t.tile, layout=rt.layout, output=rt.model_output,
                        options=CompileOptions(**options), compile=False)
+    scan = scan_input(handle, source, make_normalizer(handle, s, source.channels), s.input.nan_value)
+    guarded = guard_for(handle, scan.input_abs_max)  # before planning: plan in the precision that runs
+    if guarded is not handle:
+        handle, options = guarded, {**options, "precision": guarded.precision}
     # Zarr/Dask runs freeze no normalisation statistics yet: plan as for per-tile statistics
-    choice = plan_tiling(handle, source.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=None,
+    choice = plan_tiling(handle, source.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
                          norm_stats="tile")
     tm = TileModel(model, tile=choice.tile, layout=rt.layout, output=rt.model_output,
                    options=CompileOptions(**options), compile=False)
@@ -276,11 +280,9 @@ def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
     overlap = t.overlap
     if overlap is None:
         overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
-    setup = resolve(tm, source.shape, source.channels, s, overlap=overlap)
-    scan_volume(setup, tm, source, s.input.nan_value)
-    guarded = guard_precision(tm, setup, compile=False)
-    if guarded is not tm:
-        tm, options = guarded, {**options, "precision": guarded.precision}
+    tm.precision_reason = handle.precision_reason
+    setup = resolve(tm, source.shape, source.channels, s, overlap=overlap, normalizer=scan.normalizer)
+    scan.apply(setup)
     settings = dict(tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=setup.overlap,
                     stitch=setup.stitch, sigma=t.sigma, pad_mode=t.pad_mode, kind=o.kind, activation=o.activation,
                     channels=setup.spec.channels, threshold=o.threshold, dtype=str(setup.spec.dtype),

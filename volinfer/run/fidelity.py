@@ -8,8 +8,10 @@ voxel's influence exceeds 1e-5 of the output range; a tile border removes all th
 and those small influences add up, so an exact multi-tile run is close to whole-volume inference but not equal in
 values: the deviation measured at convert time (:mod:`volinfer.model.tiling_check`) is quoted with the verdict
 (:func:`explain_exact`). The planner searches per-axis tile sizes
-(multiples of the model's size multiple, up to the whole padded axis) for the exact tiling with the fewest evaluated
-voxels whose predicted memory fits the budget; it changes nothing when the user forced a tile.
+(multiples of the model's size multiple, up to the whole padded axis) for the exact tiling with the least predicted time
+whose predicted memory fits the budget, the leanest among those within 10% of that time
+(:func:`leanest_near_fastest`, the one objective the choice between engines uses too); it changes nothing when the
+user forced a tile.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from volinfer.model.tiling_check import describe as describe_deviation
 
 #: Resident memory of a process that has imported volinfer and OpenVINO and compiled a small model (MB, measured).
 RUNTIME_FLOOR_MB = 150.0
-#: Default share of available RAM a run may use to stay exact (``--max-memory`` overrides it).
+#: Default share of the machine's memory (physical RAM, capped by a cgroup limit) a run may plan for (``--max-memory``
+#: overrides it). Of the machine, not of what happens to be free: the same command plans the same on the same machine.
 DEFAULT_MEMORY_FRACTION = 0.25
-#: Beyond exactness, a default run grows tiles for speed only this far above the preferred tile's prediction.
-SPEED_HEADROOM_MB = 384.0
+#: Plans whose predicted times are within this fraction of the fastest count as equally fast: the leanest of them wins.
+LEANER_WITHIN = 0.10
 #: What OpenVINO's CPU plugin holds beyond the peak of live tensors in topological order (its own layouts, scratch
 #: buffers, fused-op workspaces): measured steady RSS over the estimate, 1.7 on both the reference U-Net at 240^3 and
 #: the tests' two-level U-Net at 152x132x112.
@@ -83,14 +86,9 @@ class Tiling:
     evaluated: int  # voxels the model evaluates (tiles x tile volume)
     memory_mb: float
     norm_passes: int  # streamed statistics passes before the run (0: none needed)
-    within_budget: bool = True  # within the speed budget (default runs); the rest only when nothing else fits
+    within_budget: bool = True  # within the memory budget; the rest are listed by `volinfer plan` only
     voxel_s: float | None = None  # predicted seconds per evaluated voxel at this tile (speed profile), None: unknown
-
-
-def available_mb() -> float:
-    """Memory the OS could give this process now (MemAvailable), in MB; a conservative 4 GiB where unknown (see
-    :func:`volinfer.portable.available_mb` for the fallbacks on other systems)."""
-    return portable.available_mb()
+    cost: float = 0.0  # predicted time (plan_exact): seconds with a speed profile, else evaluated voxels
 
 
 def activation_bytes_per_voxel(model: ov.Model, layout: str, channels: int, tile: Sequence[int],
@@ -172,22 +170,35 @@ def _axis_options(n: int, m: int, radius: int, need: int, preferred: int) -> lis
     return out
 
 
+def leanest_near_fastest(items: Sequence[Any], cost: Callable[[Any], float], memory: Callable[[Any], float]) -> Any:
+    """The planner's one objective: the least predicted time, except that among the items within
+    :data:`LEANER_WITHIN` of it the one with the least memory wins (time predictions are not that precise, memory is
+    what a user gives up). ``items`` are all within the budget already; None when there are none."""
+    if not items:
+        return None
+    fastest = min(cost(i) for i in items)
+    near = [i for i in items if cost(i) <= (1.0 + LEANER_WITHIN) * fastest]
+    return min(near, key=lambda i: (round(memory(i), 1), cost(i)))
+
+
 def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferred: Sequence[int],
-               mem_per_voxel: float, weights_mb: float, budget_mb: float, speed_mb: float,
+               mem_per_voxel: float, weights_mb: float, budget_mb: float,
                norm_layers: int, global_ops: bool, whole_stats: bool,
                weighed: list[Tiling] | None = None,
                voxel_cost: Callable[[float], float] | None = None) -> Tiling | None:
-    """The exact tiling with the least predicted time within ``speed_mb``, else the exact tiling with the least
-    memory within ``budget_mb``; None when no exact tiling fits. Predicted time = evaluated voxels x per-voxel cost
-    at the tile's voxel count (``voxel_cost``, seconds per voxel from the model's speed profile, see
-    :mod:`volinfer.model.speed_profile`; constant when None: the fewest evaluated voxels win) x the statistics
-    passes' factor."""
+    """The exact tiling the planner's objective picks (:func:`leanest_near_fastest`) among those whose predicted
+    memory fits ``budget_mb``; None when no exact tiling fits. Predicted time (``Tiling.cost``) = evaluated voxels x
+    per-voxel cost at the tile's voxel count (``voxel_cost``, seconds per voxel from the model's speed profile, see
+    :mod:`volinfer.model.speed_profile`; 1 when None: voxels, the fewest evaluated win) x the statistics passes'
+    factor. ``weighed`` receives what `volinfer plan` lists: every tiling on the time/memory front within the budget
+    (none is both faster and leaner), the chosen one among them, and the fastest beyond the budget."""
     radii = rf.radius if rf.bounded else (-1, -1, -1)
     voxel_cost = functools.lru_cache(maxsize=None)(voxel_cost) if voxel_cost is not None else None
     options = [_axis_options(n, multiple, r, multiple // 2 if norm_layers else 0, p)
                for n, r, p in zip(shape, radii, preferred)]
     # candidates as plain tuples (thousands of them): a Tiling is made only for the few kept
     fits: list[tuple[float, float, tuple[Any, Any, Any], int, int, float | None]] = []
+    over: list[tuple[float, float, tuple[Any, Any, Any], int, int, float | None]] = []
     single_only = global_ops or (norm_layers and not whole_stats)
     for ox in options[0]:
         for oy in options[1]:
@@ -198,29 +209,39 @@ def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferre
                 passes = norm_layers if not single and norm_layers else 0
                 voxels = ox[0] * oy[0] * oz[0]
                 mem = RUNTIME_FLOOR_MB + weights_mb + mem_per_voxel * voxels / 2**20
-                if mem > budget_mb:
+                if mem > budget_mb and weighed is None:
                     continue
                 evaluated = ox[0] * ox[1] * oy[0] * oy[1] * oz[0] * oz[1]
                 voxel_s = None if voxel_cost is None else voxel_cost(float(voxels))
                 # each statistics pass runs part of the network over the volume: ~half a run
                 cost = evaluated * (1.0 if voxel_s is None else voxel_s) * (1.0 + 0.5 * passes)
-                fits.append((cost, mem, (ox, oy, oz), evaluated, passes, voxel_s))
-    if not fits:
-        return None
+                (fits if mem <= budget_mb else over).append((cost, mem, (ox, oy, oz), evaluated, passes, voxel_s))
 
     def tiling(f: tuple[float, float, tuple[Any, Any, Any], int, int, float | None], within: bool = True) -> Tiling:
-        _, mem, axes, evaluated, passes, voxel_s = f
+        cost, mem, axes, evaluated, passes, voxel_s = f
         return Tiling(tuple(a[0] for a in axes), tuple(a[2] for a in axes), tuple(a[1] for a in axes),  # type: ignore[arg-type]
-                      evaluated, round(mem, 1), passes, within, voxel_s)
+                      evaluated, round(mem, 1), passes, within, voxel_s, cost)
 
-    by_speed = lambda f: (f[0], round(f[1], 1))  # noqa: E731  (cost, then memory as a Tiling rounds it)
-    fast = sorted((f for f in fits if round(f[1], 1) <= speed_mb), key=by_speed)
-    if weighed is not None:  # what `volinfer plan` shows: the cheapest candidates within budget, then beyond it
-        slow = sorted((f for f in fits if round(f[1], 1) > speed_mb), key=by_speed)
-        weighed.extend([tiling(f) for f in fast[:6]] + [tiling(f, False) for f in slow[:3]])
-    if fast:
-        return tiling(fast[0])
-    return tiling(min(fits, key=lambda f: (round(f[1], 1), f[0])))
+    best = leanest_near_fastest(fits, lambda f: f[0], lambda f: f[1])
+    if weighed is not None:
+        weighed.extend(tiling(f) for f in _front(fits, best))
+        weighed.extend(tiling(f, False) for f in sorted(over, key=lambda f: (f[0], f[1]))[:2])
+    return None if best is None else tiling(best)
+
+
+def _front(fits: list[Any], best: Any, most: int = 8) -> list[Any]:
+    """The tilings on the time/memory front (no other is both faster and leaner), fastest first, at most ``most``
+    of them spread along it, with ``best`` always among them."""
+    front: list[Any] = []
+    for f in sorted(fits, key=lambda f: (f[0], f[1])):
+        if not front or round(f[1], 1) < round(front[-1][1], 1):
+            front.append(f)
+    if len(front) > most:
+        step = len(front) / most
+        front = [front[int(i * step)] for i in range(most)]
+    if best is not None and best not in front:
+        front.append(best)
+    return sorted(front, key=lambda f: (f[0], f[1]))
 
 
 def judge(overlap: Sequence[int], counts: Sequence[int], stitch: str, rf: ReceptiveField | None, norm_layers: int,
@@ -259,7 +280,10 @@ def weights_mb(model: ov.Model) -> float:
 
 
 def default_budget_mb() -> float:
-    return DEFAULT_MEMORY_FRACTION * available_mb()
+    """The memory budget of a run without ``--max-memory`` (MB): :data:`DEFAULT_MEMORY_FRACTION` of the machine's
+    memory (:func:`volinfer.portable.machine_mb`), never of its momentary free memory (a resumed run must plan the
+    tiling its journal recorded)."""
+    return DEFAULT_MEMORY_FRACTION * portable.machine_mb()
 
 
 def fmt_tile(t: Sequence[int]) -> str:

@@ -49,15 +49,27 @@ class Plan:
     speed_source: str = ""  # where the candidates' per-voxel cost came from (the model's speed profile)
     engine: str = "tiles"  # "stream": the run streams layer by layer (volinfer.run.stream); tile figures then apply
     stream: str | None = None  # to --engine tiles; this says what the streamed run does and its predicted peak
+    stream_peak_mb: float | None = None  # the streamed run's predicted peak RSS and time (engine "stream")
+    stream_time_s: float | None = None
+    budget_mb: float | None = None  # the memory budget the planner chose within (--max-memory, else the default)
+    probe_mb: float | None = None  # predicted peak of the run-time receptive-field probe (none stored in the model)
+    measured_tile: list[int] | None = None  # where the model was measured (a streamed run's tiling: estimated from it)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in self.parts_mb.items() if v >= 0.5)
-        lines = [f"engine: {self.stream}", "  with --engine tiles:"] if self.stream else []
+        lines = []
+        if self.stream:
+            when = "" if self.stream_time_s is None else f", about {self.stream_time_s:.0f} s"
+            lines += [f"engine: {self.stream}; predicted peak RSS {self.stream_peak_mb:.0f} MB{when}",
+                      "  with --engine tiles:"]
         lines += [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
                   f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s"]
+        if self.measured_tile and tuple(self.measured_tile) != tuple(self.tile):
+            lines.append(f"  (model figures estimated from its measurement at tile "
+                         f"{'x'.join(map(str, self.measured_tile))})")
         if self.norm_passes:
             lines.append(f"  {self.norm_passes} streamed normalisation-statistics pass(es) before the run (in the time)")
         if self.inferences_per_tile > 1:
@@ -65,15 +77,27 @@ class Plan:
         if self.exact is not None:
             lines.append("  " + (self.exact_meaning or "exact") if self.exact
                          else "  not exact: " + "; ".join(self.not_exact))
-        if self.candidates and self.speed_source:
-            lines.append(f"  per-voxel cost: {self.speed_source}")
-        for c in self.candidates:
-            when = "" if c.get("time_s") is None else f", predicted {c['time_s']:.1f} s"
-            lines.append(f"  weighed tile {'x'.join(map(str, c['tile']))}: {c['tiles']} tiles, "
-                         f"{c['evaluated_x']:.2f}x voxels evaluated{when}, ~{c['memory_mb']:.0f} MB model memory, "
-                         f"{c['norm_passes']} statistics pass(es)"
-                         + ("" if c.get("within_budget", True) else "  [over the speed budget]"))
+        if self.candidates:
+            budget = f" within {self.budget_mb:.0f} MB" if self.budget_mb else ""
+            lines.append(f"  candidates weighed (least predicted time{budget}; within 10% of it, the leanest):")
+            if self.speed_source:
+                lines.append(f"  per-voxel cost: {self.speed_source}")
+        lines += [_candidate_line(c) for c in self.candidates]
         return "\n".join(lines)
+
+
+def _candidate_line(c: dict[str, Any]) -> str:
+    """One weighed candidate as `volinfer plan` prints it: ``*`` marks the chosen one."""
+    mark = "*" if c.get("chosen") else " "
+    when = "" if c.get("time_s") is None else f", predicted {c['time_s']:.1f} s"
+    if c.get("engine") == "stream":
+        what = "layer stream" + ("" if c["tiles"] == 1 else " in %d bands along y" % c["tiles"])
+    else:
+        what = f"tile {'x'.join(map(str, c['tile']))}: {c['tiles']} tiles"
+    over = "" if c.get("within_budget", True) else "  [over the memory budget]"
+    passes = f", {c['norm_passes']} statistics pass(es)" if c.get("norm_passes") else ""
+    return (f"  {mark} {what}, {c['evaluated_x']:.2f}x voxels evaluated{when}, ~{c['memory_mb']:.0f} MB "
+            f"predicted peak{passes}{over}")
 
 
 _PROBE = r"""
@@ -255,20 +279,66 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     if s.tiling.norm_stats is None and any(is_zarr(p) for p in paths):
         s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr (block-wise) runs use: see volinfer.run.distributed
     facts = volume_facts(paths)
-    tm, choice, setup = _plan_tiling(facts, model_path, s)
+    tm, choice, setup = _plan_tiling(facts, model_path, s, paths)
     opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
+    opts["precision"] = tm.options.precision  # f32 where the run's precision guard will choose it
     parts = engine_buffers_mb(setup, facts, tm.out_channels, s.runtime.requests)
-    cost = measure_model(model_path, tm.tile, s.runtime.layout, s.runtime.model_output, opts, s.runtime.requests)
-    plan = _finish_plan(make_plan(setup.grid, cost, parts), facts, (tm, choice), setup, s)
+    # a request that never runs a tile never gets its output tensors: a grid of fewer tiles uses fewer requests
+    requests = max(1, min(s.runtime.requests, len(setup.grid)))
+    cost, measured_at = _model_cost(model_path, tm, choice, s, (opts, requests))
+    plan = make_plan(setup.grid, cost, parts)
+    plan.measured_tile = list(measured_at)
+    plan = _finish_plan(plan, facts, (tm, choice), setup, s)
+    if choice.probe_mb is not None:  # the receptive-field probe runs before anything else: the larger peak counts
+        _add_probe(plan, choice.probe_mb, tm, cost)
     if choice.stream is not None:
-        plan.engine = "stream"
-        plan.stream = f"{choice.stream.describe(facts.shape[1], tm.multiple)}; predicted peak RSS " \
-                      f"{choice.stream.peak_mb:.0f} MB"
+        stream = next(c for c in plan.candidates if c["engine"] == "stream")
+        plan.engine, plan.stream = "stream", choice.stream.describe(facts.shape[1], tm.multiple)
+        plan.stream_peak_mb, plan.stream_time_s = round(max(choice.stream.peak_mb, plan.probe_mb or 0.0), 1), \
+            stream.get("time_s")
     return plan
 
 
-def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, Any]:
-    """The run's own tile planning and settings resolution, on the volume's facts (no voxel read)."""
+def _model_cost(model_path: str | Path, tm: Any, choice: Any, s: Any, how: tuple[dict[str, Any], int]
+                ) -> tuple[ModelCost, tuple[int, ...]]:
+    """The model's cost at the planned tile, measured in a probe process (``how``: compile options, requests), and
+    the tile it was measured at. When the run streams, the tiling is only what ``--engine tiles`` would run: the
+    model is measured at its own, smaller tile and the planned tile's figures estimated from it (memory: the
+    measurement plus the planner's estimate of the difference; latency: scaled by voxels x per-voxel cost), so that
+    planning a stream never compiles a tile as large as the budget allows."""
+    from volinfer.run.fidelity import activation_bytes_per_voxel
+
+    opts, requests = how
+    at = tuple(choice.preferred or tm.tile)
+    if choice.stream is None or np.prod(at) >= np.prod(tm.tile):
+        at = tuple(tm.tile)
+    cost = measure_model(model_path, at, s.runtime.layout, s.runtime.model_output, opts, requests)
+    if at == tuple(tm.tile):
+        return cost, at
+    per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, at)
+    extra = per_voxel * float(np.prod(tm.tile) - np.prod(at)) / MB
+    unit = choice.voxel_cost or (lambda v: 1.0)
+    ratio = float(np.prod(tm.tile)) * unit(float(np.prod(tm.tile))) / (float(np.prod(at)) * unit(float(np.prod(at))))
+    return ModelCost(cost.peak_mb + extra, cost.steady_mb + extra, cost.tile_s * ratio), at
+
+
+def _add_probe(plan: Plan, probe_mb: float, tm: Any, cost: ModelCost) -> None:
+    """The run-time receptive-field probe's peak (``probe_mb``, the planner's estimate) in the plan: its excess over
+    the planner's estimate for the model at the run's tile, added to the model's measured memory (both estimates
+    share the planner's conservative runtime floor); the plan's peak is the larger of the two phases."""
+    from volinfer.run.fidelity import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
+
+    per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
+    at_tile = RUNTIME_FLOOR_MB + weights_mb(tm.model) + per_voxel * float(np.prod(tm.tile)) / MB
+    probe = round(cost.steady_mb + max(0.0, probe_mb - at_tile), 1)
+    plan.parts_mb["receptive-field probe"] = probe
+    plan.peak_rss_mb = max(plan.peak_rss_mb, probe)
+    plan.probe_mb = probe
+
+
+def _plan_tiling(facts: Any, model_path: str | Path, s: Any, paths: Sequence[str | Path] = ()) -> tuple[Any, Any, Any]:
+    """The run's own tile planning and settings resolution, on the volume's facts, in the precision the run will use
+    (``paths``: the input, read once when ``--precision auto``'s choice depends on its values)."""
     from volinfer.api import _overlap_for
     from volinfer.model.tile_model import TileModel
     from volinfer.run.setup import choose_stream, plan_tiling, resolve
@@ -276,17 +346,33 @@ def _plan_tiling(facts: Any, model_path: str | Path, s: Any) -> tuple[Any, Any, 
     t, rt = s.tiling, s.runtime
     handle = TileModel(model_path, tile=t.tile, layout=rt.layout, output=rt.model_output,
                        options=rt.compile_options(), compile=False)
+    handle = _run_precision(handle, paths, s)
     choice = plan_tiling(handle, facts.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
                          norm_stats=t.norm_stats, mirror=bool(t.mirror))
     choose_stream(handle, facts.shape, choice, s)  # sets choice.stream when the run would stream
-    tm = TileModel(model_path, tile=choice.tile, layout=rt.layout, output=rt.model_output,
-                   options=rt.compile_options(), compile=False)
-    tm.multiple = handle.multiple
+    tm = handle.at(choice.tile, compile=False)
     overlap = t.overlap
     if overlap is None:
         overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
     setup = resolve(tm, facts.shape, facts.channels, s, overlap=overlap)
     return tm, choice, setup
+
+
+def _run_precision(handle: Any, paths: Sequence[str | Path], s: Any) -> Any:
+    """``handle`` in the precision the run will use: when ``--precision auto`` chose a reduced precision whose stored
+    check the input's range may overrule, the input is scanned as the run scans it (one pass over its voxels) and
+    the run's precision guard applied (:func:`volinfer.run.setup.guard_for`)."""
+    from volinfer.api import open_source
+    from volinfer.io.zarr_io import is_zarr, open_zarr_source
+    from volinfer.run.setup import guard_for, make_normalizer, needs_input_scan, scan_input
+
+    if not paths or not needs_input_scan(handle):
+        return handle
+    zarr_input = any(is_zarr(p) for p in paths)
+    source = open_zarr_source(paths[0])[0] if zarr_input else open_source(list(paths), handle.tile[2])
+    with source:
+        scan = scan_input(handle, source, make_normalizer(handle, s, source.channels), s.input.nan_value)
+    return guard_for(handle, scan.input_abs_max)
 
 
 def _finish_plan(plan: Plan, facts: Any, planned: tuple[Any, Any], setup: Any, s: Any) -> Plan:
@@ -304,33 +390,51 @@ def _finish_plan(plan: Plan, facts: Any, planned: tuple[Any, Any], setup: Any, s
     plan.time_s = round(plan.time_s * (plan.inferences_per_tile + 0.5 * passes), 1)
     plan.exact, plan.not_exact = fid.exact, fid.reasons
     plan.exact_meaning, plan.tiling_deviation = (fid.meaning, fid.deviation) if fid.exact else (None, None)
-    vox = float(np.prod(facts.shape))
-    plan.candidates = [{"tile": list(c.tile), "tiles": int(np.prod(c.counts)), "evaluated_x": c.evaluated / vox,
-                        "memory_mb": c.memory_mb, "norm_passes": c.norm_passes, "within_budget": c.within_budget}
-                       for c in choice.candidates]
-    plan.speed_source = choice.speed_source
-    _candidate_times(plan, choice.candidates)
+    plan.candidates = _candidates(choice, facts.shape, tm.multiple)
+    plan.speed_source, plan.budget_mb = choice.speed_source, choice.budget_mb
+    _candidate_times(plan, choice)
     return plan
 
 
-def _candidate_times(plan: Plan, weighed: Sequence[Any]) -> None:
-    """Each weighed tiling's predicted time: evaluated voxels x the speed profile's per-voxel cost at its tile x
-    (inferences per tile + half a run per statistics pass), as ``profile_time_s``; and as ``time_s``, the same
-    scaled so that the chosen tiling's equals the plan's time (measured now at that tile): the profile ranks the
-    shapes, the measurement gives this machine's seconds."""
+def _candidates(choice: Any, shape: Sequence[int], multiple: int) -> list[dict[str, Any]]:
+    """Every plan the planner weighed (:class:`volinfer.run.setup.TilingChoice`): tilings on the time/memory front,
+    the fastest beyond the budget, and the layer stream when it was weighed; the chosen one marked."""
+    vox = float(np.prod(shape))
+    streams = choice.stream is not None
+    out = [{"engine": "tiles", "tile": list(c.tile), "tiles": int(np.prod(c.counts)), "evaluated_x": c.evaluated / vox,
+            "memory_mb": c.memory_mb, "norm_passes": c.norm_passes, "within_budget": c.within_budget,
+            "chosen": not streams and c == choice.planned, "cost": c.cost, "voxel_s": c.voxel_s}
+           for c in choice.candidates]
+    if choice.stream_option is not None:
+        sp, cost = choice.stream_option
+        rows = sp.bands(shape[1], multiple)
+        out.append({"engine": "stream", "tile": [sp.padded[0], sp.band, sp.out_planes], "tiles": rows.count,
+                    "evaluated_x": sp.padded[0] * rows.count * rows.tile * sp.padded[2] / vox,
+                    "memory_mb": round(sp.peak_mb, 1), "norm_passes": 0, "within_budget": True, "chosen": streams,
+                    "cost": cost, "voxel_s": choice.voxel_cost is not None})
+    return sorted(out, key=lambda c: c["cost"])
+
+
+def _candidate_times(plan: Plan, choice: Any) -> None:
+    """Each candidate's predicted time: the planner's cost (:attr:`volinfer.run.fidelity.Tiling.cost`: seconds from
+    the speed profile, else evaluated voxels) x inferences per tile, as ``profile_time_s`` when the profile gave
+    seconds; and as ``time_s``, scaled so that the planned tiling's equals the plan's time (measured now at that
+    tile): the planner's costs rank the plans, the measurement gives this machine's seconds."""
     runs = plan.inferences_per_tile
-    for c, t in zip(plan.candidates, weighed):
-        c["profile_time_s"] = None if t.voxel_s is None else t.evaluated * t.voxel_s * (runs + 0.5 * t.norm_passes)
-    chosen = next((c for c in plan.candidates if tuple(c["tile"]) == tuple(plan.tile)), None)
-    scale = 1.0
-    if chosen is not None and chosen["profile_time_s"] and plan.time_s > 0:
-        scale = plan.time_s / chosen["profile_time_s"]
-        plan.speed_source += (f"; times x{scale:.2f} to match the latency measured now at tile "
-                              f"{'x'.join(map(str, plan.tile))}")
     for c in plan.candidates:
-        raw = c["profile_time_s"]
-        c["profile_time_s"] = None if raw is None else round(raw, 1)
-        c["time_s"] = None if raw is None else round(raw * scale, 1)
+        c["raw"] = c.pop("cost") * (runs + 0.5 * c["norm_passes"]) / (1.0 + 0.5 * c["norm_passes"]) \
+            if c["engine"] == "tiles" else c.pop("cost")
+        c["profile_time_s"] = round(c["raw"], 1) if c.pop("voxel_s") else None
+    planned = choice.planned
+    measured = next((c for c in plan.candidates if c["engine"] == "tiles" and planned is not None
+                     and tuple(c["tile"]) == tuple(planned.tile) == tuple(plan.tile)), None)
+    scale = plan.time_s / measured["raw"] if measured is not None and measured["raw"] > 0 else None
+    if scale is not None and plan.speed_source:
+        plan.speed_source += (f"; times x{scale:.3g} to match the latency measured now at tile "
+                              f"{'x'.join(map(str, plan.measured_tile or plan.tile))}")
+    for c in plan.candidates:
+        raw = c.pop("raw")
+        c["time_s"] = None if scale is None else round(raw * scale, 1)
 
 
 def largest_fitting_tile(paths: Sequence[str | Path], model_path: str | Path, limit_mb: float,

@@ -3,19 +3,20 @@ plan): stitching, activation, output spec, overlap, grid, and the whole-volume p
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-from volinfer import validate
+from volinfer import portable, validate
 from volinfer.model.activation import graph_activation
 from volinfer.run.checks import check_input_range, check_nonfinite, needs_value_scan
 from volinfer.run.prepass import ContentDigest, PrePass, ValueScan
 from volinfer.errors import VolinferError
 from volinfer.run.fidelity import (Fidelity, Tiling, accepts, activation_bytes_per_voxel, default_budget_mb,
                                    explain_exact, fmt_tile, judge, plan_exact, probe_multiple)
-from volinfer.run.fidelity import SPEED_HEADROOM_MB, RUNTIME_FLOOR_MB, weights_mb
+from volinfer.run.fidelity import RUNTIME_FLOOR_MB, leanest_near_fastest, weights_mb
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
 from volinfer.model.spatial_norm import NormLayer, find_norm_layers, fixed_shape_global_ops
 from volinfer.model.tiling_check import stored as stored_tiling_check
@@ -70,14 +71,15 @@ class RunSetup:
 
 
 def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = None, *,
-            overlap: Any = None) -> RunSetup:
+            overlap: Any = None, normalizer: Normalizer | None = None) -> RunSetup:
     """Everything that follows from the run's settings (:class:`volinfer.run.settings.RunSettings`), the model's
-    stored settings and the volume's shape (no I/O). ``overlap``: the planned one, else the settings'."""
+    stored settings and the volume's shape (no I/O). ``overlap``: the planned one, else the settings'.
+    ``normalizer``: the one the input scan fitted (:func:`scan_input`), else a new one."""
     from volinfer.run.settings import RunSettings
 
     s = settings or RunSettings()
     o = s.output
-    stitch, keep, normalize = s.tiling.stitch, o.channels, s.input.normalize
+    stitch, keep = s.tiling.stitch, o.channels
     overlap = s.tiling.overlap if overlap is None else overlap
     st = tm.settings
     stitch = stitch or st.stitch or "crop"
@@ -94,31 +96,56 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
         grid = TileGrid.build(shape, tm.tile, [tm.multiple] * 3, ov_vox, "crop" if stitch == "crop" else "blend")
     except GeometryError as e:
         raise VolinferError(str(e)) from None
-    normalizer = Normalizer(normalize if normalize is not None else st.normalization, channels)
+    normalizer = normalizer or make_normalizer(tm, s, channels)
     return RunSetup(stitch, activation, spec, ov_vox, grid, normalizer, notes=[note] if note else [],
                     mirror=tuple(s.tiling.mirror))
 
 
-def scan_volume(setup: RunSetup, tm: TileModel, source: VolumeSource, nan_value: float | None,
-                fingerprint: bool = False) -> None:
+def make_normalizer(tm: TileModel, settings: Any, channels: int) -> Normalizer:
+    """The run's input normalisation: ``--normalize``, else the model's stored one (not fitted yet)."""
+    normalize = settings.input.normalize
+    return Normalizer(normalize if normalize is not None else tm.settings.normalization, channels)
+
+
+@dataclass
+class InputScan:
+    """What the one pre-pass over the input found (:func:`scan_input`), before anything is planned: the fitted
+    normaliser, NaN/Inf count and fill, the largest normalised |value|, content digests, passes made."""
+
+    normalizer: Normalizer
+    nonfinite: int = 0
+    nan_fill: list[float] | None = None
+    input_abs_max: float | None = None
+    digests: list[str] | None = None
+    input_passes: int = 0
+
+    def apply(self, setup: RunSetup) -> None:
+        """Hand the findings to the resolved run."""
+        setup.normalizer, setup.nonfinite, setup.nan_fill = self.normalizer, self.nonfinite, self.nan_fill
+        setup.input_abs_max, setup.digests, setup.input_passes = self.input_abs_max, self.digests, self.input_passes
+
+
+def scan_input(tm: TileModel, source: VolumeSource, normalizer: Normalizer, nan_value: float | None,
+               fingerprint: bool = False) -> InputScan:
     """Everything that needs the whole input before inference, in ONE streamed pass (none when nothing asks):
     NaN/Inf policy and value range (:mod:`volinfer.run.checks`), normalisation statistics, and the content fingerprint
-    that keys ``--resume`` (``fingerprint``). Sets ``setup.input_passes`` and ``setup.digests``."""
+    that keys ``--resume`` (``fingerprint``). Independent of the tiling, so it runs before planning: the precision
+    guard (:func:`guard_for`) decides from it, and the run is planned in the precision that will run."""
     pre = PrePass(source, tm.tile[2])
     wanted = needs_value_scan(source.readers, tm.input_dtype) or tm.auto_reduced  # the range guards auto precision
     values = ValueScan(source.channels) if wanted else None
     digest = ContentDigest(source.channels) if fingerprint else None
     pre.add(values)
-    pre.add(setup.normalizer.statistics(source))
+    pre.add(normalizer.statistics(source))
     pre.add(digest)
-    setup.input_passes = pre.run()
-    setup.digests = digest.digests if digest else None
+    scan = InputScan(normalizer, input_passes=pre.run(), digests=digest.digests if digest else None)
     if values is not None:
-        setup.nonfinite = check_nonfinite(values, nan_value)
-        check_input_range(values, source.readers, setup.normalizer, tm.input_dtype)
-        setup.input_abs_max = _normalised_abs_max(values, source, setup.normalizer)
-    if setup.nonfinite:
-        setup.nan_fill = [setup.normalizer.normalized(nan_value, c) for c in range(source.channels)]  # type: ignore[arg-type]
+        scan.nonfinite = check_nonfinite(values, nan_value)
+        check_input_range(values, source.readers, normalizer, tm.input_dtype)
+        scan.input_abs_max = _normalised_abs_max(values, source, normalizer)
+    if scan.nonfinite:
+        scan.nan_fill = [normalizer.normalized(nan_value, c) for c in range(source.channels)]  # type: ignore[arg-type]
+    return scan
 
 
 def _normalised_abs_max(values: ValueScan, source: VolumeSource, normalizer: Normalizer) -> float | None:
@@ -127,20 +154,27 @@ def _normalised_abs_max(values: ValueScan, source: VolumeSource, normalizer: Nor
     return max(ends) if ends else None
 
 
-def guard_precision(tm: TileModel, setup: RunSetup, compile: bool = True) -> TileModel:
+def guard_for(tm: TileModel, input_abs_max: float | None, compile: bool = False) -> TileModel:
     """``--precision auto`` chose a reduced precision from a verdict measured on calibration inputs; when this
-    volume's normalised values reach far beyond those, the verdict does not cover it: f32 instead, saying why
-    (:func:`volinfer.model.precision.outside_checked`)."""
+    volume's normalised values (largest |value| ``input_abs_max``, from :func:`scan_input`) reach far beyond those,
+    the verdict does not cover it: f32 instead, saying why (:func:`volinfer.model.precision.outside_checked`).
+    Decided before planning: memory and time are planned in the precision that runs."""
     from volinfer.model.precision import outside_checked
 
-    if setup.input_abs_max is None or not tm.auto_reduced:
+    if input_abs_max is None or not tm.auto_reduced:
         return tm
-    why = outside_checked(tm.settings.extra.get("precision_check"), setup.input_abs_max)
+    why = outside_checked(tm.settings.extra.get("precision_check"), input_abs_max)
     if why is None:
         return tm
     return tm.with_precision("f32", f"{tm.precision} not verified for this input: {why}; store a normalisation "
                                     f"(`volinfer convert --normalize`) or check on such data (`--calibration-volume`)",
                              compile=compile)
+
+
+def needs_input_scan(tm: TileModel) -> bool:
+    """Whether planning must see the input first: ``--precision auto`` chose a reduced precision that the input's
+    range may overrule (:func:`guard_for`)."""
+    return tm.auto_reduced and bool(tm.settings.extra.get("precision_check"))
 
 
 def resolve_activation(tm: TileModel, explicit: str | None) -> tuple[str, str | None]:
@@ -178,6 +212,13 @@ class TilingChoice:
     tiling_check: dict[str, Any] | None = None  # tiled-vs-whole deviation stored at convert, for this receptive field
     speed_source: str = ""  # where the planner's per-voxel cost came from (the model's speed profile), in words
     stream: Any = None  # the volinfer.run.stream.StreamPlan when the run streams layer by layer (choose_stream)
+    budget_mb: float | None = None  # the memory budget planned in (--max-memory, else the machine's default)
+    voxel_cost: Any = None  # the planner's per-voxel cost (planner_voxel_cost), None: constant
+    planned: Tiling | None = None  # the tiling the planner chose (None: a fixed tile, or none fits)
+    stream_option: Any = None  # (StreamPlan, predicted cost) weighed against ``planned``, chosen or not
+    tile_note: str | None = None  # the note saying which tile was planned (dropped when the run streams instead)
+    probe_mb: float | None = None  # predicted peak of the largest receptive-field probe made while planning
+    preferred: tuple[int, int, int] | None = None  # the model's own tile (clamped to the volume)
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -207,9 +248,16 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         raise VolinferError(f"norm-stats must be one of {', '.join(NORM_STATS)}; got {mode!r}")
     rf = stored_receptive_field(tm)
     notes: list[str] = []
+    probed: list[float] = []  # predicted peaks of the receptive-field probes made
+    budget = max_memory_mb if max_memory_mb else default_budget_mb()
     if rf is None:
-        rf = measure_receptive_field(tm)
-        notes.append(f"receptive field {rf} measured now (not stored in the model; `volinfer convert` stores it)")
+        t0 = time.perf_counter()
+        rf = measure_receptive_field(tm, fits=probe_fits(tm, budget, probed))
+        notes.append(f"receptive field {rf} measured now in {time.perf_counter() - t0:.1f} s (not stored in the "
+                     f"model; `volinfer convert` stores it)")
+    missing = unconverted_note(tm)
+    if missing:
+        notes.append(missing)
     layers, global_ops = model_norm_layers(tm)
     if tm.settings.size_multiple is None and not tm.declared_input.is_static:
         tm.multiple = probe_multiple(tm.model, tm.layout, tm.in_channels)
@@ -221,26 +269,32 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     if clamped != tm.tile and not accepts(tm.model, tm.layout, tm.in_channels, clamped):
         clamped = tm.tile
     choice = TilingChoice(clamped, None, rf, layers, global_ops, mode, notes)  # type: ignore[arg-type]
+    choice.probe_mb, choice.preferred = max(probed, default=None), clamped
     choice.tiling_check = stored_tiling_check(tm.settings.extra, rf.radius if rf.measured else None)
     fixed = tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop"
-    if fixed or overlap not in (None, "") or not rf.measured:
+    if fixed:
         return choice
     per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
     w_mb = weights_mb(tm.model)
-    budget = max_memory_mb if max_memory_mb else default_budget_mb()
-    preferred = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tm.tile)) / 2**20
-    speed = max_memory_mb if max_memory_mb else min(budget, preferred + SPEED_HEADROOM_MB)
+    if overlap not in (None, "") or not rf.measured:  # nothing to plan for exactness; the budget still holds
+        if RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(choice.tile)) / 2**20 > budget:
+            choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb))
+        return choice
     cost, choice.speed_source = planner_voxel_cost(tm)
-    best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, speed, len(layers),
-                      bool(global_ops), mode == "volume" and not mirror, weighed=choice.candidates, voxel_cost=cost)
+    best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, len(layers),
+                      bool(global_ops), mode == "volume" and not mirror, weighed=choice.candidates,
+                      voxel_cost=cost)
+    choice.budget_mb, choice.voxel_cost, choice.planned = budget, cost, best
     if best is None:
-        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape)
+        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb))
         notes.append(f"no exact tiling fits in {budget:.0f} MB; running at tile {fmt_tile(choice.tile)}")
         return choice
     choice.tile, choice.overlap = best.tile, best.overlap
     if best.tile != tm.tile:
-        notes.append(f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {rf}, predicted "
-                     f"{best.memory_mb:.0f} MB, {best.evaluated / float(np.prod(shape)):.2f}x the volume evaluated)")
+        evaluated = best.evaluated / float(np.prod(shape))
+        choice.tile_note = (f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {rf}, predicted "
+                            f"{best.memory_mb:.0f} MB, {evaluated:.2f}x the volume evaluated)")
+        notes.append(choice.tile_note)
     return choice
 
 
@@ -258,6 +312,50 @@ def check_overlap_fits(tm: TileModel, overlap: Any, stitch: str) -> None:
                                 f"overlap >= {tm.multiple if stitch == 'crop' else 1}; give a smaller overlap")
 
 
+#: Bytes per voxel and output channel the receptive-field probe holds beside the compiled model: the output tensor
+#: (f32) and the probe's float64 base output, perturbed output, their difference and its absolute value.
+PROBE_OUTPUT_BYTES = 4 + 4 * 8
+
+
+def probe_fits(tm: TileModel, budget_mb: float, probed: list[float] | None = None) -> Any:
+    """Whether a receptive-field probe at a tile fits ``budget_mb``: the runtime, the weights, the model's live
+    tensors in f32 (the probe runs f32) and the probe's own copies of the output (:data:`PROBE_OUTPUT_BYTES`).
+    ``probed`` receives the predicted peak of each tile that fits (the probe measures every such tile)."""
+    try:
+        per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
+    except Exception:  # a model that cannot be reshaped: the probe says so itself
+        return None
+    fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
+    per_voxel += PROBE_OUTPUT_BYTES * tm.out_channels + 4 * tm.in_channels
+
+    def fits(tile: Sequence[int]) -> bool:
+        need = fixed + per_voxel * float(np.prod(tile)) / 2**20
+        if need <= budget_mb and probed is not None:
+            probed.append(need)
+        return need <= budget_mb
+
+    return fits
+
+
+def unconverted_note(tm: TileModel) -> str | None:
+    """Why a model file that `volinfer convert` did not write (an ONNX file, a plain IR) costs more to run than its
+    converted IR: what convert measures once and stores is probed or assumed on every run. None when nothing is
+    missing."""
+    from volinfer.model import speed_profile
+
+    s = tm.settings
+    missing = [what for what, absent in (
+        ("receptive field (probed now, every run)", not s.receptive_field),
+        ("size multiple (probed now)", s.size_multiple is None and not tm.declared_input.is_static),
+        ("precision verdict (auto runs f32)", tm.options.precision == "auto" and not s.extra.get("precision_check")),
+        ("speed profile (tilings ranked by voxels alone)", speed_profile.stored(s.extra) is None)) if absent]
+    if len(missing) < 2:
+        return None
+    name = tm.path.name if tm.path is not None else "the model"
+    return (f"{name} stores none of what `volinfer convert` measures once: {', '.join(missing)}; a converted IR "
+            f"runs without these costs (`volinfer convert {name} -o model.xml`)")
+
+
 def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
     """The per-voxel cost the planner weighs tilings with, from the model's stored speed profile in the run's
     precision (None: constant), and where it came from (see :func:`volinfer.model.speed_profile.voxel_cost`)."""
@@ -265,12 +363,28 @@ def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
 
     profile = sp.stored(tm.settings.extra)
     here = sp.device_name(tm.core, tm.options.device) if profile is not None else None
-    return sp.voxel_cost(profile, tm.precision, tm.options.device, here)
+    cost, source = sp.voxel_cost(profile, tm.precision, tm.options.device, here)
+    if cost is None or profile is None:
+        return cost, source
+    largest = float(max(v for v, _ in profile.points))
+
+    def bounded(voxels: float) -> float:
+        """Beyond the largest tile measured the profile has no data, and huge tiles do cost more per voxel: rising
+        linearly in log2(voxels) to :data:`STREAM_VOXEL_COST` x the last measured cost over
+        :data:`UNMEASURED_DOUBLINGS` doublings, flat after."""
+        beyond = min(1.0, max(0.0, np.log2(max(voxels, 1.0) / largest)) / UNMEASURED_DOUBLINGS)
+        return cost(voxels) * (1.0 + (STREAM_VOXEL_COST - 1.0) * beyond)
+
+    return bounded, source + f"; beyond the largest tile measured ({largest / 1e6:.1f} Mvox) rising to " \
+                             f"{STREAM_VOXEL_COST:g}x over {UNMEASURED_DOUBLINGS} doublings"
 
 
 def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float,
-                     shape: Sequence[int]) -> tuple[int, int, int]:
-    """The largest tile, at most the preferred one per axis, predicted to fit ``budget``; refuses when none does."""
+                     shape: Sequence[int], given: bool) -> tuple[int, int, int]:
+    """The largest tile, at most the preferred one per axis, predicted to fit ``budget``. When none does: refused
+    under a ``given`` budget (``--max-memory``); under the default one, the smallest tile still runs when it fits
+    the machine's memory (:func:`volinfer.portable.machine_mb`): a run is refused only when it cannot fit what the
+    machine has."""
     m = tm.multiple
     tile = [min(t, -(-n // m) * m) for t, n in zip(tm.tile, shape)]
     while True:
@@ -278,8 +392,13 @@ def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float
         if need <= budget:
             return tuple(tile)  # type: ignore[return-value]
         if max(tile) <= m:
-            raise VolinferError(f"--max-memory {budget:.0f} MB is too small: the smallest tile needs about "
-                                f"{need:.0f} MB")
+            if given:
+                raise VolinferError(f"--max-memory {budget:.0f} MB is too small: the smallest tile needs about "
+                                    f"{need:.0f} MB")
+            if need > portable.machine_mb():
+                raise VolinferError(f"this model needs about {need:.0f} MB even at tile {fmt_tile(tile)}, more than "
+                                    f"this machine's {portable.machine_mb():.0f} MB")
+            return tuple(tile)  # type: ignore[return-value]
         big = max(tile)
         tile = [max(m, (t - m) if t == big else t) for t in tile]
 
@@ -310,18 +429,25 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
     return fid
 
 
-#: ``--engine auto`` streams only when tiling would evaluate at least this many times the volume: streamed layers
-#: run each voxel once but can cost more per voxel than a fused tile (the reference U-Net's, bf16: about 1.5x with
-#: planar planes, before planes were stored channels-last; not re-measured since).
-STREAM_MIN_EVALUATED = 1.5
+#: Doublings of the tile's voxels beyond the largest tile the speed profile measured over which the planner raises
+#: the per-voxel cost to STREAM_VOXEL_COST x the last measured one (the profile clamps; huge tiles are slower per
+#: voxel: reference U-Net, 512³ bf16, the same loaded 2-core machine: 2 tiles of 512x512x304 busy 54.9 s for 159 M
+#: evaluated voxels, the stream 28.2 s for 134 M; the profile measured up to 128³ predicted the tiles 1.26x faster).
+UNMEASURED_DOUBLINGS = 3.0
+
+#: A streamed voxel's cost over a tiled voxel's at the model's tile (per layer, streamed segments run smaller calls
+#: than one fused tile): the stream's predicted time is this x the voxels it evaluates x the tile's per-voxel cost.
+#: Measured on the reference U-Net (bf16, channels-last planes, this 2-core machine), see the README's "Plan".
+STREAM_VOXEL_COST = 1.5
 
 
 def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, settings: Any,
                   banded: bool = True) -> None:
     """Set ``choice.stream`` to the :class:`volinfer.run.stream.StreamPlan` this run streams with (left None: tile by
-    tile); says why in ``choice.notes`` when auto-selection passes over a streamable model. ``--engine stream`` that
-    cannot stream is a one-line error. ``banded``: the output takes bands of y rows (not Zarr stores, which keep
-    z-slabs until every row of them is written)."""
+    tile). ``--engine auto`` weighs the stream (its whole cross-section, else bands of y rows, within the budget)
+    against the planned tiling by the planner's one objective (:func:`volinfer.run.fidelity.leanest_near_fastest`)
+    and says why in ``choice.notes``; ``--engine stream`` that cannot stream is a one-line error. ``banded``: the
+    output takes bands of y rows (not Zarr stores, which keep z-slabs until every row of them is written)."""
     t = settings.tiling
     if t.engine == "tiles":
         return
@@ -335,21 +461,37 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
             raise VolinferError(f"--engine stream computes whole-volume inference layer by layer; it does not combine "
                                 f"with {why} (use --engine tiles)")
         return
-    planned = next((c for c in choice.candidates if c.tile == choice.tile and c.overlap == choice.overlap), None)
-    evaluated = planned.evaluated / float(np.prod(shape)) if planned is not None else None  # the exact tiling's
-    if not asked and (evaluated is None or evaluated < STREAM_MIN_EVALUATED):
+    planned = choice.planned
+    if not asked and planned is None:  # the tile was fixed, or no exact tiling fits: nothing to weigh against
         return
     plan = _fit_stream(tm, shape, choice, t.max_memory_mb, asked, banded)
     if plan is None:
         return
-    rows = plan.bands(shape[1], tm.multiple)
-    redundancy = rows.count * rows.tile / shape[1]  # bands recompute their y margins
-    if not asked and evaluated < STREAM_MIN_EVALUATED * redundancy:  # type: ignore[operator]
-        choice.notes.append(f"layer streaming in bands would evaluate {redundancy:.2f}x the rows: tiles instead")
-        return
+    cost = stream_cost(tm, shape, plan, choice.voxel_cost)
+    choice.stream_option = (plan, cost)
+    if not asked:
+        pick = leanest_near_fastest([("tiles", planned.cost, planned.memory_mb), ("stream", cost, plan.peak_mb)],
+                                    lambda c: c[1], lambda c: c[2])
+        if pick[0] != "stream":
+            choice.notes.append(f"tiles instead of layer streaming: predicted {cost / planned.cost:.2f}x the "
+                                f"tiling's time, {plan.peak_mb:.0f} MB against {planned.memory_mb:.0f} MB")
+            return
+    evaluated = planned.evaluated / float(np.prod(shape)) if planned is not None else None
+    if choice.tile_note in choice.notes:
+        choice.notes.remove(choice.tile_note)
     choice.notes.append(f"{plan.describe(shape[1], tm.multiple)}; predicted peak {plan.peak_mb:.0f} MB"
                         + (f" (tiling would evaluate {evaluated:.2f}x the volume)" if evaluated else ""))
     choice.stream = plan
+
+
+def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any) -> float:
+    """A stream plan's predicted time in the tilings' units (:attr:`volinfer.run.fidelity.Tiling.cost`): the padded
+    voxels its bands evaluate (bands recompute their y margins) x :data:`STREAM_VOXEL_COST` x the per-voxel cost
+    at the model's tile."""
+    rows = plan.bands(shape[1], tm.multiple)
+    voxels = float(plan.padded[0]) * rows.count * rows.tile * plan.padded[2]
+    unit = 1.0 if voxel_cost is None else voxel_cost(float(np.prod(tm.tile)))
+    return STREAM_VOXEL_COST * voxels * unit
 
 
 def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_memory_mb: float | None, asked: bool,
@@ -360,7 +502,7 @@ def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_m
     from volinfer.run.stream import plan_stream
 
     fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
-    cap = max_memory_mb or min(default_budget_mb(), stream_default_cap_mb(tm))
+    cap = max_memory_mb or choice.budget_mb or default_budget_mb()
     rf = choice.rf
     margin = rf.radius[1] if banded and rf is not None and rf.measured and rf.bounded else None
     try:
@@ -395,14 +537,3 @@ def stream_verdict(setup: RunSetup, choice: TilingChoice) -> Fidelity:
                                                unnormalised=setup.normalizer.kind == "none")
         fid.meaning = f"layer by layer along z in {counts[1]} bands along y; {meaning}"
     return fid
-
-
-#: What a default streamed run may take above the runtime and the weights (plane buffers plus OpenVINO's memory for
-#: the segments): a 512³ volume through the reference U-Net streams in about 540 MB of it.
-STREAM_HEADROOM_MB = 768.0
-
-
-def stream_default_cap_mb(tm: TileModel) -> float:
-    """A default streamed run's memory cap (without --max-memory): the runtime, the weights and
-    :data:`STREAM_HEADROOM_MB`; larger cross-sections run tile by tile."""
-    return RUNTIME_FLOOR_MB + weights_mb(tm.model) + STREAM_HEADROOM_MB

@@ -1,0 +1,245 @@
+"""The default memory budget is a property of the machine (physical RAM, capped by a cgroup limit), not of the memory
+free at the moment: the same command plans the same, and a killed run resumes while less memory is free."""
+
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import openvino as ov
+import pytest
+from click.testing import CliRunner
+from models import stream_unet
+from test_plan_peaks import measured_run
+from test_resume import KILLER
+
+from volinfer import portable
+from volinfer.cli import main
+from volinfer.run import fidelity
+
+
+def _cgroup(tmp_path, monkeypatch, lines, files):
+    """A fake /proc/self/cgroup and cgroup file system under ``tmp_path``."""
+    (tmp_path / "cgroup").write_text("".join(ln + "\n" for ln in lines))
+    for rel, text in files.items():
+        (tmp_path / "fs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / rel).write_text(text)
+    monkeypatch.setattr(portable, "PROC_CGROUP", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(portable, "CGROUP_ROOT", str(tmp_path / "fs"))
+
+
+def test_cgroup_v2_limit_tightest_on_the_path(tmp_path, monkeypatch):
+    _cgroup(tmp_path, monkeypatch, ["0::/a/b"], {"a/b/memory.max": "max\n", "a/memory.max": str(3 << 30),
+                                                 "memory.max": str(5 << 30)})
+    assert portable.cgroup_limit_mb() == 3 * 1024
+    assert portable.machine_mb() == min(3 * 1024, portable.total_mb())
+
+
+def test_cgroup_v1_limit_and_unlimited(tmp_path, monkeypatch):
+    _cgroup(tmp_path, monkeypatch, ["4:memory:/host/path", "0::/"], {"memory/memory.limit_in_bytes": str(1 << 30)})
+    assert portable.cgroup_limit_mb() == 1024  # the container's own mount (the host path is not mounted here)
+    assert portable.machine_mb() == 1024
+    _cgroup(tmp_path, monkeypatch, ["4:memory:/"], {"memory/memory.limit_in_bytes": "9223372036854771712"})
+    assert portable.cgroup_limit_mb() is None  # v1's "unlimited"
+    assert portable.machine_mb() == portable.total_mb()
+
+
+def test_default_budget_ignores_free_memory(monkeypatch):
+    monkeypatch.setattr(portable, "available_mb", lambda: 20000.0)
+    high = fidelity.default_budget_mb()
+    monkeypatch.setattr(portable, "available_mb", lambda: 300.0)
+    assert fidelity.default_budget_mb() == high == fidelity.DEFAULT_MEMORY_FRACTION * portable.machine_mb()
+
+
+def test_killed_stream_run_resumes_with_less_free_memory(tmp_path, monkeypatch):
+    """A stream run killed part-way, resumed while the machine has far less free memory (MemAvailable 500 MB: a
+    budget from it would change the stream's bands): the same plan, accepted, the same bytes as an uninterrupted
+    run."""
+    xml = tmp_path / "m.xml"
+    ov.save_model(stream_unet(), str(xml))
+    vol = tmp_path / "vol.nii"
+    rng = np.random.default_rng(3)
+    nib.save(nib.Nifti1Image(rng.standard_normal((13, 100, 70)).astype(np.float32), np.eye(4)), str(vol))
+    args = [str(vol), "-m", str(xml), "--engine", "stream", "--kind", "raw", "--precision", "f32", "-q"]
+    out = tmp_path / "out.nii"
+    p = subprocess.run([sys.executable, "-c", KILLER, "run", *args, "-o", str(out)], capture_output=True,
+                       env={**os.environ, "KILL_AT": "2"}, timeout=300)
+    assert p.returncode == -9 and not out.exists(), p.stderr.decode()[-2000:]
+    journal = json.loads((tmp_path / ".out.nii.partial.json").read_text())
+    assert 0 < journal["rows_done"] < journal["rows_total"]
+    monkeypatch.setattr(portable, "available_mb", lambda: 500.0)
+    r = CliRunner().invoke(main, ["run", *args, "-o", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    ref = tmp_path / "ref.nii"
+    assert CliRunner().invoke(main, ["run", *args, "-o", str(ref)]).exit_code == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), np.asarray(nib.load(str(ref)).dataobj))
+
+
+# ---- one planner, one objective: the least predicted time within the budget, the leanest within 10% of it ----
+
+def _norm_model_plan(budget_mb):
+    """A 256³ volume through a model with 13 normalisation layers (every multi-tile run needs 13 statistics passes),
+    ~65 bytes of model memory per tile voxel (one 256³ tile: ~1.2 GB), preferred tile 128³."""
+    from volinfer.model.receptive_field import ReceptiveField
+    from volinfer.run.fidelity import plan_exact
+
+    weighed = []
+    best = plan_exact((256, 256, 256), 16, ReceptiveField((40, 40, 40), True), (128, 128, 128), 65.0, 5.0, budget_mb,
+                      13, False, True, weighed=weighed)
+    return best, weighed
+
+
+def test_a_normalisation_model_runs_as_one_tile_when_it_fits_the_budget():
+    """The issue's MONAI InstanceNorm UNet at 256³: one tile (no statistics pass) fits a 6 GB budget; the hidden
+    "speed budget" (preferred tile + 384 MB) chose 8 tiles and 13 statistics passes, ~10x the predicted time."""
+    best, weighed = _norm_model_plan(6000.0)
+    assert best.counts == (1, 1, 1) and best.norm_passes == 0 and best.memory_mb > 1000
+    tiled = [t for t in weighed if t.counts != (1, 1, 1) and t.within_budget]
+    assert tiled and all(t.cost > 5 * best.cost for t in tiled)  # each pays 13 passes over the volume
+    lean, _ = _norm_model_plan(800.0)  # a budget below the single tile: the statistics passes are the price
+    assert lean.counts != (1, 1, 1) and lean.norm_passes == 13 and lean.memory_mb <= 800
+
+
+@pytest.mark.parametrize("stream_voxel_cost", [1.5, 0.6])
+def test_stream_and_tiles_are_weighed_by_the_same_objective(tmp_path, monkeypatch, stream_voxel_cost):
+    """``--engine auto`` streams when the stream is predicted fastest (or within 10% and leaner), tiles otherwise;
+    the stream's predicted time is the planner's cost of the voxels its bands evaluate. (A streamed voxel costing
+    0.6 tiled ones makes the stream win, 1.5 the tiles, on this small model.)"""
+    from volinfer.model.tile_model import TileModel
+    from volinfer.run import setup
+    from volinfer.run.settings import RunSettings
+    from volinfer.run.setup import choose_stream, plan_tiling, stream_cost
+
+    monkeypatch.setattr(setup, "STREAM_VOXEL_COST", stream_voxel_cost)
+    m = stream_unet()
+    m.set_rt_info("[18, 18, 18]", ["volinfer", "receptive_field"])
+    ov.save_model(m, str(tmp_path / "s.xml"))
+    shape, chosen = (120, 120, 40), set()
+    for budget in (4000.0, 210.0):
+        tm = TileModel(tmp_path / "s.xml", compile=False)
+        choice = plan_tiling(tm, shape, stitch=None, overlap=None, max_memory_mb=budget, norm_stats=None)
+        choose_stream(tm, shape, choice, RunSettings.from_kwargs(None, max_memory_mb=budget))
+        sp, cost = choice.stream_option
+        assert cost == stream_cost(tm, shape, sp, choice.voxel_cost)
+        voxels = np.prod(sp.padded) * sp.bands(shape[1], 4).count * sp.bands(shape[1], 4).tile / sp.padded[1]
+        assert cost == pytest.approx(stream_voxel_cost * voxels)  # no speed profile: voxels
+        planned = choice.planned
+        faster = cost < planned.cost / 1.1 or (cost <= 1.1 * planned.cost and sp.peak_mb < planned.memory_mb)
+        assert (choice.stream is not None) == faster, (budget, cost, planned)
+        chosen.add(choice.stream is not None)
+    assert chosen == {stream_voxel_cost < 1}
+
+
+# ---- every probe honours the budget ----
+
+def test_receptive_field_probe_stays_within_max_memory(tmp_path):
+    """A 120-class model with no stored receptive field: the run-time probe (64³ at first, float64 copies of every
+    class) peaked at ~1090 MB under --max-memory 400M; it now probes within the budget (measured ~240 MB)."""
+    from models import tiny_unet
+
+    m = tiny_unet(out_ch=120, levels=2)
+    m.set_rt_info("4", ["volinfer", "size_multiple"])
+    ov.save_model(m, str(tmp_path / "c120.xml"))
+    vol = tmp_path / "v.nii"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 100, (40, 44, 36)).astype(np.int16), np.eye(4)),
+             str(vol))
+    peak, rep = measured_run([vol, "-m", tmp_path / "c120.xml", "-o", tmp_path / "o.nii", "--max-memory", "400M"],
+                             tmp_path / "run.hwm")
+    assert peak <= 400, peak
+    assert rep["exact"] and any("measured now" in n for n in rep["notes"])
+
+
+def test_zarr_run_plans_within_max_memory(tmp_path):
+    """A Zarr input plans its tile within --max-memory, the tile `volinfer plan` predicts (it planned without it)."""
+    import zarr
+    from models import save_unet2
+
+    from volinfer.run.distributed import run_zarr
+    from volinfer.run.plan import _plan_tiling, volume_facts
+    from volinfer.run.settings import RunSettings
+
+    xml = save_unet2(tmp_path / "m.xml")
+    z = zarr.create_array(store=str(tmp_path / "in.zarr"), shape=(53, 61, 70), chunks=(16, 16, 16), dtype="float32")
+    z[:] = np.random.default_rng(0).standard_normal((53, 61, 70)).astype(np.float32)
+    tiles = {}
+    for budget in (None, 160.0):
+        rep = run_zarr(tmp_path / "in.zarr", xml, tmp_path / f"o{budget}.zarr", kind="raw", max_memory_mb=budget,
+                       block=64)
+        s = RunSettings.from_kwargs(None, max_memory_mb=budget, norm_stats="tile")
+        tm, _, _ = _plan_tiling(volume_facts([tmp_path / "in.zarr"]), xml, s)
+        assert rep.tile == tm.tile
+        tiles[budget] = np.prod(rep.tile)
+    assert tiles[160.0] < tiles[None]
+
+
+# ---- a model file straight from ONNX says what it costs and how to avoid it ----
+
+def test_an_onnx_model_says_what_convert_would_have_stored(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from volinfer import predict
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 3, padding=1))
+    torch.onnx.export(net, torch.zeros(1, 1, 16, 16, 16), str(tmp_path / "m.onnx"), dynamo=False,
+                      input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {2: "d", 3: "h", 4: "w"}, "logits": {2: "d", 3: "h", 4: "w"}})
+    vol = np.random.default_rng(0).standard_normal((20, 18, 22)).astype(np.float32)
+    _, rep = predict(vol, tmp_path / "m.onnx", report=True, progress=False)
+    note = next(n for n in rep.notes if "stores none of what `volinfer convert` measures once" in n)
+    assert "receptive field" in note and "volinfer convert m.onnx -o model.xml" in note
+    m = stream_unet()  # everything convert stores but the speed profile: nothing worth saying
+    m.set_rt_info("[18, 18, 18]", ["volinfer", "receptive_field"])
+    m.set_rt_info(json.dumps({"precision": "bf16", "faithful": True, "input_abs_max": 3.0}),
+                  ["volinfer", "precision_check"])
+    ov.save_model(m, str(tmp_path / "s.xml"))
+    _, rep = predict(vol, tmp_path / "s.xml", report=True, progress=False)
+    assert not any("measures once" in n for n in rep.notes)
+
+
+def test_per_voxel_cost_rises_beyond_the_largest_tile_measured(tmp_path):
+    """The speed profile clamps beyond its largest tile; the planner does not trust that flat line (huge tiles are
+    slower per voxel): the cost rises linearly in log2(voxels) to STREAM_VOXEL_COST x over UNMEASURED_DOUBLINGS."""
+    from volinfer.model import speed_profile as sp
+    from volinfer.model.settings import ModelSettings
+    from volinfer.model.tile_model import CompileOptions, TileModel
+    from volinfer.run.setup import STREAM_VOXEL_COST, UNMEASURED_DOUBLINGS, planner_voxel_cost
+
+    m = stream_unet()
+    settings = ModelSettings(size_multiple=4)
+    prof = sp.SpeedProfile("f32", "CPU", "Test CPU", ((4096, 2.0), (32768, 1.0)), ())
+    settings.extra[sp.KEY] = prof.as_dict()
+    settings.to_model(m)
+    ov.save_model(m, str(tmp_path / "p.xml"))
+    cost, source = planner_voxel_cost(TileModel(tmp_path / "p.xml", compile=False,
+                                                options=CompileOptions(precision="f32")))
+    assert cost(4096) == pytest.approx(2e-6) and cost(32768) == pytest.approx(1e-6)  # measured: as stored
+    steps = 2 ** UNMEASURED_DOUBLINGS
+    assert cost(32768 * 2) == pytest.approx(1e-6 * (1 + (STREAM_VOXEL_COST - 1) / UNMEASURED_DOUBLINGS))
+    assert cost(32768 * steps) == pytest.approx(1e-6 * STREAM_VOXEL_COST) == cost(32768 * steps * 64)
+    assert "beyond the largest tile measured" in source
+
+
+def test_default_budget_refuses_only_what_the_machine_cannot_hold(tmp_path, monkeypatch):
+    """Under the default budget a model whose smallest tile exceeds it still runs when the machine can hold it;
+    refused, saying what it needs, only beyond the machine's memory. A given --max-memory is a hard limit."""
+    from models import save_unet2
+
+    from volinfer.errors import VolinferError
+    from volinfer.model.tile_model import TileModel
+    from volinfer.run.setup import plan_tiling
+
+    xml = save_unet2(tmp_path / "m.xml", receptive_field="[10, 10, 10]")
+
+    def plan(max_memory_mb=None):
+        return plan_tiling(TileModel(xml, compile=False), (60, 52, 44), stitch=None, overlap=None,
+                           max_memory_mb=max_memory_mb, norm_stats=None)
+
+    monkeypatch.setattr(fidelity, "DEFAULT_MEMORY_FRACTION", 1e-6)  # a default budget of a few KB
+    assert any("no exact tiling fits" in n for n in plan().notes)  # runs: the machine has the memory
+    with pytest.raises(VolinferError, match="--max-memory 20 MB is too small"):
+        plan(20.0)
+    monkeypatch.setattr(portable, "machine_mb", lambda: 100.0)
+    with pytest.raises(VolinferError, match=r"needs about \d+ MB even at tile .*more than this machine's 100 MB"):
+        plan()

@@ -1,0 +1,97 @@
+"""`volinfer plan` predicts the peak a run measures (within 20%), for both engines and both precisions, and plans in
+the precision the run will use: ``--precision auto``'s guard decides before planning, not after."""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import openvino as ov
+import pytest
+from models import stream_unet
+
+from volinfer.model.precision import native_reduced
+from volinfer.run.plan import plan_run
+
+#: A stored bf16 verdict measured on inputs within ±3 (as `volinfer convert` stores it).
+CHECK = {"precision": "bf16", "faithful": True, "label_agreement": 0.9995, "prob_max_abs": 0.004,
+         "input_abs_max": 3.0}
+
+
+#: `volinfer run` in a child that writes its own VmHWM (MB) to the file named by its first argument at exit: the OS's
+#: ru_maxrss of a child carries its (large) parent's resident size across fork and exec, VmHWM is the child's own.
+HWM_CHILD = """
+import atexit, sys
+path = sys.argv.pop(1)
+def hwm():
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(path, "w") as f:
+        f.write(str(kb / 1024))
+atexit.register(hwm)
+from volinfer.cli import main
+sys.argv[0] = "volinfer"
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("peaks")
+    m = stream_unet()
+    m.set_rt_info("[18, 18, 18]", ["volinfer", "receptive_field"])
+    m.set_rt_info(json.dumps(CHECK), ["volinfer", "precision_check"])
+    ov.save_model(m, str(tmp / "m.xml"))
+    return tmp, tmp / "m.xml"
+
+
+def measured_run(args, hwm):
+    """Peak RSS (MB: the child's own VmHWM, written to ``hwm`` as it exits) and --json report of `volinfer run ARGS`
+    in a fresh process."""
+    p = subprocess.run([sys.executable, "-c", HWM_CHILD, str(hwm), "run", *map(str, args), "-q", "--json"],
+                       capture_output=True, timeout=600)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    return float(hwm.read_text()), json.loads(p.stdout)
+
+
+def _measured(vol, xml, out, *extra):
+    return measured_run([vol, "-m", xml, "-o", out, "--overwrite", *extra], out.with_suffix(".hwm"))
+
+
+@pytest.mark.parametrize("engine", ["stream", "tiles"])
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+def test_plan_predicts_the_measured_peak_within_20_percent(model, engine, precision):
+    if precision == "bf16" and native_reduced(ov.Core(), "CPU") != "bf16":
+        pytest.skip("this CPU has no native bf16")
+    tmp, xml = model
+    vol = tmp / "v.nii"
+    if not vol.exists():
+        data = np.random.default_rng(0).standard_normal((112, 104, 96)).astype(np.float32)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(vol))
+    plan = plan_run([vol], xml, engine=engine, precision=precision)
+    assert plan.engine == engine
+    # planning a stream compiles no tile as large as the budget allows: the model is measured at its own tile
+    assert (np.prod(plan.measured_tile) < np.prod(plan.tile)) == (engine == "stream"), (plan.measured_tile, plan.tile)
+    predicted = plan.stream_peak_mb if engine == "stream" else plan.peak_rss_mb
+    peak, rep = _measured(vol, xml, tmp / f"{engine}_{precision}.nii", "--engine", engine, "--precision", precision)
+    assert rep["engine"] == engine and rep["precision"] == precision
+    assert abs(predicted - peak) <= 0.2 * peak, (predicted, peak)
+
+
+def test_the_precision_guard_decides_before_planning(model):
+    """Intensities far beyond the stored check's ±3 make ``--precision auto`` run f32: the plan (its stream plane
+    buffers, its measured tile) is the f32 plan, not the bf16 one the stored verdict alone would give."""
+    tmp, xml = model
+    if native_reduced(ov.Core(), "CPU") is None:
+        pytest.skip("this CPU has no reduced precision: auto is f32 anyway")
+    vol = tmp / "raw.nii"
+    data = np.random.default_rng(1).integers(0, 2000, (80, 72, 64)).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(vol))
+    auto = plan_run([vol], xml, engine="stream")
+    f32 = plan_run([vol], xml, engine="stream", precision="f32")
+    reduced = plan_run([vol], xml, engine="stream", precision=CHECK["precision"])
+    assert auto.stream_peak_mb == f32.stream_peak_mb != reduced.stream_peak_mb
+    peak, rep = _measured(vol, xml, tmp / "raw_out.nii", "--engine", "stream")
+    assert rep["precision"] == "f32" and any("not verified for this input" in n for n in rep["notes"])
+    assert abs(auto.stream_peak_mb - peak) <= 0.2 * peak, (auto.stream_peak_mb, peak)
