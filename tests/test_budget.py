@@ -191,7 +191,8 @@ def test_an_onnx_model_says_what_convert_would_have_stored(tmp_path):
     assert "receptive field" in note and "volinfer convert m.onnx -o model.xml" in note
     m = stream_unet()  # everything convert stores but the speed profile: nothing worth saying
     m.set_rt_info("[18, 18, 18]", ["volinfer", "receptive_field"])
-    m.set_rt_info(json.dumps({"precision": "bf16", "faithful": True, "input_abs_max": 3.0}),
+    m.set_rt_info(json.dumps({"precision": "bf16", "faithful": True, "label_agreement": 1.0, "prob_max_abs": 0.0,
+                              "input_abs_max": 3.0}),
                   ["volinfer", "precision_check"])
     ov.save_model(m, str(tmp_path / "s.xml"))
     _, rep = predict(vol, tmp_path / "s.xml", report=True, progress=False)
