@@ -68,6 +68,9 @@ def _convert(framework: str, path: Path, cut: list[str] | None) -> ov.Model:
                     or "No node" in text or "Cannot find" in text):
             raise VolinferError(f"{path}: no input or tensor named {', '.join(cut)}; the model's inputs: "
                                 f"{_candidates(framework, path)}") from None
+        if "Cannot recognize input model" in text:
+            raise VolinferError(f"{path}: not a {framework.replace('-', ' ')} model OpenVINO can read (it "
+                                f"recognises no model format in the file)") from None
         raise VolinferError(f"{path}: OpenVINO cannot convert it: {framework_message(e)}") from None
 
 

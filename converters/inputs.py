@@ -30,8 +30,18 @@ def parse_set(items: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
                 raise VolinferError(f"--set {name}: value {t!r} is not a number, true/false or a JSON list") from None
             if not isinstance(value, (int, float, list)):
                 raise VolinferError(f"--set {name}: value {t!r} is not a number, true/false or a JSON list")
+            if not _finite(value):  # json reads NaN/Infinity: a frozen NaN turns every output NaN
+                raise VolinferError(f"--set {name}: value {t!r} is not finite (NaN and infinities are refused)")
         out[name.strip()] = value
     return out
+
+
+def _finite(value: Any) -> bool:
+    """Whether a parsed ``--set`` value (a number, bool or nested list) holds only finite numbers."""
+    try:
+        return bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+    except (TypeError, ValueError):  # ragged or non-numeric lists: shape checks say what is wrong later
+        return True
 
 
 def param_names(param: ov.Node) -> set[str]:
