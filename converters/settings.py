@@ -90,9 +90,12 @@ class CheckSettings:
     precision: str = "auto"  # which reduced precision to verify: auto (the device's native one), f32 (none)
     threads: int | None = None
     speed_profile: bool = True  # time the model at a few tile shapes for the planner (--no-speed-profile: skip)
+    max_memory_mb: float | None = None  # RAM budget of every stage (--max-memory; None: as for `run`)
 
     def __post_init__(self) -> None:
         validate.count("calibration-tiles", self.calibration_tiles)
+        if self.max_memory_mb is not None:
+            validate.positive("max-memory", self.max_memory_mb)
         if self.threads is not None:
             validate.count("threads", self.threads)
         if self.tolerance is not None:
