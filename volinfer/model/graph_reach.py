@@ -293,6 +293,8 @@ def graph_radius(model: ov.Model, layout: str, channels: int, tile: Sequence[int
             states[(op.get_friendly_name(), port)] = state
     src = m.output(output_index).get_node().input_value(0)
     final = states.get((src.get_node().get_friendly_name(), src.get_index()))
+    if isinstance(final, dict) and sorted(_shape(src)[a] for a in final) != sorted(int(t) for t in tile):
+        raise NotAnalysable(f"the output's spatial size {_shape(src)} differs from the input's {list(tile)}")
     return _radius(final)
 
 
