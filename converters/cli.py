@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from volinfer import validate as V
+from volinfer import watchdog
 from volinfer.cliutil import runtime_options, emit, friendly_errors, output_options, parse_tile, progress_bar
 from volinfer.errors import VolinferError
 
@@ -102,6 +103,7 @@ def convert(model: str, **params: Any) -> None:
     """
     from .convert import convert as run_convert
 
+    watchdog.arm()  # SIGINT/SIGTERM end the conversion within ~2 s, even inside a long framework call
     p = params
     settings = convert_settings(p)
     quiet, as_json = p["quiet"], p["as_json"]

@@ -13,6 +13,7 @@ import numpy as np
 import openvino as ov
 
 import volinfer
+from volinfer import watchdog
 from volinfer.errors import VolinferError
 from volinfer.model.tile_model import TileModel
 from volinfer.model.receptive_field import measure_receptive_field
@@ -522,31 +523,34 @@ def _save_checked(src: Source, ov_model: ov.Model, out: Path, *, fp16: bool, che
     tmp_xml = out.with_name(f".{out.stem}.partial.xml")
     tmp_bin = tmp_xml.with_suffix(".bin")
     parity, int8_report = None, None
-    try:
-        with framework_errors(f"{out}: OpenVINO cannot save the model"):
-            ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=fp16)
-        if check:
-            tol = tolerance if tolerance is not None else (float("inf") if int8 else 1e-2 if fp16 else 1e-4)
-            at = check_tile or tile  # within the memory budget
-            if calibration_volume:
-                x = _calibration_tiles(calibration_volume, layout, channels, at, normalization)[0]
-            else:
-                x = np.random.default_rng(seed).standard_normal(_shape(layout, channels, at)).astype(np.float32)
-            parity = check_parity(src, tmp_xml, x, tol, out_index, layout,
-                                  loose=10 * tolerance if tolerance is not None else None)
-            if parity.checked and not parity.passed:
-                raise VolinferError(f"conversion rejected, {parity}; loosen with --tolerance or use --no-fp16")
-        if int8 and int8_tiles:
-            int8_report = check_int8(f32_model, ov.Core().read_model(str(tmp_xml)), int8_tiles, out_index, layout)
-            if not int8_report.passed:
-                raise VolinferError(f"INT8 rejected, {int8_report}: calibrate on more tiles "
-                                    f"(--calibration-tiles) or convert without --int8")
-        os.replace(tmp_bin, out.with_suffix(".bin"))
-        os.replace(tmp_xml, out)
-    finally:
-        for p in (tmp_xml, tmp_bin):
-            if p.exists():
-                p.unlink()
+    with watchdog.partial(tmp_xml, tmp_bin):  # removed even if a signal cannot unwind this in time
+        try:
+            with framework_errors(f"{out}: OpenVINO cannot save the model"):
+                ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=fp16)
+            if check:
+                tol = tolerance if tolerance is not None else (float("inf") if int8 else 1e-2 if fp16 else 1e-4)
+                at = check_tile or tile  # within the memory budget
+                if calibration_volume:
+                    x = _calibration_tiles(calibration_volume, layout, channels, at, normalization)[0]
+                else:
+                    x = np.random.default_rng(seed).standard_normal(_shape(layout, channels, at)).astype(
+                        np.float32)
+                parity = check_parity(src, tmp_xml, x, tol, out_index, layout,
+                                      loose=10 * tolerance if tolerance is not None else None)
+                if parity.checked and not parity.passed:
+                    raise VolinferError(f"conversion rejected, {parity}; loosen with --tolerance or use --no-fp16")
+            if int8 and int8_tiles:
+                int8_report = check_int8(f32_model, ov.Core().read_model(str(tmp_xml)), int8_tiles, out_index,
+                                         layout)
+                if not int8_report.passed:
+                    raise VolinferError(f"INT8 rejected, {int8_report}: calibrate on more tiles "
+                                        f"(--calibration-tiles) or convert without --int8")
+            os.replace(tmp_bin, out.with_suffix(".bin"))
+            os.replace(tmp_xml, out)
+        finally:
+            for p in (tmp_xml, tmp_bin):
+                if p.exists():
+                    p.unlink()
     return parity, int8_report
 
 

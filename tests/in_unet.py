@@ -20,7 +20,8 @@ class Block(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(n):
-            layers += [nn.Conv3d(cin if i == 0 else cout, cout, 3, padding=1), _norm(cout), nn.LeakyReLU(0.01)]
+            conv = nn.Conv3d(cin if i == 0 else cout, cout, 3, padding=1)
+            layers += [conv, _norm(cout), nn.LeakyReLU(0.01)]
             if i == 0:
                 layers.append(nn.Dropout3d(p))
         self.body = nn.Sequential(*layers)
@@ -30,8 +31,8 @@ class Block(nn.Module):
 
 
 class Up(nn.Module):
-    """Trilinear ×2 (align_corners=True) → conv 1³ → InstanceNorm → LeakyReLU, concatenated with the skip, then a
-    two-conv block."""
+    """Trilinear ×2 (align_corners=True) → conv 1³ → InstanceNorm → LeakyReLU, concatenated with the skip, then
+    a two-conv block."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()

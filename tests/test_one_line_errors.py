@@ -42,8 +42,8 @@ def volinfer(*args, cwd, env_extra=None):
     env.update(env_extra or {})
     err = cwd / "stderr.txt"
     with open(err, "wb") as f:
-        r = subprocess.run([sys.executable, "-m", "volinfer", *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                           stderr=f, timeout=300)
+        r = subprocess.run([sys.executable, "-m", "volinfer", *map(str, args)], cwd=cwd, env=env,
+                           stdout=subprocess.PIPE, stderr=f, timeout=300)
     return r.returncode, r.stdout.decode(), err.read_text().splitlines()
 
 

@@ -12,6 +12,7 @@ import click
 
 from volinfer import noise
 from volinfer import validate as V
+from volinfer import watchdog
 from volinfer.errors import Interrupted, VolinferError, framework_message
 from volinfer.progress import discard_finished, flush_finished
 from volinfer.progress import progress_bar as progress_bar  # noqa: F401  (the commands' one way to show progress)
@@ -73,9 +74,12 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _fail(line: str, status: int) -> None:
-    """End the command with ``line`` as its only stderr output (stage lines of a failed command are dropped)."""
+    """End the command with ``line`` as its only stderr output (stage lines of a failed command are dropped); an
+    interrupted command with the signal watcher armed ends without the interpreter's slow teardown."""
     discard_finished()
     click.echo(line, err=True)
+    if status > 128 and watchdog.armed():
+        watchdog.exit_now(status)
     sys.exit(status)
 
 

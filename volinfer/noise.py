@@ -20,6 +20,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from volinfer import watchdog
+
 #: A C++ log line of absl / TensorFlow / glog: ``E0000 00:00:1796524362.590101    6312 file.cc:417] message``.
 _CPP_LOG = re.compile(r"^[EF]\d{4} [\d:.]+\s+\d+ \S+:\d+\] (?P<msg>.+)$")
 
@@ -71,6 +73,7 @@ def captured() -> Iterator[Captured]:
             os.fdopen(os.dup(original), "wb", buffering=0), encoding=getattr(saved_stderr, "encoding", None)
             or "utf-8", errors="replace", line_buffering=True, write_through=True)
     os.dup2(sink.fileno(), 2)
+    watchdog.stderr_fd[0] = original  # its last word reaches the user
     try:
         with warnings.catch_warnings():
             warnings.showwarning = lambda msg, cat, *a, **k: result.warnings.append(f"{cat.__name__}: {msg}")
@@ -79,6 +82,7 @@ def captured() -> Iterator[Captured]:
         with contextlib.suppress(Exception):
             sys.stderr.flush()
         os.dup2(original, 2)
+        watchdog.stderr_fd[0] = 2
         os.close(original)
         sys.stderr = saved_stderr
         sink.seek(0)

@@ -1,13 +1,13 @@
 """The receptive field read from the graph: how far each output voxel reaches into the input, by arithmetic on the
-kernel, stride, dilation and padding of every operation (no inference, no memory beyond the graph itself).
+kernel, stride, dilation and padding of every operation (no inference, no memory beyond the graph).
 
 Along each input axis, every tensor of the model is described by a :class:`Reach`: its position ``j`` reads input
 voxels ``[scale*j + lo, scale*j + hi]``. The input starts at scale 1, lo = hi = 0; a convolution or pooling window
 (a :class:`volinfer.model.stream_graph.ZWindow`, the description the streaming engine uses for the same operations)
 multiplies the scale by its stride and widens lo/hi by its padding and reach; a transposed convolution divides the
 scale; interpolation divides it by its size ratio and widens by its taps and by how far its coordinate mode maps
-positions from ``j/ratio`` (``align_corners``: up to a voxel); element-wise operations take the union of their inputs. At the
-output (scale 1) the radius along each axis is ``ceil(max(-lo, hi))``, an upper bound on what a perturbation probe
+positions from ``j/ratio`` (``align_corners``: up to a voxel); element-wise operations take the union of their
+inputs. At the output (scale 1) the radius along each axis is ``ceil(max(-lo, hi))``, an upper bound on what a perturbation probe
 would find, and exact for plain convolution stacks.
 
 Spatial normalisation layers (``MVN``, ``GroupNormalization``) are treated as frozen to whole-volume statistics, the
