@@ -17,7 +17,7 @@ import openvino as ov
 from volinfer.errors import VolinferError
 
 from . import tf_graph
-from .inputs import describe_params
+from .inputs import cut_inputs, describe_params
 from .messages import framework_message
 from .sources import ReferenceUnavailable, Source, require
 
@@ -66,12 +66,35 @@ def _convert(framework: str, path: Path, cut: list[str] | None) -> ov.Model:
                 pass
         if cut and ("not found" in text or "isn't found" in text or "does not exist" in text
                     or "No node" in text or "Cannot find" in text):
+            inside = _cut_after_conversion(framework, path, cut)  # OpenVINO cuts only at existing inputs
+            if inside is not None:
+                return inside
             raise VolinferError(f"{path}: no input or tensor named {', '.join(cut)}; the model's inputs: "
                                 f"{_candidates(framework, path)}") from None
         if "Cannot recognize input model" in text:
             raise VolinferError(f"{path}: not a {framework.replace('-', ' ')} model OpenVINO can read (it "
                                 f"recognises no model format in the file)") from None
         raise VolinferError(f"{path}: OpenVINO cannot convert it: {framework_message(e)}") from None
+
+
+def _cut_after_conversion(framework: str, path: Path, cut: list[str]) -> ov.Model | None:
+    """The whole model converted, then cut at the named internal tensors (:func:`converters.inputs.cut_inputs`);
+    None when a name matches no tensor or the model does not convert."""
+    try:
+        model = ov.Core().read_model(str(path)) if framework == "openvino" else ov.convert_model(str(path))
+    except Exception:  # noqa: BLE001 - the caller reports the name
+        return None
+    return cut_inputs(model, cut)
+
+
+def _ir_cut(model: ov.Model, names: list[str], path: Path) -> ov.Model:
+    """An IR cut at the named tensors (its inputs, or internal tensors); one line listing its inputs when a name
+    matches nothing."""
+    cut = cut_inputs(model, names)
+    if cut is None:
+        raise VolinferError(f"{path}: no input or tensor named {', '.join(names)}; the model's inputs: "
+                            f"{describe_params(model)}")
+    return cut
 
 
 def _cut_tf_graph(path: Path, inputs: list[str], fixed: dict[str, Any], outputs: list[str] | None) -> ov.Model:
@@ -129,6 +152,8 @@ def frontend_source(framework: str, path: Path, inputs: list[str] | None, output
             src.pending_fixed = {}  # folded into the graph as constants
         else:
             model = _convert(framework, path, cut if framework != "openvino" else None)
+            if framework == "openvino" and inputs:
+                model = _ir_cut(model, inputs, path)
             model = cut_outputs(model, outputs, path) if outputs else model
         state["outputs"] = [sorted(o.get_names()) for o in model.outputs]
         return model
@@ -250,6 +275,7 @@ def _ir_runner(path: Path, image: str | None, outputs: list[str] | None, fixed: 
 
     def run(x: np.ndarray) -> list[np.ndarray]:
         m = freeze_inputs(ov.Core().read_model(str(path)), fixed)
+        m = _ir_cut(m, [image], path) if image else m  # the same cut as the conversion
         m.reshape({0: list(x.shape)})
         cm = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         res = cm(x)

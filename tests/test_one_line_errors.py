@@ -123,3 +123,4 @@ def test_random_weights_only_where_it_is_true(files):
         load(f"{files / 'fac.py'}:build", weights=str(files / "w.pth"), random_weights=True)
     with pytest.raises(VolinferError, match="for file.py:factory"):
         load(str(files / "m.xml"), random_weights=True)
+
