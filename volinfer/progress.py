@@ -49,6 +49,7 @@ class StageLines:
         self.closed = False
 
     def update(self, n: int | float = 1) -> None:
+        """Count ``n`` more; a stage counter records the stage that just finished."""
         self.n += n
         if self.unit == "stage":
             now = time.monotonic()
@@ -56,16 +57,18 @@ class StageLines:
             self.stage_start = now
 
     def set_description_str(self, desc: str | None = None, refresh: bool = True) -> None:
+        """Name what runs now (a stage counter's next stage starts its clock here)."""
         self.desc = desc or ""
         self.stage_start = time.monotonic()
 
     set_description = set_description_str
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        """A detail for the closing line (e.g. the throughput)."""
         self.postfix = s
 
     def refresh(self) -> None:
-        pass
+        """Nothing to redraw."""
 
     @staticmethod
     def write(s: str, file: Any = None, end: str = "\n") -> None:
@@ -73,6 +76,7 @@ class StageLines:
         (file or sys.stderr).write(s + end)
 
     def close(self) -> None:
+        """Record the closing line of a counter that counted something (once)."""
         if self.closed:
             return
         self.closed = True

@@ -42,10 +42,12 @@ def partial(*paths: Path) -> Iterator[None]:
 
 
 def _command_line() -> bool:
+    """Whether this process is the volinfer command line (not a library caller or a test runner)."""
     return os.path.basename(sys.argv[0] if sys.argv else "") in ("volinfer", "volinfer.exe", "-m", "__main__.py")
 
 
 def armed() -> bool:
+    """Whether the watcher runs in this process."""
     return bool(_armed)
 
 

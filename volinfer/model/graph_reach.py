@@ -85,11 +85,13 @@ class Reach:
         return Reach(self.scale, self.lo - self.scale * begin, self.hi - self.scale * begin)
 
     def union(self, other: "Reach") -> "Reach":
+        """What an element-wise operation of two such tensors reads (they must be at the same scale)."""
         if self.scale != other.scale:
             raise NotAnalysable(f"tensors at different scales ({self.scale} and {other.scale}) are combined")
         return Reach(self.scale, min(self.lo, other.lo), max(self.hi, other.hi))
 
     def radius(self) -> int:
+        """Voxels an output position reaches on its farther side (at scale 1)."""
         return max(0, math.ceil(max(-self.lo, self.hi)))
 
 
