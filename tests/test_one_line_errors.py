@@ -112,6 +112,10 @@ def test_set_refuses_non_finite_numbers(text):
 
     with pytest.raises(VolinferError, match="not finite"):
         parse_set([f"gain={text}"])
+    from converters.settings import ConvertSettings
+
+    with pytest.raises(VolinferError, match="not finite"):  # the Python API too
+        ConvertSettings.from_kwargs(fixed={"gain": float(text.strip("[]").split(",")[-1])})
     assert parse_set(["gain=1e30", "flag=false"]) == {"gain": 1e30, "flag": False}
 
 
