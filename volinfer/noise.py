@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import sys
@@ -22,6 +23,8 @@ from typing import Iterator
 
 from volinfer import watchdog
 
+#: Python loggers of the frameworks, silenced while captured.
+FRAMEWORK_LOGGERS = ("tensorflow", "absl", "keras", "h5py", "torch", "onnxruntime", "nncf")
 #: A C++ log line of absl / TensorFlow / glog: ``E0000 00:00:1796524362.590101    6312 file.cc:417] message``.
 _CPP_LOG = re.compile(r"^[EF]\d{4} [\d:.]+\s+\d+ \S+:\d+\] (?P<msg>.+)$")
 
@@ -74,11 +77,17 @@ def captured() -> Iterator[Captured]:
             or "utf-8", errors="replace", line_buffering=True, write_through=True)
     os.dup2(sink.fileno(), 2)
     watchdog.stderr_fd[0] = original  # its last word reaches the user
+    loggers = [logging.getLogger(name) for name in FRAMEWORK_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:  # TensorFlow/absl/Keras log through Python too (deprecations, load notices)
+        lg.setLevel(logging.CRITICAL + 1)
     try:
         with warnings.catch_warnings():
             warnings.showwarning = lambda msg, cat, *a, **k: result.warnings.append(f"{cat.__name__}: {msg}")
             yield result
     finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
         with contextlib.suppress(Exception):
             sys.stderr.flush()
         os.dup2(original, 2)
