@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from math import gcd
@@ -16,6 +17,7 @@ import volinfer
 from volinfer import watchdog
 from volinfer.errors import VolinferError
 from volinfer.model.tile_model import TileModel
+from volinfer.model.graph_reach import stride_period
 from volinfer.model.receptive_field import measure_receptive_field
 from volinfer.model.settings import ModelSettings
 
@@ -174,6 +176,7 @@ def convert(model: str, output: str | os.PathLike, settings: ConvertSettings | N
     inputs = cs.source.inputs
     g.model, g.old, g.channels, g.tile, g.multiple = _prepare(src, g.layout, cs.shape.channels, cs.shape.tile,
                                                               cs.shape.static, inputs[0] if inputs else None)
+    _align_to_strides(g, notes)
     g.per_tile = sorted({op.get_type_name() for op in g.model.get_ops()} & PER_TILE_STAT_OPS)
     if g.per_tile:
         notes.append(f"model normalises per input ({', '.join(g.per_tile)}): `volinfer run` freezes these layers to "
@@ -211,6 +214,22 @@ class _Graph:
         """The tile a check runs at: the stored tile, or a smaller one when ``copies`` models at it would not fit
         the budget."""
         return fitting_tile(self.model, self.layout, self.channels, self.tile, self.multiple, self.budget, copies)
+
+
+def _align_to_strides(g: _Graph, notes: list[str]) -> None:
+    """Raise the size multiple of a model that accepts any size to its stride period (read from the graph): crop
+    tiles start at multiples of the size multiple, and a tile starting elsewhere pools other voxels together than
+    whole-volume inference does (a stride-2 pooling at an odd offset moved probabilities by 0.98)."""
+    if not g.multiple:
+        return  # a static input: one tile shape, tiles at its multiples
+    period = stride_period(g.model, g.layout, g.channels, g.tile)
+    if not period or all(g.multiple % p == 0 for p in period):
+        return
+    m = math.lcm(g.multiple, *period)
+    notes.append(f"size multiple {m} (the model accepts any size, but its strides repeat every {max(period)} "
+                 f"voxels: tiles start at multiples of it, as whole-volume inference pools)")
+    g.multiple = m
+    g.tile = [-(-int(t) // m) * m for t in g.tile]
 
 
 def _describe(g: _Graph, cs: ConvertSettings, notes: list[str]) -> ModelSettings:

@@ -125,3 +125,12 @@ def test_unknown_operation_is_probed_within_the_memory_budget():
     tight = measure_receptive_field(tm, max_memory_mb=one + 1)  # the first probe fits, no larger one does
     assert tight.bounded is False and f"within {one + 1:.0f} MB" in tight.reason and "lower bound" in tight.reason
     assert "over the" in measure_receptive_field(tm, max_memory_mb=one / 2).reason  # not even the first
+
+
+def test_stride_period_is_where_tiles_may_start():
+    from volinfer.model.graph_reach import stride_period
+
+    assert stride_period(tiny_unet(levels=2), "NCDHW", 1, [32] * 3) == (4, 4, 4)  # two stride-2 poolings
+    assert stride_period(strided_stack(), "NCDHW", 1, [48] * 3) == (2, 2, 2)  # down, up, down, up
+    assert stride_period(dilated_stack(), "NCDHW", 1, [32] * 3) == (1, 1, 1)
+    assert stride_period(_rolled(), "NCDHW", 1, [16] * 3) is None  # not analysable

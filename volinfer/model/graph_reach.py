@@ -253,11 +253,22 @@ def _step(op: ov.Node, states: list[State | None]) -> State:
         raise NotAnalysable(f"Concat {name} joins tensors along space")
     if t == "Pad":
         return _pad(op, data)
-    if t in ("Reshape", "Squeeze", "Unsqueeze") and _shape(op.input_value(0)) == _shape(op.output(0)):
-        return dict(data)
+    if t in ("Reshape", "Squeeze", "Unsqueeze"):
+        return _reshape(op, data)
     if t in ELEMENTWISE:
         return _elementwise(op, states)
     raise NotAnalysable(f"{t} {name}: its reach is not known (measured by perturbation instead)")
+
+
+def _reshape(op: ov.Node, state: State) -> State:
+    """A reshape that only adds or drops size-1 axes (a channels-last transpose of one channel becomes one):
+    the axes of more than one voxel keep their order."""
+    a, b = _shape(op.input_value(0)), _shape(op.output(0))
+    ia, ob = [i for i, d in enumerate(a) if d != 1], [i for i, d in enumerate(b) if d != 1]
+    if [a[i] for i in ia] != [b[i] for i in ob] or any(axis not in ia for axis in state):
+        raise NotAnalysable(f"{op.get_type_name()} {op.get_friendly_name()} regroups space ({a} -> {b})")
+    where = dict(zip(ia, ob))
+    return {where[axis]: v for axis, v in state.items()}
 
 
 def _pad(op: ov.Node, state: State) -> State:
@@ -268,10 +279,8 @@ def _pad(op: ov.Node, state: State) -> State:
     return {axis: (src, reach.shifted(b[axis])) for axis, (src, reach) in state.items()}
 
 
-def graph_radius(model: ov.Model, layout: str, channels: int, tile: Sequence[int],
-                 output_index: int = 0) -> tuple[int, int, int] | Whole:
-    """Receptive-field radius per tile axis of ``model`` (its single input reshaped to ``tile``), or a
-    :class:`Whole` naming the operation that reads the whole volume (unbounded). Raises :class:`NotAnalysable`."""
+def _walk(model: ov.Model, layout: str, channels: int, tile: Sequence[int]) -> tuple[ov.Model, dict[Any, State]]:
+    """Every tensor's state in ``model`` reshaped to ``tile`` (see the module text); the reshaped model."""
     m = model.clone()
     shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
     try:
@@ -279,7 +288,7 @@ def graph_radius(model: ov.Model, layout: str, channels: int, tile: Sequence[int
     except Exception as e:  # noqa: BLE001 - the probe path reports shape problems in the user's terms
         raise NotAnalysable(f"the model rejects the shape {shape}: {e}") from None
     first = 2 if layout == "NCDHW" else 1
-    states: dict[tuple[str, int], State] = {}
+    states: dict[Any, State] = {}
     param = m.input(0).get_node()
     states[(param.get_friendly_name(), 0)] = {first + i: (i, Reach()) for i in range(3)}
     for op in m.get_ordered_ops():
@@ -293,11 +302,36 @@ def graph_radius(model: ov.Model, layout: str, channels: int, tile: Sequence[int
         state = _step(op, ins)
         for port in range(op.get_output_size()):
             states[(op.get_friendly_name(), port)] = state
+    return m, states
+
+
+def graph_radius(model: ov.Model, layout: str, channels: int, tile: Sequence[int],
+                 output_index: int = 0) -> tuple[int, int, int] | Whole:
+    """Receptive-field radius per tile axis of ``model`` (its single input reshaped to ``tile``), or a
+    :class:`Whole` naming the operation that reads the whole volume (unbounded). Raises :class:`NotAnalysable`."""
+    m, states = _walk(model, layout, channels, tile)
     src = m.output(output_index).get_node().input_value(0)
     final = states.get((src.get_node().get_friendly_name(), src.get_index()))
     if isinstance(final, dict) and sorted(_shape(src)[a] for a in final) != sorted(int(t) for t in tile):
         raise NotAnalysable(f"the output's spatial size {_shape(src)} differs from the input's {list(tile)}")
     return _radius(final)
+
+
+def stride_period(model: ov.Model, layout: str, channels: int, tile: Sequence[int]) -> tuple[int, int, int] | None:
+    """Per tile axis, the input shift that moves every tensor of the model by whole positions: the least common
+    multiple of the strides accumulated on the way (a stride-2 pooling: 2; four of them: 16). Crop tiles are exact
+    only at offsets that are multiples of it (a tile starting at an odd voxel pools other pairs than whole-volume
+    inference does). None when the graph is not analysable."""
+    try:
+        _, states = _walk(model, layout, channels, tile)
+    except NotAnalysable:
+        return None
+    period = [1, 1, 1]
+    for state in states.values():
+        if isinstance(state, dict):
+            for src, reach in state.values():
+                period[src] = math.lcm(period[src], reach.scale.numerator)
+    return tuple(period)  # type: ignore[return-value]
 
 
 def _radius(final: State | None) -> tuple[int, int, int] | Whole:
