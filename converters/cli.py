@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import click
 
 from volinfer import validate as V
+from volinfer import watchdog
 from volinfer.cliutil import runtime_options, emit, friendly_errors, output_options, parse_tile, progress_bar
 from volinfer.errors import VolinferError
 
@@ -75,6 +76,9 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--no-receptive-field", is_flag=True, help="Skip measuring the receptive field.")
 @click.option("--no-speed-profile", is_flag=True, help="Skip timing the model at a few tile shapes (a few seconds; "
               "without a profile `volinfer run --tile auto` assumes every tile shape costs the same per voxel).")
+@click.option("--max-memory", type=V.MEMORY, help="Peak RAM budget of the conversion (e.g. 2G; > 0; default as for "
+              "`run`: a quarter of available RAM): the receptive-field probe (when the graph cannot be read), the "
+              "tiling, precision and parity checks and the speed profile each run at a size that fits it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing IR.")
 @runtime_options(precision_note=" For convert: the reduced precision to verify and store the verdict of (auto: "
                  "the device's native one; f32: none); parity itself is always checked at f32 on the CPU.")
@@ -101,6 +105,7 @@ def convert(model: str, **params: Any) -> None:
     """
     from .convert import convert as run_convert
 
+    watchdog.arm()  # SIGINT/SIGTERM end the conversion within ~2 s, even inside a long framework call
     p = params
     settings = convert_settings(p)
     quiet, as_json = p["quiet"], p["as_json"]
@@ -110,13 +115,14 @@ def convert(model: str, **params: Any) -> None:
         result = run_convert(model, p["output"], settings)
     data = {"path": str(result.path), "parity": result.parity.__dict__ if result.parity else None,
             "int8": result.int8.__dict__ if result.int8 else None,
-            "settings": result.settings.as_dict(), "notes": result.notes}
+            "settings": result.settings.as_dict(), "notes": result.notes, "peak_rss_mb": _peak_mb()}
     emit(data, lambda: summary(result), as_json=as_json, quiet=quiet)
 
 
 def convert_settings(p: dict[str, Any]) -> Any:
     """The :class:`converters.settings.ConvertSettings` of `volinfer convert`'s parsed options."""
     from volinfer.run.normalize import parse_normalization
+    from volinfer.run.plan import parse_size_mb
 
     from .inputs import parse_set
     from .settings import ConvertSettings
@@ -137,7 +143,8 @@ def convert_settings(p: dict[str, Any]) -> Any:
         stitch=p["stitch"], fp16=not p["no_fp16"], int8=p["int8"], calibration_tiles=p["calibration_tiles"],
         check=not p["no_check"], tolerance=p["tolerance"], calibration_volume=p["calibration_volume"],
         measure_rf=not p["no_receptive_field"], overwrite=p["overwrite"], device=p["device"],
-        precision=p["precision"], threads=p["threads"], speed_profile=not p["no_speed_profile"])
+        precision=p["precision"], threads=p["threads"], speed_profile=not p["no_speed_profile"],
+        max_memory_mb=parse_size_mb(p["max_memory"]) if p.get("max_memory") else None)
 
 
 def stored_overlap(text: str | None) -> float | int | list[float | int] | None:
@@ -149,6 +156,13 @@ def stored_overlap(text: str | None) -> float | int | list[float | int] | None:
     return out[0] if len(set(out)) == 1 else out
 
 
+def _peak_mb() -> float | None:
+    """This process's peak resident memory so far (MB): the conversion's own, from the OS."""
+    from volinfer import portable
+
+    return portable.memory_status()["peak_mb"]
+
+
 def summary(result: Any) -> str:
     """The human report of a conversion (stderr)."""
     lines = [f"wrote {result.path} (+ {result.path.with_suffix('.bin').name})",
@@ -158,6 +172,9 @@ def summary(result: Any) -> str:
     s = result.settings
     lines.append(f"layout {s.layout}, {s.in_channels} channel(s), tile {s.tile}, size multiple {s.size_multiple}, "
                  f"receptive field {s.receptive_field}")
+    peak = _peak_mb()
+    if peak is not None:
+        lines.append(f"peak RSS {peak:.0f} MB (this conversion)")
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from math import gcd
@@ -13,11 +14,14 @@ import numpy as np
 import openvino as ov
 
 import volinfer
+from volinfer import watchdog
 from volinfer.errors import VolinferError
 from volinfer.model.tile_model import TileModel
+from volinfer.model.graph_reach import stride_period
 from volinfer.model.receptive_field import measure_receptive_field
 from volinfer.model.settings import ModelSettings
 
+from .budget import budget_mb, fitting_tile
 from .inputs import freeze_inputs, pick_image_input
 from .messages import framework_errors
 from .parity import Int8Report, ParityReport, compare, judge, judge_int8
@@ -167,10 +171,12 @@ def convert(model: str, output: str | os.PathLike, settings: ConvertSettings | N
     notes: list[str] = []
     if cs.source.random_weights:
         notes.append("converted with the factory's own (random) weights: --random-weights")
-    g = _Graph(src, (cs.shape.layout or src.layout or _stored_layout(src) or "NCDHW").upper())
+    g = _Graph(src, (cs.shape.layout or src.layout or _stored_layout(src) or "NCDHW").upper(),
+               budget=budget_mb(cs.check.max_memory_mb))
     inputs = cs.source.inputs
     g.model, g.old, g.channels, g.tile, g.multiple = _prepare(src, g.layout, cs.shape.channels, cs.shape.tile,
                                                               cs.shape.static, inputs[0] if inputs else None)
+    _align_to_strides(g, notes)
     g.per_tile = sorted({op.get_type_name() for op in g.model.get_ops()} & PER_TILE_STAT_OPS)
     if g.per_tile:
         notes.append(f"model normalises per input ({', '.join(g.per_tile)}): `volinfer run` freezes these layers to "
@@ -185,7 +191,7 @@ def convert(model: str, output: str | os.PathLike, settings: ConvertSettings | N
         src, g.model, out, fp16=c.fp16, check=c.check, tolerance=c.tolerance, int8=c.int8,
         calibration_volume=c.calibration_volume, layout=g.layout, channels=g.channels, tile=g.tile,
         normalization=cs.stored.normalization, seed=c.seed, out_index=g.out_index, f32_model=f32_model,
-        int8_tiles=int8_tiles)
+        int8_tiles=int8_tiles, check_tile=g.check_tile(3.0))
     return ConversionResult(out, parity, settings_, notes, int8_report)
 
 
@@ -202,6 +208,28 @@ class _Graph:
     multiple: int | None = None
     per_tile: list[str] = field(default_factory=list)
     out_index: int | None = None
+    budget: float = 0.0  # MB every stage must fit (--max-memory, default as for `run`)
+
+    def check_tile(self, copies: float) -> list[int]:
+        """The tile a check runs at: the stored tile, or a smaller one when ``copies`` models at it would not fit
+        the budget."""
+        return fitting_tile(self.model, self.layout, self.channels, self.tile, self.multiple, self.budget, copies)
+
+
+def _align_to_strides(g: _Graph, notes: list[str]) -> None:
+    """Raise the size multiple of a model that accepts any size to its stride period (read from the graph): crop
+    tiles start at multiples of the size multiple, and a tile starting elsewhere pools other voxels together than
+    whole-volume inference does (a stride-2 pooling at an odd offset moved probabilities by 0.98)."""
+    if not g.multiple:
+        return  # a static input: one tile shape, tiles at its multiples
+    period = stride_period(g.model, g.layout, g.channels, g.tile)
+    if not period or all(g.multiple % p == 0 for p in period):
+        return
+    m = math.lcm(g.multiple, *period)
+    notes.append(f"size multiple {m} (the model accepts any size, but its strides repeat every {max(period)} "
+                 f"voxels: tiles start at multiples of it, as whole-volume inference pools)")
+    g.multiple = m
+    g.tile = [-(-int(t) // m) * m for t in g.tile]
 
 
 def _describe(g: _Graph, cs: ConvertSettings, notes: list[str]) -> ModelSettings:
@@ -227,10 +255,10 @@ def _describe(g: _Graph, cs: ConvertSettings, notes: list[str]) -> ModelSettings
         settings.extra["frozen_inputs"] = dict(cs.source.fixed)
     _record_activation(g.model, g.out_index or 0, g.layout, st.activation, settings, notes)
     if cs.check.measure_rf:
-        _measure_rf(g.model, g.tile, settings, notes)
-        _check_tiling(g.model, g.tile, settings, notes, cs.check.calibration_volume)
+        _measure_rf(g.model, g.tile, settings, notes, g.budget)
+        _check_tiling(g.model, g.tile, settings, notes, cs.check.calibration_volume, g.budget)
     if not cs.check.int8:
-        _check_precision(g.model, g.layout, g.channels, g.tile, g.out_index or 0, settings, notes,
+        _check_precision(g.model, g.layout, g.channels, g.check_tile(2.0), g.out_index or 0, settings, notes,
                          cs.check, st.normalization)
     _speed_profile(g, cs.check, settings, notes)
     settings.to_model(g.model)
@@ -411,8 +439,8 @@ def _measure_speed(g: "_Graph", check: Any, settings: ModelSettings, notes: list
     from .messages import framework_message
 
     try:
-        prof = sp.profile_model(g.model, g.layout, g.channels, g.tile, g.multiple,
-                                {"device": check.device, "threads": check.threads},
+        prof = sp.profile_model(g.model, g.layout, g.channels, g.check_tile(1.0), g.multiple,
+                                {"device": check.device, "threads": check.threads, "max_memory_mb": g.budget},
                                 settings.extra.get("precision_check"))
     except Exception as e:  # noqa: BLE001 - a speed profile is an optimisation, never a reason to fail
         why = framework_message(e)[:160]
@@ -423,12 +451,13 @@ def _measure_speed(g: "_Graph", check: Any, settings: ModelSettings, notes: list
     notes.append(f"speed: {prof.summary(here=prof.cpu)}")
 
 
-def _measure_rf(ov_model: ov.Model, t3: list[int], settings: ModelSettings, notes: list[str]) -> None:
-    """Store the measured receptive-field radius, or None with a note when it cannot be measured (then crop
-    margins come from --overlap)."""
+def _measure_rf(ov_model: ov.Model, t3: list[int], settings: ModelSettings, notes: list[str],
+                budget: float | None = None) -> None:
+    """Store the receptive-field radius and how it was obtained (from the graph, else by a probe within
+    ``budget`` MB), or None with a note when it cannot be found (then crop margins come from --overlap)."""
     reason = None
     try:
-        rf = measure_receptive_field(TileModel(ov_model.clone(), tile=t3))
+        rf = measure_receptive_field(TileModel(ov_model.clone(), tile=t3, compile=False), max_memory_mb=budget)
     except Exception as e:  # noqa: BLE001 - any failure means "not measured", said in a note
         from .messages import framework_message
 
@@ -443,14 +472,15 @@ def _measure_rf(ov_model: ov.Model, t3: list[int], settings: ModelSettings, note
         notes.append(f"receptive field could not be measured ({reason}); crop margins will come from --overlap")
         return
     settings.receptive_field = list(rf.radius)
+    settings.extra["receptive_field_method"] = rf.how()
     if not rf.bounded:
         settings.extra["receptive_field_bounded"] = False
-        notes.append(f"receptive field {rf}: it reaches past the largest probe, so only a tile covering the whole "
-                     f"(padded) volume is exact; `volinfer run` plans one when it fits the memory budget")
+        notes.append(f"receptive field {rf}: only a tile covering the whole (padded) volume is exact; `volinfer "
+                     f"run` plans one when it fits the memory budget")
 
 
 def _check_tiling(ov_model: ov.Model, t3: list[int], settings: ModelSettings, notes: list[str],
-                  calibration_volume: str | None = None) -> None:
+                  calibration_volume: str | None = None, budget: float | None = None) -> None:
     """Store how far crop tiling with margins equal to the measured receptive field moves the outputs (tiled vs
     whole on a small probe, :mod:`volinfer.model.tiling_check`), or why it was not measured; one note either way.
     The probe is a crop of ``calibration_volume`` (normalised as runs are) when given, else random normal."""
@@ -469,7 +499,7 @@ def _check_tiling(ov_model: ov.Model, t3: list[int], settings: ModelSettings, no
         activation = resolve_activation(tm, None)[0]
         probe_input = _calibration_probe(calibration_volume, tm, settings.normalization) if calibration_volume \
             else None
-        record = check_tiling(tm, rf, activation, probe_input)
+        record = check_tiling(tm, rf, activation, probe_input, max_memory_mb=budget)
         if record.get("measured"):
             probabilities = activation != "none" or settings.extra.get("outputs") == "probabilities"
             record["space"] = "probabilities" if probabilities else "outputs"
@@ -506,36 +536,41 @@ def _has_spatial_kernels(model: ov.Model) -> bool:
 def _save_checked(src: Source, ov_model: ov.Model, out: Path, *, fp16: bool, check: bool, tolerance: float | None,
                   int8: bool, calibration_volume: str | None, layout: str, channels: int, tile: list[int],
                   normalization: dict[str, Any] | None, seed: int, out_index: int | None, f32_model: ov.Model,
-                  int8_tiles: list[np.ndarray] | None) -> tuple[ParityReport | None, Int8Report | None]:
+                  int8_tiles: list[np.ndarray] | None,
+                  check_tile: list[int] | None = None) -> tuple[ParityReport | None, Int8Report | None]:
     """Save to temporary names, check parity (and INT8 against FP32), then move into place; nothing is left at
     ``out`` when a check fails."""
     tmp_xml = out.with_name(f".{out.stem}.partial.xml")
     tmp_bin = tmp_xml.with_suffix(".bin")
     parity, int8_report = None, None
-    try:
-        with framework_errors(f"{out}: OpenVINO cannot save the model"):
-            ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=fp16)
-        if check:
-            tol = tolerance if tolerance is not None else (float("inf") if int8 else 1e-2 if fp16 else 1e-4)
-            if calibration_volume:
-                x = _calibration_tiles(calibration_volume, layout, channels, tile, normalization)[0]
-            else:
-                x = np.random.default_rng(seed).standard_normal(_shape(layout, channels, tile)).astype(np.float32)
-            parity = check_parity(src, tmp_xml, x, tol, out_index, layout,
-                                  loose=10 * tolerance if tolerance is not None else None)
-            if parity.checked and not parity.passed:
-                raise VolinferError(f"conversion rejected, {parity}; loosen with --tolerance or use --no-fp16")
-        if int8 and int8_tiles:
-            int8_report = check_int8(f32_model, ov.Core().read_model(str(tmp_xml)), int8_tiles, out_index, layout)
-            if not int8_report.passed:
-                raise VolinferError(f"INT8 rejected, {int8_report}: calibrate on more tiles "
-                                    f"(--calibration-tiles) or convert without --int8")
-        os.replace(tmp_bin, out.with_suffix(".bin"))
-        os.replace(tmp_xml, out)
-    finally:
-        for p in (tmp_xml, tmp_bin):
-            if p.exists():
-                p.unlink()
+    with watchdog.partial(tmp_xml, tmp_bin):  # removed even if a signal cannot unwind this in time
+        try:
+            with framework_errors(f"{out}: OpenVINO cannot save the model"):
+                ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=fp16)
+            if check:
+                tol = tolerance if tolerance is not None else (float("inf") if int8 else 1e-2 if fp16 else 1e-4)
+                at = check_tile or tile  # within the memory budget
+                if calibration_volume:
+                    x = _calibration_tiles(calibration_volume, layout, channels, at, normalization)[0]
+                else:
+                    x = np.random.default_rng(seed).standard_normal(_shape(layout, channels, at)).astype(
+                        np.float32)
+                parity = check_parity(src, tmp_xml, x, tol, out_index, layout,
+                                      loose=10 * tolerance if tolerance is not None else None)
+                if parity.checked and not parity.passed:
+                    raise VolinferError(f"conversion rejected, {parity}; loosen with --tolerance or use --no-fp16")
+            if int8 and int8_tiles:
+                int8_report = check_int8(f32_model, ov.Core().read_model(str(tmp_xml)), int8_tiles, out_index,
+                                         layout)
+                if not int8_report.passed:
+                    raise VolinferError(f"INT8 rejected, {int8_report}: calibrate on more tiles "
+                                        f"(--calibration-tiles) or convert without --int8")
+            os.replace(tmp_bin, out.with_suffix(".bin"))
+            os.replace(tmp_xml, out)
+        finally:
+            for p in (tmp_xml, tmp_bin):
+                if p.exists():
+                    p.unlink()
     return parity, int8_report
 
 

@@ -16,7 +16,8 @@ import openvino as ov
 
 from volinfer.errors import VolinferError
 
-from .inputs import describe_params
+from . import tf_graph
+from .inputs import cut_inputs, describe_params
 from .messages import framework_message
 from .sources import ReferenceUnavailable, Source, require
 
@@ -37,8 +38,7 @@ def _tf_graph_def(path: Path) -> Any:
 
 def tf_graph_inputs(path: Path) -> list[str]:
     """Placeholder-like nodes of a frozen graph: the names ``--input`` / ``--set`` can use."""
-    graph = _tf_graph_def(path)
-    return [n.name for n in graph.node if n.op in ("Placeholder", "PlaceholderWithDefault")]
+    return tf_graph.placeholders(_tf_graph_def(path))
 
 
 def _candidates(framework: str, path: Path) -> str:
@@ -66,77 +66,53 @@ def _convert(framework: str, path: Path, cut: list[str] | None) -> ov.Model:
                 pass
         if cut and ("not found" in text or "isn't found" in text or "does not exist" in text
                     or "No node" in text or "Cannot find" in text):
+            inside = _cut_after_conversion(framework, path, cut)  # OpenVINO cuts only at existing inputs
+            if inside is not None:
+                return inside
             raise VolinferError(f"{path}: no input or tensor named {', '.join(cut)}; the model's inputs: "
                                 f"{_candidates(framework, path)}") from None
+        if "Cannot recognize input model" in text:
+            raise VolinferError(f"{path}: not a {framework.replace('-', ' ')} model OpenVINO can read (it "
+                                f"recognises no model format in the file)") from None
         raise VolinferError(f"{path}: OpenVINO cannot convert it: {framework_message(e)}") from None
 
 
-def _placeholder_for(graph: Any, name: str, path: Path) -> Any:
-    """A Placeholder NodeDef standing in for node ``name`` (a PlaceholderWithDefault fed by an iterator, or any
-    internal node), with that tensor's dtype and shape as TensorFlow infers them."""
-    import tensorflow as tf
-
-    base = name.split(":")[0]
-    g = tf.Graph()
-    with g.as_default():
-        tf.compat.v1.import_graph_def(graph, name="")
+def _cut_after_conversion(framework: str, path: Path, cut: list[str]) -> ov.Model | None:
+    """The whole model converted, then cut at the named internal tensors (:func:`converters.inputs.cut_inputs`);
+    None when a name matches no tensor or the model does not convert."""
     try:
-        t = g.get_tensor_by_name(f"{base}:0")
-    except (KeyError, ValueError):
-        raise VolinferError(f"{path}: no input or tensor named {name!r}; the graph's inputs: "
-                            f"{', '.join(tf_graph_inputs(path)) or '(none)'}") from None
-    node = tf.compat.v1.NodeDef(name=base, op="Placeholder")
-    node.attr["dtype"].type = t.dtype.as_datatype_enum
-    node.attr["shape"].shape.CopyFrom(t.shape.as_proto())
-    return node
+        model = ov.Core().read_model(str(path)) if framework == "openvino" else ov.convert_model(str(path))
+    except Exception:  # noqa: BLE001 - the caller reports the name
+        return None
+    return cut_inputs(model, cut)
 
 
-def _cut_tf_graph(path: Path, cut: list[str] | None, outputs: list[str] | None) -> ov.Model:
-    """Cut a frozen GraphDef with TensorFlow's own graph tools: each ``cut`` node becomes a Placeholder (so a
-    PlaceholderWithDefault behind a tf.data iterator becomes a plain input), and the graph is trimmed to the named
-    outputs (default: the sinks reachable from the cut inputs). OpenVINO's converter alone only selects among a
-    graph's existing inputs and outputs."""
+def _ir_cut(model: ov.Model, names: list[str], path: Path) -> ov.Model:
+    """An IR cut at the named tensors (its inputs, or internal tensors); one line listing its inputs when a name
+    matches nothing."""
+    cut = cut_inputs(model, names)
+    if cut is None:
+        raise VolinferError(f"{path}: no input or tensor named {', '.join(names)}; the model's inputs: "
+                            f"{describe_params(model)}")
+    return cut
+
+
+def _cut_tf_graph(path: Path, inputs: list[str], fixed: dict[str, Any], outputs: list[str] | None) -> ov.Model:
+    """A frozen graph cut at ``inputs`` with ``fixed`` nodes made constants (:func:`converters.tf_graph.cut`),
+    converted by OpenVINO; errors name the user's file, never the temporary one."""
     import tempfile
 
-    import tensorflow as tf
-
-    graph = _tf_graph_def(path)
-    names = {n.name for n in graph.node}
-    missing = [o for o in outputs or [] if o.split(":")[0] not in names]
-    if missing:
-        raise VolinferError(f"{path}: no node named {missing[0]!r} to cut the graph at")
-    for name in cut or []:
-        base = name.split(":")[0]
-        node = next((n for n in graph.node if n.name == base), None)
-        if node is None:
-            raise VolinferError(f"{path}: no input or tensor named {name!r}; the graph's inputs: "
-                                f"{', '.join(tf_graph_inputs(path)) or '(none)'}")
-        if node.op != "Placeholder":
-            node.CopyFrom(_placeholder_for(graph, name, path))
-    targets = [o.split(":")[0] for o in outputs] if outputs else _reachable_sinks(graph, cut or [])
-    sub = tf.compat.v1.graph_util.extract_sub_graph(graph, targets)
+    try:
+        sub = tf_graph.cut(_tf_graph_def(path), inputs, fixed, outputs)
+    except VolinferError as e:
+        raise VolinferError(f"{path}: {e}") from None
     with tempfile.TemporaryDirectory() as tmp:
         cut_path = Path(tmp) / "cut.pb"
         cut_path.write_bytes(sub.SerializeToString())
         try:
-            return _convert("tensorflow-frozen-pb", cut_path, [n.split(":")[0] for n in cut] if cut else None)
+            return _convert("tensorflow-frozen-pb", cut_path, [tf_graph.node_name(n) for n in inputs] or None)
         except VolinferError as e:
             raise VolinferError(str(e).replace(str(cut_path), str(path))) from None
-
-
-def _reachable_sinks(graph: Any, starts: list[str]) -> list[str]:
-    """Nodes fed (transitively) by ``starts`` whose outputs nothing consumes: the graph's outputs past the cut."""
-    consumers: dict[str, list[str]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i.lstrip("^").split(":")[0], []).append(n.name)
-    seen, todo = set(), [s.split(":")[0] for s in starts] or [n.name for n in graph.node]
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo.extend(consumers.get(name, []))
-    return sorted(n for n in seen if not consumers.get(n))
 
 
 def cut_outputs(model: ov.Model, names: list[str], path: Path) -> ov.Model:
@@ -172,9 +148,12 @@ def frontend_source(framework: str, path: Path, inputs: list[str] | None, output
 
     def to_ov(*_: object) -> ov.Model:
         if (outputs or cut) and framework == "tensorflow-frozen-pb" and importlib.util.find_spec("tensorflow"):
-            model = _cut_tf_graph(path, cut, outputs)
+            model = _cut_tf_graph(path, list(inputs or []), fixed, outputs)
+            src.pending_fixed = {}  # folded into the graph as constants
         else:
             model = _convert(framework, path, cut if framework != "openvino" else None)
+            if framework == "openvino" and inputs:
+                model = _ir_cut(model, inputs, path)
             model = cut_outputs(model, outputs, path) if outputs else model
         state["outputs"] = [sorted(o.get_names()) for o in model.outputs]
         return model
@@ -182,7 +161,8 @@ def frontend_source(framework: str, path: Path, inputs: list[str] | None, output
     runners = {"onnx": _onnx_runner, "tensorflow-savedmodel": _savedmodel_runner,
                "tensorflow-frozen-pb": _frozen_runner, "openvino": _ir_runner}
     run, note = runners[framework](path, inputs[0] if inputs else None, outputs, fixed, state)
-    return Source(framework, path, to_ov, run, layout=layout, reference_note=note, pending_fixed=dict(fixed))
+    src = Source(framework, path, to_ov, run, layout=layout, reference_note=note, pending_fixed=dict(fixed))
+    return src
 
 
 def _onnx_runner(path: Path, image: str | None, outputs: list[str] | None, fixed: dict[str, Any],
@@ -295,6 +275,7 @@ def _ir_runner(path: Path, image: str | None, outputs: list[str] | None, fixed: 
 
     def run(x: np.ndarray) -> list[np.ndarray]:
         m = freeze_inputs(ov.Core().read_model(str(path)), fixed)
+        m = _ir_cut(m, [image], path) if image else m  # the same cut as the conversion
         m.reshape({0: list(x.shape)})
         cm = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         res = cm(x)

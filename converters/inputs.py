@@ -30,8 +30,18 @@ def parse_set(items: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
                 raise VolinferError(f"--set {name}: value {t!r} is not a number, true/false or a JSON list") from None
             if not isinstance(value, (int, float, list)):
                 raise VolinferError(f"--set {name}: value {t!r} is not a number, true/false or a JSON list")
+            if not _finite(value):  # json reads NaN/Infinity: a frozen NaN turns every output NaN
+                raise VolinferError(f"--set {name}: value {t!r} is not finite (NaN and infinities are refused)")
         out[name.strip()] = value
     return out
+
+
+def _finite(value: Any) -> bool:
+    """Whether a parsed ``--set`` value (a number, bool or nested list) holds only finite numbers."""
+    try:
+        return bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+    except (TypeError, ValueError):  # ragged or non-numeric lists: shape checks say what is wrong later
+        return True
 
 
 def param_names(param: ov.Node) -> set[str]:
@@ -95,3 +105,52 @@ def pick_image_input(model: ov.Model, image: str | None) -> ov.Model:
         raise VolinferError(f"the model has {len(params)} inputs ({describe_params(model)}); volinfer runs one "
                             f"image input: name it with --input and freeze the others with --set NAME=VALUE")
     return model
+
+
+def _port_named(model: ov.Model, name: str) -> ov.Output | None:
+    """The output port carrying tensor ``name`` (``:0`` optional), or the first output of a node of that name."""
+    base = name.rsplit(":", 1)[0] if name.rsplit(":", 1)[-1].isdigit() else name
+    for op in model.get_ordered_ops():
+        for out in op.outputs():
+            names = out.get_names()
+            if name in names or base in names or f"{base}:0" in names:
+                return out
+    return next((op.output(0) for op in model.get_ordered_ops() if op.get_friendly_name() == base), None)
+
+
+def _reachable_parameters(model_outputs: list[ov.Output]) -> list[ov.Node]:
+    """The Parameters the outputs still depend on, in the order they are found."""
+    seen: set[int] = set()
+    found: list[ov.Node] = []
+    todo = [o.get_node() for o in model_outputs]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.get_type_name() == "Parameter":
+            found.append(node)
+        todo.extend(i.get_source_output().get_node() for i in node.inputs())
+    return found
+
+
+def cut_inputs(model: ov.Model, names: list[str]) -> ov.Model | None:
+    """``model`` cut at the named tensors (any format with named tensors, once converted): each becomes a new
+    Parameter of its type and shape, everything only upstream of it is dropped. None when a name matches no
+    tensor."""
+    for name in names:
+        if find_param(model, name) is not None:
+            continue
+        port = _port_named(model, name)
+        if port is None:
+            return None
+        param = ov.op.Parameter(port.get_element_type(), port.get_partial_shape())
+        param.set_friendly_name(name)
+        param.output(0).set_names({name, *port.get_names()})
+        for target in list(port.get_target_inputs()):
+            target.replace_source_output(param.output(0))
+    results = list(model.get_results())
+    params = _reachable_parameters([r.output(0) for r in results])
+    order = {id(p): i for i, p in enumerate(model.get_parameters())}
+    params.sort(key=lambda p: order.get(id(p), -1))
+    return ov.Model(results, params, model.get_friendly_name())

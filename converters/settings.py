@@ -29,6 +29,18 @@ class SourceSettings:
     fixed: dict[str, Any] | None = None  # other inputs frozen to constants (--set)
     select_output: str | int | None = None
 
+    def __post_init__(self) -> None:
+        for name, value in (self.fixed or {}).items():
+            try:
+                finite = bool(np.isfinite(np.asarray(value, dtype=np.float64)).all())
+            except (TypeError, ValueError):
+                continue  # not numeric: the input's own type check says what is wrong
+            if not finite:  # a frozen NaN makes every output NaN, and parity on NaN == NaN "passes"
+                raise VolinferError(f"--set {name}: value {value!r} is not finite (NaN and infinities are refused)")
+        if self.random_weights and self.weights:
+            raise VolinferError("--random-weights contradicts --weights: pass one (the IR would hold the trained "
+                                "weights)")
+
     def load_kwargs(self) -> dict[str, Any]:
         return dict(weights=self.weights, trust_pickle=self.trust_pickle, random_weights=self.random_weights,
                     factory_kwargs=self.factory_kwargs, inputs=self.inputs, outputs=self.outputs, fixed=self.fixed)
@@ -93,9 +105,12 @@ class CheckSettings:
     precision: str = "auto"  # which reduced precision to verify: auto (the device's native one), f32 (none)
     threads: int | None = None
     speed_profile: bool = True  # time the model at a few tile shapes for the planner (--no-speed-profile: skip)
+    max_memory_mb: float | None = None  # RAM budget of every stage (--max-memory; None: as for `run`)
 
     def __post_init__(self) -> None:
         validate.count("calibration-tiles", self.calibration_tiles)
+        if self.max_memory_mb is not None:
+            validate.positive("max-memory", self.max_memory_mb)
         if self.threads is not None:
             validate.count("threads", self.threads)
         if self.tolerance is not None:

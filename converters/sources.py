@@ -304,6 +304,11 @@ def load(spec: str, *, weights: str | None = None, trust_pickle: bool = False, r
     image input (the rest, TensorFlow only, are further cut points); ``fixed`` holds ``--set`` values."""
     kind = kind_of(spec)
     fixed = dict(fixed or {})
+    if random_weights and weights:
+        raise VolinferError("--random-weights contradicts --weights: pass one (the IR would hold the trained weights)")
+    if random_weights and kind != "torch-factory":
+        raise VolinferError("--random-weights is for file.py:factory / package.module:factory models only (this "
+                            "model file carries its own weights)")
     if kind.startswith("torch"):
         if inputs and len(inputs) > 1:
             raise VolinferError("a PyTorch model takes one --input (the forward argument the image goes to)")

@@ -2,6 +2,7 @@
 
 import json
 import textwrap
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -85,8 +86,9 @@ def nets(tmp_path):
 
 
 def convert(*args, **kwargs):
-    """The converter with --random-weights (these tests convert factories' seeded weights on purpose)."""
-    kwargs.setdefault("random_weights", "weights" not in kwargs)
+    """The converter with --random-weights for factories (these tests convert their seeded weights on purpose)."""
+    factory = ":" in str(args[0]) and not Path(str(args[0])).exists()
+    kwargs.setdefault("random_weights", factory and "weights" not in kwargs)
     return _convert(*args, **kwargs)
 
 

@@ -109,3 +109,88 @@ def test_tf1_frozen_graph_with_placeholder_with_default_and_training_flag(tmp_pa
             want = sess.run("logits:0", {"img:0": vol, "training:0": False})
     got = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(vol)[0]
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+
+def _tf1_unet_behind_a_string_handle_iterator(path):
+    """A TF1 U-Net as published: ``img`` is a PlaceholderWithDefault fed by ``IteratorGetNext:0`` of an iterator
+    made ``from_string_handle`` (a string Placeholder), ``training`` (PlaceholderWithDefault, default True) gates
+    dropout through Switch/Merge (TF1 control flow), Conv3D/ReLU/MaxPool3D/Conv3DBackpropInputV2/ConcatV2, sigmoid
+    output ``prob``, and a loss reading the iterator's labels."""
+    tf.compat.v1.disable_control_flow_v2()  # Switch/Merge, as TF1 wrote them
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return tf.constant((rng.standard_normal(shape) * (2.0 / np.prod(shape[:-1])) ** 0.5).astype(np.float32))
+
+    g = tf.Graph()
+    with g.as_default():
+        handle = tf.compat.v1.placeholder(tf.string, [], name="Placeholder")
+        it = tf.compat.v1.data.Iterator.from_string_handle(
+            handle, (tf.float32, tf.float32, tf.int32),
+            (tf.TensorShape([None, None, None, None, 1]), tf.TensorShape([None, None, None, None, 1]),
+             tf.TensorShape([None])))
+        x_it, y_it, _ = it.get_next()
+        img = tf.compat.v1.placeholder_with_default(x_it, [None, None, None, None, 1], name="img")
+        training = tf.compat.v1.placeholder_with_default(True, [], name="training")
+        c1 = tf.nn.relu(tf.nn.conv3d(img, w(3, 3, 3, 1, 4), [1] * 5, "SAME") + 0.1)
+        p1 = tf.nn.max_pool3d(c1, [1, 2, 2, 2, 1], [1, 2, 2, 2, 1], "SAME")
+        c2 = tf.nn.relu(tf.nn.conv3d(p1, w(3, 3, 3, 4, 8), [1] * 5, "SAME"))
+        c2 = tf.cond(training, lambda: tf.nn.dropout(c2, rate=0.5), lambda: c2)
+        n = tf.shape(c1)
+        up = tf.nn.conv3d_transpose(c2, w(2, 2, 2, 4, 8), tf.stack([n[0], n[1], n[2], n[3], 4]), [1, 2, 2, 2, 1],
+                                    "SAME")
+        c3 = tf.nn.relu(tf.nn.conv3d(tf.concat([up, c1], axis=-1), w(3, 3, 3, 8, 4), [1] * 5, "SAME"))
+        prob = tf.sigmoid(tf.nn.conv3d(c3, w(1, 1, 1, 4, 1), [1] * 5, "SAME"), name="prob")
+        tf.reduce_mean(tf.square(prob - y_it), name="loss")
+    tf.compat.v1.enable_control_flow_v2()
+    tf.io.write_graph(g.as_graph_def(), str(path.parent), path.name, as_text=False)
+    return g.as_graph_def()
+
+
+def test_tf1_graph_cut_at_its_image_input_with_the_training_flag_folded(tmp_path):
+    from click.testing import CliRunner
+
+    from volinfer.cli import main
+
+    pb = tmp_path / "graph.pb"
+    gd = _tf1_unet_behind_a_string_handle_iterator(pb)
+    assert {"Switch", "Merge", "IteratorGetNext", "IteratorFromStringHandleV2"} <= {n.op for n in gd.node}
+    xml = tmp_path / "m.xml"
+    r = CliRunner().invoke(main, ["convert", str(pb), "--input", "img", "--set", "training=false", "-o", str(xml),
+                                  "--tile", "16", "--no-speed-profile", "-q"])
+    assert r.exit_code == 0, r.output
+    m = ov.Core().read_model(str(xml))
+    assert [sorted(p.output(0).get_names()) for p in m.get_parameters()] == [["img:0"]]
+    ops = {op.get_type_name() for op in m.get_ops()}
+    assert "RandomUniform" not in ops and "If" not in ops  # the dropout branch is gone, not just switched off
+    # `--input img:0` names the same tensor; a wrong name: one line listing the graph's placeholders
+    r = CliRunner().invoke(main, ["convert", str(pb), "--input", "img:0", "--set", "training=false", "-o",
+                                  str(tmp_path / "m0.xml"), "--tile", "16", "--no-check", "--no-receptive-field",
+                                  "--no-speed-profile", "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["convert", str(pb), "--input", "image", "--set", "training=false", "-o",
+                                  str(tmp_path / "x.xml")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "img, training" in r.output, r.output
+    r = CliRunner().invoke(main, ["convert", str(pb), "--input", "img", "--set", "trianing=false", "-o",
+                                  str(tmp_path / "x.xml")])
+    assert r.exit_code == 2 and "trianing" in r.output and "training" in r.output, r.output
+    # with default settings, against TensorFlow's own whole-volume output with training=False (odd shape)
+    vol = np.random.default_rng(3).standard_normal((37, 30, 26)).astype(np.float32)
+    g = tf.Graph()
+    with g.as_default():
+        tf.compat.v1.import_graph_def(gd, name="")
+        with tf.compat.v1.Session(graph=g) as sess:
+            want = sess.run("prob:0", {"img:0": vol[None, ..., None], "training:0": False})[0, ..., 0]
+    got = np.asarray(predict(vol, str(xml), kind="probabilities")).squeeze()
+    assert got.shape == want.shape
+    a, b = got > 0.5, want > 0.5
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99
+    s = ModelSettings.from_model(m)
+    assert s.size_multiple == 2  # its stride-2 pooling: tiles start at even voxels; odd sizes are zero-padded
+    r = max(s.receptive_field)
+    inner = tuple(slice(0, n - r - 1 if n % 2 else n) for n in vol.shape)  # beyond the padded plane's reach
+    assert np.abs(got - want)[inner].max() < 0.02  # FP16 weights and bf16 where verified faithful
+    # crop tiles (even offsets, margins = the receptive field) are the one-tile result, and say exact
+    tiled, rep = predict(vol, str(xml), kind="probabilities", tile=16, overlap=2 * r, report=True)
+    assert rep.tiles > 1 and rep.exact is True
+    np.testing.assert_allclose(np.asarray(tiled).squeeze(), got, atol=2e-3)

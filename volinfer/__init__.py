@@ -16,7 +16,8 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
     """Ctrl-C while the command line is still importing OpenVINO and friends (about a second): one line, exit 130,
     nothing written yet. The command's own handlers replace this one once it starts (volinfer.cliutil)."""
     _sys.stderr.write("interrupted: nothing was written\n")
-    raise SystemExit(130)
+    _sys.stderr.flush()
+    _os._exit(130)  # not SystemExit: raised inside an extension's import (OpenVINO's) it became an ImportError
 
 
 _STARTING_CLI = (_threading.current_thread() is _threading.main_thread()

@@ -4,16 +4,18 @@ follows (shared runtime options, human text on stderr and ``--json`` on stdout, 
 from __future__ import annotations
 
 import functools
-import os
 import signal
 import sys
 from typing import Any, Callable
 
 import click
 
-from volinfer import portable
+from volinfer import noise, portable
 from volinfer import validate as V
+from volinfer import watchdog
 from volinfer.errors import Interrupted, VolinferError, framework_message
+from volinfer.progress import discard_finished, flush_finished
+from volinfer.progress import progress_bar as progress_bar  # noqa: F401  (the commands' one way to show progress)
 
 
 #: The signal that interrupted this process (SIGINT or SIGTERM), for the exit status 128 + signal.
@@ -57,33 +59,40 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         portable.limit_malloc_arenas()  # under ulimit -v: a few malloc arenas, not 64 MB of address space per thread
         if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupted_while_starting()):
             signal.signal(signal.SIGINT, _raise_interrupt)
+        cap = noise.Captured()
         try:
-            return fn(*args, **kwargs)
+            with noise.captured() as cap:
+                return fn(*args, **kwargs)
         except Interrupted as e:
-            click.echo(f"interrupted: {e}", err=True)
-            sys.exit(interrupt_status())
+            _fail(f"interrupted: {e}", interrupt_status())
         except VolinferError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _fail(f"error: {e}", 2)
         except KeyboardInterrupt:
-            click.echo("interrupted: no output was written", err=True)
-            sys.exit(interrupt_status())
+            _fail("interrupted: no output was written", interrupt_status())
         except MemoryError:
-            click.echo(f"error: {out_of_memory(None)}", err=True)
-            sys.exit(2)
+            _fail(f"error: {out_of_memory(None)}", 2)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise  # click's own control flow (usage errors, --help inside a command)
         except Exception as e:  # a bug or an unforeseen library error: still one line, with the way to see more
-            if os.environ.get("VOLINFER_DEBUG"):
+            if noise.debugging():
                 raise
             if portable.exhausted_memory(e):
-                click.echo(f"error: {out_of_memory(e)}", err=True)
-                sys.exit(2)
-            click.echo(f"error: internal error ({type(e).__name__}: {framework_message(e)}); rerun with "
-                       f"VOLINFER_DEBUG=1 for the traceback", err=True)
-            sys.exit(1)
+                _fail(f"error: {out_of_memory(e)}", 2)
+            logged = cap.reason()
+            _fail(f"error: internal error ({type(e).__name__}: {framework_message(e)}"
+                  f"{f'; logged: {logged}' if logged else ''}); rerun with VOLINFER_DEBUG=1 for the traceback", 1)
 
     return wrapper
+
+
+def _fail(line: str, status: int) -> None:
+    """End the command with ``line`` as its only stderr output (stage lines of a failed command are dropped); an
+    interrupted command with the signal watcher armed ends without the interpreter's slow teardown."""
+    discard_finished()
+    click.echo(line, err=True)
+    if status > 128 and watchdog.armed():
+        watchdog.exit_now(status)
+    sys.exit(status)
 
 
 def parse_tile(value: str | None) -> Any:
@@ -142,8 +151,12 @@ def emit(data: Any, summary: str | Callable[[], str], *, as_json: bool, quiet: b
     import json
 
     if as_json:
+        discard_finished()
         click.echo(json.dumps(data, indent=2, default=str))
-    elif not quiet:
+    elif quiet:
+        discard_finished()
+    else:
+        flush_finished(lambda line: click.echo(line, err=True))
         click.echo(summary() if callable(summary) else summary, err=True)
 
 
@@ -151,13 +164,6 @@ def note(text: str, *, quiet: bool) -> None:
     """A one-line remark on stderr (suppressed by ``--quiet``; ``--json`` keeps stderr for humans)."""
     if not quiet:
         click.echo(f"note: {text}", err=True)
-
-
-def progress_bar(total: int | None, desc: str, unit: str, *, disable: bool) -> Any:
-    """A tqdm bar on stderr (never stdout: ``--json`` output stays parseable); ``disable`` for --quiet/--json."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, leave=False)
 
 
 def _size(name: str, value: Any) -> list[int]:

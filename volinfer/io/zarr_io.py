@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from volinfer.progress import progress_bar
 from volinfer import portable
 from volinfer.errors import VolinferError
 from volinfer.io.reader import Region, VolumeSource
@@ -308,8 +309,6 @@ def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrit
                   progress: bool = False) -> Path:
     """Stream a NIfTI volume into an OME-Zarr store ``(z, y, x)`` (or ``(c, z, y, x)``), slab by slab, keeping its
     affine (see :mod:`volinfer.io.ome` for the axis mapping)."""
-    from tqdm import tqdm
-
     from volinfer.io.reader import VolumeSource, scan_slabs
     from volinfer.io.targets import OutputLock
     from volinfer.run.normalize import exceeds_float32
@@ -325,7 +324,7 @@ def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrit
         if scaled and any(exceeds_float32(r.dtype, r.slope, r.inter) for r in src.readers):
             dtype = np.dtype(np.float64)
         arr = create_output(out, (Z, Y, X), src.channels, dtype, (chunks,) * 3, geom, overwrite=overwrite)[0]
-        bar = tqdm(total=Z * src.channels, unit="plane", disable=not progress, desc="to-zarr", leave=False)
+        bar = progress_bar(Z * src.channels, "to-zarr", "plane", disable=not progress)
         for c, reader in enumerate(src.readers):
             z0 = 0
             for slab in scan_slabs(reader, src.shape, chunks, voxels=X * Y * chunks):
@@ -372,14 +371,12 @@ def zarr_to_nifti(zarr_path: str | Path, out: str | Path, overwrite: bool = Fals
 
 
 def _zarr_to_nifti(source: VolumeSource, out: Path, geom: Geometry, progress: bool = False) -> Path:
-    from tqdm import tqdm
-
     from volinfer.io.writer import NiftiWriter
 
     X, Y, Z = source.shape
     dtype = nifti_dtype(source.readers[0].dtype, str(source.paths[0]))
     w = NiftiWriter(out, (X, Y, Z), source.channels, dtype, reference=geom.nifti_header(), affine=geom.affine)
-    bar = tqdm(total=Z, unit="plane", disable=not progress, desc="to-nifti", leave=False)
+    bar = progress_bar(Z, "to-nifti", "plane", disable=not progress)
     try:
         step = max(1, source.readers[0].chunks[2])  # type: ignore[attr-defined]
         for z0 in range(0, Z, step):

@@ -184,7 +184,7 @@ def profile_model(model: ov.Model, layout: str, channels: int, tile: Sequence[in
                   runtime: dict[str, Any], precision_check: dict[str, Any] | None) -> SpeedProfile:
     """Measure the profile of ``model`` in the precision ``--precision auto`` would run it in (given the stored
     ``precision_check`` verdict). ``multiple``: the size multiple (None: a static input, only ``tile`` is measured).
-    ``runtime``: ``device`` (CPU), ``threads``."""
+    ``runtime``: ``device`` (CPU), ``threads``, ``max_memory_mb`` (the conversion's budget; default as for `run`)."""
     from volinfer.model.precision import resolve
     from volinfer.model.tile_model import CompileOptions
     from volinfer.run.fidelity import accepts, activation_bytes_per_voxel, default_budget_mb
@@ -194,7 +194,8 @@ def profile_model(model: ov.Model, layout: str, channels: int, tile: Sequence[in
     precision, _ = resolve("auto", precision_check, core, device)
     config = CompileOptions(device=device, threads=threads).config(precision)
     per_voxel = activation_bytes_per_voxel(model, layout, channels, tile)  # as the planner predicts memory
-    cap = min(per_voxel * float(np.prod(tile)) / 2**20 + MEASURED_HEADROOM_MB, default_budget_mb())
+    budget = runtime.get("max_memory_mb") or default_budget_mb()
+    cap = min(per_voxel * float(np.prod(tile)) / 2**20 + MEASURED_HEADROOM_MB, budget)
     tiles = profile_tiles(tile, multiple, lambda t: per_voxel * float(np.prod(t)) / 2**20 <= cap) if multiple \
         else [tuple(tile)]  # a static input (no size multiple): the planner never changes its tile
     tiles = tiles[:1] + [t for t in tiles[1:] if accepts(model, layout, channels, t)]  # size multiple unknown

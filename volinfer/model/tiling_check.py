@@ -22,7 +22,7 @@ import numpy as np
 import openvino as ov
 
 from volinfer.errors import framework_message
-from volinfer.model.receptive_field import MAX_PROBE_TILE, ReceptiveField, _frozen_at, _shape
+from volinfer.model.receptive_field import MAX_PROBE_TILE, ReceptiveField, frozen_at, input_shape, probe_mb
 from volinfer.model.tile_model import TileModel
 from volinfer.tiling.geometry import AxisPlan, plan_axis_crop
 
@@ -64,13 +64,13 @@ def _tiled_and_whole(model: TileModel, plans: list[AxisPlan], x: np.ndarray) -> 
     core = ov.Core()
     probe = [a.size for a in plans]
     tile = [a.tile for a in plans]
-    frozen = _frozen_at(model, probe, x, core)  # whole-probe statistics, for the whole run and for every tile
+    frozen = frozen_at(model, probe, x, core)  # whole-probe statistics, for the whole run and for every tile
     config = {"INFERENCE_PRECISION_HINT": "f32"}
     whole_c = core.compile_model(frozen, "CPU", config)
     whole = _channels_first(model, whole_c(x), whole_c)
     del whole_c
     at_tile = frozen.clone()
-    at_tile.reshape({at_tile.input(0): ov.PartialShape(_shape(model.layout, model.in_channels, tile))})
+    at_tile.reshape({at_tile.input(0): ov.PartialShape(input_shape(model.layout, model.in_channels, tile))})
     tile_c = core.compile_model(at_tile, "CPU", config)
     view = x[0] if model.layout == "NCDHW" else np.moveaxis(x[0], -1, 0)
     tiled = np.full_like(whole, np.nan)
@@ -107,18 +107,19 @@ ProbeInput = Callable[[list[int]], tuple[np.ndarray, str]]
 def random_input(model: TileModel, seed: int = 0) -> ProbeInput:
     """Seeded standard-normal input: what a model sees of normalised data, without its structure."""
     def make(probe: list[int]) -> tuple[np.ndarray, str]:
-        x = np.random.default_rng(seed).standard_normal(_shape(model.layout, model.in_channels, probe))
+        x = np.random.default_rng(seed).standard_normal(input_shape(model.layout, model.in_channels, probe))
         return x.astype(np.float32), f"random normal (seed {seed})"
     return make
 
 
 def check_tiling(model: TileModel, rf: ReceptiveField | None, activation: str = "none",
-                 probe_input: ProbeInput | None = None, max_tile: int | None = None) -> dict[str, Any]:
+                 probe_input: ProbeInput | None = None, max_tile: int | None = None,
+                 max_memory_mb: float | None = None) -> dict[str, Any]:
     """Tiled (crop margins = the receptive-field radius) against whole on a probe two tiles wide per axis (see the
     module docs), on ``probe_input`` (default: :func:`random_input`; a crop of a real volume is better: the deviation
     grows with the input's distance from the zero padding). Returns the stored record: ``measured`` True with
     ``max_abs``, ``max_rel`` (of the output range), ``label_agreement``, the geometry and the input's description,
-    or ``measured`` False with ``reason``. Never raises."""
+    or ``measured`` False with ``reason``. ``max_memory_mb``: a probe priced above it is not run. Never raises."""
     if rf is None or not rf.measured:
         return _skip("the receptive field was not measured")
     if not rf.bounded:
@@ -131,6 +132,10 @@ def check_tiling(model: TileModel, rf: ReceptiveField | None, activation: str = 
         probe = [a.size for a in plans]
         if max(probe) > limit:
             return _skip(f"the probe ({'x'.join(map(str, probe))}) would exceed the largest probe edge {limit}")
+        need = probe_mb(model, probe) + 4 * model.out_channels * float(np.prod(probe)) / 2**20  # + the tiled copy
+        if max_memory_mb and need > max_memory_mb:
+            return _skip(f"the probe ({'x'.join(map(str, probe))}) needs ~{need:.0f} MB, over the "
+                         f"{max_memory_mb:.0f} MB budget")
         x, source = (probe_input or random_input(model))(probe)
         tiled, whole = _tiled_and_whole(model, plans, np.ascontiguousarray(x, dtype=np.float32))
         record = compare(tiled, whole, activation)

@@ -38,6 +38,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from volinfer.progress import progress_bar
 from volinfer.tiling.blocks import Block, block_tiles, make_block_stitcher, plan_blocks, plan_core_blocks, redundancy
 from volinfer.run.engine import RunReport, peak_rss_mb, run_tiles
 from volinfer.errors import VolinferError
@@ -455,13 +456,11 @@ def _write_slabs(job: ZarrJob, slabs: list[Block], start: int, writer: Any, jour
                  progress: bool) -> list[dict[str, Any]]:
     """Run and write the slabs from ``start`` on, journaled slab by slab; keep a resumable output when
     interrupted, remove it on any other failure."""
-    from tqdm import tqdm
-
     from volinfer.errors import Interrupted
     from volinfer.io.journal import ResumableError
 
     results: list[dict[str, Any]] = []
-    bar = tqdm(total=len(slabs), initial=start, unit="slab", disable=not progress, desc="volinfer", leave=False)
+    bar = progress_bar(len(slabs), "volinfer", "slab", initial=start, disable=not progress)
     try:
         journal.update(start, len(slabs))
         for n in range(start, len(slabs)):
@@ -490,9 +489,7 @@ def _write_slabs(job: ZarrJob, slabs: list[Block], start: int, writer: Any, jour
 
 def _execute(job: ZarrJob, blocks: list[Block], scheduler: str | None, workers: int | None,
              progress: bool) -> list[dict[str, Any]]:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(blocks), unit="block", disable=not progress, desc="volinfer", leave=False)
+    bar = progress_bar(len(blocks), "volinfer", "block", disable=not progress)
     if scheduler is None and not workers:
         out = []
         for b in blocks:

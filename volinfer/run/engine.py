@@ -10,14 +10,13 @@ finished planes.
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import openvino as ov
-from tqdm import tqdm
+from volinfer.progress import progress_bar
 
 from volinfer import portable
 from volinfer.tiling.feeder import TileFeeder
@@ -227,8 +226,7 @@ def run_tiles(
             first_row = min(r for r in range(start_row + 1) if az.starts[r] + az.tile > final_z)
     per_row = grid.axes[0].count * grid.axes[1].count
     done = reused = 0
-    bar = tqdm(total=len(todo), initial=first_row * per_row, unit="tile", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, desc="volinfer", leave=False)
+    bar = progress_bar(len(todo), "volinfer", "tile", initial=first_row * per_row, disable=not progress)
     t0 = time.perf_counter()
     row = None
     try:

@@ -10,12 +10,11 @@ on each other share a pass. The frozen model then runs the tiles as usual.
 
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 import numpy as np
 import openvino as ov
-from tqdm import tqdm
+from volinfer.progress import progress_bar
 
 from volinfer.tiling.feeder import TileFeeder
 from volinfer.tiling.geometry import TileGrid
@@ -86,8 +85,7 @@ def fit_norm_statistics(tm: TileModel, feeder: TileFeeder, grid: TileGrid, layer
     tiles = list(grid)
     buf = tm.new_input_buffer()
     view = tm.input_view(buf)
-    bar = tqdm(total=len(plan) * len(tiles), unit="tile", disable=not progress, file=sys.stderr, leave=False,
-               desc="normalisation statistics", dynamic_ncols=True)
+    bar = progress_bar(len(plan) * len(tiles), "normalisation statistics", "tile", disable=not progress)
     try:
         for n, wave in enumerate(plan):
             sub = ov.Model([stat_tensor(model, layer) for layer in wave], model.get_parameters(), "norm_stats")

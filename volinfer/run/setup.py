@@ -252,7 +252,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     budget = max_memory_mb if max_memory_mb else default_budget_mb()
     if rf is None:
         t0 = time.perf_counter()
-        rf = measure_receptive_field(tm, fits=probe_fits(tm, budget, probed))
+        rf = measure_receptive_field(tm, max_memory_mb=budget, fits=probe_fits(tm, budget, probed))
         notes.append(f"receptive field {rf} measured now in {time.perf_counter() - t0:.1f} s (not stored in the "
                      f"model; `volinfer convert` stores it)")
     missing = unconverted_note(tm)

@@ -11,7 +11,6 @@ The result is whole-volume inference on the padded volume (the same padding rule
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import openvino as ov
-from tqdm import tqdm
+from volinfer.progress import progress_bar
 
 from volinfer.model.stream_graph import NotStreamable, Segment, StreamGraph, StreamTensor, analyse, build_segment_model
 from volinfer.model.tile_model import TileModel
@@ -409,8 +408,7 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
         start_row, on_row_done = 0, None
     block = np.empty((spec.out_channels, max(b - a for a, b in cores), max(b - a for a, b in ay.cores), shape[0]),
                      spec.dtype)
-    bar = tqdm(total=len(cores) * ay.count, initial=start_row, unit="slab", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True, desc="volinfer", leave=False)
+    bar = progress_bar(len(cores) * ay.count, "volinfer", "slab", initial=start_row, disable=not progress)
     busy, calls = 0.0, 0
     try:
         for sy, (cy0, cy1) in zip(ay.starts, ay.cores):
