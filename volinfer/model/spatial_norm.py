@@ -103,7 +103,8 @@ def find_norm_layers(model: ov.Model, layout: str, channels: int, tile: Sequence
     return layers, unsupported
 
 
-def _node(model: ov.Model, name: str) -> ov.Node:
+def node_named(model: ov.Model, name: str) -> ov.Node:
+    """The node of ``model`` with friendly name ``name`` (the first, in topological order)."""
     for op in model.get_ordered_ops():
         if op.get_friendly_name() == name:
             return op
@@ -112,13 +113,13 @@ def _node(model: ov.Model, name: str) -> ov.Node:
 
 def stat_tensor(model: ov.Model, layer: NormLayer) -> ov.Output:
     """The tensor whose statistics ``layer`` computes (its data input)."""
-    return _node(model, layer.name).input_value(0)
+    return node_named(model, layer.name).input_value(0)
 
 
 def freeze(model: ov.Model, layer: NormLayer, mean: np.ndarray, var: np.ndarray) -> None:
     """Replace ``layer`` in ``model`` (in place) by ``(x - mean) / sqrt(var + eps)`` with constant ``mean``/``var``
     (shaped like its input with the reduced axes of length 1; GroupNormalization: per group, shape (groups,))."""
-    op = _node(model, layer.name)
+    op = node_named(model, layer.name)
     x = op.input_value(0)
     if layer.kind == "GroupNormalization":
         c = x.get_partial_shape()[1].get_length()
@@ -180,3 +181,18 @@ def group_view(x: np.ndarray, layer: NormLayer) -> tuple[np.ndarray, tuple[int, 
     n, c = x.shape[:2]
     g = x.reshape(n, layer.groups, c // layer.groups, *x.shape[2:])
     return g, tuple(range(2, g.ndim))
+
+
+def frozen_like(model: ov.Model, layers: list[NormLayer]) -> ov.Model:
+    """A copy of ``model`` with every layer of ``layers`` frozen to mean 0 and variance 1: the structure, not the
+    values, of the model that whole-volume statistics will make (what a run plans with before it knows them)."""
+    out = model.clone()
+    for layer in layers:
+        x = stat_tensor(out, layer)
+        if layer.kind == "GroupNormalization":
+            shape = [layer.groups]
+        else:
+            ps = x.get_partial_shape()
+            shape = [1 if i == 0 or i in layer.reduced else ps[i].get_length() for i in range(ps.rank.get_length())]
+        freeze(out, layer, np.zeros(shape), np.ones(shape))
+    return out

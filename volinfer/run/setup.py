@@ -17,12 +17,13 @@ from volinfer.run.fidelity import (Fidelity, Tiling, accepts, activation_bytes_p
                                    explain_exact, fmt_tile, judge, plan_exact, probe_multiple)
 from volinfer.run.fidelity import SPEED_HEADROOM_MB, RUNTIME_FLOOR_MB, weights_mb
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
-from volinfer.model.spatial_norm import NormLayer, find_norm_layers
+from volinfer.model.spatial_norm import NormLayer, find_norm_layers, frozen_like
 from volinfer.model.tiling_check import stored as stored_tiling_check
 from volinfer.tiling.geometry import GeometryError, TileGrid
 from volinfer.model.tile_model import TileModel
 from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
+from volinfer.run.stream_stats import statistics_cost
 from volinfer.io.reader import VolumeSource
 
 STITCH_MODES = ("crop", "gaussian", "mean")
@@ -176,6 +177,8 @@ class TilingChoice:
     tiling_check: dict[str, Any] | None = None  # tiled-vs-whole deviation stored at convert, for this receptive field
     speed_source: str = ""  # where the planner's per-voxel cost came from (the model's speed profile), in words
     stream: Any = None  # the volinfer.run.stream.StreamPlan when the run streams layer by layer (choose_stream)
+    stream_passes: int = 0  # streamed normalisation-statistics passes before a streamed run
+    exact_fits: bool = True  # False: the planner found no exact tiling within the budget
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -232,6 +235,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, speed, len(layers),
                       bool(global_ops), mode == "volume", weighed=choice.candidates, voxel_cost=cost)
     if best is None:
+        choice.exact_fits = False
         choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape)
         notes.append(f"no exact tiling fits in {budget:.0f} MB; running at tile {fmt_tile(choice.tile)}")
         return choice
@@ -306,27 +310,55 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
     conflicts = [name for name, on in (("--tile", tm.tile_given), ("--overlap", t.overlap not in (None, "")),
                                        ("--stitch " + str(t.stitch), (t.stitch or "crop") != "crop"),
                                        ("--mirror", bool(t.mirror))) if on]
-    if conflicts or choice.norm_layers or choice.global_ops:
+    per_tile_stats = bool(choice.norm_layers) and choice.norm_stats != "volume"
+    if conflicts or choice.global_ops or per_tile_stats:
         if asked:
-            why = ", ".join(conflicts) or "InstanceNorm/GroupNorm layers (whole-volume statistics)"
+            why = ", ".join(conflicts) or ("--norm-stats tile (per-tile statistics)" if per_tile_stats else
+                                           "reductions over whole tiles (global pooling/statistics)")
             raise VolinferError(f"--engine stream computes whole-volume inference layer by layer; it does not combine "
                                 f"with {why} (use --engine tiles)")
         return
     planned = next((c for c in choice.candidates if c.tile == choice.tile and c.overlap == choice.overlap), None)
     evaluated = planned.evaluated / float(np.prod(shape)) if planned is not None else None  # the exact tiling's
-    if not asked and (evaluated is None or evaluated < STREAM_MIN_EVALUATED):
+    tiled = None if planned is None else evaluated * (1.0 + 0.5 * planned.norm_passes)  # type: ignore[operator]
+    stats = _stream_statistics(tm, shape, choice) if choice.norm_layers else (0, 0.0)
+    streamed = STREAM_MIN_EVALUATED * (1.0 + stats[1])  # a stream's cost in the same units, before bands
+    if not asked and (tiled is None and choice.exact_fits or tiled is not None and tiled < streamed):
         return
-    plan = _fit_stream(tm, shape, choice, t.max_memory_mb, asked, banded)
+    plan = _fit_stream(_planning_model(tm, choice), shape, choice, t.max_memory_mb, asked, banded)
     if plan is None:
         return
     rows = plan.bands(shape[1], tm.multiple)
     redundancy = rows.count * rows.tile / shape[1]  # bands recompute their y margins
-    if not asked and evaluated < STREAM_MIN_EVALUATED * redundancy:  # type: ignore[operator]
+    if not asked and tiled is not None and tiled < streamed * redundancy:
         choice.notes.append(f"layer streaming in bands would evaluate {redundancy:.2f}x the rows: tiles instead")
         return
     choice.notes.append(f"{plan.describe(shape[1], tm.multiple)}; predicted peak {plan.peak_mb:.0f} MB"
-                        + (f" (tiling would evaluate {evaluated:.2f}x the volume)" if evaluated else ""))
-    choice.stream = plan
+                        + (f" (tiling would evaluate {evaluated:.2f}x the volume)" if evaluated else "")
+                        + ("" if choice.exact_fits else " (no exact tiling fits the memory budget)"))
+    if choice.norm_layers:
+        choice.notes.append(f"{len(choice.norm_layers)} normalisation layer(s) get whole-volume statistics from "
+                            f"{stats[0]} streamed pass(es) of the network before the run (about {stats[1]:.1f}x a "
+                            f"run's computation: each pass recomputes the layers before it)")
+    choice.stream, choice.stream_passes = plan, stats[0]
+
+
+def _planning_model(tm: TileModel, choice: TilingChoice) -> TileModel:
+    """``tm``, or for a model with normalisation layers the same network with placeholder statistics: the structure
+    the stream will run once the statistics are frozen (:func:`volinfer.model.spatial_norm.frozen_like`)."""
+    if not choice.norm_layers:
+        return tm
+    return tm.at(tm.tile, model=frozen_like(tm.model, choice.norm_layers), compile=False)
+
+
+def _stream_statistics(tm: TileModel, shape: Sequence[int], choice: TilingChoice) -> tuple[int, float]:
+    """(passes, cost in runs) of the statistics passes a streamed run of a model with normalisation layers makes
+    (:func:`volinfer.run.stream_stats.statistics_cost`); (0, inf) when the model cannot be analysed at the volume."""
+    padded = [-(-n // tm.multiple) * tm.multiple for n in shape]
+    try:
+        return statistics_cost(tm.model, choice.norm_layers, tm.input_shape_for(padded))
+    except Exception:  # noqa: BLE001  (a model that rejects the whole volume: the stream plan says why)
+        return 0, float("inf")
 
 
 def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_memory_mb: float | None, asked: bool,
