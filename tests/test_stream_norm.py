@@ -209,3 +209,17 @@ def test_what_cannot_stream_says_so(nets, tmp_path):
         predict(vol, onnx, engine="stream", progress=False)
     _, rep = predict(vol, onnx, progress=False, report=True)
     assert rep.engine == "tiles"
+
+
+def test_speed_budget_does_not_buy_statistics_passes():
+    """The default run's speed budget (memory above the preferred tile) must not choose 8 tiles and their
+    statistics passes over one tile that fits the memory budget and needs none (a MONAI UNet at 256³: 8 tiles plus
+    13 passes ran 10x longer than one tile); without normalisation layers the speed budget still decides."""
+    from volinfer.model.receptive_field import ReceptiveField
+    from volinfer.run.fidelity import plan_exact
+
+    args = ((256, 256, 256), 8, ReceptiveField((47, 47, 47), True), (64, 64, 64), 60.0, 1.0)
+    one = plan_exact(*args, budget_mb=4000, speed_mb=700, norm_layers=13, global_ops=False, whole_stats=True)
+    assert one.counts == (1, 1, 1) and one.norm_passes == 0
+    plain = plan_exact(*args, budget_mb=4000, speed_mb=700, norm_layers=0, global_ops=False, whole_stats=True)
+    assert plain.memory_mb <= 700 and plain.counts != (1, 1, 1)

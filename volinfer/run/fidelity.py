@@ -219,6 +219,11 @@ def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferre
         slow = sorted((f for f in fits if round(f[1], 1) > speed_mb), key=by_speed)
         weighed.extend([tiling(f) for f in fast[:6]] + [tiling(f, False) for f in slow[:3]])
     if fast:
+        best = min(fits, key=by_speed)
+        if fast[0][4] and not best[4] and best[0] < fast[0][0]:
+            # the speed budget trades memory for speed in small steps: it must not buy the statistics passes of a
+            # tiled run when one tile over the volume (no passes) fits the budget and is faster
+            return tiling(best, False)
         return tiling(fast[0])
     return tiling(min(fits, key=lambda f: (round(f[1], 1), f[0])))
 

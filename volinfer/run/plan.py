@@ -263,6 +263,8 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
         plan.engine = "stream"
         plan.stream = f"{choice.stream.describe(facts.shape[1], tm.multiple)}; predicted peak RSS " \
                       f"{choice.stream.peak_mb:.0f} MB"
+        if choice.stream_passes:
+            plan.stream += f"; after {choice.stream_passes} streamed normalisation-statistics pass(es)"
     return plan
 
 
