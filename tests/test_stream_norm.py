@@ -223,3 +223,22 @@ def test_speed_budget_does_not_buy_statistics_passes():
     assert one.counts == (1, 1, 1) and one.norm_passes == 0
     plain = plan_exact(*args, budget_mb=4000, speed_mb=700, norm_layers=0, global_ops=False, whole_stats=True)
     assert plain.memory_mb <= 700 and plain.counts != (1, 1, 1)
+
+
+def test_no_exact_plan_fits_runs_the_most_faithful_tiling(nets, monkeypatch):
+    """No exact tiling fits the budget and tiles are asked for: the largest tile the budget holds, crop margins as
+    wide as a quarter tile allows on the axes it cuts, whole-volume statistics, reported not exact; closer to
+    whole-volume inference than that tile with the default quarter-tile overlap."""
+    import volinfer.run.setup as setup
+
+    monkeypatch.setattr(setup, "activation_bytes_per_voxel", lambda *a, **k: 2000.0)
+    net, xml = nets["instance"]
+    vol = _volume((30, 26, 70), seed=6)
+    ref = _torch_whole(net, vol)
+    out, rep = predict(vol, xml, kind="raw", precision="f32", max_memory_mb=200, engine="tiles", progress=False,
+                       report=True)
+    assert not rep.exact and any("most faithful tiling" in n and "whole-volume statistics" in n for n in rep.notes)
+    assert rep.tile == (28, 28, 28) and rep.overlap == (14, 0, 14) and rep.input_passes > 1, (rep.tile, rep.overlap)
+    err = np.abs(np.moveaxis(out, -1, 0) - ref).mean()
+    default = predict(vol, xml, kind="raw", precision="f32", tile=28, engine="tiles", progress=False)
+    assert err < 0.85 * np.abs(np.moveaxis(default, -1, 0) - ref).mean()

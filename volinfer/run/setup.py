@@ -236,8 +236,11 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
                       bool(global_ops), mode == "volume", weighed=choice.candidates, voxel_cost=cost)
     if best is None:
         choice.exact_fits = False
-        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape)
-        notes.append(f"no exact tiling fits in {budget:.0f} MB; running at tile {fmt_tile(choice.tile)}")
+        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, start=whole)
+        choice.overlap = widest_margins(choice.tile, whole, rf, tm.multiple)
+        notes.append(f"no exact tiling fits in {budget:.0f} MB: the most faithful tiling within it instead, tile "
+                     f"{fmt_tile(choice.tile)} with crop margins {fmt_tile([o // 2 for o in choice.overlap])} "
+                     f"(receptive field {rf})" + (", whole-volume statistics" if layers and mode == "volume" else ""))
         return choice
     choice.tile, choice.overlap = best.tile, best.overlap
     if best.tile != tm.tile:
@@ -256,11 +259,12 @@ def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
     return sp.voxel_cost(profile, tm.precision, tm.options.device, here)
 
 
-def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float,
-                     shape: Sequence[int]) -> tuple[int, int, int]:
-    """The largest tile, at most the preferred one per axis, predicted to fit ``budget``; refuses when none does."""
+def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float, shape: Sequence[int],
+                     start: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """The largest tile, at most ``start`` (default: the preferred tile) per axis, predicted to fit ``budget``
+    (the longest axis shrinks first); refuses when none does."""
     m = tm.multiple
-    tile = [min(t, -(-n // m) * m) for t, n in zip(tm.tile, shape)]
+    tile = [min(t, -(-n // m) * m) for t, n in zip(start or tm.tile, shape)]
     while True:
         need = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tile)) / 2**20
         if need <= budget:
@@ -270,6 +274,18 @@ def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float
                                 f"{need:.0f} MB")
         big = max(tile)
         tile = [max(m, (t - m) if t == big else t) for t in tile]
+
+
+def widest_margins(tile: Sequence[int], whole: Sequence[int], rf: ReceptiveField,
+                   multiple: int) -> tuple[int, int, int]:
+    """Overlaps (twice the crop margin) for a tiling that cannot be exact: on every axis cut into tiles, a margin as
+    close to the receptive field as a quarter of the tile allows (half of each tile stays its core, so at most twice
+    the voxels are evaluated per axis); none on an axis one tile covers."""
+    out = []
+    for t, w, r in zip(tile, whole, rf.radius):
+        reach = r if rf.bounded else t
+        out.append(0 if t >= w else 2 * max(0, min(reach, t // 4, (t - multiple) // 2)))
+    return tuple(out)  # type: ignore[return-value]
 
 
 def needs_norm_passes(setup: RunSetup, choice: TilingChoice) -> bool:
