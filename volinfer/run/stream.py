@@ -412,10 +412,14 @@ def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any
     return for_band
 
 
-def segment_requests(model: TileModel, graph: StreamGraph) -> list[Any]:
+def segment_requests(model: TileModel, graph: StreamGraph,
+                     wrap: Callable[[Callable[[Segment, int], Any]], Callable[[Segment, int], Any]] | None = None
+                     ) -> list[Any]:
     """One infer request per segment of ``graph`` (any graph cut from ``model``'s network, e.g. a sub-network
-    ending at normalisation layers' inputs), compiled as ``model`` compiles."""
-    return compile_segments(graph, _segment_compiler(model, graph))
+    ending at normalisation layers' inputs), compiled as ``model`` compiles; ``wrap`` may wrap the compiling
+    function (e.g. to reuse compiled segments across graphs)."""
+    compile_segment = _segment_compiler(model, graph)
+    return compile_segments(graph, wrap(compile_segment) if wrap is not None else compile_segment)
 
 
 def _segment_compiler(model: TileModel, graph: StreamGraph) -> Callable[[Segment, int], Any]:

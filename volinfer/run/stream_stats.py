@@ -9,13 +9,15 @@ streams. Layers of a wave whose inputs have one shape share a pass: their inputs
 (concatenated over channels).
 
 Each pass recomputes its wave's sub-network from the input volume: the passes together cost the sum of the waves'
-network prefixes (:func:`statistics_cost` predicts it from the convolutions' multiply-adds). Checkpointing the
-tensors live at each cut to a disk-backed plane store, so that each pass starts where the last one stopped, is the
-better design (not done here).
+network prefixes (:func:`statistics_cost` predicts it from the convolutions' multiply-adds). Their compiled
+segments are shared (:class:`SegmentCache`): on a MONAI UNet 16-32-64-128, 29 segment compilations instead of 123.
+Checkpointing the tensors live at each cut to a disk-backed plane store, so that each pass starts where the last one
+stopped, is the better design (not done here).
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -26,7 +28,7 @@ import openvino.opset13 as ops
 from tqdm import tqdm
 
 from volinfer.model.spatial_norm import Moments, NormLayer, group_view, stat_tensor
-from volinfer.model.stream_graph import WINDOW, NotStreamable, StreamGraph, analyse
+from volinfer.model.stream_graph import WINDOW, NotStreamable, Segment, StreamGraph, analyse
 from volinfer.model.tile_model import TileModel
 from volinfer.run.norm_stats import aligned_bounds, freeze_wave, waves
 from volinfer.run.stream import (OUT_PLANES, StreamPlan, StreamRun, plan_capacities, segment_requests,
@@ -94,6 +96,80 @@ def _upstream(model: ov.Model, layers: tuple[NormLayer, ...]) -> set[str]:
     return seen
 
 
+class SegmentCache:
+    """Compiled segments shared by the statistics passes: every pass recomputes its wave's prefix, and the prefix's
+    segments are the previous passes' segments again (with other node names). A segment is known by what it
+    computes: its operations, their attributes and constant operands (by content), how they connect, its windows,
+    chunk and the planes' shapes and storage."""
+
+    def __init__(self) -> None:
+        self.compiled: dict[str, Any] = {}
+        self.hits = 0
+
+    def wrap(self, graph: StreamGraph) -> Callable[[Callable[[Segment, int], Any]], Callable[[Segment, int], Any]]:
+        nodes = {n.get_friendly_name(): n for n in graph.model.get_ordered_ops()}
+        consts: dict[str, str] = {}
+
+        def wrap(compile_segment: Callable[[Segment, int], Any]) -> Callable[[Segment, int], Any]:
+            def cached(seg: Segment, t: int) -> Any:
+                key = _signature(graph, seg, t, nodes, consts)
+                if key in self.compiled:
+                    self.hits += 1
+                else:
+                    self.compiled[key] = compile_segment(seg, t)
+                return self.compiled[key]
+            return cached
+
+        return wrap
+
+
+def _signature(graph: StreamGraph, seg: Segment, t: int, nodes: dict[str, ov.Node], consts: dict[str, str]) -> str:
+    """What ``seg`` computes at chunk ``t``, as a digest independent of node names."""
+    h = hashlib.sha256(repr((t, seg.window, seg.pad_value, seg.nodes.index(seg.anchor) if seg.anchor else None))
+                       .encode())
+    ins = [key for key, _ in seg.inputs]
+    for key, win in seg.inputs:
+        h.update(repr((win, _tensor_form(graph, key))).encode())
+    for key in seg.outputs:
+        name, idx = key.rsplit(":", 1)
+        h.update(repr((seg.nodes.index(name), idx, _tensor_form(graph, key))).encode())
+    local = {name: i for i, name in enumerate(seg.nodes)}
+    for name in seg.nodes:
+        node = nodes[name]
+        h.update(repr((node.get_type_name(), sorted(node.get_attributes().items()),
+                       [str(o.get_partial_shape()) + str(o.get_element_type()) for o in node.outputs()])).encode())
+        for inp in node.inputs():
+            src = inp.get_source_output()
+            sname, key = src.get_node().get_friendly_name(), f"{src.get_node().get_friendly_name()}:{src.get_index()}"
+            if sname in local:
+                h.update(repr(("local", local[sname], src.get_index())).encode())
+            elif key in ins:
+                h.update(repr(("in", [j for j, k in enumerate(ins) if k == key])).encode())
+            else:
+                h.update(("const" + _const_digest(src.get_node(), consts)).encode())
+    return h.hexdigest()
+
+
+def _tensor_form(graph: StreamGraph, key: str) -> tuple[Any, ...]:
+    ten = graph.tensors[key]
+    return ten.plane_shape, ten.storage, ten.channels_last, ten.zaxis, ten.n
+
+
+def _const_digest(node: ov.Node, memo: dict[str, str]) -> str:
+    """Digest of a constant-only subgraph (weights, possibly converted or reshaped) by content."""
+    name = node.get_friendly_name()
+    if name not in memo:
+        h = hashlib.sha256(repr((node.get_type_name(), sorted(node.get_attributes().items()),
+                                 [str(o.get_partial_shape()) + str(o.get_element_type()) for o in node.outputs()]))
+                           .encode())
+        if node.get_type_name() == "Constant":
+            h.update(np.ascontiguousarray(node.get_data()).tobytes())
+        for i in range(node.get_input_size()):
+            h.update(_const_digest(node.input_value(i).get_node(), memo).encode())
+        memo[name] = h.hexdigest()
+    return memo[name]
+
+
 def _pass_model(model: ov.Model, spass: StatsPass) -> ov.Model:
     """The sub-network of ``model`` ending at the inputs of ``spass``'s layers, as one output (over channels)."""
     m = model.clone()
@@ -110,6 +186,7 @@ def fit_stream_statistics(tm: TileModel, plan: StreamPlan, layers: list[NormLaye
     shape = tm.input_shape_for((plan.padded[0], plan.band, plan.padded[2]))
     schedule = plan_passes(model, layers, shape)
     n = sum(len(wave) for wave in schedule)
+    cache = SegmentCache()
     bar = tqdm(total=n * bands.count, unit="band", disable=not progress, file=sys.stderr, leave=False,
                desc="normalisation statistics", dynamic_ncols=True)
     try:
@@ -117,7 +194,7 @@ def fit_stream_statistics(tm: TileModel, plan: StreamPlan, layers: list[NormLaye
             done: list[NormLayer] = []
             moments: list[Moments] = []
             for spass in wave:  # every pass of a wave reads the model before any of the wave is frozen
-                moments += _stream_moments(tm, plan, _pass_model(model, spass), spass, (bands, reader, bar))
+                moments += _stream_moments(tm, plan, _pass_model(model, spass), spass, (bands, reader, bar, cache))
                 done += spass.layers
             freeze_wave(model, done, moments)
     finally:
@@ -126,17 +203,17 @@ def fit_stream_statistics(tm: TileModel, plan: StreamPlan, layers: list[NormLaye
 
 
 def _stream_moments(tm: TileModel, plan: StreamPlan, sub: ov.Model, spass: StatsPass,
-                    where: tuple[AxisPlan, Reader, Any]) -> list[Moments]:
+                    where: tuple[AxisPlan, Reader, Any, SegmentCache]) -> list[Moments]:
     """Stream ``sub`` over every band and gather the moments of each of ``spass``'s layers over the band's aligned
     core rows (together: the whole padded volume at that layer's resolution)."""
-    bands, reader, bar = where
+    bands, reader, bar, cache = where
     graph = analyse(sub, tm.input_shape_for((plan.padded[0], plan.band, plan.padded[2])), 4)
     graph.store_in(tm.precision if tm.precision in ("bf16", "f16") else "f32")
     out = graph.tensors[graph.output_key]
     step = max(1, OUT_PLANES * out.n // plan.padded[2])
     rows = [(a, min(a + step, out.n)) for a in range(0, out.n, step)]
     sub_plan = replace(plan, graph=graph, capacities=plan_capacities(graph, plan.read_planes, rows))
-    requests = segment_requests(tm, graph)
+    requests = segment_requests(tm, graph, cache.wrap(graph))
     read = reader(sub_plan)
     bounds = np.cumsum((0,) + spass.channels)
     moments = [Moments() for _ in spass.layers]
