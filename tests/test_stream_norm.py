@@ -242,3 +242,52 @@ def test_no_exact_plan_fits_runs_the_most_faithful_tiling(nets, monkeypatch):
     err = np.abs(np.moveaxis(out, -1, 0) - ref).mean()
     default = predict(vol, xml, kind="raw", precision="f32", tile=28, engine="tiles", progress=False)
     assert err < 0.85 * np.abs(np.moveaxis(default, -1, 0) - ref).mean()
+
+
+class _InputNorm(torch.nn.Module):
+    """InstanceNorm of the input itself, a one-group GroupNorm, a strided branch added back after a transposed
+    convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.n, self.c, self.g = nn.InstanceNorm3d(1, affine=True), nn.Conv3d(1, 2, 3, padding=1), nn.GroupNorm(1, 2)
+        self.down, self.up = nn.Conv3d(2, 2, 3, padding=1, stride=2), nn.ConvTranspose3d(2, 2, 2, 2)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.dim() == 1:
+                    p.normal_(0.0, 0.5)
+
+    def forward(self, x):
+        a = self.g(self.c(self.n(x)))
+        return self.up(self.down(a)) + a
+
+
+def test_cli_streams_a_model_normalising_its_input(tmp_path):
+    """`volinfer run --engine stream --json` on a model whose first layer normalises the input itself (statistics
+    of the volume, no network pass needed to reach it): PyTorch's whole-volume output, and the summary says how."""
+    import json
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    net = _InputNorm().eval()
+    m = ov.convert_model(net, example_input=torch.zeros(1, 1, 8, 8, 8), input=[ov.PartialShape([1, 1, -1, -1, -1])])
+    m.set_rt_info("2", ["volinfer", "size_multiple"])
+    xml = tmp_path / "inorm.xml"
+    ov.save_model(m, str(xml), compress_to_fp16=False)
+    vol = _volume((11, 9, 13), seed=8)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "in.nii"))
+    dst = tmp_path / "out.nii"
+    r = subprocess.run([sys.executable, "-m", "volinfer", "run", str(tmp_path / "in.nii"), "-m", str(xml), "-o",
+                        str(dst), "--engine", "stream", "--precision", "f32", "--kind", "raw", "--json", "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["engine"] == "stream" and rep["exact"] and rep["input_passes"] == 1 + 2, rep
+    with torch.no_grad():
+        ref = net(torch.from_numpy(np.pad(vol, [(0, (-n) % 2) for n in vol.shape])[None, None])).numpy()[0]
+    got = np.moveaxis(np.asarray(nib.load(str(dst)).dataobj), -1, 0)
+    assert np.abs(got - ref[:, :11, :9, :13]).max() <= 1e-4
