@@ -194,22 +194,33 @@ def test_auto_streams_when_tiles_would_need_statistics_passes(nets, monkeypatch)
     assert np.abs(np.moveaxis(out, -1, 0) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
-def test_what_cannot_stream_says_so(nets, tmp_path):
-    """Per-tile statistics cannot stream; a GroupNorm exported through ONNX (a Reshape around an MVN over the
-    flattened group) is not plane-local: ``--engine stream`` says why in one line, auto runs tiles."""
+def test_what_cannot_stream_says_so(nets):
+    """Per-tile statistics cannot stream: ``--engine stream`` says why in one line."""
     _, xml = nets["instance"]
-    vol = _volume((12, 12, 12))
     with pytest.raises(VolinferError, match="--norm-stats tile"):
-        predict(vol, xml, engine="stream", norm_stats="tile", progress=False)
-    net = _unet("group", 4)
+        predict(_volume((12, 12, 12)), xml, engine="stream", norm_stats="tile", progress=False)
+
+
+def test_groupnorm_exported_through_onnx(tmp_path):
+    """PyTorch's GroupNorm exported to ONNX before opset 18 is a Reshape to (1, groups, -1), an InstanceNormalization
+    (MVN plus a per-group scale and shift) and a Reshape back, with the convolutions' biases broadcast through
+    shape computations: found as one group normalisation, it streams (and tiles, several per axis) with whole-volume
+    statistics, equal to PyTorch's whole-volume inference."""
+    net = _unet("group", 4, seed=2)
     onnx = tmp_path / "g.onnx"
     torch.onnx.export(net, torch.zeros(1, 1, 16, 16, 16), str(onnx), input_names=["x"], opset_version=17,
                       dynamic_axes={"x": {2: "a", 3: "b", 4: "c"}}, dynamo=False)
-    with pytest.raises(VolinferError, match="cannot be streamed"):
-        predict(vol, onnx, engine="stream", progress=False)
-    _, rep = predict(vol, onnx, progress=False, report=True)
-    assert rep.engine == "tiles"
-
+    vol = _volume((37, 29, 23), seed=3)
+    ref = _torch_whole(net, vol)
+    got, rep = _stream(vol, onnx, precision="f32")
+    assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+    raw, rep = predict(vol, onnx, kind="raw", precision="f32", tile=(32, 24, 16), engine="tiles", overlap=0,
+                       progress=False, report=True)
+    assert rep.tiles > 4 and rep.input_passes == 1 + 9  # multi-tile: the statistics come from the streamed passes
+    frozen_stats = np.moveaxis(raw, -1, 0)
+    per_tile = predict(vol, onnx, kind="raw", precision="f32", tile=(32, 24, 16), engine="tiles", overlap=0,
+                       norm_stats="tile", progress=False)
+    assert np.abs(frozen_stats - ref).mean() < 0.5 * np.abs(np.moveaxis(per_tile, -1, 0) - ref).mean()
 
 def test_speed_budget_does_not_buy_statistics_passes():
     """The default run's speed budget (memory above the preferred tile) must not choose 8 tiles and their

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
+from openvino import passes
 
 #: Operations that map each plane of their inputs to the same plane of their output (given constant operands that
 #: do not vary along z): the ops a segment may carry after its z-window operation.
@@ -236,6 +237,9 @@ def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: in
         model.reshape({model.input(0): ov.PartialShape(full_shape)})
     except Exception as e:  # noqa: BLE001  (the tile path reports shape errors with the user's sizes)
         raise NotStreamable(f"the model rejects the whole-volume shape {full_shape}: {e}") from None
+    fold = passes.Manager()  # shape computations on streamed tensors (ShapeOf chains, e.g. ONNX exports' bias
+    fold.register_pass(passes.ConstantFolding())  # reshapes) are constants at a static shape: fold them
+    fold.run_passes(model)
     param = model.input(0).get_node()
     zof: dict[str, int] = {_key(param.output(0)): zaxis}
     tensors: dict[str, StreamTensor] = {}

@@ -40,7 +40,7 @@ def freeze_wave(model: ov.Model, wave: list[NormLayer], moments: list[Moments]) 
     """Freeze every layer of ``wave`` in ``model`` (in place) to the mean and variance its ``moments`` gathered."""
     for layer, mom in zip(wave, moments):
         mean, var = mom.result()
-        if layer.kind == "GroupNormalization":
+        if layer.groups:
             mean, var = mean.reshape(-1), var.reshape(-1)
         freeze(model, layer, mean, var)
 
