@@ -237,9 +237,10 @@ def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: in
         model.reshape({model.input(0): ov.PartialShape(full_shape)})
     except Exception as e:  # noqa: BLE001  (the tile path reports shape errors with the user's sizes)
         raise NotStreamable(f"the model rejects the whole-volume shape {full_shape}: {e}") from None
-    fold = passes.Manager()  # shape computations on streamed tensors (ShapeOf chains, e.g. ONNX exports' bias
-    fold.register_pass(passes.ConstantFolding())  # reshapes) are constants at a static shape: fold them
-    fold.run_passes(model)
+    if any(op.get_type_name() == "ShapeOf" for op in model.get_ordered_ops()):
+        fold = passes.Manager()  # shape computations on streamed tensors (ONNX exports broadcast biases through
+        fold.register_pass(passes.ConstantFolding())  # ShapeOf) are constants at a static shape: fold them (only
+        fold.run_passes(model)  # then: folding also decompresses f16 weights, which the segments need not hold)
     param = model.input(0).get_node()
     zof: dict[str, int] = {_key(param.output(0)): zaxis}
     tensors: dict[str, StreamTensor] = {}
