@@ -26,7 +26,8 @@ from volinfer.run.model_grid import ModelGrid, plan_model_grid, run_on_model_gri
 from volinfer.tiling.feeder import TileFeeder
 from volinfer.run.setup import (TilingChoice, RunSetup, choose_stream, guard_for, make_normalizer, needs_norm_passes,
                                 plan_tiling, resolve, scan_input, stream_verdict, verdict)
-from volinfer.run.stream import run_stream
+from volinfer.run.stream import band_reader, run_stream
+from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter
 from volinfer.io.zarr_writer import ZarrWriter, check_any_output, is_zarr_output
@@ -322,6 +323,8 @@ def _resolve(run: _Run) -> None:
                         normalizer=run.scan.normalizer)
     run.scan.apply(run.setup)  # the pre-pass ran before planning (_scan_input)
     if run.stream is not None:
+        if run.choice.norm_layers:
+            _freeze_for_stream(run)
         run.stream.store_in(run.tm.precision)  # the guard may have moved to f32: chunks and buffers re-sized
         run.fidelity = stream_verdict(run.setup, run.choice)
         return
@@ -479,6 +482,20 @@ def _freeze_norm_statistics(tm: TileModel, choice: TilingChoice, setup: RunSetup
     feeder = TileFeeder(source, setup.grid, setup.normalizer, pad_mode, 0.0, setup.nan_fill)
     frozen, passes = fit_norm_statistics(tm, feeder, setup.grid, choice.norm_layers, progress=progress)
     return tm.at(tm.tile, model=frozen), passes
+
+
+def _freeze_for_stream(run: _Run) -> None:
+    """A streamed run of a model with InstanceNorm/GroupNorm layers: their whole-volume statistics from streamed
+    passes (:mod:`volinfer.run.stream_stats`), then the stream plan over the frozen model."""
+    tm, setup, plan, t = run.tm, run.setup, run.stream, run.s.tiling
+
+    def reader(p: Any) -> Any:
+        return band_reader(run.source, tm, p, setup.normalizer, t.pad_mode, setup.nan_fill)
+
+    bands = plan.bands(run.source.shape[1], tm.multiple)
+    frozen, run.passes = fit_stream_statistics(tm, plan, run.choice.norm_layers, bands, reader, run.s.progress)
+    run.tm = tm.at(tm.tile, model=frozen, compile=False)
+    run.choice.stream = frozen_plan(plan, run.tm)
 
 
 # ---- every way of running one command line's inputs: NIfTI, Zarr (local or Dask), batch ----

@@ -11,7 +11,7 @@ over channels alone, LayerNorm style, is local to each voxel).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import openvino as ov
@@ -39,7 +39,8 @@ _CANDIDATES = NORM_OPS + GLOBAL_REDUCE_OPS + GLOBAL_AXIS_OPS + GLOBAL_MIX_OPS + 
 class NormLayer:
     """One spatial normalisation node: ``name`` (friendly name), ``kind`` (op type), ``reduced`` (axes of its input
     the statistics run over), ``spatial`` (input axis holding volume x, y, z), ``eps``/``inside_sqrt``/``variance``
-    as the op computes, ``groups`` (GroupNormalization only)."""
+    as the op computes, ``groups`` (GroupNormalization, or an MVN over channel groups flattened by a Reshape: ``flat``,
+    the statistics then run over the groups of the Reshape's 5-D input and the layer ends at the Reshape back)."""
 
     name: str
     kind: str
@@ -49,6 +50,7 @@ class NormLayer:
     inside_sqrt: bool = True
     variance: bool = True
     groups: int = 0
+    flat: bool = False  # a GroupNorm exported through ONNX: Reshape to (N, groups, -1), MVN, Reshape back
 
 
 Shapes = dict[str, list[list[int] | None]]
@@ -192,6 +194,10 @@ def find_norm_layers(model: ov.Model, layout: str, channels: int, tile: Sequence
         kind, name = op.get_type_name(), op.get_friendly_name()
         if kind not in _CANDIDATES or name not in probes[0]:
             continue  # not a candidate, or computed from constants alone (folded)
+        groups = _flat_groups(op) if kind == "MVN" and layout == "NCDHW" else 0
+        if groups:  # a GroupNorm exported through ONNX before opset 18: one group normalisation
+            layers.append(_flat_layer(op, groups))
+            continue
         moved = _varying(probes, name)
         mixed = _mixed(op, probes[0][name]) if moved is not None else None  # type: ignore[arg-type]
         if mixed is not None and not any(a in moved[i] for i, a in mixed):  # type: ignore[index]
@@ -224,7 +230,75 @@ def fixed_shape_global_ops(model: ov.Model, layout: str) -> list[str]:
     return found
 
 
-def _node(model: ov.Model, name: str) -> ov.Node:
+def _flat_layer(op: ov.Node, groups: int) -> NormLayer:
+    """A flattened group MVN (:func:`_flat_groups`) as a :class:`NormLayer` over (x, y, z) of its 5-D input, with
+    eps, its placement and ``normalize_variance`` as the op computes them."""
+    attrs = op.get_attributes()
+    return NormLayer(name=op.get_friendly_name(), kind=op.get_type_name(), reduced=(2, 3, 4),
+                     spatial=(2, 3, 4), eps=float(attrs.get("eps", attrs.get("epsilon", 1e-5))),
+                     inside_sqrt=str(attrs.get("eps_mode", "INSIDE_SQRT")).upper() == "INSIDE_SQRT",
+                     variance=bool(attrs.get("normalize_variance", True)), groups=groups, flat=True)
+
+
+def _flat_groups(op: ov.Node) -> int:
+    """Groups of an MVN that normalises channel groups of a 5-D tensor flattened by a Reshape to (1, G, -1) and is
+    reshaped straight back to 5-D, after at most a per-group scale and shift (how ONNX exports PyTorch's GroupNorm
+    before opset 18: Reshape, InstanceNormalization, Reshape); 0 for any other MVN."""
+    src = op.input_value(0)
+    into = src.get_partial_shape()
+    if src.get_node().get_type_name() != "Reshape" or into.rank.is_dynamic or into.rank.get_length() != 3:
+        return 0
+    x = src.get_node().input_value(0).get_partial_shape()
+    if x.rank.is_dynamic or x.rank.get_length() != 5 or x[1].is_dynamic or into[1].is_dynamic:
+        return 0
+    g, c = into[1].get_length(), x[1].get_length()
+    if _axes_of(op, 3) != (2,) or g <= 0 or c % g or flat_chain(op, g) is None:
+        return 0
+    return g
+
+
+def flat_chain(op: ov.Node, groups: int) -> tuple[list[tuple[str, np.ndarray]], ov.Node] | None:
+    """After a flattened group MVN: the per-group Multiply/Add steps (their constant values, one per group) and the
+    Reshape back to 5-D; None when the chain is anything else. Shape computations (ShapeOf) on the way are ignored:
+    they only feed those steps' operands."""
+    node, steps = op, []
+    for _ in range(4):
+        nxt = [t.get_node() for t in node.output(0).get_target_inputs() if t.get_node().get_type_name() != "ShapeOf"]
+        if len(nxt) != 1:
+            return None
+        node = nxt[0]
+        kind = node.get_type_name()
+        if kind == "Reshape" and node.get_output_partial_shape(0).rank.get_length() == 5:
+            return steps, node
+        if kind not in ("Multiply", "Add") or node.input_value(0).get_node() is not _prev(node, steps, op):
+            return None
+        values = _group_constant(node.input_value(1), groups)
+        if values is None:
+            return None
+        steps.append((kind, values))
+    return None
+
+
+def _prev(node: ov.Node, steps: list[Any], op: ov.Node) -> ov.Node:
+    """The chain node ``node`` must read as its first input: the MVN, or the previous step."""
+    return node.input_value(0).get_node() if steps or node.input_value(0).get_node() is op else op
+
+
+def _group_constant(out: ov.Output, groups: int) -> np.ndarray | None:
+    """One value per group of a constant operand (possibly reshaped or converted), broadcast from one value."""
+    node = out.get_node()
+    while node.get_type_name() in ("Reshape", "Unsqueeze", "Squeeze", "Convert"):
+        node = node.input_value(0).get_node()
+    if node.get_type_name() != "Constant":
+        return None
+    v = np.asarray(node.get_data(), np.float64).reshape(-1)
+    if v.size == 1:
+        v = np.repeat(v, groups)
+    return v if v.size == groups else None
+
+
+def node_named(model: ov.Model, name: str) -> ov.Node:
+    """The node of ``model`` with friendly name ``name`` (the first, in topological order)."""
     for op in model.get_ordered_ops():
         if op.get_friendly_name() == name:
             return op
@@ -232,16 +306,17 @@ def _node(model: ov.Model, name: str) -> ov.Node:
 
 
 def stat_tensor(model: ov.Model, layer: NormLayer) -> ov.Output:
-    """The tensor whose statistics ``layer`` computes (its data input)."""
-    return _node(model, layer.name).input_value(0)
+    """The tensor whose statistics ``layer`` computes (its data input; a flattened GroupNorm's 5-D input)."""
+    x = node_named(model, layer.name).input_value(0)
+    return x.get_node().input_value(0) if layer.flat else x
 
 
 def freeze(model: ov.Model, layer: NormLayer, mean: np.ndarray, var: np.ndarray) -> None:
     """Replace ``layer`` in ``model`` (in place) by ``(x - mean) / sqrt(var + eps)`` with constant ``mean``/``var``
     (shaped like its input with the reduced axes of length 1; GroupNormalization: per group, shape (groups,))."""
-    op = _node(model, layer.name)
-    x = op.input_value(0)
-    if layer.kind == "GroupNormalization":
+    op = node_named(model, layer.name)
+    x = stat_tensor(model, layer)
+    if layer.groups:
         c = x.get_partial_shape()[1].get_length()
         per = c // layer.groups
         rank = x.get_partial_shape().rank.get_length()
@@ -259,7 +334,15 @@ def freeze(model: ov.Model, layer: NormLayer, mean: np.ndarray, var: np.ndarray)
         scale = ops.unsqueeze(scale, ops.constant(np.arange(2, rank, dtype=np.int64)))
         bias = ops.unsqueeze(bias, ops.constant(np.arange(2, rank, dtype=np.int64)))
         y = ops.add(ops.multiply(y, scale), bias)
-    op.output(0).replace(y.output(0))
+    end = op
+    if layer.flat:  # the per-group scale and shift as per-channel constants, then in place of the Reshape back
+        chain = flat_chain(op, layer.groups)
+        assert chain is not None
+        for kind, values in chain[0]:
+            per_channel = np.asarray(np.repeat(values, per).reshape(cshape), dtype)
+            y = (ops.multiply if kind == "Multiply" else ops.add)(y, ops.constant(per_channel))
+        end = chain[1]
+    end.output(0).replace(y.output(0))
     model.validate_nodes_and_infer_types()
 
 
@@ -296,8 +379,23 @@ class Moments:
 def group_view(x: np.ndarray, layer: NormLayer) -> tuple[np.ndarray, tuple[int, ...]]:
     """``x`` arranged so that the statistics are a reduction over the returned axes (GroupNormalization: channels
     split into groups first)."""
-    if layer.kind != "GroupNormalization":
+    if not layer.groups:
         return x, layer.reduced
     n, c = x.shape[:2]
     g = x.reshape(n, layer.groups, c // layer.groups, *x.shape[2:])
     return g, tuple(range(2, g.ndim))
+
+
+def frozen_like(model: ov.Model, layers: list[NormLayer]) -> ov.Model:
+    """A copy of ``model`` with every layer of ``layers`` frozen to mean 0 and variance 1: the structure, not the
+    values, of the model that whole-volume statistics will make (what a run plans with before it knows them)."""
+    out = model.clone()
+    for layer in layers:
+        x = stat_tensor(out, layer)
+        if layer.groups:
+            shape = [layer.groups]
+        else:
+            ps = x.get_partial_shape()
+            shape = [1 if i == 0 or i in layer.reduced else ps[i].get_length() for i in range(ps.rank.get_length())]
+        freeze(out, layer, np.zeros(shape), np.ones(shape))
+    return out

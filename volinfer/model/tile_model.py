@@ -215,7 +215,7 @@ class TileModel:
         shapes only (the layer-streaming engine compiles pieces of the model instead)."""
         tile = tuple(int(t) for t in tile)
         if not compile:
-            tm = self._derived(self.model.clone(), tile, self.options, compile=False)
+            tm = self._derived(model if model is not None else self.model.clone(), tile, self.options, compile=False)
             tm.precision_reason = self.precision_reason
             return tm
         if model is None and self.compiled is not None and tile == self.tile:

@@ -17,28 +17,38 @@ import openvino as ov
 from volinfer.progress import progress_bar
 
 from volinfer.tiling.feeder import TileFeeder
-from volinfer.tiling.geometry import TileGrid
+from volinfer.tiling.geometry import AxisPlan, TileGrid
 from volinfer.model.tile_model import TileModel
-from volinfer.model.spatial_norm import Moments, NormLayer, freeze, group_view, stat_tensor
+from volinfer.model.spatial_norm import Moments, NormLayer, freeze, group_view, node_named, stat_tensor
 
 
 def aligned_cores(grid: TileGrid, multiple: int) -> list[list[tuple[int, int]]]:
     """Per axis, each tile's core rounded to the size multiple, the last one ending at the padded extent."""
-    out = []
-    for axis in grid.axes:
-        end = -(-axis.size // multiple) * multiple
-        bounds = [0] + [int(round(c1 / multiple)) * multiple for _, c1 in axis.cores[:-1]] + [end]
-        out.append([(bounds[i], bounds[i + 1]) for i in range(axis.count)])
-    return out
+    return [aligned_bounds(axis, multiple) for axis in grid.axes]
+
+
+def aligned_bounds(axis: AxisPlan, multiple: int) -> list[tuple[int, int]]:
+    """One axis's tile cores rounded to the size multiple, the last one ending at the padded extent: together they
+    partition the padded axis, and each maps to whole voxels at every resolution of the network."""
+    end = -(-axis.size // multiple) * multiple
+    bounds = [0] + [int(round(c1 / multiple)) * multiple for _, c1 in axis.cores[:-1]] + [end]
+    return [(bounds[i], bounds[i + 1]) for i in range(axis.count)]
+
+
+def freeze_wave(model: ov.Model, wave: list[NormLayer], moments: list[Moments]) -> None:
+    """Freeze every layer of ``wave`` in ``model`` (in place) to the mean and variance its ``moments`` gathered."""
+    for layer, mom in zip(wave, moments):
+        mean, var = mom.result()
+        if layer.groups:
+            mean, var = mean.reshape(-1), var.reshape(-1)
+        freeze(model, layer, mean, var)
 
 
 def _ancestors(model: ov.Model, layer: NormLayer, names: set[str]) -> set[str]:
     """Names (among ``names``) of normalisation layers upstream of ``layer``."""
-    from volinfer.model.spatial_norm import _node
-
     seen: set[str] = set()
     found: set[str] = set()
-    stack = [_node(model, layer.name).input_value(0).get_node()]
+    stack = [node_named(model, layer.name).input_value(0).get_node()]
     while stack:
         node = stack.pop()
         name = node.get_friendly_name()
@@ -105,11 +115,7 @@ def fit_norm_statistics(tm: TileModel, feeder: TileFeeder, grid: TileGrid, layer
                     moments[k].add(block, axes)
                 bar.update(1)
             del request, compiled
-            for layer, mom in zip(wave, moments):
-                mean, var = mom.result()
-                if layer.kind == "GroupNormalization":
-                    mean, var = mean.reshape(-1), var.reshape(-1)
-                freeze(model, layer, mean, var)
+            freeze_wave(model, wave, moments)
             if on_pass:
                 on_pass(n + 1)
     finally:

@@ -296,6 +296,8 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
         plan.engine, plan.stream = "stream", choice.stream.describe(facts.shape[1], tm.multiple)
         plan.stream_peak_mb, plan.stream_time_s = round(max(choice.stream.peak_mb, plan.probe_mb or 0.0), 1), \
             stream.get("time_s")
+        if choice.stream_passes:
+            plan.stream += f"; after {choice.stream_passes} streamed normalisation-statistics pass(es)"
     return plan
 
 

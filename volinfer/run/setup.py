@@ -18,12 +18,14 @@ from volinfer.run.fidelity import (Fidelity, Tiling, accepts, activation_bytes_p
                                    explain_exact, fmt_tile, judge, plan_exact, probe_multiple)
 from volinfer.run.fidelity import RUNTIME_FLOOR_MB, leanest_near_fastest, weights_mb
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
-from volinfer.model.spatial_norm import NormLayer, find_norm_layers, fixed_shape_global_ops
+from volinfer.model.spatial_norm import (POSITION_OPS, NormLayer, find_norm_layers, fixed_shape_global_ops,
+                                         frozen_like)
 from volinfer.model.tiling_check import stored as stored_tiling_check
 from volinfer.tiling.geometry import GeometryError, TileGrid
 from volinfer.model.tile_model import TileModel
 from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
+from volinfer.run.stream_stats import statistics_cost
 from volinfer.io.reader import VolumeSource
 
 STITCH_MODES = ("crop", "gaussian", "mean")
@@ -219,6 +221,8 @@ class TilingChoice:
     tile_note: str | None = None  # the note saying which tile was planned (dropped when the run streams instead)
     probe_mb: float | None = None  # predicted peak of the largest receptive-field probe made while planning
     preferred: tuple[int, int, int] | None = None  # the model's own tile (clamped to the volume)
+    stream_passes: int = 0  # streamed normalisation-statistics passes before a streamed run
+    exact_fits: bool = True  # False: the planner found no exact tiling within the budget
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -286,8 +290,12 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
                       voxel_cost=cost)
     choice.budget_mb, choice.voxel_cost, choice.planned = budget, cost, best
     if best is None:
-        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb))
-        notes.append(f"no exact tiling fits in {budget:.0f} MB; running at tile {fmt_tile(choice.tile)}")
+        choice.exact_fits = False
+        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb), start=whole)
+        choice.overlap = widest_margins(choice.tile, whole, rf, tm.multiple)
+        notes.append(f"no exact tiling fits in {budget:.0f} MB: the most faithful tiling within it instead, tile "
+                     f"{fmt_tile(choice.tile)} with crop margins {fmt_tile([o // 2 for o in choice.overlap])} "
+                     f"(receptive field {rf})" + (", whole-volume statistics" if layers and mode == "volume" else ""))
         return choice
     choice.tile, choice.overlap = best.tile, best.overlap
     if best.tile != tm.tile:
@@ -379,14 +387,14 @@ def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
                              f"{STREAM_VOXEL_COST:g}x over {UNMEASURED_DOUBLINGS} doublings"
 
 
-def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float,
-                     shape: Sequence[int], given: bool) -> tuple[int, int, int]:
-    """The largest tile, at most the preferred one per axis, predicted to fit ``budget``. When none does: refused
-    under a ``given`` budget (``--max-memory``); under the default one, the smallest tile still runs when it fits
-    the machine's memory (:func:`volinfer.portable.machine_mb`): a run is refused only when it cannot fit what the
-    machine has."""
+def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float, shape: Sequence[int],
+                     given: bool, start: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """The largest tile, at most ``start`` (default: the preferred tile) per axis, predicted to fit ``budget`` (the
+    longest axis shrinks first). When none does: refused under a ``given`` budget (``--max-memory``); under the
+    default one, the smallest tile still runs when it fits the machine's memory
+    (:func:`volinfer.portable.machine_mb`): a run is refused only when it cannot fit what the machine has."""
     m = tm.multiple
-    tile = [min(t, -(-n // m) * m) for t, n in zip(tm.tile, shape)]
+    tile = [min(t, -(-n // m) * m) for t, n in zip(start or tm.tile, shape)]
     while True:
         need = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tile)) / 2**20
         if need <= budget:
@@ -401,6 +409,18 @@ def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float
             return tuple(tile)  # type: ignore[return-value]
         big = max(tile)
         tile = [max(m, (t - m) if t == big else t) for t in tile]
+
+
+def widest_margins(tile: Sequence[int], whole: Sequence[int], rf: ReceptiveField,
+                   multiple: int) -> tuple[int, int, int]:
+    """Overlaps (twice the crop margin) for a tiling that cannot be exact: on every axis cut into tiles, a margin as
+    close to the receptive field as a quarter of the tile allows (half of each tile stays its core, so at most twice
+    the voxels are evaluated per axis); none on an axis one tile covers."""
+    out = []
+    for t, w, r in zip(tile, whole, rf.radius):
+        reach = r if rf.bounded else t
+        out.append(0 if t >= w else 2 * max(0, min(reach, t // 4, (t - multiple) // 2)))
+    return tuple(out)  # type: ignore[return-value]
 
 
 def needs_norm_passes(setup: RunSetup, choice: TilingChoice) -> bool:
@@ -455,21 +475,27 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
     conflicts = [name for name, on in (("--tile", tm.tile_given), ("--overlap", t.overlap not in (None, "")),
                                        ("--stitch " + str(t.stitch), (t.stitch or "crop") != "crop"),
                                        ("--mirror", bool(t.mirror))) if on]
-    if conflicts or choice.norm_layers or choice.global_ops:
+    per_tile_stats = bool(choice.norm_layers) and choice.norm_stats != "volume"
+    # ops that depend on positions in the tile (align_corners interpolation) make every tiling inexact; the stream
+    # computes them on the whole volume (its analysis refuses what it cannot compute)
+    global_ops = [g for g in choice.global_ops if g.split()[0] not in POSITION_OPS]
+    if conflicts or global_ops or per_tile_stats:
         if asked:
-            why = ", ".join(conflicts) or "InstanceNorm/GroupNorm layers (whole-volume statistics)"
+            why = ", ".join(conflicts) or ("--norm-stats tile (per-tile statistics)" if per_tile_stats else
+                                           "reductions over whole tiles (global pooling/statistics)")
             raise VolinferError(f"--engine stream computes whole-volume inference layer by layer; it does not combine "
                                 f"with {why} (use --engine tiles)")
         return
     planned = choice.planned
-    if not asked and planned is None:  # the tile was fixed, or no exact tiling fits: nothing to weigh against
+    if not asked and planned is None and choice.exact_fits:  # nothing planned for exactness to weigh against
         return
-    plan = _fit_stream(tm, shape, choice, t.max_memory_mb, asked, banded)
+    plan = _fit_stream(_planning_model(tm, choice), shape, choice, t.max_memory_mb, asked, banded)
     if plan is None:
         return
-    cost = stream_cost(tm, shape, plan, choice.voxel_cost)
+    stats = _stream_statistics(tm, shape, choice) if choice.norm_layers else (0, 0.0)
+    cost = stream_cost(tm, shape, plan, choice.voxel_cost) * (1.0 + stats[1])  # statistics passes: runs' worth
     choice.stream_option = (plan, cost)
-    if not asked:
+    if not asked and planned is not None:
         pick = leanest_near_fastest([("tiles", planned.cost, planned.memory_mb), ("stream", cost, plan.peak_mb)],
                                     lambda c: c[1], lambda c: c[2])
         if pick[0] != "stream":
@@ -480,8 +506,31 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
     if choice.tile_note in choice.notes:
         choice.notes.remove(choice.tile_note)
     choice.notes.append(f"{plan.describe(shape[1], tm.multiple)}; predicted peak {plan.peak_mb:.0f} MB"
-                        + (f" (tiling would evaluate {evaluated:.2f}x the volume)" if evaluated else ""))
-    choice.stream = plan
+                        + (f" (tiling would evaluate {evaluated:.2f}x the volume)" if evaluated else "")
+                        + ("" if choice.exact_fits else " (no exact tiling fits the memory budget)"))
+    if choice.norm_layers:
+        choice.notes.append(f"{len(choice.norm_layers)} normalisation layer(s) get whole-volume statistics from "
+                            f"{stats[0]} streamed pass(es) of the network before the run (about {stats[1]:.1f}x a "
+                            f"run's computation: each pass recomputes the layers before it)")
+    choice.stream, choice.stream_passes = plan, stats[0]
+
+
+def _planning_model(tm: TileModel, choice: TilingChoice) -> TileModel:
+    """``tm``, or for a model with normalisation layers the same network with placeholder statistics: the structure
+    the stream will run once the statistics are frozen (:func:`volinfer.model.spatial_norm.frozen_like`)."""
+    if not choice.norm_layers:
+        return tm
+    return tm.at(tm.tile, model=frozen_like(tm.model, choice.norm_layers), compile=False)
+
+
+def _stream_statistics(tm: TileModel, shape: Sequence[int], choice: TilingChoice) -> tuple[int, float]:
+    """(passes, cost in runs) of the statistics passes a streamed run of a model with normalisation layers makes
+    (:func:`volinfer.run.stream_stats.statistics_cost`); (0, inf) when the model cannot be analysed at the volume."""
+    padded = [-(-n // tm.multiple) * tm.multiple for n in shape]
+    try:
+        return statistics_cost(tm.model, choice.norm_layers, tm.input_shape_for(padded))
+    except Exception:  # noqa: BLE001  (a model that rejects the whole volume: the stream plan says why)
+        return 0, float("inf")
 
 
 def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any) -> float:

@@ -394,15 +394,10 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
     With one band a resumed run (``start_row``) recomputes the rows before it (the stream has no other way to
     rebuild the layers' plane buffers) but does not write them again, and rows are journaled as they finish. With
     several bands a plane is final only after the last band: rows are not journaled (a resume starts over)."""
-    from volinfer.tiling.feeder import TileFeeder
-    from volinfer.tiling.geometry import Tile, TileGrid
-
     shape = tuple(source.shape)
-    px, _, _ = plan.padded
-    in_ten, out_ten = plan.graph.tensors[plan.graph.input_key], plan.graph.tensors[plan.graph.output_key]
-    reads = TileGrid.build(shape, (px, plan.band, plan.read_planes), [model.multiple] * 3, (0, 0, 0), "crop")
-    feeder = TileFeeder(source, reads, normalizer, pad_mode, 0.0, nan_fill)
-    requests = compile_segments(plan.graph, _segment_compiler(model, plan.graph), plan.chunks)
+    out_ten = plan.graph.tensors[plan.graph.output_key]
+    reader = band_reader(source, model, plan, normalizer, pad_mode, nan_fill)
+    requests = segment_requests(model, plan.graph, plan.chunks)
     ay, cores = grid.axes[1], grid.axes[2].cores
     if ay.count > 1:
         start_row, on_row_done = 0, None
@@ -412,13 +407,8 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
     busy, calls = 0.0, 0
     try:
         for sy, (cy0, cy1) in zip(ay.starts, ay.cores):
-            def read(a: int, slot: np.ndarray | None, sy: int = sy) -> None:
-                if slot is not None:
-                    feeder.fill(Tile((0, 0, 0), (0, sy, a), ((0, 0), (0, 0), (0, 0))),
-                                model.input_view(in_ten.model_view(slot)))
-
             run = None  # the previous band's buffers go before this band's are made
-            run = StreamRun(plan.graph, read, plan.read_planes, plan.chunks, plan.capacities, requests)
+            run = StreamRun(plan.graph, reader(sy), plan.read_planes, plan.chunks, plan.capacities, requests)
             for r, (a, b) in enumerate(cores):
                 n, ny = b - a, cy1 - cy0
                 planes = run.take(a, n)
@@ -434,6 +424,39 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
     finally:
         bar.close()
     return busy, calls
+
+
+def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any, pad_mode: str = "constant",
+                nan_fill: list[float] | None = None) -> Callable[[int], Callable[[int, np.ndarray | None], None]]:
+    """For a band starting at padded y row ``sy``, the reader a :class:`StreamRun` pulls input planes with: the
+    volume's planes normalised and padded as tiles are (:class:`volinfer.tiling.feeder.TileFeeder`), written straight
+    into the input buffer's slot."""
+    from volinfer.tiling.feeder import TileFeeder
+    from volinfer.tiling.geometry import Tile, TileGrid
+
+    in_ten = plan.graph.tensors[plan.graph.input_key]
+    reads = TileGrid.build(tuple(source.shape), (plan.padded[0], plan.band, plan.read_planes),
+                           [model.multiple] * 3, (0, 0, 0), "crop")
+    feeder = TileFeeder(source, reads, normalizer, pad_mode, 0.0, nan_fill)
+
+    def for_band(sy: int) -> Callable[[int, np.ndarray | None], None]:
+        def read(a: int, slot: np.ndarray | None) -> None:
+            if slot is not None:
+                feeder.fill(Tile((0, 0, 0), (0, sy, a), ((0, 0), (0, 0), (0, 0))),
+                            model.input_view(in_ten.model_view(slot)))
+        return read
+
+    return for_band
+
+
+def segment_requests(model: TileModel, graph: StreamGraph, chunks: list[int],
+                     wrap: Callable[[Callable[[Segment, int], Any]], Callable[[Segment, int], Any]] | None = None
+                     ) -> list[Any]:
+    """One infer request per segment of ``graph`` (any graph cut from ``model``'s network, e.g. a sub-network
+    ending at normalisation layers' inputs) at its chunk of ``chunks``, compiled as ``model`` compiles; ``wrap`` may
+    wrap the compiling function (e.g. to reuse compiled segments across graphs)."""
+    compile_segment = _segment_compiler(model, graph)
+    return compile_segments(graph, wrap(compile_segment) if wrap is not None else compile_segment, chunks)
 
 
 def _segment_compiler(model: TileModel, graph: StreamGraph) -> Callable[[Segment, int], Any]:
