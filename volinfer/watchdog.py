@@ -42,8 +42,13 @@ def partial(*paths: Path) -> Iterator[None]:
 
 
 def _command_line() -> bool:
-    """Whether this process is the volinfer command line (not a library caller or a test runner)."""
-    return os.path.basename(sys.argv[0] if sys.argv else "") in ("volinfer", "volinfer.exe", "-m", "__main__.py")
+    """Whether this process is the volinfer command line (not a library caller or a test runner: `python -m pytest`
+    also runs a ``__main__.py``, and a watcher armed there would end the test run with the first interrupted
+    command)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:  # python -m NAME
+        return spec.name in ("volinfer", "volinfer.__main__")
+    return os.path.basename(sys.argv[0] if sys.argv else "") in ("volinfer", "volinfer.exe")
 
 
 def armed() -> bool:
