@@ -222,17 +222,17 @@ def test_groupnorm_exported_through_onnx(tmp_path):
                        norm_stats="tile", progress=False)
     assert np.abs(frozen_stats - ref).mean() < 0.5 * np.abs(np.moveaxis(per_tile, -1, 0) - ref).mean()
 
-def test_speed_budget_does_not_buy_statistics_passes():
-    """The default run's speed budget (memory above the preferred tile) must not choose 8 tiles and their
-    statistics passes over one tile that fits the memory budget and needs none (a MONAI UNet at 256³: 8 tiles plus
-    13 passes ran 10x longer than one tile); without normalisation layers the speed budget still decides."""
+def test_planner_does_not_buy_statistics_passes():
+    """The planner's one objective must not choose 8 tiles and their statistics passes over one tile that fits the
+    memory budget and needs none (a MONAI UNet at 256³: 8 tiles plus 13 passes ran 10x longer than one tile); a
+    budget below that one tile still gets a multi-tile plan within it."""
     from volinfer.model.receptive_field import ReceptiveField
     from volinfer.run.fidelity import plan_exact
 
     args = ((256, 256, 256), 8, ReceptiveField((47, 47, 47), True), (64, 64, 64), 60.0, 1.0)
-    one = plan_exact(*args, budget_mb=4000, speed_mb=700, norm_layers=13, global_ops=False, whole_stats=True)
+    one = plan_exact(*args, budget_mb=4000, norm_layers=13, global_ops=False, whole_stats=True)
     assert one.counts == (1, 1, 1) and one.norm_passes == 0
-    plain = plan_exact(*args, budget_mb=4000, speed_mb=700, norm_layers=0, global_ops=False, whole_stats=True)
+    plain = plan_exact(*args, budget_mb=700, norm_layers=0, global_ops=False, whole_stats=True)
     assert plain.memory_mb <= 700 and plain.counts != (1, 1, 1)
 
 

@@ -429,11 +429,13 @@ def _pointwise_ok(node: ov.Node, zaxes: list[int | None], zlen: int) -> None:
         raise NotStreamable(f"{t} {node.get_friendly_name()} works across space (axis {a['axis']})")
 
 
-def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: int = 0) -> StreamGraph:
+def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: int = 0,
+            same_size: bool = True) -> StreamGraph:
     """Cut ``model`` (single input, z at ``zaxis`` of it) into segments computing its output ``output_index`` (the
     operations other outputs alone need are left out: a deep-supervision model streams the output the run asks
     for); ``full_shape``: the whole padded volume's input shape. Raises :class:`NotStreamable` naming the first
-    operation that cannot be streamed."""
+    operation that cannot be streamed. ``same_size``: the output must keep the input's spatial size (a run's output
+    does; a sub-network ending inside the model, e.g. at a normalisation layer's input, need not)."""
     model = _at_shape(model, full_shape)
     out = model.output(output_index).get_node().input_value(0)
     cut = _Cutter(model.input(0).get_node().output(0), zaxis)
@@ -444,9 +446,10 @@ def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: in
     out_key = _key(out)
     if out_key not in cut.zof:
         raise NotStreamable("the model's output does not depend on its input")
-    if cut.tensor(out).shape[2:] != tuple(full_shape[2:]):
-        raise NotStreamable(f"the model's output {list(cut.tensor(out).shape)} does not keep its input's spatial "
-                            f"size {list(full_shape)}")
+    shape = cut.tensor(out).shape  # (registers the output tensor)
+    if same_size and shape[2:] != tuple(full_shape[2:]):
+        raise NotStreamable(f"the model's output {list(shape)} does not keep its input's spatial size "
+                            f"{list(full_shape)}")
     _set_outputs(model, cut.segments, cut.seg_of, out_key)
     producer = {k: s.index for s in cut.segments for k in s.outputs}
     return StreamGraph(model, cut.input_key, out_key, cut.tensors, cut.segments, producer)

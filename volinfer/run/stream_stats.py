@@ -206,7 +206,7 @@ def _stream_moments(tm: TileModel, plan: StreamPlan, sub: ov.Model, spass: Stats
     """Stream ``sub`` over every band and gather the moments of each of ``spass``'s layers over the band's aligned
     core rows (together: the whole padded volume at that layer's resolution)."""
     bands, reader, bar, cache = where
-    graph = analyse(sub, tm.input_shape_for((plan.padded[0], plan.band, plan.padded[2])), 4)
+    graph = analyse(sub, tm.input_shape_for((plan.padded[0], plan.band, plan.padded[2])), 4, same_size=False)
     graph.store_in(tm.precision if tm.precision in ("bf16", "f16") else "f32")
     out = graph.tensors[graph.output_key]
     step = max(1, OUT_PLANES * out.n // plan.padded[2])
