@@ -126,7 +126,7 @@ def test_normalize_l2_over_space_forced_tile_is_not_exact_and_default_is(tmp_pat
     vol = np.random.default_rng(1).standard_normal((1, 41, 35, 29)).astype(np.float32)
     ref = whole_volume_reference(m, vol, 4, 4)  # padded to the size multiple only: whole-volume inference
     raw, rep = volinfer.predict(vol[0], xml, tile=24, kind="raw", precision="f32", report=True)
-    assert rep.exact is False and any("reduces over whole tiles" in r for r in rep.not_exact)
+    assert rep.exact is False and any("combines values across whole tiles" in r for r in rep.not_exact)
     span = float(ref.max() - ref.min())
     assert np.abs(np.moveaxis(raw, -1, 0) - ref).max() > 0.01 * span  # the forced run really deviates
     raw, rep = volinfer.predict(vol[0], xml, kind="raw", precision="f32", report=True)

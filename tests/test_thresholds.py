@@ -17,7 +17,7 @@ from volinfer import TileModel, predict
 from volinfer.cli import main
 
 SHAPE = (53, 47, 45)  # larger than the tile on every axis: the run pads as the reference does
-TILE, MULTIPLE, OVERLAP = 40, 4, 20  # crop margins cover the receptive field: tiled == whole volume
+TILE, MULTIPLE, OVERLAP = 40, 4, 26  # crop margins (13) cover the receptive field read from the graph (13)
 
 
 def _models():

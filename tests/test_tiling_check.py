@@ -227,8 +227,8 @@ def test_convert_stores_it_info_shows_it_run_json_quotes_it(tmp_path):
     r = CliRunner().invoke(main, ["run", str(vol), "-m", str(out), "-o", str(tmp_path / "o.nii"), "--tile",
                                   str(-(-(2 * margin + 8) // 8) * 8), "--overlap", str(2 * margin), "--json"])
     assert r.exit_code == 0, r.output
-    data = json.loads(r.stdout)
-    assert data["exact"] is True and data["tiling_deviation"] == rec
+    data = json.loads(r.stdout)  # margins cover the reach, but align_corners reads positions: never exact tiled
+    assert data["exact"] is False and any("positions in the tile" in n for n in data["not_exact"])
     # measured on a crop of a real volume instead, when one is given (offset from zero: the border shows more)
     nib.save(nib.Nifti1Image((np.random.default_rng(1).standard_normal((70, 61, 50)) + 5).astype(np.float32),
                              np.eye(4)), str(vol))

@@ -265,7 +265,8 @@ def judge(overlap: Sequence[int], counts: Sequence[int], stitch: str, rf: Recept
         why = "--norm-stats tile" if stats == "tile" else "whole-volume statistics are gathered for crop stitching"
         reasons.append(f"{norm_layers} normalisation layer(s) use per-tile statistics ({why})")
     if any(multi) and global_ops:
-        reasons.append("the model reduces over whole tiles (global pooling/statistics volinfer cannot freeze)")
+        reasons.append("the model combines values across whole tiles or depends on positions in the tile (global "
+                       "pooling/statistics volinfer cannot freeze, align_corners interpolation)")
     return Fidelity(not reasons, reasons)
 
 
