@@ -299,11 +299,16 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         return choice
     choice.tile, choice.overlap = best.tile, best.overlap
     if best.tile != tm.tile:
-        evaluated = best.evaluated / float(np.prod(shape))
-        choice.tile_note = (f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {rf}, predicted "
-                            f"{best.memory_mb:.0f} MB, {evaluated:.2f}x the volume evaluated)")
-        notes.append(choice.tile_note)
+        _note_planned(choice, best, shape)
     return choice
+
+
+def _note_planned(choice: TilingChoice, best: Tiling, shape: Sequence[int]) -> None:
+    """Say which tile the planner chose (the note goes if the run streams instead)."""
+    evaluated = best.evaluated / float(np.prod(shape))
+    choice.tile_note = (f"tile {fmt_tile(best.tile)} chosen for an exact run (receptive field {choice.rf}, predicted "
+                        f"{best.memory_mb:.0f} MB, {evaluated:.2f}x the volume evaluated)")
+    choice.notes.append(choice.tile_note)
 
 
 def check_overlap_fits(tm: TileModel, overlap: Any, stitch: str) -> None:
