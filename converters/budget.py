@@ -1,6 +1,6 @@
 """The memory budget of a conversion: every stage that runs the model picks a size that fits it.
 
-``volinfer convert --max-memory`` (default as for ``run``: a quarter of available RAM) bounds each stage: the
+``volinfer convert --max-memory`` (default: a quarter of the machine's memory) bounds each stage: the
 receptive-field probe (only where the graph cannot be read), the tiling check, the reduced-precision check, the
 speed profile and the parity check. Their memory is priced before anything is compiled, with the planner's own
 model of OpenVINO's live tensors (:func:`volinfer.run.fidelity.activation_bytes_per_voxel`).

@@ -51,6 +51,10 @@ def test_default_budget_ignores_free_memory(monkeypatch):
     high = fidelity.default_budget_mb()
     monkeypatch.setattr(portable, "available_mb", lambda: 300.0)
     assert fidelity.default_budget_mb() == high == fidelity.DEFAULT_MEMORY_FRACTION * portable.machine_mb()
+    run = fidelity.default_budget_mb(20.0)  # a run's default: capped at runtime + weights + working memory
+    assert run == min(high, fidelity.RUNTIME_FLOOR_MB + 20.0 + fidelity.DEFAULT_WORKING_MB)
+    monkeypatch.setattr(portable, "machine_mb", lambda: 2000.0)  # a small machine: a quarter of it
+    assert fidelity.default_budget_mb(20.0) == 500.0
 
 
 def test_killed_stream_run_resumes_with_less_free_memory(tmp_path, monkeypatch):

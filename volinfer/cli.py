@@ -148,7 +148,8 @@ def run(**params: Any) -> None:
 @click.option("--tiles", "tile_list", type=TILES, help="Several tile sizes to compare, comma-separated, each N or "
               "XxYxZ (e.g. 64,96,128x128x64).")
 @click.option("--max-memory", type=V.MEMORY, help="As for `run`: peak RAM budget for choosing the tile (e.g. 600M, "
-              "2G; > 0; default a quarter of the machine's RAM or cgroup limit).")
+              "2G; > 0; default the runtime, the weights and 1 GiB, at most a quarter of the machine's RAM or cgroup "
+              "limit).")
 @click.option("--norm-stats", type=click.Choice(["volume", "tile"]), help="As for `run`: InstanceNorm/GroupNorm "
               "statistics from the whole volume (default; streamed passes, counted in the time) or per tile.")
 @click.option("--mirror", help="As for `run`: test-time mirroring axes (any of x, y, z, e.g. xyz); 2^axes "

@@ -34,6 +34,11 @@ RUNTIME_FLOOR_MB = 150.0
 #: Default share of the machine's memory (physical RAM, capped by a cgroup limit) a run may plan for (``--max-memory``
 #: overrides it). Of the machine, not of what happens to be free: the same command plans the same on the same machine.
 DEFAULT_MEMORY_FRACTION = 0.25
+#: A run's default budget is at most the runtime, the model's weights and this much working memory (MB): what the
+#: reference U-Net streams 512³ in (~0.7 GB) with room, and 1024³-2048³ in bands of the same peak. Without this cap a
+#: quarter of a big machine would let the fastest plan grow with the volume (2048³: ~6 GB here), the opposite of
+#: what volinfer is for; ``--max-memory`` trades memory for speed explicitly.
+DEFAULT_WORKING_MB = 1024.0
 #: Plans whose predicted times are within this fraction of the fastest count as equally fast: the leanest of them wins.
 LEANER_WITHIN = 0.10
 #: What OpenVINO's CPU plugin holds beyond the peak of live tensors in topological order (its own layouts, scratch
@@ -280,11 +285,15 @@ def weights_mb(model: ov.Model) -> float:
     return total / 2**20
 
 
-def default_budget_mb() -> float:
-    """The memory budget of a run without ``--max-memory`` (MB): :data:`DEFAULT_MEMORY_FRACTION` of the machine's
-    memory (:func:`volinfer.portable.machine_mb`), never of its momentary free memory (a resumed run must plan the
-    tiling its journal recorded)."""
-    return DEFAULT_MEMORY_FRACTION * portable.machine_mb()
+def default_budget_mb(model_weights_mb: float | None = None) -> float:
+    """The memory budget without ``--max-memory`` (MB): :data:`DEFAULT_MEMORY_FRACTION` of the machine's memory
+    (:func:`volinfer.portable.machine_mb`), never of its momentary free memory (a resumed run must plan the tiling
+    its journal recorded); for a run of a model with ``model_weights_mb`` of weights, at most the runtime, the
+    weights and :data:`DEFAULT_WORKING_MB` (flat peaks as volumes grow)."""
+    machine = DEFAULT_MEMORY_FRACTION * portable.machine_mb()
+    if model_weights_mb is None:
+        return machine
+    return min(machine, RUNTIME_FLOOR_MB + model_weights_mb + DEFAULT_WORKING_MB)
 
 
 def fmt_tile(t: Sequence[int]) -> str:

@@ -253,7 +253,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     rf = stored_receptive_field(tm)
     notes: list[str] = []
     probed: list[float] = []  # predicted peaks of the receptive-field probes made
-    budget = max_memory_mb if max_memory_mb else default_budget_mb()
+    budget = max_memory_mb if max_memory_mb else default_budget_mb(weights_mb(tm.model))
     if rf is None:
         t0 = time.perf_counter()
         rf = measure_receptive_field(tm, max_memory_mb=budget, fits=probe_fits(tm, budget, probed))
@@ -556,7 +556,7 @@ def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_m
     from volinfer.run.stream import plan_stream
 
     fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
-    cap = max_memory_mb or choice.budget_mb or default_budget_mb()
+    cap = max_memory_mb or choice.budget_mb or default_budget_mb(weights_mb(tm.model))
     rf = choice.rf
     margin = rf.radius[1] if banded and rf is not None and rf.measured and rf.bounded else None
     try:
