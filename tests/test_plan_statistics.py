@@ -14,7 +14,7 @@ from models import save_unet2
 import volinfer.bench.spawner as spawner_module
 from volinfer.run.plan import plan_run
 
-SHAPE = (160, 150, 128)  # 3.1 M float32 voxels: the percentile sample (the whole volume here) dominates the loop
+SHAPE = (200, 184, 160)  # 5.9 M float32 voxels: the percentile sample (the whole volume here) dominates the loop
 
 
 def measure_peak_mb(argv: list[str], timeout_s: float = 300) -> tuple[int, float, str]:
