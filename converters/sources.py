@@ -78,7 +78,7 @@ def kind_of(spec: str) -> str:
     return kinds[suffix]
 
 
-def _load_factory(spec: str) -> Callable[..., Any]:
+def load_factory(spec: str) -> Callable[..., Any]:
     """Import the user's factory. Importing ``file.py`` runs it: the user named that code on the command line."""
     target, _, name = spec.rpartition(":")
     if target.endswith(".py"):
@@ -208,7 +208,7 @@ def _torch_source(module: Any, framework: str, path: Path | None, torch: Any) ->
 
 def _load_torch_factory(spec: str, weights: str | None, random_weights: bool,
                         factory_kwargs: dict[str, Any] | None, torch: Any) -> Any:
-    factory = _load_factory(spec)
+    factory = load_factory(spec)
     if not weights and not random_weights:
         raise VolinferError(f"{spec}: a factory builds an untrained network; pass --weights state_dict.pth (or "
                             f"--random-weights to convert it with the weights the factory makes)")

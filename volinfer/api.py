@@ -25,7 +25,7 @@ from volinfer.run.norm_stats import fit_norm_statistics
 from volinfer.run.model_grid import ModelGrid, plan_model_grid, run_on_model_grid, settings_for_model_grid
 from volinfer.tiling.feeder import TileFeeder
 from volinfer.run.setup import (TilingChoice, RunSetup, choose_stream, guard_for, make_normalizer, needs_norm_passes,
-                                plan_tiling, resolve, scan_input, stream_verdict, verdict)
+                                overlap_for, plan_tiling, resolve, scan_input, stream_verdict, verdict)
 from volinfer.run.stream import band_reader, run_stream
 from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
@@ -270,7 +270,7 @@ def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
         run.tm = handle.at(run.choice.tile)
     run.overlap = t.overlap
     if t.overlap is None and run.choice.overlap is None:
-        run.overlap = _overlap_for(run.choice, run.tm)
+        run.overlap = overlap_for(run.choice, run.tm)
     if run.choice.overlap is not None:
         run.overlap = list(run.choice.overlap)
     run.source = open_source(volume, run.tm.tile[2], run.s.input.channel_axis)
@@ -451,17 +451,6 @@ def _zarr_writer(output: Any, source: VolumeSource, spec: Any, grid: Any, kind: 
                       geometry_from_nifti(source.header, source.affine), row_planes=row_planes(grid), kind=kind,
                       chunks=z["chunks"], pyramid=z["pyramid"], compression=z["compression"], overwrite=overwrite,
                       resume=resume, start_row=start_row)
-
-
-def _overlap_for(choice: TilingChoice, tm: TileModel) -> list[float] | None:
-    """With a fixed tile and no overlap asked for: twice the receptive field (crop margins that cover it) when it
-    fits in the tile, else None (the stored or default overlap)."""
-    rf = choice.rf
-    if rf is None or not rf.measured or not rf.bounded or tm.settings.overlap is not None:
-        return None
-    if all(2 * r + tm.multiple <= t for r, t in zip(rf.radius, tm.tile)):
-        return [float(2 * r) for r in rf.radius]
-    return None
 
 
 def _volume_shape(volume: Any, channel_axis: int | None) -> tuple[tuple[int, int, int], int]:

@@ -118,11 +118,11 @@ def run_naive(a: argparse.Namespace) -> dict:
 def _torch_net(a: argparse.Namespace) -> Any:
     import torch
 
-    from converters.sources import _load_factory
+    from converters.sources import load_factory
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    return _load_factory(a.torch_factory)().eval()
+    return load_factory(a.torch_factory)().eval()
 
 
 def run_naive_torch(a: argparse.Namespace) -> dict:

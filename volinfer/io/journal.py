@@ -29,13 +29,13 @@ _CHUNK = 1 << 22  # 4 MiB reads: bounded memory, large enough for full disk/cach
 try:
     import xxhash
 
-    def _hasher() -> Any:
+    def hasher() -> Any:
         return xxhash.xxh3_128()
 
     HASH_NAME = "xxh3_128"
 except ImportError:  # pragma: no cover - xxhash is an install dependency, this is the fallback
 
-    def _hasher() -> Any:
+    def hasher() -> Any:
         return hashlib.blake2b(digest_size=16)
 
     HASH_NAME = "blake2b128"
@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - xxhash is an install dependency, this 
 
 def content_bytes_hash(data: bytes) -> str:
     """The fingerprint hash of a few bytes (a header)."""
-    h = _hasher()
+    h = hasher()
     h.update(data)
     return h.hexdigest()
 
@@ -66,7 +66,7 @@ def _feed_file(h: Any, path: Path) -> None:
 def content_hash(path: str | os.PathLike, skip: Callable[[str], bool] = lambda rel: False) -> str:
     """Streaming hash of a file's bytes, or of a directory's files (relative name, size, bytes; sorted)."""
     p = Path(path)
-    h = _hasher()
+    h = hasher()
     if p.is_dir():
         for root, dirs, files in os.walk(p):
             dirs.sort()

@@ -47,7 +47,7 @@ from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
 from volinfer.run.settings import RunSettings
-from volinfer.run.setup import guard_for, make_normalizer, plan_tiling, resolve, scan_input, verdict
+from volinfer.run.setup import guard_for, make_normalizer, overlap_for, plan_tiling, resolve, scan_input, verdict
 from volinfer.io.journal import Journal
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
@@ -260,7 +260,6 @@ class _Prepared:
 
 
 def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
-    from volinfer.api import _overlap_for
 
     t, o, rt = s.tiling, s.output, s.runtime
     flips = tuple(sorted(t.mirror))  # the source is (x, y, z), like every reader's
@@ -280,7 +279,7 @@ def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
     tm.multiple = handle.multiple
     overlap = t.overlap
     if overlap is None:
-        overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
+        overlap = list(choice.overlap) if choice.overlap is not None else overlap_for(choice, tm)
     tm.precision_reason = handle.precision_reason
     setup = resolve(tm, source.shape, source.channels, s, overlap=overlap, normalizer=scan.normalizer)
     scan.apply(setup)

@@ -341,9 +341,8 @@ def _add_probe(plan: Plan, probe_mb: float, tm: Any, cost: ModelCost) -> None:
 def _plan_tiling(facts: Any, model_path: str | Path, s: Any, paths: Sequence[str | Path] = ()) -> tuple[Any, Any, Any]:
     """The run's own tile planning and settings resolution, on the volume's facts, in the precision the run will use
     (``paths``: the input, read once when ``--precision auto``'s choice depends on its values)."""
-    from volinfer.api import _overlap_for
     from volinfer.model.tile_model import TileModel
-    from volinfer.run.setup import choose_stream, plan_tiling, resolve
+    from volinfer.run.setup import choose_stream, overlap_for, plan_tiling, resolve
 
     t, rt = s.tiling, s.runtime
     handle = TileModel(model_path, tile=t.tile, layout=rt.layout, output=rt.model_output,
@@ -355,7 +354,7 @@ def _plan_tiling(facts: Any, model_path: str | Path, s: Any, paths: Sequence[str
     tm = handle.at(choice.tile, compile=False)
     overlap = t.overlap
     if overlap is None:
-        overlap = list(choice.overlap) if choice.overlap is not None else _overlap_for(choice, tm)
+        overlap = list(choice.overlap) if choice.overlap is not None else overlap_for(choice, tm)
     setup = resolve(tm, facts.shape, facts.channels, s, overlap=overlap)
     return tm, choice, setup
 

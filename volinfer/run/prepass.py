@@ -81,9 +81,9 @@ class ContentDigest:
     order, fed from the same slabs: what ``--resume`` compares, whatever the file's name, place or compression."""
 
     def __init__(self, channels: int) -> None:
-        from volinfer.io.journal import _hasher
+        from volinfer.io.journal import hasher
 
-        self._h = [_hasher() for _ in range(channels)]
+        self._h = [hasher() for _ in range(channels)]
         self.digests: list[str] = []
 
     def update(self, c: int, stored: np.ndarray, z0: int) -> None:

@@ -369,6 +369,17 @@ def unconverted_note(tm: TileModel) -> str | None:
             f"runs without these costs (`volinfer convert {name} -o model.xml`)")
 
 
+def overlap_for(choice: TilingChoice, tm: TileModel) -> list[float] | None:
+    """With a fixed tile and no overlap asked for: twice the receptive field (crop margins that cover it) when it
+    fits in the tile, else None (the stored or default overlap)."""
+    rf = choice.rf
+    if rf is None or not rf.measured or not rf.bounded or tm.settings.overlap is not None:
+        return None
+    if all(2 * r + tm.multiple <= t for r, t in zip(rf.radius, tm.tile)):
+        return [float(2 * r) for r in rf.radius]
+    return None
+
+
 def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
     """The per-voxel cost the planner weighs tilings with, from the model's stored speed profile in the run's
     precision (None: constant), and where it came from (see :func:`volinfer.model.speed_profile.voxel_cost`)."""
