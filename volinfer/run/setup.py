@@ -293,14 +293,20 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         choice.exact_fits = False
         choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb), start=whole)
         choice.overlap = widest_margins(choice.tile, whole, rf, tm.multiple)
-        notes.append(f"no exact tiling fits in {budget:.0f} MB: the most faithful tiling within it instead, tile "
-                     f"{fmt_tile(choice.tile)} with crop margins {fmt_tile([o // 2 for o in choice.overlap])} "
-                     f"(receptive field {rf})" + (", whole-volume statistics" if layers and mode == "volume" else ""))
+        _note_most_faithful(choice, budget, bool(layers) and mode == "volume")
         return choice
     choice.tile, choice.overlap = best.tile, best.overlap
     if best.tile != tm.tile:
         _note_planned(choice, best, shape)
     return choice
+
+
+def _note_most_faithful(choice: TilingChoice, budget: float, whole_stats: bool) -> None:
+    """Say that no exact tiling fits and which tiling runs instead (the note goes if the run streams instead)."""
+    choice.tile_note = (f"no exact tiling fits in {budget:.0f} MB: the most faithful tiling within it instead, tile "
+                        f"{fmt_tile(choice.tile)} with crop margins {fmt_tile([o // 2 for o in choice.overlap])} "
+                        f"(receptive field {choice.rf})" + (", whole-volume statistics" if whole_stats else ""))
+    choice.notes.append(choice.tile_note)
 
 
 def _note_planned(choice: TilingChoice, best: Tiling, shape: Sequence[int]) -> None:
