@@ -474,6 +474,8 @@ def _fold_shapes(model: ov.Model) -> None:
     their convolution's shape) and small f16-compressed constants (interpolation scales: shape inference does not
     see through their Convert) replaced by constants at the model's static shape. Folding the whole model would
     also turn f16-compressed weights into float32 copies, twice their memory: those stay."""
+    if not {op.get_type_name() for op in model.get_ordered_ops()} & {"ShapeOf", "Interpolate"}:
+        return  # nothing computed from shapes (and folding a clone at a 2048³ shape ran out of memory)
     folded = model.clone()
     folding = Manager()
     folding.register_pass(ConstantFolding())
