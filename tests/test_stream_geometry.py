@@ -55,3 +55,20 @@ def test_stream_analysis_refuses_an_output_of_another_size(make):
     """The stream's own analysis says so too (a model whose output size changes only at the whole volume)."""
     with pytest.raises(NotStreamable, match="does not keep its input's spatial size"):
         analyse(make(), [1, 1, 16, 16, 16], 4)
+
+
+def test_stream_refuses_a_fixed_input_shape_in_one_line(tmp_path):
+    """A model with a static 16³ input streamed over a 20x18x15 volume: the stream would ignore the declared shape
+    (or crash in shape inference: 'internal error'); it is refused like --tile, in one line, nothing written."""
+    from models import tiny_unet
+
+    ov.save_model(tiny_unet(static=16), str(tmp_path / "st.xml"))
+    nib.save(nib.Nifti1Image(np.zeros((20, 18, 15), np.float32), np.eye(4)), str(tmp_path / "v.nii"))
+    err = tmp_path / "err.txt"
+    with open(err, "w") as f:
+        p = subprocess.run([sys.executable, "-m", "volinfer", "run", str(tmp_path / "v.nii"), "-m",
+                            str(tmp_path / "st.xml"), "-o", str(tmp_path / "o.nii"), "--engine", "stream"],
+                           stderr=f, stdout=subprocess.DEVNULL, timeout=300)
+    lines = err.read_text().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "fixed input shape" in lines[0], lines
+    assert not (tmp_path / "o.nii").exists()

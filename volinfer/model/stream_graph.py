@@ -463,9 +463,10 @@ def _at_shape(model: ov.Model, full_shape: list[int]) -> ov.Model:
         node.set_friendly_name(f"vi{i}")
     try:
         model.reshape({model.input(0): ov.PartialShape(full_shape)})
+        _fold_shapes(model)  # shape inference of folded values can refuse the shape too (a static input)
     except Exception as e:  # noqa: BLE001  (the tile path reports shape errors with the user's sizes)
-        raise NotStreamable(f"the model rejects the whole-volume shape {full_shape}: {e}") from None
-    _fold_shapes(model)
+        raise NotStreamable(f"the model rejects the whole-volume shape {full_shape}: "
+                            f"{str(e).strip().splitlines()[0][:200]}") from None
     return model
 
 

@@ -3,6 +3,7 @@ plan): stitching, activation, output spec, overlap, grid, and the whole-volume p
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -17,6 +18,7 @@ from volinfer.errors import VolinferError
 from volinfer.run.fidelity import (Fidelity, Tiling, accepts, activation_bytes_per_voxel, default_budget_mb,
                                    explain_exact, fmt_tile, judge, plan_exact, probe_multiple)
 from volinfer.run.fidelity import RUNTIME_FLOOR_MB, leanest_near_fastest, weights_mb
+from volinfer.model.graph_reach import stride_period
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
 from volinfer.model.spatial_norm import (POSITION_OPS, NormLayer, find_norm_layers, fixed_shape_global_ops,
                                          frozen_like)
@@ -264,7 +266,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         notes.append(missing)
     layers, global_ops = model_norm_layers(tm)
     if tm.settings.size_multiple is None and not tm.declared_input.is_static:
-        tm.multiple = probe_multiple(tm.model, tm.layout, tm.in_channels)
+        tm.multiple = run_multiple(tm)
     check_overlap_fits(tm, overlap, stitch or tm.settings.stitch or "crop")
     # a tile longer than the volume padded to the size multiple would show the model more padding than whole-volume
     # inference does (features computed from padding are not the zeros a convolution pads with): clamp it
@@ -373,6 +375,16 @@ def unconverted_note(tm: TileModel) -> str | None:
     name = tm.path.name if tm.path is not None else "the model"
     return (f"{name} stores none of what `volinfer convert` measures once: {', '.join(missing)}; a converted IR "
             f"runs without these costs (`volinfer convert {name} -o model.xml`)")
+
+
+def run_multiple(tm: TileModel) -> int:
+    """The size multiple of a model that stores none (an ONNX file, a plain IR): the smallest size step it accepts,
+    raised to its stride period read from the graph (:func:`volinfer.model.graph_reach.stride_period`), as `volinfer
+    convert` stores it: a model that accepts any size still pools fixed voxel groups, and crop tiles starting
+    between them are not whole-volume inference (an odd offset moved outputs by 0.4 of a 1.2 range)."""
+    m = probe_multiple(tm.model, tm.layout, tm.in_channels)
+    period = stride_period(tm.model, tm.layout, tm.in_channels, tm.tile)
+    return math.lcm(m, *period) if period else m
 
 
 def overlap_for(choice: TilingChoice, tm: TileModel) -> list[float] | None:
@@ -496,7 +508,8 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
     asked = t.engine == "stream"
     conflicts = [name for name, on in (("--tile", tm.tile_given), ("--overlap", t.overlap not in (None, "")),
                                        ("--stitch " + str(t.stitch), (t.stitch or "crop") != "crop"),
-                                       ("--mirror", bool(t.mirror))) if on]
+                                       ("--mirror", bool(t.mirror)),
+                                       ("a fixed input shape", tm.declared_input.is_static)) if on]
     per_tile_stats = bool(choice.norm_layers) and choice.norm_stats != "volume"
     # ops that depend on positions in the tile (align_corners interpolation) make every tiling inexact; the stream
     # computes them on the whole volume (its analysis refuses what it cannot compute)
