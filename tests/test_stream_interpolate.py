@@ -22,6 +22,7 @@ from volinfer.errors import VolinferError
 from volinfer.model.stream_graph import InterpWindow, analyse
 from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.run.fidelity import RUNTIME_FLOOR_MB, weights_mb
+from volinfer.run.setup import run_multiple
 from volinfer.run.stream import plan_stream
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
@@ -56,7 +57,9 @@ def test_every_interpolation_streams_exactly(tmp_path, monkeypatch, mode, transf
         ov.save_model(_resample(mode, transform, nearest, scale), str(path), compress_to_fp16=False)
         vol = _volume(shape, seed=int(scale * 10))
         out, rep = predict(vol, path, engine="stream", precision="f32", kind="raw", progress=False, report=True)
-        ref = whole_volume(path, vol, multiple=1)[0]
+        # whole-volume inference on the volume padded to the run's size multiple (the resampling's stride period,
+        # as `volinfer convert` would store it)
+        ref = whole_volume(path, vol, multiple=run_multiple(TileModel(path, compile=False)))[0]
         assert rep.engine == "stream"
         np.testing.assert_allclose(out, ref, atol=1e-6 * np.abs(ref).max(), rtol=0)
 
