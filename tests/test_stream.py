@@ -16,6 +16,7 @@ import openvino.opset13 as ops
 import pytest
 
 from models import stream_unet
+from stream_models import updown
 from test_resume import KILLER
 from volinfer import predict
 from volinfer.errors import VolinferError
@@ -247,14 +248,7 @@ def test_transposed_convolution_as_stride_phases(tmp_path, monkeypatch, k, s, pb
     volume, to float32 rounding — and the phase path really ran."""
     import volinfer.model.stream_graph as sg
 
-    rng = np.random.default_rng(k * 10 + s)
-    param = ops.parameter([1, 1, -1, -1, -1], np.float32)
-    down = ops.convolution(param, ops.constant(rng.standard_normal((4, 1, s, s, s)).astype(np.float32)),
-                           [s] * 3, [0] * 3, [0] * 3, [1] * 3)
-    up = ops.convolution_backprop_data(down, ops.constant(rng.standard_normal((4, cout, k, k, k)).astype(np.float32)),
-                                       [s] * 3, None, [pb] * 3, [pe] * 3, [1] * 3, output_padding=[op] * 3)
-    m = ov.Model([ops.relu(up)], [param], "updown")
-    m.set_rt_info(str(s), ["volinfer", "size_multiple"])
+    m = updown(k, s, pb, pe, op, cout, seed=k * 10 + s)
     path = tmp_path / "updown.xml"
     ov.save_model(m, str(path), compress_to_fp16=False)
     built: list[ov.Model] = []
