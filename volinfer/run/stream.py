@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
 import openvino as ov
 from volinfer.progress import progress_bar
 
+from volinfer.io.plane_store import PlaneFile, PlaneStore, PlaneWindow, check_space, spill_location
 from volinfer.model.stream_graph import NotStreamable, Segment, StreamGraph, StreamTensor, analyse, build_segment_model
 from volinfer.model.tile_model import TileModel
 from volinfer.tiling.geometry import AxisPlan, plan_axis_crop
@@ -62,9 +63,9 @@ class PlaneBuffer:
                 self.arr[self.capacity + p: self.capacity + e] = self.arr[p:e]
         self.hi = min(a + t, self.n)
 
-    def view(self, lo: int, hi: int) -> np.ndarray:
+    def view(self, lo: int, hi: int, who: Any = None) -> np.ndarray:
         """Planes [lo, hi): a view (a copy only for a window longer than the mirror allows, across the ring's
-        end)."""
+        end). ``who``: the consumer asking (a spilled buffer serves far consumers from disk)."""
         if lo < self.lo or hi > self.hi:
             raise RuntimeError(f"planes [{lo}, {hi}) requested, [{self.lo}, {self.hi}) held")
         assert self.arr is not None
@@ -76,6 +77,48 @@ class PlaneBuffer:
     def release(self, lo: int) -> None:
         """Planes below ``lo`` are no longer needed."""
         self.lo = max(self.lo, min(lo, self.hi))
+
+    def release_to(self, needs: dict[Any, int]) -> None:
+        """Every consumer's lowest plane still needed (``needs``): the planes below all of them go."""
+        if needs:
+            self.release(min(needs.values()))
+
+    def close(self) -> None:
+        pass
+
+
+class SpilledBuffer(PlaneBuffer):
+    """A :class:`PlaneBuffer` whose far consumers (a skip connection's decoder end) read from disk: every committed
+    plane is written once to ``file``; the ring keeps only what the producer writes and the near consumers read
+    (``capacity`` planes), and each far consumer reads its planes back, in order, into a small window of its own
+    (:class:`volinfer.io.plane_store.PlaneWindow`, read-ahead included). RAM: the ring and the windows, whatever the
+    distance between producer and far consumers."""
+
+    def __init__(self, ten: StreamTensor, spill: "Spill", file: PlaneFile) -> None:
+        super().__init__(ten, spill.capacity, spill.mirror)
+        self.file = file
+        self.windows = {who: PlaneWindow(file, ten.plane_shape, ten.np_dtype, planes)
+                        for who, planes in spill.far.items()}
+
+    def commit(self, a: int, t: int) -> None:
+        super().commit(a, t)
+        assert self.arr is not None
+        p = a % self.capacity
+        self.file.write(a, self.arr[p: p + self.hi - a])
+
+    def view(self, lo: int, hi: int, who: Any = None) -> np.ndarray:
+        if lo < self.lo and who in self.windows:  # gone from the ring: from disk
+            if hi > self.hi:
+                raise RuntimeError(f"planes [{lo}, {hi}) requested, {self.hi} written")
+            return self.windows[who].get(lo, hi, self.hi)
+        return super().view(lo, hi)
+
+    def release_to(self, needs: dict[Any, int]) -> None:
+        near = [v for who, v in needs.items() if who not in self.windows]
+        self.release(min(near) if near else self.hi)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 @dataclass
@@ -119,17 +162,24 @@ class StreamRun:
 
     def __init__(self, graph: StreamGraph, read: Callable[[int, np.ndarray | None], None], read_planes: int,
                  chunks: list[int], capacities: dict[str, tuple[int, int]] | None = None,
-                 requests: list[Any] | None = None) -> None:
+                 requests: list[Any] | None = None, spill: tuple[dict[str, "Spill"], PlaneStore] | None = None
+                 ) -> None:
         self.g = graph
         self.read, self.read_t = read, read_planes
         self.compute = capacities is not None
         self.segs = [_Seg(s, t) for s, t in zip(graph.segments, chunks, strict=True)]
-        caps = capacities or {k: (1 << 40, 0) for k in graph.tensors}
-        for k, (cap, _) in (capacities or {}).items():  # writes start on multiples of the producer's chunk
+        spilled, store = spill or ({}, None)
+        caps = {**(capacities or {k: (1 << 40, 0) for k in graph.tensors}),
+                **{k: (sp.capacity, sp.mirror) for k, sp in spilled.items()}}
+        for k, (cap, _) in (caps if capacities else {}).items():  # writes start on multiples of the producer's chunk
             step = read_planes if k == graph.input_key else chunks[graph.producer[k]] if k in graph.producer else 1
             if cap % step:
                 raise RuntimeError(f"buffer of {k} holds {cap} planes, not whole chunks of {step}")
-        self.bufs = {k: PlaneBuffer(t, *caps[k], allocate=self.compute) for k, t in graph.tensors.items()}
+        self.bufs = {k: PlaneBuffer(t, *caps[k], allocate=self.compute) for k, t in graph.tensors.items()
+                     if k not in spilled or store is None}
+        self.bufs.update({k: SpilledBuffer(graph.tensors[k], sp, store.open(graph.tensors[k].plane_bytes))
+                          for k, sp in spilled.items() if store is not None})
+        self.held: dict[str, dict[tuple[int, int], int]] = {k: {} for k in graph.tensors}  # see plan_capacities
         self.busy = 0.0
         self.calls = 0
         # each consumer's lowest plane still needed, per tensor: (segment index, input j) -> plane
@@ -150,6 +200,7 @@ class StreamRun:
         while buf.hi < upto:
             if key == self.g.input_key:
                 a = buf.hi
+                self._track(key, a, self.read_t)
                 slot = buf.reserve(a, self.read_t)
                 self.read(a, slot)
                 buf.commit(a, self.read_t)
@@ -161,10 +212,13 @@ class StreamRun:
         ranges = [win.input_range(a, t) for _, win in seg.inputs]
         for (key, _), (lo, hi) in zip(seg.inputs, ranges):
             self.pull(key, hi)
+        for k in seg.outputs:
+            self._track(k, a, t)
         slots = [self.bufs[k].reserve(a, t) for k in seg.outputs]
         if self.compute:
             req = rs.request
-            inputs = [self._gather(key, lo, hi, seg.pad_value if seg.anchor is not None and j == 0 else 0.0)
+            inputs = [self._gather(key, lo, hi, seg.pad_value if seg.anchor is not None and j == 0 else 0.0,
+                                   (seg.index, j))
                       for j, ((key, _), (lo, hi)) in enumerate(zip(seg.inputs, ranges))]  # alive until infer returns
             for j, ((key, _), data) in enumerate(zip(seg.inputs, inputs)):
                 req.set_input_tensor(j, _tensor(data, self.g.tensors[key]))
@@ -183,22 +237,33 @@ class StreamRun:
             self.needs[key][(seg.index, j)] = win.input_range(rs.next, t)[0]
             self._release(key)
 
-    def _gather(self, key: str, lo: int, hi: int, pad: float) -> np.ndarray:
-        """Planes [lo, hi) of ``key``: a view of its buffer, or (at the volume's ends) a copy with padding planes,
-        made for this call only."""
+    def _gather(self, key: str, lo: int, hi: int, pad: float, who: tuple[int, int]) -> np.ndarray:
+        """Planes [lo, hi) of ``key`` for consumer ``who``: a view of its buffer, or (at the volume's ends) a copy
+        with padding planes, made for this call only."""
         buf = self.bufs[key]
         if lo >= 0 and hi <= buf.n:
-            return buf.view(lo, hi)
+            return buf.view(lo, hi, who)
         scratch = np.full((hi - lo, *buf.plane_shape), _bits(pad, buf.ten), buf.ten.np_dtype)
         a, b = max(lo, 0), min(hi, buf.n)
         if b > a:
-            scratch[a - lo: b - lo] = buf.view(a, b)
+            scratch[a - lo: b - lo] = buf.view(a, b, who)
         return scratch
 
     def _release(self, key: str) -> None:
-        needs = self.needs[key].values()
-        if needs:
-            self.bufs[key].release(min(needs))
+        self.bufs[key].release_to(self.needs[key])
+
+    def _track(self, key: str, a: int, t: int) -> None:
+        """Dry runs: the most planes each consumer of ``key`` keeps held when planes [a, a+t) are written."""
+        if self.compute:
+            return
+        held = self.held[key]
+        for who, need in self.needs[key].items():
+            held[who] = max(held.get(who, 0), a + t - max(0, min(need, a)))
+
+    def close(self) -> None:
+        """Close (and delete) the spill files of this pass."""
+        for buf in self.bufs.values():
+            buf.close()
 
     def take(self, a: int, t: int) -> np.ndarray | None:
         """Output planes [a, a+t) (z-first), computed as needed; the caller then calls :meth:`done` with ``a+t``."""
@@ -237,19 +302,22 @@ def _bits(value: float, ten: StreamTensor) -> Any:
 
 
 def plan_capacities(graph: StreamGraph, read_planes: int, rows: list[tuple[int, int]],
-                    chunks: list[int]) -> dict[str, tuple[int, int]]:
+                    chunks: list[int], spill: list["Spill"] | None = None) -> dict[str, tuple[int, int]]:
     """(ring planes, mirror planes) of each buffer: the planes it must hold, from a bookkeeping-only pass over the
     whole volume written in ``rows`` (the output plane ranges the run will take, in order) with the segments
     computing ``chunks`` planes per call, rounded up to whole slots of its producer's chunk; and its longest window
-    read by a segment, less one. Valid for exactly these chunks (another chunking needs other sizes)."""
+    read by a segment, less one. Valid for exactly these chunks (another chunking needs other sizes). ``spill``
+    receives what spilling each buffer with far consumers would keep in RAM instead (:func:`spill_options`)."""
     dry = StreamRun(graph, lambda a, slot: None, read_planes, chunks)
     for a, b in rows:
         dry.take(a, b - a)
         dry.done(b)
     window = {k: 0 for k in graph.tensors}  # the longest window a segment reads of each tensor
+    windows: dict[str, dict[tuple[int, int], int]] = {k: {} for k in graph.tensors}  # per consumer
     for rs in dry.segs:
-        for key, win in rs.seg.inputs:
-            window[key] = max(window[key], win.input_planes(rs.t) if win.kind != "same" else rs.t)
+        for j, (key, win) in enumerate(rs.seg.inputs):
+            windows[key][(rs.seg.index, j)] = win.input_planes(rs.t) if win.kind != "same" else rs.t
+            window[key] = max(window[key], windows[key][(rs.seg.index, j)])
     caps = {}
     for k, b in dry.bufs.items():
         if k != graph.input_key and k not in graph.producer:  # inside one segment: never stored
@@ -258,7 +326,46 @@ def plan_capacities(graph: StreamGraph, read_planes: int, rows: list[tuple[int, 
         step = read_planes if k == graph.input_key else dry.segs[graph.producer[k]].t
         cap = -(-max(1, b.need) // step) * step  # whole slots: a write never wraps
         caps[k] = (cap, min(max(0, window[k] - 1), cap))
+        if spill is not None and k != graph.output_key:
+            option = _spill_option(graph.tensors[k], caps[k], step, dry.held[k], windows[k])
+            if option is not None:
+                spill.append(option)
+    if spill is not None:
+        spill.sort(key=lambda o: -o.saved_bytes)
     return caps
+
+
+@dataclass(frozen=True)
+class Spill:
+    """One buffer spilled to disk (:class:`SpilledBuffer`): its ring for the producer and near consumers, the
+    window of planes each far consumer reads back, and what that saves."""
+
+    key: str
+    capacity: int  # ring planes (whole producer chunks)
+    mirror: int
+    far: dict[tuple[int, int], int]  # far consumer (segment index, input j) -> planes of its read-back window
+    saved_bytes: int  # RAM saved against the unspilled buffer
+    disk_bytes: int  # the tensor's planes, each written once
+    reads: int  # far consumers (each reads every plane back once)
+
+
+def _spill_option(ten: StreamTensor, cap: tuple[int, int], step: int, held: dict[tuple[int, int], int],
+                  windows: dict[tuple[int, int], int]) -> Spill | None:
+    """Spilling a buffer whose consumers keep ``held`` planes each (dry run) and read ``windows`` at a time: the
+    consumers that keep many more planes than they read (:data:`SPILL_FAR`) read from disk instead; None when none
+    does or it would save nothing."""
+    far = {who: w for who, w in windows.items() if held.get(who, 0) > SPILL_FAR * (w + step)}
+    if not far:
+        return None
+    near = [who for who in windows if who not in far]
+    ring = -(-max([step] + [held.get(who, 0) for who in near]) // step) * step
+    mirror = min(max([0] + [windows[who] - 1 for who in near]), ring)
+    ahead = max(1, SPILL_READ_BYTES // max(1, ten.plane_bytes))
+    far = {who: min(w + max(w, min(ahead, (held[who] - w) // 4)), ten.n) for who, w in far.items()}
+    saved = (sum(cap) - ring - mirror - sum(far.values())) * ten.plane_bytes
+    if saved <= 0:
+        return None
+    return Spill(ten.key, ring, mirror, far, saved, ten.n * ten.plane_bytes, len(far))
 
 
 def stream_graph_for(model: TileModel, padded: tuple[int, int, int]) -> StreamGraph:
@@ -278,6 +385,25 @@ WORKING_FACTOR = 1.75
 #: Output planes written per step (one journal row); a multiple of the model's size multiple.
 OUT_PLANES = 16
 
+#: Spilling (:class:`SpilledBuffer`): a consumer is "far" — served from disk — when it keeps more than this many times
+#: (its window + the producer's chunk) planes waiting (a skip connection waiting for its decoder).
+SPILL_FAR = 2.0
+#: Bytes a far consumer's window reads ahead (one read per refill; the OS is asked for the next ones).
+SPILL_READ_BYTES = 4 << 20
+#: Spill traffic the planner predicts, in bytes moved (each spilled byte written once, read back once) per second of
+#: the run. Measured on this machine (2 cores, ext4 on virtio, 24 GiB): 512 MB written in 2 MB positioned writes, read
+#: back in 8 MB positioned reads, five fresh processes: write 350-4970 MB/s (page cache; the first run of the day
+#: slowest), read 4690-7820 MB/s, write+read of each byte 330-3040 MB/s spilled (660-6080 MB/s moved); after fsync
+#: and POSIX_FADV_DONTNEED (reads from the disk itself) 2110-2560 MB/s. Taken low: spills compete with OpenVINO for
+#: the same cores and memory bandwidth.
+SPILL_BYTES_PER_S = 1.5e9
+#: Which plans may spill: "auto" (the planner weighs spilling like any plan), "never", or "always" (every buffer
+#: that can spill does: tests).
+SPILL = "auto"
+#: Seconds per voxel a plan's time is counted in when the model has no speed profile (its unit is then voxels):
+#: the reference U-Net's ~12 Mvox/s, to weigh spill traffic against voxels evaluated.
+NOMINAL_VOXEL_S = 1 / 12e6
+
 
 @dataclass
 class StreamPlan:
@@ -295,9 +421,13 @@ class StreamPlan:
     rows: list[tuple[int, int]]  # the output plane ranges the run takes, in order
     chunks: list[int]  # output planes per call of each segment (what the buffers were sized for)
     capacities: dict[str, tuple[int, int]]  # (ring planes, mirror planes) per tensor
-    buffers_mb: float
+    buffers_mb: float  # plane buffers in RAM (less what is spilled)
     working_mb: float  # OpenVINO's own memory for the segments' calls (estimated)
     peak_mb: float | None = None  # the run's predicted peak: runtime, weights, buffers, working memory
+    spill_options: list[Spill] = field(default_factory=list)  # the buffers that can spill, most RAM saved first
+    spill: dict[str, Spill] = field(default_factory=dict)  # the buffers spilled to disk
+    spill_at: tuple[str, str] | None = None  # (directory, name prefix) of spill files (volinfer.io.plane_store)
+    spill_used: dict[str, Any] | None = None  # what the run's spill wrote and read (run_stream)
 
     def store_in(self, precision: str) -> None:
         """Keep the planes between segments in ``precision`` (a run whose precision changed after planning: the
@@ -307,10 +437,53 @@ class StreamPlan:
         self.graph.store_in(precision if precision in ("bf16", "f16") else "f32")
         if stored == [t.storage for t in self.graph.tensors.values()]:
             return  # planned for this storage already
-        self.chunks, self.capacities, self.buffers_mb, self.working_mb = _sizes(self.graph, self.read_planes,
-                                                                                self.rows)
+        (self.chunks, self.capacities, self.buffers_mb, self.working_mb,
+         self.spill_options) = _sizes(self.graph, self.read_planes, self.rows)
+        self.spill = {o.key: o for o in self.spill_options if o.key in self.spill}  # the same buffers spilled
+        self.buffers_mb -= self.spill_saved_mb
         if self.peak_mb is not None:
             self.peak_mb += self.memory_mb - before
+
+    def spilling(self, n: int) -> "StreamPlan":
+        """This plan with the ``n`` buffers that save the most RAM spilled (:attr:`spill_options`)."""
+        unspilled = self.buffers_mb + self.spill_saved_mb
+        plan = replace(self, spill={o.key: o for o in self.spill_options[:n]})
+        plan.buffers_mb = unspilled - plan.spill_saved_mb
+        if plan.peak_mb is not None:
+            plan.peak_mb += plan.memory_mb - self.memory_mb
+        return plan
+
+    @property
+    def spill_saved_mb(self) -> float:
+        return sum(o.saved_bytes for o in self.spill.values()) / 2**20
+
+    @property
+    def spill_disk_bytes(self) -> int:
+        return sum(o.disk_bytes for o in self.spill.values())
+
+    @property
+    def spill_s(self) -> float:
+        """Predicted seconds the spill adds: its bytes written once and read back by each far consumer."""
+        return sum(o.disk_bytes * (1 + o.reads) for o in self.spill.values()) * self.bands_count / SPILL_BYTES_PER_S
+
+    @property
+    def bands_count(self) -> int:
+        return max(1, -(-(self.padded[1] - 2 * self.margin) // max(1, self.band - 2 * self.margin)))
+
+    def spill_cost(self, seconds: bool) -> float:
+        """:attr:`spill_s` in a plan's time unit: seconds (``seconds``), else voxels (:data:`NOMINAL_VOXEL_S`)."""
+        return self.spill_s if seconds else self.spill_s / NOMINAL_VOXEL_S
+
+    def spill_summary(self) -> dict[str, Any] | None:
+        """What is spilled (for the summary and ``--json``); None when nothing is."""
+        if not self.spill:
+            return None
+        used = self.spill_used or {}
+        return {"tensors": len(self.spill), "ram_saved_mb": round(self.spill_saved_mb, 1),
+                "disk_mb": round(self.spill_disk_bytes / 2**20, 1),
+                "written_mb": round(used.get("written", 0) / 2**20, 1),
+                "read_mb": round(used.get("read", 0) / 2**20, 1),
+                "directory": self.spill_at[0] if self.spill_at else None}
 
     @property
     def memory_mb(self) -> float:
@@ -325,36 +498,69 @@ class StreamPlan:
         ay = self.bands(size_y, multiple)
         where = "" if ay.count == 1 else (f" in {ay.count} bands of {self.band} rows along y (margins {self.margin}, "
                                           f"{ay.count * ay.tile / size_y:.2f}x the rows evaluated)")
+        spilled = ("" if not self.spill else
+                   f" ({len(self.spill)} skip connection(s) spilled to disk: {self.spill_saved_mb:.0f} MB of RAM "
+                   f"saved, {self.spill_disk_bytes / 2**20:.0f} MB of disk{' per band' if ay.count > 1 else ''}, "
+                   f"about {self.spill_s:.1f} s of disk traffic)")
         return (f"layer streaming along z{where}: {len(self.graph.segments)} segments ({anchored} convolution/pooling/"
                 f"interpolation layers), every voxel of every layer computed once per band; plane buffers "
-                f"{self.buffers_mb:.0f} MB")
+                f"{self.buffers_mb:.0f} MB{spilled}")
 
 
 def plan_stream(tm: TileModel, shape: tuple[int, int, int], precision: str,
-                fits: Callable[[StreamPlan], bool] | None = None, margin_y: int | None = None) -> StreamPlan:
+                fits: Callable[[StreamPlan], bool] | None = None, margin_y: int | None = None,
+                cost: Callable[[StreamPlan], float] | None = None) -> StreamPlan:
     """How ``tm`` would stream a volume of ``shape`` (x, y, z) at ``precision``: the whole cross-section at once,
-    or — when that does not satisfy ``fits`` and a y margin covering the receptive field is given — the widest band
-    of y rows that does (memory grows with the rows of a band; the narrowest band when none does). A model whose
-    in-plane coordinates depend on the extent along y (align_corners interpolation) streams whole cross-sections
-    only: a band would be a tile, and no tiling is exact for it. Raises NotStreamable."""
+    or — when that does not satisfy ``fits`` even with skip connections spilled to disk and a y margin covering the
+    receptive field is given — the widest band of y rows that does (memory grows with the rows of a band; the
+    narrowest band when none does). Spilling (:func:`_spilled`): with ``cost`` (a plan's predicted time) the
+    planner's objective picks among the plans that fit, spilling more or fewer buffers
+    (:func:`volinfer.run.fidelity.leanest_near_fastest`); without, buffers spill only as far as ``fits`` needs. A
+    model whose in-plane coordinates depend on the extent along y (align_corners interpolation) streams whole
+    cross-sections only: a band would be a tile, and no tiling is exact for it. Raises NotStreamable."""
     m = tm.multiple
     padded = tuple(-(-n // m) * m for n in shape)
     whole = _plan_band(tm, shape, padded, padded[1], 0, precision)  # type: ignore[arg-type]
-    if fits is None or fits(whole) or margin_y is None or not whole.graph.bands_exact(3):
-        return whole
+    if fits is None:
+        return _spilled(whole, lambda p: True, cost)
+    chosen = _spilled(whole, fits, cost, none_fit=False)
+    if chosen is not None or margin_y is None or not whole.graph.bands_exact(3):
+        return chosen or _spilled(whole, lambda p: True, None, leanest=True)
     margin = -(-margin_y // m) * m
     extents = list(range(2 * margin + m, padded[1] - m + 1, m))  # band rows, a core of >= m rows each
     if not extents:
-        return whole
+        return _spilled(whole, lambda p: True, None, leanest=True)
     best, lo, hi = None, 0, len(extents) - 1
-    while lo <= hi:  # memory grows with the band: the widest that fits
+    while lo <= hi:  # memory grows with the band: the widest that fits (spilled as far as it may)
         mid = (lo + hi) // 2
         cand = _plan_band(tm, shape, padded, extents[mid], margin, precision)  # type: ignore[arg-type]
-        if fits(cand):
+        if fits(_spilled(cand, lambda p: True, None, leanest=True)):
             best, lo = cand, mid + 1
         else:
             hi = mid - 1
-    return best or _plan_band(tm, shape, padded, extents[0], margin, precision)  # type: ignore[arg-type]
+    if best is None:
+        return _spilled(_plan_band(tm, shape, padded, extents[0], margin, precision),  # type: ignore[arg-type]
+                        lambda p: True, None, leanest=True)
+    return _spilled(best, fits, cost)
+
+
+def _spilled(plan: StreamPlan, fits: Callable[[StreamPlan], bool], cost: Callable[[StreamPlan], float] | None,
+             none_fit: bool = True, leanest: bool = False) -> Any:
+    """``plan`` with 0, 1, 2, ... of its spill options (most RAM saved first) applied: among those that satisfy
+    ``fits``, the planner's objective's pick by ``cost`` (least time, the leanest within 10% of it), else the one
+    that spills least; ``leanest``: every option applied. :data:`SPILL` may rule spilling out or in. None when none
+    fits and not ``none_fit`` (else the leanest)."""
+    from volinfer.run.fidelity import leanest_near_fastest
+
+    n = len(plan.spill_options)
+    counts = [0] if SPILL == "never" else [n] if SPILL == "always" or leanest else list(range(n + 1))
+    variants = [plan.spilling(k) for k in counts]
+    fitting = [v for v in variants if fits(v)]
+    if not fitting:
+        return variants[-1] if none_fit else None
+    if cost is None:
+        return fitting[0]
+    return leanest_near_fastest(fitting, cost, lambda p: p.memory_mb)
 
 
 def _plan_band(tm: TileModel, shape: tuple[int, int, int], padded: tuple[int, int, int], band: int, margin: int,
@@ -365,22 +571,32 @@ def _plan_band(tm: TileModel, shape: tuple[int, int, int], padded: tuple[int, in
     graph.store_in(precision if precision in ("bf16", "f16") else "f32")
     step = max(m, OUT_PLANES // m * m)
     rows = list(plan_axis_crop(shape[2], step, m, 0).cores)
-    chunks, caps, buffers, working = _sizes(graph, step, rows)
-    return StreamPlan(graph, padded, band, margin, step, step, rows, chunks, caps, buffers, working)
+    chunks, caps, buffers, working, spill = _sizes(graph, step, rows)
+    return StreamPlan(graph, padded, band, margin, step, step, rows, chunks, caps, buffers, working,
+                      spill_options=spill)
 
 
 def _sizes(graph: StreamGraph, step: int, rows: list[tuple[int, int]]) -> tuple[list[int], dict[str, tuple[int, int]],
-                                                                              float, float]:
-    """For the graph's current plane storage: the segments' chunks, the buffers' capacities for those chunks, and
-    the MB of buffers and of OpenVINO's working memory."""
+                                                                              float, float, list[Spill]]:
+    """For the graph's current plane storage: the segments' chunks, the buffers' capacities for those chunks, the
+    MB of buffers and of OpenVINO's working memory, and the buffers that can spill."""
     chunks = chunking(graph)
-    caps = plan_capacities(graph, step, rows, chunks)
+    spill: list[Spill] = []
+    caps = plan_capacities(graph, step, rows, chunks, spill)
     buffers = sum(sum(caps[k]) * t.plane_bytes for k, t in graph.tensors.items())
     working = 0
     for s, t in zip(graph.segments, chunks):  # every compiled segment keeps its own copies of its inputs and outputs
         working += sum(w.input_planes(t) * graph.tensors[k].plane_bytes for k, w in s.inputs)
         working += sum(t * graph.tensors[k].plane_bytes for k in s.outputs)
-    return chunks, caps, buffers / 2**20, WORKING_FACTOR * working / 2**20
+    return chunks, caps, buffers / 2**20, WORKING_FACTOR * working / 2**20, spill
+
+
+def prepare_spill(plan: StreamPlan, output: Any) -> None:
+    """Before any work: where ``plan``'s spill files go (beside ``output``, else the temporary directory) and
+    whether the disk has room for them (a one-line error saying what they need)."""
+    plan.spill_at = tuple(map(str, spill_location(output)))  # type: ignore[assignment]
+    if plan.spill:
+        check_space(plan.spill_at[0], plan.spill_disk_bytes)
 
 
 def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, writer: Any, *, grid: Any,
@@ -403,12 +619,16 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
         start_row, on_row_done = 0, None
     block = np.empty((spec.out_channels, max(b - a for a, b in cores), max(b - a for a, b in ay.cores), shape[0]),
                      spec.dtype)
+    store = _spill_store(plan)
     bar = progress_bar(len(cores) * ay.count, "volinfer", "slab", initial=start_row, disable=not progress)
-    busy, calls = 0.0, 0
+    busy, calls, run = 0.0, 0, None
     try:
         for sy, (cy0, cy1) in zip(ay.starts, ay.cores):
-            run = None  # the previous band's buffers go before this band's are made
-            run = StreamRun(plan.graph, reader(sy), plan.read_planes, plan.chunks, plan.capacities, requests)
+            if run is not None:
+                run.close()  # the previous band's buffers (and spill files) go before this band's are made
+            run = None
+            run = StreamRun(plan.graph, reader(sy), plan.read_planes, plan.chunks, plan.capacities, requests,
+                            (plan.spill, store) if store is not None else None)
             for r, (a, b) in enumerate(cores):
                 n, ny = b - a, cy1 - cy0
                 planes = run.take(a, n)
@@ -423,7 +643,24 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
             busy, calls = busy + run.busy, calls + run.calls
     finally:
         bar.close()
+        if run is not None:
+            run.close()
+        if store is not None:
+            plan.spill_used = {"written": store.written, "read": store.read_bytes}
+            store.close()
     return busy, calls
+
+
+def _spill_store(plan: StreamPlan) -> PlaneStore | None:
+    """The store for ``plan``'s spilled buffers (None when nothing spills), its disk space checked."""
+    if not plan.spill:
+        return None
+    if plan.spill_at is None:
+        prepare_spill(plan, None)
+    else:
+        check_space(plan.spill_at[0], plan.spill_disk_bytes)
+    assert plan.spill_at is not None
+    return PlaneStore(*plan.spill_at)
 
 
 def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any, pad_mode: str = "constant",

@@ -1,0 +1,200 @@
+"""The disk-backed plane store of the layer-streaming engine: planes that must wait long (a U-Net's skip connections,
+held until the decoder reaches them) are written once to a temporary file and read back sequentially, a small
+window at a time, instead of being held in RAM.
+
+* :class:`PlaneFile` — one tensor's planes on disk: positioned writes and reads in bounded chunks
+  (:mod:`volinfer.portable`), never ``mmap`` (mapped pages would count as the process's resident memory);
+* :class:`PlaneWindow` — a consumer's planes read back into one reused array, refilled as far as it holds (read-ahead),
+  the OS asked to fetch the next ones (``POSIX_FADV_WILLNEED``);
+* :class:`PlaneStore` — a run's spill files: in a directory beside the output, named after it and the owning process
+  (``.<output>.volinfer-spill-<pid>-<n>``), deleted on close; on POSIX a file is unlinked as soon as it is open, so
+  not even a SIGKILL leaves it behind, and :func:`remove_stale` deletes what a killed run left where that is not
+  possible.
+
+I/O only: numpy, :mod:`volinfer.portable` and :mod:`volinfer.errors`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from volinfer import portable
+from volinfer.errors import VolinferError
+
+#: What every spill file's name contains (after the output's name, before the owner's pid).
+SPILL_MARK = ".volinfer-spill-"
+#: Unlink each spill file as soon as it is open (POSIX: the open descriptor keeps its blocks until it is closed, by
+#: the process's end at the latest, SIGKILL included). Where the OS refuses (Windows), the file is deleted on close.
+UNLINK_OPEN = os.name != "nt"
+#: Room kept free beyond a spill's own bytes (MB): a spill must not fill the disk the output is written to.
+SPACE_MARGIN_MB = 256.0
+_NAME_MAX = 200  # a spill file's name stays under the 255-byte limit of file names with its suffix
+
+
+def spill_location(output: str | os.PathLike | None) -> tuple[Path, str]:
+    """(directory, name prefix) of a run's spill files: beside ``output``, named after it (a later run on the same
+    output finds a killed run's leftovers); the temporary directory for in-memory outputs."""
+    if output is None:
+        return Path(tempfile.gettempdir()), ".volinfer"
+    out = Path(output).absolute()
+    name = "." + out.name
+    if len(name.encode()) > _NAME_MAX:
+        name = "." + hashlib.sha1(out.name.encode()).hexdigest()
+    return out.parent, name
+
+
+def remove_stale(directory: str | os.PathLike, prefix: str) -> list[Path]:
+    """Delete the spill files named ``prefix``... in ``directory`` whose owning process is gone (a run that was
+    killed); returns the paths deleted."""
+    gone = []
+    try:
+        entries = list(Path(directory).glob(glob_escape(prefix) + SPILL_MARK + "*"))
+    except OSError:
+        return gone
+    for path in entries:
+        pid = path.name[len(prefix) + len(SPILL_MARK):].split("-", 1)[0]
+        if not pid.isdigit() or portable.pid_alive(int(pid)):
+            continue
+        try:
+            path.unlink()
+            gone.append(path)
+        except OSError:
+            pass
+    return gone
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def check_space(directory: str | os.PathLike, need_bytes: int, what: str = "spilling planes to disk") -> None:
+    """Refuse, before any work, a spill the disk holding ``directory`` has no room for (with a margin)."""
+    free = portable.disk_free(directory)
+    need_mb = need_bytes / 2**20
+    if free is not None and free / 2**20 < need_mb + SPACE_MARGIN_MB:
+        raise VolinferError(f"{what} needs {need_mb:.0f} MB of disk (+{SPACE_MARGIN_MB:.0f} MB kept free) in "
+                            f"{directory}, which has {free / 2**20:.0f} MB free: free some space, or give "
+                            f"--max-memory more so that fewer planes spill")
+
+
+class PlaneFile:
+    """Planes of ``plane_bytes`` each, written once (plane ``i`` at byte ``i * plane_bytes``) and read back."""
+
+    def __init__(self, path: Path, plane_bytes: int, unlink: bool = UNLINK_OPEN) -> None:
+        self.path, self.plane_bytes = path, plane_bytes
+        self.fd = portable.open_fd(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.linked = True
+        if unlink:
+            try:
+                os.unlink(path)
+                self.linked = False
+            except OSError:
+                pass
+        self.written = 0  # bytes written
+        self.read_bytes = 0
+
+    def write(self, first: int, planes: np.ndarray) -> None:
+        """Planes ``first...`` from the contiguous array ``planes`` (z-first)."""
+        portable.pwrite_all(self.fd, np.ascontiguousarray(planes), first * self.plane_bytes)
+        self.written += planes.nbytes
+
+    def read(self, first: int, out: np.ndarray) -> None:
+        """Planes ``first...`` into the contiguous array ``out`` (all of them: a short read is an error)."""
+        got = portable.pread_into(self.fd, out, first * self.plane_bytes)
+        if got != out.nbytes:
+            raise OSError(f"spill file {self.path}: {got} of {out.nbytes} bytes read at plane {first}")
+        self.read_bytes += got
+
+    def will_need(self, first: int, count: int) -> None:
+        """Ask the OS to start reading planes [first, first + count) (no-op where it cannot be asked)."""
+        if count > 0 and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(self.fd, first * self.plane_bytes, count * self.plane_bytes,
+                                 os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Close and delete (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.linked:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            self.linked = False
+
+
+class PlaneWindow:
+    """One consumer's view of a :class:`PlaneFile`: planes [lo, hi) held contiguously in one array of ``capacity``
+    planes, reused. A window that moves forward keeps the planes it still covers (moved to the front) and reads the
+    rest, as many as the array holds and have been written (read-ahead: few, large reads), asking the OS for the
+    ones after."""
+
+    def __init__(self, file: PlaneFile, plane_shape: tuple[int, ...], dtype: Any, capacity: int) -> None:
+        self.file, self.capacity = file, capacity
+        self.arr = np.empty((capacity, *plane_shape), dtype)
+        self.lo = self.hi = 0  # planes held: [lo, hi)
+
+    def get(self, lo: int, hi: int, written: int) -> np.ndarray:
+        """Planes [lo, hi) (all written: ``hi <= written``), a view valid until the next call."""
+        if hi - lo > self.capacity:
+            raise RuntimeError(f"spill window of {self.capacity} planes asked for {hi - lo}")
+        if lo < self.lo or hi > self.hi:
+            keep = max(0, self.hi - lo) if self.lo <= lo < self.hi else 0
+            if keep:
+                self.arr[:keep] = self.arr[lo - self.lo: self.hi - self.lo]
+            end = min(lo + self.capacity, written)
+            self.file.read(lo + keep, self.arr[keep: end - lo])
+            self.lo, self.hi = lo, end
+            self.file.will_need(end, self.capacity)
+        return self.arr[lo - self.lo: hi - self.lo]
+
+
+class PlaneStore:
+    """The spill files of one run, in ``directory``, named after ``prefix`` and this process; :meth:`close` (or
+    leaving the ``with`` block, however it is left) deletes them all."""
+
+    def __init__(self, directory: str | os.PathLike, prefix: str) -> None:
+        self.directory, self.prefix = Path(directory), prefix
+        self.files: list[PlaneFile] = []
+        self._count = 0
+
+    def open(self, plane_bytes: int) -> PlaneFile:
+        self._count += 1
+        path = self.directory / f"{self.prefix}{SPILL_MARK}{os.getpid()}-{self._count}"
+        f = PlaneFile(path, plane_bytes)
+        self.files.append(f)
+        return f
+
+    @property
+    def written(self) -> int:
+        return sum(f.written for f in self.files)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(f.read_bytes for f in self.files)
+
+    def close(self) -> None:
+        errors = []
+        for f in self.files:
+            try:
+                f.close()
+            except OSError as e:  # close every file before saying so
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> "PlaneStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
