@@ -15,6 +15,7 @@ from volinfer.run.engine import RunReport, peak_rss_mb, run_tiles
 from volinfer.errors import Interrupted, VolinferError
 from volinfer.io.batch_record import BatchRecord, check_unique
 from volinfer.io.journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
+from volinfer.io.plane_store import remove_stale, spill_location
 from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.io.reader import VolumeSource
 from volinfer.io.ome import geometry_from_nifti
@@ -26,7 +27,7 @@ from volinfer.run.model_grid import ModelGrid, plan_model_grid, run_on_model_gri
 from volinfer.tiling.feeder import TileFeeder
 from volinfer.run.setup import (TilingChoice, RunSetup, choose_stream, guard_for, make_normalizer, needs_norm_passes,
                                 overlap_for, plan_tiling, resolve, scan_input, stream_verdict, verdict)
-from volinfer.run.stream import band_reader, run_stream
+from volinfer.run.stream import band_reader, prepare_spill, run_stream
 from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter
@@ -249,6 +250,7 @@ def _lock_output(run: _Run) -> None:
     if run.output is not None:
         check_any_output(run.output, _output_guard_paths(run), run.s.overwrite, run.s.resume)
         run.lock = OutputLock(run.output).acquire()
+        remove_stale(*spill_location(run.output))  # spill: what a killed run on this output left
 
 
 def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
@@ -262,6 +264,8 @@ def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
     run.choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
                              norm_stats=t.norm_stats, mirror=bool(t.mirror))
     choose_stream(handle, shape, run.choice, run.s, banded=run.output is None or not is_zarr_output(run.output))
+    if run.stream is not None:  # spill: files beside the output, disk space checked before any work
+        prepare_spill(run.stream, run.output)
     if run.stream is not None:  # rows of output planes over bands of the padded cross-section; nothing compiled whole
         sp = run.stream
         run.choice.tile, run.choice.overlap = (sp.padded[0], sp.band, sp.out_planes), (0, 2 * sp.margin, 0)
@@ -408,6 +412,7 @@ def _report(run: _Run, wall_s: float) -> RunReport:
         input_passes=setup.input_passes + run.passes, engine="stream" if run.stream is not None else "tiles",
     )
     rep.set_fidelity(run.fidelity)
+    rep.spill = run.stream.spill_summary() if run.stream is not None else None  # spill: what went to disk
     rep.notes.extend(_notes(run))
     if reused:
         rep.extra["constant"] = f"{reused} of {n} tiles were constant and reused one cached inference"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,12 @@ def check_space(directory: str | os.PathLike, need_bytes: int, what: str = "spil
 
 
 class PlaneFile:
-    """Planes of ``plane_bytes`` each, written once (plane ``i`` at byte ``i * plane_bytes``) and read back."""
+    """Planes of ``plane_bytes`` each, written once and read back. With ``ring`` planes the file is a ring (plane
+    ``i`` at slot ``i % ring``): a reader that never lags the writer by more than ``ring`` planes needs no more
+    disk, and the OS rewrites the same cached pages instead of caching (and writing back) the whole tensor."""
 
-    def __init__(self, path: Path, plane_bytes: int, unlink: bool = UNLINK_OPEN) -> None:
-        self.path, self.plane_bytes = path, plane_bytes
+    def __init__(self, path: Path, plane_bytes: int, ring: int = 0, unlink: bool = UNLINK_OPEN) -> None:
+        self.path, self.plane_bytes, self.ring = path, plane_bytes, ring
         self.fd = portable.open_fd(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.linked = True
         if unlink:
@@ -98,25 +101,47 @@ class PlaneFile:
                 pass
         self.written = 0  # bytes written
         self.read_bytes = 0
+        self.seconds = 0.0  # spent writing and reading
+
+    def _pieces(self, first: int, count: int) -> list[tuple[int, int, int]]:
+        """(byte offset, first plane within the call, planes) of planes [first, first + count): one piece, or two
+        where the ring wraps."""
+        if not self.ring:
+            return [(first * self.plane_bytes, 0, count)]
+        out, done = [], 0
+        while done < count:
+            slot = (first + done) % self.ring
+            n = min(count - done, self.ring - slot)
+            out.append((slot * self.plane_bytes, done, n))
+            done += n
+        return out
 
     def write(self, first: int, planes: np.ndarray) -> None:
         """Planes ``first...`` from the contiguous array ``planes`` (z-first)."""
-        portable.pwrite_all(self.fd, np.ascontiguousarray(planes), first * self.plane_bytes)
+        t0 = time.perf_counter()
+        planes = np.ascontiguousarray(planes)
+        for offset, i, n in self._pieces(first, len(planes)):
+            portable.pwrite_all(self.fd, planes[i: i + n], offset)
         self.written += planes.nbytes
+        self.seconds += time.perf_counter() - t0
 
     def read(self, first: int, out: np.ndarray) -> None:
         """Planes ``first...`` into the contiguous array ``out`` (all of them: a short read is an error)."""
-        got = portable.pread_into(self.fd, out, first * self.plane_bytes)
-        if got != out.nbytes:
-            raise OSError(f"spill file {self.path}: {got} of {out.nbytes} bytes read at plane {first}")
-        self.read_bytes += got
+        t0 = time.perf_counter()
+        for offset, i, n in self._pieces(first, len(out)):
+            got = portable.pread_into(self.fd, out[i: i + n], offset)
+            if got != out[i: i + n].nbytes:
+                raise OSError(f"spill file {self.path}: {got} of {out[i: i + n].nbytes} bytes read at plane {first}")
+        self.read_bytes += out.nbytes
+        self.seconds += time.perf_counter() - t0
 
     def will_need(self, first: int, count: int) -> None:
         """Ask the OS to start reading planes [first, first + count) (no-op where it cannot be asked)."""
-        if count > 0 and hasattr(os, "posix_fadvise"):
+        if count <= 0 or not hasattr(os, "posix_fadvise"):
+            return
+        for offset, _, n in self._pieces(first, count if not self.ring else min(count, self.ring)):
             try:
-                os.posix_fadvise(self.fd, first * self.plane_bytes, count * self.plane_bytes,
-                                 os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(self.fd, offset, n * self.plane_bytes, os.POSIX_FADV_WILLNEED)
             except OSError:
                 pass
 
@@ -168,10 +193,11 @@ class PlaneStore:
         self.files: list[PlaneFile] = []
         self._count = 0
 
-    def open(self, plane_bytes: int) -> PlaneFile:
+    def open(self, plane_bytes: int, ring: int = 0) -> PlaneFile:
+        """A new spill file of planes of ``plane_bytes`` (a ring of ``ring`` planes; 0: every plane its own place)."""
         self._count += 1
         path = self.directory / f"{self.prefix}{SPILL_MARK}{os.getpid()}-{self._count}"
-        f = PlaneFile(path, plane_bytes)
+        f = PlaneFile(path, plane_bytes, ring)
         self.files.append(f)
         return f
 
@@ -182,6 +208,10 @@ class PlaneStore:
     @property
     def read_bytes(self) -> int:
         return sum(f.read_bytes for f in self.files)
+
+    @property
+    def seconds(self) -> float:
+        return sum(f.seconds for f in self.files)
 
     def close(self) -> None:
         errors = []

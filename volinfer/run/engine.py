@@ -64,6 +64,7 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     engine: str = "tiles"  # or "stream": layer by layer (volinfer.run.stream); tiles then counts segment calls
+    spill: dict[str, Any] | None = None  # planes spilled to disk by the stream (StreamPlan.spill_summary); None: none
 
     @property
     def voxels(self) -> int:
@@ -111,6 +112,11 @@ class RunReport:
             lines.append(f"{'note':<11} {note}")
         for k, v in self.extra.items():
             lines.append(f"{k:<11} {v}")
+        if self.spill:  # spill
+            sp = self.spill
+            lines.append(f"{'spill':<11} {sp['tensors']} skip connection(s) to disk: {sp['written_mb']:.0f} MB "
+                         f"written, {sp['read_mb']:.0f} MB read back, {sp['ram_saved_mb']:.0f} MB of RAM saved "
+                         f"(files in {sp['directory']}, deleted)")
         if self.output:
             lines.append(f"output      {self.output} ({self.output_kind}, {self.output_dtype})")
         return "\n".join(lines)

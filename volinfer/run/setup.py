@@ -575,7 +575,7 @@ def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any)
     rows = plan.bands(shape[1], tm.multiple)
     voxels = float(plan.padded[0]) * rows.count * rows.tile * plan.padded[2]
     unit = 1.0 if voxel_cost is None else voxel_cost(float(np.prod(tm.tile)))
-    return STREAM_VOXEL_COST * voxels * unit
+    return STREAM_VOXEL_COST * voxels * unit + plan.spill_cost(voxel_cost is not None)  # spill: disk traffic
 
 
 def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_memory_mb: float | None, asked: bool,
@@ -591,7 +591,7 @@ def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_m
     margin = rf.radius[1] if banded and rf is not None and rf.measured and rf.bounded else None
     try:
         plan = plan_stream(tm, tuple(shape), tm.precision, fits=lambda p: fixed + p.memory_mb <= cap,  # type: ignore
-                           margin_y=margin)
+                           margin_y=margin, cost=lambda p: stream_cost(tm, shape, p, choice.voxel_cost))  # spill
     except NotStreamable as e:
         if asked:
             raise VolinferError(f"--engine stream: this model cannot be streamed ({e}); use --engine tiles") from None

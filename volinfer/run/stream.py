@@ -177,7 +177,8 @@ class StreamRun:
                 raise RuntimeError(f"buffer of {k} holds {cap} planes, not whole chunks of {step}")
         self.bufs = {k: PlaneBuffer(t, *caps[k], allocate=self.compute) for k, t in graph.tensors.items()
                      if k not in spilled or store is None}
-        self.bufs.update({k: SpilledBuffer(graph.tensors[k], sp, store.open(graph.tensors[k].plane_bytes))
+        self.bufs.update({k: SpilledBuffer(graph.tensors[k], sp, store.open(graph.tensors[k].plane_bytes,
+                                                                             sp.file_planes))
                           for k, sp in spilled.items() if store is not None})
         self.held: dict[str, dict[tuple[int, int], int]] = {k: {} for k in graph.tensors}  # see plan_capacities
         self.busy = 0.0
@@ -345,8 +346,9 @@ class Spill:
     mirror: int
     far: dict[tuple[int, int], int]  # far consumer (segment index, input j) -> planes of its read-back window
     saved_bytes: int  # RAM saved against the unspilled buffer
-    disk_bytes: int  # the tensor's planes, each written once
-    reads: int  # far consumers (each reads every plane back once)
+    file_planes: int  # planes the spill file holds: a ring as long as the unspilled buffer (the farthest lag)
+    disk_bytes: int  # the spill file's size
+    traffic_bytes: int  # bytes written (every plane once) and read back (once per far consumer)
 
 
 def _spill_option(ten: StreamTensor, cap: tuple[int, int], step: int, held: dict[tuple[int, int], int],
@@ -365,7 +367,8 @@ def _spill_option(ten: StreamTensor, cap: tuple[int, int], step: int, held: dict
     saved = (sum(cap) - ring - mirror - sum(far.values())) * ten.plane_bytes
     if saved <= 0:
         return None
-    return Spill(ten.key, ring, mirror, far, saved, ten.n * ten.plane_bytes, len(far))
+    return Spill(ten.key, ring, mirror, far, saved, cap[0], cap[0] * ten.plane_bytes,
+                 ten.n * ten.plane_bytes * (1 + len(far)))
 
 
 def stream_graph_for(model: TileModel, padded: tuple[int, int, int]) -> StreamGraph:
@@ -464,7 +467,7 @@ class StreamPlan:
     @property
     def spill_s(self) -> float:
         """Predicted seconds the spill adds: its bytes written once and read back by each far consumer."""
-        return sum(o.disk_bytes * (1 + o.reads) for o in self.spill.values()) * self.bands_count / SPILL_BYTES_PER_S
+        return sum(o.traffic_bytes for o in self.spill.values()) * self.bands_count / SPILL_BYTES_PER_S
 
     @property
     def bands_count(self) -> int:
@@ -482,7 +485,8 @@ class StreamPlan:
         return {"tensors": len(self.spill), "ram_saved_mb": round(self.spill_saved_mb, 1),
                 "disk_mb": round(self.spill_disk_bytes / 2**20, 1),
                 "written_mb": round(used.get("written", 0) / 2**20, 1),
-                "read_mb": round(used.get("read", 0) / 2**20, 1),
+                "read_mb": round(used.get("read", 0) / 2**20, 1), "io_s": round(used.get("seconds", 0.0), 2),
+                "predicted_s": round(self.spill_s, 2),
                 "directory": self.spill_at[0] if self.spill_at else None}
 
     @property
@@ -500,7 +504,7 @@ class StreamPlan:
                                           f"{ay.count * ay.tile / size_y:.2f}x the rows evaluated)")
         spilled = ("" if not self.spill else
                    f" ({len(self.spill)} skip connection(s) spilled to disk: {self.spill_saved_mb:.0f} MB of RAM "
-                   f"saved, {self.spill_disk_bytes / 2**20:.0f} MB of disk{' per band' if ay.count > 1 else ''}, "
+                   f"saved, {self.spill_disk_bytes / 2**20:.0f} MB of disk, "
                    f"about {self.spill_s:.1f} s of disk traffic)")
         return (f"layer streaming along z{where}: {len(self.graph.segments)} segments ({anchored} convolution/pooling/"
                 f"interpolation layers), every voxel of every layer computed once per band; plane buffers "
@@ -646,7 +650,7 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
         if run is not None:
             run.close()
         if store is not None:
-            plan.spill_used = {"written": store.written, "read": store.read_bytes}
+            plan.spill_used = {"written": store.written, "read": store.read_bytes, "seconds": store.seconds}
             store.close()
     return busy, calls
 
