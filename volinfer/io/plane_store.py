@@ -89,11 +89,11 @@ class PlaneFile:
     ``i`` at slot ``i % ring``): a reader that never lags the writer by more than ``ring`` planes needs no more
     disk, and the OS rewrites the same cached pages instead of caching (and writing back) the whole tensor."""
 
-    def __init__(self, path: Path, plane_bytes: int, ring: int = 0, unlink: bool = UNLINK_OPEN) -> None:
+    def __init__(self, path: Path, plane_bytes: int, ring: int = 0, unlink: bool | None = None) -> None:
         self.path, self.plane_bytes, self.ring = path, plane_bytes, ring
         self.fd = portable.open_fd(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.linked = True
-        if unlink:
+        if UNLINK_OPEN if unlink is None else unlink:
             try:
                 os.unlink(path)
                 self.linked = False

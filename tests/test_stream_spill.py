@@ -1,0 +1,294 @@
+"""Spilling skip connections to disk in the layer-streaming engine (volinfer.run.stream.SpilledBuffer,
+volinfer.io.plane_store): the streamed output is still whole-volume inference, computed independently here (OpenVINO
+runs the whole padded volume through the unmodified model in one call); spill files never outlive a run; a disk
+too small for the spill is refused before any work; the planner spills when the budget asks for it.
+
+Spill is forced with ``stream.SPILL = "always"`` and one plane per segment call (``CHUNK_BYTES = 1``: on these
+small volumes a chunk of 2 MB would be the whole volume, and nothing would wait long enough to be worth spilling).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import openvino as ov
+import pytest
+
+import volinfer.run.stream as stream
+from models import stream_unet
+from stream_models import from_torch, monai_basic_unet, torch_upsample_unet
+from test_stream import whole_volume
+from volinfer import api, portable, predict
+from volinfer.errors import VolinferError
+from volinfer.io import plane_store
+from volinfer.io.plane_store import SPILL_MARK, PlaneFile, PlaneStore, PlaneWindow, remove_stale, spill_location
+from volinfer.model.tile_model import TileModel
+
+
+def _volume(shape, seed=1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.cumsum(rng.standard_normal(shape), axis=2).astype(np.float32) * 0.3
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(stream, "SPILL", "always")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """name -> (IR path, size multiple): U-Nets with skip connections (channel concatenation)."""
+    d = tmp_path_factory.mktemp("spill")
+    out = {}
+    for name, make, m in (("stream_unet", stream_unet, 4), ("basic_unet", monai_basic_unet, 16),
+                          ("upsample_unet", lambda: from_torch(torch_upsample_unet(False, "trilinear"), 4), 4)):
+        ov.save_model(make(), str(d / f"{name}.xml"))
+        out[name] = (d / f"{name}.xml", m)
+    return out
+
+
+def _spill_files(directory) -> list:
+    return [p for p in os.listdir(directory) if SPILL_MARK in p]
+
+
+@pytest.mark.parametrize("name,shape", [("stream_unet", (37, 29, 45)), ("stream_unet", (20, 16, 9)),
+                                        ("stream_unet", (19, 23, 1)), ("stream_unet", (24, 20, 130)),
+                                        ("basic_unet", (21, 18, 75)), ("basic_unet", (17, 20, 11)),
+                                        ("upsample_unet", (25, 19, 61))])
+def test_spilled_stream_equals_whole_volume_inference_f32(models, forced, monkeypatch, name, shape):
+    """Odd shapes (padding on every axis), z from one plane to far beyond the receptive field: with every skip
+    connection that can spill read back from disk, the streamed output is the unspilled stream's, bit for bit, and
+    whole-volume inference to float32 rounding (relative to the output's range: BasicUNet's reaches ~4, and calls
+    of one plane sum in another order than one whole-volume call)."""
+    path, m = models[name]
+    vol = _volume(shape, seed=shape[2])
+    out, rep = predict(vol, path, engine="stream", precision="f32", kind="raw", progress=False, report=True)
+    ref = whole_volume(path, vol, multiple=m)
+    assert np.abs(np.moveaxis(out, -1, 0) - ref).max() <= (1e-4 if name != "basic_unet" else 2e-4) * max(
+        1.0, np.abs(ref).max())
+    monkeypatch.setattr(stream, "SPILL", "never")
+    np.testing.assert_array_equal(out, predict(vol, path, engine="stream", precision="f32", kind="raw",
+                                               progress=False))
+    if shape[2] >= 45:  # long enough for skip connections to wait: they went to disk and came back
+        assert rep.spill is not None and rep.spill["read_mb"] > 0, rep.notes
+        assert rep.spill["read_mb"] >= rep.spill["written_mb"] * 0.9
+        if shape[2] > 100:  # the file is a ring: it holds the farthest lag, not the tensor
+            assert rep.spill["disk_mb"] < rep.spill["written_mb"] / 2
+
+
+@pytest.mark.parametrize("name,shape", [("stream_unet", (33, 30, 70)), ("basic_unet", (30, 26, 64))])
+def test_spilled_stream_bf16_labels(models, forced, monkeypatch, name, shape):
+    """bf16 planes spilled as bf16 bits: the unspilled bf16 stream's output bit for bit, labels as whole-volume
+    f32 inference's up to bf16 rounding (the unspilled stream's own 99.8% on this random 3-class net)."""
+    path, m = models[name]
+    vol = _volume(shape, seed=7)
+    raw, rep = predict(vol, path, engine="stream", precision="bf16", kind="raw", progress=False, report=True)
+    assert rep.precision == "bf16" and rep.spill is not None and rep.spill["read_mb"] > 0
+    ref = whole_volume(path, vol, multiple=m).argmax(0)
+    assert (raw.argmax(-1) == ref).mean() >= 0.995
+    monkeypatch.setattr(stream, "SPILL", "never")
+    np.testing.assert_array_equal(raw, predict(vol, path, engine="stream", precision="bf16", kind="raw",
+                                               progress=False))
+
+
+def test_spilled_instance_norm_unet(forced, tmp_path):
+    """A MONAI UNet with InstanceNorm: the statistics passes stream unspilled, the final run spills its skip
+    connections; the output is PyTorch's whole-volume inference."""
+    from test_stream_norm import _save, _torch_whole, _unet
+    from test_stream_norm import _volume as norm_volume
+
+    net = _unet("instance")
+    xml = _save(net, tmp_path / "inorm.xml")
+    vol = norm_volume((21, 19, 60), seed=3)
+    out, rep = predict(vol, xml, engine="stream", precision="f32", kind="raw", progress=False, report=True)
+    assert rep.spill is not None and rep.spill["read_mb"] > 0, rep.notes
+    got, ref = np.moveaxis(out, -1, 0), _torch_whole(net, vol)
+    assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def _plans(path, shape):
+    """(unspilled, fully spilled) plans of the model at ``path`` for ``shape``, f32."""
+    tm = TileModel(str(path), compile=False)
+    plan = stream.plan_stream(tm, shape, "f32")
+    return plan, plan.spilling(len(plan.spill_options))
+
+
+def test_spill_forced_by_a_small_budget(models, monkeypatch, tmp_path):
+    """A budget the unspilled stream does not fit but the spilled one does: the planner spills (without spill it
+    would cut the cross-section into bands), the summary and --json say what and how much disk, and the output is
+    whole-volume inference."""
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1)
+    path, m = models["stream_unet"]
+    shape = (40, 36, 120)
+    plain, spilled = _plans(path, shape)
+    assert spilled.memory_mb < plain.memory_mb and spilled.spill
+    from volinfer.run.fidelity import RUNTIME_FLOOR_MB, weights_mb
+
+    fixed = RUNTIME_FLOOR_MB + weights_mb(ov.Core().read_model(str(path)))
+    budget = fixed + (plain.memory_mb + spilled.memory_mb) / 2
+    vol = _volume(shape, seed=5)
+    out, rep = predict(vol, path, engine="stream", precision="f32", kind="raw", max_memory_mb=budget,
+                       progress=False, report=True)
+    assert rep.grid[1] == 1, "one band: spilling made the whole cross-section fit"
+    assert rep.spill is not None and rep.spill["tensors"] >= 1 and rep.spill["disk_mb"] > 0
+    assert "spilled to disk" in " ".join(rep.notes) and "spill " in rep.summary()
+    assert rep.as_dict()["spill"]["written_mb"] > 0
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), whole_volume(path, vol, multiple=m), atol=1e-4, rtol=0)
+    monkeypatch.setattr(stream, "SPILL", "never")  # without spill: refused (or bands of rows, were they to fit)
+    with pytest.raises(VolinferError, match="--engine stream needs about"):
+        predict(vol, path, engine="stream", precision="f32", kind="raw", max_memory_mb=budget, progress=False)
+
+
+def test_planner_weighs_spill_by_time(models, monkeypatch):
+    """With a cost, the planner's objective decides: spill traffic priced like the rest of the run (cheap here)
+    buys the leaner plan; priced as dear as a whole run, it does not."""
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1)
+    path, _ = models["stream_unet"]
+    tm = TileModel(str(path), compile=False)
+    shape = (40, 36, 120)
+    cheap = stream.plan_stream(tm, shape, "f32", fits=lambda p: True, cost=lambda p: 100.0 + p.spill_s)
+    assert cheap.spill
+    dear = stream.plan_stream(tm, shape, "f32", fits=lambda p: True, cost=lambda p: 100.0 + 1e6 * p.spill_s)
+    assert not dear.spill
+    assert stream.plan_stream(tm, shape, "f32").spill == {}  # no budget, no cost: nothing spills
+
+
+def test_spill_files_are_deleted_after_a_run_and_after_an_error(models, forced, monkeypatch, tmp_path):
+    """Spill files live beside the output while the run needs them and are gone after it, also when the run fails
+    part-way (files kept linked here, as where the OS cannot unlink open files)."""
+    monkeypatch.setattr(plane_store, "UNLINK_OPEN", False)
+    seen = []
+    real_open = PlaneStore.open
+
+    def open_(self, *a, **k):
+        f = real_open(self, *a, **k)
+        seen.append(f.path)
+        assert f.path.exists()
+        return f
+
+    monkeypatch.setattr(PlaneStore, "open", open_)
+    path, _ = models["stream_unet"]
+    vol = _volume((24, 20, 90))
+    out = tmp_path / "out.nii"
+    rep = predict(vol, path, out, engine="stream", precision="f32", progress=False)
+    assert seen and all(p.parent == tmp_path and p.name.startswith(".out.nii" + SPILL_MARK) for p in seen)
+    assert rep.spill is not None and not _spill_files(tmp_path)
+    seen.clear()
+    calls = [0]
+    real_done = stream.StreamRun.done
+
+    def failing_done(self, upto):
+        calls[0] += self.compute  # not the planner's dry runs
+        if calls[0] == 3:
+            assert _spill_files(tmp_path), "spill files exist mid-run"
+            raise RuntimeError("boom")
+        real_done(self, upto)
+
+    monkeypatch.setattr(stream.StreamRun, "done", failing_done)
+    with pytest.raises(RuntimeError, match="boom"):
+        predict(vol, path, tmp_path / "out2.nii", engine="stream", precision="f32", progress=False)
+    assert seen and not _spill_files(tmp_path)
+
+
+def test_sigkill_leaves_no_spill_file(models, tmp_path):
+    """Killed mid-run (SIGKILL: no cleanup runs): the spill files were unlinked as soon as they were open, nothing
+    is left beside the output."""
+    if os.name == "nt":
+        pytest.skip("POSIX unlink of open files")
+    import nibabel as nib
+
+    path, _ = models["stream_unet"]
+    src = tmp_path / "in.nii"
+    nib.save(nib.Nifti1Image(_volume((24, 20, 90)), np.eye(4)), str(src))
+    code = ("import os, signal, sys\n"
+            "import volinfer.run.stream as s\n"
+            "d = sys.argv[1]\n"
+            "s.CHUNK_BYTES, s.SPILL = 1, 'always'\n"
+            "calls = [0]\n"
+            "real = s.StreamRun.done\n"
+            "def done(self, upto):\n"
+            "    calls[0] += self.compute\n"
+            "    if calls[0] == 3:\n"
+            "        assert [p for p in os.listdir(d) if '.spill' in p or 'volinfer-spill' in p] == []\n"
+            "        print('spilling', sum(b.__class__.__name__ == 'SpilledBuffer' for b in self.bufs.values()),"
+            " flush=True)\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    real(self, upto)\n"
+            "s.StreamRun.done = done\n"
+            "from volinfer.cli import main\n"
+            "sys.argv = ['volinfer'] + sys.argv[2:]\n"
+            "main()\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path), "run", str(src), "-m", str(path), "-o",
+                        str(tmp_path / "out.nii"), "--engine", "stream", "--precision", "f32"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert "spilling" in p.stdout and "spilling 0" not in p.stdout
+    assert not _spill_files(tmp_path)
+
+
+def test_next_run_removes_a_killed_runs_leftovers(models, tmp_path):
+    """Spill files of a process that is gone, named after this output, are deleted by the next run on it; those of
+    a live process, and other outputs' files, are left alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.nii{SPILL_MARK}{dead.pid}-1"
+    alive = tmp_path / f".out.nii{SPILL_MARK}{os.getpid()}-7"
+    other = tmp_path / f".other.nii{SPILL_MARK}{dead.pid}-1"
+    for f in (stale, alive, other):
+        f.write_bytes(b"x" * 1000)
+    path, _ = models["stream_unet"]
+    predict(_volume((16, 16, 20)), path, tmp_path / "out.nii", engine="stream", precision="f32", progress=False)
+    assert not stale.exists() and alive.exists() and other.exists()
+
+
+def test_too_small_disk_is_refused_before_any_work(models, forced, monkeypatch, tmp_path):
+    """A disk without room for the spill: a one-line error saying what the spill needs, before anything runs."""
+    monkeypatch.setattr(portable, "disk_free", lambda p: 10 << 20)
+    monkeypatch.setattr(api, "run_stream", lambda *a, **k: pytest.fail("the run started"))
+    path, _ = models["stream_unet"]
+    with pytest.raises(VolinferError, match=r"needs \d+ MB of disk .* which has 10 MB free"):
+        predict(_volume((24, 20, 90)), path, tmp_path / "out.nii", engine="stream", precision="f32",
+                progress=False)
+    assert not (tmp_path / "out.nii").exists()
+
+
+# ---- the plane store alone ----
+
+def test_ring_file_round_trip(tmp_path):
+    """A ring file of 5 planes: writes that wrap, windows that wrap, read back as written."""
+    store = PlaneStore(tmp_path, ".t")
+    planes = np.arange(23 * 6, dtype=np.uint16).reshape(23, 2, 3)
+    f = store.open(planes[0].nbytes, ring=5)
+    win = PlaneWindow(f, (2, 3), np.uint16, 4)
+    for a in range(0, 23, 2):  # writer 2 planes a step, reader 1-3 planes behind it
+        f.write(a, planes[a: a + 2])
+        hi = min(a + 2, 23)
+        lo = max(0, hi - 3)
+        np.testing.assert_array_equal(win.get(lo, hi, hi), planes[lo:hi])
+    assert f.written == planes.nbytes
+    store.close()
+    assert not list(tmp_path.iterdir())
+
+
+def test_spill_location_names_files_after_the_output(tmp_path):
+    d, prefix = spill_location(tmp_path / "x" / "out.nii.gz")
+    assert d == tmp_path / "x" and prefix == ".out.nii.gz"
+    assert spill_location(None)[0].is_dir()
+    long = spill_location(tmp_path / ("n" * 250 + ".nii"))[1]
+    assert len(long) < 64
+    assert remove_stale(tmp_path / "missing", ".x") == []
+
+
+def test_plane_file_unlinked_at_once(tmp_path):
+    if os.name == "nt":
+        pytest.skip("POSIX unlink of open files")
+    f = PlaneFile(tmp_path / "a", 8, unlink=True)
+    f.write(0, np.zeros(4, np.uint16))
+    assert not list(tmp_path.iterdir())
+    out = np.empty(4, np.uint16)
+    f.read(0, out)
+    f.close()
