@@ -89,8 +89,11 @@ class PlaneFile:
     ``i`` at slot ``i % ring``): a reader that never lags the writer by more than ``ring`` planes needs no more
     disk, and the OS rewrites the same cached pages instead of caching (and writing back) the whole tensor."""
 
-    def __init__(self, path: Path, plane_bytes: int, ring: int = 0, unlink: bool | None = None) -> None:
-        self.path, self.plane_bytes, self.ring = path, plane_bytes, ring
+    def __init__(self, path: Path, plane_bytes: int, ring: int = 0, unlink: bool | None = None,
+                 writer: Any = None) -> None:
+        self.path, self.plane_bytes, self.ring, self.writer = path, plane_bytes, ring, writer
+        self._pending: Any = None  # the write in flight (write_behind)
+        self.waited = 0.0  # seconds the caller waited for writes in flight
         self.fd = portable.open_fd(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         self.linked = True
         if UNLINK_OPEN if unlink is None else unlink:
@@ -125,8 +128,26 @@ class PlaneFile:
         self.written += planes.nbytes
         self.seconds += time.perf_counter() - t0
 
+    def write_behind(self, first: int, planes: np.ndarray) -> None:
+        """:meth:`write`, in the background where the file has a ``writer`` (an executor): ``planes`` must stay
+        unchanged until :meth:`settle` (called by the next write, read or close)."""
+        self.settle()
+        if self.writer is None:
+            self.write(first, planes)
+        else:
+            self._pending = self.writer.submit(self.write, first, planes)
+
+    def settle(self) -> None:
+        """Wait for the write in flight, if any (its error raised here)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            t0 = time.perf_counter()
+            pending.result()
+            self.waited += time.perf_counter() - t0
+
     def read(self, first: int, out: np.ndarray) -> None:
         """Planes ``first...`` into the contiguous array ``out`` (all of them: a short read is an error)."""
+        self.settle()
         t0 = time.perf_counter()
         for offset, i, n in self._pieces(first, len(out)):
             got = portable.pread_into(self.fd, out[i: i + n], offset)
@@ -147,6 +168,10 @@ class PlaneFile:
 
     def close(self) -> None:
         """Close and delete (idempotent)."""
+        try:
+            self.settle()
+        except OSError:
+            pass  # closing after a failed write: the file goes anyway
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -186,18 +211,22 @@ class PlaneWindow:
 
 class PlaneStore:
     """The spill files of one run, in ``directory``, named after ``prefix`` and this process; :meth:`close` (or
-    leaving the ``with`` block, however it is left) deletes them all."""
+    leaving the ``with`` block, however it is left) deletes them all. ``background``: one thread writes behind
+    the caller (:meth:`PlaneFile.write_behind`), overlapping the writes with the caller's own work."""
 
-    def __init__(self, directory: str | os.PathLike, prefix: str) -> None:
+    def __init__(self, directory: str | os.PathLike, prefix: str, background: bool = True) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.directory, self.prefix = Path(directory), prefix
         self.files: list[PlaneFile] = []
         self._count = 0
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="volinfer-spill") if background else None
 
     def open(self, plane_bytes: int, ring: int = 0) -> PlaneFile:
         """A new spill file of planes of ``plane_bytes`` (a ring of ``ring`` planes; 0: every plane its own place)."""
         self._count += 1
         path = self.directory / f"{self.prefix}{SPILL_MARK}{os.getpid()}-{self._count}"
-        f = PlaneFile(path, plane_bytes, ring)
+        f = PlaneFile(path, plane_bytes, ring, writer=self.writer)
         self.files.append(f)
         return f
 
@@ -211,7 +240,13 @@ class PlaneStore:
 
     @property
     def seconds(self) -> float:
+        """Seconds spent writing (in the background, when it writes behind) and reading."""
         return sum(f.seconds for f in self.files)
+
+    @property
+    def waited(self) -> float:
+        """Seconds the caller waited for writes in flight."""
+        return sum(f.waited for f in self.files)
 
     def close(self) -> None:
         errors = []
@@ -220,6 +255,8 @@ class PlaneStore:
                 f.close()
             except OSError as e:  # close every file before saying so
                 errors.append(e)
+        if self.writer is not None:
+            self.writer.shutdown(wait=True)
         if errors:
             raise errors[0]
 

@@ -100,11 +100,15 @@ class SpilledBuffer(PlaneBuffer):
         self.windows = {who: PlaneWindow(file, ten.plane_shape, ten.np_dtype, planes)
                         for who, planes in spill.far.items()}
 
+    def reserve(self, a: int, t: int) -> np.ndarray | None:
+        self.file.settle()  # the ring's planes being written to disk stay as they are until written
+        return super().reserve(a, t)
+
     def commit(self, a: int, t: int) -> None:
         super().commit(a, t)
         assert self.arr is not None
         p = a % self.capacity
-        self.file.write(a, self.arr[p: p + self.hi - a])
+        self.file.write_behind(a, self.arr[p: p + self.hi - a])
 
     def view(self, lo: int, hi: int, who: Any = None) -> np.ndarray:
         if lo < self.lo and who in self.windows:  # gone from the ring: from disk
@@ -486,6 +490,7 @@ class StreamPlan:
                 "disk_mb": round(self.spill_disk_bytes / 2**20, 1),
                 "written_mb": round(used.get("written", 0) / 2**20, 1),
                 "read_mb": round(used.get("read", 0) / 2**20, 1), "io_s": round(used.get("seconds", 0.0), 2),
+                "write_wait_s": round(used.get("waited", 0.0), 2),
                 "predicted_s": round(self.spill_s, 2),
                 "directory": self.spill_at[0] if self.spill_at else None}
 
@@ -650,7 +655,8 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
         if run is not None:
             run.close()
         if store is not None:
-            plan.spill_used = {"written": store.written, "read": store.read_bytes, "seconds": store.seconds}
+            plan.spill_used = {"written": store.written, "read": store.read_bytes, "seconds": store.seconds,
+                               "waited": store.waited}
             store.close()
     return busy, calls
 
