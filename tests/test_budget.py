@@ -17,7 +17,7 @@ from test_resume import KILLER
 
 from volinfer import portable
 from volinfer.cli import main
-from volinfer.run import fidelity
+from volinfer.model import memory
 
 
 def _cgroup(tmp_path, monkeypatch, lines, files):
@@ -48,13 +48,13 @@ def test_cgroup_v1_limit_and_unlimited(tmp_path, monkeypatch):
 
 def test_default_budget_ignores_free_memory(monkeypatch):
     monkeypatch.setattr(portable, "available_mb", lambda: 20000.0)
-    high = fidelity.default_budget_mb()
+    high = memory.default_budget_mb()
     monkeypatch.setattr(portable, "available_mb", lambda: 300.0)
-    assert fidelity.default_budget_mb() == high == fidelity.DEFAULT_MEMORY_FRACTION * portable.machine_mb()
-    run = fidelity.default_budget_mb(20.0)  # a run's default: capped at runtime + weights + working memory
-    assert run == min(high, fidelity.RUNTIME_FLOOR_MB + 20.0 + fidelity.DEFAULT_WORKING_MB)
+    assert memory.default_budget_mb() == high == memory.DEFAULT_MEMORY_FRACTION * portable.machine_mb()
+    run = memory.default_budget_mb(20.0)  # a run's default: capped at runtime + weights + working memory
+    assert run == min(high, memory.RUNTIME_FLOOR_MB + 20.0 + memory.DEFAULT_WORKING_MB)
     monkeypatch.setattr(portable, "machine_mb", lambda: 2000.0)  # a small machine: a quarter of it
-    assert fidelity.default_budget_mb(20.0) == 500.0
+    assert memory.default_budget_mb(20.0) == 500.0
 
 
 def test_killed_stream_run_resumes_with_less_free_memory(tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ zarr = pytest.importorskip("zarr")
 
 from volinfer import predict  # noqa: E402
 from volinfer.run.distributed import run_zarr  # noqa: E402
-from volinfer.io.zarr_io import done_marker_dir, nifti_to_zarr, zarr_to_nifti  # noqa: E402
+from volinfer.io.zarr_convert import nifti_to_zarr, zarr_to_nifti
+from volinfer.io.zarr_io import done_marker_dir  # noqa: E402
 
 SHAPE = (70, 61, 53)  # not a multiple of the 16-voxel chunks
 

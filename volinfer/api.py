@@ -10,9 +10,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volinfer import __version__
+from volinfer.version import __version__
 from volinfer.run.engine import RunReport, peak_rss_mb, run_tiles
-from volinfer.errors import Interrupted, VolinferError
+from volinfer.errors import Interrupted, VolinferError, strip_path
 from volinfer.io.batch_record import BatchRecord, check_unique
 from volinfer.io.journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
 from volinfer.model.tile_model import CompileOptions, TileModel
@@ -596,7 +596,6 @@ def run_batch(batch: list[Path], tm: TileModel, output: Path, settings: RunSetti
     one line per volume."""
     from dataclasses import replace
 
-    from volinfer.cliutil import strip_path
     from volinfer.io.journal import journal_path
 
     if output.exists() and not output.is_dir():

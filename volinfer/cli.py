@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from volinfer import __version__
+from volinfer.version import __version__
 from volinfer import validate as V
 from volinfer.cliutil import (SIZE, TILES, emit, friendly_errors, note, output_options, parse_tile, progress_bar,
                       runtime_options)
@@ -346,7 +346,8 @@ def to_zarr(nifti: Path, legacy_output: Path | None, output: Path | None, chunks
     the whole affine kept for `to-nifti`."""
     import time
 
-    from volinfer.io.zarr_io import nifti_to_zarr, open_zarr_array
+    from volinfer.io.zarr_convert import nifti_to_zarr
+    from volinfer.io.zarr_io import open_zarr_array
 
     out = resolve_output(legacy_output, output, quiet or as_json)
     refuse_existing(out, overwrite)
@@ -376,7 +377,7 @@ def to_nifti(zarr_path: Path, legacy_output: Path | None, output: Path | None, o
 
     import nibabel as nib
 
-    from volinfer.io.zarr_io import zarr_to_nifti
+    from volinfer.io.zarr_convert import zarr_to_nifti
 
     out = resolve_output(legacy_output, output, quiet or as_json)
     refuse_existing(out, overwrite)

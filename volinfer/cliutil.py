@@ -23,9 +23,8 @@ _received: list[int] = []
 
 
 def _interrupted_while_starting() -> Any:
-    import volinfer
-
-    return getattr(volinfer, "_interrupted_while_starting", None)
+    """The package's start-up Ctrl-C handler (set while the command line imports), if it was installed."""
+    return getattr(sys.modules.get("volinfer"), "_interrupted_while_starting", None)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -179,15 +178,6 @@ def _size(name: str, value: Any) -> list[int]:
 
 #: click type of ``--size``-like options (three whole numbers, parsed by :func:`validate.tile`).
 SIZE = V.Checked("size", _size)
-
-
-def strip_path(message: str, path: Any) -> str:
-    """``message`` without a leading ``"<path>: "``, and any further mention of the path shortened to its file name
-    (errors name their file; a line that already says which file failed should not say it twice)."""
-    prefix = f"{path}: "
-    message = message[len(prefix):] if message.startswith(prefix) else message
-    name = getattr(path, "name", None)
-    return message.replace(str(path), name) if name else message  # a library's own text may quote it again
 
 
 def _sizes(name: str, value: Any) -> list[list[int]]:

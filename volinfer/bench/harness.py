@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from volinfer.portable import cpu_model
+
 METHOD_NAMES = {
     "naive": "naive OpenVINO (whole volume)",
     "naive-torch": "naive PyTorch (whole volume)",
@@ -61,15 +63,6 @@ def total_ram_mb() -> float:
     from volinfer import portable
 
     return portable.total_mb() or float("nan")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
 
 
 def machine() -> dict[str, Any]:

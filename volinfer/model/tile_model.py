@@ -18,8 +18,8 @@ import openvino as ov
 from volinfer.errors import VolinferError, framework_message
 from volinfer.model.precision import resolve as resolve_precision
 from volinfer.model.settings import ModelSettings
+from volinfer.model.layout import LAYOUTS, Layout
 
-LAYOUTS = ("NCDHW", "NDHWC")
 PRECISIONS = ("auto", "f32", "bf16", "f16")
 
 
@@ -94,14 +94,6 @@ def _layout_of(port: ov.Output, settings: ModelSettings, override: str | None) -
     return layout
 
 
-def _spatial(layout: str) -> list[int]:
-    return [2, 3, 4] if layout == "NCDHW" else [1, 2, 3]
-
-
-def _chan(layout: str) -> int:
-    return 1 if layout == "NCDHW" else 4
-
-
 class TileModel:
     """A model compiled once at a static tile shape ``(1, C, tx, ty, tz)`` (or channels last).
 
@@ -135,7 +127,7 @@ class TileModel:
         if pshape.rank.is_dynamic or pshape.rank.get_length() != 5:
             raise VolinferError(f"model input must be 5-D (N, C, D, H, W or N, D, H, W, C); it is {pshape}")
         self.layout = _layout_of(port, self.settings, layout)
-        cdim = pshape[_chan(self.layout)]
+        cdim = pshape[Layout.of(self.layout).channel_axis]
         if cdim.is_dynamic:
             if not self.settings.in_channels:
                 raise VolinferError(f"model input {pshape} has a dynamic channel dimension and no stored channel count")
@@ -151,11 +143,11 @@ class TileModel:
         self._check_output_shape(self.model.output(self.output_index).get_partial_shape())
         if not compile:  # shapes only (planning, the layer-streaming engine): output shape from shape inference
             self.input_dtype = self.model.input(0).get_element_type().to_dtype()
-            self.out_channels = self.model.output(self.output_index).get_partial_shape()[_chan(self.layout)].get_length()
+            self.out_channels = self.model.output(self.output_index).get_partial_shape()[Layout.of(self.layout).channel_axis].get_length()
             return
         self.compiled = self._compile()
         self._check_output_shape(self.compiled.output(self.output_index).get_partial_shape())
-        self.out_channels = self.compiled.output(self.output_index).get_shape()[_chan(self.layout)]
+        self.out_channels = self.compiled.output(self.output_index).get_shape()[Layout.of(self.layout).channel_axis]
         self.input_dtype = self.compiled.input(0).get_element_type().to_dtype()
 
     def _check_output_shape(self, shape: ov.PartialShape) -> None:
@@ -165,7 +157,7 @@ class TileModel:
         if shape.rank.is_dynamic or shape.rank.get_length() != 5:
             raise VolinferError(f"model output shape {shape} is not 5-D; only same-size (segmentation/restoration) "
                                 f"models are supported")
-        dims = [shape[i] for i in _spatial(self.layout)]
+        dims = [shape[i] for i in Layout.of(self.layout).spatial_axes]
         if any(d.is_static and d.get_length() != t for d, t in zip(dims, self.tile)):
             raise VolinferError(
                 f"model output shape {shape.to_string()} does not keep its input's spatial size {list(self.tile)} "
@@ -176,7 +168,7 @@ class TileModel:
         if tile is None and self.settings.tile:
             tile = self.settings.tile
         if tile is None:
-            dims = [pshape[i] for i in _spatial(self.layout)]
+            dims = [pshape[i] for i in Layout.of(self.layout).spatial_axes]
             if any(d.is_dynamic for d in dims):  # a provisional size: the planner chooses the run's tile
                 tile = [max(self.multiple, 64 // self.multiple * self.multiple)] * 3
             else:
@@ -255,9 +247,7 @@ class TileModel:
 
     def input_shape_for(self, spatial: Sequence[int]) -> list[int]:
         """The model's input shape for a (x, y, z) extent, in its layout."""
-        if self.layout == "NCDHW":
-            return [1, self.in_channels, *spatial]
-        return [1, *spatial, self.in_channels]
+        return Layout.of(self.layout).tensor_shape(self.in_channels, spatial)
 
     def _reshape(self) -> None:
         try:

@@ -22,7 +22,7 @@ import numpy as np
 import openvino as ov
 
 from volinfer.errors import framework_message
-from volinfer.model.receptive_field import MAX_PROBE_TILE, ReceptiveField, frozen_at, input_shape, probe_mb
+from volinfer.model.receptive_field import MAX_PROBE_TILE, ReceptiveField, frozen_at, probe_mb
 from volinfer.model.tile_model import TileModel
 from volinfer.tiling.geometry import AxisPlan, plan_axis_crop
 
@@ -70,7 +70,7 @@ def _tiled_and_whole(model: TileModel, plans: list[AxisPlan], x: np.ndarray) -> 
     whole = _channels_first(model, whole_c(x), whole_c)
     del whole_c
     at_tile = frozen.clone()
-    at_tile.reshape({at_tile.input(0): ov.PartialShape(input_shape(model.layout, model.in_channels, tile))})
+    at_tile.reshape({at_tile.input(0): ov.PartialShape(model.input_shape_for(tile))})
     tile_c = core.compile_model(at_tile, "CPU", config)
     view = x[0] if model.layout == "NCDHW" else np.moveaxis(x[0], -1, 0)
     tiled = np.full_like(whole, np.nan)
@@ -107,7 +107,7 @@ ProbeInput = Callable[[list[int]], tuple[np.ndarray, str]]
 def random_input(model: TileModel, seed: int = 0) -> ProbeInput:
     """Seeded standard-normal input: what a model sees of normalised data, without its structure."""
     def make(probe: list[int]) -> tuple[np.ndarray, str]:
-        x = np.random.default_rng(seed).standard_normal(input_shape(model.layout, model.in_channels, probe))
+        x = np.random.default_rng(seed).standard_normal(model.input_shape_for(probe))
         return x.astype(np.float32), f"random normal (seed {seed})"
     return make
 

@@ -24,7 +24,7 @@ import numpy as np
 from volinfer import validate
 from volinfer.tiling.blockwise import cast_copy
 from volinfer.errors import VolinferError
-from volinfer.io.reader import VolumeSource, scan_slabs
+from volinfer.io.reader import F32_MAX, VolumeSource, exceeds_float32, scan_slabs
 
 KINDS = ("none", "zscore", "minmax", "percentile", "scale")
 
@@ -56,17 +56,6 @@ def parse_normalization(text: str | None) -> dict[str, Any] | None:
     return {"kind": kind}
 
 
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
-def exceeds_float32(dtype: np.dtype, slope: float = 1.0, inter: float = 0.0) -> bool:
-    """Whether stored values of ``dtype``, scaled by the file's slope/intercept, can leave float32's range (float64
-    voxels, 64-bit integers with a large slope, ...): such channels are normalised in float64 and range-checked."""
-    dtype = np.dtype(dtype)
-    if dtype.kind not in "iuf":
-        return False
-    top = float(np.finfo(dtype).max if dtype.kind == "f" else max(-int(np.iinfo(dtype).min), np.iinfo(dtype).max))
-    return top * abs(slope) + abs(inter) > _F32_MAX
 
 
 def percentile_step(shape: tuple[int, int, int]) -> int:
@@ -83,7 +72,7 @@ def _lattice_sample(stored: np.ndarray, z0: int, step: int, slope: float, inter:
     stride in memory order would take the same few planes of each slab (thin structures along z unseen)."""
     picked = stored[::step, ::step, (-z0) % step :: step].astype(np.float64) * slope + inter
     picked = picked[np.isfinite(picked)] if not np.isfinite(picked).all() else picked.ravel()
-    if dtype is np.float64 and (not picked.size or float(np.abs(picked).max()) <= _F32_MAX):
+    if dtype is np.float64 and (not picked.size or float(np.abs(picked).max()) <= F32_MAX):
         dtype = np.float32  # wide voxels whose values fit float32: the sample a float32 file of them gives
     return picked.astype(dtype)
 
@@ -94,7 +83,7 @@ def fits_float32(stored: np.ndarray, slope: float = 1.0, inter: float = 0.0) -> 
     if not stored.size:
         return True
     top = float(np.abs(stored).max())
-    return top * abs(slope) + abs(inter) <= _F32_MAX
+    return top * abs(slope) + abs(inter) <= F32_MAX
 
 
 class Normalizer:

@@ -15,9 +15,9 @@ from volinfer.model.activation import graph_activation
 from volinfer.run.checks import check_input_range, check_nonfinite, needs_value_scan
 from volinfer.run.prepass import ContentDigest, PrePass, ValueScan
 from volinfer.errors import VolinferError
-from volinfer.run.fidelity import (Fidelity, Tiling, accepts, activation_bytes_per_voxel, default_budget_mb,
-                                   explain_exact, fmt_tile, judge, plan_exact, probe_multiple)
-from volinfer.run.fidelity import RUNTIME_FLOOR_MB, leanest_near_fastest, weights_mb
+from volinfer.run.fidelity import Fidelity, Tiling, explain_exact, fmt_tile, judge, leanest_near_fastest, plan_exact
+from volinfer.model.memory import (RUNTIME_FLOOR_MB, accepts, activation_bytes_per_voxel, default_budget_mb,
+                                   probe_multiple, weights_mb)
 from volinfer.model.graph_reach import stride_period
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
 from volinfer.model.spatial_norm import (POSITION_OPS, NormLayer, find_norm_layers, fixed_shape_global_ops,
