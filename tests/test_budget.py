@@ -241,7 +241,7 @@ def test_default_budget_refuses_only_what_the_machine_cannot_hold(tmp_path, monk
         return plan_tiling(TileModel(xml, compile=False), (60, 52, 44), stitch=None, overlap=None,
                            max_memory_mb=max_memory_mb, norm_stats=None)
 
-    monkeypatch.setattr(fidelity, "DEFAULT_MEMORY_FRACTION", 1e-6)  # a default budget of a few KB
+    monkeypatch.setattr(memory, "DEFAULT_MEMORY_FRACTION", 1e-6)  # a default budget of a few KB
     assert any("no exact tiling fits" in n for n in plan().notes)  # runs: the machine has the memory
     with pytest.raises(VolinferError, match="--max-memory 20 MB is too small"):
         plan(20.0)

@@ -11,7 +11,8 @@ from models import save_unet2
 
 from volinfer.bench.harness import Spawner
 from volinfer.cli import main
-from volinfer.run.plan import candidate_tiles, parse_size_mb, plan_run
+from volinfer.options import parse_size_mb
+from volinfer.run.plan import candidate_tiles, plan_run
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ from volinfer.io.reader import VolumeSource
 from volinfer.io.ome import geometry_from_nifti
 from volinfer.io.sources import input_files, is_tiff_output, open_paths
 from volinfer.io.tiff_io import TiffWriter
-from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
+from volinfer.run.settings import RunSettings
+from volinfer.options import parse_mirror  # noqa: F401  (re-exported)
 from volinfer.run.norm_stats import fit_norm_statistics
 from volinfer.run.model_grid import ModelGrid, plan_model_grid, run_on_model_grid, settings_for_model_grid
 from volinfer.tiling.feeder import TileFeeder

@@ -14,6 +14,7 @@ from volinfer import validate as V
 from volinfer.cliutil import (SIZE, TILES, emit, friendly_errors, note, output_options, parse_tile, progress_bar,
                       runtime_options)
 from volinfer.errors import VolinferError
+from volinfer import options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -80,7 +81,7 @@ def main() -> None:
               "with --activation none).")
 @click.option("--float16", "float16", is_flag=True, help="Write probabilities as float16 (Zarr outputs; NIfTI has "
               "no float16 type, so NIfTI outputs get float32 and the summary says so).")
-@click.option("--normalize", type=V.NORMALIZE, help="Intensity normalisation: none, zscore, minmax, "
+@click.option("--normalize", type=options.NORMALIZE, help="Intensity normalisation: none, zscore, minmax, "
               "percentile:LO:HI (0 <= LO < HI <= 100, default 0.5:99.5), scale:A:B (x * A + B; finite, A != 0). "
               "Default: stored in the model, else none.")
 @click.option("--output-name", help="Which model output to use (name or index) when there are several.")
@@ -106,7 +107,7 @@ def main() -> None:
 @click.option("--pyramid", type=click.IntRange(0, 16), default=0, show_default=True,
               help="Zarr outputs: also write this many OME-Zarr levels, each half the previous along z, y, x "
               "(nearest for labels, mean otherwise), as blocks complete.")
-@click.option("--max-memory", type=V.MEMORY, help="Peak RAM budget for the plan (e.g. 600M, 2G; > 0; default a "
+@click.option("--max-memory", type=options.MEMORY, help="Peak RAM budget for the plan (e.g. 600M, 2G; > 0; default a "
               "quarter of the machine's RAM or cgroup limit, never of the memory free now): the fastest exact plan "
               "within it runs, else the run says it is not exact.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command) from its last finished "
@@ -147,7 +148,7 @@ def run(**params: Any) -> None:
               "run's own planning, fidelity first; the plan lists the tilings it weighed.")
 @click.option("--tiles", "tile_list", type=TILES, help="Several tile sizes to compare, comma-separated, each N or "
               "XxYxZ (e.g. 64,96,128x128x64).")
-@click.option("--max-memory", type=V.MEMORY, help="As for `run`: peak RAM budget for choosing the tile (e.g. 600M, "
+@click.option("--max-memory", type=options.MEMORY, help="As for `run`: peak RAM budget for choosing the tile (e.g. 600M, "
               "2G; > 0; default the runtime, the weights and 1 GiB, at most a quarter of the machine's RAM or cgroup "
               "limit).")
 @click.option("--norm-stats", type=click.Choice(["volume", "tile"]), help="As for `run`: InstanceNorm/GroupNorm "

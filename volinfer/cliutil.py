@@ -16,6 +16,7 @@ from volinfer import watchdog
 from volinfer.errors import Interrupted, VolinferError, framework_message
 from volinfer.progress import discard_finished, flush_finished
 from volinfer.progress import progress_bar as progress_bar  # noqa: F401  (the commands' one way to show progress)
+from volinfer.options import parse_tile  # noqa: F401  (converters' command line)
 
 
 #: The signal that interrupted this process (SIGINT or SIGTERM), for the exit status 128 + signal.
@@ -92,16 +93,6 @@ def _fail(line: str, status: int) -> None:
     if status > 128 and watchdog.armed():
         watchdog.exit_now(status)
     sys.exit(status)
-
-
-def parse_tile(value: str | None) -> Any:
-    if not value or value.strip().lower() == "auto":
-        return None
-    try:
-        parts = [int(v) for v in value.lower().replace("x", ",").split(",")]
-    except ValueError:
-        raise VolinferError(f"--tile expects a size (128) or three sizes (128,128,64); got {value!r}") from None
-    return parts[0] if len(parts) == 1 else parts
 
 
 # ---- one convention for every command: shared options, output streams, progress ----

@@ -257,18 +257,6 @@ def _orientation(name: str, value: Any) -> str:
     return orientation(value)
 
 
-def _normalize(name: str, value: Any) -> Any:
-    from volinfer.run.normalize import parse_normalization  # the one parser; it validates through this module
-
-    return parse_normalization(value)
-
-
-def _memory(name: str, value: Any) -> float:
-    from volinfer.run.plan import parse_size_mb
-
-    return positive(name, parse_size_mb(str(value)))
-
-
 FLOAT = Checked("number", finite)
 POSITIVE = Checked("number", positive)
 COUNT = Checked("integer", lambda n, v: count(n, v))
@@ -278,8 +266,6 @@ TILE = Checked("tile", _tile, keep_text=True)
 TILES = Checked("tiles", _tiles, keep_text=True)
 SPACING = Checked("spacing", _positive_list, keep_text=True)
 ORIENTATION = Checked("orientation", _orientation)
-NORMALIZE = Checked("normalize", _normalize, keep_text=True)
-MEMORY = Checked("size", _memory, keep_text=True)
 
 
 def threshold_callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

@@ -15,6 +15,7 @@ import click
 from volinfer import validate as V
 from volinfer.cliutil import friendly_errors, output_options, progress_bar, runtime_options
 from volinfer.errors import VolinferError
+from volinfer.options import parse_overlap
 
 DEFAULT_FACTORY = "volinfer.bench.reference_unet:build_unet"
 PEER_METHODS = {"monai": "monai", "nnunet": "nnunet", "torch": "naive-torch"}
@@ -176,7 +177,6 @@ def bench(model_path: Path | None, sizes: str, methods: str, versus: str | None,
           device: str, precision: str, threads: int | None, cap_fraction: float, output: Path | None, name: str,
           work_dir: Path | None, torch_factory: str, note: str, quiet: bool, as_json: bool) -> None:
     """Measure peak RAM, wall and CPU time of each method at each volume size, each run in a fresh process."""
-    from volinfer.run.setup import parse_overlap
 
     parse_overlap(overlap)  # one-line error for a malformed value before any work
     chosen = choose_methods(methods, versus)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from volinfer.options import parse_overlap
 
 
 def _save_labels(labels: np.ndarray, reference: str, out: str) -> None:
@@ -152,7 +153,6 @@ def _volume(a: argparse.Namespace) -> np.ndarray:
 
 def overlap_fraction(overlap: str, tile: int) -> float:
     """The overlap as a fraction of the tile, for the peers that take a fraction (MONAI, nnU-Net)."""
-    from volinfer.run.setup import parse_overlap
 
     v = (parse_overlap(overlap) or [0.25])[0]
     return v if v < 1 else v / tile

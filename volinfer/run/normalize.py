@@ -25,35 +25,8 @@ from volinfer import validate
 from volinfer.tiling.blockwise import cast_copy
 from volinfer.errors import VolinferError
 from volinfer.io.reader import F32_MAX, VolumeSource, exceeds_float32, scan_slabs
+from volinfer.options import NORMALIZATIONS, parse_normalization  # noqa: F401  (parse_normalization: converters)
 
-KINDS = ("none", "zscore", "minmax", "percentile", "scale")
-
-
-def parse_normalization(text: str | None) -> dict[str, Any] | None:
-    """CLI form: ``zscore``, ``minmax``, ``percentile:0.5:99.5``, ``scale:0.001:0``, ``none``; validated (finite
-    numbers, the right count of them, percentiles 0 <= LO < HI <= 100)."""
-    if not text:
-        return None
-    parts = text.split(":")
-    kind = parts[0]
-    if kind not in KINDS:
-        raise VolinferError(f"--normalize must be one of {', '.join(KINDS)} (percentile:LO:HI, scale:A:B); got {text!r}")
-    nums = [validate.finite(f"--normalize {text!r}: parameter", p) for p in parts[1:]]
-    if kind == "percentile":
-        if len(nums) not in (0, 2):
-            raise VolinferError(f"--normalize percentile takes two numbers, percentile:LO:HI (e.g. "
-                                f"percentile:0.5:99.5); got {text!r}")
-        lo, hi = validate.percentiles(*nums) if nums else (0.5, 99.5)
-        return {"kind": kind, "lower": lo, "upper": hi}
-    if kind == "scale":
-        if len(nums) != 2:
-            raise VolinferError("--normalize scale needs two numbers: scale:A:B means x * A + B")
-        spec = {"kind": kind, "scale": nums[0], "shift": nums[1]}
-        validate.normalization(spec)
-        return spec
-    if nums:
-        raise VolinferError(f"--normalize {kind} takes no parameters; got {text!r}")
-    return {"kind": kind}
 
 
 
@@ -92,8 +65,8 @@ class Normalizer:
     def __init__(self, spec: dict[str, Any] | None, channels: int) -> None:
         self.spec = dict(spec or {"kind": "none"})
         self.kind = self.spec.get("kind", "none")
-        if self.kind not in KINDS:
-            raise VolinferError(f"unknown normalization {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.kind not in NORMALIZATIONS:
+            raise VolinferError(f"unknown normalization {self.kind!r}; expected one of {', '.join(NORMALIZATIONS)}")
         validate.normalization(self.spec)
         self.channels = channels
         self.a = np.ones(channels, dtype=np.float64)

@@ -21,6 +21,7 @@ import numpy as np
 
 from volinfer.errors import VolinferError
 from volinfer.tiling.geometry import TileGrid
+from volinfer.options import parse_size_mb  # noqa: F401  (converters)
 
 MB = 2**20
 
@@ -214,18 +215,6 @@ def make_plan(grid: TileGrid, cost: ModelCost, parts: dict[str, float]) -> Plan:
                 time_s=round(len(grid) * cost.tile_s * 1.05, 1),
                 parts_mb={"model (steady)": round(cost.steady_mb, 1), "compile peak": round(cost.peak_mb, 1),
                           **{k: round(v, 1) for k, v in parts.items()}})
-
-
-def parse_size_mb(text: str) -> float:
-    """``600M``, ``1.5G``, ``800`` (MB) → MB."""
-    t = text.strip().upper().removesuffix("B")
-    scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0**2}
-    try:
-        if t and t[-1] in scale:
-            return float(t[:-1]) * scale[t[-1]]
-        return float(t)
-    except ValueError:
-        raise VolinferError(f"memory size must look like 600M or 1.5G; got {text!r}") from None
 
 
 def candidate_tiles(multiple: int, largest: int = 256, smallest: int = 32) -> list[int]:

@@ -29,15 +29,9 @@ from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
 from volinfer.run.stream_stats import statistics_cost
 from volinfer.io.reader import VolumeSource
+from volinfer.options import NORM_STATS, STITCH_MODES, parse_overlap
 
-STITCH_MODES = ("crop", "gaussian", "mean")
-NORM_STATS = ("volume", "tile")
 DEFAULT_OVERLAP = 0.25
-
-
-def parse_overlap(value: Any) -> list[float] | None:
-    """``0.25`` / ``"0.25"`` (fraction of the tile), ``32`` (voxels), ``"32,32,16"`` (per axis) → 3 numbers."""
-    return validate.overlap(value)  # values < 1 are fractions, whole numbers >= 1 voxels, the rest refused
 
 
 def overlap_voxels(items: list[float], tile: Sequence[int]) -> tuple[int, int, int]:
