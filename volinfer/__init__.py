@@ -1,7 +1,7 @@
 """volinfer: stream huge 3D volumes through OpenVINO models tile by tile, with nearly flat peak RAM.
 
 Data flow, one module each: :mod:`~volinfer.io.reader` (read lazily) → :mod:`~volinfer.tiling.geometry` (where tiles go) →
-:mod:`~volinfer.tiling.feeder` (tile input) → :mod:`~volinfer.model.tile_model` / :mod:`~volinfer.run.engine` (infer) →
+:mod:`~volinfer.run.feeder` (tile input) → :mod:`~volinfer.model.tile_model` / :mod:`~volinfer.run.engine` (infer) →
 :mod:`~volinfer.tiling.stitch` (combine) → :mod:`~volinfer.run.postprocess` → :mod:`~volinfer.io.writer` (write as it goes).
 """
 

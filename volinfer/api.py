@@ -10,24 +10,24 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volinfer.version import __version__
 from volinfer.run.engine import RunReport, peak_rss_mb, run_tiles
 from volinfer.errors import Interrupted, VolinferError, strip_path
 from volinfer.io.batch_record import BatchRecord, check_unique
-from volinfer.io.journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
-from volinfer.model.tile_model import CompileOptions, TileModel
+from volinfer.io.journal import Journal
+from volinfer.model.tile_model import TileModel
 from volinfer.io.reader import VolumeSource
 from volinfer.io.ome import geometry_from_nifti
-from volinfer.io.sources import input_files, is_tiff_output, open_paths
+from volinfer.io.sources import input_files, is_tiff_output
 from volinfer.io.tiff_io import TiffWriter
 from volinfer.run.settings import RunSettings
-from volinfer.options import parse_mirror  # noqa: F401  (re-exported)
 from volinfer.run.norm_stats import fit_norm_statistics
 from volinfer.run.model_grid import ModelGrid, plan_model_grid, run_on_model_grid, settings_for_model_grid
-from volinfer.tiling.feeder import TileFeeder
-from volinfer.run.setup import (TilingChoice, RunSetup, choose_stream, guard_for, make_normalizer, needs_norm_passes,
-                                overlap_for, plan_tiling, resolve, scan_input, stream_verdict, verdict)
+from volinfer.run.feeder import TileFeeder
+from volinfer.run.setup import (TilingChoice, RunSetup, guard_for, make_normalizer, needs_norm_passes, resolve,
+                                scan_input, stream_verdict, verdict)
 from volinfer.run.stream import band_reader, run_stream
+from volinfer.run import pipeline
+from volinfer.run.pipeline import JournaledOutput, fingerprint_options, open_source, run_fingerprint
 from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter
@@ -41,43 +41,6 @@ def _row_done(writer: Any, journal: Journal, row: int, rows: int) -> None:
     may claim fewer rows: those whose planes are all in the store)."""
     writer.sync()
     journal.update(writer.durable_row(row) if isinstance(writer, ZarrWriter) else row, rows)
-
-
-def run_fingerprint(in_paths: Sequence[Path], model_path: Path | None, options: dict[str, Any],
-                    setup: RunSetup | None = None, header: Any = None) -> dict[str, Any]:
-    """What makes a run's output what it is: inputs and model by content, and every setting that changes it. With
-    ``setup`` carrying the pre-pass's voxel digests, the inputs are those digests plus the header (no extra pass);
-    otherwise each input file or store is hashed here."""
-    if setup is not None and setup.digests is not None:
-        head = getattr(header, "binaryblock", None)
-        inputs: Any = {"voxels": setup.digests,
-                       "header": content_bytes_hash(bytes(head)) if head is not None else None}
-    else:
-        inputs = [file_identity(p) for p in in_paths]
-    return {"volinfer": __version__, "inputs": inputs,
-            "model": model_identity(model_path) if model_path else None, "options": options}
-
-
-def _discard(writer: Any, journal: Journal | None) -> None:
-    """Remove what this run wrote (temporary file, journal). Nothing when no writer was made yet: a journal there
-    belongs to an earlier interrupted run and must survive a refused or interrupted resume."""
-    if isinstance(writer, (NiftiWriter, ZarrWriter)):  # TiffWriter is a NiftiWriter
-        writer.abort()
-        if journal is not None:
-            journal.remove()
-
-
-def open_source(volume: Any, depth: int, channel_axis: int | None = None) -> VolumeSource:
-    """The volume as a :class:`VolumeSource` in ``(x, y, z)`` order with its affine: an array, or files of any
-    format a reader in :mod:`volinfer.io` handles (picked by :func:`volinfer.io.sources.open_paths`)."""
-    if isinstance(volume, VolumeSource):
-        return volume
-    if isinstance(volume, np.ndarray):
-        return VolumeSource.from_array(volume, channel_axis)
-    paths = [volume] if isinstance(volume, (str, os.PathLike)) else list(volume)
-    if not paths:
-        raise VolinferError("no input volume given")
-    return open_paths(paths, depth)
 
 
 def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.PathLike | None = None,
@@ -253,27 +216,16 @@ def _lock_output(run: _Run) -> None:
 
 
 def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
-    """The planned tiling, the model at its tile (compiled unless it streams), and the opened volume."""
-    t = run.s.tiling
+    """The run's plan (:func:`volinfer.run.pipeline.plan`), the model at its tile (compiled unless it streams),
+    and the opened volume."""
     shape, n_channels = _volume_shape(volume, run.s.input.channel_axis)
     if n_channels != handle.in_channels:
         raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
     handle = _scan_input(run, volume, handle)  # before planning: the precision guard decides from it
-    run.choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
-                             norm_stats=t.norm_stats, mirror=bool(t.mirror))
-    choose_stream(handle, shape, run.choice, run.s, banded=run.output is None or not is_zarr_output(run.output))
-    if run.stream is not None:  # rows of output planes over bands of the padded cross-section; nothing compiled whole
-        sp = run.stream
-        run.choice.tile, run.choice.overlap = (sp.padded[0], sp.band, sp.out_planes), (0, 2 * sp.margin, 0)
-        run.tm = handle.at(run.choice.tile, compile=False)
-    else:
-        run.tm = handle.at(run.choice.tile)
-    run.overlap = t.overlap
-    if t.overlap is None and run.choice.overlap is None:
-        run.overlap = overlap_for(run.choice, run.tm)
-    if run.choice.overlap is not None:
-        run.overlap = list(run.choice.overlap)
+    planned = pipeline.plan(handle, shape, run.s, banded=run.output is None or not is_zarr_output(run.output))
+    run.choice, run.overlap = planned.choice, planned.overlap
+    run.tm = planned.model if planned.stream is not None else planned.model.at(planned.model.tile)
     run.source = open_source(volume, run.tm.tile[2], run.s.input.channel_axis)
 
 
@@ -292,10 +244,11 @@ def _scan_input(run: _Run, volume: Any, handle: TileModel) -> TileModel:
 
 
 def _execute(run: _Run) -> None:
-    """Resolve, pre-pass, open the writer and run the tiles; on failure keep a resumable output or discard it."""
-    try:
+    """Resolve, pre-pass, open the writer and run the tiles; on failure keep a resumable output or discard it
+    (:class:`volinfer.run.pipeline.JournaledOutput`)."""
+    with JournaledOutput(run.output) as out:
         _resolve(run)
-        _open_writer(run)
+        _open_writer(run, out)
         _run_tiles(run)
         if run.output is not None:
             rows = run.setup.grid.axes[2].count
@@ -303,18 +256,6 @@ def _execute(run: _Run) -> None:
         run.result = run.writer.commit() if run.output is not None else run.writer.result()
         if run.output is not None:
             run.journal.remove()  # type: ignore[union-attr]
-    except (KeyboardInterrupt, ResumableError) as e:
-        if isinstance(run.writer, (NiftiWriter, ZarrWriter)) and run.journal is not None and run.journal.exists():
-            run.writer.close_for_resume()
-            if isinstance(e, ResumableError):
-                raise
-            raise Interrupted(f"partial output kept beside {run.output}; run the same command with --resume to "
-                              f"continue") from None
-        _discard(run.writer, run.journal)
-        raise
-    except BaseException:
-        _discard(run.writer, run.journal)
-        raise
 
 
 def _resolve(run: _Run) -> None:
@@ -336,18 +277,12 @@ def _resolve(run: _Run) -> None:
 
 def _fingerprint_options(run: _Run) -> dict[str, Any]:
     """Every setting that changes a file output, as the journal records it."""
-    s, t, o, tm, setup = run.s, run.s.tiling, run.s.output, run.tm, run.setup
-    return dict(
-        tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=setup.overlap, stitch=setup.stitch,
-        sigma=t.sigma, pad_mode=t.pad_mode, kind=o.kind, activation=setup.activation, channels=setup.spec.channels,
-        threshold=o.threshold, dtype=str(setup.spec.dtype), normalization=setup.normalizer.describe(),
-        nan_value=s.input.nan_value, device=tm.options.device, precision=tm.precision,
-        reuse_constant=t.reuse_constant, norm_stats=run.choice.norm_stats, norm_passes=run.passes, mirror=t.mirror,
-        engine="stream" if run.stream is not None else "tiles",
-        **_zarr_settings(run.output, o.zarr_output()))
+    return fingerprint_options(run.s, run.tm, run.setup, norm_stats=run.choice.norm_stats, norm_passes=run.passes,
+                               engine="stream" if run.stream is not None else "tiles",
+                               **_zarr_settings(run.output, run.s.output.zarr_output()))
 
 
-def _open_writer(run: _Run) -> None:
+def _open_writer(run: _Run, out: JournaledOutput) -> None:
     """An in-memory array, or a NIfTI/Zarr file output with its journal (resumed where it stopped)."""
     setup, source, output = run.setup, run.source, run.output
     spec = setup.spec
@@ -370,6 +305,7 @@ def _open_writer(run: _Run) -> None:
     else:
         run.writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header,
                                  source.affine, resume=run.s.resume)
+    out.writer, out.journal = run.writer, run.journal
     run.journal.update(run.start_row, setup.grid.axes[2].count)
 
 

@@ -47,7 +47,9 @@ from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
 from volinfer.run.settings import RunSettings
-from volinfer.run.setup import guard_for, make_normalizer, overlap_for, plan_tiling, resolve, scan_input, verdict
+from volinfer.run import pipeline
+from volinfer.run.pipeline import JournaledOutput, fingerprint_options, run_fingerprint
+from volinfer.run.setup import guard_for, make_normalizer, resolve, scan_input, verdict
 from volinfer.io.journal import Journal
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
@@ -260,9 +262,9 @@ class _Prepared:
 
 
 def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
-
-    t, o, rt = s.tiling, s.output, s.runtime
-    flips = tuple(sorted(t.mirror))  # the source is (x, y, z), like every reader's
+    """The Zarr input opened, its one pre-pass made, the run planned (:func:`volinfer.run.pipeline.plan`, tiles
+    only: blocks stream no layers) in the precision that runs, and resolved."""
+    t, rt = s.tiling, s.runtime
     options = {k: v for k, v in rt.compile_dict().items() if v is not None}
     source, in_arr = open_zarr_source(volume)
     handle = TileModel(model, tile=t.tile, layout=rt.layout, output=rt.model_output,
@@ -272,24 +274,12 @@ def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
     if guarded is not handle:
         handle, options = guarded, {**options, "precision": guarded.precision}
     # Zarr/Dask runs freeze no normalisation statistics yet: plan as for per-tile statistics
-    choice = plan_tiling(handle, source.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
-                         norm_stats="tile")
-    tm = TileModel(model, tile=choice.tile, layout=rt.layout, output=rt.model_output,
-                   options=CompileOptions(**options), compile=False)
-    tm.multiple = handle.multiple
-    overlap = t.overlap
-    if overlap is None:
-        overlap = list(choice.overlap) if choice.overlap is not None else overlap_for(choice, tm)
-    tm.precision_reason = handle.precision_reason
-    setup = resolve(tm, source.shape, source.channels, s, overlap=overlap, normalizer=scan.normalizer)
+    planned = pipeline.plan(handle, source.shape, s, norm_stats="tile", stream=False)
+    tm = planned.model
+    setup = resolve(tm, source.shape, source.channels, s, overlap=planned.overlap, normalizer=scan.normalizer)
     scan.apply(setup)
-    settings = dict(tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=setup.overlap,
-                    stitch=setup.stitch, sigma=t.sigma, pad_mode=t.pad_mode, kind=o.kind, activation=o.activation,
-                    channels=setup.spec.channels, threshold=o.threshold, dtype=str(setup.spec.dtype),
-                    normalization=setup.normalizer.describe(), nan_value=s.input.nan_value,
-                    precision=tm.precision, reuse_constant=t.reuse_constant,
-                    **({"mirror": flips} if flips else {}))
-    return _Prepared(source, in_arr, tm, setup, options, settings, choice)
+    settings = fingerprint_options(s, tm, setup, norm_stats="tile", norm_passes=0, engine="tiles")
+    return _Prepared(source, in_arr, tm, setup, options, settings, planned.choice)
 
 
 def _job(p: _Prepared, volume: Any, output: Any, model: Any, s: RunSettings, levels: int = 0) -> ZarrJob:
@@ -297,7 +287,7 @@ def _job(p: _Prepared, volume: Any, output: Any, model: Any, s: RunSettings, lev
     return ZarrJob(str(volume), str(output), str(model), p.tm.tile, p.tm.layout, p.tm.output_index, p.options,
                    st.overlap, p.tm.multiple, st.stitch, t.sigma, t.pad_mode, st.spec, st.normalizer, st.nan_fill,
                    s.runtime.requests, t.reuse_constant, levels=levels, method=downsample_method(s.output.kind),
-                   mirror=tuple(p.settings.get("mirror", ())))
+                   mirror=tuple(sorted(t.mirror)))
 
 
 def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]], requests: int) -> RunReport:
@@ -339,8 +329,6 @@ def _chunk_shape(chunks: Any, source: Any) -> tuple[int, int, int]:
 def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
               where: tuple[str | None, int | None]) -> RunReport:
     """:func:`run_zarr` once the output is checked and locked; ``where``: (scheduler, workers)."""
-    from volinfer.api import run_fingerprint
-
     t0 = time.perf_counter()
     o = s.output
     p = _prepare(volume, model, s)
@@ -433,7 +421,6 @@ def nifti_slabs(grid: TileGrid, block: int) -> list[Block]:
 
 
 def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, s: RunSettings, block: int) -> RunReport:
-    from volinfer.api import run_fingerprint
     from volinfer.io.writer import NiftiWriter
 
     t0 = time.perf_counter()
@@ -454,33 +441,22 @@ def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, s: RunSettings, bl
 def _write_slabs(job: ZarrJob, slabs: list[Block], start: int, writer: Any, journal: Journal,
                  progress: bool) -> list[dict[str, Any]]:
     """Run and write the slabs from ``start`` on, journaled slab by slab; keep a resumable output when
-    interrupted, remove it on any other failure."""
-    from volinfer.errors import Interrupted
-    from volinfer.io.journal import ResumableError
-
+    interrupted, remove it on any other failure (:class:`volinfer.run.pipeline.JournaledOutput`)."""
     results: list[dict[str, Any]] = []
     bar = progress_bar(len(slabs), "volinfer", "slab", initial=start, disable=not progress)
     try:
-        journal.update(start, len(slabs))
-        for n in range(start, len(slabs)):
-            out, info = run_block_array(job, slabs[n])
-            writer.write(out.transpose(0, 3, 2, 1), slabs[n].box[2][0], 0)  # (C, x, y, z) -> the writer's (C, z, y, x)
-            writer.sync()
-            journal.update(n + 1, len(slabs))
-            results.append(info)
-            bar.update(1)
-        writer.commit()
-        journal.remove()
-    except (KeyboardInterrupt, ResumableError) as e:
-        writer.close_for_resume()
-        if isinstance(e, ResumableError):
-            raise
-        raise Interrupted(f"partial output kept beside {job.output}; run the same command with --resume to "
-                          f"continue") from None
-    except BaseException:
-        writer.abort()
-        journal.remove()
-        raise
+        with JournaledOutput(Path(job.output)) as out:
+            out.writer, out.journal = writer, journal
+            journal.update(start, len(slabs))
+            for n in range(start, len(slabs)):
+                out_block, info = run_block_array(job, slabs[n])
+                writer.write(out_block.transpose(0, 3, 2, 1), slabs[n].box[2][0], 0)  # (C, x, y, z) -> (C, z, y, x)
+                writer.sync()
+                journal.update(n + 1, len(slabs))
+                results.append(info)
+                bar.update(1)
+            writer.commit()
+            journal.remove()
     finally:
         bar.close()
     return results

@@ -19,7 +19,7 @@ import openvino as ov
 from volinfer.progress import progress_bar
 
 from volinfer import portable
-from volinfer.tiling.feeder import TileFeeder
+from volinfer.run.feeder import TileFeeder
 from volinfer.tiling.geometry import Tile, TileGrid
 from volinfer.model.tile_model import TileModel
 from volinfer.run.normalize import Normalizer

@@ -429,9 +429,9 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
 def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any, pad_mode: str = "constant",
                 nan_fill: list[float] | None = None) -> Callable[[int], Callable[[int, np.ndarray | None], None]]:
     """For a band starting at padded y row ``sy``, the reader a :class:`StreamRun` pulls input planes with: the
-    volume's planes normalised and padded as tiles are (:class:`volinfer.tiling.feeder.TileFeeder`), written straight
+    volume's planes normalised and padded as tiles are (:class:`volinfer.run.feeder.TileFeeder`), written straight
     into the input buffer's slot."""
-    from volinfer.tiling.feeder import TileFeeder
+    from volinfer.run.feeder import TileFeeder
     from volinfer.tiling.geometry import Tile, TileGrid
 
     in_ten = plan.graph.tensors[plan.graph.input_key]
