@@ -32,6 +32,10 @@ from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter
 from volinfer.io.zarr_writer import ZarrWriter, check_any_output, is_zarr_output
+from volinfer.io.zarr_writer import row_planes
+from volinfer.io.zarr_io import is_zarr
+from volinfer.run.distributed import run_zarr
+from volinfer.io.journal import journal_path
 
 Overlap = float | int | str | Sequence[float | int] | None
 
@@ -381,8 +385,6 @@ def _zarr_settings(output: Any, zarr_output: dict[str, Any] | None) -> dict[str,
 
 def _zarr_writer(output: Any, source: VolumeSource, spec: Any, grid: Any, kind: str, zarr_output: Any,
                  overwrite: bool, resume: bool, start_row: int) -> "ZarrWriter":
-    from volinfer.io.zarr_writer import row_planes
-
     z = _zarr_settings(output, zarr_output)["zarr"]
     return ZarrWriter(output, source.shape, spec.out_channels, spec.dtype,
                       geometry_from_nifti(source.header, source.affine), row_planes=row_planes(grid), kind=kind,
@@ -462,12 +464,9 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
     """What ``volinfer run`` does with its inputs: a Zarr input block by block (:func:`volinfer.run.distributed.run_zarr`),
     one NIfTI volume (:func:`predict`), or a batch (one directory or glob of NIfTI files into a directory output,
     :func:`run_batch`). ``note`` is added to every report; ``notify`` receives the batch's per-volume lines."""
-    from volinfer.io.zarr_io import is_zarr
-
     if any(is_zarr(p) for p in inputs):
         if len(inputs) != 1:
             raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
-        from volinfer.run.distributed import run_zarr
 
         if _zarr_needs_model_grid(inputs[0], model, settings, blocks):
             return _with_note(predict(list(inputs), model, output, settings), note)
@@ -532,8 +531,6 @@ def run_batch(batch: list[Path], tm: TileModel, output: Path, settings: RunSetti
     output from this input with these settings (:mod:`volinfer.io.batch_record`). ``notify`` (if given) receives
     one line per volume."""
     from dataclasses import replace
-
-    from volinfer.io.journal import journal_path
 
     if output.exists() and not output.is_dir():
         raise VolinferError(f"{output}: batch output must be a directory")

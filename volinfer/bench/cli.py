@@ -16,6 +16,12 @@ from volinfer import validate as V
 from volinfer.cliutil import friendly_errors, output_options, progress_bar, runtime_options
 from volinfer.errors import VolinferError
 from volinfer.options import parse_overlap
+from converters import convert
+from volinfer.bench.volumes import make_volume
+from volinfer.model.settings import ModelSettings
+from volinfer.model.tile_model import CompileOptions, TileModel, read_model
+from volinfer.bench.harness import METHOD_NAMES, BenchConfig, run_benchmark
+from volinfer.bench.report import markdown_report, ratios, save_report
 
 DEFAULT_FACTORY = "volinfer.bench.reference_unet:build_unet"
 PEER_METHODS = {"monai": "monai", "nnunet": "nnunet", "torch": "naive-torch"}
@@ -41,8 +47,6 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
 
 def choose_methods(methods: str, versus: str | None) -> list[str]:
     """The methods to run, in order, from ``--methods`` and ``--vs``; one-line errors for unknown or missing ones."""
-    from volinfer.bench.harness import METHOD_NAMES
-
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     peers = [v.strip() for v in (versus or "").split(",") if v.strip()]
     if peers == ["all"]:
@@ -87,9 +91,6 @@ def reference_model(work_dir: Path, tile: int) -> Path:
         return path
     if importlib.util.find_spec("torch") is None:
         raise VolinferError("the reference U-Net is built with PyTorch: pip install 'volinfer[torch]', or pass -m")
-    from converters import convert
-    from volinfer.bench.volumes import make_volume
-
     work_dir.mkdir(parents=True, exist_ok=True)
     # the precision check runs one tile of it, the tiling check a 128³ probe (receptive-field radius 44): no padding
     edge = max(2 * tile, 128)
@@ -104,9 +105,6 @@ def baseline_normalization(model: Path, methods: list[str]) -> str:
     """How the baselines normalise, matching what ``model`` stores for `volinfer run`: ``zscore`` (whole-volume
     mean and std) or ``none``. Other stored normalisations are refused when a baseline is measured (the baselines
     would see other values than volinfer)."""
-    from volinfer.model.settings import ModelSettings
-    from volinfer.model.tile_model import read_model
-
     spec = ModelSettings.from_model(read_model(model)).normalization or {"kind": "none"}
     kind = spec.get("kind", "none")
     if kind == "zscore" and "mean" not in spec:
@@ -136,8 +134,6 @@ def resolve_precision(model: Path, precision: str, device: str) -> str:
     report runs (and the report names) one concrete precision."""
     if precision != "auto":
         return precision
-    from volinfer.model.tile_model import CompileOptions, TileModel
-
     return TileModel(model, options=CompileOptions(device=device, precision="auto"), compile=False).precision
 
 
@@ -193,13 +189,8 @@ def bench(model_path: Path | None, sizes: str, methods: str, versus: str | None,
 def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile: int, overlap: str, device: str,
          precision: str, threads: int | None, cap_fraction: float, out_dir: Path, name: str, torch_factory: str,
          note: str, quiet: bool, as_json: bool) -> None:
-    from volinfer.bench.harness import BenchConfig, run_benchmark
-    from volinfer.bench.report import markdown_report, ratios, save_report
-
     size_list = parse_sizes(sizes)
     if model_path is not None:  # the same one-line refusal as run/info, before any process is spawned
-        from volinfer.model.tile_model import read_model
-
         read_model(model_path)
     model = (model_path or reference_model(wd, tile)).resolve()
     precision = resolve_precision(model, precision, device)

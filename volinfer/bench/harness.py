@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from volinfer.portable import cpu_model
+from volinfer import portable
+from volinfer.bench.volumes import make_volume
 
 METHOD_NAMES = {
     "naive": "naive OpenVINO (whole volume)",
@@ -60,8 +62,6 @@ class Measurement:
 
 
 def total_ram_mb() -> float:
-    from volinfer import portable
-
     return portable.total_mb() or float("nan")
 
 
@@ -210,8 +210,6 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print,
                   progress: Any = None) -> tuple[list[Measurement], dict[str, Any]]:
     """Measure every method at every size (smallest first). ``progress``: an object with ``update()`` (tqdm),
     advanced once per run. Returns the measurements and the machine description."""
-    from volinfer.bench.volumes import make_volume
-
     cap = total_ram_mb() * cfg.cap_fraction
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     results: list[Measurement] = []

@@ -24,6 +24,8 @@ from volinfer.errors import VolinferError
 from volinfer.io.ome import Geometry, check_pyramid, downsample, downsample_method
 from volinfer.io.targets import remove_store
 from volinfer.io.zarr_io import check_zarr_output, create_output, store_write_error, sync_region
+from volinfer.io.targets import check_output
+from volinfer.io.writer import check_target
 
 
 def is_zarr_output(path: str | Path) -> bool:
@@ -33,9 +35,6 @@ def is_zarr_output(path: str | Path) -> bool:
 
 def check_any_output(output: Path, inputs: Sequence[Path], overwrite: bool, resume: bool) -> None:
     """The output check of :mod:`volinfer.io.targets` for every kind of output (Zarr, TIFF, NIfTI)."""
-    from volinfer.io.targets import check_output
-    from volinfer.io.writer import check_target
-
     if is_zarr_output(output):
         check_zarr_output(output, list(inputs), overwrite, resume)
     elif str(output).lower().endswith((".tif", ".tiff")):

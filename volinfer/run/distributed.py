@@ -55,6 +55,9 @@ from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
 from volinfer.io.zarr_io import (check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source,
                                 store_geometry, store_write_error, sync_region)
+from volinfer.io.targets import aux_path
+from volinfer.io.writer import check_target
+from volinfer.io.writer import NiftiWriter
 
 
 @dataclass
@@ -243,8 +246,6 @@ def run_zarr(volume: str | Path, model: str | Path, output: str | Path, settings
 def run_journal(output: str | Path) -> Path:
     """Where a Zarr output keeps the fingerprint of the run that writes it: beside the store (``.<name>.zarr.run.json``),
     like the block markers (:func:`volinfer.io.zarr_io.done_marker_dir`), so that Zarr readers see a clean store."""
-    from volinfer.io.targets import aux_path
-
     return aux_path(Path(output), ".run.json")
 
 
@@ -396,8 +397,6 @@ def block_extent(chunks: Sequence[int], block: Sequence[int]) -> tuple[int, int,
 def run_zarr_to_nifti(volume: str | Path, model: str | Path, output: str | Path,
                       settings: RunSettings | None = None, *, block: int = 256, **options: Any) -> RunReport:
     """A Zarr volume into a NIfTI file: slabs along the array's first axis, in order (see module docs)."""
-    from volinfer.io.writer import check_target
-
     s = RunSettings.from_kwargs(settings, **options)
     check_target(Path(output), s.overwrite, [Path(volume)])
     with OutputLock(Path(output)):
@@ -421,8 +420,6 @@ def nifti_slabs(grid: TileGrid, block: int) -> list[Block]:
 
 
 def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, s: RunSettings, block: int) -> RunReport:
-    from volinfer.io.writer import NiftiWriter
-
     t0 = time.perf_counter()
     p = _prepare(volume, model, s)
     slabs = nifti_slabs(p.setup.grid, block)

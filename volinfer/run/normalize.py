@@ -26,6 +26,7 @@ from volinfer.tiling.blockwise import cast_copy
 from volinfer.errors import VolinferError
 from volinfer.io.reader import F32_MAX, VolumeSource, exceeds_float32, scan_slabs
 from volinfer.options import NORMALIZATIONS, parse_normalization  # noqa: F401  (parse_normalization: converters)
+from volinfer.run.prepass import PrePass
 
 
 
@@ -104,8 +105,6 @@ class Normalizer:
     def fit(self, source: VolumeSource, slab: int) -> None:
         """Gather the volume statistics this normalisation needs in a streaming pass of z-slabs of ``slab`` planes
         (on its own; a run feeds :meth:`statistics` from its one pre-pass instead, see :mod:`volinfer.run.prepass`)."""
-        from volinfer.run.prepass import PrePass
-
         pre = PrePass(source, slab)
         pre.add(self.statistics(source))
         pre.run()

@@ -19,6 +19,7 @@ from volinfer import validate
 from volinfer.errors import VolinferError
 from volinfer.options import (ENGINES, NORM_STATS, OUTPUT_KINDS, PAD_MODES, STITCH_MODES, parse_channels, parse_mirror,
                               parse_normalization, parse_size_mb, parse_tile)
+from volinfer.model.tile_model import CompileOptions
 
 
 
@@ -132,8 +133,6 @@ class RuntimeSettings:
 
     def compile_options(self) -> Any:
         """The :class:`volinfer.model.tile_model.CompileOptions` these settings compile with."""
-        from volinfer.model.tile_model import CompileOptions
-
         return CompileOptions(**self.compile_dict())
 
     def compile_dict(self) -> dict[str, Any]:

@@ -30,6 +30,11 @@ from volinfer.run.postprocess import OutputSpec
 from volinfer.run.stream_stats import statistics_cost
 from volinfer.io.reader import VolumeSource
 from volinfer.options import NORM_STATS, STITCH_MODES, parse_overlap
+from volinfer.run.settings import RunSettings
+from volinfer.model.precision import outside_checked
+from volinfer.model import speed_profile
+from volinfer.model.stream_graph import NotStreamable
+from volinfer.run.stream import plan_stream
 
 DEFAULT_OVERLAP = 0.25
 
@@ -73,8 +78,6 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
     """Everything that follows from the run's settings (:class:`volinfer.run.settings.RunSettings`), the model's
     stored settings and the volume's shape (no I/O). ``overlap``: the planned one, else the settings'.
     ``normalizer``: the one the input scan fitted (:func:`scan_input`), else a new one."""
-    from volinfer.run.settings import RunSettings
-
     s = settings or RunSettings()
     o = s.output
     stitch, keep = s.tiling.stitch, o.channels
@@ -157,8 +160,6 @@ def guard_for(tm: TileModel, input_abs_max: float | None, compile: bool = False)
     volume's normalised values (largest |value| ``input_abs_max``, from :func:`scan_input`) reach far beyond those,
     the verdict does not cover it: f32 instead, saying why (:func:`volinfer.model.precision.outside_checked`).
     Decided before planning: memory and time are planned in the precision that runs."""
-    from volinfer.model.precision import outside_checked
-
     if input_abs_max is None or not tm.auto_reduced:
         return tm
     why = outside_checked(tm.settings.extra.get("precision_check"), input_abs_max)
@@ -356,8 +357,6 @@ def unconverted_note(tm: TileModel) -> str | None:
     """Why a model file that `volinfer convert` did not write (an ONNX file, a plain IR) costs more to run than its
     converted IR: what convert measures once and stores is probed or assumed on every run. None when nothing is
     missing."""
-    from volinfer.model import speed_profile
-
     s = tm.settings
     missing = [what for what, absent in (
         ("receptive field (probed now, every run)", not s.receptive_field),
@@ -395,11 +394,9 @@ def overlap_for(choice: TilingChoice, tm: TileModel) -> list[float] | None:
 def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
     """The per-voxel cost the planner weighs tilings with, from the model's stored speed profile in the run's
     precision (None: constant), and where it came from (see :func:`volinfer.model.speed_profile.voxel_cost`)."""
-    from volinfer.model import speed_profile as sp
-
-    profile = sp.stored(tm.settings.extra)
-    here = sp.device_name(tm.core, tm.options.device) if profile is not None else None
-    cost, source = sp.voxel_cost(profile, tm.precision, tm.options.device, here)
+    profile = speed_profile.stored(tm.settings.extra)
+    here = speed_profile.device_name(tm.core, tm.options.device) if profile is not None else None
+    cost, source = speed_profile.voxel_cost(profile, tm.precision, tm.options.device, here)
     if cost is None or profile is None:
         return cost, source
     largest = float(max(v for v, _ in profile.points))
@@ -576,9 +573,6 @@ def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_m
                 banded: bool) -> Any:
     """The stream plan within the memory budget (whole cross-section, else bands of y rows with margins covering the
     receptive field), its predicted peak set; None (with a note) when auto cannot stream within it."""
-    from volinfer.model.stream_graph import NotStreamable
-    from volinfer.run.stream import plan_stream
-
     fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
     cap = max_memory_mb or choice.budget_mb or default_budget_mb(weights_mb(tm.model))
     rf = choice.rf
