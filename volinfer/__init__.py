@@ -27,7 +27,7 @@ if _STARTING_CLI and _signal.getsignal(_signal.SIGINT) is _signal.default_int_ha
 
 from volinfer.version import __version__  # noqa: E402
 from volinfer.api import predict  # noqa: E402
-from volinfer.run.engine import RunReport  # noqa: E402
+from volinfer.run.report import RunReport  # noqa: E402
 from volinfer.errors import VolinferError  # noqa: E402
 from volinfer.model.tile_model import CompileOptions, TileModel  # noqa: E402
 from volinfer.model.settings import ModelSettings  # noqa: E402

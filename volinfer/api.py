@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volinfer.run.engine import RunReport, peak_rss_mb, run_tiles
+from volinfer.run.engine import TileJob, run_tiles
+from volinfer.run.report import RunReport, peak_rss_mb
 from volinfer.errors import Interrupted, VolinferError, strip_path
 from volinfer.io.batch_record import BatchRecord, check_unique
 from volinfer.io.journal import Journal
@@ -32,6 +33,7 @@ from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter
 from volinfer.io.zarr_writer import ZarrWriter, check_any_output, is_zarr_output
+from volinfer.tiling.stitch import make_stitcher
 from volinfer.io.zarr_writer import row_planes
 from volinfer.io.zarr_io import is_zarr
 from volinfer.run.distributed import run_zarr
@@ -328,11 +330,11 @@ def _run_tiles(run: _Run) -> None:
                                  progress=run.s.progress, start_row=run.start_row, on_row_done=on_row_done)
         run.counts = (busy, calls, 0)
         return
-    run.counts = run_tiles(run.source, run.tm, setup.spec, run.writer, grid=setup.grid, stitch=setup.stitch,
-                           normalizer=setup.normalizer, sigma=t.sigma, pad_mode=t.pad_mode,
-                           requests=run.s.runtime.requests, progress=run.s.progress, reuse_constant=t.reuse_constant,
-                           nan_fill=setup.nan_fill, start_row=run.start_row, on_row_done=on_row_done,
-                           mirror=t.mirror)
+    job = TileJob(setup.grid, setup.normalizer, pad_mode=t.pad_mode, requests=run.s.runtime.requests,
+                  reuse_constant=t.reuse_constant, nan_fill=setup.nan_fill, mirror=t.mirror)
+    stitcher = make_stitcher(setup.grid, setup.spec, run.writer, setup.stitch, t.sigma)
+    run.counts = run_tiles(run.source, run.tm, stitcher, job, start_row=run.start_row, on_row_done=on_row_done,
+                           progress=run.s.progress)
 
 
 def _report(run: _Run, wall_s: float) -> RunReport:

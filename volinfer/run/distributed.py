@@ -40,7 +40,8 @@ import numpy as np
 
 from volinfer.progress import progress_bar
 from volinfer.tiling.blocks import Block, block_tiles, make_block_stitcher, plan_blocks, plan_core_blocks, redundancy
-from volinfer.run.engine import RunReport, peak_rss_mb, run_tiles
+from volinfer.run.engine import TileJob, run_tiles
+from volinfer.run.report import RunReport, peak_rss_mb
 from volinfer.errors import VolinferError
 from volinfer.tiling.geometry import TileGrid
 from volinfer.model.tile_model import CompileOptions, TileModel
@@ -110,10 +111,9 @@ def run_block_array(job: ZarrJob, block: Block) -> tuple[np.ndarray, dict[str, A
                           "crop" if job.stitch == "crop" else "blend")
     stitcher, array = make_block_stitcher(grid, block, job.spec, job.stitch, job.sigma)
     tiles = list(block_tiles(grid, block))
-    busy, n, reused = run_tiles(source, tm, job.spec, None, grid=grid, stitch=job.stitch,  # type: ignore[arg-type]
-                                normalizer=job.normalizer, sigma=job.sigma, pad_mode=job.pad_mode,
-                                requests=job.requests, progress=False, reuse_constant=job.reuse_constant,
-                                nan_fill=job.nan_fill, tiles=tiles, stitcher=stitcher, mirror=job.mirror)
+    tiling = TileJob(grid, job.normalizer, pad_mode=job.pad_mode, requests=job.requests,
+                     reuse_constant=job.reuse_constant, nan_fill=job.nan_fill, mirror=job.mirror)
+    busy, n, reused = run_tiles(source, tm, stitcher, tiling, tiles=tiles, progress=False)
     return array.out, {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
                           "pid": os.getpid(), "peak_rss_mb": _own_peak_mb()}
 
