@@ -87,11 +87,11 @@ def _norm_model_plan(budget_mb):
     """A 256³ volume through a model with 13 normalisation layers (every multi-tile run needs 13 statistics passes),
     ~65 bytes of model memory per tile voxel (one 256³ tile: ~1.2 GB), preferred tile 128³."""
     from volinfer.model.receptive_field import ReceptiveField
-    from volinfer.run.fidelity import plan_exact
+    from volinfer.run.fidelity import TilingProblem, plan_exact
 
     weighed = []
-    best = plan_exact((256, 256, 256), 16, ReceptiveField((40, 40, 40), True), (128, 128, 128), 65.0, 5.0, budget_mb,
-                      13, False, True, weighed=weighed)
+    best = plan_exact(TilingProblem((256, 256, 256), 16, ReceptiveField((40, 40, 40), True), (128, 128, 128), 65.0,
+                                    5.0, budget_mb, 13, False, True), weighed)
     return best, weighed
 
 

@@ -32,7 +32,7 @@ from volinfer.run.pipeline import JournaledOutput, fingerprint_options, open_sou
 from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter
-from volinfer.io.zarr_writer import ZarrWriter, check_any_output, is_zarr_output
+from volinfer.io.zarr_writer import ZarrWriter, check_any_output, is_zarr_output, store_spec
 from volinfer.tiling.stitch import make_stitcher
 from volinfer.io.zarr_writer import row_planes
 from volinfer.io.zarr_io import is_zarr
@@ -195,9 +195,10 @@ def _final_writer(run: _Run, source: VolumeSource, channels: int, dtype: np.dtyp
         return _ArrayResult(source.shape, channels, dtype), dtype
     if is_zarr_output(output):
         z = _zarr_settings(output, o.zarr_output())["zarr"]
-        return ZarrWriter(output, source.shape, channels, dtype, geometry_from_nifti(source.header, source.affine),
-                          row_planes=[0, source.shape[2]], kind=o.kind, chunks=z["chunks"], pyramid=z["pyramid"],
-                          compression=z["compression"], overwrite=run.s.overwrite), dtype
+        spec = store_spec(o.kind, geometry_from_nifti(source.header, source.affine), z["chunks"], z["pyramid"],
+                          z["compression"])
+        return ZarrWriter(output, source.shape, channels, dtype, spec, row_planes=[0, source.shape[2]],
+                          overwrite=run.s.overwrite), dtype
     if is_tiff_output(output):
         voxel = np.linalg.norm(np.asarray(source.affine)[:3, :3], axis=0)
         return TiffWriter(output, source.shape, channels, dtype, voxel_mm=tuple(voxel)), dtype
@@ -302,8 +303,7 @@ def _open_writer(run: _Run, out: JournaledOutput) -> None:
     if run.s.resume:
         run.start_row = run.journal.resume_row()
     if is_zarr_output(output):
-        run.writer = _zarr_writer(output, source, spec, setup.grid, run.s.output.kind, run.s.output.zarr_output(),
-                                  run.s.overwrite, run.s.resume, run.start_row)
+        run.writer = _zarr_writer(run)
     elif is_tiff_output(output):
         voxel = np.linalg.norm(np.asarray(source.affine if source.affine is not None else np.eye(4))[:3, :3], axis=0)
         run.writer = TiffWriter(output, source.shape, spec.out_channels, spec.dtype, voxel_mm=tuple(voxel),
@@ -385,13 +385,15 @@ def _zarr_settings(output: Any, zarr_output: dict[str, Any] | None) -> dict[str,
     return {"zarr": {k: z[k] for k in ("chunks", "compression", "pyramid")}}
 
 
-def _zarr_writer(output: Any, source: VolumeSource, spec: Any, grid: Any, kind: str, zarr_output: Any,
-                 overwrite: bool, resume: bool, start_row: int) -> "ZarrWriter":
-    z = _zarr_settings(output, zarr_output)["zarr"]
-    return ZarrWriter(output, source.shape, spec.out_channels, spec.dtype,
-                      geometry_from_nifti(source.header, source.affine), row_planes=row_planes(grid), kind=kind,
-                      chunks=z["chunks"], pyramid=z["pyramid"], compression=z["compression"], overwrite=overwrite,
-                      resume=resume, start_row=start_row)
+def _zarr_writer(run: _Run) -> "ZarrWriter":
+    """The run's Zarr output, written row by row as the engine finishes them (resumed at ``run.start_row``)."""
+    source, spec, o = run.source, run.setup.spec, run.s.output
+    z = _zarr_settings(run.output, o.zarr_output())["zarr"]
+    layout = store_spec(o.kind, geometry_from_nifti(source.header, source.affine), z["chunks"], z["pyramid"],
+                        z["compression"])
+    return ZarrWriter(run.output, source.shape, spec.out_channels, spec.dtype, layout,  # type: ignore[arg-type]
+                      row_planes=row_planes(run.setup.grid), overwrite=run.s.overwrite,
+                      resume_row=run.start_row if run.s.resume else None)
 
 
 def _volume_shape(volume: Any, channel_axis: int | None) -> tuple[tuple[int, int, int], int]:

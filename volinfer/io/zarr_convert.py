@@ -13,7 +13,7 @@ from volinfer.io.ome import Geometry, geometry_from_nifti
 from volinfer.io.reader import VolumeSource, exceeds_float32, scan_slabs
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import NiftiWriter, check_target
-from volinfer.io.zarr_io import check_zarr_output, create_output, open_zarr_source, store_geometry
+from volinfer.io.zarr_io import StoreSpec, check_zarr_output, create_output, open_zarr_source, store_geometry
 from volinfer.progress import progress_bar
 
 
@@ -31,7 +31,8 @@ def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrit
         dtype = np.dtype(np.float32) if scaled else src.readers[0].dtype
         if scaled and any(exceeds_float32(r.dtype, r.slope, r.inter) for r in src.readers):
             dtype = np.dtype(np.float64)
-        arr = create_output(out, (Z, Y, X), src.channels, dtype, (chunks,) * 3, geom, overwrite=overwrite)[0]
+        arr = create_output(out, (Z, Y, X), src.channels, dtype, StoreSpec((chunks,) * 3, geometry=geom),
+                            overwrite=overwrite)[0]
         bar = progress_bar(Z * src.channels, "to-zarr", "plane", disable=not progress)
         for c, reader in enumerate(src.readers):
             z0 = 0

@@ -13,6 +13,7 @@ in ``(z, y, x)`` / ``(c, z, y, x)`` order with the input's affine (and its NIfTI
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -207,14 +208,29 @@ def check_zarr_output(path: str | Path, inputs: Sequence[str | Path], overwrite:
     check_output(p, [Path(i) for i in inputs], overwrite, "zarr")
 
 
-def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: np.dtype, chunks: Sequence[int],
-                  geometry: Geometry | None = None, *, levels: int = 0, method: str = "nearest",
-                  block: Sequence[int] | None = None, attrs: dict[str, Any] | None = None,
-                  compressor: str | None = "zstd", overwrite: bool = False, resume: bool = False) -> list[Any]:
+@dataclass(frozen=True)
+class StoreSpec:
+    """How an output store is laid out and described: level 0's ``chunks`` ``(z, y, x)``; ``levels`` downsampled
+    levels made by ``method`` (their chunks aligned with the ``block`` extent that writes them, see
+    :func:`volinfer.io.ome.level_chunks`); the compressor (None: uncompressed); the volume's ``geometry``; and
+    ``attrs`` recorded beside volinfer's mark."""
+
+    chunks: tuple[int, int, int]
+    levels: int = 0
+    method: str = "nearest"
+    block: Sequence[int] | None = None
+    compressor: str | None = "zstd"
+    geometry: Geometry | None = None
+    attrs: dict[str, Any] | None = None
+
+
+def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: np.dtype, spec: StoreSpec, *,
+                  overwrite: bool = False, resume: bool = False) -> list[Any]:
     """The output: an OME-Zarr group (see :mod:`volinfer.io.ome`) holding level ``0`` of shape ``(z, y, x)`` or
-    ``(c, z, y, x)`` chunked as asked, and ``levels`` downsampled levels (chunks from :func:`ome.level_chunks`);
-    returns the level arrays. Existing stores are reused on resume (same shape, type and levels).
-    Call :func:`check_zarr_output` first (and hold the output's lock): only a store volinfer wrote is replaced."""
+    ``(c, z, y, x)`` laid out as ``spec`` says; returns the level arrays. Existing stores are reused on resume
+    (same shape, type and levels). Call :func:`check_zarr_output` first (and hold the output's lock): only a store
+    volinfer wrote is replaced."""
+    levels = spec.levels
     zarr = _zarr()
     p = Path(path)
     check_levels(shape, levels)
@@ -227,18 +243,18 @@ def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: 
             raise VolinferError(f"{p}: already exists (pass --overwrite to replace it, or --resume to continue)")
         remove_store(p)  # refuses anything volinfer did not write
     kwargs: dict[str, Any] = {}
-    if compressor is None:
+    if spec.compressor is None:
         kwargs["compressors"] = None
     group = zarr.open_group(str(p), mode="w-", attributes={STORE_ATTR: store_mark()})
     names = (["c"] if channels > 1 else []) + ["z", "y", "x"]
     arrays = []
-    for lev, (s, c) in enumerate(zip(shapes, level_chunks(chunks, block, levels))):
+    for lev, (s, c) in enumerate(zip(shapes, level_chunks(spec.chunks, spec.block, levels))):
         c = tuple(min(a, b) for a, b in zip(c, s)) if lev else tuple(c)
         arrays.append(group.create_array(str(lev), shape=(*lead, *s), chunks=(*lead, *c), dtype=dtype,
                                          fill_value=0, dimension_names=names, **kwargs))
-    geom = geometry or Geometry(np.eye(4))
-    group.attrs.update({"ome": multiscales(geom, channels, levels, method),
-                        STORE_ATTR: {**store_mark(), **geometry_attrs(geom), **(attrs or {})}})
+    geom = spec.geometry or Geometry(np.eye(4))
+    group.attrs.update({"ome": multiscales(geom, channels, levels, spec.method),
+                        STORE_ATTR: {**store_mark(), **geometry_attrs(geom), **(spec.attrs or {})}})
     return arrays
 
 

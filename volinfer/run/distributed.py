@@ -54,7 +54,7 @@ from volinfer.run.setup import guard_for, make_normalizer, resolve, scan_input, 
 from volinfer.io.journal import Journal
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
-from volinfer.io.zarr_io import (check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source,
+from volinfer.io.zarr_io import (StoreSpec, check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source,
                                 store_geometry, store_write_error, sync_region)
 from volinfer.io.targets import aux_path
 from volinfer.io.writer import check_target
@@ -361,11 +361,11 @@ def _create_store(p: _Prepared, volume: Any, model: Any, output: Any, s: RunSett
     if resuming:
         journal.check()  # before touching the store: a different input, model or setting is refused
     spec = p.setup.spec
-    create_output(output, p.source.shape[::-1], spec.out_channels, spec.dtype, chunk3, store_geometry(volume),
-                  levels=o.pyramid, method=downsample_method(o.kind), block=per,
-                  attrs={"model": str(model), "stitch": p.setup.stitch, "kind": o.kind,
-                         "tile": list(p.tm.tile), "overlap": list(p.setup.overlap)},
-                  compressor="zstd" if o.compression else None, overwrite=s.overwrite, resume=s.resume)
+    layout = StoreSpec(chunk3, o.pyramid, downsample_method(o.kind), per, "zstd" if o.compression else None,
+                       store_geometry(volume), attrs={"model": str(model), "stitch": p.setup.stitch, "kind": o.kind,
+                                                      "tile": list(p.tm.tile), "overlap": list(p.setup.overlap)})
+    create_output(output, p.source.shape[::-1], spec.out_channels, spec.dtype, layout, overwrite=s.overwrite,
+                  resume=s.resume)
     if not resuming:
         journal.update(0, 0)
     if not resuming:  # a fresh store (also under --resume when there was none): no marker may survive

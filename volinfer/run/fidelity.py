@@ -117,25 +117,45 @@ def leanest_near_fastest(items: Sequence[Any], cost: Callable[[Any], float], mem
     return min(near, key=lambda i: (round(memory(i), 1), cost(i)))
 
 
-def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferred: Sequence[int],
-               mem_per_voxel: float, weights_mb: float, budget_mb: float,
-               norm_layers: int, global_ops: bool, whole_stats: bool,
-               weighed: list[Tiling] | None = None,
-               voxel_cost: Callable[[float], float] | None = None) -> Tiling | None:
+@dataclass(frozen=True)
+class TilingProblem:
+    """What the exact-tiling search plans for: the volume's ``shape``, the model's size ``multiple``, receptive
+    field ``rf`` and own (``preferred``) tile, its memory (``mem_per_voxel`` of the tile, ``weights_mb``), the
+    ``budget_mb``, its InstanceNorm/GroupNorm layers (``norm_layers``; ``whole_stats``: frozen to whole-volume
+    statistics, else per tile) and spatial reductions nothing freezes (``global_ops``), and the per-voxel cost at a
+    tile's voxel count (``voxel_cost``, seconds from the model's speed profile, see
+    :mod:`volinfer.model.speed_profile`; None: 1, the fewest evaluated voxels win)."""
+
+    shape: Sequence[int]
+    multiple: int
+    rf: ReceptiveField
+    preferred: Sequence[int]
+    mem_per_voxel: float
+    weights_mb: float
+    budget_mb: float
+    norm_layers: int = 0
+    global_ops: bool = False
+    whole_stats: bool = True
+    voxel_cost: Callable[[float], float] | None = None
+
+
+def plan_exact(problem: TilingProblem, weighed: list[Tiling] | None = None) -> Tiling | None:
     """The exact tiling the planner's objective picks (:func:`leanest_near_fastest`) among those whose predicted
-    memory fits ``budget_mb``; None when no exact tiling fits. Predicted time (``Tiling.cost``) = evaluated voxels x
-    per-voxel cost at the tile's voxel count (``voxel_cost``, seconds per voxel from the model's speed profile, see
-    :mod:`volinfer.model.speed_profile`; 1 when None: voxels, the fewest evaluated win) x the statistics passes'
-    factor. ``weighed`` receives what `volinfer plan` lists: every tiling on the time/memory front within the budget
-    (none is both faster and leaner), the chosen one among them, and the fastest beyond the budget."""
-    radii = rf.radius if rf.bounded else (-1, -1, -1)
-    voxel_cost = functools.lru_cache(maxsize=None)(voxel_cost) if voxel_cost is not None else None
+    memory fits the budget; None when no exact tiling fits. Predicted time (``Tiling.cost``) = evaluated voxels x
+    per-voxel cost at the tile's voxel count x the statistics passes' factor. ``weighed`` receives what
+    `volinfer plan` lists: every tiling on the time/memory front within the budget (none is both faster and
+    leaner), the chosen one among them, and the fastest beyond the budget."""
+    q = problem
+    multiple, norm_layers, budget_mb, weights_mb, mem_per_voxel = (q.multiple, q.norm_layers, q.budget_mb,
+                                                                   q.weights_mb, q.mem_per_voxel)
+    radii = q.rf.radius if q.rf.bounded else (-1, -1, -1)
+    voxel_cost = functools.lru_cache(maxsize=None)(q.voxel_cost) if q.voxel_cost is not None else None
     options = [_axis_options(n, multiple, r, multiple // 2 if norm_layers else 0, p)
-               for n, r, p in zip(shape, radii, preferred)]
+               for n, r, p in zip(q.shape, radii, q.preferred)]
     # candidates as plain tuples (thousands of them): a Tiling is made only for the few kept
     fits: list[tuple[float, float, tuple[Any, Any, Any], int, int, float | None]] = []
     over: list[tuple[float, float, tuple[Any, Any, Any], int, int, float | None]] = []
-    single_only = global_ops or (norm_layers and not whole_stats)
+    single_only = q.global_ops or (norm_layers and not q.whole_stats)
     for ox in options[0]:
         for oy in options[1]:
             for oz in options[2]:

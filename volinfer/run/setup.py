@@ -15,7 +15,8 @@ from volinfer.model.activation import graph_activation
 from volinfer.run.checks import check_input_range, check_nonfinite, needs_value_scan
 from volinfer.run.prepass import ContentDigest, PrePass, ValueScan
 from volinfer.errors import VolinferError
-from volinfer.run.fidelity import Fidelity, Tiling, explain_exact, fmt_tile, judge, leanest_near_fastest, plan_exact
+from volinfer.run.fidelity import (Fidelity, Tiling, TilingProblem, explain_exact, fmt_tile, judge, leanest_near_fastest,
+                                   plan_exact)
 from volinfer.model.memory import (RUNTIME_FLOOR_MB, accepts, activation_bytes_per_voxel, default_budget_mb,
                                    probe_multiple, weights_mb)
 from volinfer.model.graph_reach import stride_period
@@ -282,9 +283,8 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
             choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb))
         return choice
     cost, choice.speed_source = planner_voxel_cost(tm)
-    best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, len(layers),
-                      bool(global_ops), mode == "volume" and not mirror, weighed=choice.candidates,
-                      voxel_cost=cost)
+    best = plan_exact(TilingProblem(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, len(layers),
+                                    bool(global_ops), mode == "volume" and not mirror, cost), choice.candidates)
     choice.budget_mb, choice.voxel_cost, choice.planned = budget, cost, best
     if best is None:
         choice.exact_fits = False
