@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volinfer.progress import progress_bar
 from volinfer import portable
 from volinfer.errors import VolinferError
 from volinfer.io.reader import Region, VolumeSource
-from volinfer.io.ome import Geometry, check_levels, geometry_attrs, geometry_from_nifti, level_chunks, level_shapes, multiscales, read_geometry
+from volinfer.io.ome import (Geometry, check_levels, geometry_attrs, level_chunks, level_shapes, multiscales,
+                             read_geometry)
 from volinfer.io.journal import ResumableError
 from volinfer.io.targets import STORE_ATTR, aux_path, check_output, is_volinfer_store, remove_store, store_mark
 

@@ -17,19 +17,14 @@ user forced a tile.
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import openvino as ov
-
-from volinfer import portable
 from volinfer.tiling.geometry import GeometryError, plan_axis_crop
 from volinfer.model.receptive_field import ReceptiveField
 from volinfer.model.tiling_check import describe as describe_deviation
-from volinfer.model.memory import (RUNTIME_FLOOR_MB, accepts, activation_bytes_per_voxel,  # noqa: F401  (converters)
-                                   default_budget_mb, weights_mb)
+from volinfer.model.memory import RUNTIME_FLOOR_MB
+from volinfer.model.memory import activation_bytes_per_voxel, default_budget_mb, weights_mb  # noqa: F401  (converters: until merged)
 
 #: Plans whose predicted times are within this fraction of the fastest count as equally fast: the leanest of them wins.
 LEANER_WITHIN = 0.10

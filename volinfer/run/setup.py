@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volinfer import portable, validate
+from volinfer import portable
 from volinfer.model.activation import graph_activation
 from volinfer.run.checks import check_input_range, check_nonfinite, needs_value_scan
 from volinfer.run.prepass import ContentDigest, PrePass, ValueScan
