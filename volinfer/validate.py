@@ -58,14 +58,6 @@ def positive(name: str, value: Any) -> float:
     return v
 
 
-def open_unit(name: str, value: Any) -> float:
-    """A finite number strictly between 0 and 1 (a probability threshold)."""
-    v = _num(name, value)
-    if not 0 < v < 1:
-        raise VolinferError(f"{name} must be strictly between 0 and 1; got {value!r}")
-    return v
-
-
 def count(name: str, value: Any, minimum: int = 1) -> int:
     """A whole number >= ``minimum`` (``--requests``, ``--threads``, ``--block``, ...). ``2.0`` is accepted, ``2.5``
     is not."""
@@ -118,14 +110,6 @@ def overlap(value: Any) -> list[float] | None:
             raise VolinferError(f"overlap {item} is {why}: give {OVERLAP_RULE}")
         out.append(v)
     return out * 3 if len(out) == 1 else out
-
-
-def overlap_fits(voxels: Sequence[int], tile: Sequence[int]) -> None:
-    """Overlap in voxels must leave each tile something new to cover."""
-    for v, t in zip(voxels, tile):
-        if v >= t:
-            raise VolinferError(f"overlap of {v} voxels must be smaller than the tile ({t}); use a smaller --overlap "
-                                f"or a larger --tile")
 
 
 def tile(value: Any) -> list[int] | None:

@@ -8,9 +8,9 @@ for the same voxels whatever the file format.
 A :class:`VolumeSource` gives the voxels of one region of one channel, as stored (scaling applied later, per tile).
 Requests arrive in on-disk order (z-rows, then y-rows, then x), and each source keeps only what those requests need:
 
-* uncompressed ``.nii``: one strip (all of x, the tile's y and z range) read with plain positioned reads through
-  :func:`nibabel.fileslice.fileslice`; tiles side by side along x are cut from it. No memory map, so file pages never
-  count towards the process's resident memory.
+* uncompressed ``.nii``: one strip (all of x, the tile's y and z range) read with positioned reads in bounded
+  chunks (:func:`volinfer.portable.pread_into`) straight into the strip's buffer; tiles side by side along x are cut
+  from it. No memory map, so file pages never count towards the process's resident memory.
 * ``.nii.gz``: a forward-only window of whole z-planes, decompressed as a stream in on-disk order. Its size is
   ``X * Y * tile_z`` voxels of the stored dtype: the one part of reading that grows with the volume's cross-section.
 * numpy arrays (Python API): views.

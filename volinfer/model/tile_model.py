@@ -109,6 +109,7 @@ class TileModel:
         options: CompileOptions = CompileOptions(),
         core: ov.Core | None = None,
         compile: bool = True,
+        multiple: int | None = None,
     ) -> None:
         self.core = core or ov.Core()
         if options.cache_dir:
@@ -136,6 +137,9 @@ class TileModel:
             self.in_channels = cdim.get_length()
         self.multiple = int(self.settings.size_multiple or 1)
         self.tile = self._resolve_tile(tile, pshape)
+        if multiple is not None:  # the run's own (a model storing none: probed, see volinfer.run.setup.run_multiple)
+            self.multiple = int(multiple)
+        self.multiple_known = multiple is not None or self.settings.size_multiple is not None or pshape.is_static
         self.output_index = self._resolve_output(output)
         self._reshape()
         self.precision, self.precision_reason = resolve_precision(
@@ -227,19 +231,25 @@ class TileModel:
         """Whether ``--precision auto`` chose a reduced precision (from the verdict stored in the IR)."""
         return self.options.precision == "auto" and self.precision != "f32"
 
+    def with_multiple(self, multiple: int) -> "TileModel":
+        """This model (not compiled) with the size multiple a run found for it (a model that stores none)."""
+        tm = self._derived(self.model, self.tile, self.options, compile=False, multiple=multiple)
+        tm.precision_reason = self.precision_reason
+        return tm
+
     def with_precision(self, precision: str, reason: str, compile: bool = True) -> "TileModel":
         """This model (same tile, layout, output) with ``precision`` instead, ``reason`` saying why."""
         tm = self._derived(self.model, self.tile, replace(self.options, precision=precision), compile)
         tm.precision_reason = reason
         return tm
 
-    def _derived(self, model: ov.Model, tile: Sequence[int], options: CompileOptions,
-                 compile: bool = True) -> "TileModel":
+    def _derived(self, model: ov.Model, tile: Sequence[int], options: CompileOptions, compile: bool = True,
+                 multiple: int | None = None) -> "TileModel":
         """``model`` as a TileModel like this one (layout, output, file, the caller's tile, the size multiple)."""
         tm = TileModel(model, tile=tile, layout=self.layout, output=self.output_index, options=options,
-                       core=self.core, compile=compile)
+                       core=self.core, compile=compile, multiple=multiple or self.multiple)
         tm.path, tm.tile_given, tm.declared_input = self.path, self.tile_given, self.declared_input
-        tm.multiple = self.multiple  # probed when the model stores none
+        tm.multiple_known = self.multiple_known or multiple is not None
         return tm
 
     def input_shape(self) -> list[int]:

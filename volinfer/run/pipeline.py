@@ -18,7 +18,7 @@ from volinfer.io.reader import VolumeSource
 from volinfer.io.sources import open_paths
 from volinfer.model.tile_model import TileModel
 from volinfer.run.settings import RunSettings
-from volinfer.run.setup import RunSetup, TilingChoice, choose_stream, overlap_for, plan_tiling
+from volinfer.run.setup import RunSetup, TilingChoice, choose_stream, overlap_for, plan_tiling, with_run_multiple
 from volinfer.version import __version__
 
 
@@ -57,6 +57,7 @@ def plan(handle: TileModel, shape: Sequence[int], s: RunSettings, *, norm_stats:
     ``norm_stats`` overriding the settings' (block runs freeze no statistics yet). ``banded``: the output takes
     bands of y rows (not Zarr stores)."""
     t = s.tiling
+    handle = with_run_multiple(handle)
     choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
                          norm_stats=norm_stats or t.norm_stats, mirror=bool(t.mirror))
     if stream:

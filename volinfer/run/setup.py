@@ -261,8 +261,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     if missing:
         notes.append(missing)
     layers, global_ops = model_norm_layers(tm)
-    if tm.settings.size_multiple is None and not tm.declared_input.is_static:
-        tm.multiple = run_multiple(tm)
+    tm = with_run_multiple(tm)  # (the caller's model is left as it is: volinfer.run.pipeline.plan sizes it first)
     check_overlap_fits(tm, overlap, stitch or tm.settings.stitch or "crop")
     # a tile longer than the volume padded to the size multiple would show the model more padding than whole-volume
     # inference does (features computed from padding are not the zeros a convolution pads with): clamp it
@@ -368,6 +367,12 @@ def unconverted_note(tm: TileModel) -> str | None:
     name = tm.path.name if tm.path is not None else "the model"
     return (f"{name} stores none of what `volinfer convert` measures once: {', '.join(missing)}; a converted IR "
             f"runs without these costs (`volinfer convert {name} -o model.xml`)")
+
+
+def with_run_multiple(tm: TileModel) -> TileModel:
+    """``tm`` with the size multiple runs plan with: the stored one, else (an ONNX file, a plain IR) the one found
+    by :func:`run_multiple`."""
+    return tm if tm.multiple_known else tm.with_multiple(run_multiple(tm))
 
 
 def run_multiple(tm: TileModel) -> int:
