@@ -24,7 +24,8 @@ from volinfer.run.settings import RunSettings
 from volinfer.run.norm_stats import fit_norm_statistics
 from volinfer.run.model_grid import ModelGrid, plan_model_grid, run_on_model_grid, settings_for_model_grid
 from volinfer.run.feeder import TileFeeder
-from volinfer.run.setup import (TilingChoice, RunSetup, guard_for, make_normalizer, needs_norm_passes, resolve,
+from volinfer.run.fidelity import Fidelity
+from volinfer.run.setup import (InputScan, TilingChoice, RunSetup, guard_for, make_normalizer, needs_norm_passes, resolve,
                                 scan_input, stream_verdict, verdict)
 from volinfer.run.stream import band_reader, run_stream
 from volinfer.run import pipeline
@@ -117,20 +118,20 @@ class _Run:
     s: RunSettings
     output: Path | None
     in_paths: list[Path]
-    lock: Any = None
-    scan: Any = None  # the pre-pass's findings (volinfer.run.setup.InputScan), made before planning
-    tm: Any = None
-    choice: Any = None
-    source: Any = None
-    overlap: Any = None
-    setup: Any = None
-    passes: int = 0
-    fidelity: Any = None
+    lock: OutputLock | None = None
+    scan: InputScan | None = None  # the pre-pass's findings, made before planning
+    tm: TileModel | None = None  # the model at the planned tile (compiled unless the run streams)
+    choice: TilingChoice | None = None  # the planner's decision
+    source: VolumeSource | None = None
+    overlap: list[float] | None = None
+    setup: RunSetup | None = None  # the settings resolved against the model and the volume
+    passes: int = 0  # streamed normalisation-statistics passes made
+    fidelity: Fidelity | None = None  # the exact / not exact verdict
     journal: Journal | None = None
-    writer: Any = None
+    writer: NiftiWriter | ZarrWriter | ArrayWriter | None = None
     start_row: int = 0
     counts: tuple[float, int, int] = (0.0, 0, 0)  # busy seconds, tiles run, constant tiles reused
-    result: Any = None
+    result: np.ndarray | Path | None = None  # the array (no output file) or what the writer committed
     grid_notes: list[str] = field(default_factory=list)  # what the model's grid step said (volinfer.run.model_grid)
 
     @property

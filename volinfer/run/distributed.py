@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -45,7 +45,6 @@ from volinfer.run.report import RunReport, peak_rss_mb
 from volinfer.errors import VolinferError
 from volinfer.tiling.geometry import TileGrid
 from volinfer.model.tile_model import CompileOptions, TileModel
-from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
 from volinfer.run.settings import RunSettings
 from volinfer.run import pipeline
@@ -61,41 +60,45 @@ from volinfer.io.writer import check_target
 from volinfer.io.writer import NiftiWriter
 
 
-@dataclass
+@dataclass(frozen=True)
+class ModelRef:
+    """How a worker opens the run's model: its file, the planned tile, layout, output and compile options."""
+
+    path: str
+    tile: tuple[int, int, int]
+    layout: str
+    output: int
+    options: dict[str, Any]
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.path, self.tile, self.layout, self.output, tuple(sorted(self.options.items())))
+
+
+@dataclass(frozen=True)
 class ZarrJob:
-    """Everything a task needs, small and picklable (sent to every Dask worker)."""
+    """Everything a task needs, small and picklable (sent to every Dask worker): where to read and write, the
+    model, the tile loop's job (grid, normalisation, padding, requests, mirroring), how tiles are stitched and
+    post-processed, and the pyramid levels written beside level 0."""
 
     input: str
     output: str
-    model: str
-    tile: tuple[int, int, int]
-    layout: str
-    model_output: int
-    options: dict[str, Any]
-    overlap: tuple[int, int, int]
-    multiple: int
+    model: ModelRef
+    tiles: TileJob
     stitch: str
     sigma: float
-    pad_mode: str
     spec: OutputSpec
-    normalizer: Normalizer
-    nan_fill: list[float] | None
-    requests: int
-    reuse_constant: bool = True
     levels: int = 0
     method: str = "nearest"
-    mirror: tuple[int, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _MODELS: dict[tuple, TileModel] = {}  # per worker process: compiled once, reused by every task
 
 
-def _model(job: ZarrJob) -> TileModel:
-    key = (job.model, job.tile, job.layout, job.model_output, tuple(sorted(job.options.items())))
+def _model(ref: ModelRef) -> TileModel:
+    key = ref.key()
     if key not in _MODELS:
-        _MODELS[key] = TileModel(job.model, tile=job.tile, layout=job.layout, output=job.model_output,
-                                 options=CompileOptions(**job.options))
+        _MODELS[key] = TileModel(ref.path, tile=ref.tile, layout=ref.layout, output=ref.output,
+                                 options=CompileOptions(**ref.options))
     return _MODELS[key]
 
 
@@ -105,15 +108,11 @@ def _marker(job: ZarrJob, block: Block) -> Path:
 
 def run_block_array(job: ZarrJob, block: Block) -> tuple[np.ndarray, dict[str, Any]]:
     """Run the tiles touching ``block``; its output (C, *block.shape) and what it cost."""
-    tm = _model(job)
+    tm = _model(job.model)
     source, _ = open_zarr_source(job.input)
-    grid = TileGrid.build(source.shape, job.tile, [job.multiple] * 3, job.overlap,
-                          "crop" if job.stitch == "crop" else "blend")
+    grid = job.tiles.grid
     stitcher, array = make_block_stitcher(grid, block, job.spec, job.stitch, job.sigma)
-    tiles = list(block_tiles(grid, block))
-    tiling = TileJob(grid, job.normalizer, pad_mode=job.pad_mode, requests=job.requests,
-                     reuse_constant=job.reuse_constant, nan_fill=job.nan_fill, mirror=job.mirror)
-    busy, n, reused = run_tiles(source, tm, stitcher, tiling, tiles=tiles, progress=False)
+    busy, n, reused = run_tiles(source, tm, stitcher, job.tiles, tiles=list(block_tiles(grid, block)), progress=False)
     return array.out, {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
                           "pid": os.getpid(), "peak_rss_mb": _own_peak_mb()}
 
@@ -285,10 +284,11 @@ def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
 
 def _job(p: _Prepared, volume: Any, output: Any, model: Any, s: RunSettings, levels: int = 0) -> ZarrJob:
     st, t = p.setup, s.tiling
-    return ZarrJob(str(volume), str(output), str(model), p.tm.tile, p.tm.layout, p.tm.output_index, p.options,
-                   st.overlap, p.tm.multiple, st.stitch, t.sigma, t.pad_mode, st.spec, st.normalizer, st.nan_fill,
-                   s.runtime.requests, t.reuse_constant, levels=levels, method=downsample_method(s.output.kind),
-                   mirror=tuple(sorted(t.mirror)))
+    ref = ModelRef(str(model), p.tm.tile, p.tm.layout, p.tm.output_index, p.options)
+    tiles = TileJob(st.grid, st.normalizer, pad_mode=t.pad_mode, requests=s.runtime.requests,
+                    reuse_constant=t.reuse_constant, nan_fill=st.nan_fill, mirror=tuple(sorted(t.mirror)))
+    return ZarrJob(str(volume), str(output), ref, tiles, st.stitch, t.sigma, st.spec, levels=levels,
+                   method=downsample_method(s.output.kind))
 
 
 def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]], requests: int) -> RunReport:
