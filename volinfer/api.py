@@ -472,7 +472,11 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
     if any(is_zarr(p) for p in inputs):
         if len(inputs) != 1:
             raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
-
+        if settings.tiling.engine == "stream":  # layer streaming runs in this process, like a NIfTI input
+            if blocks.scheduler or blocks.workers:
+                raise VolinferError("--engine stream runs in this process; --scheduler/--workers run Zarr blocks "
+                                    "tile by tile (drop one of them)")
+            return _with_note(predict(list(inputs), model, output, settings), note)
         if _zarr_needs_model_grid(inputs[0], model, settings, blocks):
             return _with_note(predict(list(inputs), model, output, settings), note)
         return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
