@@ -18,7 +18,8 @@ from volinfer.io.journal import Journal
 from volinfer.model.tile_model import TileModel
 from volinfer.io.reader import VolumeSource
 from volinfer.io.ome import geometry_from_nifti
-from volinfer.io.sources import input_files, is_tiff_output
+from volinfer.io.formats import is_tiff_output, is_zarr, is_zarr_output
+from volinfer.io.sources import input_files
 from volinfer.io.tiff_io import TiffWriter
 from volinfer.run.settings import RunSettings
 from volinfer.run.norm_stats import fit_norm_statistics
@@ -32,11 +33,10 @@ from volinfer.run import pipeline
 from volinfer.run.pipeline import JournaledOutput, fingerprint_options, open_source, run_fingerprint
 from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
-from volinfer.io.writer import ArrayWriter, NiftiWriter
-from volinfer.io.zarr_writer import ZarrWriter, check_any_output, is_zarr_output, store_spec
+from volinfer.io.writer import ArrayWriter, NiftiWriter, check_any_output
+from volinfer.io.zarr_writer import ZarrWriter, store_spec
 from volinfer.tiling.stitch import make_stitcher
 from volinfer.io.zarr_writer import row_planes
-from volinfer.io.zarr_io import is_zarr
 from volinfer.run.distributed import run_zarr
 from volinfer.io.journal import journal_path
 

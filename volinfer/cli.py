@@ -21,7 +21,7 @@ from volinfer.describe import describe_model, info_text
 from volinfer.errors import VolinferError
 from volinfer.io.zarr_convert import nifti_to_zarr, zarr_to_nifti
 from volinfer.io.zarr_io import open_zarr_array
-from volinfer.io.zarr_writer import is_zarr_output
+from volinfer.io.formats import is_zarr_output
 from volinfer.run.plan import plan_run
 from volinfer.run.settings import from_cli, output_float_dtype
 

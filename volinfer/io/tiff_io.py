@@ -38,16 +38,11 @@ from volinfer.io.targets import aux_path
 from volinfer.io.writer import NiftiWriter
 from volinfer import portable
 
-TIFF_SUFFIXES = (".tif", ".tiff")
 #: The most a TIFF codec expands its bytes (deflate ~1032:1, LZW with 12-bit codes ~2730:1): a compressed stack that
 #: declares more pixels than its bytes can hold is refused before its page window is allocated.
 MAX_CODEC_RATIO = 4096
 #: OME length units → millimetres.
 _TO_MM = {"nm": 1e-6, "µm": 1e-3, "um": 1e-3, "micron": 1e-3, "mm": 1.0, "cm": 10.0, "m": 1e3}
-
-
-def is_tiff(path: str | Path) -> bool:
-    return str(path).lower().endswith(TIFF_SUFFIXES)
 
 
 def _tifffile() -> Any:

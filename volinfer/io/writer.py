@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -21,12 +22,24 @@ from volinfer import portable
 from volinfer.io.gzip_writer import GzipStreamer
 from volinfer.errors import VolinferError
 from volinfer.io.journal import ResumableError
+from volinfer.io.formats import is_zarr_output
 from volinfer.io.targets import aux_path, check_output
+from volinfer.io.zarr_io import check_zarr_output
 
 
 def check_target(target: Path, overwrite: bool, inputs: list[Path] = ()) -> None:  # type: ignore[assignment]
     """Refuse NIfTI outputs that would clobber data or cannot be written, before any work starts (see targets)."""
     check_output(Path(target), [Path(p) for p in inputs], overwrite, "nifti")
+
+
+def check_any_output(output: Path, inputs: Sequence[Path], overwrite: bool, resume: bool) -> None:
+    """The output check of :mod:`volinfer.io.targets` for every kind of output (Zarr, TIFF, NIfTI)."""
+    if is_zarr_output(output):
+        check_zarr_output(output, list(inputs), overwrite, resume)
+    elif str(output).lower().endswith((".tif", ".tiff")):
+        check_output(Path(output), [Path(p) for p in inputs], overwrite, "tiff")
+    else:
+        check_target(Path(output), overwrite, list(inputs))
 
 
 def save_image(img: nib.Nifti1Image, target: Path, inputs: list[Path] = ()) -> Path:  # type: ignore[assignment]

@@ -42,12 +42,6 @@ def _zarr() -> Any:
     return zarr
 
 
-def is_zarr(path: str | Path) -> bool:
-    p = str(path).rstrip("/")
-    return p.endswith(".zarr") or (Path(p).is_dir() and ((Path(p) / "zarr.json").exists()
-                                                         or (Path(p) / ".zarray").exists()))
-
-
 #: The space axes in the order every reader hands them on (NIfTI's voxel order).
 SPACE_AXES = ("x", "y", "z")
 #: A plain array's axes when nothing names them (OME-Zarr's order).

@@ -21,26 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from volinfer.errors import VolinferError
+from volinfer.io.formats import is_zarr_output
 from volinfer.io.ome import Geometry, check_pyramid, downsample, downsample_method
 from volinfer.io.targets import remove_store
 from volinfer.io.zarr_io import StoreSpec, check_zarr_output, create_output, store_write_error, sync_region
-from volinfer.io.targets import check_output
-from volinfer.io.writer import check_target
-
-
-def is_zarr_output(path: str | Path) -> bool:
-    """An output path meant as a Zarr store (``.zarr``); everything else is a NIfTI file."""
-    return str(path).rstrip("/").lower().endswith(".zarr")
-
-
-def check_any_output(output: Path, inputs: Sequence[Path], overwrite: bool, resume: bool) -> None:
-    """The output check of :mod:`volinfer.io.targets` for every kind of output (Zarr, TIFF, NIfTI)."""
-    if is_zarr_output(output):
-        check_zarr_output(output, list(inputs), overwrite, resume)
-    elif str(output).lower().endswith((".tif", ".tiff")):
-        check_output(Path(output), [Path(p) for p in inputs], overwrite, "tiff")
-    else:
-        check_target(Path(output), overwrite, list(inputs))
 
 
 def store_spec(kind: str, geometry: Geometry, chunks: int | Sequence[int] = 64, pyramid: int = 0,

@@ -53,7 +53,8 @@ from volinfer.run.setup import guard_for, make_normalizer, resolve, scan_input, 
 from volinfer.io.journal import Journal
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
-from volinfer.io.zarr_io import (StoreSpec, check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source,
+from volinfer.io.formats import is_zarr
+from volinfer.io.zarr_io import (StoreSpec, check_zarr_output, create_output, done_marker_dir, open_zarr_source,
                                 store_geometry, store_write_error, sync_region)
 from volinfer.io.targets import aux_path
 from volinfer.io.writer import check_target

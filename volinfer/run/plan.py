@@ -22,7 +22,8 @@ import numpy as np
 from volinfer.errors import VolinferError
 from volinfer.io.reader import StreamChannel, scan_slabs
 from volinfer.io.sources import open_paths
-from volinfer.io.zarr_io import is_zarr, open_zarr_source
+from volinfer.io.formats import is_zarr
+from volinfer.io.zarr_io import open_zarr_source
 from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
 from volinfer.model.tile_model import TileModel
 from volinfer.options import parse_size_mb  # noqa: F401  (converters)
