@@ -19,7 +19,7 @@ from volinfer.errors import VolinferError
 from . import tf_graph
 from .inputs import cut_inputs, describe_params
 from .messages import framework_message
-from .sources import ReferenceUnavailable, Source, require
+from .source import ReferenceUnavailable, Source, require
 
 #: TensorFlow ops that touch files or run Python: refused in a frozen graph that TensorFlow would run for parity.
 TF_SIDE_EFFECT_OPS = {"WriteFile", "ReadFile", "PyFunc", "PyFuncStateless", "EagerPyFunc", "MatchingFiles",
