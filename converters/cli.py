@@ -11,10 +11,17 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from volinfer import portable
 from volinfer import validate as V
 from volinfer import watchdog
 from volinfer.cliutil import runtime_options, emit, friendly_errors, output_options, parse_tile, progress_bar
 from volinfer.errors import VolinferError
+from volinfer.run.normalize import parse_normalization
+from volinfer.run.plan import parse_size_mb
+
+from .convert import convert as run_convert
+from .inputs import parse_set
+from .settings import ConvertSettings
 
 
 def _list(text: str | None) -> list[str] | None:
@@ -103,8 +110,6 @@ def convert(model: str, **params: Any) -> None:
     installed the report says "not checked". Importing file.py runs that file: name only code you trust. See
     SECURITY.md for what is data and what is code.
     """
-    from .convert import convert as run_convert
-
     watchdog.arm()  # SIGINT/SIGTERM end the conversion within ~2 s, even inside a long framework call
     p = params
     settings = convert_settings(p)
@@ -121,12 +126,6 @@ def convert(model: str, **params: Any) -> None:
 
 def convert_settings(p: dict[str, Any]) -> Any:
     """The :class:`converters.settings.ConvertSettings` of `volinfer convert`'s parsed options."""
-    from volinfer.run.normalize import parse_normalization
-    from volinfer.run.plan import parse_size_mb
-
-    from .inputs import parse_set
-    from .settings import ConvertSettings
-
     try:
         kwargs = json.loads(p["factory_args"]) if p["factory_args"] else None
         spacing_v = [float(v) for v in p["spacing"].split(",")] if p["spacing"] else None
@@ -158,8 +157,6 @@ def stored_overlap(text: str | None) -> float | int | list[float | int] | None:
 
 def _peak_mb() -> float | None:
     """This process's peak resident memory so far (MB): the conversion's own, from the OS."""
-    from volinfer import portable
-
     return portable.memory_status()["peak_mb"]
 
 

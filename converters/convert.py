@@ -16,17 +16,25 @@ import openvino as ov
 import volinfer
 from volinfer import watchdog
 from volinfer.errors import VolinferError
-from volinfer.model.tile_model import TileModel
+from volinfer.io.reader import VolumeSource
+from volinfer.model import speed_profile as sp
+from volinfer.model import tiling_check
+from volinfer.model.activation import OUTPUT_KIND, graph_activation
 from volinfer.model.graph_reach import stride_period
-from volinfer.model.receptive_field import measure_receptive_field
+from volinfer.model.precision import check_model
+from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
 from volinfer.model.settings import ModelSettings
+from volinfer.model.tile_model import TileModel
+from volinfer.run.normalize import Normalizer
+from volinfer.run.setup import resolve_activation
 
 from .budget import budget_mb, fitting_tile
 from .inputs import freeze_inputs, pick_image_input
-from .messages import framework_errors
+from .messages import framework_errors, framework_message
 from .parity import Int8Report, ParityReport, compare, judge, judge_int8
 from .settings import ConvertSettings
-from .sources import ReferenceUnavailable, Source, load
+from .source import ReferenceUnavailable, Source, require
+from .sources import load
 
 #: Graph ops that normalise with statistics of their own input: per-tile statistics differ from whole-volume ones.
 PER_TILE_STAT_OPS = {"MVN", "GroupNormalization"}
@@ -90,9 +98,6 @@ def _calibration_tiles(path: str, layout: str, channels: int, tile: Sequence[int
                        normalization: dict[str, Any] | None, count: int = 1, seed: int = 0) -> list[np.ndarray]:
     """Tile-sized crops of a real volume, normalised the way ``volinfer run`` will: the centre first, then seeded
     random positions (read in on-disk order)."""
-    from volinfer.run.normalize import Normalizer
-    from volinfer.io.reader import VolumeSource
-
     with VolumeSource.open([path], depth=max(tile)) as src:
         if src.channels != channels:
             raise VolinferError(f"{path}: calibration volume has {src.channels} channel(s), model expects {channels}")
@@ -114,8 +119,6 @@ def _calibration_tiles(path: str, layout: str, channels: int, tile: Sequence[int
 
 def quantize_int8(model: ov.Model, tiles: list[np.ndarray]) -> ov.Model:
     """Post-training INT8 quantisation with NNCF, calibrated on real tiles (optional extra ``int8``)."""
-    from .sources import require
-
     nncf = require("nncf", "int8")
     return nncf.quantize(model, nncf.Dataset(tiles), subset_size=len(tiles))
 
@@ -356,10 +359,6 @@ def _record_activation(model: ov.Model, index: int, layout: str, activation: str
                        settings: ModelSettings, notes: list[str]) -> None:
     """A graph that already ends in Softmax/Sigmoid/LogSoftmax outputs (log-)probabilities: store
     ``activation="none"`` and ``outputs`` so that ``run`` applies no second one. An explicit ``--activation`` wins."""
-    try:
-        from volinfer.model.activation import OUTPUT_KIND, graph_activation
-    except ImportError:  # TODO(lead): volinfer/activation.py not on main yet; detection is skipped until it is
-        return
     found = graph_activation(model, index, channel_axis=1 if layout == "NCDHW" else 4)
     if found is None:
         if activation is None and settings.extra.get("outputs") is None:
@@ -390,10 +389,6 @@ def _check_precision(ov_model: ov.Model, layout: str, channels: int, tile: list[
                      normalization: dict[str, Any] | None) -> None:
     """Store whether this CPU's native reduced precision (bf16/f16) keeps the model's outputs faithful, for
     ``--precision auto`` (see :mod:`volinfer.model.precision`); measured on a calibration crop when one is given."""
-    from volinfer.model.precision import check_model
-
-    from .messages import framework_message
-
     calibration_volume = settings_check.calibration_volume
     x = _calibration_tiles(calibration_volume, layout, channels, tile, normalization)[0] if calibration_volume \
         else None
@@ -418,8 +413,6 @@ def _speed_profile(g: "_Graph", check: Any, settings: ModelSettings, notes: list
     """Store the model's speed profile for the planner (:mod:`volinfer.model.speed_profile`), unless
     ``--no-speed-profile`` (then none, also not one kept from a re-described IR). Never fails the conversion: a
     profile that cannot be measured leaves a note saying why."""
-    from volinfer.model import speed_profile as sp
-
     for key in (sp.KEY, sp.NOTE_KEY):  # an old profile (re-described IR) is measured afresh or dropped
         settings.extra.pop(key, None)
         if g.model.has_rt_info(["volinfer", key]):
@@ -434,10 +427,6 @@ def _speed_profile(g: "_Graph", check: Any, settings: ModelSettings, notes: list
 
 def _measure_speed(g: "_Graph", check: Any, settings: ModelSettings, notes: list[str]) -> None:
     """The timed part of :func:`_speed_profile` (its own progress stage)."""
-    from volinfer.model import speed_profile as sp
-
-    from .messages import framework_message
-
     try:
         prof = sp.profile_model(g.model, g.layout, g.channels, g.check_tile(1.0), g.multiple,
                                 {"device": check.device, "threads": check.threads, "max_memory_mb": g.budget},
@@ -459,8 +448,6 @@ def _measure_rf(ov_model: ov.Model, t3: list[int], settings: ModelSettings, note
     try:
         rf = measure_receptive_field(TileModel(ov_model.clone(), tile=t3, compile=False), max_memory_mb=budget)
     except Exception as e:  # noqa: BLE001 - any failure means "not measured", said in a note
-        from .messages import framework_message
-
         rf, reason = None, framework_message(e)
     if rf is not None and not getattr(rf, "measured", True):
         rf, reason = None, getattr(rf, "reason", "") or "the probe could not run"
@@ -484,10 +471,6 @@ def _check_tiling(ov_model: ov.Model, t3: list[int], settings: ModelSettings, no
     """Store how far crop tiling with margins equal to the measured receptive field moves the outputs (tiled vs
     whole on a small probe, :mod:`volinfer.model.tiling_check`), or why it was not measured; one note either way.
     The probe is a crop of ``calibration_volume`` (normalised as runs are) when given, else random normal."""
-    from volinfer.model.receptive_field import ReceptiveField
-    from volinfer.model.tiling_check import KEY, check_tiling, note
-    from volinfer.run.setup import resolve_activation
-
     rf = None
     if settings.receptive_field:
         bounded = settings.extra.get("receptive_field_bounded", True) not in (False, "false")
@@ -499,16 +482,14 @@ def _check_tiling(ov_model: ov.Model, t3: list[int], settings: ModelSettings, no
         activation = resolve_activation(tm, None)[0]
         probe_input = _calibration_probe(calibration_volume, tm, settings.normalization) if calibration_volume \
             else None
-        record = check_tiling(tm, rf, activation, probe_input, max_memory_mb=budget)
+        record = tiling_check.check_tiling(tm, rf, activation, probe_input, max_memory_mb=budget)
         if record.get("measured"):
             probabilities = activation != "none" or settings.extra.get("outputs") == "probabilities"
             record["space"] = "probabilities" if probabilities else "outputs"
     except Exception as e:  # noqa: BLE001 - never fails a conversion: recorded as not measured
-        from .messages import framework_message
-
         record = {"measured": False, "reason": framework_message(e)[:200]}
-    settings.extra[KEY] = record
-    notes.append(f"tiling check: {note(record)}")
+    settings.extra[tiling_check.KEY] = record
+    notes.append(f"tiling check: {tiling_check.note(record)}")
 
 
 def _calibration_probe(path: str, tm: TileModel, normalization: dict[str, Any] | None) -> Any:

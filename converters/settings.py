@@ -14,6 +14,7 @@ import numpy as np
 
 from volinfer import validate
 from volinfer.errors import VolinferError
+from volinfer.run.settings import replace_flat
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,4 @@ class ConvertSettings:
     def from_kwargs(cls, base: "ConvertSettings | None" = None, **kw: Any) -> "ConvertSettings":
         """Settings from :func:`converters.convert`'s flat keywords, on top of ``base``; unknown keywords are
         refused."""
-        from volinfer.run.settings import replace_flat
-
         return replace_flat(base or cls(), kw, ("overwrite",), "conversion")
