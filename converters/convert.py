@@ -186,15 +186,11 @@ def convert(model: str, output: str | os.PathLike, settings: ConvertSettings | N
                      f"whole-volume statistics (streamed passes) unless --norm-stats tile")
     g.out_index = _select_output(g.model, cs.source.select_output, notes)
     settings_ = _describe(g, cs, notes)
-    f32_model, int8_tiles = g.model, None
+    int8 = None
     if cs.check.int8:
-        int8_tiles = _quantize(g, cs, settings_, notes)
-    c = cs.check
-    parity, int8_report = _save_checked(
-        src, g.model, out, fp16=c.fp16, check=c.check, tolerance=c.tolerance, int8=c.int8,
-        calibration_volume=c.calibration_volume, layout=g.layout, channels=g.channels, tile=g.tile,
-        normalization=cs.stored.normalization, seed=c.seed, out_index=g.out_index, f32_model=f32_model,
-        int8_tiles=int8_tiles, check_tile=g.check_tile(3.0))
+        f32_model = g.model
+        int8 = _Int8Check(f32_model, _quantize(g, cs, settings_, notes))
+    parity, int8_report = _save_checked(g, cs, out, int8)
     return ConversionResult(out, parity, settings_, notes, int8_report)
 
 
@@ -261,8 +257,7 @@ def _describe(g: _Graph, cs: ConvertSettings, notes: list[str]) -> ModelSettings
         _measure_rf(g.model, g.tile, settings, notes, g.budget)
         _check_tiling(g.model, g.tile, settings, notes, cs.check.calibration_volume, g.budget)
     if not cs.check.int8:
-        _check_precision(g.model, g.layout, g.channels, g.check_tile(2.0), g.out_index or 0, settings, notes,
-                         cs.check, st.normalization)
+        _check_precision(g, cs, settings, notes)
     _speed_profile(g, cs.check, settings, notes)
     settings.to_model(g.model)
     return settings
@@ -384,19 +379,17 @@ def _stored_layout(src: Source) -> str | None:
         return None
 
 
-def _check_precision(ov_model: ov.Model, layout: str, channels: int, tile: list[int], out_index: int,
-                     settings: ModelSettings, notes: list[str], settings_check: Any,
-                     normalization: dict[str, Any] | None) -> None:
+def _check_precision(g: _Graph, cs: ConvertSettings, settings: ModelSettings, notes: list[str]) -> None:
     """Store whether this CPU's native reduced precision (bf16/f16) keeps the model's outputs faithful, for
-    ``--precision auto`` (see :mod:`volinfer.model.precision`); measured on a calibration crop when one is given."""
-    calibration_volume = settings_check.calibration_volume
-    x = _calibration_tiles(calibration_volume, layout, channels, tile, normalization)[0] if calibration_volume \
-        else None
+    ``--precision auto`` (see :mod:`volinfer.model.precision`); measured on a calibration crop when one is given.
+    Runs at a tile where two models fit the budget."""
+    c, tile = cs.check, g.check_tile(2.0)
+    x = _calibration_tiles(c.calibration_volume, g.layout, g.channels, tile, cs.stored.normalization)[0] \
+        if c.calibration_volume else None
     probabilities = settings.extra.get("outputs") in ("probabilities", "log-probabilities")
     try:
-        verdict = check_model(ov_model, layout, channels, list(tile), out_index, probabilities, x,
-                              {"device": settings_check.device, "precision": settings_check.precision,
-                               "threads": settings_check.threads})
+        verdict = check_model(g.model, g.layout, g.channels, list(tile), g.out_index or 0, probabilities, x,
+                              {"device": c.device, "precision": c.precision, "threads": c.threads})
     except Exception as e:  # a model the reduced precision cannot compile: auto stays f32
         notes.append(f"reduced precision not checked ({framework_message(e)[:120]}); --precision auto runs f32")
         return
@@ -514,38 +507,28 @@ def _has_spatial_kernels(model: ov.Model) -> bool:
     return False
 
 
-def _save_checked(src: Source, ov_model: ov.Model, out: Path, *, fp16: bool, check: bool, tolerance: float | None,
-                  int8: bool, calibration_volume: str | None, layout: str, channels: int, tile: list[int],
-                  normalization: dict[str, Any] | None, seed: int, out_index: int | None, f32_model: ov.Model,
-                  int8_tiles: list[np.ndarray] | None,
-                  check_tile: list[int] | None = None) -> tuple[ParityReport | None, Int8Report | None]:
-    """Save to temporary names, check parity (and INT8 against FP32), then move into place; nothing is left at
-    ``out`` when a check fails."""
+@dataclass(frozen=True)
+class _Int8Check:
+    """What the INT8 check compares: the FP32 graph the quantised one was made from, and the calibration tiles."""
+
+    f32_model: ov.Model
+    tiles: list[np.ndarray]
+
+
+def _save_checked(g: _Graph, cs: ConvertSettings, out: Path,
+                  int8: _Int8Check | None = None) -> tuple[ParityReport | None, Int8Report | None]:
+    """Save ``g.model`` to temporary names, check parity (and INT8 against FP32), then move into place; nothing is
+    left at ``out`` when a check fails."""
     tmp_xml = out.with_name(f".{out.stem}.partial.xml")
     tmp_bin = tmp_xml.with_suffix(".bin")
-    parity, int8_report = None, None
+    int8_report = None
     with watchdog.partial(tmp_xml, tmp_bin):  # removed even if a signal cannot unwind this in time
         try:
             with framework_errors(f"{out}: OpenVINO cannot save the model"):
-                ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=fp16)
-            if check:
-                tol = tolerance if tolerance is not None else (float("inf") if int8 else 1e-2 if fp16 else 1e-4)
-                at = check_tile or tile  # within the memory budget
-                if calibration_volume:
-                    x = _calibration_tiles(calibration_volume, layout, channels, at, normalization)[0]
-                else:
-                    x = np.random.default_rng(seed).standard_normal(_shape(layout, channels, at)).astype(
-                        np.float32)
-                parity = check_parity(src, tmp_xml, x, tol, out_index, layout,
-                                      loose=10 * tolerance if tolerance is not None else None)
-                if parity.checked and not parity.passed:
-                    raise VolinferError(f"conversion rejected, {parity}; loosen with --tolerance or use --no-fp16")
-            if int8 and int8_tiles:
-                int8_report = check_int8(f32_model, ov.Core().read_model(str(tmp_xml)), int8_tiles, out_index,
-                                         layout)
-                if not int8_report.passed:
-                    raise VolinferError(f"INT8 rejected, {int8_report}: calibrate on more tiles "
-                                        f"(--calibration-tiles) or convert without --int8")
+                ov.save_model(g.model, str(tmp_xml), compress_to_fp16=cs.check.fp16)
+            parity = _check_saved(g, cs, tmp_xml) if cs.check.check else None
+            if cs.check.int8 and int8 is not None and int8.tiles:
+                int8_report = _check_saved_int8(g, int8, tmp_xml)
             os.replace(tmp_bin, out.with_suffix(".bin"))
             os.replace(tmp_xml, out)
         finally:
@@ -553,6 +536,32 @@ def _save_checked(src: Source, ov_model: ov.Model, out: Path, *, fp16: bool, che
                 if p.exists():
                     p.unlink()
     return parity, int8_report
+
+
+def _check_saved(g: _Graph, cs: ConvertSettings, saved: Path) -> ParityReport:
+    """Parity of the saved IR against the source, at a tile where three models fit the budget, on a calibration
+    crop or seeded random normal input; raises when it fails."""
+    c = cs.check
+    tol = c.tolerance if c.tolerance is not None else (float("inf") if c.int8 else 1e-2 if c.fp16 else 1e-4)
+    at = g.check_tile(3.0)  # within the memory budget
+    if c.calibration_volume:
+        x = _calibration_tiles(c.calibration_volume, g.layout, g.channels, at, cs.stored.normalization)[0]
+    else:
+        x = np.random.default_rng(c.seed).standard_normal(_shape(g.layout, g.channels, at)).astype(np.float32)
+    parity = check_parity(g.src, saved, x, tol, g.out_index, g.layout,
+                          loose=10 * c.tolerance if c.tolerance is not None else None)
+    if parity.checked and not parity.passed:
+        raise VolinferError(f"conversion rejected, {parity}; loosen with --tolerance or use --no-fp16")
+    return parity
+
+
+def _check_saved_int8(g: _Graph, int8: _Int8Check, saved: Path) -> Int8Report:
+    """The saved INT8 IR against the FP32 graph on the calibration tiles; raises when it fails."""
+    report = check_int8(int8.f32_model, ov.Core().read_model(str(saved)), int8.tiles, g.out_index, g.layout)
+    if not report.passed:
+        raise VolinferError(f"INT8 rejected, {report}: calibrate on more tiles (--calibration-tiles) or convert "
+                            f"without --int8")
+    return report
 
 
 def _convert_with_examples(src: Source, shape: list[int] | None, layout: str, channels: int,
