@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -31,8 +32,8 @@ from volinfer.run.setup import resolve_activation
 from .budget import budget_mb, fitting_tile
 from .inputs import freeze_inputs, pick_image_input
 from .messages import framework_errors, framework_message
-from .parity import Int8Report, ParityReport, compare, judge, judge_int8
-from .settings import ConvertSettings
+from .parity import Int8Report, ParityReport, WeightsReport, compare, judge, judge_int8
+from .settings import CheckSettings, ConvertSettings
 from .source import ReferenceUnavailable, Source, require
 from .sources import load
 
@@ -47,6 +48,7 @@ class ConversionResult:
     settings: ModelSettings
     notes: list[str] = field(default_factory=list)
     int8: Int8Report | None = None
+    weights: WeightsReport | None = None  # how the weights are stored (f16/f32/int8) and why
 
 
 def _spatial_axes(layout: str) -> list[int]:
@@ -166,7 +168,9 @@ def convert(model: str, output: str | os.PathLike, settings: ConvertSettings | N
     ``settings`` (:class:`converters.settings.ConvertSettings`) says how; keyword ``options`` (``weights=``,
     ``tile=``, ``activation=``, ``int8=``, ... every field of its parts) override single fields. ``inputs`` names
     the image input (``--input``), ``fixed`` freezes other inputs to constants (``--set``). Nothing is left at
-    ``output`` when any step fails. Returns the saved path, the parity report and the stored settings."""
+    ``output`` when any step fails. Weights are stored as FP16 when they pass parity, else as FP32 when those pass
+    (``fp16=True`` refuses instead, ``fp16=False`` stores FP32 without trying FP16). Returns the saved path, the
+    parity report, the stored settings and how the weights are stored (``weights``)."""
     cs = ConvertSettings.from_kwargs(settings, **options)
     out = Path(output)
     _check_output_path(out, cs.overwrite)
@@ -190,8 +194,8 @@ def convert(model: str, output: str | os.PathLike, settings: ConvertSettings | N
     if cs.check.int8:
         f32_model = g.model
         int8 = _Int8Check(f32_model, _quantize(g, cs, settings_, notes))
-    parity, int8_report = _save_checked(g, cs, out, int8)
-    return ConversionResult(out, parity, settings_, notes, int8_report)
+    parity, int8_report, weights = _save_checked(g, cs, out, int8)
+    return ConversionResult(out, parity, settings_, notes, int8_report, weights)
 
 
 @dataclass
@@ -515,8 +519,8 @@ class _Int8Check:
     tiles: list[np.ndarray]
 
 
-def _save_checked(g: _Graph, cs: ConvertSettings, out: Path,
-                  int8: _Int8Check | None = None) -> tuple[ParityReport | None, Int8Report | None]:
+def _save_checked(g: _Graph, cs: ConvertSettings, out: Path, int8: _Int8Check | None = None
+                  ) -> tuple[ParityReport | None, Int8Report | None, WeightsReport]:
     """Save ``g.model`` to temporary names, check parity (and INT8 against FP32), then move into place; nothing is
     left at ``out`` when a check fails."""
     tmp_xml = out.with_name(f".{out.stem}.partial.xml")
@@ -524,9 +528,7 @@ def _save_checked(g: _Graph, cs: ConvertSettings, out: Path,
     int8_report = None
     with watchdog.partial(tmp_xml, tmp_bin):  # removed even if a signal cannot unwind this in time
         try:
-            with framework_errors(f"{out}: OpenVINO cannot save the model"):
-                ov.save_model(g.model, str(tmp_xml), compress_to_fp16=cs.check.fp16)
-            parity = _check_saved(g, cs, tmp_xml) if cs.check.check else None
+            parity, weights = _save_verified(g, cs, tmp_xml, out)
             if cs.check.int8 and int8 is not None and int8.tiles:
                 int8_report = _check_saved_int8(g, int8, tmp_xml)
             os.replace(tmp_bin, out.with_suffix(".bin"))
@@ -535,24 +537,80 @@ def _save_checked(g: _Graph, cs: ConvertSettings, out: Path,
             for p in (tmp_xml, tmp_bin):
                 if p.exists():
                     p.unlink()
-    return parity, int8_report
+    return parity, int8_report, weights
 
 
-def _check_saved(g: _Graph, cs: ConvertSettings, saved: Path) -> ParityReport:
-    """Parity of the saved IR against the source, at a tile where three models fit the budget, on a calibration
-    crop or seeded random normal input; raises when it fails."""
+def _save_verified(g: _Graph, cs: ConvertSettings, tmp_xml: Path, out: Path) -> tuple[ParityReport | None,
+                                                                                        WeightsReport]:
+    """Save to ``tmp_xml`` and check parity: FP16 weights unless ``--no-fp16``. FP16 weights that parity rejects
+    are saved again as FP32 (over the same files: one copy on disk, one compiled model at a time) and kept when
+    those pass, said in the report; an explicit ``--fp16`` refuses instead, as does an FP32 retry that fails."""
     c = cs.check
-    tol = c.tolerance if c.tolerance is not None else (float("inf") if c.int8 else 1e-2 if c.fp16 else 1e-4)
-    at = g.check_tile(3.0)  # within the memory budget
+    fp16 = c.fp16 is not False
+    _save(g.model, tmp_xml, out, fp16)
+    if not c.check:
+        return None, _weights(c, None)
+    src, x = _reusing_reference(g.src), _parity_input(g, cs)  # the source runs once for both tries
+    parity = _check_saved(g, cs, src, x, tmp_xml, fp16)
+    if parity.passed is not False:  # passed, or not checked (the source's framework is missing)
+        return parity, _weights(c, parity)
+    if not (fp16 and c.fp16 is None and not c.int8):
+        raise VolinferError(f"conversion rejected, {parity}; loosen with --tolerance"
+                            + (" or use --no-fp16" if fp16 else ""))
+    _save(g.model, tmp_xml, out, False)
+    f32 = _check_saved(g, cs, src, x, tmp_xml, False)
+    if not f32.passed:
+        raise VolinferError(f"conversion rejected, {f32} with FP32 weights (FP16 weights failed first: "
+                            f"{parity.brief()}); loosen with --tolerance")
+    return f32, WeightsReport("f32", f"FP16 weights failed parity ({parity.brief()}), FP32 weights passed "
+                                     f"(--no-fp16 skips the FP16 try; --fp16 refuses instead)", parity)
+
+
+def _save(model: ov.Model, path: Path, out: Path, fp16: bool) -> None:
+    with framework_errors(f"{out}: OpenVINO cannot save the model"):
+        ov.save_model(model, str(path), compress_to_fp16=fp16)
+
+
+def _weights(c: CheckSettings, parity: ParityReport | None) -> WeightsReport:
+    """How the weights were stored when no FP32 retry was needed."""
+    if c.int8:
+        return WeightsReport("int8", "quantised with NNCF (--int8)")
+    if c.fp16 is False:
+        return WeightsReport("f32", "--no-fp16")
+    verdict = "not verified (--no-check)" if parity is None else "passed parity" if parity.passed else \
+        "parity not checked"
+    return WeightsReport("f16", f"FP16 weights ({'--fp16' if c.fp16 else 'the default'}), {verdict}")
+
+
+def _reusing_reference(src: Source) -> Source:
+    """``src`` whose ``run`` computes the reference once and returns it to every later call (the FP32 retry checks
+    the same input as the FP16 try)."""
+    outputs: list[list[np.ndarray]] = []
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        if not outputs:
+            outputs.append(src.run(x))
+        return outputs[0]
+
+    return dataclasses.replace(src, run=run)
+
+
+def _parity_input(g: _Graph, cs: ConvertSettings) -> np.ndarray:
+    """The parity check's input, at a tile where three models fit the budget: a calibration crop, else seeded
+    random normal."""
+    c, at = cs.check, g.check_tile(3.0)
     if c.calibration_volume:
-        x = _calibration_tiles(c.calibration_volume, g.layout, g.channels, at, cs.stored.normalization)[0]
-    else:
-        x = np.random.default_rng(c.seed).standard_normal(_shape(g.layout, g.channels, at)).astype(np.float32)
-    parity = check_parity(g.src, saved, x, tol, g.out_index, g.layout,
-                          loose=10 * c.tolerance if c.tolerance is not None else None)
-    if parity.checked and not parity.passed:
-        raise VolinferError(f"conversion rejected, {parity}; loosen with --tolerance or use --no-fp16")
-    return parity
+        return _calibration_tiles(c.calibration_volume, g.layout, g.channels, at, cs.stored.normalization)[0]
+    return np.random.default_rng(c.seed).standard_normal(_shape(g.layout, g.channels, at)).astype(np.float32)
+
+
+def _check_saved(g: _Graph, cs: ConvertSettings, src: Source, x: np.ndarray, saved: Path,
+                 fp16: bool) -> ParityReport:
+    """Parity of the saved IR against the source on ``x``, at the tolerance of its weights (or ``--tolerance``)."""
+    c = cs.check
+    tol = c.tolerance if c.tolerance is not None else (float("inf") if c.int8 else 1e-2 if fp16 else 1e-4)
+    return check_parity(src, saved, x, tol, g.out_index, g.layout,
+                        loose=10 * c.tolerance if c.tolerance is not None else None)
 
 
 def _check_saved_int8(g: _Graph, int8: _Int8Check, saved: Path) -> Int8Report:

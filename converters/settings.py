@@ -94,7 +94,7 @@ class CheckSettings:
     """How the IR is saved and verified: FP16 weights, INT8 quantisation, parity against the source, calibration,
     receptive field."""
 
-    fp16: bool = True
+    fp16: bool | None = None  # None: FP16 weights when they pass parity, else FP32; True: FP16 or refuse; False: FP32
     int8: bool = False
     calibration_tiles: int = 8
     check: bool = True
