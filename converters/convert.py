@@ -554,7 +554,7 @@ def _save_verified(g: _Graph, cs: ConvertSettings, tmp_xml: Path, out: Path) -> 
     parity = _check_saved(g, cs, src, x, tmp_xml, fp16)
     if parity.passed is not False:  # passed, or not checked (the source's framework is missing)
         return parity, _weights(c, parity)
-    if not (fp16 and c.fp16 is None and not c.int8):
+    if c.fp16 is not None or c.int8:  # FP16 or FP32 asked for explicitly, or INT8: no other weights to try
         raise VolinferError(f"conversion rejected, {parity}; loosen with --tolerance"
                             + (" or use --no-fp16" if fp16 else ""))
     _save(g.model, tmp_xml, out, False)
