@@ -22,6 +22,8 @@ from volinfer.model import speed_profile as sp
 from volinfer.model import tiling_check
 from volinfer.model.activation import OUTPUT_KIND, graph_activation
 from volinfer.model.graph_reach import stride_period
+from volinfer.model.layout import Layout
+from volinfer.model.memory import probe_multiple
 from volinfer.model.precision import check_model
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
 from volinfer.model.settings import ModelSettings
@@ -51,38 +53,12 @@ class ConversionResult:
     weights: WeightsReport | None = None  # how the weights are stored (f16/f32/int8) and why
 
 
-def _spatial_axes(layout: str) -> list[int]:
-    return [2, 3, 4] if layout == "NCDHW" else [1, 2, 3]
-
-
-def _shape(layout: str, channels: int, tile: Sequence[int]) -> list[int]:
-    return [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
-
-
-def _accepts(model: ov.Model, layout: str, channels: int, size: int) -> bool:
-    m = model.clone()
-    try:
-        m.reshape({0: ov.PartialShape(_shape(layout, channels, [size] * 3))})
-    except Exception:
-        return False
-    for out in m.outputs:
-        ps = out.get_partial_shape()
-        if ps.rank.is_static and ps.rank.get_length() == 5:
-            spatial = [ps[i] for i in _spatial_axes(layout)]
-            if any(d.is_static and d.get_length() != size for d in spatial):
-                return False
-    return True
-
-
 def probe_size_multiple(model: ov.Model, layout: str, channels: int, lo: int = 64, span: int = 64) -> int:
-    """Smallest m such that spatial sizes that are multiples of m are accepted and others are not, found by trying
-    every size in [lo, lo + span) (shape inference only, no compute)."""
-    ok = [s for s in range(lo, lo + span) if _accepts(model, layout, channels, s)]
-    if not ok:
+    """Smallest m such that the spatial sizes the model accepts in [lo, lo + span) are multiples of m
+    (:func:`volinfer.model.memory.probe_multiple`, the probe runs use too); a one-line error when it accepts none."""
+    m = probe_multiple(model, layout, channels, lo, span)
+    if m is None:
         raise VolinferError(f"the model accepts no cubic input size between {lo} and {lo + span - 1}")
-    m = 0
-    for s in ok:
-        m = gcd(m, s)
     return m
 
 
@@ -115,7 +91,7 @@ def _calibration_tiles(path: str, layout: str, channels: int, tile: Sequence[int
             for c, r in enumerate(src.readers):
                 stored = src.read(c, region)  # type: ignore[arg-type]
                 norm.to_float(stored, c, r.slope, r.inter, x[c][: stored.shape[0], : stored.shape[1], : stored.shape[2]])
-            tiles.append(x[None] if layout == "NCDHW" else np.moveaxis(x, 0, -1)[None])
+            tiles.append(x[None] if Layout.of(layout).channels_first else np.moveaxis(x, 0, -1)[None])
     return tiles
 
 
@@ -301,9 +277,9 @@ def _prepare(src: Source, layout: str, channels: int | None, tile: int | Sequenc
         channels = _guess_torch_channels(src, [*probe_tile, 64, 32, 128])
     conv_shape = None
     if channels is not None:
-        conv_shape = _shape(layout, channels, probe_tile)
+        conv_shape = Layout.of(layout).tensor_shape(channels, probe_tile)
         if not static:
-            conv_shape = [1, channels, -1, -1, -1] if layout == "NCDHW" else [1, -1, -1, -1, channels]
+            conv_shape = Layout.of(layout).tensor_shape(channels, [-1, -1, -1])
     ov_model = _convert_with_examples(src, conv_shape, layout, channels or 1, [*probe_tile, 64, 128, 96, 32])
     old = ModelSettings.from_model(ov_model) if src.framework == "openvino" else None
     if t3 is None and old is not None and old.tile is not None:  # re-describing an IR: keep its tile unless asked
@@ -314,18 +290,18 @@ def _prepare(src: Source, layout: str, channels: int | None, tile: int | Sequenc
     ps = ov_model.input(0).get_partial_shape()
     if ps.rank.is_dynamic or ps.rank.get_length() != 5:
         raise VolinferError(f"model input is {ps}; expected 5-D (N, C, D, H, W) or (N, D, H, W, C)")
-    cdim = ps[1 if layout == "NCDHW" else 4]
+    cdim = ps[Layout.of(layout).channel_axis]
     if channels is None:
         if cdim.is_dynamic:
             raise VolinferError("cannot tell the input channel count: pass --channels")
         channels = cdim.get_length()
-    spatial = [ps[i] for i in _spatial_axes(layout)]
+    spatial = [ps[i] for i in Layout.of(layout).spatial_axes]
     if all(d.is_static for d in spatial) and t3 is None:
         t3 = [d.get_length() for d in spatial]
     # the model's own batch/channel dims are fixed; spatial dims dynamic unless --static
     with framework_errors("OpenVINO cannot reshape the model to a 5-D tile input"):
-        ov_model.reshape({0: ov.PartialShape(_shape(layout, channels, t3 or probe_tile) if static
-                                             else (_shape(layout, channels, [-1, -1, -1])))})
+        ov_model.reshape({0: ov.PartialShape(Layout.of(layout).tensor_shape(channels, t3 or probe_tile) if static
+                                             else (Layout.of(layout).tensor_shape(channels, [-1, -1, -1])))})
     multiple = probe_size_multiple(ov_model, layout, channels) if not static else None
     if multiple and old is not None and old.size_multiple:  # shape inference can miss a stored constraint: keep it
         multiple = multiple * old.size_multiple // gcd(multiple, old.size_multiple)
@@ -358,7 +334,7 @@ def _record_activation(model: ov.Model, index: int, layout: str, activation: str
                        settings: ModelSettings, notes: list[str]) -> None:
     """A graph that already ends in Softmax/Sigmoid/LogSoftmax outputs (log-)probabilities: store
     ``activation="none"`` and ``outputs`` so that ``run`` applies no second one. An explicit ``--activation`` wins."""
-    found = graph_activation(model, index, channel_axis=1 if layout == "NCDHW" else 4)
+    found = graph_activation(model, index, channel_axis=Layout.of(layout).channel_axis)
     if found is None:
         if activation is None and settings.extra.get("outputs") is None:
             settings.extra["outputs"] = "logits"
@@ -601,7 +577,7 @@ def _parity_input(g: _Graph, cs: ConvertSettings) -> np.ndarray:
     c, at = cs.check, g.check_tile(3.0)
     if c.calibration_volume:
         return _calibration_tiles(c.calibration_volume, g.layout, g.channels, at, cs.stored.normalization)[0]
-    return np.random.default_rng(c.seed).standard_normal(_shape(g.layout, g.channels, at)).astype(np.float32)
+    return np.random.default_rng(c.seed).standard_normal(Layout.of(g.layout).tensor_shape(g.channels, at)).astype(np.float32)
 
 
 def _check_saved(g: _Graph, cs: ConvertSettings, src: Source, x: np.ndarray, saved: Path,
@@ -629,7 +605,7 @@ def _convert_with_examples(src: Source, shape: list[int] | None, layout: str, ch
     error: VolinferError | None = None
     for size in dict.fromkeys(sizes):
         try:
-            return src.to_openvino(shape, _shape(layout, channels, [size] * 3))
+            return src.to_openvino(shape, Layout.of(layout).tensor_shape(channels, [size] * 3))
         except VolinferError as e:
             error = e
     assert error is not None

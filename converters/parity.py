@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from volinfer.model.layout import Layout
+
 LABEL_AGREEMENT_MIN = 0.999
 LOOSE_REL_MIN = 0.05
 INT8_AGREEMENT_MIN = 0.99
@@ -88,7 +90,7 @@ def channel_axis(shape: Sequence[int], layout: str) -> int | None:
     """The class axis of a 5-D segmentation output (>= 2 channels), else None."""
     if len(shape) != 5:
         return None
-    axis = 1 if layout == "NCDHW" else 4
+    axis = Layout.of(layout).channel_axis
     return axis if shape[axis] >= 2 else None
 
 

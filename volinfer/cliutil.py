@@ -16,7 +16,6 @@ from volinfer import watchdog
 from volinfer.errors import Interrupted, VolinferError, framework_message
 from volinfer.progress import discard_finished, flush_finished
 from volinfer.progress import progress_bar as progress_bar  # noqa: F401  (the commands' one way to show progress)
-from volinfer.options import parse_tile  # noqa: F401  (converters' command line)
 
 
 #: The signal that interrupted this process (SIGINT or SIGTERM), for the exit status 128 + signal.

@@ -21,10 +21,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from volinfer.errors import VolinferError
-from volinfer.io.formats import is_zarr_output
 from volinfer.io.ome import Geometry, check_pyramid, downsample, downsample_method
 from volinfer.io.targets import remove_store
-from volinfer.io.zarr_io import StoreSpec, check_zarr_output, create_output, store_write_error, sync_region
+from volinfer.io.zarr_io import StoreSpec, create_output, store_write_error, sync_region
 
 
 def store_spec(kind: str, geometry: Geometry, chunks: int | Sequence[int] = 64, pyramid: int = 0,

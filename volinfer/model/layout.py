@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 #: The layouts volinfer runs: channels first (PyTorch, ONNX) or last (TensorFlow).
 LAYOUTS = ("NCDHW", "NDHWC")
 
@@ -39,3 +41,11 @@ class Layout:
     def tensor_shape(self, channels: int, spatial: Sequence[int]) -> list[int]:
         """The model tensor's shape for a batch of one with ``channels`` and spatial size ``spatial``."""
         return [1, channels, *spatial] if self.channels_first else [1, *spatial, channels]
+
+    def to_cxyz(self, array: np.ndarray) -> np.ndarray:
+        """One sample (no batch axis) in this layout as (C, x, y, z): a view, never a copy."""
+        return array if self.channels_first else np.moveaxis(array, -1, 0)
+
+    def from_cxyz(self, array: np.ndarray) -> np.ndarray:
+        """(C, x, y, z) as one sample (no batch axis) in this layout: a view, never a copy."""
+        return array if self.channels_first else np.moveaxis(array, 0, -1)

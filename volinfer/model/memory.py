@@ -3,6 +3,7 @@ probes) sizes its work with. Measured constants carry how they were measured."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -59,29 +60,32 @@ def activation_bytes_per_voxel(model: ov.Model, layout: str, channels: int, tile
 
 
 def accepts(model: ov.Model, layout: str, channels: int, tile: Sequence[int]) -> bool:
-    """Shape inference only: does the model take this tile and return an output of the same spatial size?"""
+    """Shape inference only: does the model take this tile and return outputs of the same spatial size (every
+    spatial dimension shape inference fixes)? The one acceptance check of runs and conversion."""
     m = model.clone()
     lay = Layout.of(layout)
     try:
         m.reshape({m.input(0): ov.PartialShape(lay.tensor_shape(channels, tile))})
     except Exception:
         return False
-    axes = lay.spatial_axes
     for out in m.outputs:
         ps = out.get_partial_shape()
-        if ps.rank.is_static and ps.rank.get_length() == 5 and ps.is_static:
-            if [ps[i].get_length() for i in axes] != list(tile):
+        if ps.rank.is_static and ps.rank.get_length() == 5:
+            dims = [ps[i] for i in lay.spatial_axes]
+            if any(d.is_static and d.get_length() != t for d, t in zip(dims, tile)):
                 return False
     return True
 
 
-def probe_multiple(model: ov.Model, layout: str, channels: int) -> int:
-    """The smallest power of two m such that sizes that are multiples of m are accepted (a model that stores no
-    size multiple, e.g. an IR not written by ``volinfer convert``)."""
-    for m in (1, 2, 4, 8, 16, 32, 64):
-        if all(accepts(model, layout, channels, [96 + k * m] * 3) for k in (1, 3)):
-            return m
-    return 1
+def probe_multiple(model: ov.Model, layout: str, channels: int, lo: int = 64, span: int = 64) -> int | None:
+    """The model's size multiple when it stores none: the greatest common divisor of the cubic sizes in
+    ``[lo, lo + span)`` it accepts (shape inference only, no compute); None when it accepts none of them. The one
+    probe of runs (a plain IR, an ONNX file) and conversion."""
+    g = 0
+    for size in range(lo, lo + span):
+        if (not g or size % g) and accepts(model, layout, channels, [size] * 3):
+            g = math.gcd(g, size)
+    return g or None
 
 
 def weights_mb(model: ov.Model) -> float:

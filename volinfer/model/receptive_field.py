@@ -27,6 +27,7 @@ import openvino as ov
 from volinfer.errors import framework_message
 from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, default_budget_mb, weights_mb
 from volinfer.model.graph_reach import NotAnalysable, Whole, graph_radius
+from volinfer.model.layout import Layout
 from volinfer.model.tile_model import TileModel
 from volinfer.model.spatial_norm import (Moments, find_norm_layers, fixed_shape_global_ops, freeze, group_view,
                                          stat_tensor)
@@ -98,13 +99,13 @@ def _measure_at(model: TileModel, tile: tuple[int, int, int], tol: float, probes
     x = rng.standard_normal(shape).astype(np.float32)
     compiled = core.compile_model(frozen_at(model, tile, x, core), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     req = compiled.create_infer_request()
-    view = x[0] if model.layout == "NCDHW" else np.moveaxis(x[0], -1, 0)
+    view = Layout.of(model.layout).to_cxyz(x[0])
     req.set_input_tensor(ov.Tensor(x, shared_memory=True))
 
     def run() -> np.ndarray:
         req.infer()
         out = req.get_output_tensor(model.output_index).data[0]
-        return np.array(out if model.layout == "NCDHW" else np.moveaxis(out, -1, 0), dtype=np.float64)
+        return np.array(Layout.of(model.layout).to_cxyz(out), dtype=np.float64)
 
     base = run()
     scale = max(float(np.abs(base).max()), 1e-12)

@@ -285,12 +285,12 @@ class TileModel:
     def output_view(self, request: ov.InferRequest) -> np.ndarray:
         """The request's output as a (C, x, y, z) view of OpenVINO's own buffer (no copy)."""
         data = request.get_output_tensor(self.output_index).data[0]
-        return data if self.layout == "NCDHW" else np.moveaxis(data, -1, 0)
+        return Layout.of(self.layout).to_cxyz(data)
 
     def output_view_of(self, data: np.ndarray) -> np.ndarray:
         """A (1, ...) output array in the model's layout as (C, x, y, z)."""
-        return data[0] if self.layout == "NCDHW" else np.moveaxis(data[0], -1, 0)
+        return Layout.of(self.layout).to_cxyz(data[0])
 
     def input_view(self, buffer: np.ndarray) -> np.ndarray:
         """The host buffer as (C, x, y, z), whatever the layout."""
-        return buffer[0] if self.layout == "NCDHW" else np.moveaxis(buffer[0], -1, 0)
+        return Layout.of(self.layout).to_cxyz(buffer[0])

@@ -24,7 +24,6 @@ from volinfer.tiling.geometry import GeometryError, plan_axis_crop
 from volinfer.model.receptive_field import ReceptiveField
 from volinfer.model.tiling_check import describe as describe_deviation
 from volinfer.model.memory import RUNTIME_FLOOR_MB
-from volinfer.model.memory import activation_bytes_per_voxel, default_budget_mb, weights_mb  # noqa: F401  (converters: until merged)
 
 #: Plans whose predicted times are within this fraction of the fastest count as equally fast: the leanest of them wins.
 LEANER_WITHIN = 0.10

@@ -25,7 +25,7 @@ from volinfer import validate
 from volinfer.tiling.blockwise import cast_copy
 from volinfer.errors import VolinferError
 from volinfer.io.reader import F32_MAX, VolumeSource, exceeds_float32
-from volinfer.options import NORMALIZATIONS, parse_normalization  # noqa: F401  (parse_normalization: converters)
+from volinfer.options import NORMALIZATIONS
 from volinfer.run.prepass import PrePass
 
 

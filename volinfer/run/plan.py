@@ -26,7 +26,6 @@ from volinfer.io.formats import is_zarr
 from volinfer.io.zarr_io import open_zarr_source
 from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
 from volinfer.model.tile_model import TileModel
-from volinfer.options import parse_size_mb  # noqa: F401  (converters)
 from volinfer.run import pipeline
 from volinfer.run.norm_stats import waves
 from volinfer.run.normalize import percentile_step

@@ -25,6 +25,7 @@ from volinfer.model.spatial_norm import (POSITION_OPS, NormLayer, find_norm_laye
                                          frozen_like)
 from volinfer.model.tiling_check import stored as stored_tiling_check
 from volinfer.tiling.geometry import GeometryError, TileGrid
+from volinfer.model.layout import Layout
 from volinfer.model.tile_model import TileModel
 from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
@@ -183,7 +184,7 @@ def resolve_activation(tm: TileModel, explicit: str | None) -> tuple[str, str | 
     exactly exp() of them. ``--activation`` always wins. Returns (activation, note for the summary)."""
     if explicit:
         return explicit, None
-    graph = graph_activation(tm.model, tm.output_index, channel_axis=1 if tm.layout == "NCDHW" else 4)
+    graph = graph_activation(tm.model, tm.output_index, channel_axis=Layout.of(tm.layout).channel_axis)
     if graph in ("softmax", "sigmoid"):
         return "none", f"the model ends in {graph}: its output is used as probabilities (no second activation)"
     if graph == "logsoftmax":
@@ -380,7 +381,7 @@ def run_multiple(tm: TileModel) -> int:
     raised to its stride period read from the graph (:func:`volinfer.model.graph_reach.stride_period`), as `volinfer
     convert` stores it: a model that accepts any size still pools fixed voxel groups, and crop tiles starting
     between them are not whole-volume inference (an odd offset moved outputs by 0.4 of a 1.2 range)."""
-    m = probe_multiple(tm.model, tm.layout, tm.in_channels)
+    m = probe_multiple(tm.model, tm.layout, tm.in_channels) or 1
     period = stride_period(tm.model, tm.layout, tm.in_channels, tm.tile)
     return math.lcm(m, *period) if period else m
 
