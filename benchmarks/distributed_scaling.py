@@ -23,7 +23,7 @@ import zarr
 from volinfer.bench.cli import reference_model
 from volinfer.bench.volumes import make_volume
 from volinfer.run.distributed import run_zarr
-from volinfer.io.zarr_io import nifti_to_zarr
+from volinfer.io.zarr_convert import nifti_to_zarr
 
 
 def _args() -> argparse.Namespace:

@@ -3,7 +3,7 @@
 ``volinfer convert --max-memory`` (default: a quarter of the machine's memory) bounds each stage: the
 receptive-field probe (only where the graph cannot be read), the tiling check, the reduced-precision check, the
 speed profile and the parity check. Their memory is priced before anything is compiled, with the planner's own
-model of OpenVINO's live tensors (:func:`volinfer.run.fidelity.activation_bytes_per_voxel`).
+model of OpenVINO's live tensors (:func:`volinfer.model.memory.activation_bytes_per_voxel`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import openvino as ov
 
-from volinfer.run.fidelity import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, default_budget_mb, weights_mb
+from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, default_budget_mb, weights_mb
 
 
 def budget_mb(max_memory_mb: float | None) -> float:

@@ -11,10 +11,16 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from volinfer import options, portable
 from volinfer import validate as V
 from volinfer import watchdog
-from volinfer.cliutil import runtime_options, emit, friendly_errors, output_options, parse_tile, progress_bar
+from volinfer.cliutil import runtime_options, emit, friendly_errors, output_options, progress_bar
 from volinfer.errors import VolinferError
+from volinfer.options import parse_normalization, parse_size_mb, parse_tile
+
+from .convert import convert as run_convert
+from .inputs import parse_set
+from .settings import ConvertSettings
 
 
 def _list(text: str | None) -> list[str] | None:
@@ -54,14 +60,16 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--activation", type=click.Choice(["softmax", "sigmoid", "none"]), help="Output activation to store.")
 @click.option("--labels", help="Comma-separated label names (background first).")
 @click.option("--channel-names", help="Comma-separated input channel names (e.g. t1,t2,flair).")
-@click.option("--normalize", type=V.NORMALIZE, help="Normalisation to store: none, zscore, minmax, percentile:LO:HI "
+@click.option("--normalize", type=options.NORMALIZE, help="Normalisation to store: none, zscore, minmax, percentile:LO:HI "
               "(0 <= LO < HI <= 100), scale:A:B (finite, A != 0).")
 @click.option("--spacing", type=V.SPACING, help="Voxel spacing the model expects, in mm, > 0 (e.g. 1,1,1).")
 @click.option("--orientation", type=V.ORIENTATION, help="Orientation the model expects, three letters (e.g. RAS): "
               "`run` reorients other volumes to it (axis permutations and flips).")
 @click.option("--overlap", type=V.OVERLAP, help="Default overlap to store, as for `run`: " + V.OVERLAP_RULE + ".")
 @click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]), help="Default stitching to store.")
-@click.option("--no-fp16", is_flag=True, help="Keep FP32 weights (default: compress weights to FP16).")
+@click.option("--fp16/--no-fp16", default=None, help="Weights as FP16 (--fp16: refuse the conversion when they fail "
+              "parity) or FP32 (--no-fp16). Default: FP16 when they pass parity, else FP32 when those pass (the "
+              "summary and --json say so, with the FP16 try's deviation).")
 @click.option("--int8", is_flag=True, help="Post-training INT8 quantisation with NNCF, calibrated on "
               "--calibration-volume (parity against FP32 is reported).")
 @click.option("--calibration-tiles", type=V.COUNT, default=8, show_default=True,
@@ -76,7 +84,7 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--no-receptive-field", is_flag=True, help="Skip measuring the receptive field.")
 @click.option("--no-speed-profile", is_flag=True, help="Skip timing the model at a few tile shapes (a few seconds; "
               "without a profile `volinfer run --tile auto` assumes every tile shape costs the same per voxel).")
-@click.option("--max-memory", type=V.MEMORY, help="Peak RAM budget of the conversion (e.g. 2G; > 0; default as for "
+@click.option("--max-memory", type=options.MEMORY, help="Peak RAM budget of the conversion (e.g. 2G; > 0; default as for "
               "`run`: a quarter of the machine's RAM or cgroup limit): the receptive-field probe (when the graph cannot be read), the "
               "tiling, precision and parity checks and the speed profile each run at a size that fits it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing IR.")
@@ -103,8 +111,6 @@ def convert(model: str, **params: Any) -> None:
     installed the report says "not checked". Importing file.py runs that file: name only code you trust. See
     SECURITY.md for what is data and what is code.
     """
-    from .convert import convert as run_convert
-
     watchdog.arm()  # SIGINT/SIGTERM end the conversion within ~2 s, even inside a long framework call
     p = params
     settings = convert_settings(p)
@@ -115,18 +121,13 @@ def convert(model: str, **params: Any) -> None:
         result = run_convert(model, p["output"], settings)
     data = {"path": str(result.path), "parity": result.parity.__dict__ if result.parity else None,
             "int8": result.int8.__dict__ if result.int8 else None,
+            "weights": result.weights.as_dict() if result.weights else None,
             "settings": result.settings.as_dict(), "notes": result.notes, "peak_rss_mb": _peak_mb()}
     emit(data, lambda: summary(result), as_json=as_json, quiet=quiet)
 
 
 def convert_settings(p: dict[str, Any]) -> Any:
     """The :class:`converters.settings.ConvertSettings` of `volinfer convert`'s parsed options."""
-    from volinfer.run.normalize import parse_normalization
-    from volinfer.run.plan import parse_size_mb
-
-    from .inputs import parse_set
-    from .settings import ConvertSettings
-
     try:
         kwargs = json.loads(p["factory_args"]) if p["factory_args"] else None
         spacing_v = [float(v) for v in p["spacing"].split(",")] if p["spacing"] else None
@@ -140,7 +141,7 @@ def convert_settings(p: dict[str, Any]) -> Any:
         activation=p["activation"], labels=_list(p["labels"]), channel_names=_list(p["channel_names"]),
         normalization=parse_normalization(p["normalize"]), spacing=spacing_v,
         orientation=p.get("orientation"), overlap=stored_overlap(p["overlap"]),
-        stitch=p["stitch"], fp16=not p["no_fp16"], int8=p["int8"], calibration_tiles=p["calibration_tiles"],
+        stitch=p["stitch"], fp16=p["fp16"], int8=p["int8"], calibration_tiles=p["calibration_tiles"],
         check=not p["no_check"], tolerance=p["tolerance"], calibration_volume=p["calibration_volume"],
         measure_rf=not p["no_receptive_field"], overwrite=p["overwrite"], device=p["device"],
         precision=p["precision"], threads=p["threads"], speed_profile=not p["no_speed_profile"],
@@ -158,8 +159,6 @@ def stored_overlap(text: str | None) -> float | int | list[float | int] | None:
 
 def _peak_mb() -> float | None:
     """This process's peak resident memory so far (MB): the conversion's own, from the OS."""
-    from volinfer import portable
-
     return portable.memory_status()["peak_mb"]
 
 
@@ -169,6 +168,8 @@ def summary(result: Any) -> str:
              str(result.parity) if result.parity else "parity check skipped (--no-check)"]
     if result.int8:
         lines.append(str(result.int8))
+    if result.weights is not None and result.weights.fp16_parity is not None:  # FP16 rejected, FP32 kept
+        lines.append(str(result.weights))
     s = result.settings
     lines.append(f"layout {s.layout}, {s.in_channels} channel(s), tile {s.tile}, size multiple {s.size_multiple}, "
                  f"receptive field {s.receptive_field}")

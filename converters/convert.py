@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -16,17 +17,27 @@ import openvino as ov
 import volinfer
 from volinfer import watchdog
 from volinfer.errors import VolinferError
-from volinfer.model.tile_model import TileModel
+from volinfer.io.reader import VolumeSource
+from volinfer.model import speed_profile as sp
+from volinfer.model import tiling_check
+from volinfer.model.activation import OUTPUT_KIND, graph_activation
 from volinfer.model.graph_reach import stride_period
-from volinfer.model.receptive_field import measure_receptive_field
+from volinfer.model.layout import Layout
+from volinfer.model.memory import probe_multiple
+from volinfer.model.precision import check_model
+from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
 from volinfer.model.settings import ModelSettings
+from volinfer.model.tile_model import TileModel
+from volinfer.run.normalize import Normalizer
+from volinfer.run.setup import resolve_activation
 
 from .budget import budget_mb, fitting_tile
 from .inputs import freeze_inputs, pick_image_input
-from .messages import framework_errors
-from .parity import Int8Report, ParityReport, compare, judge, judge_int8
-from .settings import ConvertSettings
-from .sources import ReferenceUnavailable, Source, load
+from .messages import framework_errors, framework_message
+from .parity import Int8Report, ParityReport, WeightsReport, compare, judge, judge_int8
+from .settings import CheckSettings, ConvertSettings
+from .source import ReferenceUnavailable, Source, require
+from .sources import load
 
 #: Graph ops that normalise with statistics of their own input: per-tile statistics differ from whole-volume ones.
 PER_TILE_STAT_OPS = {"MVN", "GroupNormalization"}
@@ -39,40 +50,15 @@ class ConversionResult:
     settings: ModelSettings
     notes: list[str] = field(default_factory=list)
     int8: Int8Report | None = None
-
-
-def _spatial_axes(layout: str) -> list[int]:
-    return [2, 3, 4] if layout == "NCDHW" else [1, 2, 3]
-
-
-def _shape(layout: str, channels: int, tile: Sequence[int]) -> list[int]:
-    return [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
-
-
-def _accepts(model: ov.Model, layout: str, channels: int, size: int) -> bool:
-    m = model.clone()
-    try:
-        m.reshape({0: ov.PartialShape(_shape(layout, channels, [size] * 3))})
-    except Exception:
-        return False
-    for out in m.outputs:
-        ps = out.get_partial_shape()
-        if ps.rank.is_static and ps.rank.get_length() == 5:
-            spatial = [ps[i] for i in _spatial_axes(layout)]
-            if any(d.is_static and d.get_length() != size for d in spatial):
-                return False
-    return True
+    weights: WeightsReport | None = None  # how the weights are stored (f16/f32/int8) and why
 
 
 def probe_size_multiple(model: ov.Model, layout: str, channels: int, lo: int = 64, span: int = 64) -> int:
-    """Smallest m such that spatial sizes that are multiples of m are accepted and others are not, found by trying
-    every size in [lo, lo + span) (shape inference only, no compute)."""
-    ok = [s for s in range(lo, lo + span) if _accepts(model, layout, channels, s)]
-    if not ok:
+    """Smallest m such that the spatial sizes the model accepts in [lo, lo + span) are multiples of m
+    (:func:`volinfer.model.memory.probe_multiple`, the probe runs use too); a one-line error when it accepts none."""
+    m = probe_multiple(model, layout, channels, lo, span)
+    if m is None:
         raise VolinferError(f"the model accepts no cubic input size between {lo} and {lo + span - 1}")
-    m = 0
-    for s in ok:
-        m = gcd(m, s)
     return m
 
 
@@ -90,9 +76,6 @@ def _calibration_tiles(path: str, layout: str, channels: int, tile: Sequence[int
                        normalization: dict[str, Any] | None, count: int = 1, seed: int = 0) -> list[np.ndarray]:
     """Tile-sized crops of a real volume, normalised the way ``volinfer run`` will: the centre first, then seeded
     random positions (read in on-disk order)."""
-    from volinfer.run.normalize import Normalizer
-    from volinfer.io.reader import VolumeSource
-
     with VolumeSource.open([path], depth=max(tile)) as src:
         if src.channels != channels:
             raise VolinferError(f"{path}: calibration volume has {src.channels} channel(s), model expects {channels}")
@@ -108,14 +91,12 @@ def _calibration_tiles(path: str, layout: str, channels: int, tile: Sequence[int
             for c, r in enumerate(src.readers):
                 stored = src.read(c, region)  # type: ignore[arg-type]
                 norm.to_float(stored, c, r.slope, r.inter, x[c][: stored.shape[0], : stored.shape[1], : stored.shape[2]])
-            tiles.append(x[None] if layout == "NCDHW" else np.moveaxis(x, 0, -1)[None])
+            tiles.append(x[None] if Layout.of(layout).channels_first else np.moveaxis(x, 0, -1)[None])
     return tiles
 
 
 def quantize_int8(model: ov.Model, tiles: list[np.ndarray]) -> ov.Model:
     """Post-training INT8 quantisation with NNCF, calibrated on real tiles (optional extra ``int8``)."""
-    from .sources import require
-
     nncf = require("nncf", "int8")
     return nncf.quantize(model, nncf.Dataset(tiles), subset_size=len(tiles))
 
@@ -163,7 +144,9 @@ def convert(model: str, output: str | os.PathLike, settings: ConvertSettings | N
     ``settings`` (:class:`converters.settings.ConvertSettings`) says how; keyword ``options`` (``weights=``,
     ``tile=``, ``activation=``, ``int8=``, ... every field of its parts) override single fields. ``inputs`` names
     the image input (``--input``), ``fixed`` freezes other inputs to constants (``--set``). Nothing is left at
-    ``output`` when any step fails. Returns the saved path, the parity report and the stored settings."""
+    ``output`` when any step fails. Weights are stored as FP16 when they pass parity, else as FP32 when those pass
+    (``fp16=True`` refuses instead, ``fp16=False`` stores FP32 without trying FP16). Returns the saved path, the
+    parity report, the stored settings and how the weights are stored (``weights``)."""
     cs = ConvertSettings.from_kwargs(settings, **options)
     out = Path(output)
     _check_output_path(out, cs.overwrite)
@@ -183,16 +166,12 @@ def convert(model: str, output: str | os.PathLike, settings: ConvertSettings | N
                      f"whole-volume statistics (streamed passes) unless --norm-stats tile")
     g.out_index = _select_output(g.model, cs.source.select_output, notes)
     settings_ = _describe(g, cs, notes)
-    f32_model, int8_tiles = g.model, None
+    int8 = None
     if cs.check.int8:
-        int8_tiles = _quantize(g, cs, settings_, notes)
-    c = cs.check
-    parity, int8_report = _save_checked(
-        src, g.model, out, fp16=c.fp16, check=c.check, tolerance=c.tolerance, int8=c.int8,
-        calibration_volume=c.calibration_volume, layout=g.layout, channels=g.channels, tile=g.tile,
-        normalization=cs.stored.normalization, seed=c.seed, out_index=g.out_index, f32_model=f32_model,
-        int8_tiles=int8_tiles, check_tile=g.check_tile(3.0))
-    return ConversionResult(out, parity, settings_, notes, int8_report)
+        f32_model = g.model
+        int8 = _Int8Check(f32_model, _quantize(g, cs, settings_, notes))
+    parity, int8_report, weights = _save_checked(g, cs, out, int8)
+    return ConversionResult(out, parity, settings_, notes, int8_report, weights)
 
 
 @dataclass
@@ -258,8 +237,7 @@ def _describe(g: _Graph, cs: ConvertSettings, notes: list[str]) -> ModelSettings
         _measure_rf(g.model, g.tile, settings, notes, g.budget)
         _check_tiling(g.model, g.tile, settings, notes, cs.check.calibration_volume, g.budget)
     if not cs.check.int8:
-        _check_precision(g.model, g.layout, g.channels, g.check_tile(2.0), g.out_index or 0, settings, notes,
-                         cs.check, st.normalization)
+        _check_precision(g, cs, settings, notes)
     _speed_profile(g, cs.check, settings, notes)
     settings.to_model(g.model)
     return settings
@@ -299,9 +277,9 @@ def _prepare(src: Source, layout: str, channels: int | None, tile: int | Sequenc
         channels = _guess_torch_channels(src, [*probe_tile, 64, 32, 128])
     conv_shape = None
     if channels is not None:
-        conv_shape = _shape(layout, channels, probe_tile)
+        conv_shape = Layout.of(layout).tensor_shape(channels, probe_tile)
         if not static:
-            conv_shape = [1, channels, -1, -1, -1] if layout == "NCDHW" else [1, -1, -1, -1, channels]
+            conv_shape = Layout.of(layout).tensor_shape(channels, [-1, -1, -1])
     ov_model = _convert_with_examples(src, conv_shape, layout, channels or 1, [*probe_tile, 64, 128, 96, 32])
     old = ModelSettings.from_model(ov_model) if src.framework == "openvino" else None
     if t3 is None and old is not None and old.tile is not None:  # re-describing an IR: keep its tile unless asked
@@ -312,18 +290,18 @@ def _prepare(src: Source, layout: str, channels: int | None, tile: int | Sequenc
     ps = ov_model.input(0).get_partial_shape()
     if ps.rank.is_dynamic or ps.rank.get_length() != 5:
         raise VolinferError(f"model input is {ps}; expected 5-D (N, C, D, H, W) or (N, D, H, W, C)")
-    cdim = ps[1 if layout == "NCDHW" else 4]
+    cdim = ps[Layout.of(layout).channel_axis]
     if channels is None:
         if cdim.is_dynamic:
             raise VolinferError("cannot tell the input channel count: pass --channels")
         channels = cdim.get_length()
-    spatial = [ps[i] for i in _spatial_axes(layout)]
+    spatial = [ps[i] for i in Layout.of(layout).spatial_axes]
     if all(d.is_static for d in spatial) and t3 is None:
         t3 = [d.get_length() for d in spatial]
     # the model's own batch/channel dims are fixed; spatial dims dynamic unless --static
     with framework_errors("OpenVINO cannot reshape the model to a 5-D tile input"):
-        ov_model.reshape({0: ov.PartialShape(_shape(layout, channels, t3 or probe_tile) if static
-                                             else (_shape(layout, channels, [-1, -1, -1])))})
+        ov_model.reshape({0: ov.PartialShape(Layout.of(layout).tensor_shape(channels, t3 or probe_tile) if static
+                                             else (Layout.of(layout).tensor_shape(channels, [-1, -1, -1])))})
     multiple = probe_size_multiple(ov_model, layout, channels) if not static else None
     if multiple and old is not None and old.size_multiple:  # shape inference can miss a stored constraint: keep it
         multiple = multiple * old.size_multiple // gcd(multiple, old.size_multiple)
@@ -356,11 +334,7 @@ def _record_activation(model: ov.Model, index: int, layout: str, activation: str
                        settings: ModelSettings, notes: list[str]) -> None:
     """A graph that already ends in Softmax/Sigmoid/LogSoftmax outputs (log-)probabilities: store
     ``activation="none"`` and ``outputs`` so that ``run`` applies no second one. An explicit ``--activation`` wins."""
-    try:
-        from volinfer.model.activation import OUTPUT_KIND, graph_activation
-    except ImportError:  # TODO(lead): volinfer/activation.py not on main yet; detection is skipped until it is
-        return
-    found = graph_activation(model, index, channel_axis=1 if layout == "NCDHW" else 4)
+    found = graph_activation(model, index, channel_axis=Layout.of(layout).channel_axis)
     if found is None:
         if activation is None and settings.extra.get("outputs") is None:
             settings.extra["outputs"] = "logits"
@@ -385,23 +359,17 @@ def _stored_layout(src: Source) -> str | None:
         return None
 
 
-def _check_precision(ov_model: ov.Model, layout: str, channels: int, tile: list[int], out_index: int,
-                     settings: ModelSettings, notes: list[str], settings_check: Any,
-                     normalization: dict[str, Any] | None) -> None:
+def _check_precision(g: _Graph, cs: ConvertSettings, settings: ModelSettings, notes: list[str]) -> None:
     """Store whether this CPU's native reduced precision (bf16/f16) keeps the model's outputs faithful, for
-    ``--precision auto`` (see :mod:`volinfer.model.precision`); measured on a calibration crop when one is given."""
-    from volinfer.model.precision import check_model
-
-    from .messages import framework_message
-
-    calibration_volume = settings_check.calibration_volume
-    x = _calibration_tiles(calibration_volume, layout, channels, tile, normalization)[0] if calibration_volume \
-        else None
+    ``--precision auto`` (see :mod:`volinfer.model.precision`); measured on a calibration crop when one is given.
+    Runs at a tile where two models fit the budget."""
+    c, tile = cs.check, g.check_tile(2.0)
+    x = _calibration_tiles(c.calibration_volume, g.layout, g.channels, tile, cs.stored.normalization)[0] \
+        if c.calibration_volume else None
     probabilities = settings.extra.get("outputs") in ("probabilities", "log-probabilities")
     try:
-        verdict = check_model(ov_model, layout, channels, list(tile), out_index, probabilities, x,
-                              {"device": settings_check.device, "precision": settings_check.precision,
-                               "threads": settings_check.threads})
+        verdict = check_model(g.model, g.layout, g.channels, list(tile), g.out_index or 0, probabilities, x,
+                              {"device": c.device, "precision": c.precision, "threads": c.threads})
     except Exception as e:  # a model the reduced precision cannot compile: auto stays f32
         notes.append(f"reduced precision not checked ({framework_message(e)[:120]}); --precision auto runs f32")
         return
@@ -418,8 +386,6 @@ def _speed_profile(g: "_Graph", check: Any, settings: ModelSettings, notes: list
     """Store the model's speed profile for the planner (:mod:`volinfer.model.speed_profile`), unless
     ``--no-speed-profile`` (then none, also not one kept from a re-described IR). Never fails the conversion: a
     profile that cannot be measured leaves a note saying why."""
-    from volinfer.model import speed_profile as sp
-
     for key in (sp.KEY, sp.NOTE_KEY):  # an old profile (re-described IR) is measured afresh or dropped
         settings.extra.pop(key, None)
         if g.model.has_rt_info(["volinfer", key]):
@@ -434,10 +400,6 @@ def _speed_profile(g: "_Graph", check: Any, settings: ModelSettings, notes: list
 
 def _measure_speed(g: "_Graph", check: Any, settings: ModelSettings, notes: list[str]) -> None:
     """The timed part of :func:`_speed_profile` (its own progress stage)."""
-    from volinfer.model import speed_profile as sp
-
-    from .messages import framework_message
-
     try:
         prof = sp.profile_model(g.model, g.layout, g.channels, g.check_tile(1.0), g.multiple,
                                 {"device": check.device, "threads": check.threads, "max_memory_mb": g.budget},
@@ -459,8 +421,6 @@ def _measure_rf(ov_model: ov.Model, t3: list[int], settings: ModelSettings, note
     try:
         rf = measure_receptive_field(TileModel(ov_model.clone(), tile=t3, compile=False), max_memory_mb=budget)
     except Exception as e:  # noqa: BLE001 - any failure means "not measured", said in a note
-        from .messages import framework_message
-
         rf, reason = None, framework_message(e)
     if rf is not None and not getattr(rf, "measured", True):
         rf, reason = None, getattr(rf, "reason", "") or "the probe could not run"
@@ -484,10 +444,6 @@ def _check_tiling(ov_model: ov.Model, t3: list[int], settings: ModelSettings, no
     """Store how far crop tiling with margins equal to the measured receptive field moves the outputs (tiled vs
     whole on a small probe, :mod:`volinfer.model.tiling_check`), or why it was not measured; one note either way.
     The probe is a crop of ``calibration_volume`` (normalised as runs are) when given, else random normal."""
-    from volinfer.model.receptive_field import ReceptiveField
-    from volinfer.model.tiling_check import KEY, check_tiling, note
-    from volinfer.run.setup import resolve_activation
-
     rf = None
     if settings.receptive_field:
         bounded = settings.extra.get("receptive_field_bounded", True) not in (False, "false")
@@ -499,16 +455,14 @@ def _check_tiling(ov_model: ov.Model, t3: list[int], settings: ModelSettings, no
         activation = resolve_activation(tm, None)[0]
         probe_input = _calibration_probe(calibration_volume, tm, settings.normalization) if calibration_volume \
             else None
-        record = check_tiling(tm, rf, activation, probe_input, max_memory_mb=budget)
+        record = tiling_check.check_tiling(tm, rf, activation, probe_input, max_memory_mb=budget)
         if record.get("measured"):
             probabilities = activation != "none" or settings.extra.get("outputs") == "probabilities"
             record["space"] = "probabilities" if probabilities else "outputs"
     except Exception as e:  # noqa: BLE001 - never fails a conversion: recorded as not measured
-        from .messages import framework_message
-
         record = {"measured": False, "reason": framework_message(e)[:200]}
-    settings.extra[KEY] = record
-    notes.append(f"tiling check: {note(record)}")
+    settings.extra[tiling_check.KEY] = record
+    notes.append(f"tiling check: {tiling_check.note(record)}")
 
 
 def _calibration_probe(path: str, tm: TileModel, normalization: dict[str, Any] | None) -> Any:
@@ -533,45 +487,115 @@ def _has_spatial_kernels(model: ov.Model) -> bool:
     return False
 
 
-def _save_checked(src: Source, ov_model: ov.Model, out: Path, *, fp16: bool, check: bool, tolerance: float | None,
-                  int8: bool, calibration_volume: str | None, layout: str, channels: int, tile: list[int],
-                  normalization: dict[str, Any] | None, seed: int, out_index: int | None, f32_model: ov.Model,
-                  int8_tiles: list[np.ndarray] | None,
-                  check_tile: list[int] | None = None) -> tuple[ParityReport | None, Int8Report | None]:
-    """Save to temporary names, check parity (and INT8 against FP32), then move into place; nothing is left at
-    ``out`` when a check fails."""
+@dataclass(frozen=True)
+class _Int8Check:
+    """What the INT8 check compares: the FP32 graph the quantised one was made from, and the calibration tiles."""
+
+    f32_model: ov.Model
+    tiles: list[np.ndarray]
+
+
+def _save_checked(g: _Graph, cs: ConvertSettings, out: Path, int8: _Int8Check | None = None
+                  ) -> tuple[ParityReport | None, Int8Report | None, WeightsReport]:
+    """Save ``g.model`` to temporary names, check parity (and INT8 against FP32), then move into place; nothing is
+    left at ``out`` when a check fails."""
     tmp_xml = out.with_name(f".{out.stem}.partial.xml")
     tmp_bin = tmp_xml.with_suffix(".bin")
-    parity, int8_report = None, None
+    int8_report = None
     with watchdog.partial(tmp_xml, tmp_bin):  # removed even if a signal cannot unwind this in time
         try:
-            with framework_errors(f"{out}: OpenVINO cannot save the model"):
-                ov.save_model(ov_model, str(tmp_xml), compress_to_fp16=fp16)
-            if check:
-                tol = tolerance if tolerance is not None else (float("inf") if int8 else 1e-2 if fp16 else 1e-4)
-                at = check_tile or tile  # within the memory budget
-                if calibration_volume:
-                    x = _calibration_tiles(calibration_volume, layout, channels, at, normalization)[0]
-                else:
-                    x = np.random.default_rng(seed).standard_normal(_shape(layout, channels, at)).astype(
-                        np.float32)
-                parity = check_parity(src, tmp_xml, x, tol, out_index, layout,
-                                      loose=10 * tolerance if tolerance is not None else None)
-                if parity.checked and not parity.passed:
-                    raise VolinferError(f"conversion rejected, {parity}; loosen with --tolerance or use --no-fp16")
-            if int8 and int8_tiles:
-                int8_report = check_int8(f32_model, ov.Core().read_model(str(tmp_xml)), int8_tiles, out_index,
-                                         layout)
-                if not int8_report.passed:
-                    raise VolinferError(f"INT8 rejected, {int8_report}: calibrate on more tiles "
-                                        f"(--calibration-tiles) or convert without --int8")
+            parity, weights = _save_verified(g, cs, tmp_xml, out)
+            if cs.check.int8 and int8 is not None and int8.tiles:
+                int8_report = _check_saved_int8(g, int8, tmp_xml)
             os.replace(tmp_bin, out.with_suffix(".bin"))
             os.replace(tmp_xml, out)
         finally:
             for p in (tmp_xml, tmp_bin):
                 if p.exists():
                     p.unlink()
-    return parity, int8_report
+    return parity, int8_report, weights
+
+
+def _save_verified(g: _Graph, cs: ConvertSettings, tmp_xml: Path, out: Path) -> tuple[ParityReport | None,
+                                                                                        WeightsReport]:
+    """Save to ``tmp_xml`` and check parity: FP16 weights unless ``--no-fp16``. FP16 weights that parity rejects
+    are saved again as FP32 (over the same files: one copy on disk, one compiled model at a time) and kept when
+    those pass, said in the report; an explicit ``--fp16`` refuses instead, as does an FP32 retry that fails."""
+    c = cs.check
+    fp16 = c.fp16 is not False
+    _save(g.model, tmp_xml, out, fp16)
+    if not c.check:
+        return None, _weights(c, None)
+    src, x = _reusing_reference(g.src), _parity_input(g, cs)  # the source runs once for both tries
+    parity = _check_saved(g, cs, src, x, tmp_xml, fp16)
+    if parity.passed is not False:  # passed, or not checked (the source's framework is missing)
+        return parity, _weights(c, parity)
+    if c.fp16 is not None or c.int8:  # FP16 or FP32 asked for explicitly, or INT8: no other weights to try
+        raise VolinferError(f"conversion rejected, {parity}; loosen with --tolerance"
+                            + (" or use --no-fp16" if fp16 else ""))
+    _save(g.model, tmp_xml, out, False)
+    f32 = _check_saved(g, cs, src, x, tmp_xml, False)
+    if not f32.passed:
+        raise VolinferError(f"conversion rejected, {f32} with FP32 weights (FP16 weights failed first: "
+                            f"{parity.brief()}); loosen with --tolerance")
+    return f32, WeightsReport("f32", f"FP16 weights failed parity ({parity.brief()}), FP32 weights passed "
+                                     f"(--no-fp16 skips the FP16 try; --fp16 refuses instead)", parity)
+
+
+def _save(model: ov.Model, path: Path, out: Path, fp16: bool) -> None:
+    with framework_errors(f"{out}: OpenVINO cannot save the model"):
+        ov.save_model(model, str(path), compress_to_fp16=fp16)
+
+
+def _weights(c: CheckSettings, parity: ParityReport | None) -> WeightsReport:
+    """How the weights were stored when no FP32 retry was needed."""
+    if c.int8:
+        return WeightsReport("int8", "quantised with NNCF (--int8)")
+    if c.fp16 is False:
+        return WeightsReport("f32", "--no-fp16")
+    verdict = "not verified (--no-check)" if parity is None else "passed parity" if parity.passed else \
+        "parity not checked"
+    return WeightsReport("f16", f"FP16 weights ({'--fp16' if c.fp16 else 'the default'}), {verdict}")
+
+
+def _reusing_reference(src: Source) -> Source:
+    """``src`` whose ``run`` computes the reference once and returns it to every later call (the FP32 retry checks
+    the same input as the FP16 try)."""
+    outputs: list[list[np.ndarray]] = []
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        if not outputs:
+            outputs.append(src.run(x))
+        return outputs[0]
+
+    return dataclasses.replace(src, run=run)
+
+
+def _parity_input(g: _Graph, cs: ConvertSettings) -> np.ndarray:
+    """The parity check's input, at a tile where three models fit the budget: a calibration crop, else seeded
+    random normal."""
+    c, at = cs.check, g.check_tile(3.0)
+    if c.calibration_volume:
+        return _calibration_tiles(c.calibration_volume, g.layout, g.channels, at, cs.stored.normalization)[0]
+    return np.random.default_rng(c.seed).standard_normal(Layout.of(g.layout).tensor_shape(g.channels, at)).astype(np.float32)
+
+
+def _check_saved(g: _Graph, cs: ConvertSettings, src: Source, x: np.ndarray, saved: Path,
+                 fp16: bool) -> ParityReport:
+    """Parity of the saved IR against the source on ``x``, at the tolerance of its weights (or ``--tolerance``)."""
+    c = cs.check
+    tol = c.tolerance if c.tolerance is not None else (float("inf") if c.int8 else 1e-2 if fp16 else 1e-4)
+    return check_parity(src, saved, x, tol, g.out_index, g.layout,
+                        loose=10 * c.tolerance if c.tolerance is not None else None)
+
+
+def _check_saved_int8(g: _Graph, int8: _Int8Check, saved: Path) -> Int8Report:
+    """The saved INT8 IR against the FP32 graph on the calibration tiles; raises when it fails."""
+    report = check_int8(int8.f32_model, ov.Core().read_model(str(saved)), int8.tiles, g.out_index, g.layout)
+    if not report.passed:
+        raise VolinferError(f"INT8 rejected, {report}: calibrate on more tiles (--calibration-tiles) or convert "
+                            f"without --int8")
+    return report
 
 
 def _convert_with_examples(src: Source, shape: list[int] | None, layout: str, channels: int,
@@ -581,7 +605,7 @@ def _convert_with_examples(src: Source, shape: list[int] | None, layout: str, ch
     error: VolinferError | None = None
     for size in dict.fromkeys(sizes):
         try:
-            return src.to_openvino(shape, _shape(layout, channels, [size] * 3))
+            return src.to_openvino(shape, Layout.of(layout).tensor_shape(channels, [size] * 3))
         except VolinferError as e:
             error = e
     assert error is not None

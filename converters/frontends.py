@@ -17,9 +17,9 @@ import openvino as ov
 from volinfer.errors import VolinferError
 
 from . import tf_graph
-from .inputs import cut_inputs, describe_params
+from .inputs import cut_inputs, describe_params, freeze_inputs
 from .messages import framework_message
-from .sources import ReferenceUnavailable, Source, require
+from .source import ReferenceUnavailable, Source, require
 
 #: TensorFlow ops that touch files or run Python: refused in a frozen graph that TensorFlow would run for parity.
 TF_SIDE_EFFECT_OPS = {"WriteFile", "ReadFile", "PyFunc", "PyFuncStateless", "EagerPyFunc", "MatchingFiles",
@@ -271,8 +271,6 @@ def _ir_runner(path: Path, image: str | None, outputs: list[str] | None, fixed: 
                state: dict[str, Any]) -> tuple[Any, str]:
     """An IR source is its own reference: the original file in OpenVINO at f32 (this checks what re-describing
     changed: weight compression, reshaping, freezing)."""
-    from .inputs import freeze_inputs
-
     def run(x: np.ndarray) -> list[np.ndarray]:
         m = freeze_inputs(ov.Core().read_model(str(path)), fixed)
         m = _ir_cut(m, [image], path) if image else m  # the same cut as the conversion

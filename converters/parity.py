@@ -10,6 +10,9 @@ Parity (source in its own framework vs the saved IR in OpenVINO at f32, same inp
   and 10 x the default tolerance; 10 x an explicit ``--tolerance``). Deep InstanceNorm networks differ between frameworks by a few 1e-3 relative with labels
   99.99 % equal: accepted. Perturbed weights or a wrong layout move labels by far more than 0.1 %: rejected.
 
+Weights: FP16 by default, but only when they pass parity; when they fail and FP32 weights pass, the IR keeps FP32
+weights and :class:`WeightsReport` says so, with the FP16 try's deviation (an explicit ``--fp16`` refuses instead).
+
 INT8 (the quantised IR vs the f32 IR, on the calibration tiles): passed when labels agree on at least
 ``INT8_AGREEMENT_MIN`` (99 %) of voxels and the mean Dice over foreground labels present in either is at least
 ``INT8_DICE_MIN`` (0.95); single-channel outputs need ``max_rel <= INT8_REL_MAX`` (10 %).
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from volinfer.model.layout import Layout
 
 LABEL_AGREEMENT_MIN = 0.999
 LOOSE_REL_MIN = 0.05
@@ -58,12 +63,34 @@ class ParityReport:
         return (f"parity {verdict}: max |diff| {self.max_abs:.3g}, relative {self.max_rel:.3g}{labels} "
                 f"({tol}{how}) on input {self.shape}, reference {self.reference}")
 
+    def brief(self) -> str:
+        """``relative R[, labels agree L%], tolerance T``: the measured deviation in a few words."""
+        labels = f", labels agree {100 * self.agreement:.3f}%" if self.agreement is not None else ""
+        return f"relative {self.max_rel:.3g}{labels}, tolerance {self.tolerance:g}"
+
+
+@dataclass
+class WeightsReport:
+    """How the IR stores its weights (``f16``, ``f32`` or ``int8``) and why; ``fp16_parity`` is the FP16 try that
+    parity rejected when FP32 weights were kept for that reason (None otherwise)."""
+
+    dtype: str
+    reason: str
+    fp16_parity: ParityReport | None = None
+
+    def __str__(self) -> str:
+        return f"weights stored as {self.dtype}: {self.reason}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"dtype": self.dtype, "reason": self.reason,
+                "fp16_parity": dict(self.fp16_parity.__dict__) if self.fp16_parity else None}
+
 
 def channel_axis(shape: Sequence[int], layout: str) -> int | None:
     """The class axis of a 5-D segmentation output (>= 2 channels), else None."""
     if len(shape) != 5:
         return None
-    axis = 1 if layout == "NCDHW" else 4
+    axis = Layout.of(layout).channel_axis
     return axis if shape[axis] >= 2 else None
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from volinfer import validate
 from volinfer.errors import VolinferError
+from volinfer.run.settings import replace_flat
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class CheckSettings:
     """How the IR is saved and verified: FP16 weights, INT8 quantisation, parity against the source, calibration,
     receptive field."""
 
-    fp16: bool = True
+    fp16: bool | None = None  # None: FP16 weights when they pass parity, else FP32; True: FP16 or refuse; False: FP32
     int8: bool = False
     calibration_tiles: int = 8
     check: bool = True
@@ -131,6 +132,4 @@ class ConvertSettings:
     def from_kwargs(cls, base: "ConvertSettings | None" = None, **kw: Any) -> "ConvertSettings":
         """Settings from :func:`converters.convert`'s flat keywords, on top of ``base``; unknown keywords are
         refused."""
-        from volinfer.run.settings import replace_flat
-
         return replace_flat(base or cls(), kw, ("overwrite",), "conversion")

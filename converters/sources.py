@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,39 +20,13 @@ import openvino as ov
 from volinfer.errors import VolinferError
 
 from . import safe_load
+from .frontends import frontend_source
 from .messages import framework_errors, framework_message
+from .source import ReferenceUnavailable, Source, require
+
+__all__ = ["EXTRAS", "ReferenceUnavailable", "Source", "kind_of", "load", "load_factory", "require"]
 
 EXTRAS = {"torch": "torch", "tensorflow": "tensorflow"}
-
-
-class ReferenceUnavailable(Exception):
-    """The source framework cannot run the original here: parity is "not checked", never "ok"."""
-
-
-def require(module: str, extra: str) -> Any:
-    """Import an optional framework, or fail with one line naming what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise VolinferError(
-            f"this model needs {module}, which is not installed: pip install 'volinfer[{extra}]' (or pip install {module})"
-        ) from None
-
-
-@dataclass
-class Source:
-    """A loaded model: ``to_openvino(shape)`` converts it; ``run(x)`` runs the *original* on a numpy input (raises
-    :class:`ReferenceUnavailable` when its framework is missing)."""
-
-    framework: str
-    path: Path | None
-    to_openvino: Callable[..., ov.Model]  # (input shape with -1 for dynamic dims, example shape) -> model
-    run: Callable[[np.ndarray], list[np.ndarray]]
-    layout: str | None = None  # layout the framework implies (TensorFlow: channels last)
-    reference_note: str = ""
-    extras: dict[str, Any] = field(default_factory=dict)
-    #: ``--set`` values still to be frozen in the converted OpenVINO model (frontends); torch modules consume them.
-    pending_fixed: dict[str, Any] = field(default_factory=dict)
 
 
 def kind_of(spec: str) -> str:
@@ -319,8 +292,6 @@ def load(spec: str, *, weights: str | None = None, trust_pickle: bool = False, r
     path = Path(spec)
     if kind == "keras":
         return _keras_source(path, trust_pickle, inputs, fixed)
-    from .frontends import frontend_source
-
     framework = {"onnx": "onnx", "savedmodel": "tensorflow-savedmodel", "frozen-pb": "tensorflow-frozen-pb",
                  "openvino": "openvino"}[kind]
     return frontend_source(framework, path, inputs, outputs, fixed, trust_pickle,

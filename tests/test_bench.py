@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import os
-import sys
 import tempfile
 from pathlib import Path
 

@@ -17,7 +17,7 @@ from test_resume import KILLER
 
 from volinfer import portable
 from volinfer.cli import main
-from volinfer.run import fidelity
+from volinfer.model import memory
 
 
 def _cgroup(tmp_path, monkeypatch, lines, files):
@@ -48,13 +48,13 @@ def test_cgroup_v1_limit_and_unlimited(tmp_path, monkeypatch):
 
 def test_default_budget_ignores_free_memory(monkeypatch):
     monkeypatch.setattr(portable, "available_mb", lambda: 20000.0)
-    high = fidelity.default_budget_mb()
+    high = memory.default_budget_mb()
     monkeypatch.setattr(portable, "available_mb", lambda: 300.0)
-    assert fidelity.default_budget_mb() == high == fidelity.DEFAULT_MEMORY_FRACTION * portable.machine_mb()
-    run = fidelity.default_budget_mb(20.0)  # a run's default: capped at runtime + weights + working memory
-    assert run == min(high, fidelity.RUNTIME_FLOOR_MB + 20.0 + fidelity.DEFAULT_WORKING_MB)
+    assert memory.default_budget_mb() == high == memory.DEFAULT_MEMORY_FRACTION * portable.machine_mb()
+    run = memory.default_budget_mb(20.0)  # a run's default: capped at runtime + weights + working memory
+    assert run == min(high, memory.RUNTIME_FLOOR_MB + 20.0 + memory.DEFAULT_WORKING_MB)
     monkeypatch.setattr(portable, "machine_mb", lambda: 2000.0)  # a small machine: a quarter of it
-    assert fidelity.default_budget_mb(20.0) == 500.0
+    assert memory.default_budget_mb(20.0) == 500.0
 
 
 def test_killed_stream_run_resumes_with_less_free_memory(tmp_path, monkeypatch):
@@ -87,11 +87,11 @@ def _norm_model_plan(budget_mb):
     """A 256³ volume through a model with 13 normalisation layers (every multi-tile run needs 13 statistics passes),
     ~65 bytes of model memory per tile voxel (one 256³ tile: ~1.2 GB), preferred tile 128³."""
     from volinfer.model.receptive_field import ReceptiveField
-    from volinfer.run.fidelity import plan_exact
+    from volinfer.run.fidelity import TilingProblem, plan_exact
 
     weighed = []
-    best = plan_exact((256, 256, 256), 16, ReceptiveField((40, 40, 40), True), (128, 128, 128), 65.0, 5.0, budget_mb,
-                      13, False, True, weighed=weighed)
+    best = plan_exact(TilingProblem((256, 256, 256), 16, ReceptiveField((40, 40, 40), True), (128, 128, 128), 65.0,
+                                    5.0, budget_mb, 13, False, True), weighed)
     return best, weighed
 
 
@@ -242,7 +242,7 @@ def test_default_budget_refuses_only_what_the_machine_cannot_hold(tmp_path, monk
         return plan_tiling(TileModel(xml, compile=False), (60, 52, 44), stitch=None, overlap=None,
                            max_memory_mb=max_memory_mb, norm_stats=None)
 
-    monkeypatch.setattr(fidelity, "DEFAULT_MEMORY_FRACTION", 1e-6)  # a default budget of a few KB
+    monkeypatch.setattr(memory, "DEFAULT_MEMORY_FRACTION", 1e-6)  # a default budget of a few KB
     assert any("no exact tiling fits" in n for n in plan().notes)  # runs: the machine has the memory
     with pytest.raises(VolinferError, match="--max-memory 20 MB is too small"):
         plan(20.0)

@@ -1,6 +1,6 @@
-"""The code stays readable: no public function of volinfer/ or converters/ takes more than 8 parameters, and no
-function is longer than 60 lines (issue 12: settings travel as values, steps are small). Run this file as a script
-to list every function over the limits."""
+"""The code stays readable: no function of volinfer/ or converters/ (private ones included) takes more than 8
+parameters or is longer than 60 lines (settings travel as values, steps are small). Run this file as a script to
+list every function over the limits."""
 
 from __future__ import annotations
 
@@ -13,12 +13,9 @@ MAX_LINES = 60
 
 #: Functions that may stay over a limit, with why. Keep it short.
 ALLOWED: dict[str, str] = {
-    # not yet reshaped (their modules were being edited in parallel when the settings objects landed):
-    "volinfer/run/engine.py:run_tiles": "the tile loop; next: take a RunSetup and TilingSettings instead of keywords",
-    "volinfer/bench/cli.py:bench": "a click command: one parameter per option",
-    "volinfer/run/fidelity.py:plan_exact": "the planner's search; next: a planning-inputs value",
-    "volinfer/io/zarr_io.py:create_output": "the store's layout; next: a store-layout value",
-    "volinfer/run/stream.py:run_stream": "mirrors run_tiles' keywords; next: take a RunSetup like run_tiles should",
+    "volinfer/run/stream.py:run_stream": "being reworked for spill on its own branch (issue 20); merged next",
+    "converters/convert.py:_check_precision": "being reworked on its own branch (issue 22); merged next",
+    "converters/convert.py:_save_checked": "being reworked on its own branch (issue 22); merged next",
 }
 
 
@@ -42,7 +39,7 @@ def offenders() -> list[str]:
                 name = f"{path.relative_to(ROOT)}:{node.name}"
                 lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
                 params = _params(node)
-                if not node.name.startswith("_") and params > MAX_PARAMS and name not in ALLOWED:
+                if params > MAX_PARAMS and name not in ALLOWED:
                     out.append(f"{name}: {params} parameters")
                 if lines > MAX_LINES and name not in ALLOWED:
                     out.append(f"{name}: {lines} lines")

@@ -121,7 +121,7 @@ def test_deep_instance_norm_accepted_and_perturbed_conversion_rejected(tmp_path,
     _save_weights(mod.instance_unet(), tmp_path / "w.pth", seed=11)
     ok = convert(f"{path}:instance_unet", tmp_path / "ok.xml", weights=str(tmp_path / "w.pth"), tile=24,
                  measure_rf=False)
-    assert ok.parity.passed  # FP16 weights through 10 InstanceNorms: accepted
+    assert ok.parity.passed and ok.weights.dtype == "f16"  # FP16 weights through 10 InstanceNorms: accepted
     real = convert_mod._convert_with_examples
 
     def broken(*args, **kwargs):  # a conversion that gets one weight tensor slightly wrong (noise of 10 % its std)

@@ -14,7 +14,8 @@ zarr = pytest.importorskip("zarr")
 
 from volinfer import predict  # noqa: E402
 from volinfer.run.distributed import run_zarr  # noqa: E402
-from volinfer.io.zarr_io import done_marker_dir, nifti_to_zarr, zarr_to_nifti  # noqa: E402
+from volinfer.io.zarr_convert import nifti_to_zarr, zarr_to_nifti
+from volinfer.io.zarr_io import done_marker_dir  # noqa: E402
 
 SHAPE = (70, 61, 53)  # not a multiple of the 16-voxel chunks
 
@@ -145,3 +146,36 @@ def test_cli_zarr_run_and_errors(data):
     r = CliRunner().invoke(main, ["run", str(tmp / "in.zarr"), str(tmp / "in.zarr"), "-m", str(xml), "-o",
                                   str(tmp / "x.nii"), "--tile", "32"])
     assert r.exit_code == 2 and "one .zarr input" in r.output
+
+
+def test_zarr_input_streams_layer_by_layer_with_engine_stream(data, tmp_path):
+    """``--engine stream`` on a Zarr input streams in this process (it used to run tiles silently): the output equals
+    the stream of the same voxels read from NIfTI, and the block runners refuse it in one line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from models import stream_unet
+    from volinfer.cli import main
+
+    import openvino as ov
+
+    _, _, vol = data
+    xml = tmp_path / "s.xml"
+    m = stream_unet()
+    m.set_rt_info("4", ["volinfer", "size_multiple"])
+    ov.save_model(m, str(xml))
+    nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.9, 1.1, 1.0])), tmp_path / "v.nii")
+    nifti_to_zarr(tmp_path / "v.nii", tmp_path / "v.zarr", chunks=16)
+    opts = ["-m", str(xml), "--engine", "stream", "--precision", "f32", "--kind", "raw", "--json", "-q"]
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "v.zarr"), "-o", str(tmp_path / "z.nii"), *opts])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["engine"] == "stream"
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "v.nii"), "-o", str(tmp_path / "n.nii"), *opts])
+    assert r.exit_code == 0, r.output
+    a, b = nib.load(tmp_path / "z.nii").get_fdata(), nib.load(tmp_path / "n.nii").get_fdata()
+    assert a.shape == b.shape and np.array_equal(a, b)
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "v.zarr"), "-o", str(tmp_path / "w.zarr"), *opts,
+                                  "--workers", "2"])
+    assert r.exit_code != 0 and "--engine stream runs in this process" in r.output
+    assert not (tmp_path / "w.zarr").exists()

@@ -96,9 +96,9 @@ def _scenarios(tmp, xml, monkeypatch):
         "interrupt mid-run nii.gz": failing("v.nii.gz", "i.nii.gz", NiftiWriter, KeyboardInterrupt),
         "interrupt mid-run zarr": failing("v.nii", "i.zarr", ZarrWriter, KeyboardInterrupt),
         "resume nii.gz": ok("v.nii.gz", "i.nii.gz", resume=True),
-        "to-zarr": lambda: volinfer.io.zarr_io.nifti_to_zarr(tmp / "v.nii.gz", tmp / "c.zarr", chunks=16,
+        "to-zarr": lambda: volinfer.io.zarr_convert.nifti_to_zarr(tmp / "v.nii.gz", tmp / "c.zarr", chunks=16,
                                                           overwrite=True),
-        "to-nifti": lambda: (tmp / "c.nii.gz").unlink(missing_ok=True) or volinfer.io.zarr_io.zarr_to_nifti(
+        "to-nifti": lambda: (tmp / "c.nii.gz").unlink(missing_ok=True) or volinfer.io.zarr_convert.zarr_to_nifti(
             tmp / "c.zarr", tmp / "c.nii.gz"),
     }
 
@@ -115,7 +115,7 @@ def _run_all(scenarios) -> dict[str, str]:
 
 
 def test_no_descriptor_thread_or_temporary_file_left_by_runs_that_succeed_or_fail(env, monkeypatch):
-    import volinfer.io.zarr_io  # noqa: F401
+    import volinfer.io.zarr_convert  # noqa: F401
 
     tmp, xml = env
     scenarios = _scenarios(tmp, xml, monkeypatch)
@@ -151,7 +151,7 @@ def test_dask_cluster_runs_release_everything(env):
     """A Zarr run on a local Dask cluster (one worker), succeeding and failing: no descriptor or thread is left."""
     pytest.importorskip("dask.distributed")
     from volinfer.run.distributed import run_zarr
-    from volinfer.io.zarr_io import nifti_to_zarr
+    from volinfer.io.zarr_convert import nifti_to_zarr
 
     tmp, xml = env
     nifti_to_zarr(tmp / "v.nii", tmp / "in.zarr", chunks=16)

@@ -1,4 +1,4 @@
-""".nii.gz output compressed while the run goes (volinfer.io.writer.GzipStreamer) and gzip through ISA-L or the
+""".nii.gz output compressed while the run goes (volinfer.io.gzip_writer.GzipStreamer) and gzip through ISA-L or the
 standard library (volinfer.io.gzipio): exact bytes, valid files from both libraries, resumable failures."""
 
 import errno
@@ -14,6 +14,7 @@ from models import save_unet2
 
 from volinfer import VolinferError, predict
 from volinfer.io import gzipio
+from volinfer.io import gzip_writer as G
 from volinfer.io import writer as W
 from volinfer.errors import Interrupted
 from volinfer.io.journal import ResumableError
@@ -26,7 +27,7 @@ RUN = dict(tile=32, overlap=24, kind="raw")  # two float32 channels: two compres
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     """A small int16 volume, the tiny U-Net as IR, and slabs small enough that every run streams many of them."""
-    monkeypatch.setattr(W, "SLAB_BYTES", 3000)  # not a multiple of a plane: slabs straddle rows
+    monkeypatch.setattr(G, "SLAB_BYTES", 3000)  # not a multiple of a plane: slabs straddle rows
     vol = tmp_path / "vol.nii.gz"
     data = np.random.default_rng(5).integers(0, 400, (36, 28, 70)).astype(np.int16)
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(vol))
@@ -37,7 +38,7 @@ def _streamers(monkeypatch):
     """Record every GzipStreamer made, and make each sync() wait until the background thread has compressed all
     that the sync made final (so that what the tests check does not depend on thread scheduling). Returns the
     streamers and, per sync, the bytes of each part compressed by then."""
-    made, progress, real_init, real_sync = [], [], W.GzipStreamer.__init__, W.NiftiWriter.sync
+    made, progress, real_init, real_sync = [], [], G.GzipStreamer.__init__, W.NiftiWriter.sync
 
     def init(self, *a, **k):
         real_init(self, *a, **k)
@@ -52,7 +53,7 @@ def _streamers(monkeypatch):
         if gz is not None:
             progress.append([p.pos - p.start for p in gz._parts])
 
-    monkeypatch.setattr(W.GzipStreamer, "__init__", init)
+    monkeypatch.setattr(G.GzipStreamer, "__init__", init)
     monkeypatch.setattr(W.NiftiWriter, "sync", sync)
     return made, progress
 
@@ -119,7 +120,7 @@ def test_compression_failure_mid_run_is_resumable(env, monkeypatch):
     tmp, vol, xml = env
     out = tmp / "out.nii.gz"
     _streamers(monkeypatch)
-    real, calls = W.GzipStreamer._compress_slab, [0]
+    real, calls = G.GzipStreamer._compress_slab, [0]
 
     def slab(self, part):
         calls[0] += 1
@@ -127,7 +128,7 @@ def test_compression_failure_mid_run_is_resumable(env, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self, part)
 
-    monkeypatch.setattr(W.GzipStreamer, "_compress_slab", slab)
+    monkeypatch.setattr(G.GzipStreamer, "_compress_slab", slab)
     with pytest.raises(ResumableError, match="No space left.*--resume"):
         predict(vol, xml, out, **RUN)
     journal = json.loads((tmp / ".out.nii.gz.partial.json").read_text())
@@ -150,25 +151,25 @@ def test_parts_on_several_threads_give_the_same_bytes_as_one(tmp_path, monkeypat
     import threading
 
     monkeypatch.setattr(gzipio, "BACKEND", backend)
-    monkeypatch.setattr(W, "SLAB_BYTES", 1000)
+    monkeypatch.setattr(G, "SLAB_BYTES", 1000)
     rng = np.random.default_rng(7)
     data = (rng.integers(0, 4, 23_456, dtype=np.uint8) * 50).tobytes()  # compressible, not trivially
     src = tmp_path / "src.bin"
     src.write_bytes(data)
     cuts = [0, 348, 5000, 17_001, 17_001, len(data)]
     ranges = list(zip(cuts[:-1], cuts[1:]))
-    real, who = W.GzipStreamer._compress_slab, set()
+    real, who = G.GzipStreamer._compress_slab, set()
 
     def slab(self, part):
         who.add(threading.current_thread().name)
         real(self, part)
 
-    monkeypatch.setattr(W.GzipStreamer, "_compress_slab", slab)
+    monkeypatch.setattr(G.GzipStreamer, "_compress_slab", slab)
     outs = []
     for threads in (1, 2, 3):
         who.clear()
         out = tmp_path / f"out{threads}.gz"
-        gz = W.GzipStreamer(src, out, ranges, [tmp_path / f"p{threads}.{i}" for i in range(1, len(ranges))],
+        gz = G.GzipStreamer(src, out, ranges, [tmp_path / f"p{threads}.{i}" for i in range(1, len(ranges))],
                             threads=threads)
         for frac in (0.1, 0.45, 0.8):
             gz.advance([a + int((b - a) * frac) for a, b in ranges])

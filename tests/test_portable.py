@@ -152,7 +152,7 @@ def test_seek_fallback_writes_and_reserve_without_fallocate(tmp_path, fallbacks)
 
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="compares with /proc (Linux)")
 def test_memory_fallbacks(monkeypatch):
-    from volinfer.run.engine import peak_rss_mb
+    from volinfer.run.report import peak_rss_mb
 
     native = portable.peak_rss_mb()
     assert native > 10 and abs(portable.memory_status()["peak_mb"] - native) < 0.2 * native + 20

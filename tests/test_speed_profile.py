@@ -16,7 +16,7 @@ from models import tiny_unet
 from volinfer.model import speed_profile as sp
 from volinfer.model.receptive_field import ReceptiveField
 from volinfer.model.settings import ModelSettings
-from volinfer.run.fidelity import plan_exact
+from volinfer.run.fidelity import TilingProblem, plan_exact
 
 
 def _profile(points, precision="bf16", cpu="Test CPU", device="CPU"):
@@ -80,7 +80,7 @@ _ARGS = dict(shape=(200, 200, 200), multiple=8, rf=ReceptiveField((8, 8, 8), Tru
 
 def _plan(voxel_cost=None):
     weighed = []
-    best = plan_exact(**_ARGS, weighed=weighed, voxel_cost=voxel_cost)
+    best = plan_exact(TilingProblem(**_ARGS, voxel_cost=voxel_cost), weighed)
     return best, weighed
 
 

@@ -213,7 +213,7 @@ def test_bands_along_y_when_the_cross_section_does_not_fit(tmp_path):
     """A --max-memory below the whole cross-section's need: the stream runs in bands of y rows whose margins cover
     the (measured) receptive field, and the output matches whole-volume inference to the tiling deviation."""
     from volinfer.model.tile_model import CompileOptions, TileModel
-    from volinfer.run.fidelity import RUNTIME_FLOOR_MB, weights_mb
+    from volinfer.model.memory import RUNTIME_FLOOR_MB, weights_mb
     from volinfer.run.stream import plan_stream
 
     path = tmp_path / "wide.xml"

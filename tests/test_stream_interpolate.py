@@ -21,7 +21,7 @@ import volinfer.run.stream as stream
 from volinfer.errors import VolinferError
 from volinfer.model.stream_graph import InterpWindow, analyse
 from volinfer.model.tile_model import CompileOptions, TileModel
-from volinfer.run.fidelity import RUNTIME_FLOOR_MB, weights_mb
+from volinfer.model.memory import RUNTIME_FLOOR_MB, weights_mb
 from volinfer.run.setup import run_multiple
 from volinfer.run.stream import plan_stream
 

@@ -227,12 +227,12 @@ def test_planner_does_not_buy_statistics_passes():
     memory budget and needs none (a MONAI UNet at 256³: 8 tiles plus 13 passes ran 10x longer than one tile); a
     budget below that one tile still gets a multi-tile plan within it."""
     from volinfer.model.receptive_field import ReceptiveField
-    from volinfer.run.fidelity import plan_exact
+    from volinfer.run.fidelity import TilingProblem, plan_exact
 
     args = ((256, 256, 256), 8, ReceptiveField((47, 47, 47), True), (64, 64, 64), 60.0, 1.0)
-    one = plan_exact(*args, budget_mb=4000, norm_layers=13, global_ops=False, whole_stats=True)
+    one = plan_exact(TilingProblem(*args, budget_mb=4000, norm_layers=13, global_ops=False, whole_stats=True))
     assert one.counts == (1, 1, 1) and one.norm_passes == 0
-    plain = plan_exact(*args, budget_mb=700, norm_layers=0, global_ops=False, whole_stats=True)
+    plain = plan_exact(TilingProblem(*args, budget_mb=700, norm_layers=0, global_ops=False, whole_stats=True))
     assert plain.memory_mb <= 700 and plain.counts != (1, 1, 1)
 
 

@@ -25,6 +25,7 @@ from volinfer import api, portable, predict
 from volinfer.errors import VolinferError
 from volinfer.io import plane_store
 from volinfer.io.plane_store import SPILL_MARK, PlaneFile, PlaneStore, PlaneWindow, remove_stale, spill_location
+from volinfer.model.memory import RUNTIME_FLOOR_MB, weights_mb
 from volinfer.model.tile_model import TileModel
 
 
@@ -126,8 +127,6 @@ def test_spill_forced_by_a_small_budget(models, monkeypatch, tmp_path):
     shape = (40, 36, 120)
     plain, spilled = _plans(path, shape)
     assert spilled.memory_mb < plain.memory_mb and spilled.spill
-    from volinfer.run.fidelity import RUNTIME_FLOOR_MB, weights_mb
-
     fixed = RUNTIME_FLOOR_MB + weights_mb(ov.Core().read_model(str(path)))
     budget = fixed + (plain.memory_mb + spilled.memory_mb) / 2
     vol = _volume(shape, seed=5)
@@ -146,8 +145,6 @@ def test_spill_forced_by_a_small_budget(models, monkeypatch, tmp_path):
 def test_spill_in_bands_of_rows(forced, tmp_path):
     """A budget below even the spilled whole cross-section: bands of y rows, each band spilling its own skip
     connections (files closed band by band); the output matches whole-volume inference to the tiling deviation."""
-    from volinfer.run.fidelity import RUNTIME_FLOOR_MB, weights_mb
-
     path = tmp_path / "wide.xml"
     ov.save_model(stream_unet(seed=10), str(path))
     shape = (28, 150, 60)

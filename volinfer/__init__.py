@@ -1,7 +1,7 @@
 """volinfer: stream huge 3D volumes through OpenVINO models tile by tile, with nearly flat peak RAM.
 
 Data flow, one module each: :mod:`~volinfer.io.reader` (read lazily) → :mod:`~volinfer.tiling.geometry` (where tiles go) →
-:mod:`~volinfer.tiling.feeder` (tile input) → :mod:`~volinfer.model.tile_model` / :mod:`~volinfer.run.engine` (infer) →
+:mod:`~volinfer.run.feeder` (tile input) → :mod:`~volinfer.model.tile_model` / :mod:`~volinfer.run.engine` (infer) →
 :mod:`~volinfer.tiling.stitch` (combine) → :mod:`~volinfer.run.postprocess` → :mod:`~volinfer.io.writer` (write as it goes).
 """
 
@@ -9,7 +9,6 @@ import os as _os
 import signal as _signal
 import sys as _sys
 import threading as _threading
-from importlib.metadata import PackageNotFoundError, version
 
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:
@@ -26,13 +25,9 @@ _STARTING_CLI = (_threading.current_thread() is _threading.main_thread()
 if _STARTING_CLI and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
     _signal.signal(_signal.SIGINT, _interrupted_while_starting)
 
-try:
-    __version__ = version("volinfer")
-except PackageNotFoundError:  # running from a source tree without installing
-    __version__ = "0.0.0+src"
-
+from volinfer.version import __version__  # noqa: E402
 from volinfer.api import predict  # noqa: E402
-from volinfer.run.engine import RunReport  # noqa: E402
+from volinfer.run.report import RunReport  # noqa: E402
 from volinfer.errors import VolinferError  # noqa: E402
 from volinfer.model.tile_model import CompileOptions, TileModel  # noqa: E402
 from volinfer.model.settings import ModelSettings  # noqa: E402

@@ -10,28 +10,36 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volinfer import __version__
-from volinfer.run.engine import RunReport, peak_rss_mb, run_tiles
-from volinfer.errors import Interrupted, VolinferError
+from volinfer.run.engine import TileJob, run_tiles
+from volinfer.run.report import RunReport, peak_rss_mb
+from volinfer.errors import Interrupted, VolinferError, strip_path
 from volinfer.io.batch_record import BatchRecord, check_unique
-from volinfer.io.journal import Journal, ResumableError, content_bytes_hash, file_identity, model_identity
+from volinfer.io.journal import Journal
 from volinfer.io.plane_store import remove_stale, spill_location
-from volinfer.model.tile_model import CompileOptions, TileModel
+from volinfer.model.tile_model import TileModel
 from volinfer.io.reader import VolumeSource
 from volinfer.io.ome import geometry_from_nifti
-from volinfer.io.sources import input_files, is_tiff_output, open_paths
+from volinfer.io.formats import is_tiff_output, is_zarr, is_zarr_output
+from volinfer.io.sources import input_files
 from volinfer.io.tiff_io import TiffWriter
-from volinfer.run.settings import RunSettings, parse_mirror  # noqa: F401  (parse_mirror: re-exported)
+from volinfer.run.settings import RunSettings
 from volinfer.run.norm_stats import fit_norm_statistics
 from volinfer.run.model_grid import ModelGrid, plan_model_grid, run_on_model_grid, settings_for_model_grid
-from volinfer.tiling.feeder import TileFeeder
-from volinfer.run.setup import (TilingChoice, RunSetup, choose_stream, guard_for, make_normalizer, needs_norm_passes,
-                                overlap_for, plan_tiling, resolve, scan_input, stream_verdict, verdict)
+from volinfer.run.feeder import TileFeeder
+from volinfer.run.fidelity import Fidelity
+from volinfer.run.setup import (InputScan, TilingChoice, RunSetup, guard_for, make_normalizer, needs_norm_passes, resolve,
+                                scan_input, stream_verdict, verdict)
 from volinfer.run.stream import band_reader, prepare_spill, run_stream
+from volinfer.run import pipeline
+from volinfer.run.pipeline import JournaledOutput, fingerprint_options, open_source, run_fingerprint
 from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
-from volinfer.io.writer import ArrayWriter, NiftiWriter
-from volinfer.io.zarr_writer import ZarrWriter, check_any_output, is_zarr_output
+from volinfer.io.writer import ArrayWriter, NiftiWriter, check_any_output
+from volinfer.io.zarr_writer import ZarrWriter, store_spec
+from volinfer.tiling.stitch import make_stitcher
+from volinfer.io.zarr_writer import row_planes
+from volinfer.run.distributed import run_zarr
+from volinfer.io.journal import journal_path
 
 Overlap = float | int | str | Sequence[float | int] | None
 
@@ -41,43 +49,6 @@ def _row_done(writer: Any, journal: Journal, row: int, rows: int) -> None:
     may claim fewer rows: those whose planes are all in the store)."""
     writer.sync()
     journal.update(writer.durable_row(row) if isinstance(writer, ZarrWriter) else row, rows)
-
-
-def run_fingerprint(in_paths: Sequence[Path], model_path: Path | None, options: dict[str, Any],
-                    setup: RunSetup | None = None, header: Any = None) -> dict[str, Any]:
-    """What makes a run's output what it is: inputs and model by content, and every setting that changes it. With
-    ``setup`` carrying the pre-pass's voxel digests, the inputs are those digests plus the header (no extra pass);
-    otherwise each input file or store is hashed here."""
-    if setup is not None and setup.digests is not None:
-        head = getattr(header, "binaryblock", None)
-        inputs: Any = {"voxels": setup.digests,
-                       "header": content_bytes_hash(bytes(head)) if head is not None else None}
-    else:
-        inputs = [file_identity(p) for p in in_paths]
-    return {"volinfer": __version__, "inputs": inputs,
-            "model": model_identity(model_path) if model_path else None, "options": options}
-
-
-def _discard(writer: Any, journal: Journal | None) -> None:
-    """Remove what this run wrote (temporary file, journal). Nothing when no writer was made yet: a journal there
-    belongs to an earlier interrupted run and must survive a refused or interrupted resume."""
-    if isinstance(writer, (NiftiWriter, ZarrWriter)):  # TiffWriter is a NiftiWriter
-        writer.abort()
-        if journal is not None:
-            journal.remove()
-
-
-def open_source(volume: Any, depth: int, channel_axis: int | None = None) -> VolumeSource:
-    """The volume as a :class:`VolumeSource` in ``(x, y, z)`` order with its affine: an array, or files of any
-    format a reader in :mod:`volinfer.io` handles (picked by :func:`volinfer.io.sources.open_paths`)."""
-    if isinstance(volume, VolumeSource):
-        return volume
-    if isinstance(volume, np.ndarray):
-        return VolumeSource.from_array(volume, channel_axis)
-    paths = [volume] if isinstance(volume, (str, os.PathLike)) else list(volume)
-    if not paths:
-        raise VolinferError("no input volume given")
-    return open_paths(paths, depth)
 
 
 def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.PathLike | None = None,
@@ -148,20 +119,20 @@ class _Run:
     s: RunSettings
     output: Path | None
     in_paths: list[Path]
-    lock: Any = None
-    scan: Any = None  # the pre-pass's findings (volinfer.run.setup.InputScan), made before planning
-    tm: Any = None
-    choice: Any = None
-    source: Any = None
-    overlap: Any = None
-    setup: Any = None
-    passes: int = 0
-    fidelity: Any = None
+    lock: OutputLock | None = None
+    scan: InputScan | None = None  # the pre-pass's findings, made before planning
+    tm: TileModel | None = None  # the model at the planned tile (compiled unless the run streams)
+    choice: TilingChoice | None = None  # the planner's decision
+    source: VolumeSource | None = None
+    overlap: list[float] | None = None
+    setup: RunSetup | None = None  # the settings resolved against the model and the volume
+    passes: int = 0  # streamed normalisation-statistics passes made
+    fidelity: Fidelity | None = None  # the exact / not exact verdict
     journal: Journal | None = None
-    writer: Any = None
+    writer: NiftiWriter | ZarrWriter | ArrayWriter | None = None
     start_row: int = 0
     counts: tuple[float, int, int] = (0.0, 0, 0)  # busy seconds, tiles run, constant tiles reused
-    result: Any = None
+    result: np.ndarray | Path | None = None  # the array (no output file) or what the writer committed
     grid_notes: list[str] = field(default_factory=list)  # what the model's grid step said (volinfer.run.model_grid)
 
     @property
@@ -226,9 +197,10 @@ def _final_writer(run: _Run, source: VolumeSource, channels: int, dtype: np.dtyp
         return _ArrayResult(source.shape, channels, dtype), dtype
     if is_zarr_output(output):
         z = _zarr_settings(output, o.zarr_output())["zarr"]
-        return ZarrWriter(output, source.shape, channels, dtype, geometry_from_nifti(source.header, source.affine),
-                          row_planes=[0, source.shape[2]], kind=o.kind, chunks=z["chunks"], pyramid=z["pyramid"],
-                          compression=z["compression"], overwrite=run.s.overwrite), dtype
+        spec = store_spec(o.kind, geometry_from_nifti(source.header, source.affine), z["chunks"], z["pyramid"],
+                          z["compression"])
+        return ZarrWriter(output, source.shape, channels, dtype, spec, row_planes=[0, source.shape[2]],
+                          overwrite=run.s.overwrite), dtype
     if is_tiff_output(output):
         voxel = np.linalg.norm(np.asarray(source.affine)[:3, :3], axis=0)
         return TiffWriter(output, source.shape, channels, dtype, voxel_mm=tuple(voxel)), dtype
@@ -254,29 +226,18 @@ def _lock_output(run: _Run) -> None:
 
 
 def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
-    """The planned tiling, the model at its tile (compiled unless it streams), and the opened volume."""
-    t = run.s.tiling
+    """The run's plan (:func:`volinfer.run.pipeline.plan`), the model at its tile (compiled unless it streams),
+    and the opened volume."""
     shape, n_channels = _volume_shape(volume, run.s.input.channel_axis)
     if n_channels != handle.in_channels:
         raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
     handle = _scan_input(run, volume, handle)  # before planning: the precision guard decides from it
-    run.choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
-                             norm_stats=t.norm_stats, mirror=bool(t.mirror))
-    choose_stream(handle, shape, run.choice, run.s, banded=run.output is None or not is_zarr_output(run.output))
+    planned = pipeline.plan(handle, shape, run.s, banded=run.output is None or not is_zarr_output(run.output))
+    run.choice, run.overlap = planned.choice, planned.overlap
     if run.stream is not None:  # spill: files beside the output, disk space checked before any work
         prepare_spill(run.stream, run.output)
-    if run.stream is not None:  # rows of output planes over bands of the padded cross-section; nothing compiled whole
-        sp = run.stream
-        run.choice.tile, run.choice.overlap = (sp.padded[0], sp.band, sp.out_planes), (0, 2 * sp.margin, 0)
-        run.tm = handle.at(run.choice.tile, compile=False)
-    else:
-        run.tm = handle.at(run.choice.tile)
-    run.overlap = t.overlap
-    if t.overlap is None and run.choice.overlap is None:
-        run.overlap = overlap_for(run.choice, run.tm)
-    if run.choice.overlap is not None:
-        run.overlap = list(run.choice.overlap)
+    run.tm = planned.model if planned.stream is not None else planned.model.at(planned.model.tile)
     run.source = open_source(volume, run.tm.tile[2], run.s.input.channel_axis)
 
 
@@ -295,10 +256,11 @@ def _scan_input(run: _Run, volume: Any, handle: TileModel) -> TileModel:
 
 
 def _execute(run: _Run) -> None:
-    """Resolve, pre-pass, open the writer and run the tiles; on failure keep a resumable output or discard it."""
-    try:
+    """Resolve, pre-pass, open the writer and run the tiles; on failure keep a resumable output or discard it
+    (:class:`volinfer.run.pipeline.JournaledOutput`)."""
+    with JournaledOutput(run.output) as out:
         _resolve(run)
-        _open_writer(run)
+        _open_writer(run, out)
         _run_tiles(run)
         if run.output is not None:
             rows = run.setup.grid.axes[2].count
@@ -306,18 +268,6 @@ def _execute(run: _Run) -> None:
         run.result = run.writer.commit() if run.output is not None else run.writer.result()
         if run.output is not None:
             run.journal.remove()  # type: ignore[union-attr]
-    except (KeyboardInterrupt, ResumableError) as e:
-        if isinstance(run.writer, (NiftiWriter, ZarrWriter)) and run.journal is not None and run.journal.exists():
-            run.writer.close_for_resume()
-            if isinstance(e, ResumableError):
-                raise
-            raise Interrupted(f"partial output kept beside {run.output}; run the same command with --resume to "
-                              f"continue") from None
-        _discard(run.writer, run.journal)
-        raise
-    except BaseException:
-        _discard(run.writer, run.journal)
-        raise
 
 
 def _resolve(run: _Run) -> None:
@@ -339,18 +289,12 @@ def _resolve(run: _Run) -> None:
 
 def _fingerprint_options(run: _Run) -> dict[str, Any]:
     """Every setting that changes a file output, as the journal records it."""
-    s, t, o, tm, setup = run.s, run.s.tiling, run.s.output, run.tm, run.setup
-    return dict(
-        tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=setup.overlap, stitch=setup.stitch,
-        sigma=t.sigma, pad_mode=t.pad_mode, kind=o.kind, activation=setup.activation, channels=setup.spec.channels,
-        threshold=o.threshold, dtype=str(setup.spec.dtype), normalization=setup.normalizer.describe(),
-        nan_value=s.input.nan_value, device=tm.options.device, precision=tm.precision,
-        reuse_constant=t.reuse_constant, norm_stats=run.choice.norm_stats, norm_passes=run.passes, mirror=t.mirror,
-        engine="stream" if run.stream is not None else "tiles",
-        **_zarr_settings(run.output, o.zarr_output()))
+    return fingerprint_options(run.s, run.tm, run.setup, norm_stats=run.choice.norm_stats, norm_passes=run.passes,
+                               engine="stream" if run.stream is not None else "tiles",
+                               **_zarr_settings(run.output, run.s.output.zarr_output()))
 
 
-def _open_writer(run: _Run) -> None:
+def _open_writer(run: _Run, out: JournaledOutput) -> None:
     """An in-memory array, or a NIfTI/Zarr file output with its journal (resumed where it stopped)."""
     setup, source, output = run.setup, run.source, run.output
     spec = setup.spec
@@ -364,8 +308,7 @@ def _open_writer(run: _Run) -> None:
     if run.s.resume:
         run.start_row = run.journal.resume_row()
     if is_zarr_output(output):
-        run.writer = _zarr_writer(output, source, spec, setup.grid, run.s.output.kind, run.s.output.zarr_output(),
-                                  run.s.overwrite, run.s.resume, run.start_row)
+        run.writer = _zarr_writer(run)
     elif is_tiff_output(output):
         voxel = np.linalg.norm(np.asarray(source.affine if source.affine is not None else np.eye(4))[:3, :3], axis=0)
         run.writer = TiffWriter(output, source.shape, spec.out_channels, spec.dtype, voxel_mm=tuple(voxel),
@@ -373,6 +316,7 @@ def _open_writer(run: _Run) -> None:
     else:
         run.writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header,
                                  source.affine, resume=run.s.resume)
+    out.writer, out.journal = run.writer, run.journal
     run.journal.update(run.start_row, setup.grid.axes[2].count)
 
 
@@ -391,11 +335,11 @@ def _run_tiles(run: _Run) -> None:
                                  progress=run.s.progress, start_row=run.start_row, on_row_done=on_row_done)
         run.counts = (busy, calls, 0)
         return
-    run.counts = run_tiles(run.source, run.tm, setup.spec, run.writer, grid=setup.grid, stitch=setup.stitch,
-                           normalizer=setup.normalizer, sigma=t.sigma, pad_mode=t.pad_mode,
-                           requests=run.s.runtime.requests, progress=run.s.progress, reuse_constant=t.reuse_constant,
-                           nan_fill=setup.nan_fill, start_row=run.start_row, on_row_done=on_row_done,
-                           mirror=t.mirror)
+    job = TileJob(setup.grid, setup.normalizer, pad_mode=t.pad_mode, requests=run.s.runtime.requests,
+                  reuse_constant=t.reuse_constant, nan_fill=setup.nan_fill, mirror=t.mirror)
+    stitcher = make_stitcher(setup.grid, setup.spec, run.writer, setup.stitch, t.sigma)
+    run.counts = run_tiles(run.source, run.tm, stitcher, job, start_row=run.start_row, on_row_done=on_row_done,
+                           progress=run.s.progress)
 
 
 def _report(run: _Run, wall_s: float) -> RunReport:
@@ -447,15 +391,15 @@ def _zarr_settings(output: Any, zarr_output: dict[str, Any] | None) -> dict[str,
     return {"zarr": {k: z[k] for k in ("chunks", "compression", "pyramid")}}
 
 
-def _zarr_writer(output: Any, source: VolumeSource, spec: Any, grid: Any, kind: str, zarr_output: Any,
-                 overwrite: bool, resume: bool, start_row: int) -> "ZarrWriter":
-    from volinfer.io.zarr_writer import row_planes
-
-    z = _zarr_settings(output, zarr_output)["zarr"]
-    return ZarrWriter(output, source.shape, spec.out_channels, spec.dtype,
-                      geometry_from_nifti(source.header, source.affine), row_planes=row_planes(grid), kind=kind,
-                      chunks=z["chunks"], pyramid=z["pyramid"], compression=z["compression"], overwrite=overwrite,
-                      resume=resume, start_row=start_row)
+def _zarr_writer(run: _Run) -> "ZarrWriter":
+    """The run's Zarr output, written row by row as the engine finishes them (resumed at ``run.start_row``)."""
+    source, spec, o = run.source, run.setup.spec, run.s.output
+    z = _zarr_settings(run.output, o.zarr_output())["zarr"]
+    layout = store_spec(o.kind, geometry_from_nifti(source.header, source.affine), z["chunks"], z["pyramid"],
+                        z["compression"])
+    return ZarrWriter(run.output, source.shape, spec.out_channels, spec.dtype, layout,  # type: ignore[arg-type]
+                      row_planes=row_planes(run.setup.grid), overwrite=run.s.overwrite,
+                      resume_row=run.start_row if run.s.resume else None)
 
 
 def _volume_shape(volume: Any, channel_axis: int | None) -> tuple[tuple[int, int, int], int]:
@@ -530,13 +474,14 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
     """What ``volinfer run`` does with its inputs: a Zarr input block by block (:func:`volinfer.run.distributed.run_zarr`),
     one NIfTI volume (:func:`predict`), or a batch (one directory or glob of NIfTI files into a directory output,
     :func:`run_batch`). ``note`` is added to every report; ``notify`` receives the batch's per-volume lines."""
-    from volinfer.io.zarr_io import is_zarr
-
     if any(is_zarr(p) for p in inputs):
         if len(inputs) != 1:
             raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
-        from volinfer.run.distributed import run_zarr
-
+        if settings.tiling.engine == "stream":  # layer streaming runs in this process, like a NIfTI input
+            if blocks.scheduler or blocks.workers:
+                raise VolinferError("--engine stream runs in this process; --scheduler/--workers run Zarr blocks "
+                                    "tile by tile (drop one of them)")
+            return _with_note(predict(list(inputs), model, output, settings), note)
         if _zarr_needs_model_grid(inputs[0], model, settings, blocks):
             return _with_note(predict(list(inputs), model, output, settings), note)
         return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
@@ -600,9 +545,6 @@ def run_batch(batch: list[Path], tm: TileModel, output: Path, settings: RunSetti
     output from this input with these settings (:mod:`volinfer.io.batch_record`). ``notify`` (if given) receives
     one line per volume."""
     from dataclasses import replace
-
-    from volinfer.cliutil import strip_path
-    from volinfer.io.journal import journal_path
 
     if output.exists() and not output.is_dir():
         raise VolinferError(f"{output}: batch output must be a directory")

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from volinfer import __version__
+from volinfer.version import __version__
 from volinfer import validate as V
-from volinfer.cliutil import (SIZE, TILES, emit, friendly_errors, note, output_options, parse_tile, progress_bar,
+from volinfer.cliutil import (SIZE, TILES, emit, friendly_errors, note, output_options, progress_bar,
                       runtime_options)
+from converters.cli import convert
+from volinfer import options
+from volinfer.api import BlockSettings, run_any
+from volinfer.bench.cli import bench
+from volinfer.demo import run_demo
+from volinfer.describe import describe_model, info_text
 from volinfer.errors import VolinferError
+from volinfer.io.zarr_convert import nifti_to_zarr, zarr_to_nifti
+from volinfer.io.zarr_io import open_zarr_array
+from volinfer.io.formats import is_zarr_output
+from volinfer.run.plan import plan_run
+from volinfer.run.settings import from_cli, output_float_dtype
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -80,7 +90,7 @@ def main() -> None:
               "with --activation none).")
 @click.option("--float16", "float16", is_flag=True, help="Write probabilities as float16 (Zarr outputs; NIfTI has "
               "no float16 type, so NIfTI outputs get float32 and the summary says so).")
-@click.option("--normalize", type=V.NORMALIZE, help="Intensity normalisation: none, zscore, minmax, "
+@click.option("--normalize", type=options.NORMALIZE, help="Intensity normalisation: none, zscore, minmax, "
               "percentile:LO:HI (0 <= LO < HI <= 100, default 0.5:99.5), scale:A:B (x * A + B; finite, A != 0). "
               "Default: stored in the model, else none.")
 @click.option("--output-name", help="Which model output to use (name or index) when there are several.")
@@ -106,7 +116,7 @@ def main() -> None:
 @click.option("--pyramid", type=click.IntRange(0, 16), default=0, show_default=True,
               help="Zarr outputs: also write this many OME-Zarr levels, each half the previous along z, y, x "
               "(nearest for labels, mean otherwise), as blocks complete.")
-@click.option("--max-memory", type=V.MEMORY, help="Peak RAM budget for the plan (e.g. 600M, 2G; > 0; default a "
+@click.option("--max-memory", type=options.MEMORY, help="Peak RAM budget for the plan (e.g. 600M, 2G; > 0; default a "
               "quarter of the machine's RAM or cgroup limit, never of the memory free now): the fastest exact plan "
               "within it runs, else the run says it is not exact.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command) from its last finished "
@@ -123,9 +133,6 @@ def run(**params: Any) -> None:
     Batch: give one directory or glob (quoted) as INPUTS and a directory as OUTPUT; each volume is written to
     OUTPUT/<its file name>, the model is compiled once, and a failing volume does not stop the others.
     """
-    from volinfer.api import BlockSettings, run_any
-    from volinfer.run.settings import from_cli, output_float_dtype
-    from volinfer.io.zarr_writer import is_zarr_output
 
     inputs, output, quiet, as_json = params["inputs"], params["output"], params["quiet"], params["as_json"]
     prob_dtype, dtype_note = output_float_dtype(params["float16"], params["kind"], zarr=is_zarr_output(output))
@@ -147,7 +154,7 @@ def run(**params: Any) -> None:
               "run's own planning, fidelity first; the plan lists the tilings it weighed.")
 @click.option("--tiles", "tile_list", type=TILES, help="Several tile sizes to compare, comma-separated, each N or "
               "XxYxZ (e.g. 64,96,128x128x64).")
-@click.option("--max-memory", type=V.MEMORY, help="As for `run`: peak RAM budget for choosing the tile (e.g. 600M, "
+@click.option("--max-memory", type=options.MEMORY, help="As for `run`: peak RAM budget for choosing the tile (e.g. 600M, "
               "2G; > 0; default the runtime, the weights and 1 GiB, at most a quarter of the machine's RAM or cgroup "
               "limit).")
 @click.option("--norm-stats", type=click.Choice(["volume", "tile"]), help="As for `run`: InstanceNorm/GroupNorm "
@@ -176,8 +183,6 @@ def plan(**params: Any) -> None:
 
     import numpy as np
 
-    from volinfer.run.plan import plan_run
-    from volinfer.run.settings import from_cli
 
     quiet, as_json = params["quiet"], params["as_json"]
     settings = from_cli(params)
@@ -205,88 +210,6 @@ def info(model_path: Path, tile: str | None, no_measure: bool, quiet: bool, as_j
     emit(data, lambda: info_text(data), as_json=as_json, quiet=quiet)
 
 
-def describe_model(model_path: Path, tile: str | None, measure: bool) -> dict[str, Any]:
-    """What `volinfer info` reports about a model, as a dict (the ``--json`` output)."""
-    from volinfer.model.tile_model import TileModel, read_model
-    from volinfer.model.receptive_field import measure_receptive_field
-
-    raw = read_model(model_path)
-    data: dict[str, Any] = {
-        "model": str(model_path),
-        "inputs": [{"names": sorted(p.get_names()), "shape": str(p.get_partial_shape()),
-                    "type": p.get_element_type().get_type_name()} for p in raw.inputs],
-        "outputs": [{"names": sorted(p.get_names()), "shape": str(p.get_partial_shape()),
-                     "type": p.get_element_type().get_type_name()} for p in raw.outputs],
-    }
-    try:
-        tm = TileModel(model_path, tile=parse_tile(tile))
-    except VolinferError as e:
-        data["note"] = str(e)
-        return data
-    data.update(layout=tm.layout, in_channels=tm.in_channels, out_channels=tm.out_channels, tile=list(tm.tile),
-                size_multiple=tm.multiple)
-    data["settings"] = tm.settings.as_dict()
-    check = tm.settings.extra.get("tiling_check")
-    if isinstance(check, dict):  # tiled vs whole, measured by `volinfer convert` (volinfer.model.tiling_check)
-        data["tiling_check"] = check
-    data["speed"] = speed_text(tm)
-    if measure:
-        rf = measure_receptive_field(tm)
-        data["receptive_field"] = {"radius": list(rf.radius), "bounded": rf.bounded, "text": str(rf)}
-    from volinfer.model.activation import graph_activation
-    from volinfer.run.setup import model_norm_layers
-
-    layers, global_ops = model_norm_layers(tm)
-    data["normalization_layers"] = [f"{layer.kind} {layer.name}" for layer in layers]
-    data["final_activation"] = graph_activation(tm.model, tm.output_index, 1 if tm.layout == "NCDHW" else 4)
-    if layers:
-        data["note"] = (f"{len(layers)} InstanceNorm/GroupNorm layer(s): `volinfer run` freezes them to "
-                        f"whole-volume statistics (streamed passes) unless --norm-stats tile")
-    if global_ops:
-        data["warning"] = (f"spatial reductions volinfer cannot freeze ({', '.join(global_ops[:3])}): tiled runs "
-                           f"are exact only when one tile covers the volume")
-    return data
-
-
-def speed_text(tm: Any) -> str:
-    """The model's stored speed profile in words (``volinfer info``), or why there is none."""
-    from volinfer.model import speed_profile as sp
-
-    prof = sp.stored(tm.settings.extra)
-    if prof is None:
-        return str(tm.settings.extra.get(sp.NOTE_KEY) or "not measured (`volinfer convert` measures it)")
-    return prof.summary(here=sp.device_name(tm.core, tm.options.device))
-
-
-def info_text(data: dict[str, Any]) -> str:
-    """The human form of :func:`describe_model`'s dict."""
-    lines = [f"model        {data['model']}"]
-    for kind in ("inputs", "outputs"):
-        for p in data[kind]:
-            lines.append(f"{kind[:-1]:<12} {','.join(p['names']) or '-'}  {p['shape']}  {p['type']}")
-    for key in ("layout", "in_channels", "out_channels", "tile", "size_multiple"):
-        if key in data:
-            lines.append(f"{key:<12} {data[key]}")
-    if "receptive_field" in data:
-        lines.append(f"{'receptive':<12} radius {data['receptive_field']['text']} voxels (measured, f32)")
-    if "tiling_check" in data:
-        from volinfer.model.tiling_check import note
-
-        lines.append(f"{'tiling':<12} {note(data['tiling_check'])} (measured at convert)")
-    if data.get("speed"):
-        lines.append(f"{'speed':<12} {data['speed']}")
-    for k, v in (data.get("settings") or {}).items():
-        if k == "speed_profile" and data.get("speed"):
-            continue  # shown above, in words
-        lines.append(f"  stored {k}: {json.dumps(v) if not isinstance(v, str) else v}")
-    if "settings" in data and not data["settings"]:
-        lines.append("  (no volinfer settings stored; `volinfer convert` adds them)")
-    for key in ("warning", "note"):
-        if key in data:
-            lines.append(f"{key}: {data[key]}")
-    return "\n".join(lines)
-
-
 @main.command()
 @click.option("-o", "--output", "out_dir", default="volinfer-demo", show_default=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -301,7 +224,6 @@ def demo(out_dir: Path, legacy_out_dir: Path | None, size: list[int], device: st
          threads: int | None, quiet: bool, as_json: bool) -> None:
     """Generate a volume of bright blobs in noise, segment it with the built-in model, and report (with the Dice
     score against the generated ground truth)."""
-    from volinfer.demo import run_demo
 
     if legacy_out_dir is not None:
         note("--out-dir is now -o/--output", quiet=quiet or as_json)
@@ -346,7 +268,6 @@ def to_zarr(nifti: Path, legacy_output: Path | None, output: Path | None, chunks
     the whole affine kept for `to-nifti`."""
     import time
 
-    from volinfer.io.zarr_io import nifti_to_zarr, open_zarr_array
 
     out = resolve_output(legacy_output, output, quiet or as_json)
     refuse_existing(out, overwrite)
@@ -376,7 +297,6 @@ def to_nifti(zarr_path: Path, legacy_output: Path | None, output: Path | None, o
 
     import nibabel as nib
 
-    from volinfer.io.zarr_io import zarr_to_nifti
 
     out = resolve_output(legacy_output, output, quiet or as_json)
     refuse_existing(out, overwrite)
@@ -389,23 +309,8 @@ def to_nifti(zarr_path: Path, legacy_output: Path | None, output: Path | None, o
          as_json=as_json, quiet=quiet)
 
 
-def _register_optional() -> None:
-    """Subcommands whose code lives outside the engine (converters/, benchmarks/)."""
-    try:
-        from converters.cli import convert
-    except ImportError:  # converters package not installed alongside
-        return
-    main.add_command(convert)
-
-
-def _register_bench() -> None:
-    from volinfer.bench.cli import bench
-
-    main.add_command(bench)
-
-
-_register_optional()
-_register_bench()
+main.add_command(convert)
+main.add_command(bench)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,8 @@ _received: list[int] = []
 
 
 def _interrupted_while_starting() -> Any:
-    import volinfer
-
-    return getattr(volinfer, "_interrupted_while_starting", None)
+    """The package's start-up Ctrl-C handler (set while the command line imports), if it was installed."""
+    return getattr(sys.modules.get("volinfer"), "_interrupted_while_starting", None)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
@@ -93,16 +92,6 @@ def _fail(line: str, status: int) -> None:
     if status > 128 and watchdog.armed():
         watchdog.exit_now(status)
     sys.exit(status)
-
-
-def parse_tile(value: str | None) -> Any:
-    if not value or value.strip().lower() == "auto":
-        return None
-    try:
-        parts = [int(v) for v in value.lower().replace("x", ",").split(",")]
-    except ValueError:
-        raise VolinferError(f"--tile expects a size (128) or three sizes (128,128,64); got {value!r}") from None
-    return parts[0] if len(parts) == 1 else parts
 
 
 # ---- one convention for every command: shared options, output streams, progress ----
@@ -179,15 +168,6 @@ def _size(name: str, value: Any) -> list[int]:
 
 #: click type of ``--size``-like options (three whole numbers, parsed by :func:`validate.tile`).
 SIZE = V.Checked("size", _size)
-
-
-def strip_path(message: str, path: Any) -> str:
-    """``message`` without a leading ``"<path>: "``, and any further mention of the path shortened to its file name
-    (errors name their file; a line that already says which file failed should not say it twice)."""
-    prefix = f"{path}: "
-    message = message[len(prefix):] if message.startswith(prefix) else message
-    name = getattr(path, "name", None)
-    return message.replace(str(path), name) if name else message  # a library's own text may quote it again
 
 
 def _sizes(name: str, value: Any) -> list[list[int]]:

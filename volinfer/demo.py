@@ -19,6 +19,7 @@ import openvino.opset13 as ops
 
 from volinfer.io.writer import save_image
 from volinfer.model.settings import ModelSettings
+from volinfer.api import predict
 
 DEMO_MODEL = "demo_blobs.xml"
 THRESHOLD = 0.45  # normalised intensity between background (0) and blobs (0.9)
@@ -109,8 +110,6 @@ def run_demo(out_dir: Path, shape: tuple[int, int, int], *, device: str = "CPU",
              threads: int | None = None, progress: bool = False) -> Any:
     """Write the demo volume and its ground truth into ``out_dir``, segment it with the shipped model, and return
     the run report with the Dice score against the ground truth (``report.extra["dice"]``)."""
-    from volinfer.api import predict
-
     out_dir.mkdir(parents=True, exist_ok=True)
     vol_path, truth_path = write_demo_volume(out_dir / "demo_volume.nii.gz", shape)
     seg_path = out_dir / "demo_labels.nii.gz"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 
 class VolinferError(Exception):
@@ -33,3 +34,12 @@ def framework_message(error: BaseException, limit: int = 300) -> str:
         kept = [ln for ln in lines if ln][:1] or [type(error).__name__]
     text = " ".join(kept)
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+
+
+def strip_path(message: str, path: Any) -> str:
+    """``message`` without a leading ``"<path>: "``, and any further mention of the path shortened to its file name
+    (errors name their file; a line that already says which file failed should not say it twice)."""
+    prefix = f"{path}: "
+    message = message[len(prefix):] if message.startswith(prefix) else message
+    name = getattr(path, "name", None)
+    return message.replace(str(path), name) if name else message  # a library's own text may quote it again

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -513,3 +514,12 @@ def wait_child(proc: subprocess.Popen, should_kill: Any = None, poll_s: float = 
             killed = True
         time.sleep(poll_s)
     return {"rc": proc.returncode, "peak_mb": peak, "cpu_s": cpu, "killed": killed}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        return platform.processor()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import click
 
@@ -55,14 +55,6 @@ def positive(name: str, value: Any) -> float:
     v = _num(name, value)
     if not v > 0:
         raise VolinferError(f"{name} must be > 0; got {value!r}")
-    return v
-
-
-def open_unit(name: str, value: Any) -> float:
-    """A finite number strictly between 0 and 1 (a probability threshold)."""
-    v = _num(name, value)
-    if not 0 < v < 1:
-        raise VolinferError(f"{name} must be strictly between 0 and 1; got {value!r}")
     return v
 
 
@@ -118,14 +110,6 @@ def overlap(value: Any) -> list[float] | None:
             raise VolinferError(f"overlap {item} is {why}: give {OVERLAP_RULE}")
         out.append(v)
     return out * 3 if len(out) == 1 else out
-
-
-def overlap_fits(voxels: Sequence[int], tile: Sequence[int]) -> None:
-    """Overlap in voxels must leave each tile something new to cover."""
-    for v, t in zip(voxels, tile):
-        if v >= t:
-            raise VolinferError(f"overlap of {v} voxels must be smaller than the tile ({t}); use a smaller --overlap "
-                                f"or a larger --tile")
 
 
 def tile(value: Any) -> list[int] | None:
@@ -257,18 +241,6 @@ def _orientation(name: str, value: Any) -> str:
     return orientation(value)
 
 
-def _normalize(name: str, value: Any) -> Any:
-    from volinfer.run.normalize import parse_normalization  # the one parser; it validates through this module
-
-    return parse_normalization(value)
-
-
-def _memory(name: str, value: Any) -> float:
-    from volinfer.run.plan import parse_size_mb
-
-    return positive(name, parse_size_mb(str(value)))
-
-
 FLOAT = Checked("number", finite)
 POSITIVE = Checked("number", positive)
 COUNT = Checked("integer", lambda n, v: count(n, v))
@@ -278,8 +250,6 @@ TILE = Checked("tile", _tile, keep_text=True)
 TILES = Checked("tiles", _tiles, keep_text=True)
 SPACING = Checked("spacing", _positive_list, keep_text=True)
 ORIENTATION = Checked("orientation", _orientation)
-NORMALIZE = Checked("normalize", _normalize, keep_text=True)
-MEMORY = Checked("size", _memory, keep_text=True)
 
 
 def threshold_callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

@@ -8,13 +8,22 @@ import json
 import shlex
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
 from volinfer import validate as V
 from volinfer.cliutil import friendly_errors, output_options, progress_bar, runtime_options
 from volinfer.errors import VolinferError
+from volinfer.options import parse_overlap
+from converters import convert
+from volinfer.bench.volumes import make_volume
+from volinfer.model.settings import ModelSettings
+from volinfer.model.tile_model import CompileOptions, TileModel, read_model
+from volinfer.bench.harness import METHOD_NAMES, BenchConfig, run_benchmark
+from volinfer.bench.report import markdown_report, ratios, save_report
 
 DEFAULT_FACTORY = "volinfer.bench.reference_unet:build_unet"
 PEER_METHODS = {"monai": "monai", "nnunet": "nnunet", "torch": "naive-torch"}
@@ -40,8 +49,6 @@ def parse_sizes(text: str) -> list[tuple[int, int, int]]:
 
 def choose_methods(methods: str, versus: str | None) -> list[str]:
     """The methods to run, in order, from ``--methods`` and ``--vs``; one-line errors for unknown or missing ones."""
-    from volinfer.bench.harness import METHOD_NAMES
-
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     peers = [v.strip() for v in (versus or "").split(",") if v.strip()]
     if peers == ["all"]:
@@ -86,9 +93,6 @@ def reference_model(work_dir: Path, tile: int) -> Path:
         return path
     if importlib.util.find_spec("torch") is None:
         raise VolinferError("the reference U-Net is built with PyTorch: pip install 'volinfer[torch]', or pass -m")
-    from converters import convert
-    from volinfer.bench.volumes import make_volume
-
     work_dir.mkdir(parents=True, exist_ok=True)
     # the precision check runs one tile of it, the tiling check a 128³ probe (receptive-field radius 44): no padding
     edge = max(2 * tile, 128)
@@ -103,9 +107,6 @@ def baseline_normalization(model: Path, methods: list[str]) -> str:
     """How the baselines normalise, matching what ``model`` stores for `volinfer run`: ``zscore`` (whole-volume
     mean and std) or ``none``. Other stored normalisations are refused when a baseline is measured (the baselines
     would see other values than volinfer)."""
-    from volinfer.model.settings import ModelSettings
-    from volinfer.model.tile_model import read_model
-
     spec = ModelSettings.from_model(read_model(model)).normalization or {"kind": "none"}
     kind = spec.get("kind", "none")
     if kind == "zscore" and "mean" not in spec:
@@ -135,9 +136,30 @@ def resolve_precision(model: Path, precision: str, device: str) -> str:
     report runs (and the report names) one concrete precision."""
     if precision != "auto":
         return precision
-    from volinfer.model.tile_model import CompileOptions, TileModel
-
     return TileModel(model, options=CompileOptions(device=device, precision="auto"), compile=False).precision
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """The ``volinfer bench`` command line, one field per option."""
+
+    model_path: Path | None
+    sizes: str
+    methods: str
+    versus: str | None
+    tile: int
+    overlap: str
+    device: str
+    precision: str
+    threads: int | None
+    cap_fraction: float
+    output: Path | None
+    name: str
+    work_dir: Path | None
+    torch_factory: str
+    note: str
+    quiet: bool
+    as_json: bool
 
 
 @click.command()
@@ -172,50 +194,38 @@ def resolve_precision(model: Path, precision: str, device: str) -> str:
 @click.option("--note", default="", help="A remark printed with the report (e.g. that the machine was shared).")
 @output_options("the report")
 @friendly_errors
-def bench(model_path: Path | None, sizes: str, methods: str, versus: str | None, tile: int, overlap: str,
-          device: str, precision: str, threads: int | None, cap_fraction: float, output: Path | None, name: str,
-          work_dir: Path | None, torch_factory: str, note: str, quiet: bool, as_json: bool) -> None:
+def bench(**options: Any) -> None:
     """Measure peak RAM, wall and CPU time of each method at each volume size, each run in a fresh process."""
-    from volinfer.run.setup import parse_overlap
-
-    parse_overlap(overlap)  # one-line error for a malformed value before any work
-    chosen = choose_methods(methods, versus)
-    if model_path and torch_factory == DEFAULT_FACTORY and any(m in PEER_NEEDS for m in chosen):
+    req = BenchRequest(**options)
+    parse_overlap(req.overlap)  # one-line error for a malformed value before any work
+    chosen = choose_methods(req.methods, req.versus)
+    if req.model_path and req.torch_factory == DEFAULT_FACTORY and any(m in PEER_NEEDS for m in chosen):
         raise VolinferError("the PyTorch peers run --torch-factory's network: with -m, pass the factory the model "
                             "was converted from (module:function)")
-    out_dir = output or Path(tempfile.mkdtemp(prefix="volinfer-bench-"))
+    out_dir = req.output or Path(tempfile.mkdtemp(prefix="volinfer-bench-"))
     with tempfile.TemporaryDirectory(prefix="volinfer-bench-work-") as tmp:
-        wd = (work_dir or Path(tmp)).resolve()
-        _run(chosen, sizes, model_path, wd, tile, overlap, device, precision, threads, cap_fraction, out_dir, name,
-             torch_factory, note, quiet, as_json)
+        _run(req, chosen, (req.work_dir or Path(tmp)).resolve(), out_dir)
 
 
-def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile: int, overlap: str, device: str,
-         precision: str, threads: int | None, cap_fraction: float, out_dir: Path, name: str, torch_factory: str,
-         note: str, quiet: bool, as_json: bool) -> None:
-    from volinfer.bench.harness import BenchConfig, run_benchmark
-    from volinfer.bench.report import markdown_report, ratios, save_report
-
-    size_list = parse_sizes(sizes)
-    if model_path is not None:  # the same one-line refusal as run/info, before any process is spawned
-        from volinfer.model.tile_model import read_model
-
-        read_model(model_path)
-    model = (model_path or reference_model(wd, tile)).resolve()
-    precision = resolve_precision(model, precision, device)
-    cfg = BenchConfig(sizes=size_list, methods=chosen, model=model, work_dir=wd, tile=tile, overlap=overlap,
-                      precision=precision, device=device, threads=threads, cap_fraction=cap_fraction,
-                      torch_factory=torch_factory, command=invocation(), note=note,
+def _run(req: BenchRequest, chosen: list[str], wd: Path, out_dir: Path) -> None:
+    size_list = parse_sizes(req.sizes)
+    if req.model_path is not None:  # the same one-line refusal as run/info, before any process is spawned
+        read_model(req.model_path)
+    model = (req.model_path or reference_model(wd, req.tile)).resolve()
+    precision = resolve_precision(model, req.precision, req.device)
+    cfg = BenchConfig(sizes=size_list, methods=chosen, model=model, work_dir=wd, tile=req.tile, overlap=req.overlap,
+                      precision=precision, device=req.device, threads=req.threads, cap_fraction=req.cap_fraction,
+                      torch_factory=req.torch_factory, command=invocation(), note=req.note,
                       normalize=baseline_normalization(model, chosen))
-    human = not quiet and not as_json  # --json: the report alone, on stdout
+    human = not req.quiet and not req.as_json  # --json: the report alone, on stdout
     with progress_bar(len(size_list) * len(chosen), "bench runs", "run", disable=not human) as bar:
         results, info = run_benchmark(cfg, log=lambda s: bar.write(s, file=sys.stderr) if human else None,
                                       progress=bar)
-    files = save_report(results, info, cfg, out_dir, name)
+    files = save_report(results, info, cfg, out_dir, req.name)
     if human:
         click.echo("\n" + markdown_report(results, info, cfg), err=True)
         click.echo("wrote " + ", ".join(str(p) for p in files), err=True)
-    if as_json:
+    if req.as_json:
         data = json.loads(files[1].read_text())
         data.update(files=[str(p) for p in files], ratios=ratios(results))
         click.echo(json.dumps(data, indent=2))
@@ -226,8 +236,6 @@ def _run(chosen: list[str], sizes: str, model_path: Path | None, wd: Path, tile:
 def main_with_defaults(defaults: dict[str, str], prog: str) -> None:
     """Run `volinfer bench` with ``defaults`` for every option the command line does not give (the benchmark
     scripts); the report records the full command, defaults included."""
-    import sys
-
     short = {"-s": "--sizes", "-o": "--output"}
     args = sys.argv[1:]
     given = {short.get(a.split("=")[0], a.split("=")[0]) for a in args if a.startswith("-")}

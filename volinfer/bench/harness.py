@@ -17,6 +17,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from volinfer.portable import cpu_model
+from volinfer import portable
+from volinfer.bench.volumes import make_volume
+
 METHOD_NAMES = {
     "naive": "naive OpenVINO (whole volume)",
     "naive-torch": "naive PyTorch (whole volume)",
@@ -58,18 +62,7 @@ class Measurement:
 
 
 def total_ram_mb() -> float:
-    from volinfer import portable
-
     return portable.total_mb() or float("nan")
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (the platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        return platform.processor()
 
 
 def machine() -> dict[str, Any]:
@@ -217,8 +210,6 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print,
                   progress: Any = None) -> tuple[list[Measurement], dict[str, Any]]:
     """Measure every method at every size (smallest first). ``progress``: an object with ``update()`` (tqdm),
     advanced once per run. Returns the measurements and the machine description."""
-    from volinfer.bench.volumes import make_volume
-
     cap = total_ram_mb() * cfg.cap_fraction
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     results: list[Measurement] = []

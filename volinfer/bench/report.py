@@ -124,15 +124,6 @@ def markdown_report(results: list[Measurement], info: dict[str, Any], cfg: Bench
     return "\n".join(parts) + "\n"
 
 
-def load_results(path: Path) -> tuple[list[Measurement], dict[str, Any]]:
-    """Measurements and machine description back from a report's JSON."""
-    data = json.loads(Path(path).read_text())
-    keep = set(Measurement.__dataclass_fields__)
-    results = [Measurement(**{k: (tuple(v) if k == "size" else v) for k, v in r.items() if k in keep})
-               for r in data["results"]]
-    return results, data["machine"]
-
-
 def save_report(results: list[Measurement], info: dict[str, Any], cfg: BenchConfig, out_dir: Path,
                 name: str = "results") -> list[Path]:
     """Write ``NAME.md``, ``NAME.json`` and (with matplotlib) ``NAME_peak_rss.png`` into ``out_dir``."""

@@ -36,6 +36,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from volinfer.options import parse_overlap
+from volinfer.model.settings import ModelSettings
+from converters.sources import load_factory
+from volinfer.model.tile_model import read_model
+from volinfer import predict
+from volinfer.model.tile_model import CompileOptions, TileModel
 
 
 def _save_labels(labels: np.ndarray, reference: str, out: str) -> None:
@@ -98,8 +104,6 @@ def _ov_config(a: argparse.Namespace) -> dict[str, Any]:
 def run_naive(a: argparse.Namespace) -> dict:
     import openvino as ov
 
-    from volinfer.model.settings import ModelSettings
-
     core = ov.Core()
     model = core.read_model(a.model)
     x, shape = _padded_input(a, ModelSettings.from_model(model).size_multiple or 1)
@@ -118,8 +122,6 @@ def run_naive(a: argparse.Namespace) -> dict:
 def _torch_net(a: argparse.Namespace) -> Any:
     import torch
 
-    from converters.sources import load_factory
-
     if a.threads:
         torch.set_num_threads(a.threads)
     return load_factory(a.torch_factory)().eval()
@@ -127,9 +129,6 @@ def _torch_net(a: argparse.Namespace) -> Any:
 
 def run_naive_torch(a: argparse.Namespace) -> dict:
     import torch
-
-    from volinfer.model.settings import ModelSettings
-    from volinfer.model.tile_model import read_model
 
     multiple = a.multiple or ModelSettings.from_model(read_model(a.model)).size_multiple or 1
     net = _torch_net(a)
@@ -152,7 +151,6 @@ def _volume(a: argparse.Namespace) -> np.ndarray:
 
 def overlap_fraction(overlap: str, tile: int) -> float:
     """The overlap as a fraction of the tile, for the peers that take a fraction (MONAI, nnU-Net)."""
-    from volinfer.run.setup import parse_overlap
 
     v = (parse_overlap(overlap) or [0.25])[0]
     return v if v < 1 else v / tile
@@ -214,8 +212,6 @@ def run_nnunet(a: argparse.Namespace) -> dict:
 
 
 def run_volinfer(a: argparse.Namespace) -> dict:
-    from volinfer import predict
-
     if a.method == "auto":  # what `volinfer run` does with no options: planned tile, auto precision, crop, exact
         rep = predict(a.volume, a.model, a.out, device=a.device, threads=a.threads, overwrite=True, progress=False)
     else:
@@ -228,8 +224,6 @@ def run_volinfer(a: argparse.Namespace) -> dict:
 def run_infer_only(a: argparse.Namespace) -> dict:
     """``--tiles`` random tiles through the compiled tile model, ``--requests`` in flight, nothing else."""
     import openvino as ov
-
-    from volinfer.model.tile_model import CompileOptions, TileModel
 
     tm = TileModel(a.model, tile=a.tile, options=CompileOptions(device=a.device, precision=a.precision,
                                                                threads=a.threads))

@@ -27,13 +27,8 @@ from volinfer.errors import VolinferError
 from volinfer.io.reader import (MAX_DEFLATE_RATIO, ArrayChannel, StoredLayout, StripChannel, VolumeSource,
                                 check_declared_size, native)
 
-ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 #: Header bytes read to find the data offset (MetaImage / NRRD headers are a few hundred bytes).
 HEADER_MAX = 1 << 16
-
-
-def is_itk(path: str | Path) -> bool:
-    return str(path).lower().endswith(ITK_SUFFIXES)
 
 
 def _sitk() -> Any:

@@ -8,9 +8,9 @@ for the same voxels whatever the file format.
 A :class:`VolumeSource` gives the voxels of one region of one channel, as stored (scaling applied later, per tile).
 Requests arrive in on-disk order (z-rows, then y-rows, then x), and each source keeps only what those requests need:
 
-* uncompressed ``.nii``: one strip (all of x, the tile's y and z range) read with plain positioned reads through
-  :func:`nibabel.fileslice.fileslice`; tiles side by side along x are cut from it. No memory map, so file pages never
-  count towards the process's resident memory.
+* uncompressed ``.nii``: one strip (all of x, the tile's y and z range) read with positioned reads in bounded
+  chunks (:func:`volinfer.portable.pread_into`) straight into the strip's buffer; tiles side by side along x are cut
+  from it. No memory map, so file pages never count towards the process's resident memory.
 * ``.nii.gz``: a forward-only window of whole z-planes, decompressed as a stream in on-disk order. Its size is
   ``X * Y * tile_z`` voxels of the stored dtype: the one part of reading that grows with the volume's cross-section.
 * numpy arrays (Python API): views.
@@ -487,3 +487,17 @@ def _load_header(p: Path) -> nib.Nifti1Image:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise VolinferError(f"{p}: {type(img).__name__} is not supported; expected NIfTI (.nii or .nii.gz)")
     return img
+
+
+#: The largest float32 value: stored values beyond it need float64 arithmetic.
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def exceeds_float32(dtype: np.dtype, slope: float = 1.0, inter: float = 0.0) -> bool:
+    """Whether stored values of ``dtype``, scaled by the file's slope/intercept, can leave float32's range (float64
+    voxels, 64-bit integers with a large slope, ...): such channels are normalised in float64 and range-checked."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iuf":
+        return False
+    top = float(np.finfo(dtype).max if dtype.kind == "f" else max(-int(np.iinfo(dtype).min), np.iinfo(dtype).max))
+    return top * abs(slope) + abs(inter) > F32_MAX

@@ -21,9 +21,7 @@ writers of :mod:`volinfer.io.writer` or an uncompressed NIfTI file, so the grid 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import nibabel as nib

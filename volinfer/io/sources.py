@@ -14,23 +14,11 @@ from pathlib import Path
 from typing import Sequence
 
 from volinfer.errors import VolinferError
-from volinfer.io.itk_io import data_files, is_itk, open_itk_source
+from volinfer.io.formats import input_format, is_itk
+from volinfer.io.itk_io import data_files, open_itk_source
 from volinfer.io.reader import VolumeSource
-from volinfer.io.tiff_io import is_tiff, open_tiff_source
-from volinfer.io.zarr_io import is_zarr, open_zarr_source
-
-#: File names every reader accepts, for messages and batch globs.
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".tif", ".tiff", ".mha", ".mhd", ".nrrd", ".nhdr")
-
-
-def input_format(path: str | os.PathLike) -> str:
-    """``zarr``, ``tiff``, ``itk`` or ``nifti`` (everything else goes to the NIfTI reader, which says what it is)."""
-    if is_zarr(path):
-        return "zarr"
-    if is_tiff(path):
-        return "tiff"
-    return "itk" if is_itk(path) else "nifti"
-
+from volinfer.io.tiff_io import open_tiff_source
+from volinfer.io.zarr_io import open_zarr_source
 
 def open_paths(paths: Sequence[str | os.PathLike], depth: int) -> VolumeSource:
     """Open one volume given as one file (or store) per channel, or one multi-channel file; ``depth`` is the
@@ -55,8 +43,3 @@ def input_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     output checks compare against."""
     out = [Path(p) for p in paths]
     return out + [d for p in out if is_itk(p) for d in data_files(p)]
-
-
-def is_tiff_output(path: str | os.PathLike) -> bool:
-    """An output path meant as a TIFF stack."""
-    return is_tiff(Path(path))

@@ -30,6 +30,7 @@ from typing import Iterable
 
 from volinfer import portable
 from volinfer.errors import VolinferError
+from volinfer.version import __version__
 
 #: Marker file volinfer writes at the root of every Zarr store it creates; only such stores are replaced.
 STORE_MARKER = ".volinfer-store"  # the marker file earlier volinfer versions wrote; still recognised
@@ -176,8 +177,6 @@ def store_mark() -> dict[str, str]:
     """What marks a Zarr store as written by volinfer (so that a later ``--overwrite`` may replace it): the root
     group's ``volinfer`` attribute, set when the group is created (a marker file would make zarr warn about an
     object it does not recognise)."""
-    from volinfer import __version__
-
     return {"written_by": "volinfer", "version": __version__}
 
 

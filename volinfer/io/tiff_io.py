@@ -36,17 +36,13 @@ from volinfer.io.reader import (Region, StoredLayout, StripChannel, VolumeSource
                                 check_voxel_type, native)
 from volinfer.io.targets import aux_path
 from volinfer.io.writer import NiftiWriter
+from volinfer import portable
 
-TIFF_SUFFIXES = (".tif", ".tiff")
 #: The most a TIFF codec expands its bytes (deflate ~1032:1, LZW with 12-bit codes ~2730:1): a compressed stack that
 #: declares more pixels than its bytes can hold is refused before its page window is allocated.
 MAX_CODEC_RATIO = 4096
 #: OME length units → millimetres.
 _TO_MM = {"nm": 1e-6, "µm": 1e-3, "um": 1e-3, "micron": 1e-3, "mm": 1.0, "cm": 10.0, "m": 1e3}
-
-
-def is_tiff(path: str | Path) -> bool:
-    return str(path).lower().endswith(TIFF_SUFFIXES)
 
 
 def _tifffile() -> Any:
@@ -227,8 +223,6 @@ class TiffWriter(NiftiWriter):
 
     def __init__(self, target: str | os.PathLike, shape: tuple[int, int, int], channels: int, dtype: np.dtype,
                  voxel_mm: Sequence[float] = (1.0, 1.0, 1.0), resume: bool = False) -> None:
-        from volinfer import portable
-
         self.target = Path(target)
         self.shape, self.channels, self.dtype = shape, channels, np.dtype(dtype)
         self.compress, self.compresslevel = False, 1

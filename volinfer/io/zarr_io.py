@@ -13,17 +13,18 @@ in ``(z, y, x)`` / ``(c, z, y, x)`` order with the input's affine (and its NIfTI
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from volinfer.progress import progress_bar
 from volinfer import portable
 from volinfer.errors import VolinferError
 from volinfer.io.reader import Region, VolumeSource
-from volinfer.io.ome import Geometry, check_levels, geometry_attrs, geometry_from_nifti, level_chunks, level_shapes, multiscales, read_geometry
+from volinfer.io.ome import (Geometry, check_levels, geometry_attrs, level_chunks, level_shapes, multiscales,
+                             read_geometry)
 from volinfer.io.journal import ResumableError
 from volinfer.io.targets import STORE_ATTR, aux_path, check_output, is_volinfer_store, remove_store, store_mark
 
@@ -39,12 +40,6 @@ def _zarr() -> Any:
     except ImportError:
         raise VolinferError("Zarr volumes need the zarr package: pip install 'volinfer[zarr]'") from None
     return zarr
-
-
-def is_zarr(path: str | Path) -> bool:
-    p = str(path).rstrip("/")
-    return p.endswith(".zarr") or (Path(p).is_dir() and ((Path(p) / "zarr.json").exists()
-                                                         or (Path(p) / ".zarray").exists()))
 
 
 #: The space axes in the order every reader hands them on (NIfTI's voxel order).
@@ -207,14 +202,29 @@ def check_zarr_output(path: str | Path, inputs: Sequence[str | Path], overwrite:
     check_output(p, [Path(i) for i in inputs], overwrite, "zarr")
 
 
-def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: np.dtype, chunks: Sequence[int],
-                  geometry: Geometry | None = None, *, levels: int = 0, method: str = "nearest",
-                  block: Sequence[int] | None = None, attrs: dict[str, Any] | None = None,
-                  compressor: str | None = "zstd", overwrite: bool = False, resume: bool = False) -> list[Any]:
+@dataclass(frozen=True)
+class StoreSpec:
+    """How an output store is laid out and described: level 0's ``chunks`` ``(z, y, x)``; ``levels`` downsampled
+    levels made by ``method`` (their chunks aligned with the ``block`` extent that writes them, see
+    :func:`volinfer.io.ome.level_chunks`); the compressor (None: uncompressed); the volume's ``geometry``; and
+    ``attrs`` recorded beside volinfer's mark."""
+
+    chunks: tuple[int, int, int]
+    levels: int = 0
+    method: str = "nearest"
+    block: Sequence[int] | None = None
+    compressor: str | None = "zstd"
+    geometry: Geometry | None = None
+    attrs: dict[str, Any] | None = None
+
+
+def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: np.dtype, spec: StoreSpec, *,
+                  overwrite: bool = False, resume: bool = False) -> list[Any]:
     """The output: an OME-Zarr group (see :mod:`volinfer.io.ome`) holding level ``0`` of shape ``(z, y, x)`` or
-    ``(c, z, y, x)`` chunked as asked, and ``levels`` downsampled levels (chunks from :func:`ome.level_chunks`);
-    returns the level arrays. Existing stores are reused on resume (same shape, type and levels).
-    Call :func:`check_zarr_output` first (and hold the output's lock): only a store volinfer wrote is replaced."""
+    ``(c, z, y, x)`` laid out as ``spec`` says; returns the level arrays. Existing stores are reused on resume
+    (same shape, type and levels). Call :func:`check_zarr_output` first (and hold the output's lock): only a store
+    volinfer wrote is replaced."""
+    levels = spec.levels
     zarr = _zarr()
     p = Path(path)
     check_levels(shape, levels)
@@ -227,18 +237,18 @@ def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: 
             raise VolinferError(f"{p}: already exists (pass --overwrite to replace it, or --resume to continue)")
         remove_store(p)  # refuses anything volinfer did not write
     kwargs: dict[str, Any] = {}
-    if compressor is None:
+    if spec.compressor is None:
         kwargs["compressors"] = None
     group = zarr.open_group(str(p), mode="w-", attributes={STORE_ATTR: store_mark()})
     names = (["c"] if channels > 1 else []) + ["z", "y", "x"]
     arrays = []
-    for lev, (s, c) in enumerate(zip(shapes, level_chunks(chunks, block, levels))):
+    for lev, (s, c) in enumerate(zip(shapes, level_chunks(spec.chunks, spec.block, levels))):
         c = tuple(min(a, b) for a, b in zip(c, s)) if lev else tuple(c)
         arrays.append(group.create_array(str(lev), shape=(*lead, *s), chunks=(*lead, *c), dtype=dtype,
                                          fill_value=0, dimension_names=names, **kwargs))
-    geom = geometry or Geometry(np.eye(4))
-    group.attrs.update({"ome": multiscales(geom, channels, levels, method),
-                        STORE_ATTR: {**store_mark(), **geometry_attrs(geom), **(attrs or {})}})
+    geom = spec.geometry or Geometry(np.eye(4))
+    group.attrs.update({"ome": multiscales(geom, channels, levels, spec.method),
+                        STORE_ATTR: {**store_mark(), **geometry_attrs(geom), **(spec.attrs or {})}})
     return arrays
 
 
@@ -303,91 +313,3 @@ def store_write_error(target: Path, e: OSError) -> ResumableError:
     """A failed write into an output store (a full disk, a quota, a vanished mount): one line, and resumable."""
     return ResumableError(f"cannot write {target}: {e.strerror or e}; the store written so far is kept: free space "
                           f"and run the same command with --resume to continue")
-
-
-def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int = 64, overwrite: bool = False,
-                  progress: bool = False) -> Path:
-    """Stream a NIfTI volume into an OME-Zarr store ``(z, y, x)`` (or ``(c, z, y, x)``), slab by slab, keeping its
-    affine (see :mod:`volinfer.io.ome` for the axis mapping)."""
-    from volinfer.io.reader import VolumeSource, scan_slabs
-    from volinfer.io.targets import OutputLock
-    from volinfer.run.normalize import exceeds_float32
-
-    check_zarr_output(out, [nifti], overwrite, resume=False)
-    with OutputLock(Path(out)), VolumeSource.open([nifti], depth=chunks) as src:
-        X, Y, Z = src.shape
-        geom = geometry_from_nifti(src.header, src.affine)
-        # NIfTI intensity scaling (scl_slope / scl_inter) is applied here: Zarr has no such header, and a store of
-        # raw stored values would silently change every result computed from it
-        scaled = any((r.slope, r.inter) != (1.0, 0.0) for r in src.readers)
-        dtype = np.dtype(np.float32) if scaled else src.readers[0].dtype
-        if scaled and any(exceeds_float32(r.dtype, r.slope, r.inter) for r in src.readers):
-            dtype = np.dtype(np.float64)
-        arr = create_output(out, (Z, Y, X), src.channels, dtype, (chunks,) * 3, geom, overwrite=overwrite)[0]
-        bar = progress_bar(Z * src.channels, "to-zarr", "plane", disable=not progress)
-        for c, reader in enumerate(src.readers):
-            z0 = 0
-            for slab in scan_slabs(reader, src.shape, chunks, voxels=X * Y * chunks):
-                zyx = np.ascontiguousarray(slab.transpose(2, 1, 0))
-                if scaled:
-                    zyx = (zyx.astype(np.float64) * reader.slope + reader.inter).astype(dtype)
-                if src.channels == 1:
-                    arr[z0 : z0 + zyx.shape[0]] = zyx
-                else:
-                    arr[c, z0 : z0 + zyx.shape[0]] = zyx
-                z0 += zyx.shape[0]
-                bar.update(zyx.shape[0])
-        bar.close()
-    return Path(out)
-
-
-def nifti_dtype(dtype: np.dtype, where: str) -> np.dtype:
-    """The NIfTI type that holds ``dtype`` exactly: itself, or float32 for float16 and uint8 for bool (NIfTI-1 has
-    neither); a one-line error for types NIfTI cannot hold at all."""
-    import nibabel as nib
-
-    dtype = np.dtype(dtype)
-    widened = {np.dtype(np.float16): np.dtype(np.float32), np.dtype(bool): np.dtype(np.uint8)}.get(dtype, dtype)
-    try:
-        nib.Nifti1Header().set_data_dtype(widened)
-    except Exception:
-        raise VolinferError(f"{where}: voxel type {dtype} has no NIfTI equivalent") from None
-    return widened
-
-
-def zarr_to_nifti(zarr_path: str | Path, out: str | Path, overwrite: bool = False, progress: bool = False) -> Path:
-    """Write a Zarr array (any axis order its metadata names, see module docs; OME-Zarr: level 0) as a NIfTI
-    ``(x, y, z)`` (``(x, y, z, c)``) volume with the geometry the store records: its affine, and the NIfTI header a
-    NIfTI-born store keeps (sform/qform codes, units, description), streaming z-slabs; atomic, like runs. float16
-    is written as float32 (NIfTI has no float16)."""
-    from volinfer.io.targets import OutputLock
-    from volinfer.io.writer import check_target
-
-    source, _ = open_zarr_source(zarr_path)
-    geom = store_geometry(zarr_path)
-    check_target(Path(out), overwrite, [Path(zarr_path)])
-    with OutputLock(Path(out)), source:
-        return _zarr_to_nifti(source, Path(out), geom, progress)
-
-
-def _zarr_to_nifti(source: VolumeSource, out: Path, geom: Geometry, progress: bool = False) -> Path:
-    from volinfer.io.writer import NiftiWriter
-
-    X, Y, Z = source.shape
-    dtype = nifti_dtype(source.readers[0].dtype, str(source.paths[0]))
-    w = NiftiWriter(out, (X, Y, Z), source.channels, dtype, reference=geom.nifti_header(), affine=geom.affine)
-    bar = progress_bar(Z, "to-nifti", "plane", disable=not progress)
-    try:
-        step = max(1, source.readers[0].chunks[2])  # type: ignore[attr-defined]
-        for z0 in range(0, Z, step):
-            z1 = min(Z, z0 + step)
-            block = np.stack([r.planes(z0, z1).transpose(2, 1, 0) for r in source.readers]).astype(dtype, copy=False)
-            w.write(block, z0, 0)  # (c, z, y, x): the writer's blocks
-            w.release_written()
-            bar.update(z1 - z0)
-        return w.commit()
-    except BaseException:
-        w.abort()
-        raise
-    finally:
-        bar.close()

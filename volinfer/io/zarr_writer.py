@@ -23,25 +23,16 @@ import numpy as np
 from volinfer.errors import VolinferError
 from volinfer.io.ome import Geometry, check_pyramid, downsample, downsample_method
 from volinfer.io.targets import remove_store
-from volinfer.io.zarr_io import check_zarr_output, create_output, store_write_error, sync_region
+from volinfer.io.zarr_io import StoreSpec, create_output, store_write_error, sync_region
 
 
-def is_zarr_output(path: str | Path) -> bool:
-    """An output path meant as a Zarr store (``.zarr``); everything else is a NIfTI file."""
-    return str(path).rstrip("/").lower().endswith(".zarr")
-
-
-def check_any_output(output: Path, inputs: Sequence[Path], overwrite: bool, resume: bool) -> None:
-    """The output check of :mod:`volinfer.io.targets` for every kind of output (Zarr, TIFF, NIfTI)."""
-    from volinfer.io.targets import check_output
-    from volinfer.io.writer import check_target
-
-    if is_zarr_output(output):
-        check_zarr_output(output, list(inputs), overwrite, resume)
-    elif str(output).lower().endswith((".tif", ".tiff")):
-        check_output(Path(output), [Path(p) for p in inputs], overwrite, "tiff")
-    else:
-        check_target(Path(output), overwrite, list(inputs))
+def store_spec(kind: str, geometry: Geometry, chunks: int | Sequence[int] = 64, pyramid: int = 0,
+               compression: bool = True) -> StoreSpec:
+    """The layout of a run's output store: cubic (or per-axis) chunks, ``pyramid`` levels downsampled as suits the
+    output ``kind`` (labels: nearest), zstd unless ``compression`` is off."""
+    chunk3 = (int(chunks),) * 3 if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
+    return StoreSpec(chunk3, pyramid, downsample_method(kind), None, "zstd" if compression else None,  # type: ignore[arg-type]
+                     geometry)
 
 
 class _Level:
@@ -92,22 +83,20 @@ class _Level:
 class ZarrWriter:
     """Streams the engine's blocks into an OME-Zarr store with ``levels`` downsampled levels (see module docs)."""
 
-    def __init__(self, target: str | Path, shape: Sequence[int], channels: int, dtype: np.dtype, geometry: Geometry,
-                 *, row_planes: Sequence[int], kind: str = "labels", chunks: int | Sequence[int] = 64,
-                 pyramid: int = 0, compression: bool = True, overwrite: bool = False, resume: bool = False,
-                 start_row: int = 0, attrs: dict[str, Any] | None = None) -> None:
-        """``shape``: the engine's grid ``(x, y, z)``; ``row_planes[r]``: the first plane rows ``>= r`` write
-        (``row_planes[-1]`` = the last plane + 1); ``start_row``: where a resumed engine starts."""
+    def __init__(self, target: str | Path, shape: Sequence[int], channels: int, dtype: np.dtype, spec: StoreSpec,
+                 *, row_planes: Sequence[int], overwrite: bool = False, resume_row: int | None = None) -> None:
+        """``shape``: the engine's grid ``(x, y, z)``; ``spec``: the store's layout (:func:`store_spec`);
+        ``row_planes[r]``: the first plane rows ``>= r`` write (``row_planes[-1]`` = the last plane + 1);
+        ``resume_row``: the row a resumed engine starts at (None: a new store)."""
         self.target = Path(target)
         X, Y, Z = (int(s) for s in shape)
-        chunk3 = (int(chunks),) * 3 if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
-        check_pyramid(pyramid, None, chunk3)
+        check_pyramid(spec.levels, None, spec.chunks)
         self.row_planes = list(row_planes)
-        self.method = downsample_method(kind)
+        self.method = spec.method
+        resume, start_row = resume_row is not None, resume_row or 0
         self._created = not resume
-        arrays = create_output(self.target, (Z, Y, X), channels, np.dtype(dtype), chunk3, geometry, levels=pyramid,
-                               method=self.method, attrs=attrs, compressor="zstd" if compression else None,
-                               overwrite=overwrite, resume=resume)
+        arrays = create_output(self.target, (Z, Y, X), channels, np.dtype(dtype), spec, overwrite=overwrite,
+                               resume=resume)
         unit = math.lcm(*(int(a.chunks[-3]) << lev for lev, a in enumerate(arrays)))
         first = self.row_planes[start_row] if resume else 0
         base = first // unit * unit

@@ -28,6 +28,7 @@ import numpy as np
 import openvino as ov
 
 from volinfer.model.stream_graph import POINTWISE, WINDOW, ZWindow
+from volinfer.model.layout import Layout
 
 #: Element-wise beyond the streaming engine's list (ops it does not stream but that act voxel by voxel).
 ELEMENTWISE = POINTWISE | {"BatchNormInference", "Clamp", "LeakyRelu", "Identity", "Erf", "Swish", "Exp", "Sqrt"}
@@ -282,12 +283,12 @@ def _pad(op: ov.Node, state: State) -> State:
 def _walk(model: ov.Model, layout: str, channels: int, tile: Sequence[int]) -> tuple[ov.Model, dict[Any, State]]:
     """Every tensor's state in ``model`` reshaped to ``tile`` (see the module text); the reshaped model."""
     m = model.clone()
-    shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
+    shape = Layout.of(layout).tensor_shape(channels, tile)
     try:
         m.reshape({m.input(0): ov.PartialShape(shape)})
     except Exception as e:  # noqa: BLE001 - the probe path reports shape problems in the user's terms
         raise NotAnalysable(f"the model rejects the shape {shape}: {e}") from None
-    first = 2 if layout == "NCDHW" else 1
+    first = Layout.of(layout).spatial_axes[0]
     states: dict[Any, State] = {}
     param = m.input(0).get_node()
     states[(param.get_friendly_name(), 0)] = {first + i: (i, Reach()) for i in range(3)}

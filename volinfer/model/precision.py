@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import openvino as ov
+from volinfer.model.layout import Layout
 
 #: A reduced precision is faithful when labels agree on at least this share of voxels ...
 MIN_LABEL_AGREEMENT = 0.999
@@ -127,11 +128,11 @@ def check_model(model: ov.Model, layout: str, channels: int, tile: list[int], ou
     native = native_reduced(core, device) if precision == "auto" else (None if precision == "f32" else precision)
     if native is None:
         return None
-    shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
+    shape = Layout.of(layout).tensor_shape(channels, tile)
     m = model.clone()
     m.reshape({m.input(0): ov.PartialShape(shape)})
     x = smooth_tile(shape) if x is None else x
-    record = compare(m, x, native, output, 1 if layout == "NCDHW" else 4, probabilities, device, threads)
+    record = compare(m, x, native, output, Layout.of(layout).channel_axis, probabilities, device, threads)
     record["input_abs_max"] = round(float(np.abs(x).max()), 4)
     return record
 

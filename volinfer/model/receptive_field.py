@@ -25,7 +25,9 @@ import numpy as np
 import openvino as ov
 
 from volinfer.errors import framework_message
+from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, default_budget_mb, weights_mb
 from volinfer.model.graph_reach import NotAnalysable, Whole, graph_radius
+from volinfer.model.layout import Layout
 from volinfer.model.tile_model import TileModel
 from volinfer.model.spatial_norm import (Moments, find_norm_layers, fixed_shape_global_ops, freeze, group_view,
                                          stat_tensor)
@@ -66,15 +68,10 @@ class ReceptiveField:
         return what if self.bounded else f"{what}; unbounded: {self.reason or 'reaches the edge of the probe'}"
 
 
-def input_shape(layout: str, channels: int, tile: Sequence[int]) -> list[int]:
-    """The model input shape (batch 1) of a tile in ``layout``."""
-    return [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
-
-
 def frozen_at(model: TileModel, tile: Sequence[int], x: np.ndarray, core: ov.Core) -> ov.Model:
     """The model at ``tile`` with every spatial normalisation frozen to the statistics it computes on ``x``."""
     m = model.model.clone()
-    m.reshape({m.input(0): ov.PartialShape(input_shape(model.layout, model.in_channels, tile))})
+    m.reshape({m.input(0): ov.PartialShape(model.input_shape_for(tile))})
     layers, _ = find_norm_layers(m, model.layout, model.in_channels, tile)
     if not layers:
         return m
@@ -97,18 +94,18 @@ def frozen_at(model: TileModel, tile: Sequence[int], x: np.ndarray, core: ov.Cor
 
 def _measure_at(model: TileModel, tile: tuple[int, int, int], tol: float, probes: int, seed: int,
                 core: ov.Core) -> ReceptiveField:
-    shape = input_shape(model.layout, model.in_channels, tile)
+    shape = model.input_shape_for(tile)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(np.float32)
     compiled = core.compile_model(frozen_at(model, tile, x, core), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     req = compiled.create_infer_request()
-    view = x[0] if model.layout == "NCDHW" else np.moveaxis(x[0], -1, 0)
+    view = Layout.of(model.layout).to_cxyz(x[0])
     req.set_input_tensor(ov.Tensor(x, shared_memory=True))
 
     def run() -> np.ndarray:
         req.infer()
         out = req.get_output_tensor(model.output_index).data[0]
-        return np.array(out if model.layout == "NCDHW" else np.moveaxis(out, -1, 0), dtype=np.float64)
+        return np.array(Layout.of(model.layout).to_cxyz(out), dtype=np.float64)
 
     base = run()
     scale = max(float(np.abs(base).max()), 1e-12)
@@ -146,8 +143,6 @@ def from_graph(model: TileModel) -> ReceptiveField | None:
 def probe_mb(model: TileModel, tile: Sequence[int]) -> float:
     """Peak RAM (MB) of one probe at ``tile``: the runtime, the weights, the compiled model's live tensors, the
     normalisation statistics computed at once, and the probe's own float64 copies of the output."""
-    from volinfer.run.fidelity import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
-
     voxels = float(np.prod(tile))
     per_voxel = activation_bytes_per_voxel(model.model, model.layout, model.in_channels, tile)
     layers, _ = find_norm_layers(model.model, model.layout, model.in_channels, tile)
@@ -160,7 +155,7 @@ def _norm_input_shapes(model: TileModel, tile: Sequence[int], names: list[str]) 
     if not names:
         return []
     m = model.model.clone()
-    m.reshape({m.input(0): ov.PartialShape(input_shape(model.layout, model.in_channels, tile))})
+    m.reshape({m.input(0): ov.PartialShape(model.input_shape_for(tile))})
     wanted = set(names)
     return [[d.get_length() for d in op.input_value(0).get_partial_shape()] for op in m.get_ordered_ops()
             if op.get_friendly_name() in wanted]
@@ -200,8 +195,6 @@ def measure_receptive_field(model: TileModel, tol: float = 1e-5, probes: int = 2
     found = from_graph(model) if graph else None
     if found is not None:
         return found
-    from volinfer.run.fidelity import default_budget_mb
-
     budget = max_memory_mb or default_budget_mb()
     cap = max(max_tile or MAX_PROBE_TILE, 1)
     tile = tuple(int(t) for t in model.tile)

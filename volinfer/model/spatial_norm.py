@@ -17,6 +17,7 @@ import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 import openvino.passes as ov_passes
+from volinfer.model.layout import Layout
 
 NORM_OPS = ("MVN", "GroupNormalization")
 #: Reductions over space that cannot be frozen here: any of them makes the receptive field the whole tile.
@@ -61,7 +62,7 @@ def _input_shapes(model: ov.Model, layout: str, channels: int, tile: Sequence[in
     reaches an Interpolate through a Convert leaves its output size unknown otherwise). Unknown lengths are -1; an
     input of unknown rank is None."""
     m = model.clone()
-    shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
+    shape = Layout.of(layout).tensor_shape(channels, tile)
     m.reshape({m.input(0): ov.PartialShape(shape)})
     return _shapes_of(m)
 

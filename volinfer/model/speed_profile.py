@@ -23,6 +23,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import openvino as ov
 
+from volinfer import portable
+from volinfer.model.memory import accepts, activation_bytes_per_voxel, default_budget_mb
+from volinfer.model.precision import resolve
+from volinfer.model.tile_model import CompileOptions
+from volinfer.model.layout import Layout
+
 KEY = "speed_profile"
 NOTE_KEY = "speed_profile_note"
 #: The largest tile measured, as a multiple of the model's tile edges (then shrunk to fit
@@ -104,9 +110,7 @@ def device_name(core: ov.Core, device: str) -> str:
     try:
         return str(core.get_property(device, "FULL_DEVICE_NAME")).strip()
     except Exception:  # noqa: BLE001 - a name is a label only
-        from volinfer.bench.harness import cpu_model
-
-        return cpu_model()
+        return portable.cpu_model()
 
 
 def profile_tiles(tile: Sequence[int], multiple: int, fits: Callable[[Sequence[int]], bool] | None = None,
@@ -172,7 +176,7 @@ def measure(model: ov.Model, layout: str, channels: int, tiles: Sequence[Sequenc
 def _time_at(core: ov.Core, model: ov.Model, layout: str, channels: int, tile: Sequence[int],
              config: dict[str, Any], device: str) -> float:
     """Median seconds of one inference of ``model`` compiled at ``tile`` (after one warm-up)."""
-    shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
+    shape = Layout.of(layout).tensor_shape(channels, tile)
     m = model.clone()
     m.reshape({m.input(0): ov.PartialShape(shape)})
     compiled = core.compile_model(m, device, config)
@@ -185,10 +189,6 @@ def profile_model(model: ov.Model, layout: str, channels: int, tile: Sequence[in
     """Measure the profile of ``model`` in the precision ``--precision auto`` would run it in (given the stored
     ``precision_check`` verdict). ``multiple``: the size multiple (None: a static input, only ``tile`` is measured).
     ``runtime``: ``device`` (CPU), ``threads``, ``max_memory_mb`` (the conversion's budget; default as for `run`)."""
-    from volinfer.model.precision import resolve
-    from volinfer.model.tile_model import CompileOptions
-    from volinfer.run.fidelity import accepts, activation_bytes_per_voxel, default_budget_mb
-
     device, threads = runtime.get("device") or "CPU", runtime.get("threads")
     core = ov.Core()
     precision, _ = resolve("auto", precision_check, core, device)

@@ -18,8 +18,8 @@ import openvino as ov
 from volinfer.errors import VolinferError, framework_message
 from volinfer.model.precision import resolve as resolve_precision
 from volinfer.model.settings import ModelSettings
+from volinfer.model.layout import LAYOUTS, Layout
 
-LAYOUTS = ("NCDHW", "NDHWC")
 PRECISIONS = ("auto", "f32", "bf16", "f16")
 
 
@@ -94,14 +94,6 @@ def _layout_of(port: ov.Output, settings: ModelSettings, override: str | None) -
     return layout
 
 
-def _spatial(layout: str) -> list[int]:
-    return [2, 3, 4] if layout == "NCDHW" else [1, 2, 3]
-
-
-def _chan(layout: str) -> int:
-    return 1 if layout == "NCDHW" else 4
-
-
 class TileModel:
     """A model compiled once at a static tile shape ``(1, C, tx, ty, tz)`` (or channels last).
 
@@ -117,6 +109,7 @@ class TileModel:
         options: CompileOptions = CompileOptions(),
         core: ov.Core | None = None,
         compile: bool = True,
+        multiple: int | None = None,
     ) -> None:
         self.core = core or ov.Core()
         if options.cache_dir:
@@ -135,7 +128,7 @@ class TileModel:
         if pshape.rank.is_dynamic or pshape.rank.get_length() != 5:
             raise VolinferError(f"model input must be 5-D (N, C, D, H, W or N, D, H, W, C); it is {pshape}")
         self.layout = _layout_of(port, self.settings, layout)
-        cdim = pshape[_chan(self.layout)]
+        cdim = pshape[Layout.of(self.layout).channel_axis]
         if cdim.is_dynamic:
             if not self.settings.in_channels:
                 raise VolinferError(f"model input {pshape} has a dynamic channel dimension and no stored channel count")
@@ -144,6 +137,9 @@ class TileModel:
             self.in_channels = cdim.get_length()
         self.multiple = int(self.settings.size_multiple or 1)
         self.tile = self._resolve_tile(tile, pshape)
+        if multiple is not None:  # the run's own (a model storing none: probed, see volinfer.run.setup.run_multiple)
+            self.multiple = int(multiple)
+        self.multiple_known = multiple is not None or self.settings.size_multiple is not None or pshape.is_static
         self.output_index = self._resolve_output(output)
         self._reshape()
         self.precision, self.precision_reason = resolve_precision(
@@ -151,11 +147,11 @@ class TileModel:
         self._check_output_shape(self.model.output(self.output_index).get_partial_shape())
         if not compile:  # shapes only (planning, the layer-streaming engine): output shape from shape inference
             self.input_dtype = self.model.input(0).get_element_type().to_dtype()
-            self.out_channels = self.model.output(self.output_index).get_partial_shape()[_chan(self.layout)].get_length()
+            self.out_channels = self.model.output(self.output_index).get_partial_shape()[Layout.of(self.layout).channel_axis].get_length()
             return
         self.compiled = self._compile()
         self._check_output_shape(self.compiled.output(self.output_index).get_partial_shape())
-        self.out_channels = self.compiled.output(self.output_index).get_shape()[_chan(self.layout)]
+        self.out_channels = self.compiled.output(self.output_index).get_shape()[Layout.of(self.layout).channel_axis]
         self.input_dtype = self.compiled.input(0).get_element_type().to_dtype()
 
     def _check_output_shape(self, shape: ov.PartialShape) -> None:
@@ -165,7 +161,7 @@ class TileModel:
         if shape.rank.is_dynamic or shape.rank.get_length() != 5:
             raise VolinferError(f"model output shape {shape} is not 5-D; only same-size (segmentation/restoration) "
                                 f"models are supported")
-        dims = [shape[i] for i in _spatial(self.layout)]
+        dims = [shape[i] for i in Layout.of(self.layout).spatial_axes]
         if any(d.is_static and d.get_length() != t for d, t in zip(dims, self.tile)):
             raise VolinferError(
                 f"model output shape {shape.to_string()} does not keep its input's spatial size {list(self.tile)} "
@@ -176,7 +172,7 @@ class TileModel:
         if tile is None and self.settings.tile:
             tile = self.settings.tile
         if tile is None:
-            dims = [pshape[i] for i in _spatial(self.layout)]
+            dims = [pshape[i] for i in Layout.of(self.layout).spatial_axes]
             if any(d.is_dynamic for d in dims):  # a provisional size: the planner chooses the run's tile
                 tile = [max(self.multiple, 64 // self.multiple * self.multiple)] * 3
             else:
@@ -235,19 +231,25 @@ class TileModel:
         """Whether ``--precision auto`` chose a reduced precision (from the verdict stored in the IR)."""
         return self.options.precision == "auto" and self.precision != "f32"
 
+    def with_multiple(self, multiple: int) -> "TileModel":
+        """This model (not compiled) with the size multiple a run found for it (a model that stores none)."""
+        tm = self._derived(self.model, self.tile, self.options, compile=False, multiple=multiple)
+        tm.precision_reason = self.precision_reason
+        return tm
+
     def with_precision(self, precision: str, reason: str, compile: bool = True) -> "TileModel":
         """This model (same tile, layout, output) with ``precision`` instead, ``reason`` saying why."""
         tm = self._derived(self.model, self.tile, replace(self.options, precision=precision), compile)
         tm.precision_reason = reason
         return tm
 
-    def _derived(self, model: ov.Model, tile: Sequence[int], options: CompileOptions,
-                 compile: bool = True) -> "TileModel":
+    def _derived(self, model: ov.Model, tile: Sequence[int], options: CompileOptions, compile: bool = True,
+                 multiple: int | None = None) -> "TileModel":
         """``model`` as a TileModel like this one (layout, output, file, the caller's tile, the size multiple)."""
         tm = TileModel(model, tile=tile, layout=self.layout, output=self.output_index, options=options,
-                       core=self.core, compile=compile)
+                       core=self.core, compile=compile, multiple=multiple or self.multiple)
         tm.path, tm.tile_given, tm.declared_input = self.path, self.tile_given, self.declared_input
-        tm.multiple = self.multiple  # probed when the model stores none
+        tm.multiple_known = self.multiple_known or multiple is not None
         return tm
 
     def input_shape(self) -> list[int]:
@@ -255,9 +257,7 @@ class TileModel:
 
     def input_shape_for(self, spatial: Sequence[int]) -> list[int]:
         """The model's input shape for a (x, y, z) extent, in its layout."""
-        if self.layout == "NCDHW":
-            return [1, self.in_channels, *spatial]
-        return [1, *spatial, self.in_channels]
+        return Layout.of(self.layout).tensor_shape(self.in_channels, spatial)
 
     def _reshape(self) -> None:
         try:
@@ -285,12 +285,12 @@ class TileModel:
     def output_view(self, request: ov.InferRequest) -> np.ndarray:
         """The request's output as a (C, x, y, z) view of OpenVINO's own buffer (no copy)."""
         data = request.get_output_tensor(self.output_index).data[0]
-        return data if self.layout == "NCDHW" else np.moveaxis(data, -1, 0)
+        return Layout.of(self.layout).to_cxyz(data)
 
     def output_view_of(self, data: np.ndarray) -> np.ndarray:
         """A (1, ...) output array in the model's layout as (C, x, y, z)."""
-        return data[0] if self.layout == "NCDHW" else np.moveaxis(data[0], -1, 0)
+        return Layout.of(self.layout).to_cxyz(data[0])
 
     def input_view(self, buffer: np.ndarray) -> np.ndarray:
         """The host buffer as (C, x, y, z), whatever the layout."""
-        return buffer[0] if self.layout == "NCDHW" else np.moveaxis(buffer[0], -1, 0)
+        return Layout.of(self.layout).to_cxyz(buffer[0])

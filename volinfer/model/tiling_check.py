@@ -22,7 +22,8 @@ import numpy as np
 import openvino as ov
 
 from volinfer.errors import framework_message
-from volinfer.model.receptive_field import MAX_PROBE_TILE, ReceptiveField, frozen_at, input_shape, probe_mb
+from volinfer.model.receptive_field import MAX_PROBE_TILE, ReceptiveField, frozen_at, probe_mb
+from volinfer.model.layout import Layout
 from volinfer.model.tile_model import TileModel
 from volinfer.tiling.geometry import AxisPlan, plan_axis_crop
 
@@ -55,7 +56,7 @@ def _activated(out: np.ndarray, activation: str) -> np.ndarray:
 
 def _channels_first(model: TileModel, result: Any, compiled: ov.CompiledModel) -> np.ndarray:
     out = np.asarray(result[compiled.output(model.output_index)])[0]
-    return np.array(out if model.layout == "NCDHW" else np.moveaxis(out, -1, 0), dtype=np.float32)
+    return np.array(Layout.of(model.layout).to_cxyz(out), dtype=np.float32)
 
 
 def _tiled_and_whole(model: TileModel, plans: list[AxisPlan], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -70,15 +71,15 @@ def _tiled_and_whole(model: TileModel, plans: list[AxisPlan], x: np.ndarray) -> 
     whole = _channels_first(model, whole_c(x), whole_c)
     del whole_c
     at_tile = frozen.clone()
-    at_tile.reshape({at_tile.input(0): ov.PartialShape(input_shape(model.layout, model.in_channels, tile))})
+    at_tile.reshape({at_tile.input(0): ov.PartialShape(model.input_shape_for(tile))})
     tile_c = core.compile_model(at_tile, "CPU", config)
-    view = x[0] if model.layout == "NCDHW" else np.moveaxis(x[0], -1, 0)
+    view = Layout.of(model.layout).to_cxyz(x[0])
     tiled = np.full_like(whole, np.nan)
     for idx in itertools.product(*(range(a.count) for a in plans)):
         starts = [a.starts[i] for a, i in zip(plans, idx)]
         cores = [a.cores[i] for a, i in zip(plans, idx)]
         part = view[(slice(None), *(slice(s, s + t) for s, t in zip(starts, tile)))]
-        inp = part[None] if model.layout == "NCDHW" else np.moveaxis(part, 0, -1)[None]
+        inp = Layout.of(model.layout).from_cxyz(part)[None]
         out = _channels_first(model, tile_c(np.ascontiguousarray(inp)), tile_c)
         local = tuple(slice(a - s, b - s) for (a, b), s in zip(cores, starts))
         tiled[(slice(None), *(slice(a, b) for a, b in cores))] = out[(slice(None), *local)]
@@ -107,7 +108,7 @@ ProbeInput = Callable[[list[int]], tuple[np.ndarray, str]]
 def random_input(model: TileModel, seed: int = 0) -> ProbeInput:
     """Seeded standard-normal input: what a model sees of normalised data, without its structure."""
     def make(probe: list[int]) -> tuple[np.ndarray, str]:
-        x = np.random.default_rng(seed).standard_normal(input_shape(model.layout, model.in_channels, probe))
+        x = np.random.default_rng(seed).standard_normal(model.input_shape_for(probe))
         return x.astype(np.float32), f"random normal (seed {seed})"
     return make
 

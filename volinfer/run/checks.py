@@ -9,9 +9,9 @@ import numpy as np
 
 from volinfer import validate
 from volinfer.errors import VolinferError
-from volinfer.run.normalize import Normalizer, exceeds_float32
+from volinfer.run.normalize import Normalizer
 from volinfer.run.prepass import ValueScan
-from volinfer.io.reader import ChannelReader
+from volinfer.io.reader import ChannelReader, exceeds_float32
 
 
 def needs_value_scan(readers: list[ChannelReader], dtype: np.dtype) -> bool:

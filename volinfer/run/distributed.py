@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -40,56 +40,66 @@ import numpy as np
 
 from volinfer.progress import progress_bar
 from volinfer.tiling.blocks import Block, block_tiles, make_block_stitcher, plan_blocks, plan_core_blocks, redundancy
-from volinfer.run.engine import RunReport, peak_rss_mb, run_tiles
+from volinfer.run.engine import TileJob, run_tiles
+from volinfer.run.report import RunReport, peak_rss_mb
 from volinfer.errors import VolinferError
 from volinfer.tiling.geometry import TileGrid
 from volinfer.model.tile_model import CompileOptions, TileModel
-from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
 from volinfer.run.settings import RunSettings
-from volinfer.run.setup import guard_for, make_normalizer, overlap_for, plan_tiling, resolve, scan_input, verdict
+from volinfer.run import pipeline
+from volinfer.run.pipeline import JournaledOutput, fingerprint_options, run_fingerprint
+from volinfer.run.setup import guard_for, make_normalizer, resolve, scan_input, verdict
 from volinfer.io.journal import Journal
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
-from volinfer.io.zarr_io import (check_zarr_output, create_output, done_marker_dir, is_zarr, open_zarr_source,
+from volinfer.io.formats import is_zarr
+from volinfer.io.zarr_io import (StoreSpec, check_zarr_output, create_output, done_marker_dir, open_zarr_source,
                                 store_geometry, store_write_error, sync_region)
+from volinfer.io.targets import aux_path
+from volinfer.io.writer import check_target
+from volinfer.io.writer import NiftiWriter
 
 
-@dataclass
+@dataclass(frozen=True)
+class ModelRef:
+    """How a worker opens the run's model: its file, the planned tile, layout, output and compile options."""
+
+    path: str
+    tile: tuple[int, int, int]
+    layout: str
+    output: int
+    options: dict[str, Any]
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.path, self.tile, self.layout, self.output, tuple(sorted(self.options.items())))
+
+
+@dataclass(frozen=True)
 class ZarrJob:
-    """Everything a task needs, small and picklable (sent to every Dask worker)."""
+    """Everything a task needs, small and picklable (sent to every Dask worker): where to read and write, the
+    model, the tile loop's job (grid, normalisation, padding, requests, mirroring), how tiles are stitched and
+    post-processed, and the pyramid levels written beside level 0."""
 
     input: str
     output: str
-    model: str
-    tile: tuple[int, int, int]
-    layout: str
-    model_output: int
-    options: dict[str, Any]
-    overlap: tuple[int, int, int]
-    multiple: int
+    model: ModelRef
+    tiles: TileJob
     stitch: str
     sigma: float
-    pad_mode: str
     spec: OutputSpec
-    normalizer: Normalizer
-    nan_fill: list[float] | None
-    requests: int
-    reuse_constant: bool = True
     levels: int = 0
     method: str = "nearest"
-    mirror: tuple[int, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _MODELS: dict[tuple, TileModel] = {}  # per worker process: compiled once, reused by every task
 
 
-def _model(job: ZarrJob) -> TileModel:
-    key = (job.model, job.tile, job.layout, job.model_output, tuple(sorted(job.options.items())))
+def _model(ref: ModelRef) -> TileModel:
+    key = ref.key()
     if key not in _MODELS:
-        _MODELS[key] = TileModel(job.model, tile=job.tile, layout=job.layout, output=job.model_output,
-                                 options=CompileOptions(**job.options))
+        _MODELS[key] = TileModel(ref.path, tile=ref.tile, layout=ref.layout, output=ref.output,
+                                 options=CompileOptions(**ref.options))
     return _MODELS[key]
 
 
@@ -99,16 +109,11 @@ def _marker(job: ZarrJob, block: Block) -> Path:
 
 def run_block_array(job: ZarrJob, block: Block) -> tuple[np.ndarray, dict[str, Any]]:
     """Run the tiles touching ``block``; its output (C, *block.shape) and what it cost."""
-    tm = _model(job)
+    tm = _model(job.model)
     source, _ = open_zarr_source(job.input)
-    grid = TileGrid.build(source.shape, job.tile, [job.multiple] * 3, job.overlap,
-                          "crop" if job.stitch == "crop" else "blend")
+    grid = job.tiles.grid
     stitcher, array = make_block_stitcher(grid, block, job.spec, job.stitch, job.sigma)
-    tiles = list(block_tiles(grid, block))
-    busy, n, reused = run_tiles(source, tm, job.spec, None, grid=grid, stitch=job.stitch,  # type: ignore[arg-type]
-                                normalizer=job.normalizer, sigma=job.sigma, pad_mode=job.pad_mode,
-                                requests=job.requests, progress=False, reuse_constant=job.reuse_constant,
-                                nan_fill=job.nan_fill, tiles=tiles, stitcher=stitcher, mirror=job.mirror)
+    busy, n, reused = run_tiles(source, tm, stitcher, job.tiles, tiles=list(block_tiles(grid, block)), progress=False)
     return array.out, {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
                           "pid": os.getpid(), "peak_rss_mb": _own_peak_mb()}
 
@@ -241,8 +246,6 @@ def run_zarr(volume: str | Path, model: str | Path, output: str | Path, settings
 def run_journal(output: str | Path) -> Path:
     """Where a Zarr output keeps the fingerprint of the run that writes it: beside the store (``.<name>.zarr.run.json``),
     like the block markers (:func:`volinfer.io.zarr_io.done_marker_dir`), so that Zarr readers see a clean store."""
-    from volinfer.io.targets import aux_path
-
     return aux_path(Path(output), ".run.json")
 
 
@@ -260,9 +263,9 @@ class _Prepared:
 
 
 def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
-
-    t, o, rt = s.tiling, s.output, s.runtime
-    flips = tuple(sorted(t.mirror))  # the source is (x, y, z), like every reader's
+    """The Zarr input opened, its one pre-pass made, the run planned (:func:`volinfer.run.pipeline.plan`, tiles
+    only: blocks stream no layers) in the precision that runs, and resolved."""
+    t, rt = s.tiling, s.runtime
     options = {k: v for k, v in rt.compile_dict().items() if v is not None}
     source, in_arr = open_zarr_source(volume)
     handle = TileModel(model, tile=t.tile, layout=rt.layout, output=rt.model_output,
@@ -272,32 +275,21 @@ def _prepare(volume: Any, model: Any, s: RunSettings) -> _Prepared:
     if guarded is not handle:
         handle, options = guarded, {**options, "precision": guarded.precision}
     # Zarr/Dask runs freeze no normalisation statistics yet: plan as for per-tile statistics
-    choice = plan_tiling(handle, source.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
-                         norm_stats="tile")
-    tm = TileModel(model, tile=choice.tile, layout=rt.layout, output=rt.model_output,
-                   options=CompileOptions(**options), compile=False)
-    tm.multiple = handle.multiple
-    overlap = t.overlap
-    if overlap is None:
-        overlap = list(choice.overlap) if choice.overlap is not None else overlap_for(choice, tm)
-    tm.precision_reason = handle.precision_reason
-    setup = resolve(tm, source.shape, source.channels, s, overlap=overlap, normalizer=scan.normalizer)
+    planned = pipeline.plan(handle, source.shape, s, norm_stats="tile", stream=False)
+    tm = planned.model
+    setup = resolve(tm, source.shape, source.channels, s, overlap=planned.overlap, normalizer=scan.normalizer)
     scan.apply(setup)
-    settings = dict(tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=setup.overlap,
-                    stitch=setup.stitch, sigma=t.sigma, pad_mode=t.pad_mode, kind=o.kind, activation=o.activation,
-                    channels=setup.spec.channels, threshold=o.threshold, dtype=str(setup.spec.dtype),
-                    normalization=setup.normalizer.describe(), nan_value=s.input.nan_value,
-                    precision=tm.precision, reuse_constant=t.reuse_constant,
-                    **({"mirror": flips} if flips else {}))
-    return _Prepared(source, in_arr, tm, setup, options, settings, choice)
+    settings = fingerprint_options(s, tm, setup, norm_stats="tile", norm_passes=0, engine="tiles")
+    return _Prepared(source, in_arr, tm, setup, options, settings, planned.choice)
 
 
 def _job(p: _Prepared, volume: Any, output: Any, model: Any, s: RunSettings, levels: int = 0) -> ZarrJob:
     st, t = p.setup, s.tiling
-    return ZarrJob(str(volume), str(output), str(model), p.tm.tile, p.tm.layout, p.tm.output_index, p.options,
-                   st.overlap, p.tm.multiple, st.stitch, t.sigma, t.pad_mode, st.spec, st.normalizer, st.nan_fill,
-                   s.runtime.requests, t.reuse_constant, levels=levels, method=downsample_method(s.output.kind),
-                   mirror=tuple(p.settings.get("mirror", ())))
+    ref = ModelRef(str(model), p.tm.tile, p.tm.layout, p.tm.output_index, p.options)
+    tiles = TileJob(st.grid, st.normalizer, pad_mode=t.pad_mode, requests=s.runtime.requests,
+                    reuse_constant=t.reuse_constant, nan_fill=st.nan_fill, mirror=tuple(sorted(t.mirror)))
+    return ZarrJob(str(volume), str(output), ref, tiles, st.stitch, t.sigma, st.spec, levels=levels,
+                   method=downsample_method(s.output.kind))
 
 
 def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]], requests: int) -> RunReport:
@@ -339,8 +331,6 @@ def _chunk_shape(chunks: Any, source: Any) -> tuple[int, int, int]:
 def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
               where: tuple[str | None, int | None]) -> RunReport:
     """:func:`run_zarr` once the output is checked and locked; ``where``: (scheduler, workers)."""
-    from volinfer.api import run_fingerprint
-
     t0 = time.perf_counter()
     o = s.output
     p = _prepare(volume, model, s)
@@ -372,11 +362,11 @@ def _create_store(p: _Prepared, volume: Any, model: Any, output: Any, s: RunSett
     if resuming:
         journal.check()  # before touching the store: a different input, model or setting is refused
     spec = p.setup.spec
-    create_output(output, p.source.shape[::-1], spec.out_channels, spec.dtype, chunk3, store_geometry(volume),
-                  levels=o.pyramid, method=downsample_method(o.kind), block=per,
-                  attrs={"model": str(model), "stitch": p.setup.stitch, "kind": o.kind,
-                         "tile": list(p.tm.tile), "overlap": list(p.setup.overlap)},
-                  compressor="zstd" if o.compression else None, overwrite=s.overwrite, resume=s.resume)
+    layout = StoreSpec(chunk3, o.pyramid, downsample_method(o.kind), per, "zstd" if o.compression else None,
+                       store_geometry(volume), attrs={"model": str(model), "stitch": p.setup.stitch, "kind": o.kind,
+                                                      "tile": list(p.tm.tile), "overlap": list(p.setup.overlap)})
+    create_output(output, p.source.shape[::-1], spec.out_channels, spec.dtype, layout, overwrite=s.overwrite,
+                  resume=s.resume)
     if not resuming:
         journal.update(0, 0)
     if not resuming:  # a fresh store (also under --resume when there was none): no marker may survive
@@ -408,8 +398,6 @@ def block_extent(chunks: Sequence[int], block: Sequence[int]) -> tuple[int, int,
 def run_zarr_to_nifti(volume: str | Path, model: str | Path, output: str | Path,
                       settings: RunSettings | None = None, *, block: int = 256, **options: Any) -> RunReport:
     """A Zarr volume into a NIfTI file: slabs along the array's first axis, in order (see module docs)."""
-    from volinfer.io.writer import check_target
-
     s = RunSettings.from_kwargs(settings, **options)
     check_target(Path(output), s.overwrite, [Path(volume)])
     with OutputLock(Path(output)):
@@ -433,9 +421,6 @@ def nifti_slabs(grid: TileGrid, block: int) -> list[Block]:
 
 
 def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, s: RunSettings, block: int) -> RunReport:
-    from volinfer.api import run_fingerprint
-    from volinfer.io.writer import NiftiWriter
-
     t0 = time.perf_counter()
     p = _prepare(volume, model, s)
     slabs = nifti_slabs(p.setup.grid, block)
@@ -454,33 +439,22 @@ def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, s: RunSettings, bl
 def _write_slabs(job: ZarrJob, slabs: list[Block], start: int, writer: Any, journal: Journal,
                  progress: bool) -> list[dict[str, Any]]:
     """Run and write the slabs from ``start`` on, journaled slab by slab; keep a resumable output when
-    interrupted, remove it on any other failure."""
-    from volinfer.errors import Interrupted
-    from volinfer.io.journal import ResumableError
-
+    interrupted, remove it on any other failure (:class:`volinfer.run.pipeline.JournaledOutput`)."""
     results: list[dict[str, Any]] = []
     bar = progress_bar(len(slabs), "volinfer", "slab", initial=start, disable=not progress)
     try:
-        journal.update(start, len(slabs))
-        for n in range(start, len(slabs)):
-            out, info = run_block_array(job, slabs[n])
-            writer.write(out.transpose(0, 3, 2, 1), slabs[n].box[2][0], 0)  # (C, x, y, z) -> the writer's (C, z, y, x)
-            writer.sync()
-            journal.update(n + 1, len(slabs))
-            results.append(info)
-            bar.update(1)
-        writer.commit()
-        journal.remove()
-    except (KeyboardInterrupt, ResumableError) as e:
-        writer.close_for_resume()
-        if isinstance(e, ResumableError):
-            raise
-        raise Interrupted(f"partial output kept beside {job.output}; run the same command with --resume to "
-                          f"continue") from None
-    except BaseException:
-        writer.abort()
-        journal.remove()
-        raise
+        with JournaledOutput(Path(job.output)) as out:
+            out.writer, out.journal = writer, journal
+            journal.update(start, len(slabs))
+            for n in range(start, len(slabs)):
+                out_block, info = run_block_array(job, slabs[n])
+                writer.write(out_block.transpose(0, 3, 2, 1), slabs[n].box[2][0], 0)  # (C, x, y, z) -> (C, z, y, x)
+                writer.sync()
+                journal.update(n + 1, len(slabs))
+                results.append(info)
+                bar.update(1)
+            writer.commit()
+            journal.remove()
     finally:
         bar.close()
     return results

@@ -11,115 +11,18 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import openvino as ov
 from volinfer.progress import progress_bar
 
-from volinfer import portable
-from volinfer.tiling.feeder import TileFeeder
+from volinfer.run.feeder import TileFeeder
 from volinfer.tiling.geometry import Tile, TileGrid
 from volinfer.model.tile_model import TileModel
 from volinfer.run.normalize import Normalizer
-from volinfer.run.postprocess import OutputSpec
 from volinfer.io.reader import VolumeSource
-from volinfer.tiling.stitch import BlockWriter, make_stitcher
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, as the OS counts it (MB); 0.0 where the OS does not say (see
-    :func:`volinfer.portable.peak_rss_mb`)."""
-    return portable.peak_rss_mb() or 0.0
-
-
-@dataclass
-class RunReport:
-    """What a run did and cost; printed as the CLI summary and as ``--json``."""
-
-    shape: tuple[int, int, int]
-    channels: int
-    tile: tuple[int, int, int]
-    grid: tuple[int, int, int]
-    tiles: int
-    stitch: str
-    overlap: tuple[int, int, int]
-    layout: str
-    device: str
-    precision: str
-    requests: int
-    normalization: dict[str, Any]
-    output_kind: str
-    output_dtype: str
-    wall_s: float = 0.0
-    infer_busy_s: float = 0.0
-    peak_rss_mb: float = 0.0
-    output: str | None = None
-    exact: bool | None = None  # crop margins cover the receptive field, or one tile (see volinfer.run.fidelity)
-    not_exact: list[str] = field(default_factory=list)  # why not, when exact is False
-    exact_meaning: str | None = None  # what exact means for this run, with the measured deviation when stored
-    tiling_deviation: dict[str, Any] | None = None  # tiled vs whole, measured at convert (volinfer.model.tiling_check)
-    input_passes: int = 0  # streamed passes over the input before the tile loop (normalisation statistics)
-    notes: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-    engine: str = "tiles"  # or "stream": layer by layer (volinfer.run.stream); tiles then counts segment calls
-    spill: dict[str, Any] | None = None  # planes spilled to disk by the stream (StreamPlan.spill_summary); None: none
-
-    @property
-    def voxels(self) -> int:
-        return int(np.prod(self.shape))
-
-    @property
-    def overhead_ratio(self) -> float:
-        """End-to-end time over the time OpenVINO had a tile in flight (1.0 = everything else fully hidden)."""
-        return self.wall_s / self.infer_busy_s if self.infer_busy_s else float("nan")
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.update(voxels=self.voxels, overhead_ratio=round(self.overhead_ratio, 3),
-                 mvox_per_s=round(self.voxels / self.wall_s / 1e6, 3) if self.wall_s else None)
-        return d
-
-    def set_fidelity(self, fid: Any) -> None:
-        """Copy a :class:`volinfer.run.fidelity.Fidelity` verdict into the report."""
-        self.exact, self.not_exact = fid.exact, list(fid.reasons)
-        self.exact_meaning = fid.meaning if fid.exact else None
-        self.tiling_deviation = fid.deviation if fid.exact else None
-
-    def summary(self) -> str:
-        sx = "x".join(map(str, self.shape))
-        if self.engine == "stream":
-            where = (f"the whole {self.tile[0]}x{self.tile[1]} cross-section" if self.grid[1] == 1 else
-                     f"{self.grid[1]} bands of {self.tile[0]}x{self.tile[1]} along y")
-            work = (f"engine      layer streaming along z: {self.tiles} segment calls, {self.grid[2]} rows of "
-                    f"{self.tile[2]} output planes over {where}")
-        else:
-            work = (f"tiles       {self.tiles} of {'x'.join(map(str, self.tile))} ({'x'.join(map(str, self.grid))} "
-                    f"grid), {self.stitch} stitching, overlap {'/'.join(map(str, self.overlap))} voxels")
-        lines = [
-            f"volume      {sx} x {self.channels} channel(s), {self.voxels / 1e6:.1f} Mvoxels",
-            work,
-            f"model       {self.layout}, {self.device} {self.precision}, {self.requests} infer request(s)",
-            f"time        {self.wall_s:.2f} s wall, {self.infer_busy_s:.2f} s inference "
-            f"(wall/inference {self.overhead_ratio:.2f}), {self.voxels / max(self.wall_s, 1e-9) / 1e6:.2f} Mvox/s",
-            f"peak RSS    {self.peak_rss_mb:.0f} MB",
-        ]
-        if self.exact is not None:
-            lines.append(f"{'fidelity':<11} " + ((self.exact_meaning or "exact") if self.exact
-                                                  else "not exact: " + "; ".join(self.not_exact)))
-        for note in self.notes:
-            lines.append(f"{'note':<11} {note}")
-        for k, v in self.extra.items():
-            lines.append(f"{k:<11} {v}")
-        if self.spill:  # spill
-            sp = self.spill
-            lines.append(f"{'spill':<11} {sp['tensors']} skip connection(s) to disk: {sp['written_mb']:.0f} MB "
-                         f"written, {sp['read_mb']:.0f} MB read back, {sp['ram_saved_mb']:.0f} MB of RAM saved "
-                         f"(files in {sp['directory']}, deleted)")
-        if self.output:
-            lines.append(f"output      {self.output} ({self.output_kind}, {self.output_dtype})")
-        return "\n".join(lines)
 
 
 class _BusyClock:
@@ -146,130 +49,143 @@ class _BusyClock:
         return busy
 
 
-def run_tiles(
-    source: VolumeSource,
-    model: TileModel,
-    spec: OutputSpec,
-    writer: BlockWriter,
-    *,
-    grid: TileGrid,
-    stitch: str,
-    normalizer: Normalizer,
-    sigma: float = 0.125,
-    pad_mode: str = "constant",
-    pad_value: float = 0.0,
-    requests: int = 2,
-    progress: bool = True,
-    reuse_constant: bool = True,
-    nan_fill: list[float] | None = None,
-    start_row: int = 0,
-    on_row_done: Callable[[int], None] | None = None,
-    tiles: Sequence[Tile] | None = None,
-    stitcher: Any = None,
-    mirror: Sequence[int] = (),
-) -> tuple[float, int, int]:
-    """Run every tile of ``grid`` through ``model`` and stitch the results into ``writer``.
+@dataclass(frozen=True)
+class TileJob:
+    """What the tile loop runs, besides the volume, the model and the stitcher: the grid of tiles, how each tile's
+    input is made (normalisation, padding, NaN/Inf replacement), how many requests compute at once, whether
+    constant tiles reuse one inference, and test-time mirroring (volume axes 0-2, see :class:`Mirror`)."""
+
+    grid: TileGrid
+    normalizer: Normalizer
+    pad_mode: str = "constant"
+    pad_value: float = 0.0
+    requests: int = 2
+    reuse_constant: bool = True
+    nan_fill: list[float] | None = None
+    mirror: Sequence[int] = ()
+
+
+class _Requests:
+    """The infer requests (an :class:`openvino.AsyncInferQueue`), each with its preallocated input buffer shared
+    with OpenVINO, and the tile it computes. Outputs are stitched in submission order, so blended sums are added in
+    the same order however tiles are split into blocks or requests finish; outputs of constant tiles are cached."""
+
+    def __init__(self, model: TileModel, job: TileJob, stitcher: Any) -> None:
+        self.model, self.stitcher = model, stitcher
+        self.queue = ov.AsyncInferQueue(model.compiled, max(1, job.requests))
+        n = len(self.queue)
+        self.buffers = [model.new_input_buffer() for _ in range(n)]
+        for i, buf in enumerate(self.buffers):
+            self.queue[i].set_input_tensor(ov.Tensor(buf, shared_memory=True))
+        self.clock = _BusyClock()
+        self.submitted = [0.0] * n
+        self.tile: list[Tile | None] = [None] * n
+        self.key: list[tuple[float, ...] | None] = [None] * n
+        self.seq = [0] * n
+        self.cache: dict[tuple[float, ...], np.ndarray] = {}
+        self.mirrored = Mirror(model, job.mirror) if job.mirror else None
+
+    def idle(self) -> int:
+        """A request free for the next tile, its previous tile stitched (after every older one)."""
+        i = self.queue.get_idle_request_id()
+        if self.tile[i] is not None:
+            if any(t is not None and self.seq[j] < self.seq[i] for j, t in enumerate(self.tile)):
+                self.drain()  # an older tile finished after a newer one (several streams): wait for all, keep the order
+            else:
+                self._stitch(i)
+        return i
+
+    def in_flight(self) -> bool:
+        return any(t is not None for t in self.tile)
+
+    def submit(self, i: int, tile: Tile, key: tuple[float, ...] | None, seq: int) -> None:
+        self.tile[i], self.key[i], self.seq[i] = tile, key, seq
+        self.submitted[i] = time.perf_counter()
+        self.queue.start_async()
+
+    def drain(self) -> None:
+        """Wait for every request; stitch their tiles in submission order."""
+        self.queue.wait_all()
+        for i in sorted((i for i, t in enumerate(self.tile) if t is not None), key=lambda i: self.seq[i]):
+            self._stitch(i)
+
+    def _stitch(self, i: int) -> None:
+        self.clock.record(self.submitted[i], self.queue[i])
+        out = self.model.output_view(self.queue[i])
+        if self.mirrored is not None:
+            out = self.mirrored(self.model.input_view(self.buffers[i]), out)
+        key = self.key[i]
+        if key is not None and key not in self.cache and len(self.cache) < MAX_CACHED_CONSTANTS:
+            self.cache[key] = out.copy()
+        self.stitcher.add(self.tile[i], out)
+        self.tile[i] = self.key[i] = None
+
+
+def _first_row(grid: TileGrid, stitcher: Any, start_row: int) -> int:
+    """The first z-row of tiles a run resumed at ``start_row`` computes (blending replays the earlier rows that
+    reach into planes not yet final, adding only to later planes); the stitcher told where final planes end."""
+    if not start_row:
+        return 0
+    az = grid.axes[2]
+    final_z = az.starts[start_row] if grid.mode == "blend" else az.cores[start_row][0]
+    stitcher.start_at(final_z)
+    if grid.mode != "blend":
+        return start_row
+    return min(r for r in range(start_row + 1) if az.starts[r] + az.tile > final_z)
+
+
+def run_tiles(source: VolumeSource, model: TileModel, stitcher: Any, job: TileJob, *,
+              tiles: Sequence[Tile] | None = None, start_row: int = 0,
+              on_row_done: Callable[[int], None] | None = None, progress: bool = True) -> tuple[float, int, int]:
+    """Run every tile of ``job.grid`` (or ``tiles``, a subset in the grid's order: one block of a chunked volume,
+    :mod:`volinfer.tiling.blocks`) through ``model`` into ``stitcher``
+    (:func:`volinfer.tiling.stitch.make_stitcher`).
 
     Tiles whose input is constant (air, empty background, padding) are inferred once per distinct value; later ones
     reuse that output (identical input, identical output). Returns (seconds with inference in flight, tiles,
-    tiles reused without inference).
-
-    ``start_row`` resumes an interrupted run whose first ``start_row`` z-rows are final on disk (blending replays
-    the earlier rows that overlap it, adding only to later planes); ``on_row_done(r)`` is called once rows ``< r``
-    are written. ``tiles`` / ``stitcher`` run a subset of the grid into another stitcher (one block of a chunked
-    volume, see :mod:`volinfer.tiling.blocks`); tiles must keep the grid's order. ``mirror`` (volume axes 0-2) averages
-    each tile's output over its flips along every subset of those axes (test-time augmentation, see
-    :class:`Mirror`).
-    """
-    feeder = TileFeeder(source, grid, normalizer, pad_mode, pad_value, nan_fill)
-    stitcher = stitcher or make_stitcher(grid, spec, writer, stitch, sigma)
+    tiles reused without inference). ``start_row`` resumes an interrupted run whose first ``start_row`` z-rows are
+    final on disk; ``on_row_done(r)`` is called once rows ``< r`` are written."""
+    grid, az = job.grid, job.grid.axes[2]
+    feeder = TileFeeder(source, grid, job.normalizer, job.pad_mode, job.pad_value, job.nan_fill)
+    slots = _Requests(model, job, stitcher)
     todo = list(tiles) if tiles is not None else grid
-    queue = ov.AsyncInferQueue(model.compiled, max(1, requests))
-    clock = _BusyClock()
-    submitted = [0.0] * len(queue)
-    buffers = [model.new_input_buffer() for _ in range(len(queue))]
-    for i, buf in enumerate(buffers):
-        queue[i].set_input_tensor(ov.Tensor(buf, shared_memory=True))
-    pending: list[Any] = [None] * len(queue)
-    pending_key: list[Any] = [None] * len(queue)
-    pending_seq: list[int] = [0] * len(queue)
-    cache: dict[tuple[float, ...], np.ndarray] = {}
-    mirrored = Mirror(model, mirror) if mirror else None
-
-    def harvest(i: int) -> None:
-        """Stitch request ``i``'s tile, after every older tile: stitching order is always submission order, so
-        blended sums are added in the same order however tiles are split into blocks or requests finish."""
-        if pending[i] is None:
-            return
-        older = [j for j in range(len(queue)) if pending[j] is not None and pending_seq[j] < pending_seq[i]]
-        if older:  # an older tile finished after a newer one (several streams): wait for all, keep the order
-            drain()
-            return
-        _stitch(i)
-
-    def _stitch(i: int) -> None:
-        clock.record(submitted[i], queue[i])
-        out = model.output_view(queue[i])
-        if mirrored is not None:
-            out = mirrored(model.input_view(buffers[i]), out)
-        key = pending_key[i]
-        if key is not None and key not in cache and len(cache) < MAX_CACHED_CONSTANTS:
-            cache[key] = out.copy()
-        stitcher.add(pending[i], out)
-        pending[i] = pending_key[i] = None
-
-    def drain() -> None:
-        queue.wait_all()
-        for i in sorted((i for i in range(len(queue)) if pending[i] is not None), key=lambda i: pending_seq[i]):
-            _stitch(i)
-
-    az = grid.axes[2]
-    first_row = start_row
-    if start_row:
-        final_z = az.starts[start_row] if grid.mode == "blend" else az.cores[start_row][0]
-        stitcher.start_at(final_z)
-        if grid.mode == "blend":  # replay earlier rows whose tiles reach into non-final planes
-            first_row = min(r for r in range(start_row + 1) if az.starts[r] + az.tile > final_z)
-    per_row = grid.axes[0].count * grid.axes[1].count
+    first_row = _first_row(grid, stitcher, start_row)
     done = reused = 0
-    bar = progress_bar(len(todo), "volinfer", "tile", initial=first_row * per_row, disable=not progress)
-    t0 = time.perf_counter()
-    row = None
+    bar = progress_bar(len(todo), "volinfer", "tile", initial=first_row * grid.axes[0].count * grid.axes[1].count,
+                       disable=not progress)
+    t0, row = time.perf_counter(), None
     try:
         for tile in todo:
             if tile.index[2] < first_row:
                 continue
             if row is not None and tile.index[2] != row:
-                drain()
+                slots.drain()
                 stitcher.end_row(az.starts[tile.index[2]] if grid.mode == "blend" else az.cores[tile.index[2]][0])
                 if on_row_done and tile.index[2] > start_row:
                     on_row_done(tile.index[2])
             row = tile.index[2]
-            i = queue.get_idle_request_id()
-            harvest(i)
-            view = model.input_view(buffers[i])
+            i = slots.idle()
+            view = model.input_view(slots.buffers[i])
             feeder.fill(tile, view)
-            key = constant_value(view) if reuse_constant else None
-            if key is not None and key in cache:
-                if grid.mode == "blend" and any(p is not None for p in pending):
-                    drain()  # blended sums are added in submission order, cached tiles included: bitwise reproducible
-                stitcher.add(tile, cache[key])
+            key = constant_value(view) if job.reuse_constant else None
+            if key is not None and key in slots.cache:
+                if grid.mode == "blend" and slots.in_flight():
+                    slots.drain()  # blended sums are added in submission order, cached tiles included: reproducible
+                stitcher.add(tile, slots.cache[key])
                 reused += 1
             else:
-                pending[i], pending_key[i], pending_seq[i] = tile, key, done
-                submitted[i] = time.perf_counter()
-                queue.start_async()
+                slots.submit(i, tile, key, done)
             done += 1
             bar.update(1)
             if done % 4 == 0:
                 rate = done / len(todo) * np.prod(grid.shape) / (time.perf_counter() - t0) / 1e6
                 bar.set_postfix_str(f"{rate:.2f} Mvox/s", refresh=False)
-        drain()
+        slots.drain()
         stitcher.finish()
     finally:
-        queue.wait_all()
+        slots.queue.wait_all()
         bar.close()
-    return clock.total(), done, reused
+    return slots.clock.total(), done, reused
 
 
 class Mirror:

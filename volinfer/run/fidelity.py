@@ -17,34 +17,17 @@ user forced a tile.
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import openvino as ov
-
-from volinfer import portable
 from volinfer.tiling.geometry import GeometryError, plan_axis_crop
 from volinfer.model.receptive_field import ReceptiveField
 from volinfer.model.tiling_check import describe as describe_deviation
+from volinfer.model.memory import RUNTIME_FLOOR_MB
 
-#: Resident memory of a process that has imported volinfer and OpenVINO and compiled a small model (MB, measured).
-RUNTIME_FLOOR_MB = 150.0
-#: Default share of the machine's memory (physical RAM, capped by a cgroup limit) a run may plan for (``--max-memory``
-#: overrides it). Of the machine, not of what happens to be free: the same command plans the same on the same machine.
-DEFAULT_MEMORY_FRACTION = 0.25
-#: A run's default budget is at most the runtime, the model's weights and this much working memory (MB): what the
-#: reference U-Net streams 512³ in (~0.7 GB) with room, and 1024³-2048³ in bands of the same peak. Without this cap a
-#: quarter of a big machine would let the fastest plan grow with the volume (2048³: ~6 GB here), the opposite of
-#: what volinfer is for; ``--max-memory`` trades memory for speed explicitly.
-DEFAULT_WORKING_MB = 1024.0
 #: Plans whose predicted times are within this fraction of the fastest count as equally fast: the leanest of them wins.
 LEANER_WITHIN = 0.10
-#: What OpenVINO's CPU plugin holds beyond the peak of live tensors in topological order (its own layouts, scratch
-#: buffers, fused-op workspaces): measured steady RSS over the estimate, 1.7 on both the reference U-Net at 240^3 and
-#: the tests' two-level U-Net at 152x132x112.
-PLUGIN_FACTOR = 1.7
+
 
 
 @dataclass
@@ -96,64 +79,6 @@ class Tiling:
     cost: float = 0.0  # predicted time (plan_exact): seconds with a speed profile, else evaluated voxels
 
 
-def activation_bytes_per_voxel(model: ov.Model, layout: str, channels: int, tile: Sequence[int],
-                               itemsize: int = 4) -> float:
-    """Peak bytes of live intermediate tensors per input voxel, from shape inference at ``tile`` and the tensors'
-    lifetimes in topological order (a model of what OpenVINO's memory planner must hold at once)."""
-    m = model.clone()
-    shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
-    m.reshape({m.input(0): ov.PartialShape(shape)})
-    ops = [op for op in m.get_ordered_ops()]
-    index = {op.get_friendly_name(): i for i, op in enumerate(ops)}
-    last_use: dict[tuple[str, int], int] = {}
-    for i, op in enumerate(ops):
-        for inp in op.inputs():
-            src = inp.get_source_output()
-            last_use[(src.get_node().get_friendly_name(), src.get_index())] = i
-    live, peak = 0, 0
-    sizes: dict[tuple[str, int], int] = {}
-    for i, op in enumerate(ops):
-        if op.get_type_name() in ("Constant", "Result"):
-            continue
-        for o in op.outputs():
-            ps = o.get_partial_shape()
-            n = int(np.prod([d.get_length() for d in ps])) if ps.is_static else 0
-            key = (op.get_friendly_name(), o.get_index())
-            sizes[key] = n * itemsize
-            live += sizes[key]
-        peak = max(peak, live)
-        for key, last in list(last_use.items()):
-            if last == i and key in sizes and index.get(key[0], -1) < i:
-                live -= sizes.pop(key)
-    return PLUGIN_FACTOR * peak / float(np.prod(tile))
-
-
-def accepts(model: ov.Model, layout: str, channels: int, tile: Sequence[int]) -> bool:
-    """Shape inference only: does the model take this tile and return an output of the same spatial size?"""
-    m = model.clone()
-    shape = [1, channels, *tile] if layout == "NCDHW" else [1, *tile, channels]
-    try:
-        m.reshape({m.input(0): ov.PartialShape(shape)})
-    except Exception:
-        return False
-    axes = [2, 3, 4] if layout == "NCDHW" else [1, 2, 3]
-    for out in m.outputs:
-        ps = out.get_partial_shape()
-        if ps.rank.is_static and ps.rank.get_length() == 5 and ps.is_static:
-            if [ps[i].get_length() for i in axes] != list(tile):
-                return False
-    return True
-
-
-def probe_multiple(model: ov.Model, layout: str, channels: int) -> int:
-    """The smallest power of two m such that sizes that are multiples of m are accepted (a model that stores no
-    size multiple, e.g. an IR not written by ``volinfer convert``)."""
-    for m in (1, 2, 4, 8, 16, 32, 64):
-        if all(accepts(model, layout, channels, [96 + k * m] * 3) for k in (1, 3)):
-            return m
-    return 1
-
-
 def _axis_options(n: int, m: int, radius: int, need: int, preferred: int) -> list[tuple[int, int, int]]:
     """(tile, count, overlap) choices along one axis: every multiple of ``m`` from the smallest whose margin covers
     ``radius`` (+ ``need`` for aligned statistics cores) up to one tile over the padded axis."""
@@ -186,25 +111,45 @@ def leanest_near_fastest(items: Sequence[Any], cost: Callable[[Any], float], mem
     return min(near, key=lambda i: (round(memory(i), 1), cost(i)))
 
 
-def plan_exact(shape: Sequence[int], multiple: int, rf: ReceptiveField, preferred: Sequence[int],
-               mem_per_voxel: float, weights_mb: float, budget_mb: float,
-               norm_layers: int, global_ops: bool, whole_stats: bool,
-               weighed: list[Tiling] | None = None,
-               voxel_cost: Callable[[float], float] | None = None) -> Tiling | None:
+@dataclass(frozen=True)
+class TilingProblem:
+    """What the exact-tiling search plans for: the volume's ``shape``, the model's size ``multiple``, receptive
+    field ``rf`` and own (``preferred``) tile, its memory (``mem_per_voxel`` of the tile, ``weights_mb``), the
+    ``budget_mb``, its InstanceNorm/GroupNorm layers (``norm_layers``; ``whole_stats``: frozen to whole-volume
+    statistics, else per tile) and spatial reductions nothing freezes (``global_ops``), and the per-voxel cost at a
+    tile's voxel count (``voxel_cost``, seconds from the model's speed profile, see
+    :mod:`volinfer.model.speed_profile`; None: 1, the fewest evaluated voxels win)."""
+
+    shape: Sequence[int]
+    multiple: int
+    rf: ReceptiveField
+    preferred: Sequence[int]
+    mem_per_voxel: float
+    weights_mb: float
+    budget_mb: float
+    norm_layers: int = 0
+    global_ops: bool = False
+    whole_stats: bool = True
+    voxel_cost: Callable[[float], float] | None = None
+
+
+def plan_exact(problem: TilingProblem, weighed: list[Tiling] | None = None) -> Tiling | None:
     """The exact tiling the planner's objective picks (:func:`leanest_near_fastest`) among those whose predicted
-    memory fits ``budget_mb``; None when no exact tiling fits. Predicted time (``Tiling.cost``) = evaluated voxels x
-    per-voxel cost at the tile's voxel count (``voxel_cost``, seconds per voxel from the model's speed profile, see
-    :mod:`volinfer.model.speed_profile`; 1 when None: voxels, the fewest evaluated win) x the statistics passes'
-    factor. ``weighed`` receives what `volinfer plan` lists: every tiling on the time/memory front within the budget
-    (none is both faster and leaner), the chosen one among them, and the fastest beyond the budget."""
-    radii = rf.radius if rf.bounded else (-1, -1, -1)
-    voxel_cost = functools.lru_cache(maxsize=None)(voxel_cost) if voxel_cost is not None else None
+    memory fits the budget; None when no exact tiling fits. Predicted time (``Tiling.cost``) = evaluated voxels x
+    per-voxel cost at the tile's voxel count x the statistics passes' factor. ``weighed`` receives what
+    `volinfer plan` lists: every tiling on the time/memory front within the budget (none is both faster and
+    leaner), the chosen one among them, and the fastest beyond the budget."""
+    q = problem
+    multiple, norm_layers, budget_mb, weights_mb, mem_per_voxel = (q.multiple, q.norm_layers, q.budget_mb,
+                                                                   q.weights_mb, q.mem_per_voxel)
+    radii = q.rf.radius if q.rf.bounded else (-1, -1, -1)
+    voxel_cost = functools.lru_cache(maxsize=None)(q.voxel_cost) if q.voxel_cost is not None else None
     options = [_axis_options(n, multiple, r, multiple // 2 if norm_layers else 0, p)
-               for n, r, p in zip(shape, radii, preferred)]
+               for n, r, p in zip(q.shape, radii, q.preferred)]
     # candidates as plain tuples (thousands of them): a Tiling is made only for the few kept
     fits: list[tuple[float, float, tuple[Any, Any, Any], int, int, float | None]] = []
     over: list[tuple[float, float, tuple[Any, Any, Any], int, int, float | None]] = []
-    single_only = global_ops or (norm_layers and not whole_stats)
+    single_only = q.global_ops or (norm_layers and not q.whole_stats)
     for ox in options[0]:
         for oy in options[1]:
             for oz in options[2]:
@@ -273,27 +218,6 @@ def judge(overlap: Sequence[int], counts: Sequence[int], stitch: str, rf: Recept
         reasons.append("the model combines values across whole tiles or depends on positions in the tile (global "
                        "pooling/statistics volinfer cannot freeze, align_corners interpolation)")
     return Fidelity(not reasons, reasons)
-
-
-def weights_mb(model: ov.Model) -> float:
-    """Size of the model's constants (weights), MB, as stored."""
-    total = 0
-    for op in model.get_ordered_ops():
-        if op.get_type_name() == "Constant":
-            o = op.output(0)
-            total += int(np.prod(list(o.get_shape()) or [1])) * o.get_element_type().size
-    return total / 2**20
-
-
-def default_budget_mb(model_weights_mb: float | None = None) -> float:
-    """The memory budget without ``--max-memory`` (MB): :data:`DEFAULT_MEMORY_FRACTION` of the machine's memory
-    (:func:`volinfer.portable.machine_mb`), never of its momentary free memory (a resumed run must plan the tiling
-    its journal recorded); for a run of a model with ``model_weights_mb`` of weights, at most the runtime, the
-    weights and :data:`DEFAULT_WORKING_MB` (flat peaks as volumes grow)."""
-    machine = DEFAULT_MEMORY_FRACTION * portable.machine_mb()
-    if model_weights_mb is None:
-        return machine
-    return min(machine, RUNTIME_FLOOR_MB + model_weights_mb + DEFAULT_WORKING_MB)
 
 
 def fmt_tile(t: Sequence[int]) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import openvino as ov
 from volinfer.progress import progress_bar
 
-from volinfer.tiling.feeder import TileFeeder
+from volinfer.run.feeder import TileFeeder
 from volinfer.tiling.geometry import AxisPlan, TileGrid
 from volinfer.model.tile_model import TileModel
 from volinfer.model.spatial_norm import Moments, NormLayer, freeze, group_view, node_named, stat_tensor

@@ -24,49 +24,12 @@ import numpy as np
 from volinfer import validate
 from volinfer.tiling.blockwise import cast_copy
 from volinfer.errors import VolinferError
-from volinfer.io.reader import VolumeSource, scan_slabs
-
-KINDS = ("none", "zscore", "minmax", "percentile", "scale")
-
-
-def parse_normalization(text: str | None) -> dict[str, Any] | None:
-    """CLI form: ``zscore``, ``minmax``, ``percentile:0.5:99.5``, ``scale:0.001:0``, ``none``; validated (finite
-    numbers, the right count of them, percentiles 0 <= LO < HI <= 100)."""
-    if not text:
-        return None
-    parts = text.split(":")
-    kind = parts[0]
-    if kind not in KINDS:
-        raise VolinferError(f"--normalize must be one of {', '.join(KINDS)} (percentile:LO:HI, scale:A:B); got {text!r}")
-    nums = [validate.finite(f"--normalize {text!r}: parameter", p) for p in parts[1:]]
-    if kind == "percentile":
-        if len(nums) not in (0, 2):
-            raise VolinferError(f"--normalize percentile takes two numbers, percentile:LO:HI (e.g. "
-                                f"percentile:0.5:99.5); got {text!r}")
-        lo, hi = validate.percentiles(*nums) if nums else (0.5, 99.5)
-        return {"kind": kind, "lower": lo, "upper": hi}
-    if kind == "scale":
-        if len(nums) != 2:
-            raise VolinferError("--normalize scale needs two numbers: scale:A:B means x * A + B")
-        spec = {"kind": kind, "scale": nums[0], "shift": nums[1]}
-        validate.normalization(spec)
-        return spec
-    if nums:
-        raise VolinferError(f"--normalize {kind} takes no parameters; got {text!r}")
-    return {"kind": kind}
+from volinfer.io.reader import F32_MAX, VolumeSource, exceeds_float32
+from volinfer.options import NORMALIZATIONS
+from volinfer.run.prepass import PrePass
 
 
-_F32_MAX = float(np.finfo(np.float32).max)
 
-
-def exceeds_float32(dtype: np.dtype, slope: float = 1.0, inter: float = 0.0) -> bool:
-    """Whether stored values of ``dtype``, scaled by the file's slope/intercept, can leave float32's range (float64
-    voxels, 64-bit integers with a large slope, ...): such channels are normalised in float64 and range-checked."""
-    dtype = np.dtype(dtype)
-    if dtype.kind not in "iuf":
-        return False
-    top = float(np.finfo(dtype).max if dtype.kind == "f" else max(-int(np.iinfo(dtype).min), np.iinfo(dtype).max))
-    return top * abs(slope) + abs(inter) > _F32_MAX
 
 
 def percentile_step(shape: tuple[int, int, int]) -> int:
@@ -83,7 +46,7 @@ def _lattice_sample(stored: np.ndarray, z0: int, step: int, slope: float, inter:
     stride in memory order would take the same few planes of each slab (thin structures along z unseen)."""
     picked = stored[::step, ::step, (-z0) % step :: step].astype(np.float64) * slope + inter
     picked = picked[np.isfinite(picked)] if not np.isfinite(picked).all() else picked.ravel()
-    if dtype is np.float64 and (not picked.size or float(np.abs(picked).max()) <= _F32_MAX):
+    if dtype is np.float64 and (not picked.size or float(np.abs(picked).max()) <= F32_MAX):
         dtype = np.float32  # wide voxels whose values fit float32: the sample a float32 file of them gives
     return picked.astype(dtype)
 
@@ -94,7 +57,7 @@ def fits_float32(stored: np.ndarray, slope: float = 1.0, inter: float = 0.0) -> 
     if not stored.size:
         return True
     top = float(np.abs(stored).max())
-    return top * abs(slope) + abs(inter) <= _F32_MAX
+    return top * abs(slope) + abs(inter) <= F32_MAX
 
 
 class Normalizer:
@@ -103,8 +66,8 @@ class Normalizer:
     def __init__(self, spec: dict[str, Any] | None, channels: int) -> None:
         self.spec = dict(spec or {"kind": "none"})
         self.kind = self.spec.get("kind", "none")
-        if self.kind not in KINDS:
-            raise VolinferError(f"unknown normalization {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.kind not in NORMALIZATIONS:
+            raise VolinferError(f"unknown normalization {self.kind!r}; expected one of {', '.join(NORMALIZATIONS)}")
         validate.normalization(self.spec)
         self.channels = channels
         self.a = np.ones(channels, dtype=np.float64)
@@ -142,8 +105,6 @@ class Normalizer:
     def fit(self, source: VolumeSource, slab: int) -> None:
         """Gather the volume statistics this normalisation needs in a streaming pass of z-slabs of ``slab`` planes
         (on its own; a run feeds :meth:`statistics` from its one pre-pass instead, see :mod:`volinfer.run.prepass`)."""
-        from volinfer.run.prepass import PrePass
-
         pre = PrePass(source, slab)
         pre.add(self.statistics(source))
         pre.run()

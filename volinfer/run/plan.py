@@ -20,7 +20,20 @@ from typing import Any, Sequence
 import numpy as np
 
 from volinfer.errors import VolinferError
+from volinfer.io.reader import StreamChannel, scan_slabs
+from volinfer.io.sources import open_paths
+from volinfer.io.formats import is_zarr
+from volinfer.io.zarr_io import open_zarr_source
+from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
+from volinfer.model.tile_model import TileModel
+from volinfer.run import pipeline
+from volinfer.run.norm_stats import waves
+from volinfer.run.normalize import percentile_step
+from volinfer.run.pipeline import open_source
+from volinfer.run.settings import RunSettings
+from volinfer.run.setup import guard_for, make_normalizer, needs_input_scan, needs_norm_passes, resolve, scan_input, verdict
 from volinfer.tiling.geometry import TileGrid
+from volinfer.tiling.stitch import BlendStitcher
 
 MB = 2**20
 
@@ -145,8 +158,6 @@ def measure_model(model: str | Path, tile: Sequence[int], layout: str | None, ou
 def engine_buffers_mb(setup: Any, facts: "VolumeFacts", model_channels: int, requests: int) -> dict[str, float]:
     """The engine's memory beyond the compiled model, in MB, by part (see module docs), for a resolved run
     (:class:`volinfer.run.setup.RunSetup`) on a volume (:class:`VolumeFacts`)."""
-    from volinfer.tiling.stitch import BlendStitcher
-
     grid, stitch, norm = setup.grid, setup.stitch, setup.normalizer
     in_channels, stored_itemsize, compressed = facts.channels, facts.itemsize, facts.compressed
     out_channels, out_itemsize = setup.spec.out_channels, setup.spec.dtype.itemsize
@@ -185,8 +196,6 @@ def statistics_pass_mb(shape: tuple[int, int, int], depth: int, stored_itemsize:
     """
     import inspect
 
-    from volinfer.run.normalize import percentile_step
-    from volinfer.io.reader import scan_slabs
 
     X, Y, Z = shape
     bound = inspect.signature(scan_slabs).parameters["voxels"].default
@@ -216,24 +225,6 @@ def make_plan(grid: TileGrid, cost: ModelCost, parts: dict[str, float]) -> Plan:
                           **{k: round(v, 1) for k, v in parts.items()}})
 
 
-def parse_size_mb(text: str) -> float:
-    """``600M``, ``1.5G``, ``800`` (MB) → MB."""
-    t = text.strip().upper().removesuffix("B")
-    scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0**2}
-    try:
-        if t and t[-1] in scale:
-            return float(t[:-1]) * scale[t[-1]]
-        return float(t)
-    except ValueError:
-        raise VolinferError(f"memory size must look like 600M or 1.5G; got {text!r}") from None
-
-
-def candidate_tiles(multiple: int, largest: int = 256, smallest: int = 32) -> list[int]:
-    """Cubic tile sizes to try under a memory limit, largest first, all multiples of the model's size multiple."""
-    step = max(multiple, 16)
-    return [t for t in range(largest // step * step, smallest - 1, -step) if t % multiple == 0 and t > 0] or [multiple]
-
-
 @dataclass
 class VolumeFacts:
     shape: tuple[int, int, int]
@@ -247,10 +238,6 @@ def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
     """What the plan needs to know about the input files (NIfTI files, or one Zarr store), from their headers only.
     A Zarr store's shape is (x, y, z) like every input's (its axes read by name); its chunks are read region by
     region, never as whole streamed planes. TIFF, MHA/MHD and NRRD files open through their readers."""
-    from volinfer.io.reader import StreamChannel
-    from volinfer.io.sources import open_paths
-    from volinfer.io.zarr_io import is_zarr, open_zarr_source
-
     if any(is_zarr(p) for p in paths):
         if len(paths) != 1:
             raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
@@ -270,9 +257,6 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     as the run (fidelity first), then the model measured at that tile in a fresh process. ``settings``: a
     :class:`volinfer.run.settings.RunSettings`; keyword ``options`` as for :func:`volinfer.predict` (``output=``
     here names the model output, ``options=`` is a dict of compile options)."""
-    from volinfer.run.settings import RunSettings
-    from volinfer.io.zarr_io import is_zarr
-
     if "output" in options:
         options["model_output"] = options.pop("output")
     s = RunSettings.from_kwargs(settings, **options)
@@ -308,8 +292,6 @@ def _model_cost(model_path: str | Path, tm: Any, choice: Any, s: Any, how: tuple
     model is measured at its own, smaller tile and the planned tile's figures estimated from it (memory: the
     measurement plus the planner's estimate of the difference; latency: scaled by voxels x per-voxel cost), so that
     planning a stream never compiles a tile as large as the budget allows."""
-    from volinfer.run.fidelity import activation_bytes_per_voxel
-
     opts, requests = how
     at = tuple(choice.preferred or tm.tile)
     if choice.stream is None or np.prod(at) >= np.prod(tm.tile):
@@ -328,8 +310,6 @@ def _add_probe(plan: Plan, probe_mb: float, tm: Any, cost: ModelCost) -> None:
     """The run-time receptive-field probe's peak (``probe_mb``, the planner's estimate) in the plan: its excess over
     the planner's estimate for the model at the run's tile, added to the model's measured memory (both estimates
     share the planner's conservative runtime floor); the plan's peak is the larger of the two phases."""
-    from volinfer.run.fidelity import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
-
     per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
     at_tile = RUNTIME_FLOOR_MB + weights_mb(tm.model) + per_voxel * float(np.prod(tm.tile)) / MB
     probe = round(cost.steady_mb + max(0.0, probe_mb - at_tile), 1)
@@ -339,34 +319,22 @@ def _add_probe(plan: Plan, probe_mb: float, tm: Any, cost: ModelCost) -> None:
 
 
 def _plan_tiling(facts: Any, model_path: str | Path, s: Any, paths: Sequence[str | Path] = ()) -> tuple[Any, Any, Any]:
-    """The run's own tile planning and settings resolution, on the volume's facts, in the precision the run will use
-    (``paths``: the input, read once when ``--precision auto``'s choice depends on its values)."""
-    from volinfer.model.tile_model import TileModel
-    from volinfer.run.setup import choose_stream, overlap_for, plan_tiling, resolve
-
+    """The run's own plan (:func:`volinfer.run.pipeline.plan`) and settings resolution, on the volume's facts, in
+    the precision the run will use (``paths``: the input, read once when ``--precision auto``'s choice depends on
+    its values)."""
     t, rt = s.tiling, s.runtime
     handle = TileModel(model_path, tile=t.tile, layout=rt.layout, output=rt.model_output,
                        options=rt.compile_options(), compile=False)
     handle = _run_precision(handle, paths, s)
-    choice = plan_tiling(handle, facts.shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
-                         norm_stats=t.norm_stats, mirror=bool(t.mirror))
-    choose_stream(handle, facts.shape, choice, s)  # sets choice.stream when the run would stream
-    tm = handle.at(choice.tile, compile=False)
-    overlap = t.overlap
-    if overlap is None:
-        overlap = list(choice.overlap) if choice.overlap is not None else overlap_for(choice, tm)
-    setup = resolve(tm, facts.shape, facts.channels, s, overlap=overlap)
-    return tm, choice, setup
+    planned = pipeline.plan(handle, facts.shape, s)
+    setup = resolve(planned.model, facts.shape, facts.channels, s, overlap=planned.overlap)
+    return planned.model, planned.choice, setup
 
 
 def _run_precision(handle: Any, paths: Sequence[str | Path], s: Any) -> Any:
     """``handle`` in the precision the run will use: when ``--precision auto`` chose a reduced precision whose stored
     check the input's range may overrule, the input is scanned as the run scans it (one pass over its voxels) and
     the run's precision guard applied (:func:`volinfer.run.setup.guard_for`)."""
-    from volinfer.api import open_source
-    from volinfer.io.zarr_io import is_zarr, open_zarr_source
-    from volinfer.run.setup import guard_for, make_normalizer, needs_input_scan, scan_input
-
     if not paths or not needs_input_scan(handle):
         return handle
     zarr_input = any(is_zarr(p) for p in paths)
@@ -380,9 +348,6 @@ def _finish_plan(plan: Plan, facts: Any, planned: tuple[Any, Any], setup: Any, s
     """Mirroring, normalisation-statistics passes, the fidelity verdict and the weighed tilings (``planned``: the
     tile model and the planner's choice)."""
     tm, choice = planned
-    from volinfer.run.norm_stats import waves
-    from volinfer.run.setup import needs_norm_passes, verdict
-
     # the same count the run reports: layers that do not depend on each other share a pass
     passes = len(waves(tm.model, choice.norm_layers)) if needs_norm_passes(setup, choice) else 0
     fid = verdict(setup, choice, frozen=passes > 0)
@@ -436,27 +401,3 @@ def _candidate_times(plan: Plan, choice: Any) -> None:
     for c in plan.candidates:
         raw = c.pop("raw")
         c["time_s"] = None if scale is None else round(raw * scale, 1)
-
-
-def largest_fitting_tile(paths: Sequence[str | Path], model_path: str | Path, limit_mb: float,
-                         **kwargs: Any) -> Plan:
-    """The plan with the largest cubic tile whose predicted peak fits ``limit_mb``; refuses with the smallest need."""
-    from volinfer.model.tile_model import TileModel
-
-    tm = TileModel(model_path, layout=kwargs.get("layout"), tile=kwargs.get("tile") or 32,
-                   output=kwargs.get("output"), compile=False)
-    facts = volume_facts(paths)
-    step = max(tm.multiple, 16)
-    largest = min(256, -(-max(facts.shape) // step) * step)  # a tile beyond the volume only adds padding
-    best: Plan | None = None
-    for t in candidate_tiles(tm.multiple, largest=largest):
-        kwargs["tile"] = t
-        try:
-            p = plan_run(paths, model_path, **kwargs)
-        except VolinferError:
-            continue  # the model rejects this size (or the overlap does not fit): try the next
-        best = p
-        if p.peak_rss_mb <= limit_mb:
-            return p
-    need = f"{best.peak_rss_mb:.0f} MB even at tile {best.tile[0]}" if best else "an unknown amount"
-    raise VolinferError(f"no tile size fits in {limit_mb:.0f} MB: the run would need {need}")

@@ -9,8 +9,8 @@ import numpy as np
 from volinfer import validate
 from volinfer.tiling.blockwise import blockwise
 from volinfer.errors import VolinferError
+from volinfer.options import OUTPUT_KINDS
 
-OUTPUT_KINDS = ("labels", "probabilities", "raw")
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 
 
@@ -116,11 +116,3 @@ def _argmax(raw: np.ndarray, out: np.ndarray) -> None:
         np.maximum(best, raw[c], out=best)
 
 
-def parse_channels(text: str | None) -> tuple[int, ...] | None:
-    """``"1,2"`` → ``(1, 2)``; empty → ``None`` (all channels)."""
-    if not text:
-        return None
-    try:
-        return tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise VolinferError(f"--channels expects comma-separated integers, got {text!r}") from None

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from volinfer.io.reader import VolumeSource, scan_slabs
+from volinfer.io.journal import hasher
 
 
 class SlabConsumer(Protocol):
@@ -81,8 +82,6 @@ class ContentDigest:
     order, fed from the same slabs: what ``--resume`` compares, whatever the file's name, place or compression."""
 
     def __init__(self, channels: int) -> None:
-        from volinfer.io.journal import hasher
-
         self._h = [hasher() for _ in range(channels)]
         self.digests: list[str] = []
 

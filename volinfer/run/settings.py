@@ -17,27 +17,10 @@ import numpy as np
 
 from volinfer import validate
 from volinfer.errors import VolinferError
+from volinfer.options import (ENGINES, NORM_STATS, OUTPUT_KINDS, PAD_MODES, STITCH_MODES, parse_channels, parse_mirror,
+                              parse_normalization, parse_size_mb, parse_tile)
+from volinfer.model.tile_model import CompileOptions
 
-STITCH_MODES = ("crop", "gaussian", "mean")
-NORM_STATS = ("volume", "tile")
-KINDS = ("labels", "probabilities", "raw")
-PAD_MODES = ("constant", "edge", "reflect")
-ENGINES = ("auto", "tiles", "stream")
-
-
-def parse_mirror(value: str | Sequence[int] | None) -> tuple[int, ...]:
-    """``"xyz"`` / ``"xz"`` / ``[0, 2]`` → sorted volume axes to mirror over; empty for none."""
-    if value is None or value == "" or value == "none":
-        return ()
-    if isinstance(value, str):
-        bad = set(value.lower()) - set("xyz")
-        if bad or len(set(value.lower())) != len(value):
-            raise VolinferError(f"--mirror takes a subset of the axes x, y, z (e.g. xyz or xz); got {value!r}")
-        return tuple(sorted("xyz".index(c) for c in value.lower()))
-    axes = tuple(sorted(set(int(a) for a in value)))
-    if any(a not in (0, 1, 2) for a in axes):
-        raise VolinferError(f"mirror axes must be 0, 1, 2 (x, y, z); got {value!r}")
-    return axes
 
 
 def _choice(name: str, value: str | None, allowed: Sequence[str]) -> None:
@@ -89,7 +72,7 @@ class OutputSettings:
     pyramid: int = 0  # Zarr outputs: downsampled OME-Zarr levels
 
     def __post_init__(self) -> None:
-        _choice("kind", self.kind, KINDS)
+        _choice("kind", self.kind, OUTPUT_KINDS)
         _choice("activation", self.activation, ("softmax", "sigmoid", "none"))
         validate.finite("threshold", self.threshold)  # the range depends on the resolved activation: OutputSpec
         if self.channels is not None:
@@ -114,7 +97,6 @@ class InputSettings:
 
     def __post_init__(self) -> None:
         if isinstance(self.normalize, str):  # the CLI form ("zscore", "percentile:1:99"), e.g. from predict()
-            from volinfer.run.normalize import parse_normalization
 
             object.__setattr__(self, "normalize", parse_normalization(self.normalize))
         if self.normalize is not None and not isinstance(self.normalize, dict):
@@ -151,8 +133,6 @@ class RuntimeSettings:
 
     def compile_options(self) -> Any:
         """The :class:`volinfer.model.tile_model.CompileOptions` these settings compile with."""
-        from volinfer.model.tile_model import CompileOptions
-
         return CompileOptions(**self.compile_dict())
 
     def compile_dict(self) -> dict[str, Any]:
@@ -239,10 +219,6 @@ def output_float_dtype(float16: bool, kind: str, zarr: bool) -> tuple[str, str |
 
 def from_cli(params: dict[str, Any]) -> RunSettings:
     """Settings from the ``run``/``plan`` commands' parsed options (click's parameter names)."""
-    from volinfer.cliutil import parse_tile
-    from volinfer.run.normalize import parse_normalization
-    from volinfer.run.plan import parse_size_mb
-    from volinfer.run.postprocess import parse_channels
 
     p = dict(params)
     kw: dict[str, Any] = {}

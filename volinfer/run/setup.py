@@ -10,34 +10,35 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volinfer import portable, validate
+from volinfer import portable
 from volinfer.model.activation import graph_activation
 from volinfer.run.checks import check_input_range, check_nonfinite, needs_value_scan
 from volinfer.run.prepass import ContentDigest, PrePass, ValueScan
 from volinfer.errors import VolinferError
-from volinfer.run.fidelity import (Fidelity, Tiling, accepts, activation_bytes_per_voxel, default_budget_mb,
-                                   explain_exact, fmt_tile, judge, plan_exact, probe_multiple)
-from volinfer.run.fidelity import RUNTIME_FLOOR_MB, leanest_near_fastest, weights_mb
+from volinfer.run.fidelity import (Fidelity, Tiling, TilingProblem, explain_exact, fmt_tile, judge, leanest_near_fastest,
+                                   plan_exact)
+from volinfer.model.memory import (RUNTIME_FLOOR_MB, accepts, activation_bytes_per_voxel, default_budget_mb,
+                                   probe_multiple, weights_mb)
 from volinfer.model.graph_reach import stride_period
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
 from volinfer.model.spatial_norm import (POSITION_OPS, NormLayer, find_norm_layers, fixed_shape_global_ops,
                                          frozen_like)
 from volinfer.model.tiling_check import stored as stored_tiling_check
 from volinfer.tiling.geometry import GeometryError, TileGrid
+from volinfer.model.layout import Layout
 from volinfer.model.tile_model import TileModel
 from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
 from volinfer.run.stream_stats import statistics_cost
 from volinfer.io.reader import VolumeSource
+from volinfer.options import NORM_STATS, STITCH_MODES, parse_overlap
+from volinfer.run.settings import RunSettings
+from volinfer.model.precision import outside_checked
+from volinfer.model import speed_profile
+from volinfer.model.stream_graph import NotStreamable
+from volinfer.run.stream import plan_stream
 
-STITCH_MODES = ("crop", "gaussian", "mean")
-NORM_STATS = ("volume", "tile")
 DEFAULT_OVERLAP = 0.25
-
-
-def parse_overlap(value: Any) -> list[float] | None:
-    """``0.25`` / ``"0.25"`` (fraction of the tile), ``32`` (voxels), ``"32,32,16"`` (per axis) → 3 numbers."""
-    return validate.overlap(value)  # values < 1 are fractions, whole numbers >= 1 voxels, the rest refused
 
 
 def overlap_voxels(items: list[float], tile: Sequence[int]) -> tuple[int, int, int]:
@@ -79,8 +80,6 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
     """Everything that follows from the run's settings (:class:`volinfer.run.settings.RunSettings`), the model's
     stored settings and the volume's shape (no I/O). ``overlap``: the planned one, else the settings'.
     ``normalizer``: the one the input scan fitted (:func:`scan_input`), else a new one."""
-    from volinfer.run.settings import RunSettings
-
     s = settings or RunSettings()
     o = s.output
     stitch, keep = s.tiling.stitch, o.channels
@@ -163,8 +162,6 @@ def guard_for(tm: TileModel, input_abs_max: float | None, compile: bool = False)
     volume's normalised values (largest |value| ``input_abs_max``, from :func:`scan_input`) reach far beyond those,
     the verdict does not cover it: f32 instead, saying why (:func:`volinfer.model.precision.outside_checked`).
     Decided before planning: memory and time are planned in the precision that runs."""
-    from volinfer.model.precision import outside_checked
-
     if input_abs_max is None or not tm.auto_reduced:
         return tm
     why = outside_checked(tm.settings.extra.get("precision_check"), input_abs_max)
@@ -187,7 +184,7 @@ def resolve_activation(tm: TileModel, explicit: str | None) -> tuple[str, str | 
     exactly exp() of them. ``--activation`` always wins. Returns (activation, note for the summary)."""
     if explicit:
         return explicit, None
-    graph = graph_activation(tm.model, tm.output_index, channel_axis=1 if tm.layout == "NCDHW" else 4)
+    graph = graph_activation(tm.model, tm.output_index, channel_axis=Layout.of(tm.layout).channel_axis)
     if graph in ("softmax", "sigmoid"):
         return "none", f"the model ends in {graph}: its output is used as probabilities (no second activation)"
     if graph == "logsoftmax":
@@ -265,8 +262,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     if missing:
         notes.append(missing)
     layers, global_ops = model_norm_layers(tm)
-    if tm.settings.size_multiple is None and not tm.declared_input.is_static:
-        tm.multiple = run_multiple(tm)
+    tm = with_run_multiple(tm)  # (the caller's model is left as it is: volinfer.run.pipeline.plan sizes it first)
     check_overlap_fits(tm, overlap, stitch or tm.settings.stitch or "crop")
     # a tile longer than the volume padded to the size multiple would show the model more padding than whole-volume
     # inference does (features computed from padding are not the zeros a convolution pads with): clamp it
@@ -287,9 +283,8 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
             choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb))
         return choice
     cost, choice.speed_source = planner_voxel_cost(tm)
-    best = plan_exact(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, len(layers),
-                      bool(global_ops), mode == "volume" and not mirror, weighed=choice.candidates,
-                      voxel_cost=cost)
+    best = plan_exact(TilingProblem(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, len(layers),
+                                    bool(global_ops), mode == "volume" and not mirror, cost), choice.candidates)
     choice.budget_mb, choice.voxel_cost, choice.planned = budget, cost, best
     if best is None:
         choice.exact_fits = False
@@ -362,8 +357,6 @@ def unconverted_note(tm: TileModel) -> str | None:
     """Why a model file that `volinfer convert` did not write (an ONNX file, a plain IR) costs more to run than its
     converted IR: what convert measures once and stores is probed or assumed on every run. None when nothing is
     missing."""
-    from volinfer.model import speed_profile
-
     s = tm.settings
     missing = [what for what, absent in (
         ("receptive field (probed now, every run)", not s.receptive_field),
@@ -377,12 +370,18 @@ def unconverted_note(tm: TileModel) -> str | None:
             f"runs without these costs (`volinfer convert {name} -o model.xml`)")
 
 
+def with_run_multiple(tm: TileModel) -> TileModel:
+    """``tm`` with the size multiple runs plan with: the stored one, else (an ONNX file, a plain IR) the one found
+    by :func:`run_multiple`."""
+    return tm if tm.multiple_known else tm.with_multiple(run_multiple(tm))
+
+
 def run_multiple(tm: TileModel) -> int:
     """The size multiple of a model that stores none (an ONNX file, a plain IR): the smallest size step it accepts,
     raised to its stride period read from the graph (:func:`volinfer.model.graph_reach.stride_period`), as `volinfer
     convert` stores it: a model that accepts any size still pools fixed voxel groups, and crop tiles starting
     between them are not whole-volume inference (an odd offset moved outputs by 0.4 of a 1.2 range)."""
-    m = probe_multiple(tm.model, tm.layout, tm.in_channels)
+    m = probe_multiple(tm.model, tm.layout, tm.in_channels) or 1
     period = stride_period(tm.model, tm.layout, tm.in_channels, tm.tile)
     return math.lcm(m, *period) if period else m
 
@@ -401,11 +400,9 @@ def overlap_for(choice: TilingChoice, tm: TileModel) -> list[float] | None:
 def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
     """The per-voxel cost the planner weighs tilings with, from the model's stored speed profile in the run's
     precision (None: constant), and where it came from (see :func:`volinfer.model.speed_profile.voxel_cost`)."""
-    from volinfer.model import speed_profile as sp
-
-    profile = sp.stored(tm.settings.extra)
-    here = sp.device_name(tm.core, tm.options.device) if profile is not None else None
-    cost, source = sp.voxel_cost(profile, tm.precision, tm.options.device, here)
+    profile = speed_profile.stored(tm.settings.extra)
+    here = speed_profile.device_name(tm.core, tm.options.device) if profile is not None else None
+    cost, source = speed_profile.voxel_cost(profile, tm.precision, tm.options.device, here)
     if cost is None or profile is None:
         return cost, source
     largest = float(max(v for v, _ in profile.points))
@@ -582,9 +579,6 @@ def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_m
                 banded: bool) -> Any:
     """The stream plan within the memory budget (whole cross-section, else bands of y rows with margins covering the
     receptive field), its predicted peak set; None (with a note) when auto cannot stream within it."""
-    from volinfer.model.stream_graph import NotStreamable
-    from volinfer.run.stream import plan_stream
-
     fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
     cap = max_memory_mb or choice.budget_mb or default_budget_mb(weights_mb(tm.model))
     rf = choice.rf

@@ -23,7 +23,9 @@ from volinfer.progress import progress_bar
 from volinfer.io.plane_store import PlaneFile, PlaneStore, PlaneWindow, check_space, spill_location
 from volinfer.model.stream_graph import NotStreamable, Segment, StreamGraph, StreamTensor, analyse, build_segment_model
 from volinfer.model.tile_model import TileModel
-from volinfer.tiling.geometry import AxisPlan, plan_axis_crop
+from volinfer.run.feeder import TileFeeder
+from volinfer.run.fidelity import leanest_near_fastest
+from volinfer.tiling.geometry import AxisPlan, Tile, TileGrid, plan_axis_crop
 
 #: Bytes of output one segment call aims at: large enough for OpenVINO to use every core, small enough to keep the
 #: planes in flight few.
@@ -559,8 +561,6 @@ def _spilled(plan: StreamPlan, fits: Callable[[StreamPlan], bool], cost: Callabl
     ``fits``, the planner's objective's pick by ``cost`` (least time, the leanest within 10% of it), else the one
     that spills least; ``leanest``: every option applied. :data:`SPILL` may rule spilling out or in. None when none
     fits and not ``none_fit`` (else the leanest)."""
-    from volinfer.run.fidelity import leanest_near_fastest
-
     n = len(plan.spill_options)
     counts = [0] if SPILL == "never" else [n] if SPILL == "always" or leanest else list(range(n + 1))
     variants = [plan.spilling(k) for k in counts]
@@ -676,11 +676,8 @@ def _spill_store(plan: StreamPlan) -> PlaneStore | None:
 def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any, pad_mode: str = "constant",
                 nan_fill: list[float] | None = None) -> Callable[[int], Callable[[int, np.ndarray | None], None]]:
     """For a band starting at padded y row ``sy``, the reader a :class:`StreamRun` pulls input planes with: the
-    volume's planes normalised and padded as tiles are (:class:`volinfer.tiling.feeder.TileFeeder`), written straight
+    volume's planes normalised and padded as tiles are (:class:`volinfer.run.feeder.TileFeeder`), written straight
     into the input buffer's slot."""
-    from volinfer.tiling.feeder import TileFeeder
-    from volinfer.tiling.geometry import Tile, TileGrid
-
     in_ten = plan.graph.tensors[plan.graph.input_key]
     reads = TileGrid.build(tuple(source.shape), (plan.padded[0], plan.band, plan.read_planes),
                            [model.multiple] * 3, (0, 0, 0), "crop")

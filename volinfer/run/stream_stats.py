@@ -18,7 +18,6 @@ stopped, is the better design (not done here).
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 

@@ -26,8 +26,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from volinfer.tiling.geometry import AxisPlan, Tile, TileGrid
-from volinfer.run.postprocess import OutputSpec
-from volinfer.tiling.stitch import make_stitcher
+from volinfer.tiling.stitch import PostProcess, make_stitcher
 
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
 
@@ -121,7 +120,7 @@ class BlockArray:
         self._zyx[:, z0 - bz0 : z0 - bz0 + nz, y0 - by0 : y0 - by0 + ny, :nx] = rows
 
 
-def make_block_stitcher(grid: TileGrid, block: Block, spec: OutputSpec, stitch: str, sigma: float = 0.125):
+def make_block_stitcher(grid: TileGrid, block: Block, spec: PostProcess, stitch: str, sigma: float = 0.125):
     """The one-process stitcher for ``stitch``, restricted to ``block``; returns (stitcher, its BlockArray)."""
     writer = BlockArray(block, spec.out_channels, spec.dtype)
     return make_stitcher(grid, spec, writer, stitch, sigma, region=block.box), writer

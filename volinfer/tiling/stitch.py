@@ -21,11 +21,21 @@ import numpy as np
 
 from volinfer.tiling.blockwise import blockwise
 from volinfer.tiling.geometry import AxisPlan, Tile, TileGrid
-from volinfer.run.postprocess import OutputSpec
 from volinfer.tiling.weights import tile_weights_1d, weight_sum_1d
 
 
 Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+class PostProcess(Protocol):
+    """What turns a block of raw model output into output values (activation, labels, dtype): the run's
+    :class:`~volinfer.run.postprocess.OutputSpec`. Stitchers only combine; they call it on finished voxels."""
+
+    out_channels: int
+    dtype: np.dtype
+
+    def __call__(self, raw: np.ndarray, out: np.ndarray) -> None:
+        """Write the post-processed ``raw`` block (C, ...) into ``out`` (out_channels, ...)."""
 
 
 class BlockWriter(Protocol):
@@ -49,7 +59,7 @@ class CropStitcher:
     added, and only their voxels inside it are kept and written; x of written blocks starts at the region's start.
     """
 
-    def __init__(self, grid: TileGrid, spec: OutputSpec, writer: BlockWriter, region: Region | None = None) -> None:
+    def __init__(self, grid: TileGrid, spec: PostProcess, writer: BlockWriter, region: Region | None = None) -> None:
         self.grid, self.spec, self.writer = grid, spec, writer
         self.region = region or whole(grid)
         (rx0, rx1), ry, rz = self.region
@@ -114,7 +124,7 @@ class BlendStitcher:
 
     CHUNK = 16  # planes weighted per step: small temporaries, cache-friendly transposes
 
-    def __init__(self, grid: TileGrid, spec: OutputSpec, writer: BlockWriter, mode: str, sigma: float = 0.125,
+    def __init__(self, grid: TileGrid, spec: PostProcess, writer: BlockWriter, mode: str, sigma: float = 0.125,
                  region: Region | None = None) -> None:
         self.grid, self.spec, self.writer = grid, spec, writer
         self.region = region or whole(grid)
@@ -263,7 +273,7 @@ def carry_depth(az: AxisPlan) -> int:
     return max([az.extent(r)[1] - az.starts[r + 1] for r in range(az.count - 1)], default=0)
 
 
-def make_stitcher(grid: TileGrid, spec: OutputSpec, writer: BlockWriter, stitch: str, sigma: float = 0.125,
+def make_stitcher(grid: TileGrid, spec: PostProcess, writer: BlockWriter, stitch: str, sigma: float = 0.125,
                   region: Region | None = None):
     """``crop`` → :class:`CropStitcher`; ``gaussian`` / ``mean`` → :class:`BlendStitcher`; ``region`` keeps one box
     of the volume (default: all of it)."""

@@ -11,8 +11,8 @@ import numpy as np
 
 from volinfer import validate
 from volinfer.tiling.geometry import AxisPlan
+from volinfer.options import BLEND_MODES
 
-BLEND_MODES = ("gaussian", "mean")
 
 #: Smallest 1-D weight; keeps tile borders from dividing by ~0 where only one tile covers a voxel.
 MIN_WEIGHT = 1e-3

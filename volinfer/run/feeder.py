@@ -13,8 +13,8 @@ from volinfer.errors import VolinferError
 from volinfer.tiling.geometry import Tile, TileGrid
 from volinfer.run.normalize import Normalizer
 from volinfer.io.reader import VolumeSource
+from volinfer.options import PAD_MODES
 
-PAD_MODES = ("constant", "edge", "reflect")
 
 
 class TileFeeder:
