@@ -314,7 +314,8 @@ def plan_capacities(graph: StreamGraph, read_planes: int, rows: list[tuple[int, 
     whole volume written in ``rows`` (the output plane ranges the run will take, in order) with the segments
     computing ``chunks`` planes per call, rounded up to whole slots of its producer's chunk; and its longest window
     read by a segment, less one. Valid for exactly these chunks (another chunking needs other sizes). ``spill``
-    receives what spilling each buffer with far consumers would keep in RAM instead (:func:`spill_options`)."""
+    receives what spilling each buffer with far consumers would keep in RAM instead (:class:`Spill`, most saved
+    first)."""
     dry = StreamRun(graph, lambda a, slot: None, read_planes, chunks)
     for a, b in rows:
         dry.take(a, b - a)
