@@ -495,7 +495,10 @@ class StreamPlan:
                 "read_mb": round(used.get("read", 0) / 2**20, 1), "io_s": round(used.get("seconds", 0.0), 2),
                 "write_wait_s": round(used.get("waited", 0.0), 2),
                 "predicted_s": round(self.spill_s, 2),
-                "directory": self.spill_at[0] if self.spill_at else None}
+                "directory": self.spill_at[0] if self.spill_at else None,
+                "spilled": [{"tensor": o.key, "shape": list(self.graph.tensors[o.key].shape),
+                             "ram_saved_mb": round(o.saved_bytes / 2**20, 1), "disk_mb": round(o.disk_bytes / 2**20, 1)}
+                            for o in self.spill.values()]}
 
     @property
     def memory_mb(self) -> float:
