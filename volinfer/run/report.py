@@ -97,9 +97,9 @@ class RunReport:
             lines.append(f"{k:<11} {v}")
         if self.spill:  # spill
             sp = self.spill
-            lines.append(f"{'spill':<11} {sp['tensors']} skip connection(s) to disk: {sp['written_mb']:.0f} MB "
-                         f"written, {sp['read_mb']:.0f} MB read back, {sp['ram_saved_mb']:.0f} MB of RAM saved "
-                         f"(files in {sp['directory']}, deleted)")
+            lines.append(f"{'spill':<11} {sp['tensors']} skip connection(s) to {sp['disk_mb']:.0f} MB of disk: "
+                         f"{sp['written_mb']:.0f} MB written, {sp['read_mb']:.0f} MB read back, "
+                         f"{sp['ram_saved_mb']:.0f} MB of RAM saved (files in {sp['directory']}, deleted)")
         if self.output:
             lines.append(f"output      {self.output} ({self.output_kind}, {self.output_dtype})")
         return "\n".join(lines)
