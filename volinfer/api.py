@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from volinfer.run.engine import TileJob, run_tiles
-from volinfer.run.report import RunReport, peak_rss_mb
+from volinfer.run.report import RunReport, Work, build_report
 from volinfer.errors import Interrupted, VolinferError, strip_path
 from volinfer.io.batch_record import BatchRecord, check_unique
 from volinfer.io.journal import Journal
@@ -343,25 +343,14 @@ def _run_tiles(run: _Run) -> None:
 
 
 def _report(run: _Run, wall_s: float) -> RunReport:
-    """The run's report: what ran, how fast, how much memory, whether it was exact, and the notes."""
-    setup, tm, source, grid = run.setup, run.tm, run.source, run.setup.grid
+    """The run's report (:func:`volinfer.run.report.build_report`) with its verdict and notes."""
     busy, n, reused = run.counts
-    rep = RunReport(
-        shape=source.shape, channels=source.channels, tile=tm.tile,
-        grid=tuple(a.count for a in grid.axes), tiles=n, stitch=setup.stitch, overlap=setup.overlap,  # type: ignore[arg-type]
-        layout=tm.layout, device=tm.options.device, precision=tm.precision, requests=run.s.runtime.requests,
-        normalization=setup.normalizer.describe(), output_kind=run.s.output.kind, output_dtype=str(setup.spec.dtype),
-        wall_s=wall_s, infer_busy_s=busy, peak_rss_mb=peak_rss_mb(),
-        output=str(run.result) if run.output is not None else None,
-        input_passes=setup.input_passes + run.passes, engine="stream" if run.stream is not None else "tiles",
-    )
+    work = Work(wall_s, busy, n, reused, run.passes, "stream" if run.stream is not None else "tiles")
+    rep = build_report(run.setup, run.tm, run.source, run.s, work,
+                       str(run.result) if run.output is not None else None)
     rep.set_fidelity(run.fidelity)
     rep.spill = run.stream.spill_summary() if run.stream is not None else None  # spill: what went to disk
     rep.notes.extend(_notes(run))
-    if reused:
-        rep.extra["constant"] = f"{reused} of {n} tiles were constant and reused one cached inference"
-    if setup.nonfinite:
-        rep.extra["nan/inf"] = f"{setup.nonfinite} voxel(s) replaced by {run.s.input.nan_value}"
     return rep
 
 

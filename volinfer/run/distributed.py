@@ -41,7 +41,7 @@ import numpy as np
 from volinfer.progress import progress_bar
 from volinfer.tiling.blocks import Block, block_tiles, make_block_stitcher, plan_blocks, plan_core_blocks, redundancy
 from volinfer.run.engine import TileJob, run_tiles
-from volinfer.run.report import RunReport, peak_rss_mb
+from volinfer.run.report import RunReport, Work, build_report, peak_rss_mb
 from volinfer.errors import VolinferError
 from volinfer.tiling.geometry import TileGrid
 from volinfer.model.tile_model import CompileOptions, TileModel
@@ -292,17 +292,14 @@ def _job(p: _Prepared, volume: Any, output: Any, model: Any, s: RunSettings, lev
                    method=downsample_method(s.output.kind))
 
 
-def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]], requests: int) -> RunReport:
+def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]], settings: RunSettings) -> RunReport:
+    """The run's report (:func:`volinfer.run.report.build_report`): the blocks' work, the verdict, the largest
+    per-process peak."""
     done = [r for r in results if not r["skipped"]]
-    s, tm, options = p.setup, p.tm, p.options
-    rep = RunReport(
-        shape=p.source.shape, channels=p.source.channels, tile=tm.tile,
-        grid=tuple(a.count for a in s.grid.axes),  # type: ignore[arg-type]
-        tiles=sum(r["tiles"] for r in done), stitch=s.stitch, overlap=s.overlap, layout=tm.layout,
-        device=options.get("device", "CPU"), precision=tm.precision, requests=requests,
-        normalization=s.normalizer.describe(), output_kind=p.settings["kind"], output_dtype=str(s.spec.dtype),
-        wall_s=time.perf_counter() - t0, infer_busy_s=sum(r["busy_s"] for r in done), peak_rss_mb=peak_rss_mb(),
-        output=str(output))
+    work = Work(time.perf_counter() - t0, sum(r["busy_s"] for r in done), sum(r["tiles"] for r in done),
+                sum(r["reused"] for r in done))
+    s = p.setup
+    rep = build_report(s, p.tm, p.source, settings, work, str(output))
     if p.choice is not None:
         fid = verdict(s, p.choice, frozen=False)
         rep.set_fidelity(fid)
@@ -312,9 +309,6 @@ def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]],
     worker_peaks = [r["peak_rss_mb"] for r in done if "peak_rss_mb" in r]
     if worker_peaks:
         rep.extra["worker peak"] = f"{max(worker_peaks):.0f} MB (largest per-process peak RSS)"
-    reused = sum(r["reused"] for r in done)
-    if reused:
-        rep.extra["constant"] = f"{reused} tiles were constant and reused one cached inference"
     return rep
 
 
@@ -344,7 +338,7 @@ def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
     _create_store(p, volume, model, output, s, chunk3, per, journal)
     job = _job(p, volume, output, model, s, levels=o.pyramid)
     results = _execute(job, blocks, where[0], where[1], s.progress)
-    rep = _report(p, output, t0, results, s.runtime.requests)
+    rep = _report(p, output, t0, results, s)
     done = [r for r in results if not r["skipped"]]
     rep.extra["blocks"] = (f"{len(done)} run, {len(results) - len(done)} already complete, "
                            f"{len({r['pid'] for r in done})} process(es), split along {split}")
@@ -430,7 +424,7 @@ def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, s: RunSettings, bl
                          affine=store_geometry(volume).affine, resume=s.resume)
     job = _job(p, volume, output, model, s)
     results = _write_slabs(job, slabs, start, writer, journal, s.progress)
-    rep = _report(p, output, t0, results, s.runtime.requests)
+    rep = _report(p, output, t0, results, s)
     rep.extra["slabs"] = f"{len(results)} run, {start} already complete"
     rep.extra["tile runs"] = tile_runs_line(p.setup.grid, slabs)
     return rep

@@ -220,7 +220,9 @@ class _Statistics:
         """Integer voxels (never NaN): sums of the stored values (a dot product for the squares), scaled by the
         file's slope and intercept afterwards — the same sums as scaling every voxel first, in half the time."""
         f = stored.astype(np.float64).ravel(order="K")  # memory order: a slab is a transposed view
-        n, s1, s2 = f.size, float(f.sum()), float(np.dot(f, f))
+        # einsum, not np.dot: numpy's own loop, as fast here, and no BLAS thread pool (OpenBLAS's workers hung a
+        # process beside torch's OpenMP threads on a loaded 2-core machine, spinning in exec_blas for 20 min)
+        n, s1, s2 = f.size, float(f.sum()), float(np.einsum("i,i->", f, f))
         self.n[c] += n
         self.s1[c] += a * s1 + b * n
         self.s2[c] += a * a * s2 + 2 * a * b * s1 + b * b * n

@@ -103,3 +103,36 @@ class RunReport:
         if self.output:
             lines.append(f"output      {self.output} ({self.output_kind}, {self.output_dtype})")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What an engine did: wall and inference-busy seconds, tiles (or segment calls) run, constant tiles reused,
+    streamed normalisation-statistics passes made before it, and which engine."""
+
+    wall_s: float
+    busy_s: float
+    tiles: int
+    reused: int = 0
+    passes: int = 0
+    engine: str = "tiles"
+
+
+def build_report(setup: Any, tm: Any, source: Any, settings: Any, work: Work, output: str | None) -> RunReport:
+    """The one report of every way of running (:func:`volinfer.predict`, Zarr blocks): the resolved run
+    (:class:`volinfer.run.setup.RunSetup`), the model at its tile, the volume, the run settings and the work done;
+    the verdict and notes are added by the caller."""
+    grid = setup.grid
+    rep = RunReport(
+        shape=tuple(source.shape), channels=source.channels, tile=tm.tile,  # type: ignore[arg-type]
+        grid=tuple(a.count for a in grid.axes), tiles=work.tiles, stitch=setup.stitch,  # type: ignore[arg-type]
+        overlap=setup.overlap, layout=tm.layout, device=tm.options.device, precision=tm.precision,
+        requests=settings.runtime.requests, normalization=setup.normalizer.describe(),
+        output_kind=settings.output.kind, output_dtype=str(setup.spec.dtype), wall_s=work.wall_s,
+        infer_busy_s=work.busy_s, peak_rss_mb=peak_rss_mb(), output=output,
+        input_passes=setup.input_passes + work.passes, engine=work.engine)
+    if work.reused:
+        rep.extra["constant"] = f"{work.reused} of {work.tiles} tiles were constant and reused one cached inference"
+    if setup.nonfinite:
+        rep.extra["nan/inf"] = f"{setup.nonfinite} voxel(s) replaced by {settings.input.nan_value}"
+    return rep
