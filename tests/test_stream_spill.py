@@ -160,6 +160,22 @@ def test_spill_in_bands_of_rows(forced, tmp_path):
     assert np.abs(np.moveaxis(out, -1, 0) - whole_volume(path, vol)).max() < 1e-3
 
 
+def test_precision_changed_after_planning_resizes_the_spill(models, forced):
+    """The guard moving a bf16 plan to f32: the same buffers stay spilled, sized for f32 planes (chunks, rings,
+    windows, disk), as a plan made in f32 would spill them."""
+    path, _ = models["stream_unet"]
+    tm = TileModel(str(path), compile=False)
+    shape = (40, 36, 120)
+    plan = stream.plan_stream(tm, shape, "bf16")
+    keys, disk = set(plan.spill), plan.spill_disk_bytes
+    assert keys
+    plan.store_in("f32")
+    fresh = stream.plan_stream(tm, shape, "f32")
+    assert set(plan.spill) == keys == set(fresh.spill)
+    assert plan.spill == fresh.spill and plan.spill_disk_bytes > disk
+    assert plan.buffers_mb == pytest.approx(fresh.buffers_mb) and plan.capacities == fresh.capacities
+
+
 def test_planner_weighs_spill_by_time(models, monkeypatch):
     """With a cost, the planner's objective decides: spill traffic priced like the rest of the run (cheap here)
     buys the leaner plan; priced as dear as a whole run, it does not."""
