@@ -105,6 +105,7 @@ class PlaneFile:
         self.written = 0  # bytes written
         self.read_bytes = 0
         self.seconds = 0.0  # spent writing and reading
+        self.read_s = 0.0  # of which reading (in the caller's thread)
 
     def _pieces(self, first: int, count: int) -> list[tuple[int, int, int]]:
         """(byte offset, first plane within the call, planes) of planes [first, first + count): one piece, or two
@@ -155,6 +156,7 @@ class PlaneFile:
                 raise OSError(f"spill file {self.path}: {got} of {out[i: i + n].nbytes} bytes read at plane {first}")
         self.read_bytes += out.nbytes
         self.seconds += time.perf_counter() - t0
+        self.read_s += time.perf_counter() - t0
 
     def will_need(self, first: int, count: int) -> None:
         """Ask the OS to start reading planes [first, first + count) (no-op where it cannot be asked)."""
@@ -242,6 +244,11 @@ class PlaneStore:
     def seconds(self) -> float:
         """Seconds spent writing (in the background, when it writes behind) and reading."""
         return sum(f.seconds for f in self.files)
+
+    @property
+    def read_s(self) -> float:
+        """Seconds spent reading (in the caller's thread)."""
+        return sum(f.read_s for f in self.files)
 
     @property
     def waited(self) -> float:

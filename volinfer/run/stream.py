@@ -493,7 +493,7 @@ class StreamPlan:
                 "disk_mb": round(self.spill_disk_bytes / 2**20, 1),
                 "written_mb": round(used.get("written", 0) / 2**20, 1),
                 "read_mb": round(used.get("read", 0) / 2**20, 1), "io_s": round(used.get("seconds", 0.0), 2),
-                "write_wait_s": round(used.get("waited", 0.0), 2),
+                "read_s": round(used.get("read_s", 0.0), 2), "write_wait_s": round(used.get("waited", 0.0), 2),
                 "predicted_s": round(self.spill_s, 2),
                 "directory": self.spill_at[0] if self.spill_at else None,
                 "spilled": [{"tensor": o.key, "shape": list(self.graph.tensors[o.key].shape),
@@ -660,7 +660,7 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
             run.close()
         if store is not None:
             plan.spill_used = {"written": store.written, "read": store.read_bytes, "seconds": store.seconds,
-                               "waited": store.waited}
+                               "waited": store.waited, "read_s": store.read_s}
             store.close()
     return busy, calls
 
