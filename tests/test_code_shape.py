@@ -12,11 +12,7 @@ MAX_PARAMS = 8
 MAX_LINES = 60
 
 #: Functions that may stay over a limit, with why. Keep it short.
-ALLOWED: dict[str, str] = {
-    "volinfer/run/stream.py:run_stream": "being reworked for spill on its own branch (issue 20); merged next",
-    "converters/convert.py:_check_precision": "being reworked on its own branch (issue 22); merged next",
-    "converters/convert.py:_save_checked": "being reworked on its own branch (issue 22); merged next",
-}
+ALLOWED: dict[str, str] = {}
 
 
 def _params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:

@@ -10,7 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from volinfer.run.engine import TileJob, run_tiles
+from volinfer.run.engine import run_tiles
+from volinfer.run.job import RowProgress, TileJob
 from volinfer.run.report import RunReport, Work, build_report
 from volinfer.errors import Interrupted, VolinferError, strip_path
 from volinfer.io.batch_record import BatchRecord, check_unique
@@ -329,17 +330,15 @@ def _run_tiles(run: _Run) -> None:
     if run.output is not None:
         writer, journal = run.writer, run.journal
         on_row_done = lambda r: _row_done(writer, journal, r, rows)  # noqa: E731
-    if run.stream is not None:
-        busy, calls = run_stream(run.source, run.tm, run.stream, setup.spec, run.writer, grid=setup.grid,
-                                 normalizer=setup.normalizer, pad_mode=t.pad_mode, nan_fill=setup.nan_fill,
-                                 progress=run.s.progress, start_row=run.start_row, on_row_done=on_row_done)
-        run.counts = (busy, calls, 0)
-        return
     job = TileJob(setup.grid, setup.normalizer, pad_mode=t.pad_mode, requests=run.s.runtime.requests,
                   reuse_constant=t.reuse_constant, nan_fill=setup.nan_fill, mirror=t.mirror)
+    rows_done = RowProgress(run.start_row, on_row_done, run.s.progress)
+    if run.stream is not None:
+        busy, calls = run_stream(run.source, run.tm, run.stream, job, setup.spec, run.writer, rows_done)
+        run.counts = (busy, calls, 0)
+        return
     stitcher = make_stitcher(setup.grid, setup.spec, run.writer, setup.stitch, t.sigma)
-    run.counts = run_tiles(run.source, run.tm, stitcher, job, start_row=run.start_row, on_row_done=on_row_done,
-                           progress=run.s.progress)
+    run.counts = run_tiles(run.source, run.tm, stitcher, job, rows=rows_done)
 
 
 def _report(run: _Run, wall_s: float) -> RunReport:

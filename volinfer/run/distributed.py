@@ -40,7 +40,8 @@ import numpy as np
 
 from volinfer.progress import progress_bar
 from volinfer.tiling.blocks import Block, block_tiles, make_block_stitcher, plan_blocks, plan_core_blocks, redundancy
-from volinfer.run.engine import TileJob, run_tiles
+from volinfer.run.engine import run_tiles
+from volinfer.run.job import RowProgress, TileJob
 from volinfer.run.report import RunReport, Work, build_report, peak_rss_mb
 from volinfer.errors import VolinferError
 from volinfer.tiling.geometry import TileGrid
@@ -113,7 +114,8 @@ def run_block_array(job: ZarrJob, block: Block) -> tuple[np.ndarray, dict[str, A
     source, _ = open_zarr_source(job.input)
     grid = job.tiles.grid
     stitcher, array = make_block_stitcher(grid, block, job.spec, job.stitch, job.sigma)
-    busy, n, reused = run_tiles(source, tm, stitcher, job.tiles, tiles=list(block_tiles(grid, block)), progress=False)
+    busy, n, reused = run_tiles(source, tm, stitcher, job.tiles, tiles=list(block_tiles(grid, block)),
+                                rows=RowProgress(progress=False))
     return array.out, {"block": block.index, "skipped": False, "tiles": n, "reused": reused, "busy_s": busy,
                           "pid": os.getpid(), "peak_rss_mb": _own_peak_mb()}
 

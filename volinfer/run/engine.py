@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import openvino as ov
 from volinfer.progress import progress_bar
 
 from volinfer.run.feeder import TileFeeder
+from volinfer.run.job import RowProgress, TileJob
 from volinfer.tiling.geometry import Tile, TileGrid
 from volinfer.model.tile_model import TileModel
-from volinfer.run.normalize import Normalizer
 from volinfer.io.reader import VolumeSource
 
 
@@ -47,22 +46,6 @@ class _BusyClock:
             busy += e - max(s, end)
             end = e
         return busy
-
-
-@dataclass(frozen=True)
-class TileJob:
-    """What the tile loop runs, besides the volume, the model and the stitcher: the grid of tiles, how each tile's
-    input is made (normalisation, padding, NaN/Inf replacement), how many requests compute at once, whether
-    constant tiles reuse one inference, and test-time mirroring (volume axes 0-2, see :class:`Mirror`)."""
-
-    grid: TileGrid
-    normalizer: Normalizer
-    pad_mode: str = "constant"
-    pad_value: float = 0.0
-    requests: int = 2
-    reuse_constant: bool = True
-    nan_fill: list[float] | None = None
-    mirror: Sequence[int] = ()
 
 
 class _Requests:
@@ -135,16 +118,16 @@ def _first_row(grid: TileGrid, stitcher: Any, start_row: int) -> int:
 
 
 def run_tiles(source: VolumeSource, model: TileModel, stitcher: Any, job: TileJob, *,
-              tiles: Sequence[Tile] | None = None, start_row: int = 0,
-              on_row_done: Callable[[int], None] | None = None, progress: bool = True) -> tuple[float, int, int]:
+              tiles: Sequence[Tile] | None = None, rows: RowProgress = RowProgress()) -> tuple[float, int, int]:
     """Run every tile of ``job.grid`` (or ``tiles``, a subset in the grid's order: one block of a chunked volume,
     :mod:`volinfer.tiling.blocks`) through ``model`` into ``stitcher``
     (:func:`volinfer.tiling.stitch.make_stitcher`).
 
     Tiles whose input is constant (air, empty background, padding) are inferred once per distinct value; later ones
     reuse that output (identical input, identical output). Returns (seconds with inference in flight, tiles,
-    tiles reused without inference). ``start_row`` resumes an interrupted run whose first ``start_row`` z-rows are
-    final on disk; ``on_row_done(r)`` is called once rows ``< r`` are written."""
+    tiles reused without inference). ``rows.start_row`` resumes an interrupted run whose first z-rows are final on
+    disk; ``rows.on_row_done(r)`` is called once rows ``< r`` are written."""
+    start_row, on_row_done = rows.start_row, rows.on_row_done
     grid, az = job.grid, job.grid.axes[2]
     feeder = TileFeeder(source, grid, job.normalizer, job.pad_mode, job.pad_value, job.nan_fill)
     slots = _Requests(model, job, stitcher)
@@ -152,7 +135,7 @@ def run_tiles(source: VolumeSource, model: TileModel, stitcher: Any, job: TileJo
     first_row = _first_row(grid, stitcher, start_row)
     done = reused = 0
     bar = progress_bar(len(todo), "volinfer", "tile", initial=first_row * grid.axes[0].count * grid.axes[1].count,
-                       disable=not progress)
+                       disable=not rows.progress)
     t0, row = time.perf_counter(), None
     try:
         for tile in todo:

@@ -25,6 +25,7 @@ from volinfer.model.stream_graph import NotStreamable, Segment, StreamGraph, Str
 from volinfer.model.tile_model import TileModel
 from volinfer.run.feeder import TileFeeder
 from volinfer.run.fidelity import leanest_near_fastest
+from volinfer.run.job import RowProgress, TileJob
 from volinfer.tiling.geometry import AxisPlan, Tile, TileGrid, plan_axis_crop
 
 #: Bytes of output one segment call aims at: large enough for OpenVINO to use every core, small enough to keep the
@@ -612,20 +613,19 @@ def prepare_spill(plan: StreamPlan, output: Any) -> None:
         check_space(plan.spill_at[0], plan.spill_disk_bytes)
 
 
-def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, writer: Any, *, grid: Any,
-               normalizer: Any, pad_mode: str = "constant", nan_fill: list[float] | None = None,
-               progress: bool = True, start_row: int = 0,
-               on_row_done: Callable[[int], None] | None = None) -> tuple[float, int]:
-    """Stream ``source`` through ``model`` (read → normalise → every segment → post-process → write), band by band
-    along y (``grid.axes[1]``), one row of output planes (``grid.axes[2]`` cores) at a time. Returns (seconds
-    OpenVINO computed, segment calls).
+def run_stream(source: Any, model: TileModel, plan: StreamPlan, job: TileJob, spec: Any, writer: Any,
+               rows: RowProgress = RowProgress()) -> tuple[float, int]:
+    """Stream ``source`` through ``model`` (read → normalise, pad as ``job`` says → every segment → post-process
+    with ``spec`` → ``writer``), band by band along y (``job.grid.axes[1]``), one row of output planes
+    (``job.grid.axes[2]`` cores) at a time. Returns (seconds OpenVINO computed, segment calls).
 
     With one band a resumed run (``start_row``) recomputes the rows before it (the stream has no other way to
     rebuild the layers' plane buffers) but does not write them again, and rows are journaled as they finish. With
     several bands a plane is final only after the last band: rows are not journaled (a resume starts over)."""
-    shape = tuple(source.shape)
+    shape, grid = tuple(source.shape), job.grid
+    start_row, on_row_done = rows.start_row, rows.on_row_done
     out_ten = plan.graph.tensors[plan.graph.output_key]
-    reader = band_reader(source, model, plan, normalizer, pad_mode, nan_fill)
+    reader = band_reader(source, model, plan, job.normalizer, job.pad_mode, job.nan_fill)
     requests = segment_requests(model, plan.graph, plan.chunks)
     ay, cores = grid.axes[1], grid.axes[2].cores
     if ay.count > 1:
@@ -633,7 +633,7 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, spec: Any, write
     block = np.empty((spec.out_channels, max(b - a for a, b in cores), max(b - a for a, b in ay.cores), shape[0]),
                      spec.dtype)
     store = _spill_store(plan)
-    bar = progress_bar(len(cores) * ay.count, "volinfer", "slab", initial=start_row, disable=not progress)
+    bar = progress_bar(len(cores) * ay.count, "volinfer", "slab", initial=start_row, disable=not rows.progress)
     busy, calls, run = 0.0, 0, None
     try:
         for sy, (cy0, cy1) in zip(ay.starts, ay.cores):
