@@ -160,6 +160,8 @@ def test_checkpoint_files_gone_after_a_run_and_after_an_error(nets, monkeypatch,
 
     def spy(model, wave, moments):
         seen.append(len(_leftovers(tmp_path)))
+        assert all(n.startswith(".out.nii" + plane_store.SPILL_MARK + str(os.getpid()) + "-ckpt")
+                   for n in _leftovers(tmp_path))  # what remove_stale deletes once this process is gone
         real(model, wave, moments)
 
     monkeypatch.setattr(stream_stats, "freeze_wave", spy)

@@ -225,6 +225,7 @@ class TilingChoice:
     probe_mb: float | None = None  # predicted peak of the largest receptive-field probe made while planning
     preferred: tuple[int, int, int] | None = None  # the model's own tile (clamped to the volume)
     stream_passes: int = 0  # streamed normalisation-statistics passes before a streamed run
+    stream_checkpoint_mb: float = 0.0  # the most disk their checkpoints hold at once (0: they recompute)
     exact_fits: bool = True  # False: the planner found no exact tiling within the budget
 
 
@@ -550,11 +551,12 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
         how = ("each pass recomputes the layers before it" if not stats.checkpointed else
                f"each pass streams its own layers from the checkpoints the pass before it left on disk: at most "
                f"{stats.disk_bytes * plan.bands_count * plan.band / plan.padded[1] / 2**20:.0f} MB of disk, about "
-               f"{io_s:.1f} s of disk traffic")
+               f"{io_s:.1f} s of disk traffic; recomputing instead where the disk is short")
         choice.notes.append(f"{len(choice.norm_layers)} normalisation layer(s) get whole-volume statistics from "
                             f"{stats.passes} streamed pass(es) of the network before the run (about "
                             f"{stats.runs:.1f}x a run's computation: {how})")
     choice.stream, choice.stream_passes = plan, stats.passes
+    choice.stream_checkpoint_mb = stats.disk_bytes * plan.bands_count * plan.band / plan.padded[1] / 2**20
 
 
 def _planning_model(tm: TileModel, choice: TilingChoice) -> TileModel:

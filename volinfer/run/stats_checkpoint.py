@@ -166,7 +166,7 @@ class CheckpointStore:
     reads them, and all of them on :meth:`close` (however the run ends)."""
 
     def __init__(self, directory: str, prefix: str) -> None:
-        self.store = PlaneStore(directory, prefix + ".ckpt")
+        self.store = PlaneStore(directory, prefix, tag="ckpt")  # named as spill files: stale ones go the same way
         self.files: dict[tuple[int, TensorId], Checkpoint] = {}
         self.live = 0  # bytes on disk now
         self.peak = 0  # the most bytes on disk at once
