@@ -49,14 +49,14 @@ def nets(tmp_path_factory):
     return out
 
 
-def _fit(xml, vol, mode, monkeypatch, band=None, spill_at=None):
+def _fit(xml, vol, mode, monkeypatch, band=None, spill_at=None, precision="f32"):
     """The frozen model, the passes, and what they did, with checkpointing ``mode``."""
     monkeypatch.setattr(stream_stats, "CHECKPOINT", mode)
-    tm = TileModel(xml, tile=16, compile=False, options=CompileOptions(precision="f32"))
+    tm = TileModel(xml, tile=16, compile=False, options=CompileOptions(precision=precision))
     layers, _ = model_norm_layers(tm)
     planning = tm.at(tm.tile, model=frozen_like(tm.model, layers), compile=False)
     fits = None if band is None else (lambda p: p.band <= band)
-    plan = plan_stream(planning, vol.shape, "f32", fits=fits, margin_y=24 if band else None)
+    plan = plan_stream(planning, vol.shape, precision, fits=fits, margin_y=24 if band else None)
     plan.spill_at = spill_at
     bands = plan.bands(vol.shape[1], tm.multiple)
     run_tm = tm.at((plan.padded[0], plan.band, plan.out_planes), compile=False)
@@ -101,6 +101,27 @@ def test_checkpointed_passes_freeze_the_same_statistics(nets, monkeypatch, norm,
     _same_statistics(frozen, again)
     ref = sn._torch_whole(net, vol)
     assert np.abs(sn._ov_whole(frozen, vol) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_checkpoints_in_bf16_where_the_run_computes_in_bf16(nets, monkeypatch):
+    """A bf16 run keeps its checkpoints as it keeps its planes, in bf16: half the bytes of an f32 run's; the
+    statistics are the recomputing passes' to bf16 rounding, and the streamed output (default precision) stays within
+    what bf16 does to it against PyTorch's whole-volume inference."""
+    net, xml = nets["instance"]
+    vol = sn._volume((37, 29, 23), seed=8)
+    _, _, f32, _ = _fit(xml, vol, "auto", monkeypatch)
+    frozen, _, bf16, _ = _fit(xml, vol, "auto", monkeypatch, precision="bf16")
+    again, _, _, _ = _fit(xml, vol, "never", monkeypatch, precision="bf16")
+    volume = 40 * 32 * 24 * 4  # the padded input, kept float32 (a residual unit reads it again)
+    assert bf16["checkpointed"] and bf16["written"] == (f32["written"] - volume) // 2 + volume, (bf16, f32)
+    for x, y in zip(_frozen_constants(frozen), _frozen_constants(again), strict=True):
+        assert np.allclose(x, y, rtol=3e-2, atol=3e-2 * max(1.0, np.abs(y).max()))
+    monkeypatch.setattr(stream_stats, "CHECKPOINT", "auto")
+    got, rep = sn._stream(vol, xml, precision="bf16")
+    assert rep.precision == "bf16" and any("statistics passes checkpointed" in n for n in rep.notes), rep.notes
+    ref = sn._softmax(sn._torch_whole(net, vol))
+    assert np.abs(sn._softmax(got) - ref).max() <= 0.05
+    assert (sn._softmax(got).argmax(0) == ref.argmax(0)).mean() >= 0.995
 
 
 def test_checkpoints_per_band_of_rows(nets, monkeypatch):

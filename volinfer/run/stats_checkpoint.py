@@ -201,6 +201,20 @@ class CheckpointStore:
         self.store.close()
 
 
+def converter(src: Any, dst: Any) -> Any:
+    """Planes of :class:`volinfer.model.stream_graph.StreamTensor` ``src`` (float32) as ``dst`` stores them: its
+    axis order, its storage (bf16 bits rounded to nearest even, as OpenVINO converts)."""
+    perm = [src.order.index(a) - 1 for a in dst.order[1:]]
+
+    def convert(planes: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(planes.transpose(perm))
+        if dst.storage == "bf16":
+            b = x.view(np.uint32)
+            return ((b + np.uint32(0x7FFF) + ((b >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+        return x.astype(dst.np_dtype, copy=False)
+    return convert
+
+
 def file_reader(ck: Checkpoint) -> Any:
     """A :class:`volinfer.run.stream.StreamRun` input reader of a checkpoint: planes [a, a + len(slot)), those past
     the tensor's end left as they are (never read)."""

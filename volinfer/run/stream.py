@@ -47,6 +47,7 @@ class PlaneBuffer:
         self.lo = self.hi = 0
         self.need = 0  # the most planes [lo, end of a write) this buffer had to hold (dry runs size buffers with it)
         self.tap: PlaneFile | None = None  # a checkpoint file every committed plane is also written to
+        self.tap_form: Callable[[np.ndarray], np.ndarray] | None = None  # planes as the file keeps them
 
     def reserve(self, a: int, t: int) -> np.ndarray | None:
         """The slot for planes [a, a+t), the next ones after ``hi``."""
@@ -71,7 +72,8 @@ class PlaneBuffer:
         self.hi = min(a + t, self.n)
         if self.tap is not None and self.arr is not None and self.hi > a:
             p = a % self.capacity
-            self.tap.write_behind(a, self.arr[p: p + self.hi - a])
+            planes = self.arr[p: p + self.hi - a]
+            self.tap.write_behind(a, planes if self.tap_form is None else self.tap_form(planes))
 
     def view(self, lo: int, hi: int, who: Any = None) -> np.ndarray:
         """Planes [lo, hi): a view (a copy only for a window longer than the mirror allows, across the ring's
@@ -283,10 +285,13 @@ class StreamRun:
         for buf in self.bufs.values():
             buf.close()
 
-    def tap(self, files: dict[str, PlaneFile]) -> None:
-        """Write every plane of these kept tensors (:attr:`StreamGraph.keep`) to its file as it is computed."""
+    def tap(self, files: dict[str, PlaneFile],
+            forms: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> None:
+        """Write every plane of these kept tensors (:attr:`StreamGraph.keep`) to its file as it is computed
+        (``forms``: converted first, e.g. to another storage or layout)."""
         for key, f in files.items():
             self.bufs[key].tap = f
+            self.bufs[key].tap_form = (forms or {}).get(key)
 
     def take(self, a: int, t: int) -> np.ndarray | None:
         """Output planes [a, a+t) (z-first), computed as needed; the caller then calls :meth:`done` with ``a+t``.

@@ -35,8 +35,8 @@ from volinfer.io.plane_store import SPACE_MARGIN_MB, spill_location
 from volinfer.model.tile_model import TileModel
 from volinfer.run.norm_stats import aligned_bounds, freeze_wave, waves
 from volinfer.progress import progress_bar
-from volinfer.run.stats_checkpoint import (CheckpointStore, Cut, CutPlanner, cut_model, file_reader, plan_cuts,
-                                           static_clone, tensor_bytes, unique_names)
+from volinfer.run.stats_checkpoint import (CheckpointStore, Cut, CutPlanner, converter, cut_model, file_reader,
+                                           plan_cuts, static_clone, tensor_bytes, unique_names)
 from volinfer.run.stream import (CHUNK_BYTES, OUT_PLANES, SPILL_BYTES_PER_S, StreamPlan, StreamRun, chunking,
                                  plan_capacities, read_steps, segment_requests, stream_graph_for)
 from volinfer.tiling.geometry import AxisPlan
@@ -326,9 +326,18 @@ class _PassIO:
             steps[key] = max(1, min(read_planes, CHUNK_BYTES // ten.plane_bytes))
         return steps
 
-    def band(self, run: StreamRun, graph: StreamGraph, i: int) -> None:
-        """Band ``i``'s run writes this pass's checkpoints."""
-        run.tap({key: self.store.open(i, tid, graph.tensors[key]) for key, tid in zip(graph.keep, self.cut.writes)})
+    def band(self, run: StreamRun, graph: StreamGraph, i: int, storage: str) -> None:
+        """Band ``i``'s run writes this pass's checkpoints, as the run stores planes between segments
+        (``storage``, channels last): the pass's own output, kept float32 for its statistics, converted."""
+        files, forms = {}, {}
+        for key, tid in zip(graph.keep, self.cut.writes):
+            ten = graph.tensors[key]
+            if key == graph.output_key:
+                stored = replace(ten, storage=storage, channels_last=True)
+                forms[key] = converter(ten, stored)
+                ten = stored
+            files[key] = self.store.open(i, tid, ten)
+        run.tap(files, forms)
 
     def reads(self, graph: StreamGraph, i: int) -> dict[str, Any]:
         return {key: file_reader(self.store.files[(i, tid)]) for key, tid in zip(graph.inputs, self.cut.reads)}
@@ -347,7 +356,8 @@ def _stream_moments(tm: TileModel, plan: StreamPlan, sub: ov.Model, spass: Stats
     bands, reader, bar, cache, info = where
     graph = analyse(sub, None if io else tm.input_shape_for((plan.padded[0], plan.band, plan.padded[2])), 4,
                     same_size=False, keep=tuple(range(1, len(sub.outputs))))
-    graph.store_in(tm.precision if tm.precision in ("bf16", "f16") else "f32")
+    storage = tm.precision if tm.precision in ("bf16", "f16") else "f32"
+    graph.store_in(storage)
     steps = plan.read_planes if io is None else io.inputs(graph, plan.read_planes)
     out = graph.tensors[graph.output_key]
     step = max(1, OUT_PLANES * out.n // plan.padded[2])
@@ -364,7 +374,7 @@ def _stream_moments(tm: TileModel, plan: StreamPlan, sub: ov.Model, spass: Stats
         run = StreamRun(graph, read(sy) if read is not None else io.reads(graph, i),  # type: ignore[union-attr]
                         steps, chunks, sub_plan.capacities, requests)
         if io is not None:
-            io.band(run, graph, i)
+            io.band(run, graph, i, storage)
         for a, b in rows:
             view = out.model_view(run.take(a, b - a))[:, :, :, y0:y1]  # (1, C, x, y rows, planes)
             for k, layer in enumerate(spass.layers):
