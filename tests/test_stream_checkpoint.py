@@ -213,6 +213,28 @@ def test_short_disk_falls_back_to_recomputing(nets, monkeypatch):
     _same_statistics(frozen, again)
 
 
+def test_a_disk_filling_up_during_the_passes_falls_back_to_recomputing(nets, monkeypatch, tmp_path):
+    """A checkpoint write that fails (no space left, after the check) ends checkpointing: that pass and the rest
+    recompute from the volume, the note says why, the statistics are the same and no file is left."""
+    _, xml = nets["instance"]
+    vol = sn._volume((23, 19, 17), seed=5)
+    again, _, _, _ = _fit(xml, vol, "never", monkeypatch)
+    monkeypatch.setattr(plane_store, "UNLINK_OPEN", False)
+    real, count = plane_store.PlaneFile.write, [0]
+
+    def write(self, first, planes):
+        count[0] += 1
+        if count[0] > 10:
+            raise OSError(28, "No space left on device")
+        real(self, first, planes)
+
+    monkeypatch.setattr(plane_store.PlaneFile, "write", write)
+    frozen, _, info, _ = _fit(xml, vol, "auto", monkeypatch, spill_at=(str(tmp_path), ".out.nii"))
+    assert count[0] > 10 and not info["checkpointed"] and "No space left" in info["note"], info
+    assert _leftovers(tmp_path) == []
+    _same_statistics(frozen, again)
+
+
 def test_planner_counts_each_pass_at_its_own_cost(nets):
     """statistics_plan: recomputing, the passes cost the sum of the prefixes (several runs' worth for 27 layers);
     checkpointed, each pass its own segment (together at most one run) plus the checkpoints' disk and traffic."""

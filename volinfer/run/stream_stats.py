@@ -234,7 +234,7 @@ def fit_stream_statistics(tm: TileModel, plan: StreamPlan, layers: list[NormLaye
     schedule = plan_passes(model, layers, shape)
     flat = [p for wave in schedule for p in wave]
     info = {} if info is None else info
-    ck = _checkpoints(tm, plan, flat, bands.count, info)
+    ck = [_checkpoints(tm, plan, flat, bands.count, info)]
     cache = SegmentCache()
     bar = progress_bar(len(flat) * bands.count, "normalisation statistics", "band", disable=not progress)
     info["calls"] = 0
@@ -245,17 +245,39 @@ def fit_stream_statistics(tm: TileModel, plan: StreamPlan, layers: list[NormLaye
             moments: list[Moments] = []
             for spass in wave:  # every pass of a wave reads the model before any of the wave is frozen
                 k += 1
-                io = None if ck is None else _PassIO.make(ck, model, shape, spass, flat[k:])
-                sub = _pass_model(model, spass) if io is None else io.sub
-                moments += _stream_moments(tm, plan, sub, spass, (bands, reader, bar, cache, info), io)
+                moments += _pass_moments((tm, plan, model, shape), spass, flat[k:], ck,
+                                         (bands, reader, bar, cache, info))
                 done += spass.layers
             freeze_wave(model, done, moments)
     finally:
         bar.close()
-        if ck is not None:
-            info.update(written=ck[0].written, read=ck[0].read_bytes, disk_peak=ck[0].peak)
-            ck[0].close()
+        _stop_checkpoints(ck, info)
     return model, len(flat)
+
+
+def _pass_moments(run: tuple[TileModel, StreamPlan, ov.Model, list[int]], spass: StatsPass, later: list[StatsPass],
+                  ck: list[Any], where: tuple[AxisPlan, Reader, Any, SegmentCache, dict[str, Any]]) -> list[Moments]:
+    """One pass, checkpointed while ``ck[0]`` (the store and cut planner) holds: a checkpoint that fails to be
+    written or read (a disk filled by something else since the check) ends checkpointing, and this pass and the
+    rest recompute from the volume (``info["note"]`` says so)."""
+    tm, plan, model, shape = run
+    if ck[0] is not None:
+        try:
+            io = _PassIO.make(ck[0], model, shape, spass, later)
+            return _stream_moments(tm, plan, io.sub, spass, where, io)
+        except OSError as e:
+            _stop_checkpoints(ck, where[4])
+            where[4].update(checkpointed=False, note=f"statistics passes recompute the network's prefix from the "
+                                                     f"pass that failed to use its checkpoints on: {e}")
+    return _stream_moments(tm, plan, _pass_model(model, spass), spass, where)
+
+
+def _stop_checkpoints(ck: list[Any], info: dict[str, Any]) -> None:
+    """Delete the checkpoints (``ck[0]``, then None), what they wrote and read in ``info``."""
+    if ck[0] is not None:
+        store, ck[0] = ck[0][0], None
+        info.update(written=store.written, read=store.read_bytes, disk_peak=store.peak)
+        store.close()
 
 
 def _checkpoints(tm: TileModel, plan: StreamPlan, flat: list[StatsPass], bands: int,
