@@ -258,14 +258,14 @@ def fit_stream_statistics(tm: TileModel, plan: StreamPlan, layers: list[NormLaye
 def _pass_moments(run: tuple[TileModel, StreamPlan, ov.Model, list[int]], spass: StatsPass, later: list[StatsPass],
                   ck: list[Any], where: tuple[AxisPlan, Reader, Any, SegmentCache, dict[str, Any]]) -> list[Moments]:
     """One pass, checkpointed while ``ck[0]`` (the store and cut planner) holds: a checkpoint that fails to be
-    written or read (a disk filled by something else since the check) ends checkpointing, and this pass and the
-    rest recompute from the volume (``info["note"]`` says so)."""
+    written or read (a disk filled by something else since the check), or a sub-network the stream cannot cut,
+    ends checkpointing, and this pass and the rest recompute from the volume (``info["note"]`` says so)."""
     tm, plan, model, shape = run
     if ck[0] is not None:
         try:
             io = _PassIO.make(ck[0], model, shape, spass, later)
             return _stream_moments(tm, plan, io.sub, spass, where, io)
-        except OSError as e:
+        except (OSError, NotStreamable) as e:  # the disk; a cut the stream cannot take as inputs
             _stop_checkpoints(ck, where[4])
             where[4].update(checkpointed=False, note=f"statistics passes recompute the network's prefix from the "
                                                      f"pass that failed to use its checkpoints on: {e}")
