@@ -248,3 +248,17 @@ def test_planner_counts_each_pass_at_its_own_cost(nets):
     assert again.runs > 5 and ck.runs <= 1.0 < again.runs / 5, (ck.runs, again.runs)
     assert ck.checkpointed and ck.disk_bytes > 0 and ck.io_bytes > ck.disk_bytes and ck.io_s > 0
     assert stream_stats.statistics_cost(tm.model, layers, shape) == (27, ck.runs)
+
+
+def test_groupnorm_through_onnx_checkpoints(tmp_path):
+    """A GroupNorm exported through ONNX (Reshape, MVN, Reshape back; biases broadcast through ShapeOf): the
+    checkpointed passes cut it too (shape computations folded at the static shape), PyTorch's whole-volume output."""
+    net = sn._unet("group", 4, seed=2)
+    onnx = tmp_path / "g.onnx"
+    torch.onnx.export(net, torch.zeros(1, 1, 16, 16, 16), str(onnx), input_names=["x"], opset_version=17,
+                      dynamic_axes={"x": {2: "a", 3: "b", 4: "c"}}, dynamo=False)
+    vol = sn._volume((31, 21, 19), seed=3)
+    got, rep = sn._stream(vol, onnx, precision="f32")
+    assert any("statistics passes checkpointed" in n for n in rep.notes), rep.notes
+    ref = sn._torch_whole(net, vol)
+    assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
