@@ -419,7 +419,15 @@ def _freeze_for_stream(run: _Run) -> None:
         return band_reader(run.source, tm, p, setup.normalizer, t.pad_mode, setup.nan_fill)
 
     bands = plan.bands(run.source.shape[1], tm.multiple)
-    frozen, run.passes = fit_stream_statistics(tm, plan, run.choice.norm_layers, bands, reader, run.s.progress)
+    info: dict[str, Any] = {}
+    frozen, run.passes = fit_stream_statistics(tm, plan, run.choice.norm_layers, bands, reader, run.s.progress, info)
+    if info.get("checkpointed"):
+        run.choice.notes.append(f"statistics passes checkpointed: each streamed its own segment of the network from "
+                                f"the tensors the pass before it left on disk ({info['written'] / 2**20:.0f} MB "
+                                f"written, {info['read'] / 2**20:.0f} MB read back, at most "
+                                f"{info['disk_peak'] / 2**20:.0f} MB on disk at once; deleted)")
+    elif info.get("note"):
+        run.choice.notes.append(info["note"])
     run.tm = tm.at(tm.tile, model=frozen, compile=False)
     run.choice.stream = frozen_plan(plan, run.tm)
 

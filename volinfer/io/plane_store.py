@@ -6,7 +6,7 @@ window at a time, instead of being held in RAM.
   (:mod:`volinfer.portable`), never ``mmap`` (mapped pages would count as the process's resident memory);
 * :class:`PlaneWindow` — a consumer's planes read back into one reused array, refilled as far as it holds (read-ahead),
   the OS asked to fetch the next ones (``POSIX_FADV_WILLNEED``);
-* :class:`PlaneStore` — a run's spill files: in a directory beside the output, named after it and the owning process
+* :class:`PlaneStore` — a run's spill files (and, tagged, the statistics passes' checkpoints): in a directory beside the output, named after it and the owning process
   (``.<output>.volinfer-spill-<pid>-<n>``), deleted on close; on POSIX a file is unlinked as soon as it is open, so
   not even a SIGKILL leaves it behind, and :func:`remove_stale` deletes what a killed run left where that is not
   possible.
@@ -216,10 +216,10 @@ class PlaneStore:
     leaving the ``with`` block, however it is left) deletes them all. ``background``: one thread writes behind
     the caller (:meth:`PlaneFile.write_behind`), overlapping the writes with the caller's own work."""
 
-    def __init__(self, directory: str | os.PathLike, prefix: str, background: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike, prefix: str, background: bool = True, tag: str = "") -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.directory, self.prefix = Path(directory), prefix
+        self.directory, self.prefix, self.tag = Path(directory), prefix, tag  # tag: a store of its own kind
         self.files: list[PlaneFile] = []
         self._count = 0
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="volinfer-spill") if background else None
@@ -227,7 +227,7 @@ class PlaneStore:
     def open(self, plane_bytes: int, ring: int = 0) -> PlaneFile:
         """A new spill file of planes of ``plane_bytes`` (a ring of ``ring`` planes; 0: every plane its own place)."""
         self._count += 1
-        path = self.directory / f"{self.prefix}{SPILL_MARK}{os.getpid()}-{self._count}"
+        path = self.directory / f"{self.prefix}{SPILL_MARK}{os.getpid()}-{self.tag}{self._count}"
         f = PlaneFile(path, plane_bytes, ring, writer=self.writer)
         self.files.append(f)
         return f

@@ -268,11 +268,17 @@ class StreamGraph:
     """A model cut into segments, in an order where every segment's inputs come from earlier ones (or the input)."""
 
     model: ov.Model  # the original, reshaped to the whole padded volume (shapes for every tensor)
-    input_key: str
+    input_key: str  # the first (usually only) input
     output_key: str
     tensors: dict[str, StreamTensor]
     segments: list[Segment]
-    producer: dict[str, int]  # tensor key -> segment index (the input has none)
+    producer: dict[str, int]  # tensor key -> segment index (the inputs have none)
+    inputs: list[str] = field(default_factory=list)  # every input, in the model's parameter order
+    keep: list[str] = field(default_factory=list)  # tensors computed whole besides the output (checkpoints)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            self.inputs = [self.input_key]
 
     def bands_exact(self, axis: int) -> bool:
         """Whether bands along model ``axis`` (with margins) compute what the whole extent does: not when an
@@ -291,7 +297,7 @@ class StreamGraph:
         """Keep the planes between segments in ``precision`` (a bf16/f16 run computes in it anyway: storing it
         halves the buffers and the memory traffic); the input and the output stay float32."""
         for key, ten in self.tensors.items():
-            ten.storage = "f32" if key in (self.input_key, self.output_key) else precision
+            ten.storage = "f32" if key == self.output_key or key in self.inputs else precision
             ten.channels_last = key != self.output_key
 
 
@@ -429,40 +435,48 @@ def _pointwise_ok(node: ov.Node, zaxes: list[int | None], zlen: int) -> None:
         raise NotStreamable(f"{t} {node.get_friendly_name()} works across space (axis {a['axis']})")
 
 
-def analyse(model: ov.Model, full_shape: list[int], zaxis: int, output_index: int = 0,
-            same_size: bool = True) -> StreamGraph:
-    """Cut ``model`` (single input, z at ``zaxis`` of it) into segments computing its output ``output_index`` (the
+def analyse(model: ov.Model, full_shape: list[int] | None, zaxis: int, output_index: int = 0,
+            same_size: bool = True, keep: tuple[int, ...] = ()) -> StreamGraph:
+    """Cut ``model`` (z at ``zaxis`` of its inputs) into segments computing its output ``output_index`` (the
     operations other outputs alone need are left out: a deep-supervision model streams the output the run asks
-    for); ``full_shape``: the whole padded volume's input shape. Raises :class:`NotStreamable` naming the first
-    operation that cannot be streamed. ``same_size``: the output must keep the input's spatial size (a run's output
-    does; a sub-network ending inside the model, e.g. at a normalisation layer's input, need not)."""
+    for); ``full_shape``: the whole padded volume's input shape (None: a model whose inputs are static already,
+    e.g. a sub-network reading several tensors of a network, :mod:`volinfer.run.stream_stats`). Raises
+    :class:`NotStreamable` naming the first operation that cannot be streamed. ``same_size``: the output must keep
+    the input's spatial size (a run's output does; a sub-network ending inside the model, e.g. at a normalisation
+    layer's input, need not). ``keep``: other outputs computed whole alongside (:attr:`StreamGraph.keep`, in that
+    order; one that is an input is that input)."""
     model = _at_shape(model, full_shape)
     out = model.output(output_index).get_node().input_value(0)
-    cut = _Cutter(model.input(0).get_node().output(0), zaxis)
-    needed = _ancestors(out.get_node())
+    cut = _Cutter([p.output(0) for p in model.get_parameters()], zaxis)
+    kept = [model.output(i).get_node().input_value(0) for i in keep]
+    needed = set().union(*(_ancestors(o.get_node()) for o in [out, *kept]))
     for node in model.get_ordered_ops():
         if node.get_friendly_name() in needed:
             cut.add(node)
     out_key = _key(out)
-    if out_key not in cut.zof:
+    if out_key not in cut.zof or any(_key(o) not in cut.zof for o in kept):
         raise NotStreamable("the model's output does not depend on its input")
     shape = cut.tensor(out).shape  # (registers the output tensor)
-    if same_size and shape[2:] != tuple(full_shape[2:]):
+    for o in kept:
+        cut.tensor(o)
+    if same_size and full_shape is not None and shape[2:] != tuple(full_shape[2:]):
         raise NotStreamable(f"the model's output {list(shape)} does not keep its input's spatial size "
                             f"{list(full_shape)}")
-    _set_outputs(model, cut.segments, cut.seg_of, out_key)
+    _set_outputs(model, cut.segments, cut.seg_of, [out_key, *map(_key, kept)])
     producer = {k: s.index for s in cut.segments for k in s.outputs}
-    return StreamGraph(model, cut.input_key, out_key, cut.tensors, cut.segments, producer)
+    return StreamGraph(model, cut.inputs[0], out_key, cut.tensors, cut.segments, producer, cut.inputs,
+                       [_key(o) for o in kept])
 
 
-def _at_shape(model: ov.Model, full_shape: list[int]) -> ov.Model:
-    """A copy of ``model`` at the whole volume's static shape, its nodes named ``vi<i>`` (unique), interpolation
-    values computed from shapes folded to constants (:func:`_fold_shapes`)."""
+def _at_shape(model: ov.Model, full_shape: list[int] | None) -> ov.Model:
+    """A copy of ``model`` at the whole volume's static shape (None: as it is), its nodes named ``vi<i>`` (unique),
+    interpolation values computed from shapes folded to constants (:func:`_fold_shapes`)."""
     model = model.clone()
     for i, node in enumerate(model.get_ordered_ops()):
         node.set_friendly_name(f"vi{i}")
     try:
-        model.reshape({model.input(0): ov.PartialShape(full_shape)})
+        if full_shape is not None:
+            model.reshape({model.input(0): ov.PartialShape(full_shape)})
         _fold_shapes(model)  # shape inference of folded values can refuse the shape too (a static input)
     except Exception as e:  # noqa: BLE001  (the tile path reports shape errors with the user's sizes)
         raise NotStreamable(f"the model rejects the whole-volume shape {full_shape}: "
@@ -511,13 +525,14 @@ class _Cutter:
     """Builds the segments node by node, in topological order: a z-window operation opens a segment, plane-local
     operations join the latest segment their streamed inputs come from."""
 
-    def __init__(self, source: ov.Output, zaxis: int) -> None:
-        self.input_key = _key(source)
-        self.zof: dict[str, int] = {self.input_key: zaxis}  # streamed tensor -> its z axis
+    def __init__(self, sources: list[ov.Output], zaxis: int) -> None:
+        self.inputs = [_key(s) for s in sources]
+        self.zof: dict[str, int] = {k: zaxis for k in self.inputs}  # streamed tensor -> its z axis
         self.tensors: dict[str, StreamTensor] = {}
         self.seg_of: dict[str, int] = {}  # node name -> segment index
         self.segments: list[Segment] = []
-        self.tensor(source)
+        for s in sources:
+            self.tensor(s)
 
     def tensor(self, out: ov.Output) -> StreamTensor:
         """The streamed tensor of ``out`` (made on first use, its shape checked)."""
@@ -578,9 +593,9 @@ class _Cutter:
                 self.tensor(s)
 
 
-def _set_outputs(model: ov.Model, segments: list[Segment], seg_of: dict[str, int], out_key: str) -> None:
-    """Each segment's outputs: its tensors read by another segment or by the model's result."""
-    read: set[str] = {out_key}
+def _set_outputs(model: ov.Model, segments: list[Segment], seg_of: dict[str, int], out_keys: list[str]) -> None:
+    """Each segment's outputs: its tensors read by another segment or by the model's results (``out_keys``)."""
+    read: set[str] = set(out_keys)
     for seg in segments:
         read.update(k for k, _ in seg.inputs)
     for seg in segments:

@@ -281,7 +281,9 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
         plan.stream_peak_mb, plan.stream_time_s = round(max(choice.stream.peak_mb, plan.probe_mb or 0.0), 1), \
             stream.get("time_s")
         if choice.stream_passes:
-            plan.stream += f"; after {choice.stream_passes} streamed normalisation-statistics pass(es)"
+            plan.stream += f"; after {choice.stream_passes} streamed normalisation-statistics pass(es)" + (
+                f" (checkpointed: at most {choice.stream_checkpoint_mb:.0f} MB of disk)"
+                if choice.stream_checkpoint_mb else "")
     return plan
 
 

@@ -29,7 +29,8 @@ from volinfer.model.layout import Layout
 from volinfer.model.tile_model import TileModel
 from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
-from volinfer.run.stream_stats import statistics_cost
+from volinfer.run.stream import NOMINAL_VOXEL_S
+from volinfer.run.stream_stats import StatsPlan, statistics_plan
 from volinfer.io.reader import VolumeSource
 from volinfer.options import NORM_STATS, STITCH_MODES, parse_overlap
 from volinfer.run.settings import RunSettings
@@ -221,6 +222,7 @@ class TilingChoice:
     probe_mb: float | None = None  # predicted peak of the largest receptive-field probe made while planning
     preferred: tuple[int, int, int] | None = None  # the model's own tile (clamped to the volume)
     stream_passes: int = 0  # streamed normalisation-statistics passes before a streamed run
+    stream_checkpoint_mb: float = 0.0  # the most disk their checkpoints hold at once (0: they recompute)
     exact_fits: bool = True  # False: the planner found no exact tiling within the budget
 
 
@@ -524,8 +526,10 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
     plan = _fit_stream(_planning_model(tm, choice), shape, choice, t.max_memory_mb, asked, banded)
     if plan is None:
         return
-    stats = _stream_statistics(tm, shape, choice) if choice.norm_layers else (0, 0.0)
-    cost = stream_cost(tm, shape, plan, choice.voxel_cost) * (1.0 + stats[1])  # statistics passes: runs' worth
+    stats = _stream_statistics(tm, shape, choice) if choice.norm_layers else StatsPlan(0, 0.0)
+    io_s = stats.io_s * plan.bands_count * plan.band / plan.padded[1]  # checkpoints: disk traffic, every band
+    cost = (stream_cost(tm, shape, plan, choice.voxel_cost) * (1.0 + stats.runs)  # statistics passes: runs' worth
+            + (io_s if choice.voxel_cost is not None else io_s / NOMINAL_VOXEL_S))
     choice.stream_option = (plan, cost)
     if not asked and planned is not None:
         pick = leanest_near_fastest([("tiles", planned.cost, planned.memory_mb), ("stream", cost, plan.peak_mb)],
@@ -541,10 +545,15 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
                         + (f" (tiling would evaluate {evaluated:.2f}x the volume)" if evaluated else "")
                         + ("" if choice.exact_fits else " (no exact tiling fits the memory budget)"))
     if choice.norm_layers:
+        how = ("each pass recomputes the layers before it" if not stats.checkpointed else
+               f"each pass streams its own layers from the checkpoints the pass before it left on disk: at most "
+               f"{stats.disk_bytes * plan.bands_count * plan.band / plan.padded[1] / 2**20:.0f} MB of disk, about "
+               f"{io_s:.1f} s of disk traffic; recomputing instead where the disk is short")
         choice.notes.append(f"{len(choice.norm_layers)} normalisation layer(s) get whole-volume statistics from "
-                            f"{stats[0]} streamed pass(es) of the network before the run (about {stats[1]:.1f}x a "
-                            f"run's computation: each pass recomputes the layers before it)")
-    choice.stream, choice.stream_passes = plan, stats[0]
+                            f"{stats.passes} streamed pass(es) of the network before the run (about "
+                            f"{stats.runs:.1f}x a run's computation: {how})")
+    choice.stream, choice.stream_passes = plan, stats.passes
+    choice.stream_checkpoint_mb = stats.disk_bytes * plan.bands_count * plan.band / plan.padded[1] / 2**20
 
 
 def _planning_model(tm: TileModel, choice: TilingChoice) -> TileModel:
@@ -555,14 +564,16 @@ def _planning_model(tm: TileModel, choice: TilingChoice) -> TileModel:
     return tm.at(tm.tile, model=frozen_like(tm.model, choice.norm_layers), compile=False)
 
 
-def _stream_statistics(tm: TileModel, shape: Sequence[int], choice: TilingChoice) -> tuple[int, float]:
-    """(passes, cost in runs) of the statistics passes a streamed run of a model with normalisation layers makes
-    (:func:`volinfer.run.stream_stats.statistics_cost`); (0, inf) when the model cannot be analysed at the volume."""
+def _stream_statistics(tm: TileModel, shape: Sequence[int], choice: TilingChoice) -> StatsPlan:
+    """The statistics passes a streamed run of a model with normalisation layers makes (passes, cost in runs,
+    checkpoints' disk and traffic at the whole volume: :func:`volinfer.run.stream_stats.statistics_plan`); inf
+    runs when the model cannot be analysed at the volume."""
     padded = [-(-n // tm.multiple) * tm.multiple for n in shape]
+    storage = 2 if tm.precision in ("bf16", "f16") else 4
     try:
-        return statistics_cost(tm.model, choice.norm_layers, tm.input_shape_for(padded))
+        return statistics_plan(tm.model, choice.norm_layers, tm.input_shape_for(padded), storage)
     except Exception:  # noqa: BLE001  (a model that rejects the whole volume: the stream plan says why)
-        return 0, float("inf")
+        return StatsPlan(0, float("inf"))
 
 
 def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any) -> float:

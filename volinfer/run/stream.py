@@ -28,6 +28,10 @@ from volinfer.run.fidelity import leanest_near_fastest
 from volinfer.run.job import RowProgress, TileJob
 from volinfer.tiling.geometry import AxisPlan, Tile, TileGrid, plan_axis_crop
 
+#: What a :class:`StreamRun` reads its inputs with: for each input, (first plane, slot of the planes to fill, or None
+#: in a dry run) -> None; one function alone reads the graph's (only) input.
+Reads = Callable[[int, np.ndarray | None], None] | dict[str, Callable[[int, np.ndarray | None], None]]
+
 #: Bytes of output one segment call aims at: large enough for OpenVINO to use every core, small enough to keep the
 #: planes in flight few.
 CHUNK_BYTES = 2 << 20
@@ -45,11 +49,15 @@ class PlaneBuffer:
         self.arr = np.empty((capacity + mirror, *self.plane_shape), ten.np_dtype) if allocate else None
         self.lo = self.hi = 0
         self.need = 0  # the most planes [lo, end of a write) this buffer had to hold (dry runs size buffers with it)
+        self.tap: PlaneFile | None = None  # a checkpoint file every committed plane is also written to
+        self.tap_form: Callable[[np.ndarray], np.ndarray] | None = None  # planes as the file keeps them
 
     def reserve(self, a: int, t: int) -> np.ndarray | None:
         """The slot for planes [a, a+t), the next ones after ``hi``."""
         if a != self.hi:
             raise RuntimeError(f"planes written out of order ({a} after {self.hi})")
+        if self.tap is not None:
+            self.tap.settle()  # planes being written to the checkpoint stay as they are until written
         self.need = max(self.need, a + t - self.lo)
         if self.arr is None:
             return None
@@ -65,6 +73,10 @@ class PlaneBuffer:
                 e = min(p + t, self.mirror)
                 self.arr[self.capacity + p: self.capacity + e] = self.arr[p:e]
         self.hi = min(a + t, self.n)
+        if self.tap is not None and self.arr is not None and self.hi > a:
+            p = a % self.capacity
+            planes = self.arr[p: p + self.hi - a]
+            self.tap.write_behind(a, planes if self.tap_form is None else self.tap_form(planes))
 
     def view(self, lo: int, hi: int, who: Any = None) -> np.ndarray:
         """Planes [lo, hi): a view (a copy only for a window longer than the mirror allows, across the ring's
@@ -151,7 +163,7 @@ def chunk_planes(graph: StreamGraph, seg: Segment, chunk_bytes: int | None = Non
     span = CHUNK_SPAN if span is None else span
     out = graph.tensors[seg.outputs[0]]
     m = seg.window.chunk_multiple()
-    scale = max(1.0, graph.tensors[graph.input_key].n / out.n)
+    scale = max(1.0, max(graph.tensors[k].n for k in graph.inputs) / out.n)
     t = max(1, int(round(chunk_bytes / max(1, sum(graph.tensors[k].plane_bytes for k in seg.outputs)))))
     t = min(t, max(1, int(span // scale)))
     t = max(m, t // m * m)
@@ -167,19 +179,20 @@ class StreamRun:
     """One streamed pass of a volume through a :class:`StreamGraph` (``compute=False``: bookkeeping only, to size
     the buffers)."""
 
-    def __init__(self, graph: StreamGraph, read: Callable[[int, np.ndarray | None], None], read_planes: int,
+    def __init__(self, graph: StreamGraph, read: Reads, read_planes: int | dict[str, int],
                  chunks: list[int], capacities: dict[str, tuple[int, int]] | None = None,
                  requests: list[Any] | None = None, spill: tuple[dict[str, "Spill"], PlaneStore] | None = None
                  ) -> None:
         self.g = graph
-        self.read, self.read_t = read, read_planes
+        self.reads = read if isinstance(read, dict) else {graph.input_key: read}  # per input (one: the volume)
+        self.read_t = read_steps(graph, read_planes)
         self.compute = capacities is not None
         self.segs = [_Seg(s, t) for s, t in zip(graph.segments, chunks, strict=True)]
         spilled, store = spill or ({}, None)
         caps = {**(capacities or {k: (1 << 40, 0) for k in graph.tensors}),
                 **{k: (sp.capacity, sp.mirror) for k, sp in spilled.items()}}
         for k, (cap, _) in (caps if capacities else {}).items():  # writes start on multiples of the producer's chunk
-            step = read_planes if k == graph.input_key else chunks[graph.producer[k]] if k in graph.producer else 1
+            step = self.read_t[k] if k in self.read_t else chunks[graph.producer[k]] if k in graph.producer else 1
             if cap % step:
                 raise RuntimeError(f"buffer of {k} holds {cap} planes, not whole chunks of {step}")
         self.bufs = {k: PlaneBuffer(t, *caps[k], allocate=self.compute) for k, t in graph.tensors.items()
@@ -196,6 +209,8 @@ class StreamRun:
             for j, (key, win) in enumerate(rs.seg.inputs):
                 self.needs[key][(rs.seg.index, j)] = win.input_range(0, rs.t)[0]
         self.needs[graph.output_key][(-1, 0)] = 0
+        for i, k in enumerate(graph.keep):  # kept tensors: written out (checkpoints) as they are computed
+            self.needs[k][(-2, i)] = 0
         if self.compute:
             assert requests is not None
             for rs, req in zip(self.segs, requests):
@@ -206,12 +221,12 @@ class StreamRun:
         buf = self.bufs[key]
         upto = min(upto, buf.n)
         while buf.hi < upto:
-            if key == self.g.input_key:
-                a = buf.hi
-                self._track(key, a, self.read_t)
-                slot = buf.reserve(a, self.read_t)
-                self.read(a, slot)
-                buf.commit(a, self.read_t)
+            if key in self.reads:
+                a, t = buf.hi, self.read_t[key]
+                self._track(key, a, t)
+                slot = buf.reserve(a, t)
+                self.reads[key](a, slot)
+                buf.commit(a, t)
             else:
                 self._step(self.segs[self.g.producer[key]])
 
@@ -273,15 +288,37 @@ class StreamRun:
         for buf in self.bufs.values():
             buf.close()
 
+    def tap(self, files: dict[str, PlaneFile],
+            forms: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> None:
+        """Write every plane of these kept tensors (:attr:`StreamGraph.keep`) to its file as it is computed
+        (``forms``: converted first, e.g. to another storage or layout)."""
+        for key, f in files.items():
+            self.bufs[key].tap = f
+            self.bufs[key].tap_form = (forms or {}).get(key)
+
     def take(self, a: int, t: int) -> np.ndarray | None:
-        """Output planes [a, a+t) (z-first), computed as needed; the caller then calls :meth:`done` with ``a+t``."""
+        """Output planes [a, a+t) (z-first), computed as needed; the caller then calls :meth:`done` with ``a+t``.
+        Kept tensors are computed alongside, as far as the output's (their whole length with its last planes)."""
         key = self.g.output_key
         self.pull(key, a + t)
+        n = self.bufs[key].n
+        for i, k in enumerate(self.g.keep):
+            buf = self.bufs[k]
+            self.pull(k, buf.n if a + t >= n else -(-(a + t) * buf.n // n))
+            self.needs[k][(-2, i)] = buf.hi
+            self._release(k)
         return self.bufs[key].view(a, min(a + t, self.bufs[key].n)) if self.compute else None
 
     def done(self, upto: int) -> None:
         self.needs[self.g.output_key][(-1, 0)] = upto
         self._release(self.g.output_key)
+
+
+def read_steps(graph: StreamGraph, read_planes: int | dict[str, int]) -> dict[str, int]:
+    """Planes each input of ``graph`` is read in: ``read_planes`` (one count for every input, or per input)."""
+    if isinstance(read_planes, dict):
+        return {k: read_planes[k] for k in graph.inputs}
+    return {k: read_planes for k in graph.inputs}
 
 
 def compile_segments(graph: StreamGraph, compile_segment: Callable[[Segment, int], Any],
@@ -309,7 +346,11 @@ def _bits(value: float, ten: StreamTensor) -> Any:
     return ten.np_dtype(value)
 
 
-def plan_capacities(graph: StreamGraph, read_planes: int, rows: list[tuple[int, int]],
+def _no_read(a: int, slot: np.ndarray | None) -> None:
+    pass
+
+
+def plan_capacities(graph: StreamGraph, read_planes: int | dict[str, int], rows: list[tuple[int, int]],
                     chunks: list[int], spill: list["Spill"] | None = None) -> dict[str, tuple[int, int]]:
     """(ring planes, mirror planes) of each buffer: the planes it must hold, from a bookkeeping-only pass over the
     whole volume written in ``rows`` (the output plane ranges the run will take, in order) with the segments
@@ -317,7 +358,7 @@ def plan_capacities(graph: StreamGraph, read_planes: int, rows: list[tuple[int, 
     read by a segment, less one. Valid for exactly these chunks (another chunking needs other sizes). ``spill``
     receives what spilling each buffer with far consumers would keep in RAM instead (:class:`Spill`, most saved
     first)."""
-    dry = StreamRun(graph, lambda a, slot: None, read_planes, chunks)
+    dry = StreamRun(graph, {k: _no_read for k in graph.inputs}, read_planes, chunks)
     for a, b in rows:
         dry.take(a, b - a)
         dry.done(b)
@@ -329,10 +370,10 @@ def plan_capacities(graph: StreamGraph, read_planes: int, rows: list[tuple[int, 
             window[key] = max(window[key], windows[key][(rs.seg.index, j)])
     caps = {}
     for k, b in dry.bufs.items():
-        if k != graph.input_key and k not in graph.producer:  # inside one segment: never stored
+        if k not in dry.read_t and k not in graph.producer:  # inside one segment: never stored
             caps[k] = (0, 0)
             continue
-        step = read_planes if k == graph.input_key else dry.segs[graph.producer[k]].t
+        step = dry.read_t[k] if k in dry.read_t else dry.segs[graph.producer[k]].t
         cap = -(-max(1, b.need) // step) * step  # whole slots: a write never wraps
         caps[k] = (cap, min(max(0, window[k] - 1), cap))
         if spill is not None and k != graph.output_key:
