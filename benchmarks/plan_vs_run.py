@@ -16,11 +16,10 @@ converted to IR.
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from volinfer.bench.child_peak import measured_run
 from volinfer.bench.cli import reference_model
 from volinfer.bench.volumes import make_volume
 from volinfer.run.plan import plan_run
@@ -57,35 +56,15 @@ def monai_models(work: Path) -> tuple[Path, Path]:
     return onnx, xml
 
 
-#: `volinfer run` in a child that writes its own VmHWM (MB) at exit to the file named by its first argument: the OS's
-#: ru_maxrss of a child carries its parent's resident size (this process has loaded OpenVINO, maybe PyTorch) across
-#: fork and exec; VmHWM is the child's own (Linux).
-HWM_CHILD = """
-import atexit, sys
-path = sys.argv.pop(1)
-def hwm():
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    with open(path, "w") as f:
-        f.write(str(kb / 1024))
-atexit.register(hwm)
-from volinfer.cli import main
-sys.argv[0] = "volinfer"
-main()
-"""
-
-
 def measure(vol: Path, model: Path, out: Path, options: dict) -> tuple[float, dict]:
     """Peak RSS (MB, the child's own VmHWM) and --json report of one `volinfer run` in a fresh process."""
-    hwm = out.with_suffix(".hwm")
-    args = [sys.executable, "-c", HWM_CHILD, str(hwm), "run", str(vol), "-m", str(model), "-o", str(out),
-            "--overwrite", "-q", "--json"]
+    args = [str(vol), "-m", str(model), "-o", str(out), "--overwrite"]
     for k, v in options.items():
         args += [f"--{k.replace('_', '-')}", str(v)]
-    p = subprocess.run(args, capture_output=True)
-    if p.returncode != 0:
-        raise SystemExit(p.stderr.decode()[-2000:])
-    return float(hwm.read_text()), json.loads(p.stdout)
+    try:
+        return measured_run(args, out.with_suffix(".hwm"))
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 def main() -> None:

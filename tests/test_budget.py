@@ -12,7 +12,7 @@ import openvino as ov
 import pytest
 from click.testing import CliRunner
 from models import stream_unet
-from test_plan_peaks import measured_run
+from volinfer.bench.child_peak import measured_run
 from test_resume import KILLER
 
 from volinfer import portable

@@ -2,8 +2,6 @@
 the precision the run will use: ``--precision auto``'s guard decides before planning, not after."""
 
 import json
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -11,29 +9,13 @@ import openvino as ov
 import pytest
 from models import stream_unet
 
+from volinfer.bench.child_peak import measured_run
 from volinfer.model.precision import native_reduced
 from volinfer.run.plan import plan_run
 
 #: A stored bf16 verdict measured on inputs within ±3 (as `volinfer convert` stores it).
 CHECK = {"precision": "bf16", "faithful": True, "label_agreement": 0.9995, "prob_max_abs": 0.004,
          "input_abs_max": 3.0}
-
-
-#: `volinfer run` in a child that writes its own VmHWM (MB) to the file named by its first argument at exit: the OS's
-#: ru_maxrss of a child carries its (large) parent's resident size across fork and exec, VmHWM is the child's own.
-HWM_CHILD = """
-import atexit, sys
-path = sys.argv.pop(1)
-def hwm():
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    with open(path, "w") as f:
-        f.write(str(kb / 1024))
-atexit.register(hwm)
-from volinfer.cli import main
-sys.argv[0] = "volinfer"
-main()
-"""
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +26,6 @@ def model(tmp_path_factory):
     m.set_rt_info(json.dumps(CHECK), ["volinfer", "precision_check"])
     ov.save_model(m, str(tmp / "m.xml"))
     return tmp, tmp / "m.xml"
-
-
-def measured_run(args, hwm):
-    """Peak RSS (MB: the child's own VmHWM, written to ``hwm`` as it exits) and --json report of `volinfer run ARGS`
-    in a fresh process."""
-    p = subprocess.run([sys.executable, "-c", HWM_CHILD, str(hwm), "run", *map(str, args), "-q", "--json"],
-                       capture_output=True, timeout=600)
-    assert p.returncode == 0, p.stderr.decode()[-2000:]
-    return float(hwm.read_text()), json.loads(p.stdout)
 
 
 def _measured(vol, xml, out, *extra):
