@@ -516,3 +516,23 @@ def test_model_grid_probabilities_into_float16_zarr(env, tmp_path):
     assert probs.dtype == np.float16 and probs.shape == (3, *SHAPE[::-1])
     np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=3e-3)
     np.testing.assert_allclose(store_geometry(tmp_path / "p.zarr").affine, affine)
+
+
+def test_channel_files_on_different_grids_are_refused_in_one_line(tmp_path):
+    """One file per channel: TIFF stacks and MHA files whose shapes differ are refused before any work, naming the
+    file (both formats open their channels through volinfer.io.reader.open_channels)."""
+    sitk = pytest.importorskip("SimpleITK")
+    tifffile = pytest.importorskip("tifffile")
+    from volinfer.errors import VolinferError
+    from volinfer.io.sources import open_paths
+
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((5, 6, 7), np.uint16), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "b.tif", np.zeros((5, 6, 8), np.uint16), photometric="minisblack")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6, 7), np.int16)), str(tmp_path / "a.mha"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((5, 6, 8), np.int16)), str(tmp_path / "b.mha"))
+    for kind in ("tif", "mha"):
+        with pytest.raises(VolinferError, match=f"b.{kind}: its grid .* differs from .*a.{kind}'s") as e:
+            open_paths([tmp_path / f"a.{kind}", tmp_path / f"b.{kind}"], 4)
+        assert "\n" not in str(e.value)
+        with open_paths([tmp_path / f"a.{kind}", tmp_path / f"a.{kind}"], 4) as src:
+            assert src.channels == 2 and tuple(src.shape) == (7, 6, 5)

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from volinfer.errors import VolinferError
-from volinfer.io.reader import (MAX_DEFLATE_RATIO, ArrayChannel, StoredLayout, StripChannel, VolumeSource,
+from volinfer.io.reader import (MAX_DEFLATE_RATIO, open_channels, ArrayChannel, StoredLayout, StripChannel, VolumeSource,
                                 check_declared_size, native)
 
 #: Header bytes read to find the data offset (MetaImage / NRRD headers are a few hundred bytes).
@@ -190,19 +190,6 @@ def _open_one(p: Path) -> tuple[Any, ItkHeader]:
 def open_itk_source(paths: Sequence[str | os.PathLike], depth: int) -> VolumeSource:
     """A :class:`VolumeSource` over one MHA/MHD/NRRD file per channel (same grid), lazily where raw. ``depth`` is
     unused (strip reads are random access); kept for the common opener signature."""
-    readers: list[Any] = []
-    try:
-        first: ItkHeader | None = None
-        for p in map(Path, paths):
-            reader, hdr = _open_one(p)
-            readers.append(reader)
-            if first is None:
-                first = hdr
-            elif hdr.shape != first.shape or not np.allclose(hdr.affine, first.affine, atol=1e-4):
-                raise VolinferError(f"{p}: grid differs from {paths[0]}'s (the channels are not on one grid)")
-    except BaseException:
-        for r in readers:
-            r.close()
-        raise
-    assert first is not None
+    readers, first = open_channels(paths, _open_one, lambda h, f: h.shape != f.shape
+                                   or not np.allclose(h.affine, f.affine, atol=1e-4))
     return VolumeSource(readers, first.shape, affine=first.affine, paths=[Path(p) for p in paths])

@@ -29,7 +29,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -501,3 +501,26 @@ def exceeds_float32(dtype: np.dtype, slope: float = 1.0, inter: float = 0.0) -> 
         return False
     top = float(np.finfo(dtype).max if dtype.kind == "f" else max(-int(np.iinfo(dtype).min), np.iinfo(dtype).max))
     return top * abs(slope) + abs(inter) > F32_MAX
+
+
+def open_channels(paths: Sequence[str | os.PathLike], open_one: Callable[[Path], tuple[Any, Any]],
+                  differs: Callable[[Any, Any], bool]) -> tuple[list[Any], Any]:
+    """One reader per channel file, each opened by ``open_one(path) -> (reader, grid)``, and the first file's grid;
+    a channel whose grid ``differs`` from the first's is refused in one line. Readers opened so far are closed
+    when any file fails."""
+    readers: list[Any] = []
+    first: Any = None
+    try:
+        for p in map(Path, paths):
+            reader, grid = open_one(p)
+            readers.append(reader)
+            if first is None:
+                first = grid
+            elif differs(grid, first):
+                raise VolinferError(f"{p}: its grid (shape, voxel size or orientation) differs from {paths[0]}'s: "
+                                    f"the channels are not on one grid")
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    return readers, first

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from volinfer.errors import VolinferError
-from volinfer.io.reader import (Region, StoredLayout, StripChannel, VolumeSource, check_declared_size,
+from volinfer.io.reader import (Region, open_channels, StoredLayout, StripChannel, VolumeSource, check_declared_size,
                                 check_voxel_type, native)
 from volinfer.io.targets import aux_path
 from volinfer.io.writer import NiftiWriter
@@ -191,25 +191,16 @@ def _open_one(p: Path, depth: int) -> tuple[Any, tuple[int, int, int], tuple[flo
     return StripChannel(layout), shape, voxel
 
 
+def _grid_of(opened: tuple[Any, tuple[int, int, int], Any]) -> tuple[Any, tuple[Any, Any]]:
+    reader, shape, voxel = opened
+    return reader, (shape, voxel)
+
+
 def open_tiff_source(paths: Sequence[str | os.PathLike], depth: int) -> VolumeSource:
     """A :class:`VolumeSource` over one TIFF stack per channel (same shape and voxel size), lazily. A stack has no
     anatomical orientation, and without OME sizes no voxel size either: the source says so
     (``orientation_known``, ``spacing_known``), and its affine is the diagonal of the voxel size (or 1)."""
-    readers: list[Any] = []
-    try:
-        first: tuple[Any, ...] | None = None
-        for p in map(Path, paths):
-            reader, shape, voxel = _open_one(p, depth)
-            readers.append(reader)
-            if first is None:
-                first = (shape, voxel)
-            elif shape != first[0] or voxel != first[1]:
-                raise VolinferError(f"{p}: shape {shape} or voxel size differs from {paths[0]}'s")
-    except BaseException:
-        for r in readers:
-            r.close()
-        raise
-    assert first is not None
+    readers, first = open_channels(paths, lambda p: _grid_of(_open_one(p, depth)), lambda g, f: g != f)
     source = VolumeSource(readers, first[0], affine=np.diag([*(first[1] or (1.0, 1.0, 1.0)), 1.0]),
                           paths=[Path(p) for p in paths])
     source.orientation_known, source.spacing_known = False, first[1] is not None
