@@ -163,35 +163,34 @@ def test_statistics_over_bands_of_rows_are_the_whole_volume_statistics(nets):
     assert np.abs(_ov_whole(frozen, vol) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
+def _auto_run_at_large_net_memory(monkeypatch, net, xml, vol, bytes_per_voxel, budget_mb):
+    """``predict`` with no engine given, the planner told tiles cost ``bytes_per_voxel`` (as a large network's do):
+    it must stream, exactly, equal to PyTorch on the whole volume; returns the report."""
+    import volinfer.run.setup as setup
+
+    monkeypatch.setattr(setup, "activation_bytes_per_voxel", lambda *a, **k: bytes_per_voxel)
+    out, rep = predict(vol, xml, kind="raw", precision="f32", max_memory_mb=budget_mb, progress=False, report=True)
+    assert rep.engine == "stream" and rep.exact, rep.notes
+    ref = _torch_whole(net, vol)
+    assert np.abs(np.moveaxis(out, -1, 0) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+    return rep
+
+
 def test_auto_streams_a_norm_model_when_no_exact_tiling_fits(nets, monkeypatch):
     """Tiles that cost far more memory per voxel than this small network's (as a large network's do): no exact
     tiling fits the budget, the stream does; auto streams, exactly, instead of running tiles that are not."""
-    import volinfer.run.setup as setup
-
-    monkeypatch.setattr(setup, "activation_bytes_per_voxel", lambda *a, **k: 4000.0)
     net, xml = nets["instance"]
-    vol = _volume((24, 20, 96), seed=2)
-    out, rep = predict(vol, xml, kind="raw", precision="f32", max_memory_mb=190, progress=False, report=True)
-    assert rep.engine == "stream" and rep.exact, rep.notes
+    rep = _auto_run_at_large_net_memory(monkeypatch, net, xml, _volume((24, 20, 96), seed=2), 4000.0, 190)
     assert any("no exact tiling fits" in n for n in rep.notes), rep.notes
-    ref = _torch_whole(net, vol)
-    assert np.abs(np.moveaxis(out, -1, 0) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
 def test_auto_streams_when_tiles_would_need_statistics_passes(nets, monkeypatch):
     """A budget (at a large network's memory per voxel) that holds exact tiles along z but not the whole volume:
     tiles would recompute wide margins and gather statistics in passes over them; auto streams instead (one pass
     per layer wave) and says so."""
-    import volinfer.run.setup as setup
-
-    monkeypatch.setattr(setup, "activation_bytes_per_voxel", lambda *a, **k: 800.0)
     net, xml = nets["group"]
-    vol = _volume((20, 16, 150), seed=4)
-    out, rep = predict(vol, xml, kind="raw", precision="f32", max_memory_mb=170, progress=False, report=True)
-    assert rep.engine == "stream" and rep.exact, rep.notes
+    rep = _auto_run_at_large_net_memory(monkeypatch, net, xml, _volume((20, 16, 150), seed=4), 800.0, 170)
     assert any("streamed pass(es) of the network" in n for n in rep.notes), rep.notes
-    ref = _torch_whole(net, vol)
-    assert np.abs(np.moveaxis(out, -1, 0) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
 def test_what_cannot_stream_says_so(nets):
