@@ -15,7 +15,7 @@ from volinfer.run.job import RowProgress, TileJob
 from volinfer.run.report import RunReport, Work, build_report
 from volinfer.errors import Interrupted, VolinferError, strip_path
 from volinfer.io.batch_record import BatchRecord, check_unique
-from volinfer.io.journal import Journal
+from volinfer.io.journal import Journal, journal_path
 from volinfer.io.plane_store import remove_stale, spill_location
 from volinfer.model.tile_model import TileModel
 from volinfer.io.reader import VolumeSource
@@ -36,11 +36,11 @@ from volinfer.run.pipeline import JournaledOutput, fingerprint_options, open_sou
 from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter, check_any_output
-from volinfer.io.zarr_writer import ZarrWriter, store_spec
+from volinfer.io.regrid import voxel_sizes
+from volinfer.io.zarr_io import StoreSpec
+from volinfer.io.zarr_writer import ZarrWriter, row_planes, store_spec
 from volinfer.tiling.stitch import make_stitcher
-from volinfer.io.zarr_writer import row_planes
 from volinfer.run.distributed import run_zarr
-from volinfer.io.journal import journal_path
 
 Overlap = float | int | str | Sequence[float | int] | None
 
@@ -197,14 +197,10 @@ def _final_writer(run: _Run, source: VolumeSource, channels: int, dtype: np.dtyp
     if output is None:
         return _ArrayResult(source.shape, channels, dtype), dtype
     if is_zarr_output(output):
-        z = _zarr_settings(output, o.zarr_output())["zarr"]
-        spec = store_spec(o.kind, geometry_from_nifti(source.header, source.affine), z["chunks"], z["pyramid"],
-                          z["compression"])
-        return ZarrWriter(output, source.shape, channels, dtype, spec, row_planes=[0, source.shape[2]],
-                          overwrite=run.s.overwrite), dtype
+        return ZarrWriter(output, source.shape, channels, dtype, _store_spec(run, source),
+                          row_planes=[0, source.shape[2]], overwrite=run.s.overwrite), dtype
     if is_tiff_output(output):
-        voxel = np.linalg.norm(np.asarray(source.affine)[:3, :3], axis=0)
-        return TiffWriter(output, source.shape, channels, dtype, voxel_mm=tuple(voxel)), dtype
+        return TiffWriter(output, source.shape, channels, dtype, voxel_mm=_voxel_mm(source)), dtype
     return NiftiWriter(output, source.shape, channels, dtype, source.header, source.affine), dtype
 
 
@@ -311,8 +307,7 @@ def _open_writer(run: _Run, out: JournaledOutput) -> None:
     if is_zarr_output(output):
         run.writer = _zarr_writer(run)
     elif is_tiff_output(output):
-        voxel = np.linalg.norm(np.asarray(source.affine if source.affine is not None else np.eye(4))[:3, :3], axis=0)
-        run.writer = TiffWriter(output, source.shape, spec.out_channels, spec.dtype, voxel_mm=tuple(voxel),
+        run.writer = TiffWriter(output, source.shape, spec.out_channels, spec.dtype, voxel_mm=_voxel_mm(source),
                                 resume=run.s.resume)
     else:
         run.writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header,
@@ -379,14 +374,25 @@ def _zarr_settings(output: Any, zarr_output: dict[str, Any] | None) -> dict[str,
     return {"zarr": {k: z[k] for k in ("chunks", "compression", "pyramid")}}
 
 
+def _store_spec(run: _Run, source: VolumeSource) -> StoreSpec:
+    """The layout of the run's Zarr output (chunks, pyramid, compression as the settings say; the input's
+    geometry)."""
+    o = run.s.output
+    z = _zarr_settings(run.output, o.zarr_output())["zarr"]
+    return store_spec(o.kind, geometry_from_nifti(source.header, source.affine), z["chunks"], z["pyramid"],
+                      z["compression"])
+
+
+def _voxel_mm(source: VolumeSource) -> tuple[float, float, float]:
+    """The input's voxel size (mm), for a TIFF output's resolution tags."""
+    return voxel_sizes(source.affine if source.affine is not None else np.eye(4))
+
+
 def _zarr_writer(run: _Run) -> "ZarrWriter":
     """The run's Zarr output, written row by row as the engine finishes them (resumed at ``run.start_row``)."""
-    source, spec, o = run.source, run.setup.spec, run.s.output
-    z = _zarr_settings(run.output, o.zarr_output())["zarr"]
-    layout = store_spec(o.kind, geometry_from_nifti(source.header, source.affine), z["chunks"], z["pyramid"],
-                        z["compression"])
-    return ZarrWriter(run.output, source.shape, spec.out_channels, spec.dtype, layout,  # type: ignore[arg-type]
-                      row_planes=row_planes(run.setup.grid), overwrite=run.s.overwrite,
+    source, spec = run.source, run.setup.spec
+    return ZarrWriter(run.output, source.shape, spec.out_channels, spec.dtype,  # type: ignore[arg-type]
+                      _store_spec(run, source), row_planes=row_planes(run.setup.grid), overwrite=run.s.overwrite,
                       resume_row=run.start_row if run.s.resume else None)
 
 
