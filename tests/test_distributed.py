@@ -175,6 +175,11 @@ def test_zarr_input_streams_layer_by_layer_with_engine_stream(data, tmp_path):
     assert r.exit_code == 0, r.output
     a, b = nib.load(tmp_path / "z.nii").get_fdata(), nib.load(tmp_path / "n.nii").get_fdata()
     assert a.shape == b.shape and np.array_equal(a, b)
+    # and both are whole-volume inference, computed here by OpenVINO on the whole padded volume (f32)
+    from test_stream import whole_volume
+
+    ref = np.moveaxis(whole_volume(xml, vol), 0, -1)  # (x, y, z, C), as the raw output is written
+    assert np.abs(a - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
     r = CliRunner().invoke(main, ["run", str(tmp_path / "v.zarr"), "-o", str(tmp_path / "w.zarr"), *opts,
                                   "--workers", "2"])
     assert r.exit_code != 0 and "--engine stream runs in this process" in r.output
