@@ -148,10 +148,17 @@ def test_cli_zarr_run_and_errors(data):
     assert r.exit_code == 2 and "one .zarr input" in r.output
 
 
-def test_zarr_input_streams_layer_by_layer_with_engine_stream(data, tmp_path):
+def test_zarr_input_streams_layer_by_layer_with_engine_stream(data, tmp_path, monkeypatch):
     """``--engine stream`` on a Zarr input streams in this process (it used to run tiles silently): the output equals
-    the stream of the same voxels read from NIfTI, and the block runners refuse it in one line."""
+    the stream of the same voxels read from NIfTI, each chunk of the store is read once (a chunk deep at a time,
+    though the stream takes a few planes per step), and the block runners refuse it in one line."""
     import json
+
+    from volinfer.io.zarr_io import ZarrChannel
+
+    reads = []
+    region = ZarrChannel.region
+    monkeypatch.setattr(ZarrChannel, "region", lambda self, r: reads.append(r[2]) or region(self, r))
 
     from click.testing import CliRunner
 
@@ -171,6 +178,9 @@ def test_zarr_input_streams_layer_by_layer_with_engine_stream(data, tmp_path):
     r = CliRunner().invoke(main, ["run", str(tmp_path / "v.zarr"), "-o", str(tmp_path / "z.nii"), *opts])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["engine"] == "stream"
+    run_reads = [z for z in reads if z[1] - z[0] < vol.shape[2]]  # the stream's (the pre-pass reads its own way)
+    assert run_reads and all(z0 % 16 == 0 for z0, _ in run_reads), run_reads
+    assert len(run_reads) == len(set(run_reads)) == -(-vol.shape[2] // 16), run_reads
     r = CliRunner().invoke(main, ["run", str(tmp_path / "v.nii"), "-o", str(tmp_path / "n.nii"), *opts])
     assert r.exit_code == 0, r.output
     a, b = nib.load(tmp_path / "z.nii").get_fdata(), nib.load(tmp_path / "n.nii").get_fdata()

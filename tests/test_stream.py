@@ -73,6 +73,58 @@ def test_stream_output_planes_change_nothing(unet_xml, monkeypatch):
     monkeypatch.setattr(stream, "OUT_PLANES", 4)
     small = predict(vol, unet_xml, engine="stream", precision="f32", kind="raw", progress=False)
     np.testing.assert_allclose(small, ref, atol=2e-6, rtol=0)
+    # input read and output taken in steps that divide neither a row nor the volume (the last ones past its end)
+    monkeypatch.setattr(stream, "OUT_PLANES", 16)
+    for read, take in ((5, 3), (1, 16), (7, 1)):
+        monkeypatch.setattr(stream, "READ_PLANES", read)
+        monkeypatch.setattr(stream, "TAKE_PLANES", take)
+        odd = predict(vol, unet_xml, engine="stream", precision="f32", kind="raw", progress=False)
+        np.testing.assert_allclose(odd, ref, atol=2e-6, rtol=0)
+
+
+def test_buffers_hold_a_few_planes_of_input_and_output_not_a_row(monkeypatch):
+    """The input and output buffers hold a read step and a take step (plus the windows reading them), not the row
+    the journal writes: rows 4x longer, same buffers; read and take steps 4x longer, larger ones."""
+    import volinfer.run.stream as stream
+    from volinfer.model.tile_model import TileModel
+
+    tm = TileModel(stream_unet(seed=1), compile=False)
+
+    def io_caps():
+        plan = stream.plan_stream(tm, (32, 32, 200), "f32")
+        g = plan.graph
+        return sum(plan.capacities[g.input_key]), sum(plan.capacities[g.output_key]), plan.rows
+
+    base_in, base_out, rows = io_caps()
+    assert rows[0] == (0, stream.OUT_PLANES)
+    monkeypatch.setattr(stream, "OUT_PLANES", 4 * stream.OUT_PLANES)
+    long_in, long_out, long_rows = io_caps()
+    assert (long_in, long_out) == (base_in, base_out) and len(long_rows) < len(rows)
+    monkeypatch.setattr(stream, "READ_PLANES", 4 * stream.READ_PLANES)
+    monkeypatch.setattr(stream, "TAKE_PLANES", 4 * stream.TAKE_PLANES)
+    big_in, big_out, _ = io_caps()
+    assert big_in > base_in and big_out > base_out
+    assert stream.takes([(0, 16), (16, 30)], 4) == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 24),
+                                                   (24, 28), (28, 30)]
+
+
+def test_bands_are_as_narrow_as_their_count_allows():
+    """Of the bands that fit, the planner keeps the count of the widest but the narrowest band giving that count:
+    as many bands, fewer recomputed rows (a wider band of the same count only recomputes more margin)."""
+    import volinfer.run.stream as stream
+    from volinfer.model.tile_model import TileModel
+    from volinfer.tiling.geometry import plan_axis_crop
+
+    tm = TileModel(stream_unet(seed=10), compile=False)
+    shape, margin = (28, 150, 44), 24
+    whole = stream.plan_stream(tm, shape, "f32")
+    limit = (whole.memory_mb + stream.plan_stream(tm, shape, "f32", fits=lambda p: False, margin_y=margin).memory_mb) / 2
+    plan = stream.plan_stream(tm, shape, "f32", fits=lambda p: p.memory_mb <= limit, margin_y=margin)
+    m = tm.multiple
+    count = plan_axis_crop(shape[1], plan.band, m, plan.margin).count
+    assert count > 1 and plan.memory_mb <= limit
+    narrower = plan.band - m
+    assert narrower < 2 * plan.margin + m or plan_axis_crop(shape[1], narrower, m, plan.margin).count > count
 
 
 def test_auto_streams_a_model_that_sees_far(tmp_path):
@@ -213,7 +265,8 @@ def test_bands_along_y_when_the_cross_section_does_not_fit(tmp_path):
     """A --max-memory below the whole cross-section's need: the stream runs in bands of y rows whose margins cover
     the (measured) receptive field, and the output matches whole-volume inference to the tiling deviation."""
     from volinfer.model.tile_model import CompileOptions, TileModel
-    from volinfer.model.memory import RUNTIME_FLOOR_MB, weights_mb
+    from volinfer.model.memory import weights_mb
+    from volinfer.run.stream import fixed_mb
     from volinfer.run.stream import plan_stream
 
     path = tmp_path / "wide.xml"
@@ -221,7 +274,7 @@ def test_bands_along_y_when_the_cross_section_does_not_fit(tmp_path):
     shape = (28, 150, 44)
     vol = _volume(shape, seed=11)
     tm = TileModel(path, compile=False, options=CompileOptions(precision="f32"))
-    fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
+    fixed = fixed_mb(weights_mb(tm.model))
     whole = plan_stream(tm, shape, "f32")
     narrow = plan_stream(tm, shape, "f32", fits=lambda p: False, margin_y=24)  # the narrowest band
     budget = fixed + (whole.memory_mb + narrow.memory_mb) / 2

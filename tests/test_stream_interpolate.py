@@ -21,7 +21,8 @@ import volinfer.run.stream as stream
 from volinfer.errors import VolinferError
 from volinfer.model.stream_graph import InterpWindow, analyse
 from volinfer.model.tile_model import CompileOptions, TileModel
-from volinfer.model.memory import RUNTIME_FLOOR_MB, weights_mb
+from volinfer.model.memory import weights_mb
+from volinfer.run.stream import fixed_mb
 from volinfer.run.setup import run_multiple
 from volinfer.run.stream import plan_stream
 
@@ -144,12 +145,12 @@ def test_bands_only_where_interpolation_allows_them(tmp_path):
         narrow = plan_stream(tm, shape, "f32", fits=lambda p: False, margin_y=24)
         if align:
             assert narrow.band == whole.band
-            budget = RUNTIME_FLOOR_MB + weights_mb(tm.model) + 0.8 * whole.memory_mb
+            budget = fixed_mb(weights_mb(tm.model)) + 0.8 * whole.memory_mb
             with pytest.raises(VolinferError, match="--max-memory"):
                 predict(vol, path, engine="stream", precision="f32", max_memory_mb=budget, progress=False)
             continue
         assert narrow.band < whole.band
-        budget = RUNTIME_FLOOR_MB + weights_mb(tm.model) + (whole.memory_mb + narrow.memory_mb) / 2
+        budget = fixed_mb(weights_mb(tm.model)) + (whole.memory_mb + narrow.memory_mb) / 2
         out, rep = predict(vol, path, engine="stream", precision="f32", kind="raw", max_memory_mb=budget,
                            progress=False, report=True)
         assert rep.grid[1] > 1, rep.notes

@@ -25,7 +25,8 @@ from volinfer import api, portable, predict
 from volinfer.errors import VolinferError
 from volinfer.io import plane_store
 from volinfer.io.plane_store import SPILL_MARK, PlaneFile, PlaneStore, PlaneWindow, remove_stale, spill_location
-from volinfer.model.memory import RUNTIME_FLOOR_MB, weights_mb
+from volinfer.model.memory import weights_mb
+from volinfer.run.stream import fixed_mb
 from volinfer.model.tile_model import TileModel
 
 
@@ -127,7 +128,7 @@ def test_spill_forced_by_a_small_budget(models, monkeypatch, tmp_path):
     shape = (40, 36, 120)
     plain, spilled = _plans(path, shape)
     assert spilled.memory_mb < plain.memory_mb and spilled.spill
-    fixed = RUNTIME_FLOOR_MB + weights_mb(ov.Core().read_model(str(path)))
+    fixed = fixed_mb(weights_mb(ov.Core().read_model(str(path))))
     budget = fixed + (plain.memory_mb + spilled.memory_mb) / 2
     vol = _volume(shape, seed=5)
     out, rep = predict(vol, path, engine="stream", precision="f32", kind="raw", max_memory_mb=budget,
@@ -149,7 +150,7 @@ def test_spill_in_bands_of_rows(forced, tmp_path):
     ov.save_model(stream_unet(seed=10), str(path))
     shape = (28, 150, 60)
     tm = TileModel(str(path), compile=False)
-    fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
+    fixed = fixed_mb(weights_mb(tm.model))
     whole = stream.plan_stream(tm, shape, "f32")
     narrow = stream.plan_stream(tm, shape, "f32", fits=lambda p: False, margin_y=24)
     assert whole.spill and narrow.spill

@@ -56,6 +56,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, _raise_interrupt)  # batch schedulers send SIGTERM before killing
         portable.limit_malloc_arenas()  # under ulimit -v: a few malloc arenas, not 64 MB of address space per thread
+        portable.lean_allocator()  # this process is volinfer's: freed planes go back to the system
         if signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupted_while_starting()):
             signal.signal(signal.SIGINT, _raise_interrupt)
         cap = noise.Captured()

@@ -41,6 +41,7 @@ from volinfer.model.settings import ModelSettings
 from converters.sources import load_factory
 from volinfer.model.tile_model import read_model
 from volinfer import predict
+from volinfer.portable import lean_allocator
 from volinfer.model.tile_model import CompileOptions, TileModel
 
 
@@ -212,6 +213,7 @@ def run_nnunet(a: argparse.Namespace) -> dict:
 
 
 def run_volinfer(a: argparse.Namespace) -> dict:
+    lean_allocator()  # as `volinfer run` sets its own process (volinfer.cliutil.friendly_errors)
     if a.method == "auto":  # what `volinfer run` does with no options: planned tile, auto precision, crop, exact
         rep = predict(a.volume, a.model, a.out, device=a.device, threads=a.threads, overwrite=True, progress=False)
     else:

@@ -59,9 +59,12 @@ def plan(handle: TileModel, shape: Sequence[int], s: RunSettings, *, norm_stats:
     t = s.tiling
     handle = with_run_multiple(handle)
     choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
-                         norm_stats=norm_stats or t.norm_stats, mirror=bool(t.mirror))
+                         norm_stats=norm_stats or t.norm_stats, mirror=bool(t.mirror),
+                         defer_refusal=stream and t.engine != "tiles")
     if stream:
         choose_stream(handle, shape, choice, s, banded=banded)
+    if choice.refusal and choice.stream is None:  # no tile fits --max-memory, and the run does not stream in it
+        raise VolinferError(choice.refusal)
     if choice.stream is not None:  # rows of output planes over bands of the padded cross-section
         sp = choice.stream
         choice.tile, choice.overlap = (sp.padded[0], sp.band, sp.out_planes), (0, 2 * sp.margin, 0)

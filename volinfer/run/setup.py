@@ -37,7 +37,7 @@ from volinfer.run.settings import RunSettings
 from volinfer.model.precision import outside_checked
 from volinfer.model import speed_profile
 from volinfer.model.stream_graph import NotStreamable
-from volinfer.run.stream import plan_stream
+from volinfer.run.stream import fixed_mb, plan_stream
 
 DEFAULT_OVERLAP = 0.25
 
@@ -224,6 +224,7 @@ class TilingChoice:
     stream_passes: int = 0  # streamed normalisation-statistics passes before a streamed run
     stream_checkpoint_mb: float = 0.0  # the most disk their checkpoints hold at once (0: they recompute)
     exact_fits: bool = True  # False: the planner found no exact tiling within the budget
+    refusal: str | None = None  # no tile fits --max-memory: the error, raised unless the run streams instead
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -244,10 +245,13 @@ def model_norm_layers(tm: TileModel) -> tuple[list[NormLayer], list[str]]:
 
 
 def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, overlap: Any,
-                max_memory_mb: float | None, norm_stats: str | None, mirror: bool = False) -> TilingChoice:
+                max_memory_mb: float | None, norm_stats: str | None, mirror: bool = False,
+                defer_refusal: bool = False) -> TilingChoice:
     """Faithfulness first: unless the tile was fixed by the caller, the fastest exact crop tiling within the memory
     budget (growing the tile up to the whole padded volume); see :mod:`volinfer.run.fidelity`. ``mirror``: test-time
-    mirroring, with which frozen whole-volume statistics are not exact (see :func:`verdict`): one tile only."""
+    mirroring, with which frozen whole-volume statistics are not exact (see :func:`verdict`): one tile only.
+    ``defer_refusal``: when no tile fits ``--max-memory``, the smallest tile with ``choice.refusal`` set instead of
+    the error (the caller raises it unless the run streams within the budget)."""
     mode = norm_stats or tm.settings.extra.get("norm_stats") or "volume"
     if mode not in NORM_STATS:
         raise VolinferError(f"norm-stats must be one of {', '.join(NORM_STATS)}; got {mode!r}")
@@ -282,7 +286,8 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     w_mb = weights_mb(tm.model)
     if overlap not in (None, "") or not rf.measured:  # nothing to plan for exactness; the budget still holds
         if RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(choice.tile)) / 2**20 > budget:
-            choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb))
+            choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb),
+                                           defer_to=choice if defer_refusal else None)
         return choice
     cost, choice.speed_source = planner_voxel_cost(tm)
     best = plan_exact(TilingProblem(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, len(layers),
@@ -290,7 +295,8 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     choice.budget_mb, choice.voxel_cost, choice.planned = budget, cost, best
     if best is None:
         choice.exact_fits = False
-        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb), start=whole)
+        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb), start=whole,
+                                       defer_to=choice if defer_refusal else None)
         choice.overlap = widest_margins(choice.tile, whole, rf, tm.multiple)
         _note_most_faithful(choice, budget, bool(layers) and mode == "volume")
         return choice
@@ -421,11 +427,13 @@ def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
 
 
 def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float, shape: Sequence[int],
-                     given: bool, start: Sequence[int] | None = None) -> tuple[int, int, int]:
+                     given: bool, start: Sequence[int] | None = None,
+                     defer_to: TilingChoice | None = None) -> tuple[int, int, int]:
     """The largest tile, at most ``start`` (default: the preferred tile) per axis, predicted to fit ``budget`` (the
-    longest axis shrinks first). When none does: refused under a ``given`` budget (``--max-memory``); under the
-    default one, the smallest tile still runs when it fits the machine's memory
-    (:func:`volinfer.portable.machine_mb`): a run is refused only when it cannot fit what the machine has."""
+    longest axis shrinks first). When none does: refused under a ``given`` budget (``--max-memory``; ``defer_to``: the
+    refusal left in its ``refusal`` with the smallest tile); under the default one, the smallest tile still runs
+    when it fits the machine's memory (:func:`volinfer.portable.machine_mb`): a run is refused only when it cannot
+    fit what the machine has."""
     m = tm.multiple
     tile = [min(t, -(-n // m) * m) for t, n in zip(start or tm.tile, shape)]
     while True:
@@ -434,8 +442,11 @@ def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float
             return tuple(tile)  # type: ignore[return-value]
         if max(tile) <= m:
             if given:
-                raise VolinferError(f"--max-memory {budget:.0f} MB is too small: the smallest tile needs about "
-                                    f"{need:.0f} MB")
+                refusal = f"--max-memory {budget:.0f} MB is too small: the smallest tile needs about {need:.0f} MB"
+                if defer_to is None:
+                    raise VolinferError(refusal)
+                defer_to.refusal = refusal
+                return tuple(tile)  # type: ignore[return-value]
             if need > portable.machine_mb():
                 raise VolinferError(f"this model needs about {need:.0f} MB even at tile {fmt_tile(tile)}, more than "
                                     f"this machine's {portable.machine_mb():.0f} MB")
@@ -590,7 +601,7 @@ def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_m
                 banded: bool) -> Any:
     """The stream plan within the memory budget (whole cross-section, else bands of y rows with margins covering the
     receptive field), its predicted peak set; None (with a note) when auto cannot stream within it."""
-    fixed = RUNTIME_FLOOR_MB + weights_mb(tm.model)
+    fixed = fixed_mb(weights_mb(tm.model))
     cap = max_memory_mb or choice.budget_mb or default_budget_mb(weights_mb(tm.model))
     rf = choice.rf
     margin = rf.radius[1] if banded and rf is not None and rf.measured and rf.bounded else None

@@ -34,7 +34,7 @@ Reads = Callable[[int, np.ndarray | None], None] | dict[str, Callable[[int, np.n
 
 #: Bytes of output one segment call aims at: large enough for OpenVINO to use every core, small enough to keep the
 #: planes in flight few.
-CHUNK_BYTES = 2 << 20
+CHUNK_BYTES = 1 << 20
 
 
 class PlaneBuffer:
@@ -430,12 +430,27 @@ def stream_graph_for(model: TileModel, padded: tuple[int, int, int]) -> StreamGr
 # ---- the engine as a run uses it: plan (graph, chunking, buffer sizes, memory) and the streamed pass ----
 
 #: OpenVINO's memory for a compiled segment, in units of its call's inputs plus outputs (blocked layouts, precision
-#: conversions, the phase convolutions' DepthToSpace); measured on the reference U-Net (bf16, channels-last planes):
-#: 1.75x at 256³ (372 MB peak), 1.63x at 512³ (683-703 MB).
-WORKING_FACTOR = 1.75
+#: conversions, the phase convolutions' DepthToSpace), and a streamed run's fixed part: the runtime, and the weights
+#: counted this many times (the IR's mapped constants, each segment's repacked copy). Fitted to five measured runs
+#: with the command line's allocator (:func:`volinfer.portable.lean_allocator`; idle machine, VmHWM of the child):
+#: a 10-layer U-Net at 160x152x128 in f32 and bf16 (198, 175 MB), the reference U-Net at 256³ bf16 (259 MB) and at
+#: 512³ in bf16 and f32 (376, 531 MB); every prediction within 1.2% of its run (benchmarks/plan_vs_run.py rechecks).
+WORKING_FACTOR = 0.46
+STREAM_FLOOR_MB = 135.0
+WEIGHT_COPIES = 3.0
+
+
+def fixed_mb(model_weights_mb: float) -> float:
+    """A streamed run's memory besides its plane buffers and its segments' working memory (MB)."""
+    return STREAM_FLOOR_MB + WEIGHT_COPIES * model_weights_mb
+
 
 #: Output planes written per step (one journal row); a multiple of the model's size multiple.
 OUT_PLANES = 16
+#: Input planes read per step, and output planes taken (computed and post-processed) per step within a row: the
+#: input and output buffers hold a few planes, not a row's (at 512² x 16 planes, f32: 32 MB each).
+READ_PLANES = 4
+TAKE_PLANES = 4
 
 #: Spilling (:class:`SpilledBuffer`): a consumer is "far" — served from disk — when it keeps more than this many times
 #: (its window + the producer's chunk) planes waiting (a skip connection waiting for its decoder).
@@ -470,7 +485,7 @@ class StreamPlan:
     margin: int  # y margin of each band's inner sides (0 with one band)
     read_planes: int
     out_planes: int
-    rows: list[tuple[int, int]]  # the output plane ranges the run takes, in order
+    rows: list[tuple[int, int]]  # the output rows the run writes, in order (taken in pieces: :func:`takes`)
     chunks: list[int]  # output planes per call of each segment (what the buffers were sized for)
     capacities: dict[str, tuple[int, int]]  # (ring planes, mirror planes) per tensor
     buffers_mb: float  # plane buffers in RAM (less what is spilled)
@@ -490,7 +505,7 @@ class StreamPlan:
         if stored == [t.storage for t in self.graph.tensors.values()]:
             return  # planned for this storage already
         (self.chunks, self.capacities, self.buffers_mb, self.working_mb,
-         self.spill_options) = _sizes(self.graph, self.read_planes, self.rows)
+         self.spill_options) = _sizes(self.graph, self.read_planes, takes(self.rows))
         self.spill = {o.key: o for o in self.spill_options if o.key in self.spill}  # the same buffers spilled
         self.buffers_mb -= self.spill_saved_mb
         if self.peak_mb is not None:
@@ -598,6 +613,10 @@ def plan_stream(tm: TileModel, shape: tuple[int, int, int], precision: str,
     if best is None:
         return _spilled(_plan_band(tm, shape, padded, extents[0], margin, precision),  # type: ignore[arg-type]
                         lambda p: True, None, leanest=True)
+    count = plan_axis_crop(shape[1], best.band, m, margin).count
+    narrowest = min(e for e in extents if plan_axis_crop(shape[1], e, m, margin).count == count)
+    if narrowest < best.band:  # as many bands, fewer rows each: less recomputed margin, less memory
+        best = _plan_band(tm, shape, padded, narrowest, margin, precision)  # type: ignore[arg-type]
     return _spilled(best, fits, cost)
 
 
@@ -626,9 +645,16 @@ def _plan_band(tm: TileModel, shape: tuple[int, int, int], padded: tuple[int, in
     graph.store_in(precision if precision in ("bf16", "f16") else "f32")
     step = max(m, OUT_PLANES // m * m)
     rows = list(plan_axis_crop(shape[2], step, m, 0).cores)
-    chunks, caps, buffers, working, spill = _sizes(graph, step, rows)
-    return StreamPlan(graph, padded, band, margin, step, step, rows, chunks, caps, buffers, working,
+    chunks, caps, buffers, working, spill = _sizes(graph, READ_PLANES, takes(rows))
+    return StreamPlan(graph, padded, band, margin, READ_PLANES, step, rows, chunks, caps, buffers, working,
                       spill_options=spill)
+
+
+def takes(rows: list[tuple[int, int]], planes: int | None = None) -> list[tuple[int, int]]:
+    """The output plane ranges a run takes, in order: each row in pieces of ``planes`` (default
+    :data:`TAKE_PLANES`)."""
+    planes = TAKE_PLANES if planes is None else planes
+    return [(a, min(a + planes, b)) for r0, b in rows for a in range(r0, b, planes)]
 
 
 def _sizes(graph: StreamGraph, step: int, rows: list[tuple[int, int]]) -> tuple[list[int], dict[str, tuple[int, int]],
@@ -685,12 +711,15 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, job: TileJob, sp
                             (plan.spill, store) if store is not None else None)
             for r, (a, b) in enumerate(cores):
                 n, ny = b - a, cy1 - cy0
-                planes = run.take(a, n)
+                for p0, p1 in takes([(a, b)]):  # a row, a few planes at a time (the output buffer holds those)
+                    planes = run.take(p0, p1 - p0)
+                    if r >= start_row:
+                        out = model.output_view_of(out_ten.model_view(planes))
+                        spec(out[:, : shape[0], cy0 - sy: cy1 - sy, : p1 - p0].transpose(0, 3, 2, 1),
+                             block[:, p0 - a: p1 - a, :ny])
+                    run.done(p1)
                 if r >= start_row:
-                    out = model.output_view_of(out_ten.model_view(planes))
-                    spec(out[:, : shape[0], cy0 - sy: cy1 - sy, :n].transpose(0, 3, 2, 1), block[:, :n, :ny])
                     writer.write(block[:, :n, :ny], a, cy0)
-                run.done(b)
                 if on_row_done is not None and r >= start_row:
                     on_row_done(r + 1)
                 bar.update(1)
@@ -722,20 +751,45 @@ def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any
                 nan_fill: list[float] | None = None) -> Callable[[int], Callable[[int, np.ndarray | None], None]]:
     """For a band starting at padded y row ``sy``, the reader a :class:`StreamRun` pulls input planes with: the
     volume's planes normalised and padded as tiles are (:class:`volinfer.run.feeder.TileFeeder`), written straight
-    into the input buffer's slot."""
+    into the input buffer's slot. A chunked store (Zarr) is read a chunk deep at a time into a staging slab (each
+    chunk decompressed once), served to the slots from there."""
     in_ten = plan.graph.tensors[plan.graph.input_key]
-    reads = TileGrid.build(tuple(source.shape), (plan.padded[0], plan.band, plan.read_planes),
-                           [model.multiple] * 3, (0, 0, 0), "crop")
+    depth = max(plan.read_planes, read_depth(source))
+    reads = TileGrid.build(tuple(source.shape), (plan.padded[0], plan.band, depth),
+                           [model.multiple, model.multiple, 1], (0, 0, 0), "crop")
     feeder = TileFeeder(source, reads, normalizer, pad_mode, 0.0, nan_fill)
+    stage = np.empty((depth, *in_ten.plane_shape), in_ten.np_dtype) if depth > plan.read_planes else None
+    held = [-1, -1]  # band start and first plane of what the staging slab holds
+
+    def fill(sy: int, a: int, dest: np.ndarray) -> None:
+        feeder.fill(Tile((0, 0, 0), (0, sy, a), ((0, 0), (0, 0), (0, 0))), model.input_view(in_ten.model_view(dest)))
 
     def for_band(sy: int) -> Callable[[int, np.ndarray | None], None]:
         def read(a: int, slot: np.ndarray | None) -> None:
-            if slot is not None:
-                feeder.fill(Tile((0, 0, 0), (0, sy, a), ((0, 0), (0, 0), (0, 0))),
-                            model.input_view(in_ten.model_view(slot)))
+            if slot is None:
+                return
+            if stage is None:
+                fill(sy, a, slot)
+                return
+            z0 = a // depth * depth
+            if held != [sy, z0]:
+                fill(sy, z0, stage)
+                held[:] = [sy, z0]
+            slot[...] = stage[a - z0: a - z0 + len(slot)]
         return read
 
     return for_band
+
+
+def read_depth(source: Any) -> int:
+    """Planes along z the source stores together (a Zarr array's chunk depth; 1 for files read plane by plane)."""
+    depth = 1
+    for reader in getattr(source, "readers", ()):
+        inner = getattr(reader, "inner", reader)
+        chunks = getattr(inner, "chunks", None)
+        if chunks:
+            depth = max(depth, int(chunks[2]))
+    return depth
 
 
 def segment_requests(model: TileModel, graph: StreamGraph, chunks: list[int],
