@@ -108,6 +108,24 @@ def test_buffers_hold_a_few_planes_of_input_and_output_not_a_row(monkeypatch):
                                                    (24, 28), (28, 30)]
 
 
+def test_more_bands_where_the_objective_prefers_them():
+    """Bands are weighed like any plan: a predicted time that barely grows with the band count (within 10%) buys
+    more, narrower bands (leaner); a time that grows steeply keeps the fewest that fit."""
+    import volinfer.run.stream as stream
+    from volinfer.model.tile_model import TileModel
+
+    tm = TileModel(stream_unet(seed=10), compile=False)
+    shape, margin = (28, 300, 44), 24
+    whole = stream.plan_stream(tm, shape, "f32")
+    limit = 0.6 * whole.memory_mb
+    fits = lambda p: p.memory_mb <= limit  # noqa: E731
+    flat = stream.plan_stream(tm, shape, "f32", fits=fits, margin_y=margin, cost=lambda p: 100.0 + p.bands_count)
+    steep = stream.plan_stream(tm, shape, "f32", fits=fits, margin_y=margin, cost=lambda p: 100.0 * p.bands_count)
+    plain = stream.plan_stream(tm, shape, "f32", fits=fits, margin_y=margin)
+    assert steep.bands_count == plain.bands_count > 1
+    assert flat.bands_count > steep.bands_count and flat.memory_mb < steep.memory_mb <= limit
+
+
 def test_bands_are_as_narrow_as_their_count_allows():
     """Of the bands that fit, the planner keeps the count of the widest but the narrowest band giving that count:
     as many bands, fewer recomputed rows (a wider band of the same count only recomputes more margin)."""

@@ -24,7 +24,7 @@ from volinfer.io.plane_store import PlaneFile, PlaneStore, PlaneWindow, check_sp
 from volinfer.model.stream_graph import NotStreamable, Segment, StreamGraph, StreamTensor, analyse, build_segment_model
 from volinfer.model.tile_model import TileModel
 from volinfer.run.feeder import TileFeeder
-from volinfer.run.fidelity import leanest_near_fastest
+from volinfer.run.fidelity import LEANER_WITHIN, leanest_near_fastest
 from volinfer.run.job import RowProgress, TileJob
 from volinfer.tiling.geometry import AxisPlan, Tile, TileGrid, plan_axis_crop
 
@@ -584,11 +584,12 @@ def plan_stream(tm: TileModel, shape: tuple[int, int, int], precision: str,
                 cost: Callable[[StreamPlan], float] | None = None) -> StreamPlan:
     """How ``tm`` would stream a volume of ``shape`` (x, y, z) at ``precision``: the whole cross-section at once,
     or — when that does not satisfy ``fits`` even with skip connections spilled to disk and a y margin covering the
-    receptive field is given — the widest band of y rows that does (memory grows with the rows of a band; the
-    narrowest band when none does). Spilling (:func:`_spilled`): with ``cost`` (a plan's predicted time) the
-    planner's objective picks among the plans that fit, spilling more or fewer buffers
-    (:func:`volinfer.run.fidelity.leanest_near_fastest`); without, buffers spill only as far as ``fits`` needs. A
-    model whose in-plane coordinates depend on the extent along y (align_corners interpolation) streams whole
+    receptive field is given — bands of y rows: as few as the widest band that fits allows, or more where the
+    planner's objective prefers them (with ``cost``: within 10% of the time, leaner), each count at the narrowest
+    band giving it (memory grows with the rows of a band; the narrowest band when none fits). Spilling
+    (:func:`_spilled`): with ``cost`` (a plan's predicted time) the planner's objective picks among the plans that
+    fit, spilling more or fewer buffers (:func:`volinfer.run.fidelity.leanest_near_fastest`); without, buffers spill
+    only as far as ``fits`` needs. A model whose in-plane coordinates depend on the extent along y (align_corners interpolation) streams whole
     cross-sections only: a band would be a tile, and no tiling is exact for it. Raises NotStreamable."""
     m = tm.multiple
     padded = tuple(-(-n // m) * m for n in shape)
@@ -613,11 +614,21 @@ def plan_stream(tm: TileModel, shape: tuple[int, int, int], precision: str,
     if best is None:
         return _spilled(_plan_band(tm, shape, padded, extents[0], margin, precision),  # type: ignore[arg-type]
                         lambda p: True, None, leanest=True)
-    count = plan_axis_crop(shape[1], best.band, m, margin).count
-    narrowest = min(e for e in extents if plan_axis_crop(shape[1], e, m, margin).count == count)
-    if narrowest < best.band:  # as many bands, fewer rows each: less recomputed margin, less memory
-        best = _plan_band(tm, shape, padded, narrowest, margin, precision)  # type: ignore[arg-type]
-    return _spilled(best, fits, cost)
+    counts = {e: plan_axis_crop(shape[1], e, m, margin).count for e in extents}
+    options = []  # per band count from the widest band's: its narrowest band (as many bands, less margin, leaner)
+    for count in sorted({c for c in counts.values() if c >= counts[best.band]}):
+        narrowest = min(e for e, c in counts.items() if c == count)
+        band = best if narrowest == best.band else _plan_band(tm, shape, padded, narrowest, margin,  # type: ignore
+                                                              precision)
+        option = _spilled(band, fits, cost, none_fit=False)
+        if option is None:
+            continue
+        options.append(option)
+        if cost is None or cost(option) > (1.0 + LEANER_WITHIN) * cost(options[0]):
+            break  # more bands only cost more time: past the objective's reach
+    if not options:
+        return _spilled(best, fits, cost)
+    return leanest_near_fastest(options, cost, lambda p: p.memory_mb) if cost is not None else options[0]
 
 
 def _spilled(plan: StreamPlan, fits: Callable[[StreamPlan], bool], cost: Callable[[StreamPlan], float] | None,
