@@ -434,7 +434,7 @@ def stream_graph_for(model: TileModel, padded: tuple[int, int, int]) -> StreamGr
 #: counted this many times (the IR's mapped constants, each segment's repacked copy). Fitted to five measured runs
 #: with the command line's allocator (:func:`volinfer.portable.lean_allocator`; idle machine, VmHWM of the child):
 #: a 10-layer U-Net at 160x152x128 in f32 and bf16 (198, 175 MB), the reference U-Net at 256³ bf16 (259 MB) and at
-#: 512³ in bf16 and f32 (376, 531 MB); every prediction within 1.2% of its run (benchmarks/plan_vs_run.py rechecks).
+#: 512³ in bf16 and f32 (376, 531 MB); every prediction within 1.2% of its run (tests/test_plan_peaks.py: within 20%).
 WORKING_FACTOR = 0.46
 STREAM_FLOOR_MB = 135.0
 WEIGHT_COPIES = 3.0
