@@ -354,7 +354,14 @@ def limit_malloc_arenas(arenas: int = LIMITED_ARENAS) -> bool:
     streamable U-Net: peak virtual memory of the layer-streaming engine 1506 MB -> 600 MB, tiles 728 -> 444 MB; peak
     RSS unchanged). Nothing without a limit (reserved address space costs nothing then) or outside glibc. Returns
     whether the cap was set; call before threads start."""
-    if virtual_memory_limit_mb() is None or not sys.platform.startswith("linux"):
+    if virtual_memory_limit_mb() is None:
+        return False
+    return _mallopt(_M_ARENA_MAX, arenas)
+
+
+def _mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt(param, value)``; False where it is not there (not Linux, musl) or refuses."""
+    if not sys.platform.startswith("linux"):
         return False
     try:
         import ctypes
@@ -362,7 +369,7 @@ def limit_malloc_arenas(arenas: int = LIMITED_ARENAS) -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_ARENA_MAX, int(arenas)))
+    return bool(mallopt(int(param), int(value)))
 
 
 #: glibc's ``mallopt`` parameter for its mmap threshold (``M_MMAP_THRESHOLD``).
@@ -379,15 +386,7 @@ def lean_allocator(threshold: int = MMAP_THRESHOLD) -> bool:
     then keep ~90 MB of freed memory in the process (512³ reference U-Net: 471 -> 384 MB peak with a fixed
     threshold). A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``) turns that adjustment off. For processes volinfer
     owns (its command line); returns whether the setting took."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
+    return _mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 #: What the C and C++ runtimes say when the address space or the thread limit is exhausted (EAGAIN from

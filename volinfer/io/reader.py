@@ -320,6 +320,12 @@ class VolumeSource:
     def channels(self) -> int:
         return len(self.readers)
 
+    @property
+    def stored_depth(self) -> int:
+        """Planes along z the storage keeps together (a chunked store's chunk depth; 1 for files read plane by
+        plane): what a forward pass over z should read at a time to decompress each chunk once."""
+        return max([1] + [int(r.chunks[2]) for r in self.readers if getattr(r, "chunks", None)])
+
     @classmethod
     def from_array(cls, array: np.ndarray, channel_axis: int | None = None) -> "VolumeSource":
         """Wrap an array shaped (x, y, z) or, with ``channel_axis``, (x, y, z, c) / (c, x, y, z)."""

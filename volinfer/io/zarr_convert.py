@@ -80,7 +80,7 @@ def _zarr_to_nifti(source: VolumeSource, out: Path, geom: Geometry, progress: bo
     w = NiftiWriter(out, (X, Y, Z), source.channels, dtype, reference=geom.nifti_header(), affine=geom.affine)
     bar = progress_bar(Z, "to-nifti", "plane", disable=not progress)
     try:
-        step = max(1, source.readers[0].chunks[2])  # type: ignore[attr-defined]
+        step = source.stored_depth
         for z0 in range(0, Z, step):
             z1 = min(Z, z0 + step)
             block = np.stack([r.planes(z0, z1).transpose(2, 1, 0) for r in source.readers]).astype(dtype, copy=False)

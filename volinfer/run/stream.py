@@ -765,7 +765,7 @@ def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any
     into the input buffer's slot. A chunked store (Zarr) is read a chunk deep at a time into a staging slab (each
     chunk decompressed once), served to the slots from there."""
     in_ten = plan.graph.tensors[plan.graph.input_key]
-    depth = max(plan.read_planes, read_depth(source))
+    depth = max(plan.read_planes, source.stored_depth)
     reads = TileGrid.build(tuple(source.shape), (plan.padded[0], plan.band, depth),
                            [model.multiple, model.multiple, 1], (0, 0, 0), "crop")
     feeder = TileFeeder(source, reads, normalizer, pad_mode, 0.0, nan_fill)
@@ -790,17 +790,6 @@ def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any
         return read
 
     return for_band
-
-
-def read_depth(source: Any) -> int:
-    """Planes along z the source stores together (a Zarr array's chunk depth; 1 for files read plane by plane)."""
-    depth = 1
-    for reader in getattr(source, "readers", ()):
-        inner = getattr(reader, "inner", reader)
-        chunks = getattr(inner, "chunks", None)
-        if chunks:
-            depth = max(depth, int(chunks[2]))
-    return depth
 
 
 def segment_requests(model: TileModel, graph: StreamGraph, chunks: list[int],
