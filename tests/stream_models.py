@@ -8,14 +8,22 @@ import openvino as ov
 import openvino.opset13 as ops
 
 
-def updown(k: int = 3, s: int = 2, pb: int = 1, pe: int = 1, op: int = 1, cout: int = 2, seed: int = 0) -> ov.Model:
-    """A strided convolution down, a transposed convolution (kernel ``k``, stride ``s``, pads, output padding) up."""
+def updown(k: int = 3, s: int = 2, pb: int = 1, pe: int = 1, op: int = 1, cout: int = 2, seed: int = 0,
+           groups: int = 1) -> ov.Model:
+    """A strided convolution down, a transposed convolution (kernel ``k``, stride ``s``, pads, output padding,
+    ``groups`` > 1: a grouped one) up."""
     rng = np.random.default_rng(seed)
     param = ops.parameter([1, 1, -1, -1, -1], np.float32)
     down = ops.convolution(param, ops.constant(rng.standard_normal((4, 1, s, s, s)).astype(np.float32)),
                            [s] * 3, [0] * 3, [0] * 3, [1] * 3)
-    up = ops.convolution_backprop_data(down, ops.constant(rng.standard_normal((4, cout, k, k, k)).astype(np.float32)),
-                                       [s] * 3, None, [pb] * 3, [pe] * 3, [1] * 3, output_padding=[op] * 3)
+    if groups == 1:
+        w = ops.constant(rng.standard_normal((4, cout, k, k, k)).astype(np.float32))
+        up = ops.convolution_backprop_data(down, w, [s] * 3, None, [pb] * 3, [pe] * 3, [1] * 3,
+                                           output_padding=[op] * 3)
+    else:
+        w = ops.constant(rng.standard_normal((groups, 4 // groups, cout // groups, k, k, k)).astype(np.float32))
+        up = ops.group_convolution_backprop_data(down, w, [s] * 3, None, [pb] * 3, [pe] * 3, [1] * 3,
+                                                 output_padding=[op] * 3)
     m = ov.Model([ops.relu(up)], [param], "updown")
     m.set_rt_info(str(s), ["volinfer", "size_multiple"])
     return m

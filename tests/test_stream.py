@@ -311,26 +311,52 @@ def test_bands_along_y_when_the_cross_section_does_not_fit(tmp_path):
     np.testing.assert_array_equal(np.asarray(nib.load(str(dst)).dataobj), out)
 
 
-@pytest.mark.parametrize("k,s,pb,pe,op,cout", [(3, 2, 1, 1, 1, 2), (2, 2, 0, 0, 0, 3), (4, 2, 1, 1, 0, 1),
-                                               (3, 3, 0, 0, 0, 2), (5, 3, 1, 1, 0, 2), (4, 2, 2, 0, 0, 2)])
-def test_transposed_convolution_as_stride_phases(tmp_path, monkeypatch, k, s, pb, pe, op, cout):
-    """Transposed convolutions with few output channels run as one convolution over their stride phases plus
-    DepthToSpace: every kernel/stride/padding shape gives OpenVINO's own transposed convolution, on the whole
-    volume, to float32 rounding — and the phase path really ran."""
+def _streamed_updown(tmp_path, monkeypatch, m: ov.Model, s: int, depth: int, seed: int) -> list[ov.Model]:
+    """Stream an :func:`updown` model over an odd volume ``depth * s + 1`` planes deep, check it against OpenVINO's
+    whole-volume inference to float32 rounding, and return the segment models the stream built."""
     import volinfer.model.stream_graph as sg
 
-    m = updown(k, s, pb, pe, op, cout, seed=k * 10 + s)
     path = tmp_path / "updown.xml"
     ov.save_model(m, str(path), compress_to_fp16=False)
     built: list[ov.Model] = []
     real_build = sg.build_segment_model
     monkeypatch.setattr("volinfer.run.stream.build_segment_model",
                         lambda *a, **kw: built.append(real_build(*a, **kw)) or built[-1])
-    shape = (5 * s + 1, 4 * s - 1, 9 * s + 2)
-    vol = _volume(shape, seed=k)
+    vol = _volume((depth * s + 1, 4 * s - 1, 9 * s + 2), seed=seed)
     out = predict(vol, path, engine="stream", precision="f32", kind="raw", progress=False)
     out = out if out.ndim == 4 else out[..., None]
     ref = whole_volume(path, vol, multiple=s)
     np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+    return built
+
+
+@pytest.mark.parametrize("k,s,pb,pe,op,cout", [(3, 2, 1, 1, 1, 2), (2, 2, 0, 0, 0, 3), (4, 2, 1, 1, 0, 1),
+                                               (3, 3, 0, 0, 0, 2), (5, 3, 1, 1, 0, 2), (4, 2, 2, 0, 0, 2)])
+def test_transposed_convolution_as_stride_phases(tmp_path, monkeypatch, k, s, pb, pe, op, cout):
+    """Transposed convolutions with few output channels run as one convolution over their stride phases plus
+    DepthToSpace: every kernel/stride/padding shape gives OpenVINO's own transposed convolution, on the whole
+    volume, to float32 rounding — and the phase path really ran."""
+    built = _streamed_updown(tmp_path, monkeypatch, updown(k, s, pb, pe, op, cout, seed=k * 10 + s), s, 5, k)
     kinds = {op.get_type_name() for b in built for op in b.get_ops()}
     assert "DepthToSpace" in kinds and "ConvolutionBackpropData" not in kinds
+
+
+@pytest.mark.parametrize("k,s,pb,pe,op", [(3, 2, 1, 1, 1), (2, 2, 0, 0, 0), (4, 2, 1, 1, 0), (3, 3, 0, 0, 0),
+                                          (5, 3, 1, 1, 0), (4, 2, 2, 0, 0)])
+@pytest.mark.parametrize("groups,chunk_bytes", [(1, None), (1, 1), (2, 1)])
+def test_transposed_convolution_as_z_phases(tmp_path, monkeypatch, k, s, pb, pe, op, groups, chunk_bytes):
+    """Transposed convolutions with many output channels compute exactly the planes a call keeps: one transposed
+    convolution of stride 1 along z per z phase, interleaved (chunks of one stride and of several; grouped too).
+    Each gives OpenVINO's own transposed convolution on the whole volume, to float32 rounding; the phases ran
+    wherever the node's own kernel would compute planes outside the chunk (kernel wider than the stride), and
+    not elsewhere."""
+    from volinfer.run import stream
+
+    if chunk_bytes is not None:
+        monkeypatch.setattr(stream, "CHUNK_BYTES", chunk_bytes)
+    m = updown(k, s, pb, pe, op, cout=12, seed=k * 10 + s + groups, groups=groups)
+    built = _streamed_updown(tmp_path, monkeypatch, m, s, 7, k + groups)
+    kind = "GroupConvolutionBackpropData" if groups > 1 else "ConvolutionBackpropData"
+    depths = {int(o.get_input_partial_shape(1)[3 if groups > 1 else 2].get_length())
+              for b in built for o in b.get_ops() if o.get_type_name() == kind}
+    assert depths and (max(depths) < k if k > s else depths == {k}), depths

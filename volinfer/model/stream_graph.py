@@ -719,6 +719,8 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int],
     out = node.output(0)
     off = seg.window.local_offset(t)
     phased = _phase_convolution(node, w, perm, off, t) if w is not None and _use_phases(node) else None
+    if phased is None:
+        phased = _z_phases(node, seg.window, t)
     sl = phased if phased is not None else ops.slice(out, np.array([off], np.int64), np.array([off + t], np.int64),
                                                      np.array([1], np.int64), np.array([2], np.int64)).output(0)
     return _rewire(node, sl)
@@ -769,7 +771,9 @@ def _use_phases(node: ov.Node) -> bool:
 #: Transposed convolutions with at most this many output channels run as their stride phases (see
 #: :func:`_phase_convolution`). Measured per call, 2 planes, bf16, reference U-Net: 32->2 channels at 512² 14.4 ->
 #: 6.5-8 ms; 64->16 at 256² 8 -> 13-17 ms (a k3 s2 kernel's phases hold 2.4x its taps, zeros included: worth it
-#: only where OpenVINO's own transposed kernel is slow, with few output channels).
+#: only where OpenVINO's own transposed kernel is slow, with few output channels). Wider ones run as their z phases
+#: (:func:`_z_phases`), which halves the work of a k3 s2 kernel over 2-plane chunks: 64->16 channels at 256², bf16,
+#: 7.35 -> 3.50 ms per call; at 2 output channels (32->2 at 512²) the stride phases and the z phases ran alike.
 PHASE_MAX_CHANNELS = 8
 
 
@@ -830,3 +834,56 @@ def _phase_convolution(node: ov.Node, w_src: ov.Output, perm: list[int], off: in
     end = [off + t, pb[1] + n_out[1], pb[2] + n_out[2]]
     return ops.slice(d2s, np.array(begin, np.int64), np.array(end, np.int64), np.array([1, 1, 1], np.int64),
                      np.array([2, 3, 4], np.int64)).output(0)
+
+
+
+def _z_phases(node: ov.Node, win: ZWindow, t: int) -> ov.Output | None:
+    """A transposed convolution (already in (N, C, z, s, s) order, no z padding) computing exactly the chunk's
+    ``t`` output planes: along z, output plane ``o`` with ``o + p = s*Q + R`` sums ``x[Q - l] * w[R + s*l]``, so
+    each z phase ``R`` is a transposed convolution of stride 1 along z over the taps ``R, R+s, ...`` (in-plane the
+    node's own strides, pads and kernel), cropped to ``t/s`` planes; the phases interleave into the chunk. The
+    node's own kernel over the chunk's input planes would compute every phase of every input plane, most of it
+    outside the chunk (2 planes computed per plane kept for a kernel of 3, stride 2). None where it does not apply
+    (dilation along z, a chunk not a multiple of the stride, a phase without taps)."""
+    s, p, k = win.s, win.p, win.k
+    if s < 2 or win.d != 1 or t % s or node.get_input_size() != 2 or win.input_planes(t) <= t // s:
+        return None  # (the last: the node's kernel computes no plane outside the chunk, e.g. kernel 2, stride 2)
+    a = node.get_attributes()
+    group = node.get_type_name().startswith("Group")
+    kz = 3 if group else 2
+    data, weights = node.input_value(0), node.input_value(1)
+    lo_rel = -((win.reach - p) // s)  # lo - a/s for an aligned chunk start a
+    n = t // s
+    outs = []
+    for j in range(s):
+        r = (p + j) % s
+        taps = list(range(r, k, s))
+        if not taps:
+            return None
+        big_l = len(taps)
+        start = (p + j - r) // s - (big_l - 1) - lo_rel
+        x = _z_slice(data, start, start + n + big_l - 1)
+        wj = ops.gather(weights, ops.constant(np.array(taps, np.int64)), ops.constant(np.array(kz, np.int64)))
+        pads_b = [big_l - 1] + [int(v) for v in a["pads_begin"]][1:]
+        pads_e = [big_l - 1] + [int(v) for v in a["pads_end"]][1:]
+        strides = [1] + [int(v) for v in a["strides"]][1:]
+        dil = [1] + [int(v) for v in a["dilations"]][1:]
+        outp = [0] + [int(v) for v in a["output_padding"]][1:]
+        make = ops.group_convolution_backprop_data if group else ops.convolution_backprop_data
+        y = make(x, wj, strides, None, pads_b, pads_e, dil, "explicit", outp)
+        outs.append(y.output(0))
+    # interleave along z (plane a + s*u + j is phase j's plane u) with one concatenation of single planes, which
+    # keeps OpenVINO's blocked layout (a new axis and a reshape would cost a reorder of the whole chunk)
+    pieces = outs if n == 1 else [_z_slice(o, u, u + 1) for u in range(n) for o in outs]
+    return ops.concat(pieces, 2).output(0)
+
+
+def _z_slice(data: ov.Output, lo: int, hi: int) -> ov.Output:
+    """Planes ``[lo, hi)`` along axis 2; taken before a transposition that feeds ``data`` (so OpenVINO still folds
+    the transposition into the reorder to its convolution layout)."""
+    node = data.get_node()
+    order = _constant_value(node.input_value(1)) if node.get_type_name() == "Transpose" else None
+    axis, src = (2, data) if order is None else (int(order[2]), node.input_value(0))
+    sl = ops.slice(src, np.array([lo], np.int64), np.array([hi], np.int64), np.array([1], np.int64),
+                   np.array([axis], np.int64)).output(0)
+    return sl if order is None else ops.transpose(sl, node.input_value(1)).output(0)
