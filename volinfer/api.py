@@ -30,6 +30,7 @@ from volinfer.run.feeder import TileFeeder
 from volinfer.run.fidelity import Fidelity
 from volinfer.run.setup import (InputScan, TilingChoice, RunSetup, guard_for, make_normalizer, needs_norm_passes, resolve,
                                 scan_input, stream_verdict, verdict)
+from volinfer.run.skewed_bands import run_skewed
 from volinfer.run.stream import band_reader, prepare_spill, run_stream
 from volinfer.run import pipeline
 from volinfer.run.pipeline import JournaledOutput, fingerprint_options, open_source, run_fingerprint
@@ -329,7 +330,8 @@ def _run_tiles(run: _Run) -> None:
                   reuse_constant=t.reuse_constant, nan_fill=setup.nan_fill, mirror=t.mirror)
     rows_done = RowProgress(run.start_row, on_row_done, run.s.progress)
     if run.stream is not None:
-        busy, calls = run_stream(run.source, run.tm, run.stream, job, setup.spec, run.writer, rows_done)
+        streamer = run_skewed if run.stream.skew is not None else run_stream
+        busy, calls = streamer(run.source, run.tm, run.stream, job, setup.spec, run.writer, rows_done)
         run.counts = (busy, calls, 0)
         return
     stitcher = make_stitcher(setup.grid, setup.spec, run.writer, setup.stitch, t.sigma)

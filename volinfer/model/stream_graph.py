@@ -337,6 +337,12 @@ def _window_of(node: ov.Node, zaxis: int) -> tuple[ZWindow, float]:
     return ZWindow(kind, k, int(a["strides"][si]), int(a["pads_begin"][si]), int(a["dilations"][si])), 0.0
 
 
+def window_along(node: ov.Node, axis: int) -> ZWindow:
+    """The window of a convolution/pooling/interpolation node along model ``axis`` (what its output rows along that
+    axis read of its input)."""
+    return _window_of(node, axis)[0]
+
+
 def interp_axes(node: ov.Node) -> dict[int, tuple[float, int]]:
     """An Interpolate (v4 or v11) node's resized axes: axis -> (scale its coordinates use, output size). Raises
     NotStreamable for what the stream does not run (modes other than nearest/linear, padding, non-constant sizes)."""
@@ -617,39 +623,27 @@ def _orders(zaxis: int) -> tuple[list[int], list[int]]:
     return q, [a - 2 for a in q[2:]]
 
 
-def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
+def build_segment_model(graph: StreamGraph, seg: Segment, t: int, cut: Any = None) -> ov.Model:
     """The segment as a model computing ``t`` output planes: z-first inputs of the planes its window reads (padding
     planes included, supplied by the caller), z-first outputs of exactly ``t`` planes each.
 
     Inside, every tensor is in (N, C, z, s, s) order, the anchor's weights and attributes permuted to match:
-    convolution commutes with a consistent permutation of its input's and its kernel's axes."""
+    convolution commutes with a consistent permutation of its input's and its kernel's axes. ``cut`` (a
+    :class:`volinfer.model.band_cut.SegmentCut`, with ``graph`` and ``seg`` as that band computes them): each input's
+    rows assembled from padding, the previous band's strip (an extra input, after the segment's own) and the band's
+    own rows, sliced to what the segment reads; the anchor without its y padding."""
     model = graph.model.clone()
     nodes = {n.get_friendly_name(): n for n in model.get_ordered_ops()}
     zaxis = graph.tensors[seg.inputs[0][0]].zaxis
     q, sp = _orders(zaxis)
-    ports = _input_ports(seg, nodes)
-    params = []
-    for j, (key, win) in enumerate(seg.inputs):
-        ten = graph.tensors[key]
-        if ten.zaxis != zaxis:
-            raise NotStreamable(f"segment {seg.index} mixes tensors streamed along different axes")
-        planes = win.input_planes(t) if win.kind != "same" else t
-        p = ops.parameter([1, planes, *ten.plane_shape], ten.ov_type, name=f"in{j}")
-        made: dict[Any, ov.Output] = {}
-        for inp, jj in ports:
-            if jj == j:
-                want = inp.get_element_type()
-                if want not in made:  # convert, then transpose: OpenVINO folds the transpose into its reorder
-                    cast = p if want == ten.ov_type else ops.convert(p, want)
-                    to_q = [ten.order.index(a) for a in q]
-                    made[want] = ops.transpose(cast, ops.constant(np.array(to_q, np.int64))).output(0)
-                inp.replace_source_output(made[want])
-        params.append(p)
+    own = seg if cut is None else Segment(seg.index, seg.nodes, seg.anchor, seg.window, seg.pad_value,
+                                          seg.inputs[: len(seg.inputs) - cut.strips], seg.outputs)
+    params = _segment_inputs(graph, seg, own, t, cut, _input_ports(own, nodes))
     sliced: dict[str, ov.Output] = {}
     if isinstance(seg.window, InterpWindow):
         sliced = _interp_anchor(nodes[seg.anchor], seg.window, t, q, params)
     elif seg.anchor is not None:
-        sliced = _permute_anchor(nodes[seg.anchor], seg, t, sp, params)
+        sliced = _permute_anchor(nodes[seg.anchor], seg, t, sp, params, cut)
     results = []
     for key in seg.outputs:
         name, idx = key.rsplit(":", 1)
@@ -665,6 +659,65 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int) -> ov.Model:
         if list(res.get_shape()) != want:
             raise NotStreamable(f"segment {seg.index} computes {list(res.get_shape())} for {key}, expected {want}")
     return sub
+
+
+def _segment_inputs(graph: StreamGraph, seg: Segment, own: Segment, t: int, cut: Any,
+                    ports: list[tuple[ov.Input, int]]) -> list[ov.Node]:
+    """The segment model's parameters (its own inputs', then strips', see :func:`build_segment_model`), each wired
+    to the ports that read it: converted where a port takes another type, transposed to (N, C, z, s, s)."""
+    zaxis = graph.tensors[seg.inputs[0][0]].zaxis
+    q, _ = _orders(zaxis)
+    params, strips = [], []
+    for j, (key, win) in enumerate(own.inputs):
+        ten = graph.tensors[key]
+        if ten.zaxis != zaxis:
+            raise NotStreamable(f"segment {seg.index} mixes tensors streamed along different axes")
+        planes = win.input_planes(t) if win.kind != "same" else t
+        p = ops.parameter([1, planes, *ten.plane_shape], ten.ov_type, name=f"in{j}")
+        src = p.output(0)
+        if cut is not None:
+            strip = None
+            if cut.inputs[j].strip:
+                sten = graph.tensors[seg.inputs[len(own.inputs) + len(strips)][0]]
+                strip = ops.parameter([1, planes, *sten.plane_shape], sten.ov_type, name=f"strip{j}")
+                strips.append(strip)
+            pad = seg.pad_value if seg.anchor is not None and j == 0 else 0.0
+            src = _assemble_rows(src, strip, cut.inputs[j], ten, pad)
+        made: dict[Any, ov.Output] = {}
+        for inp, jj in ports:
+            if jj == j:
+                want = inp.get_element_type()
+                if want not in made:  # convert, then transpose: OpenVINO folds the transpose into its reorder
+                    cast = src if want == ten.ov_type else ops.convert(src, want).output(0)
+                    to_q = [ten.order.index(a) for a in q]
+                    made[want] = ops.transpose(cast, ops.constant(np.array(to_q, np.int64))).output(0)
+                inp.replace_source_output(made[want])
+        params.append(p)
+    return params + strips  # strips after the segment's own inputs, before any call inputs of the anchor
+
+
+def _assemble_rows(own: ov.Output, strip: ov.Node | None, cut: Any, ten: StreamTensor, pad: float) -> ov.Output:
+    """A band's rows of an input (z-first, stored order): padding rows, the previous band's strip, the band's own
+    rows, padding rows, along the stored y axis; sliced to the rows ``[cut.lo, cut.hi)`` the segment reads."""
+    axis = ten.order.index(3)
+    shape = [int(d) for d in own.get_shape()]
+    pieces: list[ov.Output] = []
+    for n in (cut.pad_before, -1, cut.pad_after):
+        if n == -1:
+            if strip is not None:
+                pieces.append(strip.output(0))
+            pieces.append(own)
+        elif n > 0:
+            shp = list(shape)
+            shp[axis] = n
+            value = ops.convert(ops.constant(np.array(pad, np.float32)), ten.ov_type)
+            pieces.append(ops.broadcast(value, ops.constant(np.array(shp, np.int64))).output(0))
+    rows = ops.concat(pieces, axis).output(0) if len(pieces) > 1 else own
+    total = sum(int(p.get_shape()[axis]) for p in pieces)
+    if (cut.lo, cut.hi) == (0, total):
+        return rows
+    return ops.slice(rows, np.array([cut.lo], np.int64), np.array([cut.hi], np.int64), np.array([1], np.int64),
+                     np.array([axis], np.int64)).output(0)
 
 
 def _input_ports(seg: Segment, nodes: dict[str, ov.Node]) -> list[tuple[ov.Input, int]]:
@@ -686,7 +739,7 @@ def _input_ports(seg: Segment, nodes: dict[str, ov.Node]) -> list[tuple[ov.Input
 
 
 def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int],
-                    params: list[ov.Node]) -> dict[str, ov.Output]:
+                    params: list[ov.Node], cut: Any = None) -> dict[str, ov.Output]:
     """Run the anchor in (N, C, z, s, s) order without z padding (the caller supplies padding planes); a transposed
     convolution's output is sliced to the ``t`` planes the chunk owns, an exclude-pad average rescaled per plane
     (its factors a call input appended to ``params``). Returns replaced outputs by tensor key. (Pooling keeps its
@@ -698,6 +751,8 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int],
             v = [a[name][i] for i in sp]
             if name in ("pads_begin", "pads_end", "output_padding"):
                 v[0] = 0
+                if cut is not None:  # a band's rows: padding rows supplied too, where the volume ends
+                    v[sp.index(1)] = 0
             node.set_attribute(name, v)
     if "auto_pad" in a:
         node.set_attribute("auto_pad", "explicit")
@@ -716,6 +771,7 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int],
         return _rewire(node, ops.multiply(node.output(0), scale).output(0))
     if seg.window.kind != "transposed":
         return {}
+    consumers = list(node.output(0).get_target_inputs())  # before the slices below add their own
     out = node.output(0)
     off = seg.window.local_offset(t)
     phased = _phase_convolution(node, w, perm, off, t) if w is not None and _use_phases(node) else None
@@ -723,12 +779,17 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int],
         phased = _z_phases(node, seg.window, t)
     sl = phased if phased is not None else ops.slice(out, np.array([off], np.int64), np.array([off + t], np.int64),
                                                      np.array([1], np.int64), np.array([2], np.int64)).output(0)
-    return _rewire(node, sl)
+    if cut is not None:  # the band's own rows of the transposed output
+        y = 2 + sp.index(1)
+        sl = ops.slice(sl, np.array([cut.offset], np.int64), np.array([cut.offset + cut.rows[1] - cut.rows[0]], np.int64),
+                       np.array([1], np.int64), np.array([y], np.int64)).output(0)
+    return _rewire(node, sl, consumers)
 
 
-def _rewire(node: ov.Node, out: ov.Output) -> dict[str, ov.Output]:
-    """Every consumer of ``node``'s output reads ``out`` instead (the node's output, reworked for the chunk)."""
-    for tin in list(node.output(0).get_target_inputs()):
+def _rewire(node: ov.Node, out: ov.Output, consumers: list[ov.Input] | None = None) -> dict[str, ov.Output]:
+    """Every consumer of ``node``'s output (``consumers``: those it had before ``out`` was built from it) reads
+    ``out`` instead (the node's output, reworked for the chunk)."""
+    for tin in consumers if consumers is not None else list(node.output(0).get_target_inputs()):
         if tin.get_node() != out.get_node():
             tin.replace_source_output(out)
     return {f"{node.get_friendly_name()}:0": out}

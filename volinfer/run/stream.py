@@ -21,6 +21,7 @@ import openvino as ov
 from volinfer.progress import progress_bar
 
 from volinfer.io.plane_store import PlaneFile, PlaneStore, PlaneWindow, check_space, spill_location
+from volinfer.model.band_cut import STRIP
 from volinfer.model.stream_graph import NotStreamable, Segment, StreamGraph, StreamTensor, analyse, build_segment_model
 from volinfer.model.tile_model import TileModel
 from volinfer.run.feeder import TileFeeder
@@ -240,8 +241,8 @@ class StreamRun:
         slots = [self.bufs[k].reserve(a, t) for k in seg.outputs]
         if self.compute:
             req = rs.request
-            inputs = [self._gather(key, lo, hi, seg.pad_value if seg.anchor is not None and j == 0 else 0.0,
-                                   (seg.index, j))
+            anchor_data = (seg.inputs[0][0], seg.inputs[0][0] + STRIP) if seg.anchor is not None else ()
+            inputs = [self._gather(key, lo, hi, seg.pad_value if key in anchor_data else 0.0, (seg.index, j))
                       for j, ((key, _), (lo, hi)) in enumerate(zip(seg.inputs, ranges))]  # alive until infer returns
             for j, ((key, _), data) in enumerate(zip(seg.inputs, inputs)):
                 req.set_input_tensor(j, _tensor(data, self.g.tensors[key]))
@@ -495,17 +496,21 @@ class StreamPlan:
     spill: dict[str, Spill] = field(default_factory=dict)  # the buffers spilled to disk
     spill_at: tuple[str, str] | None = None  # (directory, name prefix) of spill files (volinfer.io.plane_store)
     spill_used: dict[str, Any] | None = None  # what the run's spill wrote and read (run_stream)
+    skew: Any = None  # skewed bands (volinfer.run.skewed_bands.SkewedBands): per band its cut, graph, buffers
 
     def store_in(self, precision: str) -> None:
         """Keep the planes between segments in ``precision`` (a run whose precision changed after planning: the
         guard moving bf16 to f32). Plane sizes set the chunks, and the chunks the buffers: all re-sized together,
         the predicted peak moved by the difference."""
+        if self.skew is not None:
+            self.skew.store_in(self, precision)
+            return
         before, stored = self.memory_mb, [t.storage for t in self.graph.tensors.values()]
         self.graph.store_in(precision if precision in ("bf16", "f16") else "f32")
         if stored == [t.storage for t in self.graph.tensors.values()]:
             return  # planned for this storage already
         (self.chunks, self.capacities, self.buffers_mb, self.working_mb,
-         self.spill_options) = _sizes(self.graph, self.read_planes, takes(self.rows))
+         self.spill_options) = plan_sizes(self.graph, self.read_planes, takes(self.rows))
         self.spill = {o.key: o for o in self.spill_options if o.key in self.spill}  # the same buffers spilled
         self.buffers_mb -= self.spill_saved_mb
         if self.peak_mb is not None:
@@ -531,10 +536,14 @@ class StreamPlan:
     @property
     def spill_s(self) -> float:
         """Predicted seconds the spill adds: its bytes written once and read back by each far consumer."""
+        if self.skew is not None:  # every band's own spill, and the strips between bands
+            return (self.skew.spill_bytes + 2 * self.skew.strip_bytes) / SPILL_BYTES_PER_S
         return sum(o.traffic_bytes for o in self.spill.values()) * self.bands_count / SPILL_BYTES_PER_S
 
     @property
     def bands_count(self) -> int:
+        if self.skew is not None:
+            return len(self.skew.bands)
         return max(1, -(-(self.padded[1] - 2 * self.margin) // max(1, self.band - 2 * self.margin)))
 
     def spill_cost(self, seconds: bool) -> float:
@@ -563,6 +572,8 @@ class StreamPlan:
 
     def bands(self, size_y: int, multiple: int) -> AxisPlan:
         """The y bands (starts and the rows each one writes): the crop planner's own axis plan."""
+        if self.skew is not None:
+            return self.skew.axis(size_y)
         return plan_axis_crop(size_y, self.band, multiple, self.margin)
 
     def describe(self, size_y: int, multiple: int) -> str:
@@ -570,6 +581,9 @@ class StreamPlan:
         ay = self.bands(size_y, multiple)
         where = "" if ay.count == 1 else (f" in {ay.count} bands of {self.band} rows along y (margins {self.margin}, "
                                           f"{ay.count * ay.tile / size_y:.2f}x the rows evaluated)")
+        if self.skew is not None:
+            where = (f" in {ay.count} skewed bands of {self.band} rows along y (each layer's rows computed once: "
+                     f"{self.skew.strip_bytes / 2**20:.0f} MB of halo rows passed between bands through disk)")
         spilled = ("" if not self.spill else
                    f" ({len(self.spill)} skip connection(s) spilled to disk: {self.spill_saved_mb:.0f} MB of RAM "
                    f"saved, {self.spill_disk_bytes / 2**20:.0f} MB of disk, "
@@ -656,7 +670,7 @@ def _plan_band(tm: TileModel, shape: tuple[int, int, int], padded: tuple[int, in
     graph.store_in(precision if precision in ("bf16", "f16") else "f32")
     step = max(m, OUT_PLANES // m * m)
     rows = list(plan_axis_crop(shape[2], step, m, 0).cores)
-    chunks, caps, buffers, working, spill = _sizes(graph, READ_PLANES, takes(rows))
+    chunks, caps, buffers, working, spill = plan_sizes(graph, READ_PLANES, takes(rows))
     return StreamPlan(graph, padded, band, margin, READ_PLANES, step, rows, chunks, caps, buffers, working,
                       spill_options=spill)
 
@@ -668,8 +682,8 @@ def takes(rows: list[tuple[int, int]], planes: int | None = None) -> list[tuple[
     return [(a, min(a + planes, b)) for r0, b in rows for a in range(r0, b, planes)]
 
 
-def _sizes(graph: StreamGraph, step: int, rows: list[tuple[int, int]]) -> tuple[list[int], dict[str, tuple[int, int]],
-                                                                              float, float, list[Spill]]:
+def plan_sizes(graph: StreamGraph, step: int, rows: list[tuple[int, int]]
+               ) -> tuple[list[int], dict[str, tuple[int, int]], float, float, list[Spill]]:
     """For the graph's current plane storage: the segments' chunks, the buffers' capacities for those chunks, the
     MB of buffers and of OpenVINO's working memory, and the buffers that can spill."""
     chunks = chunking(graph)
@@ -759,7 +773,8 @@ def _spill_store(plan: StreamPlan) -> PlaneStore | None:
 
 
 def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any, pad_mode: str = "constant",
-                nan_fill: list[float] | None = None) -> Callable[[int], Callable[[int, np.ndarray | None], None]]:
+                nan_fill: list[float] | None = None, y_multiple: int | None = None
+                ) -> Callable[[int], Callable[[int, np.ndarray | None], None]]:
     """For a band starting at padded y row ``sy``, the reader a :class:`StreamRun` pulls input planes with: the
     volume's planes normalised and padded as tiles are (:class:`volinfer.run.feeder.TileFeeder`), written straight
     into the input buffer's slot. A chunked store (Zarr) is read a chunk deep at a time into a staging slab (each
@@ -767,7 +782,8 @@ def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any
     in_ten = plan.graph.tensors[plan.graph.input_key]
     depth = max(plan.read_planes, source.stored_depth)
     reads = TileGrid.build(tuple(source.shape), (plan.padded[0], plan.band, depth),
-                           [model.multiple, model.multiple, 1], (0, 0, 0), "crop")
+                           [model.multiple, model.multiple if y_multiple is None else y_multiple, 1], (0, 0, 0),
+                           "crop")
     feeder = TileFeeder(source, reads, normalizer, pad_mode, 0.0, nan_fill)
     stage = np.empty((depth, *in_ten.plane_shape), in_ten.np_dtype) if depth > plan.read_planes else None
     held = [-1, -1]  # band start and first plane of what the staging slab holds
@@ -793,16 +809,18 @@ def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any
 
 
 def segment_requests(model: TileModel, graph: StreamGraph, chunks: list[int],
-                     wrap: Callable[[Callable[[Segment, int], Any]], Callable[[Segment, int], Any]] | None = None
-                     ) -> list[Any]:
+                     wrap: Callable[[Callable[[Segment, int], Any]], Callable[[Segment, int], Any]] | None = None,
+                     cuts: list[Any] | None = None) -> list[Any]:
     """One infer request per segment of ``graph`` (any graph cut from ``model``'s network, e.g. a sub-network
     ending at normalisation layers' inputs) at its chunk of ``chunks``, compiled as ``model`` compiles; ``wrap`` may
-    wrap the compiling function (e.g. to reuse compiled segments across graphs)."""
-    compile_segment = _segment_compiler(model, graph)
+    wrap the compiling function (e.g. to reuse compiled segments across graphs); ``cuts``: the segments of one
+    skewed band (:class:`volinfer.model.band_cut.SegmentCut`, in segment order)."""
+    compile_segment = _segment_compiler(model, graph, cuts)
     return compile_segments(graph, wrap(compile_segment) if wrap is not None else compile_segment, chunks)
 
 
-def _segment_compiler(model: TileModel, graph: StreamGraph) -> Callable[[Segment, int], Any]:
+def _segment_compiler(model: TileModel, graph: StreamGraph, cuts: list[Any] | None = None
+                      ) -> Callable[[Segment, int], Any]:
     """Builds a segment's model (graph surgery on clones of one model: one at a time) and compiles it as ``model``
     compiles (device, precision, threads)."""
     config = model.options.config(model.precision)
@@ -810,7 +828,7 @@ def _segment_compiler(model: TileModel, graph: StreamGraph) -> Callable[[Segment
 
     def compile_segment(seg: Segment, t: int) -> Any:
         with building:
-            sub = build_segment_model(graph, seg, t)
+            sub = build_segment_model(graph, seg, t, None if cuts is None else cuts[seg.index])
         return model.core.compile_model(sub, model.options.device, config)
 
     return compile_segment

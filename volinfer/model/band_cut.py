@@ -1,0 +1,200 @@
+"""Skewed bands: where a streamed network's bands of y rows meet, each layer hands its neighbour its own few rows.
+
+Bands with margins (the stream's other way to bound its memory) recompute the network's receptive field at every
+inner band edge, at every layer: the rows evaluated grow with the band count (1.45x at 2048³ in 5 bands). Skewed bands
+compute every row of every layer once. Along y, segment ``s`` computes in band ``b`` its rows ``[F_b(s), F_b+1(s))``;
+the boundaries come backward from the output's (a segment's boundary is the most rows below it any consumer needs,
+a transposed convolution's rounded up to its stride), so a band has computed, by its end, every row its own rows
+need except the few just below each boundary that the previous band computed: a layer's halo, a row or two. Those
+*strips* pass from band to band through disk (:mod:`volinfer.run.skewed_bands`), and each layer in band ``b`` reads
+the rows ``[padding | previous band's strip | own rows | padding]`` sliced to exactly what it needs, with its own y
+padding removed (the caller supplies padding rows, as it supplies padding planes along z).
+
+Memory then follows the band's width, not the cross-section's, and time does not grow with the band count. Not for
+windows whose arithmetic depends on where along y they lie (interpolation, averages that exclude padding): those
+models take bands with margins.
+
+Model side only: geometry of a :class:`volinfer.model.stream_graph.StreamGraph`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from volinfer.model.stream_graph import (ExcludePadWindow, InterpWindow, NotStreamable, Segment, StreamGraph,
+                                         StreamTensor, ZWindow, window_along)
+
+#: The model axis bands cut (x = 2, y = 3, z = 4: z is streamed).
+YAXIS = 3
+#: Suffix of a strip's tensor key (a strip is an input of the band's graph, read from the previous band's file).
+STRIP = "|strip"
+
+
+@dataclass(frozen=True)
+class InputCut:
+    """How a segment's input is assembled in one band: ``pad_before`` padding rows, the previous band's strip of the
+    tensor (``strip``), the tensor's own rows in this band, ``pad_after`` padding rows; the segment reads rows
+    ``[lo, hi)`` of that."""
+
+    pad_before: int
+    strip: bool
+    pad_after: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class SegmentCut:
+    """One segment in one band: its output rows (global), its inputs' assembly, and (transposed along y) where its
+    first row lies in the anchor's unpadded output."""
+
+    rows: tuple[int, int]
+    inputs: tuple[InputCut, ...]
+    offset: int = 0
+
+    @property
+    def strips(self) -> int:
+        return sum(1 for c in self.inputs if c.strip)
+
+
+@dataclass
+class BandCut:
+    """One band: every segment's cut, the rows each tensor holds (global, ``own``), and the rows of a tensor this
+    band reads from the previous band (``strips``)."""
+
+    index: int
+    segments: list[SegmentCut]
+    own: dict[str, tuple[int, int]]
+    strips: dict[str, tuple[int, int]]
+
+    @property
+    def output_rows(self) -> tuple[int, int]:
+        return self.segments[-1].rows
+
+    def shape_key(self) -> tuple:
+        """What a band's compiled segments depend on: equal keys, identical segment models (middle bands)."""
+        own = tuple(sorted((k, b - a) for k, (a, b) in self.own.items()))
+        strips = tuple(sorted((k, b - a) for k, (a, b) in self.strips.items()))
+        cuts = tuple((s.rows[1] - s.rows[0], s.inputs, s.offset) for s in self.segments)
+        return own, strips, cuts
+
+
+def y_windows(graph: StreamGraph) -> list[list[ZWindow]]:
+    """Per segment, per input: its window along y. Raises NotStreamable for windows skewed bands cannot cut."""
+    nodes = {n.get_friendly_name(): n for n in graph.model.get_ordered_ops()}
+    out = []
+    for seg in graph.segments:
+        wins = [ZWindow()] * len(seg.inputs)
+        if seg.anchor is not None:
+            if isinstance(seg.window, InterpWindow):
+                raise NotStreamable(f"interpolation {seg.anchor}: its coordinates depend on the extent")
+            win = window_along(nodes[seg.anchor], YAXIS)
+            if isinstance(win, (InterpWindow, ExcludePadWindow)):
+                raise NotStreamable(f"{seg.anchor}: its window's arithmetic depends on where along y it lies")
+            wins[0] = win
+        out.append(wins)
+    return out
+
+
+def _rows(graph: StreamGraph, key: str) -> int:
+    return graph.tensors[key].shape[YAXIS]
+
+
+def boundaries(graph: StreamGraph, wins: list[list[ZWindow]], beta: int) -> tuple[list[int], dict[str, int]]:
+    """For output boundary ``beta`` (the output's rows below it belong to earlier bands): each segment's boundary
+    and, per tensor, the most rows below the boundary its consumers need."""
+    need: dict[str, int] = {graph.output_key: beta}
+    bound = [0] * len(graph.segments)
+    for seg in reversed(graph.segments):
+        f = max(need.get(k, 0) for k in seg.outputs)
+        n_out = _rows(graph, seg.outputs[0])
+        anchor = wins[seg.index][0] if seg.anchor is not None else None
+        if anchor is not None and anchor.kind == "transposed" and 0 < f < n_out:
+            f = min(n_out, -(-f // anchor.s) * anchor.s)  # chunks of a transposed window start on its stride
+        bound[seg.index] = f
+        for (key, _), w in zip(seg.inputs, wins[seg.index]):
+            hi = f if w.kind == "same" else (w.input_range(0, f)[1] if f else 0)
+            need[key] = max(need.get(key, 0), min(_rows(graph, key), hi))
+    return bound, need
+
+
+def cut_bands(graph: StreamGraph, betas: list[int]) -> list[BandCut]:
+    """The bands whose output rows are ``[betas[b], betas[b+1])`` (``betas`` from 0 to the output's rows). Raises
+    ValueError when a band is too narrow for its neighbours' halos (a segment without rows, or a strip reaching past
+    the previous band)."""
+    if graph.keep:
+        raise NotStreamable("skewed bands compute the output alone")
+    wins = y_windows(graph)
+    per = [boundaries(graph, wins, b) for b in betas]
+    cuts: list[BandCut] = []
+    for b in range(len(betas) - 1):
+        (f0, _), (f1, need1) = per[b], per[b + 1]
+        ranges = []  # per segment, per input: rows [lo, hi) read
+        for seg in graph.segments:
+            a, e = f0[seg.index], f1[seg.index]
+            if e <= a:
+                raise ValueError(f"band {b}: segment {seg.index} has no rows ({a}..{e})")
+            ranges.append([w.input_range(a, e - a) if w.kind != "same" else (a, e) for w in wins[seg.index]])
+        own: dict[str, tuple[int, int]] = {}
+        for seg in graph.segments:
+            for k in seg.outputs:
+                own[k] = (f0[seg.index], f1[seg.index])
+        for k in graph.inputs:  # read straight from the volume, with the rows below the boundary its readers need
+            los = [max(0, lo) for seg in graph.segments for (key, _), (lo, _) in zip(seg.inputs, ranges[seg.index])
+                   if key == k]
+            own[k] = (min(los), need1.get(k, 0))
+        strips: dict[str, tuple[int, int]] = {}
+        for seg in graph.segments:
+            for (key, _), (lo, _) in zip(seg.inputs, ranges[seg.index]):
+                if key not in graph.inputs and max(lo, 0) < own[key][0]:
+                    s0 = min(strips.get(key, (own[key][0],))[0], max(lo, 0))
+                    strips[key] = (s0, own[key][0])
+        if b > 0:
+            for key, (s0, _) in strips.items():
+                if s0 < cuts[-1].own[key][0]:
+                    raise ValueError(f"band {b}: {key} needs rows from {s0}, the previous band starts at "
+                                     f"{cuts[-1].own[key][0]}")
+        segs = []
+        for seg in graph.segments:
+            ins = []
+            for (key, _), (lo, hi) in zip(seg.inputs, ranges[seg.index]):
+                o0, o1 = own[key]
+                strip = key in strips and max(lo, 0) < o0
+                if lo < 0 and o0 != 0:
+                    raise ValueError(f"band {b}: {key} needs padding rows before its own rows {o0}..{o1}")
+                start = lo if lo < 0 else strips[key][0] if strip else o0
+                if hi > o1 and o1 != _rows(graph, key):
+                    raise ValueError(f"band {b}: {key} rows {lo}..{hi} reach past this band's {o0}..{o1}")
+                ins.append(InputCut(max(0, -lo), strip, max(0, hi - _rows(graph, key)), lo - start, hi - start))
+            a = f0[seg.index]
+            win = wins[seg.index][0] if seg.anchor is not None else None
+            off = a + win.p - ranges[seg.index][0][0] * win.s if win is not None and win.kind == "transposed" else 0
+            segs.append(SegmentCut((a, f1[seg.index]), tuple(ins), off))
+        cuts.append(BandCut(b, segs, own, strips))
+    return cuts
+
+
+def band_graph(graph: StreamGraph, cut: BandCut) -> StreamGraph:
+    """``graph`` as band ``cut`` computes it: every tensor holding its own rows of the band, each strip an input
+    (key + :data:`STRIP`) read after the segment's own inputs, in the order of the inputs it extends."""
+    def rows(ten: StreamTensor, n: int, key: str | None = None) -> StreamTensor:
+        shape = list(ten.shape)
+        shape[YAXIS] = n
+        return replace(ten, key=key or ten.key, shape=tuple(shape))
+
+    tensors = {k: rows(t, cut.own[k][1] - cut.own[k][0]) if k in cut.own else t  # (inside a segment: not stored)
+               for k, t in graph.tensors.items()}
+    inputs = list(graph.inputs)
+    segments: list[Segment] = []
+    for seg, sc in zip(graph.segments, cut.segments):
+        extra = []
+        for (key, win), ic in zip(seg.inputs, sc.inputs):
+            if ic.strip:
+                skey = key + STRIP
+                if skey not in tensors:
+                    s0, s1 = cut.strips[key]
+                    tensors[skey] = rows(graph.tensors[key], s1 - s0, skey)
+                    inputs.append(skey)
+                extra.append((skey, win))
+        segments.append(replace(seg, inputs=seg.inputs + extra))
+    return replace(graph, tensors=tensors, segments=segments, inputs=inputs)

@@ -1,0 +1,260 @@
+"""The layer stream in skewed bands (:mod:`volinfer.model.band_cut`): its plan and its run.
+
+A band streams the whole depth of the volume through every segment, over its own rows of each layer; the rows just
+below a band's boundaries (a layer's halo) come from the previous band, written to disk as that band computed them
+(:class:`volinfer.io.plane_store.PlaneFile`, one per tensor, read back plane by plane like an input). Segments are
+compiled per band shape; the middle bands of equal width share theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from volinfer.io.plane_store import PlaneFile, PlaneStore
+from volinfer.model.band_cut import STRIP, YAXIS, BandCut, band_graph, cut_bands
+from volinfer.model.stream_graph import NotStreamable, StreamGraph
+from volinfer.model.tile_model import TileModel
+from volinfer.progress import progress_bar
+from volinfer.run import stream
+from volinfer.run.job import RowProgress, TileJob
+from volinfer.tiling.geometry import AxisPlan
+
+#: The narrowest band the planner cuts, as output rows x columns (each call's in-plane area): the reference U-Net's
+#: calls at the 512² cross-section run at full speed; narrower ones make more, smaller calls.
+MIN_BAND_AREA = 512 * 512
+#: Seconds each band adds besides its share of the work (its pipeline filling along z, the input rows below its
+#: boundary read again, strips written and read): weighs band counts whose predicted work is the same.
+BAND_S = 0.2
+
+
+@dataclass
+class BandPlan:
+    """One band: its cut, its graph (tensors holding the band's rows, strips as inputs), chunks, buffers."""
+
+    cut: BandCut
+    graph: StreamGraph
+    chunks: list[int]
+    capacities: dict[str, tuple[int, int]]
+    buffers_mb: float
+    working_mb: float
+    spill: dict[str, stream.Spill]
+    strip_bytes: int  # bytes of the strips this band writes for the next one
+
+    @property
+    def memory_mb(self) -> float:
+        return self.buffers_mb + self.working_mb
+
+    @property
+    def spill_traffic(self) -> int:
+        return sum(o.traffic_bytes for o in self.spill.values())
+
+
+@dataclass
+class SkewedBands:
+    """The bands of a skewed plan, in order, and the output rows they write (``betas``)."""
+
+    betas: list[int]
+    bands: list[BandPlan]
+    spills: int | None = None  # skip connections each band spills (None: all it can)
+
+    def store_in(self, plan: stream.StreamPlan, precision: str) -> None:
+        """:meth:`volinfer.run.stream.StreamPlan.store_in` for ``plan`` (whose bands these are): every band
+        re-sized for planes kept in ``precision``."""
+        stored = [t.storage for t in plan.graph.tensors.values()]
+        plan.graph.store_in(precision if precision in ("bf16", "f16") else "f32")
+        if stored == [t.storage for t in plan.graph.tensors.values()]:
+            return
+        before = plan.memory_mb
+        sized: dict[Any, Any] = {}
+        self.bands = [_band_plan(plan.graph, b.cut, stream.takes(plan.rows), self.spills, sized) for b in self.bands]
+        _set_widest(plan, self)
+        if plan.peak_mb is not None:
+            plan.peak_mb += plan.memory_mb - before
+
+    def axis(self, size_y: int) -> AxisPlan:
+        """The bands as an axis plan: each band's output rows (no margins)."""
+        cores = tuple((min(a, size_y), min(b, size_y)) for a, b in zip(self.betas[:-1], self.betas[1:]))
+        keep = [i for i, (a, b) in enumerate(cores) if b > a]
+        width = max(b - a for a, b in zip(self.betas[:-1], self.betas[1:]))
+        return AxisPlan(size=size_y, tile=width, padded=self.betas[-1], starts=tuple(self.betas[i] for i in keep),
+                        cores=tuple(cores[i] for i in keep))
+
+    @property
+    def spill_bytes(self) -> int:
+        return sum(b.spill_traffic for b in self.bands)
+
+    @property
+    def strip_bytes(self) -> int:
+        return sum(b.strip_bytes for b in self.bands)
+
+
+def max_bands(tm: TileModel, padded: tuple[int, int, int]) -> int:
+    """The most bands the planner cuts ``padded`` into (bands no narrower than :data:`MIN_BAND_AREA`)."""
+    rows = max(tm.multiple, -(-MIN_BAND_AREA // padded[0]))
+    return max(1, padded[1] // rows)
+
+
+def plan_skewed(tm: TileModel, shape: tuple[int, int, int], precision: str, count: int,
+                spills: int | None = None) -> stream.StreamPlan:
+    """Streaming ``shape`` in ``count`` skewed bands of equal width (whole multiples of the model's), each spilling
+    its ``spills`` largest skip connections (None: all it can). Raises NotStreamable (a model whose windows skewed
+    bands cannot cut) or ValueError (bands too narrow for the network's halos)."""
+    m = tm.multiple
+    padded = tuple(-(-n // m) * m for n in shape)
+    graph = stream.stream_graph_for(tm, padded)  # type: ignore[arg-type]
+    graph.store_in(precision if precision in ("bf16", "f16") else "f32")
+    n_out = graph.tensors[graph.output_key].shape[YAXIS]
+    width = -(-n_out // count // m) * m if n_out >= count * m else m
+    betas = sorted({min(n_out, i * width) for i in range(count)} | {n_out})
+    cuts = cut_bands(graph, betas)
+    step = max(m, stream.OUT_PLANES // m * m)
+    rows = list(stream.plan_axis_crop(shape[2], step, m, 0).cores)
+    sized: dict[Any, Any] = {}  # bands of the same shape (the middle ones) size alike
+    bands = [_band_plan(graph, cut, stream.takes(rows), spills, sized) for cut in cuts]
+    plan = stream.StreamPlan(graph, padded, width, 0, stream.READ_PLANES, step, rows, [], {}, 0.0,  # type: ignore
+                             0.0, skew=SkewedBands(betas, bands, spills))
+    _set_widest(plan, plan.skew)
+    return plan
+
+
+def _set_widest(plan: stream.StreamPlan, skew: SkewedBands) -> None:
+    """The plan's sizes are its most demanding band's; each band's strips for the next counted."""
+    bands = skew.bands
+    for here, nxt in zip(bands, bands[1:]):
+        here.strip_bytes = sum((b - a) * here.graph.tensors[k].plane_bytes // here.graph.tensors[k].shape[YAXIS]
+                               * here.graph.tensors[k].n for k, (a, b) in nxt.cut.strips.items())
+    widest = max(bands, key=lambda b: b.memory_mb)
+    plan.chunks, plan.capacities = widest.chunks, widest.capacities
+    plan.buffers_mb, plan.working_mb, plan.spill = widest.buffers_mb, widest.working_mb, dict(widest.spill)
+
+
+def _band_plan(graph: StreamGraph, cut: BandCut, takes: list[tuple[int, int]], spills: int | None,
+               sized: dict[Any, Any]) -> BandPlan:
+    g = band_graph(graph, cut)
+    key = cut.shape_key()
+    if key not in sized:
+        sized[key] = stream.plan_sizes(g, stream.READ_PLANES, takes)
+    chunks, caps, buffers, working, options = sized[key]
+    chosen = options if spills is None else options[:spills]
+    if stream.SPILL == "never":
+        chosen = []
+    spill = {o.key: o for o in chosen}
+    saved = sum(o.saved_bytes for o in chosen) / 2**20
+    return BandPlan(cut, g, chunks, caps, buffers - saved, working, spill, 0)
+
+
+#: Tests: the planner streams in this many skewed bands (None: as its objective chooses).
+FORCE_COUNT: int | None = None
+#: Band counts the planner weighs (up to :func:`max_bands`): memory falls with the band's width, in these steps.
+COUNTS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def skew_options(tm: TileModel, shape: tuple[int, int, int], precision: str) -> list[stream.StreamPlan]:
+    """The skewed plans the planner weighs: :data:`COUNTS` bands up to :func:`max_bands`, each with all, or none,
+    of its skip connections spilled; empty for a model skewed bands cannot cut."""
+    m = tm.multiple
+    padded = tuple(-(-n // m) * m for n in shape)
+    out = []
+    counts = [FORCE_COUNT] if FORCE_COUNT else [c for c in COUNTS if c <= max_bands(tm, padded)]  # type: ignore
+    for count in counts:
+        for spills in (0, None):
+            try:
+                out.append(plan_skewed(tm, shape, precision, count, spills))
+            except NotStreamable:
+                return []
+            except ValueError:
+                break
+    return out
+
+
+def run_skewed(source: Any, model: TileModel, plan: stream.StreamPlan, job: TileJob, spec: Any, writer: Any,
+               rows: RowProgress = RowProgress()) -> tuple[float, int]:
+    """:func:`volinfer.run.stream.run_stream` for a skewed plan: band after band, each writing its own output rows
+    (not journaled: a resume starts over). Returns (seconds OpenVINO computed, segment calls)."""
+    assert plan.skew is not None
+    shape = tuple(source.shape)
+    cores = job.grid.axes[2].cores
+    bands = plan.skew.bands
+    block = np.empty((spec.out_channels, max(b - a for a, b in cores), plan.band, shape[0]), spec.dtype)
+    if plan.spill_at is None:
+        stream.prepare_spill(plan, None)
+    assert plan.spill_at is not None
+    store = PlaneStore(*plan.spill_at)  # strips and spilled skip connections
+    bar = progress_bar(len(cores) * len(bands), "volinfer", "slab", disable=not rows.progress)
+    busy, calls, run = 0.0, 0, None
+    strips: dict[str, PlaneFile] = {}  # the previous band's strips, by tensor
+    compiled: tuple[Any, list[Any]] | None = None
+    try:
+        for i, bp in enumerate(bands):
+            key = (bp.cut.shape_key(), tuple(bp.chunks))
+            if compiled is None or compiled[0] != key:
+                compiled = None  # the previous band's segments go before this band's are compiled
+                compiled = (key, stream.segment_requests(model, bp.graph, bp.chunks, cuts=bp.cut.segments))
+            reads = _band_reads(source, model, plan, bp, job, strips)
+            run = stream.StreamRun(bp.graph, reads, plan.read_planes, bp.chunks, bp.capacities, compiled[1],
+                                   (bp.spill, store) if bp.spill else None)
+            made = _tap_strips(run, bp, bands[i + 1].cut if i + 1 < len(bands) else None, store)
+            r0, r1 = bp.cut.output_rows
+            ny = min(r1, shape[1]) - r0
+            out_ten = bp.graph.tensors[bp.graph.output_key]
+            for a, b in cores:
+                for p0, p1 in stream.takes([(a, b)]):
+                    planes = run.take(p0, p1 - p0)
+                    if ny > 0:
+                        out = model.output_view_of(out_ten.model_view(planes))
+                        spec(out[:, : shape[0], :ny, : p1 - p0].transpose(0, 3, 2, 1), block[:, p0 - a: p1 - a, :ny])
+                    run.done(p1)
+                if ny > 0:
+                    writer.write(block[:, : b - a, :ny], a, r0)
+                bar.update(1)
+            busy, calls = busy + run.busy, calls + run.calls
+            run.close()
+            run = None
+            for f in strips.values():
+                f.close()
+            strips = made
+    finally:
+        bar.close()
+        if run is not None:
+            run.close()
+        for f in strips.values():
+            f.close()
+        plan.spill_used = {"written": store.written, "read": store.read_bytes, "seconds": store.seconds,
+                           "waited": store.waited, "read_s": store.read_s}
+        store.close()
+    return busy, calls
+
+
+def _band_reads(source: Any, model: TileModel, plan: stream.StreamPlan, bp: BandPlan, job: TileJob,
+                strips: dict[str, PlaneFile]) -> dict[str, Any]:
+    """How band ``bp`` reads its inputs: the volume's rows it holds, straight from the source; each strip from the
+    file the previous band wrote."""
+    g = bp.graph
+    lo, hi = bp.cut.own[g.input_key]
+    reader = stream.band_reader(source, model, replace(plan, graph=g, band=hi - lo), job.normalizer, job.pad_mode,
+                                job.nan_fill, y_multiple=1)
+    reads: dict[str, Any] = {g.input_key: reader(lo)}
+    for k in g.inputs:
+        if k.endswith(STRIP):
+            f, n = strips[k[: -len(STRIP)]], g.tensors[k].n
+            reads[k] = lambda a, slot, f=f, n=n: None if slot is None else f.read(a, slot[: n - a])
+    return reads
+
+
+def _tap_strips(run: stream.StreamRun, bp: BandPlan, nxt: BandCut | None, store: PlaneStore) -> dict[str, PlaneFile]:
+    """Write, as ``run`` computes them, the rows of each tensor the next band reads from this one."""
+    if nxt is None:
+        return {}
+    files, forms = {}, {}
+    for key, (s0, s1) in nxt.strips.items():
+        ten = bp.graph.tensors[key]
+        o0 = bp.cut.own[key][0]
+        axis = ten.order.index(YAXIS) - 1  # in stored planes (z first, the batch dropped)
+        files[key] = store.open(ten.plane_bytes // ten.shape[YAXIS] * (s1 - s0))
+        forms[key] = lambda planes, a=s0 - o0, b=s1 - o0, ax=axis: np.ascontiguousarray(
+            planes[(slice(None),) * ax + (slice(a, b),)])
+    run.tap(files, forms)
+    return files
