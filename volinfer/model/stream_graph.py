@@ -612,7 +612,7 @@ def _set_outputs(model: ov.Model, segments: list[Segment], seg_of: dict[str, int
 
 
 def _others(zaxis: int) -> list[int]:
-    return [a for a in (2, 3, 4) if a != zaxis]
+    return [a for a in (4, 3, 2) if a != zaxis]
 
 
 def _orders(zaxis: int) -> tuple[list[int], list[int]]:

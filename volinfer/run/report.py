@@ -97,7 +97,9 @@ class RunReport:
             lines.append(f"{k:<11} {v}")
         if self.spill:  # spill
             sp = self.spill
-            lines.append(f"{'spill':<11} {sp['tensors']} skip connection(s) to {sp['disk_mb']:.0f} MB of disk: "
+            what = (f"{sp['tensors']} skip connection(s) and the rows where bands meet" if sp.get("strips_mb") else
+                    f"{sp['tensors']} skip connection(s)")
+            lines.append(f"{'spill':<11} {what} to {sp['disk_mb']:.0f} MB of disk: "
                          f"{sp['written_mb']:.0f} MB written, {sp['read_mb']:.0f} MB read back, "
                          f"{sp['ram_saved_mb']:.0f} MB of RAM saved (files in {sp['directory']}, deleted)")
         if self.output:

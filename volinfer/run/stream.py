@@ -531,7 +531,15 @@ class StreamPlan:
 
     @property
     def spill_disk_bytes(self) -> int:
-        return sum(o.disk_bytes for o in self.spill.values())
+        """Disk the spill files need at once (skewed bands: with the strips of two bands, read and written)."""
+        return sum(o.disk_bytes for o in self.spill.values()) + self.strips_disk_bytes
+
+    @property
+    def strips_disk_bytes(self) -> int:
+        if self.skew is None:
+            return 0
+        bands = self.skew.bands  # a band reads the previous band's strips while it writes its own
+        return max([b.strip_bytes for b in bands] + [a.strip_bytes + b.strip_bytes for a, b in zip(bands, bands[1:])])
 
     @property
     def spill_s(self) -> float:
@@ -552,11 +560,11 @@ class StreamPlan:
 
     def spill_summary(self) -> dict[str, Any] | None:
         """What is spilled (for the summary and ``--json``); None when nothing is."""
-        if not self.spill:
+        if not self.spill and self.skew is None:
             return None
         used = self.spill_used or {}
         return {"tensors": len(self.spill), "ram_saved_mb": round(self.spill_saved_mb, 1),
-                "disk_mb": round(self.spill_disk_bytes / 2**20, 1),
+                "disk_mb": round(self.spill_disk_bytes / 2**20, 1), "strips_mb": round(self.strips_disk_bytes / 2**20, 1),
                 "written_mb": round(used.get("written", 0) / 2**20, 1),
                 "read_mb": round(used.get("read", 0) / 2**20, 1), "io_s": round(used.get("seconds", 0.0), 2),
                 "read_s": round(used.get("read_s", 0.0), 2), "write_wait_s": round(used.get("waited", 0.0), 2),
@@ -701,7 +709,7 @@ def prepare_spill(plan: StreamPlan, output: Any) -> None:
     """Before any work: where ``plan``'s spill files go (beside ``output``, else the temporary directory) and
     whether the disk has room for them (a one-line error saying what they need)."""
     plan.spill_at = tuple(map(str, spill_location(output)))  # type: ignore[assignment]
-    if plan.spill:
+    if plan.spill_disk_bytes:
         check_space(plan.spill_at[0], plan.spill_disk_bytes)
 
 

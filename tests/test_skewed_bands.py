@@ -1,0 +1,154 @@
+"""Skewed bands (volinfer.model.band_cut, volinfer.run.skewed_bands): a stream run band after band along y, every row
+of every layer computed once, the rows below each band boundary handed over through disk.
+
+References are computed in the test: OpenVINO f32 on the whole padded volume (the unmodified model, one call); in
+bf16, the same stream without bands (bands must not change a single value).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import nibabel as nib
+import numpy as np
+import openvino as ov
+import pytest
+
+import stream_models
+from models import stream_unet
+from test_stream import _volume, whole_volume
+from volinfer import predict
+from volinfer.model.band_cut import cut_bands, y_windows
+from volinfer.model.stream_graph import NotStreamable
+from volinfer.model.tile_model import TileModel
+from volinfer.run import skewed_bands
+from volinfer.model.memory import weights_mb
+from volinfer.run.stream import fixed_mb, plan_stream, stream_graph_for
+
+HAS_MONAI = all(importlib.util.find_spec(m) for m in ("torch", "monai"))
+
+#: name -> (factory, size multiple, odd volume shape wide along y)
+NETWORKS = {
+    "stream_unet": (lambda: stream_unet(seed=10), 4, (23, 141, 19)),
+    "transposed_k3s2": (lambda: stream_models.updown(cout=12), 2, (13, 47, 9)),
+    "transposed_k4s2_asym": (lambda: stream_models.updown(k=4, pb=2, pe=0, op=0, cout=12), 2, (11, 45, 7)),
+    "transposed_k3s2_grouped": (lambda: stream_models.updown(cout=12, groups=2), 2, (9, 43, 11)),
+    "transposed_k3s2_phases": (lambda: stream_models.updown(cout=2), 2, (12, 40, 5)),
+}
+
+
+def _saved(tmp_path, model: ov.Model) -> str:
+    path = str(tmp_path / "net.xml")
+    ov.save_model(model, path, compress_to_fp16=False)
+    return path
+
+
+def _skewed(vol, path, monkeypatch, count, **kw):
+    monkeypatch.setattr(skewed_bands, "FORCE_COUNT", count)
+    got = predict(vol, path, engine="stream", kind="raw", progress=False, report=True, **kw)
+    out, rep = (None, got) if "output" in kw else got
+    assert rep.engine == "stream" and rep.grid[1] == count, rep.notes
+    assert any(f"{count} skewed bands" in n for n in rep.notes), rep.notes
+    assert rep.exact and "skewed bands" in rep.exact_meaning
+    return out, rep
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+@pytest.mark.parametrize("count", [2, 3])
+def test_skewed_bands_are_whole_volume_inference(tmp_path, monkeypatch, name, count):
+    """Each network on an odd volume in 2 and 3 bands: OpenVINO's whole-volume f32 inference to float32 rounding."""
+    factory, multiple, shape = NETWORKS[name]
+    path = _saved(tmp_path, factory())
+    vol = _volume(shape, seed=count)
+    out, _ = _skewed(vol, path, monkeypatch, count, precision="f32")
+    ref = whole_volume(path, vol, multiple=multiple)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_many_narrow_bands_and_vocabulary(tmp_path, monkeypatch):
+    """Dilated, depthwise and grouped strided convolutions, max and (padding-counting) average pooling, a grouped
+    transposed convolution, concatenations: 5 bands of a few rows each, f32, against the whole volume."""
+    pytest.importorskip("torch")
+    path = _saved(tmp_path, stream_models.from_torch(stream_models.torch_vocabulary(tk=4, tp=1, top=0, tg=2), 2))
+    vol = _volume((14, 120, 9), seed=5)
+    out, _ = _skewed(vol, path, monkeypatch, 5, precision="f32")
+    ref = whole_volume(path, vol, multiple=2)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.skipif(not HAS_MONAI, reason="needs torch and monai")
+def test_monai_unet_in_bf16_equals_the_unbanded_stream(tmp_path, monkeypatch):
+    """A MONAI BasicUNet (batch norm, transposed convolutions, skip concatenations, multiple 16) in bf16: the skewed
+    bands give the unbanded stream's values bit for bit, and f32 equals whole-volume inference."""
+    path = _saved(tmp_path, stream_models.monai_basic_unet(norm="batch"))
+    vol = _volume((17, 250, 21), seed=7)
+    whole = predict(vol, path, engine="stream", precision="bf16", kind="raw", progress=False)
+    out, _ = _skewed(vol, path, monkeypatch, 2, precision="bf16")
+    np.testing.assert_array_equal(out, whole)
+    out, _ = _skewed(vol, path, monkeypatch, 2, precision="f32")
+    ref = whole_volume(path, vol, multiple=16)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_file_output_and_strips_removed(tmp_path, monkeypatch):
+    """A compressed NIfTI written band by band holds the in-memory result; the strips went through disk (bytes
+    counted) and no file is left behind."""
+    path = _saved(tmp_path, stream_unet(seed=3))
+    vol = _volume((21, 133, 26), seed=9)
+    mem, _ = _skewed(vol, path, monkeypatch, 3, precision="f32")
+    dst = tmp_path / "out" / "labels.nii.gz"
+    dst.parent.mkdir()
+    _, rep = _skewed(vol, path, monkeypatch, 3, precision="f32", output=dst)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(dst)).dataobj), mem)
+    assert rep.spill is not None and rep.spill["written_mb"] > 0  # the strips
+    assert os.listdir(dst.parent) == ["labels.nii.gz"]
+
+
+def test_windows_that_depend_on_position_refuse_skew(tmp_path, monkeypatch):
+    """Averages that exclude padding (their divisor depends on where the window lies) cannot be cut: no skewed plan,
+    and a run asked for bands still gets the exact result another way."""
+    pytest.importorskip("torch")
+    path = _saved(tmp_path, stream_models.from_torch(stream_models.torch_vocabulary(include_pad=False), 2))
+    tm = TileModel(path, compile=False)
+    with pytest.raises(NotStreamable):
+        y_windows(stream_graph_for(tm, (8, 64, 8)))
+    assert skewed_bands.skew_options(tm, (8, 64, 8), "f32") == []
+    monkeypatch.setattr(skewed_bands, "FORCE_COUNT", 2)
+    vol = _volume((8, 64, 8), seed=1)
+    out, rep = predict(vol, path, engine="stream", precision="f32", kind="raw", progress=False, report=True)
+    assert not any("skewed" in n for n in rep.notes)
+    ref = whole_volume(path, vol, multiple=2)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_bands_narrower_than_the_halos_are_refused(tmp_path):
+    """Bands too narrow for the rows each layer reads below their boundary: a ValueError naming the band (the
+    planner then weighs fewer bands); a workable count cuts every segment's rows into a partition of its rows."""
+    path = _saved(tmp_path, stream_unet(seed=1))
+    tm = TileModel(path, compile=False)
+    graph = stream_graph_for(tm, (8, 120, 8))
+    with pytest.raises(ValueError, match="band"):
+        cut_bands(graph, list(range(0, 120, 4)) + [120])
+    cuts = cut_bands(graph, [0, 40, 80, 120])
+    for seg in graph.segments:
+        rows = [c.segments[seg.index].rows for c in cuts]
+        assert rows[0][0] == 0 and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+        assert rows[-1][1] == graph.tensors[seg.outputs[0]].shape[3]
+
+
+def test_planner_picks_skewed_bands_when_the_cross_section_does_not_fit(tmp_path, monkeypatch):
+    """With a budget the whole cross-section exceeds, the planner's own choice (no forced count) is skewed bands
+    within the budget, and the run is exact."""
+    monkeypatch.setattr(skewed_bands, "MIN_BAND_AREA", 16 * 16)
+    path = _saved(tmp_path, stream_unet(seed=4))
+    vol = _volume((30, 160, 24), seed=4)
+    tm = TileModel(path, compile=False)
+    whole = plan_stream(tm, vol.shape, "f32")
+    fixed = fixed_mb(weights_mb(tm.model))
+    budget = fixed + 0.8 * whole.memory_mb
+    out, rep = predict(vol, path, engine="stream", precision="f32", kind="raw", max_memory_mb=budget,
+                       progress=False, report=True)
+    assert rep.grid[1] > 1 and any("skewed bands" in n for n in rep.notes), rep.notes
+    ref = whole_volume(path, vol, multiple=4)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
