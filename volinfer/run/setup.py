@@ -39,7 +39,7 @@ from volinfer.model import speed_profile
 from volinfer.model.stream_graph import NotStreamable
 from volinfer.run.stream import fixed_mb, plan_stream
 from volinfer.run import skewed_bands
-from volinfer.run.skewed_bands import BAND_S, skew_options
+from volinfer.run.skewed_bands import BAND_S, SKEW_VOXEL_COST, skew_options
 
 DEFAULT_OVERLAP = 0.25
 
@@ -638,7 +638,9 @@ def _with_skewed_bands(tm: TileModel, shape: Sequence[int], choice: TilingChoice
     per_band = BAND_S if choice.voxel_cost is not None else BAND_S / NOMINAL_VOXEL_S
 
     def cost(p: Any) -> float:
-        return stream_cost(tm, shape, p, choice.voxel_cost) + per_band * p.bands_count
+        if p.skew is None:
+            return stream_cost(tm, shape, p, choice.voxel_cost)
+        return stream_cost(tm, shape, p, choice.voxel_cost) * SKEW_VOXEL_COST + per_band * p.bands_count
 
     cands = options + ([plan] if plan.peak_mb <= cap and not skewed_bands.FORCE_COUNT else [])
     best = leanest_near_fastest(cands, cost, lambda p: p.memory_mb)

@@ -25,6 +25,15 @@ from volinfer.tiling.geometry import AxisPlan
 #: The narrowest band the planner cuts, as output rows x columns (each call's in-plane area): the reference U-Net's
 #: calls at the 512² cross-section run at full speed; narrower ones make more, smaller calls.
 MIN_BAND_AREA = 512 * 512
+#: A band's memory besides what a whole cross-section's plan counts (MB, and per MB of rows assembled in the segment
+#: calls: its strips and padding concatenated to its own rows, sliced to what each layer reads): fitted to three runs
+#: of the reference U-Net at 1024x1024x64, bf16, in 4 and 8 bands, with and without spilling (predictions 343-496 MB
+#: measured 447-613 MB before; within 8% after).
+BAND_FLOOR_MB = 60.0
+ASSEMBLY_FACTOR = 0.35
+#: A skewed band's segment calls take this much longer than a whole cross-section's per voxel (the rows assembled
+#: in each call): inference 5.76-6.15 s in 8 and 4 bands against 5.07 s whole, 1024x1024x64.
+SKEW_VOXEL_COST = 1.15
 #: Seconds each band adds besides its share of the work (its pipeline filling along z, the input rows below its
 #: boundary read again, strips written and read): weighs band counts whose predicted work is the same.
 BAND_S = 0.2
@@ -138,6 +147,8 @@ def _band_plan(graph: StreamGraph, cut: BandCut, takes: list[tuple[int, int]], s
     if key not in sized:
         sized[key] = stream.plan_sizes(g, stream.READ_PLANES, takes)
     chunks, caps, buffers, working, options = sized[key]
+    options = [o for o in options if not o.key.endswith(STRIP)]  # a strip is read from its file as it is needed
+    working += BAND_FLOOR_MB + ASSEMBLY_FACTOR * _assembled_bytes(g, cut, chunks) / 2**20
     chosen = options if spills is None else options[:spills]
     if stream.SPILL == "never":
         chosen = []
@@ -150,6 +161,21 @@ def _band_plan(graph: StreamGraph, cut: BandCut, takes: list[tuple[int, int]], s
 FORCE_COUNT: int | None = None
 #: Band counts the planner weighs (up to :func:`max_bands`): memory falls with the band's width, in these steps.
 COUNTS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def _assembled_bytes(g: StreamGraph, cut: BandCut, chunks: list[int]) -> int:
+    """Bytes of rows one call of every segment assembles (concatenated, then sliced) for band ``cut``."""
+    total = 0
+    for seg, sc, t in zip(g.segments, cut.segments, chunks):
+        for (key, win), ic in zip(seg.inputs, sc.inputs):
+            ten = g.tensors[key]
+            rows = ten.shape[YAXIS] + ic.pad_before + ic.pad_after
+            if ic.strip:
+                rows += cut.strips[key][1] - cut.strips[key][0]
+            if ic.strip or rows != ten.shape[YAXIS] or (ic.lo, ic.hi) != (0, rows):
+                planes = win.input_planes(t) if win.kind != "same" else t
+                total += planes * ten.plane_bytes // ten.shape[YAXIS] * (rows + ic.hi - ic.lo)
+    return total
 
 
 def skew_options(tm: TileModel, shape: tuple[int, int, int], precision: str) -> list[stream.StreamPlan]:
