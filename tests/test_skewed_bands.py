@@ -22,7 +22,7 @@ from volinfer import predict
 from volinfer.model.band_cut import cut_bands, y_windows
 from volinfer.model.stream_graph import NotStreamable
 from volinfer.model.tile_model import TileModel
-from volinfer.run import skewed_bands
+from volinfer.run import setup, skewed_bands
 from volinfer.model.memory import weights_mb
 from volinfer.run.stream import fixed_mb, plan_stream, stream_graph_for
 
@@ -140,7 +140,9 @@ def test_bands_narrower_than_the_halos_are_refused(tmp_path):
 def test_planner_picks_skewed_bands_when_the_cross_section_does_not_fit(tmp_path, monkeypatch):
     """With a budget the whole cross-section exceeds, the planner's own choice (no forced count) is skewed bands
     within the budget, and the run is exact."""
-    monkeypatch.setattr(skewed_bands, "MIN_BAND_AREA", 16 * 16)
+    monkeypatch.setattr(skewed_bands, "MIN_BAND_AREA", 16 * 16)  # (calibrated for cross-sections of 512² and more)
+    monkeypatch.setattr(skewed_bands, "BAND_FLOOR_MB", 0.0)
+    monkeypatch.setattr(setup, "BAND_S", 0.0)  # (a band's fixed time would dwarf a volume this small)
     path = _saved(tmp_path, stream_unet(seed=4))
     vol = _volume((30, 160, 24), seed=4)
     tm = TileModel(path, compile=False)
