@@ -104,7 +104,8 @@ def _candidate_line(c: dict[str, Any]) -> str:
     mark = "*" if c.get("chosen") else " "
     when = "" if c.get("time_s") is None else f", predicted {c['time_s']:.1f} s"
     if c.get("engine") == "stream":
-        what = "layer stream" + ("" if c["tiles"] == 1 else " in %d bands along y" % c["tiles"])
+        kind = " skewed" if c.get("skewed") else ""
+        what = "layer stream" + ("" if c["tiles"] == 1 else f" in {c['tiles']}{kind} bands along y")
     else:
         what = f"tile {'x'.join(map(str, c['tile']))}: {c['tiles']} tiles"
     over = "" if c.get("within_budget", True) else "  [over the memory budget]"
@@ -379,6 +380,7 @@ def _candidates(choice: Any, shape: Sequence[int], multiple: int) -> list[dict[s
         out.append({"engine": "stream", "tile": [sp.padded[0], sp.band, sp.out_planes], "tiles": rows.count,
                     "evaluated_x": sp.padded[0] * rows.count * rows.tile * sp.padded[2] / vox,
                     "memory_mb": round(sp.peak_mb, 1), "norm_passes": 0, "within_budget": True, "chosen": streams,
+                    "skewed": sp.skew is not None,
                     "cost": cost, "voxel_s": choice.voxel_cost is not None})
     return sorted(out, key=lambda c: c["cost"])
 

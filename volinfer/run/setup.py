@@ -596,7 +596,11 @@ def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any)
     rows = plan.bands(shape[1], tm.multiple)
     voxels = float(plan.padded[0]) * rows.count * rows.tile * plan.padded[2]
     unit = 1.0 if voxel_cost is None else voxel_cost(float(np.prod(tm.tile)))
-    return STREAM_VOXEL_COST * voxels * unit + plan.spill_cost(voxel_cost is not None)  # spill: disk traffic
+    cost = STREAM_VOXEL_COST * voxels * unit + plan.spill_cost(voxel_cost is not None)  # spill: disk traffic
+    if plan.skew is not None:  # skewed bands: calls that assemble their rows, and a little time per band
+        per_band = BAND_S if voxel_cost is not None else BAND_S / NOMINAL_VOXEL_S
+        cost += (SKEW_VOXEL_COST - 1.0) * STREAM_VOXEL_COST * voxels * unit + per_band * plan.bands_count
+    return cost
 
 
 def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_memory_mb: float | None, asked: bool,
@@ -635,15 +639,8 @@ def _with_skewed_bands(tm: TileModel, shape: Sequence[int], choice: TilingChoice
     options = [o for o in skew_options(tm, tuple(shape), tm.precision) if fixed + o.memory_mb <= cap]  # type: ignore
     if not options:
         return plan
-    per_band = BAND_S if choice.voxel_cost is not None else BAND_S / NOMINAL_VOXEL_S
-
-    def cost(p: Any) -> float:
-        if p.skew is None:
-            return stream_cost(tm, shape, p, choice.voxel_cost)
-        return stream_cost(tm, shape, p, choice.voxel_cost) * SKEW_VOXEL_COST + per_band * p.bands_count
-
     cands = options + ([plan] if plan.peak_mb <= cap and not skewed_bands.FORCE_COUNT else [])
-    best = leanest_near_fastest(cands, cost, lambda p: p.memory_mb)
+    best = leanest_near_fastest(cands, lambda p: stream_cost(tm, shape, p, choice.voxel_cost), lambda p: p.memory_mb)
     best.peak_mb = fixed + best.memory_mb
     return best
 
