@@ -182,7 +182,7 @@ def test_candidate_times_are_scaled_to_the_latency_measured_at_the_chosen_tile()
     weighed = [Tiling((64, 64, 64), (0, 0, 0), (2, 1, 1), 2 * 64**3, 100.0, 0, voxel_s=2e-6, cost=2 * 64**3 * 2e-6),
                Tiling((32, 64, 64), (0, 0, 0), (4, 1, 1), 4 * 32 * 64**2, 90.0, 1, voxel_s=4e-6,
                       cost=4 * 32 * 64**2 * 4e-6 * 1.5)]
-    stream = SimpleNamespace(padded=(128, 64, 64), band=40, out_planes=16, peak_mb=300.0,
+    stream = SimpleNamespace(padded=(128, 64, 64), band=40, out_planes=16, peak_mb=300.0, skew=None,
                              bands=lambda size, m: SimpleNamespace(count=2, tile=40))
     choice = SimpleNamespace(candidates=weighed, planned=weighed[0], stream=None, voxel_cost=lambda v: 2e-6,
                              stream_option=(stream, 0.9))
