@@ -154,3 +154,17 @@ def test_planner_picks_skewed_bands_when_the_cross_section_does_not_fit(tmp_path
     assert rep.grid[1] > 1 and any("skewed bands" in n for n in rep.notes), rep.notes
     ref = whole_volume(path, vol, multiple=4)
     np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_a_skewed_plan_follows_a_precision_change(tmp_path):
+    """The precision guard may move a run from bf16 to f32 after planning: every band is re-sized for f32 planes
+    (twice the bytes), and the plan's memory is its most demanding band's again."""
+    path = _saved(tmp_path, stream_unet(seed=2))
+    tm = TileModel(path, compile=False)
+    plan = skewed_bands.plan_skewed(tm, (20, 200, 16), "bf16", 3, 0)
+    before = plan.memory_mb
+    plan.peak_mb = 100.0 + before
+    plan.store_in("f32")
+    assert all(t.storage == "f32" for b in plan.skew.bands for t in b.graph.tensors.values())
+    assert plan.memory_mb > before and plan.peak_mb == pytest.approx(100.0 + plan.memory_mb)
+    assert plan.memory_mb == pytest.approx(max(b.memory_mb for b in plan.skew.bands))
