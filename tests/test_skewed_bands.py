@@ -168,3 +168,35 @@ def test_a_skewed_plan_follows_a_precision_change(tmp_path):
     assert all(t.storage == "f32" for b in plan.skew.bands for t in b.graph.tensors.values())
     assert plan.memory_mb > before and plan.peak_mb == pytest.approx(100.0 + plan.memory_mb)
     assert plan.memory_mb == pytest.approx(max(b.memory_mb for b in plan.skew.bands))
+
+
+def _unpadded_strided(seed: int = 0) -> ov.Model:
+    """A k3 stride-2 convolution without padding (it never reads its input's last plane) between a convolution and
+    a k4 s2 transposed convolution: size multiple 2, output the input's size."""
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(seed)
+
+    def w(*shape):
+        return ops.constant((rng.standard_normal(shape) * 0.3).astype(np.float32))
+
+    x = ops.parameter([1, 1, -1, -1, -1], np.float32)
+    e = ops.relu(ops.convolution(x, w(8, 1, 3, 3, 3), [1] * 3, [1] * 3, [1] * 3, [1] * 3))
+    h = ops.relu(ops.convolution(e, w(6, 8, 3, 3, 3), [2] * 3, [0] * 3, [0] * 3, [1] * 3))
+    u = ops.convolution_backprop_data(h, w(6, 4, 4, 4, 4), [2] * 3, None, [0] * 3, [0] * 3, [1] * 3)
+    m = ov.Model([ops.convolution(u, w(2, 4, 1, 1, 1), [1] * 3, [0] * 3, [0] * 3, [1] * 3)], [x], "unpadded")
+    m.set_rt_info("2", ["volinfer", "size_multiple"])
+    return m
+
+
+def test_planes_no_layer_reads_are_not_read_from_the_strips(tmp_path, monkeypatch):
+    """A layer that never reads its input's last plane leaves that plane uncomputed in every band; the next band's
+    strip reads stop at the planes the previous band wrote (one-plane calls, as at wide cross-sections)."""
+    from volinfer.run import stream
+
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1)
+    path = _saved(tmp_path, _unpadded_strided())
+    vol = _volume((12, 90, 14), seed=3)
+    out, _ = _skewed(vol, path, monkeypatch, 2, precision="f32")
+    ref = whole_volume(path, vol, multiple=2)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)

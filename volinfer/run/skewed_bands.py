@@ -265,8 +265,10 @@ def _band_reads(source: Any, model: TileModel, plan: stream.StreamPlan, bp: Band
     reads: dict[str, Any] = {g.input_key: reader(lo)}
     for k in g.inputs:
         if k.endswith(STRIP):
-            f, n = strips[k[: -len(STRIP)]], g.tensors[k].n
-            reads[k] = lambda a, slot, f=f, n=n: None if slot is None else f.read(a, slot[: n - a])
+            f = strips[k[: -len(STRIP)]]
+            f.settle()
+            done = f.written // f.plane_bytes  # the planes the previous band computed: all its readers need
+            reads[k] = lambda a, slot, f=f, done=done: None if slot is None else f.read(a, slot[: max(0, done - a)])
     return reads
 
 
