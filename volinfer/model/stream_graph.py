@@ -897,7 +897,6 @@ def _phase_convolution(node: ov.Node, w_src: ov.Output, perm: list[int], off: in
                      np.array([2, 3, 4], np.int64)).output(0)
 
 
-
 def _z_phases(node: ov.Node, win: ZWindow, t: int) -> ov.Output | None:
     """A transposed convolution (already in (N, C, z, s, s) order, no z padding) computing exactly the chunk's
     ``t`` output planes: along z, output plane ``o`` with ``o + p = s*Q + R`` sums ``x[Q - l] * w[R + s*l]``, so

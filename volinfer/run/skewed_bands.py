@@ -107,21 +107,23 @@ def max_bands(tm: TileModel, padded: tuple[int, int, int]) -> int:
 
 
 def plan_skewed(tm: TileModel, shape: tuple[int, int, int], precision: str, count: int,
-                spills: int | None = None) -> stream.StreamPlan:
+                spills: int | None = None, graph: StreamGraph | None = None,
+                sized: dict[Any, Any] | None = None) -> stream.StreamPlan:
     """Streaming ``shape`` in ``count`` skewed bands of equal width (whole multiples of the model's), each spilling
-    its ``spills`` largest skip connections (None: all it can). Raises NotStreamable (a model whose windows skewed
-    bands cannot cut) or ValueError (bands too narrow for the network's halos)."""
+    its ``spills`` largest skip connections (None: all it can). ``graph``: the model already cut at the padded
+    volume and stored in ``precision`` (:func:`_whole_graph`), ``sized``: band sizes already computed, by band shape
+    (both shared by the plans the planner weighs). Raises NotStreamable (a model whose windows skewed bands cannot
+    cut) or ValueError (bands too narrow for the network's halos)."""
     m = tm.multiple
     padded = tuple(-(-n // m) * m for n in shape)
-    graph = stream.stream_graph_for(tm, padded)  # type: ignore[arg-type]
-    graph.store_in(precision if precision in ("bf16", "f16") else "f32")
+    graph = graph or _whole_graph(tm, padded, precision)  # type: ignore[arg-type]
     n_out = graph.tensors[graph.output_key].shape[YAXIS]
     width = -(-n_out // count // m) * m if n_out >= count * m else m
     betas = sorted({min(n_out, i * width) for i in range(count)} | {n_out})
     cuts = cut_bands(graph, betas)
     step = max(m, stream.OUT_PLANES // m * m)
     rows = list(stream.plan_axis_crop(shape[2], step, m, 0).cores)
-    sized: dict[Any, Any] = {}  # bands of the same shape (the middle ones) size alike
+    sized = {} if sized is None else sized  # bands of the same shape (the middle ones) size alike
     bands = [_band_plan(graph, cut, stream.takes(rows), spills, sized) for cut in cuts]
     plan = stream.StreamPlan(graph, padded, width, 0, stream.READ_PLANES, step, rows, [], {}, 0.0,  # type: ignore
                              0.0, skew=SkewedBands(betas, bands, spills))
@@ -129,12 +131,24 @@ def plan_skewed(tm: TileModel, shape: tuple[int, int, int], precision: str, coun
     return plan
 
 
+def _whole_graph(tm: TileModel, padded: tuple[int, int, int], precision: str) -> StreamGraph:
+    """The model cut into segments at the padded volume, its planes stored in ``precision``."""
+    graph = stream.stream_graph_for(tm, padded)
+    graph.store_in(precision if precision in ("bf16", "f16") else "f32")
+    return graph
+
+
+def _row_bytes(ten: Any) -> int:
+    """Bytes of one row (along y) of one stored plane of ``ten``."""
+    return ten.plane_bytes // ten.shape[YAXIS]
+
+
 def _set_widest(plan: stream.StreamPlan, skew: SkewedBands) -> None:
     """The plan's sizes are its most demanding band's; each band's strips for the next counted."""
     bands = skew.bands
     for here, nxt in zip(bands, bands[1:]):
-        here.strip_bytes = sum((b - a) * here.graph.tensors[k].plane_bytes // here.graph.tensors[k].shape[YAXIS]
-                               * here.graph.tensors[k].n for k, (a, b) in nxt.cut.strips.items())
+        here.strip_bytes = sum((b - a) * _row_bytes(here.graph.tensors[k]) * here.graph.tensors[k].n
+                               for k, (a, b) in nxt.cut.strips.items())
     widest = max(bands, key=lambda b: b.memory_mb)
     plan.chunks, plan.capacities = widest.chunks, widest.capacities
     plan.buffers_mb, plan.working_mb, plan.spill = widest.buffers_mb, widest.working_mb, dict(widest.spill)
@@ -174,7 +188,7 @@ def _assembled_bytes(g: StreamGraph, cut: BandCut, chunks: list[int]) -> int:
                 rows += cut.strips[key][1] - cut.strips[key][0]
             if ic.strip or rows != ten.shape[YAXIS] or (ic.lo, ic.hi) != (0, rows):
                 planes = win.input_planes(t) if win.kind != "same" else t
-                total += planes * ten.plane_bytes // ten.shape[YAXIS] * (rows + ic.hi - ic.lo)
+                total += planes * _row_bytes(ten) * (rows + ic.hi - ic.lo)
     return total
 
 
@@ -183,12 +197,19 @@ def skew_options(tm: TileModel, shape: tuple[int, int, int], precision: str) -> 
     of its skip connections spilled; empty for a model skewed bands cannot cut."""
     m = tm.multiple
     padded = tuple(-(-n // m) * m for n in shape)
-    out = []
     counts = [FORCE_COUNT] if FORCE_COUNT else [c for c in COUNTS if c <= max_bands(tm, padded)]  # type: ignore
+    if not counts:
+        return []
+    try:
+        graph = _whole_graph(tm, padded, precision)  # type: ignore[arg-type]
+    except NotStreamable:
+        return []
+    out: list[stream.StreamPlan] = []
+    sized: dict[Any, Any] = {}
     for count in counts:
         for spills in (0, None):
             try:
-                out.append(plan_skewed(tm, shape, precision, count, spills))
+                out.append(plan_skewed(tm, shape, precision, count, spills, graph, sized))
             except NotStreamable:
                 return []
             except ValueError:
@@ -224,15 +245,9 @@ def run_skewed(source: Any, model: TileModel, plan: stream.StreamPlan, job: Tile
                                    (bp.spill, store) if bp.spill else None)
             made = _tap_strips(run, bp, bands[i + 1].cut if i + 1 < len(bands) else None, store)
             r0, r1 = bp.cut.output_rows
-            ny = min(r1, shape[1]) - r0
-            out_ten = bp.graph.tensors[bp.graph.output_key]
+            ny = max(0, min(r1, shape[1]) - r0)  # (a last band may lie in the padding alone)
             for a, b in cores:
-                for p0, p1 in stream.takes([(a, b)]):
-                    planes = run.take(p0, p1 - p0)
-                    if ny > 0:
-                        out = model.output_view_of(out_ten.model_view(planes))
-                        spec(out[:, : shape[0], :ny, : p1 - p0].transpose(0, 3, 2, 1), block[:, p0 - a: p1 - a, :ny])
-                    run.done(p1)
+                stream.take_row(run, model, spec, block, (a, b), slice(0, ny), shape[0], ny > 0)
                 if ny > 0:
                     writer.write(block[:, : b - a, :ny], a, r0)
                 bar.update(1)
@@ -281,7 +296,7 @@ def _tap_strips(run: stream.StreamRun, bp: BandPlan, nxt: BandCut | None, store:
         ten = bp.graph.tensors[key]
         o0 = bp.cut.own[key][0]
         axis = ten.order.index(YAXIS) - 1  # in stored planes (z first, the batch dropped)
-        files[key] = store.open(ten.plane_bytes // ten.shape[YAXIS] * (s1 - s0))
+        files[key] = store.open(_row_bytes(ten) * (s1 - s0))
         forms[key] = lambda planes, a=s0 - o0, b=s1 - o0, ax=axis: np.ascontiguousarray(
             planes[(slice(None),) * ax + (slice(a, b),)])
     run.tap(files, forms)

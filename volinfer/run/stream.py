@@ -724,7 +724,6 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, job: TileJob, sp
     several bands a plane is final only after the last band: rows are not journaled (a resume starts over)."""
     shape, grid = tuple(source.shape), job.grid
     start_row, on_row_done = rows.start_row, rows.on_row_done
-    out_ten = plan.graph.tensors[plan.graph.output_key]
     reader = band_reader(source, model, plan, job.normalizer, job.pad_mode, job.nan_fill)
     requests = segment_requests(model, plan.graph, plan.chunks)
     ay, cores = grid.axes[1], grid.axes[2].cores
@@ -743,16 +742,9 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, job: TileJob, sp
             run = StreamRun(plan.graph, reader(sy), plan.read_planes, plan.chunks, plan.capacities, requests,
                             (plan.spill, store) if store is not None else None)
             for r, (a, b) in enumerate(cores):
-                n, ny = b - a, cy1 - cy0
-                for p0, p1 in takes([(a, b)]):  # a row, a few planes at a time (the output buffer holds those)
-                    planes = run.take(p0, p1 - p0)
-                    if r >= start_row:
-                        out = model.output_view_of(out_ten.model_view(planes))
-                        spec(out[:, : shape[0], cy0 - sy: cy1 - sy, : p1 - p0].transpose(0, 3, 2, 1),
-                             block[:, p0 - a: p1 - a, :ny])
-                    run.done(p1)
+                take_row(run, model, spec, block, (a, b), slice(cy0 - sy, cy1 - sy), shape[0], r >= start_row)
                 if r >= start_row:
-                    writer.write(block[:, :n, :ny], a, cy0)
+                    writer.write(block[:, : b - a, : cy1 - cy0], a, cy0)
                 if on_row_done is not None and r >= start_row:
                     on_row_done(r + 1)
                 bar.update(1)
@@ -766,6 +758,20 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, job: TileJob, sp
                                "waited": store.waited, "read_s": store.read_s}
             store.close()
     return busy, calls
+
+
+def take_row(run: StreamRun, model: TileModel, spec: Any, block: np.ndarray, row: tuple[int, int], ys: slice,
+             x: int, keep: bool) -> None:
+    """Output planes ``row`` of ``run``, a few at a time (the output buffer holds those); with ``keep``,
+    post-processed by ``spec`` into ``block`` (the stream's output rows ``ys`` along y, ``x`` columns)."""
+    a = row[0]
+    out_ten = run.g.tensors[run.g.output_key]
+    for p0, p1 in takes([row]):
+        planes = run.take(p0, p1 - p0)
+        if keep:
+            out = model.output_view_of(out_ten.model_view(planes))
+            spec(out[:, :x, ys, : p1 - p0].transpose(0, 3, 2, 1), block[:, p0 - a: p1 - a, : ys.stop - ys.start])
+        run.done(p1)
 
 
 def _spill_store(plan: StreamPlan) -> PlaneStore | None:
