@@ -21,26 +21,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from volinfer.model.stream_graph import (ExcludePadWindow, InterpWindow, NotStreamable, Segment, StreamGraph,
-                                         StreamTensor, ZWindow, window_along)
+from volinfer.model.stream_graph import ExcludePadWindow, InterpWindow, NotStreamable, StreamGraph, ZWindow, window_along
 
 #: The model axis bands cut (x = 2, y = 3, z = 4: z is streamed).
 YAXIS = 3
-#: Suffix of a strip's tensor key (a strip is an input of the band's graph, read from the previous band's file).
-STRIP = "|strip"
-
-
 @dataclass(frozen=True)
 class InputCut:
-    """How a segment's input is assembled in one band: ``pad_before`` padding rows, the previous band's strip of the
-    tensor (``strip``), the tensor's own rows in this band, ``pad_after`` padding rows; the segment reads rows
-    ``[lo, hi)`` of that."""
+    """What a segment reads of an input in one band: rows ``[lo, hi)`` of the tensor's held rows (see
+    :meth:`BandCut.held`), with ``pad_before`` and ``pad_after`` padding rows around them where the volume ends."""
 
     pad_before: int
-    strip: bool
     pad_after: int
     lo: int
     hi: int
+
+    @property
+    def rows(self) -> int:
+        """The rows the segment's layer reads, padding included."""
+        return self.pad_before + self.hi - self.lo + self.pad_after
 
 
 @dataclass(frozen=True)
@@ -51,10 +49,6 @@ class SegmentCut:
     rows: tuple[int, int]
     inputs: tuple[InputCut, ...]
     offset: int = 0
-
-    @property
-    def strips(self) -> int:
-        return sum(1 for c in self.inputs if c.strip)
 
 
 @dataclass
@@ -70,6 +64,15 @@ class BandCut:
     @property
     def output_rows(self) -> tuple[int, int]:
         return self.segments[-1].rows
+
+    def held(self, key: str) -> tuple[int, int]:
+        """The rows (global) tensor ``key``'s planes hold in this band: its strip, if it has one, then its own."""
+        o0, o1 = self.own[key]
+        return (self.strips[key][0] if key in self.strips else o0), o1
+
+    def strip_rows(self, key: str) -> int:
+        """Rows of the previous band's strip at the start of ``key``'s held rows (0: none)."""
+        return self.own[key][0] - self.held(key)[0]
 
     def shape_key(self) -> tuple:
         """What a band's compiled segments depend on: equal keys, identical segment models (middle bands)."""
@@ -159,13 +162,13 @@ def cut_bands(graph: StreamGraph, betas: list[int]) -> list[BandCut]:
             ins = []
             for (key, _), (lo, hi) in zip(seg.inputs, ranges[seg.index]):
                 o0, o1 = own[key]
-                strip = key in strips and max(lo, 0) < o0
+                start = strips[key][0] if key in strips else o0
                 if lo < 0 and o0 != 0:
                     raise ValueError(f"band {b}: {key} needs padding rows before its own rows {o0}..{o1}")
-                start = lo if lo < 0 else strips[key][0] if strip else o0
                 if hi > o1 and o1 != _rows(graph, key):
                     raise ValueError(f"band {b}: {key} rows {lo}..{hi} reach past this band's {o0}..{o1}")
-                ins.append(InputCut(max(0, -lo), strip, max(0, hi - _rows(graph, key)), lo - start, hi - start))
+                n = _rows(graph, key)
+                ins.append(InputCut(max(0, -lo), max(0, hi - n), max(lo, 0) - start, min(hi, n) - start))
             a = f0[seg.index]
             win = wins[seg.index][0] if seg.anchor is not None else None
             off = a + win.p - ranges[seg.index][0][0] * win.s if win is not None and win.kind == "transposed" else 0
@@ -175,26 +178,14 @@ def cut_bands(graph: StreamGraph, betas: list[int]) -> list[BandCut]:
 
 
 def band_graph(graph: StreamGraph, cut: BandCut) -> StreamGraph:
-    """``graph`` as band ``cut`` computes it: every tensor holding its own rows of the band, each strip an input
-    (key + :data:`STRIP`) read after the segment's own inputs, in the order of the inputs it extends."""
-    def rows(ten: StreamTensor, n: int, key: str | None = None) -> StreamTensor:
-        shape = list(ten.shape)
-        shape[YAXIS] = n
-        return replace(ten, key=key or ten.key, shape=tuple(shape))
-
-    tensors = {k: rows(t, cut.own[k][1] - cut.own[k][0]) if k in cut.own else t  # (inside a segment: not stored)
-               for k, t in graph.tensors.items()}
-    inputs = list(graph.inputs)
-    segments: list[Segment] = []
-    for seg, sc in zip(graph.segments, cut.segments):
-        extra = []
-        for (key, win), ic in zip(seg.inputs, sc.inputs):
-            if ic.strip:
-                skey = key + STRIP
-                if skey not in tensors:
-                    s0, s1 = cut.strips[key]
-                    tensors[skey] = rows(graph.tensors[key], s1 - s0, skey)
-                    inputs.append(skey)
-                extra.append((skey, win))
-        segments.append(replace(seg, inputs=seg.inputs + extra))
-    return replace(graph, tensors=tensors, segments=segments, inputs=inputs)
+    """``graph`` as band ``cut`` computes it: every stored tensor holding its held rows in the band (its strip from
+    the previous band, then its own rows: :meth:`BandCut.held`)."""
+    tensors = {}
+    for k, ten in graph.tensors.items():
+        if k in cut.own:  # (inside a segment: not stored)
+            shape = list(ten.shape)
+            a, b = cut.held(k)
+            shape[YAXIS] = b - a
+            ten = replace(ten, shape=tuple(shape))
+        tensors[k] = ten
+    return replace(graph, tensors=tensors)

@@ -629,16 +629,14 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int, cut: Any = Non
 
     Inside, every tensor is in (N, C, z, s, s) order, the anchor's weights and attributes permuted to match:
     convolution commutes with a consistent permutation of its input's and its kernel's axes. ``cut`` (a
-    :class:`volinfer.model.band_cut.SegmentCut`, with ``graph`` and ``seg`` as that band computes them): each input's
-    rows assembled from padding, the previous band's strip (an extra input, after the segment's own) and the band's
-    own rows, sliced to what the segment reads; the anchor without its y padding."""
+    :class:`volinfer.model.band_cut.SegmentCut`, with ``graph`` and ``seg`` as that band computes them): each input
+    the rows the segment reads of its held rows, padding rows added where the volume ends; the anchor without its y
+    padding; each output the segment's own rows."""
     model = graph.model.clone()
     nodes = {n.get_friendly_name(): n for n in model.get_ordered_ops()}
     zaxis = graph.tensors[seg.inputs[0][0]].zaxis
     q, sp = _orders(zaxis)
-    own = seg if cut is None else Segment(seg.index, seg.nodes, seg.anchor, seg.window, seg.pad_value,
-                                          seg.inputs[: len(seg.inputs) - cut.strips], seg.outputs)
-    params = _segment_inputs(graph, seg, own, t, cut, _input_ports(own, nodes))
+    params = _segment_inputs(graph, seg, t, cut, _input_ports(seg, nodes))
     sliced: dict[str, ov.Output] = {}
     if isinstance(seg.window, InterpWindow):
         sliced = _interp_anchor(nodes[seg.anchor], seg.window, t, q, params)
@@ -655,34 +653,30 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int, cut: Any = Non
     sub = ov.Model(results, params, f"segment{seg.index}")  # an interpolation's call inputs after the planes
     sub.validate_nodes_and_infer_types()
     for res, key in zip(sub.outputs, seg.outputs):
-        want = [1, t, *graph.tensors[key].plane_shape]
+        want = [1, t, *_with_rows(graph.tensors[key], cut.rows[1] - cut.rows[0] if cut is not None else None)]
         if list(res.get_shape()) != want:
             raise NotStreamable(f"segment {seg.index} computes {list(res.get_shape())} for {key}, expected {want}")
     return sub
 
 
-def _segment_inputs(graph: StreamGraph, seg: Segment, own: Segment, t: int, cut: Any,
+def _segment_inputs(graph: StreamGraph, seg: Segment, t: int, cut: Any,
                     ports: list[tuple[ov.Input, int]]) -> list[ov.Node]:
-    """The segment model's parameters (its own inputs', then strips', see :func:`build_segment_model`), each wired
-    to the ports that read it: converted where a port takes another type, transposed to (N, C, z, s, s)."""
+    """The segment model's parameters, one per input (see :func:`build_segment_model`), each wired to the ports
+    that read it: converted where a port takes another type, transposed to (N, C, z, s, s)."""
     zaxis = graph.tensors[seg.inputs[0][0]].zaxis
     q, _ = _orders(zaxis)
-    params, strips = [], []
-    for j, (key, win) in enumerate(own.inputs):
+    params = []
+    for j, (key, win) in enumerate(seg.inputs):
         ten = graph.tensors[key]
         if ten.zaxis != zaxis:
             raise NotStreamable(f"segment {seg.index} mixes tensors streamed along different axes")
         planes = win.input_planes(t) if win.kind != "same" else t
-        p = ops.parameter([1, planes, *ten.plane_shape], ten.ov_type, name=f"in{j}")
+        ic = cut.inputs[j] if cut is not None else None
+        p = ops.parameter([1, planes, *_with_rows(ten, None if ic is None else ic.hi - ic.lo)], ten.ov_type,
+                          name=f"in{j}")
         src = p.output(0)
-        if cut is not None:
-            strip = None
-            if cut.inputs[j].strip:
-                sten = graph.tensors[seg.inputs[len(own.inputs) + len(strips)][0]]
-                strip = ops.parameter([1, planes, *sten.plane_shape], sten.ov_type, name=f"strip{j}")
-                strips.append(strip)
-            pad = seg.pad_value if seg.anchor is not None and j == 0 else 0.0
-            src = _assemble_rows(src, strip, cut.inputs[j], ten, pad)
+        if ic is not None and (ic.pad_before or ic.pad_after):
+            src = _pad_rows(src, ic, ten, seg.pad_value if seg.anchor is not None and j == 0 else 0.0)
         made: dict[Any, ov.Output] = {}
         for inp, jj in ports:
             if jj == j:
@@ -693,31 +687,36 @@ def _segment_inputs(graph: StreamGraph, seg: Segment, own: Segment, t: int, cut:
                     made[want] = ops.transpose(cast, ops.constant(np.array(to_q, np.int64))).output(0)
                 inp.replace_source_output(made[want])
         params.append(p)
-    return params + strips  # strips after the segment's own inputs, before any call inputs of the anchor
+    return params
 
 
-def _assemble_rows(own: ov.Output, strip: ov.Node | None, cut: Any, ten: StreamTensor, pad: float) -> ov.Output:
-    """A band's rows of an input (z-first, stored order): padding rows, the previous band's strip, the band's own
-    rows, padding rows, along the stored y axis; sliced to the rows ``[cut.lo, cut.hi)`` the segment reads."""
-    axis = ten.order.index(3)
-    shape = [int(d) for d in own.get_shape()]
+#: The native axis along which skewed bands cut (y), as in :data:`volinfer.model.band_cut.YAXIS`.
+_ROWS_AXIS = 3
+
+
+def _with_rows(ten: StreamTensor, rows: int | None) -> list[int]:
+    """``ten``'s stored plane shape, with ``rows`` rows along y (None: as it is)."""
+    shape = list(ten.plane_shape)
+    if rows is not None:
+        shape[ten.order.index(_ROWS_AXIS) - 2] = rows
+    return shape
+
+
+def _pad_rows(rows: ov.Output, cut: Any, ten: StreamTensor, pad: float) -> ov.Output:
+    """A band's rows of an input (z-first, stored order) with ``cut.pad_before`` and ``cut.pad_after`` padding rows
+    of value ``pad`` around them, along the stored y axis (where the volume ends)."""
+    axis = ten.order.index(_ROWS_AXIS)
+    shape = [int(d) for d in rows.get_shape()]
     pieces: list[ov.Output] = []
     for n in (cut.pad_before, -1, cut.pad_after):
         if n == -1:
-            if strip is not None:
-                pieces.append(strip.output(0))
-            pieces.append(own)
+            pieces.append(rows)
         elif n > 0:
             shp = list(shape)
             shp[axis] = n
             value = ops.convert(ops.constant(np.array(pad, np.float32)), ten.ov_type)
             pieces.append(ops.broadcast(value, ops.constant(np.array(shp, np.int64))).output(0))
-    rows = ops.concat(pieces, axis).output(0) if len(pieces) > 1 else own
-    total = sum(int(p.get_shape()[axis]) for p in pieces)
-    if (cut.lo, cut.hi) == (0, total):
-        return rows
-    return ops.slice(rows, np.array([cut.lo], np.int64), np.array([cut.hi], np.int64), np.array([1], np.int64),
-                     np.array([axis], np.int64)).output(0)
+    return ops.concat(pieces, axis).output(0)
 
 
 def _input_ports(seg: Segment, nodes: dict[str, ov.Node]) -> list[tuple[ov.Input, int]]:

@@ -2,8 +2,9 @@
 
 A band streams the whole depth of the volume through every segment, over its own rows of each layer; the rows just
 below a band's boundaries (a layer's halo) come from the previous band, written to disk as that band computed them
-(:class:`volinfer.io.plane_store.PlaneFile`, one per tensor, read back plane by plane like an input). Segments are
-compiled per band shape; the middle bands of equal width share theirs.
+(:class:`volinfer.io.plane_store.PlaneFile`, one per tensor) and read back into the first rows of the same planes the
+band computes its own rows into (:meth:`volinfer.run.stream.PlaneBuffer.hold_strip`): each layer then reads one
+region of its input's planes. Segments are compiled per band shape; the middle bands of equal width share theirs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from volinfer.io.plane_store import PlaneFile, PlaneStore
-from volinfer.model.band_cut import STRIP, YAXIS, BandCut, band_graph, cut_bands
+from volinfer.model.band_cut import YAXIS, BandCut, band_graph, cut_bands
 from volinfer.model.stream_graph import NotStreamable, StreamGraph
 from volinfer.model.tile_model import TileModel
 from volinfer.progress import progress_bar
@@ -26,7 +27,7 @@ from volinfer.tiling.geometry import AxisPlan
 #: calls at the 512² cross-section run at full speed; narrower ones make more, smaller calls.
 MIN_BAND_AREA = 512 * 512
 #: A band's memory besides what a whole cross-section's plan counts (MB, and per MB of rows assembled in the segment
-#: calls: its strips and padding concatenated to its own rows, sliced to what each layer reads): fitted to three runs
+#: calls: regions of held rows and padding rows, and the slots its strip-holding tensors are computed into): fitted to three runs
 #: of the reference U-Net at 1024x1024x64, bf16, in 4 and 8 bands, with and without spilling (predictions 343-496 MB
 #: measured 447-613 MB before; within 8% after).
 BAND_FLOOR_MB = 60.0
@@ -161,7 +162,6 @@ def _band_plan(graph: StreamGraph, cut: BandCut, takes: list[tuple[int, int]], s
     if key not in sized:
         sized[key] = stream.plan_sizes(g, stream.READ_PLANES, takes)
     chunks, caps, buffers, working, options = sized[key]
-    options = [o for o in options if not o.key.endswith(STRIP)]  # a strip is read from its file as it is needed
     working += BAND_FLOOR_MB + ASSEMBLY_FACTOR * _assembled_bytes(g, cut, chunks) / 2**20
     chosen = options if spills is None else options[:spills]
     if stream.SPILL == "never":
@@ -178,17 +178,18 @@ COUNTS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def _assembled_bytes(g: StreamGraph, cut: BandCut, chunks: list[int]) -> int:
-    """Bytes of rows one call of every segment assembles (concatenated, then sliced) for band ``cut``."""
+    """Bytes one call of every segment assembles for band ``cut``: the inputs read as a region of their planes or
+    with padding rows, and the slot each strip-holding output is computed into."""
     total = 0
     for seg, sc, t in zip(g.segments, cut.segments, chunks):
         for (key, win), ic in zip(seg.inputs, sc.inputs):
             ten = g.tensors[key]
-            rows = ten.shape[YAXIS] + ic.pad_before + ic.pad_after
-            if ic.strip:
-                rows += cut.strips[key][1] - cut.strips[key][0]
-            if ic.strip or rows != ten.shape[YAXIS] or (ic.lo, ic.hi) != (0, rows):
+            if ic.rows != ten.shape[YAXIS]:
                 planes = win.input_planes(t) if win.kind != "same" else t
-                total += planes * _row_bytes(ten) * (rows + ic.hi - ic.lo)
+                total += planes * _row_bytes(ten) * ic.rows
+        for k in seg.outputs:
+            if cut.strip_rows(k):
+                total += t * _row_bytes(g.tensors[k]) * (cut.own[k][1] - cut.own[k][0])
     return total
 
 
@@ -240,9 +241,9 @@ def run_skewed(source: Any, model: TileModel, plan: stream.StreamPlan, job: Tile
             if compiled is None or compiled[0] != key:
                 compiled = None  # the previous band's segments go before this band's are compiled
                 compiled = (key, stream.segment_requests(model, bp.graph, bp.chunks, cuts=bp.cut.segments))
-            reads = _band_reads(source, model, plan, bp, job, strips)
-            run = stream.StreamRun(bp.graph, reads, plan.read_planes, bp.chunks, bp.capacities, compiled[1],
-                                   (bp.spill, store) if bp.spill else None)
+            run = stream.StreamRun(bp.graph, _band_reader(source, model, plan, bp, job), plan.read_planes, bp.chunks,
+                                   bp.capacities, compiled[1], (bp.spill, store) if bp.spill else None)
+            _hold_strips(run, bp, strips)
             made = _tap_strips(run, bp, bands[i + 1].cut if i + 1 < len(bands) else None, store)
             r0, r1 = bp.cut.output_rows
             ny = max(0, min(r1, shape[1]) - r0)  # (a last band may lie in the padding alone)
@@ -269,22 +270,26 @@ def run_skewed(source: Any, model: TileModel, plan: stream.StreamPlan, job: Tile
     return busy, calls
 
 
-def _band_reads(source: Any, model: TileModel, plan: stream.StreamPlan, bp: BandPlan, job: TileJob,
-                strips: dict[str, PlaneFile]) -> dict[str, Any]:
-    """How band ``bp`` reads its inputs: the volume's rows it holds, straight from the source; each strip from the
-    file the previous band wrote."""
+def _band_reader(source: Any, model: TileModel, plan: stream.StreamPlan, bp: BandPlan, job: TileJob) -> Any:
+    """How band ``bp`` reads the volume: the rows it holds, straight from the source."""
     g = bp.graph
     lo, hi = bp.cut.own[g.input_key]
     reader = stream.band_reader(source, model, replace(plan, graph=g, band=hi - lo), job.normalizer, job.pad_mode,
                                 job.nan_fill, y_multiple=1)
-    reads: dict[str, Any] = {g.input_key: reader(lo)}
-    for k in g.inputs:
-        if k.endswith(STRIP):
-            f = strips[k[: -len(STRIP)]]
-            f.settle()
-            done = f.written // f.plane_bytes  # the planes the previous band computed: all its readers need
-            reads[k] = lambda a, slot, f=f, done=done: None if slot is None else f.read(a, slot[: max(0, done - a)])
-    return reads
+    return reader(lo)
+
+
+def _hold_strips(run: stream.StreamRun, bp: BandPlan, strips: dict[str, PlaneFile]) -> None:
+    """Band ``bp``'s tensors hold the previous band's strips (from the files it wrote, ``strips``) before their own
+    rows, and each segment reads the region of its inputs' held rows it needs."""
+    cut, g = bp.cut, bp.graph
+    for key in cut.strips:
+        f = strips[key]
+        f.settle()
+        done = f.written // f.plane_bytes  # the planes the previous band computed: all its readers need
+        run.bufs[key].hold_strip(f, cut.strip_rows(key), done, bp.chunks[g.producer[key]])
+    run.read_only({(seg.index, j): (ic.lo, ic.hi) for seg, sc in zip(g.segments, cut.segments)
+                   for j, ic in enumerate(sc.inputs)})
 
 
 def _tap_strips(run: stream.StreamRun, bp: BandPlan, nxt: BandCut | None, store: PlaneStore) -> dict[str, PlaneFile]:
@@ -294,7 +299,7 @@ def _tap_strips(run: stream.StreamRun, bp: BandPlan, nxt: BandCut | None, store:
     files, forms = {}, {}
     for key, (s0, s1) in nxt.strips.items():
         ten = bp.graph.tensors[key]
-        o0 = bp.cut.own[key][0]
+        o0 = bp.cut.held(key)[0]
         axis = ten.order.index(YAXIS) - 1  # in stored planes (z first, the batch dropped)
         files[key] = store.open(_row_bytes(ten) * (s1 - s0))
         forms[key] = lambda planes, a=s0 - o0, b=s1 - o0, ax=axis: np.ascontiguousarray(

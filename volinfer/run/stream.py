@@ -21,7 +21,6 @@ import openvino as ov
 from volinfer.progress import progress_bar
 
 from volinfer.io.plane_store import PlaneFile, PlaneStore, PlaneWindow, check_space, spill_location
-from volinfer.model.band_cut import STRIP
 from volinfer.model.stream_graph import NotStreamable, Segment, StreamGraph, StreamTensor, analyse, build_segment_model
 from volinfer.model.tile_model import TileModel
 from volinfer.run.feeder import TileFeeder
@@ -52,6 +51,19 @@ class PlaneBuffer:
         self.need = 0  # the most planes [lo, end of a write) this buffer had to hold (dry runs size buffers with it)
         self.tap: PlaneFile | None = None  # a checkpoint file every committed plane is also written to
         self.tap_form: Callable[[np.ndarray], np.ndarray] | None = None  # planes as the file keeps them
+        self.strip: tuple[PlaneFile | None, int, int] | None = None  # see hold_strip
+        self.staging: np.ndarray | None = None
+
+    def hold_strip(self, file: PlaneFile | None, rows: int, planes: int, chunk: int) -> None:
+        """Skewed bands: each plane holds first ``rows`` rows of the previous band's strip (read from ``file``,
+        which holds its first ``planes`` planes: the rest no layer reads), then the rows the producer computes
+        (``chunk`` planes at a time, into a slot of their own, copied in as they are committed). Planes are stored
+        rows-first (y the outermost axis of a plane), so a plane's strip rows are one contiguous run."""
+        if self.ten.order[2] != 3:
+            raise RuntimeError(f"{self.ten.key}: planes not stored rows-first")
+        self.strip = (file, rows, planes)
+        if self.arr is not None:
+            self.staging = np.empty((chunk, self.plane_shape[0] - rows, *self.plane_shape[1:]), self.arr.dtype)
 
     def reserve(self, a: int, t: int) -> np.ndarray | None:
         """The slot for planes [a, a+t), the next ones after ``hi``."""
@@ -65,9 +77,11 @@ class PlaneBuffer:
         p = a % self.capacity
         if a + t - self.lo > self.capacity or p + t > self.capacity:
             raise RuntimeError(f"plane buffer too small: {a + t - self.lo} planes needed, {self.capacity} held")
-        return self.arr[p: p + t]
+        return self.arr[p: p + t] if self.staging is None else self.staging[:t]
 
     def commit(self, a: int, t: int) -> None:
+        if self.arr is not None and self.strip is not None:
+            self._fill(a, t)
         if self.arr is not None and self.mirror:
             p = a % self.capacity
             if p < self.mirror:
@@ -78,6 +92,16 @@ class PlaneBuffer:
             p = a % self.capacity
             planes = self.arr[p: p + self.hi - a]
             self.tap.write_behind(a, planes if self.tap_form is None else self.tap_form(planes))
+
+    def _fill(self, a: int, t: int) -> None:
+        """Planes [a, a+t) of a buffer holding strips: the producer's rows copied in after the strip's, read."""
+        assert self.arr is not None and self.strip is not None
+        file, rows, planes = self.strip
+        p = a % self.capacity
+        if self.staging is not None:
+            self.arr[p: p + t, rows:] = self.staging[:t]
+        for i in range(a, min(a + t, planes) if file is not None else a):
+            file.read(i, self.arr[p + i - a, :rows])  # type: ignore[union-attr]
 
     def view(self, lo: int, hi: int, who: Any = None) -> np.ndarray:
         """Planes [lo, hi): a view (a copy only for a window longer than the mirror allows, across the ring's
@@ -202,6 +226,7 @@ class StreamRun:
                                                                              sp.file_planes))
                           for k, sp in spilled.items() if store is not None})
         self.held: dict[str, dict[tuple[int, int], int]] = {k: {} for k in graph.tensors}  # see plan_capacities
+        self.read_rows: dict[tuple[int, int], tuple[int, int]] = {}  # see read_only
         self.busy = 0.0
         self.calls = 0
         # each consumer's lowest plane still needed, per tensor: (segment index, input j) -> plane
@@ -241,11 +266,13 @@ class StreamRun:
         slots = [self.bufs[k].reserve(a, t) for k in seg.outputs]
         if self.compute:
             req = rs.request
-            anchor_data = (seg.inputs[0][0], seg.inputs[0][0] + STRIP) if seg.anchor is not None else ()
-            inputs = [self._gather(key, lo, hi, seg.pad_value if key in anchor_data else 0.0, (seg.index, j))
+            inputs = [self._gather(key, lo, hi, seg.pad_value if seg.anchor is not None and j == 0 else 0.0,
+                                   (seg.index, j))
                       for j, ((key, _), (lo, hi)) in enumerate(zip(seg.inputs, ranges))]  # alive until infer returns
             for j, ((key, _), data) in enumerate(zip(seg.inputs, inputs)):
-                req.set_input_tensor(j, _tensor(data, self.g.tensors[key]))
+                ten = _tensor(data, self.g.tensors[key])
+                rows = self.read_rows.get((seg.index, j))
+                req.set_input_tensor(j, ten if rows is None else _rows_of(ten, rows, self.g.tensors[key]))
             for j, arr in enumerate(seg.window.call_inputs(a, t), len(seg.inputs)):  # an interpolation's planes
                 req.set_input_tensor(j, ov.Tensor(arr))
             for j, (k, slot) in enumerate(zip(seg.outputs, slots)):
@@ -288,6 +315,11 @@ class StreamRun:
         """Close (and delete) the spill files of this pass."""
         for buf in self.bufs.values():
             buf.close()
+
+    def read_only(self, rows: dict[tuple[int, int], tuple[int, int]]) -> None:
+        """Skewed bands: consumer (segment index, input j) reads only rows ``[lo, hi)`` of its input's planes (a
+        region OpenVINO reads in place, no copy made here)."""
+        self.read_rows = {who: r for who, r in rows.items()}
 
     def tap(self, files: dict[str, PlaneFile],
             forms: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> None:
@@ -338,6 +370,18 @@ def _tensor(arr: np.ndarray, ten: StreamTensor) -> ov.Tensor:
     if ten.storage == "bf16":
         return ov.Tensor(arr, [1, *arr.shape], ov.Type.bf16)
     return ov.Tensor(arr[None], shared_memory=True)
+
+
+def _rows_of(tensor: ov.Tensor, rows: tuple[int, int], ten: StreamTensor) -> ov.Tensor:
+    """Rows ``[lo, hi)`` (along y) of a z-first tensor of ``ten``'s planes, as a region of it (the whole tensor when
+    that is all of it)."""
+    shape = list(tensor.get_shape())
+    axis = ten.order.index(3)
+    if rows == (0, shape[axis]):
+        return tensor
+    begin = [0] * len(shape)
+    begin[axis], shape[axis] = rows
+    return ov.Tensor(tensor, ov.Coordinate(begin), ov.Coordinate(shape))
 
 
 def _bits(value: float, ten: StreamTensor) -> Any:
