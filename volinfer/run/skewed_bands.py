@@ -302,7 +302,6 @@ def _tap_strips(run: stream.StreamRun, bp: BandPlan, nxt: BandCut | None, store:
         o0 = bp.cut.held(key)[0]
         axis = ten.order.index(YAXIS) - 1  # in stored planes (z first, the batch dropped)
         files[key] = store.open(_row_bytes(ten) * (s1 - s0))
-        forms[key] = lambda planes, a=s0 - o0, b=s1 - o0, ax=axis: np.ascontiguousarray(
-            planes[(slice(None),) * ax + (slice(a, b),)])
+        forms[key] = lambda planes, a=s0 - o0, b=s1 - o0, ax=axis: planes[(slice(None),) * ax + (slice(a, b),)]
     run.tap(files, forms)
     return files
