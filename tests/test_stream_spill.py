@@ -308,6 +308,23 @@ def test_ring_file_round_trip(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_plane_file_writes_a_region_of_each_plane(tmp_path):
+    """A region of rows-first planes (a strip: a few rows of each) is written plane by plane, wrapping in a ring,
+    and reads back as that region."""
+    store = PlaneStore(tmp_path, ".t", background=False)
+    planes = np.arange(7 * 5 * 3, dtype=np.uint16).reshape(7, 5, 3)
+    region = planes[:, 1:3]  # 2 rows of each plane: not contiguous
+    assert not region.flags.c_contiguous
+    f = store.open(region[0].nbytes, ring=4)
+    f.write(0, region[:3])
+    f.write(3, region[3:6])  # wraps the ring
+    out = np.empty((3, 2, 3), np.uint16)
+    f.read(3, out)
+    np.testing.assert_array_equal(out, planes[3:6, 1:3])
+    assert f.written == region[:6].nbytes
+    store.close()
+
+
 def test_spill_location_names_files_after_the_output(tmp_path):
     d, prefix = spill_location(tmp_path / "x" / "out.nii.gz")
     assert d == tmp_path / "x" and prefix == ".out.nii.gz"

@@ -57,12 +57,13 @@ class PlaneBuffer:
     def hold_strip(self, file: PlaneFile | None, rows: int, planes: int, chunk: int) -> None:
         """Skewed bands: each plane holds first ``rows`` rows of the previous band's strip (read from ``file``,
         which holds its first ``planes`` planes: the rest no layer reads), then the rows the producer computes
-        (``chunk`` planes at a time, into a slot of their own, copied in as they are committed). Planes are stored
-        rows-first (y the outermost axis of a plane), so a plane's strip rows are one contiguous run."""
+        (``chunk`` planes at a time: in place for one plane a call, else into a slot of their own, copied in as they
+        are committed). Planes are stored rows-first (y the outermost axis of a plane): a plane's strip rows, and its
+        own rows, are each one contiguous run."""
         if self.ten.order[2] != 3:
             raise RuntimeError(f"{self.ten.key}: planes not stored rows-first")
         self.strip = (file, rows, planes)
-        if self.arr is not None:
+        if self.arr is not None and chunk > 1:
             self.staging = np.empty((chunk, self.plane_shape[0] - rows, *self.plane_shape[1:]), self.arr.dtype)
 
     def reserve(self, a: int, t: int) -> np.ndarray | None:
@@ -77,7 +78,11 @@ class PlaneBuffer:
         p = a % self.capacity
         if a + t - self.lo > self.capacity or p + t > self.capacity:
             raise RuntimeError(f"plane buffer too small: {a + t - self.lo} planes needed, {self.capacity} held")
-        return self.arr[p: p + t] if self.staging is None else self.staging[:t]
+        if self.strip is None:
+            return self.arr[p: p + t]
+        if t == 1:  # one plane's own rows are contiguous: computed in place
+            return self.arr[p: p + 1, self.strip[1]:]
+        return self.staging[:t]  # type: ignore[index]
 
     def commit(self, a: int, t: int) -> None:
         if self.arr is not None and self.strip is not None:
@@ -98,8 +103,8 @@ class PlaneBuffer:
         assert self.arr is not None and self.strip is not None
         file, rows, planes = self.strip
         p = a % self.capacity
-        if self.staging is not None:
-            self.arr[p: p + t, rows:] = self.staging[:t]
+        if t > 1:
+            self.arr[p: p + t, rows:] = self.staging[:t]  # type: ignore[index]
         for i in range(a, min(a + t, planes) if file is not None else a):
             file.read(i, self.arr[p + i - a, :rows])  # type: ignore[union-attr]
 
