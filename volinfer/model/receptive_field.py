@@ -103,7 +103,7 @@ def _measure_at(model: TileModel, tile: tuple[int, int, int], tol: float, probes
     req.set_input_tensor(ov.Tensor(x, shared_memory=True))
 
     def run() -> np.ndarray:
-        req.infer()
+        req.infer(share_outputs=True)
         out = req.get_output_tensor(model.output_index).data[0]
         return np.array(Layout.of(model.layout).to_cxyz(out), dtype=np.float64)
 

@@ -106,7 +106,7 @@ def fit_norm_statistics(tm: TileModel, feeder: TileFeeder, grid: TileGrid, layer
             moments = [Moments() for _ in wave]
             for tile in tiles:
                 feeder.fill(tile, view)
-                request.infer()
+                request.infer(share_outputs=True)
                 local = [(c[tile.index[a]][0] - tile.start[a], c[tile.index[a]][1] - tile.start[a])
                          for a, c in enumerate(cores)]
                 for k, layer in enumerate(wave):

@@ -133,7 +133,7 @@ q.wait_all()
 times = []
 req = q[0]
 for _ in range(3):
-    t = time.perf_counter(); req.infer(); times.append(time.perf_counter() - t)
+    t = time.perf_counter(); req.infer(share_outputs=True); times.append(time.perf_counter() - t)
 from volinfer.portable import memory_status  # VmHWM/VmRSS on Linux, fallbacks elsewhere
 st = memory_status()
 if st["peak_mb"] is None:
