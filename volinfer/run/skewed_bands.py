@@ -26,15 +26,16 @@ from volinfer.tiling.geometry import AxisPlan
 #: The narrowest band the planner cuts, as output rows x columns (each call's in-plane area): the reference U-Net's
 #: calls at the 512² cross-section run at full speed; narrower ones make more, smaller calls.
 MIN_BAND_AREA = 512 * 512
-#: A band's memory besides what a whole cross-section's plan counts (MB, and per MB of rows assembled in the segment
-#: calls: regions of held rows and padding rows, and the slots its strip-holding tensors are computed into): fitted to three runs
-#: of the reference U-Net at 1024x1024x64, bf16, in 4 and 8 bands, with and without spilling (predictions 343-496 MB
-#: measured 447-613 MB before; within 8% after).
-BAND_FLOOR_MB = 60.0
-ASSEMBLY_FACTOR = 0.35
-#: A skewed band's segment calls take this much longer than a whole cross-section's per voxel (the rows assembled
-#: in each call): inference 5.76-6.15 s in 8 and 4 bands against 5.07 s whole, 1024x1024x64.
-SKEW_VOXEL_COST = 1.15
+#: A band's memory besides what a whole cross-section's plan counts, per MB of rows assembled in its segment calls
+#: (regions of held rows and padding rows, which OpenVINO copies in, and the slots its strip-holding tensors are
+#: computed into): fitted to six runs of the reference U-Net, bf16, one process each, lean allocator: 1024x1024x64 in
+#: 4 and 8 bands, 2048x1024x48 in 4 and 8, 2048x2048x32 in 16, 2048³ in 8 (measured 430-831 MB, within 11 MB but
+#: for 2048x1024x48 in 8 bands: 16 MB over). Regions cost more than their bytes: OpenVINO's copy of each, and its
+#: reorder after it.
+ASSEMBLY_FACTOR = 1.32
+#: A skewed band's segment calls take this much longer than a whole cross-section's per voxel (the regions copied
+#: in): inference 4.48 and 5.13 s in 4 and 8 bands against 4.62 s whole, 1024x1024x64 (one run each).
+SKEW_VOXEL_COST = 1.05
 #: Seconds each band adds besides its share of the work (its pipeline filling along z, the input rows below its
 #: boundary read again, strips written and read): weighs band counts whose predicted work is the same.
 BAND_S = 0.2
@@ -162,7 +163,7 @@ def _band_plan(graph: StreamGraph, cut: BandCut, takes: list[tuple[int, int]], s
     if key not in sized:
         sized[key] = stream.plan_sizes(g, stream.READ_PLANES, takes)
     chunks, caps, buffers, working, options = sized[key]
-    working += BAND_FLOOR_MB + ASSEMBLY_FACTOR * _assembled_bytes(g, cut, chunks) / 2**20
+    working += ASSEMBLY_FACTOR * _assembled_bytes(g, cut, chunks) / 2**20
     chosen = options if spills is None else options[:spills]
     if stream.SPILL == "never":
         chosen = []
