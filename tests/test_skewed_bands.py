@@ -141,7 +141,7 @@ def test_planner_picks_skewed_bands_when_the_cross_section_does_not_fit(tmp_path
     """With a budget the whole cross-section exceeds, the planner's own choice (no forced count) is skewed bands
     within the budget, and the run is exact."""
     monkeypatch.setattr(skewed_bands, "MIN_BAND_AREA", 16 * 16)  # (calibrated for cross-sections of 512² and more)
-    monkeypatch.setattr(setup, "BAND_S", 0.0)  # (a band's fixed time would dwarf a volume this small)
+    monkeypatch.setattr(setup, "BAND_CALL_S", 0.0)  # (the calls a band adds would dwarf a volume this small)
     path = _saved(tmp_path, stream_unet(seed=4))
     vol = _volume((30, 160, 24), seed=4)
     tm = TileModel(path, compile=False)

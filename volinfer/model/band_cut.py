@@ -25,6 +25,8 @@ from volinfer.model.stream_graph import ExcludePadWindow, InterpWindow, NotStrea
 
 #: The model axis bands cut (x = 2, y = 3, z = 4: z is streamed).
 YAXIS = 3
+
+
 @dataclass(frozen=True)
 class InputCut:
     """What a segment reads of an input in one band: rows ``[lo, hi)`` of the tensor's held rows (see

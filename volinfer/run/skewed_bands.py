@@ -36,9 +36,6 @@ ASSEMBLY_FACTOR = 1.32
 #: A skewed band's segment calls take this much longer than a whole cross-section's per voxel (the regions copied
 #: in): inference 4.48 and 5.13 s in 4 and 8 bands against 4.62 s whole, 1024x1024x64 (one run each).
 SKEW_VOXEL_COST = 1.05
-#: Seconds each band adds besides its share of the work (its pipeline filling along z, the input rows below its
-#: boundary read again, strips written and read): weighs band counts whose predicted work is the same.
-BAND_S = 0.2
 
 
 @dataclass
@@ -189,7 +186,7 @@ def _assembled_bytes(g: StreamGraph, cut: BandCut, chunks: list[int]) -> int:
                 planes = win.input_planes(t) if win.kind != "same" else t
                 total += planes * _row_bytes(ten) * ic.rows
         for k in seg.outputs:
-            if cut.strip_rows(k):
+            if cut.strip_rows(k) and t > 1:  # (one plane a call is computed in place)
                 total += t * _row_bytes(g.tensors[k]) * (cut.own[k][1] - cut.own[k][0])
     return total
 

@@ -21,6 +21,7 @@ import openvino as ov
 from volinfer.progress import progress_bar
 
 from volinfer.io.plane_store import PlaneFile, PlaneStore, PlaneWindow, check_space, spill_location
+from volinfer.model.band_cut import YAXIS
 from volinfer.model.stream_graph import NotStreamable, Segment, StreamGraph, StreamTensor, analyse, build_segment_model
 from volinfer.model.tile_model import TileModel
 from volinfer.run.feeder import TileFeeder
@@ -60,7 +61,7 @@ class PlaneBuffer:
         (``chunk`` planes at a time: in place for one plane a call, else into a slot of their own, copied in as they
         are committed). Planes are stored rows-first (y the outermost axis of a plane): a plane's strip rows, and its
         own rows, are each one contiguous run."""
-        if self.ten.order[2] != 3:
+        if self.ten.order[2] != YAXIS:
             raise RuntimeError(f"{self.ten.key}: planes not stored rows-first")
         self.strip = (file, rows, planes)
         if self.arr is not None and chunk > 1:
@@ -381,7 +382,7 @@ def _rows_of(tensor: ov.Tensor, rows: tuple[int, int], ten: StreamTensor) -> ov.
     """Rows ``[lo, hi)`` (along y) of a z-first tensor of ``ten``'s planes, as a region of it (the whole tensor when
     that is all of it)."""
     shape = list(tensor.get_shape())
-    axis = ten.order.index(3)
+    axis = ten.order.index(YAXIS)
     if rows == (0, shape[axis]):
         return tensor
     begin = [0] * len(shape)
@@ -596,6 +597,11 @@ class StreamPlan:
         if self.skew is not None:  # every band's own spill, and the strips between bands
             return (self.skew.spill_bytes + 2 * self.skew.strip_bytes) / SPILL_BYTES_PER_S
         return sum(o.traffic_bytes for o in self.spill.values()) * self.bands_count / SPILL_BYTES_PER_S
+
+    @property
+    def calls_per_band(self) -> int:
+        """Segment calls one band makes (every segment over the volume's depth, its chunk of planes a call)."""
+        return sum(-(-self.graph.tensors[seg.outputs[0]].n // t) for seg, t in zip(self.graph.segments, self.chunks))
 
     @property
     def bands_count(self) -> int:
