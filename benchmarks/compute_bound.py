@@ -87,7 +87,7 @@ def main() -> None:
     work = per_voxel * rep["voxels"]
     rate = work / rep["infer_busy_s"]
     out = {"model": args.model, "volume": args.volume, "precision": args.precision, "engine": rep["engine"],
-           "gflop_per_voxel_x1e3": per_voxel / 1e3, "tflop": work / 1e12, "process_s": rep["process_s"],
+           "kflop_per_voxel": per_voxel / 1e3, "tflop": work / 1e12, "process_s": rep["process_s"],
            "wall_s": rep["wall_s"], "infer_s": rep["infer_busy_s"], "infer_gflops": rate / 1e9,
            "conv_gflops": best / 1e9, "utilisation": rate / best,
            "infer_s_at_conv_rate": work / best}
