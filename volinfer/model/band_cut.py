@@ -21,10 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from volinfer.model.stream_graph import ExcludePadWindow, InterpWindow, NotStreamable, StreamGraph, ZWindow, window_along
-
-#: The model axis bands cut (x = 2, y = 3, z = 4: z is streamed).
-YAXIS = 3
+from volinfer.model.stream_graph import (YAXIS, ExcludePadWindow, InterpWindow, NotStreamable, StreamGraph, ZWindow,
+                                         window_along)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ import openvino as ov
 import openvino.opset13 as ops
 from openvino.passes import ConstantFolding, Manager
 
+#: The model axis skewed bands cut into rows (x = 2, y = 3, z = 4: z is streamed; :mod:`volinfer.model.band_cut`).
+YAXIS = 3
 #: Operations that map each plane of their inputs to the same plane of their output (given constant operands that
 #: do not vary along z): the ops a segment may carry after its z-window operation.
 POINTWISE = frozenset("""
@@ -690,22 +692,20 @@ def _segment_inputs(graph: StreamGraph, seg: Segment, t: int, cut: Any,
     return params
 
 
-#: The native axis along which skewed bands cut (y), as in :data:`volinfer.model.band_cut.YAXIS`.
-_ROWS_AXIS = 3
 
 
 def _with_rows(ten: StreamTensor, rows: int | None) -> list[int]:
     """``ten``'s stored plane shape, with ``rows`` rows along y (None: as it is)."""
     shape = list(ten.plane_shape)
     if rows is not None:
-        shape[ten.order.index(_ROWS_AXIS) - 2] = rows
+        shape[ten.order.index(YAXIS) - 2] = rows
     return shape
 
 
 def _pad_rows(rows: ov.Output, cut: Any, ten: StreamTensor, pad: float) -> ov.Output:
     """A band's rows of an input (z-first, stored order) with ``cut.pad_before`` and ``cut.pad_after`` padding rows
     of value ``pad`` around them, along the stored y axis (where the volume ends)."""
-    axis = ten.order.index(_ROWS_AXIS)
+    axis = ten.order.index(YAXIS)
     shape = [int(d) for d in rows.get_shape()]
     pieces: list[ov.Output] = []
     for n in (cut.pad_before, -1, cut.pad_after):

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from volinfer.io.plane_store import PlaneFile, PlaneStore
-from volinfer.model.band_cut import YAXIS, BandCut, band_graph, cut_bands
-from volinfer.model.stream_graph import NotStreamable, StreamGraph
+from volinfer.model.band_cut import BandCut, band_graph, cut_bands
+from volinfer.model.stream_graph import YAXIS, NotStreamable, StreamGraph
 from volinfer.model.tile_model import TileModel
 from volinfer.progress import progress_bar
 from volinfer.run import stream

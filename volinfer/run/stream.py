@@ -21,8 +21,8 @@ import openvino as ov
 from volinfer.progress import progress_bar
 
 from volinfer.io.plane_store import PlaneFile, PlaneStore, PlaneWindow, check_space, spill_location
-from volinfer.model.band_cut import YAXIS
-from volinfer.model.stream_graph import NotStreamable, Segment, StreamGraph, StreamTensor, analyse, build_segment_model
+from volinfer.model.stream_graph import (YAXIS, NotStreamable, Segment, StreamGraph, StreamTensor, analyse,
+                                         build_segment_model)
 from volinfer.model.tile_model import TileModel
 from volinfer.run.feeder import TileFeeder
 from volinfer.run.fidelity import LEANER_WITHIN, leanest_near_fastest
@@ -52,10 +52,10 @@ class PlaneBuffer:
         self.need = 0  # the most planes [lo, end of a write) this buffer had to hold (dry runs size buffers with it)
         self.tap: PlaneFile | None = None  # a checkpoint file every committed plane is also written to
         self.tap_form: Callable[[np.ndarray], np.ndarray] | None = None  # planes as the file keeps them
-        self.strip: tuple[PlaneFile | None, int, int] | None = None  # see hold_strip
+        self.strip: tuple[PlaneFile, int, int] | None = None  # see hold_strip
         self.staging: np.ndarray | None = None
 
-    def hold_strip(self, file: PlaneFile | None, rows: int, planes: int, chunk: int) -> None:
+    def hold_strip(self, file: PlaneFile, rows: int, planes: int, chunk: int) -> None:
         """Skewed bands: each plane holds first ``rows`` rows of the previous band's strip (read from ``file``,
         which holds its first ``planes`` planes: the rest no layer reads), then the rows the producer computes
         (``chunk`` planes at a time: in place for one plane a call, else into a slot of their own, copied in as they
@@ -106,8 +106,8 @@ class PlaneBuffer:
         p = a % self.capacity
         if t > 1:
             self.arr[p: p + t, rows:] = self.staging[:t]  # type: ignore[index]
-        for i in range(a, min(a + t, planes) if file is not None else a):
-            file.read(i, self.arr[p + i - a, :rows])  # type: ignore[union-attr]
+        for i in range(a, min(a + t, planes)):
+            file.read(i, self.arr[p + i - a, :rows])
 
     def view(self, lo: int, hi: int, who: Any = None) -> np.ndarray:
         """Planes [lo, hi): a view (a copy only for a window longer than the mirror allows, across the ring's
@@ -325,7 +325,7 @@ class StreamRun:
     def read_only(self, rows: dict[tuple[int, int], tuple[int, int]]) -> None:
         """Skewed bands: consumer (segment index, input j) reads only rows ``[lo, hi)`` of its input's planes (a
         region OpenVINO reads in place, no copy made here)."""
-        self.read_rows = {who: r for who, r in rows.items()}
+        self.read_rows = dict(rows)
 
     def tap(self, files: dict[str, PlaneFile],
             forms: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> None:
