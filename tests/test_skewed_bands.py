@@ -66,6 +66,31 @@ def test_skewed_bands_are_whole_volume_inference(tmp_path, monkeypatch, name, co
     np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 
 
+def test_one_plane_calls_hand_their_rows_in_place(tmp_path, monkeypatch):
+    """With one plane a call (wide cross-sections), a layer reading part of its input's held rows gets them as a
+    dense tensor over the plane's memory (rows are outermost in a plane), not a region OpenVINO copies: the result is
+    still whole-volume inference, and that path is the one taken."""
+    from volinfer.run import stream
+
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1)
+    real, seen = stream._region, []
+
+    def spy(planes, rows, ten):
+        got = real(planes, rows, ten)
+        data = got.data  # (a region tensor keeps its parent's strides, even along axes of one)
+        seen.append((planes.shape[0], rows is not None and rows[1] - rows[0] < ten.shape[stream.YAXIS],
+                     data.strides == np.empty(data.shape, data.dtype).strides))
+        return got
+
+    monkeypatch.setattr(stream, "_region", spy)
+    path = _saved(tmp_path, stream_unet(seed=10))
+    vol = _volume((23, 141, 19), seed=5)
+    out, _ = _skewed(vol, path, monkeypatch, 3, precision="f32")
+    ref = whole_volume(path, vol, multiple=4)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+    assert (1, True, True) in seen, "no one-plane call read part of its input's rows"
+
+
 def test_many_narrow_bands_and_vocabulary(tmp_path, monkeypatch):
     """Dilated, depthwise and grouped strided convolutions, max and (padding-counting) average pooling, a grouped
     transposed convolution, concatenations: 5 bands of a few rows each, f32, against the whole volume."""

@@ -276,9 +276,7 @@ class StreamRun:
                                    (seg.index, j))
                       for j, ((key, _), (lo, hi)) in enumerate(zip(seg.inputs, ranges))]  # alive until infer returns
             for j, ((key, _), data) in enumerate(zip(seg.inputs, inputs)):
-                ten = _tensor(data, self.g.tensors[key])
-                rows = self.read_rows.get((seg.index, j))
-                req.set_input_tensor(j, ten if rows is None else _rows_of(ten, rows, self.g.tensors[key]))
+                req.set_input_tensor(j, _region(data, self.read_rows.get((seg.index, j)), self.g.tensors[key]))
             for j, arr in enumerate(seg.window.call_inputs(a, t), len(seg.inputs)):  # an interpolation's planes
                 req.set_input_tensor(j, ov.Tensor(arr))
             for j, (k, slot) in enumerate(zip(seg.outputs, slots)):
@@ -378,16 +376,21 @@ def _tensor(arr: np.ndarray, ten: StreamTensor) -> ov.Tensor:
     return ov.Tensor(arr[None], shared_memory=True)
 
 
-def _rows_of(tensor: ov.Tensor, rows: tuple[int, int], ten: StreamTensor) -> ov.Tensor:
-    """Rows ``[lo, hi)`` (along y) of a z-first tensor of ``ten``'s planes, as a region of it (the whole tensor when
-    that is all of it)."""
-    shape = list(tensor.get_shape())
-    axis = ten.order.index(YAXIS)
-    if rows == (0, shape[axis]):
-        return tensor
-    begin = [0] * len(shape)
-    begin[axis], shape[axis] = rows
-    return ov.Tensor(tensor, ov.Coordinate(begin), ov.Coordinate(shape))
+def _region(planes: np.ndarray, rows: tuple[int, int] | None, ten: StreamTensor) -> ov.Tensor:
+    """Rows ``[lo, hi)`` (along y; None: all) of ``planes`` (z-first, ``ten``'s stored planes) shared with OpenVINO.
+
+    Where those rows lie in one piece of memory (all rows, or one plane: rows are outermost in a stored plane) the
+    tensor is dense; otherwise it is a region (ROI) tensor, which OpenVINO copies in before it runs: dense tensors
+    spare that copy."""
+    axis = ten.order.index(YAXIS) - 1
+    if rows is None or rows == (0, planes.shape[axis]):
+        return _tensor(planes, ten)
+    view = planes[(slice(None),) * axis + (slice(*rows),)]
+    if view.flags.c_contiguous:
+        return _tensor(view, ten)
+    begin, shape = [0] * (planes.ndim + 1), [1, *planes.shape]
+    begin[axis + 1], shape[axis + 1] = rows
+    return ov.Tensor(_tensor(planes, ten), ov.Coordinate(begin), ov.Coordinate(shape))
 
 
 def _bits(value: float, ten: StreamTensor) -> Any:
