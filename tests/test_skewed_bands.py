@@ -224,3 +224,39 @@ def test_planes_no_layer_reads_are_not_read_from_the_strips(tmp_path, monkeypatc
     out, _ = _skewed(vol, path, monkeypatch, 2, precision="f32")
     ref = whole_volume(path, vol, multiple=2)
     np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def _padded_pooling() -> ov.Model:
+    """Max pooling with padding (3x3x3, stride 1 and 2) over values that are negative near the volume's ends, and an
+    average that counts its padding: at a band's edge the pooling pads the rows itself (-inf for the max, zeros for
+    the average), as the whole volume does."""
+    import openvino.opset13 as ops
+
+    rng = np.random.default_rng(11)
+
+    def w(*shape):
+        return ops.constant((rng.standard_normal(shape) * 0.3).astype(np.float32))
+
+    def pool(x, stride):
+        return ops.max_pool(x, [stride] * 3, [1] * 3, [1] * 3, [1] * 3, [3] * 3).output(0)
+
+    x = ops.parameter([1, 1, -1, -1, -1], np.float32)
+    e = ops.convolution(x, w(4, 1, 3, 3, 3), [1] * 3, [1] * 3, [1] * 3, [1] * 3)
+    e = ops.add(e, ops.constant(np.full((1, 4, 1, 1, 1), -3.0, np.float32)))  # mostly negative
+    p = pool(ops.convolution(pool(e, 1), w(4, 4, 3, 3, 3), [1] * 3, [1] * 3, [1] * 3, [1] * 3), 2)
+    a = ops.avg_pool(p, [1] * 3, [1] * 3, [1] * 3, [3] * 3, exclude_pad=False)
+    u = ops.convolution_backprop_data(a, w(4, 2, 2, 2, 2), [2] * 3, None, [0] * 3, [0] * 3, [1] * 3)
+    m = ov.Model([u], [x], "pooling")
+    m.set_rt_info("2", ["volinfer", "size_multiple"])
+    return m
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_padded_pooling_at_band_edges(tmp_path, monkeypatch, count):
+    """Padded max and average pooling in bands whose edges are the volume's: whole-volume inference (a max that
+    padded with zeros, or rows of zeros counted by the max, would differ where values are negative)."""
+    path = _saved(tmp_path, _padded_pooling())
+    vol = _volume((10, 37, 12), seed=count)
+    out, _ = _skewed(vol, path, monkeypatch, count, precision="f32")
+    ref = whole_volume(path, vol, multiple=2)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)

@@ -638,12 +638,13 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int, cut: Any = Non
     nodes = {n.get_friendly_name(): n for n in model.get_ordered_ops()}
     zaxis = graph.tensors[seg.inputs[0][0]].zaxis
     q, sp = _orders(zaxis)
-    params = _segment_inputs(graph, seg, t, cut, _input_ports(seg, nodes))
+    pads_rows = cut is not None and pads_rows_itself(nodes.get(seg.anchor), seg)
+    params = _segment_inputs(graph, seg, t, cut, _input_ports(seg, nodes), pads_rows)
     sliced: dict[str, ov.Output] = {}
     if isinstance(seg.window, InterpWindow):
         sliced = _interp_anchor(nodes[seg.anchor], seg.window, t, q, params)
     elif seg.anchor is not None:
-        sliced = _permute_anchor(nodes[seg.anchor], seg, t, sp, params, cut)
+        sliced = _permute_anchor(nodes[seg.anchor], seg, t, sp, params, cut, pads_rows)
     results = []
     for key in seg.outputs:
         name, idx = key.rsplit(":", 1)
@@ -661,10 +662,12 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int, cut: Any = Non
     return sub
 
 
-def _segment_inputs(graph: StreamGraph, seg: Segment, t: int, cut: Any,
-                    ports: list[tuple[ov.Input, int]]) -> list[ov.Node]:
+def _segment_inputs(graph: StreamGraph, seg: Segment, t: int, cut: Any, ports: list[tuple[ov.Input, int]],
+                    anchor_pads_rows: bool = False) -> list[ov.Node]:
     """The segment model's parameters, one per input (see :func:`build_segment_model`), each wired to the ports
-    that read it: converted where a port takes another type, transposed to (N, C, z, s, s)."""
+    that read it: converted where a port takes another type, transposed to (N, C, z, s, s). Padding rows are
+    concatenated where a band's input needs them, except to the anchor's input when ``anchor_pads_rows`` (it pads
+    them itself)."""
     zaxis = graph.tensors[seg.inputs[0][0]].zaxis
     q, _ = _orders(zaxis)
     params = []
@@ -677,7 +680,7 @@ def _segment_inputs(graph: StreamGraph, seg: Segment, t: int, cut: Any,
         p = ops.parameter([1, planes, *_with_rows(ten, None if ic is None else ic.hi - ic.lo)], ten.ov_type,
                           name=f"in{j}")
         src = p.output(0)
-        if ic is not None and (ic.pad_before or ic.pad_after):
+        if ic is not None and (ic.pad_before or ic.pad_after) and not (anchor_pads_rows and j == 0):
             src = _pad_rows(src, ic, ten, seg.pad_value if seg.anchor is not None and j == 0 else 0.0)
         made: dict[Any, ov.Output] = {}
         for inp, jj in ports:
@@ -737,8 +740,22 @@ def _input_ports(seg: Segment, nodes: dict[str, ov.Node]) -> list[tuple[ov.Input
     return ports
 
 
-def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int],
-                    params: list[ov.Node], cut: Any = None) -> dict[str, ov.Output]:
+def pads_rows_itself(anchor: ov.Node | None, seg: Segment) -> bool:
+    """Whether ``seg``'s anchor pads its input with what the padding rows a band adds would hold (a convolution's
+    zeros, max pooling's -inf, an average that counts its padding): then a band keeps the anchor's own padding
+    along y where the volume ends, which is free, instead of concatenating padding rows, which copies the input."""
+    if anchor is None or isinstance(seg.window, (InterpWindow, ExcludePadWindow)) or seg.window.kind == "transposed":
+        return False
+    kind = anchor.get_type_name()
+    if kind in ("Convolution", "GroupConvolution"):
+        return seg.pad_value == 0.0
+    if kind == "MaxPool":
+        return seg.pad_value == -np.inf
+    return kind == "AvgPool" and not anchor.get_attributes().get("exclude-pad", True) and seg.pad_value == 0.0
+
+
+def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int], params: list[ov.Node], cut: Any = None,
+                    pads_rows: bool = False) -> dict[str, ov.Output]:
     """Run the anchor in (N, C, z, s, s) order without z padding (the caller supplies padding planes); a transposed
     convolution's output is sliced to the ``t`` planes the chunk owns, an exclude-pad average rescaled per plane
     (its factors a call input appended to ``params``). Returns replaced outputs by tensor key. (Pooling keeps its
@@ -750,8 +767,9 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int],
             v = [a[name][i] for i in sp]
             if name in ("pads_begin", "pads_end", "output_padding"):
                 v[0] = 0
-                if cut is not None:  # a band's rows: padding rows supplied too, where the volume ends
-                    v[sp.index(1)] = 0
+                if cut is not None:  # a band's rows: its own padding where the volume ends, or rows supplied
+                    edge = {"pads_begin": cut.inputs[0].pad_before, "pads_end": cut.inputs[0].pad_after}
+                    v[sp.index(1)] = edge.get(name, 0) if pads_rows else 0
             node.set_attribute(name, v)
     if "auto_pad" in a:
         node.set_attribute("auto_pad", "explicit")

@@ -16,7 +16,7 @@ import numpy as np
 
 from volinfer.io.plane_store import PlaneFile, PlaneStore
 from volinfer.model.band_cut import BandCut, band_graph, cut_bands
-from volinfer.model.stream_graph import YAXIS, NotStreamable, StreamGraph
+from volinfer.model.stream_graph import YAXIS, NotStreamable, StreamGraph, pads_rows_itself
 from volinfer.model.tile_model import TileModel
 from volinfer.progress import progress_bar
 from volinfer.run import stream
@@ -27,12 +27,11 @@ from volinfer.tiling.geometry import AxisPlan
 #: calls at the 512² cross-section run at full speed; narrower ones make more, smaller calls.
 MIN_BAND_AREA = 512 * 512
 #: A band's memory besides what a whole cross-section's plan counts, per MB of rows assembled in its segment calls
-#: (regions of held rows and padding rows, which OpenVINO copies in, and the slots its strip-holding tensors are
-#: computed into): fitted to six runs of the reference U-Net, bf16, one process each, lean allocator: 1024x1024x64 in
-#: 4 and 8 bands, 2048x1024x48 in 4 and 8, 2048x2048x32 in 16, 2048³ in 8 (measured 430-831 MB, within 11 MB but
-#: for 2048x1024x48 in 8 bands: 16 MB over). Regions cost more than their bytes: OpenVINO's copy of each, and its
-#: reorder after it.
-ASSEMBLY_FACTOR = 1.32
+#: (regions of several planes and padding rows the anchor does not add itself, which OpenVINO copies in, and the
+#: slots its strip-holding tensors are computed into; the sum over segments, of which only some coexist): fitted to
+#: six runs of the reference U-Net, bf16, one process each, lean allocator: 1024x1024x64 in 4 and 8 bands,
+#: 2048x1024x48 in 4 and 8, 2048x2048x32 in 12 and 16 (measured 344-668 MB, predicted within 11 MB).
+ASSEMBLY_FACTOR = 0.65
 #: A skewed band's segment calls take this much longer than a whole cross-section's per voxel (the regions copied
 #: in): inference 4.48 and 5.13 s in 4 and 8 bands against 4.62 s whole, 1024x1024x64 (one run each).
 SKEW_VOXEL_COST = 1.05
@@ -176,15 +175,19 @@ COUNTS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def _assembled_bytes(g: StreamGraph, cut: BandCut, chunks: list[int]) -> int:
-    """Bytes one call of every segment assembles for band ``cut``: the inputs read as a region of their planes or
-    with padding rows, and the slot each strip-holding output is computed into."""
+    """Bytes one call of every segment assembles for band ``cut``: the inputs read as a region of several planes
+    (OpenVINO copies those in; one plane's rows are read in place) or with padding rows the anchor does not add
+    itself, and the slot each strip-holding output is computed into."""
+    nodes = {n.get_friendly_name(): n for n in g.model.get_ordered_ops()}
     total = 0
     for seg, sc, t in zip(g.segments, cut.segments, chunks):
-        for (key, win), ic in zip(seg.inputs, sc.inputs):
+        native = pads_rows_itself(nodes.get(seg.anchor), seg)
+        for j, ((key, win), ic) in enumerate(zip(seg.inputs, sc.inputs)):
             ten = g.tensors[key]
-            if ic.rows != ten.shape[YAXIS]:
-                planes = win.input_planes(t) if win.kind != "same" else t
-                total += planes * _row_bytes(ten) * ic.rows
+            planes = win.input_planes(t) if win.kind != "same" else t
+            padded = (ic.pad_before or ic.pad_after) and not (native and j == 0)
+            if padded or (planes > 1 and ic.hi - ic.lo != ten.shape[YAXIS]):
+                total += planes * _row_bytes(ten) * (ic.rows if padded else ic.hi - ic.lo)
         for k in seg.outputs:
             if cut.strip_rows(k) and t > 1:  # (one plane a call is computed in place)
                 total += t * _row_bytes(g.tensors[k]) * (cut.own[k][1] - cut.own[k][0])
