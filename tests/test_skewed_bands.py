@@ -180,6 +180,18 @@ def test_planner_picks_skewed_bands_when_the_cross_section_does_not_fit(tmp_path
     np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 
 
+@pytest.mark.parametrize("count", [2, 3])
+def test_a_skewed_plan_counts_the_calls_its_bands_make(tmp_path, monkeypatch, count):
+    """The planner charges bands for their segment calls (setup.BAND_CALL_S each, beyond one band's): the calls it
+    counts are the calls the run makes."""
+    path = _saved(tmp_path, stream_unet(seed=3))
+    vol = _volume((21, 90, 26), seed=count)
+    plan = skewed_bands.plan_skewed(TileModel(path, compile=False), vol.shape, "f32", count, None)
+    _, rep = _skewed(vol, path, monkeypatch, count, precision="f32")
+    assert plan.bands_count == count
+    assert rep.tiles == plan.calls_per_band * plan.bands_count
+
+
 def test_a_skewed_plan_follows_a_precision_change(tmp_path):
     """The precision guard may move a run from bf16 to f32 after planning: every band is re-sized for f32 planes
     (twice the bytes), and the plan's memory is its most demanding band's again."""
