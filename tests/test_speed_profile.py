@@ -266,3 +266,23 @@ def test_a_failing_profile_never_fails_the_conversion(tmp_path, monkeypatch):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_candidate_times_come_from_the_profile_when_a_stream_is_chosen():
+    """With a stream chosen no tiling is measured: every candidate (the stream too) shows the speed profile's time."""
+    from types import SimpleNamespace
+
+    from volinfer.run.fidelity import Tiling
+    from volinfer.run.plan import Plan, _candidate_times, _candidates
+
+    weighed = [Tiling((64, 64, 64), (0, 0, 0), (2, 1, 1), 2 * 64**3, 900.0, 0, voxel_s=2e-6, cost=2 * 64**3 * 2e-6)]
+    stream = SimpleNamespace(padded=(128, 64, 64), band=64, out_planes=16, peak_mb=300.0, skew=None,
+                             bands=lambda size, m: SimpleNamespace(count=1, tile=64))
+    choice = SimpleNamespace(candidates=weighed, planned=None, stream=stream, voxel_cost=lambda v: 2e-6,
+                             stream_option=(stream, 0.7))
+    plan = Plan((128, 64, 16), 1, 300.0, time_s=5.0, inferences_per_tile=1, speed_source="measured")
+    plan.candidates = _candidates(choice, (128, 64, 64), 4)
+    _candidate_times(plan, choice)
+    assert {c["engine"]: c["time_s"] for c in plan.candidates} == {"tiles": pytest.approx(2 * 64**3 * 2e-6, abs=0.051),
+                                                                    "stream": pytest.approx(0.7, abs=0.051)}
+    assert "predicted 0.7 s" in "\n".join(plan.summary().splitlines()[-2:])

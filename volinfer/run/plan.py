@@ -389,7 +389,8 @@ def _candidate_times(plan: Plan, choice: Any) -> None:
     """Each candidate's predicted time: the planner's cost (:attr:`volinfer.run.fidelity.Tiling.cost`: seconds from
     the speed profile, else evaluated voxels) x inferences per tile, as ``profile_time_s`` when the profile gave
     seconds; and as ``time_s``, scaled so that the planned tiling's equals the plan's time (measured now at that
-    tile): the planner's costs rank the plans, the measurement gives this machine's seconds."""
+    tile): the planner's costs rank the plans, the measurement gives this machine's seconds. Where no tiling was
+    measured (a stream chosen), ``time_s`` is the profile's seconds, so every candidate still shows a time."""
     runs = plan.inferences_per_tile
     for c in plan.candidates:
         c["raw"] = c.pop("cost") * (runs + 0.5 * c["norm_passes"]) / (1.0 + 0.5 * c["norm_passes"]) \
@@ -404,4 +405,4 @@ def _candidate_times(plan: Plan, choice: Any) -> None:
                               f"{'x'.join(map(str, plan.measured_tile or plan.tile))}")
     for c in plan.candidates:
         raw = c.pop("raw")
-        c["time_s"] = None if scale is None else round(raw * scale, 1)
+        c["time_s"] = c["profile_time_s"] if scale is None else round(raw * scale, 1)
