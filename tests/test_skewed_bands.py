@@ -238,10 +238,11 @@ def test_planes_no_layer_reads_are_not_read_from_the_strips(tmp_path, monkeypatc
     np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 
 
-def _padded_pooling() -> ov.Model:
+def _padded_pooling(rounding: str = "floor") -> ov.Model:
     """Max pooling with padding (3x3x3, stride 1 and 2) over values that are negative near the volume's ends, and an
     average that counts its padding: at a band's edge the pooling pads the rows itself (-inf for the max, zeros for
-    the average), as the whole volume does."""
+    the average), as the whole volume does (with ``rounding`` "ceil" the strided max is given padding rows instead:
+    ceil modes differ on a window that starts in the padding)."""
     import openvino.opset13 as ops
 
     rng = np.random.default_rng(11)
@@ -250,6 +251,8 @@ def _padded_pooling() -> ov.Model:
         return ops.constant((rng.standard_normal(shape) * 0.3).astype(np.float32))
 
     def pool(x, stride):
+        if rounding == "ceil" and stride == 2:  # k4 from one padding row: ceil keeps n/2 windows, floor n/2 - 1
+            return ops.max_pool(x, [2] * 3, [1] * 3, [1] * 3, [0] * 3, [4] * 3, rounding).output(0)
         return ops.max_pool(x, [stride] * 3, [1] * 3, [1] * 3, [1] * 3, [3] * 3).output(0)
 
     x = ops.parameter([1, 1, -1, -1, -1], np.float32)
@@ -263,11 +266,11 @@ def _padded_pooling() -> ov.Model:
     return m
 
 
-@pytest.mark.parametrize("count", [2, 3])
-def test_padded_pooling_at_band_edges(tmp_path, monkeypatch, count):
+@pytest.mark.parametrize("count, rounding", [(2, "floor"), (3, "floor"), (3, "ceil")])
+def test_padded_pooling_at_band_edges(tmp_path, monkeypatch, count, rounding):
     """Padded max and average pooling in bands whose edges are the volume's: whole-volume inference (a max that
     padded with zeros, or rows of zeros counted by the max, would differ where values are negative)."""
-    path = _saved(tmp_path, _padded_pooling())
+    path = _saved(tmp_path, _padded_pooling(rounding))
     vol = _volume((10, 37, 12), seed=count)
     out, _ = _skewed(vol, path, monkeypatch, count, precision="f32")
     ref = whole_volume(path, vol, multiple=2)

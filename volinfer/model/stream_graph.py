@@ -746,12 +746,14 @@ def pads_rows_itself(anchor: ov.Node | None, seg: Segment) -> bool:
     along y where the volume ends, which is free, instead of concatenating padding rows, which copies the input."""
     if anchor is None or isinstance(seg.window, (InterpWindow, ExcludePadWindow)) or seg.window.kind == "transposed":
         return False
-    kind = anchor.get_type_name()
+    kind, a = anchor.get_type_name(), anchor.get_attributes()
     if kind in ("Convolution", "GroupConvolution"):
         return seg.pad_value == 0.0
+    if a.get("rounding_type", "floor").lower() != "floor":  # (ceil modes differ on windows starting in padding)
+        return False
     if kind == "MaxPool":
         return seg.pad_value == -np.inf
-    return kind == "AvgPool" and not anchor.get_attributes().get("exclude-pad", True) and seg.pad_value == 0.0
+    return kind == "AvgPool" and not a.get("exclude-pad", True) and seg.pad_value == 0.0
 
 
 def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int], params: list[ov.Node], cut: Any = None,
