@@ -321,8 +321,8 @@ class StreamRun:
             buf.close()
 
     def read_only(self, rows: dict[tuple[int, int], tuple[int, int]]) -> None:
-        """Skewed bands: consumer (segment index, input j) reads only rows ``[lo, hi)`` of its input's planes (a
-        region OpenVINO reads in place, no copy made here)."""
+        """Skewed bands: consumer (segment index, input j) reads only rows ``[lo, hi)`` of its input's planes (handed
+        to OpenVINO without a copy here: see :func:`_region`)."""
         self.read_rows = dict(rows)
 
     def tap(self, files: dict[str, PlaneFile],
