@@ -180,6 +180,62 @@ def test_planner_picks_skewed_bands_when_the_cross_section_does_not_fit(tmp_path
     np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 
 
+def test_the_first_band_is_narrowed_to_the_others_memory(tmp_path, monkeypatch):
+    """The first band computes each layer's rows from 0 to a boundary that lies ahead of the output's by the layers'
+    skew, so at equal output rows it can be the largest (the reference U-Net's shape, small): the planner narrows it
+    (and widens the last) until it is no larger than the others, which lowers the plan's peak; the run with those
+    unequal bands is still whole-volume inference."""
+    torch = pytest.importorskip("torch")
+    from volinfer.bench.reference_unet import UNet3D
+
+    torch.manual_seed(3)
+    path = _saved(tmp_path, stream_models.from_torch(UNet3D(1, 2, (2, 4, 8, 16, 32)).eval(), 16))
+    vol = _volume((21, 377, 13), seed=3)
+    tm = TileModel(path, compile=False)
+    plan = skewed_bands.plan_skewed(tm, vol.shape, "f32", 3, None)
+    betas, bands = plan.skew.betas, plan.skew.bands
+    widths = [b - a for a, b in zip(betas[:-1], betas[1:])]
+    assert widths[0] < widths[1] == 128 < widths[2], widths
+    assert bands[0].memory_mb <= max(b.memory_mb for b in bands[1:])
+    equal = skewed_bands._band_plan(plan.graph, cut_bands(plan.graph, [0, 128, 256, 384])[0],
+                                    skewed_bands.stream.takes(plan.rows), None, {})
+    assert equal.memory_mb > plan.memory_mb  # equal bands: the first is the largest, and larger than any now
+    assert plan.band == widths[2]  # (the run's output block holds the widest band)
+    out, rep = _skewed(vol, path, monkeypatch, 3, precision="f32")
+    ref = whole_volume(path, vol, multiple=16)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_spilled_skips_write_only_the_rows_their_decoder_reads(tmp_path, monkeypatch):
+    """A spilled skip connection in a band holds the previous band's strip and the rows its encoder computes ahead
+    for the next band; its decoder end reads only its own band's rows: only those go to disk (less traffic, planned
+    as such), read back at offset 0 by the decoder. Still whole-volume inference."""
+    torch = pytest.importorskip("torch")
+    from volinfer.bench.reference_unet import UNet3D
+    from volinfer.run import stream
+
+    torch.manual_seed(4)
+    path = _saved(tmp_path, stream_models.from_torch(UNet3D(1, 2, (2, 4, 8, 16, 32)).eval(), 16))
+    vol = _volume((21, 377, 61), seed=4)
+    monkeypatch.setattr(stream, "SPILL", "always")
+    narrowed, real = [], stream.SpilledBuffer.narrow
+
+    def spy(buf, rows):
+        narrowed.append((buf.ten.shape[stream.YAXIS], rows))
+        real(buf, rows)
+
+    monkeypatch.setattr(stream.SpilledBuffer, "narrow", spy)
+    plan = skewed_bands.plan_skewed(TileModel(path, compile=False), vol.shape, "f32", 3, None)
+    spilled = [o for b in plan.skew.bands for o in b.spill.values()]
+    full = {o.key: plan.graph.tensors[o.key].n * (1 + len(o.far)) for o in spilled}  # planes written and read
+    assert any(o.traffic_bytes < full[o.key] * b.graph.tensors[o.key].plane_bytes
+               for b in plan.skew.bands for o in b.spill.values()), "no spill planned narrowed"
+    out, rep = _skewed(vol, path, monkeypatch, 3, precision="f32")
+    assert narrowed and all(hi - lo < held for held, (lo, hi) in narrowed), narrowed
+    ref = whole_volume(path, vol, multiple=16)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
 @pytest.mark.parametrize("count", [2, 3])
 def test_a_skewed_plan_counts_the_calls_its_bands_make(tmp_path, monkeypatch, count):
     """The planner charges bands for their segment calls (setup.BAND_CALL_S each, beyond one band's): the calls it

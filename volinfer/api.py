@@ -272,7 +272,7 @@ def _resolve(run: _Run) -> None:
     """Settings against the model and volume, the one pre-pass, frozen normalisation statistics, the verdict."""
     s = run.s
     run.setup = resolve(run.tm, run.source.shape, run.source.channels, s, overlap=run.overlap,
-                        normalizer=run.scan.normalizer)
+                        normalizer=run.scan.normalizer, stream=run.stream)
     run.scan.apply(run.setup)  # the pre-pass ran before planning (_scan_input)
     if run.stream is not None:
         if run.choice.norm_layers:

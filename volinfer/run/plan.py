@@ -330,7 +330,8 @@ def _plan_tiling(facts: Any, model_path: str | Path, s: Any, paths: Sequence[str
                        options=rt.compile_options(), compile=False)
     handle = _run_precision(handle, paths, s)
     planned = pipeline.plan(handle, facts.shape, s)
-    setup = resolve(planned.model, facts.shape, facts.channels, s, overlap=planned.overlap)
+    setup = resolve(planned.model, facts.shape, facts.channels, s, overlap=planned.overlap,
+                    stream=planned.choice.stream)
     return planned.model, planned.choice, setup
 
 

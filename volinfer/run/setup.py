@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -79,9 +79,10 @@ class RunSetup:
 
 
 def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = None, *,
-            overlap: Any = None, normalizer: Normalizer | None = None) -> RunSetup:
+            overlap: Any = None, normalizer: Normalizer | None = None, stream: Any = None) -> RunSetup:
     """Everything that follows from the run's settings (:class:`volinfer.run.settings.RunSettings`), the model's
-    stored settings and the volume's shape (no I/O). ``overlap``: the planned one, else the settings'.
+    stored settings and the volume's shape (no I/O). ``overlap``: the planned one, else the settings'. ``stream``:
+    the stream plan, if the run streams (its bands along y are the grid's y axis).
     ``normalizer``: the one the input scan fitted (:func:`scan_input`), else a new one."""
     s = settings or RunSettings()
     o = s.output
@@ -102,6 +103,8 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
         grid = TileGrid.build(shape, tm.tile, [tm.multiple] * 3, ov_vox, "crop" if stitch == "crop" else "blend")
     except GeometryError as e:
         raise VolinferError(str(e)) from None
+    if stream is not None:  # a stream's bands along y are its own (skewed bands need not be of equal width)
+        grid = replace(grid, axes=(grid.axes[0], stream.bands(shape[1], tm.multiple), grid.axes[2]))
     normalizer = normalizer or make_normalizer(tm, s, channels)
     return RunSetup(stitch, activation, spec, ov_vox, grid, normalizer, notes=[note] if note else [],
                     mirror=tuple(s.tiling.mirror))
@@ -601,7 +604,8 @@ def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any)
     voxels its bands evaluate (bands recompute their y margins) x :data:`STREAM_VOXEL_COST` x the per-voxel cost
     at the model's tile."""
     rows = plan.bands(shape[1], tm.multiple)
-    voxels = float(plan.padded[0]) * rows.count * rows.tile * plan.padded[2]
+    y_rows = plan.padded[1] if plan.skew is not None else rows.count * rows.tile  # skewed: every row once
+    voxels = float(plan.padded[0]) * y_rows * plan.padded[2]
     unit = 1.0 if voxel_cost is None else voxel_cost(float(np.prod(tm.tile)))
     cost = STREAM_VOXEL_COST * voxels * unit + plan.spill_cost(voxel_cost is not None)  # spill: disk traffic
     if plan.skew is not None:  # skewed bands: calls that copy in regions of their inputs

@@ -117,16 +117,42 @@ def plan_skewed(tm: TileModel, shape: tuple[int, int, int], precision: str, coun
     graph = graph or _whole_graph(tm, padded, precision)  # type: ignore[arg-type]
     n_out = graph.tensors[graph.output_key].shape[YAXIS]
     width = -(-n_out // count // m) * m if n_out >= count * m else m
-    betas = sorted({min(n_out, i * width) for i in range(count)} | {n_out})
-    cuts = cut_bands(graph, betas)
     step = max(m, stream.OUT_PLANES // m * m)
     rows = list(stream.plan_axis_crop(shape[2], step, m, 0).cores)
     sized = {} if sized is None else sized  # bands of the same shape (the middle ones) size alike
-    bands = [_band_plan(graph, cut, stream.takes(rows), spills, sized) for cut in cuts]
-    plan = stream.StreamPlan(graph, padded, width, 0, stream.READ_PLANES, step, rows, [], {}, 0.0,  # type: ignore
+    betas, bands = _balanced(graph, n_out, count, width, m, stream.takes(rows), spills, sized)
+    widest = max(b - a for a, b in zip(betas[:-1], betas[1:]))
+    plan = stream.StreamPlan(graph, padded, widest, 0, stream.READ_PLANES, step, rows, [], {}, 0.0,  # type: ignore
                              0.0, skew=SkewedBands(betas, bands, spills))
     _set_widest(plan, plan.skew)
     return plan
+
+
+def _balanced(graph: StreamGraph, n_out: int, count: int, width: int, m: int, takes: list[tuple[int, int]],
+              spills: int | None, sized: dict[Any, Any]) -> tuple[list[int], list[BandPlan]]:
+    """Band boundaries and plans: ``count`` bands of ``width`` output rows, the first ``shift`` rows narrower and the
+    last as much wider, ``shift`` the least multiple of ``m`` that makes the first band no larger in memory than the
+    others. (The first band computes every layer's rows from 0 up to its boundary, which lies ahead of the output's by
+    the layers' skew: at equal output rows it holds the most rows at the input's resolution; the last band the
+    fewest.) Raises ValueError when no shift gives bands wide enough for the network's halos."""
+    best: tuple[float, list[int], list[BandPlan]] | None = None
+    error: ValueError | None = None
+    for shift in range(0, width, m):
+        betas = sorted({0, n_out} | {min(n_out, i * width - shift) for i in range(1, count)})
+        try:
+            cuts = cut_bands(graph, betas)
+        except ValueError as e:  # a first band this narrow is too narrow for the halos
+            error = error or e
+            break
+        bands = [_band_plan(graph, cut, takes, spills, sized) for cut in cuts]
+        peak = max(b.memory_mb for b in bands)
+        if best is None or peak < best[0]:
+            best = (peak, betas, bands)
+        if len(bands) < 2 or bands[0].memory_mb <= max(b.memory_mb for b in bands[1:]):
+            break  # narrower first bands only widen the last one
+    if best is None:
+        raise error or ValueError("no bands")
+    return best[1], best[2]
 
 
 def _whole_graph(tm: TileModel, padded: tuple[int, int, int], precision: str) -> StreamGraph:
@@ -163,9 +189,28 @@ def _band_plan(graph: StreamGraph, cut: BandCut, takes: list[tuple[int, int]], s
     chosen = options if spills is None else options[:spills]
     if stream.SPILL == "never":
         chosen = []
-    spill = {o.key: o for o in chosen}
-    saved = sum(o.saved_bytes for o in chosen) / 2**20
+    rows = read_rows(g, cut)
+    spill = {o.key: _narrowed(o, g.tensors[o.key], rows) for o in chosen}
+    saved = sum(o.saved_bytes for o in spill.values()) / 2**20
     return BandPlan(cut, g, chunks, caps, buffers - saved, working, spill, 0)
+
+
+def read_rows(g: StreamGraph, cut: BandCut) -> dict[tuple[int, int], tuple[int, int]]:
+    """The rows ``[lo, hi)`` of its input's held rows each consumer (segment index, input j) reads in band ``cut``."""
+    return {(seg.index, j): (ic.lo, ic.hi) for seg, sc in zip(g.segments, cut.segments)
+            for j, ic in enumerate(sc.inputs)}
+
+
+def _narrowed(o: stream.Spill, ten: Any, rows: dict[tuple[int, int], tuple[int, int]]) -> stream.Spill:
+    """Spill option ``o`` writing only the rows its far consumers read (:meth:`volinfer.run.stream.SpilledBuffer.
+    narrow`): less disk, traffic and read-back window."""
+    narrow = stream.far_rows(ten, o.far, rows)
+    if narrow is None:
+        return o
+    f = (narrow[1] - narrow[0]) / ten.shape[YAXIS]
+    windows = sum(o.far.values()) * ten.plane_bytes
+    return replace(o, saved_bytes=o.saved_bytes + int(windows * (1 - f)), disk_bytes=int(o.disk_bytes * f),
+                   traffic_bytes=int(o.traffic_bytes * f))
 
 
 #: Tests: the planner streams in this many skewed bands (None: as its objective chooses).
@@ -289,8 +334,7 @@ def _hold_strips(run: stream.StreamRun, bp: BandPlan, strips: dict[str, PlaneFil
         f.settle()
         done = f.written // f.plane_bytes  # the planes the previous band computed: all its readers need
         run.bufs[key].hold_strip(f, cut.strip_rows(key), done, bp.chunks[g.producer[key]])
-    run.read_only({(seg.index, j): (ic.lo, ic.hi) for seg, sc in zip(g.segments, cut.segments)
-                   for j, ic in enumerate(sc.inputs)})
+    run.read_only(read_rows(g, cut))
 
 
 def _tap_strips(run: stream.StreamRun, bp: BandPlan, nxt: BandCut | None, store: PlaneStore) -> dict[str, PlaneFile]:

@@ -120,6 +120,10 @@ class PlaneBuffer:
             return self.arr[p: p + hi - lo]
         return np.concatenate((self.arr[p: self.capacity], self.arr[: p + hi - lo - self.capacity]))
 
+    def shape_for(self, who: Any) -> tuple[int, ...]:
+        """The shape of a plane :meth:`view` gives consumer ``who``."""
+        return self.plane_shape
+
     def release(self, lo: int) -> None:
         """Planes below ``lo`` are no longer needed."""
         self.lo = max(self.lo, min(lo, self.hi))
@@ -140,11 +144,24 @@ class SpilledBuffer(PlaneBuffer):
     (:class:`volinfer.io.plane_store.PlaneWindow`, read-ahead included). RAM: the ring and the windows, whatever the
     distance between producer and far consumers."""
 
-    def __init__(self, ten: StreamTensor, spill: "Spill", file: PlaneFile) -> None:
+    def __init__(self, ten: StreamTensor, spill: "Spill", store: PlaneStore) -> None:
         super().__init__(ten, spill.capacity, spill.mirror)
-        self.file = file
-        self.windows = {who: PlaneWindow(file, ten.plane_shape, ten.np_dtype, planes)
-                        for who, planes in spill.far.items()}
+        self.store, self.far, self.file_planes = store, spill.far, spill.file_planes
+        self.rows: tuple[int, int] | None = None  # see narrow
+        self._open(ten.plane_shape)
+
+    def _open(self, plane_shape: tuple[int, ...]) -> None:
+        self.file = self.store.open(int(np.prod(plane_shape)) * np.dtype(self.ten.np_dtype).itemsize, self.file_planes)
+        self.windows = {who: PlaneWindow(self.file, plane_shape, self.ten.np_dtype, planes)
+                        for who, planes in self.far.items()}
+
+    def narrow(self, rows: tuple[int, int]) -> None:
+        """Before any plane is written: only rows ``[lo, hi)`` of each plane (rows-first planes) go to disk, the rows
+        the far consumers read (skewed bands: a skip connection's decoder end reads its own band's rows, not the
+        rows the encoder computes ahead for the next band); far consumers then always read from disk."""
+        self.file.close()
+        self.rows = rows
+        self._open((rows[1] - rows[0], *self.plane_shape[1:]))
 
     def reserve(self, a: int, t: int) -> np.ndarray | None:
         self.file.settle()  # the ring's planes being written to disk stay as they are until written
@@ -154,10 +171,16 @@ class SpilledBuffer(PlaneBuffer):
         super().commit(a, t)
         assert self.arr is not None
         p = a % self.capacity
-        self.file.write_behind(a, self.arr[p: p + self.hi - a])
+        planes = self.arr[p: p + self.hi - a]
+        self.file.write_behind(a, planes if self.rows is None else planes[:, self.rows[0]: self.rows[1]])
+
+    def shape_for(self, who: Any) -> tuple[int, ...]:
+        if who in self.windows and self.rows is not None:
+            return (self.rows[1] - self.rows[0], *self.plane_shape[1:])
+        return self.plane_shape
 
     def view(self, lo: int, hi: int, who: Any = None) -> np.ndarray:
-        if lo < self.lo and who in self.windows:  # gone from the ring: from disk
+        if who in self.windows and (lo < self.lo or self.rows is not None):  # gone from the ring: from disk
             if hi > self.hi:
                 raise RuntimeError(f"planes [{lo}, {hi}) requested, {self.hi} written")
             return self.windows[who].get(lo, hi, self.hi)
@@ -228,8 +251,7 @@ class StreamRun:
                 raise RuntimeError(f"buffer of {k} holds {cap} planes, not whole chunks of {step}")
         self.bufs = {k: PlaneBuffer(t, *caps[k], allocate=self.compute) for k, t in graph.tensors.items()
                      if k not in spilled or store is None}
-        self.bufs.update({k: SpilledBuffer(graph.tensors[k], sp, store.open(graph.tensors[k].plane_bytes,
-                                                                             sp.file_planes))
+        self.bufs.update({k: SpilledBuffer(graph.tensors[k], sp, store)
                           for k, sp in spilled.items() if store is not None})
         self.held: dict[str, dict[tuple[int, int], int]] = {k: {} for k in graph.tensors}  # see plan_capacities
         self.read_rows: dict[tuple[int, int], tuple[int, int]] = {}  # see read_only
@@ -298,7 +320,7 @@ class StreamRun:
         buf = self.bufs[key]
         if lo >= 0 and hi <= buf.n:
             return buf.view(lo, hi, who)
-        scratch = np.full((hi - lo, *buf.plane_shape), _bits(pad, buf.ten), buf.ten.np_dtype)
+        scratch = np.full((hi - lo, *buf.shape_for(who)), _bits(pad, buf.ten), buf.ten.np_dtype)
         a, b = max(lo, 0), min(hi, buf.n)
         if b > a:
             scratch[a - lo: b - lo] = buf.view(a, b, who)
@@ -322,8 +344,16 @@ class StreamRun:
 
     def read_only(self, rows: dict[tuple[int, int], tuple[int, int]]) -> None:
         """Skewed bands: consumer (segment index, input j) reads only rows ``[lo, hi)`` of its input's planes (handed
-        to OpenVINO without a copy here: see :func:`_region`)."""
+        to OpenVINO without a copy here: see :func:`_region`). A spilled buffer writes to disk only the rows its far
+        consumers read (:meth:`SpilledBuffer.narrow`), which they then read at offset 0."""
         self.read_rows = dict(rows)
+        for buf in self.bufs.values():
+            narrow = far_rows(buf.ten, buf.far, rows) if isinstance(buf, SpilledBuffer) else None
+            if narrow is not None:
+                buf.narrow(narrow)
+                for who in buf.far:
+                    lo, hi = self.read_rows[who]
+                    self.read_rows[who] = (lo - narrow[0], hi - narrow[0])
 
     def tap(self, files: dict[str, PlaneFile],
             forms: dict[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> None:
@@ -452,6 +482,16 @@ class Spill:
     file_planes: int  # planes the spill file holds: a ring as long as the unspilled buffer (the farthest lag)
     disk_bytes: int  # the spill file's size
     traffic_bytes: int  # bytes written (every plane once) and read back (once per far consumer)
+
+
+def far_rows(ten: StreamTensor, far: Any, rows: dict[tuple[int, int], tuple[int, int]]) -> tuple[int, int] | None:
+    """The rows ``[lo, hi)`` of ``ten``'s planes its far consumers (``far``) read, by ``rows`` (skewed bands:
+    :meth:`StreamRun.read_only`), where they are fewer than the plane's rows and planes are stored rows-first (so
+    that each plane's rows are one piece of memory); else None."""
+    if not far or ten.order[2] != YAXIS or any(who not in rows for who in far):
+        return None
+    lo, hi = min(rows[who][0] for who in far), max(rows[who][1] for who in far)
+    return (lo, hi) if hi - lo < ten.shape[YAXIS] else None
 
 
 def _spill_option(ten: StreamTensor, cap: tuple[int, int], step: int, held: dict[tuple[int, int], int],
