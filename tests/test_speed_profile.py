@@ -182,20 +182,26 @@ def test_candidate_times_are_scaled_to_the_latency_measured_at_the_chosen_tile()
     weighed = [Tiling((64, 64, 64), (0, 0, 0), (2, 1, 1), 2 * 64**3, 100.0, 0, voxel_s=2e-6, cost=2 * 64**3 * 2e-6),
                Tiling((32, 64, 64), (0, 0, 0), (4, 1, 1), 4 * 32 * 64**2, 90.0, 1, voxel_s=4e-6,
                       cost=4 * 32 * 64**2 * 4e-6 * 1.5)]
-    stream = SimpleNamespace(padded=(128, 64, 64), band=40, out_planes=16, peak_mb=300.0, skew=None,
+    stream = SimpleNamespace(padded=(128, 64, 64), band=40, out_planes=16, peak_mb=300.0, skew=None, spill={},
                              bands=lambda size, m: SimpleNamespace(count=2, tile=40))
+    skewed = SimpleNamespace(padded=(128, 64, 64), band=24, out_planes=16, peak_mb=200.0, skew=object(),
+                             spill={"a": 1}, bands=lambda size, m: SimpleNamespace(count=3, tile=24))
     choice = SimpleNamespace(candidates=weighed, planned=weighed[0], stream=None, voxel_cost=lambda v: 2e-6,
-                             stream_option=(stream, 0.9))
+                             stream_option=(stream, 0.9), stream_alternatives=[(skewed, 1.1)])
     plan = Plan((64, 64, 64), 2, 300.0, time_s=5.0, inferences_per_tile=2, speed_source="measured")
     plan.candidates = _candidates(choice, (128, 64, 64), 4)
     _candidate_times(plan, choice)
     raw = {(64, 64, 64): 2 * 64**3 * 2e-6 * 2, (32, 64, 64): 4 * 32 * 64**2 * 4e-6 * 2.5,  # x (2 inferences per
-           (128, 40, 16): 0.9}  # tile + half a statistics pass); the stream's own cost as the planner gave it
+           (128, 40, 16): 0.9, (128, 24, 16): 1.1}  # tile + half a statistics pass); streams' own costs
     for c in plan.candidates:
         assert c["profile_time_s"] == pytest.approx(raw[tuple(c["tile"])], abs=0.051)
         assert c["time_s"] == pytest.approx(5.0 * raw[tuple(c["tile"])] / raw[(64, 64, 64)], abs=0.051)
     assert [c["chosen"] for c in plan.candidates if c["engine"] == "tiles" and c["tile"] == [64, 64, 64]] == [True]
-    assert [c["tiles"] for c in plan.candidates if c["engine"] == "stream"] == [2]
+    streams = [(c["tiles"], c["chosen"], c["evaluated_x"]) for c in plan.candidates if c["engine"] == "stream"]
+    assert streams == [(2, False, 1.25), (3, False, 1.0)]  # (skewed bands compute every row once)
+    from volinfer.run.plan import _candidate_line
+    line = next(_candidate_line(c) for c in plan.candidates if c["tiles"] == 3)
+    assert "layer stream in 3 skewed bands along y, 1 skip(s) spilled, 1.00x voxels evaluated" in line
     assert plan.speed_source.startswith("measured; times x")
 
 
@@ -276,10 +282,10 @@ def test_candidate_times_come_from_the_profile_when_a_stream_is_chosen():
     from volinfer.run.plan import Plan, _candidate_times, _candidates
 
     weighed = [Tiling((64, 64, 64), (0, 0, 0), (2, 1, 1), 2 * 64**3, 900.0, 0, voxel_s=2e-6, cost=2 * 64**3 * 2e-6)]
-    stream = SimpleNamespace(padded=(128, 64, 64), band=64, out_planes=16, peak_mb=300.0, skew=None,
+    stream = SimpleNamespace(padded=(128, 64, 64), band=64, out_planes=16, peak_mb=300.0, skew=None, spill={},
                              bands=lambda size, m: SimpleNamespace(count=1, tile=64))
     choice = SimpleNamespace(candidates=weighed, planned=None, stream=stream, voxel_cost=lambda v: 2e-6,
-                             stream_option=(stream, 0.7))
+                             stream_option=(stream, 0.7), stream_alternatives=[])
     plan = Plan((128, 64, 16), 1, 300.0, time_s=5.0, inferences_per_tile=1, speed_source="measured")
     plan.candidates = _candidates(choice, (128, 64, 64), 4)
     _candidate_times(plan, choice)

@@ -105,7 +105,8 @@ def _candidate_line(c: dict[str, Any]) -> str:
     when = "" if c.get("time_s") is None else f", predicted {c['time_s']:.1f} s"
     if c.get("engine") == "stream":
         kind = " skewed" if c.get("skewed") else ""
-        what = "layer stream" + ("" if c["tiles"] == 1 else f" in {c['tiles']}{kind} bands along y")
+        what = ("layer stream" + ("" if c["tiles"] == 1 else f" in {c['tiles']}{kind} bands along y")
+                + c.get("spilled", ""))
     else:
         what = f"tile {'x'.join(map(str, c['tile']))}: {c['tiles']} tiles"
     over = "" if c.get("within_budget", True) else "  [over the memory budget]"
@@ -375,14 +376,17 @@ def _candidates(choice: Any, shape: Sequence[int], multiple: int) -> list[dict[s
             "memory_mb": c.memory_mb, "norm_passes": c.norm_passes, "within_budget": c.within_budget,
             "chosen": not streams and c == choice.planned, "cost": c.cost, "voxel_s": c.voxel_s}
            for c in choice.candidates]
-    if choice.stream_option is not None:
-        sp, cost = choice.stream_option
-        rows = sp.bands(shape[1], multiple)
-        out.append({"engine": "stream", "tile": [sp.padded[0], sp.band, sp.out_planes], "tiles": rows.count,
-                    "evaluated_x": sp.padded[0] * rows.count * rows.tile * sp.padded[2] / vox,
-                    "memory_mb": round(sp.peak_mb, 1), "norm_passes": 0, "within_budget": True, "chosen": streams,
-                    "skewed": sp.skew is not None,
-                    "cost": cost, "voxel_s": choice.voxel_cost is not None})
+    if choice.stream_option is not None:  # the stream weighed against the tiling, and the other bands it weighed
+        weighed = [(*choice.stream_option, streams)] + [(sp, cost, False) for sp, cost in choice.stream_alternatives]
+        for sp, cost, chosen in weighed:
+            rows = sp.bands(shape[1], multiple)
+            y_rows = sp.padded[1] if sp.skew is not None else rows.count * rows.tile  # skewed: every row once
+            spilled = f", {len(sp.spill)} skip(s) spilled" if sp.spill else ""
+            out.append({"engine": "stream", "tile": [sp.padded[0], sp.band, sp.out_planes], "tiles": rows.count,
+                        "evaluated_x": sp.padded[0] * y_rows * sp.padded[2] / vox,
+                        "memory_mb": round(sp.peak_mb, 1), "norm_passes": 0, "within_budget": True,
+                        "chosen": chosen, "skewed": sp.skew is not None, "spilled": spilled,
+                        "cost": cost, "voxel_s": choice.voxel_cost is not None})
     return sorted(out, key=lambda c: c["cost"])
 
 

@@ -223,6 +223,7 @@ class TilingChoice:
     voxel_cost: Any = None  # the planner's per-voxel cost (planner_voxel_cost), None: constant
     planned: Tiling | None = None  # the tiling the planner chose (None: a fixed tile, or none fits)
     stream_option: Any = None  # (StreamPlan, predicted cost) weighed against ``planned``, chosen or not
+    stream_alternatives: list[Any] = field(default_factory=list)  # (StreamPlan, cost): other bands it beat
     tile_note: str | None = None  # the note saying which tile was planned (dropped when the run streams instead)
     probe_mb: float | None = None  # predicted peak of the largest receptive-field probe made while planning
     preferred: tuple[int, int, int] | None = None  # the model's own tile (clamped to the volume)
@@ -654,7 +655,9 @@ def _with_skewed_bands(tm: TileModel, shape: Sequence[int], choice: TilingChoice
         return plan
     cands = options + ([plan] if plan.peak_mb <= cap and not skewed_bands.FORCE_COUNT else [])
     best = leanest_near_fastest(cands, lambda p: stream_cost(tm, shape, p, choice.voxel_cost), lambda p: p.memory_mb)
-    best.peak_mb = fixed + best.memory_mb
+    for o in cands:
+        o.peak_mb = fixed + o.memory_mb
+    choice.stream_alternatives = [(o, stream_cost(tm, shape, o, choice.voxel_cost)) for o in cands if o is not best]
     return best
 
 

@@ -29,9 +29,10 @@ MIN_BAND_AREA = 512 * 512
 #: A band's memory besides what a whole cross-section's plan counts, per MB of rows assembled in its segment calls
 #: (regions of several planes and padding rows the anchor does not add itself, which OpenVINO copies in, and the
 #: slots its strip-holding tensors are computed into; the sum over segments, of which only some coexist): fitted to
-#: six runs of the reference U-Net, bf16, one process each, lean allocator: 1024x1024x64 in 4 and 8 bands,
-#: 2048x1024x48 in 4 and 8, 2048x2048x32 in 12 and 16 (measured 344-668 MB, predicted within 11 MB).
-ASSEMBLY_FACTOR = 0.65
+#: seven runs of the reference U-Net, bf16, one process each, volinfer's allocator, bands balanced (the widest a
+#: middle band): 2048³ in 4, 8 and 16 bands (measured 1107, 668, 467 MiB; predicted 1109, 668, 448),
+#: 2048x1024x48 in 4 and 8 (662, 444; 667, 447), 2048x2048x32 in 12 and 16 (526, 442; 525, 443).
+ASSEMBLY_FACTOR = 0.94
 #: A skewed band's segment calls take this much longer than a whole cross-section's per voxel (the regions copied
 #: in): inference 4.48 and 5.13 s in 4 and 8 bands against 4.62 s whole, 1024x1024x64 (one run each).
 SKEW_VOXEL_COST = 1.05
