@@ -278,7 +278,7 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     if choice.probe_mb is not None:  # the receptive-field probe runs before anything else: the larger peak counts
         _add_probe(plan, choice.probe_mb, tm, cost)
     if choice.stream is not None:
-        stream = next(c for c in plan.candidates if c["engine"] == "stream")
+        stream = next((c for c in plan.candidates if c["engine"] == "stream" and c["chosen"]), {})
         plan.engine, plan.stream = "stream", choice.stream.describe(facts.shape[1], tm.multiple)
         plan.stream_peak_mb, plan.stream_time_s = round(max(choice.stream.peak_mb, plan.probe_mb or 0.0), 1), \
             stream.get("time_s")
