@@ -201,6 +201,7 @@ def test_the_first_band_is_narrowed_to_the_others_memory(tmp_path, monkeypatch):
                                     skewed_bands.stream.takes(plan.rows), None, {})
     assert equal.memory_mb > plan.memory_mb  # equal bands: the first is the largest, and larger than any now
     assert plan.band == widths[2]  # (the run's output block holds the widest band)
+    assert f"in 3 skewed bands of {widths[0]}-{widths[2]} rows along y" in plan.describe(vol.shape[1], 16)
     out, rep = _skewed(vol, path, monkeypatch, 3, precision="f32")
     ref = whole_volume(path, vol, multiple=16)
     np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)

@@ -106,7 +106,7 @@ def _candidate_line(c: dict[str, Any]) -> str:
     if c.get("engine") == "stream":
         kind = " skewed" if c.get("skewed") else ""
         what = ("layer stream" + ("" if c["tiles"] == 1 else f" in {c['tiles']}{kind} bands along y")
-                + c.get("spilled", ""))
+                + (f", {c['spilled']} skip(s) spilled" if c.get("spilled") else ""))
     else:
         what = f"tile {'x'.join(map(str, c['tile']))}: {c['tiles']} tiles"
     over = "" if c.get("within_budget", True) else "  [over the memory budget]"
@@ -381,11 +381,10 @@ def _candidates(choice: Any, shape: Sequence[int], multiple: int) -> list[dict[s
         for sp, cost, chosen in weighed:
             rows = sp.bands(shape[1], multiple)
             y_rows = sp.padded[1] if sp.skew is not None else rows.count * rows.tile  # skewed: every row once
-            spilled = f", {len(sp.spill)} skip(s) spilled" if sp.spill else ""
             out.append({"engine": "stream", "tile": [sp.padded[0], sp.band, sp.out_planes], "tiles": rows.count,
                         "evaluated_x": sp.padded[0] * y_rows * sp.padded[2] / vox,
                         "memory_mb": round(sp.peak_mb, 1), "norm_passes": 0, "within_budget": True,
-                        "chosen": chosen, "skewed": sp.skew is not None, "spilled": spilled,
+                        "chosen": chosen, "skewed": sp.skew is not None, "spilled": len(sp.spill),
                         "cost": cost, "voxel_s": choice.voxel_cost is not None})
     return sorted(out, key=lambda c: c["cost"])
 

@@ -74,7 +74,7 @@ class RunReport:
         sx = "x".join(map(str, self.shape))
         if self.engine == "stream":
             where = (f"the whole {self.tile[0]}x{self.tile[1]} cross-section" if self.grid[1] == 1 else
-                     f"{self.grid[1]} bands of {self.tile[0]}x{self.tile[1]} along y")
+                     f"{self.grid[1]} bands of up to {self.tile[0]}x{self.tile[1]} along y")
             work = (f"engine      layer streaming along z: {self.tiles} segment calls, {self.grid[2]} rows of "
                     f"{self.tile[2]} output planes over {where}")
         else:

@@ -688,7 +688,9 @@ class StreamPlan:
         where = "" if ay.count == 1 else (f" in {ay.count} bands of {self.band} rows along y (margins {self.margin}, "
                                           f"{ay.count * ay.tile / size_y:.2f}x the rows evaluated)")
         if self.skew is not None:
-            where = (f" in {ay.count} skewed bands of {self.band} rows along y (each layer's rows computed once: "
+            widths = sorted({b - a for a, b in zip(self.skew.betas[:-1], self.skew.betas[1:])})
+            rows = f"{widths[0]}" if len(widths) == 1 else f"{widths[0]}-{widths[-1]}"
+            where = (f" in {ay.count} skewed bands of {rows} rows along y (each layer's rows computed once: "
                      f"{self.skew.strip_bytes / 2**20:.0f} MB of halo rows passed between bands through disk)")
         spilled = ("" if not self.spill else
                    f" ({len(self.spill)} skip connection(s) spilled to disk: {self.spill_saved_mb:.0f} MB of RAM "
