@@ -17,6 +17,7 @@ from volinfer.model import speed_profile as sp
 from volinfer.model.receptive_field import ReceptiveField
 from volinfer.model.settings import ModelSettings
 from volinfer.run.fidelity import TilingProblem, plan_exact
+from volinfer.run.stream import StreamPlan
 
 
 def _profile(points, precision="bf16", cpu="Test CPU", device="CPU"):
@@ -174,7 +175,7 @@ def test_plan_shows_each_candidates_predicted_time_and_the_cost_source(tmp_path)
 
 
 def test_candidate_times_are_scaled_to_the_latency_measured_at_the_chosen_tile():
-    from types import SimpleNamespace
+    from types import MethodType, SimpleNamespace
 
     from volinfer.run.fidelity import Tiling
     from volinfer.run.plan import Plan, _candidate_times, _candidates
@@ -186,6 +187,8 @@ def test_candidate_times_are_scaled_to_the_latency_measured_at_the_chosen_tile()
                              bands=lambda size, m: SimpleNamespace(count=2, tile=40))
     skewed = SimpleNamespace(padded=(128, 64, 64), band=24, out_planes=16, peak_mb=200.0, skew=object(),
                              spill={"a": 1}, bands=lambda size, m: SimpleNamespace(count=3, tile=24))
+    for ns in (stream, skewed):  # (the real plan's count of evaluated voxels)
+        ns.evaluated_voxels = MethodType(StreamPlan.evaluated_voxels, ns)
     choice = SimpleNamespace(candidates=weighed, planned=weighed[0], stream=None, voxel_cost=lambda v: 2e-6,
                              stream_option=(stream, 0.9), stream_alternatives=[(skewed, 1.1)])
     plan = Plan((64, 64, 64), 2, 300.0, time_s=5.0, inferences_per_tile=2, speed_source="measured")
@@ -276,7 +279,7 @@ if __name__ == "__main__":
 
 def test_candidate_times_come_from_the_profile_when_a_stream_is_chosen():
     """With a stream chosen no tiling is measured: every candidate (the stream too) shows the speed profile's time."""
-    from types import SimpleNamespace
+    from types import MethodType, SimpleNamespace
 
     from volinfer.run.fidelity import Tiling
     from volinfer.run.plan import Plan, _candidate_times, _candidates
@@ -284,6 +287,7 @@ def test_candidate_times_come_from_the_profile_when_a_stream_is_chosen():
     weighed = [Tiling((64, 64, 64), (0, 0, 0), (2, 1, 1), 2 * 64**3, 900.0, 0, voxel_s=2e-6, cost=2 * 64**3 * 2e-6)]
     stream = SimpleNamespace(padded=(128, 64, 64), band=64, out_planes=16, peak_mb=300.0, skew=None, spill={},
                              bands=lambda size, m: SimpleNamespace(count=1, tile=64))
+    stream.evaluated_voxels = MethodType(StreamPlan.evaluated_voxels, stream)
     choice = SimpleNamespace(candidates=weighed, planned=None, stream=stream, voxel_cost=lambda v: 2e-6,
                              stream_option=(stream, 0.7), stream_alternatives=[])
     plan = Plan((128, 64, 16), 1, 300.0, time_s=5.0, inferences_per_tile=1, speed_source="measured")

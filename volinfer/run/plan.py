@@ -379,10 +379,9 @@ def _candidates(choice: Any, shape: Sequence[int], multiple: int) -> list[dict[s
     if choice.stream_option is not None:  # the stream weighed against the tiling, and the other bands it weighed
         weighed = [(*choice.stream_option, streams)] + [(sp, cost, False) for sp, cost in choice.stream_alternatives]
         for sp, cost, chosen in weighed:
-            rows = sp.bands(shape[1], multiple)
-            y_rows = sp.padded[1] if sp.skew is not None else rows.count * rows.tile  # skewed: every row once
-            out.append({"engine": "stream", "tile": [sp.padded[0], sp.band, sp.out_planes], "tiles": rows.count,
-                        "evaluated_x": sp.padded[0] * y_rows * sp.padded[2] / vox,
+            out.append({"engine": "stream", "tile": [sp.padded[0], sp.band, sp.out_planes],
+                        "tiles": sp.bands(shape[1], multiple).count,
+                        "evaluated_x": sp.evaluated_voxels(shape[1], multiple) / vox,
                         "memory_mb": round(sp.peak_mb, 1), "norm_passes": 0, "within_budget": True,
                         "chosen": chosen, "skewed": sp.skew is not None, "spilled": len(sp.spill),
                         "cost": cost, "voxel_s": choice.voxel_cost is not None})

@@ -604,9 +604,7 @@ def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any)
     """A stream plan's predicted time in the tilings' units (:attr:`volinfer.run.fidelity.Tiling.cost`): the padded
     voxels its bands evaluate (bands recompute their y margins) x :data:`STREAM_VOXEL_COST` x the per-voxel cost
     at the model's tile."""
-    rows = plan.bands(shape[1], tm.multiple)
-    y_rows = plan.padded[1] if plan.skew is not None else rows.count * rows.tile  # skewed: every row once
-    voxels = float(plan.padded[0]) * y_rows * plan.padded[2]
+    voxels = plan.evaluated_voxels(shape[1], tm.multiple)
     unit = 1.0 if voxel_cost is None else voxel_cost(float(np.prod(tm.tile)))
     cost = STREAM_VOXEL_COST * voxels * unit + plan.spill_cost(voxel_cost is not None)  # spill: disk traffic
     if plan.skew is not None:  # skewed bands: calls that copy in regions of their inputs
@@ -654,10 +652,11 @@ def _with_skewed_bands(tm: TileModel, shape: Sequence[int], choice: TilingChoice
     if not options:
         return plan
     cands = options + ([plan] if plan.peak_mb <= cap and not skewed_bands.FORCE_COUNT else [])
-    best = leanest_near_fastest(cands, lambda p: stream_cost(tm, shape, p, choice.voxel_cost), lambda p: p.memory_mb)
+    weighed = [(o, stream_cost(tm, shape, o, choice.voxel_cost)) for o in cands]
+    best = leanest_near_fastest(weighed, lambda w: w[1], lambda w: w[0].memory_mb)[0]
     for o in cands:
         o.peak_mb = fixed + o.memory_mb
-    choice.stream_alternatives = [(o, stream_cost(tm, shape, o, choice.voxel_cost)) for o in cands if o is not best]
+    choice.stream_alternatives = [w for w in weighed if w[0] is not best]
     return best
 
 

@@ -682,6 +682,13 @@ class StreamPlan:
             return self.skew.axis(size_y)
         return plan_axis_crop(size_y, self.band, multiple, self.margin)
 
+    def evaluated_voxels(self, size_y: int, multiple: int) -> float:
+        """Voxels the plan evaluates, at the input's resolution: the padded volume's, with the y rows its bands
+        evaluate (bands with margins recompute theirs; skewed bands compute every row once)."""
+        rows = self.bands(size_y, multiple)
+        y_rows = self.padded[1] if self.skew is not None else rows.count * rows.tile
+        return float(self.padded[0]) * y_rows * self.padded[2]
+
     def describe(self, size_y: int, multiple: int) -> str:
         anchored = sum(1 for s in self.graph.segments if s.anchor is not None)
         ay = self.bands(size_y, multiple)
