@@ -6,6 +6,7 @@ window at a time, instead of being held in RAM.
   (:mod:`volinfer.portable`), never ``mmap`` (mapped pages would count as the process's resident memory);
 * :class:`PlaneWindow` — a consumer's planes read back into one reused array, refilled as far as it holds (read-ahead),
   the OS asked to fetch the next ones (``POSIX_FADV_WILLNEED``);
+* :class:`JoinedPlanes` — planes read back from two files side by side (a strip's rows, then a spill's);
 * :class:`PlaneStore` — a run's spill files (and, tagged, the statistics passes' checkpoints): in a directory beside the output, named after it and the owning process
   (``.<output>.volinfer-spill-<pid>-<n>``), deleted on close; on POSIX a file is unlinked as soon as it is open, so
   not even a SIGKILL leaves it behind, and :func:`remove_stale` deletes what a killed run left where that is not
@@ -163,6 +164,20 @@ class PlaneFile:
         self.seconds += time.perf_counter() - t0
         self.read_s += time.perf_counter() - t0
 
+    def read_part(self, first: int, out: np.ndarray, skip: int) -> None:
+        """Of planes ``first...``, the bytes from ``skip`` on into each plane of ``out`` (each plane contiguous,
+        e.g. the first rows of rows-first planes): a short read is an error."""
+        self.settle()
+        t0 = time.perf_counter()
+        for k in range(len(out)):
+            offset = ((first + k) % self.ring if self.ring else first + k) * self.plane_bytes + skip
+            got = portable.pread_into(self.fd, out[k], offset)
+            if got != out[k].nbytes:
+                raise OSError(f"spill file {self.path}: {got} of {out[k].nbytes} bytes read at plane {first + k}")
+        self.read_bytes += out.nbytes
+        self.seconds += time.perf_counter() - t0
+        self.read_s += time.perf_counter() - t0
+
     def will_need(self, first: int, count: int) -> None:
         """Ask the OS to start reading planes [first, first + count) (no-op where it cannot be asked)."""
         if count <= 0 or not hasattr(os, "posix_fadvise"):
@@ -214,6 +229,34 @@ class PlaneWindow:
             self.lo, self.hi = lo, end
             self.file.will_need(end, self.capacity)
         return self.arr[lo - self.lo: hi - self.lo]
+
+
+class JoinedPlanes:
+    """Planes read back from two files side by side (what a :class:`PlaneWindow` reads from in place of one
+    file): each plane's first ``head_rows`` rows from ``head`` (rows ``[skip, skip + head_rows)`` of its planes,
+    which it holds for planes below ``head_planes``; later ones read as zeros), the rest from ``tail``
+    (None: no rows). Skewed bands: a spilled skip connection's decoder end reads the rows of the previous band's
+    strip from the strip file, which holds them already, and only its own rows from the spill file."""
+
+    def __init__(self, head: PlaneFile, skip: int, head_rows: int, head_planes: int, tail: PlaneFile | None) -> None:
+        self.head, self.skip, self.head_rows, self.head_planes, self.tail = head, skip, head_rows, head_planes, tail
+
+    def read(self, first: int, out: np.ndarray) -> None:
+        """Planes ``first...`` into the contiguous array ``out`` (rows-first planes)."""
+        if not len(out):
+            return
+        n = max(0, min(len(out), self.head_planes - first))
+        row_bytes = out[0, 0].nbytes
+        if n:
+            self.head.read_part(first, out[:n, : self.head_rows], self.skip * row_bytes)
+        out[n:, : self.head_rows] = 0
+        if self.tail is not None:
+            for k in range(len(out)):  # (one plane at a time: each plane's own rows are one piece of memory)
+                self.tail.read(first + k, out[k: k + 1, self.head_rows:])
+
+    def will_need(self, first: int, count: int) -> None:
+        if self.tail is not None:
+            self.tail.will_need(first, count)
 
 
 class PlaneStore:

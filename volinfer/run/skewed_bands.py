@@ -191,7 +191,7 @@ def _band_plan(graph: StreamGraph, cut: BandCut, takes: list[tuple[int, int]], s
     if stream.SPILL == "never":
         chosen = []
     rows = read_rows(g, cut)
-    spill = {o.key: _narrowed(o, g.tensors[o.key], rows) for o in chosen}
+    spill = {o.key: _narrowed(o, g.tensors[o.key], rows, cut.strip_rows(o.key)) for o in chosen}
     saved = sum(o.saved_bytes for o in spill.values()) / 2**20
     return BandPlan(cut, g, chunks, caps, buffers - saved, working, spill, 0)
 
@@ -202,16 +202,19 @@ def read_rows(g: StreamGraph, cut: BandCut) -> dict[tuple[int, int], tuple[int, 
             for j, ic in enumerate(sc.inputs)}
 
 
-def _narrowed(o: stream.Spill, ten: Any, rows: dict[tuple[int, int], tuple[int, int]]) -> stream.Spill:
-    """Spill option ``o`` writing only the rows its far consumers read (:meth:`volinfer.run.stream.SpilledBuffer.
-    narrow`): less disk, traffic and read-back window."""
+def _narrowed(o: stream.Spill, ten: Any, rows: dict[tuple[int, int], tuple[int, int]], strip: int) -> stream.Spill:
+    """Spill option ``o`` writing only the rows its far consumers read, less those of the previous band's strip
+    (``strip`` rows), which they read from the strip's file (:meth:`volinfer.run.stream.SpilledBuffer.narrow`):
+    less disk, traffic and read-back window."""
     narrow = stream.far_rows(ten, o.far, rows)
     if narrow is None:
         return o
-    f = (narrow[1] - narrow[0]) / ten.shape[YAXIS]
+    lo, hi = narrow
+    read, written = (hi - lo) / ten.shape[YAXIS], (hi - min(hi, max(lo, strip))) / ten.shape[YAXIS]
     windows = sum(o.far.values()) * ten.plane_bytes
-    return replace(o, saved_bytes=o.saved_bytes + int(windows * (1 - f)), disk_bytes=int(o.disk_bytes * f),
-                   traffic_bytes=int(o.traffic_bytes * f))
+    planes = ten.n * ten.plane_bytes  # the whole tensor's bytes: written once, read once per far consumer
+    return replace(o, saved_bytes=o.saved_bytes + int(windows * (1 - read)), disk_bytes=int(o.disk_bytes * written),
+                   traffic_bytes=int(planes * (written + len(o.far) * read)))
 
 
 #: Tests: the planner streams in this many skewed bands (None: as its objective chooses).

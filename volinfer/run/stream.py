@@ -20,7 +20,7 @@ import numpy as np
 import openvino as ov
 from volinfer.progress import progress_bar
 
-from volinfer.io.plane_store import PlaneFile, PlaneStore, PlaneWindow, check_space, spill_location
+from volinfer.io.plane_store import JoinedPlanes, PlaneFile, PlaneStore, PlaneWindow, check_space, spill_location
 from volinfer.model.stream_graph import (YAXIS, NotStreamable, Segment, StreamGraph, StreamTensor, analyse,
                                          build_segment_model)
 from volinfer.model.tile_model import TileModel
@@ -148,20 +148,33 @@ class SpilledBuffer(PlaneBuffer):
         super().__init__(ten, spill.capacity, spill.mirror)
         self.store, self.far, self.file_planes = store, spill.far, spill.file_planes
         self.rows: tuple[int, int] | None = None  # see narrow
+        self.disk_rows: tuple[int, int] | None = None
         self._open(ten.plane_shape)
 
-    def _open(self, plane_shape: tuple[int, ...]) -> None:
-        self.file = self.store.open(int(np.prod(plane_shape)) * np.dtype(self.ten.np_dtype).itemsize, self.file_planes)
-        self.windows = {who: PlaneWindow(self.file, plane_shape, self.ten.np_dtype, planes)
+    def _open(self, disk_plane: tuple[int, ...], from_strip: tuple[int, int] = (0, 0)) -> None:
+        """The spill file, of planes ``disk_plane``; the far consumers' windows read rows ``from_strip`` (of the
+        rows they read, the first) from the strip's file, the rest from the spill file."""
+        self.file = self.store.open(int(np.prod(disk_plane)) * np.dtype(self.ten.np_dtype).itemsize, self.file_planes)
+        source: PlaneFile | JoinedPlanes = self.file
+        if from_strip[1] > from_strip[0]:
+            assert self.strip is not None
+            file, _, planes = self.strip
+            source = JoinedPlanes(file, from_strip[0], from_strip[1] - from_strip[0], planes,
+                                  self.file if disk_plane[0] else None)
+        self.windows = {who: PlaneWindow(source, self.shape_for(who), self.ten.np_dtype, planes)
                         for who, planes in self.far.items()}
 
     def narrow(self, rows: tuple[int, int]) -> None:
-        """Before any plane is written: only rows ``[lo, hi)`` of each plane (rows-first planes) go to disk, the rows
-        the far consumers read (skewed bands: a skip connection's decoder end reads its own band's rows, not the
-        rows the encoder computes ahead for the next band); far consumers then always read from disk."""
+        """Before any plane is written: far consumers read only rows ``[lo, hi)`` of each plane (rows-first planes;
+        skewed bands: a skip connection's decoder end reads its own band's rows, not the rows the encoder computes
+        ahead for the next band), and from disk. Only those rows go to disk; where the buffer holds the previous
+        band's strip (:meth:`PlaneBuffer.hold_strip`), the strip's rows among them are read from the strip's file,
+        which holds them already, and only the rows after them are written."""
         self.file.close()
-        self.rows = rows
-        self._open((rows[1] - rows[0], *self.plane_shape[1:]))
+        lo, hi = self.rows = rows
+        s = min(hi, max(lo, self.strip[1])) if self.strip is not None else lo  # [lo, s): the strip's rows
+        self.disk_rows = (s, hi)
+        self._open((hi - s, *self.plane_shape[1:]), (lo, s))
 
     def reserve(self, a: int, t: int) -> np.ndarray | None:
         self.file.settle()  # the ring's planes being written to disk stay as they are until written
@@ -172,10 +185,13 @@ class SpilledBuffer(PlaneBuffer):
         assert self.arr is not None
         p = a % self.capacity
         planes = self.arr[p: p + self.hi - a]
-        self.file.write_behind(a, planes if self.rows is None else planes[:, self.rows[0]: self.rows[1]])
+        if self.disk_rows is None:
+            self.file.write_behind(a, planes)
+        elif self.disk_rows[1] > self.disk_rows[0]:
+            self.file.write_behind(a, planes[:, self.disk_rows[0]: self.disk_rows[1]])
 
     def shape_for(self, who: Any) -> tuple[int, ...]:
-        if who in self.windows and self.rows is not None:
+        if who in self.far and self.rows is not None:
             return (self.rows[1] - self.rows[0], *self.plane_shape[1:])
         return self.plane_shape
 
