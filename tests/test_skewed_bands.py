@@ -210,7 +210,8 @@ def test_the_first_band_is_narrowed_to_the_others_memory(tmp_path, monkeypatch):
 def test_spilled_skips_write_only_the_rows_their_decoder_reads(tmp_path, monkeypatch):
     """A spilled skip connection in a band holds the previous band's strip and the rows its encoder computes ahead
     for the next band; its decoder end reads only its own band's rows: only those go to disk (less traffic, planned
-    as such), read back at offset 0 by the decoder. Still whole-volume inference."""
+    as such), read back at offset 0 by the decoder, the strip's rows among them from the strip's file (written once,
+    by the band before). Still whole-volume inference."""
     torch = pytest.importorskip("torch")
     from volinfer.bench.reference_unet import UNet3D
     from volinfer.run import stream
@@ -222,8 +223,8 @@ def test_spilled_skips_write_only_the_rows_their_decoder_reads(tmp_path, monkeyp
     narrowed, real = [], stream.SpilledBuffer.narrow
 
     def spy(buf, rows):
-        narrowed.append((buf.ten.shape[stream.YAXIS], rows))
         real(buf, rows)
+        narrowed.append((buf.ten.shape[stream.YAXIS], rows, buf.disk_rows))
 
     monkeypatch.setattr(stream.SpilledBuffer, "narrow", spy)
     plan = skewed_bands.plan_skewed(TileModel(path, compile=False), vol.shape, "f32", 3, None)
@@ -232,7 +233,8 @@ def test_spilled_skips_write_only_the_rows_their_decoder_reads(tmp_path, monkeyp
     assert any(o.traffic_bytes < full[o.key] * b.graph.tensors[o.key].plane_bytes
                for b in plan.skew.bands for o in b.spill.values()), "no spill planned narrowed"
     out, rep = _skewed(vol, path, monkeypatch, 3, precision="f32")
-    assert narrowed and all(hi - lo < held for held, (lo, hi) in narrowed), narrowed
+    assert narrowed and all(hi - lo < held for held, (lo, hi), _ in narrowed), narrowed
+    assert any(d0 > lo for _, (lo, _), (d0, _) in narrowed), "no strip rows read from the strip's file"
     ref = whole_volume(path, vol, multiple=16)
     np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 

@@ -325,6 +325,25 @@ def test_plane_file_writes_a_region_of_each_plane(tmp_path):
     store.close()
 
 
+def test_joined_planes_read_a_strips_rows_then_a_spills(tmp_path):
+    """A decoder's window over rows [1, 5) of rows-first planes: rows 1-2 from the strip's file (which holds rows
+    0-2 of planes 0-5 only: later planes' strip rows read as zeros), rows 3-4 from a ring spill file."""
+    store = PlaneStore(tmp_path, ".t", background=False)
+    planes = np.arange(9 * 6 * 2, dtype=np.uint16).reshape(9, 6, 2) + 1
+    strip = store.open(planes[0, :3].nbytes)
+    strip.write(0, planes[:6, :3])
+    spill = store.open(planes[0, 3:5].nbytes, ring=4)
+    win = PlaneWindow(plane_store.JoinedPlanes(strip, 1, 2, 6, spill), (4, 2), np.uint16, 3)
+    want = planes[:, 1:5].copy()
+    want[6:, :2] = 0
+    for a in range(9):  # the spill written a plane at a time, read one plane behind
+        spill.write(a, planes[a: a + 1, 3:5])
+        np.testing.assert_array_equal(win.get(max(0, a - 1), a + 1, a + 1), want[max(0, a - 1): a + 1])
+    only = PlaneWindow(plane_store.JoinedPlanes(strip, 0, 3, 6, None), (3, 2), np.uint16, 2)
+    np.testing.assert_array_equal(only.get(4, 6, 6), planes[4:6, :3])
+    store.close()
+
+
 def test_spill_location_names_files_after_the_output(tmp_path):
     d, prefix = spill_location(tmp_path / "x" / "out.nii.gz")
     assert d == tmp_path / "x" and prefix == ".out.nii.gz"
