@@ -255,6 +255,7 @@ class JoinedPlanes:
                 self.tail.read(first + k, out[k: k + 1, self.head_rows:])
 
     def will_need(self, first: int, count: int) -> None:
+        self.head.will_need(first, min(count, self.head_planes - first))
         if self.tail is not None:
             self.tail.will_need(first, count)
 
