@@ -334,3 +334,39 @@ def test_padded_pooling_at_band_edges(tmp_path, monkeypatch, count, rounding):
     out, _ = _skewed(vol, path, monkeypatch, count, precision="f32")
     ref = whole_volume(path, vol, multiple=2)
     np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_bands_release_the_input_rows_they_read(tmp_path, monkeypatch):
+    """Skewed bands read each input row once, but for the few rows the next band's first layer reads again: from a
+    .nii, what a band reads leaves the page cache right after, except what a later read needs again (nothing the
+    pre-pass reads is released); the output is unchanged."""
+    from volinfer import portable
+    from volinfer.io import reader
+
+    path = _saved(tmp_path, stream_unet(seed=3))
+    vol = _volume((21, 133, 26), seed=4)
+    src = tmp_path / "vol.nii"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(src))
+    events = []  # ("read", offset, bytes, read_once) and ("forget", offset, bytes), in order
+    read_exact = reader.StripChannel._read_exact
+
+    def spy_read(self, buf, offset):
+        read_exact(self, buf, offset)
+        events.append(("read", offset, buf.nbytes, self.read_once))
+
+    monkeypatch.setattr(reader.StripChannel, "_read_exact", spy_read)
+    monkeypatch.setattr(portable, "forget", lambda fd, offset, nbytes: events.append(("forget", offset, nbytes)))
+    mem, _ = _skewed(vol, path, monkeypatch, 3, precision="f32")
+    assert not events  # an array source has no pages to release
+    got, _ = _skewed(str(src), path, monkeypatch, 3, precision="f32")
+    np.testing.assert_array_equal(got, mem)
+    banded = [e for e in events if e[0] == "read" and e[3] is not None]
+    forgets = [(i, e) for i, e in enumerate(events) if e[0] == "forget"]
+    assert banded and len(forgets) == len(banded)
+    assert any(e[0] == "read" and e[3] is None for e in events)  # the pre-pass reads are kept
+    for i, (_, o, n) in forgets:
+        read = events[i - 1]
+        assert read[0] == "read" and read[1] == o and 0 < n < read[2]  # from the rows read, less the kept ones
+        again = [e for e in events[i + 1:] if e[0] == "read" and e[1] < o + n and o < e[1] + e[2]]
+        assert not again, f"bytes [{o}, {o + n}) released, then read again"
+    assert sum(n for _, (_, _, n) in forgets) > 0.8 * sum(e[2] for e in banded)

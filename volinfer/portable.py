@@ -101,6 +101,16 @@ def _write_at(fd: int, view: memoryview, offset: int) -> int:
         return os.write(fd, view)
 
 
+def forget(fd: int, offset: int, nbytes: int) -> None:
+    """Tell the OS the file's bytes [offset, offset + nbytes) will not be read again, so their cached pages go
+    first (``POSIX_FADV_DONTNEED``; nothing where that cannot be said). Only a hint: a later read still works."""
+    if nbytes > 0 and hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
 def _bytes_view(buf: Any) -> memoryview:
     view = memoryview(buf)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")

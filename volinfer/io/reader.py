@@ -143,6 +143,7 @@ class StripChannel:
         self._fd = portable.open_fd(stored.path, os.O_RDONLY)
         self._key: tuple[int, int, int, int] | None = None
         self._buf = np.empty((0, 0, stored.shape[0]), dtype=stored.dtype)  # (z, y, X)
+        self.read_once: int | None = None  # see VolumeSource.read_once
 
     def _load(self, y0: int, y1: int, z0: int, z1: int) -> np.ndarray:
         X, Y, _ = self.s.shape
@@ -152,7 +153,10 @@ class StripChannel:
         strip = self._buf[:nz, :ny]
         item = self.s.dtype.itemsize
         for k in range(nz):  # rows y0..y1 of one plane are contiguous on disk, and so is strip[k] in memory
-            self._read_exact(strip[k], self.s.offset + ((z0 + k) * Y + y0) * X * item)
+            at = self.s.offset + ((z0 + k) * Y + y0) * X * item
+            self._read_exact(strip[k], at)
+            if self.read_once is not None:  # (not needed again: its pages leave the cache first)
+                portable.forget(self._fd, at, max(0, ny - self.read_once) * X * item)
         if self.s.swap:
             strip.byteswap(inplace=True)
         return strip
@@ -319,6 +323,17 @@ class VolumeSource:
     @property
     def channels(self) -> int:
         return len(self.readers)
+
+    def read_once(self, kept: int | None) -> None:
+        """From now on each region read from an uncompressed file is read only once, but for its last ``kept`` rows
+        along y (None: reads as before). Skewed bands read their own input rows band after band, the next band
+        again only the few rows its first layer's halo needs: the rest leave the page cache as soon as they are read,
+        instead of crowding out what the run reads back soon (the strips and spilled planes a band writes; at 2048³
+        the input alone is 16 GiB)."""
+        for r in self.readers:
+            r = getattr(r, "inner", r)
+            if isinstance(r, StripChannel):
+                r.read_once = kept
 
     @property
     def stored_depth(self) -> int:

@@ -281,6 +281,10 @@ def run_skewed(source: Any, model: TileModel, plan: stream.StreamPlan, job: Tile
         stream.prepare_spill(plan, None)
     assert plan.spill_at is not None
     store = PlaneStore(*plan.spill_at)  # strips and spilled skip connections
+    once = getattr(source, "read_once", None)  # each band reads its own input rows, once
+    if once is not None:
+        key = bands[0].graph.input_key
+        once(max([0] + [a.cut.own[key][1] - b.cut.own[key][0] for a, b in zip(bands, bands[1:])]))
     bar = progress_bar(len(cores) * len(bands), "volinfer", "slab", disable=not rows.progress)
     busy, calls, run = 0.0, 0, None
     strips: dict[str, PlaneFile] = {}  # the previous band's strips, by tensor
@@ -309,6 +313,8 @@ def run_skewed(source: Any, model: TileModel, plan: stream.StreamPlan, job: Tile
                 f.close()
             strips = made
     finally:
+        if once is not None:
+            once(None)
         bar.close()
         if run is not None:
             run.close()
