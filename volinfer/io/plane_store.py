@@ -154,27 +154,23 @@ class PlaneFile:
 
     def read(self, first: int, out: np.ndarray) -> None:
         """Planes ``first...`` into the contiguous array ``out`` (all of them: a short read is an error)."""
-        self.settle()
-        t0 = time.perf_counter()
-        for offset, i, n in self._pieces(first, len(out)):
-            got = portable.pread_into(self.fd, out[i: i + n], offset)
-            if got != out[i: i + n].nbytes:
-                raise OSError(f"spill file {self.path}: {got} of {out[i: i + n].nbytes} bytes read at plane {first}")
-        self.read_bytes += out.nbytes
-        self.seconds += time.perf_counter() - t0
-        self.read_s += time.perf_counter() - t0
+        self._read([(offset, out[i: i + n], first) for offset, i, n in self._pieces(first, len(out))], out.nbytes)
 
     def read_part(self, first: int, out: np.ndarray, skip: int) -> None:
         """Of planes ``first...``, the bytes from ``skip`` on into each plane of ``out`` (each plane contiguous,
         e.g. the first rows of rows-first planes): a short read is an error."""
+        self._read([(self._pieces(first + k, 1)[0][0] + skip, out[k], first + k) for k in range(len(out))],
+                   out.nbytes)
+
+    def _read(self, pieces: list[tuple[int, np.ndarray, int]], nbytes: int) -> None:
+        """Each (byte offset, contiguous destination, plane it starts at) read whole, after the write in flight."""
         self.settle()
         t0 = time.perf_counter()
-        for k in range(len(out)):
-            offset = ((first + k) % self.ring if self.ring else first + k) * self.plane_bytes + skip
-            got = portable.pread_into(self.fd, out[k], offset)
-            if got != out[k].nbytes:
-                raise OSError(f"spill file {self.path}: {got} of {out[k].nbytes} bytes read at plane {first + k}")
-        self.read_bytes += out.nbytes
+        for offset, buf, plane in pieces:
+            got = portable.pread_into(self.fd, buf, offset)
+            if got != buf.nbytes:
+                raise OSError(f"spill file {self.path}: {got} of {buf.nbytes} bytes read at plane {plane}")
+        self.read_bytes += nbytes
         self.seconds += time.perf_counter() - t0
         self.read_s += time.perf_counter() - t0
 
