@@ -163,7 +163,7 @@ def test_zarr_run_plans_within_max_memory(tmp_path):
     from models import save_unet2
 
     from volinfer.run.distributed import run_zarr
-    from volinfer.run.plan import _plan_tiling, volume_facts
+    from volinfer.run.plan import _handle, _plan_tiling, volume_facts
     from volinfer.run.settings import RunSettings
 
     xml = save_unet2(tmp_path / "m.xml")
@@ -174,7 +174,7 @@ def test_zarr_run_plans_within_max_memory(tmp_path):
         rep = run_zarr(tmp_path / "in.zarr", xml, tmp_path / f"o{budget}.zarr", kind="raw", max_memory_mb=budget,
                        block=64)
         s = RunSettings.from_kwargs(None, max_memory_mb=budget, norm_stats="tile")
-        tm, _, _ = _plan_tiling(volume_facts([tmp_path / "in.zarr"]), xml, s)
+        tm, _, _ = _plan_tiling(_handle(xml, s), volume_facts([tmp_path / "in.zarr"]), s)
         assert rep.tile == tm.tile
         tiles[budget] = np.prod(rep.tile)
     assert tiles[160.0] < tiles[None]

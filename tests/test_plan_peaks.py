@@ -28,6 +28,15 @@ def model(tmp_path_factory):
     return tmp, tmp / "m.xml"
 
 
+def _volume(tmp):
+    vol = tmp / "v.nii"
+    if not vol.exists():
+        # large enough that the plan's variable part dominates the ~10 MB the runtime's own floor varies by
+        data = np.random.default_rng(0).standard_normal((160, 152, 128)).astype(np.float32)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(vol))
+    return vol
+
+
 def _measured(vol, xml, out, *extra):
     return measured_run([vol, "-m", xml, "-o", out, "--overwrite", *extra], out.with_suffix(".hwm"))
 
@@ -38,11 +47,7 @@ def test_plan_predicts_the_measured_peak_within_20_percent(model, engine, precis
     if precision == "bf16" and native_reduced(ov.Core(), "CPU") != "bf16":
         pytest.skip("this CPU has no native bf16")
     tmp, xml = model
-    vol = tmp / "v.nii"
-    if not vol.exists():
-        # large enough that the plan's variable part dominates the ~10 MB the runtime's own floor varies by
-        data = np.random.default_rng(0).standard_normal((160, 152, 128)).astype(np.float32)
-        nib.save(nib.Nifti1Image(data, np.eye(4)), str(vol))
+    vol = _volume(tmp)
     plan = plan_run([vol], xml, engine=engine, precision=precision)
     assert plan.engine == engine
     # planning a stream compiles no tile as large as the budget allows: the model is measured at its own tile
@@ -69,3 +74,30 @@ def test_the_precision_guard_decides_before_planning(model):
     peak, rep = _measured(vol, xml, tmp / "raw_out.nii", "--engine", "stream")
     assert rep["precision"] == "f32" and any("not verified for this input" in n for n in rep["notes"])
     assert abs(auto.stream_peak_mb - peak) <= 0.2 * peak, (auto.stream_peak_mb, peak)
+
+
+@pytest.mark.parametrize("budget", [None, 180.0])
+def test_a_streamed_plan_shows_the_tiling_engine_tiles_would_run(model, budget):
+    """Where the run streams, the plan's tile figures (and its "with --engine tiles" lines) are the tiling `--engine
+    tiles` plans, exact or not as that run would say, not the stream's bands read as tiles."""
+    tmp, xml = model
+    vol = _volume(tmp)
+    streamed = plan_run([vol], xml, engine="stream", precision="f32", max_memory_mb=budget)
+    tiled = plan_run([vol], xml, engine="tiles", precision="f32", max_memory_mb=budget)
+    assert streamed.engine == "stream" and tiled.engine == "tiles" and streamed.tiles_refused is None
+    assert (streamed.tile, streamed.tiles, streamed.exact, streamed.not_exact) == \
+        (tiled.tile, tiled.tiles, tiled.exact, tiled.not_exact)
+    assert streamed.tile[0] < 160 or streamed.tile[2] > 16, streamed.tile  # not a band of whole rows, 16 planes deep
+    text = streamed.summary()
+    assert f"  with --engine tiles:\ntile {'x'.join(map(str, tiled.tile))}: {tiled.tiles} tiles" in text, text
+    # the candidates are the weighing the streamed run did: the chosen one is the stream
+    assert [c["engine"] for c in streamed.candidates if c["chosen"]] == ["stream"]
+
+
+def test_a_plan_says_when_engine_tiles_would_be_refused():
+    from volinfer.run.plan import Plan
+
+    plan = Plan(tile=(64, 32, 16), tiles=0, peak_rss_mb=0.0, time_s=0.0, engine="stream", stream="layer streaming",
+                stream_peak_mb=300.0, tiles_refused="--max-memory 200 MB is too small: the smallest tile needs 250 MB")
+    text = plan.summary()
+    assert "with --engine tiles: refused (--max-memory 200 MB is too small" in text and "\ntile " not in text, text

@@ -67,6 +67,7 @@ class Plan:
     budget_mb: float | None = None  # the memory budget the planner chose within (--max-memory, else the default)
     probe_mb: float | None = None  # predicted peak of the run-time receptive-field probe (none stored in the model)
     measured_tile: list[int] | None = None  # where the model was measured (a streamed run's tiling: estimated from it)
+    tiles_refused: str | None = None  # a streamed run's --engine tiles would be refused: why (no tile figures then)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,9 +78,21 @@ class Plan:
         if self.stream:
             when = "" if self.stream_time_s is None else f", about {self.stream_time_s:.0f} s"
             lines += [f"engine: {self.stream}; predicted peak RSS {self.stream_peak_mb:.0f} MB{when}",
-                      "  with --engine tiles:"]
-        lines += [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
-                  f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s"]
+                      "  with --engine tiles:" + (f" refused ({self.tiles_refused})" if self.tiles_refused else "")]
+        if not self.tiles_refused:
+            lines += self._tile_lines(parts)
+        if self.candidates:
+            budget = f" within {self.budget_mb:.0f} MB" if self.budget_mb else ""
+            lines.append(f"  candidates weighed (least predicted time{budget}; within 10% of it, the leanest):")
+            if self.speed_source:
+                lines.append(f"  per-voxel cost: {self.speed_source}")
+        lines += [_candidate_line(c) for c in self.candidates]
+        return "\n".join(lines)
+
+    def _tile_lines(self, parts: str) -> list[str]:
+        """The tiling's own lines: tiles, peak and time, how the model was measured, extra passes, the verdict."""
+        lines = [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
+                 f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s"]
         if self.measured_tile and tuple(self.measured_tile) != tuple(self.tile):
             lines.append(f"  (model figures estimated from its measurement at tile "
                          f"{'x'.join(map(str, self.measured_tile))})")
@@ -90,13 +103,7 @@ class Plan:
         if self.exact is not None:
             lines.append("  " + (self.exact_meaning or "exact") if self.exact
                          else "  not exact: " + "; ".join(self.not_exact))
-        if self.candidates:
-            budget = f" within {self.budget_mb:.0f} MB" if self.budget_mb else ""
-            lines.append(f"  candidates weighed (least predicted time{budget}; within 10% of it, the leanest):")
-            if self.speed_source:
-                lines.append(f"  per-voxel cost: {self.speed_source}")
-        lines += [_candidate_line(c) for c in self.candidates]
-        return "\n".join(lines)
+        return lines
 
 
 def _candidate_line(c: dict[str, Any]) -> str:
@@ -265,19 +272,19 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     if s.tiling.norm_stats is None and any(is_zarr(p) for p in paths):
         s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr (block-wise) runs use: see volinfer.run.distributed
     facts = volume_facts(paths)
-    tm, choice, setup = _plan_tiling(facts, model_path, s, paths)
-    opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
-    opts["precision"] = tm.options.precision  # f32 where the run's precision guard will choose it
-    parts = engine_buffers_mb(setup, facts, tm.out_channels, s.runtime.requests)
-    # a request that never runs a tile never gets its output tensors: a grid of fewer tiles uses fewer requests
-    requests = max(1, min(s.runtime.requests, len(setup.grid)))
-    cost, measured_at = _model_cost(model_path, tm, choice, s, (opts, requests))
-    plan = make_plan(setup.grid, cost, parts)
-    plan.measured_tile = list(measured_at)
-    plan = _finish_plan(plan, facts, (tm, choice), setup, s)
-    if choice.probe_mb is not None:  # the receptive-field probe runs before anything else: the larger peak counts
-        _add_probe(plan, choice.probe_mb, tm, cost)
-    if choice.stream is not None:
+    handle = _run_precision(_handle(model_path, s), paths, s)
+    tm, choice, setup = _plan_tiling(handle, facts, s)
+    if choice.stream is None:
+        plan = _tiles_plan(model_path, facts, (tm, choice, setup), s, estimate=False)
+    else:  # the tile figures say what --engine tiles would run: the tiling the tiles engine plans, not the bands
+        tiles = RunSettings.from_kwargs(s, engine="tiles")
+        try:
+            plan = _tiles_plan(model_path, facts, _plan_tiling(handle, facts, tiles), tiles, estimate=True)
+        except VolinferError as e:  # no tiling fits the budget: the stream is the only plan
+            plan = Plan(tile=tuple(setup.grid.tile_shape), tiles=0, peak_rss_mb=0.0, time_s=0.0, tiles_refused=str(e))
+        plan.speed_source, plan.budget_mb = choice.speed_source, choice.budget_mb
+        plan.candidates = _candidates(choice, facts.shape, tm.multiple)  # the weighing --engine auto/stream did
+        _candidate_times(plan, choice)
         stream = next((c for c in plan.candidates if c["engine"] == "stream" and c["chosen"]), {})
         plan.engine, plan.stream = "stream", choice.stream.describe(facts.shape[1], tm.multiple)
         plan.stream_peak_mb, plan.stream_time_s = round(max(choice.stream.peak_mb, plan.probe_mb or 0.0), 1), \
@@ -289,16 +296,36 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     return plan
 
 
-def _model_cost(model_path: str | Path, tm: Any, choice: Any, s: Any, how: tuple[dict[str, Any], int]
-                ) -> tuple[ModelCost, tuple[int, ...]]:
+def _tiles_plan(model_path: str | Path, facts: Any, planned: tuple[Any, Any, Any], s: Any, estimate: bool) -> Plan:
+    """The tile engine's plan for ``planned`` (tile model, planner's choice, setup): its model cost measured in a
+    probe process, the engine's buffers, the verdict and the weighed candidates. ``estimate``: the run streams, so the
+    tiling is only what ``--engine tiles`` would run: the model is measured at its own tile, never compiled as large
+    as the budget allows (:func:`_model_cost`)."""
+    tm, choice, setup = planned
+    opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
+    opts["precision"] = tm.options.precision  # f32 where the run's precision guard will choose it
+    parts = engine_buffers_mb(setup, facts, tm.out_channels, s.runtime.requests)
+    # a request that never runs a tile never gets its output tensors: a grid of fewer tiles uses fewer requests
+    requests = max(1, min(s.runtime.requests, len(setup.grid)))
+    cost, measured_at = _model_cost(model_path, tm, choice, s, (opts, requests), estimate)
+    plan = make_plan(setup.grid, cost, parts)
+    plan.measured_tile = list(measured_at)
+    plan = _finish_plan(plan, facts, (tm, choice), setup, s)
+    if choice.probe_mb is not None:  # the receptive-field probe runs before anything else: the larger peak counts
+        _add_probe(plan, choice.probe_mb, tm, cost)
+    return plan
+
+
+def _model_cost(model_path: str | Path, tm: Any, choice: Any, s: Any, how: tuple[dict[str, Any], int],
+                estimate: bool) -> tuple[ModelCost, tuple[int, ...]]:
     """The model's cost at the planned tile, measured in a probe process (``how``: compile options, requests), and
-    the tile it was measured at. When the run streams, the tiling is only what ``--engine tiles`` would run: the
+    the tile it was measured at. With ``estimate`` (the run streams) the tiling is only what ``--engine tiles`` would run: the
     model is measured at its own, smaller tile and the planned tile's figures estimated from it (memory: the
     measurement plus the planner's estimate of the difference; latency: scaled by voxels x per-voxel cost), so that
     planning a stream never compiles a tile as large as the budget allows."""
     opts, requests = how
     at = tuple(choice.preferred or tm.tile)
-    if choice.stream is None or np.prod(at) >= np.prod(tm.tile):
+    if not estimate or np.prod(at) >= np.prod(tm.tile):
         at = tuple(tm.tile)
     cost = measure_model(model_path, at, s.runtime.layout, s.runtime.model_output, opts, requests)
     if at == tuple(tm.tile):
@@ -322,14 +349,16 @@ def _add_probe(plan: Plan, probe_mb: float, tm: Any, cost: ModelCost) -> None:
     plan.probe_mb = probe
 
 
-def _plan_tiling(facts: Any, model_path: str | Path, s: Any, paths: Sequence[str | Path] = ()) -> tuple[Any, Any, Any]:
-    """The run's own plan (:func:`volinfer.run.pipeline.plan`) and settings resolution, on the volume's facts, in
-    the precision the run will use (``paths``: the input, read once when ``--precision auto``'s choice depends on
-    its values)."""
+def _handle(model_path: str | Path, s: Any) -> TileModel:
+    """The model as the run opens it (not compiled)."""
     t, rt = s.tiling, s.runtime
-    handle = TileModel(model_path, tile=t.tile, layout=rt.layout, output=rt.model_output,
-                       options=rt.compile_options(), compile=False)
-    handle = _run_precision(handle, paths, s)
+    return TileModel(model_path, tile=t.tile, layout=rt.layout, output=rt.model_output, options=rt.compile_options(),
+                     compile=False)
+
+
+def _plan_tiling(handle: TileModel, facts: Any, s: Any) -> tuple[Any, Any, Any]:
+    """The run's own plan (:func:`volinfer.run.pipeline.plan`) and settings resolution, on the volume's facts, for
+    ``handle`` in the precision the run will use (:func:`_run_precision`)."""
     planned = pipeline.plan(handle, facts.shape, s)
     setup = resolve(planned.model, facts.shape, facts.channels, s, overlap=planned.overlap,
                     stream=planned.choice.stream)
