@@ -84,7 +84,7 @@ def test_a_streamed_plan_shows_the_tiling_engine_tiles_would_run(model, budget):
     vol = _volume(tmp)
     streamed = plan_run([vol], xml, engine="stream", precision="f32", max_memory_mb=budget)
     tiled = plan_run([vol], xml, engine="tiles", precision="f32", max_memory_mb=budget)
-    assert streamed.engine == "stream" and tiled.engine == "tiles" and streamed.tiles_refused is None
+    assert streamed.engine == "stream" and tiled.engine == "tiles" and streamed.tiles_unavailable is None
     assert (streamed.tile, streamed.tiles, streamed.exact, streamed.not_exact) == \
         (tiled.tile, tiled.tiles, tiled.exact, tiled.not_exact)
     assert streamed.tile[0] < 160 or streamed.tile[2] > 16, streamed.tile  # not a band of whole rows, 16 planes deep
@@ -94,10 +94,39 @@ def test_a_streamed_plan_shows_the_tiling_engine_tiles_would_run(model, budget):
     assert [c["engine"] for c in streamed.candidates if c["chosen"]] == ["stream"]
 
 
-def test_a_plan_says_when_engine_tiles_would_be_refused():
-    from volinfer.run.plan import Plan
+def test_a_streamed_plan_says_when_engine_tiles_would_be_refused(model, monkeypatch):
+    """Where `--engine tiles` would be refused (no tiling fits the budget), the streamed plan stands without tile
+    figures and says why; its stream, candidates and JSON are whole."""
+    from volinfer.errors import VolinferError
+    from volinfer.run import plan as plan_mod
 
-    plan = Plan(tile=(64, 32, 16), tiles=0, peak_rss_mb=0.0, time_s=0.0, engine="stream", stream="layer streaming",
-                stream_peak_mb=300.0, tiles_refused="--max-memory 200 MB is too small: the smallest tile needs 250 MB")
+    tmp, xml = model
+    vol = _volume(tmp)
+    real = plan_mod._plan_tiling
+
+    def refuse_tiles(handle, facts, s):
+        if s.tiling.engine == "tiles":
+            raise VolinferError("--max-memory 200 MB is too small: the smallest tile needs about 250 MB")
+        return real(handle, facts, s)
+
+    monkeypatch.setattr(plan_mod, "_plan_tiling", refuse_tiles)
+    plan = plan_run([vol], xml, engine="stream", precision="f32")
+    assert plan.engine == "stream" and plan.stream_peak_mb > 0 and plan.tiles == 0
     text = plan.summary()
     assert "with --engine tiles: refused (--max-memory 200 MB is too small" in text and "\ntile " not in text, text
+    assert [c["engine"] for c in plan.candidates if c["chosen"]] == ["stream"]
+    assert json.loads(json.dumps(plan.as_dict()))["tiles_unavailable"].startswith("refused")
+
+
+def test_a_streamed_plan_measures_the_receptive_field_once(tmp_path, monkeypatch):
+    """A model storing no receptive field: planning the stream and the tiling `--engine tiles` would run measures it
+    once (the measurement can compile growing probe tiles)."""
+    from volinfer.run import setup
+
+    ov.save_model(stream_unet(), str(tmp_path / "m.xml"))
+    vol = _volume(tmp_path)
+    calls = []
+    real = setup.measure_receptive_field
+    monkeypatch.setattr(setup, "measure_receptive_field", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plan = plan_run([vol], tmp_path / "m.xml", engine="stream", precision="f32")
+    assert plan.engine == "stream" and plan.tiles > 0 and len(calls) == 1, (plan.engine, plan.tiles, calls)

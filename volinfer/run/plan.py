@@ -25,13 +25,15 @@ from volinfer.io.sources import open_paths
 from volinfer.io.formats import is_zarr
 from volinfer.io.zarr_io import open_zarr_source
 from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
+from volinfer.model.settings import RT_KEY
 from volinfer.model.tile_model import TileModel
 from volinfer.run import pipeline
 from volinfer.run.norm_stats import waves
 from volinfer.run.normalize import percentile_step
 from volinfer.run.pipeline import open_source
 from volinfer.run.settings import RunSettings
-from volinfer.run.setup import guard_for, make_normalizer, needs_input_scan, needs_norm_passes, resolve, scan_input, verdict
+from volinfer.run.setup import (guard_for, make_normalizer, needs_input_scan, needs_norm_passes, resolve, scan_input,
+                                stored_receptive_field, verdict)
 from volinfer.tiling.geometry import TileGrid
 from volinfer.tiling.stitch import BlendStitcher
 
@@ -67,7 +69,7 @@ class Plan:
     budget_mb: float | None = None  # the memory budget the planner chose within (--max-memory, else the default)
     probe_mb: float | None = None  # predicted peak of the run-time receptive-field probe (none stored in the model)
     measured_tile: list[int] | None = None  # where the model was measured (a streamed run's tiling: estimated from it)
-    tiles_refused: str | None = None  # a streamed run's --engine tiles would be refused: why (no tile figures then)
+    tiles_unavailable: str | None = None  # a streamed plan without tile figures: why (--engine tiles refused, ...)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,8 +80,8 @@ class Plan:
         if self.stream:
             when = "" if self.stream_time_s is None else f", about {self.stream_time_s:.0f} s"
             lines += [f"engine: {self.stream}; predicted peak RSS {self.stream_peak_mb:.0f} MB{when}",
-                      "  with --engine tiles:" + (f" refused ({self.tiles_refused})" if self.tiles_refused else "")]
-        if not self.tiles_refused:
+                      "  with --engine tiles:" + (f" {self.tiles_unavailable}" if self.tiles_unavailable else "")]
+        if self.tiles_unavailable is None:
             lines += self._tile_lines(parts)
         if self.candidates:
             budget = f" within {self.budget_mb:.0f} MB" if self.budget_mb else ""
@@ -277,23 +279,48 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     if choice.stream is None:
         plan = _tiles_plan(model_path, facts, (tm, choice, setup), s, estimate=False)
     else:  # the tile figures say what --engine tiles would run: the tiling the tiles engine plans, not the bands
-        tiles = RunSettings.from_kwargs(s, engine="tiles")
-        try:
-            plan = _tiles_plan(model_path, facts, _plan_tiling(handle, facts, tiles), tiles, estimate=True)
-        except VolinferError as e:  # no tiling fits the budget: the stream is the only plan
-            plan = Plan(tile=tuple(setup.grid.tile_shape), tiles=0, peak_rss_mb=0.0, time_s=0.0, tiles_refused=str(e))
+        plan = _engine_tiles_plan(model_path, facts, handle, s, choice)
         plan.speed_source, plan.budget_mb = choice.speed_source, choice.budget_mb
         plan.candidates = _candidates(choice, facts.shape, tm.multiple)  # the weighing --engine auto/stream did
         _candidate_times(plan, choice)
         stream = next((c for c in plan.candidates if c["engine"] == "stream" and c["chosen"]), {})
         plan.engine, plan.stream = "stream", choice.stream.describe(facts.shape[1], tm.multiple)
-        plan.stream_peak_mb, plan.stream_time_s = round(max(choice.stream.peak_mb, plan.probe_mb or 0.0), 1), \
+        # the run-time receptive-field probe (a model storing none) runs first: the planner's estimate of its peak
+        plan.stream_peak_mb, plan.stream_time_s = round(max(choice.stream.peak_mb, choice.probe_mb or 0.0), 1), \
             stream.get("time_s")
         if choice.stream_passes:
             plan.stream += f"; after {choice.stream_passes} streamed normalisation-statistics pass(es)" + (
                 f" (checkpointed: at most {choice.stream_checkpoint_mb:.0f} MB of disk)"
                 if choice.stream_checkpoint_mb else "")
     return plan
+
+
+def _engine_tiles_plan(model_path: str | Path, facts: Any, handle: TileModel, s: Any, streamed: Any) -> Plan:
+    """For a streamed run (its planner's choice ``streamed``), the plan ``--engine tiles`` would run, planned as that
+    run plans it (the receptive field the stream's planning measured is not measured again); without tile figures
+    (``tiles_unavailable`` says why) when that run would be refused or its model cannot be measured."""
+    tiles = RunSettings.from_kwargs(s, engine="tiles")
+    try:
+        tm, choice, setup = _plan_tiling(_storing(handle, streamed.rf), facts, tiles)
+    except VolinferError as e:  # no tiling fits the budget: the stream is the only plan
+        return Plan(tile=(0, 0, 0), tiles=0, peak_rss_mb=0.0, time_s=0.0, tiles_unavailable=f"refused ({e})")
+    choice.probe_mb = streamed.probe_mb  # the run-time probe (of a model storing no receptive field) is the same
+    try:
+        return _tiles_plan(model_path, facts, (tm, choice, setup), tiles, estimate=True)
+    except Exception as e:  # the stream's plan stands without the alternative's figures
+        return Plan(tile=(0, 0, 0), tiles=0, peak_rss_mb=0.0, time_s=0.0,
+                    tiles_unavailable=f"not estimated ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+
+
+def _storing(handle: TileModel, rf: Any) -> TileModel:
+    """``handle`` storing the receptive field ``rf`` that planning measured (as `volinfer convert` stores one), so
+    that planning it again does not measure it again; ``handle`` itself when it stores one already."""
+    if rf is None or not rf.measured or stored_receptive_field(handle) is not None:
+        return handle
+    model = handle.model.clone()
+    model.set_rt_info(json.dumps(list(rf.radius)), [RT_KEY, "receptive_field"])
+    model.set_rt_info(json.dumps(bool(rf.bounded)), [RT_KEY, "receptive_field_bounded"])
+    return handle.at(handle.tile, model=model, compile=False)
 
 
 def _tiles_plan(model_path: str | Path, facts: Any, planned: tuple[Any, Any, Any], s: Any, estimate: bool) -> Plan:
@@ -431,7 +458,7 @@ def _candidate_times(plan: Plan, choice: Any) -> None:
     planned = choice.planned
     measured = next((c for c in plan.candidates if c["engine"] == "tiles" and planned is not None
                      and tuple(c["tile"]) == tuple(planned.tile) == tuple(plan.tile)), None)
-    scale = plan.time_s / measured["raw"] if measured is not None and measured["raw"] > 0 else None
+    scale = plan.time_s / measured["raw"] if measured is not None and measured["raw"] > 0 < plan.time_s else None
     if scale is not None and plan.speed_source:
         plan.speed_source += (f"; times x{scale:.3g} to match the latency measured now at tile "
                               f"{'x'.join(map(str, plan.measured_tile or plan.tile))}")
