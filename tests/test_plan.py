@@ -72,3 +72,18 @@ def test_plan_counts_normalisation_passes_of_a_model_with_instance_norm(tmp_path
     nib.save(nib.Nifti1Image(np.zeros((40, 36, 30), np.float32), np.eye(4)), str(tmp_path / "v.nii"))
     plan = plan_run([tmp_path / "v.nii"], tmp_path / "mvn.xml", tile=16, overlap=4, stitch="crop")
     assert plan.tiles > 1 and plan.norm_passes == 1
+
+
+def test_a_plan_says_when_its_tiling_is_predicted_over_the_budget():
+    """The tiling planner counts the model at the tile; `volinfer plan` adds the engine's buffers (reader strip,
+    stitch strips: they span the volume's x axis). Where that total passes the budget the tiling was planned within,
+    the plan says so; and a sub-second run is not shown as "0 s"."""
+    from volinfer.run.plan import Plan
+
+    def plan(peak):
+        return Plan(tile=(256, 272, 272), tiles=7225, peak_rss_mb=peak, time_s=0.44, budget_mb=1192.0,
+                    parts_mb={"model (steady)": 1141.0, "reader": 144.0, "stitch": 75.0})
+
+    over, within = plan(1433.0).summary(), plan(1150.0).summary()
+    assert "over the 1192 MB budget it was planned within" in over and "about 0.4 s" in over, over
+    assert "over the" not in within, within

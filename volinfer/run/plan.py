@@ -78,7 +78,7 @@ class Plan:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in self.parts_mb.items() if v >= 0.5)
         lines = []
         if self.stream:
-            when = "" if self.stream_time_s is None else f", about {self.stream_time_s:.0f} s"
+            when = "" if self.stream_time_s is None else f", about {_seconds(self.stream_time_s)}"
             lines += [f"engine: {self.stream}; predicted peak RSS {self.stream_peak_mb:.0f} MB{when}",
                       "  with --engine tiles:" + (f" {self.tiles_unavailable}" if self.tiles_unavailable else "")]
         if self.tiles_unavailable is None:
@@ -94,7 +94,10 @@ class Plan:
     def _tile_lines(self, parts: str) -> list[str]:
         """The tiling's own lines: tiles, peak and time, how the model was measured, extra passes, the verdict."""
         lines = [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
-                 f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {self.time_s:.0f} s"]
+                 f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {_seconds(self.time_s)}"]
+        if self.budget_mb and self.peak_rss_mb > self.budget_mb:  # (see the README's Limitations)
+            lines.append(f"  over the {self.budget_mb:.0f} MB budget it was planned within: the planner counts the "
+                         f"model at the tile, not the engine's buffers listed here")
         if self.measured_tile and tuple(self.measured_tile) != tuple(self.tile):
             lines.append(f"  (model figures estimated from its measurement at tile "
                          f"{'x'.join(map(str, self.measured_tile))})")
@@ -106,6 +109,11 @@ class Plan:
             lines.append("  " + (self.exact_meaning or "exact") if self.exact
                          else "  not exact: " + "; ".join(self.not_exact))
         return lines
+
+
+def _seconds(s: float) -> str:
+    """A predicted time as `volinfer plan` prints it: tenths below 10 s (a one-tile run is often under a second)."""
+    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
 
 
 def _candidate_line(c: dict[str, Any]) -> str:
