@@ -163,7 +163,7 @@ def run(**params: Any) -> None:
               "inferences per tile, counted in the time.")
 @click.option("--engine", type=click.Choice(["auto", "tiles", "stream"]), default="auto", show_default=True,
               help="As for `run`: whether the run would stream layer by layer (the plan then says so and predicts "
-              "its peak; the tile figures apply to --engine tiles).")
+              "its peak and time; the tile figures are the tiling --engine tiles would run).")
 @click.option("--overlap", type=V.OVERLAP, help="As for `run`: " + V.OVERLAP_RULE + ". Default: stored in the "
               "model, else 2x its receptive field (crop) or 0.25.")
 @click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]),
