@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +25,6 @@ from volinfer.io.sources import open_paths
 from volinfer.io.formats import is_zarr
 from volinfer.io.zarr_io import open_zarr_source
 from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
-from volinfer.model.settings import RT_KEY
 from volinfer.model.tile_model import TileModel
 from volinfer.run import pipeline
 from volinfer.run.norm_stats import waves
@@ -288,9 +287,8 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
         plan = _tiles_plan(model_path, facts, (tm, choice, setup), s, estimate=False)
     else:  # the tile figures say what --engine tiles would run: the tiling the tiles engine plans, not the bands
         plan = _engine_tiles_plan(model_path, facts, handle, s, choice)
-        plan.speed_source, plan.budget_mb = choice.speed_source, choice.budget_mb
-        plan.candidates = _candidates(choice, facts.shape, tm.multiple)  # the weighing --engine auto/stream did
-        _candidate_times(plan, choice)
+    _weigh(plan, choice, facts.shape, tm.multiple)  # what the run itself weighed (with --engine auto: the stream too)
+    if choice.stream is not None:
         stream = next((c for c in plan.candidates if c["engine"] == "stream" and c["chosen"]), {})
         plan.engine, plan.stream = "stream", choice.stream.describe(facts.shape[1], tm.multiple)
         # the run-time receptive-field probe (a model storing none) runs first: the planner's estimate of its peak
@@ -311,13 +309,17 @@ def _engine_tiles_plan(model_path: str | Path, facts: Any, handle: TileModel, s:
     try:
         tm, choice, setup = _plan_tiling(_storing(handle, streamed.rf), facts, tiles)
     except VolinferError as e:  # no tiling fits the budget: the stream is the only plan
-        return Plan(tile=(0, 0, 0), tiles=0, peak_rss_mb=0.0, time_s=0.0, tiles_unavailable=f"refused ({e})")
+        return _no_tiles(f"refused ({e})")
     choice.probe_mb = streamed.probe_mb  # the run-time probe (of a model storing no receptive field) is the same
     try:
         return _tiles_plan(model_path, facts, (tm, choice, setup), tiles, estimate=True)
     except Exception as e:  # the stream's plan stands without the alternative's figures
-        return Plan(tile=(0, 0, 0), tiles=0, peak_rss_mb=0.0, time_s=0.0,
-                    tiles_unavailable=f"not estimated ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        return _no_tiles(f"not estimated ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+
+
+def _no_tiles(why: str) -> Plan:
+    """A streamed run's plan without tile figures (``why``: what ``--engine tiles`` would do instead)."""
+    return Plan(tile=(0, 0, 0), tiles=0, peak_rss_mb=0.0, time_s=0.0, tiles_unavailable=why)
 
 
 def _storing(handle: TileModel, rf: Any) -> TileModel:
@@ -326,8 +328,9 @@ def _storing(handle: TileModel, rf: Any) -> TileModel:
     if rf is None or not rf.measured or stored_receptive_field(handle) is not None:
         return handle
     model = handle.model.clone()
-    model.set_rt_info(json.dumps(list(rf.radius)), [RT_KEY, "receptive_field"])
-    model.set_rt_info(json.dumps(bool(rf.bounded)), [RT_KEY, "receptive_field_bounded"])
+    st = handle.settings
+    replace(st, receptive_field=list(rf.radius),
+            extra={**st.extra, "receptive_field_bounded": bool(rf.bounded)}).to_model(model)
     return handle.at(handle.tile, model=model, compile=False)
 
 
@@ -414,8 +417,8 @@ def _run_precision(handle: Any, paths: Sequence[str | Path], s: Any) -> Any:
 
 
 def _finish_plan(plan: Plan, facts: Any, planned: tuple[Any, Any], setup: Any, s: Any) -> Plan:
-    """Mirroring, normalisation-statistics passes, the fidelity verdict and the weighed tilings (``planned``: the
-    tile model and the planner's choice)."""
+    """Mirroring, normalisation-statistics passes and the fidelity verdict (``planned``: the tile model and the
+    planner's choice)."""
     tm, choice = planned
     # the same count the run reports: layers that do not depend on each other share a pass
     passes = len(waves(tm.model, choice.norm_layers)) if needs_norm_passes(setup, choice) else 0
@@ -425,10 +428,15 @@ def _finish_plan(plan: Plan, facts: Any, planned: tuple[Any, Any], setup: Any, s
     plan.time_s = round(plan.time_s * (plan.inferences_per_tile + 0.5 * passes), 1)
     plan.exact, plan.not_exact = fid.exact, fid.reasons
     plan.exact_meaning, plan.tiling_deviation = (fid.meaning, fid.deviation) if fid.exact else (None, None)
-    plan.candidates = _candidates(choice, facts.shape, tm.multiple)
+    return plan
+
+
+def _weigh(plan: Plan, choice: Any, shape: Sequence[int], multiple: int) -> None:
+    """The plans the run's planner weighed (``choice``), with their predicted times, and the budget and speed
+    source it weighed them by."""
+    plan.candidates = _candidates(choice, shape, multiple)
     plan.speed_source, plan.budget_mb = choice.speed_source, choice.budget_mb
     _candidate_times(plan, choice)
-    return plan
 
 
 def _candidates(choice: Any, shape: Sequence[int], multiple: int) -> list[dict[str, Any]]:
