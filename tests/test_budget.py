@@ -18,6 +18,7 @@ from test_resume import KILLER
 from volinfer import portable
 from volinfer.cli import main
 from volinfer.model import memory
+from volinfer.run.settings import TilingSettings
 
 
 def _cgroup(tmp_path, monkeypatch, lines, files):
@@ -123,7 +124,7 @@ def test_stream_and_tiles_are_weighed_by_the_same_objective(tmp_path, monkeypatc
     shape, chosen = (120, 120, 40), set()
     for budget in (4000.0, 210.0):
         tm = TileModel(tmp_path / "s.xml", compile=False)
-        choice = plan_tiling(tm, shape, stitch=None, overlap=None, max_memory_mb=budget, norm_stats=None)
+        choice = plan_tiling(tm, shape, TilingSettings(max_memory_mb=budget))
         choose_stream(tm, shape, choice, RunSettings.from_kwargs(None, max_memory_mb=budget))
         sp, cost = choice.stream_option
         assert cost == stream_cost(tm, shape, sp, choice.voxel_cost)
@@ -155,6 +156,31 @@ def test_receptive_field_probe_stays_within_max_memory(tmp_path):
                              tmp_path / "run.hwm")
     assert peak <= 400, peak
     assert rep["exact"] and any("measured now" in n for n in rep["notes"])
+
+
+def test_tiles_count_the_strips_that_span_the_volume(tmp_path):
+    """The reader's input strip and crop stitching's output strips span the whole x extent: on a long volume they
+    outweigh the model. The planner counted the model alone: 2400x52x44, 8 raw output channels, --max-memory 250M
+    peaked at ~352 MB; it now plans smaller tiles within the budget (~160 MB), still exact: equal to whole-volume
+    inference computed here, in f32."""
+    from models import tiny_unet
+
+    m = tiny_unet(out_ch=8, levels=2)
+    m.set_rt_info("4", ["volinfer", "size_multiple"])
+    m.set_rt_info("[10, 10, 10]", ["volinfer", "receptive_field"])
+    ov.save_model(m, str(tmp_path / "m.xml"))
+    v = np.random.default_rng(0).standard_normal((2400, 52, 44)).astype(np.float32)
+    nib.save(nib.Nifti1Image(v, np.eye(4)), str(tmp_path / "v.nii"))
+    peak, rep = measured_run([tmp_path / "v.nii", "-m", tmp_path / "m.xml", "-o", tmp_path / "o.nii", "--engine",
+                              "tiles", "--kind", "raw", "--precision", "f32", "--max-memory", "250M"],
+                             tmp_path / "run.hwm")
+    assert peak <= 250, (peak, rep["tile"])
+    assert rep["exact"] and rep["tiles"] > 16
+    whole = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(v[None, None])[0][0]  # (c, x, y, z)
+    out = np.asarray(nib.load(str(tmp_path / "o.nii")).dataobj)
+    # exact: crop margins cover the receptive field (each voxel beyond it moves the output by < 1e-5 of its range;
+    # summed, ~1.1e-4 of the range at 0.01% of voxels here); a misplaced core would be off by O(1)
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), whole, atol=1e-3 * float(np.ptp(whole)))
 
 
 def test_zarr_run_plans_within_max_memory(tmp_path):
@@ -240,8 +266,7 @@ def test_default_budget_refuses_only_what_the_machine_cannot_hold(tmp_path, monk
     xml = save_unet2(tmp_path / "m.xml", receptive_field="[10, 10, 10]")
 
     def plan(max_memory_mb=None):
-        return plan_tiling(TileModel(xml, compile=False), (60, 52, 44), stitch=None, overlap=None,
-                           max_memory_mb=max_memory_mb, norm_stats=None)
+        return plan_tiling(TileModel(xml, compile=False), (60, 52, 44), TilingSettings(max_memory_mb=max_memory_mb))
 
     monkeypatch.setattr(memory, "DEFAULT_MEMORY_FRACTION", 1e-6)  # a default budget of a few KB
     assert any("no exact tiling fits" in n for n in plan().notes)  # runs: the machine has the memory

@@ -75,9 +75,9 @@ def test_plan_counts_normalisation_passes_of_a_model_with_instance_norm(tmp_path
 
 
 def test_a_plan_says_when_its_tiling_is_predicted_over_the_budget():
-    """The tiling planner counts the model at the tile; `volinfer plan` adds the engine's buffers (reader strip,
-    stitch strips: they span the volume's x axis). Where that total passes the budget the tiling was planned within,
-    the plan says so; and a sub-second run is not shown as "0 s"."""
+    """The tiling planner estimates the model at the tile (and counts the engine's buffers); `volinfer plan` measures
+    the model. Where the measured total passes the budget the tiling was planned within, the plan says so; and a
+    sub-second run is not shown as "0 s"."""
     from volinfer.run.plan import Plan
 
     def plan(peak):

@@ -17,6 +17,7 @@ from volinfer.model import speed_profile as sp
 from volinfer.model.receptive_field import ReceptiveField
 from volinfer.model.settings import ModelSettings
 from volinfer.run.fidelity import TilingProblem, plan_exact
+from volinfer.run.settings import TilingSettings
 from volinfer.run.stream import StreamPlan
 
 
@@ -131,7 +132,7 @@ def _plan_tiling(tmp_path, profile, precision="f32"):
     path = tmp_path / "m.xml"
     ov.save_model(m, str(path))
     tm = TileModel(path, options=CompileOptions(precision=precision), compile=False)
-    return plan_tiling(tm, (61, 53, 47), stitch=None, overlap=None, max_memory_mb=200.0, norm_stats=None)
+    return plan_tiling(tm, (61, 53, 47), TilingSettings(max_memory_mb=200.0))
 
 
 def test_plan_tiling_uses_the_stored_profile_in_the_runs_precision_and_says_so(tmp_path):

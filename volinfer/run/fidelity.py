@@ -24,6 +24,7 @@ from volinfer.tiling.geometry import GeometryError, plan_axis_crop
 from volinfer.model.receptive_field import ReceptiveField
 from volinfer.model.tiling_check import describe as describe_deviation
 from volinfer.model.memory import RUNTIME_FLOOR_MB
+from volinfer.run.tile_buffers import TileBuffers
 
 #: Plans whose predicted times are within this fraction of the fastest count as equally fast: the leanest of them wins.
 LEANER_WITHIN = 0.10
@@ -116,9 +117,10 @@ class TilingProblem:
     """What the exact-tiling search plans for: the volume's ``shape``, the model's size ``multiple``, receptive
     field ``rf`` and own (``preferred``) tile, its memory (``mem_per_voxel`` of the tile, ``weights_mb``), the
     ``budget_mb``, its InstanceNorm/GroupNorm layers (``norm_layers``; ``whole_stats``: frozen to whole-volume
-    statistics, else per tile) and spatial reductions nothing freezes (``global_ops``), and the per-voxel cost at a
+    statistics, else per tile) and spatial reductions nothing freezes (``global_ops``), the per-voxel cost at a
     tile's voxel count (``voxel_cost``, seconds from the model's speed profile, see
-    :mod:`volinfer.model.speed_profile`; None: 1, the fewest evaluated voxels win)."""
+    :mod:`volinfer.model.speed_profile`; None: 1, the fewest evaluated voxels win), and the tiles engine's buffers
+    beside the model (``buffers``; None: the model alone, for runs whose buffers do not span the volume)."""
 
     shape: Sequence[int]
     multiple: int
@@ -131,6 +133,7 @@ class TilingProblem:
     global_ops: bool = False
     whole_stats: bool = True
     voxel_cost: Callable[[float], float] | None = None
+    buffers: TileBuffers | None = None
 
 
 def plan_exact(problem: TilingProblem, weighed: list[Tiling] | None = None) -> Tiling | None:
@@ -159,6 +162,9 @@ def plan_exact(problem: TilingProblem, weighed: list[Tiling] | None = None) -> T
                 passes = norm_layers if not single and norm_layers else 0
                 voxels = ox[0] * oy[0] * oz[0]
                 mem = RUNTIME_FLOOR_MB + weights_mb + mem_per_voxel * voxels / 2**20
+                if q.buffers is not None:
+                    mem += q.buffers.beyond_model_mb((ox[0], oy[0], oz[0]), (ox[2], oy[2], oz[2]),
+                                                     (ox[1], oy[1], oz[1]))
                 if mem > budget_mb and weighed is None:
                     continue
                 evaluated = ox[0] * ox[1] * oy[0] * oy[1] * oz[0] * oz[1]

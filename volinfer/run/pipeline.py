@@ -18,7 +18,8 @@ from volinfer.io.reader import VolumeSource
 from volinfer.io.sources import open_paths
 from volinfer.model.tile_model import TileModel
 from volinfer.run.settings import RunSettings
-from volinfer.run.setup import RunSetup, TilingChoice, choose_stream, overlap_for, plan_tiling, with_run_multiple
+from volinfer.run.setup import (RunSetup, TilingChoice, choose_stream, overlap_for, plan_tiling, tile_buffers,
+                                with_run_multiple)
 from volinfer.version import __version__
 
 
@@ -51,16 +52,17 @@ class RunPlan:
 
 
 def plan(handle: TileModel, shape: Sequence[int], s: RunSettings, *, norm_stats: str | None = None,
-         stream: bool = True, banded: bool = True) -> RunPlan:
+         stream: bool = True, banded: bool = True, stored: tuple[int, bool] | None = None) -> RunPlan:
     """The run's plan for a volume of ``shape`` (x, y, z) with the model ``handle`` (read, in the precision the run
     will use): the planner's tiling, weighed against layer streaming unless ``stream`` is False (Zarr block runs),
     ``norm_stats`` overriding the settings' (block runs freeze no statistics yet). ``banded``: the output takes
-    bands of y rows (not Zarr stores)."""
+    bands of y rows (not Zarr stores). ``stored``: the input's bytes a voxel and whether it is gzip-compressed,
+    for the tiles engine's buffers the tilings are weighed with (None: the model alone, Zarr block runs)."""
     t = s.tiling
     handle = with_run_multiple(handle)
-    choice = plan_tiling(handle, shape, stitch=t.stitch, overlap=t.overlap, max_memory_mb=t.max_memory_mb,
-                         norm_stats=norm_stats or t.norm_stats, mirror=bool(t.mirror),
-                         defer_refusal=stream and t.engine != "tiles")
+    buffers = tile_buffers(handle, shape, s, stored) if stored is not None else None
+    choice = plan_tiling(handle, shape, t, norm_stats=norm_stats, defer_refusal=stream and t.engine != "tiles",
+                         buffers=buffers)
     if stream:
         choose_stream(handle, shape, choice, s, banded=banded)
     if choice.refusal and choice.stream is None:  # no tile fits --max-memory, and the run does not stream in it

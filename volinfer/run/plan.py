@@ -31,6 +31,7 @@ from volinfer.run.norm_stats import waves
 from volinfer.run.normalize import percentile_step
 from volinfer.run.pipeline import open_source
 from volinfer.run.settings import RunSettings
+from volinfer.run.tile_buffers import TileBuffers
 from volinfer.run.setup import (guard_for, make_normalizer, needs_input_scan, needs_norm_passes, resolve, scan_input,
                                 stored_receptive_field, verdict)
 from volinfer.tiling.geometry import TileGrid
@@ -94,9 +95,9 @@ class Plan:
         """The tiling's own lines: tiles, peak and time, how the model was measured, extra passes, the verdict."""
         lines = [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
                  f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {_seconds(self.time_s)}"]
-        if self.budget_mb and self.peak_rss_mb > self.budget_mb:  # (see the README's Limitations)
-            lines.append(f"  over the {self.budget_mb:.0f} MB budget it was planned within: the planner counts the "
-                         f"model at the tile, not the engine's buffers listed here")
+        if self.budget_mb and self.peak_rss_mb > self.budget_mb:  # the planner's model estimate, not measured
+            lines.append(f"  over the {self.budget_mb:.0f} MB budget it was planned within: the model measured here "
+                         f"takes more than the planner's estimate of it")
         if self.measured_tile and tuple(self.measured_tile) != tuple(self.tile):
             lines.append(f"  (model figures estimated from its measurement at tile "
                          f"{'x'.join(map(str, self.measured_tile))})")
@@ -175,29 +176,26 @@ def measure_model(model: str | Path, tile: Sequence[int], layout: str | None, ou
 
 def engine_buffers_mb(setup: Any, facts: "VolumeFacts", model_channels: int, requests: int) -> dict[str, float]:
     """The engine's memory beyond the compiled model, in MB, by part (see module docs), for a resolved run
-    (:class:`volinfer.run.setup.RunSetup`) on a volume (:class:`VolumeFacts`)."""
+    (:class:`volinfer.run.setup.RunSetup`) on a volume (:class:`VolumeFacts`): the planner's own account
+    (:class:`volinfer.run.tile_buffers.TileBuffers`), with the blend stitcher's window where the run blends."""
     grid, stitch, norm = setup.grid, setup.stitch, setup.normalizer
-    in_channels, stored_itemsize, compressed = facts.channels, facts.itemsize, facts.compressed
-    out_channels, out_itemsize = setup.spec.out_channels, setup.spec.dtype.itemsize
+    buffers = TileBuffers(tuple(grid.shape), facts.channels, facts.itemsize, facts.compressed,  # type: ignore[arg-type]
+                          setup.spec.out_channels, setup.spec.dtype.itemsize, model_channels, requests)
     scans, statistics = facts.floating or not norm.fitted, None if norm.fitted else norm.kind
     wide = facts.floating and facts.itemsize > 4
     X, Y, Z = grid.shape
     tx, ty, tz = grid.tile_shape
-    parts: dict[str, float] = {}
-    if compressed:
-        parts["reader"] = in_channels * X * Y * min(tz, Z) * stored_itemsize / MB
-    else:
-        parts["reader"] = in_channels * X * min(ty, Y) * min(tz, Z) * stored_itemsize / MB
+    parts: dict[str, float] = {"reader": buffers.reader_mb(ty, tz)}
     if stitch == "crop":
-        cy = max(c1 - c0 for c0, c1 in grid.axes[1].cores)
-        cz = max(c1 - c0 for c0, c1 in grid.axes[2].cores)
-        parts["stitch"] = (requests + 1) * out_channels * cy * cz * X * out_itemsize / MB
+        parts["stitch"] = buffers.crop_stitch_mb(max(c1 - c0 for c0, c1 in grid.axes[1].cores),
+                                                 max(c1 - c0 for c0, c1 in grid.axes[2].cores),
+                                                 grid.axes[1].count * grid.axes[2].count)
     else:  # float32 sums of the open tile row and of the planes the next z-row overlaps; one output plane strip
         parts["stitch"] = (BlendStitcher.buffer_bytes(grid, model_channels)
-                           + out_channels * min(ty, Y) * X * out_itemsize + 2 * min(ty, Y) * X * 4) / MB
-    parts["tile temporaries"] = 2 * model_channels * tx * ty * tz * 4 / MB / 4  # chunked post-processing, padding
+                           + buffers.out_channels * min(ty, Y) * X * buffers.out_itemsize + 2 * min(ty, Y) * X * 4) / MB
+    parts["tile temporaries"] = buffers.temporaries_mb(grid.tile_shape)
     if scans:  # NaN/Inf scan and normalisation statistics, before the tile loop
-        parts["statistics pass"] = statistics_pass_mb(grid.shape, tz, stored_itemsize, statistics, wide)
+        parts["statistics pass"] = statistics_pass_mb(grid.shape, tz, facts.itemsize, statistics, wide)
     return parts
 
 
@@ -250,6 +248,7 @@ class VolumeFacts:
     itemsize: int
     compressed: bool
     floating: bool  # stored as floats: the NaN/Inf pass runs
+    blocks: bool = False  # a Zarr store: run block by block (no strips spanning the volume)
 
 
 def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
@@ -262,7 +261,7 @@ def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
         zsrc, _ = open_zarr_source(paths[0])
         with zsrc:
             return VolumeFacts(tuple(zsrc.shape), zsrc.channels, max(r.dtype.itemsize for r in zsrc.readers),
-                               False, any(r.dtype.kind == "f" for r in zsrc.readers))
+                               False, any(r.dtype.kind == "f" for r in zsrc.readers), blocks=True)
     with open_paths(paths, depth=1) as src:
         return VolumeFacts(src.shape, src.channels, max(r.dtype.itemsize for r in src.readers),
                            any(isinstance(r, StreamChannel) for r in src.readers),
@@ -397,7 +396,7 @@ def _handle(model_path: str | Path, s: Any) -> TileModel:
 def _plan_tiling(handle: TileModel, facts: Any, s: Any) -> tuple[Any, Any, Any]:
     """The run's own plan (:func:`volinfer.run.pipeline.plan`) and settings resolution, on the volume's facts, for
     ``handle`` in the precision the run will use (:func:`_run_precision`)."""
-    planned = pipeline.plan(handle, facts.shape, s)
+    planned = pipeline.plan(handle, facts.shape, s, stored=None if facts.blocks else (facts.itemsize, facts.compressed))
     setup = resolve(planned.model, facts.shape, facts.channels, s, overlap=planned.overlap,
                     stream=planned.choice.stream)
     return planned.model, planned.choice, setup

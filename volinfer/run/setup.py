@@ -31,9 +31,10 @@ from volinfer.run.normalize import Normalizer
 from volinfer.run.postprocess import OutputSpec
 from volinfer.run.stream import NOMINAL_VOXEL_S
 from volinfer.run.stream_stats import StatsPlan, statistics_plan
+from volinfer.run.tile_buffers import TileBuffers
 from volinfer.io.reader import VolumeSource
 from volinfer.options import NORM_STATS, STITCH_MODES, parse_overlap
-from volinfer.run.settings import RunSettings
+from volinfer.run.settings import RunSettings, TilingSettings
 from volinfer.model.precision import outside_checked
 from volinfer.model import speed_profile
 from volinfer.model.stream_graph import NotStreamable
@@ -86,7 +87,7 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
     ``normalizer``: the one the input scan fitted (:func:`scan_input`), else a new one."""
     s = settings or RunSettings()
     o = s.output
-    stitch, keep = s.tiling.stitch, o.channels
+    stitch = s.tiling.stitch
     overlap = s.tiling.overlap if overlap is None else overlap
     st = tm.settings
     stitch = stitch or st.stitch or "crop"
@@ -95,9 +96,8 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
     if channels != tm.in_channels:
         raise VolinferError(f"the volume has {channels} channel(s) but the model expects {tm.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
-    activation, note = resolve_activation(tm, o.activation)
-    spec = OutputSpec(tm.out_channels, kind=o.kind, activation=activation,
-                      keep=tuple(keep) if keep is not None else None, threshold=o.threshold, float_dtype=o.prob_dtype)
+    spec, note = output_spec(tm, o)
+    activation = spec.activation
     ov_vox = overlap_voxels(parse_overlap(overlap) or default_overlap(tm, stitch), tm.tile)
     try:
         grid = TileGrid.build(shape, tm.tile, [tm.multiple] * 3, ov_vox, "crop" if stitch == "crop" else "blend")
@@ -108,6 +108,24 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
     normalizer = normalizer or make_normalizer(tm, s, channels)
     return RunSetup(stitch, activation, spec, ov_vox, grid, normalizer, notes=[note] if note else [],
                     mirror=tuple(s.tiling.mirror))
+
+
+def output_spec(tm: TileModel, o: Any) -> tuple[OutputSpec, str | None]:
+    """What the run writes (``o``: the settings' :class:`volinfer.run.settings.OutputSettings`), and the note saying
+    where its activation came from (None when nothing needs saying)."""
+    activation, note = resolve_activation(tm, o.activation)
+    return OutputSpec(tm.out_channels, kind=o.kind, activation=activation,
+                      keep=tuple(o.channels) if o.channels is not None else None, threshold=o.threshold,
+                      float_dtype=o.prob_dtype), note
+
+
+def tile_buffers(tm: TileModel, shape: Sequence[int], settings: Any, stored: tuple[int, bool]) -> TileBuffers:
+    """The tiles engine's buffers for a run of ``tm`` on a volume of ``shape`` stored as ``stored`` (bytes a voxel,
+    gzip-compressed): the output it writes as :func:`resolve` will set it, the requests the settings keep."""
+    s = settings or RunSettings()
+    spec = output_spec(tm, s.output)[0]
+    return TileBuffers(tuple(int(n) for n in shape), tm.in_channels, stored[0], stored[1],  # type: ignore[arg-type]
+                       spec.out_channels, spec.dtype.itemsize, tm.out_channels, max(1, s.runtime.requests))
 
 
 def make_normalizer(tm: TileModel, settings: Any, channels: int) -> Normalizer:
@@ -250,15 +268,15 @@ def model_norm_layers(tm: TileModel) -> tuple[list[NormLayer], list[str]]:
         return [], fixed_shape_global_ops(tm.model, tm.layout)
 
 
-def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, overlap: Any,
-                max_memory_mb: float | None, norm_stats: str | None, mirror: bool = False,
-                defer_refusal: bool = False) -> TilingChoice:
-    """Faithfulness first: unless the tile was fixed by the caller, the fastest exact crop tiling within the memory
-    budget (growing the tile up to the whole padded volume); see :mod:`volinfer.run.fidelity`. ``mirror``: test-time
-    mirroring, with which frozen whole-volume statistics are not exact (see :func:`verdict`): one tile only.
-    ``defer_refusal``: when no tile fits ``--max-memory``, the smallest tile with ``choice.refusal`` set instead of
-    the error (the caller raises it unless the run streams within the budget)."""
-    mode = norm_stats or tm.settings.extra.get("norm_stats") or "volume"
+def plan_tiling(tm: TileModel, shape: Sequence[int], tiling: TilingSettings, *, norm_stats: str | None = None,
+                defer_refusal: bool = False, buffers: TileBuffers | None = None) -> TilingChoice:
+    """Faithfulness first: unless the tile was fixed, the fastest exact crop tiling within the memory budget, counting
+    the tiles engine's ``buffers`` (:func:`tile_buffers`); see :mod:`volinfer.run.fidelity`. ``tiling``: the run's
+    settings (``norm_stats`` overrides its own); test-time mirroring runs one tile (frozen statistics are not exact
+    with it). ``defer_refusal``: when no tile fits ``--max-memory``, the smallest tile with ``choice.refusal`` set
+    (the caller raises it unless the run streams within the budget)."""
+    stitch, overlap, max_memory_mb, mirror = tiling.stitch, tiling.overlap, tiling.max_memory_mb, bool(tiling.mirror)
+    mode = norm_stats or tiling.norm_stats or tm.settings.extra.get("norm_stats") or "volume"
     if mode not in NORM_STATS:
         raise VolinferError(f"norm-stats must be one of {', '.join(NORM_STATS)}; got {mode!r}")
     rf = stored_receptive_field(tm)
@@ -270,9 +288,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         rf = measure_receptive_field(tm, max_memory_mb=budget, fits=probe_fits(tm, budget, probed))
         notes.append(f"receptive field {rf} measured now in {time.perf_counter() - t0:.1f} s (not stored in the "
                      f"model; `volinfer convert` stores it)")
-    missing = unconverted_note(tm)
-    if missing:
-        notes.append(missing)
+    notes += [n for n in [unconverted_note(tm)] if n]
     layers, global_ops = model_norm_layers(tm)
     tm = with_run_multiple(tm)  # (the caller's model is left as it is: volinfer.run.pipeline.plan sizes it first)
     check_overlap_fits(tm, overlap, stitch or tm.settings.stitch or "crop")
@@ -285,9 +301,8 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
     choice = TilingChoice(clamped, None, rf, layers, global_ops, mode, notes)  # type: ignore[arg-type]
     choice.probe_mb, choice.preferred = max(probed, default=None), clamped
     choice.tiling_check = stored_tiling_check(tm.settings.extra, rf.radius if rf.measured else None)
-    fixed = tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop"
-    if fixed:
-        return choice
+    if tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop":
+        return choice  # a fixed tile
     per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
     w_mb = weights_mb(tm.model)
     if overlap not in (None, "") or not rf.measured:  # nothing to plan for exactness; the budget still holds
@@ -297,7 +312,8 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], *, stitch: str | None, over
         return choice
     cost, choice.speed_source = planner_voxel_cost(tm)
     best = plan_exact(TilingProblem(shape, tm.multiple, rf, tm.tile, per_voxel, w_mb, budget, len(layers),
-                                    bool(global_ops), mode == "volume" and not mirror, cost), choice.candidates)
+                                    bool(global_ops), mode == "volume" and not mirror, cost, buffers),
+                      choice.candidates)
     choice.budget_mb, choice.voxel_cost, choice.planned = budget, cost, best
     if best is None:
         choice.exact_fits = False
