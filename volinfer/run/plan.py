@@ -189,7 +189,7 @@ def engine_buffers_mb(setup: Any, facts: "VolumeFacts", model_channels: int, req
     if stitch == "crop":
         parts["stitch"] = buffers.crop_stitch_mb(max(c1 - c0 for c0, c1 in grid.axes[1].cores),
                                                  max(c1 - c0 for c0, c1 in grid.axes[2].cores),
-                                                 grid.axes[1].count * grid.axes[2].count)
+                                                 [a.count for a in grid.axes])
     else:  # float32 sums of the open tile row and of the planes the next z-row overlaps; one output plane strip
         parts["stitch"] = (BlendStitcher.buffer_bytes(grid, model_channels)
                            + buffers.out_channels * min(ty, Y) * X * buffers.out_itemsize + 2 * min(ty, Y) * X * 4) / MB

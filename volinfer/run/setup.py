@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -303,11 +304,12 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], tiling: TilingSettings, *, 
     choice.tiling_check = stored_tiling_check(tm.settings.extra, rf.radius if rf.measured else None)
     if tm.tile_given or tm.declared_input.is_static or (stitch or tm.settings.stitch or "crop") != "crop":
         return choice  # a fixed tile
-    per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile)
-    w_mb = weights_mb(tm.model)
+    per_voxel, w_mb = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile), weights_mb(tm.model)
     if overlap not in (None, "") or not rf.measured:  # nothing to plan for exactness; the budget still holds
-        if RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(choice.tile)) / 2**20 > budget:
-            choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb),
+        spec = parse_overlap(overlap) or default_overlap(tm, "crop")
+        need = _tile_need(per_voxel, w_mb, buffers, partial(overlap_voxels, spec))
+        if need(choice.tile) > budget:
+            choice.tile = _largest_fitting(tm, need, budget, shape, bool(max_memory_mb),
                                            defer_to=choice if defer_refusal else None)
         return choice
     cost, choice.speed_source = planner_voxel_cost(tm)
@@ -317,7 +319,8 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], tiling: TilingSettings, *, 
     choice.budget_mb, choice.voxel_cost, choice.planned = budget, cost, best
     if best is None:
         choice.exact_fits = False
-        choice.tile = _largest_fitting(tm, per_voxel, w_mb, budget, shape, bool(max_memory_mb), start=whole,
+        need = _tile_need(per_voxel, w_mb, buffers, lambda tile: widest_margins(tile, whole, rf, tm.multiple))
+        choice.tile = _largest_fitting(tm, need, budget, shape, bool(max_memory_mb), start=whole,
                                        defer_to=choice if defer_refusal else None)
         choice.overlap = widest_margins(choice.tile, whole, rf, tm.multiple)
         _note_most_faithful(choice, budget, bool(layers) and mode == "volume")
@@ -448,18 +451,31 @@ def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
                              f"{STREAM_VOXEL_COST:g}x over {UNMEASURED_DOUBLINGS} doublings"
 
 
-def _largest_fitting(tm: TileModel, per_voxel: float, w_mb: float, budget: float, shape: Sequence[int],
+def _tile_need(per_voxel: float, w_mb: float, buffers: TileBuffers | None,
+               overlap_of: Callable[[Sequence[int]], Sequence[int]]) -> Callable[[Sequence[int]], float]:
+    """A tiling's predicted memory (MB) at a tile: the model's estimate (``per_voxel`` bytes a tile voxel, ``w_mb`` of
+    weights), plus the tiles engine's ``buffers`` for the crop overlap ``overlap_of(tile)`` (None: the model alone)."""
+    def need(tile: Sequence[int]) -> float:
+        mb = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tile)) / 2**20
+        if buffers is not None:
+            overlap = overlap_of(tile)
+            mb += buffers.beyond_model_mb(tile, overlap, buffers.crop_counts(tile, overlap))
+        return mb
+    return need
+
+
+def _largest_fitting(tm: TileModel, need_at: Callable[[Sequence[int]], float], budget: float, shape: Sequence[int],
                      given: bool, start: Sequence[int] | None = None,
                      defer_to: TilingChoice | None = None) -> tuple[int, int, int]:
-    """The largest tile, at most ``start`` (default: the preferred tile) per axis, predicted to fit ``budget`` (the
-    longest axis shrinks first). When none does: refused under a ``given`` budget (``--max-memory``; ``defer_to``: the
+    """The largest tile, at most ``start`` (default: the preferred tile) per axis, whose predicted memory
+    (``need_at``: :func:`_tile_need`) fits ``budget`` (the longest axis shrinks first). When none does: refused under a ``given`` budget (``--max-memory``; ``defer_to``: the
     refusal left in its ``refusal`` with the smallest tile); under the default one, the smallest tile still runs
     when it fits the machine's memory (:func:`volinfer.portable.machine_mb`): a run is refused only when it cannot
     fit what the machine has."""
     m = tm.multiple
     tile = [min(t, -(-n // m) * m) for t, n in zip(start or tm.tile, shape)]
     while True:
-        need = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tile)) / 2**20
+        need = need_at(tile)
         if need <= budget:
             return tuple(tile)  # type: ignore[return-value]
         if max(tile) <= m:

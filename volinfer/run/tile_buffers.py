@@ -45,10 +45,12 @@ class TileBuffers:
         rows = Y if self.compressed else min(ty, Y)
         return self.in_channels * X * rows * min(tz, Z) * self.stored_itemsize / MB
 
-    def crop_stitch_mb(self, cy: int, cz: int, rows: int) -> float:
-        """Crop stitching's output strips (all of x, a row of tile cores of ``rows`` along y and z): one per row the
-        requests in flight may hold open, and the one filling (never more than there are rows)."""
-        strips = min(self.requests + 1, max(1, rows))
+    def crop_stitch_mb(self, cy: int, cz: int, counts: Sequence[int]) -> float:
+        """Crop stitching's output strips (all of x, a row of tile cores; ``counts`` tiles along x, y, z): one per row
+        the requests in flight may hold open and the one filling — two when a row has at least as many tiles as there
+        are requests — and never more than there are rows."""
+        open_rows = 2 if counts[0] >= self.requests else self.requests + 1
+        strips = min(open_rows, max(1, counts[1] * counts[2]))
         return strips * self.out_channels * cy * cz * self.shape[0] * self.out_itemsize / MB
 
     def temporaries_mb(self, tile: Sequence[int]) -> float:
@@ -59,6 +61,10 @@ class TileBuffers:
         """One infer request's float32 input and output tensors at ``tile``."""
         return 4.0 * (self.in_channels + self.model_channels) * float(np.prod(tile)) / MB
 
+    def crop_counts(self, tile: Sequence[int], overlap: Sequence[int]) -> tuple[int, ...]:
+        """About how many crop tiles of ``tile`` with ``overlap`` cover each axis (one exactly where one does)."""
+        return tuple(1 if t >= n else -(-(n - o) // max(1, t - o)) for t, o, n in zip(tile, overlap, self.shape))
+
     def beyond_model_mb(self, tile: Sequence[int], overlap: Sequence[int], counts: Sequence[int]) -> float:
         """What a crop tiling (``counts`` tiles of ``tile`` per axis, ``overlap`` per axis) holds beside the planner's
         model estimate: the strips and temporaries above, and the requests it keeps in flight other than the
@@ -66,5 +72,5 @@ class TileBuffers:
         Y, Z = self.shape[1], self.shape[2]
         cy, cz = (min(t - o // 2, n) for t, o, n in zip(tile[1:], overlap[1:], (Y, Z)))  # the widest core
         in_flight = max(1, min(self.requests, int(np.prod(counts))))
-        return (self.reader_mb(tile[1], tile[2]) + self.crop_stitch_mb(cy, cz, counts[1] * counts[2])
+        return (self.reader_mb(tile[1], tile[2]) + self.crop_stitch_mb(cy, cz, counts)
                 + self.temporaries_mb(tile) + (in_flight - CALIBRATION_REQUESTS) * self.request_io_mb(tile))
