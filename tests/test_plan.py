@@ -87,3 +87,20 @@ def test_a_plan_says_when_its_tiling_is_predicted_over_the_budget():
     over, within = plan(1433.0).summary(), plan(1150.0).summary()
     assert "over the 1192 MB budget it was planned within" in over and "about 0.4 s" in over, over
     assert "over the" not in within, within
+
+
+def test_candidate_times_scale_by_the_measured_tiling_when_none_is_exact():
+    """Where no exact tiling fits (the most faithful one runs and is measured), every candidate's time is still the
+    speed profile's seconds scaled by that measurement, not the profile's seconds as they are: at 2048³ the stream's
+    predicted 1339 s (profile) was shown beside a tiling measured 0.745x the profile's rate."""
+    from types import SimpleNamespace
+
+    from volinfer.run.plan import Plan, _candidate_times
+
+    plan = Plan(tile=(64, 64, 64), tiles=10, peak_rss_mb=300.0, time_s=20.0, speed_source="measured at convert")
+    plan.candidates = [{"engine": "stream", "cost": 100.0, "voxel_s": True, "norm_passes": 0}]
+    _candidate_times(plan, SimpleNamespace(planned=None, voxel_cost=lambda voxels: 1e-6))
+    scale = 20.0 / (10 * 64**3 * 1e-6)  # the measured tiling's seconds over the profile's
+    assert plan.candidates[0]["time_s"] == round(100.0 * scale, 1)
+    assert plan.candidates[0]["profile_time_s"] == 100.0
+    assert f"times x{scale:.3g}" in plan.speed_source

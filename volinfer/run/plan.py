@@ -459,6 +459,15 @@ def _candidates(choice: Any, shape: Sequence[int], multiple: int) -> list[dict[s
     return sorted(out, key=lambda c: c["cost"])
 
 
+def _fallback_raw(plan: Plan, choice: Any) -> float | None:
+    """The planner's cost of the tiling the plan measured when it is none of the candidates (no exact tiling fits the
+    budget: the most faithful one runs), in the candidates' raw units; None without a speed profile or a tiling."""
+    if choice.voxel_cost is None or not plan.tiles or plan.time_s <= 0:
+        return None
+    vox = float(np.prod(plan.tile))
+    return plan.tiles * vox * choice.voxel_cost(vox) * (plan.inferences_per_tile + 0.5 * plan.norm_passes)
+
+
 def _candidate_times(plan: Plan, choice: Any) -> None:
     """Each candidate's predicted time: the planner's cost (:attr:`volinfer.run.fidelity.Tiling.cost`: seconds from
     the speed profile, else evaluated voxels) x inferences per tile, as ``profile_time_s`` when the profile gave
@@ -473,7 +482,8 @@ def _candidate_times(plan: Plan, choice: Any) -> None:
     planned = choice.planned
     measured = next((c for c in plan.candidates if c["engine"] == "tiles" and planned is not None
                      and tuple(c["tile"]) == tuple(planned.tile) == tuple(plan.tile)), None)
-    scale = plan.time_s / measured["raw"] if measured is not None and measured["raw"] > 0 < plan.time_s else None
+    raw = measured["raw"] if measured is not None else _fallback_raw(plan, choice)
+    scale = plan.time_s / raw if raw and raw > 0 < plan.time_s else None
     if scale is not None and plan.speed_source:
         plan.speed_source += (f"; times x{scale:.3g} to match the latency measured now at tile "
                               f"{'x'.join(map(str, plan.measured_tile or plan.tile))}")
