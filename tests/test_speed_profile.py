@@ -279,7 +279,8 @@ if __name__ == "__main__":
 
 
 def test_candidate_times_come_from_the_profile_when_a_stream_is_chosen():
-    """With a stream chosen no tiling is measured: every candidate (the stream too) shows the speed profile's time."""
+    """With a stream chosen and no tiling measured (``--engine tiles`` would be refused): every candidate (the stream
+    too) shows the speed profile's time."""
     from types import MethodType, SimpleNamespace
 
     from volinfer.run.fidelity import Tiling
@@ -291,7 +292,8 @@ def test_candidate_times_come_from_the_profile_when_a_stream_is_chosen():
     stream.evaluated_voxels = MethodType(StreamPlan.evaluated_voxels, stream)
     choice = SimpleNamespace(candidates=weighed, planned=None, stream=stream, voxel_cost=lambda v: 2e-6,
                              stream_option=(stream, 0.7), stream_alternatives=[])
-    plan = Plan((128, 64, 16), 1, 300.0, time_s=5.0, inferences_per_tile=1, speed_source="measured")
+    plan = Plan((0, 0, 0), 0, 0.0, time_s=0.0, inferences_per_tile=1, speed_source="measured",
+                tiles_unavailable="refused (--max-memory 10 MB is too small)")
     plan.candidates = _candidates(choice, (128, 64, 64), 4)
     _candidate_times(plan, choice)
     assert {c["engine"]: c["time_s"] for c in plan.candidates} == {"tiles": pytest.approx(2 * 64**3 * 2e-6, abs=0.051),

@@ -18,7 +18,7 @@ from volinfer.io.batch_record import BatchRecord, check_unique
 from volinfer.io.journal import Journal, journal_path
 from volinfer.io.plane_store import remove_stale, spill_location
 from volinfer.model.tile_model import TileModel
-from volinfer.io.reader import StreamChannel, VolumeSource
+from volinfer.io.reader import VolumeSource, read_buffer
 from volinfer.io.ome import geometry_from_nifti
 from volinfer.io.formats import is_tiff_output, is_zarr, is_zarr_output
 from volinfer.io.sources import input_files
@@ -240,17 +240,17 @@ def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
     run.source = open_source(volume, run.tm.tile[2], run.s.input.channel_axis)
 
 
-def _scan_input(run: _Run, volume: Any, handle: TileModel) -> tuple[TileModel, tuple[int, bool]]:
+def _scan_input(run: _Run, volume: Any, handle: TileModel) -> tuple[TileModel, tuple[int, str]]:
     """The one pre-pass over the input (:func:`volinfer.run.setup.scan_input`), then the precision guard: the model
     in the precision the run will use, so that the plan's memory and time are that precision's; and how the input
-    is stored (bytes a voxel, gzip-compressed), which sizes the reader's buffers."""
+    is stored (bytes a voxel, what its readers hold: :func:`volinfer.io.reader.read_buffer`), which sizes the
+    tiles engine's buffers."""
     s = run.s
     source = open_source(volume, handle.tile[2], s.input.channel_axis)
     try:
         run.scan = scan_input(handle, source, make_normalizer(handle, s, source.channels), s.input.nan_value,
                               fingerprint=run.output is not None and bool(run.in_paths))
-        stored = (max(r.dtype.itemsize for r in source.readers),
-                  any(isinstance(r, StreamChannel) for r in source.readers))
+        stored = (max(r.dtype.itemsize for r in source.readers), read_buffer(source.readers))
     finally:
         if source is not volume:
             source.close()

@@ -84,6 +84,8 @@ class ChannelReader(Protocol):
 class ArrayChannel:
     """One channel of an in-memory array."""
 
+    HOLDS = "nothing"  # reads are views of the array (see :func:`read_buffer`)
+
     def __init__(self, array: np.ndarray) -> None:
         self.array = array
         self.dtype = array.dtype
@@ -136,6 +138,8 @@ class StoredLayout:
 class StripChannel:
     """Random-access reader for uncompressed files: one full-x strip at a time, read with one positioned read per
     z-plane straight into a buffer that is reused for every strip (no per-tile allocation, no memory map)."""
+
+    HOLDS = "strip"
 
     def __init__(self, stored: StoredLayout) -> None:
         self.s = stored
@@ -193,6 +197,8 @@ class StripChannel:
 
 class StreamChannel:
     """Forward-only reader for gzip files: keeps a window of whole z-planes, decompressing in on-disk order."""
+
+    HOLDS = "planes"
 
     verify_end = False  # the file's last channel: check the gzip trailer once the last plane is read
 
@@ -289,6 +295,15 @@ def _read_into(f, view: memoryview, path: Path) -> None:
         if isinstance(e, VolinferError):
             raise
         raise VolinferError(f"{path}: corrupt compressed data ({e})") from None
+
+
+def read_buffer(readers: Sequence[Any]) -> str:
+    """What a volume's readers hold between reads, which the tiles engine's memory grows with (the largest of its
+    channels'): "planes" (whole x-y planes over a tile's z range: a gzip window, decoded TIFF pages), "strip" (all of
+    x over a tile's y and z range: uncompressed files), or "nothing" (in-memory arrays and Zarr chunks, read straight
+    into the tile). A reader wrapping another (:class:`NativeChannel`) holds what the inner one does."""
+    kinds = {getattr(getattr(r, "inner", r), "HOLDS", "strip") for r in readers}
+    return next((k for k in ("planes", "strip") if k in kinds), "nothing")
 
 
 class VolumeSource:

@@ -67,6 +67,8 @@ class _LogErrors(logging.Handler):
 class PageChannel:
     """Pages decoded one at a time into a window of ``depth`` whole planes (compressed or scattered stacks)."""
 
+    HOLDS = "planes"  # (see volinfer.io.reader.read_buffer)
+
     def __init__(self, path: Path, shape: tuple[int, int, int], dtype: np.dtype, depth: int) -> None:
         self.path, self.shape = path, shape
         self.dtype, self.slope, self.inter = native(dtype), 1.0, 0.0

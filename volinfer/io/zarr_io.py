@@ -53,6 +53,8 @@ class ZarrChannel:
     ranges every reader takes and returns an ``(x, y, z)`` array, whatever the array's own axis order; reads go
     straight to the chunks they touch."""
 
+    HOLDS = "nothing"  # (see volinfer.io.reader.read_buffer)
+
     def __init__(self, array: Any, channel: int | None, names: Sequence[str] = ("z", "y", "x")) -> None:
         self.array, self.channel, self.names = array, channel, tuple(names)
         self.dtype = np.dtype(array.dtype)

@@ -52,12 +52,13 @@ class RunPlan:
 
 
 def plan(handle: TileModel, shape: Sequence[int], s: RunSettings, *, norm_stats: str | None = None,
-         stream: bool = True, banded: bool = True, stored: tuple[int, bool] | None = None) -> RunPlan:
+         stream: bool = True, banded: bool = True, stored: tuple[int, str] | None = None) -> RunPlan:
     """The run's plan for a volume of ``shape`` (x, y, z) with the model ``handle`` (read, in the precision the run
     will use): the planner's tiling, weighed against layer streaming unless ``stream`` is False (Zarr block runs),
     ``norm_stats`` overriding the settings' (block runs freeze no statistics yet). ``banded``: the output takes
-    bands of y rows (not Zarr stores). ``stored``: the input's bytes a voxel and whether it is gzip-compressed,
-    for the tiles engine's buffers the tilings are weighed with (None: the model alone, Zarr block runs)."""
+    bands of y rows (not Zarr stores). ``stored``: the input's bytes a voxel and what its readers hold
+    (:func:`volinfer.io.reader.read_buffer`), for the tiles engine's buffers the tilings are weighed with (None: the
+    model alone, Zarr block runs)."""
     t = s.tiling
     handle = with_run_multiple(handle)
     buffers = tile_buffers(handle, shape, s, stored) if stored is not None else None

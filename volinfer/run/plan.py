@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from volinfer.errors import VolinferError
-from volinfer.io.reader import StreamChannel, scan_slabs
+from volinfer.io.reader import read_buffer, scan_slabs
 from volinfer.io.sources import open_paths
 from volinfer.io.formats import is_zarr
 from volinfer.io.zarr_io import open_zarr_source
@@ -174,13 +174,14 @@ def measure_model(model: str | Path, tile: Sequence[int], layout: str | None, ou
     return ModelCost(data["peak_mb"], data["steady_mb"], data["tile_s"])
 
 
-def engine_buffers_mb(setup: Any, facts: "VolumeFacts", model_channels: int, requests: int) -> dict[str, float]:
+def engine_buffers_mb(setup: Any, facts: "VolumeFacts", model_channels: int, s: RunSettings) -> dict[str, float]:
     """The engine's memory beyond the compiled model, in MB, by part (see module docs), for a resolved run
-    (:class:`volinfer.run.setup.RunSetup`) on a volume (:class:`VolumeFacts`): the planner's own account
-    (:class:`volinfer.run.tile_buffers.TileBuffers`), with the blend stitcher's window where the run blends."""
+    (:class:`volinfer.run.setup.RunSetup`, its settings ``s``) on a volume (:class:`VolumeFacts`): the planner's own
+    account (:class:`volinfer.run.tile_buffers.TileBuffers`), with the blend stitcher's window where the run blends."""
     grid, stitch, norm = setup.grid, setup.stitch, setup.normalizer
-    buffers = TileBuffers(tuple(grid.shape), facts.channels, facts.itemsize, facts.compressed,  # type: ignore[arg-type]
-                          setup.spec.out_channels, setup.spec.dtype.itemsize, model_channels, requests)
+    buffers = TileBuffers(tuple(grid.shape), facts.channels, facts.itemsize, facts.reader_holds,  # type: ignore[arg-type]
+                          setup.spec.out_channels, setup.spec.dtype.itemsize, model_channels,
+                          max(1, s.runtime.requests), s.tiling.reuse_constant, bool(setup.mirror))
     scans, statistics = facts.floating or not norm.fitted, None if norm.fitted else norm.kind
     wide = facts.floating and facts.itemsize > 4
     X, Y, Z = grid.shape
@@ -194,6 +195,8 @@ def engine_buffers_mb(setup: Any, facts: "VolumeFacts", model_channels: int, req
         parts["stitch"] = (BlendStitcher.buffer_bytes(grid, model_channels)
                            + buffers.out_channels * min(ty, Y) * X * buffers.out_itemsize + 2 * min(ty, Y) * X * 4) / MB
     parts["tile temporaries"] = buffers.temporaries_mb(grid.tile_shape)
+    if buffers.mirror:
+        parts["mirroring"] = buffers.mirror_mb(grid.tile_shape)
     if scans:  # NaN/Inf scan and normalisation statistics, before the tile loop
         parts["statistics pass"] = statistics_pass_mb(grid.shape, tz, facts.itemsize, statistics, wide)
     return parts
@@ -246,7 +249,7 @@ class VolumeFacts:
     shape: tuple[int, int, int]
     channels: int
     itemsize: int
-    compressed: bool
+    reader_holds: str  # what the readers keep between reads (volinfer.io.reader.read_buffer)
     floating: bool  # stored as floats: the NaN/Inf pass runs
     blocks: bool = False  # a Zarr store: run block by block (no strips spanning the volume)
 
@@ -261,10 +264,10 @@ def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
         zsrc, _ = open_zarr_source(paths[0])
         with zsrc:
             return VolumeFacts(tuple(zsrc.shape), zsrc.channels, max(r.dtype.itemsize for r in zsrc.readers),
-                               False, any(r.dtype.kind == "f" for r in zsrc.readers), blocks=True)
+                               read_buffer(zsrc.readers), any(r.dtype.kind == "f" for r in zsrc.readers), blocks=True)
     with open_paths(paths, depth=1) as src:
         return VolumeFacts(src.shape, src.channels, max(r.dtype.itemsize for r in src.readers),
-                           any(isinstance(r, StreamChannel) for r in src.readers),
+                           read_buffer(src.readers),
                            any(r.dtype.kind == "f" for r in src.readers))
 
 
@@ -341,7 +344,7 @@ def _tiles_plan(model_path: str | Path, facts: Any, planned: tuple[Any, Any, Any
     tm, choice, setup = planned
     opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
     opts["precision"] = tm.options.precision  # f32 where the run's precision guard will choose it
-    parts = engine_buffers_mb(setup, facts, tm.out_channels, s.runtime.requests)
+    parts = engine_buffers_mb(setup, facts, tm.out_channels, s)
     # a request that never runs a tile never gets its output tensors: a grid of fewer tiles uses fewer requests
     requests = max(1, min(s.runtime.requests, len(setup.grid)))
     cost, measured_at = _model_cost(model_path, tm, choice, s, (opts, requests), estimate)
@@ -396,7 +399,7 @@ def _handle(model_path: str | Path, s: Any) -> TileModel:
 def _plan_tiling(handle: TileModel, facts: Any, s: Any) -> tuple[Any, Any, Any]:
     """The run's own plan (:func:`volinfer.run.pipeline.plan`) and settings resolution, on the volume's facts, for
     ``handle`` in the precision the run will use (:func:`_run_precision`)."""
-    planned = pipeline.plan(handle, facts.shape, s, stored=None if facts.blocks else (facts.itemsize, facts.compressed))
+    planned = pipeline.plan(handle, facts.shape, s, stored=None if facts.blocks else (facts.itemsize, facts.reader_holds))
     setup = resolve(planned.model, facts.shape, facts.channels, s, overlap=planned.overlap,
                     stream=planned.choice.stream)
     return planned.model, planned.choice, setup

@@ -25,7 +25,7 @@ from volinfer.model.receptive_field import ReceptiveField, measure_receptive_fie
 from volinfer.model.spatial_norm import (POSITION_OPS, NormLayer, find_norm_layers, fixed_shape_global_ops,
                                          frozen_like)
 from volinfer.model.tiling_check import stored as stored_tiling_check
-from volinfer.tiling.geometry import GeometryError, TileGrid
+from volinfer.tiling.geometry import GeometryError, TileGrid, plan_axis_crop
 from volinfer.model.layout import Layout
 from volinfer.model.tile_model import TileModel
 from volinfer.run.normalize import Normalizer
@@ -120,13 +120,15 @@ def output_spec(tm: TileModel, o: Any) -> tuple[OutputSpec, str | None]:
                       float_dtype=o.prob_dtype), note
 
 
-def tile_buffers(tm: TileModel, shape: Sequence[int], settings: Any, stored: tuple[int, bool]) -> TileBuffers:
+def tile_buffers(tm: TileModel, shape: Sequence[int], settings: Any, stored: tuple[int, str]) -> TileBuffers:
     """The tiles engine's buffers for a run of ``tm`` on a volume of ``shape`` stored as ``stored`` (bytes a voxel,
-    gzip-compressed): the output it writes as :func:`resolve` will set it, the requests the settings keep."""
+    what its readers hold: :func:`volinfer.io.reader.read_buffer`): the output it writes as :func:`resolve` will set
+    it, the requests, constant-tile reuse and mirroring the settings ask for."""
     s = settings or RunSettings()
     spec = output_spec(tm, s.output)[0]
     return TileBuffers(tuple(int(n) for n in shape), tm.in_channels, stored[0], stored[1],  # type: ignore[arg-type]
-                       spec.out_channels, spec.dtype.itemsize, tm.out_channels, max(1, s.runtime.requests))
+                       spec.out_channels, spec.dtype.itemsize, tm.out_channels, max(1, s.runtime.requests),
+                       s.tiling.reuse_constant, bool(s.tiling.mirror))
 
 
 def make_normalizer(tm: TileModel, settings: Any, channels: int) -> Normalizer:
@@ -307,7 +309,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], tiling: TilingSettings, *, 
     per_voxel, w_mb = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, tm.tile), weights_mb(tm.model)
     if overlap not in (None, "") or not rf.measured:  # nothing to plan for exactness; the budget still holds
         spec = parse_overlap(overlap) or default_overlap(tm, "crop")
-        need = _tile_need(per_voxel, w_mb, buffers, partial(overlap_voxels, spec))
+        need = _tile_need(per_voxel, w_mb, buffers, partial(overlap_voxels, spec), tm.multiple)
         if need(choice.tile) > budget:
             choice.tile = _largest_fitting(tm, need, budget, shape, bool(max_memory_mb),
                                            defer_to=choice if defer_refusal else None)
@@ -319,7 +321,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], tiling: TilingSettings, *, 
     choice.budget_mb, choice.voxel_cost, choice.planned = budget, cost, best
     if best is None:
         choice.exact_fits = False
-        need = _tile_need(per_voxel, w_mb, buffers, lambda tile: widest_margins(tile, whole, rf, tm.multiple))
+        need = _tile_need(per_voxel, w_mb, buffers, lambda t: widest_margins(t, whole, rf, tm.multiple), tm.multiple)
         choice.tile = _largest_fitting(tm, need, budget, shape, bool(max_memory_mb), start=whole,
                                        defer_to=choice if defer_refusal else None)
         choice.overlap = widest_margins(choice.tile, whole, rf, tm.multiple)
@@ -451,15 +453,28 @@ def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
                              f"{STREAM_VOXEL_COST:g}x over {UNMEASURED_DOUBLINGS} doublings"
 
 
+def _crop_counts(shape: Sequence[int], tile: Sequence[int], overlap: Sequence[int], multiple: int) -> tuple[int, ...]:
+    """Crop tiles of ``tile`` with ``overlap`` along each axis of ``shape``, as the tile grid places them (an axis
+    the geometry refuses, which the run's grid then refuses in one line, counts its tiles without overlap)."""
+    counts = []
+    for n, t, o in zip(shape, tile, overlap):
+        try:
+            counts.append(plan_axis_crop(n, t, multiple, o // 2).count)
+        except GeometryError:
+            counts.append(max(1, -(-n // max(1, t))))
+    return tuple(counts)
+
+
 def _tile_need(per_voxel: float, w_mb: float, buffers: TileBuffers | None,
-               overlap_of: Callable[[Sequence[int]], Sequence[int]]) -> Callable[[Sequence[int]], float]:
+               overlap_of: Callable[[Sequence[int]], Sequence[int]], multiple: int) -> Callable[[Sequence[int]], float]:
     """A tiling's predicted memory (MB) at a tile: the model's estimate (``per_voxel`` bytes a tile voxel, ``w_mb`` of
-    weights), plus the tiles engine's ``buffers`` for the crop overlap ``overlap_of(tile)`` (None: the model alone)."""
+    weights), plus the tiles engine's ``buffers`` for the crop overlap ``overlap_of(tile)`` (None: the model alone)
+    on a grid of the size ``multiple``."""
     def need(tile: Sequence[int]) -> float:
         mb = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tile)) / 2**20
         if buffers is not None:
             overlap = overlap_of(tile)
-            mb += buffers.beyond_model_mb(tile, overlap, buffers.crop_counts(tile, overlap))
+            mb += buffers.beyond_model_mb(tile, overlap, _crop_counts(buffers.shape, tile, overlap, multiple))
         return mb
     return need
 

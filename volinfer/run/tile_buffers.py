@@ -26,31 +26,38 @@ CALIBRATION_REQUESTS = 2
 @dataclass(frozen=True)
 class TileBuffers:
     """What sizes the tiles engine's buffers for one volume and run: the volume ``shape`` (x, y, z), its input
-    ``in_channels`` as stored (``stored_itemsize`` bytes a voxel; ``compressed``: gzip, read as whole planes), the
-    output's written channels and item size, the model's output channels (post-processing works on all of them) and
-    the infer requests the run keeps."""
+    ``in_channels`` (``stored_itemsize`` bytes a voxel as stored; ``reader_holds``: what its readers keep between
+    reads, :func:`volinfer.io.reader.read_buffer`), the output's written channels and item size, the model's output
+    channels (post-processing works on all of them), the infer requests the run keeps, whether constant tiles reuse a
+    cached output (they are stitched at once, ahead of the tiles in flight) and whether tiles are mirrored."""
 
     shape: tuple[int, int, int]
     in_channels: int
     stored_itemsize: int
-    compressed: bool
+    reader_holds: str  # "strip", "planes" or "nothing"
     out_channels: int
     out_itemsize: int
     model_channels: int
     requests: int
+    reuse_constant: bool = True
+    mirror: bool = False
 
     def reader_mb(self, ty: int, tz: int) -> float:
-        """The input strip: all of x for the tile's y and z range (a gzip input: whole z-planes)."""
+        """The input the readers hold: all of x over the tile's y and z range (a strip), whole z-planes over the
+        tile's z range (gzip, decoded TIFF pages), or nothing (arrays and Zarr chunks read straight into the tile)."""
+        if self.reader_holds == "nothing":
+            return 0.0
         X, Y, Z = self.shape
-        rows = Y if self.compressed else min(ty, Y)
+        rows = Y if self.reader_holds == "planes" else min(ty, Y)
         return self.in_channels * X * rows * min(tz, Z) * self.stored_itemsize / MB
 
     def crop_stitch_mb(self, cy: int, cz: int, counts: Sequence[int]) -> float:
-        """Crop stitching's output strips (all of x, a row of tile cores; ``counts`` tiles along x, y, z): one per row
-        the requests in flight may hold open and the one filling — two when a row has at least as many tiles as there
-        are requests — and never more than there are rows."""
-        open_rows = 2 if counts[0] >= self.requests else self.requests + 1
-        strips = min(open_rows, max(1, counts[1] * counts[2]))
+        """Crop stitching's output strips (all of x, a row of tile cores; ``counts`` tiles along x, y, z). Tiles are
+        stitched in submission order, so a row is complete before the next one's first tile: one strip, and one for
+        a row of one tile. Constant tiles reuse a cached output and are stitched at once, ahead of the tiles in
+        flight: then a strip for each row those hold open, up to the requests (+ the one filling) and the rows of a
+        z-row of tiles (the engine finishes every z-row before the next)."""
+        strips = 1 if counts[0] == 1 or not self.reuse_constant else min(self.requests + 1, max(1, counts[1]))
         return strips * self.out_channels * cy * cz * self.shape[0] * self.out_itemsize / MB
 
     def temporaries_mb(self, tile: Sequence[int]) -> float:
@@ -61,16 +68,19 @@ class TileBuffers:
         """One infer request's float32 input and output tensors at ``tile``."""
         return 4.0 * (self.in_channels + self.model_channels) * float(np.prod(tile)) / MB
 
-    def crop_counts(self, tile: Sequence[int], overlap: Sequence[int]) -> tuple[int, ...]:
-        """About how many crop tiles of ``tile`` with ``overlap`` cover each axis (one exactly where one does)."""
-        return tuple(1 if t >= n else -(-(n - o) // max(1, t - o)) for t, o, n in zip(tile, overlap, self.shape))
+    def mirror_mb(self, tile: Sequence[int]) -> float:
+        """Test-time mirroring's own infer request (its input filled for every flip, its output) and its float32
+        sum of the model's outputs (:class:`volinfer.run.engine.Mirror`); 0 without mirroring."""
+        if not self.mirror:
+            return 0.0
+        return self.request_io_mb(tile) + 4.0 * self.model_channels * float(np.prod(tile)) / MB
 
     def beyond_model_mb(self, tile: Sequence[int], overlap: Sequence[int], counts: Sequence[int]) -> float:
         """What a crop tiling (``counts`` tiles of ``tile`` per axis, ``overlap`` per axis) holds beside the planner's
-        model estimate: the strips and temporaries above, and the requests it keeps in flight other than the
-        estimate's calibration (negative for a one-tile run: one request's tensors fewer)."""
+        model estimate: the buffers above, and the requests it keeps in flight other than the estimate's
+        calibration (negative for a one-tile run: one request's tensors fewer)."""
         Y, Z = self.shape[1], self.shape[2]
         cy, cz = (min(t - o // 2, n) for t, o, n in zip(tile[1:], overlap[1:], (Y, Z)))  # the widest core
         in_flight = max(1, min(self.requests, int(np.prod(counts))))
-        return (self.reader_mb(tile[1], tile[2]) + self.crop_stitch_mb(cy, cz, counts)
-                + self.temporaries_mb(tile) + (in_flight - CALIBRATION_REQUESTS) * self.request_io_mb(tile))
+        return (self.reader_mb(tile[1], tile[2]) + self.crop_stitch_mb(cy, cz, counts) + self.temporaries_mb(tile)
+                + self.mirror_mb(tile) + (in_flight - CALIBRATION_REQUESTS) * self.request_io_mb(tile))

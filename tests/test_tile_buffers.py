@@ -1,0 +1,57 @@
+"""The tiles engine's buffers as the planner counts them (volinfer/run/tile_buffers.py) against what the engine
+allocates: the crop stitcher's output strips, and what each reader holds between reads."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+from models import save_unet2
+
+import volinfer
+from volinfer.io.reader import VolumeSource, read_buffer
+from volinfer.io.sources import open_paths
+from volinfer.run.tile_buffers import TileBuffers
+from volinfer.tiling import stitch
+
+
+@pytest.mark.parametrize("requests,constant,shape", [(2, False, (96, 96, 48)), (4, False, (96, 96, 48)),
+                                                      (4, True, (160, 192, 48)), (8, True, (160, 192, 48)),
+                                                      (4, True, (24, 96, 48))])
+def test_crop_strips_counted_are_at_least_those_the_stitcher_holds(tmp_path, monkeypatch, requests, constant, shape):
+    """Tiles are stitched in submission order (one strip open at a time), but constant tiles reuse a cached output
+    and are stitched at once, ahead of the tiles in flight, opening strips of later rows (7 with 8 requests); a row
+    of one tile opens and closes its strip in one step."""
+    held = [0]
+    add = stitch.CropStitcher.add
+
+    def counting(self, tile, output):
+        add(self, tile, output)
+        held[0] = max(held[0], len(self._free) + len(self._open))
+
+    monkeypatch.setattr(stitch.CropStitcher, "add", counting)
+    xml = save_unet2(tmp_path / "m.xml", receptive_field="[4, 4, 4]")
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(shape).astype(np.float32)
+    if constant:  # only the first tile of each row varies: the others reuse the constant tile's output
+        v[12:] = 0.0
+    _, rep = volinfer.predict(v, str(xml), tile=[24, 24, 24], overlap=8, requests=requests, report=True, kind="raw")
+    counts = rep.grid
+    tb = TileBuffers(shape, 1, 4, "nothing", 2, 4, 2, requests, reuse_constant=True)
+    one = 2 * 16 * 16 * shape[0] * 4 / 2**20  # one strip of the widest cores (24 - 8 overlap)
+    assert held[0] >= 1 and held[0] * one <= tb.crop_stitch_mb(16, 16, counts) + 1e-9, (held[0], counts)
+    if counts[0] == 1 or not constant:
+        assert held[0] == 1
+
+
+def test_readers_say_what_they_hold(tmp_path):
+    """Uncompressed NIfTI: a strip (all of x over a tile's y and z); gzip: whole planes; arrays: nothing. The
+    planner's reader memory follows (a gzip window is Y / tile_y times a strip)."""
+    v = np.arange(40 * 36 * 20, dtype=np.int16).reshape(40, 36, 20)
+    for name in ("v.nii", "v.nii.gz"):
+        nib.save(nib.Nifti1Image(v, np.eye(4)), str(tmp_path / name))
+    with open_paths([tmp_path / "v.nii"], depth=8) as src:
+        assert read_buffer(src.readers) == "strip"
+    with open_paths([tmp_path / "v.nii.gz"], depth=8) as src:
+        assert read_buffer(src.readers) == "planes"
+    assert read_buffer(VolumeSource.from_array(v).readers) == "nothing"
+    mb = {k: TileBuffers((40, 36, 20), 1, 2, k, 1, 1, 2, 2).reader_mb(12, 8) for k in ("strip", "planes", "nothing")}
+    assert mb["nothing"] == 0 and mb["planes"] == pytest.approx(mb["strip"] * 36 / 12)
