@@ -55,3 +55,22 @@ def test_readers_say_what_they_hold(tmp_path):
     assert read_buffer(VolumeSource.from_array(v).readers) == "nothing"
     mb = {k: TileBuffers((40, 36, 20), 1, 2, k, 1, 1, 2, 2).reader_mb(12, 8) for k in ("strip", "planes", "nothing")}
     assert mb["nothing"] == 0 and mb["planes"] == pytest.approx(mb["strip"] * 36 / 12)
+
+
+def test_plan_and_run_choose_the_same_tiling(tmp_path):
+    """`volinfer plan` and `volinfer run` count the same buffers for the same input: a gzip input's reader holds whole
+    planes (Y / tile_y times a strip), so under the same --max-memory it gets another tiling than the plain file
+    (here fewer planes a tile: 136x44x40 against 76x44x96)."""
+    from volinfer.run.plan import plan_run
+
+    xml = save_unet2(tmp_path / "m.xml", receptive_field="[6, 6, 6]")
+    v = np.random.default_rng(0).standard_normal((256, 512, 96)).astype(np.float32)
+    kw = dict(engine="tiles", kind="raw", max_memory_mb=220.0, precision="f32")
+    tiles = {}
+    for name in ("v.nii", "v.nii.gz"):
+        nib.save(nib.Nifti1Image(v, np.eye(4)), str(tmp_path / name))
+        planned = plan_run([tmp_path / name], xml, **kw)
+        _, rep = volinfer.predict(str(tmp_path / name), str(xml), report=True, **kw)
+        assert tuple(rep.tile) == tuple(planned.tile) and rep.exact, (name, rep.tile, planned.tile)
+        tiles[name] = tuple(rep.tile)
+    assert tiles["v.nii.gz"][2] < tiles["v.nii"][2], tiles
