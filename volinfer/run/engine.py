@@ -17,6 +17,7 @@ import numpy as np
 import openvino as ov
 from volinfer.progress import progress_bar
 
+from volinfer.run.tile_buffers import MAX_CACHED_CONSTANTS
 from volinfer.run.feeder import TileFeeder
 from volinfer.run.job import RowProgress, TileJob
 from volinfer.tiling.geometry import Tile, TileGrid
@@ -203,10 +204,6 @@ class Mirror:
             acc += np.flip(self.model.output_view(self.request), axes)
         acc /= self.inferences
         return acc
-
-
-#: Distinct constant tiles whose output is kept (each costs one tile of output memory).
-MAX_CACHED_CONSTANTS = 2
 
 
 def constant_value(tile: np.ndarray) -> tuple[float, ...] | None:

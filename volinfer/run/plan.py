@@ -195,6 +195,8 @@ def engine_buffers_mb(setup: Any, facts: "VolumeFacts", model_channels: int, s: 
         parts["stitch"] = (BlendStitcher.buffer_bytes(grid, model_channels)
                            + buffers.out_channels * min(ty, Y) * X * buffers.out_itemsize + 2 * min(ty, Y) * X * 4) / MB
     parts["tile temporaries"] = buffers.temporaries_mb(grid.tile_shape)
+    if buffers.constants_mb(grid.tile_shape, len(grid)):
+        parts["constant tiles"] = buffers.constants_mb(grid.tile_shape, len(grid))
     if buffers.mirror:
         parts["mirroring"] = buffers.mirror_mb(grid.tile_shape)
     if scans:  # NaN/Inf scan and normalisation statistics, before the tile loop

@@ -21,6 +21,8 @@ MB = 2**20
 #: flight holds its own float32 input and output tensors, so a run keeping fewer in flight (a one-tile run uses one;
 #: the other requests never get their output tensors, and their zeroed input buffers are never touched) holds less.
 CALIBRATION_REQUESTS = 2
+#: Distinct constant tiles whose output the engine keeps to reuse (each a float32 tile of the model's output).
+MAX_CACHED_CONSTANTS = 2
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,13 @@ class TileBuffers:
         """One infer request's float32 input and output tensors at ``tile``."""
         return 4.0 * (self.in_channels + self.model_channels) * float(np.prod(tile)) / MB
 
+    def constants_mb(self, tile: Sequence[int], tiles: int) -> float:
+        """The cached outputs of constant tiles (up to :data:`MAX_CACHED_CONSTANTS` float32 model outputs, kept for
+        the tiles after them); 0 without reuse or for one tile (it is constant only when the whole volume is)."""
+        if not self.reuse_constant or tiles <= 1:
+            return 0.0
+        return min(MAX_CACHED_CONSTANTS, tiles - 1) * 4.0 * self.model_channels * float(np.prod(tile)) / MB
+
     def mirror_mb(self, tile: Sequence[int]) -> float:
         """Test-time mirroring's own infer request (its input filled for every flip, its output) and its float32
         sum of the model's outputs (:class:`volinfer.run.engine.Mirror`); 0 without mirroring."""
@@ -79,8 +88,11 @@ class TileBuffers:
         """What a crop tiling (``counts`` tiles of ``tile`` per axis, ``overlap`` per axis) holds beside the planner's
         model estimate: the buffers above, and the requests it keeps in flight other than the estimate's
         calibration (negative for a one-tile run: one request's tensors fewer)."""
-        Y, Z = self.shape[1], self.shape[2]
-        cy, cz = (min(t - o // 2, n) for t, o, n in zip(tile[1:], overlap[1:], (Y, Z)))  # the widest core
-        in_flight = max(1, min(self.requests, int(np.prod(counts))))
-        return (self.reader_mb(tile[1], tile[2]) + self.crop_stitch_mb(cy, cz, counts) + self.temporaries_mb(tile)
-                + self.mirror_mb(tile) + (in_flight - CALIBRATION_REQUESTS) * self.request_io_mb(tile))
+        # the widest core: the whole axis where one tile covers it, else the tile less its inner margin
+        cy, cz = (n if c == 1 else min(t - o // 2, n) for t, o, n, c in zip(tile[1:], overlap[1:], self.shape[1:],
+                                                                            counts[1:]))
+        tiles = int(np.prod(counts))
+        in_flight = max(1, min(self.requests, tiles))
+        extra = self.temporaries_mb(tile) + self.constants_mb(tile, tiles) + self.mirror_mb(tile)
+        return (self.reader_mb(tile[1], tile[2]) + self.crop_stitch_mb(cy, cz, counts) + extra
+                + (in_flight - CALIBRATION_REQUESTS) * self.request_io_mb(tile))
