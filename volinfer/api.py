@@ -18,7 +18,7 @@ from volinfer.io.batch_record import BatchRecord, check_unique
 from volinfer.io.journal import Journal, journal_path
 from volinfer.io.plane_store import remove_stale, spill_location
 from volinfer.model.tile_model import TileModel
-from volinfer.io.reader import VolumeSource, read_buffer
+from volinfer.io.reader import VolumeSource, stored_as
 from volinfer.io.ome import geometry_from_nifti
 from volinfer.io.formats import is_tiff_output, is_zarr, is_zarr_output
 from volinfer.io.sources import input_files
@@ -250,7 +250,7 @@ def _scan_input(run: _Run, volume: Any, handle: TileModel) -> tuple[TileModel, t
     try:
         run.scan = scan_input(handle, source, make_normalizer(handle, s, source.channels), s.input.nan_value,
                               fingerprint=run.output is not None and bool(run.in_paths))
-        stored = (max(r.dtype.itemsize for r in source.readers), read_buffer(source.readers))
+        stored = stored_as(source.readers)
     finally:
         if source is not volume:
             source.close()

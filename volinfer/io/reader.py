@@ -306,6 +306,12 @@ def read_buffer(readers: Sequence[Any]) -> str:
     return next((k for k in ("planes", "strip") if k in kinds), "nothing")
 
 
+def stored_as(readers: Sequence[Any]) -> tuple[int, str]:
+    """How a volume is stored, as the tiles engine's buffers are sized: bytes a voxel (its widest channel's) and
+    what its readers hold (:func:`read_buffer`)."""
+    return max(r.dtype.itemsize for r in readers), read_buffer(readers)
+
+
 class VolumeSource:
     """A volume of one or more channels: one 4-D file, several 3-D files (one per channel), or a numpy array.
 

@@ -27,7 +27,7 @@ DEFAULT_WORKING_MB = 1024.0
 #: measured steady RSS of a fresh process that compiled the model and ran both requests, over the estimate
 #: (2026-12-07, `volinfer.run.plan.measure_model`): reference U-Net bf16 1.53 / 1.77 / 1.71 and f32 1.64 / 1.81 / 1.72,
 #: MONAI InstanceNorm UNet f32 1.60 / 1.88 / 1.84 at 128³ / 192³ / 256³ tiles. 1.7 (the reference U-Net at 240³)
-#: let a 23-tile run of the InstanceNorm UNet under --max-memory 700M peak at 725 MiB; 1.85 covers every tile from
+#: let a 19-tile run of the InstanceNorm UNet under --max-memory 700M peak at 725 MiB; 1.85 covers every tile from
 #: 192³ up (at 128³ it is 13-21% high).
 PLUGIN_FACTOR = 1.85
 

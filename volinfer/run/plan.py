@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from volinfer.errors import VolinferError
-from volinfer.io.reader import read_buffer, scan_slabs
+from volinfer.io.reader import scan_slabs, stored_as
 from volinfer.io.sources import open_paths
 from volinfer.io.formats import is_zarr
 from volinfer.io.zarr_io import open_zarr_source
@@ -31,9 +31,8 @@ from volinfer.run.norm_stats import waves
 from volinfer.run.normalize import percentile_step
 from volinfer.run.pipeline import open_source
 from volinfer.run.settings import RunSettings
-from volinfer.run.tile_buffers import TileBuffers
 from volinfer.run.setup import (guard_for, make_normalizer, needs_input_scan, needs_norm_passes, resolve, scan_input,
-                                stored_receptive_field, verdict)
+                                stored_receptive_field, tile_buffers, verdict)
 from volinfer.tiling.geometry import TileGrid
 from volinfer.tiling.stitch import BlendStitcher
 
@@ -174,14 +173,13 @@ def measure_model(model: str | Path, tile: Sequence[int], layout: str | None, ou
     return ModelCost(data["peak_mb"], data["steady_mb"], data["tile_s"])
 
 
-def engine_buffers_mb(setup: Any, facts: "VolumeFacts", model_channels: int, s: RunSettings) -> dict[str, float]:
-    """The engine's memory beyond the compiled model, in MB, by part (see module docs), for a resolved run
+def engine_buffers_mb(setup: Any, facts: "VolumeFacts", tm: TileModel, s: RunSettings) -> dict[str, float]:
+    """The engine's memory beyond the compiled model ``tm``, in MB, by part (see module docs), for a resolved run
     (:class:`volinfer.run.setup.RunSetup`, its settings ``s``) on a volume (:class:`VolumeFacts`): the planner's own
-    account (:class:`volinfer.run.tile_buffers.TileBuffers`), with the blend stitcher's window where the run blends."""
+    account (:func:`volinfer.run.setup.tile_buffers`), with the blend stitcher's window where the run blends."""
     grid, stitch, norm = setup.grid, setup.stitch, setup.normalizer
-    buffers = TileBuffers(tuple(grid.shape), facts.channels, facts.itemsize, facts.reader_holds,  # type: ignore[arg-type]
-                          setup.spec.out_channels, setup.spec.dtype.itemsize, model_channels,
-                          max(1, s.runtime.requests), s.tiling.reuse_constant, bool(setup.mirror))
+    model_channels = tm.out_channels
+    buffers = tile_buffers(tm, grid.shape, s, (facts.itemsize, facts.reader_holds))
     scans, statistics = facts.floating or not norm.fitted, None if norm.fitted else norm.kind
     wide = facts.floating and facts.itemsize > 4
     X, Y, Z = grid.shape
@@ -195,8 +193,9 @@ def engine_buffers_mb(setup: Any, facts: "VolumeFacts", model_channels: int, s: 
         parts["stitch"] = (BlendStitcher.buffer_bytes(grid, model_channels)
                            + buffers.out_channels * min(ty, Y) * X * buffers.out_itemsize + 2 * min(ty, Y) * X * 4) / MB
     parts["tile temporaries"] = buffers.temporaries_mb(grid.tile_shape)
-    if buffers.constants_mb(grid.tile_shape, len(grid)):
-        parts["constant tiles"] = buffers.constants_mb(grid.tile_shape, len(grid))
+    constants = buffers.constants_mb(grid.tile_shape, len(grid))
+    if constants:
+        parts["constant tiles"] = constants
     if buffers.mirror:
         parts["mirroring"] = buffers.mirror_mb(grid.tile_shape)
     if scans:  # NaN/Inf scan and normalisation statistics, before the tile loop
@@ -265,11 +264,10 @@ def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
             raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
         zsrc, _ = open_zarr_source(paths[0])
         with zsrc:
-            return VolumeFacts(tuple(zsrc.shape), zsrc.channels, max(r.dtype.itemsize for r in zsrc.readers),
-                               read_buffer(zsrc.readers), any(r.dtype.kind == "f" for r in zsrc.readers), blocks=True)
+            return VolumeFacts(tuple(zsrc.shape), zsrc.channels, *stored_as(zsrc.readers),
+                               any(r.dtype.kind == "f" for r in zsrc.readers), blocks=True)
     with open_paths(paths, depth=1) as src:
-        return VolumeFacts(src.shape, src.channels, max(r.dtype.itemsize for r in src.readers),
-                           read_buffer(src.readers),
+        return VolumeFacts(src.shape, src.channels, *stored_as(src.readers),
                            any(r.dtype.kind == "f" for r in src.readers))
 
 
@@ -346,7 +344,7 @@ def _tiles_plan(model_path: str | Path, facts: Any, planned: tuple[Any, Any, Any
     tm, choice, setup = planned
     opts = {k: v for k, v in s.runtime.compile_dict().items() if v is not None}
     opts["precision"] = tm.options.precision  # f32 where the run's precision guard will choose it
-    parts = engine_buffers_mb(setup, facts, tm.out_channels, s)
+    parts = engine_buffers_mb(setup, facts, tm, s)
     # a request that never runs a tile never gets its output tensors: a grid of fewer tiles uses fewer requests
     requests = max(1, min(s.runtime.requests, len(setup.grid)))
     cost, measured_at = _model_cost(model_path, tm, choice, s, (opts, requests), estimate)
