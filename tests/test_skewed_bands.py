@@ -66,29 +66,44 @@ def test_skewed_bands_are_whole_volume_inference(tmp_path, monkeypatch, name, co
     np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 
 
-def test_one_plane_calls_hand_their_rows_in_place(tmp_path, monkeypatch):
-    """With one plane a call (wide cross-sections), a layer reading part of its input's held rows gets them as a
-    dense tensor over the plane's memory (rows are outermost in a plane), not a region OpenVINO copies: the result is
-    still whole-volume inference, and that path is the one taken."""
+def test_region_inputs_are_dense_tensors(tmp_path, monkeypatch):
+    """A layer reading part of its input's held rows gets a dense tensor, never a region (ROI) tensor, which
+    OpenVINO would copy into memory each segment's request keeps: with one plane a call (wide cross-sections) over
+    the plane's own memory (rows are outermost in a plane), with several planes a call a copy in the stream's one
+    scratch buffer per input position. Either way the result is still whole-volume inference."""
     from volinfer.run import stream
 
-    monkeypatch.setattr(stream, "CHUNK_BYTES", 1)
-    real, seen = stream._region, []
+    real, seen, scratches = stream._region, [], []
 
-    def spy(planes, rows, ten):
-        got = real(planes, rows, ten)
+    def spy(planes, rows, ten, dense):
+        got = real(planes, rows, ten, dense)
         data = got.data  # (a region tensor keeps its parent's strides, even along axes of one)
         seen.append((planes.shape[0], rows is not None and rows[1] - rows[0] < ten.shape[stream.YAXIS],
-                     data.strides == np.empty(data.shape, data.dtype).strides))
+                     data.strides == np.empty(data.shape, data.dtype).strides, np.shares_memory(data, planes)))
         return got
 
+    class Spied(stream.Scratch):
+        def __init__(self):
+            super().__init__()
+            scratches.append(self)
+
     monkeypatch.setattr(stream, "_region", spy)
+    monkeypatch.setattr(stream, "Scratch", Spied)
     path = _saved(tmp_path, stream_unet(seed=10))
     vol = _volume((23, 141, 19), seed=5)
-    out, _ = _skewed(vol, path, monkeypatch, 3, precision="f32")
     ref = whole_volume(path, vol, multiple=4)
-    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
-    assert (1, True, True) in seen, "no one-plane call read part of its input's rows"
+    for chunk_bytes in (1, 1 << 20):  # one plane a call; several
+        monkeypatch.setattr(stream, "CHUNK_BYTES", chunk_bytes)
+        seen.clear()
+        out, _ = _skewed(vol, path, monkeypatch, 3, precision="f32")
+        np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+        partial = [s for s in seen if s[1]]
+        assert partial and all(dense for _, _, dense, _ in partial), "a region tensor went to OpenVINO"
+        if chunk_bytes == 1:
+            assert (1, True, True, True) in seen, "no one-plane call read its input's rows in place"
+        else:
+            assert any(n > 1 and not shared for n, _, _, shared in partial), "no several-plane call read a region"
+    assert all(len(s.bufs) <= 2 for s in scratches)  # one buffer per input position (this model: at most two)
 
 
 def test_many_narrow_bands_and_vocabulary(tmp_path, monkeypatch):

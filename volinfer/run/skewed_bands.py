@@ -27,11 +27,12 @@ from volinfer.tiling.geometry import AxisPlan
 #: calls at the 512² cross-section run at full speed; narrower ones make more, smaller calls.
 MIN_BAND_AREA = 512 * 512
 #: A band's memory besides what a whole cross-section's plan counts, per MB of rows assembled in its segment calls
-#: (regions of several planes and padding rows the anchor does not add itself, which OpenVINO copies in, and the
-#: slots its strip-holding tensors are computed into; the sum over segments, of which only some coexist): fitted to
-#: seven runs of the reference U-Net, bf16, one process each, volinfer's allocator, bands balanced (the widest a
-#: middle band): 2048³ in 4, 8 and 16 bands (measured 1107, 668, 467 MiB; predicted 1109, 668, 448),
-#: 2048x1024x48 in 4 and 8 (662, 444; 667, 447), 2048x2048x32 in 12 and 16 (526, 442; 525, 443).
+#: (:func:`_assembled_bytes`): fitted to seven runs of the reference U-Net, bf16, one process each, volinfer's
+#: allocator, bands balanced (the widest a middle band), when OpenVINO still copied each region of several planes
+#: into its segment's own request (the sum over segments): 2048³ in 4, 8 and 16 bands (measured 1107, 668, 467 MiB;
+#: predicted 1109, 668, 448), 2048x1024x48 in 4 and 8 (662, 444; 667, 447), 2048x2048x32 in 12 and 16 (526, 442;
+#: 525, 443). Those copies now go to one scratch buffer (the largest counted, not the sum): 2048x2048x128 in 8, 12
+#: and 16 bands measured 620, 503-505 and 449 MiB against 545-550, 449 before (predicted 614, 493, 431).
 ASSEMBLY_FACTOR = 0.94
 #: A skewed band's segment calls take this much longer than a whole cross-section's per voxel (the regions copied
 #: in): inference 4.48 and 5.13 s in 4 and 8 bands against 4.62 s whole, 1024x1024x64 (one run each).
@@ -224,23 +225,25 @@ COUNTS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 def _assembled_bytes(g: StreamGraph, cut: BandCut, chunks: list[int]) -> int:
-    """Bytes one call of every segment assembles for band ``cut``: the inputs read as a region of several planes
-    (OpenVINO copies those in; one plane's rows are read in place) or with padding rows the anchor does not add
-    itself, and the slot each strip-holding output is computed into."""
+    """Bytes band ``cut``'s segment calls assemble their inputs and outputs in: inputs with padding rows the anchor
+    does not add itself (in each request's own memory), the slot each strip-holding output is computed into (one
+    per tensor), and the largest region of several planes one call reads (one plane's rows are read in place),
+    copied into the stream's one buffer for it (:class:`volinfer.run.stream.Scratch`)."""
     nodes = {n.get_friendly_name(): n for n in g.model.get_ordered_ops()}
-    total = 0
+    total, regions = 0, {}
     for seg, sc, t in zip(g.segments, cut.segments, chunks):
         native = pads_rows_itself(nodes.get(seg.anchor), seg)
         for j, ((key, win), ic) in enumerate(zip(seg.inputs, sc.inputs)):
             ten = g.tensors[key]
             planes = win.input_planes(t) if win.kind != "same" else t
-            padded = (ic.pad_before or ic.pad_after) and not (native and j == 0)
-            if padded or (planes > 1 and ic.hi - ic.lo != ten.shape[YAXIS]):
-                total += planes * _row_bytes(ten) * (ic.rows if padded else ic.hi - ic.lo)
+            if (ic.pad_before or ic.pad_after) and not (native and j == 0):
+                total += planes * _row_bytes(ten) * ic.rows
+            elif planes > 1 and ic.hi - ic.lo != ten.shape[YAXIS]:
+                regions[j] = max(regions.get(j, 0), planes * _row_bytes(ten) * (ic.hi - ic.lo))
         for k in seg.outputs:
             if cut.strip_rows(k) and t > 1:  # (one plane a call is computed in place)
                 total += t * _row_bytes(g.tensors[k]) * (cut.own[k][1] - cut.own[k][0])
-    return total
+    return total + sum(regions.values())
 
 
 def skew_options(tm: TileModel, shape: tuple[int, int, int], precision: str) -> list[stream.StreamPlan]:

@@ -273,6 +273,7 @@ class StreamRun:
         self.read_rows: dict[tuple[int, int], tuple[int, int]] = {}  # see read_only
         self.busy = 0.0
         self.calls = 0
+        self.scratch = Scratch()
         # each consumer's lowest plane still needed, per tensor: (segment index, input j) -> plane
         self.needs: dict[str, dict[tuple[int, int], int]] = {k: {} for k in graph.tensors}
         for rs in self.segs:
@@ -314,7 +315,8 @@ class StreamRun:
                                    (seg.index, j))
                       for j, ((key, _), (lo, hi)) in enumerate(zip(seg.inputs, ranges))]  # alive until infer returns
             for j, ((key, _), data) in enumerate(zip(seg.inputs, inputs)):
-                req.set_input_tensor(j, _region(data, self.read_rows.get((seg.index, j)), self.g.tensors[key]))
+                req.set_input_tensor(j, _region(data, self.read_rows.get((seg.index, j)), self.g.tensors[key],
+                                                self.scratch.dense(j)))
             for j, arr in enumerate(seg.window.call_inputs(a, t), len(seg.inputs)):  # an interpolation's planes
                 req.set_input_tensor(j, ov.Tensor(arr))
             for j, (k, slot) in enumerate(zip(seg.outputs, slots)):
@@ -422,21 +424,43 @@ def _tensor(arr: np.ndarray, ten: StreamTensor) -> ov.Tensor:
     return ov.Tensor(arr[None], shared_memory=True)
 
 
-def _region(planes: np.ndarray, rows: tuple[int, int] | None, ten: StreamTensor) -> ov.Tensor:
+class Scratch:
+    """Dense copies made for one call at a time, one growing buffer per use: a region of several planes handed to
+    OpenVINO as a region (ROI) tensor is copied into memory each infer request keeps for itself (every segment its
+    own), so the copies are made here, into memory every segment shares."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[Any, np.ndarray] = {}
+
+    def dense(self, use: Any) -> Callable[[np.ndarray], np.ndarray]:
+        """A function copying an array into this scratch's buffer for ``use`` (valid until its next copy)."""
+        def copy(view: np.ndarray) -> np.ndarray:
+            out = self.empty(use, view.shape, view.dtype)
+            np.copyto(out, view)
+            return out
+        return copy
+
+    def empty(self, use: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialised array in the buffer for ``use`` (valid until that buffer's next use)."""
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        buf = self.bufs.get(use)
+        if buf is None or buf.nbytes < size:
+            self.bufs.pop(use, None)  # (the smaller buffer goes before the larger one is made)
+            buf = self.bufs[use] = np.empty(size, np.uint8)
+        return buf[:size].view(dtype).reshape(shape)
+
+
+def _region(planes: np.ndarray, rows: tuple[int, int] | None, ten: StreamTensor,
+            dense: Callable[[np.ndarray], np.ndarray]) -> ov.Tensor:
     """Rows ``[lo, hi)`` (along y; None: all) of ``planes`` (z-first, ``ten``'s stored planes) shared with OpenVINO.
 
     Where those rows lie in one piece of memory (all rows, or one plane: rows are outermost in a stored plane) the
-    tensor is dense; otherwise it is a region (ROI) tensor, which OpenVINO copies in before it runs: dense tensors
-    spare that copy."""
+    tensor shares them; otherwise they are copied with ``dense`` (:class:`Scratch`) into one piece."""
     axis = ten.order.index(YAXIS) - 1
     if rows is None or rows == (0, planes.shape[axis]):
         return _tensor(planes, ten)
     view = planes[(slice(None),) * axis + (slice(*rows),)]
-    if view.flags.c_contiguous:
-        return _tensor(view, ten)
-    begin, shape = [0] * (planes.ndim + 1), [1, *planes.shape]
-    begin[axis + 1], shape[axis + 1] = rows
-    return ov.Tensor(_tensor(planes, ten), ov.Coordinate(begin), ov.Coordinate(shape))
+    return _tensor(view if view.flags.c_contiguous else dense(view), ten)
 
 
 def _bits(value: float, ten: StreamTensor) -> Any:
