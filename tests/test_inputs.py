@@ -536,3 +536,25 @@ def test_channel_files_on_different_grids_are_refused_in_one_line(tmp_path):
         assert "\n" not in str(e.value)
         with open_paths([tmp_path / f"a.{kind}", tmp_path / f"a.{kind}"], 4) as src:
             assert src.channels == 2 and tuple(src.shape) == (7, 6, 5)
+
+
+def test_compressed_tiff_window_moves_keep_every_plane(tmp_path, monkeypatch):
+    """A compressed stack is decoded page by page into a window of whole planes; windows moving forward, backward,
+    overlapping or not (and growing) give the stored planes, and planes two windows share are moved within the
+    window, not decoded again."""
+    tifffile = pytest.importorskip("tifffile")
+    from volinfer.io import tiff_io
+
+    zyx = np.random.default_rng(3).integers(0, 1000, (23, 7, 9)).astype(np.uint16)
+    path = tmp_path / "c.tif"
+    tifffile.imwrite(path, zyx, photometric="minisblack", compression="zlib")
+    ch = tiff_io.PageChannel(path, (9, 7, 23), np.dtype(np.uint16), 4)
+    decoded, page = [], ch._page
+    monkeypatch.setattr(ch, "_page", lambda z: decoded.append(z) or page(z))
+    for z0, z1 in ((0, 4), (2, 6), (5, 9), (3, 7), (1, 4), (10, 14), (12, 19), (17, 23), (16, 20)):
+        decoded.clear()
+        w0, w1 = ch._w0, ch._w1
+        got = ch.planes(z0, z1)
+        np.testing.assert_array_equal(got, zyx[z0:z1].transpose(2, 1, 0), err_msg=f"planes {z0}-{z1}")
+        assert decoded == [z for z in range(z0, z1) if not w0 <= z < w1], (z0, z1, decoded)
+    ch.close()

@@ -23,8 +23,8 @@ def test_crop_strips_counted_are_at_least_those_the_stitcher_holds(tmp_path, mon
     held = [0]
     add = stitch.CropStitcher.add
 
-    def counting(self, tile, output):
-        add(self, tile, output)
+    def counting(self, tile, output, kept=False):
+        add(self, tile, output, kept)
         held[0] = max(held[0], len(self._free) + len(self._open))
 
     monkeypatch.setattr(stitch.CropStitcher, "add", counting)
@@ -40,6 +40,38 @@ def test_crop_strips_counted_are_at_least_those_the_stitcher_holds(tmp_path, mon
     assert held[0] >= 1 and held[0] * one <= tb.crop_stitch_mb(16, 16, counts) + 1e-9, (held[0], counts)
     if counts[0] == 1 or not constant:
         assert held[0] == 1
+
+
+@pytest.mark.parametrize("mode,kind", [("crop", "labels"), ("crop", "probabilities"), ("gaussian", "labels")])
+def test_cached_constant_tiles_are_what_the_planner_counts(tmp_path, monkeypatch, mode, kind):
+    """Constant tiles (background, here of two values) are inferred once per value and the output kept for the
+    tiles after them: post-processed as written when the run crops (a byte a voxel for labels, against 4 bytes a
+    model channel), the model's float32 output when it blends. The planner counts what the engine keeps, and
+    reusing it changes no output voxel (against a run without reuse)."""
+    from volinfer.run import engine
+
+    kept, stitch_ = [0], engine._Requests._stitch
+
+    def spy(self, i):
+        stitch_(self, i)
+        kept[0] = max(kept[0], sum(a.nbytes for a in self.cache.values()))
+
+    monkeypatch.setattr(engine._Requests, "_stitch", spy)
+    xml = save_unet2(tmp_path / "m.xml", receptive_field="[4, 4, 4]")
+    shape = (77, 80, 63)
+    v = np.zeros(shape, np.float32)
+    v[:, 27:] = 3.0  # two constant values: two cached outputs
+    v[:20, :30, :20] = np.random.default_rng(1).standard_normal((20, 30, 20))
+    kw = dict(tile=[24, 24, 24], overlap=8, stitch=mode, kind=kind, precision="f32", requests=2)
+    out, rep = volinfer.predict(v, str(xml), report=True, **kw)
+    np.testing.assert_array_equal(out, volinfer.predict(v, str(xml), reuse_constant=False, **kw))
+    assert int(rep.extra["constant"].split()[0]) > 2
+    itemsize = 1 if kind == "labels" else 4
+    tb = TileBuffers(shape, 1, 4, "nothing", 1 if kind == "labels" else 2, itemsize, 2, 2)
+    counted = tb.constants_mb(rep.tile, int(np.prod(rep.grid)), crop=mode == "crop")
+    assert kept[0] / 2**20 == pytest.approx(counted), (kept[0] / 2**20, counted)
+    if kind == "labels":  # a byte a voxel cropping; blending keeps the model's two float32 channels
+        assert kept[0] == 2 * 24**3 * (1 if mode == "crop" else 8)
 
 
 def test_readers_say_what_they_hold(tmp_path):

@@ -78,13 +78,18 @@ class PageChannel:
         self._w0 = self._w1 = 0  # the window holds planes [w0, w1)
 
     def _fill(self, z0: int, z1: int) -> None:
-        if z1 - z0 > self._buf.shape[0]:
-            self._buf = np.empty((z1 - z0, *self._buf.shape[1:]), dtype=self.dtype)
-        keep = range(max(z0, self._w0), min(z1, self._w1))
-        old = {z: self._buf[z - self._w0].copy() for z in keep}  # at most a window: planes both windows share
-        for z in range(z0, z1):
-            self._buf[z - z0] = old[z] if z in old else self._page(z)
+        """The window moved to planes [z0, z1): planes both windows share move within the buffer (never copied
+        aside: the window is all it holds), the others are decoded."""
+        old, w0 = self._buf, self._w0
+        if z1 - z0 > old.shape[0]:
+            self._buf = np.empty((z1 - z0, *old.shape[1:]), dtype=self.dtype)
+        keep = range(max(z0, w0), min(z1, self._w1))
+        for z in keep if z0 >= w0 else reversed(keep):  # in the order that moves no plane before it is read
+            self._buf[z - z0] = old[z - w0]
         self._w0, self._w1 = z0, z1
+        for z in range(z0, z1):
+            if z not in keep:
+                self._buf[z - z0] = self._page(z)
 
     def _page(self, z: int) -> np.ndarray:
         try:

@@ -100,7 +100,7 @@ class _Requests:
             out = self.mirrored(self.model.input_view(self.buffers[i]), out)
         key = self.key[i]
         if key is not None and key not in self.cache and len(self.cache) < MAX_CACHED_CONSTANTS:
-            self.cache[key] = out.copy()
+            self.cache[key] = self.stitcher.keep(out)
         self.stitcher.add(self.tile[i], out)
         self.tile[i] = self.key[i] = None
 
@@ -155,7 +155,7 @@ def run_tiles(source: VolumeSource, model: TileModel, stitcher: Any, job: TileJo
             if key is not None and key in slots.cache:
                 if grid.mode == "blend" and slots.in_flight():
                     slots.drain()  # blended sums are added in submission order, cached tiles included: reproducible
-                stitcher.add(tile, slots.cache[key])
+                stitcher.add(tile, slots.cache[key], kept=True)
                 reused += 1
             else:
                 slots.submit(i, tile, key, done)

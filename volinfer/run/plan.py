@@ -193,7 +193,7 @@ def engine_buffers_mb(setup: Any, facts: "VolumeFacts", tm: TileModel, s: RunSet
         parts["stitch"] = (BlendStitcher.buffer_bytes(grid, model_channels)
                            + buffers.out_channels * min(ty, Y) * X * buffers.out_itemsize + 2 * min(ty, Y) * X * 4) / MB
     parts["tile temporaries"] = buffers.temporaries_mb(grid.tile_shape)
-    constants = buffers.constants_mb(grid.tile_shape, len(grid))
+    constants = buffers.constants_mb(grid.tile_shape, len(grid), stitch == "crop")
     if constants:
         parts["constant tiles"] = constants
     if buffers.mirror:

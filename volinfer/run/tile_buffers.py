@@ -21,7 +21,8 @@ MB = 2**20
 #: flight holds its own float32 input and output tensors, so a run keeping fewer in flight (a one-tile run uses one;
 #: the other requests never get their output tensors, and their zeroed input buffers are never touched) holds less.
 CALIBRATION_REQUESTS = 2
-#: Distinct constant tiles whose output the engine keeps to reuse (each a float32 tile of the model's output).
+#: Distinct constant tiles whose output the engine keeps to reuse (each a whole tile of the written output when it
+#: crops, of the model's float32 output when it blends: :meth:`volinfer.tiling.stitch.CropStitcher.keep`).
 MAX_CACHED_CONSTANTS = 2
 
 
@@ -70,12 +71,14 @@ class TileBuffers:
         """One infer request's float32 input and output tensors at ``tile``."""
         return 4.0 * (self.in_channels + self.model_channels) * float(np.prod(tile)) / MB
 
-    def constants_mb(self, tile: Sequence[int], tiles: int) -> float:
-        """The cached outputs of constant tiles (up to :data:`MAX_CACHED_CONSTANTS` float32 model outputs, kept for
-        the tiles after them); 0 without reuse or for one tile (it is constant only when the whole volume is)."""
+    def constants_mb(self, tile: Sequence[int], tiles: int, crop: bool = True) -> float:
+        """The cached outputs of constant tiles (up to :data:`MAX_CACHED_CONSTANTS` tiles kept for the tiles after
+        them: post-processed as written when the run crops, the model's float32 output when it blends); 0 without
+        reuse or for one tile (it is constant only when the whole volume is)."""
         if not self.reuse_constant or tiles <= 1:
             return 0.0
-        return min(MAX_CACHED_CONSTANTS, tiles - 1) * 4.0 * self.model_channels * float(np.prod(tile)) / MB
+        voxel = self.out_channels * self.out_itemsize if crop else 4.0 * self.model_channels
+        return min(MAX_CACHED_CONSTANTS, tiles - 1) * voxel * float(np.prod(tile)) / MB
 
     def mirror_mb(self, tile: Sequence[int]) -> float:
         """Test-time mirroring's own infer request (its input filled for every flip, its output) and its float32

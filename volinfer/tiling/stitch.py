@@ -70,8 +70,17 @@ class CropStitcher:
         core_z = max(min(c1, rz[1]) - max(c0, rz[0]) for c0, c1 in grid.axes[2].cores)
         self._full = (spec.out_channels, core_z, core_y, rx1 - rx0)
 
-    def add(self, tile: Tile, output: np.ndarray) -> None:
-        """Post-process the centre of ``output`` (C, x, y, z, a view of the request's buffer) into its strip."""
+    def keep(self, output: np.ndarray) -> np.ndarray:
+        """A whole tile's ``output`` (C, x, y, z) as :meth:`add` takes it back with ``kept`` (a constant tile's,
+        reused for the tiles after it): post-processed (per voxel, so any core of it is what :meth:`add` would
+        write), (out_channels, z, y, x) in the written dtype: a byte a voxel for labels, against 4 a model channel."""
+        kept = np.empty((self.spec.out_channels, *output.shape[:0:-1]), self.spec.dtype)
+        self.spec(output.transpose(0, 3, 2, 1), kept)
+        return kept
+
+    def add(self, tile: Tile, output: np.ndarray, kept: bool = False) -> None:
+        """Post-process the centre of ``output`` (C, x, y, z, a view of the request's buffer) into its strip;
+        ``kept``: ``output`` is what :meth:`keep` made of a tile's, post-processed already."""
         (cx0, cx1), (cy0, cy1), (cz0, cz1) = (_clip(c, r) for c, r in zip(tile.core, self.region))
         sx, sy, sz = tile.start
         entry = self._open.get(tile.row)
@@ -79,9 +88,13 @@ class CropStitcher:
             buf = self._free.pop() if self._free else np.empty(self._full, dtype=self.spec.dtype)
             # leading rows of each plane: every (channel, z) plane of the view stays contiguous for the writer
             entry = self._open[tile.row] = [buf[:, : cz1 - cz0, : cy1 - cy0], self._per_row, buf]
-        core = output[:, cx0 - sx : cx1 - sx, cy0 - sy : cy1 - sy, cz0 - sz : cz1 - sz]
         rx0 = self.region[0][0]
-        self.spec(core.transpose(0, 3, 2, 1), entry[0][..., cx0 - rx0 : cx1 - rx0])
+        dest = entry[0][..., cx0 - rx0 : cx1 - rx0]
+        if kept:
+            np.copyto(dest, output[:, cz0 - sz : cz1 - sz, cy0 - sy : cy1 - sy, cx0 - sx : cx1 - sx])
+        else:
+            self.spec(output[:, cx0 - sx : cx1 - sx, cy0 - sy : cy1 - sy, cz0 - sz : cz1 - sz].transpose(0, 3, 2, 1),
+                      dest)
         entry[1] -= 1
         if entry[1] == 0:
             self.writer.write(entry[0], cz0, cy0)
@@ -155,8 +168,13 @@ class BlendStitcher:
         return channels * floats * 4
 
     # -- the engine's interface -----------------------------------------------------------------------------------
-    def add(self, tile: Tile, output: np.ndarray) -> None:
-        """Add ``weights * output`` (C, x, y, z) to the open sums, closing rows no later tile can touch."""
+    def keep(self, output: np.ndarray) -> np.ndarray:
+        """A copy of a whole tile's ``output`` to :meth:`add` again (blending weighs the model's values)."""
+        return output.copy()
+
+    def add(self, tile: Tile, output: np.ndarray, kept: bool = False) -> None:
+        """Add ``weights * output`` (C, x, y, z) to the open sums, closing rows no later tile can touch (``kept``:
+        ``output`` came from :meth:`keep`, the same values)."""
         iz, iy = tile.index[2], tile.index[1]
         if self._iz is not None and iz != self._iz:
             if iz < self._iz:
