@@ -106,3 +106,32 @@ def test_plan_and_run_choose_the_same_tiling(tmp_path):
         assert tuple(rep.tile) == tuple(planned.tile) and rep.exact, (name, rep.tile, planned.tile)
         tiles[name] = tuple(rep.tile)
     assert tiles["v.nii.gz"][2] < tiles["v.nii"][2], tiles
+
+
+def test_mirroring_memory_counted_is_what_it_allocates(tmp_path, monkeypatch):
+    """--mirror keeps its own infer request (input buffer, output tensor) and a float32 sum of the model's outputs:
+    the planner's mirror_mb is those allocations' bytes; mirrored runs stay whole-tile averages of the flips (the
+    crop stitching exact), checked against the flips computed here."""
+    from volinfer.run import engine
+
+    made = []
+    init = engine.Mirror.__init__
+
+    def spy(self, model, axes):
+        init(self, model, axes)
+        made.append(self)
+
+    monkeypatch.setattr(engine.Mirror, "__init__", spy)
+    xml = save_unet2(tmp_path / "m.xml", receptive_field="[4, 4, 4]")
+    shape = (40, 36, 28)
+    v = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    kw = dict(tile=[24, 24, 24], overlap=8, kind="raw", precision="f32", requests=2)
+    out = volinfer.predict(v, str(xml), mirror="xz", **kw)
+    flips = [volinfer.predict(np.flip(v, axes), str(xml), **kw) for axes in ((), (0,), (2,), (0, 2))]
+    ref = sum(np.flip(f, axes) for f, axes in zip(flips, ((), (0,), (2,), (0, 2)))) / 4
+    np.testing.assert_allclose(out, ref, atol=1e-5 * np.abs(ref).max())
+    (m,) = made
+    out_bytes = m.request.get_output_tensor(0).data.nbytes
+    allocated = (m.buffer.nbytes + out_bytes + m.acc.nbytes) / 2**20
+    tb = TileBuffers(shape, 1, 4, "nothing", 2, 4, 2, 2, mirror=True)
+    assert allocated == pytest.approx(tb.mirror_mb([24, 24, 24])), (allocated, tb.mirror_mb([24, 24, 24]))

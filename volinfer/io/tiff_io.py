@@ -84,12 +84,13 @@ class PageChannel:
         if z1 - z0 > old.shape[0]:
             self._buf = np.empty((z1 - z0, *old.shape[1:]), dtype=self.dtype)
         keep = range(max(z0, w0), min(z1, self._w1))
+        self._w0 = self._w1 = 0  # (holding nothing until every plane is in)
         for z in keep if z0 >= w0 else reversed(keep):  # in the order that moves no plane before it is read
             self._buf[z - z0] = old[z - w0]
-        self._w0, self._w1 = z0, z1
         for z in range(z0, z1):
             if z not in keep:
                 self._buf[z - z0] = self._page(z)
+        self._w0, self._w1 = z0, z1
 
     def _page(self, z: int) -> np.ndarray:
         try:

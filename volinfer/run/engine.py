@@ -100,8 +100,10 @@ class _Requests:
             out = self.mirrored(self.model.input_view(self.buffers[i]), out)
         key = self.key[i]
         if key is not None and key not in self.cache and len(self.cache) < MAX_CACHED_CONSTANTS:
-            self.cache[key] = self.stitcher.keep(out)
-        self.stitcher.add(self.tile[i], out)
+            self.cache[key] = self.stitcher.keep(out)  # (post-processed once: this tile takes it too)
+            self.stitcher.add(self.tile[i], self.cache[key], kept=True)
+        else:
+            self.stitcher.add(self.tile[i], out)
         self.tile[i] = self.key[i] = None
 
 

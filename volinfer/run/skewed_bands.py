@@ -32,10 +32,12 @@ MIN_BAND_AREA = 512 * 512
 #: into its segment's own request (the sum over segments): 2048³ in 4, 8 and 16 bands (measured 1107, 668, 467 MiB;
 #: predicted 1109, 668, 448), 2048x1024x48 in 4 and 8 (662, 444; 667, 447), 2048x2048x32 in 12 and 16 (526, 442;
 #: 525, 443). Those copies now go to one scratch buffer (the largest counted, not the sum): 2048x2048x128 in 8, 12
-#: and 16 bands measured 620, 503-505 and 449 MiB against 545-550, 449 before (predicted 614, 493, 431).
+#: and 16 bands measured 620, 503-505 and 449 MiB (12 bands: 545-550 MiB before; predicted 614, 493, 431: up to 4%
+#: low, the factor not refitted).
 ASSEMBLY_FACTOR = 0.94
 #: A skewed band's segment calls take this much longer than a whole cross-section's per voxel (the regions copied
-#: in): inference 4.48 and 5.13 s in 4 and 8 bands against 4.62 s whole, 1024x1024x64 (one run each).
+#: in, by OpenVINO when this was measured, by :class:`volinfer.run.stream.Scratch` since): inference 4.48 and 5.13 s
+#: in 4 and 8 bands against 4.62 s whole, 1024x1024x64 (one run each).
 SKEW_VOXEL_COST = 1.05
 
 
@@ -238,7 +240,7 @@ def _assembled_bytes(g: StreamGraph, cut: BandCut, chunks: list[int]) -> int:
             planes = win.input_planes(t) if win.kind != "same" else t
             if (ic.pad_before or ic.pad_after) and not (native and j == 0):
                 total += planes * _row_bytes(ten) * ic.rows
-            elif planes > 1 and ic.hi - ic.lo != ten.shape[YAXIS]:
+            if planes > 1 and ic.hi - ic.lo != ten.shape[YAXIS]:
                 regions[j] = max(regions.get(j, 0), planes * _row_bytes(ten) * (ic.hi - ic.lo))
         for k in seg.outputs:
             if cut.strip_rows(k) and t > 1:  # (one plane a call is computed in place)

@@ -361,8 +361,8 @@ class StreamRun:
             buf.close()
 
     def read_only(self, rows: dict[tuple[int, int], tuple[int, int]]) -> None:
-        """Skewed bands: consumer (segment index, input j) reads only rows ``[lo, hi)`` of its input's planes (handed
-        to OpenVINO without a copy here: see :func:`_region`). A spilled buffer writes to disk only the rows its far
+        """Skewed bands: consumer (segment index, input j) reads only rows ``[lo, hi)`` of its input's planes (in place
+        for one plane a call, else copied into the run's :class:`Scratch`: see :func:`_region`). A spilled buffer writes to disk only the rows its far
         consumers read (:meth:`SpilledBuffer.narrow`), which they then read at offset 0."""
         self.read_rows = dict(rows)
         for buf in self.bufs.values():
