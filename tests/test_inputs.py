@@ -167,15 +167,17 @@ def _write_formats(tmp: Path, vol: np.ndarray) -> dict[str, Path]:
 
 def test_every_format_gives_the_direct_labels(env):
     """Acceptance (issue 23): TIFF stacks, .mha, .mhd and .nrrd of the same voxels give 100% the direct run's
-    labels (raw files through the lazy strip reader, compressed ones decoded); the ITK files' affine is RAS."""
+    labels (raw files through the lazy strip reader, compressed ones through a window of planes: decoded pages, or
+    zlib/gzip streams decompressed as read); the ITK files' affine is RAS."""
     from volinfer.io.sources import open_paths
-    from volinfer.io.reader import StripChannel
+    from volinfer.io.reader import StreamChannel, StripChannel
 
     tmp, vol, direct = env
     for name, path in _write_formats(tmp, vol).items():
         with open_paths([path], 8) as src:
             assert src.shape == SHAPE
             assert isinstance(src.readers[0], StripChannel) == (not name.endswith(("_gz", "_zlib")))
+            assert isinstance(src.readers[0], StreamChannel) == name.endswith("_gz")
             if not name.startswith("tif"):
                 np.testing.assert_allclose(src.affine, AFFINE, atol=1e-9)
         ok("run", path, "-m", tmp / "asym.xml", "-o", tmp / f"out_{name}.nii", *RUN)
@@ -558,3 +560,35 @@ def test_compressed_tiff_window_moves_keep_every_plane(tmp_path, monkeypatch):
         np.testing.assert_array_equal(got, zyx[z0:z1].transpose(2, 1, 0), err_msg=f"planes {z0}-{z1}")
         assert decoded == [z for z in range(z0, z1) if not w0 <= z < w1], (z0, z1, decoded)
     ch.close()
+
+
+def test_compressed_mha_and_nrrd_stream_a_window_of_planes(tmp_path):
+    """Compressed MetaImage (one zlib stream, attached and detached .zraw) and gzip NRRD (attached, detached .raw.gz,
+    big-endian) are decompressed as read into a window of whole planes, never whole: the same voxels SimpleITK
+    decodes, windows moving forward and back; a truncated or corrupted stream is a one-line error."""
+    import gzip as gz
+    import SimpleITK as sitk
+    from volinfer.errors import VolinferError
+    from volinfer.io.reader import StreamChannel, read_buffer
+    from volinfer.io.sources import open_paths
+
+    zyx = np.random.default_rng(4).integers(-900, 900, (19, 13, 11)).astype(np.int16)
+    img = sitk.GetImageFromArray(zyx)
+    files = {name: tmp_path / name for name in ("a.mha", "d.mhd", "a.nrrd", "d.nhdr")}
+    for path in files.values():
+        sitk.WriteImage(img, str(path), True)
+    head = ("NRRD0004\ntype: int16\ndimension: 3\nsizes: 11 13 19\nendian: big\nencoding: gzip\n\n").encode()
+    files["big.nrrd"] = tmp_path / "big.nrrd"
+    files["big.nrrd"].write_bytes(head + gz.compress(zyx.astype(">i2").tobytes()))
+    for name, path in files.items():
+        with open_paths([path], 4) as src:
+            assert isinstance(src.readers[0], StreamChannel) and read_buffer(src.readers) == "planes", name
+            ch = src.readers[0]
+            for z0, z1 in ((0, 4), (2, 6), (9, 13), (1, 5), (15, 19)):
+                np.testing.assert_array_equal(ch.planes(z0, z1), zyx[z0:z1].transpose(2, 1, 0), err_msg=name)
+    data = files["a.mha"].read_bytes()
+    for bad, what in ((data[: len(data) - 200], "truncated"), (data[:-60] + bytes(60), "corrupt")):
+        (tmp_path / "bad.mha").write_bytes(bad)
+        with pytest.raises(VolinferError, match=what):
+            with open_paths([tmp_path / "bad.mha"], 4) as src:
+                src.readers[0].planes(0, 4), src.readers[0].planes(15, 19)

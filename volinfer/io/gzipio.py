@@ -92,6 +92,46 @@ def open_read(path: str | os.PathLike) -> _GzipReader:
     return _GzipReader(gzip.open(path, "rb"))
 
 
+class InflateReader:
+    """A zlib- or gzip-framed deflate stream that starts ``offset`` bytes into a file, decompressed as it is read
+    (the voxels of a compressed MetaImage, ``CompressedData = True``, or a gzip NRRD, after their text header), never
+    more at once than a read asks for. Decompression errors surface as :class:`gzip.BadGzipFile`; the stream's
+    checksum is checked at its end."""
+
+    CHUNK = 1 << 20  # compressed bytes read at a time
+
+    def __init__(self, path: str | os.PathLike, offset: int, framing: str) -> None:
+        self._f = open(path, "rb")
+        self._f.seek(offset)
+        # the standard library's: its unconsumed_tail keeps the input not yet inflated, so no call inflates more
+        # than it returns (ISA-L's keeps output inside instead: a bomb's worth from one chunk)
+        self._d = zlib.decompressobj(31 if framing == "gzip" else 15)
+        self._tail = b""
+
+    def readinto(self, view: Any) -> int:
+        out = memoryview(view).cast("B")
+        got = 0
+        while got < len(out) and not self._d.eof:
+            data = self._tail or self._f.read(self.CHUNK)
+            try:
+                piece = self._d.decompress(data, len(out) - got)
+            except zlib.error as e:
+                raise gzip.BadGzipFile(f"invalid compressed data: {e}") from None
+            self._tail = self._d.unconsumed_tail
+            out[got: got + len(piece)] = piece
+            got += len(piece)
+            if not data:
+                break  # the file ends here (truncated unless the stream ended)
+        return got
+
+    def read(self, n: int = -1) -> bytes:
+        buf = bytearray(n if n >= 0 else self.CHUNK)
+        return bytes(buf[: self.readinto(buf)])
+
+    def close(self) -> None:
+        self._f.close()
+
+
 # --- writing -------------------------------------------------------------------------------------------------------
 
 #: ISA-L's levels are 0-3 (0: fastest, weaker ratio); zlib's level 1 and ISA-L's level 1 give about the same ratio.

@@ -7,9 +7,11 @@ NIfTI writer stores it, and the voxels come in ``(x, y, z)`` order (ITK's index 
 Lazy where the format is raw: an uncompressed ``.mha`` (``ElementDataFile = LOCAL``), ``.mhd`` + ``.raw`` and NRRD with
 ``encoding: raw`` (attached or detached) have NIfTI's memory layout, so they are read by the same positioned strip
 reader as ``.nii`` files (:class:`volinfer.io.reader.StripChannel`) at the data offset their header gives. Compressed
-files (``CompressedData = True``, NRRD gzip/bzip2) are decompressed whole by SimpleITK (memory: the volume), after
-checking that the compressed bytes can hold what the header declares. Declared sizes are checked against the bytes
-present before anything of that size is allocated; vector (multi-component) images are refused (one file per
+ones (``CompressedData = True``: one zlib stream; NRRD ``encoding: gzip``, 3D Slicer's default) are decompressed as
+they are read, a window of whole planes at a time, like a ``.nii.gz`` (:class:`volinfer.io.reader.StreamChannel`).
+Other encodings SimpleITK decodes whole (NRRD text/hex: memory, the volume; bzip2 is refused: its expansion cannot be
+bounded), after checking that the bytes can hold what the header declares. Declared sizes are checked against the
+bytes present before anything of that size is allocated; vector (multi-component) images are refused (one file per
 channel); DICOM series are out of scope (convert them with ``dcm2niix``).
 """
 
@@ -24,8 +26,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from volinfer.errors import VolinferError
-from volinfer.io.reader import (MAX_DEFLATE_RATIO, open_channels, ArrayChannel, StoredLayout, StripChannel, VolumeSource,
-                                check_declared_size, native)
+from volinfer.io.gzipio import InflateReader
+from volinfer.io.reader import (MAX_DEFLATE_RATIO, open_channels, ArrayChannel, StoredLayout, StreamChannel,
+                                StripChannel, VolumeSource, check_declared_size, native)
 
 #: Header bytes read to find the data offset (MetaImage / NRRD headers are a few hundred bytes).
 HEADER_MAX = 1 << 16
@@ -50,11 +53,13 @@ class ItkHeader:
 
 @dataclass
 class RawData:
-    """Where an uncompressed file's voxels lie (None from :func:`raw_data` for compressed or unusual layouts)."""
+    """Where a file's voxels lie: uncompressed (:func:`raw_data`), or one compressed stream (:func:`packed_data`:
+    ``framing`` "zlib" or "gzip", ``offset`` where the stream starts in the file)."""
 
     path: Path
     offset: int
     big_endian: bool
+    framing: str | None = None
 
 
 def read_header(p: Path) -> ItkHeader:
@@ -99,7 +104,7 @@ def raw_data(p: Path, nbytes: int) -> RawData | None:
         head = f.read(HEADER_MAX)
     if head.startswith(b"NRRD"):
         end = head.find(b"\n\n")
-        fields = _fields(head[: max(end, 0)].decode("latin-1"), ":")
+        fields = _fields(head[: end if end >= 0 else len(head)].decode("latin-1"), ":")
         if fields.get("encoding") != "raw" or fields.get("line skip", "0") != "0":
             return None
         big = fields.get("endian") == "big"
@@ -120,6 +125,37 @@ def raw_data(p: Path, nbytes: int) -> RawData | None:
     if data.upper() == "LOCAL":
         return RawData(p, line_end + 1, big) if line_end >= 0 else None
     return _detached(p, data, int(fields.get("headersize", "0")), nbytes, big)
+
+
+def packed_data(p: Path) -> RawData | None:
+    """Where a compressed MetaImage's zlib stream (``CompressedData = True``) or a gzip NRRD's stream starts, and
+    the voxels' byte order; None for other encodings and layouts (lists of files, byte or line skips)."""
+    with open(p, "rb") as f:
+        head = f.read(HEADER_MAX)
+    if head.startswith(b"NRRD"):
+        end = head.find(b"\n\n")
+        fields = _fields(head[: end if end >= 0 else len(head)].decode("latin-1"), ":")
+        if fields.get("encoding") not in ("gzip", "gz") or fields.get("line skip", "0") != "0" \
+                or fields.get("byte skip", "0") != "0":
+            return None
+        data, big = fields.get("data file") or fields.get("datafile"), fields.get("endian") == "big"
+        if data is None:
+            return RawData(p, end + 2, big, "gzip") if end >= 0 else None
+        found = _detached(p, data, 0, 0, big)
+        return RawData(found.path, 0, big, "gzip") if found is not None else None
+    cut = head.find(b"ElementDataFile")
+    line_end = head.find(b"\n", cut)
+    if cut < 0 or line_end < 0:
+        return None
+    fields = _fields(head[:line_end].decode("latin-1"), "=")
+    if fields.get("compresseddata", "false").lower() != "true" or fields.get("headersize", "0") != "0":
+        return None
+    big = (fields.get("binarydatabyteordermsb") or fields.get("elementbyteordermsb", "false")).lower() == "true"
+    data = fields.get("elementdatafile", "")
+    if data.upper() == "LOCAL":
+        return RawData(p, line_end + 1, big, "zlib")
+    found = _detached(p, data, 0, 0, big)
+    return RawData(found.path, 0, big, "zlib") if found is not None else None
 
 
 def _nrrd_encoding(p: Path) -> str | None:
@@ -159,8 +195,9 @@ def data_files(p: Path) -> list[Path]:
     return [p.parent / name]
 
 
-def _open_one(p: Path) -> tuple[Any, ItkHeader]:
-    """One scalar volume: its channel reader (strips of the raw data, or the decompressed array) and header."""
+def _open_one(p: Path, depth: int) -> tuple[Any, ItkHeader]:
+    """One scalar volume: its channel reader (strips of the raw data, a window of planes decompressed as read, or
+    the array SimpleITK decoded) and header."""
     hdr = read_header(p)
     nbytes = math.prod(hdr.shape) * hdr.dtype.itemsize
     raw = raw_data(p, nbytes)
@@ -170,14 +207,20 @@ def _open_one(p: Path) -> tuple[Any, ItkHeader]:
         layout = StoredLayout(raw.path, hdr.shape, native(stored), raw.offset, 1.0, 0.0,
                               swap=native(stored) != stored)
         return StripChannel(layout), hdr
+    packed = packed_data(p)
+    if packed is not None:
+        stored = hdr.dtype.newbyteorder(">" if packed.big_endian else "<")
+        _check_inflatable(p, nbytes, os.path.getsize(packed.path) - packed.offset)
+        layout = StoredLayout(packed.path, hdr.shape, native(stored), 0, 1.0, 0.0, swap=native(stored) != stored)
+        channel = StreamChannel(layout, depth, lambda: InflateReader(packed.path, packed.offset, packed.framing))
+        channel.verify_end = True  # one volume a file: its stream's checksum is checked after the last plane
+        return channel, hdr
     size = os.path.getsize(p)
     encoding = _nrrd_encoding(p)
     if encoding is not None and encoding not in ("gzip", "gz", "text", "txt", "ascii", "hex"):
         raise VolinferError(f"{p}: NRRD encoding '{encoding}' is not read (its expansion cannot be bounded before "
                             f"decoding): save it raw or gzip-compressed")
-    if nbytes > size * MAX_DEFLATE_RATIO:
-        raise VolinferError(f"{p}: header describes {nbytes} bytes of voxels, more than {size} compressed bytes can "
-                            f"hold: the header's size is wrong or the file is truncated")
+    _check_inflatable(p, nbytes, size)
     sitk = _sitk()
     try:
         array = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))  # (z, y, x)
@@ -187,9 +230,17 @@ def _open_one(p: Path) -> tuple[Any, ItkHeader]:
     return ArrayChannel(array.transpose(2, 1, 0)), hdr
 
 
+def _check_inflatable(p: Path, nbytes: int, size: int) -> None:
+    """``size`` compressed bytes must be able to hold the ``nbytes`` of voxels the header declares (deflate expands
+    at most :data:`volinfer.io.reader.MAX_DEFLATE_RATIO` times), before anything that large is allocated."""
+    if nbytes > size * MAX_DEFLATE_RATIO:
+        raise VolinferError(f"{p}: header describes {nbytes} bytes of voxels, more than {size} compressed bytes can "
+                            f"hold: the header's size is wrong or the file is truncated")
+
+
 def open_itk_source(paths: Sequence[str | os.PathLike], depth: int) -> VolumeSource:
-    """A :class:`VolumeSource` over one MHA/MHD/NRRD file per channel (same grid), lazily where raw. ``depth`` is
-    unused (strip reads are random access); kept for the common opener signature."""
-    readers, first = open_channels(paths, _open_one, lambda h, f: h.shape != f.shape
+    """A :class:`VolumeSource` over one MHA/MHD/NRRD file per channel (same grid), lazily where raw or zlib/gzip
+    compressed (``depth``: the planes a compressed file's window holds: the tile's)."""
+    readers, first = open_channels(paths, lambda p: _open_one(p, depth), lambda h, f: h.shape != f.shape
                                    or not np.allclose(h.affine, f.affine, atol=1e-4))
     return VolumeSource(readers, first.shape, affine=first.affine, paths=[Path(p) for p in paths])

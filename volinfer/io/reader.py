@@ -196,14 +196,17 @@ class StripChannel:
 
 
 class StreamChannel:
-    """Forward-only reader for gzip files: keeps a window of whole z-planes, decompressing in on-disk order."""
+    """Forward-only reader for compressed files: keeps a window of whole z-planes, decompressing in on-disk order
+    (a ``.nii.gz``; with ``opener``, any stream of x-fastest voxels, e.g. a compressed MHA or NRRD's after its
+    header: :class:`volinfer.io.gzipio.InflateReader`)."""
 
     HOLDS = "planes"
 
     verify_end = False  # the file's last channel: check the gzip trailer once the last plane is read
 
-    def __init__(self, stored: StoredLayout, depth: int) -> None:
+    def __init__(self, stored: StoredLayout, depth: int, opener: Callable[[], Any] | None = None) -> None:
         self.s = stored
+        self._opener = opener or (lambda: open_gzip(self.s.path))  # ISA-L where installed
         self.dtype, self.slope, self.inter = stored.dtype, stored.slope, stored.inter
         x, y, _ = stored.shape
         self._plane_bytes = x * y * stored.dtype.itemsize
@@ -214,7 +217,7 @@ class StreamChannel:
     def _open(self) -> None:
         if self._f is not None:
             self._f.close()
-        self._f = open_gzip(self.s.path)  # ISA-L where installed
+        self._f = self._opener()
         _read_exact(self._f, self.s.offset, self.s.path)
 
     def _advance(self, z0: int, z1: int) -> None:
