@@ -567,6 +567,8 @@ def test_compressed_mha_and_nrrd_stream_a_window_of_planes(tmp_path):
     big-endian) are decompressed as read into a window of whole planes, never whole: the same voxels SimpleITK
     decodes, windows moving forward and back; a truncated or corrupted stream is a one-line error."""
     import gzip as gz
+    import zlib
+
     import SimpleITK as sitk
     from volinfer.errors import VolinferError
     from volinfer.io.reader import StreamChannel, read_buffer
@@ -577,15 +579,33 @@ def test_compressed_mha_and_nrrd_stream_a_window_of_planes(tmp_path):
     files = {name: tmp_path / name for name in ("a.mha", "d.mhd", "a.nrrd", "d.nhdr")}
     for path in files.values():
         sitk.WriteImage(img, str(path), True)
-    head = ("NRRD0004\ntype: int16\ndimension: 3\nsizes: 11 13 19\nendian: big\nencoding: gzip\n\n").encode()
-    files["big.nrrd"] = tmp_path / "big.nrrd"
-    files["big.nrrd"].write_bytes(head + gz.compress(zyx.astype(">i2").tobytes()))
+    big, little = zyx.astype(">i2").tobytes(), zyx.astype("<i2").tobytes()
+
+    def nrrd(name, body, endian="little", encoding="gzip", extra="", eol="\n"):
+        head = ["NRRD0004", "type: int16", "dimension: 3", "sizes: 11 13 19", f"endian: {endian}",
+                f"encoding: {encoding}", *([extra] if extra else []), "", ""]
+        files[name] = tmp_path / name
+        files[name].write_bytes(eol.join(head).encode() + body)
+
+    nrrd("big.nrrd", gz.compress(big), endian="BIG")  # (field values in any case, as teem reads them)
+    nrrd("members.nrrd", gz.compress(little[:999]) + gz.compress(little[999:]))  # bgzip/pigz: several members
+    nrrd("crlf.nrrd", gz.compress(little), eol="\r\n")
+    mha = (tmp_path / "a.mha").read_bytes()
+    head = mha[: mha.index(b"LOCAL\n") + 6].replace(b"CompressedData = True", b"CompressedData = 1")
+    files["msb.mha"] = tmp_path / "msb.mha"  # MetaIO's booleans: True, T, 1
+    files["msb.mha"].write_bytes(head.replace(b"BinaryDataByteOrderMSB = False", b"BinaryDataByteOrderMSB = T")
+                                 + zlib.compress(big))
     for name, path in files.items():
         with open_paths([path], 4) as src:
             assert isinstance(src.readers[0], StreamChannel) and read_buffer(src.readers) == "planes", name
             ch = src.readers[0]
             for z0, z1 in ((0, 4), (2, 6), (9, 13), (1, 5), (15, 19)):
                 np.testing.assert_array_equal(ch.planes(z0, z1), zyx[z0:z1].transpose(2, 1, 0), err_msg=name)
+    nrrd("skip.nrrd", gz.compress(bytes(10) + little), extra="byteskip: 10")  # (teem's spellings: SimpleITK reads)
+    nrrd("lines.nrrd", b"line one\n" + little, encoding="raw", extra="lineskip: 1")
+    for name in ("skip.nrrd", "lines.nrrd"):
+        with open_paths([files[name]], 4) as src:
+            np.testing.assert_array_equal(src.readers[0].planes(0, 19), zyx.transpose(2, 1, 0), err_msg=name)
     data = files["a.mha"].read_bytes()
     for bad, what in ((data[: len(data) - 200], "truncated"), (data[:-60] + bytes(60), "corrupt")):
         (tmp_path / "bad.mha").write_bytes(bad)

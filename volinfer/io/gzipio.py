@@ -93,26 +93,43 @@ def open_read(path: str | os.PathLike) -> _GzipReader:
 
 
 class InflateReader:
-    """A zlib- or gzip-framed deflate stream that starts ``offset`` bytes into a file, decompressed as it is read
-    (the voxels of a compressed MetaImage, ``CompressedData = True``, or a gzip NRRD, after their text header), never
-    more at once than a read asks for. Decompression errors surface as :class:`gzip.BadGzipFile`; the stream's
-    checksum is checked at its end."""
+    """A deflate stream (zlib or gzip header, detected; gzip members one after another, as bgzip and pigz write)
+    that starts ``offset`` bytes into a file, decompressed as it is read: the voxels of a compressed MetaImage
+    (``CompressedData = True``) or a gzip NRRD after their text header. Never inflates more at once than a read asks
+    for (the standard library's decompressor: its ``unconsumed_tail`` keeps the input not yet inflated, where
+    ISA-L's keeps the output inside, a bomb's worth from one chunk). Bytes after the last stream that start no gzip
+    member are ignored, as SimpleITK does. A stream the file cuts short, or corrupt data, raises
+    :class:`gzip.BadGzipFile`; each stream's checksum is checked at its end."""
 
     CHUNK = 1 << 20  # compressed bytes read at a time
 
-    def __init__(self, path: str | os.PathLike, offset: int, framing: str) -> None:
+    def __init__(self, path: str | os.PathLike, offset: int) -> None:
         self._f = open(path, "rb")
         self._f.seek(offset)
-        # the standard library's: its unconsumed_tail keeps the input not yet inflated, so no call inflates more
-        # than it returns (ISA-L's keeps output inside instead: a bomb's worth from one chunk)
-        self._d = zlib.decompressobj(31 if framing == "gzip" else 15)
+        self._d = zlib.decompressobj(47)  # 32 + 15: a zlib or a gzip header
         self._tail = b""
+        self._done = False
+
+    def _next_member(self) -> bool:
+        """After a stream's end: whether another gzip member follows (then decompressed next)."""
+        rest = self._d.unused_data
+        if len(rest) < 2:
+            rest += self._f.read(self.CHUNK)
+        if not rest.startswith(b"\x1f\x8b"):
+            self._done = True
+            return False
+        self._d, self._tail = zlib.decompressobj(47), rest
+        return True
 
     def readinto(self, view: Any) -> int:
         out = memoryview(view).cast("B")
         got = 0
-        while got < len(out) and not self._d.eof:
+        while got < len(out) and not self._done:
+            if self._d.eof and not self._next_member():
+                break
             data = self._tail or self._f.read(self.CHUNK)
+            if not data:
+                raise gzip.BadGzipFile("the file ends inside the compressed stream (truncated?)")
             try:
                 piece = self._d.decompress(data, len(out) - got)
             except zlib.error as e:
@@ -120,8 +137,6 @@ class InflateReader:
             self._tail = self._d.unconsumed_tail
             out[got: got + len(piece)] = piece
             got += len(piece)
-            if not data:
-                break  # the file ends here (truncated unless the stream ended)
         return got
 
     def read(self, n: int = -1) -> bytes:

@@ -53,13 +53,13 @@ class ItkHeader:
 
 @dataclass
 class RawData:
-    """Where a file's voxels lie: uncompressed (:func:`raw_data`), or one compressed stream (:func:`packed_data`:
-    ``framing`` "zlib" or "gzip", ``offset`` where the stream starts in the file)."""
+    """Where a file's voxels lie: uncompressed (:func:`raw_data`), or ``packed`` in deflate streams
+    (:func:`packed_data`; ``offset``: where the first starts in the file)."""
 
     path: Path
     offset: int
     big_endian: bool
-    framing: str | None = None
+    packed: bool = False
 
 
 def read_header(p: Path) -> ItkHeader:
@@ -89,83 +89,103 @@ def read_header(p: Path) -> ItkHeader:
 
 
 def _fields(text: str, sep: str) -> dict[str, str]:
+    """``key<sep> value`` lines, keys lower-case (comments and NRRD's ``key:=value`` pairs skipped)."""
     out = {}
     for line in text.splitlines():
         key, found, value = line.partition(sep)
-        if found and not line.startswith("#"):
+        if found and not line.startswith("#") and not (sep == ":" and value.startswith("=")):
             out[key.strip().lower()] = value.strip()
     return out
 
 
-def raw_data(p: Path, nbytes: int) -> RawData | None:
-    """The data file, offset and byte order of an uncompressed MetaImage or NRRD, from its header; None where the
-    voxels are compressed or laid out in a way only SimpleITK reads (lists of files, line skips)."""
+def _true(value: str | None) -> bool:
+    """A MetaImage boolean as MetaIO reads it: ``True``, ``T``, ``1`` (by its first character)."""
+    return bool(value) and value.strip()[:1] in ("T", "t", "1")  # type: ignore[union-attr]
+
+
+@dataclass
+class _Layout:
+    """What a MetaImage or NRRD header says about where its voxels lie."""
+
+    nrrd: bool
+    data: str | None  # a separate data file's name (None: the voxels follow the header)
+    start: int  # where voxels following the header start (-1: the header has no end, e.g. a detached .nhdr)
+    big: bool  # big-endian voxels
+    encoding: str  # "raw", "deflate" (MetaImage CompressedData, NRRD gzip), or another NRRD encoding
+    skip: str  # NRRD byte skip, MetaImage HeaderSize ("0" when absent)
+    line_skip: str
+
+
+def _header_end(head: bytes) -> int:
+    """Where a NRRD header's first empty line ends (LF or CRLF lines), i.e. where attached data start; -1: none."""
+    pos = 0
+    while (nl := head.find(b"\n", pos)) >= 0:
+        if head[pos:nl].rstrip(b"\r") == b"":
+            return nl + 1
+        pos = nl + 1
+    return -1
+
+
+def _layout(p: Path) -> _Layout | None:
+    """The data layout a MetaImage or NRRD header declares; None for a MetaImage without ElementDataFile."""
     with open(p, "rb") as f:
         head = f.read(HEADER_MAX)
     if head.startswith(b"NRRD"):
-        end = head.find(b"\n\n")
-        fields = _fields(head[: end if end >= 0 else len(head)].decode("latin-1"), ":")
-        if fields.get("encoding") != "raw" or fields.get("line skip", "0") != "0":
-            return None
-        big = fields.get("endian") == "big"
-        data = fields.get("data file") or fields.get("datafile")
-        skip = int(fields.get("byte skip", "0"))
-        if data is None:
-            return None if end < 0 or skip else RawData(p, end + 2, big)
-        return _detached(p, data, skip, nbytes, big)
+        start = _header_end(head)
+        fields = {k.replace(" ", ""): v for k, v in
+                  _fields(head[: start if start >= 0 else len(head)].decode("latin-1"), ":").items()}
+        encoding = fields.get("encoding", "raw").lower()
+        return _Layout(True, fields.get("datafile"), start, fields.get("endian", "").lower() == "big",
+                       "deflate" if encoding in ("gzip", "gz") else encoding, fields.get("byteskip", "0"),
+                       fields.get("lineskip", "0"))
     cut = head.find(b"ElementDataFile")
     if cut < 0:
         return None
     line_end = head.find(b"\n", cut)
     fields = _fields(head[: line_end if line_end >= 0 else len(head)].decode("latin-1"), "=")
-    if fields.get("compresseddata", "false").lower() == "true":
-        return None
-    big = (fields.get("binarydatabyteordermsb") or fields.get("elementbyteordermsb", "false")).lower() == "true"
     data = fields.get("elementdatafile", "")
-    if data.upper() == "LOCAL":
-        return RawData(p, line_end + 1, big) if line_end >= 0 else None
-    return _detached(p, data, int(fields.get("headersize", "0")), nbytes, big)
+    return _Layout(False, None if data.upper() == "LOCAL" else data, line_end + 1 if line_end >= 0 else -1,
+                   _true(fields.get("binarydatabyteordermsb") or fields.get("elementbyteordermsb")),
+                   "deflate" if _true(fields.get("compresseddata")) else "raw", fields.get("headersize", "0"), "0")
+
+
+def raw_data(p: Path, nbytes: int) -> RawData | None:
+    """The data file, offset and byte order of an uncompressed MetaImage or NRRD, from its header; None where the
+    voxels are compressed or laid out in a way only SimpleITK reads (lists of files, line skips)."""
+    lay = _layout(p)
+    if lay is None or lay.encoding != "raw" or lay.line_skip != "0" or not _whole(lay.skip):
+        return None
+    if lay.data is not None:
+        return _detached(p, lay.data, int(lay.skip), nbytes, lay.big)
+    if lay.nrrd and lay.skip != "0":
+        return None
+    return RawData(p, lay.start, lay.big) if lay.start >= 0 else None
 
 
 def packed_data(p: Path) -> RawData | None:
-    """Where a compressed MetaImage's zlib stream (``CompressedData = True``) or a gzip NRRD's stream starts, and
-    the voxels' byte order; None for other encodings and layouts (lists of files, byte or line skips)."""
-    with open(p, "rb") as f:
-        head = f.read(HEADER_MAX)
-    if head.startswith(b"NRRD"):
-        end = head.find(b"\n\n")
-        fields = _fields(head[: end if end >= 0 else len(head)].decode("latin-1"), ":")
-        if fields.get("encoding") not in ("gzip", "gz") or fields.get("line skip", "0") != "0" \
-                or fields.get("byte skip", "0") != "0":
-            return None
-        data, big = fields.get("data file") or fields.get("datafile"), fields.get("endian") == "big"
-        if data is None:
-            return RawData(p, end + 2, big, "gzip") if end >= 0 else None
-        found = _detached(p, data, 0, 0, big)
-        return RawData(found.path, 0, big, "gzip") if found is not None else None
-    cut = head.find(b"ElementDataFile")
-    line_end = head.find(b"\n", cut)
-    if cut < 0 or line_end < 0:
+    """Where a compressed MetaImage's stream (``CompressedData = True``) or a gzip NRRD's starts, and the voxels'
+    byte order; None for other encodings and layouts (lists of files, byte or line skips, header sizes)."""
+    lay = _layout(p)
+    if lay is None or lay.encoding != "deflate" or lay.line_skip != "0" or lay.skip != "0":
         return None
-    fields = _fields(head[:line_end].decode("latin-1"), "=")
-    if fields.get("compresseddata", "false").lower() != "true" or fields.get("headersize", "0") != "0":
-        return None
-    big = (fields.get("binarydatabyteordermsb") or fields.get("elementbyteordermsb", "false")).lower() == "true"
-    data = fields.get("elementdatafile", "")
-    if data.upper() == "LOCAL":
-        return RawData(p, line_end + 1, big, "zlib")
-    found = _detached(p, data, 0, 0, big)
-    return RawData(found.path, 0, big, "zlib") if found is not None else None
+    if lay.data is None:
+        return RawData(p, lay.start, lay.big, packed=True) if lay.start >= 0 else None
+    found = _detached(p, lay.data, 0, 0, lay.big)
+    return RawData(found.path, 0, lay.big, packed=True) if found is not None else None
+
+
+def _whole(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _nrrd_encoding(p: Path) -> str | None:
-    """The ``encoding`` field of a NRRD header (None for MetaImage files)."""
-    with open(p, "rb") as f:
-        head = f.read(HEADER_MAX)
-    if not head.startswith(b"NRRD"):
-        return None
-    end = head.find(b"\n\n")
-    return _fields(head[: end if end >= 0 else len(head)].decode("latin-1"), ":").get("encoding", "raw")
+    """The ``encoding`` field of a NRRD header ("deflate" for gzip; None for MetaImage files)."""
+    lay = _layout(p)
+    return lay.encoding if lay is not None and lay.nrrd else None
 
 
 def _detached(p: Path, name: str, skip: int, nbytes: int, big: bool) -> RawData | None:
@@ -212,12 +232,12 @@ def _open_one(p: Path, depth: int) -> tuple[Any, ItkHeader]:
         stored = hdr.dtype.newbyteorder(">" if packed.big_endian else "<")
         _check_inflatable(p, nbytes, os.path.getsize(packed.path) - packed.offset)
         layout = StoredLayout(packed.path, hdr.shape, native(stored), 0, 1.0, 0.0, swap=native(stored) != stored)
-        channel = StreamChannel(layout, depth, lambda: InflateReader(packed.path, packed.offset, packed.framing))
+        channel = StreamChannel(layout, depth, lambda: InflateReader(packed.path, packed.offset))
         channel.verify_end = True  # one volume a file: its stream's checksum is checked after the last plane
         return channel, hdr
     size = os.path.getsize(p)
     encoding = _nrrd_encoding(p)
-    if encoding is not None and encoding not in ("gzip", "gz", "text", "txt", "ascii", "hex"):
+    if encoding is not None and encoding not in ("raw", "deflate", "text", "txt", "ascii", "hex"):
         raise VolinferError(f"{p}: NRRD encoding '{encoding}' is not read (its expansion cannot be bounded before "
                             f"decoding): save it raw or gzip-compressed")
     _check_inflatable(p, nbytes, size)
