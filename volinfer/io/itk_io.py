@@ -53,13 +53,12 @@ class ItkHeader:
 
 @dataclass
 class RawData:
-    """Where a file's voxels lie: uncompressed (:func:`raw_data`), or ``packed`` in deflate streams
-    (:func:`packed_data`; ``offset``: where the first starts in the file)."""
+    """Where a file's voxels lie: uncompressed (:func:`raw_data`), or in deflate streams (:func:`packed_data`;
+    ``offset``: where the first starts in the file)."""
 
     path: Path
     offset: int
     big_endian: bool
-    packed: bool = False
 
 
 def read_header(p: Path) -> ItkHeader:
@@ -149,10 +148,10 @@ def _layout(p: Path) -> _Layout | None:
                    "deflate" if _true(fields.get("compresseddata")) else "raw", fields.get("headersize", "0"), "0")
 
 
-def raw_data(p: Path, nbytes: int) -> RawData | None:
-    """The data file, offset and byte order of an uncompressed MetaImage or NRRD, from its header; None where the
-    voxels are compressed or laid out in a way only SimpleITK reads (lists of files, line skips)."""
-    lay = _layout(p)
+def raw_data(p: Path, nbytes: int, lay: _Layout | None) -> RawData | None:
+    """The data file, offset and byte order of an uncompressed MetaImage or NRRD, from its header's layout ``lay``
+    (:func:`_layout`); None where the voxels are compressed or laid out in a way only SimpleITK reads (lists of
+    files, line skips)."""
     if lay is None or lay.encoding != "raw" or lay.line_skip != "0" or not _whole(lay.skip):
         return None
     if lay.data is not None:
@@ -162,16 +161,16 @@ def raw_data(p: Path, nbytes: int) -> RawData | None:
     return RawData(p, lay.start, lay.big) if lay.start >= 0 else None
 
 
-def packed_data(p: Path) -> RawData | None:
+def packed_data(p: Path, lay: _Layout | None) -> RawData | None:
     """Where a compressed MetaImage's stream (``CompressedData = True``) or a gzip NRRD's starts, and the voxels'
-    byte order; None for other encodings and layouts (lists of files, byte or line skips, header sizes)."""
-    lay = _layout(p)
+    byte order, from its header's layout ``lay``; None for other encodings and layouts (lists of files, byte or line
+    skips, header sizes)."""
     if lay is None or lay.encoding != "deflate" or lay.line_skip != "0" or lay.skip != "0":
         return None
     if lay.data is None:
-        return RawData(p, lay.start, lay.big, packed=True) if lay.start >= 0 else None
+        return RawData(p, lay.start, lay.big) if lay.start >= 0 else None
     found = _detached(p, lay.data, 0, 0, lay.big)
-    return RawData(found.path, 0, lay.big, packed=True) if found is not None else None
+    return RawData(found.path, 0, lay.big) if found is not None else None
 
 
 def _whole(text: str) -> bool:
@@ -180,12 +179,6 @@ def _whole(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _nrrd_encoding(p: Path) -> str | None:
-    """The ``encoding`` field of a NRRD header ("deflate" for gzip; None for MetaImage files)."""
-    lay = _layout(p)
-    return lay.encoding if lay is not None and lay.nrrd else None
 
 
 def _detached(p: Path, name: str, skip: int, nbytes: int, big: bool) -> RawData | None:
@@ -204,13 +197,11 @@ def data_files(p: Path) -> list[Path]:
     """The separate data file a ``.mhd``/``.nhdr`` header names (none for attached data, lists or patterns): an
     input too, so that no output may be written over it."""
     try:
-        with open(p, "rb") as f:
-            head = f.read(HEADER_MAX).decode("latin-1")
+        lay = _layout(p)
     except OSError:
         return []
-    fields = {**_fields(head, "="), **_fields(head, ":")}
-    name = fields.get("elementdatafile") or fields.get("data file") or fields.get("datafile") or ""
-    if not name or name.upper() in ("LOCAL", "LIST") or " " in name or "%" in name:
+    name = lay.data if lay is not None else None
+    if not name or name.upper() == "LIST" or " " in name or "%" in name:
         return []
     return [p.parent / name]
 
@@ -220,14 +211,15 @@ def _open_one(p: Path, depth: int) -> tuple[Any, ItkHeader]:
     the array SimpleITK decoded) and header."""
     hdr = read_header(p)
     nbytes = math.prod(hdr.shape) * hdr.dtype.itemsize
-    raw = raw_data(p, nbytes)
+    lay = _layout(p)
+    raw = raw_data(p, nbytes, lay)
     if raw is not None:
         stored = hdr.dtype.newbyteorder(">" if raw.big_endian else "<")
         check_declared_size(raw.path, raw.offset + nbytes, compressed=False)
         layout = StoredLayout(raw.path, hdr.shape, native(stored), raw.offset, 1.0, 0.0,
                               swap=native(stored) != stored)
         return StripChannel(layout), hdr
-    packed = packed_data(p)
+    packed = packed_data(p, lay)
     if packed is not None:
         stored = hdr.dtype.newbyteorder(">" if packed.big_endian else "<")
         _check_inflatable(p, nbytes, os.path.getsize(packed.path) - packed.offset)
@@ -236,7 +228,7 @@ def _open_one(p: Path, depth: int) -> tuple[Any, ItkHeader]:
         channel.verify_end = True  # one volume a file: its stream's checksum is checked after the last plane
         return channel, hdr
     size = os.path.getsize(p)
-    encoding = _nrrd_encoding(p)
+    encoding = lay.encoding if lay is not None and lay.nrrd else None  # ("deflate": gzip with skips)
     if encoding is not None and encoding not in ("raw", "deflate", "text", "txt", "ascii", "hex"):
         raise VolinferError(f"{p}: NRRD encoding '{encoding}' is not read (its expansion cannot be bounded before "
                             f"decoding): save it raw or gzip-compressed")

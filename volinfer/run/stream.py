@@ -362,8 +362,9 @@ class StreamRun:
 
     def read_only(self, rows: dict[tuple[int, int], tuple[int, int]]) -> None:
         """Skewed bands: consumer (segment index, input j) reads only rows ``[lo, hi)`` of its input's planes (in place
-        for one plane a call, else copied into the run's :class:`Scratch`: see :func:`_region`). A spilled buffer writes to disk only the rows its far
-        consumers read (:meth:`SpilledBuffer.narrow`), which they then read at offset 0."""
+        for one plane a call, else copied into the run's :class:`Scratch`: see :func:`_region`). A spilled buffer
+        writes to disk only the rows its far consumers read (:meth:`SpilledBuffer.narrow`), which they then read at
+        offset 0."""
         self.read_rows = dict(rows)
         for buf in self.bufs.values():
             narrow = far_rows(buf.ten, buf.far, rows) if isinstance(buf, SpilledBuffer) else None
@@ -435,19 +436,14 @@ class Scratch:
     def dense(self, use: Any) -> Callable[[np.ndarray], np.ndarray]:
         """A function copying an array into this scratch's buffer for ``use`` (valid until its next copy)."""
         def copy(view: np.ndarray) -> np.ndarray:
-            out = self.empty(use, view.shape, view.dtype)
+            buf = self.bufs.get(use)
+            if buf is None or buf.nbytes < view.nbytes:
+                self.bufs.pop(use, None)  # (the smaller buffer goes before the larger one is made)
+                buf = self.bufs[use] = np.empty(view.nbytes, np.uint8)
+            out = buf[: view.nbytes].view(view.dtype).reshape(view.shape)
             np.copyto(out, view)
             return out
         return copy
-
-    def empty(self, use: Any, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        """An uninitialised array in the buffer for ``use`` (valid until that buffer's next use)."""
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        buf = self.bufs.get(use)
-        if buf is None or buf.nbytes < size:
-            self.bufs.pop(use, None)  # (the smaller buffer goes before the larger one is made)
-            buf = self.bufs[use] = np.empty(size, np.uint8)
-        return buf[:size].view(dtype).reshape(shape)
 
 
 def _region(planes: np.ndarray, rows: tuple[int, int] | None, ten: StreamTensor,
