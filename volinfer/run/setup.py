@@ -559,10 +559,14 @@ STREAM_VOXEL_COST = 1.5
 
 
 #: Seconds a segment call costs besides its voxels, counted for the calls bands add (a band streams the volume's whole
-#: depth through every segment, so N bands make N times the calls of one, each over 1/N of the rows): the reference
-#: U-Net at 2048³ in skewed bands of 2048 columns took 824.7 s in 16 bands (188588 calls) and 745.8 s in 8 (95232
-#: calls, with more disk traffic): 0.85 ms a call. The per-voxel costs above were measured in whole cross-sections.
-BAND_CALL_S = 0.85e-3
+#: depth through every segment, so N bands make N times the calls of one, each over 1/N of the rows). Measured on the
+#: reference U-Net, bf16, forced band counts, fresh processes alternating (code 138ed2d): 2048x2048x512 in 8 bands
+#: unspilled, 12 and 16 spilled took 142.7/139.4, 147.3/143.9 and 146.6/138.7 s for 23808, 35328 and 47488 calls
+#: (inference 104.9/104.8, 105.5/103.4, 104.9/100.5 s); 2048x2048x128 in 8, 12 and 16 spilled 38.4-39.2, 39.0-40.2
+#: and 37.4-43.0 s for 5952, 8832 and 11872 calls. Less the spills' predicted traffic, -0.1 and +0.3 ms a call: 0.2 ms
+#: taken. (0.85 ms was fitted when OpenVINO copied every segment's region of several planes into its own request.)
+#: The per-voxel costs above were measured in whole cross-sections.
+BAND_CALL_S = 0.2e-3
 
 
 def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, settings: Any,
