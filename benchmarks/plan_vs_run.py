@@ -15,12 +15,12 @@ converted to IR.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from volinfer.bench.child_peak import measured_run
 from volinfer.bench.cli import reference_model
+from volinfer.bench.report import save_rows
 from volinfer.bench.volumes import make_volume
 from volinfer.run.plan import plan_run
 
@@ -102,10 +102,7 @@ def main() -> None:
                         f"{rep['wall_s']:.1f} | {plan_s:.0f} |")
             raw.append({"case": name, "size": size, "plan": plan.as_dict(), "measured_peak_mb": peak, "run": rep})
             print(rows[-1], flush=True)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(rows) + "\n")
-    a.out.with_suffix(".json").write_text(json.dumps(raw, indent=2, default=str))
-    print("\n".join(rows))
+    save_rows(a.out, rows, raw)
 
 
 if __name__ == "__main__":

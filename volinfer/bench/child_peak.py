@@ -26,10 +26,12 @@ main()
 """
 
 
-def measured_run(args: Sequence[Any], hwm: Path, timeout: float = 1800) -> tuple[float, dict[str, Any]]:
+def measured_run(args: Sequence[Any], hwm: Path, timeout: float = 1800,
+                 prelude: str = "") -> tuple[float, dict[str, Any]]:
     """Peak RSS (MB, the child's own VmHWM, written to ``hwm``) and the ``--json`` report of
-    ``volinfer run ARGS -q --json`` in a fresh process; RuntimeError with the end of its stderr if it fails."""
-    p = subprocess.run([sys.executable, "-c", HWM_CHILD, str(hwm), "run", *map(str, args), "-q", "--json"],
+    ``volinfer run ARGS -q --json`` in a fresh process; RuntimeError with the end of its stderr if it fails.
+    ``prelude``: Python the child runs first (benchmarks forcing a planner setting)."""
+    p = subprocess.run([sys.executable, "-c", prelude + HWM_CHILD, str(hwm), "run", *map(str, args), "-q", "--json"],
                        capture_output=True, timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(p.stderr.decode()[-2000:])

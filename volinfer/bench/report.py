@@ -124,6 +124,15 @@ def markdown_report(results: list[Measurement], info: dict[str, Any], cfg: Bench
     return "\n".join(parts) + "\n"
 
 
+def save_rows(out: Path, rows: list[str], raw: Any) -> None:
+    """A benchmark script's markdown table (``out``) and its raw measurements (``out`` with .json), then the table
+    printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(rows) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=2, default=str))
+    print("\n".join(rows))
+
+
 def save_report(results: list[Measurement], info: dict[str, Any], cfg: BenchConfig, out_dir: Path,
                 name: str = "results") -> list[Path]:
     """Write ``NAME.md``, ``NAME.json`` and (with matplotlib) ``NAME_peak_rss.png`` into ``out_dir``."""
