@@ -7,7 +7,10 @@ verified against the source and carrying their run settings (see :mod:`volinfer.
 """
 
 from .convert import ConversionResult, ParityReport, convert, probe_size_multiple
+from .offline import no_telemetry
 from .settings import ConvertSettings
 from .sources import kind_of
+
+no_telemetry()  # before any conversion: see converters.offline
 
 __all__ = ["convert", "ConversionResult", "ParityReport", "probe_size_multiple", "kind_of", "ConvertSettings"]

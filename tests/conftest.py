@@ -9,6 +9,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from models import tiny_unet  # noqa: E402
 
+from converters.offline import no_telemetry  # noqa: E402
+
+no_telemetry()  # tests call openvino.convert_model directly: no usage reports over the network
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

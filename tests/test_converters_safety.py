@@ -173,3 +173,19 @@ def test_security_md_exists():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     text = open(os.path.join(root, "SECURITY.md")).read()
     assert "--trust-pickle" in text and "ONNX" in text and "## Files and outputs" in text
+
+
+def test_converting_sends_no_telemetry():
+    """OpenVINO's converter reports usage over the network unless told not to (offline, its sender can hold the
+    process at exit): importing the converters turns it off for the process, and OpenVINO's own set-up, as
+    convert_model makes it, keeps it off. In a fresh process without CI in its environment (the converter's own
+    opt-out, which the test must not lean on)."""
+    pytest.importorskip("openvino_telemetry")
+    code = ("import converters, openvino_telemetry as tm\n"
+            "from openvino.tools.ovc.telemetry_utils import init_ovc_telemetry\n"
+            "print(tm.Telemetry().consent, init_ovc_telemetry().consent)")
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False"]
