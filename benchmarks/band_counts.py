@@ -34,9 +34,10 @@ def main() -> None:
     a = ap.parse_args()
     dims = [int(v) for v in a.shape.lower().split("x")]
     shape = tuple(dims * 3 if len(dims) == 1 else dims)
+    name = "x".join(map(str, shape))
     a.work_dir.mkdir(parents=True, exist_ok=True)
     model = a.model or reference_model(a.work_dir, 128)
-    vol = make_volume(a.work_dir / f"volume_{'x'.join(map(str, shape))}.nii", shape, slab=16)
+    vol = make_volume(a.work_dir / f"volume_{name}.nii", shape, slab=16)
     out = a.work_dir / "band_counts_out.nii"
     rows = ["| volume | skewed bands | spill | segment calls | wall (s) | inference (s) | files written / read "
             "(GiB) | peak (MiB) |", "|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -48,7 +49,7 @@ def main() -> None:
             peak, rep = measured_run(args, out.with_suffix(".hwm"), timeout=7200,
                                      prelude=PRELUDE.format(count=int(count), spill=spill))
             s = rep.get("spill") or {}
-            rows.append(f"| {'x'.join(map(str, shape))} | {count} | {spill}: {s.get('tensors', 0)} spilled | "
+            rows.append(f"| {name} | {count} | {spill}: {s.get('tensors', 0)} spilled | "
                         f"{rep['tiles']} | {rep['wall_s']:.1f} | {rep['infer_busy_s']:.1f} | "
                         f"{s.get('written_mb', 0) / 1024:.1f} / {s.get('read_mb', 0) / 1024:.1f} | {peak:.0f} |")
             raw.append({"round": r, "plan": spec, "peak_mb": peak, "run": rep})

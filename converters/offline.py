@@ -5,17 +5,13 @@ when it is first made: made here under the converter's own CI opt-out, it stays 
 
 from __future__ import annotations
 
+import functools
 import os
 
-_done = False
 
-
+@functools.cache
 def no_telemetry() -> None:
-    """Turn OpenVINO's converter telemetry off for this process (idempotent; no-op without the package)."""
-    global _done
-    if _done:
-        return
-    _done = True
+    """Turn OpenVINO's converter telemetry off for this process (once; no-op without the package)."""
     try:
         from openvino.tools.ovc.telemetry_utils import init_ovc_telemetry
     except ImportError:

@@ -564,10 +564,10 @@ STREAM_VOXEL_COST = 1.5
 #: 2048x2048x512 in 8 bands unspilled, 12 and 16 spilled took 142.7/139.4, 147.3/143.9 and 146.6/138.7 s for 23808,
 #: 35328 and 47488 calls (inference 104.9/104.8, 105.5/103.4, 104.9/100.5 s); 2048x2048x128 in 8, 12 and 16 spilled
 #: 38.4-39.2, 39.0-40.2 and 37.4-43.0 s for 5952, 8832 and 11872 calls. Less the spills' predicted traffic, -0.1 and
-#: +0.3 ms a call: 0.2 ms taken. (0.85 ms was fitted when OpenVINO copied every segment's region of several planes
-#: into its own request.) At 2048³ 16 spilled bands took 10-14% longer than 8 unspilled (616.3, 592.8 against 541.3,
-#: 537.9 s; 133 against 35 GiB of spill and strip files), predicted 7.4%: there the traffic no longer stays in the page cache, and
-#: its seconds are added to voxel costs whose predicted seconds run ~1.7x the measured (README "Larger volumes").
+#: +0.3 ms a call: 0.2 ms taken. (0.85 ms was fitted when OpenVINO copied every segment's region of several planes into
+#: its own request.) At 2048³ 16 spilled bands took 10-14% longer than 8 unspilled (616.3, 592.8 against 541.3, 537.9 s;
+#: 133 against 35 GiB of spill and strip files), predicted 7.4%: there the traffic no longer stays in the page cache,
+#: and its seconds are added to voxel costs whose predicted seconds run ~1.7x the measured (README "Larger volumes").
 #: The per-voxel costs above were measured in whole cross-sections.
 BAND_CALL_S = 0.2e-3
 
