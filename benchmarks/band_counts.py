@@ -8,7 +8,7 @@ A plan is COUNT:SPILL: COUNT skewed bands (``volinfer.run.skewed_bands.FORCE_COU
 spilled) or ``auto`` (the planner's choice among that count's plans: all skip connections spilled where the leaner plan
 is within its 10%). Each row: segment calls, wall and inference seconds (the run's ``--json``), spill and strip files
 written and read, and the child's own peak RSS (VmHWM). The README's "Larger volumes" quotes these rows; the planner's
-BAND_CALL_S (``volinfer.run.setup``) is fitted to them.
+STREAM_CALL_S (``volinfer.run.setup``) is fitted to them.
 """
 
 import argparse

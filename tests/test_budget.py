@@ -116,6 +116,7 @@ def test_stream_and_tiles_are_weighed_by_the_same_objective(tmp_path, monkeypatc
     from volinfer.run import setup
     from volinfer.run.settings import RunSettings
     from volinfer.run.setup import choose_stream, plan_tiling, stream_cost
+    from volinfer.run.stream import NOMINAL_VOXEL_S
 
     monkeypatch.setattr(setup, "STREAM_VOXEL_COST", stream_voxel_cost)
     m = stream_unet()
@@ -129,8 +130,9 @@ def test_stream_and_tiles_are_weighed_by_the_same_objective(tmp_path, monkeypatc
         sp, cost = choice.stream_option
         assert cost == stream_cost(tm, shape, sp, choice.voxel_cost)
         voxels = np.prod(sp.padded) * sp.bands(shape[1], 4).count * sp.bands(shape[1], 4).tile / sp.padded[1]
-        # no speed profile: voxels (spill traffic counted in voxels at a nominal rate)
-        assert cost == pytest.approx(stream_voxel_cost * voxels + sp.spill_cost(False))
+        # no speed profile: voxels (calls and spill traffic counted in voxels at a nominal rate)
+        calls = sp.calls_per_band * sp.bands_count * setup.STREAM_CALL_S / NOMINAL_VOXEL_S
+        assert cost == pytest.approx(stream_voxel_cost * voxels + calls + sp.spill_cost(False))
         planned = choice.planned
         faster = cost < planned.cost / 1.1 or (cost <= 1.1 * planned.cost and sp.peak_mb < planned.memory_mb)
         assert (choice.stream is not None) == faster, (budget, cost, planned)
@@ -238,11 +240,11 @@ def test_an_onnx_model_says_what_convert_would_have_stored(tmp_path):
 
 def test_per_voxel_cost_rises_beyond_the_largest_tile_measured(tmp_path):
     """The speed profile clamps beyond its largest tile; the planner does not trust that flat line (huge tiles are
-    slower per voxel): the cost rises linearly in log2(voxels) to STREAM_VOXEL_COST x over UNMEASURED_DOUBLINGS."""
+    slower per voxel): the cost rises linearly in log2(voxels) to HUGE_TILE_COST x over UNMEASURED_DOUBLINGS."""
     from volinfer.model import speed_profile as sp
     from volinfer.model.settings import ModelSettings
     from volinfer.model.tile_model import CompileOptions, TileModel
-    from volinfer.run.setup import STREAM_VOXEL_COST, UNMEASURED_DOUBLINGS, planner_voxel_cost
+    from volinfer.run.setup import HUGE_TILE_COST, UNMEASURED_DOUBLINGS, planner_voxel_cost
 
     m = stream_unet()
     settings = ModelSettings(size_multiple=4)
@@ -254,8 +256,8 @@ def test_per_voxel_cost_rises_beyond_the_largest_tile_measured(tmp_path):
                                                 options=CompileOptions(precision="f32")))
     assert cost(4096) == pytest.approx(2e-6) and cost(32768) == pytest.approx(1e-6)  # measured: as stored
     steps = 2 ** UNMEASURED_DOUBLINGS
-    assert cost(32768 * 2) == pytest.approx(1e-6 * (1 + (STREAM_VOXEL_COST - 1) / UNMEASURED_DOUBLINGS))
-    assert cost(32768 * steps) == pytest.approx(1e-6 * STREAM_VOXEL_COST) == cost(32768 * steps * 64)
+    assert cost(32768 * 2) == pytest.approx(1e-6 * (1 + (HUGE_TILE_COST - 1) / UNMEASURED_DOUBLINGS))
+    assert cost(32768 * steps) == pytest.approx(1e-6 * HUGE_TILE_COST) == cost(32768 * steps * 64)
     assert "beyond the largest tile measured" in source
 
 

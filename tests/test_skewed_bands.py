@@ -181,7 +181,7 @@ def test_planner_picks_skewed_bands_when_the_cross_section_does_not_fit(tmp_path
     """With a budget the whole cross-section exceeds, the planner's own choice (no forced count) is skewed bands
     within the budget, and the run is exact."""
     monkeypatch.setattr(skewed_bands, "MIN_BAND_AREA", 16 * 16)  # (calibrated for cross-sections of 512² and more)
-    monkeypatch.setattr(setup, "BAND_CALL_S", 0.0)  # (the calls a band adds would dwarf a volume this small)
+    monkeypatch.setattr(setup, "STREAM_CALL_S", 0.0)  # (the calls bands make would dwarf a volume this small)
     path = _saved(tmp_path, stream_unet(seed=4))
     vol = _volume((30, 160, 24), seed=4)
     tm = TileModel(path, compile=False)
@@ -256,7 +256,7 @@ def test_spilled_skips_write_only_the_rows_their_decoder_reads(tmp_path, monkeyp
 
 @pytest.mark.parametrize("count", [2, 3])
 def test_a_skewed_plan_counts_the_calls_its_bands_make(tmp_path, monkeypatch, count):
-    """The planner charges bands for their segment calls (setup.BAND_CALL_S each, beyond one band's): the calls it
+    """The planner charges a stream for its segment calls (setup.STREAM_CALL_S each, every band's): the calls it
     counts are the calls the run makes."""
     path = _saved(tmp_path, stream_unet(seed=3))
     vol = _volume((21, 90, 26), seed=count)

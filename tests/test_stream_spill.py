@@ -191,6 +191,35 @@ def test_planner_weighs_spill_by_time(models, monkeypatch):
     assert stream.plan_stream(tm, shape, "f32").spill == {}  # no budget, no cost: nothing spills
 
 
+def test_file_traffic_is_priced_by_what_the_page_cache_keeps(models, monkeypatch, tmp_path):
+    """Spill and strip files whose written pages stay within what the OS keeps in memory (Linux's dirty-background
+    setting: bytes, else a share of the machine) are read back from memory and cost memory copies; beyond it they go
+    to the disk, at the disk's rate. A machine setting, read the same on every run."""
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    (vm / "dirty_background_bytes").write_text("0\n")
+    (vm / "dirty_background_ratio").write_text("10\n")
+    monkeypatch.setattr(portable, "PROC_VM", str(vm))
+    monkeypatch.setattr(portable, "HAS_PROC", True)
+    monkeypatch.setattr(portable, "machine_mb", lambda: 8000.0)
+    assert portable.writeback_allowance_mb() == pytest.approx(800.0)
+    (vm / "dirty_background_bytes").write_text(str(300 << 20))
+    assert portable.writeback_allowance_mb() == pytest.approx(300.0)
+    moved = 6e9
+    assert stream.traffic_s(moved, 200 << 20) == pytest.approx(moved / stream.CACHED_BYTES_PER_S)
+    assert stream.traffic_s(moved, 400 << 20) == pytest.approx(moved / stream.SPILL_BYTES_PER_S)
+    assert stream.CACHED_BYTES_PER_S > stream.SPILL_BYTES_PER_S
+    # a plan's spill is priced by its own files' size
+    path, _ = models["stream_unet"]
+    plan = stream.plan_stream(TileModel(str(path), compile=False), (40, 36, 120), "f32", fits=lambda p: True,
+                              cost=lambda p: 100.0 - p.spill_saved_mb)
+    assert plan.spill
+    moved = sum(o.traffic_bytes for o in plan.spill.values())
+    assert plan.spill_s == pytest.approx(moved / stream.CACHED_BYTES_PER_S)
+    (vm / "dirty_background_bytes").write_text("1")  # one byte: every file outgrows it
+    assert plan.spill_s == pytest.approx(moved / stream.SPILL_BYTES_PER_S)
+
+
 def test_spill_files_are_deleted_after_a_run_and_after_an_error(models, forced, monkeypatch, tmp_path):
     """Spill files live beside the output while the run needs them and are gone after it, also when the run fails
     part-way (files kept linked here, as where the OS cannot unlink open files)."""

@@ -481,6 +481,34 @@ def machine_mb() -> float:
     return min(figures) if figures else DEFAULT_AVAILABLE_MB
 
 
+#: Where the kernel says nothing (other systems): the share of memory a file's written pages may take before the OS
+#: starts writing them back on its own (Linux's default ``vm.dirty_background_ratio``).
+DEFAULT_WRITEBACK_SHARE = 0.10
+PROC_VM = "/proc/sys/vm"
+
+
+def writeback_allowance_mb() -> float:
+    """Written file pages (MB) the OS keeps in memory before it starts writing them to disk in the background: Linux's
+    ``vm.dirty_background_bytes``, else ``vm.dirty_background_ratio`` % of :func:`machine_mb`. Temporary files whose
+    pages stay within it are read back from memory and deleted before they reach the disk; beyond it they are written
+    out and may be read back from the disk. A machine setting: the same on every run."""
+    def value(name: str) -> float | None:
+        try:
+            with open(os.path.join(PROC_VM, name)) as f:
+                return float(f.read().strip())
+        except (OSError, ValueError):
+            return None
+
+    if HAS_PROC:
+        fixed = value("dirty_background_bytes")
+        if fixed:
+            return fixed / 2**20
+        ratio = value("dirty_background_ratio")
+        if ratio is not None:
+            return machine_mb() * ratio / 100.0
+    return machine_mb() * DEFAULT_WRITEBACK_SHARE
+
+
 def _windows_available_mb() -> float | None:
     return _windows_memory_mb("ullAvailPhys")
 

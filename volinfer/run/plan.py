@@ -29,6 +29,7 @@ from volinfer.model.tile_model import TileModel
 from volinfer.run import pipeline
 from volinfer.run.norm_stats import waves
 from volinfer.run.normalize import percentile_step
+from volinfer.run.model_grid import plan_model_grid
 from volinfer.run.pipeline import open_source
 from volinfer.run.settings import RunSettings
 from volinfer.run.setup import (guard_for, make_normalizer, needs_input_scan, needs_norm_passes, resolve, scan_input,
@@ -284,6 +285,8 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
         s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr (block-wise) runs use: see volinfer.run.distributed
     facts = volume_facts(paths)
     handle = _run_precision(_handle(model_path, s), paths, s)
+    if facts.blocks and (s.tiling.engine == "stream" or _model_grid_active(paths[0], handle, s)):
+        facts = replace(facts, blocks=False)  # the run takes the store in this process, like a NIfTI file
     tm, choice, setup = _plan_tiling(handle, facts, s)
     if choice.stream is None:
         plan = _tiles_plan(model_path, facts, (tm, choice, setup), s, estimate=False)
@@ -396,10 +399,23 @@ def _handle(model_path: str | Path, s: Any) -> TileModel:
                      compile=False)
 
 
+def _model_grid_active(path: str | Path, handle: TileModel, s: Any) -> bool:
+    """Whether a Zarr store must be brought to the model's stored orientation/spacing (then ``volinfer run`` takes it
+    in this process, as :func:`volinfer.api.run_inputs` decides; else block by block)."""
+    settings = handle.settings
+    if getattr(settings, "orientation", None) is None and getattr(settings, "spacing", None) is None:
+        return False
+    source, _ = open_zarr_source(path)
+    with source:
+        return plan_model_grid(source, settings, s.input.resample).active
+
+
 def _plan_tiling(handle: TileModel, facts: Any, s: Any) -> tuple[Any, Any, Any]:
     """The run's own plan (:func:`volinfer.run.pipeline.plan`) and settings resolution, on the volume's facts, for
-    ``handle`` in the precision the run will use (:func:`_run_precision`)."""
-    planned = pipeline.plan(handle, facts.shape, s, stored=None if facts.blocks else (facts.itemsize, facts.reader_holds))
+    ``handle`` in the precision the run will use (:func:`_run_precision`). A Zarr store run block by block
+    (``facts.blocks``) is tiled: its blocks stream no layers (:func:`volinfer.run.distributed.run_zarr`)."""
+    planned = pipeline.plan(handle, facts.shape, s, stream=not facts.blocks,
+                            stored=None if facts.blocks else (facts.itemsize, facts.reader_holds))
     setup = resolve(planned.model, facts.shape, facts.channels, s, overlap=planned.overlap,
                     stream=planned.choice.stream)
     return planned.model, planned.choice, setup

@@ -444,13 +444,13 @@ def planner_voxel_cost(tm: TileModel) -> tuple[Any, str]:
 
     def bounded(voxels: float) -> float:
         """Beyond the largest tile measured the profile has no data, and huge tiles do cost more per voxel: rising
-        linearly in log2(voxels) to :data:`STREAM_VOXEL_COST` x the last measured cost over
+        linearly in log2(voxels) to :data:`HUGE_TILE_COST` x the last measured cost over
         :data:`UNMEASURED_DOUBLINGS` doublings, flat after."""
         beyond = min(1.0, max(0.0, np.log2(max(voxels, 1.0) / largest)) / UNMEASURED_DOUBLINGS)
-        return cost(voxels) * (1.0 + (STREAM_VOXEL_COST - 1.0) * beyond)
+        return cost(voxels) * (1.0 + (HUGE_TILE_COST - 1.0) * beyond)
 
     return bounded, source + f"; beyond the largest tile measured ({largest / 1e6:.1f} Mvox) rising to " \
-                             f"{STREAM_VOXEL_COST:g}x over {UNMEASURED_DOUBLINGS} doublings"
+                             f"{HUGE_TILE_COST:g}x over {UNMEASURED_DOUBLINGS} doublings"
 
 
 def _crop_counts(shape: Sequence[int], tile: Sequence[int], overlap: Sequence[int], multiple: int) -> tuple[int, ...]:
@@ -547,29 +547,35 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
 
 
 #: Doublings of the tile's voxels beyond the largest tile the speed profile measured over which the planner raises
-#: the per-voxel cost to STREAM_VOXEL_COST x the last measured one (the profile clamps; huge tiles are slower per
+#: the per-voxel cost to HUGE_TILE_COST x the last measured one (the profile clamps; huge tiles are slower per
 #: voxel: reference U-Net, 512³ bf16, the same loaded 2-core machine: 2 tiles of 512x512x304 busy 54.9 s for 159 M
 #: evaluated voxels, the stream 28.2 s for 134 M; the profile measured up to 128³ predicted the tiles 1.26x faster).
 UNMEASURED_DOUBLINGS = 3.0
+#: See UNMEASURED_DOUBLINGS. (Checked since: the reference U-Net's one 256³ tile, bf16, predicted 1.1 s against
+#: 1.20-1.23 s of inference measured.)
+HUGE_TILE_COST = 1.5
 
-#: A streamed voxel's cost over a tiled voxel's at the model's tile (per layer, streamed segments run smaller calls
-#: than one fused tile): the stream's predicted time is this x the voxels it evaluates x the tile's per-voxel cost.
-#: Measured on the reference U-Net (bf16, channels-last planes, this 2-core machine), see the README's "Plan".
-STREAM_VOXEL_COST = 1.5
+#: A streamed voxel's cost over a tiled voxel's at the model's tile: the stream's predicted time is this x the voxels
+#: it evaluates x the tile's per-voxel cost (then its bands' calls and file traffic). Fitted to the reference U-Net's
+#: inference (bf16, channels-last planes, one fresh process each, this 2-core machine, code cd2cde5), against the
+#: voxels x the cost at its 128³ tile that ``volinfer plan`` scales to the latency it measures: 256³ 0.81-0.97 s
+#: (0.71-0.85x), 512³ 6.5-6.8 s (0.77-0.81x), 2048³ in 8 bands 409.4-409.9 s (0.74x, 1.05x the voxels' cost for
+#: skewed bands); f32 at 128³ and 192³ 0.2 and 0.8 s (0.67 and 0.8x; benchmarks/plan_vs_run.py). It was 1.5 until
+#: the stream's planes went channels-last and its copies into one buffer: the planner then ranked one 256³ tile (2.3-
+#: 2.4 s, 901 MiB) before the stream (2.0-2.3 s, 256 MiB).
+STREAM_VOXEL_COST = 0.75
 
 
-#: Seconds a segment call costs besides its voxels, counted for the calls bands add (a band streams the volume's whole
-#: depth through every segment, so N bands make N times the calls of one, each over 1/N of the rows). Measured on the
-#: reference U-Net, bf16, forced band counts, fresh processes alternating (benchmarks/band_counts.py, code 138ed2d):
-#: 2048x2048x512 in 8 bands unspilled, 12 and 16 spilled took 142.7/139.4, 147.3/143.9 and 146.6/138.7 s for 23808,
-#: 35328 and 47488 calls (inference 104.9/104.8, 105.5/103.4, 104.9/100.5 s); 2048x2048x128 in 8, 12 and 16 spilled
-#: 38.4-39.2, 39.0-40.2 and 37.4-43.0 s for 5952, 8832 and 11872 calls. Less the spills' predicted traffic, -0.1 and
-#: +0.3 ms a call: 0.2 ms taken. (0.85 ms was fitted when OpenVINO copied every segment's region of several planes into
-#: its own request.) At 2048³ 16 spilled bands took 10-14% longer than 8 unspilled (616.3, 592.8 against 541.3, 537.9 s;
-#: 133 against 35 GiB of spill and strip files), predicted 7.4%: there the traffic no longer stays in the page cache,
-#: and its seconds are added to voxel costs whose predicted seconds run ~1.7x the measured (README "Larger volumes").
-#: The per-voxel costs above were measured in whole cross-sections.
-BAND_CALL_S = 0.2e-3
+#: Seconds a segment call costs besides its voxels (Python's bookkeeping around it, OpenVINO's own per call), counted
+#: for every call a stream makes (a band streams the volume's whole depth through every segment, so N bands make N
+#: times the calls of one, each over 1/N of the rows). Measured on the reference U-Net, bf16, forced band counts,
+#: fresh processes alternating (benchmarks/band_counts.py, code 138ed2d): 2048x2048x512 in 8 bands unspilled, 12 and
+#: 16 spilled took 142.7/139.4, 147.3/143.9 and 146.6/138.7 s for 23808, 35328 and 47488 calls (inference
+#: 104.9/104.8, 105.5/103.4, 104.9/100.5 s); 2048x2048x128 in 8, 12 and 16 spilled 38.4-39.2, 39.0-40.2 and 37.4-43.0
+#: s for 5952, 8832 and 11872 calls. Less the spills' predicted traffic, -0.1 and +0.3 ms a call: 0.2 ms taken. At
+#: 256³ (976 calls, one band) the stream's wall beyond its inference exceeded one tile's by 0.19 s (code cd2cde5).
+#: (0.85 ms was fitted when OpenVINO copied every segment's region of several planes into its own request.)
+STREAM_CALL_S = 0.2e-3
 
 
 def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, settings: Any,
@@ -657,16 +663,15 @@ def _stream_statistics(tm: TileModel, shape: Sequence[int], choice: TilingChoice
 def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any) -> float:
     """A stream plan's predicted time in the tilings' units (:attr:`volinfer.run.fidelity.Tiling.cost`): the padded
     voxels its bands evaluate (bands recompute their y margins) x :data:`STREAM_VOXEL_COST` x the per-voxel cost
-    at the model's tile."""
+    at the model's tile, its segment calls x :data:`STREAM_CALL_S`, and its file traffic (spilled skip connections,
+    skewed bands' strips: :attr:`volinfer.run.stream.StreamPlan.spill_s`)."""
     voxels = plan.evaluated_voxels(shape[1], tm.multiple)
     unit = 1.0 if voxel_cost is None else voxel_cost(float(np.prod(tm.tile)))
     cost = STREAM_VOXEL_COST * voxels * unit + plan.spill_cost(voxel_cost is not None)  # spill: disk traffic
     if plan.skew is not None:  # skewed bands: calls that copy in regions of their inputs
         cost += (SKEW_VOXEL_COST - 1.0) * STREAM_VOXEL_COST * voxels * unit
-    if plan.bands_count > 1:  # every band after the first makes all its calls again, each over fewer rows
-        call_s = BAND_CALL_S if voxel_cost is not None else BAND_CALL_S / NOMINAL_VOXEL_S
-        cost += call_s * plan.calls_per_band * (plan.bands_count - 1)
-    return cost
+    call_s = STREAM_CALL_S if voxel_cost is not None else STREAM_CALL_S / NOMINAL_VOXEL_S
+    return cost + call_s * plan.calls_per_band * plan.bands_count  # every band makes all the calls, over its rows
 
 
 def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_memory_mb: float | None, asked: bool,

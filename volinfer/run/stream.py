@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 import openvino as ov
+
+from volinfer import portable
 from volinfer.progress import progress_bar
 
 from volinfer.io.plane_store import JoinedPlanes, PlaneFile, PlaneStore, PlaneWindow, check_space, spill_location
@@ -588,18 +590,35 @@ SPILL_FAR = 2.0
 #: Bytes a far consumer's window reads ahead (one read per refill; the OS is asked for the next ones).
 SPILL_READ_BYTES = 4 << 20
 #: Spill traffic the planner predicts, in bytes moved (each spilled byte written once, read back once) per second of
-#: the run. Measured on this machine (2 cores, ext4 on virtio, 24 GiB): 512 MB written in 2 MB positioned writes, read
-#: back in 8 MB positioned reads, five fresh processes: write 350-4970 MB/s (page cache; the first run of the day
-#: slowest), read 4690-7820 MB/s, write+read of each byte 330-3040 MB/s spilled (660-6080 MB/s moved); after fsync
-#: and POSIX_FADV_DONTNEED (reads from the disk itself) 2110-2560 MB/s. Taken low: spills compete with OpenVINO for
-#: the same cores and memory bandwidth.
+#: the run, where the files outgrow what the OS keeps of written pages in memory (:func:`traffic_s`). Measured on this
+#: machine (2 cores, ext4 on virtio, 24 GiB): 512 MB written in 2 MB positioned writes, read back in 8 MB positioned
+#: reads, five fresh processes: write 350-4970 MB/s (page cache; the first run of the day slowest), read 4690-7820
+#: MB/s, write+read of each byte 330-3040 MB/s spilled (660-6080 MB/s moved); after fsync and POSIX_FADV_DONTNEED
+#: (reads from the disk itself) 2110-2560 MB/s. Taken low: spills compete with OpenVINO for the same cores and memory
+#: bandwidth. The reference U-Net at 2048³ in skewed bands (strips of two bands: 5.1 GB, beyond this machine's 2.4 GB)
+#: moved 36 and 136 GB in 8 and 16 bands, 20-22 and 52-63 s of I/O, and took 55-75 s longer in 16.
 SPILL_BYTES_PER_S = 1.5e9
+#: The same where the files stay within what the OS keeps of written pages in memory
+#: (:func:`volinfer.portable.writeback_allowance_mb`): memory copies through the kernel, never the disk. Measured: the
+#: reference U-Net at 2048x2048x512 in 8 bands unspilled and 16 spilled (strips of two bands 1.3 GB) moved 9.0 and
+#: 34.0 GB in 3.1-4.8 and 8.8-9.2 s of I/O (3.7-3.9 GB/s in 16), and 16 bands took no longer than 8
+#: (benchmarks/band_counts.py): taken as if none of it overlapped the computation.
+CACHED_BYTES_PER_S = 4e9
 #: Which plans may spill: "auto" (the planner weighs spilling like any plan), "never", or "always" (every buffer
 #: that can spill does: tests).
 SPILL = "auto"
 #: Seconds per voxel a plan's time is counted in when the model has no speed profile (its unit is then voxels):
 #: the reference U-Net's ~12 Mvox/s, to weigh spill traffic against voxels evaluated.
 NOMINAL_VOXEL_S = 1 / 12e6
+
+
+def traffic_s(moved_bytes: float, footprint_bytes: float) -> float:
+    """Predicted seconds of moving ``moved_bytes`` through temporary files that hold ``footprint_bytes`` at once:
+    at :data:`CACHED_BYTES_PER_S` while they fit what the OS keeps of written pages in memory
+    (:func:`volinfer.portable.writeback_allowance_mb`; read back and deleted before they reach the disk), at
+    :data:`SPILL_BYTES_PER_S` beyond."""
+    fits = footprint_bytes <= portable.writeback_allowance_mb() * 2**20
+    return moved_bytes / (CACHED_BYTES_PER_S if fits else SPILL_BYTES_PER_S)
 
 
 @dataclass
@@ -672,10 +691,14 @@ class StreamPlan:
 
     @property
     def spill_s(self) -> float:
-        """Predicted seconds the spill adds: its bytes written once and read back by each far consumer."""
+        """Predicted seconds the spill adds: its bytes written once and read back by each far consumer, and skewed
+        bands' strips (written by one band, read by the next), each at the rate its files' size allows
+        (:func:`traffic_s`)."""
+        rings = sum(o.disk_bytes for o in self.spill.values())
         if self.skew is not None:  # every band's own spill, and the strips between bands
-            return (self.skew.spill_bytes + 2 * self.skew.strip_bytes) / SPILL_BYTES_PER_S
-        return sum(o.traffic_bytes for o in self.spill.values()) * self.bands_count / SPILL_BYTES_PER_S
+            return traffic_s(self.skew.spill_bytes, rings) + traffic_s(2 * self.skew.strip_bytes,
+                                                                       self.strips_disk_bytes)
+        return traffic_s(sum(o.traffic_bytes for o in self.spill.values()) * self.bands_count, rings)
 
     @property
     def calls_per_band(self) -> int:
