@@ -596,7 +596,8 @@ SPILL_READ_BYTES = 4 << 20
 #: MB/s, write+read of each byte 330-3040 MB/s spilled (660-6080 MB/s moved); after fsync and POSIX_FADV_DONTNEED
 #: (reads from the disk itself) 2110-2560 MB/s. Taken low: spills compete with OpenVINO for the same cores and memory
 #: bandwidth. The reference U-Net at 2048³ in skewed bands (strips of two bands: 5.1 GB, beyond this machine's 2.4 GB)
-#: moved 36 and 136 GB in 8 and 16 bands, 20-22 and 52-63 s of I/O, and took 55-75 s longer in 16.
+#: moved 36 and 136 GB in 8 bands unspilled and 16 spilled, 20-22 and 52-63 s of I/O; 16 took 55-82 s longer (pairs
+#: of runs; 0.2 ms a call for its 94720 more calls, the rest is 1.6-2.7 GB/s for its 100 GB more).
 SPILL_BYTES_PER_S = 1.5e9
 #: The same where the files stay within what the OS keeps of written pages in memory
 #: (:func:`volinfer.portable.writeback_allowance_mb`): memory copies through the kernel, never the disk. Measured: the
@@ -692,13 +693,12 @@ class StreamPlan:
     @property
     def spill_s(self) -> float:
         """Predicted seconds the spill adds: its bytes written once and read back by each far consumer, and skewed
-        bands' strips (written by one band, read by the next), each at the rate its files' size allows
-        (:func:`traffic_s`)."""
-        rings = sum(o.disk_bytes for o in self.spill.values())
+        bands' strips (written by one band, read by the next), at the rate the files' size allows
+        (:func:`traffic_s`: once they outgrow what the OS keeps of written pages, it writes back whatever is dirty,
+        the spill's ring files included)."""
         if self.skew is not None:  # every band's own spill, and the strips between bands
-            return traffic_s(self.skew.spill_bytes, rings) + traffic_s(2 * self.skew.strip_bytes,
-                                                                       self.strips_disk_bytes)
-        return traffic_s(sum(o.traffic_bytes for o in self.spill.values()) * self.bands_count, rings)
+            return traffic_s(self.skew.spill_bytes + 2 * self.skew.strip_bytes, self.spill_disk_bytes)
+        return traffic_s(sum(o.traffic_bytes for o in self.spill.values()) * self.bands_count, self.spill_disk_bytes)
 
     @property
     def calls_per_band(self) -> int:
