@@ -622,11 +622,12 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
             choice.notes.append(f"tiles instead of layer streaming: predicted {cost / planned.cost:.2f}x the "
                                 f"tiling's time, {plan.peak_mb:.0f} MB against {planned.memory_mb:.0f} MB")
             return
-    evaluated = planned.evaluated / float(np.prod(shape)) if planned is not None else None
+    against = "" if planned is None else (
+        f" (the planned tiling: {planned.evaluated / float(np.prod(shape)):.2f}x the volume evaluated, predicted "
+        f"{planned.cost / cost:.2f}x the stream's time, {planned.memory_mb:.0f} MB)")
     if choice.tile_note in choice.notes:
         choice.notes.remove(choice.tile_note)
-    choice.notes.append(f"{plan.describe(shape[1], tm.multiple)}; predicted peak {plan.peak_mb:.0f} MB"
-                        + (f" (tiling would evaluate {evaluated:.2f}x the volume)" if evaluated else "")
+    choice.notes.append(f"{plan.describe(shape[1], tm.multiple)}; predicted peak {plan.peak_mb:.0f} MB" + against
                         + ("" if choice.exact_fits else " (no exact tiling fits the memory budget)"))
     if choice.norm_layers:
         how = ("each pass recomputes the layers before it" if not stats.checkpointed else
