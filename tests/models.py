@@ -94,3 +94,16 @@ def stream_unet(seed: int = 0, softmax: bool = True, in_channels: int = 1) -> ov
     m = ov.Model([y], [param], "stream_unet")
     m.set_rt_info("4", ["volinfer", "size_multiple"])
     return m
+
+
+def mvn_model(seed: int = 0) -> ov.Model:
+    """A convolution, an MVN over the spatial axes (InstanceNorm without affine) and a 1x1 convolution: the smallest
+    model with a normalisation layer (size multiple 1)."""
+    p = ops.parameter([1, 1, -1, -1, -1], np.float32, name="image")
+    w = np.random.default_rng(seed).standard_normal((4, 1, 3, 3, 3)).astype(np.float32)
+    x = ops.convolution(p, ops.constant(w), [1] * 3, [1] * 3, [1] * 3, [1] * 3)
+    x = ops.mvn(x, ops.constant(np.array([2, 3, 4], np.int64)), True, 1e-5, "inside_sqrt")
+    y = ops.convolution(x, ops.constant(np.ones((2, 4, 1, 1, 1), np.float32)), [1] * 3, [0] * 3, [0] * 3, [1] * 3)
+    m = ov.Model([y], [p], "mvn")
+    m.set_rt_info("1", ["volinfer", "size_multiple"])
+    return m

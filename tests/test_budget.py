@@ -213,6 +213,30 @@ def test_zarr_run_plans_within_max_memory(tmp_path):
     assert tiles[160.0] < tiles[None]
 
 
+def test_plan_of_a_zarr_store_plans_as_the_run_takes_it(tmp_path, monkeypatch):
+    """`volinfer run` takes a Zarr store block by block, tile by tile, with per-tile statistics; with --engine stream
+    in this process, like a NIfTI file, with the whole volume's statistics. `volinfer plan` plans each as the run does
+    (it listed a stream for the block run, and refused --engine stream for a normalisation model)."""
+    import zarr
+    from models import mvn_model, stream_unet
+
+    from volinfer.run import setup
+    from volinfer.run.plan import plan_run
+
+    monkeypatch.setattr(setup, "STREAM_CALL_S", 0.0)  # (a stream's calls would dwarf a volume this small)
+    monkeypatch.setattr(setup, "STREAM_VOXEL_COST", 0.3)  # the stream: the plan for the NIfTI file
+    ov.save_model(stream_unet(), str(tmp_path / "s.xml"))
+    ov.save_model(mvn_model(), str(tmp_path / "mvn.xml"))
+    v = np.random.default_rng(1).standard_normal((40, 36, 32)).astype(np.float32)
+    nib.save(nib.Nifti1Image(v, np.eye(4)), str(tmp_path / "v.nii"))
+    z = zarr.create_array(store=str(tmp_path / "v.zarr"), shape=v.shape, chunks=(16, 16, 16), dtype="float32")
+    z[:] = v
+    assert plan_run([tmp_path / "v.nii"], tmp_path / "s.xml").engine == "stream"
+    assert plan_run([tmp_path / "v.zarr"], tmp_path / "s.xml").engine == "tiles"  # blocks stream no layers
+    assert plan_run([tmp_path / "v.zarr"], tmp_path / "s.xml", engine="stream").engine == "stream"
+    assert plan_run([tmp_path / "v.zarr"], tmp_path / "mvn.xml", engine="stream").engine == "stream"
+
+
 # ---- a model file straight from ONNX says what it costs and how to avoid it ----
 
 def test_an_onnx_model_says_what_convert_would_have_stored(tmp_path):

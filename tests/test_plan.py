@@ -59,16 +59,9 @@ def test_helpers():
 def test_plan_counts_normalisation_passes_of_a_model_with_instance_norm(tmp_path):
     """A model with an MVN (InstanceNorm) layer and several tiles: the plan counts one streamed statistics pass
     (it once failed with a NameError on this path)."""
-    import openvino.opset13 as ops
+    from models import mvn_model
 
-    p = ops.parameter([1, 1, -1, -1, -1], np.float32, name="image")
-    w = np.random.default_rng(0).standard_normal((4, 1, 3, 3, 3)).astype(np.float32)
-    x = ops.convolution(p, ops.constant(w), [1] * 3, [1] * 3, [1] * 3, [1] * 3)
-    x = ops.mvn(x, ops.constant(np.array([2, 3, 4], np.int64)), True, 1e-5, "inside_sqrt")
-    y = ops.convolution(x, ops.constant(np.ones((2, 4, 1, 1, 1), np.float32)), [1] * 3, [0] * 3, [0] * 3, [1] * 3)
-    m = ov.Model([y], [p], "mvn")
-    m.set_rt_info("1", ["volinfer", "size_multiple"])
-    ov.save_model(m, str(tmp_path / "mvn.xml"))
+    ov.save_model(mvn_model(), str(tmp_path / "mvn.xml"))
     nib.save(nib.Nifti1Image(np.zeros((40, 36, 30), np.float32), np.eye(4)), str(tmp_path / "v.nii"))
     plan = plan_run([tmp_path / "v.nii"], tmp_path / "mvn.xml", tile=16, overlap=4, stitch="crop")
     assert plan.tiles > 1 and plan.norm_passes == 1

@@ -215,9 +215,22 @@ def test_file_traffic_is_priced_by_what_the_page_cache_keeps(models, monkeypatch
                               cost=lambda p: 100.0 - p.spill_saved_mb)
     assert plan.spill
     moved = sum(o.traffic_bytes for o in plan.spill.values())
+    assert plan.spill_disk_bytes < moved  # (ring files: the files hold less than goes through them)
+    between = (plan.spill_disk_bytes + moved) // 2
+    (vm / "dirty_background_bytes").write_text(str(between))  # the files fit, their traffic would not
     assert plan.spill_s == pytest.approx(moved / stream.CACHED_BYTES_PER_S)
-    (vm / "dirty_background_bytes").write_text("1")  # one byte: every file outgrows it
+    (vm / "dirty_background_bytes").write_text(str(plan.spill_disk_bytes - 1))  # the files outgrow it
     assert plan.spill_s == pytest.approx(moved / stream.SPILL_BYTES_PER_S)
+    # skewed bands: the strips of two bands count with the spill's files
+    from volinfer.run import skewed_bands
+    skewed = skewed_bands.plan_skewed(TileModel(str(path), compile=False), (30, 200, 24), "f32", 3, None)
+    strips, files = 2 * skewed.skew.strip_bytes, skewed.spill_disk_bytes
+    assert skewed.strips_disk_bytes > 0 and files >= skewed.strips_disk_bytes
+    moved = skewed.skew.spill_bytes + strips
+    (vm / "dirty_background_bytes").write_text(str(files))
+    assert skewed.spill_s == pytest.approx(moved / stream.CACHED_BYTES_PER_S)
+    (vm / "dirty_background_bytes").write_text(str(files - 1))
+    assert skewed.spill_s == pytest.approx(moved / stream.SPILL_BYTES_PER_S)
 
 
 def test_spill_files_are_deleted_after_a_run_and_after_an_error(models, forced, monkeypatch, tmp_path):

@@ -20,6 +20,7 @@ The ``HAS_*`` flags say which native call is used; tests set them to ``False`` t
 from __future__ import annotations
 
 import errno
+import math
 import os
 import platform
 import shutil
@@ -495,9 +496,10 @@ def writeback_allowance_mb() -> float:
     def value(name: str) -> float | None:
         try:
             with open(os.path.join(PROC_VM, name)) as f:
-                return float(f.read().strip())
+                v = float(f.read().strip())
         except (OSError, ValueError):
             return None
+        return v if math.isfinite(v) and v >= 0 else None
 
     if HAS_PROC:
         fixed = value("dirty_background_bytes")

@@ -281,12 +281,12 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     if "output" in options:
         options["model_output"] = options.pop("output")
     s = RunSettings.from_kwargs(settings, **options)
-    if s.tiling.norm_stats is None and any(is_zarr(p) for p in paths):
-        s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr (block-wise) runs use: see volinfer.run.distributed
     facts = volume_facts(paths)
     handle = _run_precision(_handle(model_path, s), paths, s)
     if facts.blocks and (s.tiling.engine == "stream" or _model_grid_active(paths[0], handle, s)):
         facts = replace(facts, blocks=False)  # the run takes the store in this process, like a NIfTI file
+    if facts.blocks and s.tiling.norm_stats is None:
+        s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr block runs use: see volinfer.run.distributed
     tm, choice, setup = _plan_tiling(handle, facts, s)
     if choice.stream is None:
         plan = _tiles_plan(model_path, facts, (tm, choice, setup), s, estimate=False)

@@ -574,6 +574,8 @@ STREAM_VOXEL_COST = 0.75
 #: 104.9/104.8, 105.5/103.4, 104.9/100.5 s); 2048x2048x128 in 8, 12 and 16 spilled 38.4-39.2, 39.0-40.2 and 37.4-43.0
 #: s for 5952, 8832 and 11872 calls. Less the spills' predicted traffic, -0.1 and +0.3 ms a call: 0.2 ms taken. At
 #: 256³ (976 calls, one band) the stream's wall beyond its inference exceeded one tile's by 0.19 s (code cd2cde5).
+#: (The two fits subtracted all traffic at the disk's rate; at the cached rate now applied there, the first gives -0.2
+#: ms: within the noise of single runs. The 256³ check holds either way.)
 #: (0.85 ms was fitted when OpenVINO copied every segment's region of several planes into its own request.)
 STREAM_CALL_S = 0.2e-3
 
@@ -611,7 +613,7 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
     if plan is None:
         return
     stats = _stream_statistics(tm, shape, choice) if choice.norm_layers else StatsPlan(0, 0.0)
-    io_s = stats.io_s * plan.bands_count * plan.band / plan.padded[1]  # checkpoints: disk traffic, every band
+    io_s = stats.io_s * plan.bands_count * plan.band / plan.padded[1]  # checkpoints: file traffic, every band
     cost = (stream_cost(tm, shape, plan, choice.voxel_cost) * (1.0 + stats.runs)  # statistics passes: runs' worth
             + (io_s if choice.voxel_cost is not None else io_s / NOMINAL_VOXEL_S))
     choice.stream_option = (plan, cost)
@@ -622,23 +624,30 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
             choice.notes.append(f"tiles instead of layer streaming: predicted {cost / planned.cost:.2f}x the "
                                 f"tiling's time, {plan.peak_mb:.0f} MB against {planned.memory_mb:.0f} MB")
             return
-    against = "" if planned is None else (
-        f" (the planned tiling: {planned.evaluated / float(np.prod(shape)):.2f}x the volume evaluated, predicted "
-        f"{planned.cost / cost:.2f}x the stream's time, {planned.memory_mb:.0f} MB)")
     if choice.tile_note in choice.notes:
         choice.notes.remove(choice.tile_note)
-    choice.notes.append(f"{plan.describe(shape[1], tm.multiple)}; predicted peak {plan.peak_mb:.0f} MB" + against
-                        + ("" if choice.exact_fits else " (no exact tiling fits the memory budget)"))
+    choice.notes.append(_stream_note(plan, cost, choice, shape, tm.multiple))
     if choice.norm_layers:
         how = ("each pass recomputes the layers before it" if not stats.checkpointed else
                f"each pass streams its own layers from the checkpoints the pass before it left on disk: at most "
                f"{stats.disk_bytes * plan.bands_count * plan.band / plan.padded[1] / 2**20:.0f} MB of disk, about "
-               f"{io_s:.1f} s of disk traffic; recomputing instead where the disk is short")
+               f"{io_s:.1f} s of file traffic; recomputing instead where the disk is short")
         choice.notes.append(f"{len(choice.norm_layers)} normalisation layer(s) get whole-volume statistics from "
                             f"{stats.passes} streamed pass(es) of the network before the run (about "
                             f"{stats.runs:.1f}x a run's computation: {how})")
     choice.stream, choice.stream_passes = plan, stats.passes
     choice.stream_checkpoint_mb = stats.disk_bytes * plan.bands_count * plan.band / plan.padded[1] / 2**20
+
+
+def _stream_note(plan: Any, cost: float, choice: TilingChoice, shape: Sequence[int], multiple: int) -> str:
+    """What the stream runs and its predicted peak, against the tiling it was weighed with (``cost``: the stream's
+    predicted time in the tilings' units)."""
+    planned = choice.planned
+    against = "" if planned is None else (
+        f" (the planned tiling: {planned.evaluated / float(np.prod(shape)):.2f}x the volume evaluated, predicted "
+        f"{planned.cost / cost:.2f}x the stream's time, {planned.memory_mb:.0f} MB)")
+    return (f"{plan.describe(shape[1], multiple)}; predicted peak {plan.peak_mb:.0f} MB" + against
+            + ("" if choice.exact_fits else " (no exact tiling fits the memory budget)"))
 
 
 def _planning_model(tm: TileModel, choice: TilingChoice) -> TileModel:
@@ -668,7 +677,7 @@ def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any)
     skewed bands' strips: :attr:`volinfer.run.stream.StreamPlan.spill_s`)."""
     voxels = plan.evaluated_voxels(shape[1], tm.multiple)
     unit = 1.0 if voxel_cost is None else voxel_cost(float(np.prod(tm.tile)))
-    cost = STREAM_VOXEL_COST * voxels * unit + plan.spill_cost(voxel_cost is not None)  # spill: disk traffic
+    cost = STREAM_VOXEL_COST * voxels * unit + plan.spill_cost(voxel_cost is not None)  # spill: file traffic
     if plan.skew is not None:  # skewed bands: calls that copy in regions of their inputs
         cost += (SKEW_VOXEL_COST - 1.0) * STREAM_VOXEL_COST * voxels * unit
     call_s = STREAM_CALL_S if voxel_cost is not None else STREAM_CALL_S / NOMINAL_VOXEL_S

@@ -618,6 +618,8 @@ def traffic_s(moved_bytes: float, footprint_bytes: float) -> float:
     at :data:`CACHED_BYTES_PER_S` while they fit what the OS keeps of written pages in memory
     (:func:`volinfer.portable.writeback_allowance_mb`; read back and deleted before they reach the disk), at
     :data:`SPILL_BYTES_PER_S` beyond."""
+    if moved_bytes <= 0:
+        return 0.0
     fits = footprint_bytes <= portable.writeback_allowance_mb() * 2**20
     return moved_bytes / (CACHED_BYTES_PER_S if fits else SPILL_BYTES_PER_S)
 
@@ -761,7 +763,7 @@ class StreamPlan:
         spilled = ("" if not self.spill else
                    f" ({len(self.spill)} skip connection(s) spilled to disk: {self.spill_saved_mb:.0f} MB of RAM "
                    f"saved, {self.spill_disk_bytes / 2**20:.0f} MB of disk, "
-                   f"about {self.spill_s:.1f} s of disk traffic)")
+                   f"about {self.spill_s:.1f} s of file traffic)")
         return (f"layer streaming along z{where}: {len(self.graph.segments)} segments ({anchored} convolution/pooling/"
                 f"interpolation layers), every voxel of every layer computed once per band; plane buffers "
                 f"{self.buffers_mb:.0f} MB{spilled}")

@@ -37,7 +37,7 @@ from volinfer.run.norm_stats import aligned_bounds, freeze_wave, waves
 from volinfer.progress import progress_bar
 from volinfer.run.stats_checkpoint import (CheckpointStore, Cut, CutPlanner, converter, cut_model, file_reader,
                                            plan_cuts, static_clone, tensor_bytes, unique_names)
-from volinfer.run.stream import (CHUNK_BYTES, OUT_PLANES, SPILL_BYTES_PER_S, StreamPlan, StreamRun, chunking,
+from volinfer.run.stream import (CHUNK_BYTES, OUT_PLANES, StreamPlan, StreamRun, chunking, traffic_s,
                                  plan_capacities, segment_requests, stream_graph_for)
 from volinfer.tiling.geometry import AxisPlan
 
@@ -87,8 +87,9 @@ class StatsPlan:
 
     @property
     def io_s(self) -> float:
-        """Predicted seconds of checkpoint traffic (the spill's rate: :data:`volinfer.run.stream.SPILL_BYTES_PER_S`)."""
-        return self.io_bytes / SPILL_BYTES_PER_S
+        """Predicted seconds of checkpoint traffic, at the rate the checkpoints' size allows
+        (:func:`volinfer.run.stream.traffic_s`)."""
+        return traffic_s(self.io_bytes, self.disk_bytes)
 
 
 def statistics_plan(model: ov.Model, layers: list[NormLayer], input_shape: list[int], storage_bytes: int = 4,
