@@ -763,9 +763,10 @@ class StreamPlan:
         spilled = ("" if not self.spill else
                    f" ({len(self.spill)} skip connection(s) spilled to disk: {self.spill_saved_mb:.0f} MB of RAM "
                    f"saved, {self.spill_disk_bytes / 2**20:.0f} MB of disk, "
-                   f"about {self.spill_s:.1f} s of file traffic)")
+                   + (f"about {self.spill_s:.1f} s" if self.spill_s >= 0.05 else "under 0.1 s") + " of file traffic)")
+        per_band = " per band" if ay.count > 1 and self.skew is None else ""  # (bands with margins recompute them)
         return (f"layer streaming along z{where}: {len(self.graph.segments)} segments ({anchored} convolution/pooling/"
-                f"interpolation layers), every voxel of every layer computed once per band; plane buffers "
+                f"interpolation layers), every voxel of every layer computed once{per_band}; plane buffers "
                 f"{self.buffers_mb:.0f} MB{spilled}")
 
 
