@@ -214,9 +214,10 @@ def test_zarr_run_plans_within_max_memory(tmp_path):
 
 
 def test_plan_of_a_zarr_store_plans_as_the_run_takes_it(tmp_path, monkeypatch):
-    """`volinfer run` takes a Zarr store block by block, tile by tile, with per-tile statistics; with --engine stream
-    in this process, like a NIfTI file, with the whole volume's statistics. `volinfer plan` plans each as the run does
-    (it listed a stream for the block run, and refused --engine stream for a normalisation model)."""
+    """`volinfer run` takes a Zarr store block by block, tile by tile, with per-tile statistics, unless the planner
+    streams it (then in this process, like a NIfTI file, with the whole volume's statistics), or --engine stream asks
+    for that. `volinfer plan` plans each as the run does (it listed a stream for a block run, refused --engine stream
+    for a normalisation model, then planned block tiles that took 486 tiles where the stream runs in seconds)."""
     import zarr
     from models import mvn_model, stream_unet
 
@@ -232,9 +233,69 @@ def test_plan_of_a_zarr_store_plans_as_the_run_takes_it(tmp_path, monkeypatch):
     z = zarr.create_array(store=str(tmp_path / "v.zarr"), shape=v.shape, chunks=(16, 16, 16), dtype="float32")
     z[:] = v
     assert plan_run([tmp_path / "v.nii"], tmp_path / "s.xml").engine == "stream"
-    assert plan_run([tmp_path / "v.zarr"], tmp_path / "s.xml").engine == "tiles"  # blocks stream no layers
+    assert plan_run([tmp_path / "v.zarr"], tmp_path / "s.xml").engine == "stream"  # the planner's choice
+    assert plan_run([tmp_path / "v.zarr"], tmp_path / "s.xml", engine="tiles").engine == "tiles"  # block by block
     assert plan_run([tmp_path / "v.zarr"], tmp_path / "s.xml", engine="stream").engine == "stream"
     assert plan_run([tmp_path / "v.zarr"], tmp_path / "mvn.xml", engine="stream").engine == "stream"
+    monkeypatch.setattr(setup, "STREAM_VOXEL_COST", 50.0)  # tiles win: the store runs block by block again
+    assert plan_run([tmp_path / "v.zarr"], tmp_path / "s.xml").engine == "tiles"
+
+
+def test_a_zarr_store_the_planner_streams_runs_in_this_process(tmp_path, monkeypatch):
+    """A local Zarr run with no options streams when the planner would stream the same volume from NIfTI: exact
+    (whole-volume inference), the stream's staging slab counted in the plan (chunks deeper than the planes it
+    reads), and said; --engine tiles keeps the blocks (their completion markers); the output is the same store."""
+    import zarr
+    from models import stream_unet
+    from test_stream import whole_volume
+
+    from volinfer.cli import main
+    from volinfer.run import setup
+
+    monkeypatch.setattr(setup, "STREAM_CALL_S", 0.0)
+    monkeypatch.setattr(setup, "STREAM_VOXEL_COST", 0.3)
+    ov.save_model(stream_unet(), str(tmp_path / "s.xml"))
+    v = (np.cumsum(np.random.default_rng(2).standard_normal((37, 29, 45)), axis=2) * 0.3).astype(np.float32)
+    z = zarr.create_array(store=str(tmp_path / "v.zarr"), shape=v.shape[::-1], chunks=(16, 16, 16), dtype="float32")
+    z[:] = v.transpose(2, 1, 0)  # (z, y, x) on disk: the store's own axis order
+    ref = whole_volume(tmp_path / "s.xml", v)  # (C, x, y, z), f32
+    outs = {}
+    for engine in ("auto", "tiles"):
+        out = tmp_path / f"{engine}.zarr"
+        r = CliRunner().invoke(main, ["run", str(tmp_path / "v.zarr"), "-m", str(tmp_path / "s.xml"), "-o", str(out),
+                                      "--engine", engine, "--precision", "f32", "--kind", "raw", "--json"])
+        assert r.exit_code == 0, r.output
+        rep = json.loads(r.stdout)
+        outs[engine] = (rep, np.asarray(zarr.open_array(str(out / "0"), mode="r")))  # (c, z, y, x)
+    rep, got = outs["auto"]
+    assert rep["engine"] == "stream" and any("ran in this process, layer by layer" in n for n in rep["notes"])
+    np.testing.assert_allclose(got.transpose(0, 3, 2, 1), ref, atol=2e-5)
+    rep_t, got_t = outs["tiles"]
+    assert rep_t["engine"] == "tiles" and not any("ran in this process" in n for n in rep_t["notes"])
+    assert got_t.shape == got.shape
+
+
+def test_the_stream_counts_a_chunked_stores_staging_slab():
+    """Reading a store kept 128 planes deep, the stream holds a staging slab that deep and the stored voxels read
+    into it (measured at 512³ int16 in 128³ chunks: 255-267 MB beside the plan): counted in its plan's peak, and
+    nothing for files read plane by plane."""
+    from models import stream_unet
+
+    from volinfer.model.tile_model import TileModel
+    from volinfer.run import pipeline
+    from volinfer.run.settings import RunSettings
+    from volinfer.run.stream import staging_mb
+
+    m = stream_unet()
+    m.set_rt_info("4", ["volinfer", "size_multiple"])
+    tm = TileModel(m, compile=False)
+    s = RunSettings.from_kwargs(None, engine="stream", precision="f32")
+    shape = (64, 48, 40)
+    flat, deep = (pipeline.plan(tm, shape, s, stored=(2, "nothing"), stored_depth=d).choice.stream for d in (1, 16))
+    in_ten = deep.graph.tensors[deep.graph.input_key]
+    assert staging_mb(flat, 1, 2) == 0.0 and staging_mb(deep, deep.read_planes, 2) == 0.0
+    assert staging_mb(deep, 16, 2) == pytest.approx(16 * (in_ten.plane_bytes + 2 * 2 * 64 * 48) / 1e6)
+    assert deep.peak_mb - flat.peak_mb == pytest.approx(staging_mb(deep, 16, 2))
 
 
 # ---- a model file straight from ONNX says what it costs and how to avoid it ----

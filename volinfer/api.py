@@ -42,6 +42,7 @@ from volinfer.io.zarr_io import StoreSpec
 from volinfer.io.zarr_writer import ZarrWriter, row_planes, store_spec
 from volinfer.tiling.stitch import make_stitcher
 from volinfer.run.distributed import run_zarr
+from volinfer.run import zarr_route
 
 Overlap = float | int | str | Sequence[float | int] | None
 
@@ -230,9 +231,9 @@ def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
     if n_channels != handle.in_channels:
         raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
-    handle, stored = _scan_input(run, volume, handle)  # before planning: the precision guard decides from it
+    handle, stored, depth = _scan_input(run, volume, handle)  # before planning: the precision guard decides from it
     planned = pipeline.plan(handle, shape, run.s, banded=run.output is None or not is_zarr_output(run.output),
-                            stored=stored)
+                            stored=stored, stored_depth=depth)
     run.choice, run.overlap = planned.choice, planned.overlap
     if run.stream is not None:  # spill: files beside the output, disk space checked before any work
         prepare_spill(run.stream, run.output)
@@ -240,21 +241,21 @@ def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
     run.source = open_source(volume, run.tm.tile[2], run.s.input.channel_axis)
 
 
-def _scan_input(run: _Run, volume: Any, handle: TileModel) -> tuple[TileModel, tuple[int, str]]:
+def _scan_input(run: _Run, volume: Any, handle: TileModel) -> tuple[TileModel, tuple[int, str], int]:
     """The one pre-pass over the input (:func:`volinfer.run.setup.scan_input`), then the precision guard: the model
-    in the precision the run will use, so that the plan's memory and time are that precision's; and how the input
-    is stored (bytes a voxel, what its readers hold: :func:`volinfer.io.reader.read_buffer`), which sizes the
-    tiles engine's buffers."""
+    in the precision the run will use, so that the plan's memory and time are that precision's; how the input is
+    stored (bytes a voxel, what its readers hold: :func:`volinfer.io.reader.read_buffer`), which sizes the tiles
+    engine's buffers; and the planes its storage keeps together (a Zarr chunk's depth: the stream's reads)."""
     s = run.s
     source = open_source(volume, handle.tile[2], s.input.channel_axis)
     try:
         run.scan = scan_input(handle, source, make_normalizer(handle, s, source.channels), s.input.nan_value,
                               fingerprint=run.output is not None and bool(run.in_paths))
-        stored = stored_as(source.readers)
+        stored, depth = stored_as(source.readers), source.stored_depth
     finally:
         if source is not volume:
             source.close()
-    return guard_for(handle, run.scan.input_abs_max), stored
+    return guard_for(handle, run.scan.input_abs_max), stored, depth
 
 
 def _execute(run: _Run) -> None:
@@ -490,8 +491,11 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
                 raise VolinferError("--engine stream runs in this process; --scheduler/--workers run Zarr blocks "
                                     "tile by tile (drop one of them)")
             return _with_note(predict(list(inputs), model, output, settings), note)
-        if _zarr_needs_model_grid(inputs[0], model, settings, blocks):
+        handle = _handle(model, settings)
+        if _zarr_needs_model_grid(inputs[0], handle, settings, blocks):
             return _with_note(predict(list(inputs), model, output, settings), note)
+        if not (blocks.scheduler or blocks.workers) and zarr_route.streams(inputs[0], handle, settings, output):
+            return _with_note(_with_note(predict(list(inputs), model, output, settings), zarr_route.STREAMED_NOTE), note)
         return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
                                    scheduler=blocks.scheduler, workers=blocks.workers), note)
     if blocks.scheduler or blocks.workers:
@@ -509,10 +513,10 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
     return run_batch(batch, tm, output, settings, note=note, notify=notify)
 
 
-def _zarr_needs_model_grid(volume: Path, model: Any, settings: RunSettings, blocks: BlockSettings) -> bool:
+def _zarr_needs_model_grid(volume: Path, handle: TileModel, settings: RunSettings, blocks: BlockSettings) -> bool:
     """Whether a Zarr input must go through the model's grid (:mod:`volinfer.run.model_grid`): then it runs in this
     process like a NIfTI file (the block/Dask path runs on the store's own grid)."""
-    if not _model_grid(volume, _handle(model, settings), settings).active:
+    if not zarr_route.needs_model_grid(volume, handle, settings):
         return False
     if blocks.scheduler or blocks.workers:
         raise VolinferError("this model stores an orientation/spacing the volume must be reoriented or resampled to, "

@@ -52,20 +52,22 @@ class RunPlan:
 
 
 def plan(handle: TileModel, shape: Sequence[int], s: RunSettings, *, norm_stats: str | None = None,
-         stream: bool = True, banded: bool = True, stored: tuple[int, str] | None = None) -> RunPlan:
+         stream: bool = True, banded: bool = True, stored: tuple[int, str] | None = None,
+         stored_depth: int = 1) -> RunPlan:
     """The run's plan for a volume of ``shape`` (x, y, z) with the model ``handle`` (read, in the precision the run
     will use): the planner's tiling, weighed against layer streaming unless ``stream`` is False (Zarr block runs),
     ``norm_stats`` overriding the settings' (block runs freeze no statistics yet). ``banded``: the output takes
     bands of y rows (not Zarr stores). ``stored``: the input's bytes a voxel and what its readers hold
     (:func:`volinfer.io.reader.read_buffer`), for the tiles engine's buffers the tilings are weighed with (None: the
-    model alone, Zarr block runs)."""
+    model alone, Zarr block runs). ``stored_depth``: planes the input's storage keeps together (a Zarr chunk's
+    depth), which a stream reads that deep at a time."""
     t = s.tiling
     handle = with_run_multiple(handle)
     buffers = tile_buffers(handle, shape, s, stored) if stored is not None else None
     choice = plan_tiling(handle, shape, t, norm_stats=norm_stats, defer_refusal=stream and t.engine != "tiles",
                          buffers=buffers)
     if stream:
-        choose_stream(handle, shape, choice, s, banded=banded)
+        choose_stream(handle, shape, choice, s, banded=banded, stage=(stored_depth, stored[0] if stored else 4))
     if choice.refusal and choice.stream is None:  # no tile fits --max-memory, and the run does not stream in it
         raise VolinferError(choice.refusal)
     if choice.stream is not None:  # rows of output planes over bands of the padded cross-section

@@ -29,7 +29,7 @@ from volinfer.model.tile_model import TileModel
 from volinfer.run import pipeline
 from volinfer.run.norm_stats import waves
 from volinfer.run.normalize import percentile_step
-from volinfer.run.model_grid import plan_model_grid
+from volinfer.run import zarr_route
 from volinfer.run.pipeline import open_source
 from volinfer.run.settings import RunSettings
 from volinfer.run.setup import (guard_for, make_normalizer, needs_input_scan, needs_norm_passes, resolve, scan_input,
@@ -254,6 +254,7 @@ class VolumeFacts:
     reader_holds: str  # what the readers keep between reads (volinfer.io.reader.read_buffer)
     floating: bool  # stored as floats: the NaN/Inf pass runs
     blocks: bool = False  # a Zarr store: run block by block (no strips spanning the volume)
+    depth: int = 1  # planes the storage keeps together (a Zarr chunk's depth: what a stream reads at a time)
 
 
 def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
@@ -266,7 +267,7 @@ def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
         zsrc, _ = open_zarr_source(paths[0])
         with zsrc:
             return VolumeFacts(tuple(zsrc.shape), zsrc.channels, *stored_as(zsrc.readers),
-                               any(r.dtype.kind == "f" for r in zsrc.readers), blocks=True)
+                               any(r.dtype.kind == "f" for r in zsrc.readers), blocks=True, depth=zsrc.stored_depth)
     with open_paths(paths, depth=1) as src:
         return VolumeFacts(src.shape, src.channels, *stored_as(src.readers),
                            any(r.dtype.kind == "f" for r in src.readers))
@@ -283,7 +284,8 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
     s = RunSettings.from_kwargs(settings, **options)
     facts = volume_facts(paths)
     handle = _run_precision(_handle(model_path, s), paths, s)
-    if facts.blocks and (s.tiling.engine == "stream" or _model_grid_active(paths[0], handle, s)):
+    if facts.blocks and (s.tiling.engine == "stream" or zarr_route.needs_model_grid(paths[0], handle, s)
+                         or zarr_route.streams(paths[0], _handle(model_path, s), s)):
         facts = replace(facts, blocks=False)  # the run takes the store in this process, like a NIfTI file
     if facts.blocks and s.tiling.norm_stats is None:
         s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr block runs use: see volinfer.run.distributed
@@ -399,23 +401,13 @@ def _handle(model_path: str | Path, s: Any) -> TileModel:
                      compile=False)
 
 
-def _model_grid_active(path: str | Path, handle: TileModel, s: Any) -> bool:
-    """Whether a Zarr store must be brought to the model's stored orientation/spacing (then ``volinfer run`` takes it
-    in this process, as :func:`volinfer.api.run_inputs` decides; else block by block)."""
-    settings = handle.settings
-    if getattr(settings, "orientation", None) is None and getattr(settings, "spacing", None) is None:
-        return False
-    source, _ = open_zarr_source(path)
-    with source:
-        return plan_model_grid(source, settings, s.input.resample).active
-
-
 def _plan_tiling(handle: TileModel, facts: Any, s: Any) -> tuple[Any, Any, Any]:
     """The run's own plan (:func:`volinfer.run.pipeline.plan`) and settings resolution, on the volume's facts, for
     ``handle`` in the precision the run will use (:func:`_run_precision`). A Zarr store run block by block
     (``facts.blocks``) is tiled: its blocks stream no layers (:func:`volinfer.run.distributed.run_zarr`)."""
     planned = pipeline.plan(handle, facts.shape, s, stream=not facts.blocks,
-                            stored=None if facts.blocks else (facts.itemsize, facts.reader_holds))
+                            stored=None if facts.blocks else (facts.itemsize, facts.reader_holds),
+                            stored_depth=facts.depth)
     setup = resolve(planned.model, facts.shape, facts.channels, s, overlap=planned.overlap,
                     stream=planned.choice.stream)
     return planned.model, planned.choice, setup

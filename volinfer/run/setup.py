@@ -39,7 +39,7 @@ from volinfer.run.settings import RunSettings, TilingSettings
 from volinfer.model.precision import outside_checked
 from volinfer.model import speed_profile
 from volinfer.model.stream_graph import NotStreamable
-from volinfer.run.stream import fixed_mb, plan_stream
+from volinfer.run.stream import fixed_mb, plan_stream, staging_mb
 from volinfer.run import skewed_bands
 from volinfer.run.skewed_bands import SKEW_VOXEL_COST, skew_options
 
@@ -581,12 +581,14 @@ STREAM_CALL_S = 0.2e-3
 
 
 def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, settings: Any,
-                  banded: bool = True) -> None:
+                  banded: bool = True, stage: tuple[int, int] = (1, 0)) -> None:
     """Set ``choice.stream`` to the :class:`volinfer.run.stream.StreamPlan` this run streams with (left None: tile by
     tile). ``--engine auto`` weighs the stream (its whole cross-section, else bands of y rows, within the budget)
     against the planned tiling by the planner's one objective (:func:`volinfer.run.fidelity.leanest_near_fastest`)
     and says why in ``choice.notes``; ``--engine stream`` that cannot stream is a one-line error. ``banded``: the
-    output takes bands of y rows (not Zarr stores, which keep z-slabs until every row of them is written)."""
+    output takes bands of y rows (not Zarr stores, which keep z-slabs until every row of them is written).
+    ``stage``: planes the input's storage keeps together and its bytes a voxel (a Zarr store's chunk depth: read
+    that deep at a time, :func:`volinfer.run.stream.staging_mb`)."""
     t = settings.tiling
     if t.engine == "tiles":
         return
@@ -609,7 +611,7 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
     planned = choice.planned
     if not asked and planned is None and choice.exact_fits:  # nothing planned for exactness to weigh against
         return
-    plan = _fit_stream(_planning_model(tm, choice), shape, choice, t.max_memory_mb, asked, banded)
+    plan = _fit_stream(_planning_model(tm, choice), shape, choice, t.max_memory_mb, asked, banded, stage)
     if plan is None:
         return
     stats = _stream_statistics(tm, shape, choice) if choice.norm_layers else StatsPlan(0, 0.0)
@@ -685,22 +687,23 @@ def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any)
 
 
 def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_memory_mb: float | None, asked: bool,
-                banded: bool) -> Any:
+                banded: bool, stage: tuple[int, int]) -> Any:
     """The stream plan within the memory budget (whole cross-section, else bands of y rows with margins covering the
     receptive field), its predicted peak set; None (with a note) when auto cannot stream within it."""
-    fixed = fixed_mb(weights_mb(tm.model))
+    base = fixed_mb(weights_mb(tm.model))
+    fixed = lambda p: base + staging_mb(p, *stage)  # noqa: E731  (the input's staging slab follows the band)
     cap = max_memory_mb or choice.budget_mb or default_budget_mb(weights_mb(tm.model))
     rf = choice.rf
     margin = rf.radius[1] if banded and rf is not None and rf.measured and rf.bounded else None
     try:
-        plan = plan_stream(tm, tuple(shape), tm.precision, fits=lambda p: fixed + p.memory_mb <= cap,  # type: ignore
+        plan = plan_stream(tm, tuple(shape), tm.precision, fits=lambda p: fixed(p) + p.memory_mb <= cap,  # type: ignore
                            margin_y=margin, cost=lambda p: stream_cost(tm, shape, p, choice.voxel_cost))  # spill
     except NotStreamable as e:
         if asked:
             raise VolinferError(f"--engine stream: this model cannot be streamed ({e}); use --engine tiles") from None
         choice.notes.append(f"layer streaming not possible ({e}): tiles instead")
         return None
-    plan.peak_mb = fixed + plan.memory_mb
+    plan.peak_mb = fixed(plan) + plan.memory_mb
     if banded and not choice.norm_layers:
         plan = _with_skewed_bands(tm, shape, choice, plan, fixed, cap)
     if plan.peak_mb > cap and not asked:
@@ -712,19 +715,19 @@ def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_m
     return plan
 
 
-def _with_skewed_bands(tm: TileModel, shape: Sequence[int], choice: TilingChoice, plan: Any, fixed: float,
-                       cap: float) -> Any:
+def _with_skewed_bands(tm: TileModel, shape: Sequence[int], choice: TilingChoice, plan: Any,
+                       fixed: Callable[[Any], float], cap: float) -> Any:
     """``plan``, or the skewed bands (:mod:`volinfer.run.skewed_bands`) the planner's objective prefers among those
     within the budget: the least predicted time, the leanest within 10% of it (skewed bands compute what one band
     does, in less memory; each band adds a little time)."""
-    options = [o for o in skew_options(tm, tuple(shape), tm.precision) if fixed + o.memory_mb <= cap]  # type: ignore
+    options = [o for o in skew_options(tm, tuple(shape), tm.precision) if fixed(o) + o.memory_mb <= cap]
     if not options:
         return plan
     cands = options + ([plan] if plan.peak_mb <= cap and not skewed_bands.FORCE_COUNT else [])
     weighed = [(o, stream_cost(tm, shape, o, choice.voxel_cost)) for o in cands]
     best = leanest_near_fastest(weighed, lambda w: w[1], lambda w: w[0].memory_mb)[0]
     for o in cands:
-        o.peak_mb = fixed + o.memory_mb
+        o.peak_mb = fixed(o) + o.memory_mb
     choice.stream_alternatives = [w for w in weighed if w[0] is not best]
     return best
 
