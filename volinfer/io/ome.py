@@ -30,6 +30,9 @@ from volinfer.errors import VolinferError
 NGFF_VERSION = "0.5"
 #: NIfTI space units (nibabel names) → NGFF unit names.
 _UNITS = {"mm": "millimeter", "micron": "micrometer", "meter": "meter"}
+#: NGFF space units (UDUNITS-2 names) in millimetres.
+NGFF_MM = {"angstrom": 1e-7, "picometer": 1e-9, "nanometer": 1e-6, "micrometer": 1e-3, "millimeter": 1.0,
+           "centimeter": 10.0, "decimeter": 100.0, "meter": 1e3, "inch": 25.4, "foot": 304.8}
 
 
 @dataclass

@@ -315,6 +315,10 @@ def stored_as(readers: Sequence[Any]) -> tuple[int, str]:
     return max(r.dtype.itemsize for r in readers), read_buffer(readers)
 
 
+#: NIfTI space units (nibabel's names) in millimetres; "unknown" is read as millimetres, NIfTI's usual unit.
+NIFTI_MM = {"unknown": 1.0, "mm": 1.0, "micron": 1e-3, "meter": 1e3}
+
+
 class VolumeSource:
     """A volume of one or more channels: one 4-D file, several 3-D files (one per channel), or a numpy array.
 
@@ -343,6 +347,8 @@ class VolumeSource:
         # whether the affine says where the axes point / how large the voxels are (a TIFF stack without OME sizes
         # knows neither; the model's grid step (volinfer.run.model_grid) then leaves that part alone)
         self.orientation_known = self.spacing_known = affine is not None
+        # millimetres per unit of the affine (a NIfTI header's xyzt_units; None: a unit that is no known length)
+        self.mm_per_unit: float | None = NIFTI_MM.get(header.get_xyzt_units()[0]) if header is not None else 1.0
 
     @property
     def channels(self) -> int:

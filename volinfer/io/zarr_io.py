@@ -23,8 +23,8 @@ import numpy as np
 from volinfer import portable
 from volinfer.errors import VolinferError
 from volinfer.io.reader import Region, VolumeSource
-from volinfer.io.ome import (Geometry, check_levels, geometry_attrs, level_chunks, level_shapes, multiscales,
-                             read_geometry)
+from volinfer.io.ome import (NGFF_MM, Geometry, check_levels, geometry_attrs, level_chunks, level_shapes,
+                             multiscales, read_geometry)
 from volinfer.io.journal import ResumableError
 from volinfer.io.targets import STORE_ATTR, aux_path, check_output, is_volinfer_store, remove_store, store_mark
 
@@ -192,6 +192,7 @@ def open_zarr_source(path: str | Path) -> tuple[VolumeSource, Any]:
     geom = store_geometry(path)
     source = VolumeSource(readers, readers[0].shape, affine=geom.affine, paths=[Path(path)])
     source.orientation_known, source.spacing_known = geom.oriented, geom.sized
+    source.mm_per_unit = 1.0 if geom.unit is None else NGFF_MM.get(geom.unit)
     return source, arr
 
 

@@ -65,7 +65,10 @@ def plan_model_grid(source: VolumeSource | None, settings: Any, resample: bool) 
     if source is None or source.affine is None:
         grid.notes.append("an array has no affine: the model's stored orientation/spacing are not applied")
         return grid
-    affine, shape = np.asarray(source.affine, float), source.shape
+    affine, shape = in_mm(source), source.shape
+    unit_known = affine is not None
+    if affine is None:  # where the axes point does not depend on the unit
+        affine = np.asarray(source.affine, float)
     if orientation is not None and not getattr(source, "orientation_known", True):
         grid.notes.append(f"the volume records no anatomical orientation (TIFF stack, or a Zarr array with only NGFF "
                           f"scales): taken as is, not reoriented to the model's {orientation}")
@@ -78,15 +81,30 @@ def plan_model_grid(source: VolumeSource | None, settings: Any, resample: bool) 
     if spacing is not None and not getattr(source, "spacing_known", True):
         grid.notes.append(f"the volume records no voxel size: run at its own grid, not resampled to the model's "
                           f"{'x'.join(f'{v:g}' for v in spacing)} mm")
+    elif spacing is not None and not unit_known and resample:
+        raise VolinferError("the volume's spatial unit is not a length volinfer knows, so it cannot be resampled to "
+                            f"the model's {'x'.join(f'{v:g}' for v in spacing)} mm (pass --no-resample to run it at "
+                            "its own voxel size)")
     elif spacing is not None:
         found = Resampling.between(shape, affine, spacing)
         if found is not None and not resample:
             grid.notes.append(f"--no-resample: the volume runs at its own voxel size "
                               f"({'x'.join(f'{v:g}' for v in voxel_sizes(affine))} mm; the model expects "
                               f"{'x'.join(f'{v:g}' for v in spacing)} mm)")
-        elif found is not None:
+        elif found is not None and unit_known:
             grid.resampling = found
     return grid
+
+
+def in_mm(source: VolumeSource) -> np.ndarray | None:
+    """The source's affine in millimetres (its header's or store's unit: micrometres for most microscopy), which the
+    model's stored spacing is in; None when the unit is no length volinfer knows."""
+    mm = getattr(source, "mm_per_unit", 1.0)
+    if mm is None:
+        return None
+    affine = np.array(source.affine, float)
+    affine[:3, :] *= mm
+    return affine
 
 
 Writer = Callable[[VolumeSource, int, np.dtype], "tuple[Any, np.dtype]"]
@@ -135,7 +153,7 @@ def _to_model_grid(grid: ModelGrid, source: VolumeSource, work: Path) -> Path:
             amap, path = grid.amap, work / "oriented_input.nii"
             dtype = source_dtype(source)
             writer = NiftiWriter(path, amap.shape(source.shape), source.channels, dtype,
-                                 affine=amap.affine(source.affine, source.shape))
+                                 affine=amap.affine(_world(source), source.shape))
             _fill(writer, lambda: reorient_into(source, amap, writer, dtype))
             if grid.resampling is None:
                 return path
@@ -145,12 +163,19 @@ def _to_model_grid(grid: ModelGrid, source: VolumeSource, work: Path) -> Path:
         check_regrid_size(r.out_shape, current.channels, np.dtype(np.float32), str(source.paths[0]))
         target = work / "model_input.nii"
         writer = NiftiWriter(target, r.out_shape, current.channels, np.dtype(np.float32),
-                             affine=r.affine(current.affine))
+                             affine=r.affine(_world(current)))
         _fill(writer, lambda: resample_into(current, r.out_shape, r.ratio, "linear", writer, np.dtype(np.float32)))
         return target
     finally:
         if opened is not None:
             opened.close()
+
+
+def _world(source: VolumeSource) -> np.ndarray:
+    """The affine the model's grid files are written with: in millimetres where the unit is known (the NIfTI files
+    between the steps say mm, so the run on them needs no second resampling), else as stored."""
+    mm = in_mm(source)
+    return np.asarray(source.affine, float) if mm is None else mm
 
 
 def _fill(writer: Any, body: Callable[[], None]) -> Any:
