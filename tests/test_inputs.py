@@ -201,6 +201,34 @@ def test_tiff_input_tiff_output(env):
     assert not [p for p in tmp.iterdir() if p.name.startswith(".seg.tif")]
 
 
+def test_tiff_voxel_sizes_are_read_from_imagej_and_never_invented(env, tmp_path):
+    """An ImageJ stack (Fiji's, most microscopy's) records its voxel size as pixels per unit and a z spacing: read
+    (it was dropped, and the TIFF output claimed 1 mm voxels), in millimetres; a stack that records none gives an
+    output that claims none, and a NIfTI in micrometres gives a TIFF in the same micrometres."""
+    import tifffile
+
+    tmp, vol, direct = env
+    zyx = vol.transpose(2, 1, 0)
+    tifffile.imwrite(tmp_path / "ij.tif", zyx, imagej=True, resolution=(1 / 0.5, 1 / 0.6),
+                     metadata={"spacing": 2.0, "unit": "micron", "axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "plain.tif", zyx, photometric="minisblack")
+    um = nib.Nifti1Image(vol, np.diag([900.0, 1100.0, 1300.0, 1.0]))
+    um.header.set_xyzt_units("micron")
+    nib.save(um, str(tmp_path / "um.nii"))
+    ok("run", tmp_path / "ij.tif", "-m", tmp / "asym.xml", "-o", tmp_path / "ij.nii", *RUN)
+    assert np.allclose(nib.load(str(tmp_path / "ij.nii")).affine, np.diag([0.0005, 0.0006, 0.002, 1.0]))
+    np.testing.assert_array_equal(labels(tmp_path / "ij.nii"), direct)
+    for src, sizes in (("ij.tif", ["0.5", "0.6", "2.0"]), ("plain.tif", None), ("um.nii", ["900.0", "1100.0", "1300.0"])):
+        ok("run", tmp_path / src, "-m", tmp / "asym.xml", "-o", tmp_path / f"{src}.out.tif", *RUN)
+        with tifffile.TiffFile(tmp_path / f"{src}.out.tif") as tf:
+            meta = tf.ome_metadata or ""
+            np.testing.assert_array_equal(tf.asarray(), direct.transpose(2, 1, 0))
+        if sizes is None:
+            assert "PhysicalSize" not in meta, meta
+        else:
+            assert all(f'PhysicalSize{ax}="{v}"' in meta for ax, v in zip("XYZ", sizes)), meta
+
+
 def _refused(tmp: Path, path: Path, words: str) -> None:
     r = invoke("run", path, "-m", tmp / "asym.xml", "-o", tmp / "refused.nii", *RUN)
     assert r.exit_code == 2, r.output

@@ -25,7 +25,7 @@ from volinfer.io.sources import input_files
 from volinfer.io.tiff_io import TiffWriter
 from volinfer.run.settings import RunSettings
 from volinfer.run.norm_stats import fit_norm_statistics
-from volinfer.run.model_grid import ModelGrid, plan_model_grid, run_on_model_grid, settings_for_model_grid
+from volinfer.run.model_grid import ModelGrid, in_mm, plan_model_grid, run_on_model_grid, settings_for_model_grid
 from volinfer.run.feeder import TileFeeder
 from volinfer.run.fidelity import Fidelity
 from volinfer.run.setup import (InputScan, TilingChoice, RunSetup, guard_for, make_normalizer, needs_norm_passes, resolve,
@@ -390,9 +390,13 @@ def _store_spec(run: _Run, source: VolumeSource) -> StoreSpec:
                       z["compression"])
 
 
-def _voxel_mm(source: VolumeSource) -> tuple[float, float, float]:
-    """The input's voxel size (mm), for a TIFF output's resolution tags."""
-    return voxel_sizes(source.affine if source.affine is not None else np.eye(4))
+def _voxel_mm(source: VolumeSource) -> tuple[float, float, float] | None:
+    """The input's voxel size (mm), for a TIFF output's physical size; None when the input records none (a TIFF
+    output then claims none either) or in no known length unit."""
+    if source.affine is None or not getattr(source, "spacing_known", True):
+        return None
+    mm = in_mm(source)
+    return None if mm is None else voxel_sizes(mm)
 
 
 def _zarr_writer(run: _Run) -> "ZarrWriter":

@@ -142,9 +142,10 @@ def _check_pages(tf: Any, path: Path, z: int, size: int) -> None:
 
 
 def _voxel_mm(tf: Any) -> tuple[float, float, float] | None:
-    """OME ``PhysicalSizeX/Y/Z`` in millimetres (1 where one is absent or unreadable); None without OME sizes."""
+    """The voxel size in millimetres: OME ``PhysicalSizeX/Y/Z`` (1 where one is absent or unreadable), else ImageJ's
+    (:func:`_imagej_mm`); None when the file records none."""
     if not getattr(tf, "is_ome", False):
-        return None
+        return _imagej_mm(tf)
     try:
         pixels = next(el for el in ET.fromstring(tf.ome_metadata).iter() if el.tag.endswith("Pixels"))
     except Exception:
@@ -160,6 +161,30 @@ def _voxel_mm(tf: Any) -> tuple[float, float, float] | None:
         unit = _TO_MM.get(pixels.get(f"PhysicalSize{ax}Unit", "µm"), math.nan)
         out.append(size * unit if math.isfinite(size * unit) and size > 0 else 1.0)
     return out[0], out[1], out[2]
+
+
+def _imagej_mm(tf: Any) -> tuple[float, float, float] | None:
+    """An ImageJ stack's voxel size in millimetres (what Fiji and ``tifffile.imwrite(imagej=True)`` write): x and y
+    from the first page's ``XResolution``/``YResolution`` (pixels per unit), z from the metadata's ``spacing``, all in
+    its ``unit``; None when the stack is no ImageJ file or says no length unit (ImageJ's default "pixel")."""
+    meta = getattr(tf, "imagej_metadata", None) if getattr(tf, "is_imagej", False) else None
+    unit = _TO_MM.get(str((meta or {}).get("unit", "")).replace("\\u00B5", "µ").replace("micron", "µm"))
+    if unit is None:
+        return None
+    page = tf.pages[0]
+
+    def size(tag: str) -> float:
+        try:
+            num, den = page.tags[tag].value
+            return den / num * unit if num > 0 and den > 0 else unit
+        except Exception:
+            return unit
+
+    try:
+        z = float(meta.get("spacing", 1.0))  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        z = 1.0
+    return size("XResolution"), size("YResolution"), (z if math.isfinite(z) and z > 0 else 1.0) * unit
 
 
 def _open_one(p: Path, depth: int) -> tuple[Any, tuple[int, int, int], tuple[float, float, float] | None]:
@@ -221,7 +246,7 @@ class TiffWriter(NiftiWriter):
     renamed onto the target at the end (see module docs). ``resume`` continues an interrupted temporary file."""
 
     def __init__(self, target: str | os.PathLike, shape: tuple[int, int, int], channels: int, dtype: np.dtype,
-                 voxel_mm: Sequence[float] = (1.0, 1.0, 1.0), resume: bool = False) -> None:
+                 voxel_mm: Sequence[float] | None = None, resume: bool = False) -> None:
         self.target = Path(target)
         self.shape, self.channels, self.dtype = shape, channels, np.dtype(dtype)
         self.compress, self.compresslevel = False, 1
@@ -239,13 +264,16 @@ class TiffWriter(NiftiWriter):
             self.abort()
             raise VolinferError(f"cannot create {self.target}: {e.strerror or e}") from None
 
-    def _create(self, full: tuple[int, ...], voxel_mm: Sequence[float]) -> int:
-        """Make the temporary stack (tifffile writes the header and page directories) and return its data offset."""
+    def _create(self, full: tuple[int, ...], voxel_mm: Sequence[float] | None) -> int:
+        """Make the temporary stack (tifffile writes the header and page directories) and return its data offset.
+        ``voxel_mm`` None: no physical size is claimed (the input recorded none)."""
         tifffile = _tifffile()
         self._check_space(0, math.prod(full) * self.dtype.itemsize + 65536)
         axes = "ZYX" if len(full) == 3 else "CZYX"
-        meta = {"axes": axes, "PhysicalSizeX": voxel_mm[0] * 1e3, "PhysicalSizeY": voxel_mm[1] * 1e3,
-                "PhysicalSizeZ": voxel_mm[2] * 1e3}
+        meta: dict[str, Any] = {"axes": axes}
+        if voxel_mm is not None:
+            meta.update(PhysicalSizeX=voxel_mm[0] * 1e3, PhysicalSizeY=voxel_mm[1] * 1e3,
+                        PhysicalSizeZ=voxel_mm[2] * 1e3)
         # the OME UUID from what the file holds, not a random one: a resumed run writes the same bytes
         digest = hashlib.blake2b(repr((full, self.dtype.str, meta)).encode(), digest_size=16).digest()
         meta["UUID"] = str(uuid.UUID(bytes=digest))
