@@ -216,3 +216,24 @@ def test_max_levels_matches_halving():
         k = max_levels(shape)
         shapes = level_shapes(shape, k)
         assert shapes[-1] == (1, 1, 1) and (k == 0 or shapes[-2] != (1, 1, 1)), (shape, shapes)
+
+
+def test_a_damaged_or_sizeless_store_is_refused_in_one_line_and_leaves_nothing(env, tmp_path):
+    """A chunk that does not decode is damaged input (exit 2, the store named; it was an 'internal error' that left an
+    all-zero store looking finished at the output path); a scale of 0 is refused when the store is opened (it was
+    an internal error writing NIfTI, and a degenerate affine in a Zarr output)."""
+    tmp, vol_path, xml, vol = env
+    ok("to-zarr", vol_path, "-o", tmp_path / "bad.zarr", "--chunks", "8")
+    chunk = next(p for p in sorted((tmp_path / "bad.zarr" / "0").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(b"garbage")
+    ok("to-zarr", vol_path, "-o", tmp_path / "flat.zarr")
+    meta = json.loads((tmp_path / "flat.zarr" / "zarr.json").read_text())
+    meta["attributes"]["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][1] = 0.0
+    meta["attributes"].pop("volinfer", None)  # (its stored affine would stand in for the scale)
+    (tmp_path / "flat.zarr" / "zarr.json").write_text(json.dumps(meta))
+    for src, out, words in (("bad.zarr", "o.zarr", "cannot be read"), ("bad.zarr", "o.nii.gz", "cannot be read"),
+                            ("flat.zarr", "f.nii.gz", "is not usable"), ("flat.zarr", "f.zarr", "is not usable")):
+        r = invoke("run", tmp_path / src, "-m", xml, "-o", tmp_path / out, *RUN)
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert str(tmp_path / src) in r.output and words in r.output and len(r.output.strip().splitlines()) == 1
+        assert not [p for p in tmp_path.iterdir() if p.name.lstrip(".").startswith(out.split(".")[0] + ".")]

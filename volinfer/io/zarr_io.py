@@ -55,8 +55,9 @@ class ZarrChannel:
 
     HOLDS = "nothing"  # (see volinfer.io.reader.read_buffer)
 
-    def __init__(self, array: Any, channel: int | None, names: Sequence[str] = ("z", "y", "x")) -> None:
-        self.array, self.channel, self.names = array, channel, tuple(names)
+    def __init__(self, array: Any, channel: int | None, names: Sequence[str] = ("z", "y", "x"),
+                 path: str | Path = "the Zarr store") -> None:
+        self.array, self.channel, self.names, self.path = array, channel, tuple(names), path
         self.dtype = np.dtype(array.dtype)
         self.slope, self.inter = 1.0, 0.0
         space = [n for n in self.names if n in SPACE_AXES]
@@ -72,7 +73,13 @@ class ZarrChannel:
                 key.append(slice(a, b))
             else:  # the channel axis, or an axis of length 1
                 key.append(self.channel if n == "c" else 0)
-        return np.asarray(self.array[tuple(key)]).transpose(self._to_xyz)
+        try:
+            data = np.asarray(self.array[tuple(key)])
+        except Exception as e:  # a chunk that does not decode: damaged input, not a bug of this run
+            where = ", ".join(f"{n} {a}..{b}" for n, (a, b) in zip(SPACE_AXES, r))
+            raise VolinferError(f"{self.path}: a chunk in {where} cannot be read ({type(e).__name__}: "
+                                f"{str(e)[:200]}); the store is damaged") from None
+        return data.transpose(self._to_xyz)
 
     def planes(self, z0: int, z1: int) -> np.ndarray:
         return self.region(((0, self.shape[0]), (0, self.shape[1]), (z0, z1)))
@@ -186,9 +193,9 @@ def open_zarr_source(path: str | Path) -> tuple[VolumeSource, Any]:
     arr, root_attrs = _open_array(path)
     names = array_axes(arr, root_attrs, Path(path))
     if "c" in names:
-        readers = [ZarrChannel(arr, c, names) for c in range(arr.shape[names.index("c")])]
+        readers = [ZarrChannel(arr, c, names, path) for c in range(arr.shape[names.index("c")])]
     else:
-        readers = [ZarrChannel(arr, None, names)]
+        readers = [ZarrChannel(arr, None, names, path)]
     geom = store_geometry(path)
     source = VolumeSource(readers, readers[0].shape, affine=geom.affine, paths=[Path(path)])
     source.orientation_known, source.spacing_known = geom.oriented, geom.sized
@@ -285,7 +292,13 @@ def store_geometry(path: str | Path) -> Geometry:
             array_attrs = dict(root[ms[0]["datasets"][0]["path"]].attrs) if ms else {}
         except Exception:
             array_attrs = {}
-    return read_geometry(root_attrs, array_attrs)
+    geom = read_geometry(root_attrs, array_attrs)
+    linear = np.asarray(geom.affine, float)[:3, :3]
+    if not np.all(np.isfinite(geom.affine)) or abs(np.linalg.det(linear)) < 1e-12:
+        sizes = "x".join(f"{v:g}" for v in np.linalg.norm(linear, axis=0))
+        raise VolinferError(f"{path}: its recorded voxel size {sizes} is not usable (every scale must be finite and "
+                            f"non-zero)")
+    return geom
 
 
 def sync_region(arr: Any, box: Sequence[tuple[int, int]]) -> None:

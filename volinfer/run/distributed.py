@@ -29,6 +29,7 @@ with the store's affine: ``run -o out.nii`` equals ``run -o out.zarr`` then ``to
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from volinfer.tiling.blocks import Block, block_tiles, make_block_stitcher, plan
 from volinfer.run.engine import run_tiles
 from volinfer.run.job import RowProgress, TileJob
 from volinfer.run.report import RunReport, Work, build_report, peak_rss_mb
-from volinfer.errors import VolinferError
+from volinfer.errors import Interrupted, VolinferError
 from volinfer.tiling.geometry import TileGrid
 from volinfer.model.tile_model import CompileOptions, TileModel
 from volinfer.run.postprocess import OutputSpec
@@ -51,7 +52,7 @@ from volinfer.run.settings import RunSettings
 from volinfer.run import pipeline
 from volinfer.run.pipeline import JournaledOutput, fingerprint_options, run_fingerprint
 from volinfer.run.setup import guard_for, make_normalizer, resolve, scan_input, verdict
-from volinfer.io.journal import Journal
+from volinfer.io.journal import Journal, ResumableError
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
 from volinfer.io.formats import is_zarr
@@ -337,9 +338,15 @@ def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
     journal = Journal(Path(output), run_fingerprint([Path(volume)], p.tm.path, dict(
         p.settings, chunks=chunk3, block=block, compression=o.compression, split=split,
         **({"pyramid": o.pyramid} if o.pyramid else {}))), path=run_journal(output))
+    fresh = not (s.resume and Path(output).exists())
     _create_store(p, volume, model, output, s, chunk3, per, journal)
     job = _job(p, volume, output, model, s, levels=o.pyramid)
-    results = _execute(job, blocks, where[0], where[1], s.progress)
+    try:
+        results = _execute(job, blocks, where[0], where[1], s.progress)
+    except VolinferError as e:  # damaged input, a model that fails...: a store this run made would look finished
+        if fresh and not isinstance(e, (ResumableError, Interrupted)):
+            _discard_store(Path(output))
+        raise
     rep = _report(p, output, t0, results, s)
     done = [r for r in results if not r["skipped"]]
     rep.extra["blocks"] = (f"{len(done)} run, {len(results) - len(done)} already complete, "
@@ -348,6 +355,13 @@ def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
     if o.pyramid:
         rep.extra["pyramid"] = f"{o.pyramid} downsampled level(s) ({downsample_method(o.kind)}), OME-Zarr"
     return rep
+
+
+def _discard_store(output: Path) -> None:
+    """Remove a store this run created, with its fingerprint and block markers (kept only for resumable failures)."""
+    shutil.rmtree(output, ignore_errors=True)
+    shutil.rmtree(done_marker_dir(output), ignore_errors=True)
+    run_journal(output).unlink(missing_ok=True)
 
 
 def _create_store(p: _Prepared, volume: Any, model: Any, output: Any, s: RunSettings, chunk3: tuple[int, int, int],
