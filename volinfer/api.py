@@ -19,7 +19,7 @@ from volinfer.io.journal import Journal, journal_path
 from volinfer.io.plane_store import remove_stale, spill_location
 from volinfer.model.tile_model import TileModel
 from volinfer.io.reader import VolumeSource, stored_as
-from volinfer.io.ome import geometry_from_nifti
+from volinfer.io.ome import NGFF_MM, Geometry, geometry_from_nifti
 from volinfer.io.formats import is_tiff_output, is_zarr, is_zarr_output
 from volinfer.io.sources import input_files
 from volinfer.io.tiff_io import TiffWriter
@@ -203,7 +203,7 @@ def _final_writer(run: _Run, source: VolumeSource, channels: int, dtype: np.dtyp
                           row_planes=[0, source.shape[2]], overwrite=run.s.overwrite), dtype
     if is_tiff_output(output):
         return TiffWriter(output, source.shape, channels, dtype, voxel_mm=_voxel_mm(source)), dtype
-    return NiftiWriter(output, source.shape, channels, dtype, source.header, source.affine), dtype
+    return NiftiWriter(output, source.shape, channels, dtype, _output_reference(source), source.affine), dtype
 
 
 class _ArrayResult(ArrayWriter):
@@ -316,7 +316,7 @@ def _open_writer(run: _Run, out: JournaledOutput) -> None:
         run.writer = TiffWriter(output, source.shape, spec.out_channels, spec.dtype, voxel_mm=_voxel_mm(source),
                                 resume=run.s.resume)
     else:
-        run.writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, source.header,
+        run.writer = NiftiWriter(output, source.shape, spec.out_channels, spec.dtype, _output_reference(source),
                                  source.affine, resume=run.s.resume)
     out.writer, out.journal = run.writer, run.journal
     run.journal.update(run.start_row, setup.grid.axes[2].count)
@@ -388,6 +388,16 @@ def _store_spec(run: _Run, source: VolumeSource) -> StoreSpec:
     z = _zarr_settings(run.output, o.zarr_output())["zarr"]
     return store_spec(o.kind, geometry_from_nifti(source.header, source.affine), z["chunks"], z["pyramid"],
                       z["compression"])
+
+
+def _output_reference(source: VolumeSource) -> Any:
+    """The NIfTI header a NIfTI output copies: the input's own, else one made from its affine in its unit (a Zarr
+    store's micrometres, a TIFF's or ITK file's millimetres; "unknown" where it records no voxel size)."""
+    if source.header is not None or source.affine is None:
+        return source.header
+    known = getattr(source, "spacing_known", True) and source.mm_per_unit is not None
+    unit = next((n for n, f in NGFF_MM.items() if f == source.mm_per_unit), None) if known else None
+    return Geometry(np.asarray(source.affine, float), unit).nifti_header()
 
 
 def _voxel_mm(source: VolumeSource) -> tuple[float, float, float] | None:

@@ -61,10 +61,14 @@ class Geometry:
             except Exception:
                 pass  # a damaged record: fall back to the affine
         hdr = nib.Nifti1Header()
-        hdr.set_qform(self.affine, code=1)
-        hdr.set_sform(self.affine, code=1)
-        space = {v: k for k, v in _UNITS.items()}.get(self.unit or "", "unknown")
-        hdr.set_xyzt_units(space)
+        hdr.set_data_shape((1, 1, 1))  # three spatial dims, so the affine sets three zooms (outputs add channels)
+        affine, space = np.asarray(self.affine, float), {v: k for k, v in _UNITS.items()}.get(self.unit or "")
+        if space is None and self.unit in NGFF_MM:  # a length NIfTI has no code for (nanometres): in mm
+            affine, space = affine.copy(), "mm"
+            affine[:3, :] *= NGFF_MM[self.unit]
+        hdr.set_qform(affine, code=1)
+        hdr.set_sform(affine, code=1)
+        hdr.set_xyzt_units(space or "unknown")
         return hdr
 
     @property

@@ -437,7 +437,7 @@ def _run_zarr_to_nifti(volume: Any, model: Any, output: Path, s: RunSettings, bl
     journal = Journal(output, run_fingerprint([Path(volume)], p.tm.path, dict(p.settings, block=block)))
     start = journal.resume_row() if s.resume else 0
     writer = NiftiWriter(output, p.source.shape, p.setup.spec.out_channels, p.setup.spec.dtype,
-                         affine=store_geometry(volume).affine, resume=s.resume)
+                         store_geometry(volume).nifti_header(), resume=s.resume)
     job = _job(p, volume, output, model, s)
     results = _write_slabs(job, slabs, start, writer, journal, s.progress)
     rep = _report(p, output, t0, results, s)
