@@ -74,7 +74,14 @@ FAILING = {
     "info, missing weights": ["info", "bad.onnx.xml"],
     "to-zarr, corrupt volume": ["to-zarr", "bad.nii.gz", "-o", "z.zarr"],
     "to-nifti, not a store": ["to-nifti", "notzarr", "-o", "n.nii.gz"],
+    # usage errors, which click shows as usage, hint and message on three lines
+    "run, unknown precision": ["run", "vol.nii.gz", "-m", "m.xml", "-o", "o.nii.gz", "--precision", "f64"],
+    "run, no model": ["run", "vol.nii.gz", "-o", "o.nii.gz"],
+    "run, unknown option": ["run", "vol.nii.gz", "-m", "m.xml", "-o", "o.nii.gz", "--bogus"],
+    "unknown command": ["frobnicate"],
+    "convert, no model": ["convert"],
 }
+USAGE = {"run, unknown precision", "run, no model", "run, unknown option", "unknown command", "convert, no model"}
 
 
 @pytest.mark.parametrize("case", list(FAILING))
@@ -86,6 +93,8 @@ def test_a_failing_command_writes_exactly_one_line(files, case):
     assert len(err) == 1, f"{case}: {err}"
     assert err[0].startswith("error: "), err
     assert not (files / "x.xml").exists() and not (files / "o.nii.gz").exists()
+    if case in USAGE:
+        assert status == 2 and "--help'" in err[0], err
 
 
 def test_quiet_convert_is_silent_and_debug_shows_the_framework_noise(files):

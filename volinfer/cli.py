@@ -10,7 +10,7 @@ import click
 
 from volinfer.version import __version__
 from volinfer import validate as V
-from volinfer.cliutil import (SIZE, TILES, emit, friendly_errors, note, output_options, progress_bar,
+from volinfer.cliutil import (SIZE, TILES, OneLineUsage, emit, friendly_errors, note, output_options, progress_bar,
                       runtime_options)
 from converters.cli import convert
 from volinfer import options
@@ -26,7 +26,7 @@ from volinfer.run.plan import plan_run
 from volinfer.run.settings import from_cli, output_float_dtype
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=OneLineUsage, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="volinfer")
 def main() -> None:
     """Run 3D networks on whole volumes of any size, tile by tile, with nearly flat memory.

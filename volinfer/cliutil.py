@@ -95,6 +95,36 @@ def _fail(line: str, status: int) -> None:
     sys.exit(status)
 
 
+class _UsageLine(click.UsageError):
+    """A usage error shown as every volinfer error is: one line on stderr (click's own adds the usage and a hint)."""
+
+    def show(self, file: Any = None) -> None:
+        where = self.ctx.command_path if self.ctx is not None else "volinfer"
+        click.echo(f"error: {self.format_message()} (see '{where} --help')", err=True)
+
+
+class OneLineUsage(click.Group):
+    """The ``volinfer`` group: an unknown option, a bad value or a missing argument, of the group or of any command,
+    is a one-line error with exit status 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+
+def _one_line(e: click.UsageError) -> click.UsageError:
+    """``e`` as a one-line error; a bare ``volinfer`` (click's "no arguments: show the help") as it is."""
+    return e if type(e).__name__ == "NoArgsIsHelpError" else _UsageLine(e.format_message(), e.ctx)
+
+
 # ---- one convention for every command: shared options, output streams, progress ----
 
 #: Choices, default and help of the options that say how the model is compiled; every command that runs a model
