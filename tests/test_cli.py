@@ -225,3 +225,29 @@ def test_values_that_overflow_a_narrow_model_input_are_refused(tmp_path):
     assert r.exit_code == 0, r.output
     out = np.asarray(nib.load(str(tmp_path / "o.nii")).dataobj)
     np.testing.assert_allclose(out[..., 0], data * 0.001, rtol=1e-3)
+
+
+def test_a_tile_far_larger_than_the_volume_runs_as_the_volume(tmp_path):
+    """--tile 2000 on a 23x17x11 volume: the tile is clamped to the padded volume (it ran out of memory reshaping
+    the model to 2000³ and 4000x2000x2000 to look for normalisation layers first); the output is the whole-volume
+    one. A Zarr input into a TIFF stack runs in this process (blocks write Zarr or NIfTI; it was refused with 'must
+    end in .nii or .nii.gz (or .tif/.tiff, or .zarr)')."""
+    import zarr
+
+    xml = save_unet2(tmp_path / "m.xml")
+    vol = np.random.default_rng(3).standard_normal((23, 17, 11)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "v.nii"))
+    for tile in ("2000", "auto"):
+        r = invoke("run", tmp_path / "v.nii", "-m", xml, "-o", tmp_path / f"{tile}.nii", "--tile", tile, "-q",
+                   "--precision", "f32", "--kind", "raw")
+        assert r.exit_code == 0, r.output
+    a, b = (np.asarray(nib.load(str(tmp_path / f"{t}.nii")).dataobj) for t in ("2000", "auto"))
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    z = zarr.create_array(str(tmp_path / "v.zarr"), shape=vol.shape[::-1], dtype="float32", chunks=(8, 8, 8))
+    z[:] = vol.transpose(2, 1, 0)
+    r = invoke("run", tmp_path / "v.zarr", "-m", xml, "-o", tmp_path / "z.tif", "-q", "--precision", "f32")
+    assert r.exit_code == 0, r.output
+    r = invoke("run", tmp_path / "v.nii", "-m", xml, "-o", tmp_path / "n.tif", "-q", "--precision", "f32")
+    import tifffile
+
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "z.tif"), tifffile.imread(tmp_path / "n.tif"))

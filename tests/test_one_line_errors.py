@@ -80,6 +80,8 @@ FAILING = {
     "run, unknown option": ["run", "vol.nii.gz", "-m", "m.xml", "-o", "o.nii.gz", "--bogus"],
     "unknown command": ["frobnicate"],
     "convert, no model": ["convert"],
+    "run, unusable cache directory": ["run", "vol.nii.gz", "-m", "m.xml", "-o", "o.nii.gz", "--cache-dir",
+                                      "/proc/no-such-dir"],
 }
 USAGE = {"run, unknown precision", "run, no model", "run, unknown option", "unknown command", "convert, no model"}
 

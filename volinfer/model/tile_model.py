@@ -8,6 +8,7 @@ the size multiple the model requires, and which output to use.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -113,7 +114,13 @@ class TileModel:
     ) -> None:
         self.core = core or ov.Core()
         if options.cache_dir:
-            self.core.set_property({"CACHE_DIR": str(options.cache_dir)})
+            try:
+                self.core.set_property({"CACHE_DIR": str(options.cache_dir)})
+            except RuntimeError as e:  # a directory OpenVINO cannot create: a bad option, said in one line
+                found = re.search(r"err=([^)\]\n]+)", str(e))
+                why = found.group(1).strip() if found else framework_message(e)
+                raise VolinferError(f"--cache-dir {options.cache_dir}: cannot use it as OpenVINO's model cache "
+                                    f"({why})") from None
         self.path = None if isinstance(model, ov.Model) else Path(model)
         self.tile_given = tile is not None  # the caller fixed the tile: planning must not change it
         self.compiled: ov.CompiledModel | None = None

@@ -263,10 +263,18 @@ def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
     return ReceptiveField(tuple(int(v) for v in s.receptive_field), bool(bounded))  # type: ignore[arg-type]
 
 
+#: The largest tile edge the normalisation-layer search reshapes the model to (:func:`model_norm_layers`).
+NORM_PROBE_EDGE = 256
+
+
 def model_norm_layers(tm: TileModel) -> tuple[list[NormLayer], list[str]]:
-    """Spatial normalisation layers (and unfreezable spatial reductions) of the model, found at its tile."""
+    """Spatial normalisation layers (and unfreezable spatial reductions) of the model, found at its tile (at most
+    :data:`NORM_PROBE_EDGE` a side: which axes an op reduces does not depend on the size, and shape inference at a
+    forced ``--tile 2000`` and twice that ran out of memory)."""
+    m = max(1, tm.multiple)
+    tile = [t if t <= NORM_PROBE_EDGE else max(m, NORM_PROBE_EDGE // m * m) for t in tm.tile]
     try:
-        return find_norm_layers(tm.model, tm.layout, tm.in_channels, tm.tile)
+        return find_norm_layers(tm.model, tm.layout, tm.in_channels, tile)
     except Exception:  # a fixed-shape model cannot be probed at other sizes: read the ops at its own shape instead
         return [], fixed_shape_global_ops(tm.model, tm.layout)
 
