@@ -419,7 +419,9 @@ def _measure_rf(ov_model: ov.Model, t3: list[int], settings: ModelSettings, note
     ``budget`` MB), or None with a note when it cannot be found (then crop margins come from --overlap)."""
     reason = None
     try:
-        rf = measure_receptive_field(TileModel(ov_model.clone(), tile=t3, compile=False), max_memory_mb=budget)
+        described = ov_model.clone()
+        settings.to_model(described)  # the output a run reads (deep supervision: the full-size head, not output 0)
+        rf = measure_receptive_field(TileModel(described, tile=t3, compile=False), max_memory_mb=budget)
     except Exception as e:  # noqa: BLE001 - any failure means "not measured", said in a note
         rf, reason = None, framework_message(e)
     if rf is not None and not getattr(rf, "measured", True):

@@ -47,6 +47,19 @@ NETS = textwrap.dedent('''
             h = torch.relu(self.body(x))
             return self.aux(h), self.seg(h)
 
+    class DeepSupervision(nn.Module):  # nnU-Net's training head: a half-resolution auxiliary output listed first
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Conv3d(1, 4, 3, padding=1)
+            self.down = nn.Conv3d(4, 8, 3, stride=2, padding=1)
+            self.up = nn.ConvTranspose3d(8, 4, 2, stride=2)
+            self.aux = nn.Conv3d(8, 3, 1)
+            self.seg = nn.Conv3d(8, 3, 3, padding=1)
+        def forward(self, x):
+            e = torch.relu(self.enc(x))
+            d = torch.relu(self.down(e))
+            return self.aux(d), self.seg(torch.cat([e, torch.relu(self.up(d))], 1))
+
     class ChannelsLast(nn.Module):
         def __init__(self):
             super().__init__()
@@ -61,6 +74,10 @@ NETS = textwrap.dedent('''
     def two_heads():
         torch.manual_seed(3)
         return TwoHeads().eval()
+
+    def deep_supervision():
+        torch.manual_seed(5)
+        return DeepSupervision().eval()
 
     def channels_last():
         torch.manual_seed(4)
@@ -181,6 +198,29 @@ def test_two_output_network_uses_chosen_output(tmp_path, nets):
     vol = np.random.default_rng(1).standard_normal((2, 20, 18, 16)).astype(np.float32)
     labels = predict(vol, tm, channel_axis=0)
     assert labels.shape == (20, 18, 16) and labels.max() <= 2
+
+
+def test_deep_supervision_converts_and_runs_its_full_size_head(tmp_path, nets):
+    """A model whose first output is a down-sampled auxiliary head (deep supervision) converts with the full-size
+    head chosen (it was refused: 'accepts no cubic input size', every output had to be full size), its receptive
+    field measured on that head, and runs it: whole-volume PyTorch logits on an odd volume, f32 tiles and stream."""
+    convert(f"{nets}:deep_supervision", tmp_path / "ds.xml", tile=16, select_output=1, fp16=False)
+    st = _settings(tmp_path / "ds.xml")
+    assert st.output == "1" and st.size_multiple == 2 and st.receptive_field
+    vol = np.random.default_rng(2).standard_normal((21, 18, 15)).astype(np.float32)
+    padded = np.pad(vol, [(0, 1), (0, 0), (0, 1)])
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets_ds", nets)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with torch.no_grad():
+        ref = mod.deep_supervision()(torch.from_numpy(padded)[None, None])[1][0].numpy()[:, :21, :18, :15]
+    for engine in ("tiles", "stream"):
+        out, rep = predict(vol, tmp_path / "ds.xml", kind="raw", precision="f32", engine=engine, progress=False,
+                           report=True)
+        assert rep.exact and rep.engine == engine
+        np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=1e-4)
 
 
 def test_channels_last_model(tmp_path, nets):

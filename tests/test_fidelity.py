@@ -216,3 +216,29 @@ def test_unbounded_receptive_field_plans_one_tile_over_the_volume(tmp_path, monk
     assert rep_forced.exact is False and any("not bounded" in r for r in rep_forced.not_exact)
     ref = _torch_whole(net, vol)
     assert (np.moveaxis(raw, -1, 0).argmax(0) == ref.argmax(0)).mean() >= 0.9999
+
+
+def test_a_tiling_check_that_failed_at_convert_makes_tiles_not_exact(tmp_path):
+    """A model whose convert-time tiling check measured tiles with receptive-field margins far from whole-volume
+    inference (an interpolation to a skip connection's size sees more than the radius: labels 91% equal, 27% of the
+    output range) is planned as one whose field is unbounded: one tile over the volume, exact; tiles of any size
+    are 'not exact' and say what convert measured (they were called exact, that measurement printed beside it). A
+    check within the criteria changes nothing."""
+    import json
+
+    from models import save_unet2
+
+    from volinfer import predict
+
+    check = {"measured": True, "max_abs": 0.21, "max_rel": 0.27, "output_range": 0.78, "label_agreement": 0.912,
+             "margin": [6, 6, 6], "tile": [16, 16, 16], "probe": [32, 32, 32], "space": "probabilities"}
+    bad = save_unet2(tmp_path / "bad.xml", receptive_field="[6, 6, 6]", tiling_check=json.dumps(check))
+    good = save_unet2(tmp_path / "good.xml", receptive_field="[6, 6, 6]",
+                      tiling_check=json.dumps({**check, "max_abs": 1e-6, "max_rel": 1e-6, "label_agreement": 1.0}))
+    vol = np.random.default_rng(0).standard_normal((40, 36, 28)).astype(np.float32)
+    _, rep = predict(vol, bad, precision="f32", engine="tiles", progress=False, report=True)
+    assert rep.exact and rep.tiles == 1
+    _, rep = predict(vol, bad, precision="f32", tile=16, progress=False, report=True)
+    assert not rep.exact and any("measured unfaithful at convert" in r and "91" in r for r in rep.not_exact)
+    _, rep = predict(vol, good, precision="f32", tile=16, progress=False, report=True)
+    assert rep.exact, rep.not_exact

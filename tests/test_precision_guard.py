@@ -83,3 +83,24 @@ def test_run_scans_the_normalised_range(tmp_path, scale, normalize, expect):
         assert f"±{float(np.abs(vol).max()):.4g}" in note, note
     else:
         assert "faithful" in note
+
+
+def test_a_reduced_precision_asked_for_against_the_stored_verdict_says_so(tmp_path):
+    """--precision bf16 on a model `volinfer convert` measured unfaithful in bf16 runs bf16 (asked for) but says how
+    far it moves the outputs (it said nothing); asked where the verdict is faithful, or f32, nothing is added. An odd
+    volume says it ran padded to the size multiple; one on the multiple does not."""
+    from volinfer import predict
+
+    bad = save_unet2(tmp_path / "bad.xml", precision_check=json.dumps({**CHECK, "faithful": False,
+                                                                      "label_agreement": 0.9975}))
+    good = save_unet2(tmp_path / "good.xml", precision_check=json.dumps(CHECK))
+    odd = np.random.default_rng(1).standard_normal((21, 18, 15)).astype(np.float32)
+    for xml, asked, warned in ((bad, "bf16", True), (good, "bf16", False), (bad, "f32", False)):
+        _, rep = predict(odd, xml, precision=asked, report=True, progress=False)
+        lines = [n for n in rep.notes if "measured bf16 unfaithful" in n]
+        assert bool(lines) == warned, rep.notes
+        if warned:
+            assert "labels 0.9975 equal" in lines[0] and "asked for" in lines[0]
+    assert any(n.startswith("the volume ran padded to 24x20x16 (the model's size multiple 4") for n in rep.notes)
+    _, rep = predict(odd[:20, :16, :12], bad, precision="f32", report=True, progress=False)
+    assert not any("ran padded" in n for n in rep.notes), rep.notes

@@ -64,21 +64,20 @@ def activation_bytes_per_voxel(model: ov.Model, layout: str, channels: int, tile
 
 
 def accepts(model: ov.Model, layout: str, channels: int, tile: Sequence[int]) -> bool:
-    """Shape inference only: does the model take this tile and return outputs of the same spatial size (every
-    spatial dimension shape inference fixes)? The one acceptance check of runs and conversion."""
+    """Shape inference only: does the model take this tile and return an output of the same spatial size (every
+    spatial dimension shape inference fixes)? Volumetric outputs of other sizes may stand beside it (deep
+    supervision's down-sampled heads); a model without volumetric outputs is taken at its word. The one acceptance
+    check of runs and conversion."""
     m = model.clone()
     lay = Layout.of(layout)
     try:
         m.reshape({m.input(0): ov.PartialShape(lay.tensor_shape(channels, tile))})
     except Exception:
         return False
-    for out in m.outputs:
-        ps = out.get_partial_shape()
-        if ps.rank.is_static and ps.rank.get_length() == 5:
-            dims = [ps[i] for i in lay.spatial_axes]
-            if any(d.is_static and d.get_length() != t for d, t in zip(dims, tile)):
-                return False
-    return True
+    volumetric = [[ps[i] for i in lay.spatial_axes] for ps in (out.get_partial_shape() for out in m.outputs)
+                  if ps.rank.is_static and ps.rank.get_length() == 5]
+    return not volumetric or any(all(not d.is_static or d.get_length() == t for d, t in zip(dims, tile))
+                                 for dims in volumetric)
 
 
 def probe_multiple(model: ov.Model, layout: str, channels: int, lo: int = 64, span: int = 64) -> int | None:

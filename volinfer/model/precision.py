@@ -83,6 +83,10 @@ def compare(model: ov.Model, x: np.ndarray, precision: str, output: int, channel
 def resolve(requested: str, stored: dict[str, Any] | None, core: ov.Core, device: str) -> tuple[str, str]:
     """The precision to compile with, and why (for the summary and ``--json``)."""
     if requested != "auto":
+        if stored and stored.get("precision") == requested and not stored.get("faithful"):
+            return requested, (f"asked for, although `volinfer convert` measured {requested} unfaithful for this "
+                               f"model (labels {stored.get('label_agreement')} equal, probabilities off by up to "
+                               f"{stored.get('prob_max_abs')}): outputs differ from f32 inference by about that much")
         return requested, "asked for"
     native = native_reduced(core, device)
     if native is None:

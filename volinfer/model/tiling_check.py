@@ -161,6 +161,24 @@ def stored(extra: dict[str, Any], radius: Sequence[int] | None) -> dict[str, Any
     return rec if ok else None
 
 
+#: A stored check beyond both of these says crop tiles with margins equal to the receptive field are not faithful
+#: for the model (its output depends on more than the radius says, e.g. an interpolation to a skip connection's
+#: size, whose sampling positions follow the tile's extent): fewer labels equal than the precision check accepts,
+#: and a deviation of more than 1% of the output range (ties alone move labels, not values).
+UNFAITHFUL_LABELS = 0.999
+UNFAITHFUL_REL = 0.01
+
+
+def unfaithful(rec: dict[str, Any] | None) -> str | None:
+    """Why a stored check (:func:`stored`) shows crop tiling unfaithful for the model, or None."""
+    if rec is None:
+        return None
+    rel, labels = float(rec["max_rel"]), rec.get("label_agreement")
+    if rel <= UNFAITHFUL_REL or (labels is not None and float(labels) >= UNFAITHFUL_LABELS):
+        return None
+    return f"tiles with margins of the receptive field measured unfaithful at convert ({describe(rec)})"
+
+
 def percent(share: float) -> str:
     """A share as a percentage with enough digits that anything short of 1 never reads as 100%."""
     if share >= 1.0:

@@ -24,7 +24,7 @@ from volinfer.model.graph_reach import stride_period
 from volinfer.model.receptive_field import ReceptiveField, measure_receptive_field
 from volinfer.model.spatial_norm import (POSITION_OPS, NormLayer, find_norm_layers, fixed_shape_global_ops,
                                          frozen_like)
-from volinfer.model.tiling_check import stored as stored_tiling_check
+from volinfer.model.tiling_check import stored as stored_tiling_check, unfaithful
 from volinfer.tiling.geometry import GeometryError, TileGrid, plan_axis_crop
 from volinfer.model.layout import Layout
 from volinfer.model.tile_model import TileModel
@@ -260,7 +260,9 @@ def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
     if not s.receptive_field:
         return None
     bounded = s.extra.get("receptive_field_bounded", True) not in (False, "false")
-    return ReceptiveField(tuple(int(v) for v in s.receptive_field), bool(bounded))  # type: ignore[arg-type]
+    radius = tuple(int(v) for v in s.receptive_field)
+    why = unfaithful(stored_tiling_check(s.extra, radius))  # then only one tile (or the stream) is exact
+    return ReceptiveField(radius, bool(bounded) and why is None, reason=why or "")  # type: ignore[arg-type]
 
 
 #: The largest tile edge the normalisation-layer search reshapes the model to (:func:`model_norm_layers`).
