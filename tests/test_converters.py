@@ -60,6 +60,19 @@ NETS = textwrap.dedent('''
             d = torch.relu(self.down(e))
             return self.aux(d), self.seg(torch.cat([e, torch.relu(self.up(d))], 1))
 
+    class SizeFollowing(nn.Module):  # a published pattern: the decoder interpolates to the skip connection's size
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Conv3d(1, 4, 3, padding=1)
+            self.norm = nn.GroupNorm(2, 4)  # exported as a Reshape that regroups space: no kernel arithmetic
+            self.mid = nn.Conv3d(4, 4, 3, padding=1)
+            self.out = nn.Conv3d(8, 2, 3, padding=1)
+        def forward(self, x):
+            e = torch.relu(self.norm(self.enc(x)))
+            d = torch.relu(self.mid(nn.functional.max_pool3d(nn.functional.max_pool3d(e, 2), 2)))
+            up = nn.functional.interpolate(d, size=e.shape[2:], mode="trilinear", align_corners=False)
+            return self.out(torch.cat([e, up], 1))
+
     class ChannelsLast(nn.Module):
         def __init__(self):
             super().__init__()
@@ -78,6 +91,10 @@ NETS = textwrap.dedent('''
     def deep_supervision():
         torch.manual_seed(5)
         return DeepSupervision().eval()
+
+    def size_following():
+        torch.manual_seed(6)
+        return SizeFollowing().eval()
 
     def channels_last():
         torch.manual_seed(4)
@@ -221,6 +238,32 @@ def test_deep_supervision_converts_and_runs_its_full_size_head(tmp_path, nets):
                            report=True)
         assert rep.exact and rep.engine == engine
         np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=1e-4)
+
+
+def test_an_interpolation_to_a_computed_size_keeps_the_pooling_period(tmp_path, nets):
+    """A decoder that interpolates to its skip connection's size accepts any input size, and a GroupNorm exported as
+    a Reshape that regroups space stops the graph arithmetic: the size multiple came out 1, so tiles started at odd
+    voxels under two stride-2 poolings (convert's own tiling check then measured labels 91% equal, and runs still
+    said exact). Shape inference finds the period: 4, and 4-aligned tiles with the receptive field's margins and
+    whole-volume statistics are whole-volume inference."""
+    pytest.importorskip("onnx")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets_sf", nets)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    net = mod.size_following()
+    torch.onnx.export(net, torch.zeros(1, 1, 32, 32, 32), str(tmp_path / "sf.onnx"), dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {2: "d", 3: "h", 4: "w"}})
+    convert(str(tmp_path / "sf.onnx"), tmp_path / "sf.xml", tile=32, fp16=False)
+    st = _settings(tmp_path / "sf.xml")
+    assert st.size_multiple == 4, st.size_multiple
+    vol = np.random.default_rng(4).standard_normal((44, 36, 40)).astype(np.float32)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(vol)[None, None])[0].numpy()
+    out, rep = predict(vol, tmp_path / "sf.xml", kind="raw", precision="f32", tile=36, progress=False, report=True)
+    assert rep.exact and rep.tiles > 1, rep.not_exact
+    np.testing.assert_allclose(np.moveaxis(out, -1, 0), ref, atol=2e-4)
 
 
 def test_channels_last_model(tmp_path, nets):

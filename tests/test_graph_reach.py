@@ -133,4 +133,10 @@ def test_stride_period_is_where_tiles_may_start():
     assert stride_period(tiny_unet(levels=2), "NCDHW", 1, [32] * 3) == (4, 4, 4)  # two stride-2 poolings
     assert stride_period(strided_stack(), "NCDHW", 1, [48] * 3) == (2, 2, 2)  # down, up, down, up
     assert stride_period(dilated_stack(), "NCDHW", 1, [32] * 3) == (1, 1, 1)
-    assert stride_period(_rolled(), "NCDHW", 1, [16] * 3) is None  # not analysable
+    # not analysable: shape inference says the period (no down-sampling here; two poolings behind a Roll: 4)
+    assert stride_period(_rolled(), "NCDHW", 1, [16] * 3) == (1, 1, 1)
+    p = ops.parameter([1, 1, -1, -1, -1], np.float32, name="image")
+    pooled = ops.max_pool(ops.max_pool(p, [2] * 3, [1] * 3, [0] * 3, [0] * 3, [2] * 3).output(0), [2] * 3, [1] * 3,
+                          [0] * 3, [0] * 3, [2] * 3).output(0)
+    rolled = ops.roll(pooled, ops.constant(np.array([1], np.int64)), ops.constant(np.array([2], np.int64)))
+    assert stride_period(ov.Model([rolled], [p], "pooled_roll"), "NCDHW", 1, [16] * 3) == (4, 4, 4)

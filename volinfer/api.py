@@ -18,6 +18,7 @@ from volinfer.io.batch_record import BatchRecord, check_unique
 from volinfer.io.journal import Journal, journal_path
 from volinfer.io.plane_store import remove_stale, spill_location
 from volinfer.model.tile_model import TileModel
+from volinfer.model.stream_graph import NotStreamable
 from volinfer.io.reader import VolumeSource, stored_as
 from volinfer.io.ome import NGFF_MM, Geometry, geometry_from_nifti
 from volinfer.io.formats import is_tiff_output, is_zarr, is_zarr_output
@@ -453,7 +454,12 @@ def _freeze_for_stream(run: _Run) -> None:
 
     bands = plan.bands(run.source.shape[1], tm.multiple)
     info: dict[str, Any] = {}
-    frozen, run.passes = fit_stream_statistics(tm, plan, run.choice.norm_layers, bands, reader, run.s.progress, info)
+    try:
+        frozen, run.passes = fit_stream_statistics(tm, plan, run.choice.norm_layers, bands, reader, run.s.progress,
+                                                   info)
+    except NotStreamable as e:  # found only once the passes cut the graph: a clear refusal, not an internal error
+        raise VolinferError(f"this model's normalisation statistics cannot be streamed at this size ({e}); run with "
+                            f"--engine tiles") from None
     if info.get("checkpointed"):
         run.choice.notes.append(f"statistics passes checkpointed: each streamed its own segment of the network from "
                                 f"the tensors the pass before it left on disk ({info['written'] / 2**20:.0f} MB "

@@ -326,12 +326,44 @@ def stride_period(model: ov.Model, layout: str, channels: int, tile: Sequence[in
     try:
         _, states = _walk(model, layout, channels, tile)
     except NotAnalysable:
-        return None
+        return shape_period(model, layout, channels)
     period = [1, 1, 1]
     for state in states.values():
         if isinstance(state, dict):
             for src, reach in state.values():
                 period[src] = math.lcm(period[src], reach.scale.numerator)
+    return tuple(period)  # type: ignore[return-value]
+
+
+#: The cubic input edge :func:`shape_period` infers shapes at (divisible by every power of two up to 128).
+PERIOD_PROBE = 384
+
+
+def shape_period(model: ov.Model, layout: str, channels: int) -> tuple[int, int, int] | None:
+    """:func:`stride_period` for a graph arithmetic cannot follow (an interpolation to a shape computed at run time):
+    by shape inference at :data:`PERIOD_PROBE`³, per axis the least common multiple of the whole-number factors by
+    which tensors of the graph are down-sampled (two stride-2 poolings: 4). None when shape inference cannot say."""
+    lay = Layout.of(layout)
+    m = model.clone()
+    try:
+        m.reshape({m.input(0): ov.PartialShape(lay.tensor_shape(channels, [PERIOD_PROBE] * 3))})
+    except Exception:  # noqa: BLE001  (a static or unusual input: nothing to infer)
+        return None
+    period = [1, 1, 1]
+    fed: set[str] = set()  # ops computed from the input (weights are 5-D too)
+    for op in m.get_ordered_ops():
+        if op.get_type_name() != "Parameter" and not any(
+                i.get_source_output().get_node().get_friendly_name() in fed for i in op.inputs()):
+            continue
+        fed.add(op.get_friendly_name())
+        for out in op.outputs():
+            ps = out.get_partial_shape()
+            if not ps.is_static or len(ps) != 5:
+                continue
+            for a, ax in enumerate(lay.spatial_axes):
+                n = ps[ax].get_length()
+                if 1 < n < PERIOD_PROBE and PERIOD_PROBE % n == 0:  # (1: a reduction over space)
+                    period[a] = math.lcm(period[a], PERIOD_PROBE // n)
     return tuple(period)  # type: ignore[return-value]
 
 
