@@ -97,3 +97,17 @@ def test_candidate_times_scale_by_the_measured_tiling_when_none_is_exact():
     assert plan.candidates[0]["time_s"] == round(100.0 * scale, 1)
     assert plan.candidates[0]["profile_time_s"] == 100.0
     assert f"times x{scale:.3g}" in plan.speed_source
+
+
+def test_a_plan_without_a_speed_profile_says_its_scale_per_voxel():
+    """Without a speed profile the planner's costs are evaluated voxels: the plan's scale is seconds per voxel, said
+    so ('times x3.16e-07' read as a bug)."""
+    from types import SimpleNamespace
+
+    from volinfer.run.plan import Plan, _candidate_times
+
+    plan = Plan(tile=(64, 64, 64), tiles=10, peak_rss_mb=300.0, time_s=20.0, speed_source="not measured")
+    plan.candidates = [{"engine": "stream", "cost": 64.0**3 * 12, "voxel_s": False, "norm_passes": 0}]
+    _candidate_times(plan, SimpleNamespace(planned=None, voxel_cost=lambda voxels: 1.0))
+    assert f"{20.0 / (10 * 64**3):.3g} s per evaluated voxel" in plan.speed_source, plan.speed_source
+    assert "times x" not in plan.speed_source

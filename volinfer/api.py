@@ -523,7 +523,8 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
         if is_tiff_output(output) and not (blocks.scheduler or blocks.workers):  # blocks write Zarr or NIfTI
             return _with_note(predict(list(inputs), model, output, settings), note)
         if not (blocks.scheduler or blocks.workers) and zarr_route.streams(inputs[0], handle, settings, output):
-            return _with_note(_with_note(predict(list(inputs), model, output, settings), zarr_route.STREAMED_NOTE), note)
+            streamed = predict(list(inputs), model, output, settings)
+            return _with_note(_with_note(streamed, zarr_route.STREAMED_NOTE), note)
         return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
                                    scheduler=blocks.scheduler, workers=blocks.workers), note)
     if blocks.scheduler or blocks.workers:

@@ -63,8 +63,9 @@ def main() -> None:
 @click.option("--engine", type=click.Choice(["auto", "tiles", "stream"]), default="auto", show_default=True,
               help="stream: run the network layer by layer along z, every voxel of every layer computed once "
               "(whole-volume inference, no tile margins; convolution/pooling/element-wise models); tiles: tile by "
-              "tile; auto: the planner's choice, the least predicted time within the memory budget (the leanest within 10% "
-              "of it). A Zarr input runs block by block (tiles) unless the planner streams it (then in this process).")
+              "tile; auto: the planner's choice, the least predicted time within the memory budget (the leanest "
+              "within 10% of it). A Zarr input runs block by block (tiles) unless the planner streams it (then in "
+              "this process).")
 @click.option("--mirror", help="Test-time mirroring over these axes (any of x, y, z, e.g. xyz): each tile's output "
               "is averaged over its flips, 2^axes inferences per tile; exact with crop stitching, same memory.")
 @click.option("--overlap", type=V.OVERLAP, help="Overlap between neighbouring tiles: " + V.OVERLAP_RULE + "; "

@@ -133,9 +133,9 @@ PRECISIONS = ["auto", "f32", "bf16", "f16"]
 DEVICE_HELP = "OpenVINO device (CPU, GPU, NPU, AUTO, ...)."
 PRECISION_HELP = ("Inference precision. auto: bf16/f16 where the device runs it natively AND `volinfer convert` "
                   "verified on a calibration tile that this model's outputs stay faithful in it (labels >= 99.9% "
-                  "equal, probabilities within 0.05), else f32. f32 computes in float32 with the weights as `volinfer convert` "
-                  "stored them (FP16 by default where they pass its parity check against the source; `convert "
-                  "--no-fp16` keeps FP32).")
+                  "equal, probabilities within 0.05), else f32. f32 computes in float32 with the weights as "
+                  "`volinfer convert` stored them (FP16 by default where they pass its parity check against the "
+                  "source; `convert --no-fp16` keeps FP32).")
 THREADS_HELP = "Inference threads, >= 1 (default: all cores)."
 QUIET_HELP = "No progress bar, no summary (errors still go to stderr)."
 

@@ -335,36 +335,57 @@ def stride_period(model: ov.Model, layout: str, channels: int, tile: Sequence[in
     return tuple(period)  # type: ignore[return-value]
 
 
-#: The cubic input edge :func:`shape_period` infers shapes at (divisible by every power of two up to 128).
+#: The input edge :func:`shape_period` infers shapes at (divisible by every power of two up to 128).
 PERIOD_PROBE = 384
 
 
 def shape_period(model: ov.Model, layout: str, channels: int) -> tuple[int, int, int] | None:
-    """:func:`stride_period` for a graph arithmetic cannot follow (an interpolation to a shape computed at run time):
-    by shape inference at :data:`PERIOD_PROBE`³, per axis the least common multiple of the whole-number factors by
-    which tensors of the graph are down-sampled (two stride-2 poolings: 4). None when shape inference cannot say."""
-    lay = Layout.of(layout)
-    m = model.clone()
-    try:
-        m.reshape({m.input(0): ov.PartialShape(lay.tensor_shape(channels, [PERIOD_PROBE] * 3))})
-    except Exception:  # noqa: BLE001  (a static or unusual input: nothing to infer)
+    """:func:`stride_period` for a graph arithmetic cannot follow (a GroupNorm exported as a Reshape that regroups
+    space, an interpolation to a shape computed at run time), by shape inference: at :data:`PERIOD_PROBE` a side,
+    then with one axis doubled, the dimensions of the tensors computed from the input that double with it are that
+    axis (whatever the graph's internal layout); per axis, the least common multiple of the whole factors by which
+    they are smaller than the input (two stride-2 poolings: 4). None when shape inference cannot say."""
+    base = _fed_shapes(model, layout, channels, [PERIOD_PROBE] * 3)
+    if base is None:
         return None
     period = [1, 1, 1]
-    fed: set[str] = set()  # ops computed from the input (weights are 5-D too)
+    for a in range(3):
+        tile = [PERIOD_PROBE] * 3
+        tile[a] *= 2
+        varied = _fed_shapes(model, layout, channels, tile)
+        if varied is None:
+            return None
+        for key, dims in base.items():
+            other = varied.get(key)
+            if other is None or len(other) != len(dims):
+                continue
+            for n, m in zip(dims, other):
+                if m == 2 * n and 1 < n < PERIOD_PROBE and PERIOD_PROBE % n == 0:
+                    period[a] = math.lcm(period[a], PERIOD_PROBE // n)
+    return tuple(period)  # type: ignore[return-value]
+
+
+def _fed_shapes(model: ov.Model, layout: str, channels: int,
+                tile: Sequence[int]) -> dict[tuple[str, int], list[int]] | None:
+    """The static shapes of every tensor computed from the input (weights are 5-D too) with the input at ``tile``."""
+    m = model.clone()
+    try:
+        m.reshape({m.input(0): ov.PartialShape(Layout.of(layout).tensor_shape(channels, list(tile)))})
+    except Exception:  # noqa: BLE001  (a static or unusual input: nothing to infer)
+        return None
+    fed: set[str] = set()
+    shapes: dict[tuple[str, int], list[int]] = {}
     for op in m.get_ordered_ops():
+        name = op.get_friendly_name()
         if op.get_type_name() != "Parameter" and not any(
                 i.get_source_output().get_node().get_friendly_name() in fed for i in op.inputs()):
             continue
-        fed.add(op.get_friendly_name())
-        for out in op.outputs():
+        fed.add(name)
+        for k, out in enumerate(op.outputs()):
             ps = out.get_partial_shape()
-            if not ps.is_static or len(ps) != 5:
-                continue
-            for a, ax in enumerate(lay.spatial_axes):
-                n = ps[ax].get_length()
-                if 1 < n < PERIOD_PROBE and PERIOD_PROBE % n == 0:  # (1: a reduction over space)
-                    period[a] = math.lcm(period[a], PERIOD_PROBE // n)
-    return tuple(period)  # type: ignore[return-value]
+            if ps.is_static:
+                shapes[(name, k)] = [d.get_length() for d in ps]
+    return shapes
 
 
 def _radius(final: State | None) -> tuple[int, int, int] | Whole:

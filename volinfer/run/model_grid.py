@@ -132,11 +132,11 @@ def run_on_model_grid(grid: ModelGrid, paths: list[Path], run: Callable[[Path, P
         raise VolinferError(f"{str(e).split('; ')[0]}; runs through the model's grid are not resumable: fix that "
                             f"and run the command again") from None
     except (Interrupted, KeyboardInterrupt):
-        raise Interrupted("interrupted; runs through the model's grid are not resumable: run the command again"
+        raise Interrupted("runs through the model's grid are not resumable: run the command again"
                           ) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report.notes.extend(grid.notes)
+    report.notes.extend(n for n in grid.notes if n not in report.notes)  # (the inner run may have said it)
     steps = [s for s in (grid.amap.describe(source.affine, grid.target or "") if grid.amap else None,
                          grid.resampling.describe() if grid.resampling else None) if s]
     report.extra["model grid"] = "; ".join(steps) + f"; output mapped back onto the input's " \

@@ -496,8 +496,9 @@ def _candidate_times(plan: Plan, choice: Any) -> None:
     raw = measured["raw"] if measured is not None else _fallback_raw(plan, choice)
     scale = plan.time_s / raw if raw and raw > 0 < plan.time_s else None
     if scale is not None and plan.speed_source:
-        plan.speed_source += (f"; times x{scale:.3g} to match the latency measured now at tile "
-                              f"{'x'.join(map(str, plan.measured_tile or plan.tile))}")
+        voxels = all(c["profile_time_s"] is None for c in plan.candidates)  # costs in voxels: the scale is s/voxel
+        plan.speed_source += (f"; {scale:.3g} s per evaluated voxel" if voxels else f"; times x{scale:.3g}") + \
+            f" to match the latency measured now at tile {'x'.join(map(str, plan.measured_tile or plan.tile))}"
     for c in plan.candidates:
         raw = c.pop("raw")
         c["time_s"] = c["profile_time_s"] if scale is None else round(raw * scale, 1)
