@@ -102,11 +102,13 @@ def test_batch_directory_continues_past_a_bad_volume(files):
     nib.save(nib.Nifti1Image(good, np.eye(4)), str(batch / "a.nii"))
     nib.save(nib.Nifti1Image(good[:, :, :9], np.eye(4)), str(batch / "b.nii.gz"))
     (batch / "c.nii").write_bytes(b"broken")
+    (batch / "d.tif").write_bytes(b"a TIFF stack the batch does not take")  # said, not silently left out
     out = tmp / "segs"
     r = invoke("run", batch, "-m", xml, "-o", out, "--json")
     assert r.exit_code == 1
     rep = json.loads(r.stdout)
     assert len(rep["runs"]) == 2 and [f["input"] for f in rep["failed"]] == [str(batch / "c.nii")]
+    assert rep["skipped"] == [str(batch / "d.tif")]
     names = sorted(p.name for p in out.iterdir())
     assert names == [".volinfer-batch.json", "a.nii", "b.nii.gz"]  # the record of the finished volumes, hidden
     assert nib.load(str(out / "b.nii.gz")).shape == (20, 24, 9)

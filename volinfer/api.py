@@ -493,14 +493,18 @@ class BatchResult:
     total: int
     reports: list[RunReport]
     failed: list[tuple[Path, str]]
+    skipped: list[Path] = field(default_factory=list)  # volumes of other formats beside the NIfTI files
 
     def as_dict(self) -> dict[str, Any]:
         return {"runs": [r.as_dict() for r in self.reports],
-                "failed": [{"input": str(p), "error": m} for p, m in self.failed]}
+                "failed": [{"input": str(p), "error": m} for p, m in self.failed],
+                "skipped": [str(p) for p in self.skipped]}
 
     def summary(self) -> str:
         return "\n".join([f"{self.total - len(self.failed)} of {self.total} volume(s) written to {self.output}"]
-                         + [f"failed: {p}: {m}" for p, m in self.failed])
+                         + [f"failed: {p}: {m}" for p, m in self.failed]
+                         + ([f"skipped (batch runs take .nii/.nii.gz; run these one by one): "
+                             f"{', '.join(p.name for p in self.skipped)}"] if self.skipped else []))
 
 
 def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, settings: RunSettings, *,
@@ -539,7 +543,9 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
         raise VolinferError("batch runs write NIfTI files into a directory; give one volume for a .zarr output")
     if batch is None:
         return _with_note(predict(list(inputs), tm, output, settings), note)
-    return run_batch(batch, tm, output, settings, note=note, notify=notify)
+    result = run_batch(batch, tm, output, settings, note=note, notify=notify)
+    result.skipped = batch_skipped(inputs[0])
+    return result
 
 
 def _zarr_needs_model_grid(volume: Path, handle: TileModel, settings: RunSettings, blocks: BlockSettings) -> bool:
@@ -558,6 +564,19 @@ def _with_note(report: RunReport, text: str | None) -> RunReport:
     if text and text not in report.notes:
         report.notes.append(text)
     return report
+
+
+#: Volume formats volinfer reads that batch runs do not take (they write NIfTI files named as their inputs).
+OTHER_VOLUMES = (".tif", ".tiff", ".mha", ".mhd", ".nrrd", ".nhdr", ".zarr")
+
+
+def batch_skipped(pattern: Path) -> list[Path]:
+    """The volumes of other formats a batch directory or glob holds, which the batch leaves out (said, not silent)."""
+    import glob
+
+    text = str(pattern)
+    paths = Path(pattern).iterdir() if Path(pattern).is_dir() else (Path(p) for p in glob.glob(text))
+    return sorted(p for p in paths if p.name.lower().endswith(OTHER_VOLUMES))
 
 
 def batch_inputs(inputs: Sequence[Path]) -> list[Path] | None:
