@@ -256,23 +256,34 @@ def test_a_zarr_store_the_planner_streams_runs_in_this_process(tmp_path, monkeyp
     monkeypatch.setattr(setup, "STREAM_VOXEL_COST", 0.3)
     ov.save_model(stream_unet(), str(tmp_path / "s.xml"))
     v = (np.cumsum(np.random.default_rng(2).standard_normal((37, 29, 45)), axis=2) * 0.3).astype(np.float32)
-    z = zarr.create_array(store=str(tmp_path / "v.zarr"), shape=v.shape[::-1], chunks=(16, 16, 16), dtype="float32")
-    z[:] = v.transpose(2, 1, 0)  # (z, y, x) on disk: the store's own axis order
+    img = nib.Nifti1Image(v, np.diag([800.0, 800.0, 1500.0, 1.0]))  # a microscope's micrometres
+    img.header.set_xyzt_units("micron")
+    nib.save(img, str(tmp_path / "v.nii"))
+    assert CliRunner().invoke(main, ["to-zarr", str(tmp_path / "v.nii"), "-o", str(tmp_path / "v.zarr"),
+                                     "--chunks", "16", "-q"]).exit_code == 0
     ref = whole_volume(tmp_path / "s.xml", v)  # (C, x, y, z), f32
     outs = {}
     for engine in ("auto", "tiles"):
-        out = tmp_path / f"{engine}.zarr"
-        r = CliRunner().invoke(main, ["run", str(tmp_path / "v.zarr"), "-m", str(tmp_path / "s.xml"), "-o", str(out),
-                                      "--engine", engine, "--precision", "f32", "--kind", "raw", "--json"])
-        assert r.exit_code == 0, r.output
-        rep = json.loads(r.stdout)
-        outs[engine] = (rep, np.asarray(zarr.open_array(str(out / "0"), mode="r")))  # (c, z, y, x)
-    rep, got = outs["auto"]
+        for out in (tmp_path / f"{engine}.zarr", tmp_path / f"{engine}.nii"):
+            r = CliRunner().invoke(main, ["run", str(tmp_path / "v.zarr"), "-m", str(tmp_path / "s.xml"), "-o",
+                                          str(out), "--engine", engine, "--precision", "f32", "--kind", "raw",
+                                          "--json"])
+            assert r.exit_code == 0, r.output
+        g = zarr.open_group(str(tmp_path / f"{engine}.zarr"), mode="r")
+        hdr = nib.load(str(tmp_path / f"{engine}.nii")).header
+        outs[engine] = (json.loads(r.stdout), np.asarray(g["0"]), g["0"].chunks, dict(g.attrs)["ome"],
+                        (hdr.get_xyzt_units(), int(hdr["sform_code"]), hdr.get_zooms()))
+    rep, got, chunks, ome, nifti = outs["auto"]
     assert rep["engine"] == "stream" and any("ran in this process, layer by layer" in n for n in rep["notes"])
     np.testing.assert_allclose(got.transpose(0, 3, 2, 1), ref, atol=2e-5)
-    rep_t, got_t = outs["tiles"]
+    rep_t, got_t, chunks_t, ome_t, nifti_t = outs["tiles"]
     assert rep_t["engine"] == "tiles" and not any("ran in this process" in n for n in rep_t["notes"])
     assert got_t.shape == got.shape
+    # the same store whichever way it ran: the input's chunks and unit (the stream's said 64 and millimetre), and
+    # the same NIfTI header (the NIfTI-born store's own)
+    assert chunks == chunks_t == (3, 16, 16, 16) and ome == ome_t and nifti == nifti_t  # (3 channels)
+    assert {ax.get("unit") for ax in ome["multiscales"][0]["axes"] if ax["type"] == "space"} == {"micrometer"}
+    assert nifti[0][0] == "micron"
 
 
 def test_the_stream_counts_a_chunked_stores_staging_slab():

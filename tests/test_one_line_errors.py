@@ -55,6 +55,11 @@ def files(tmp_path_factory):
     (tmp / "bad.onnx").write_text("not an onnx model\n")
     (tmp / "bad.nii.gz").write_bytes(b"garbage")
     (tmp / "notzarr").mkdir()
+    zarr = pytest.importorskip("zarr")
+    z = zarr.create_array(str(tmp / "bad.zarr"), shape=(36, 40, 48), chunks=(8, 8, 8), dtype="float32")
+    z[:] = np.random.default_rng(0).standard_normal((36, 40, 48)).astype(np.float32)
+    for chunk in sorted(p for p in (tmp / "bad.zarr").rglob("*") if p.is_file() and p.name != "zarr.json")[5:9]:
+        chunk.write_bytes(b"garbage")  # a region read fails while zarr's other chunk tasks are still pending
     (tmp / "fac.py").write_text(FACTORY)
     torch = pytest.importorskip("torch")
     torch.save({"c.weight": torch.zeros(2, 1, 3, 3, 3), "c.bias": torch.zeros(2)}, tmp / "w.pth")
@@ -80,6 +85,7 @@ FAILING = {
     "run, unknown option": ["run", "vol.nii.gz", "-m", "m.xml", "-o", "o.nii.gz", "--bogus"],
     "unknown command": ["frobnicate"],
     "convert, no model": ["convert"],
+    "run, damaged Zarr chunk": ["run", "bad.zarr", "-m", "m.xml", "-o", "o.nii.gz"],
     "run, unusable cache directory": ["run", "vol.nii.gz", "-m", "m.xml", "-o", "o.nii.gz", "--cache-dir",
                                       "/proc/no-such-dir"],
 }

@@ -42,7 +42,7 @@ from volinfer.io.regrid import voxel_sizes
 from volinfer.io.zarr_io import StoreSpec
 from volinfer.io.zarr_writer import ZarrWriter, row_planes, store_spec
 from volinfer.tiling.stitch import make_stitcher
-from volinfer.run.distributed import run_zarr
+from volinfer.run.distributed import chunk_shape, run_zarr
 from volinfer.run import zarr_route
 
 Overlap = float | int | str | Sequence[float | int] | None
@@ -393,7 +393,9 @@ def _store_spec(run: _Run, source: VolumeSource) -> StoreSpec:
     geometry)."""
     o = run.s.output
     z = _zarr_settings(run.output, o.zarr_output())["zarr"]
-    return store_spec(o.kind, geometry_from_nifti(source.header, source.affine), z["chunks"], z["pyramid"],
+    geometry = getattr(source, "geometry", None)  # a Zarr input's own (its unit, the NIfTI header it keeps)
+    chunks = chunk_shape(o.chunks, source) if geometry is not None else z["chunks"]  # (default: the input's)
+    return store_spec(o.kind, geometry or geometry_from_nifti(source.header, source.affine), chunks, z["pyramid"],
                       z["compression"])
 
 
@@ -402,6 +404,8 @@ def _output_reference(source: VolumeSource) -> Any:
     store's micrometres, a TIFF's or ITK file's millimetres; "unknown" where it records no voxel size)."""
     if source.header is not None or source.affine is None:
         return source.header
+    if getattr(source, "geometry", None) is not None:  # a Zarr input: the header it keeps, as `to-nifti` restores
+        return source.geometry.nifti_header()
     known = getattr(source, "spacing_known", True) and source.mm_per_unit is not None
     unit = next((n for n, f in NGFF_MM.items() if f == source.mm_per_unit), None) if known else None
     return Geometry(np.asarray(source.affine, float), unit).nifti_header()
@@ -526,9 +530,11 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
             return _with_note(predict(list(inputs), model, output, settings), note)
         if is_tiff_output(output) and not (blocks.scheduler or blocks.workers):  # blocks write Zarr or NIfTI
             return _with_note(predict(list(inputs), model, output, settings), note)
-        if not (blocks.scheduler or blocks.workers) and zarr_route.streams(inputs[0], handle, settings, output):
-            streamed = predict(list(inputs), model, output, settings)
-            return _with_note(_with_note(streamed, zarr_route.STREAMED_NOTE), note)
+        streamer = None if blocks.scheduler or blocks.workers else zarr_route.streams(inputs[0], handle, settings,
+                                                                                        output)
+        if streamer is not None:
+            rep = predict(list(inputs), streamer, output, settings)
+            return _with_note(_with_note(rep, zarr_route.STREAMED_NOTE if rep.engine == "stream" else None), note)
         return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
                                    scheduler=blocks.scheduler, workers=blocks.workers), note)
     if blocks.scheduler or blocks.workers:

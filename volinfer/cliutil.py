@@ -90,6 +90,7 @@ def _fail(line: str, status: int) -> None:
     interrupted command with the signal watcher armed ends without the interpreter's slow teardown."""
     discard_finished()
     click.echo(line, err=True)
+    _quiet_teardown()
     if status > 128 and watchdog.armed():
         watchdog.exit_now(status)
     sys.exit(status)
@@ -123,6 +124,17 @@ class OneLineUsage(click.Group):
 def _one_line(e: click.UsageError) -> click.UsageError:
     """``e`` as a one-line error; a bare ``volinfer`` (click's "no arguments: show the help") as it is."""
     return e if type(e).__name__ == "NoArgsIsHelpError" else _UsageLine(e.format_message(), e.ctx)
+
+
+def _quiet_teardown() -> None:
+    """Nothing more on stderr once the one line is out: a failed read leaves a library's asyncio tasks pending (a
+    Zarr chunk that does not decode), and the interpreter's teardown would print their tracebacks."""
+    import logging
+    import warnings
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.simplefilter("ignore")  # ("coroutine ... was never awaited")
+    sys.unraisablehook = lambda *_: None
 
 
 # ---- one convention for every command: shared options, output streams, progress ----

@@ -200,6 +200,7 @@ def open_zarr_source(path: str | Path) -> tuple[VolumeSource, Any]:
     source = VolumeSource(readers, readers[0].shape, affine=geom.affine, paths=[Path(path)])
     source.orientation_known, source.spacing_known = geom.oriented, geom.sized
     source.mm_per_unit = 1.0 if geom.unit is None else NGFF_MM.get(geom.unit)
+    source.geometry = geom  # what an output of this store keeps (unit, a NIfTI-born store's header)
     return source, arr
 
 

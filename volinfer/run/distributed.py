@@ -315,7 +315,7 @@ def _report(p: _Prepared, output: Any, t0: float, results: list[dict[str, Any]],
     return rep
 
 
-def _chunk_shape(chunks: Any, source: Any) -> tuple[int, int, int]:
+def chunk_shape(chunks: Any, source: Any) -> tuple[int, int, int]:
     """The output store's chunks in its ``(z, y, x)`` order: as asked, else the input's."""
     if chunks is None:
         in_chunks = tuple(source.readers[0].chunks[::-1])
@@ -331,7 +331,7 @@ def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
     t0 = time.perf_counter()
     o = s.output
     p = _prepare(volume, model, s)
-    chunk3 = _chunk_shape(o.chunks, p.source)  # (z, y, x), the store's order; the grid's is (x, y, z)
+    chunk3 = chunk_shape(o.chunks, p.source)  # (z, y, x), the store's order; the grid's is (x, y, z)
     per = block_extent(chunk3, (block,) * 3)
     check_pyramid(o.pyramid, per, chunk3)
     blocks, split = split_blocks(p.setup.grid, chunk3[::-1], block, o.pyramid)

@@ -33,7 +33,7 @@ from volinfer.run import zarr_route
 from volinfer.run.pipeline import open_source
 from volinfer.run.settings import RunSettings
 from volinfer.run.setup import (guard_for, make_normalizer, needs_input_scan, needs_norm_passes, resolve, scan_input,
-                                stored_receptive_field, tile_buffers, verdict)
+                                storing_receptive_field, tile_buffers, verdict)
 from volinfer.tiling.geometry import TileGrid
 from volinfer.tiling.stitch import BlendStitcher
 
@@ -283,10 +283,14 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
         options["model_output"] = options.pop("output")
     s = RunSettings.from_kwargs(settings, **options)
     facts = volume_facts(paths)
-    handle = _run_precision(_handle(model_path, s), paths, s)
-    if facts.blocks and (s.tiling.engine == "stream" or zarr_route.needs_model_grid(paths[0], handle, s)
-                         or zarr_route.streams(paths[0], _handle(model_path, s), s)):
+    handle = _handle(model_path, s)
+    if facts.blocks and (s.tiling.engine == "stream" or zarr_route.needs_model_grid(paths[0], handle, s)):
         facts = replace(facts, blocks=False)  # the run takes the store in this process, like a NIfTI file
+    elif facts.blocks:
+        streamer = zarr_route.streams(paths[0], handle, s)
+        if streamer is not None:  # (its receptive field, measured by that plan, not measured again)
+            handle, facts = streamer, replace(facts, blocks=False)
+    handle = _run_precision(handle, paths, s)
     if facts.blocks and s.tiling.norm_stats is None:
         s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr block runs use: see volinfer.run.distributed
     tm, choice, setup = _plan_tiling(handle, facts, s)
@@ -314,7 +318,7 @@ def _engine_tiles_plan(model_path: str | Path, facts: Any, handle: TileModel, s:
     (``tiles_unavailable`` says why) when that run would be refused or its model cannot be measured."""
     tiles = RunSettings.from_kwargs(s, engine="tiles")
     try:
-        tm, choice, setup = _plan_tiling(_storing(handle, streamed.rf), facts, tiles)
+        tm, choice, setup = _plan_tiling(storing_receptive_field(handle, streamed.rf), facts, tiles)
     except VolinferError as e:  # no tiling fits the budget: the stream is the only plan
         return _no_tiles(f"refused ({e})")
     choice.probe_mb = streamed.probe_mb  # the run-time probe (of a model storing no receptive field) is the same
@@ -327,18 +331,6 @@ def _engine_tiles_plan(model_path: str | Path, facts: Any, handle: TileModel, s:
 def _no_tiles(why: str) -> Plan:
     """A streamed run's plan without tile figures (``why``: what ``--engine tiles`` would do instead)."""
     return Plan(tile=(0, 0, 0), tiles=0, peak_rss_mb=0.0, time_s=0.0, tiles_unavailable=why)
-
-
-def _storing(handle: TileModel, rf: Any) -> TileModel:
-    """``handle`` storing the receptive field ``rf`` that planning measured (as `volinfer convert` stores one), so
-    that planning it again does not measure it again; ``handle`` itself when it stores one already."""
-    if rf is None or not rf.measured or stored_receptive_field(handle) is not None:
-        return handle
-    model = handle.model.clone()
-    st = handle.settings
-    replace(st, receptive_field=list(rf.radius),
-            extra={**st.extra, "receptive_field_bounded": bool(rf.bounded)}).to_model(model)
-    return handle.at(handle.tile, model=model, compile=False)
 
 
 def _tiles_plan(model_path: str | Path, facts: Any, planned: tuple[Any, Any, Any], s: Any, estimate: bool) -> Plan:

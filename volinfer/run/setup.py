@@ -265,6 +265,50 @@ def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
     return ReceptiveField(radius, bool(bounded) and why is None, reason=why or "")  # type: ignore[arg-type]
 
 
+#: Receptive fields measured in this process, by model file and budget (:func:`_measured_key`): a command that plans
+#: one volume twice (a Zarr store weighed for the stream, then run block by block) probes a model storing none once.
+_MEASURED: dict[tuple, ReceptiveField] = {}
+
+
+def _measured_key(tm: TileModel, budget: float) -> tuple | None:
+    """What a measured receptive field depends on: the model file (path, size, modification time), its layout and
+    output, the tile it was probed from, the budget; None for a model that is no file (not cached)."""
+    if tm.path is None:
+        return None
+    try:
+        st = tm.path.stat()
+    except OSError:
+        return None
+    return str(tm.path.resolve()), st.st_size, st.st_mtime_ns, tm.layout, tm.output_index, tuple(tm.tile), budget
+
+
+def _measure_once(tm: TileModel, budget: float, probed: list[float], notes: list[str]) -> ReceptiveField:
+    """The receptive field of a model that stores none, probed within ``budget`` (the probes' predicted peaks into
+    ``probed``) unless this process already did (:data:`_MEASURED`); said in ``notes``."""
+    t0 = time.perf_counter()
+    key = _measured_key(tm, budget)
+    rf = _MEASURED.get(key) if key is not None else None
+    if rf is None:
+        rf = measure_receptive_field(tm, max_memory_mb=budget, fits=probe_fits(tm, budget, probed))
+        if key is not None:
+            _MEASURED[key] = rf
+    notes.append(f"receptive field {rf} measured now in {time.perf_counter() - t0:.1f} s (not stored in the "
+                 f"model; `volinfer convert` stores it)")
+    return rf
+
+
+def storing_receptive_field(handle: TileModel, rf: ReceptiveField | None) -> TileModel:
+    """``handle`` storing the receptive field ``rf`` that planning measured (as `volinfer convert` stores one), so
+    that planning it again does not measure it again; ``handle`` itself when it stores one already."""
+    if rf is None or not rf.measured or stored_receptive_field(handle) is not None:
+        return handle
+    model = handle.model.clone()
+    st = handle.settings
+    replace(st, receptive_field=list(rf.radius),
+            extra={**st.extra, "receptive_field_bounded": bool(rf.bounded)}).to_model(model)
+    return handle.at(handle.tile, model=model, compile=False)
+
+
 #: The largest tile edge the normalisation-layer search reshapes the model to (:func:`model_norm_layers`).
 NORM_PROBE_EDGE = 256
 
@@ -297,10 +341,7 @@ def plan_tiling(tm: TileModel, shape: Sequence[int], tiling: TilingSettings, *, 
     probed: list[float] = []  # predicted peaks of the receptive-field probes made
     budget = max_memory_mb if max_memory_mb else default_budget_mb(weights_mb(tm.model))
     if rf is None:
-        t0 = time.perf_counter()
-        rf = measure_receptive_field(tm, max_memory_mb=budget, fits=probe_fits(tm, budget, probed))
-        notes.append(f"receptive field {rf} measured now in {time.perf_counter() - t0:.1f} s (not stored in the "
-                     f"model; `volinfer convert` stores it)")
+        rf = _measure_once(tm, budget, probed, notes)
     notes += [n for n in [unconverted_note(tm)] if n]
     layers, global_ops = model_norm_layers(tm)
     tm = with_run_multiple(tm)  # (the caller's model is left as it is: volinfer.run.pipeline.plan sizes it first)

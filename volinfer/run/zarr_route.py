@@ -20,7 +20,9 @@ from volinfer.io.zarr_io import open_zarr_source
 from volinfer.model.tile_model import TileModel
 from volinfer.run import pipeline
 from volinfer.run.model_grid import plan_model_grid
+from volinfer.run.distributed import run_journal
 from volinfer.run.settings import RunSettings
+from volinfer.run.setup import storing_receptive_field
 
 #: The report's note when a Zarr store streams in this process rather than running block by block.
 STREAMED_NOTE = ("the Zarr store ran in this process, layer by layer: the planner's choice, which block-by-block runs "
@@ -37,13 +39,17 @@ def needs_model_grid(path: str | Path, handle: TileModel, s: RunSettings) -> boo
         return plan_model_grid(source, settings, s.input.resample).active
 
 
-def streams(path: str | Path, handle: TileModel, s: RunSettings, output: Any = None) -> bool:
-    """Whether a local ``--engine auto`` run takes the store in this process: the run's own plan for it
-    (:func:`volinfer.run.pipeline.plan`, stored voxels and chunk depth as the stream reads them) streams.
-    ``handle``: the model as the run opens it (not compiled); ``output``: the run's (a Zarr output keeps whole
-    cross-sections)."""
+def streams(path: str | Path, handle: TileModel, s: RunSettings, output: Any = None) -> TileModel | None:
+    """The model to run the store with in this process when a local ``--engine auto`` run takes it there: the run's
+    own plan for it (:func:`volinfer.run.pipeline.plan`, stored voxels and chunk depth as the stream reads them)
+    streams; that model stores the receptive field the plan measured (a model that stores none is probed once).
+    None: block by block, also when ``--resume`` continues a block run's output. ``handle``: the model as the run
+    opens it (not compiled); ``output``: the run's (a Zarr output keeps whole cross-sections). Planned in the
+    precision the model asks for; the run's precision guard may still move it to f32 (then the run plans again)."""
     if s.tiling.engine != "auto":
-        return False
+        return None
+    if s.resume and output is not None and is_zarr_output(output) and run_journal(output).exists():
+        return None  # an output the blocks started: they finish it
     source, _ = open_zarr_source(path)
     with source:
         shape, stored, depth = tuple(source.shape), stored_as(source.readers), source.stored_depth
@@ -51,5 +57,7 @@ def streams(path: str | Path, handle: TileModel, s: RunSettings, output: Any = N
         planned = pipeline.plan(handle, shape, s, banded=output is None or not is_zarr_output(output), stored=stored,
                                 stored_depth=depth)
     except VolinferError:  # nothing fits: the block run says so in its own words
-        return False
-    return planned.choice.stream is not None
+        return None
+    if planned.choice.stream is None:
+        return None
+    return storing_receptive_field(handle, planned.choice.rf)
