@@ -378,3 +378,40 @@ def test_default_budget_refuses_only_what_the_machine_cannot_hold(tmp_path, monk
     monkeypatch.setattr(portable, "machine_mb", lambda: 100.0)
     with pytest.raises(VolinferError, match=r"needs about \d+ MB even at tile .*more than this machine's 100 MB"):
         plan()
+
+
+def test_a_zarr_output_the_stream_fills_only_in_bands_goes_through_a_nifti_file(tmp_path, monkeypatch):
+    """A Zarr output whose whole cross-sections the stream cannot hold (its writer keeps z-slabs; the reference U-Net
+    at 1024³ would need ~2 GB) was left to block tiles (858x the volume evaluated for that network): the store now
+    streams in bands of y rows into a temporary NIfTI file, then is written slab by slab, with the store's geometry
+    and chunks; nothing temporary is left, and whole-volume labels come out."""
+    import zarr
+    from models import stream_unet
+    from test_stream import whole_volume
+
+    from volinfer.run import setup, zarr_route
+
+    monkeypatch.setattr(setup, "STREAM_CALL_S", 0.0)
+    monkeypatch.setattr(setup, "STREAM_VOXEL_COST", 0.3)
+    real = zarr_route.streams
+    monkeypatch.setattr(zarr_route, "streams",  # as if only bands fitted the budget
+                        lambda path, handle, s, output=None: None if output is not None and str(output).endswith(
+                            ".zarr") else real(path, handle, s, output))
+    ov.save_model(stream_unet(), str(tmp_path / "s.xml"))
+    v = (np.cumsum(np.random.default_rng(3).standard_normal((37, 29, 45)), axis=2) * 0.3).astype(np.float32)
+    img = nib.Nifti1Image(v, np.diag([800.0, 800.0, 1500.0, 1.0]))
+    img.header.set_xyzt_units("micron")
+    nib.save(img, str(tmp_path / "v.nii"))
+    assert CliRunner().invoke(main, ["to-zarr", str(tmp_path / "v.nii"), "-o", str(tmp_path / "v.zarr"),
+                                     "--chunks", "16", "-q"]).exit_code == 0
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "v.zarr"), "-m", str(tmp_path / "s.xml"), "-o",
+                                  str(tmp_path / "o.zarr"), "--precision", "f32", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["engine"] == "stream" and any("into a temporary NIfTI file" in n for n in rep["notes"])
+    g = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
+    got = np.asarray(g["0"]).transpose(2, 1, 0)
+    np.testing.assert_array_equal(got, whole_volume(tmp_path / "s.xml", v).argmax(0))
+    assert g["0"].chunks == (16, 16, 16)
+    assert {ax.get("unit") for ax in dict(g.attrs)["ome"]["multiscales"][0]["axes"]} == {"micrometer"}
+    assert sorted(p.name for p in tmp_path.iterdir() if "o.zarr" in p.name) == ["o.zarr"]

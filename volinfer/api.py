@@ -39,7 +39,7 @@ from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter, check_any_output
 from volinfer.io.regrid import voxel_sizes
-from volinfer.io.zarr_io import StoreSpec
+from volinfer.io.zarr_io import StoreSpec, open_zarr_source
 from volinfer.io.zarr_writer import ZarrWriter, row_planes, store_spec
 from volinfer.tiling.stitch import make_stitcher
 from volinfer.run.distributed import chunk_shape, run_zarr
@@ -535,6 +535,10 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
         if streamer is not None:
             rep = predict(list(inputs), streamer, output, settings)
             return _with_note(_with_note(rep, zarr_route.STREAMED_NOTE if rep.engine == "stream" else None), note)
+        banded = None if blocks.scheduler or blocks.workers else zarr_route.streams_in_bands(inputs[0], handle,
+                                                                                              settings, output)
+        if banded is not None:
+            return _with_note(_zarr_in_bands(inputs[0], banded, Path(output), settings), note)
         return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
                                    scheduler=blocks.scheduler, workers=blocks.workers), note)
     if blocks.scheduler or blocks.workers:
@@ -552,6 +556,15 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
     result = run_batch(batch, tm, output, settings, note=note, notify=notify)
     result.skipped = batch_skipped(inputs[0])
     return result
+
+
+def _zarr_in_bands(volume: Path, handle: TileModel, output: Path, settings: RunSettings) -> RunReport:
+    """A Zarr store into a Zarr output through a banded stream (:func:`volinfer.run.zarr_route.via_nifti`), the
+    output chunked as asked, else as the input."""
+    source, _ = open_zarr_source(volume)
+    with source:
+        chunks = chunk_shape(settings.output.chunks, source)
+    return zarr_route.via_nifti(volume, output, settings, lambda tmp, s: predict([volume], handle, tmp, s), chunks)
 
 
 def _zarr_needs_model_grid(volume: Path, handle: TileModel, settings: RunSettings, blocks: BlockSettings) -> bool:

@@ -10,13 +10,17 @@ Blocks cannot stream layers, and a network that sees far tiles exactly only with
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from volinfer.errors import VolinferError
 from volinfer.io.formats import is_zarr_output
+from volinfer.io.targets import aux_path
+from volinfer.io.zarr_convert import nifti_to_zarr
 from volinfer.io.reader import stored_as
-from volinfer.io.zarr_io import open_zarr_source
+from volinfer.io.zarr_io import check_zarr_output, open_zarr_source
 from volinfer.model.tile_model import TileModel
 from volinfer.run import pipeline
 from volinfer.run.model_grid import plan_model_grid
@@ -61,3 +65,36 @@ def streams(path: str | Path, handle: TileModel, s: RunSettings, output: Any = N
     if planned.choice.stream is None:
         return None
     return storing_receptive_field(handle, planned.choice.rf)
+
+
+def streams_in_bands(path: str | Path, handle: TileModel, s: RunSettings, output: Any) -> TileModel | None:
+    """For a Zarr output the stream cannot fill over whole cross-sections within the budget (its writer keeps whole
+    z-slabs, so it takes no bands of y rows), the model to stream the store in bands with (into a NIfTI file first,
+    :func:`via_nifti`); None where that does not apply: an output that is no Zarr store, or one with a pyramid, or
+    a ``--resume``; a NIfTI file of probabilities would hold float32 (a ``--kind labels`` run only)."""
+    o = s.output
+    if not is_zarr_output(output) or o.pyramid or s.resume or o.kind != "labels":
+        return None
+    return streams(path, handle, s, None)
+
+
+def via_nifti(volume: Path, output: Path, s: RunSettings, run_into: Callable[[Path, RunSettings], Any],
+              chunks: tuple[int, int, int]) -> Any:
+    """Stream ``volume`` in bands into a temporary NIfTI file beside ``output`` (``run_into(path, settings)`` runs
+    it and returns the report), then write the OME-Zarr store from it slab by slab: two passes of uint8 labels
+    (1 GB at 1024³) instead of a whole-cross-section stream the budget cannot hold, or block tiles that recompute
+    a far-seeing network's margins hundreds of times. Not resumable (the temporary file is removed on failure)."""
+    check_zarr_output(output, [volume], s.overwrite, resume=False)  # before any work
+    tmp = aux_path(output, ".banded.nii")
+    try:
+        rep = run_into(tmp, replace(s, overwrite=True, resume=False))
+        t0 = time.perf_counter()
+        nifti_to_zarr(tmp, output, chunks, overwrite=s.overwrite, progress=s.progress,
+                      compression=s.output.compression)
+    finally:
+        tmp.unlink(missing_ok=True)
+    rep.wall_s += time.perf_counter() - t0
+    rep.output = str(output)
+    rep.notes.append(f"the Zarr store streamed in bands of y rows into a temporary NIfTI file, then written slab by "
+                     f"slab ({time.perf_counter() - t0:.1f} s): its whole cross-sections would not fit the budget")
+    return rep
