@@ -23,7 +23,7 @@ from volinfer.errors import VolinferError
 from volinfer.io.reader import scan_slabs, stored_as
 from volinfer.io.sources import open_paths
 from volinfer.io.formats import is_zarr
-from volinfer.io.zarr_io import open_zarr_source
+from volinfer.io.zarr_io import ROW_CACHE_BYTES, open_zarr_source
 from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
 from volinfer.model.tile_model import TileModel
 from volinfer.run import pipeline
@@ -200,7 +200,8 @@ def engine_buffers_mb(setup: Any, facts: "VolumeFacts", tm: TileModel, s: RunSet
     if buffers.mirror:
         parts["mirroring"] = buffers.mirror_mb(grid.tile_shape)
     if scans:  # NaN/Inf scan and normalisation statistics, before the tile loop
-        parts["statistics pass"] = statistics_pass_mb(grid.shape, tz, facts.itemsize, statistics, wide)
+        parts["statistics pass"] = statistics_pass_mb(grid.shape, tz, facts.itemsize, statistics, wide) + \
+            row_cache_mb(grid.shape, facts.depth, facts.itemsize)
     return parts
 
 
@@ -232,6 +233,13 @@ def statistics_pass_mb(shape: tuple[int, int, int], depth: int, stored_itemsize:
         n = -(-X // step) * -(-Y // step) * -(-Z // step)  # the sample's lattice
         mb += n * ((8 if wide else 4) + 8) / MB
     return mb
+
+
+def row_cache_mb(shape: tuple[int, int, int], depth: int, itemsize: int) -> float:
+    """The chunk row a Zarr store's reader keeps while a pass reads it (:meth:`volinfer.io.zarr_io.ZarrChannel.planes`),
+    MB; 0 for files read plane by plane and for rows too large to keep."""
+    row = shape[0] * shape[1] * depth * itemsize
+    return row / MB if depth > 1 and row <= ROW_CACHE_BYTES else 0.0
 
 
 def make_plan(grid: TileGrid, cost: ModelCost, parts: dict[str, float]) -> Plan:

@@ -957,14 +957,15 @@ def _spill_store(plan: StreamPlan) -> PlaneStore | None:
 
 def staging_mb(plan: StreamPlan, depth: int, itemsize: int) -> float:
     """What reading a store that keeps ``depth`` planes together (a Zarr chunk's depth) takes beside ``plan``
-    (:func:`band_reader`): the staging slab that deep, in the input tensor's planes, and the stored voxels read into
-    it (``itemsize`` bytes each), held twice while the store decodes its chunks. Measured: 512³ int16 in 128³
-    chunks, the reference U-Net over the whole cross-section, 255-267 MB beside the plan's 374 (counted: 256)."""
+    (:func:`band_reader`): the staging slab that deep, in the input tensor's planes (a skewed band's: its own rows,
+    the widest band's counted), and the stored voxels read into it (``itemsize`` bytes each), held twice while the
+    store decodes its chunks. Measured: 512³ int16 in 128³ chunks, the reference U-Net over the whole
+    cross-section, 255-267 MB beside the plan's 374 (counted: 256)."""
     if depth <= plan.read_planes:
         return 0.0
-    in_ten = plan.graph.tensors[plan.graph.input_key]
-    voxels = int(np.prod(in_ten.plane_shape))
-    return depth * (in_ten.plane_bytes + 2 * voxels * itemsize) / 1e6
+    graphs = [b.graph for b in plan.skew.bands] if plan.skew is not None else [plan.graph]  # (a band reads its rows)
+    ins = [g.tensors[g.input_key] for g in graphs]
+    return max(depth * (t.plane_bytes + 2 * int(np.prod(t.plane_shape)) * itemsize) for t in ins) / 1e6
 
 
 def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any, pad_mode: str = "constant",
