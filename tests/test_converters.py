@@ -126,6 +126,16 @@ def convert(*args, **kwargs):
     return _convert(*args, **kwargs)
 
 
+def _nets_module(path):
+    """The factories file as a module, to run its networks in PyTorch beside the converted IR."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _settings(xml):
     return ModelSettings.from_model(ov.Core().read_model(str(xml)))
 
@@ -226,11 +236,7 @@ def test_deep_supervision_converts_and_runs_its_full_size_head(tmp_path, nets):
     assert st.output == "1" and st.size_multiple == 2 and st.receptive_field
     vol = np.random.default_rng(2).standard_normal((21, 18, 15)).astype(np.float32)
     padded = np.pad(vol, [(0, 1), (0, 0), (0, 1)])
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("nets_ds", nets)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _nets_module(nets)
     with torch.no_grad():
         ref = mod.deep_supervision()(torch.from_numpy(padded)[None, None])[1][0].numpy()[:, :21, :18, :15]
     for engine in ("tiles", "stream"):
@@ -247,11 +253,7 @@ def test_an_interpolation_to_a_computed_size_keeps_the_pooling_period(tmp_path, 
     said exact). Shape inference finds the period: 4, and 4-aligned tiles with the receptive field's margins and
     whole-volume statistics are whole-volume inference."""
     pytest.importorskip("onnx")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("nets_sf", nets)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _nets_module(nets)
     net = mod.size_following()
     torch.onnx.export(net, torch.zeros(1, 1, 32, 32, 32), str(tmp_path / "sf.onnx"), dynamo=False,
                       input_names=["x"], output_names=["y"], dynamic_axes={"x": {2: "d", 3: "h", 4: "w"}})

@@ -20,7 +20,7 @@ from volinfer.io.plane_store import remove_stale, spill_location
 from volinfer.model.tile_model import TileModel
 from volinfer.model.stream_graph import NotStreamable
 from volinfer.io.reader import VolumeSource, stored_as
-from volinfer.io.ome import NGFF_MM, Geometry, geometry_from_nifti
+from volinfer.io.ome import Geometry, geometry_from_nifti
 from volinfer.io.formats import is_tiff_output, is_zarr, is_zarr_output
 from volinfer.io.sources import input_files
 from volinfer.io.tiff_io import TiffWriter
@@ -393,28 +393,26 @@ def _store_spec(run: _Run, source: VolumeSource) -> StoreSpec:
     geometry)."""
     o = run.s.output
     z = _zarr_settings(run.output, o.zarr_output())["zarr"]
-    geometry = getattr(source, "geometry", None)  # a Zarr input's own (its unit, the NIfTI header it keeps)
+    geometry = source.geometry  # a Zarr input's own (its unit, the NIfTI header it keeps)
     chunks = chunk_shape(o.chunks, source) if geometry is not None else z["chunks"]  # (default: the input's)
     return store_spec(o.kind, geometry or geometry_from_nifti(source.header, source.affine), chunks, z["pyramid"],
                       z["compression"])
 
 
 def _output_reference(source: VolumeSource) -> Any:
-    """The NIfTI header a NIfTI output copies: the input's own, else one made from its affine in its unit (a Zarr
-    store's micrometres, a TIFF's or ITK file's millimetres; "unknown" where it records no voxel size)."""
+    """The NIfTI header a NIfTI output copies: the input's own, a Zarr store's (in its unit, as kept), else one made
+    from its affine in millimetres (TIFF and ITK readers' unit; "unknown" where it records no voxel size)."""
     if source.header is not None or source.affine is None:
         return source.header
-    if getattr(source, "geometry", None) is not None:  # a Zarr input: the header it keeps, as `to-nifti` restores
+    if source.geometry is not None:  # a Zarr input: the header it keeps, as `to-nifti` restores
         return source.geometry.nifti_header()
-    known = getattr(source, "spacing_known", True) and source.mm_per_unit is not None
-    unit = next((n for n, f in NGFF_MM.items() if f == source.mm_per_unit), None) if known else None
-    return Geometry(np.asarray(source.affine, float), unit).nifti_header()
+    return Geometry(np.asarray(source.affine, float), "millimeter" if source.spacing_known else None).nifti_header()
 
 
 def _voxel_mm(source: VolumeSource) -> tuple[float, float, float] | None:
     """The input's voxel size (mm), for a TIFF output's physical size; None when the input records none (a TIFF
     output then claims none either) or in no known length unit."""
-    if source.affine is None or not getattr(source, "spacing_known", True):
+    if source.affine is None or not source.spacing_known:
         return None
     mm = in_mm(source)
     return None if mm is None else voxel_sizes(mm)
@@ -525,18 +523,16 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
                 raise VolinferError("--engine stream runs in this process; --scheduler/--workers run Zarr blocks "
                                     "tile by tile (drop one of them)")
             return _with_note(predict(list(inputs), model, output, settings), note)
-        handle = _handle(model, settings)
+        handle, local = _handle(model, settings), not (blocks.scheduler or blocks.workers)
         if _zarr_needs_model_grid(inputs[0], handle, settings, blocks):
             return _with_note(predict(list(inputs), model, output, settings), note)
-        if is_tiff_output(output) and not (blocks.scheduler or blocks.workers):  # blocks write Zarr or NIfTI
+        if local and is_tiff_output(output):  # blocks write Zarr or NIfTI
             return _with_note(predict(list(inputs), model, output, settings), note)
-        streamer = None if blocks.scheduler or blocks.workers else zarr_route.streams(inputs[0], handle, settings,
-                                                                                        output)
+        streamer = zarr_route.streams(inputs[0], handle, settings, output) if local else None
         if streamer is not None:
             rep = predict(list(inputs), streamer, output, settings)
             return _with_note(_with_note(rep, zarr_route.STREAMED_NOTE if rep.engine == "stream" else None), note)
-        banded = None if blocks.scheduler or blocks.workers else zarr_route.streams_in_bands(inputs[0], handle,
-                                                                                              settings, output)
+        banded = zarr_route.streams_in_bands(inputs[0], handle, settings, output) if local else None
         if banded is not None:
             return _with_note(_zarr_in_bands(inputs[0], banded, Path(output), settings), note)
         return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,

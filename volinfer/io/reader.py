@@ -349,6 +349,7 @@ class VolumeSource:
         self.orientation_known = self.spacing_known = affine is not None
         # millimetres per unit of the affine (a NIfTI header's xyzt_units; None: a unit that is no known length)
         self.mm_per_unit: float | None = NIFTI_MM.get(header.get_xyzt_units()[0]) if header is not None else 1.0
+        self.geometry: Any = None  # a Zarr store's own (volinfer.io.ome.Geometry): what its outputs keep
 
     @property
     def channels(self) -> int:

@@ -4,7 +4,7 @@ kept across the round trip (see :mod:`volinfer.io.ome` for the axis mapping)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -14,17 +14,18 @@ from volinfer.io.ome import Geometry, geometry_from_nifti
 from volinfer.io.reader import VolumeSource, exceeds_float32, scan_slabs
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import NiftiWriter, check_target
-from volinfer.io.zarr_io import StoreSpec, check_zarr_output, create_output, open_zarr_source, store_geometry
+from volinfer.io.zarr_io import check_zarr_output, create_output, open_zarr_source, store_geometry
+from volinfer.io.zarr_writer import store_spec
 from volinfer.progress import progress_bar
 
 
 def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int | Sequence[int] = 64, overwrite: bool = False,
-                  progress: bool = False, compression: bool = True, attrs: dict[str, Any] | None = None) -> Path:
+                  progress: bool = False, compression: bool = True) -> Path:
     """Stream a NIfTI volume into an OME-Zarr store ``(z, y, x)`` (or ``(c, z, y, x)``), slab by slab, keeping its
     affine (see :mod:`volinfer.io.ome` for the axis mapping). ``chunks``: an edge, or ``(z, y, x)`` edges."""
-    chunk3 = (int(chunks),) * 3 if isinstance(chunks, (int, np.integer)) else tuple(int(c) for c in chunks)
+    depth = store_spec("raw", Geometry(np.eye(4)), chunks).chunks[0]
     check_zarr_output(out, [nifti], overwrite, resume=False)
-    with OutputLock(Path(out)), VolumeSource.open([nifti], depth=chunk3[0]) as src:
+    with OutputLock(Path(out)), VolumeSource.open([nifti], depth=depth) as src:
         X, Y, Z = src.shape
         geom = geometry_from_nifti(src.header, src.affine)
         # NIfTI intensity scaling (scl_slope / scl_inter) is applied here: Zarr has no such header, and a store of
@@ -33,13 +34,12 @@ def nifti_to_zarr(nifti: str | Path, out: str | Path, chunks: int | Sequence[int
         dtype = np.dtype(np.float32) if scaled else src.readers[0].dtype
         if scaled and any(exceeds_float32(r.dtype, r.slope, r.inter) for r in src.readers):
             dtype = np.dtype(np.float64)
-        spec = StoreSpec(chunk3, geometry=geom, compressor="zstd" if compression else None,  # type: ignore[arg-type]
-                         attrs=attrs)
-        arr = create_output(out, (Z, Y, X), src.channels, dtype, spec, overwrite=overwrite)[0]
+        arr = create_output(out, (Z, Y, X), src.channels, dtype, store_spec("raw", geom, chunks, 0, compression),
+                            overwrite=overwrite)[0]
         bar = progress_bar(Z * src.channels, "to-zarr", "plane", disable=not progress)
         for c, reader in enumerate(src.readers):
             z0 = 0
-            for slab in scan_slabs(reader, src.shape, chunk3[0], voxels=X * Y * chunk3[0]):
+            for slab in scan_slabs(reader, src.shape, depth, voxels=X * Y * depth):
                 zyx = np.ascontiguousarray(slab.transpose(2, 1, 0))
                 if scaled:
                     zyx = (zyx.astype(np.float64) * reader.slope + reader.inter).astype(dtype)

@@ -99,7 +99,7 @@ def plan_model_grid(source: VolumeSource | None, settings: Any, resample: bool) 
 def in_mm(source: VolumeSource) -> np.ndarray | None:
     """The source's affine in millimetres (its header's or store's unit: micrometres for most microscopy), which the
     model's stored spacing is in; None when the unit is no length volinfer knows."""
-    mm = getattr(source, "mm_per_unit", 1.0)
+    mm = source.mm_per_unit
     if mm is None:
         return None
     affine = np.array(source.affine, float)

@@ -93,8 +93,9 @@ def via_nifti(volume: Path, output: Path, s: RunSettings, run_into: Callable[[Pa
                       compression=s.output.compression)
     finally:
         tmp.unlink(missing_ok=True)
-    rep.wall_s += time.perf_counter() - t0
+    converted = time.perf_counter() - t0
+    rep.wall_s += converted
     rep.output = str(output)
     rep.notes.append(f"the Zarr store streamed in bands of y rows into a temporary NIfTI file, then written slab by "
-                     f"slab ({time.perf_counter() - t0:.1f} s): its whole cross-sections would not fit the budget")
+                     f"slab ({converted:.1f} s): its whole cross-sections would not fit the budget")
     return rep
