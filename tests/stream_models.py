@@ -9,9 +9,10 @@ import openvino.opset13 as ops
 
 
 def updown(k: int = 3, s: int = 2, pb: int = 1, pe: int = 1, op: int = 1, cout: int = 2, seed: int = 0,
-           groups: int = 1) -> ov.Model:
+           groups: int = 1, tail: bool = False) -> ov.Model:
     """A strided convolution down, a transposed convolution (kernel ``k``, stride ``s``, pads, output padding,
-    ``groups`` > 1: a grouped one) up."""
+    ``groups`` > 1: a grouped one) up; ``tail``: a per-channel bias, PReLU and scale after it (as a decoder's
+    batch norm and activation), else a ReLU."""
     rng = np.random.default_rng(seed)
     param = ops.parameter([1, 1, -1, -1, -1], np.float32)
     down = ops.convolution(param, ops.constant(rng.standard_normal((4, 1, s, s, s)).astype(np.float32)),
@@ -24,7 +25,13 @@ def updown(k: int = 3, s: int = 2, pb: int = 1, pe: int = 1, op: int = 1, cout: 
         w = ops.constant(rng.standard_normal((groups, 4 // groups, cout // groups, k, k, k)).astype(np.float32))
         up = ops.group_convolution_backprop_data(down, w, [s] * 3, None, [pb] * 3, [pe] * 3, [1] * 3,
                                                  output_padding=[op] * 3)
-    m = ov.Model([ops.relu(up)], [param], "updown")
+    if tail:
+        bias = ops.constant(rng.standard_normal((1, cout, 1, 1, 1)).astype(np.float32))
+        slope = ops.constant(rng.uniform(0.1, 0.5, cout).astype(np.float32))
+        act = ops.multiply(ops.prelu(ops.add(up, bias), slope), ops.constant(np.float32(1.5)))
+    else:
+        act = ops.relu(up)
+    m = ov.Model([act], [param], "updown")
     m.set_rt_info(str(s), ["volinfer", "size_multiple"])
     return m
 

@@ -350,15 +350,20 @@ def _streamed_updown(tmp_path, monkeypatch, m: ov.Model, s: int, depth: int, see
     return built
 
 
+@pytest.mark.parametrize("tail", [False, True])
 @pytest.mark.parametrize("k,s,pb,pe,op,cout", [(3, 2, 1, 1, 1, 2), (2, 2, 0, 0, 0, 3), (4, 2, 1, 1, 0, 1),
                                                (3, 3, 0, 0, 0, 2), (5, 3, 1, 1, 0, 2), (4, 2, 2, 0, 0, 2)])
-def test_transposed_convolution_as_stride_phases(tmp_path, monkeypatch, k, s, pb, pe, op, cout):
-    """Transposed convolutions with few output channels run as one convolution over their stride phases plus
-    DepthToSpace: every kernel/stride/padding shape gives OpenVINO's own transposed convolution, on the whole
-    volume, to float32 rounding — and the phase path really ran."""
-    built = _streamed_updown(tmp_path, monkeypatch, updown(k, s, pb, pe, op, cout, seed=k * 10 + s), s, 5, k)
+def test_transposed_convolution_as_stride_phases(tmp_path, monkeypatch, k, s, pb, pe, op, cout, tail):
+    """Transposed convolutions with few output channels run as one convolution over their stride phases, the
+    per-channel operations after them (ReLU; bias, PReLU and scale) on the phases, interleaved once: every
+    kernel/stride/padding shape gives OpenVINO's own transposed convolution, on the whole volume, to float32
+    rounding — and the phase path really ran, the activation reading the phase convolution."""
+    m = updown(k, s, pb, pe, op, cout, seed=k * 10 + s, tail=tail)
+    built = _streamed_updown(tmp_path, monkeypatch, m, s, 5, k)
     kinds = {op.get_type_name() for b in built for op in b.get_ops()}
-    assert "DepthToSpace" in kinds and "ConvolutionBackpropData" not in kinds
+    assert "ConvolutionBackpropData" not in kinds and "DepthToSpace" not in kinds
+    act = [op for b in built for op in b.get_ops() if op.get_type_name() in ("Relu", "Add")]
+    assert act and all(op.input_value(0).get_node().get_type_name() == "Convolution" for op in act)
 
 
 @pytest.mark.parametrize("k,s,pb,pe,op", [(3, 2, 1, 1, 1), (2, 2, 0, 0, 0), (4, 2, 1, 1, 0), (3, 3, 0, 0, 0),

@@ -18,13 +18,15 @@ and runs tile by tile instead.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import openvino as ov
 import openvino.opset13 as ops
 from openvino.passes import ConstantFolding, Manager
+
+from .stride_phases import Phases, apply_chain, constant_value, interleave, per_channel_chain, phase_convolution
 
 #: The model axis skewed bands cut into rows (x = 2, y = 3, z = 4: z is streamed; :mod:`volinfer.model.band_cut`).
 YAXIS = 3
@@ -357,9 +359,9 @@ def interp_axes(node: ov.Node) -> dict[int, tuple[float, int]]:
         raise NotStreamable(f"{t} {name} pads its input")
     rank = node.get_input_partial_shape(0).rank.get_length()
     by_scale = a["shape_calculation_mode"] == "scales"
-    given = _constant_value(node.input_value(2 if version == "opset4" and by_scale else 1))
+    given = constant_value(node.input_value(2 if version == "opset4" and by_scale else 1))
     axes_port = 3 if version == "opset4" else 2
-    axes = (_constant_value(node.input_value(axes_port)) if node.get_input_size() > axes_port
+    axes = (constant_value(node.input_value(axes_port)) if node.get_input_size() > axes_port
             else np.arange(rank, dtype=np.float32))
     if given is None or axes is None:
         raise NotStreamable(f"{t} {name} takes sizes or scales computed at run time")
@@ -392,7 +394,7 @@ def _along_channels(node: ov.Node) -> None:
     """Raise unless ``node`` (one of :data:`ALONG_CHANNELS`) works along the channel axis only."""
     t, name = node.get_type_name(), node.get_friendly_name()
     port = ALONG_CHANNELS[t]
-    axes = _constant_value(node.input_value(port)) if node.get_input_size() > port else None
+    axes = constant_value(node.input_value(port)) if node.get_input_size() > port else None
     rank = node.get_output_partial_shape(0).rank.get_length()
     if axes is None or rank != 5 or any(int(a) % rank != 1 for a in axes.reshape(-1)):
         raise NotStreamable(f"{t} {name} works across space (volinfer streams it along channels only)")
@@ -512,7 +514,7 @@ def _fold_shapes(model: ov.Model) -> None:
             value = twin.input_value(i).get_node()
             if value.get_type_name() != "Constant" or node.input_value(i).get_node().get_type_name() == "Constant":
                 continue
-            if int(np.prod(value.get_output_shape(0))) <= 16 or _constant_value(node.input_value(i)) is None:
+            if int(np.prod(value.get_output_shape(0))) <= 16 or constant_value(node.input_value(i)) is None:
                 node.input(i).replace_source_output(ops.constant(value.get_data().copy()).output(0))
     model.validate_nodes_and_infer_types()
 
@@ -640,7 +642,7 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int, cut: Any = Non
     q, sp = _orders(zaxis)
     pads_rows = cut is not None and pads_rows_itself(nodes.get(seg.anchor), seg)
     params = _segment_inputs(graph, seg, t, cut, _input_ports(seg, nodes), pads_rows)
-    sliced: dict[str, ov.Output] = {}
+    sliced: dict[str, Any] = {}  # outputs reworked for the chunk (a Phases: stride phases not yet interleaved)
     if isinstance(seg.window, InterpWindow):
         sliced = _interp_anchor(nodes[seg.anchor], seg.window, t, q, params)
     elif seg.anchor is not None:
@@ -649,9 +651,14 @@ def build_segment_model(graph: StreamGraph, seg: Segment, t: int, cut: Any = Non
     for key in seg.outputs:
         name, idx = key.rsplit(":", 1)
         out = sliced.get(key) or nodes[name].output(int(idx))
+        ph = out if isinstance(out, Phases) else None
+        out = ph.out if ph is not None else out
         if out.get_element_type() != graph.tensors[key].ov_type:
             out = ops.convert(out, graph.tensors[key].ov_type).output(0)
         to_r = [q.index(a) for a in graph.tensors[key].order]
+        if ph is not None:  # stride phases: interleaved straight into the stored order
+            results.append(ops.result(interleave(replace(ph, out=out), to_r)))
+            continue
         results.append(ops.result(ops.transpose(out, ops.constant(np.array(to_r, np.int64)))))
     sub = ov.Model(results, params, f"segment{seg.index}")  # an interpolation's call inputs after the planes
     sub.validate_nodes_and_infer_types()
@@ -757,7 +764,7 @@ def pads_rows_itself(anchor: ov.Node | None, seg: Segment) -> bool:
 
 
 def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int], params: list[ov.Node], cut: Any = None,
-                    pads_rows: bool = False) -> dict[str, ov.Output]:
+                    pads_rows: bool = False) -> dict[str, Any]:
     """Run the anchor in (N, C, z, s, s) order without z padding (the caller supplies padding planes); a transposed
     convolution's output is sliced to the ``t`` planes the chunk owns, an exclude-pad average rescaled per plane
     (its factors a call input appended to ``params``). Returns replaced outputs by tensor key. (Pooling keeps its
@@ -791,13 +798,18 @@ def _permute_anchor(node: ov.Node, seg: Segment, t: int, sp: list[int], params: 
     if seg.window.kind != "transposed":
         return {}
     consumers = list(node.output(0).get_target_inputs())  # before the slices below add their own
-    out = node.output(0)
+    band = None if cut is None else (sp.index(1), cut.offset, cut.offset + cut.rows[1] - cut.rows[0])
+    ph = phase_convolution(node, w, perm, seg.window.p, band) if w is not None and _use_phases(node) else None
+    if ph is not None and ph.crop[0] == (0, t):
+        chain = per_channel_chain(node, set(seg.nodes), seg.outputs)
+        if chain is not None:  # interleaved once, into the stored order (build_segment_model)
+            return {seg.outputs[0]: apply_chain(ph, chain)}
+        return _rewire(node, interleave(ph, [0, 1, 2, 3, 4]), consumers)
     off = seg.window.local_offset(t)
-    phased = _phase_convolution(node, w, perm, off, t) if w is not None and _use_phases(node) else None
-    if phased is None:
-        phased = _z_phases(node, seg.window, t)
-    sl = phased if phased is not None else ops.slice(out, np.array([off], np.int64), np.array([off + t], np.int64),
-                                                     np.array([1], np.int64), np.array([2], np.int64)).output(0)
+    sl = _z_phases(node, seg.window, t)
+    if sl is None:
+        sl = ops.slice(node.output(0), np.array([off], np.int64), np.array([off + t], np.int64),
+                       np.array([1], np.int64), np.array([2], np.int64)).output(0)
     if cut is not None:  # the band's own rows of the transposed output
         y = 2 + sp.index(1)
         sl = ops.slice(sl, np.array([cut.offset], np.int64), np.array([cut.offset + cut.rows[1] - cut.rows[0]], np.int64),
@@ -849,71 +861,13 @@ def _use_phases(node: ov.Node) -> bool:
 
 
 #: Transposed convolutions with at most this many output channels run as their stride phases (see
-#: :func:`_phase_convolution`). Measured per call, 2 planes, bf16, reference U-Net: 32->2 channels at 512² 14.4 ->
-#: 6.5-8 ms; 64->16 at 256² 8 -> 13-17 ms (a k3 s2 kernel's phases hold 2.4x its taps, zeros included: worth it
-#: only where OpenVINO's own transposed kernel is slow, with few output channels). Wider ones run as their z phases
-#: (:func:`_z_phases`), which halves the work of a k3 s2 kernel over 2-plane chunks: 64->16 channels at 256², bf16,
-#: 7.35 -> 3.50 ms per call; at 2 output channels (32->2 at 512²) the stride phases and the z phases ran alike.
+#: :mod:`volinfer.model.stride_phases`). Measured per call, 2 planes, bf16, reference U-Net: 32->2 channels at 512²
+#: 14.4 -> 6.5-8 ms as DepthToSpace phases, 2.6-2.8 ms as phases aligned on the chunk with the bias and PReLU on
+#: the phases; 64->16 at 256² 6.9 ms as z phases against 15.2-15.7 ms as aligned stride phases (a k3 s2 kernel's
+#: phases hold 2.4x its taps, zeros included: worth it only where OpenVINO's own transposed kernel is slow, with
+#: few output channels). Wider ones run as their z phases (:func:`_z_phases`), which halves the work of a k3 s2
+#: kernel over 2-plane chunks: 64->16 channels at 256², bf16, 7.35 -> 3.50 ms per call.
 PHASE_MAX_CHANNELS = 8
-
-
-def _constant_value(out: ov.Output) -> np.ndarray | None:
-    """The value of a constant (possibly converted, e.g. f16-compressed) weight input; None otherwise."""
-    node = out.get_node()
-    if node.get_type_name() == "Convert":
-        node = node.input_value(0).get_node()
-    if node.get_type_name() != "Constant":
-        return None
-    return np.asarray(node.get_data(), dtype=np.float32)
-
-
-def _phase_convolution(node: ov.Node, w_src: ov.Output, perm: list[int], off: int, t: int) -> ov.Output | None:
-    """A transposed convolution (already in (N, C, z, s, s) order, no z padding; ``w_src`` its original weights,
-    ``perm`` the axis permutation that put them in that order) computed as one ordinary
-    convolution producing every stride phase as channels, then DepthToSpace, then the crop to planes
-    ``[off, off + t)`` along z and to the node's in-plane output. Output position ``o' = s*q + r`` of a transposed
-    convolution sums ``x[q - l] * w[r + s*l]``: for phase ``r`` that is an ordinary correlation with the kernel taps
-    ``r, r+s, ...`` reversed. Same arithmetic, kernels OpenVINO runs well. None when the node does not qualify
-    (groups, dilation, unequal strides, an output shape input, non-constant weights)."""
-    if node.get_type_name() != "ConvolutionBackpropData" or node.get_input_size() != 2:
-        return None
-    a = node.get_attributes()
-    s = int(a["strides"][0])
-    if s < 2 or any(int(v) != s for v in a["strides"]) or any(int(d) != 1 for d in a["dilations"]):
-        return None
-    w = _constant_value(w_src)
-    if w is None:
-        return None
-    w = np.transpose(w, perm)
-    cin, cout, k = w.shape[0], w.shape[1], w.shape[2:]
-    L = [-(-kk // s) for kk in k]
-    big = np.zeros((s ** 3 * cout, cin, *L), np.float32)
-    for ph, r in enumerate(np.ndindex(s, s, s)):
-        for l in np.ndindex(*L):
-            m = [r[i] + s * l[i] for i in range(3)]
-            if all(m[i] < k[i] for i in range(3)):
-                big[ph * cout:(ph + 1) * cout, :, L[0] - 1 - l[0], L[1] - 1 - l[1], L[2] - 1 - l[2]] = \
-                    w[:, :, m[0], m[1], m[2]].T
-    data = node.input_value(0)
-    n_in = [int(d.get_length()) for d in data.get_partial_shape()][2:]
-    n_out = [int(d.get_length()) for d in node.get_output_partial_shape(0)][2:]
-    pb = [int(v) for v in a["pads_begin"]]
-    ends = [0] + [max(0, -(-(pb[i] + n_out[i]) // s) - n_in[i]) for i in (1, 2)]
-    wtype = {ov.Type.f32: np.float32, ov.Type.f16: np.float16}.get(w_src.get_element_type())
-    if wtype is None:
-        return None
-    try:
-        conv = ops.convolution(data, ops.constant(big.astype(wtype)), [1, 1, 1], [LL - 1 for LL in L], ends,
-                               [1, 1, 1])
-    except Exception:  # noqa: BLE001  (types OpenVINO's convolution does not take: keep the transposed kernel)
-        return None
-    if conv.get_output_element_type(0) != node.get_output_element_type(0):
-        return None
-    d2s = ops.depth_to_space(conv, "blocks_first", s)
-    begin = [off, pb[1], pb[2]]
-    end = [off + t, pb[1] + n_out[1], pb[2] + n_out[2]]
-    return ops.slice(d2s, np.array(begin, np.int64), np.array(end, np.int64), np.array([1, 1, 1], np.int64),
-                     np.array([2, 3, 4], np.int64)).output(0)
 
 
 def _z_phases(node: ov.Node, win: ZWindow, t: int) -> ov.Output | None:
@@ -961,7 +915,7 @@ def _z_slice(data: ov.Output, lo: int, hi: int) -> ov.Output:
     """Planes ``[lo, hi)`` along axis 2; taken before a transposition that feeds ``data`` (so OpenVINO still folds
     the transposition into the reorder to its convolution layout)."""
     node = data.get_node()
-    order = _constant_value(node.input_value(1)) if node.get_type_name() == "Transpose" else None
+    order = constant_value(node.input_value(1)) if node.get_type_name() == "Transpose" else None
     axis, src = (2, data) if order is None else (int(order[2]), node.input_value(0))
     sl = ops.slice(src, np.array([lo], np.int64), np.array([hi], np.int64), np.array([1], np.int64),
                    np.array([axis], np.int64)).output(0)
