@@ -8,9 +8,9 @@ convolution over the low-resolution input, producing every phase of every output
 computes the same arithmetic; aligned on the phases (padding chosen so position ``Q`` holds the outputs ``s*Q ..
 s*Q + s - 1``) it computes exactly the chunk's planes and no crop along z. Per-channel element-wise operations after
 it (bias, batch norm, PReLU, ...) act on the phase channels with their constants repeated per phase, and one
-transposition interleaves the phases straight into the order the stream stores: 512³ reference U-Net, bf16, the
-last up-sampling 7-9 ms a call (DepthToSpace phases) -> 2.6-2.8 ms (``/tmp``-free measurement: see
-``benchmarks/segment_profile.py``).
+transposition interleaves the phases straight into the order the stream stores (``benchmarks/segment_costs.py``
+times every segment of a plan: the reference U-Net's last up-sampling, 32->2 channels at 512², bf16, took 7-9 ms a
+call as DepthToSpace phases, 2.6-2.8 ms this way).
 """
 
 from __future__ import annotations
