@@ -35,6 +35,8 @@ NETWORKS = {
     "transposed_k4s2_asym": (lambda: stream_models.updown(k=4, pb=2, pe=0, op=0, cout=12), 2, (11, 45, 7)),
     "transposed_k3s2_grouped": (lambda: stream_models.updown(cout=12, groups=2), 2, (9, 43, 11)),
     "transposed_k3s2_phases": (lambda: stream_models.updown(cout=2), 2, (12, 40, 5)),
+    "transposed_k4s2_phases_tail": (lambda: stream_models.updown(k=4, pb=2, pe=0, op=0, cout=3, tail=True), 2,
+                                    (10, 38, 7)),
 }
 
 
