@@ -340,7 +340,7 @@ def _streamed_updown(tmp_path, monkeypatch, m: ov.Model, s: int, depth: int, see
     ov.save_model(m, str(path), compress_to_fp16=False)
     built: list[ov.Model] = []
     real_build = sg.build_segment_model
-    monkeypatch.setattr("volinfer.run.stream.build_segment_model",
+    monkeypatch.setattr("volinfer.run.segment_compile.build_segment_model",
                         lambda *a, **kw: built.append(real_build(*a, **kw)) or built[-1])
     vol = _volume((depth * s + 1, 4 * s - 1, 9 * s + 2), seed=seed)
     out = predict(vol, path, engine="stream", precision="f32", kind="raw", progress=False)

@@ -33,6 +33,7 @@ from volinfer.run.setup import (InputScan, TilingChoice, RunSetup, guard_for, ma
                                 scan_input, stream_verdict, verdict)
 from volinfer.run.skewed_bands import run_skewed
 from volinfer.run.stream import band_reader, prepare_spill, run_stream
+from volinfer.run.segment_compile import CompileAhead
 from volinfer.run import pipeline
 from volinfer.run.pipeline import JournaledOutput, fingerprint_options, open_source, run_fingerprint
 from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
@@ -232,9 +233,7 @@ def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
     if n_channels != handle.in_channels:
         raise VolinferError(f"the volume has {n_channels} channel(s) but the model expects {handle.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
-    handle, stored, depth = _scan_input(run, volume, handle)  # before planning: the precision guard decides from it
-    planned = pipeline.plan(handle, shape, run.s, banded=run.output is None or not is_zarr_output(run.output),
-                            stored=stored, stored_depth=depth)
+    planned = _scan_and_plan(run, volume, handle, shape)
     run.choice, run.overlap = planned.choice, planned.overlap
     if run.stream is not None:  # spill: files beside the output, disk space checked before any work
         prepare_spill(run.stream, run.output)
@@ -242,21 +241,32 @@ def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
     run.source = open_source(volume, run.tm.tile[2], run.s.input.channel_axis)
 
 
-def _scan_input(run: _Run, volume: Any, handle: TileModel) -> tuple[TileModel, tuple[int, str], int]:
-    """The one pre-pass over the input (:func:`volinfer.run.setup.scan_input`), then the precision guard: the model
-    in the precision the run will use, so that the plan's memory and time are that precision's; how the input is
-    stored (bytes a voxel, what its readers hold: :func:`volinfer.io.reader.read_buffer`), which sizes the tiles
-    engine's buffers; and the planes its storage keeps together (a Zarr chunk's depth: the stream's reads)."""
+def _scan_and_plan(run: _Run, volume: Any, handle: TileModel, shape: tuple[int, int, int]) -> pipeline.RunPlan:
+    """The plan, then the one pre-pass over the input (:func:`volinfer.run.setup.scan_input`) while a plain
+    stream's segments compile (:class:`volinfer.run.segment_compile.CompileAhead`), then the precision guard: where
+    it moves the model to f32 the run plans again, so that memory and time are planned in the precision that runs.
+    The plan weighs how the input is stored (bytes a voxel, what its readers hold:
+    :func:`volinfer.io.reader.read_buffer`) and the planes its storage keeps together (a Zarr chunk's depth)."""
     s = run.s
+    banded = run.output is None or not is_zarr_output(run.output)
     source = open_source(volume, handle.tile[2], s.input.channel_axis)
     try:
+        stored, depth = stored_as(source.readers), source.stored_depth
+        planned = pipeline.plan(handle, shape, s, banded=banded, stored=stored, stored_depth=depth)
+        sp = planned.stream
+        if sp is not None and sp.skew is None and not planned.choice.norm_layers:
+            sp.ahead = CompileAhead(planned.model, sp.graph, sp.chunks)
         run.scan = scan_input(handle, source, make_normalizer(handle, s, source.channels), s.input.nan_value,
                               fingerprint=run.output is not None and bool(run.in_paths))
-        stored, depth = stored_as(source.readers), source.stored_depth
     finally:
         if source is not volume:
             source.close()
-    return guard_for(handle, run.scan.input_abs_max), stored, depth
+    guarded = guard_for(handle, run.scan.input_abs_max)
+    if guarded is handle:
+        return planned
+    if planned.stream is not None and planned.stream.ahead is not None:
+        planned.stream.ahead.stop()
+    return pipeline.plan(guarded, shape, s, banded=banded, stored=stored, stored_depth=depth)
 
 
 def _execute(run: _Run) -> None:
@@ -279,7 +289,7 @@ def _resolve(run: _Run) -> None:
     s = run.s
     run.setup = resolve(run.tm, run.source.shape, run.source.channels, s, overlap=run.overlap,
                         normalizer=run.scan.normalizer, stream=run.stream)
-    run.scan.apply(run.setup)  # the pre-pass ran before planning (_scan_input)
+    run.scan.apply(run.setup)  # the pre-pass ran with planning (_scan_and_plan)
     if run.stream is not None:
         if run.choice.norm_layers:
             _freeze_for_stream(run)

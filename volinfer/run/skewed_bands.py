@@ -21,6 +21,7 @@ from volinfer.model.tile_model import TileModel
 from volinfer.progress import progress_bar
 from volinfer.run import stream
 from volinfer.run.job import RowProgress, TileJob
+from volinfer.run.segment_compile import segment_requests
 from volinfer.tiling.geometry import AxisPlan
 
 #: The narrowest band the planner cuts, as output rows x columns (each call's in-plane area): the reference U-Net's
@@ -299,7 +300,7 @@ def run_skewed(source: Any, model: TileModel, plan: stream.StreamPlan, job: Tile
             key = (bp.cut.shape_key(), tuple(bp.chunks))
             if compiled is None or compiled[0] != key:
                 compiled = None  # the previous band's segments go before this band's are compiled
-                compiled = (key, stream.segment_requests(model, bp.graph, bp.chunks, cuts=bp.cut.segments))
+                compiled = (key, segment_requests(model, bp.graph, bp.chunks, cuts=bp.cut.segments))
             run = stream.StreamRun(bp.graph, _band_reader(source, model, plan, bp, job), plan.read_planes, bp.chunks,
                                    bp.capacities, compiled[1], (bp.spill, store) if bp.spill else None)
             _hold_strips(run, bp, strips)

@@ -11,7 +11,6 @@ The result is whole-volume inference on the padded volume (the same padding rule
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -23,12 +22,12 @@ from volinfer import portable
 from volinfer.progress import progress_bar
 
 from volinfer.io.plane_store import JoinedPlanes, PlaneFile, PlaneStore, PlaneWindow, check_space, spill_location
-from volinfer.model.stream_graph import (YAXIS, NotStreamable, Segment, StreamGraph, StreamTensor, analyse,
-                                         build_segment_model)
+from volinfer.model.stream_graph import YAXIS, NotStreamable, Segment, StreamGraph, StreamTensor, analyse
 from volinfer.model.tile_model import TileModel
 from volinfer.run.feeder import TileFeeder
 from volinfer.run.fidelity import LEANER_WITHIN, leanest_near_fastest
 from volinfer.run.job import RowProgress, TileJob
+from volinfer.run.segment_compile import segment_requests
 from volinfer.tiling.geometry import AxisPlan, Tile, TileGrid, plan_axis_crop
 
 #: What a :class:`StreamRun` reads its inputs with: for each input, (first plane, slot of the planes to fill, or None
@@ -409,17 +408,6 @@ def read_steps(graph: StreamGraph, read_planes: int | dict[str, int]) -> dict[st
     return {k: read_planes for k in graph.inputs}
 
 
-def compile_segments(graph: StreamGraph, compile_segment: Callable[[Segment, int], Any],
-                     chunks: list[int]) -> list[Any]:
-    """One infer request per segment, compiled at its chunk size, two at a time (OpenVINO compiles without the GIL);
-    a :class:`StreamRun` per band reuses them."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:
-        compiled = list(pool.map(compile_segment, graph.segments, chunks))
-    return [c.create_infer_request() for c in compiled]
-
-
 def _tensor(arr: np.ndarray, ten: StreamTensor) -> ov.Tensor:
     """``arr`` shared with OpenVINO (bf16 planes are kept as uint16 bits)."""
     if ten.storage == "bf16":
@@ -648,6 +636,7 @@ class StreamPlan:
     spill_at: tuple[str, str] | None = None  # (directory, name prefix) of spill files (volinfer.io.plane_store)
     spill_used: dict[str, Any] | None = None  # what the run's spill wrote and read (run_stream)
     skew: Any = None  # skewed bands (volinfer.run.skewed_bands.SkewedBands): per band its cut, graph, buffers
+    ahead: Any = None  # its segments compiling beside the pre-pass (volinfer.run.segment_compile.CompileAhead)
 
     def store_in(self, precision: str) -> None:
         """Keep the planes between segments in ``precision`` (a run whose precision changed after planning: the
@@ -894,7 +883,8 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, job: TileJob, sp
     shape, grid = tuple(source.shape), job.grid
     start_row, on_row_done = rows.start_row, rows.on_row_done
     reader = band_reader(source, model, plan, job.normalizer, job.pad_mode, job.nan_fill)
-    requests = segment_requests(model, plan.graph, plan.chunks)
+    ahead = plan.ahead.take(model, plan.graph, plan.chunks) if plan.ahead is not None else None
+    requests = ahead if ahead is not None else segment_requests(model, plan.graph, plan.chunks)
     ay, cores = grid.axes[1], grid.axes[2].cores
     if ay.count > 1:
         start_row, on_row_done = 0, None
@@ -1002,29 +992,3 @@ def band_reader(source: Any, model: TileModel, plan: StreamPlan, normalizer: Any
         return read
 
     return for_band
-
-
-def segment_requests(model: TileModel, graph: StreamGraph, chunks: list[int],
-                     wrap: Callable[[Callable[[Segment, int], Any]], Callable[[Segment, int], Any]] | None = None,
-                     cuts: list[Any] | None = None) -> list[Any]:
-    """One infer request per segment of ``graph`` (any graph cut from ``model``'s network, e.g. a sub-network
-    ending at normalisation layers' inputs) at its chunk of ``chunks``, compiled as ``model`` compiles; ``wrap`` may
-    wrap the compiling function (e.g. to reuse compiled segments across graphs); ``cuts``: the segments of one
-    skewed band (:class:`volinfer.model.band_cut.SegmentCut`, in segment order)."""
-    compile_segment = _segment_compiler(model, graph, cuts)
-    return compile_segments(graph, wrap(compile_segment) if wrap is not None else compile_segment, chunks)
-
-
-def _segment_compiler(model: TileModel, graph: StreamGraph, cuts: list[Any] | None = None
-                      ) -> Callable[[Segment, int], Any]:
-    """Builds a segment's model (graph surgery on clones of one model: one at a time) and compiles it as ``model``
-    compiles (device, precision, threads)."""
-    config = model.options.config(model.precision)
-    building = threading.Lock()
-
-    def compile_segment(seg: Segment, t: int) -> Any:
-        with building:
-            sub = build_segment_model(graph, seg, t, None if cuts is None else cuts[seg.index])
-        return model.core.compile_model(sub, model.options.device, config)
-
-    return compile_segment

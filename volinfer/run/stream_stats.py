@@ -37,8 +37,9 @@ from volinfer.run.norm_stats import aligned_bounds, freeze_wave, waves
 from volinfer.progress import progress_bar
 from volinfer.run.stats_checkpoint import (CheckpointStore, Cut, CutPlanner, converter, cut_model, file_reader,
                                            plan_cuts, static_clone, tensor_bytes, unique_names)
+from volinfer.run.segment_compile import segment_requests
 from volinfer.run.stream import (CHUNK_BYTES, OUT_PLANES, StreamPlan, StreamRun, chunking, traffic_s,
-                                 plan_capacities, segment_requests, stream_graph_for)
+                                 plan_capacities, stream_graph_for)
 from volinfer.tiling.geometry import AxisPlan
 
 #: A band reader for a plan (see :func:`volinfer.run.stream.band_reader`): plan -> (band start y -> read).
