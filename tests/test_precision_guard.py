@@ -88,7 +88,7 @@ def test_run_scans_the_normalised_range(tmp_path, scale, normalize, expect):
 def test_a_reduced_precision_asked_for_against_the_stored_verdict_says_so(tmp_path):
     """--precision bf16 on a model `volinfer convert` measured unfaithful in bf16 runs bf16 (asked for) but says how
     far it moves the outputs (it said nothing); asked where the verdict is faithful, or f32, nothing is added. An odd
-    volume says it ran padded to the size multiple; one on the multiple does not."""
+    volume's verdict says it is exact for the volume padded to the size multiple; one on the multiple does not."""
     from volinfer import predict
 
     bad = save_unet2(tmp_path / "bad.xml", precision_check=json.dumps({**CHECK, "faithful": False,
@@ -101,6 +101,8 @@ def test_a_reduced_precision_asked_for_against_the_stored_verdict_says_so(tmp_pa
         assert bool(lines) == warned, rep.notes
         if warned:
             assert "labels 0.9975 equal" in lines[0] and "asked for" in lines[0]
-    assert any(n.startswith("the volume ran padded to 24x20x16 (the model's size multiple 4") for n in rep.notes)
+    assert rep.exact_meaning.startswith("exact for the volume padded to 24x20x16 (zero padding to the model's size "
+                                        "multiple 4; "), rep.exact_meaning
+    assert "cropped back to 21x18x15: one tile covers" in rep.exact_meaning
     _, rep = predict(odd[:20, :16, :12], bad, precision="f32", report=True, progress=False)
-    assert not any("ran padded" in n for n in rep.notes), rep.notes
+    assert "padded" not in rep.exact_meaning.replace("(padded)", ""), rep.exact_meaning

@@ -181,8 +181,9 @@ def test_exact_run_says_what_exact_means(tmp_path):
     line = rep.summary().splitlines()
     fid = next(ln for ln in line if ln.startswith("fidelity"))
     assert rep.exact is True and rep.tiles > 8
-    assert ("exact: crop margins cover the receptive field (8x8x8); tiled vs whole measured at convert (random "
+    assert ("crop margins cover the receptive field (8x8x8); tiled vs whole measured at convert (random "
             "normal (seed 0) input): max |diff| 0.026 (2.6% of the output range), labels 99.9999% equal") in fid
+    assert "exact for the volume padded to 72x64x56" in fid  # (size multiple 8) what it is exact against
     assert "equals whole-volume inference" not in rep.summary()
     assert rep.as_dict()["tiling_deviation"] == CHECK and rep.as_dict()["exact"] is True
     assert "this run feeds intensities un-normalised" in fid  # random-input check, raw intensities: said so
@@ -192,7 +193,7 @@ def test_exact_run_says_what_exact_means(tmp_path):
     for name, extra in (("b", {}), ("c", {"tiling_check": "garbage"})):
         _, rep = volinfer.predict(vol, _ir_with(tmp_path, name, **extra), tile=32, overlap=16, report=True)
         assert rep.exact is True and rep.as_dict()["tiling_deviation"] is None
-        assert "exact: crop margins cover the receptive field (8x8x8; tiling deviation not measured)" in \
+        assert "crop margins cover the receptive field (8x8x8; tiling deviation not measured)" in \
             rep.summary()
     # one tile over the whole padded volume IS whole-volume inference
     _, rep = volinfer.predict(vol[:40, :40, :40], with_check, tile=40, report=True)

@@ -372,12 +372,6 @@ def _notes(run: _Run) -> list[str]:
     notes = list(run.choice.notes + setup.notes + run.grid_notes)
     if tm.precision_reason != "asked for":  # auto, or a guard overruled it (run.setup.guard_for)
         notes.append(f"precision {tm.precision}: {tm.precision_reason}")
-    padded = [a.padded for a in setup.grid.axes]
-    if padded != [a.size for a in setup.grid.axes]:
-        notes.append(f"the volume ran padded to {'x'.join(map(str, padded))} (the model's size multiple "
-                     f"{tm.multiple}, {run.s.tiling.pad_mode} padding) and was cropped back: whole-volume inference "
-                     f"here is of that padded volume (a network that takes any size in its own framework may pad "
-                     f"inside instead)")
     if mirror:
         notes.append(f"test-time mirroring over {''.join('xyz'[a] for a in mirror)}: "
                      f"{2 ** len(mirror)} inferences per tile")

@@ -143,9 +143,9 @@ class TileModel:
         else:
             self.in_channels = cdim.get_length()
         self.multiple = int(self.settings.size_multiple or 1)
+        if multiple is not None:  # the run's own (a model storing none: probed, see volinfer.run.setup.run_multiple;
+            self.multiple = int(multiple)  # 1 for one tile at a volume's own size: volinfer.run.own_size)
         self.tile = self._resolve_tile(tile, pshape)
-        if multiple is not None:  # the run's own (a model storing none: probed, see volinfer.run.setup.run_multiple)
-            self.multiple = int(multiple)
         self.multiple_known = multiple is not None or self.settings.size_multiple is not None or pshape.is_static
         self.output_index = self._resolve_output(output)
         self._reshape()

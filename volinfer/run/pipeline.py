@@ -17,6 +17,7 @@ from volinfer.io.journal import Journal, ResumableError, content_bytes_hash, fil
 from volinfer.io.reader import VolumeSource
 from volinfer.io.sources import open_paths
 from volinfer.model.tile_model import TileModel
+from volinfer.run.own_size import unpadded_model
 from volinfer.run.settings import RunSettings
 from volinfer.run.setup import (RunSetup, TilingChoice, choose_stream, overlap_for, plan_tiling, tile_buffers,
                                 with_run_multiple)
@@ -34,6 +35,11 @@ def open_source(volume: Any, depth: int, channel_axis: int | None = None) -> Vol
     if not paths:
         raise VolinferError("no input volume given")
     return open_paths(paths, depth)
+
+
+#: Why a Zarr store run block by block pads a model that takes the volume's own size (its blocks are tiles).
+BLOCKS_PAD = ("Zarr block runs tile the store at the size multiple: `volinfer to-nifti` and a NIfTI run take it as "
+              "one tile at its own size")
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,16 @@ def plan(handle: TileModel, shape: Sequence[int], s: RunSettings, *, norm_stats:
     t = s.tiling
     handle = with_run_multiple(handle)
     buffers = tile_buffers(handle, shape, s, stored) if stored is not None else None
+    # a model that takes the volume's own size runs at it, one tile, when it fits (its padded runs are not exact);
+    # not Zarr block runs (``stream`` False), whose blocks run on the store's grid
+    own, padding = unpadded_model(handle, shape, s, buffers, "" if stream else BLOCKS_PAD)
+    if own is not None:
+        handle = own
     choice = plan_tiling(handle, shape, t, norm_stats=norm_stats, defer_refusal=stream and t.engine != "tiles",
                          buffers=buffers)
+    choice.padding = padding
+    if own is not None:
+        choice.overlap = (0, 0, 0)  # one tile over the volume: no margins
     if stream:
         choose_stream(handle, shape, choice, s, banded=banded, stage=(stored_depth, stored[0] if stored else 4))
     if choice.refusal and choice.stream is None:  # no tile fits --max-memory, and the run does not stream in it

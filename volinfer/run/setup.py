@@ -29,6 +29,7 @@ from volinfer.tiling.geometry import GeometryError, TileGrid, plan_axis_crop
 from volinfer.model.layout import Layout
 from volinfer.model.tile_model import TileModel
 from volinfer.run.normalize import Normalizer
+from volinfer.run.own_size import judged
 from volinfer.run.postprocess import OutputSpec
 from volinfer.run.stream import NOMINAL_VOXEL_S
 from volinfer.run.stream_stats import StatsPlan, statistics_plan
@@ -252,6 +253,7 @@ class TilingChoice:
     stream_checkpoint_mb: float = 0.0  # the most disk their checkpoints hold at once (0: they recompute)
     exact_fits: bool = True  # False: the planner found no exact tiling within the budget
     refusal: str | None = None  # no tile fits --max-memory: the error, raised unless the run streams instead
+    padding: Any = None  # the volume's own size against the size multiple (volinfer.run.own_size.Padding), None: none
 
 
 def stored_receptive_field(tm: TileModel) -> ReceptiveField | None:
@@ -594,7 +596,7 @@ def verdict(setup: RunSetup, choice: TilingChoice, frozen: bool) -> Fidelity:
     if fid.exact:
         fid.meaning, fid.deviation = explain_exact(counts, choice.rf, choice.tiling_check,
                                                    unnormalised=setup.normalizer.kind == "none")
-    return fid
+    return judged(fid, choice.padding, [a.padded for a in setup.grid.axes])
 
 
 #: Doublings of the tile's voxels beyond the largest tile the speed profile measured over which the planner raises
@@ -788,16 +790,18 @@ def stream_verdict(setup: RunSetup, choice: TilingChoice) -> Fidelity:
     to the size multiple, as tiling's reference is): no tiling deviation to quote. Bands along y are tiles along y
     with crop margins covering the receptive field: the tiled verdict, with its measured deviation."""
     if setup.grid.axes[1].count == 1:
-        return Fidelity(True, meaning="exact: whole-volume inference, computed layer by layer along z (every voxel "
-                                      "of every layer once; no tile margins)")
+        return judged(Fidelity(True, meaning="exact: whole-volume inference, computed layer by layer along z (every "
+                                             "voxel of every layer once; no tile margins)"), choice.padding,
+                      [a.padded for a in setup.grid.axes])
     if choice.stream is not None and choice.stream.skew is not None:
-        return Fidelity(True, meaning=f"exact: whole-volume inference, computed layer by layer along z in "
-                                      f"{setup.grid.axes[1].count} skewed bands along y (every voxel of every layer "
-                                      f"once; the rows where bands meet passed between them)")
+        return judged(Fidelity(True, meaning=f"exact: whole-volume inference, computed layer by layer along z in "
+                                             f"{setup.grid.axes[1].count} skewed bands along y (every voxel of every "
+                                             f"layer once; the rows where bands meet passed between them)"),
+                      choice.padding, [a.padded for a in setup.grid.axes])
     counts = (1, setup.grid.axes[1].count, 1)  # rows of output planes along z are not tiles: only y is cut
     fid = judge(setup.overlap, counts, setup.stitch, choice.rf, 0, False, "volume")
     if fid.exact:
         meaning, fid.deviation = explain_exact(counts, choice.rf, choice.tiling_check,
                                                unnormalised=setup.normalizer.kind == "none")
         fid.meaning = f"layer by layer along z in {counts[1]} bands along y; {meaning}"
-    return fid
+    return judged(fid, choice.padding, [a.padded for a in setup.grid.axes])
