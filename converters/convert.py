@@ -29,6 +29,7 @@ from volinfer.model.receptive_field import ReceptiveField, measure_receptive_fie
 from volinfer.model.settings import ModelSettings
 from volinfer.model.tile_model import TileModel
 from volinfer.run.normalize import Normalizer
+from volinfer.run.own_size import SOURCE_SIZES_KEY
 from volinfer.run.setup import resolve_activation
 
 from .budget import budget_mb, fitting_tile
@@ -36,6 +37,7 @@ from .inputs import freeze_inputs, pick_image_input
 from .messages import framework_errors, framework_message
 from .parity import Int8Report, ParityReport, WeightsReport, compare, judge, judge_int8
 from .settings import CheckSettings, ConvertSettings
+from .sizes import source_sizes
 from .source import ReferenceUnavailable, Source, require
 from .sources import load
 
@@ -239,6 +241,10 @@ def _describe(g: _Graph, cs: ConvertSettings, notes: list[str]) -> ModelSettings
     if not cs.check.int8:
         _check_precision(g, cs, settings, notes)
     _speed_profile(g, cs.check, settings, notes)
+    sizes = source_sizes(g.src, g.model, g.layout, g.channels, g.check_tile(3.0), g.multiple, notes) \
+        if cs.check.check else None
+    if sizes is not None:  # runs padding other sizes report not exact (volinfer.run.own_size)
+        settings.extra[SOURCE_SIZES_KEY] = sizes
     settings.to_model(g.model)
     return settings
 

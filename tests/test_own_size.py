@@ -4,6 +4,8 @@ small budget) it is reported not exact. A network whose IR rejects the size stil
 its verdict saying it is exact for the padded volume (against OpenVINO f32 on that padded volume), and not exact
 where `volinfer convert` measured that the source model itself takes such sizes (it pads inside in PyTorch)."""
 
+import textwrap
+
 import numpy as np
 import openvino as ov
 import pytest
@@ -121,3 +123,41 @@ def test_model_that_needs_the_multiple_still_tiles_padded(tmp_path):
     assert not rep.exact and "the source model itself takes sizes off that multiple" in rep.not_exact[-1]
     _, rep = volinfer.predict(vol[:60, :20, :16], xml2, report=True, progress=False)  # on the multiple: exact
     assert rep.exact, rep.not_exact
+
+
+NETS = textwrap.dedent('''
+    import torch
+    from torch import nn
+    import torch.nn.functional as F
+
+    class PadsInside(nn.Module):
+        """Pools once; the decoder replicate-pads to the skip's size when they differ (as MONAI's BasicUNet)."""
+        def __init__(self):
+            super().__init__()
+            self.c0, self.c1 = nn.Conv3d(1, 4, 3, padding=1), nn.Conv3d(4, 6, 3, padding=1)
+            self.c2 = nn.Conv3d(10, 2, 3, padding=1)
+        def forward(self, x):
+            a = torch.relu(self.c0(x))
+            u = F.interpolate(torch.relu(self.c1(F.max_pool3d(a, 2))), scale_factor=2, mode="nearest")
+            if u.shape[2:] != a.shape[2:]:
+                d, h, w = (a.shape[i] - u.shape[i] for i in (2, 3, 4))
+                u = F.pad(u, [0, w, 0, h, 0, d], mode="replicate")
+            return self.c2(torch.cat([u, a], 1))
+
+    def pads_inside():
+        torch.manual_seed(0)
+        return PadsInside().eval()
+''')
+
+
+def test_convert_measures_that_the_source_takes_sizes_its_ir_does_not(tmp_path):
+    from converters import convert
+
+    (tmp_path / "nets.py").write_text(NETS)
+    r = convert(f"{tmp_path / 'nets.py'}:pads_inside", tmp_path / "p.xml", tile=32, random_weights=True,
+                speed_profile=False)
+    assert r.settings.size_multiple == 2
+    assert r.settings.extra[SOURCE_SIZES_KEY]["ir"] == "rejects", r.settings.extra
+    assert any("the source model runs at" in n and "divisible by 2" in n for n in r.notes), r.notes
+    _, rep = volinfer.predict(_volume((21, 16, 12)), tmp_path / "p.xml", report=True, progress=False)
+    assert not rep.exact and "the source model itself takes sizes off that multiple" in rep.not_exact[-1]
