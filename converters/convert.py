@@ -37,7 +37,7 @@ from .inputs import freeze_inputs, pick_image_input
 from .messages import framework_errors, framework_message
 from .parity import Int8Report, ParityReport, WeightsReport, compare, judge, judge_int8
 from .settings import CheckSettings, ConvertSettings
-from .sizes import source_sizes
+from .sizes import as_fixed, fixed_size, source_sizes
 from .source import ReferenceUnavailable, Source, require
 from .sources import load
 
@@ -161,6 +161,8 @@ def convert(model: str, output: str | os.PathLike, settings: ConvertSettings | N
     inputs = cs.source.inputs
     g.model, g.old, g.channels, g.tile, g.multiple = _prepare(src, g.layout, cs.shape.channels, cs.shape.tile,
                                                               cs.shape.static, inputs[0] if inputs else None)
+    if not cs.shape.static and fixed_size(g.model, g.layout, g.channels, g.tile, g.multiple):
+        g.multiple = as_fixed(g.model, g.layout, g.channels, g.tile, g.multiple, notes)  # runs only at its tile: static
     _align_to_strides(g, notes)
     g.per_tile = sorted({op.get_type_name() for op in g.model.get_ops()} & PER_TILE_STAT_OPS)
     if g.per_tile:

@@ -10,11 +10,13 @@ runs not exact (:data:`volinfer.run.own_size.SOURCE_SIZES_KEY`).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
 import openvino as ov
 
+from volinfer.model.graph_reach import stride_period
 from volinfer.model.layout import Layout
 from volinfer.run.own_size import fmt, takes_size
 
@@ -54,3 +56,34 @@ def source_sizes(src: Source, model: ov.Model, layout: str, channels: int, tile:
                  f"volumes to the multiple, which the source would not do, and reports such runs not exact; run "
                  f"volumes whose sizes are multiples of {multiple}, or export the model so that it takes any size")
     return {"shape": shape, "ir": "rejects"}
+
+
+def fixed_size(model: ov.Model, layout: str, channels: int, tile: Sequence[int], multiple: int | None) -> bool:
+    """Whether the IR ``model`` (spatial dims left dynamic) runs only at its ``tile``: it takes the tile, but not
+    one size ``multiple`` more along every axis, which any network whose sizes follow its strides takes (a static
+    ONNX export bakes its Resize sizes: the dims stay dynamic, the graph does not; probe_multiple then finds the
+    tile itself as the "size multiple")."""
+    if not multiple or not takes_size(model, layout, channels, tile):
+        return False
+    return not takes_size(model, layout, channels, [int(t) + multiple for t in tile])
+
+
+def as_fixed(model: ov.Model, layout: str, channels: int, tile: Sequence[int], multiple: int,
+             notes: list[str]) -> int | None:
+    """``model`` reshaped in place to its one input size ``tile`` (a run then tiles volumes at it, as for a
+    ``--static`` conversion), with the note that says so (``multiple``: what the probe took for its size multiple,
+    one more of which it rejects); returns its size multiple for tile starts: the period of
+    its strides (pooling windows of a tile start where the whole volume's do), None without strides."""
+    lay = Layout.of(layout)
+    model.reshape({model.input(0): ov.PartialShape(lay.tensor_shape(channels, list(tile)))})
+    period = stride_period(model, layout, channels, list(tile))
+    multiple = math.lcm(*period) if period else None
+    if multiple and any(int(t) % multiple for t in tile):
+        multiple = None
+    notes.append(f"this model runs only at {fmt(tile)}: its graph fixes that size (a static export bakes the sizes of "
+                 f"its Resize layers), it rejects {fmt([int(t) + multiple for t in tile])}; stored as a fixed-size model, so "
+                 f"runs tile volumes at {fmt(tile)}" + (f" (tiles starting at multiples of its stride period "
+                                                          f"{multiple})" if multiple else "")
+                 + "; re-export it with dynamic spatial axes (torch.onnx.export(..., dynamic_axes=...)) to run "
+                   "other sizes")
+    return multiple

@@ -270,6 +270,11 @@ class TileModel:
         try:
             self.model.reshape({self.model.input(0): ov.PartialShape(self.input_shape())})
         except Exception as e:
+            if self.declared_input.is_static:  # a fixed-size model: one tile size, whatever its multiple says
+                own = "x".join(str(self.declared_input[i].get_length()) for i in Layout.of(self.layout).spatial_axes)
+                raise VolinferError(f"tile size {'x'.join(map(str, self.tile))} rejected: this model runs only at "
+                                    f"{own} (a fixed input size): drop --tile, or re-export it with dynamic spatial "
+                                    f"axes") from None
             hint = f"sizes divisible by {self.multiple}" if self.multiple > 1 else "a different tile size"
             raise VolinferError(
                 f"tile size {'x'.join(map(str, self.tile))} rejected by the model (try {hint}; "
