@@ -79,5 +79,6 @@ def test_killed_worker_block_is_rerun_and_output_identical(tmp_path):
                and ("processing", "memory") in story[story.index(("processing", "released")):]]
     assert retried, stories
     ran, skipped = (int(part.split()[0]) for part in rep.extra["blocks"].split(",")[:2])
-    assert ran + skipped == len(list(done_marker_dir(out).iterdir())) > 20 and ran >= 1  # every block, once
+    assert ran + skipped > 20 and ran >= 1  # every block, once
+    assert not done_marker_dir(out).exists()  # a finished store leaves no markers beside it
     np.testing.assert_array_equal(_read(out), _read(ref))

@@ -441,8 +441,9 @@ def test_full_disk_while_writing_ome_zarr_is_resumable(env, tmp_path, monkeypatc
     monkeypatch.undo()
     assert r.exit_code == 2 and "No space left on device" in r.output and "--resume" in r.output, r.output
     assert "internal error" not in r.output and len(r.output.strip().splitlines()) == 1
-    assert (tmp_path / "cut.zarr").is_dir()
+    assert not (tmp_path / "cut.zarr").exists() and (tmp_path / ".cut.zarr.partial.zarr").is_dir()  # kept hidden
     ok("run", src, "-o", tmp_path / "cut.zarr", "--resume", *args)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".cut.zarr")) == []  # no clutter left
     assert _files(tmp_path / "cut.zarr") == _files(tmp_path / "whole.zarr")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

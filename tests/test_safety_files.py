@@ -191,7 +191,8 @@ def test_resume_after_model_weights_change_is_refused(env, monkeypatch):
     assert r.exit_code == 2 and "cannot resume: model.weights" in r.output
 
 
-def test_zarr_resume_with_another_model_is_refused(env):
+def test_zarr_resume_with_another_model_is_refused(env, monkeypatch):
+    import volinfer.run.distributed as dist
     from volinfer.run.distributed import run_zarr
 
     tmp, _, xml = env
@@ -199,12 +200,24 @@ def test_zarr_resume_with_another_model_is_refused(env):
     other = tmp / "other"
     other.mkdir()
     xml2 = save_unet2(other / "m.xml", stitch="gaussian")
-    run_zarr(tmp / "in.zarr", xml, tmp / "o.zarr", tile=32, overlap=24, kind="raw", block=16)
+    real = dist.run_block
+    calls = []
+
+    def stop_after_two(job, block):
+        calls.append(block)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real(job, block)
+
+    monkeypatch.setattr(dist, "run_block", stop_after_two)
+    with pytest.raises(dist.Interrupted):
+        run_zarr(tmp / "in.zarr", xml, tmp / "o.zarr", tile=32, overlap=24, kind="raw", block=16)
+    monkeypatch.undo()
     with pytest.raises(VolinferError, match="cannot resume: model"):
         run_zarr(tmp / "in.zarr", xml2, tmp / "o.zarr", tile=32, overlap=24, kind="raw", block=16, resume=True,
                  stitch="crop")
     rep = run_zarr(tmp / "in.zarr", xml, tmp / "o.zarr", tile=32, overlap=24, kind="raw", block=16, resume=True)
-    assert "0 run" in rep.extra["blocks"]
+    assert ", 2 already complete" in rep.extra["blocks"]
 
 
 # --- class 7: late or lost failures -----------------------------------------------------------------------------------

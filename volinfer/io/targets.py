@@ -153,9 +153,7 @@ def check_output(output: Path, inputs: Iterable[Path], overwrite: bool, kind: st
     check_disjoint(output, inputs)
     if os.path.lexists(output):
         if not overwrite:
-            more = " (pass --overwrite to replace it, or --resume to continue)" if kind == "zarr" else \
-                " (pass --overwrite to replace it)"
-            raise VolinferError(f"{output}: already exists{more}")
+            raise VolinferError(f"{output}: already exists (pass --overwrite to replace it)")
         if kind in ("nifti", "tiff") and (output.is_dir() or not (output.is_file() or output.is_symlink())):
             raise VolinferError(f"{output}: is a directory or special file; --overwrite only replaces files")
         if kind == "zarr" and not is_volinfer_store(output):

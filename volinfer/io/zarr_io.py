@@ -224,12 +224,58 @@ def open_zarr_source(path: str | Path) -> tuple[VolumeSource, Any]:
 
 
 def check_zarr_output(path: str | Path, inputs: Sequence[str | Path], overwrite: bool, resume: bool) -> None:
-    """The shared output check (:func:`volinfer.io.targets.check_output`); resuming needs a store volinfer wrote."""
-    p = Path(path)
-    if resume and os.path.lexists(p):
-        check_output(p, [Path(i) for i in inputs], True, "zarr")
-        return
-    check_output(p, [Path(i) for i in inputs], overwrite, "zarr")
+    """The shared output check (:func:`volinfer.io.targets.check_output`). ``resume`` changes nothing here: an
+    interrupted run's store lies hidden beside the output (:func:`partial_store`), so a store under the output's
+    name is a finished one, replaced only with ``--overwrite`` as for NIfTI files."""
+    check_output(Path(path), [Path(i) for i in inputs], overwrite, "zarr")
+
+
+def partial_store(output: str | Path) -> Path:
+    """Where a run writes a Zarr output until it is complete: ``.<name>.zarr.partial.zarr`` beside it (hidden, as
+    NIfTI and TIFF outputs' ``.partial`` files), so that nothing under the output's name looks finished before it
+    is; :func:`publish_store` moves it there. An interrupted run keeps it for ``--resume``."""
+    return aux_path(Path(output), ".partial.zarr")
+
+
+def publish_store(partial: Path, output: Path, overwrite: bool, resumable: bool = True) -> Path:
+    """Move the complete store ``partial`` onto ``output`` by renaming it; a store already there (allowed by
+    ``overwrite``, checked before the run: one volinfer wrote) is moved aside first and removed only once the new
+    one is in place. A rename that fails is a :class:`volinfer.io.journal.ResumableError` that keeps the finished
+    store hidden (``--resume`` only redoes this step), or a plain one-line error where nothing resumes
+    (``resumable`` False)."""
+    output = Path(output)
+    old = aux_path(output, ".old.zarr") if os.path.lexists(output) else None
+    if old is not None and not overwrite:
+        raise VolinferError(f"{output}: already exists (pass --overwrite to replace it)")
+    try:
+        if old is not None:
+            if os.path.lexists(old):
+                remove_store(old)  # what a crash between the renames below left
+            os.replace(output, old)
+        try:
+            os.replace(partial, output)
+        except OSError:
+            if old is not None:
+                os.replace(old, output)
+            raise
+    except OSError as e:
+        what = f"cannot move the finished store {partial} onto {output}: {e.strerror or e}"
+        if not resumable:
+            raise VolinferError(what) from None
+        raise ResumableError(f"{what}; fix that and run the same command with --resume to finish") from None
+    portable.fsync_dir(output.parent if str(output.parent) else Path("."))
+    if old is not None:
+        discard_partial(old)
+    return output
+
+
+def discard_partial(partial: Path) -> None:
+    """Remove a hidden partial store this run wrote (a failure no ``--resume`` can continue); never raises."""
+    try:
+        if os.path.lexists(partial):
+            remove_store(partial)
+    except (OSError, VolinferError):
+        pass
 
 
 @dataclass(frozen=True)
@@ -264,7 +310,7 @@ def create_output(path: str | Path, shape: Sequence[int], channels: int, dtype: 
         if resume:
             return _reopen_output(p, [(*lead, *s) for s in shapes], dtype)
         if not overwrite:
-            raise VolinferError(f"{p}: already exists (pass --overwrite to replace it, or --resume to continue)")
+            raise VolinferError(f"{p}: already exists (pass --overwrite to replace it)")
         remove_store(p)  # refuses anything volinfer did not write
     kwargs: dict[str, Any] = {}
     if spec.compressor is None:

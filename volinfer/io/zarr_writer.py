@@ -7,9 +7,13 @@ planes are final (whole chunks, each written once) and freed. Memory: one or two
 order as what the stitchers already hold. With a pyramid, each written slab is downsampled into the next level's
 slab buffer, and so on: every level is written as the run goes, with no second pass over the output.
 
+The store is written hidden beside the output (:func:`volinfer.io.zarr_io.partial_store`, ``.seg.zarr.partial.zarr``)
+and renamed onto it once complete, as NIfTI and TIFF outputs are: an interrupted or failed run leaves nothing under
+the output's name that a pipeline could take for a finished result.
+
 Resume: the journal records the last row of tiles whose planes are all in the store (:meth:`ZarrWriter.durable_row`);
 a resumed run starts a little earlier, at a plane where every level's slab boundary falls, re-reads the level-0
-planes it needs from the store and rewrites the same bytes.
+planes it needs from the partial store and rewrites the same bytes.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import numpy as np
 
 from volinfer.errors import VolinferError
 from volinfer.io.ome import Geometry, check_pyramid, downsample, downsample_method
-from volinfer.io.targets import remove_store
-from volinfer.io.zarr_io import StoreSpec, create_output, store_write_error, sync_region
+from volinfer.io.zarr_io import (StoreSpec, create_output, discard_partial, partial_store, publish_store,
+                                 store_write_error, sync_region)
 
 
 def store_spec(kind: str, geometry: Geometry, chunks: int | Sequence[int] = 64, pyramid: int = 0,
@@ -87,16 +91,20 @@ class ZarrWriter:
                  *, row_planes: Sequence[int], overwrite: bool = False, resume_row: int | None = None) -> None:
         """``shape``: the engine's grid ``(x, y, z)``; ``spec``: the store's layout (:func:`store_spec`);
         ``row_planes[r]``: the first plane rows ``>= r`` write (``row_planes[-1]`` = the last plane + 1);
-        ``resume_row``: the row a resumed engine starts at (None: a new store)."""
-        self.target = Path(target)
+        ``resume_row``: the row a resumed engine starts at (None: a new store); ``overwrite``: a store at ``target``
+        may be replaced at :meth:`commit` (checked before the run). The store is written at
+        :func:`volinfer.io.zarr_io.partial_store` until then."""
+        self.target, self.overwrite = Path(target), overwrite
+        self.store = partial_store(self.target)
         X, Y, Z = (int(s) for s in shape)
         check_pyramid(spec.levels, None, spec.chunks)
         self.row_planes = list(row_planes)
         self.method = spec.method
         resume, start_row = resume_row is not None, resume_row or 0
-        self._created = not resume
-        arrays = create_output(self.target, (Z, Y, X), channels, np.dtype(dtype), spec, overwrite=overwrite,
-                               resume=resume)
+        if resume and not self.store.is_dir():
+            raise VolinferError(f"{self.store}: no interrupted output to resume (run without --resume)")
+        arrays = create_output(self.store, (Z, Y, X), channels, np.dtype(dtype), spec, overwrite=True,
+                               resume=resume)  # a stale partial store of an earlier run: started over
         unit = math.lcm(*(int(a.chunks[-3]) << lev for lev, a in enumerate(arrays)))
         first = self.row_planes[start_row] if resume else 0
         base = first // unit * unit
@@ -154,21 +162,20 @@ class ZarrWriter:
         """Slabs are fsync'ed as they are written; nothing else is pending on disk."""
 
     def commit(self) -> Path:
+        """Write the last slabs, then move the complete store onto the target (replacing one there only with
+        ``overwrite``). A failed rename keeps the store hidden and resumable."""
         self._complete(self.row_planes[-1])
         if any(lev.pending for lev in self.levels):
             raise RuntimeError(f"{self.target}: planes never written")
-        return self.target
+        return publish_store(self.store, self.target, self.overwrite)
 
     def close_for_resume(self) -> None:
-        """Keep the store: the journal says how far it is final."""
+        """Keep the partial store: the journal says how far it is final."""
 
     def abort(self) -> None:
-        """Remove the store this run created (an interrupted resume keeps it)."""
-        if self._created and self.target.exists():
-            try:
-                remove_store(self.target)
-            except VolinferError:
-                pass
+        """Remove the partial store (a failure no ``--resume`` can continue: its journal goes too); the target, if
+        any, is untouched."""
+        discard_partial(self.store)
 
 
 def row_planes(grid: Any) -> list[int]:

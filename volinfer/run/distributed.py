@@ -11,6 +11,10 @@ cache), writes its output, then drops a completion marker. A re-run skips blocks
 worker died is simply run again (Dask retries it), overwriting its own voxels whatever it left (Zarr's local store
 replaces chunk files atomically). Statistics for normalisation are gathered once, up front.
 
+The store is written hidden beside the output (:func:`volinfer.io.zarr_io.partial_store`) and renamed onto it once
+every block is written; the markers and the run's fingerprint (also beside it) go then. An interrupted run, or one
+stopped by a full disk, keeps all three for ``--resume``; any other failure removes them.
+
 With ``pyramid`` levels, each block is downsampled in memory once written and its footprint written into every
 lower level (whose chunks divide the block's footprint there, :func:`volinfer.io.ome.level_chunks`): the pyramid
 needs no second pass and no two blocks share a chunk of any level (pyramid runs use chunk-aligned blocks).
@@ -32,7 +36,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -56,8 +60,9 @@ from volinfer.io.journal import Journal, ResumableError
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
 from volinfer.io.formats import is_zarr
-from volinfer.io.zarr_io import (StoreSpec, check_zarr_output, create_output, done_marker_dir, open_zarr_source,
-                                store_geometry, store_write_error, sync_region)
+from volinfer.io.zarr_io import (StoreSpec, check_zarr_output, create_output, discard_partial, done_marker_dir,
+                                open_zarr_source, partial_store, publish_store, store_geometry, store_write_error,
+                                sync_region)
 from volinfer.io.targets import aux_path
 from volinfer.io.writer import check_target
 from volinfer.io.writer import NiftiWriter
@@ -92,6 +97,7 @@ class ZarrJob:
     spec: OutputSpec
     levels: int = 0
     method: str = "nearest"
+    markers: str = ""  # where the blocks' completion markers lie (default: beside ``output``)
 
 
 _MODELS: dict[tuple, TileModel] = {}  # per worker process: compiled once, reused by every task
@@ -106,7 +112,7 @@ def _model(ref: ModelRef) -> TileModel:
 
 
 def _marker(job: ZarrJob, block: Block) -> Path:
-    return done_marker_dir(job.output) / "_".join(map(str, block.index))
+    return Path(job.markers or done_marker_dir(job.output)) / "_".join(map(str, block.index))
 
 
 def run_block_array(job: ZarrJob, block: Block) -> tuple[np.ndarray, dict[str, Any]]:
@@ -230,7 +236,7 @@ def run_zarr(volume: str | Path, model: str | Path, output: str | Path, settings
     blocks complete) shape the store. ``block``: block edge in voxels.
 
     The output is checked and locked like every output (:mod:`volinfer.io.targets`); its run fingerprint (input and
-    model by content, every setting that changes the output) is kept in the store, and ``resume`` refuses a
+    model by content, every setting that changes the output) is kept beside the store, and ``resume`` refuses a
     different run."""
     s = RunSettings.from_kwargs(settings, **options)
     if not is_zarr(output):
@@ -327,7 +333,8 @@ def chunk_shape(chunks: Any, source: Any) -> tuple[int, int, int]:
 
 def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
               where: tuple[str | None, int | None]) -> RunReport:
-    """:func:`run_zarr` once the output is checked and locked; ``where``: (scheduler, workers)."""
+    """:func:`run_zarr` once the output is checked and locked; ``where``: (scheduler, workers). The blocks write
+    the hidden partial store, moved onto ``output`` once all are done (see module docs)."""
     t0 = time.perf_counter()
     o = s.output
     p = _prepare(volume, model, s)
@@ -338,15 +345,21 @@ def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
     journal = Journal(Path(output), run_fingerprint([Path(volume)], p.tm.path, dict(
         p.settings, chunks=chunk3, block=block, compression=o.compression, split=split,
         **({"pyramid": o.pyramid} if o.pyramid else {}))), path=run_journal(output))
-    fresh = not (s.resume and Path(output).exists())
-    _create_store(p, volume, model, output, s, chunk3, per, journal)
-    job = _job(p, volume, output, model, s, levels=o.pyramid)
+    store = partial_store(output)
+    fresh = not (s.resume and store.is_dir())
+    job = replace(_job(p, volume, store, model, s, levels=o.pyramid), markers=str(done_marker_dir(output)))
     try:
+        _create_store(p, volume, model, Path(output), s, chunk3, per, journal)
         results = _execute(job, blocks, where[0], where[1], s.progress)
-    except VolinferError as e:  # damaged input, a model that fails...: a store this run made would look finished
-        if fresh and not isinstance(e, (ResumableError, Interrupted)):
+        publish_store(store, Path(output), s.overwrite)
+    except BaseException as e:  # damaged input, a model that fails...: nothing to resume unless interrupted
+        if fresh and not isinstance(e, (ResumableError, Interrupted, KeyboardInterrupt)):
             _discard_store(Path(output))
+        if isinstance(e, KeyboardInterrupt) and store.is_dir():
+            raise Interrupted(f"partial output kept beside {output}; run the same command with --resume to "
+                              f"continue") from None
         raise
+    _discard_state(Path(output))  # the output is complete: its markers and fingerprint go
     rep = _report(p, output, t0, results, s)
     done = [r for r in results if not r["skipped"]]
     rep.extra["blocks"] = (f"{len(done)} run, {len(results) - len(done)} already complete, "
@@ -358,28 +371,34 @@ def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
 
 
 def _discard_store(output: Path) -> None:
-    """Remove a store this run created, with its fingerprint and block markers (kept only for resumable failures)."""
-    shutil.rmtree(output, ignore_errors=True)
+    """Remove the partial store of ``output`` with its fingerprint and block markers (kept only for resumable
+    failures)."""
+    discard_partial(partial_store(output))
+    _discard_state(output)
+
+
+def _discard_state(output: Path) -> None:
+    """Remove a Zarr run's block markers and fingerprint beside ``output``."""
     shutil.rmtree(done_marker_dir(output), ignore_errors=True)
     run_journal(output).unlink(missing_ok=True)
 
 
-def _create_store(p: _Prepared, volume: Any, model: Any, output: Any, s: RunSettings, chunk3: tuple[int, int, int],
-                  per: tuple[int, int, int], journal: Journal) -> None:
-    """Create (or, resuming, reopen after checking the fingerprint) the output store; clear stale markers."""
-    o = s.output
-    resuming = s.resume and Path(output).exists()
+def _create_store(p: _Prepared, volume: Any, model: Any, output: Path, s: RunSettings,
+                  chunk3: tuple[int, int, int], per: tuple[int, int, int], journal: Journal) -> None:
+    """Create ``output``'s partial store (or, resuming, reopen it after checking the fingerprint); clear stale
+    markers."""
+    o, store = s.output, partial_store(output)
+    resuming = s.resume and store.is_dir()
     if resuming:
         journal.check()  # before touching the store: a different input, model or setting is refused
     spec = p.setup.spec
     layout = StoreSpec(chunk3, o.pyramid, downsample_method(o.kind), per, "zstd" if o.compression else None,
                        store_geometry(volume), attrs={"model": str(model), "stitch": p.setup.stitch, "kind": o.kind,
                                                       "tile": list(p.tm.tile), "overlap": list(p.setup.overlap)})
-    create_output(output, p.source.shape[::-1], spec.out_channels, spec.dtype, layout, overwrite=s.overwrite,
-                  resume=s.resume)
-    if not resuming:
-        journal.update(0, 0)
+    create_output(store, p.source.shape[::-1], spec.out_channels, spec.dtype, layout, overwrite=True,
+                  resume=resuming)  # not resuming: a stale partial store is started over
     if not resuming:  # a fresh store (also under --resume when there was none): no marker may survive
+        journal.update(0, 0)
         marker_dir = done_marker_dir(output)
         if marker_dir.exists():
             for m in marker_dir.iterdir():
