@@ -172,6 +172,8 @@ def run(**params: Any) -> None:
               "gaussian/mean blending, which holds a blend window and costs more memory.")
 @click.option("--kind", type=click.Choice(["labels", "probabilities", "raw"]), default="labels", show_default=True,
               help="As for `run`: what is written; decides the output buffers' type and size.")
+@click.option("--nan-value", type=V.FLOAT, help="As for `run`: replace NaN/Inf voxels with this (finite) value "
+              "(default: refuse such volumes, as the run would).")
 @runtime_options()
 @click.option("--requests", type=V.COUNT, default=2, show_default=True,
               help="Infer requests in flight, >= 1 (each ~1 tile of I/O memory).")

@@ -27,6 +27,7 @@ from volinfer.io.zarr_io import ROW_CACHE_BYTES, open_zarr_source
 from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
 from volinfer.model.tile_model import TileModel
 from volinfer.run import pipeline
+from volinfer.run.checks import needs_value_scan
 from volinfer.run.norm_stats import waves
 from volinfer.run.normalize import percentile_step
 from volinfer.run import zarr_route
@@ -414,14 +415,19 @@ def _plan_tiling(handle: TileModel, facts: Any, s: Any) -> tuple[Any, Any, Any]:
 
 
 def _run_precision(handle: Any, paths: Sequence[str | Path], s: Any) -> Any:
-    """``handle`` in the precision the run will use: when ``--precision auto`` chose a reduced precision whose stored
-    check the input's range may overrule, the input is scanned as the run scans it (one pass over its voxels) and
-    the run's precision guard applied (:func:`volinfer.run.setup.guard_for`)."""
-    if not paths or not needs_input_scan(handle):
+    """``handle`` in the precision the run will use, after the run's own checks of the input's values: wherever the
+    run's pre-pass looks at the values (float voxels, which may hold NaN/Inf; a range the model's input type may not
+    hold: :func:`volinfer.run.checks.needs_value_scan`), or ``--precision auto`` chose a reduced precision whose
+    stored check the input's range may overrule, the input is scanned as the run scans it (one pass over its voxels),
+    so that the plan refuses what the run refuses (NaN/Inf without ``--nan-value``), in the same words, and the
+    run's precision guard is applied (:func:`volinfer.run.setup.guard_for`)."""
+    if not paths:
         return handle
     zarr_input = any(is_zarr(p) for p in paths)
     source = open_zarr_source(paths[0])[0] if zarr_input else open_source(list(paths), handle.tile[2])
     with source:
+        if not (needs_input_scan(handle) or needs_value_scan(source.readers, handle.input_dtype)):
+            return handle
         scan = scan_input(handle, source, make_normalizer(handle, s, source.channels), s.input.nan_value)
     return guard_for(handle, scan.input_abs_max)
 
