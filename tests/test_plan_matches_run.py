@@ -43,3 +43,53 @@ def test_plan_refuses_nan_like_run(nan_inputs, name):
         "error: the volume holds 2 NaN/Inf voxel(s); pass --nan-value V to replace them with V"
     r = invoke("plan", tmp / name, "-m", xml, "--tile", "16", "--nan-value", "0", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)[0]["tiles"] >= 1, r.output
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A volume whose whole cross-section a 200 MB budget cannot stream (bands of y rows can), as NIfTI and Zarr."""
+    tmp = tmp_path_factory.mktemp("planwide")
+    vol = np.random.default_rng(0).integers(0, 1000, (509, 477, 7)).astype(np.int16)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp / "w.nii"))
+    assert invoke("to-zarr", tmp / "w.nii", "-o", tmp / "w.zarr", "--chunks", "16").exit_code == 0
+    return tmp, save_unet2(tmp / "m.xml")
+
+
+def _plan(*args):
+    r = invoke("plan", *args, "--json")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)[0]
+
+
+def _run(*args):
+    r = invoke("run", *args, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("name", ["w.zarr", "w.nii"])
+def test_plan_with_a_zarr_output_is_the_run_s_plan(wide, name):
+    """Before, plan had no -o and planned every input as for a NIfTI output: layer streaming in bands of y rows,
+    which a Zarr output cannot take (the run tiles instead: a Zarr input block by block). With -o out.zarr the plan
+    is the tiling the run makes; -o out.nii.gz is the default."""
+    tmp, xml = wide
+    opts = ["-m", xml, "--max-memory", "200M", "--kind", "probabilities"]
+    default = _plan(tmp / name, *opts)
+    assert default["engine"] == "stream" and "bands" in default["stream"]
+    assert _plan(tmp / name, *opts, "-o", tmp / "x.nii.gz")["stream"] == default["stream"]
+    planned = _plan(tmp / name, *opts, "-o", tmp / "x.zarr")
+    ran = _run(tmp / name, *opts, "-o", tmp / f"out_{name}.zarr")
+    assert planned["engine"] == ran["engine"] == "tiles"
+    assert (planned["tile"], planned["tiles"]) == (ran["tile"], ran["tiles"])
+    assert not (tmp / "x.zarr").exists() and not (tmp / "x.nii.gz").exists()  # plan writes nothing
+    if name == "w.zarr":  # labels: the run streams the store in bands into a NIfTI file first, and the plan says so
+        labels = _plan(tmp / name, "-m", xml, "--max-memory", "200M", "-o", tmp / "x.zarr")
+        assert labels["engine"] == "stream" and "temporary NIfTI file" in labels["stream"]
+
+
+def test_plan_output_is_checked_like_run_s(wide):
+    """-o takes what run writes; any other name is refused in run's words."""
+    tmp, xml = wide
+    r = invoke("plan", tmp / "w.nii", "-m", xml, "-o", tmp / "x.mha")
+    assert r.exit_code == 2 and r.output.strip() == f"error: {tmp / 'x.mha'}: output must end in .nii or .nii.gz " \
+                                                     f"(or .tif/.tiff, or .zarr)"

@@ -155,6 +155,10 @@ def run(**params: Any) -> None:
               "run's own planning, fidelity first; the plan lists the tilings it weighed.")
 @click.option("--tiles", "tile_list", type=TILES, help="Several tile sizes to compare, comma-separated, each N or "
               "XxYxZ (e.g. 64,96,128x128x64).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="As for `run`: the output the run would write "
+              "(.nii / .nii.gz, .tif, .zarr; nothing is written here), planned as the run plans for it: a .zarr store "
+              "keeps whole cross-sections, so it takes no bands of y rows, and a Zarr input may then run block by "
+              "block. Default: planned as for a NIfTI output.")
 @click.option("--max-memory", type=options.MEMORY, help="As for `run`: peak RAM budget for choosing the tile (e.g. 600M, "
               "2G; > 0; default the runtime, the weights and 1 GiB, at most a quarter of the machine's RAM or cgroup "
               "limit).")
@@ -195,7 +199,7 @@ def plan(**params: Any) -> None:
         for t in sizes:
             bar.set_postfix_str("tile " + ("auto" if t is None else "x".join(map(str, np.atleast_1d(t)))))
             one = replace(settings, tiling=replace(settings.tiling, tile=t))
-            plans.append(plan_run(list(params["inputs"]), params["model_path"], one))
+            plans.append(plan_run(list(params["inputs"]), params["model_path"], one, target=params["output"]))
             bar.update()
     emit([p.as_dict() for p in plans], lambda: "\n".join(p.summary() for p in plans), as_json=as_json, quiet=quiet)
 

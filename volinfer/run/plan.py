@@ -22,7 +22,7 @@ import numpy as np
 from volinfer.errors import VolinferError
 from volinfer.io.reader import scan_slabs, stored_as
 from volinfer.io.sources import open_paths
-from volinfer.io.formats import is_zarr
+from volinfer.io.formats import is_tiff_output, is_zarr, is_zarr_output
 from volinfer.io.zarr_io import ROW_CACHE_BYTES, open_zarr_source
 from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
 from volinfer.model.tile_model import TileModel
@@ -283,26 +283,27 @@ def volume_facts(paths: Sequence[str | Path]) -> VolumeFacts:
 
 
 def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any = None,
-             **options: Any) -> Plan:
+             target: str | Path | None = None, **options: Any) -> Plan:
     """Predict peak RSS and time of ``volinfer run`` with these settings (see module docs): the same tile planning
     as the run (fidelity first), then the model measured at that tile in a fresh process. ``settings``: a
     :class:`volinfer.run.settings.RunSettings`; keyword ``options`` as for :func:`volinfer.predict` (``output=``
-    here names the model output, ``options=`` is a dict of compile options)."""
+    here names the model output, ``options=`` is a dict of compile options). ``target``: the file or store the run
+    would write (``run -o``): a Zarr store keeps whole cross-sections, so the plan is the one the run makes for it;
+    None plans as for a NIfTI output."""
     if "output" in options:
         options["model_output"] = options.pop("output")
     s = RunSettings.from_kwargs(settings, **options)
+    if target is not None:
+        check_target_format(target)
     facts = volume_facts(paths)
-    handle = _handle(model_path, s)
-    if facts.blocks and (s.tiling.engine == "stream" or zarr_route.needs_model_grid(paths[0], handle, s)):
-        facts = replace(facts, blocks=False)  # the run takes the store in this process, like a NIfTI file
-    elif facts.blocks:
-        streamer = zarr_route.streams(paths[0], handle, s)
-        if streamer is not None:  # (its receptive field, measured by that plan, not measured again)
-            handle, facts = streamer, replace(facts, blocks=False)
+    handle, via = _handle(model_path, s), None
+    banded = target is None or not is_zarr_output(target)  # a Zarr output takes no bands of y rows
+    if facts.blocks:
+        handle, facts, banded, via = _zarr_route(paths[0], handle, facts, s, target)
     handle = _run_precision(handle, paths, s)
     if facts.blocks and s.tiling.norm_stats is None:
         s = RunSettings.from_kwargs(s, norm_stats="tile")  # what Zarr block runs use: see volinfer.run.distributed
-    tm, choice, setup = _plan_tiling(handle, facts, s)
+    tm, choice, setup = _plan_tiling(handle, facts, s, banded)
     if choice.stream is None:
         plan = _tiles_plan(model_path, facts, (tm, choice, setup), s, estimate=False)
     else:  # the tile figures say what --engine tiles would run: the tiling the tiles engine plans, not the bands
@@ -318,7 +319,41 @@ def plan_run(paths: Sequence[str | Path], model_path: str | Path, settings: Any 
             plan.stream += f"; after {choice.stream_passes} streamed normalisation-statistics pass(es)" + (
                 f" (checkpointed: at most {choice.stream_checkpoint_mb:.0f} MB of disk)"
                 if choice.stream_checkpoint_mb else "")
+        if via:
+            plan.stream += f"; {via}"
     return plan
+
+
+def check_target_format(target: str | Path) -> None:
+    """Refuse, as ``volinfer run`` does, an output that is none of the formats a run writes (``plan -o``: nothing
+    is written, so whether it exists does not matter)."""
+    name = Path(target).name.lower()
+    if not (is_zarr_output(target) or is_tiff_output(target) or name.endswith((".nii", ".nii.gz"))):
+        raise VolinferError(f"{target}: output must end in .nii or .nii.gz (or .tif/.tiff, or .zarr)")
+
+
+def _zarr_route(path: str | Path, handle: TileModel, facts: VolumeFacts, s: RunSettings,
+                target: str | Path | None) -> tuple[TileModel, VolumeFacts, bool, str | None]:
+    """Where a local ``volinfer run`` takes a Zarr store for this output (:func:`volinfer.api.run_any`'s order): in
+    this process (``--engine stream``, the model's grid, a TIFF output, or the planner streams it over whole
+    cross-sections when the output is a store), streamed in bands into a temporary NIfTI file (a labels store
+    whose cross-sections do not fit), else block by block. Returns the model to plan with (a streamed one stores
+    the receptive field its plan measured), the facts (``blocks`` False in this process), whether the output takes
+    bands of y rows, and what the plan adds about the route (None: nothing)."""
+    zarr_out = target is not None and is_zarr_output(target)
+    if s.tiling.engine == "stream" or zarr_route.needs_model_grid(path, handle, s):
+        return handle, replace(facts, blocks=False), not zarr_out, None
+    if target is not None and is_tiff_output(target):  # blocks write Zarr or NIfTI
+        return handle, replace(facts, blocks=False), True, None
+    streamer = zarr_route.streams(path, handle, s, target)
+    if streamer is not None:
+        return streamer, replace(facts, blocks=False), not zarr_out, None
+    banded = zarr_route.streams_in_bands(path, handle, s, target) if zarr_out else None
+    if banded is not None:
+        return banded, replace(facts, blocks=False), True, (
+            "into a temporary NIfTI file, then written to the Zarr store slab by slab (its whole cross-sections "
+            "would not fit the budget)")
+    return handle, facts, not zarr_out, None
 
 
 def _engine_tiles_plan(model_path: str | Path, facts: Any, handle: TileModel, s: Any, streamed: Any) -> Plan:
@@ -402,11 +437,12 @@ def _handle(model_path: str | Path, s: Any) -> TileModel:
                      compile=False)
 
 
-def _plan_tiling(handle: TileModel, facts: Any, s: Any) -> tuple[Any, Any, Any]:
+def _plan_tiling(handle: TileModel, facts: Any, s: Any, banded: bool = True) -> tuple[Any, Any, Any]:
     """The run's own plan (:func:`volinfer.run.pipeline.plan`) and settings resolution, on the volume's facts, for
     ``handle`` in the precision the run will use (:func:`_run_precision`). A Zarr store run block by block
-    (``facts.blocks``) is tiled: its blocks stream no layers (:func:`volinfer.run.distributed.run_zarr`)."""
-    planned = pipeline.plan(handle, facts.shape, s, stream=not facts.blocks,
+    (``facts.blocks``) is tiled: its blocks stream no layers (:func:`volinfer.run.distributed.run_zarr`).
+    ``banded``: the output takes bands of y rows (not a Zarr store)."""
+    planned = pipeline.plan(handle, facts.shape, s, stream=not facts.blocks, banded=banded,
                             stored=None if facts.blocks else (facts.itemsize, facts.reader_holds),
                             stored_depth=facts.depth)
     setup = resolve(planned.model, facts.shape, facts.channels, s, overlap=planned.overlap,
