@@ -104,10 +104,10 @@ def test_a_streamed_plan_says_when_engine_tiles_would_be_refused(model, monkeypa
     vol = _volume(tmp)
     real = plan_mod._plan_tiling
 
-    def refuse_tiles(handle, facts, s):
+    def refuse_tiles(handle, facts, s, *more):
         if s.tiling.engine == "tiles":
             raise VolinferError("--max-memory 200 MB is too small: the smallest tile needs about 250 MB")
-        return real(handle, facts, s)
+        return real(handle, facts, s, *more)
 
     monkeypatch.setattr(plan_mod, "_plan_tiling", refuse_tiles)
     plan = plan_run([vol], xml, engine="stream", precision="f32")
