@@ -557,8 +557,18 @@ def _largest_fitting(tm: TileModel, need_at: Callable[[Sequence[int]], float], b
                 raise VolinferError(f"this model needs about {need:.0f} MB even at tile {fmt_tile(tile)}, more than "
                                     f"this machine's {portable.machine_mb():.0f} MB")
             return tuple(tile)  # type: ignore[return-value]
-        big = max(tile)
-        tile = [max(m, (t - m) if t == big else t) for t in tile]
+        tile = _shrink_one(tile, m, need_at)
+
+
+def _shrink_one(tile: Sequence[int], m: int, need_at: Callable[[Sequence[int]], float]) -> list[int]:
+    """The next tile down :func:`_largest_fitting`'s search: the longest axis shortened by one size multiple ``m``;
+    where several axes are the longest, only the one whose shortening frees the most memory (``need_at``). Shortening
+    every tied axis at once stepped from 32³ to 24³ (2.4x fewer voxels, 308 tiles instead of 48) where a probabilities
+    run's buffers put 32³ 0.8 MB over the budget that a labels run's fitted: the fallback then depended on --kind far
+    more than its memory does."""
+    big = max(tile)
+    options = [[t - m if a == i else t for a, t in enumerate(tile)] for i in range(len(tile)) if tile[i] == big]
+    return min(options, key=need_at)
 
 
 def widest_margins(tile: Sequence[int], whole: Sequence[int], rf: ReceptiveField,
