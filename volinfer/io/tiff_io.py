@@ -130,6 +130,13 @@ def _stack_shape(series: Any, path: Path) -> tuple[int, int, int]:
     return shape[-1], shape[-2], next(iter(extra.values()), 1)
 
 
+def _flat_image(series: Any) -> bool:
+    """Whether a series is a 2-D image: one page, and no z (or page-sequence) axis declared, not even of length 1
+    (OME-TIFF and ImageJ files declare one; a shaped stack saved with axes ZYX too)."""
+    declared = str(series.get_axes(False)) if hasattr(series, "get_axes") else str(series.axes)
+    return len(series.shape) == 2 and not any(a in "ZQI" for a in declared)
+
+
 def _check_pages(tf: Any, path: Path, z: int, size: int) -> None:
     """Every page the stack needs is there and its data lie inside the file (a truncated file fails here)."""
     if len(tf.pages) < z:
@@ -199,7 +206,7 @@ def _open_one(p: Path, depth: int) -> tuple[Any, tuple[int, int, int], tuple[flo
     try:
         with tifffile.TiffFile(str(p)) as tf:
             series = tf.series[0]
-            shape = _stack_shape(series, p)
+            shape, flat = _stack_shape(series, p), _flat_image(series)
             stored = np.dtype(series.dtype).newbyteorder(tf.byteorder)
             check_voxel_type(stored, str(p))
             offset, voxel = series.dataoffset, _voxel_mm(tf)
@@ -213,6 +220,9 @@ def _open_one(p: Path, depth: int) -> tuple[Any, tuple[int, int, int], tuple[flo
         logger.removeHandler(errors)
     if errors.messages:
         raise VolinferError(f"{p}: damaged TIFF ({errors.messages[0][:200]}); truncated or corrupt?")
+    if flat:  # refused as 2-D NIfTI, MHA/NRRD and Zarr images are
+        raise VolinferError(f"{p}: expected a 3-D image, got one 2-D page of {shape[0]}x{shape[1]} (a one-slice "
+                            f"stack says so: OME-TIFF or ImageJ metadata with a z axis of 1)")
     if offset is None:
         declared, size = math.prod(shape) * stored.itemsize, p.stat().st_size
         if declared > size * MAX_CODEC_RATIO:
