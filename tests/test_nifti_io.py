@@ -129,6 +129,23 @@ def test_real_mri_header_is_preserved(tmp_path):
     assert set(np.unique(labels)) <= {0, 1} and 0 < labels.mean() < 1
 
 
+def test_output_header_keeps_geometry_not_the_inputs_meaning(tmp_path, unet2):
+    """An input's intent (a z-score map), description, scaling and display range say nothing of the output: they
+    are cleared; its geometry and units are kept."""
+    img = nib.Nifti1Image(np.random.default_rng(0).standard_normal((13, 11, 9)).astype(np.float32),
+                          np.diag([0.5, 0.7, 2.0, 1.0]))
+    img.header.set_intent("z score", name="tstat map")
+    img.header["descrip"] = b"TE=30;Time=120000"
+    img.header["cal_min"], img.header["cal_max"] = -5.0, 5.0
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(tmp_path / "z.nii"))
+    predict(tmp_path / "z.nii", unet2, tmp_path / "o.nii")
+    h = nib.load(str(tmp_path / "o.nii")).header
+    assert h.get_intent() == ("none", (), "") and h["descrip"].tobytes().rstrip(b"\0") == b"volinfer output"
+    assert (h["cal_min"], h["cal_max"]) == (0, 0) and h.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_allclose(h.get_zooms(), (0.5, 0.7, 2.0))
+
+
 @pytest.mark.parametrize("kind", ["zscore", "minmax", "percentile"])
 def test_whole_volume_normalisation_matches_manual(tmp_path, unet2, kind):
     data = RNG.integers(-200, 3000, size=(41, 37, 45)).astype(np.int16)

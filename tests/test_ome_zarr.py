@@ -65,6 +65,20 @@ def test_nifti_to_zarr_and_back_equals_direct_nifti_run(env):
     assert 0 < direct.mean() < 1  # both labels present: a constant output would compare equal trivially
 
 
+def test_to_zarr_and_to_nifti_keep_the_images_meaning(env):
+    """A format conversion is the same image: its intent and description come back (a model's output clears them)."""
+    tmp = env[0]
+    img = nib.Nifti1Image(np.arange(7 * 5 * 3, dtype=np.float32).reshape(7, 5, 3), AFFINE)
+    img.header.set_intent("z score", name="tstat map")
+    img.header["descrip"] = b"TE=30;Time=120000"
+    nib.save(img, str(tmp / "meant.nii"))
+    ok("to-zarr", tmp / "meant.nii", "-o", tmp / "meant.zarr")
+    ok("to-nifti", tmp / "meant.zarr", tmp / "meant_back.nii")
+    h = nib.load(str(tmp / "meant_back.nii")).header
+    assert h.get_intent() == ("z score", (), "tstat map")
+    assert h["descrip"].tobytes().rstrip(b"\0") == b"TE=30;Time=120000"
+
+
 def test_ome_zarr_reader_sees_voxel_size_and_translation(env):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Reader

@@ -67,10 +67,12 @@ NIFTI1_MAX_DIM = 32767
 
 
 def output_header(
-    reference: nib.Nifti1Header | None, affine: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype
+    reference: nib.Nifti1Header | None, affine: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype,
+    same_image: bool = False,
 ) -> nib.Nifti1Header:
-    """A NIfTI header for the output: geometry (affine, qform/sform codes, zooms, units) copied from the input.
-    NIfTI-1 when every dimension fits its int16 fields, else NIfTI-2 (int64 dimensions)."""
+    """A NIfTI header for the output: geometry (affine, qform/sform codes, zooms, units) copied from the input; its
+    scaling and display range cleared, and its intent and description too unless the output is the same image
+    (``same_image``: a format conversion, e.g. ``to-nifti``; a model's output is not the input's z-score map). NIfTI-1 when every dimension fits its int16 fields, else NIfTI-2 (int64 dimensions)."""
     cls = nib.Nifti2Header if max(shape) > NIFTI1_MAX_DIM else nib.Nifti1Header
     hdr = cls.from_header(reference) if reference is not None else cls()
     if reference is None and affine is not None:
@@ -83,8 +85,11 @@ def output_header(
     hdr.set_data_dtype(dtype)
     hdr["scl_slope"], hdr["scl_inter"] = np.nan, np.nan
     hdr["cal_min"], hdr["cal_max"] = 0, 0
-    if len(shape) == 4:
-        hdr["intent_code"] = 0
+    if not same_image or len(shape) == 4:  # (an intent of a 3-D image does not hold for its channels)
+        hdr["intent_code"], hdr["intent_name"] = 0, b""
+        hdr["intent_p1"] = hdr["intent_p2"] = hdr["intent_p3"] = 0
+    if not same_image:
+        hdr["descrip"] = b"volinfer output"
     hdr["vox_offset"] = 0  # recomputed on write from the extensions' size
     return hdr
 
@@ -106,9 +111,12 @@ class NiftiWriter:
         affine: np.ndarray | None = None,
         compresslevel: int = 1,
         resume: bool = False,
+        same_image: bool = False,
     ) -> None:
-        """``resume``: continue the temporary file an interrupted run left. Checks room for the temporary file and,
-        for ``.nii.gz``, a conservative estimate of the compressed copy, before anything is written."""
+        """``resume``: continue the temporary file an interrupted run left; ``same_image``: the output is the image
+        ``reference`` describes (a format conversion: its intent and description kept, :func:`output_header`).
+        Checks room for the temporary file and, for ``.nii.gz``, a conservative estimate of the compressed copy,
+        before anything is written."""
         self.target = Path(target)
         self.shape, self.channels, self.dtype = shape, channels, np.dtype(dtype)
         self.compress = self.target.name.lower().endswith(".gz")
@@ -117,7 +125,7 @@ class NiftiWriter:
         self._gz_tmp = aux_path(self.target, ".partial.nii.gz")
         self._part_tmps = [aux_path(self.target, f".partial.c{c}.gz") for c in range(1, channels)]
         full = shape if channels == 1 else (*shape, channels)
-        hdr = output_header(reference, affine, full, self.dtype)
+        hdr = output_header(reference, affine, full, self.dtype, same_image)
         self._fd = -1
         self._gz: GzipStreamer | None = None
         self._hi = 0  # planes below the highest plane written so far are final at the next sync()

@@ -94,7 +94,8 @@ def zarr_to_nifti(zarr_path: str | Path, out: str | Path, overwrite: bool = Fals
 def _zarr_to_nifti(source: VolumeSource, out: Path, geom: Geometry, progress: bool = False) -> Path:
     X, Y, Z = source.shape
     dtype = nifti_dtype(source.readers[0].dtype, str(source.paths[0]))
-    w = NiftiWriter(out, (X, Y, Z), source.channels, dtype, reference=geom.nifti_header(), affine=geom.affine)
+    w = NiftiWriter(out, (X, Y, Z), source.channels, dtype, reference=geom.nifti_header(), affine=geom.affine,
+                    same_image=True)
     bar = progress_bar(Z, "to-nifti", "plane", disable=not progress)
     try:
         step = source.stored_depth
