@@ -76,10 +76,13 @@ def test_take_hands_over_only_what_it_compiled_and_raises_what_compiling_raised(
 
     monkeypatch.setattr(segment_compile, "segment_compiler", failing)
     model, graph = SimpleNamespace(precision="f32"), SimpleNamespace(segments=["a", "c"])
+    other_graph = SimpleNamespace(segments=["a", "c"])
+    for asked in ((SimpleNamespace(precision="bf16"), graph, [1, 2]), (model, other_graph, [1, 2]),
+                  (model, graph, [2, 2])):
+        ahead = CompileAhead(model, graph, [1, 2])
+        assert ahead.take(*asked) is None  # another precision, graph or chunks: not what runs...
+        assert ahead.stopped and ahead.take(model, graph, [1, 2]) is None  # ...so it compiles nothing more
     ahead = CompileAhead(model, graph, [1, 2])
-    assert ahead.take(SimpleNamespace(precision="bf16"), graph, [1, 2]) is None  # another precision
-    assert ahead.take(model, SimpleNamespace(segments=["a", "c"]), [1, 2]) is None  # another graph
-    assert ahead.take(model, graph, [2, 2]) is None  # other chunks
     assert ahead.take(model, graph, [1, 2]) == [("request", "a", 1), ("request", "c", 2)]
     bad = SimpleNamespace(segments=["a", "b", "c"])
     with pytest.raises(NotStreamable, match="segment b"):

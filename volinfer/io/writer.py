@@ -101,6 +101,10 @@ class NiftiWriter:
     a z-row of tiles before it says the row is done). That is what lets a ``.nii.gz`` be compressed as the run goes.
     """
 
+    #: The output is the image ``reference`` describes (a format conversion: :class:`SameImageWriter`), not a model's
+    #: output: its intent and description are kept (:func:`output_header`).
+    same_image = False
+
     def __init__(
         self,
         target: str | os.PathLike,
@@ -111,12 +115,9 @@ class NiftiWriter:
         affine: np.ndarray | None = None,
         compresslevel: int = 1,
         resume: bool = False,
-        same_image: bool = False,
     ) -> None:
-        """``resume``: continue the temporary file an interrupted run left; ``same_image``: the output is the image
-        ``reference`` describes (a format conversion: its intent and description kept, :func:`output_header`).
-        Checks room for the temporary file and, for ``.nii.gz``, a conservative estimate of the compressed copy,
-        before anything is written."""
+        """``resume``: continue the temporary file an interrupted run left. Checks room for the temporary file and,
+        for ``.nii.gz``, a conservative estimate of the compressed copy, before anything is written."""
         self.target = Path(target)
         self.shape, self.channels, self.dtype = shape, channels, np.dtype(dtype)
         self.compress = self.target.name.lower().endswith(".gz")
@@ -125,7 +126,7 @@ class NiftiWriter:
         self._gz_tmp = aux_path(self.target, ".partial.nii.gz")
         self._part_tmps = [aux_path(self.target, f".partial.c{c}.gz") for c in range(1, channels)]
         full = shape if channels == 1 else (*shape, channels)
-        hdr = output_header(reference, affine, full, self.dtype, same_image)
+        hdr = output_header(reference, affine, full, self.dtype, self.same_image)
         self._fd = -1
         self._gz: GzipStreamer | None = None
         self._hi = 0  # planes below the highest plane written so far are final at the next sync()
@@ -324,3 +325,10 @@ class ArrayWriter:
 
     def result(self) -> np.ndarray:
         return self.array[..., 0] if self.array.shape[-1] == 1 else self.array
+
+
+class SameImageWriter(NiftiWriter):
+    """A :class:`NiftiWriter` for a format conversion (``to-nifti``): the image its reference header describes, whose
+    intent and description stay."""
+
+    same_image = True

@@ -13,7 +13,7 @@ from volinfer.errors import VolinferError
 from volinfer.io.ome import Geometry, geometry_from_nifti
 from volinfer.io.reader import VolumeSource, exceeds_float32, scan_slabs
 from volinfer.io.targets import OutputLock
-from volinfer.io.writer import NiftiWriter, check_target
+from volinfer.io.writer import SameImageWriter, check_target
 from volinfer.io.zarr_io import (check_zarr_output, create_output, discard_partial, open_zarr_source, partial_store,
                                  publish_store, store_geometry)
 from volinfer.io.zarr_writer import store_spec
@@ -94,8 +94,7 @@ def zarr_to_nifti(zarr_path: str | Path, out: str | Path, overwrite: bool = Fals
 def _zarr_to_nifti(source: VolumeSource, out: Path, geom: Geometry, progress: bool = False) -> Path:
     X, Y, Z = source.shape
     dtype = nifti_dtype(source.readers[0].dtype, str(source.paths[0]))
-    w = NiftiWriter(out, (X, Y, Z), source.channels, dtype, reference=geom.nifti_header(), affine=geom.affine,
-                    same_image=True)
+    w = SameImageWriter(out, (X, Y, Z), source.channels, dtype, reference=geom.nifti_header(), affine=geom.affine)
     bar = progress_bar(Z, "to-nifti", "plane", disable=not progress)
     try:
         step = source.stored_depth

@@ -89,6 +89,7 @@ class CompileAhead:
         were compiled for (else None: the caller compiles its own); raises what compiling raised."""
         graph0, chunks0, precision0 = self.key
         if self.stopped or graph0 is not graph or chunks0 != list(chunks) or precision0 != model.precision:
+            self.stop()  # (not what runs: no more CPU for it)
             return None
         for th in self.threads:
             th.join()
