@@ -90,3 +90,31 @@ def test_take_hands_over_only_what_it_compiled_and_raises_what_compiling_raised(
     stopped = CompileAhead(model, graph, [1, 2])
     stopped.stop()
     assert stopped.take(model, graph, [1, 2]) is None
+
+
+def test_a_run_refused_during_the_pre_pass_exits_cleanly(tmp_path):
+    """A NaN volume is refused by the pre-pass while the stream's segments are still compiling: the run waits for
+    the segment being compiled and exits 2 with its one line (a process exiting while OpenVINO compiled in another
+    thread aborted: SIGABRT, exit 134, "terminate called without an active exception"); so does a script that
+    catches the error from the Python API and ends normally."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    path = tmp_path / "u.xml"
+    ov.save_model(stream_unet(seed=1), str(path))
+    vol = _volume((40, 36, 44), seed=6)
+    vol[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "nan.nii"))
+    cli = [sys.executable, "-m", "volinfer", "run", str(tmp_path / "nan.nii"), "-m", str(path), "-o",
+           str(tmp_path / "o.nii"), "--engine", "stream"]
+    script = ("import sys, volinfer\ntry:\n"
+              "    volinfer.predict(sys.argv[1], sys.argv[2], engine='stream', progress=False)\n"
+              "except volinfer.VolinferError as e:\n    print('caught', e)\n")
+    api = [sys.executable, "-c", script, str(tmp_path / "nan.nii"), str(path)]
+    for args, rc in ((cli, 2), (api, 0)):
+        p = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert p.returncode == rc and "terminate" not in p.stderr, (p.returncode, p.stderr)
+        assert "NaN" in p.stdout + p.stderr
+    assert not (tmp_path / "o.nii").exists()

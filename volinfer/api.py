@@ -100,7 +100,7 @@ def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.
         return _run_on_model_grid(run, grid, handle, report)
     run.grid_notes = grid.notes
     try:
-        _plan(run, volume, handle)
+        _plan(run, volume, handle)  # (which stops what it compiles ahead when it fails)
     except BaseException:
         if run.lock is not None:
             run.lock.release()
@@ -108,6 +108,7 @@ def predict(volume: Any, model: str | os.PathLike | TileModel, output: str | os.
     try:
         _execute(run)
     finally:
+        _close_ahead(run.stream)  # (taken and joined by a stream that ran; stopped if the run ended before)
         run.source.close()
         if run.lock is not None:
             run.lock.release()
@@ -235,10 +236,14 @@ def _plan(run: _Run, volume: Any, handle: TileModel) -> None:
                             f"(give one 3-D file per channel, or one 4-D file)")
     planned = _scan_and_plan(run, volume, handle, shape)
     run.choice, run.overlap = planned.choice, planned.overlap
-    if run.stream is not None:  # spill: files beside the output, disk space checked before any work
-        prepare_spill(run.stream, run.output)
-    run.tm = planned.model if planned.stream is not None else planned.model.at(planned.model.tile)
-    run.source = open_source(volume, run.tm.tile[2], run.s.input.channel_axis)
+    try:
+        if run.stream is not None:  # spill: files beside the output, disk space checked before any work
+            prepare_spill(run.stream, run.output)
+        run.tm = planned.model if planned.stream is not None else planned.model.at(planned.model.tile)
+        run.source = open_source(volume, run.tm.tile[2], run.s.input.channel_axis)
+    except BaseException:
+        _close_ahead(run.stream)
+        raise
 
 
 def _scan_and_plan(run: _Run, volume: Any, handle: TileModel, shape: tuple[int, int, int]) -> pipeline.RunPlan:
@@ -250,6 +255,7 @@ def _scan_and_plan(run: _Run, volume: Any, handle: TileModel, shape: tuple[int, 
     s = run.s
     banded = run.output is None or not is_zarr_output(run.output)
     source = open_source(volume, handle.tile[2], s.input.channel_axis)
+    sp = None
     try:
         stored, depth = stored_as(source.readers), source.stored_depth
         planned = pipeline.plan(handle, shape, s, banded=banded, stored=stored, stored_depth=depth)
@@ -258,15 +264,23 @@ def _scan_and_plan(run: _Run, volume: Any, handle: TileModel, shape: tuple[int, 
             sp.ahead = CompileAhead(planned.model, sp.graph, sp.chunks)
         run.scan = scan_input(handle, source, make_normalizer(handle, s, source.channels), s.input.nan_value,
                               fingerprint=run.output is not None and bool(run.in_paths))
+    except BaseException:
+        _close_ahead(sp)
+        raise
     finally:
         if source is not volume:
             source.close()
     guarded = guard_for(handle, run.scan.input_abs_max)
     if guarded is handle:
         return planned
-    if planned.stream is not None and planned.stream.ahead is not None:
-        planned.stream.ahead.stop()
+    _close_ahead(sp)
     return pipeline.plan(guarded, shape, s, banded=banded, stored=stored, stored_depth=depth)
+
+
+def _close_ahead(sp: Any) -> None:
+    """Stop the segments a stream plan ``sp`` compiles ahead (:class:`CompileAhead`), if any, and wait for them."""
+    if sp is not None and sp.ahead is not None:
+        sp.ahead.close()
 
 
 def _execute(run: _Run) -> None:

@@ -54,18 +54,19 @@ def segment_compiler(model: TileModel, graph: StreamGraph, cuts: list[Any] | Non
 
 
 class CompileAhead:
-    """A plain stream's segments compiling in the background (two daemon threads, as :func:`compile_segments`
-    compiles: a run that stops before it streams, e.g. refusing a NaN volume, does not wait for them).
-    :meth:`take` hands them over when the stream still runs that graph, at those chunks, in that precision."""
+    """A plain stream's segments compiling in the background (two threads, as :func:`compile_segments` compiles).
+    :meth:`take` hands them over when the stream still runs that graph, at those chunks, in that precision; a run
+    that ends otherwise (refusing a NaN volume, interrupted, planning again) :meth:`close`\ s it."""
 
     def __init__(self, model: TileModel, graph: StreamGraph, chunks: list[int]) -> None:
         self.key = (graph, list(chunks), model.precision)
         self.compiled: list[Any] = [None] * len(graph.segments)
         self.error: BaseException | None = None
         self.stopped = False
+        self.taken = False  # handed over to the stream (its threads done)
         compile_segment = segment_compiler(model, graph)
         jobs = list(enumerate(zip(graph.segments, chunks)))
-        self.threads = [threading.Thread(target=self._work, args=(compile_segment, jobs[i::2]), daemon=True,
+        self.threads = [threading.Thread(target=self._work, args=(compile_segment, jobs[i::2]),
                                          name=f"volinfer-compile-{i}") for i in range(2)]
         for th in self.threads:
             th.start()
@@ -84,15 +85,25 @@ class CompileAhead:
         """Compile nothing more (the run planned again: these segments will not run)."""
         self.stopped = True
 
+    def close(self) -> None:
+        """Compile nothing more, and wait for the segment being compiled: a process that exits while OpenVINO
+        compiles in another thread aborts (SIGABRT), and a long-lived one would keep the threads' memory."""
+        if self.taken:
+            return
+        self.stop()
+        for th in self.threads:
+            th.join()
+
     def take(self, model: TileModel, graph: StreamGraph, chunks: list[int]) -> list[Any] | None:
         """The infer requests, once compiled, when ``graph``, ``chunks`` and ``model``'s precision are what they
         were compiled for (else None: the caller compiles its own); raises what compiling raised."""
         graph0, chunks0, precision0 = self.key
         if self.stopped or graph0 is not graph or chunks0 != list(chunks) or precision0 != model.precision:
-            self.stop()  # (not what runs: no more CPU for it)
+            self.close()  # (not what runs)
             return None
         for th in self.threads:
             th.join()
+        self.taken = True
         if self.error is not None:
             raise self.error
         return [c.create_infer_request() for c in self.compiled]
