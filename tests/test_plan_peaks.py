@@ -130,3 +130,24 @@ def test_a_streamed_plan_measures_the_receptive_field_once(tmp_path, monkeypatch
     monkeypatch.setattr(setup, "measure_receptive_field", lambda *a, **k: calls.append(1) or real(*a, **k))
     plan = plan_run([vol], tmp_path / "m.xml", engine="stream", precision="f32")
     assert plan.engine == "stream" and plan.tiles > 0 and len(calls) == 1, (plan.engine, plan.tiles, calls)
+
+
+def test_a_probabilities_stream_counts_the_output_rows_it_holds(model):
+    """The stream holds one row of post-processed output planes over its band and all of x until the writer takes it:
+    for labels a byte a voxel, for probabilities every channel in float32. A wide, shallow volume made that 59 MB the
+    plan left out (a red-team run peaked at 414 MB against a 371 MB plan and a 400M budget); now the plans differ by
+    it and the probabilities run stays within its plan."""
+    from volinfer.model.tile_model import TileModel
+
+    tmp, xml = model
+    vol = tmp / "wide.nii"
+    data = np.random.default_rng(2).standard_normal((640, 480, 16)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(vol))
+    labels = plan_run([vol], xml, engine="stream", precision="f32", kind="labels")
+    probs = plan_run([vol], xml, engine="stream", precision="f32", kind="probabilities")
+    channels = TileModel(str(xml), compile=False).out_channels
+    rows = 16 * 480 * 640 / 2**20  # one row of 16 output planes, the whole cross-section (one band)
+    assert probs.stream_peak_mb - labels.stream_peak_mb >= 0.95 * rows * (4 * channels - 1), (probs, labels)
+    peak, rep = _measured(vol, xml, tmp / "wide_out.nii", "--engine", "stream", "--precision", "f32", "--kind",
+                          "probabilities")
+    assert rep["engine"] == "stream" and peak <= 1.1 * probs.stream_peak_mb, (peak, probs.stream_peak_mb)

@@ -128,7 +128,8 @@ def test_spill_forced_by_a_small_budget(models, monkeypatch, tmp_path):
     shape = (40, 36, 120)
     plain, spilled = _plans(path, shape)
     assert spilled.memory_mb < plain.memory_mb and spilled.spill
-    fixed = fixed_mb(weights_mb(ov.Core().read_model(str(path))))
+    out_bytes = 4 * TileModel(str(path), compile=False).out_channels  # kind raw: float32, every channel
+    fixed = fixed_mb(weights_mb(ov.Core().read_model(str(path)))) + stream.output_rows_mb(plain, shape, out_bytes)
     budget = fixed + (plain.memory_mb + spilled.memory_mb) / 2
     vol = _volume(shape, seed=5)
     out, rep = predict(vol, path, engine="stream", precision="f32", kind="raw", max_memory_mb=budget,

@@ -40,7 +40,7 @@ from volinfer.run.settings import RunSettings, TilingSettings
 from volinfer.model.precision import outside_checked
 from volinfer.model import speed_profile
 from volinfer.model.stream_graph import NotStreamable
-from volinfer.run.stream import fixed_mb, plan_stream, staging_mb
+from volinfer.run.stream import fixed_mb, output_rows_mb, plan_stream, staging_mb
 from volinfer.run import skewed_bands
 from volinfer.run.skewed_bands import SKEW_VOXEL_COST, skew_options
 
@@ -130,6 +130,12 @@ def tile_buffers(tm: TileModel, shape: Sequence[int], settings: Any, stored: tup
     return TileBuffers(tuple(int(n) for n in shape), tm.in_channels, stored[0], stored[1],  # type: ignore[arg-type]
                        spec.out_channels, spec.dtype.itemsize, tm.out_channels, max(1, s.runtime.requests),
                        s.tiling.reuse_constant, bool(s.tiling.mirror))
+
+
+def written_bytes(tm: TileModel, settings: Any) -> int:
+    """Bytes a voxel of the output the run writes (its channels times their item size: 1 for labels)."""
+    spec = output_spec(tm, (settings or RunSettings()).output)[0]
+    return spec.out_channels * spec.dtype.itemsize
 
 
 def make_normalizer(tm: TileModel, settings: Any, channels: int) -> Normalizer:
@@ -674,7 +680,8 @@ def choose_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, set
     planned = choice.planned
     if not asked and planned is None and choice.exact_fits:  # nothing planned for exactness to weigh against
         return
-    plan = _fit_stream(_planning_model(tm, choice), shape, choice, t.max_memory_mb, asked, banded, stage)
+    plan = _fit_stream(_planning_model(tm, choice), shape, choice, t.max_memory_mb, asked, banded,
+                       (*stage, written_bytes(tm, settings)))
     if plan is None:
         return
     stats = _stream_statistics(tm, shape, choice) if choice.norm_layers else StatsPlan(0, 0.0)
@@ -750,11 +757,14 @@ def stream_cost(tm: TileModel, shape: Sequence[int], plan: Any, voxel_cost: Any)
 
 
 def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_memory_mb: float | None, asked: bool,
-                banded: bool, stage: tuple[int, int]) -> Any:
+                banded: bool, held: tuple[int, int, int]) -> Any:
     """The stream plan within the memory budget (whole cross-section, else bands of y rows with margins covering the
-    receptive field), its predicted peak set; None (with a note) when auto cannot stream within it."""
+    receptive field), its predicted peak set; None (with a note) when auto cannot stream within it. ``held``: the
+    input's stored depth and bytes a voxel (its staging slab), and the written output's bytes a voxel (the rows
+    post-processed for the writer): both follow the band."""
     base = fixed_mb(weights_mb(tm.model))
-    fixed = lambda p: base + staging_mb(p, *stage)  # noqa: E731  (the input's staging slab follows the band)
+    fixed = lambda p: (base + staging_mb(p, *held[:2])  # noqa: E731
+                       + output_rows_mb(p, tuple(shape), held[2]))
     cap = max_memory_mb or choice.budget_mb or default_budget_mb(weights_mb(tm.model))
     rf = choice.rf
     margin = rf.radius[1] if banded and rf is not None and rf.measured and rf.bounded else None
