@@ -145,3 +145,29 @@ def test_finished_zarr_run_leaves_nothing_beside_it(env, tmp_path):
     tmp, xml = env
     ok("run", tmp / "v.zarr", "-o", tmp_path / "s.zarr", "-m", xml, "--kind", "raw", "-q")
     assert level0(tmp_path / "s.zarr").shape == (2, *SHAPE[::-1]) and beside(tmp_path, "s.zarr") == []
+
+
+def test_publishing_cleans_up_after_a_crash_between_its_renames(tmp_path):
+    """Publishing moves a replaced store aside, then the finished one in: a crash between the two renames leaves no
+    store under the output's name and the old one aside; the next publish (a --resume) puts the finished store in
+    place and removes the one aside, which was only kept while the output existed."""
+    from volinfer.io.targets import store_mark
+    from volinfer.io.zarr_io import partial_store, publish_store
+
+    def store(path, value):
+        g = zarr.open_group(str(path), mode="w")
+        g.attrs["volinfer"] = store_mark()
+        g.create_array("0", shape=(2,), dtype="u1")[:] = value
+        return path
+
+    out = tmp_path / "seg.zarr"
+    aside = tmp_path / ".seg.zarr.old.zarr"
+    store(aside, 1)  # the old output, moved aside by a publish that crashed before the new store went in
+    done = store(partial_store(out), 2)
+    assert publish_store(done, out, overwrite=True) == out
+    assert zarr.open_group(str(out), mode="r")["0"][:].tolist() == [2, 2]
+    assert not aside.exists() and not done.exists()
+    store(partial_store(out), 3)  # an ordinary --overwrite: the old store goes once the new one is in place
+    publish_store(partial_store(out), out, overwrite=True)
+    assert zarr.open_group(str(out), mode="r")["0"][:].tolist() == [3, 3] and not aside.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.zarr"]

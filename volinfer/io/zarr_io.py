@@ -244,18 +244,18 @@ def publish_store(partial: Path, output: Path, overwrite: bool, resumable: bool 
     store hidden (``--resume`` only redoes this step), or a plain one-line error where nothing resumes
     (``resumable`` False)."""
     output = Path(output)
-    old = aux_path(output, ".old.zarr") if os.path.lexists(output) else None
-    if old is not None and not overwrite:
+    old, there = aux_path(output, ".old.zarr"), os.path.lexists(output)
+    if there and not overwrite:
         raise VolinferError(f"{output}: already exists (pass --overwrite to replace it)")
     try:
-        if old is not None:
+        if there:
             if os.path.lexists(old):
-                remove_store(old)  # what a crash between the renames below left
+                remove_store(old)
             os.replace(output, old)
         try:
             os.replace(partial, output)
         except OSError:
-            if old is not None:
+            if there:
                 os.replace(old, output)
             raise
     except OSError as e:
@@ -264,8 +264,7 @@ def publish_store(partial: Path, output: Path, overwrite: bool, resumable: bool 
             raise VolinferError(what) from None
         raise ResumableError(f"{what}; fix that and run the same command with --resume to finish") from None
     portable.fsync_dir(output.parent if str(output.parent) else Path("."))
-    if old is not None:
-        discard_partial(old)
+    discard_partial(old)  # the store replaced, or the one a crash between the two renames left aside
     return output
 
 
