@@ -865,8 +865,9 @@ def _use_phases(node: ov.Node) -> bool:
 #: 14.4 -> 5.6 ms as DepthToSpace phases, 2.2 ms as phases aligned on the chunk with the bias and PReLU on the
 #: phases; 64->16 at 256² 6.9 ms as z phases against 15.2-15.7 ms as aligned stride phases (busy machine; a k3 s2
 #: kernel's phases hold 2.4x its taps, zeros included: worth it only where OpenVINO's own transposed kernel is slow,
-#: with few output channels; k2 s2 ones, 64->32 to 256->128 channels, idle: no faster than OpenVINO's own). Wider ones run as their z phases (:func:`_z_phases`), which halves the work of a k3 s2
-#: kernel over 2-plane chunks: 64->16 channels at 256², bf16, 7.35 -> 3.50 ms per call.
+#: with few output channels; k2 s2 ones, 64->32 to 256->128 channels, idle: no faster than OpenVINO's own). Wider
+#: ones run as their z phases (:func:`_z_phases`), which halves the work of a k3 s2 kernel over 2-plane chunks:
+#: 64->16 channels at 256², bf16, 7.35 -> 3.50 ms per call.
 PHASE_MAX_CHANNELS = 8
 
 

@@ -25,11 +25,10 @@ import openvino as ov
 import openvino.passes as ov_passes
 
 from volinfer.model.layout import Layout
-from volinfer.model.memory import (RUNTIME_FLOOR_MB, accepts, activation_bytes_per_voxel, default_budget_mb,
-                                   weights_mb)
+from volinfer.model.memory import accepts, activation_bytes_per_voxel, default_budget_mb, weights_mb
 from volinfer.model.tile_model import TileModel
 from volinfer.run.fidelity import Fidelity
-from volinfer.run.tile_buffers import TileBuffers
+from volinfer.run.tile_buffers import TileBuffers, tile_need_mb
 
 #: The key `volinfer convert` stores, in the IR's settings, its measurement of sizes the source model takes that the
 #: IR does not (a dict: ``shape`` run, ``ir`` "rejects"); absent when not measured or when the IR takes them too.
@@ -97,10 +96,7 @@ def unpadded_need_mb(tm: TileModel, shape: Sequence[int], buffers: TileBuffers |
     """The predicted memory (MB) of one tile at the volume's own ``shape``, as the planner predicts a tile's: the
     runtime, the weights, the live tensors at that shape, the tiles engine's buffers."""
     per_voxel = activation_bytes_per_voxel(tm.model, tm.layout, tm.in_channels, shape)
-    need = RUNTIME_FLOOR_MB + weights_mb(tm.model) + per_voxel * float(np.prod(shape)) / 2**20
-    if buffers is not None:
-        need += buffers.beyond_model_mb(tuple(shape), (0, 0, 0), (1, 1, 1))
-    return need
+    return tile_need_mb(per_voxel, weights_mb(tm.model), buffers, tuple(shape), (0, 0, 0), (1, 1, 1))
 
 
 def unpadded_model(tm: TileModel, shape: Sequence[int], settings: Any, buffers: TileBuffers | None,

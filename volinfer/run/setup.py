@@ -33,7 +33,7 @@ from volinfer.run.own_size import judged
 from volinfer.run.postprocess import OutputSpec
 from volinfer.run.stream import NOMINAL_VOXEL_S
 from volinfer.run.stream_stats import StatsPlan, statistics_plan
-from volinfer.run.tile_buffers import TileBuffers
+from volinfer.run.tile_buffers import TileBuffers, tile_need_mb
 from volinfer.io.reader import VolumeSource
 from volinfer.options import NORM_STATS, STITCH_MODES, parse_overlap
 from volinfer.run.settings import RunSettings, TilingSettings
@@ -530,11 +530,11 @@ def _tile_need(per_voxel: float, w_mb: float, buffers: TileBuffers | None,
     weights), plus the tiles engine's ``buffers`` for the crop overlap ``overlap_of(tile)`` (None: the model alone)
     on a grid of the size ``multiple``."""
     def need(tile: Sequence[int]) -> float:
-        mb = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tile)) / 2**20
-        if buffers is not None:
-            overlap = overlap_of(tile)
-            mb += buffers.beyond_model_mb(tile, overlap, _crop_counts(buffers.shape, tile, overlap, multiple))
-        return mb
+        if buffers is None:
+            return tile_need_mb(per_voxel, w_mb, None, tile, (0, 0, 0), (1, 1, 1))
+        overlap = overlap_of(tile)
+        return tile_need_mb(per_voxel, w_mb, buffers, tile, overlap,
+                            _crop_counts(buffers.shape, tile, overlap, multiple))
     return need
 
 

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from volinfer.model.memory import RUNTIME_FLOOR_MB
+
 MB = 2**20
 
 #: Infer requests the model estimate's calibration ran (:data:`volinfer.model.memory.PLUGIN_FACTOR`): each request in
@@ -99,3 +101,14 @@ class TileBuffers:
         extra = self.temporaries_mb(tile) + self.constants_mb(tile, tiles) + self.mirror_mb(tile)
         return (self.reader_mb(tile[1], tile[2]) + self.crop_stitch_mb(cy, cz, counts) + extra
                 + (in_flight - CALIBRATION_REQUESTS) * self.request_io_mb(tile))
+
+
+def tile_need_mb(per_voxel: float, w_mb: float, buffers: TileBuffers | None, tile: Sequence[int],
+                 overlap: Sequence[int], counts: Sequence[int]) -> float:
+    """A tiling's predicted memory (MB): the runtime, the model's estimate at ``tile`` (``per_voxel`` bytes a tile
+    voxel, ``w_mb`` of weights), and the tiles engine's ``buffers`` for ``counts`` tiles with crop ``overlap``
+    (None: the model alone)."""
+    mb = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tile)) / MB
+    if buffers is not None:
+        mb += buffers.beyond_model_mb(tile, overlap, counts)
+    return mb
