@@ -9,6 +9,7 @@ import openvino.opset13 as ops
 import pytest
 
 from volinfer import predict
+from volinfer.errors import VolinferError
 
 SHAPE = (37, 29, 53)  # statistics slabs are tile-deep (16 planes): 16 + 16 + 16 + 5
 TILE = 16
@@ -97,3 +98,42 @@ def test_sampled_percentiles_of_a_large_volume_see_thin_structures():
     n = vol.size
     assert abs(np.count_nonzero(vol < lo) / n * 100 - 0.5) < 0.05, (lo, ref_lo)
     assert abs(np.count_nonzero(vol < hi) / n * 100 - 99.5) < 0.05, (hi, ref_hi)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16])
+def test_integer_sums_are_exact_over_chunks(monkeypatch, dtype):
+    """The pre-pass's integer sums (normalize.integer_sums), chunk by chunk through a float64 buffer, equal Python's
+    exact integer sums: at the type's extremes, on a transposed slab (as the reader gives), across chunk ends."""
+    from volinfer.run import normalize
+
+    monkeypatch.setattr(normalize, "SUM_CHUNK", 1000)  # many chunks, the last one short
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(3)
+    planes = rng.integers(info.min, info.max, (5, 41, 37), endpoint=True).astype(dtype)
+    planes[0, 0, :3] = [info.min, info.max, info.min]
+    slab = planes.transpose(2, 1, 0)  # (x, y, z) view of (z, y, x) bytes
+    values = [int(v) for v in planes.ravel()]
+    assert normalize.integer_sums(slab) == (len(values), sum(values), sum(v * v for v in values))
+
+
+def test_read_ahead_keeps_order_raises_the_readers_error_and_stops_its_thread():
+    """The pre-pass reads the next slab in a thread (prepass.read_ahead): slabs arrive in order, a reader's error
+    is raised in the caller, and closing early leaves no thread reading."""
+    import threading
+
+    from volinfer.run.prepass import read_ahead
+
+    def slabs(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise VolinferError("file is shorter than its header says")
+            yield np.full((2, 2, 1), i)
+
+    assert [int(s[0, 0, 0]) for s in read_ahead(slabs(7))] == list(range(7))
+    with pytest.raises(VolinferError, match="shorter"):
+        for _ in read_ahead(slabs(7, fail_at=4)):
+            pass
+    it = read_ahead(slabs(1000))
+    next(it)
+    it.close()
+    assert not [t for t in threading.enumerate() if t.name == "volinfer-read-ahead"]

@@ -405,3 +405,27 @@ def test_plane_file_unlinked_at_once(tmp_path):
     out = np.empty(4, np.uint16)
     f.read(0, out)
     f.close()
+
+
+def test_dry_passes_are_shared_by_graphs_alike_along_z(models, monkeypatch):
+    """The planner sizes bands of other widths with one bookkeeping pass along z (stream._DRY_PASSES): what it
+    remembers for one cross-section is what a fresh pass finds for another (capacities and spill options), and a
+    graph of another depth gets its own pass."""
+    monkeypatch.setattr(stream, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(stream, "_DRY_PASSES", {})
+    tm = TileModel(str(models["stream_unet"][0]), compile=False)
+
+    def sized(shape):
+        graph = stream.stream_graph_for(tm, shape)
+        chunks, spill = stream.chunking(graph), []
+        rows = stream.takes([(0, graph.tensors[graph.output_key].n)])
+        return stream.plan_capacities(graph, stream.READ_PLANES, rows, chunks, spill), spill
+
+    sized((40, 36, 120))
+    remembered = sized((40, 20, 120))
+    assert len(stream._DRY_PASSES) == 1
+    stream._DRY_PASSES.clear()
+    assert sized((40, 20, 120)) == remembered
+    assert remembered[1] and remembered[1][0].saved_bytes > 0  # the far skip connections can spill
+    sized((40, 20, 60))
+    assert len(stream._DRY_PASSES) == 2

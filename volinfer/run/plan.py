@@ -201,21 +201,24 @@ def engine_buffers_mb(setup: Any, facts: "VolumeFacts", tm: TileModel, s: RunSet
     if buffers.mirror:
         parts["mirroring"] = buffers.mirror_mb(grid.tile_shape)
     if scans:  # NaN/Inf scan and normalisation statistics, before the tile loop
-        parts["statistics pass"] = statistics_pass_mb(grid.shape, tz, facts.itemsize, statistics, wide) + \
+        parts["statistics pass"] = statistics_pass_mb(grid.shape, tz, facts.itemsize, statistics, wide,
+                                                        facts.floating) + \
             row_cache_mb(grid.shape, facts.depth, facts.itemsize)
     return parts
 
 
 def statistics_pass_mb(shape: tuple[int, int, int], depth: int, stored_itemsize: int, statistics: str | None,
-                       wide: bool = False) -> float:
+                       wide: bool = False, floating: bool = True) -> float:
     """Peak memory of the streamed passes over the input before the tile loop, in MB, as they allocate.
 
-    Each pass reads z-slabs of ``depth`` planes (at most :func:`volinfer.io.reader.scan_slabs`' voxel bound). The
-    NaN/Inf scan holds a slab and its finite mask; :meth:`volinfer.run.normalize.Normalizer.fit` (``statistics`` is the
-    kind it fits, None when nothing is fitted) a slab as stored, its float64 copy and one float64 temporary. For
-    percentiles it also keeps a sample of the volume (float32, float64 for ``wide`` voxels) over every slab, then
-    concatenates, clips and centres it in float64: 2 sample copies + 2 float64 ones at the end. Slab temporaries
-    freed into the heap stay resident, so the sample adds to the slab rather than replacing it.
+    Each pass reads z-slabs of ``depth`` planes (at most :func:`volinfer.io.reader.scan_slabs`' voxel bound), the
+    next one while the last is scanned (:func:`volinfer.run.prepass.read_ahead`): three slabs as stored at most
+    (scanned, waiting, being read). The NaN/Inf scan adds a finite mask; :meth:`volinfer.run.normalize.Normalizer.fit`
+    (``statistics`` is the kind it fits, None when nothing is fitted) one float64 working copy of a ``floating``
+    slab (integers are summed through a small buffer). For percentiles it also keeps a sample of the volume
+    (float32, float64 for ``wide`` voxels) over every slab, then concatenates, clips and centres it in float64: 2
+    sample copies + 2 float64 ones at the end. Slab temporaries freed into the heap stay resident, so the sample
+    adds to the slab rather than replacing it.
     """
     import inspect
 
@@ -225,10 +228,8 @@ def statistics_pass_mb(shape: tuple[int, int, int], depth: int, stored_itemsize:
     planes = max(1, min(depth, bound // max(1, X * Y)))
     slab = min(planes, Z) * X * Y
     if statistics not in ("zscore", "minmax", "percentile"):
-        return slab * (stored_itemsize + 1) / MB
-    # measured (fresh process, VmHWM) since the pre-pass fuses the scans: a slab as stored plus one float64 working
-    # copy; the sample as kept plus one float64 copy while clipping (concatenation reuses freed slab memory)
-    mb = slab * (stored_itemsize + 8) / MB
+        return slab * (3 * stored_itemsize + 1) / MB
+    mb = slab * (3 * stored_itemsize + (8 if floating else 0)) / MB
     if statistics == "percentile":
         step = percentile_step(shape)
         n = -(-X // step) * -(-Y // step) * -(-Z // step)  # the sample's lattice
