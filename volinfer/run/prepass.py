@@ -43,9 +43,10 @@ class PrePass:
         if not self.consumers:
             return 0
         for c, reader in enumerate(self.source.readers):
-            # a reader that keeps a window of planes (gzip, TIFF pages) reuses it: the slab read ahead is a copy
-            copy = read_buffer([reader]) == "planes"
-            z0, slabs = 0, read_ahead(scan_slabs(reader, self.source.shape, self.slab), copy)
+            z0, slabs = 0, scan_slabs(reader, self.source.shape, self.slab)
+            if self.source.shape[2] > self.slab:  # more than one slab: one can be read while another is summed
+                # a reader that keeps a window of planes (gzip, TIFF pages) reuses it: the slab read ahead is a copy
+                slabs = read_ahead(slabs, copy=read_buffer([reader]) == "planes")
             try:
                 for stored in slabs:
                     for consumer in self.consumers:
@@ -85,7 +86,11 @@ def read_ahead(slabs: Iterator[np.ndarray], copy: bool = False) -> Iterator[np.n
             offer((None, e))
 
     worker = threading.Thread(target=produce, name="volinfer-read-ahead", daemon=True)
-    worker.start()
+    try:
+        worker.start()
+    except RuntimeError:  # no thread to be had (an address-space limit): read in turn
+        yield from slabs
+        return
     try:
         while True:
             slab, error = ready.get()
