@@ -236,6 +236,17 @@ def test_virtual_memory_limit_streams_and_refuses_in_one_line(tmp_path):
     assert not any(p.name.startswith((".p.nii", "p.nii")) for p in tmp_path.iterdir())
 
 
+def test_openvinos_own_allocation_failure_is_out_of_memory():
+    """Under ulimit -v on a loaded machine OpenVINO's allocator failed before any thread did: "RuntimeError: can't
+    alloc" was an internal error (exit 1) where the test above wants the one-line out-of-memory refusal."""
+    from volinfer.portable import exhausted_memory
+
+    assert exhausted_memory(RuntimeError("Exception from src/plugins/intel_cpu/src/memory.cpp:12:\ncan't alloc"))
+    assert exhausted_memory(RuntimeError("Exception from src/inference/src/dev/plugin.cpp:54:\nResource temporarily "
+                                         "unavailable"))
+    assert not exhausted_memory(RuntimeError("Exception from src/core/src/node.cpp:1: shape mismatch"))
+
+
 def test_batch_into_its_own_input_directory_is_refused_before_any_work(tmp_path):
     xml = _two_dirs(tmp_path, ("s.nii", "t.nii"))
     (tmp_path / "link").symlink_to(tmp_path / "a")

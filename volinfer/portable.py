@@ -401,9 +401,10 @@ def lean_allocator(threshold: int = MMAP_THRESHOLD) -> bool:
 
 
 #: What the C and C++ runtimes say when the address space or the thread limit is exhausted (EAGAIN from
-#: pthread_create, ENOMEM, std::bad_alloc), as OpenVINO and Python pass them on.
+#: pthread_create, ENOMEM, std::bad_alloc), as OpenVINO and Python pass them on; "can't alloc" is OpenVINO's own
+#: (its allocator's failure, seen under ulimit -v on a loaded machine where the thread limit did not come first).
 _EXHAUSTED = ("resource temporarily unavailable", "can't start new thread", "cannot allocate memory", "bad_alloc",
-              "out of memory", "failed to map segment")
+              "out of memory", "failed to map segment", "can't alloc")
 
 
 def exhausted_memory(error: BaseException) -> bool:
