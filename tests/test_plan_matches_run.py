@@ -93,3 +93,41 @@ def test_plan_output_is_checked_like_run_s(wide):
     r = invoke("plan", tmp / "w.nii", "-m", xml, "-o", tmp / "x.mha")
     assert r.exit_code == 2 and r.output.strip() == f"error: {tmp / 'x.mha'}: output must end in .nii or .nii.gz " \
                                                      f"(or .tif/.tiff, or .zarr)"
+
+
+@pytest.fixture(scope="module")
+def small_zarr(tmp_path_factory):
+    """A small Zarr store and the two-level U-Net."""
+    tmp = tmp_path_factory.mktemp("planroute")
+    vol = np.random.default_rng(1).standard_normal(SHAPE).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp / "s.nii"))
+    assert invoke("to-zarr", tmp / "s.nii", "-o", tmp / "s.zarr", "--chunks", "8").exit_code == 0
+    return tmp, save_unet2(tmp / "m.xml")
+
+
+TILES = ["--engine", "tiles", "--tile", "16"]
+
+
+@pytest.mark.parametrize("out, opts, way", [
+    ("o.zarr", [], "blocks"), ("o.zarr", TILES, "blocks"),
+    ("o.zarr", ["--engine", "stream"], "process"), ("o.nii.gz", TILES, "blocks"), ("o.tif", TILES, "process")])
+def test_plan_and_run_take_a_zarr_store_the_same_way(small_zarr, monkeypatch, tmp_path, out, opts, way):
+    """One decision (volinfer.run.zarr_route.decide) says where a run takes a Zarr store; plan -o asks it the
+    same question with the same settings and output, and gets the route the run takes."""
+    from volinfer.run import zarr_route
+
+    tmp, xml = small_zarr
+    real, ways = zarr_route.decide, []
+    monkeypatch.setattr(zarr_route, "decide", lambda *a, **k: ways.append(real(*a, **k)) or ways[-1])
+    args = [tmp / "s.zarr", "-m", xml, "--kind", "probabilities", *opts]
+    _plan(*args, "-o", tmp_path / out)
+    _run(*args, "-o", tmp_path / out)
+    assert [w.way for w in ways] == [way, way], ways
+
+
+def test_a_dask_run_is_refused_where_the_store_runs_in_this_process(small_zarr):
+    """--engine stream with --scheduler/--workers: one line, before any work (the same decision refuses it)."""
+    tmp, xml = small_zarr
+    r = invoke("run", tmp / "s.zarr", "-m", xml, "-o", tmp / "d.zarr", "--engine", "stream", "--workers", "1")
+    assert r.exit_code == 2 and "--engine stream runs in this process" in r.output, r.output
+    assert not (tmp / "d.zarr").exists()

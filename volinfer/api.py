@@ -536,23 +536,15 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
     if any(is_zarr(p) for p in inputs):
         if len(inputs) != 1:
             raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
-        if settings.tiling.engine == "stream":  # layer streaming runs in this process, like a NIfTI input
-            if blocks.scheduler or blocks.workers:
-                raise VolinferError("--engine stream runs in this process; --scheduler/--workers run Zarr blocks "
-                                    "tile by tile (drop one of them)")
+        distributed = bool(blocks.scheduler or blocks.workers)
+        route = zarr_route.decide(inputs[0], lambda: _handle(model, settings), settings, output, distributed)
+        if route.way == "process":
             return _with_note(predict(list(inputs), model, output, settings), note)
-        handle, local = _handle(model, settings), not (blocks.scheduler or blocks.workers)
-        if _zarr_needs_model_grid(inputs[0], handle, settings, blocks):
-            return _with_note(predict(list(inputs), model, output, settings), note)
-        if local and is_tiff_output(output):  # blocks write Zarr or NIfTI
-            return _with_note(predict(list(inputs), model, output, settings), note)
-        streamer = zarr_route.streams(inputs[0], handle, settings, output) if local else None
-        if streamer is not None:
-            rep = predict(list(inputs), streamer, output, settings)
+        if route.way == "stream":
+            rep = predict(list(inputs), route.handle, output, settings)
             return _with_note(_with_note(rep, zarr_route.STREAMED_NOTE if rep.engine == "stream" else None), note)
-        banded = zarr_route.streams_in_bands(inputs[0], handle, settings, output) if local else None
-        if banded is not None:
-            return _with_note(_zarr_in_bands(inputs[0], banded, Path(output), settings), note)
+        if route.way == "bands":
+            return _with_note(_zarr_in_bands(inputs[0], route.handle, Path(output), settings), note)
         return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
                                    scheduler=blocks.scheduler, workers=blocks.workers), note)
     if blocks.scheduler or blocks.workers:
@@ -579,18 +571,6 @@ def _zarr_in_bands(volume: Path, handle: TileModel, output: Path, settings: RunS
     with source:
         chunks = chunk_shape(settings.output.chunks, source)
     return zarr_route.via_nifti(volume, output, settings, lambda tmp, s: predict([volume], handle, tmp, s), chunks)
-
-
-def _zarr_needs_model_grid(volume: Path, handle: TileModel, settings: RunSettings, blocks: BlockSettings) -> bool:
-    """Whether a Zarr input must go through the model's grid (:mod:`volinfer.run.model_grid`): then it runs in this
-    process like a NIfTI file (the block/Dask path runs on the store's own grid)."""
-    if not zarr_route.needs_model_grid(volume, handle, settings):
-        return False
-    if blocks.scheduler or blocks.workers:
-        raise VolinferError("this model stores an orientation/spacing the volume must be reoriented or resampled to, "
-                            "which runs in this process: drop --scheduler/--workers (or pass --no-resample when only "
-                            "the spacing differs)")
-    return True
 
 
 def _with_note(report: RunReport, text: str | None) -> RunReport:

@@ -335,26 +335,15 @@ def check_target_format(target: str | Path) -> None:
 
 def _zarr_route(path: str | Path, handle: TileModel, facts: VolumeFacts, s: RunSettings,
                 target: str | Path | None) -> tuple[TileModel, VolumeFacts, bool, str | None]:
-    """Where a local ``volinfer run`` takes a Zarr store for this output (:func:`volinfer.api.run_any`'s order): in
-    this process (``--engine stream``, the model's grid, a TIFF output, or the planner streams it over whole
-    cross-sections when the output is a store), streamed in bands into a temporary NIfTI file (a labels store
-    whose cross-sections do not fit), else block by block. Returns the model to plan with (a streamed one stores
-    the receptive field its plan measured), the facts (``blocks`` False in this process), whether the output takes
-    bands of y rows, and what the plan adds about the route (None: nothing)."""
-    zarr_out = target is not None and is_zarr_output(target)
-    if s.tiling.engine == "stream" or zarr_route.needs_model_grid(path, handle, s):
-        return handle, replace(facts, blocks=False), not zarr_out, None
-    if target is not None and is_tiff_output(target):  # blocks write Zarr or NIfTI
-        return handle, replace(facts, blocks=False), True, None
-    streamer = zarr_route.streams(path, handle, s, target)
-    if streamer is not None:
-        return streamer, replace(facts, blocks=False), not zarr_out, None
-    banded = zarr_route.streams_in_bands(path, handle, s, target) if zarr_out else None
-    if banded is not None:
-        return banded, replace(facts, blocks=False), True, (
-            "into a temporary NIfTI file, then written to the Zarr store slab by slab (its whole cross-sections "
-            "would not fit the budget)")
-    return handle, facts, not zarr_out, None
+    """Where a local ``volinfer run`` takes a Zarr store for this output (:func:`volinfer.run.zarr_route.decide`,
+    the run's own decision). Returns the model to plan with (a streamed one stores the receptive field its plan
+    measured), the facts (``blocks`` False in this process), whether the output takes bands of y rows (not a Zarr
+    store, or the banded route into a NIfTI file), and what the plan adds about the route (None: nothing)."""
+    route = zarr_route.decide(path, lambda: handle, s, target)
+    banded = route.way == "bands" or target is None or not is_zarr_output(target)
+    via = ("into a temporary NIfTI file, then written to the Zarr store slab by slab (its whole cross-sections "
+           "would not fit the budget)") if route.way == "bands" else None
+    return route.handle or handle, replace(facts, blocks=not route.in_process), banded, via
 
 
 def _engine_tiles_plan(model_path: str | Path, facts: Any, handle: TileModel, s: Any, streamed: Any) -> Plan:

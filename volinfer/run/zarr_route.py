@@ -11,12 +11,12 @@ Blocks cannot stream layers, and a network that sees far tiles exactly only with
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from volinfer.errors import VolinferError
-from volinfer.io.formats import is_zarr_output
+from volinfer.io.formats import is_tiff_output, is_zarr_output
 from volinfer.io.targets import aux_path
 from volinfer.io.zarr_convert import nifti_to_zarr
 from volinfer.io.reader import stored_as
@@ -31,6 +31,54 @@ from volinfer.run.setup import storing_receptive_field
 #: The report's note when a Zarr store streams in this process rather than running block by block.
 STREAMED_NOTE = ("the Zarr store ran in this process, layer by layer: the planner's choice, which block-by-block runs "
                  "cannot stream (--engine tiles runs it block by block)")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a ``volinfer run`` takes a Zarr store (:func:`decide`). ``way``: ``"process"`` (in this process like a
+    NIfTI file, with the model as given: ``--engine stream``, the model's grid, a TIFF output), ``"stream"`` (in this
+    process as the planner streams it), ``"bands"`` (streamed in bands into a temporary NIfTI file, then written to
+    the store: :func:`via_nifti`) or ``"blocks"`` (:func:`volinfer.run.distributed.run_zarr`). ``handle``: the model
+    to run with for ``"stream"`` and ``"bands"`` (it stores the receptive field the plan measured); None otherwise."""
+
+    way: str
+    handle: TileModel | None = None
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the store runs in this process (every way but blocks)."""
+        return self.way != "blocks"
+
+
+def decide(path: str | Path, handle: Callable[[], TileModel], s: RunSettings, output: Any = None,
+           distributed: bool = False) -> Route:
+    """The one order in which a run takes the Zarr store at ``path`` (:func:`volinfer.api.run_any` runs it,
+    ``volinfer plan`` predicts it): ``--engine stream`` and the model's grid in this process (refused with
+    ``distributed``: ``--scheduler``/``--workers``, which run blocks only), then blocks for a Dask run; a local run
+    takes a TIFF output in this process, then the planner's stream (:func:`streams`), then bands
+    (:func:`streams_in_bands`), else blocks. ``handle()``: the model as the run opens it (not compiled), opened only
+    past ``--engine stream``; ``output``: the run's (None: planned as for a NIfTI output)."""
+    if s.tiling.engine == "stream":  # layer streaming runs in this process, like a NIfTI input
+        if distributed:
+            raise VolinferError("--engine stream runs in this process; --scheduler/--workers run Zarr blocks "
+                                "tile by tile (drop one of them)")
+        return Route("process")
+    model = handle()
+    if needs_model_grid(path, model, s):
+        if distributed:
+            raise VolinferError("this model stores an orientation/spacing the volume must be reoriented or "
+                                "resampled to, which runs in this process: drop --scheduler/--workers (or pass "
+                                "--no-resample when only the spacing differs)")
+        return Route("process")
+    if distributed:
+        return Route("blocks")
+    if output is not None and is_tiff_output(output):  # blocks write Zarr or NIfTI
+        return Route("process")
+    streamer = streams(path, model, s, output)
+    if streamer is not None:
+        return Route("stream", streamer)
+    banded = streams_in_bands(path, model, s, output)
+    return Route("blocks") if banded is None else Route("bands", banded)
 
 
 def needs_model_grid(path: str | Path, handle: TileModel, s: RunSettings) -> bool:
