@@ -171,3 +171,88 @@ def test_publishing_cleans_up_after_a_crash_between_its_renames(tmp_path):
     publish_store(partial_store(out), out, overwrite=True)
     assert zarr.open_group(str(out), mode="r")["0"][:].tolist() == [3, 3] and not aside.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.zarr"]
+
+
+def _legacy(tmp_path, monkeypatch, src, out, args, route):
+    """A store interrupted as volinfer left it before hidden partial stores: under the output's own name, with its
+    journal (and, for blocks, its markers) beside it, and no partial store."""
+    _stop_nth(monkeypatch, (dist, "run_block") if route == "blocks" else (ZarrWriter, "write"), 3)
+    assert invoke("run", src, "-o", out, *args).exit_code == 130
+    monkeypatch.undo()
+    os.rename(tmp_path / f".{out.name}.partial.zarr", out)
+    journal = f".{out.name}.run.json" if route == "blocks" else f".{out.name}.partial.json"
+    assert journal in beside(tmp_path, out.name) and f".{out.name}.partial.zarr" not in beside(tmp_path, out.name)
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("route", ["writer", "stream", "blocks"])
+def test_resume_adopts_a_store_interrupted_before_partial_stores(env, tmp_path, monkeypatch, route, overwrite):
+    """A Zarr output interrupted by volinfer before its stores were written hidden lies under the output's own name
+    with its journal beside it: --resume (with or without --overwrite) continues it and gives the uninterrupted
+    run's array, leaving nothing beside it. The code before refused it ("already exists (pass --overwrite ...)"),
+    and with --overwrite said there was nothing to resume (in this process) or started over (blocks)."""
+    tmp, xml = env
+    src, extra = _route(tmp, route)
+    args = ["-m", xml, *RUN, *extra]
+    ok("run", src, "-o", tmp_path / "whole.zarr", *args)
+    out = tmp_path / "old.zarr"
+    _legacy(tmp_path, monkeypatch, src, out, args, route)
+    blocks, ran = [], []
+    real = dist.run_block_array
+    monkeypatch.setattr(dist, "run_block_array", lambda *a: ran.append(1) or real(*a))
+    real_block = dist.run_block
+    monkeypatch.setattr(dist, "run_block", lambda *a: blocks.append(1) or real_block(*a))
+    ok("run", src, "-o", out, *args, "--resume", *overwrite)
+    np.testing.assert_array_equal(level0(out), level0(tmp_path / "whole.zarr"))
+    assert beside(tmp_path, "old.zarr") == []
+    if route == "blocks":  # only the blocks the interrupted run did not finish run again
+        assert len(ran) == len(blocks) - 2, (ran, blocks)
+
+
+@pytest.mark.parametrize("route", ["writer", "blocks"])
+def test_resume_refuses_an_adoptable_store_of_another_run_and_leaves_it(env, tmp_path, monkeypatch, route):
+    """The journal decides as for any resume: other settings are refused in one line, and the store stays where it
+    was, under the output's name, with its journal."""
+    tmp, xml = env
+    src, extra = _route(tmp, route)
+    out = tmp_path / "old.zarr"
+    _legacy(tmp_path, monkeypatch, src, out, ["-m", xml, *RUN, *extra], route)
+    before = sorted(os.listdir(tmp_path))
+    r = invoke("run", src, "-o", out, "-m", xml, *RUN, *extra, "--resume", "--sigma", "0.5")
+    assert r.exit_code == 2 and "cannot resume" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_resume_leaves_a_finished_store_of_the_old_layout_to_overwrite(env, tmp_path, monkeypatch):
+    """A block run finished before partial stores left its markers and fingerprint beside the store: every block's
+    marker there says it is finished, and --resume still needs --overwrite to replace it."""
+    tmp, xml = env
+    src, extra = _route(tmp, "blocks")
+    out = tmp_path / "done.zarr"
+    monkeypatch.setattr(dist, "_discard_state", lambda output: None)  # what the old code left beside the store
+    ok("run", src, "-o", out, "-m", xml, *RUN, *extra)
+    monkeypatch.undo()
+    assert ".done.zarr.run.json" in beside(tmp_path, "done.zarr")
+    before = sorted(os.listdir(tmp_path))
+    r = invoke("run", src, "-o", out, "-m", xml, *RUN, *extra, "--resume")
+    assert r.exit_code == 2 and "already exists (pass --overwrite to replace it)" in r.output, r.output
+    assert sorted(os.listdir(tmp_path)) == before
+    ok("run", src, "-o", out, "-m", xml, *RUN, *extra, "--resume", "--overwrite")
+    assert beside(tmp_path, "done.zarr") == []
+
+
+@pytest.mark.parametrize("written, resumed, says", [("blocks", "stream", "block by block"),
+                                                    ("stream", "blocks", "--engine stream --resume")])
+def test_resume_another_way_than_the_old_store_was_written_says_how(env, tmp_path, monkeypatch, written, resumed,
+                                                                     says):
+    """A store of the old layout resumed the other way (written block by block, resumed in this process, or the
+    other way round): one line saying what to run; nothing moved."""
+    tmp, xml = env
+    src, extra = _route(tmp, written)
+    out = tmp_path / "old.zarr"
+    _legacy(tmp_path, monkeypatch, src, out, ["-m", xml, *RUN, *extra], written)
+    before = sorted(os.listdir(tmp_path))
+    r = invoke("run", src, "-o", out, "-m", xml, *RUN, *_route(tmp, resumed)[1], "--resume")
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    assert says in r.output and "--overwrite without --resume" in r.output, r.output
+    assert sorted(os.listdir(tmp_path)) == before

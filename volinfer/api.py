@@ -40,10 +40,10 @@ from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter, check_any_output
 from volinfer.io.regrid import voxel_sizes
-from volinfer.io.zarr_io import StoreSpec, open_zarr_source
+from volinfer.io.zarr_io import StoreSpec, adopt_legacy, open_zarr_source, unfinished_legacy
 from volinfer.io.zarr_writer import ZarrWriter, row_planes, store_spec
 from volinfer.tiling.stitch import make_stitcher
-from volinfer.run.distributed import chunk_shape, run_zarr
+from volinfer.run.distributed import chunk_shape, run_journal, run_zarr
 from volinfer.run import zarr_route
 
 Overlap = float | int | str | Sequence[float | int] | None
@@ -140,6 +140,7 @@ class _Run:
     counts: tuple[float, int, int] = (0.0, 0, 0)  # busy seconds, tiles run, constant tiles reused
     result: np.ndarray | Path | None = None  # the array (no output file) or what the writer committed
     grid_notes: list[str] = field(default_factory=list)  # what the model's grid step said (volinfer.run.model_grid)
+    adopt: bool = False  # --resume continues a store an earlier volinfer left under the output's name (_lock_output)
 
     @property
     def stream(self) -> Any:
@@ -219,10 +220,19 @@ class _ArrayResult(ArrayWriter):
         pass
 
 
+#: What :func:`volinfer.io.zarr_io.unfinished_legacy` says of a store the blocks wrote, met in this process.
+BLOCK_WRITTEN = ("wrote this store block by block (its progress lies beside it): run the command that wrote it "
+                 "(without --engine stream) with --resume to finish it")
+
+
 def _lock_output(run: _Run) -> None:
-    """Check the output and lock it before anything is written: a second run fails here, at once."""
+    """Check the output and lock it before anything is written: a second run fails here, at once. With ``--resume``,
+    a store an earlier volinfer left unfinished under the output's name passes the check (:attr:`_Run.adopt`):
+    it moves to the partial store's name once its journal says it is this run's (:func:`_open_writer`)."""
     if run.output is not None:
-        check_any_output(run.output, _output_guard_paths(run), run.s.overwrite, run.s.resume)
+        run.adopt = run.s.resume and is_zarr_output(run.output) and unfinished_legacy(
+            run.output, journal_path(run.output), (run_journal(run.output), BLOCK_WRITTEN))
+        check_any_output(run.output, _output_guard_paths(run), run.s.overwrite or run.adopt, run.s.resume)
         run.lock = OutputLock(run.output).acquire()
         remove_stale(*spill_location(run.output))  # spill: what a killed run on this output left
 
@@ -335,6 +345,8 @@ def _open_writer(run: _Run, out: JournaledOutput) -> None:
                                                   options=_fingerprint_options(run)))
     if run.s.resume:
         run.start_row = run.journal.resume_row()
+        if run.adopt:
+            adopt_legacy(output)
     if is_zarr_output(output):
         run.writer = _zarr_writer(run)
     elif is_tiff_output(output):

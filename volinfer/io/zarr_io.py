@@ -226,8 +226,37 @@ def open_zarr_source(path: str | Path) -> tuple[VolumeSource, Any]:
 def check_zarr_output(path: str | Path, inputs: Sequence[str | Path], overwrite: bool, resume: bool) -> None:
     """The shared output check (:func:`volinfer.io.targets.check_output`). ``resume`` changes nothing here: an
     interrupted run's store lies hidden beside the output (:func:`partial_store`), so a store under the output's
-    name is a finished one, replaced only with ``--overwrite`` as for NIfTI files."""
+    name is a finished one, replaced only with ``--overwrite`` as for NIfTI files (a caller that adopts an
+    unfinished store of the old layout, :func:`unfinished_legacy`, passes ``overwrite`` for it)."""
     check_output(Path(path), [Path(i) for i in inputs], overwrite, "zarr")
+
+
+def unfinished_legacy(output: str | Path, journal: Path, other: tuple[Path, str]) -> bool:
+    """Whether ``output`` is a store volinfer left unfinished under the output's own name before it wrote stores
+    hidden (:func:`partial_store`), for this route to continue: a store volinfer wrote (a directory, not a link), no
+    partial store beside it, and this route's progress ``journal`` beside it (a finished run in this process
+    removed it; blocks leave theirs, and say by their markers what is finished). The journal of the other route
+    there instead (``other``: its path, and what wrote the store and how to continue it) is refused in one line:
+    this route cannot continue it. Only ``--resume`` asks; the journal then says whether it is this run (:func:`adopt_legacy`)."""
+    out = Path(output)
+    if os.path.lexists(partial_store(out)) or not is_volinfer_store(out):
+        return False
+    if journal.exists():
+        return True
+    if other[0].exists():
+        raise VolinferError(f"{out}: an earlier volinfer {other[1]}, or pass --overwrite without --resume to start "
+                            f"over")
+    return False
+
+
+def adopt_legacy(output: str | Path) -> Path:
+    """Move an unfinished store of the old layout (:func:`unfinished_legacy`) to the partial store's name, where
+    ``--resume`` continues it and from where it is published once complete; durably (a crash after this leaves the
+    ordinary interrupted layout). Call once its journal says it is this run's."""
+    store = partial_store(output)
+    os.replace(output, store)
+    portable.fsync_dir(store.parent if str(store.parent) else Path("."))
+    return store
 
 
 def partial_store(output: str | Path) -> Path:

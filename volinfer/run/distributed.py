@@ -56,13 +56,13 @@ from volinfer.run.settings import RunSettings
 from volinfer.run import pipeline
 from volinfer.run.pipeline import JournaledOutput, fingerprint_options, run_fingerprint
 from volinfer.run.setup import guard_for, make_normalizer, resolve, scan_input, verdict
-from volinfer.io.journal import Journal, ResumableError
+from volinfer.io.journal import Journal, ResumableError, journal_path
 from volinfer.io.ome import check_pyramid, downsample, downsample_method
 from volinfer.io.targets import OutputLock
 from volinfer.io.formats import is_zarr
-from volinfer.io.zarr_io import (StoreSpec, check_zarr_output, create_output, discard_partial, done_marker_dir,
-                                open_zarr_source, partial_store, publish_store, store_geometry, store_write_error,
-                                sync_region)
+from volinfer.io.zarr_io import (StoreSpec, adopt_legacy, check_zarr_output, create_output, discard_partial,
+                                done_marker_dir, open_zarr_source, partial_store, publish_store, store_geometry,
+                                store_write_error, sync_region, unfinished_legacy)
 from volinfer.io.targets import aux_path
 from volinfer.io.writer import check_target
 from volinfer.io.writer import NiftiWriter
@@ -247,9 +247,27 @@ def run_zarr(volume: str | Path, model: str | Path, output: str | Path, settings
             raise VolinferError("--pyramid applies to Zarr outputs (.zarr)")
         return run_zarr_to_nifti(volume, model, output, s, block=block)
     check_pyramid(s.output.pyramid)
-    check_zarr_output(output, [volume], s.overwrite, s.resume)
+    check_zarr_output(output, [volume], s.overwrite or _legacy(output, s), s.resume)
     with OutputLock(Path(output)):
         return _run_zarr(volume, model, output, s, block, (scheduler, workers))
+
+
+def _legacy(output: str | Path, s: RunSettings) -> bool:
+    """Whether ``--resume`` continues a store an earlier volinfer left unfinished under the output's name, block by
+    block (:func:`volinfer.io.zarr_io.unfinished_legacy`); refused in one line when it was written in this process."""
+    return s.resume and unfinished_legacy(output, run_journal(output), (journal_path(Path(output)), (
+        "left this store unfinished, written in this process: continue it with --engine stream --resume")))
+
+
+def _adopt_legacy(output: Path, s: RunSettings, job: ZarrJob, blocks: Sequence[Block], journal: Journal) -> None:
+    """Move an unfinished store of the old layout (:func:`_legacy`) to the partial store's name once its journal
+    says it is this run's; a store whose every block has its marker is finished, replaced only with --overwrite."""
+    if not _legacy(output, s):
+        return
+    journal.check()
+    if not s.overwrite and all(_marker(job, b).exists() for b in blocks):
+        raise VolinferError(f"{output}: already exists (pass --overwrite to replace it)")
+    adopt_legacy(output)
 
 
 def run_journal(output: str | Path) -> Path:
@@ -346,8 +364,9 @@ def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
         p.settings, chunks=chunk3, block=block, compression=o.compression, split=split,
         **({"pyramid": o.pyramid} if o.pyramid else {}))), path=run_journal(output))
     store = partial_store(output)
-    fresh = not (s.resume and store.is_dir())
     job = replace(_job(p, volume, store, model, s, levels=o.pyramid), markers=str(done_marker_dir(output)))
+    _adopt_legacy(Path(output), s, job, blocks, journal)
+    fresh = not (s.resume and store.is_dir())
     try:
         _create_store(p, volume, model, Path(output), s, chunk3, per, journal)
         results = _execute(job, blocks, where[0], where[1], s.progress)
