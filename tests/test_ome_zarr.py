@@ -8,12 +8,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_runs import invoke, level, ok, stop_nth
 from models import save_unet2
 
 zarr = pytest.importorskip("zarr")
 
-from volinfer.cli import main  # noqa: E402
 from volinfer.io.zarr_writer import ZarrWriter  # noqa: E402
 from volinfer.io.writer import NiftiWriter  # noqa: E402
 
@@ -22,27 +21,12 @@ AFFINE = np.array([[0.5, 0, 0, -12.25], [0, 0.75, 0, 30.5], [0, 0, 2.0, 7.0], [0
 RUN = ["--tile", "16", "--overlap", "8", "-q"]
 
 
-def invoke(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    return r
-
-
-def ok(*args):
-    r = invoke(*args)
-    assert r.exit_code == 0, r.output
-    return r
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ome")
     vol = np.random.default_rng(7).standard_normal(SHAPE).astype(np.float32)
     nib.save(nib.Nifti1Image(vol, AFFINE), str(tmp / "vol.nii.gz"))
     return tmp, tmp / "vol.nii.gz", save_unet2(tmp / "m.xml"), vol
-
-
-def level(path, n=0):
-    return zarr.open_group(str(path))[str(n)][:]
 
 
 def nifti(path):
@@ -163,18 +147,6 @@ def test_zarr_to_nifti_run_equals_zarr_run_then_to_nifti(env):
     assert not np.allclose(nifti(tmp / "z_mirror.nii")[0], nifti(tmp / "z_probabilities.nii.gz")[0], atol=1e-6)
 
 
-def _interrupt(monkeypatch, cls, n):
-    real, calls = cls.write, [0]
-
-    def write(self, *a):
-        calls[0] += 1
-        if calls[0] == n:
-            raise KeyboardInterrupt()
-        real(self, *a)
-
-    monkeypatch.setattr(cls, "write", write)
-
-
 def _files(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
@@ -184,7 +156,7 @@ def test_resumed_nifti_to_zarr_pyramid_is_byte_identical(env, monkeypatch):
     args = ["--chunks", "8", "--pyramid", "2", "--kind", "probabilities", *RUN]
     ok("run", vol, "-m", xml, "-o", tmp / "whole.zarr", *args)
     out = tmp / "cut.zarr"
-    _interrupt(monkeypatch, ZarrWriter, 7)  # 5 rows of 2 strips: part-way through the fourth row
+    stop_nth(monkeypatch, (ZarrWriter, "write"), 7)  # 5 rows of 2 strips: part-way through the fourth row
     assert invoke("run", vol, "-m", xml, "-o", out, *args).exit_code == 130
     monkeypatch.undo()
     assert not out.exists() and (tmp / ".cut.zarr.partial.zarr").is_dir()  # nothing under the output's name
@@ -200,7 +172,7 @@ def test_resumed_zarr_to_nifti_is_byte_identical(env, monkeypatch):
     src = tmp / "src_res.zarr"
     ok("to-zarr", vol, src, "--chunks", "8")
     ok("run", src, "-m", xml, "-o", tmp / "zn_whole.nii.gz", *RUN)
-    _interrupt(monkeypatch, NiftiWriter, 3)
+    stop_nth(monkeypatch, (NiftiWriter, "write"), 3)
     assert invoke("run", src, "-m", xml, "-o", tmp / "zn_cut.nii.gz", *RUN).exit_code == 130
     monkeypatch.undo()
     ok("run", src, "-m", xml, "-o", tmp / "zn_cut.nii.gz", "--resume", *RUN)

@@ -9,28 +9,17 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_runs import invoke, level, ok, stop_nth
 from models import save_unet2
 
 zarr = pytest.importorskip("zarr")
 
 import volinfer.run.distributed as dist  # noqa: E402
-from volinfer.cli import main  # noqa: E402
 from volinfer.io.zarr_writer import ZarrWriter  # noqa: E402
 
 SHAPE = (27, 21, 37)  # NIfTI (x, y, z), odd on every axis
 RUN = ["--kind", "raw", "--chunks", "8", "-q"]
 TILES = ["--tile", "16", "--overlap", "8"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(*args):
-    r = invoke(*args)
-    assert r.exit_code == 0, r.output
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -42,27 +31,9 @@ def env(tmp_path_factory):
     return tmp, save_unet2(tmp / "m.xml")
 
 
-def level0(path):
-    return zarr.open_group(str(path), mode="r")["0"][:]
-
-
 def beside(d, name):
     """What lies in ``d`` beside the output ``name`` (its hidden partial store, journal, markers, lock)."""
     return sorted(p for p in os.listdir(d) if p.startswith(f".{name}"))
-
-
-def _stop_nth(monkeypatch, target, n, error=KeyboardInterrupt):
-    """Make ``target`` (module, name) raise ``error`` on its ``n``-th call."""
-    module, name = target
-    real, calls = getattr(module, name), [0]
-
-    def wrapped(*a, **k):
-        calls[0] += 1
-        if calls[0] == n:
-            raise error() if isinstance(error, type) else error
-        return real(*a, **k)
-
-    monkeypatch.setattr(module, name, wrapped)
 
 
 def _route(tmp, route):
@@ -86,14 +57,14 @@ def test_interrupted_zarr_run_hides_its_store_and_resumes_identical(env, tmp_pat
     ok("run", src, "-o", tmp_path / "whole.zarr", *args)
     assert beside(tmp_path, "whole.zarr") == []
     out = tmp_path / "cut.zarr"
-    _stop_nth(monkeypatch, (dist, "run_block") if route == "blocks" else (ZarrWriter, "write"), 3)
+    stop_nth(monkeypatch, (dist, "run_block") if route == "blocks" else (ZarrWriter, "write"), 3)
     r = invoke("run", src, "-o", out, *args)
     monkeypatch.undo()
     assert r.exit_code == 130 and "--resume" in r.output, r.output
     assert not os.path.lexists(out)
     assert ".cut.zarr.partial.zarr" in beside(tmp_path, "cut.zarr")
     ok("run", src, "-o", out, *args, "--resume")
-    np.testing.assert_array_equal(level0(out), level0(tmp_path / "whole.zarr"))
+    np.testing.assert_array_equal(level(out), level(tmp_path / "whole.zarr"))
     assert beside(tmp_path, "cut.zarr") == []
 
 
@@ -103,7 +74,7 @@ def test_failed_zarr_run_leaves_nothing(env, tmp_path, monkeypatch, route):
     output's name and its surroundings stay empty."""
     tmp, xml = env
     src, extra = _route(tmp, route)
-    _stop_nth(monkeypatch, (dist, "run_block_array") if route == "blocks" else (ZarrWriter, "write"), 3,
+    stop_nth(monkeypatch, (dist, "run_block_array") if route == "blocks" else (ZarrWriter, "write"), 3,
               RuntimeError("boom"))
     r = invoke("run", src, "-o", tmp_path / "bad.zarr", "-m", xml, *RUN, *extra)
     assert r.exit_code != 0 and "boom" in r.output, r.output
@@ -117,15 +88,15 @@ def test_full_disk_in_block_run_keeps_store_hidden(env, tmp_path, monkeypatch):
     args = ["-m", xml, *RUN, *TILES, "--engine", "tiles", "--block", "16"]
     out = tmp_path / "o.zarr"
     ok("run", tmp / "v.zarr", "-o", out, *args, "--kind", "labels")
-    before = level0(out)
-    _stop_nth(monkeypatch, (dist, "sync_region"), 2, OSError(28, "No space left on device"))
+    before = level(out)
+    stop_nth(monkeypatch, (dist, "sync_region"), 2, OSError(28, "No space left on device"))
     r = invoke("run", tmp / "v.zarr", "-o", out, *args, "--overwrite")
     monkeypatch.undo()
     assert r.exit_code == 2 and "No space left" in r.output and "--resume" in r.output, r.output
-    np.testing.assert_array_equal(level0(out), before)  # the earlier output, untouched
+    np.testing.assert_array_equal(level(out), before)  # the earlier output, untouched
     assert ".o.zarr.partial.zarr" in beside(tmp_path, "o.zarr")
     ok("run", tmp / "v.zarr", "-o", out, *args, "--overwrite", "--resume")
-    assert level0(out).dtype == np.float32 and beside(tmp_path, "o.zarr") == []
+    assert level(out).dtype == np.float32 and beside(tmp_path, "o.zarr") == []
 
 
 def test_interrupted_to_zarr_leaves_nothing(env, tmp_path, monkeypatch):
@@ -133,7 +104,7 @@ def test_interrupted_to_zarr_leaves_nothing(env, tmp_path, monkeypatch):
     import volinfer.io.zarr_convert as conv
 
     tmp, _ = env
-    _stop_nth(monkeypatch, (conv, "scan_slabs"), 1)
+    stop_nth(monkeypatch, (conv, "scan_slabs"), 1)
     r = invoke("to-zarr", tmp / "v.nii.gz", "-o", tmp_path / "c.zarr", "--chunks", "8")
     assert r.exit_code == 130
     assert not os.path.lexists(tmp_path / "c.zarr") and beside(tmp_path, "c.zarr") == []
@@ -144,7 +115,7 @@ def test_finished_zarr_run_leaves_nothing_beside_it(env, tmp_path):
     beside a block run's finished store): the output alone."""
     tmp, xml = env
     ok("run", tmp / "v.zarr", "-o", tmp_path / "s.zarr", "-m", xml, "--kind", "raw", "-q")
-    assert level0(tmp_path / "s.zarr").shape == (2, *SHAPE[::-1]) and beside(tmp_path, "s.zarr") == []
+    assert level(tmp_path / "s.zarr").shape == (2, *SHAPE[::-1]) and beside(tmp_path, "s.zarr") == []
 
 
 def test_publishing_cleans_up_after_a_crash_between_its_renames(tmp_path):
@@ -176,7 +147,7 @@ def test_publishing_cleans_up_after_a_crash_between_its_renames(tmp_path):
 def _legacy(tmp_path, monkeypatch, src, out, args, route):
     """A store interrupted as volinfer left it before hidden partial stores: under the output's own name, with its
     journal (and, for blocks, its markers) beside it, and no partial store."""
-    _stop_nth(monkeypatch, (dist, "run_block") if route == "blocks" else (ZarrWriter, "write"), 3)
+    stop_nth(monkeypatch, (dist, "run_block") if route == "blocks" else (ZarrWriter, "write"), 3)
     assert invoke("run", src, "-o", out, *args).exit_code == 130
     monkeypatch.undo()
     os.rename(tmp_path / f".{out.name}.partial.zarr", out)
@@ -203,7 +174,7 @@ def test_resume_adopts_a_store_interrupted_before_partial_stores(env, tmp_path, 
     real_block = dist.run_block
     monkeypatch.setattr(dist, "run_block", lambda *a: blocks.append(1) or real_block(*a))
     ok("run", src, "-o", out, *args, "--resume", *overwrite)
-    np.testing.assert_array_equal(level0(out), level0(tmp_path / "whole.zarr"))
+    np.testing.assert_array_equal(level(out), level(tmp_path / "whole.zarr"))
     assert beside(tmp_path, "old.zarr") == []
     if route == "blocks":  # only the blocks the interrupted run did not finish run again
         assert len(ran) == len(blocks) - 2, (ran, blocks)
