@@ -391,9 +391,10 @@ def _run_zarr(volume: Any, model: Any, output: Any, s: RunSettings, block: int,
 
 def _discard_store(output: Path) -> None:
     """Remove the partial store of ``output`` with its fingerprint and block markers (kept only for resumable
-    failures)."""
-    discard_partial(partial_store(output))
+    failures). The fingerprint goes first: a crash in between must not leave it beside a store already at the output
+    (an ``--overwrite`` run's), which ``--resume`` would take for an unfinished store of the old layout."""
     _discard_state(output)
+    discard_partial(partial_store(output))
 
 
 def _discard_state(output: Path) -> None:

@@ -152,7 +152,7 @@ class JournaledOutput:
                                   f"continue") from None
             return False
         if hasattr(self.writer, "abort") and hasattr(self.writer, "close_for_resume"):  # a file output
+            if self.journal is not None:  # first: a journal left beside a Zarr store at the output's name, by a
+                self.journal.remove()  # crash in between, would make --resume take that store for an unfinished one
             self.writer.abort()
-            if self.journal is not None:
-                self.journal.remove()
         return False
