@@ -5,6 +5,7 @@ goes under the configuration's work directory; the report (:mod:`volinfer.bench.
 
 from __future__ import annotations
 
+import compileall
 import json
 import os
 import platform
@@ -210,11 +211,7 @@ def byte_compile() -> None:
     """Byte-compile volinfer's modules first, as installing a package does: a run from a source tree otherwise
     compiles its ~90 modules in every child process where bytecode is not written (PYTHONDONTWRITEBYTECODE, a
     read-only tree: 0.2-0.3 s of each whole-process wall), while the peers' installed packages start compiled."""
-    import compileall
-
-    import volinfer
-
-    compileall.compile_dir(str(Path(volinfer.__file__).parent), quiet=2)
+    compileall.compile_dir(str(Path(__file__).resolve().parents[1]), quiet=2)
 
 
 def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print,
