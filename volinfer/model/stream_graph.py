@@ -18,6 +18,7 @@ and runs tile by tile instead.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -247,7 +248,7 @@ class StreamTensor:
 
     @property
     def plane_bytes(self) -> int:
-        return int(np.prod(self.plane_shape)) * np.dtype(self.np_dtype).itemsize
+        return math.prod(self.plane_shape) * np.dtype(self.np_dtype).itemsize  # (math: called per segment call)
 
 
 @dataclass

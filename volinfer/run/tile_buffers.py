@@ -10,10 +10,9 @@ crop stitcher keeps the output strips of the rows of tiles in flight. At 2048³ 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
-
-import numpy as np
 
 from volinfer.model.memory import RUNTIME_FLOOR_MB
 
@@ -67,11 +66,11 @@ class TileBuffers:
 
     def temporaries_mb(self, tile: Sequence[int]) -> float:
         """A tile's post-processing and padding temporaries (post-processing works in chunks of a quarter tile)."""
-        return 2 * self.model_channels * float(np.prod(tile)) * 4 / MB / 4
+        return 2 * self.model_channels * _voxels(tile) * 4 / MB / 4
 
     def request_io_mb(self, tile: Sequence[int]) -> float:
         """One infer request's float32 input and output tensors at ``tile``."""
-        return 4.0 * (self.in_channels + self.model_channels) * float(np.prod(tile)) / MB
+        return 4.0 * (self.in_channels + self.model_channels) * _voxels(tile) / MB
 
     def constants_mb(self, tile: Sequence[int], tiles: int, crop: bool = True) -> float:
         """The cached outputs of constant tiles (up to :data:`MAX_CACHED_CONSTANTS` tiles kept for the tiles after
@@ -80,14 +79,14 @@ class TileBuffers:
         if not self.reuse_constant or tiles <= 1:
             return 0.0
         voxel = self.out_channels * self.out_itemsize if crop else 4.0 * self.model_channels
-        return min(MAX_CACHED_CONSTANTS, tiles - 1) * voxel * float(np.prod(tile)) / MB
+        return min(MAX_CACHED_CONSTANTS, tiles - 1) * voxel * _voxels(tile) / MB
 
     def mirror_mb(self, tile: Sequence[int]) -> float:
         """Test-time mirroring's own infer request (its input filled for every flip, its output) and its float32
         sum of the model's outputs (:class:`volinfer.run.engine.Mirror`); 0 without mirroring."""
         if not self.mirror:
             return 0.0
-        return self.request_io_mb(tile) + 4.0 * self.model_channels * float(np.prod(tile)) / MB
+        return self.request_io_mb(tile) + 4.0 * self.model_channels * _voxels(tile) / MB
 
     def beyond_model_mb(self, tile: Sequence[int], overlap: Sequence[int], counts: Sequence[int]) -> float:
         """What a crop tiling (``counts`` tiles of ``tile`` per axis, ``overlap`` per axis) holds beside the planner's
@@ -96,11 +95,17 @@ class TileBuffers:
         # the widest core: the whole axis where one tile covers it, else the tile less its inner margin
         cy, cz = (n if c == 1 else min(t - o // 2, n) for t, o, n, c in zip(tile[1:], overlap[1:], self.shape[1:],
                                                                             counts[1:]))
-        tiles = int(np.prod(counts))
+        tiles = _voxels(counts)
         in_flight = max(1, min(self.requests, tiles))
         extra = self.temporaries_mb(tile) + self.constants_mb(tile, tiles) + self.mirror_mb(tile)
         return (self.reader_mb(tile[1], tile[2]) + self.crop_stitch_mb(cy, cz, counts) + extra
                 + (in_flight - CALIBRATION_REQUESTS) * self.request_io_mb(tile))
+
+
+def _voxels(shape: Sequence[int]) -> int:
+    """The product of ``shape`` as a Python integer (no numpy: the planner asks thousands of times; no overflow of a
+    32-bit numpy shape)."""
+    return math.prod(map(int, shape))
 
 
 def tile_need_mb(per_voxel: float, w_mb: float, buffers: TileBuffers | None, tile: Sequence[int],
@@ -108,7 +113,7 @@ def tile_need_mb(per_voxel: float, w_mb: float, buffers: TileBuffers | None, til
     """A tiling's predicted memory (MB): the runtime, the model's estimate at ``tile`` (``per_voxel`` bytes a tile
     voxel, ``w_mb`` of weights), and the tiles engine's ``buffers`` for ``counts`` tiles with crop ``overlap``
     (None: the model alone)."""
-    mb = RUNTIME_FLOOR_MB + w_mb + per_voxel * float(np.prod(tile)) / MB
+    mb = RUNTIME_FLOOR_MB + w_mb + per_voxel * _voxels(tile) / MB
     if buffers is not None:
         mb += buffers.beyond_model_mb(tile, overlap, counts)
     return mb
