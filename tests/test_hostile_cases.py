@@ -244,7 +244,15 @@ def test_openvinos_own_allocation_failure_is_out_of_memory():
     assert exhausted_memory(RuntimeError("Exception from src/plugins/intel_cpu/src/memory.cpp:12:\ncan't alloc"))
     assert exhausted_memory(RuntimeError("Exception from src/inference/src/dev/plugin.cpp:54:\nResource temporarily "
                                          "unavailable"))
+    assert exhausted_memory(RuntimeError("Exception from src/plugins/intel_cpu/src/memory.cpp:1:\nFailed to allocate "
+                                         "2408448 bytes of memory"))
+    assert exhausted_memory(ImportError("unicodedata.cpython-311-x86_64-linux-gnu.so: failed to map segment from "
+                                        "shared object"))  # a module imported late, under ulimit -v
     assert not exhausted_memory(RuntimeError("Exception from src/core/src/node.cpp:1: shape mismatch"))
+    # OpenVINO's other "can't allocate" messages are no memory errors (a red-team helper's strings from its libraries)
+    assert not exhausted_memory(RuntimeError("Exception from snippets: Can't allocate registers for a snippet: not "
+                                             "enough registers"))
+    assert not exhausted_memory(RuntimeError("[GPU] Can't allocate output for dynamic layout without upper bound"))
 
 
 def test_batch_into_its_own_input_directory_is_refused_before_any_work(tmp_path):

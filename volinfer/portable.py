@@ -23,6 +23,7 @@ import errno
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -401,10 +402,12 @@ def lean_allocator(threshold: int = MMAP_THRESHOLD) -> bool:
 
 
 #: What the C and C++ runtimes say when the address space or the thread limit is exhausted (EAGAIN from
-#: pthread_create, ENOMEM, std::bad_alloc), as OpenVINO and Python pass them on; "can't alloc" is OpenVINO's own
-#: (its allocator's failure, seen under ulimit -v on a loaded machine where the thread limit did not come first).
-_EXHAUSTED = ("resource temporarily unavailable", "can't start new thread", "cannot allocate memory", "bad_alloc",
-              "out of memory", "failed to map segment", "can't alloc")
+#: pthread_create, ENOMEM, std::bad_alloc, a shared object's segment that cannot be mapped), as OpenVINO and Python
+#: pass them on; OpenVINO's own allocator says "Failed to allocate N bytes of memory" or, alone on its line, "can't
+#: alloc" (seen under ulimit -v on a loaded machine; its "Can't allocate registers for a snippet" is no memory error).
+_EXHAUSTED = re.compile(r"resource temporarily unavailable|can't start new thread|cannot allocate memory|bad_alloc|"
+                        r"out of memory|failed to map segment|failed to allocate \d+ bytes|(^|:\s*)can't alloc\s*$",
+                        re.IGNORECASE | re.MULTILINE)
 
 
 def exhausted_memory(error: BaseException) -> bool:
@@ -413,8 +416,7 @@ def exhausted_memory(error: BaseException) -> bool:
         return True
     if isinstance(error, OSError) and error.errno in (errno.ENOMEM, errno.EAGAIN):
         return True
-    text = str(error).lower()
-    return isinstance(error, (RuntimeError, OSError)) and any(t in text for t in _EXHAUSTED)
+    return isinstance(error, (RuntimeError, OSError, ImportError)) and _EXHAUSTED.search(str(error)) is not None
 
 
 def total_mb() -> float | None:

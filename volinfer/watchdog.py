@@ -41,7 +41,7 @@ def partial(*paths: Path) -> Iterator[None]:
             _partial.difference_update(Path(p) for p in paths)
 
 
-def _command_line() -> bool:
+def command_line() -> bool:
     """Whether this process is the volinfer command line (not a library caller or a test runner: `python -m pytest`
     also runs a ``__main__.py``, and a watcher armed there would end the test run with the first interrupted
     command)."""
@@ -58,7 +58,8 @@ def armed() -> bool:
 
 def exit_now(status: int) -> None:
     """End an interrupted command at once (its cleanup has run): no interpreter teardown, whose framework
-    destructors can take seconds. Only where the watcher is armed (a command-line process)."""
+    destructors can take seconds, or abort the process ("terminate called without an active exception", exit 134,
+    when OpenVINO's threads are still running). Only in a command-line process (:func:`command_line`)."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -70,7 +71,7 @@ def arm(grace_s: float = 1.0) -> bool:
     started."""
     if _armed:
         return True
-    if threading.current_thread() is not threading.main_thread() or not _command_line():
+    if threading.current_thread() is not threading.main_thread() or not command_line():
         return False  # a library caller (or a test runner) keeps its own signal handling
     read, write = socket.socketpair()
     write.setblocking(False)

@@ -935,7 +935,8 @@ def run_stream(source: Any, model: TileModel, plan: StreamPlan, job: TileJob, sp
     block = np.empty((spec.out_channels, max(b - a for a, b in cores), max(b - a for a, b in ay.cores), shape[0]),
                      spec.dtype)
     store = _spill_store(plan)
-    bar = progress_bar(len(cores) * ay.count, "volinfer", "slab", initial=start_row, disable=not rows.progress)
+    # every row is computed (a resumed run recomputes those before its start row): the bar counts them all
+    bar = progress_bar(len(cores) * ay.count, "volinfer", "slab", disable=not rows.progress)
     busy, calls, run = 0.0, 0, None
     try:
         for sy, (cy0, cy1) in zip(ay.starts, ay.cores):
