@@ -463,10 +463,14 @@ def scan_slabs(reader: ChannelReader, shape: tuple[int, int, int], depth: int,
                voxels: int = 1 << 22) -> "Iterator[np.ndarray]":
     """Whole z-slabs of one channel, in on-disk order, each at most ``voxels`` voxels (and ``depth`` planes, the
     most a gzip stream window holds): for passes over the whole volume that must not hold it."""
-    x, y, z = shape
-    step = max(1, min(depth, voxels // max(1, x * y)))
-    for z0 in range(0, z, step):
-        yield reader.planes(z0, min(z, z0 + step))
+    step = slab_planes(shape, depth, voxels)
+    for z0 in range(0, shape[2], step):
+        yield reader.planes(z0, min(shape[2], z0 + step))
+
+
+def slab_planes(shape: tuple[int, int, int], depth: int, voxels: int = 1 << 22) -> int:
+    """Planes in each of :func:`scan_slabs`' slabs."""
+    return max(1, min(depth, voxels // max(1, shape[0] * shape[1])))
 
 
 def _is_gzip(p: Path) -> bool:

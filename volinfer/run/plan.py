@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from volinfer.errors import VolinferError
-from volinfer.io.reader import scan_slabs, stored_as
+from volinfer.io.reader import slab_planes, stored_as
 from volinfer.io.sources import open_paths
 from volinfer.io.formats import is_tiff_output, is_zarr, is_zarr_output
 from volinfer.io.zarr_io import ROW_CACHE_BYTES, open_zarr_source
@@ -220,13 +220,8 @@ def statistics_pass_mb(shape: tuple[int, int, int], depth: int, stored_itemsize:
     sample copies + 2 float64 ones at the end. Slab temporaries freed into the heap stay resident, so the sample
     adds to the slab rather than replacing it.
     """
-    import inspect
-
-
     X, Y, Z = shape
-    bound = inspect.signature(scan_slabs).parameters["voxels"].default
-    planes = max(1, min(depth, bound // max(1, X * Y)))
-    slab = min(planes, Z) * X * Y
+    slab = min(slab_planes(shape, depth), Z) * X * Y
     if statistics not in ("zscore", "minmax", "percentile"):
         return slab * (3 * stored_itemsize + 1) / MB
     mb = slab * (3 * stored_itemsize + (8 if floating else 0)) / MB

@@ -14,7 +14,7 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
-from volinfer.io.reader import VolumeSource, read_buffer, scan_slabs
+from volinfer.io.reader import VolumeSource, read_buffer, scan_slabs, slab_planes
 from volinfer.io.journal import hasher
 
 
@@ -44,7 +44,7 @@ class PrePass:
             return 0
         for c, reader in enumerate(self.source.readers):
             z0, slabs = 0, scan_slabs(reader, self.source.shape, self.slab)
-            if self.source.shape[2] > self.slab:  # more than one slab: one can be read while another is summed
+            if self.source.shape[2] > slab_planes(self.source.shape, self.slab):  # one slab read while one is summed
                 # a reader that keeps a window of planes (gzip, TIFF pages) reuses it: the slab read ahead is a copy
                 slabs = read_ahead(slabs, copy=read_buffer([reader]) == "planes")
             try:

@@ -518,8 +518,9 @@ def _dry_pass(graph: StreamGraph, read_planes: int | dict[str, int], rows: list[
               chunks: list[int]) -> _DryPass:
     """The bookkeeping-only pass :func:`plan_capacities` sizes buffers from (remembered: see :data:`_DRY_PASSES`)."""
     key = _z_signature(graph, read_planes, rows, chunks)
-    if key in _DRY_PASSES:
-        return _DRY_PASSES[key]
+    found = _DRY_PASSES.get(key)  # (one lookup: another thread's plan may clear the memo between two)
+    if found is not None:
+        return found
     dry = StreamRun(graph, {k: _no_read for k in graph.inputs}, read_planes, chunks)
     for a, b in rows:
         dry.take(a, b - a)
