@@ -5,6 +5,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import openvino as ov
 import pytest
 from click.testing import CliRunner
 from models import save_unet2
@@ -106,3 +107,37 @@ def test_a_reduced_precision_asked_for_against_the_stored_verdict_says_so(tmp_pa
     assert "cropped back to 21x18x15: one tile covers" in rep.exact_meaning
     _, rep = predict(odd[:20, :16, :12], bad, precision="f32", report=True, progress=False)
     assert "padded" not in rep.exact_meaning.replace("(padded)", ""), rep.exact_meaning
+
+
+class _Capabilities:
+    """An ov.Core stand-in that reports these optimisation capabilities for every device."""
+
+    def __init__(self, caps: list[str]) -> None:
+        self.caps = caps
+
+    def get_property(self, device: str, name: str) -> list[str]:
+        return self.caps
+
+
+def test_a_reduced_precision_the_device_cannot_run_says_it_computes_in_f32(tmp_path):
+    """--precision bf16 on a CPU without native bf16 (AVX2): OpenVINO compiles it and computes in f32 (its compiled
+    model reports f32), while the run's summary said `CPU bf16` and nothing else. The reason now says so; where bf16
+    is native, or for f32, it stays "asked for" (no note)."""
+    from volinfer import predict
+
+    no_bf16 = _Capabilities(["FP32", "INT8", "BIN", "EXPORT_IMPORT"])
+    asked, why = precision.resolve("bf16", None, no_bf16, "CPU")
+    assert asked == "bf16" and "CPU has no native bf16: OpenVINO computes in f32 here" in why
+    assert precision.resolve("bf16", None, _Capabilities(["FP32", "BF16"]), "CPU") == ("bf16", "asked for")
+    assert precision.resolve("f32", None, no_bf16, "CPU") == ("f32", "asked for")
+    assert "has no native f16" in precision.resolve("f16", None, _Capabilities(["FP32", "BF16"]), "CPU")[1]
+    core = ov.Core()
+    xml = save_unet2(tmp_path / "m.xml")
+    _, rep = predict(np.zeros((16, 16, 16), np.float32), xml, precision="bf16", report=True, progress=False)
+    said = [n for n in rep.notes if "no native bf16" in n]
+    if precision.native_reduced(core, "CPU") == "bf16":
+        assert not said, rep.notes
+    else:  # this machine: the premise (OpenVINO's own choice) and the note
+        compiled = core.compile_model(core.read_model(str(xml)), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+        assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+        assert len(said) == 1 and said[0].startswith("precision bf16: asked for, but CPU"), rep.notes

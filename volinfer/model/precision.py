@@ -87,6 +87,10 @@ def resolve(requested: str, stored: dict[str, Any] | None, core: ov.Core, device
             return requested, (f"asked for, although `volinfer convert` measured {requested} unfaithful for this "
                                f"model (labels {stored.get('label_agreement')} equal, probabilities off by up to "
                                f"{stored.get('prob_max_abs')}): outputs differ from f32 inference by about that much")
+        if requested != "f32" and native_reduced(core, device) != requested:  # OpenVINO then computes in f32
+            return requested, (f"asked for, but {device} has no native {requested}: OpenVINO computes in f32 here "
+                               f"(only the planes a stream keeps between layers are stored in {requested}), no "
+                               f"faster than --precision f32")
         return requested, "asked for"
     native = native_reduced(core, device)
     if native is None:
