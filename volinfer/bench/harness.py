@@ -34,10 +34,11 @@ METHOD_NAMES = {
     "infer-only": "OpenVINO inference alone (same tiles, no I/O)",
 }
 VOLINFER_METHODS = ("crop", "gaussian", "mean")
-#: Methods skipped where their peak, extrapolated from the sizes measured before, would pass the cap: the peers and
-#: naive inference. volinfer's own runs plan within their own memory budget (and refuse beyond it): a peak measured
-#: at 512³ says nothing of 2048³'s (proportional extrapolation from one size skipped a 2048³ run of 0.6 GB as 31 GB).
-EXTRAPOLATED = ("naive", "naive-torch", "monai", "nnunet")
+#: What volinfer is compared with: naive inference and the peers. Only these are skipped where their peak,
+#: extrapolated from the sizes measured before, would pass the cap: volinfer's own runs plan within their own memory
+#: budget (and refuse beyond it), and a peak measured at 512³ says nothing of 2048³'s (proportional extrapolation from
+#: one size skipped a 2048³ run of 0.6 GB as 31 GB).
+PEERS = ("naive", "naive-torch", "monai", "nnunet")
 TORCH_METHODS = ("naive-torch", "monai", "nnunet")
 
 
@@ -234,7 +235,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = print,
             outputs: dict[str, Path] = {}
             for method in _order(cfg.methods):
                 m = Measurement(method, size, "ok")
-                need = predict_rss(history[method], m.voxels) if method in EXTRAPOLATED else None
+                need = predict_rss(history[method], m.voxels) if method in PEERS else None
                 out = (cfg.work_dir / f"labels_{method}_{name}.nii").resolve()
                 if need is not None and need > cap:
                     m.status, m.note = "skipped", f"would need ~{need / 1024:.1f} GB (cap {cap / 1024:.1f} GB)"

@@ -8,9 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from volinfer.bench.harness import METHOD_NAMES, VOLINFER_METHODS, BenchConfig, Measurement
+from volinfer.bench.harness import METHOD_NAMES, PEERS, VOLINFER_METHODS, BenchConfig, Measurement
 
-PEERS = ("naive", "naive-torch", "monai", "nnunet")
 PEER_SHORT = {"naive": "naive OV", "naive-torch": "naive PyTorch", "monai": "MONAI", "nnunet": "nnU-Net"}
 
 
