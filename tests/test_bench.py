@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from models import save_unet2
 
 from volinfer.bench.cli import choose_methods, parse_sizes
+from volinfer.bench import harness
 from volinfer.bench.harness import Spawner, predict_rss
 from volinfer.bench.worker import argmax_uint8, overlap_fraction
 from volinfer.cli import main
@@ -162,6 +163,40 @@ def test_memory_prediction_extrapolates_from_smaller_runs():
     assert predict_rss([], 10) is None
     assert predict_rss([(100, 50.0)], 400) == 200.0
     assert predict_rss([(100, 300.0), (200, 310.0)], 1000) == 390.0
+
+
+def test_only_the_peers_are_skipped_by_an_extrapolated_peak(tmp_path, monkeypatch):
+    """A peak measured at one size, extrapolated in proportion to the voxels, skips naive inference and the peers at a
+    larger size; volinfer's own runs plan within their budget and still run (`scale.py --sizes 512,2048` skipped
+    volinfer's 2048³ run of 0.6 GB as "would need ~31.2 GB")."""
+    class NoSpawner:
+        def __init__(self, cwd):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    ran = []
+
+    def measure(spawner, cfg, m, vol, out, cap, tiles):
+        ran.append((m.method, m.size[0]))
+        m.peak_rss_mb = 0.2 * harness.total_ram_mb()  # the larger size extrapolates to 8x this: over the 0.85 cap
+
+    monkeypatch.setattr(harness, "Spawner", NoSpawner)
+    monkeypatch.setattr(harness, "byte_compile", lambda: None)
+    monkeypatch.setattr(harness, "make_volume", lambda path, size: path)
+    monkeypatch.setattr(harness, "_measure", measure)
+    monkeypatch.setattr(harness, "_agreements", lambda results, size, outputs: None)  # (no label files written)
+    cfg = harness.BenchConfig(sizes=[(8, 8, 8), (16, 16, 16)], methods=["naive", "crop", "auto", "monai"],
+                              model=tmp_path / "m.xml", work_dir=tmp_path)
+    results, _ = harness.run_benchmark(cfg, log=lambda line: None)
+    status = {(r.method, r.size[0]): r.status for r in results}
+    assert status == {("naive", 8): "ok", ("crop", 8): "ok", ("auto", 8): "ok", ("monai", 8): "ok",
+                      ("naive", 16): "skipped", ("crop", 16): "ok", ("auto", 16): "ok", ("monai", 16): "skipped"}
+    assert ("auto", 16) in ran and ("naive", 16) not in ran
 
 
 def test_naive_worker_labels_equal_an_independent_reference(tmp_path):
