@@ -102,6 +102,9 @@ def test_a_reduced_precision_asked_for_against_the_stored_verdict_says_so(tmp_pa
         assert bool(lines) == warned, rep.notes
         if warned:
             assert "labels 0.9975 equal" in lines[0] and "asked for" in lines[0]
+            emulated = precision.native_reduced(ov.Core(), "CPU") != "bf16"  # both said: OpenVINO computes in f32
+            assert ("OpenVINO computes in f32 here" in lines[0]) == emulated, lines[0]
+            assert ("outputs differ from f32 inference" in lines[0]) != emulated, lines[0]
     assert rep.exact_meaning.startswith("exact for the volume padded to 24x20x16 (zero padding to the model's size "
                                         "multiple 4; "), rep.exact_meaning
     assert "cropped back to 21x18x15: one tile covers" in rep.exact_meaning

@@ -83,15 +83,16 @@ def compare(model: ov.Model, x: np.ndarray, precision: str, output: int, channel
 def resolve(requested: str, stored: dict[str, Any] | None, core: ov.Core, device: str) -> tuple[str, str]:
     """The precision to compile with, and why (for the summary and ``--json``)."""
     if requested != "auto":
+        emulated = requested != "f32" and native_reduced(core, device) != requested  # OpenVINO computes in f32
+        why = "asked for"
         if stored and stored.get("precision") == requested and not stored.get("faithful"):
-            return requested, (f"asked for, although `volinfer convert` measured {requested} unfaithful for this "
-                               f"model (labels {stored.get('label_agreement')} equal, probabilities off by up to "
-                               f"{stored.get('prob_max_abs')}): outputs differ from f32 inference by about that much")
-        if requested != "f32" and native_reduced(core, device) != requested:  # OpenVINO then computes in f32
-            return requested, (f"asked for, but {device} has no native {requested}: OpenVINO computes in f32 here "
-                               f"(only the planes a stream keeps between layers are stored in {requested}), no "
-                               f"faster than --precision f32")
-        return requested, "asked for"
+            why += (f", although `volinfer convert` measured {requested} unfaithful for this model (labels "
+                    f"{stored.get('label_agreement')} equal, probabilities off by up to {stored.get('prob_max_abs')})"
+                    + ("" if emulated else ": outputs differ from f32 inference by about that much"))
+        if emulated:
+            why += (f", but {device} has no native {requested}: OpenVINO computes in f32 here (only the planes a "
+                    f"stream keeps between layers are stored in {requested}), no faster than --precision f32")
+        return requested, why
     native = native_reduced(core, device)
     if native is None:
         return "f32", f"{device} has no native reduced precision"
