@@ -230,6 +230,30 @@ def test_tiff_voxel_sizes_are_read_from_imagej_and_never_invented(env, tmp_path)
             assert all(f'PhysicalSize{ax}="{v}"' in meta for ax, v in zip("XYZ", sizes)), meta
 
 
+
+def test_an_ome_tiff_voxel_size_is_known_only_along_every_axis(env, tmp_path):
+    """OME-TIFF with PhysicalSizeX/Y but no PhysicalSizeZ (some exports write that) records no voxel size: none is
+    made up for z (it was 1 mm, taken as known: a model storing 0.002 mm resampled 17 planes to 8500), the output
+    claims none; sizes in Ångström are lengths like any other."""
+    import tifffile
+
+    tmp, vol, direct = env
+    zyx = vol.transpose(2, 1, 0)
+    tifffile.imwrite(tmp_path / "xy.ome.tif", zyx, photometric="minisblack", ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.6})
+    tifffile.imwrite(tmp_path / "a.ome.tif", zyx, photometric="minisblack", ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 5000, "PhysicalSizeXUnit": "Å", "PhysicalSizeY": 6000,
+                               "PhysicalSizeYUnit": "Å", "PhysicalSizeZ": 20000, "PhysicalSizeZUnit": "Å"})
+    ok("run", tmp_path / "xy.ome.tif", "-m", tmp / "asym.xml", "-o", tmp_path / "xy.nii", *RUN)
+    assert nib.load(str(tmp_path / "xy.nii")).header.get_xyzt_units()[0] == "unknown"
+    ok("run", tmp_path / "xy.ome.tif", "-m", tmp / "asym.xml", "-o", tmp_path / "xy.tif", *RUN)
+    with tifffile.TiffFile(tmp_path / "xy.tif") as tf:
+        assert "PhysicalSize" not in (tf.ome_metadata or "")
+    ok("run", tmp_path / "a.ome.tif", "-m", tmp / "asym.xml", "-o", tmp_path / "a.nii", *RUN)
+    a = nib.load(str(tmp_path / "a.nii"))
+    assert a.header.get_xyzt_units()[0] == "mm" and np.allclose(a.affine, np.diag([0.0005, 0.0006, 0.002, 1.0]))
+    np.testing.assert_array_equal(labels(tmp_path / "a.nii"), direct)
+
 def _refused(tmp: Path, path: Path, words: str) -> None:
     r = invoke("run", path, "-m", tmp / "asym.xml", "-o", tmp / "refused.nii", *RUN)
     assert r.exit_code == 2, r.output

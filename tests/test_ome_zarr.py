@@ -247,3 +247,35 @@ def test_a_pass_over_a_chunked_store_decodes_each_chunk_row_once(tmp_path, monke
     np.testing.assert_array_equal(reader.planes(0, 4), data[:4].transpose(2, 1, 0))  # too large to keep: direct
     assert [r[2] for r in reads] == [(14, 18), (0, 4)]
     assert row_cache_mb((24, 20, 40), 16, 2) == 24 * 20 * 16 * 2 / 2**20 and row_cache_mb((24, 20, 40), 1, 2) == 0
+
+
+def _mixed_unit_store(path, units, scale):
+    """An OME-Zarr 0.5 store whose z, y, x axes carry the units ``units`` (legal NGFF: EM pipelines write z in
+    micrometres beside y, x in nanometres)."""
+    vol = np.random.default_rng(3).standard_normal(SHAPE[::-1]).astype(np.float32)  # (z, y, x)
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    g.create_array("0", shape=vol.shape, dtype=vol.dtype, chunks=(8, 8, 8))[:] = vol
+    axes = [{"name": n, "type": "space", "unit": u} for n, u in zip("zyx", units)]
+    g.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale},
+                                                    {"type": "translation", "translation": [1.0, 2.0, 3.0]}]}]}]}
+    return path
+
+
+def test_each_axis_is_read_in_its_own_unit(env):
+    """z in micrometres, y and x in nanometres: every axis in x's unit (z 50 nm, not 0.05 nm); an output NIfTI says
+    so in millimetres. Axes in different units, one of them no length: the unit is unknown, not x's."""
+    from volinfer.io.ome import read_geometry
+
+    tmp, _, xml, _ = env
+    store = _mixed_unit_store(tmp / "mixed.zarr", ["micrometer", "nanometer", "nanometer"], [0.05, 8.0, 8.0])
+    geom = read_geometry(dict(zarr.open_group(str(store), mode="r").attrs))
+    assert geom.unit == "nanometer"
+    np.testing.assert_allclose(np.diag(geom.affine)[:3], [8.0, 8.0, 50.0])  # (x, y, z) in nanometres
+    np.testing.assert_allclose(geom.affine[:3, 3], [3.0, 2.0, 1000.0])  # z's translation, 1 µm, in nanometres
+    ok("run", store, "-m", xml, "-o", tmp / "mixed.nii", *RUN)
+    img = nib.load(str(tmp / "mixed.nii"))
+    assert img.header.get_xyzt_units()[0] == "mm"
+    np.testing.assert_allclose(np.diag(img.affine)[:3], [8e-6, 8e-6, 5e-5], rtol=1e-6)
+    odd = _mixed_unit_store(tmp / "odd.zarr", ["parsec", "nanometer", "nanometer"], [0.05, 8.0, 8.0])
+    assert read_geometry(dict(zarr.open_group(str(odd), mode="r").attrs)).unit is None

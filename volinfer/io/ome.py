@@ -138,8 +138,9 @@ def _unit_of(attrs: dict[str, Any]) -> str | None:
     ms = _multiscales(attrs)
     if not ms:
         return None
-    units = [a.get("unit") for a in ms[0].get("axes", []) if a.get("type") == "space"]
-    return units[-1] if units else None
+    space = [a for a in ms[0].get("axes", []) if isinstance(a, dict) and a.get("type") == "space"]
+    x = next((a for a in space if str(a.get("name", "")).lower() == "x"), space[-1] if space else {})
+    return x.get("unit")  # x's, as the NGFF scales' (see _common_unit)
 
 
 def _geometry_from_ngff(ms: dict[str, Any]) -> Geometry:
@@ -163,11 +164,24 @@ def _geometry_from_ngff(ms: dict[str, Any]) -> Geometry:
         xyz = [names.index(n) for n in ("x", "y", "z")]
     else:
         xyz = (space[-3:] if len(space) >= 3 else list(range(len(axes)))[-3:])[::-1]
+    units = [axes[i].get("unit") if isinstance(axes[i], dict) else None for i in xyz] if axes else [None] * 3
+    unit, per_axis = _common_unit(units)
     aff = np.eye(4)
-    aff[:3, :3] = np.diag(scale[xyz])
-    aff[:3, 3] = shift[xyz]
-    unit = axes[xyz[0]].get("unit") if axes and isinstance(axes[xyz[0]], dict) else None
+    aff[:3, :3] = np.diag(scale[xyz] * per_axis)
+    aff[:3, 3] = shift[xyz] * per_axis
     return Geometry(aff, unit)
+
+
+def _common_unit(units: Sequence[str | None]) -> tuple[str | None, np.ndarray]:
+    """One unit for axes that may each carry their own (NGFF allows z in micrometres beside y, x in nanometres, as
+    EM pipelines write): x's unit, and the factors that bring each axis into it; None (unknown, factors 1) where the
+    axes differ and one of them is no length volinfer knows."""
+    first = units[0]
+    if all(u == first for u in units):
+        return first, np.ones(len(units))
+    if not all(u in NGFF_MM for u in units):
+        return None, np.ones(len(units))
+    return first, np.array([NGFF_MM[u] / NGFF_MM[first] for u in units])  # type: ignore[index]
 
 
 def level_shapes(shape: Sequence[int], levels: int) -> list[tuple[int, ...]]:

@@ -79,8 +79,8 @@ def plan_model_grid(source: VolumeSource | None, settings: Any, resample: bool) 
     elif spacing is not None:
         grid.notes.append("the model stores no orientation: the volume is resampled along its own axes")
     if spacing is not None and not getattr(source, "spacing_known", True):
-        grid.notes.append(f"the volume records no voxel size: run at its own grid, not resampled to the model's "
-                          f"{'x'.join(f'{v:g}' for v in spacing)} mm")
+        grid.notes.append(f"the volume records no voxel size (none, or not along every axis): run at its own grid, "
+                          f"not resampled to the model's {'x'.join(f'{v:g}' for v in spacing)} mm")
     elif spacing is not None and not unit_known and resample:
         raise VolinferError("the volume's spatial unit is not a length volinfer knows, so it cannot be resampled to "
                             f"the model's {'x'.join(f'{v:g}' for v in spacing)} mm (pass --no-resample to run it at "
