@@ -254,6 +254,21 @@ def test_an_ome_tiff_voxel_size_is_known_only_along_every_axis(env, tmp_path):
     assert a.header.get_xyzt_units()[0] == "mm" and np.allclose(a.affine, np.diag([0.0005, 0.0006, 0.002, 1.0]))
     np.testing.assert_array_equal(labels(tmp_path / "a.nii"), direct)
 
+
+def test_a_tiff_output_of_a_turned_volume_says_what_it_cannot_keep(env, tmp_path):
+    """A TIFF stack has no orientation: from a NIfTI whose axes are rotated or flipped, the output keeps the voxels
+    and the voxel size and the summary says the rest is not kept (it said nothing); from an axis-aligned one, no
+    such note."""
+    import json
+
+    tmp, vol, direct = env
+    turn = np.array([[0.0, -1.0, 0.0, 5.0], [1.0, 0.0, 0.0, -3.0], [0.0, 0.0, 1.5, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    for name, affine, said in (("turned.nii", turn, True), ("plain.nii", np.diag([1.0, 1.0, 1.5, 1.0]), False)):
+        nib.save(nib.Nifti1Image(vol, affine), str(tmp_path / name))
+        r = ok("run", tmp_path / name, "-m", tmp / "asym.xml", "-o", tmp_path / f"{name}.tif", *RUN[1:], "--json")
+        notes = json.loads(r.stdout)["notes"]
+        assert any("not where its axes point" in n for n in notes) == said, notes
+
 def _refused(tmp: Path, path: Path, words: str) -> None:
     r = invoke("run", path, "-m", tmp / "asym.xml", "-o", tmp / "refused.nii", *RUN)
     assert r.exit_code == 2, r.output

@@ -407,7 +407,18 @@ def _notes(run: _Run) -> list[str]:
     notes.append(f"{setup.input_passes + passes} pass(es) over the input before the tiles "
                  f"({setup.input_passes} pre-pass: NaN/Inf, value range, statistics, fingerprint as needed"
                  f"{f'; {passes} normalisation-statistics' if passes else ''})")
+    if run.output is not None and is_tiff_output(run.output) and _turned(run.source):
+        notes.append("a TIFF stack records a voxel size, not where its axes point: the input's rotated or flipped "
+                     "axes are not in the output (write .nii or .zarr to keep them)")
     return notes
+
+
+def _turned(source: VolumeSource) -> bool:
+    """Whether the input's affine rotates or flips its axes (what a TIFF output cannot say)."""
+    if source.affine is None or not source.orientation_known:
+        return False
+    m = np.asarray(source.affine, float)[:3, :3]
+    return bool(np.any(np.abs(m - np.diag(np.diag(m))) > 1e-6 * np.abs(m).max()) or np.any(np.diag(m) <= 0))
 
 
 def _zarr_settings(output: Any, zarr_output: dict[str, Any] | None) -> dict[str, Any]:

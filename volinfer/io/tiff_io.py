@@ -280,7 +280,7 @@ class TiffWriter(NiftiWriter):
         """Make the temporary stack (tifffile writes the header and page directories) and return its data offset.
         ``voxel_mm`` None: no physical size is claimed (the input recorded none)."""
         tifffile = _tifffile()
-        self._check_space(0, math.prod(full) * self.dtype.itemsize + 65536)
+        self._check_space(math.prod(full) * self.dtype.itemsize + 65536, 0)  # the stack, uncompressed
         axes = "ZYX" if len(full) == 3 else "CZYX"
         meta: dict[str, Any] = {"axes": axes}
         if voxel_mm is not None:

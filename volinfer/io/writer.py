@@ -198,7 +198,7 @@ class NiftiWriter:
         if tmp_bytes + gz > free:
             what = "the temporary file and its compressed copy" if gz else "the temporary file"
             raise VolinferError(f"{self.target}: not enough disk space in {self.tmp.parent}: needs about "
-                                f"{(tmp_bytes + gz) / 2**20:.0f} MB for {what}, {free / 2**20:.0f} MB free"
+                                f"{_mb(tmp_bytes + gz)} for {what}, {_mb(free)} free"
                                 + ("; free space or write an uncompressed .nii" if gz else ""))
 
     def sync(self) -> None:
@@ -332,3 +332,8 @@ class SameImageWriter(NiftiWriter):
     intent and description stay."""
 
     same_image = True
+
+
+def _mb(n: int) -> str:
+    """Bytes as MB for a message: whole MB, one decimal below 10 MB (a nearly full disk is not "0 MB free")."""
+    return f"{n / 2**20:.0f} MB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MB"
