@@ -103,6 +103,7 @@ def test_batch_directory_continues_past_a_bad_volume(files):
     nib.save(nib.Nifti1Image(good[:, :, :9], np.eye(4)), str(batch / "b.nii.gz"))
     (batch / "c.nii").write_bytes(b"broken")
     (batch / "d.tif").write_bytes(b"a TIFF stack the batch does not take")  # said, not silently left out
+    (batch / "._a.nii").write_bytes(b"\x00\x05\x16\x07 macOS metadata")  # hidden: left out, as a glob leaves it
     out = tmp / "segs"
     r = invoke("run", batch, "-m", xml, "-o", out, "--json")
     assert r.exit_code == 1

@@ -623,7 +623,8 @@ def batch_inputs(inputs: Sequence[Path]) -> list[Path] | None:
         return None
     text = str(inputs[0])
     if Path(inputs[0]).is_dir():
-        found = sorted(p for p in Path(inputs[0]).iterdir() if p.name.lower().endswith((".nii", ".nii.gz")))
+        found = sorted(p for p in Path(inputs[0]).iterdir()  # hidden files left out, as a glob leaves them:
+                       if p.name.lower().endswith((".nii", ".nii.gz")) and not p.name.startswith("."))  # macOS ._x
     elif any(ch in text for ch in "*?["):
         found = sorted(Path(p) for p in glob.glob(text) if p.lower().endswith((".nii", ".nii.gz")))
     else:
