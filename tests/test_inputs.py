@@ -429,7 +429,14 @@ def test_voxel_sizes_in_micrometres_are_resampled_as_millimetres(tmp_path):
     for name in ("um.nii", "um.zarr"):
         r = ok("run", tmp_path / name, "-m", xml, "-o", tmp_path / f"{name}_out.nii", *RUN[1:])
         assert "resampled 0.8x0.8x1.5 mm -> 1x1x1 mm" in r.output, r.output
+        assert "check both units" not in r.output  # 1.25x and 0.67x: no unit said wrongly
         np.testing.assert_array_equal(labels(tmp_path / f"{name}_out.nii"), want)
+    wrong = nib.Nifti1Image(vol, np.diag([*vox, 1.0]))  # millimetres in a header that says micrometres
+    wrong.header.set_xyzt_units("micron")
+    nib.save(wrong, str(tmp_path / "wrong.nii"))
+    r = ok("run", tmp_path / "wrong.nii", "-m", xml, "-o", tmp_path / "wrong_out.nii", *RUN[1:])
+    assert "41x37x19 -> 1x1x1 voxels" in r.output, r.output  # the whole volume into one voxel: said
+    assert "the model's voxels are 1250x larger than the volume's along an axis: check both units" in r.output
     for name in ("um.nii", "um.zarr"):  # the output says the input's unit (a Zarr-born one said "unknown": mm)
         out = nib.load(str(tmp_path / f"{name}_out.nii"))
         assert np.allclose(out.affine, um.affine) and out.header.get_xyzt_units()[0] == "micron"

@@ -38,6 +38,9 @@ from volinfer.io.regrid import (AxisMap, Resampling, check_regrid_size, reorient
 from volinfer.io.sources import open_paths
 from volinfer.io.writer import NiftiWriter
 
+#: A resampling by more than this factor along an axis is said in a note (a unit said wrongly, most often).
+FAR_RESAMPLING = 8.0
+
 
 @dataclass
 class ModelGrid:
@@ -93,6 +96,12 @@ def plan_model_grid(source: VolumeSource | None, settings: Any, resample: bool) 
                               f"{'x'.join(f'{v:g}' for v in spacing)} mm)")
         elif found is not None and unit_known:
             grid.resampling = found
+            far = max(found.ratio, key=lambda r: max(r, 1 / r))
+            if max(far, 1 / far) > FAR_RESAMPLING:  # most often a unit said wrongly (micrometres said as mm)
+                larger = "larger" if far > 1 else "smaller"
+                grid.notes.append(f"the model's voxels are {max(far, 1 / far):.0f}x {larger} than the volume's along "
+                                  f"an axis: check both units (`volinfer info` shows the model's; --no-resample runs "
+                                  f"the volume at its own voxel size)")
     return grid
 
 
