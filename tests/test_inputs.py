@@ -371,9 +371,10 @@ def _resample_reference(vol: np.ndarray, ratio: tuple[float, ...], shape: tuple[
 
 
 def test_spacing_is_resampled_and_mapped_back(tmp_path):
-    """Acceptance: a 0.8x0.8x1.5 mm volume into a model storing 1x1x1 mm: per-class Dice >= 0.97 against
-    scipy's linear resampling to 1 mm -> whole-volume OpenVINO f32 inference -> nearest back; --no-resample runs
-    at the volume's own size and says so."""
+    """Acceptance: a 0.8x0.8x1.5 mm volume into a model storing 1x1x1 mm: the labels of scipy's linear resampling
+    to 1 mm -> whole-volume OpenVINO f32 inference -> softmax -> linear back -> argmax (nnU-Net's way: labels taken
+    on the volume's grid, not nearest labels of the model's grid, which agreed with it at Dice 0.92 for class 0);
+    --no-resample runs at the volume's own size and says so."""
     shape, vox = (41, 37, 19), (0.8, 0.8, 1.5)
     rng = np.random.default_rng(9)
     x, y, z = np.meshgrid(*[np.arange(n) * v for n, v in zip(shape, vox)], indexing="ij")
@@ -385,12 +386,13 @@ def test_spacing_is_resampled_and_mapped_back(tmp_path):
     got = np.asarray(nib.load(str(tmp_path / "o.nii.gz")).dataobj)
     grid = tuple(int(round(n * v)) for n, v in zip(shape, vox))
     fine = _resample_reference(vol, (1 / 0.8, 1 / 0.8, 1 / 1.5), grid, 1)
-    labels_1mm = whole_volume_labels(asymmetric_model(), fine)
-    expected = _resample_reference(labels_1mm, vox, shape, 0).astype(np.uint8)
+    compiled = ov.Core().compile_model(asymmetric_model(), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    logits = compiled(fine.astype(np.float32)[None, None])[0][0]
+    probs = np.exp(logits - logits.max(0)) / np.exp(logits - logits.max(0)).sum(0)
+    expected = np.argmax([_resample_reference(p, vox, shape, 1) for p in probs], axis=0)
     assert got.shape == shape and np.allclose(nib.load(str(tmp_path / "o.nii.gz")).affine, np.diag([*vox, 1.0]))
-    for c in range(3):
-        dice = 2 * ((got == c) & (expected == c)).sum() / ((got == c).sum() + (expected == c).sum())
-        assert dice >= 0.97, (c, dice)
+    assert "(probabilities, linear, labelled there)" in r.output
+    assert (got == expected).mean() >= 0.999, (got == expected).mean()  # (float32 ties: the two sides' rounding)
     r = ok("run", tmp_path / "v.nii", "-m", xml, "-o", tmp_path / "nr.nii", "--no-resample", *RUN[1:])
     assert "--no-resample" in r.output
     ok("run", tmp_path / "v.nii", "-m", _model_with(tmp_path, "plain.xml"), "-o", tmp_path / "plain.nii", *RUN[1:])

@@ -70,3 +70,26 @@ def test_api_threshold_on_model_ending_in_sigmoid(case, t):
     _check(np.squeeze(labels), p, t)
     probs = predict(vol, TileModel(prob.clone(), tile=TILE), overlap=OVERLAP, kind="probabilities")
     np.testing.assert_allclose(np.squeeze(probs), p, atol=1e-5)  # no second sigmoid
+
+
+@pytest.mark.parametrize("channels, activation, keep, threshold", [
+    (3, "softmax", None, 0.5), (4, "none", None, 0.5), (3, "sigmoid", (0, 2), 0.3), (1, "sigmoid", None, 0.7),
+    (1, "none", None, 0.25)])
+def test_labels_of_the_activated_output_equal_labels_of_the_raw_one(channels, activation, keep, threshold):
+    """A run mapped back from the model's voxel size labels the resampled probabilities (OutputSpec.
+    label_probabilities); at any one voxel those labels must be what the raw output gives (argmax of logits =
+    argmax of softmax; sigmoid above a probability = logit above its logit), masks and kept channels included."""
+    from volinfer.run.postprocess import OutputSpec
+
+    raw = np.random.default_rng(channels).normal(0, 3, (channels, 7, 6, 5)).astype(np.float32)
+    labels = OutputSpec(channels, kind="labels", activation=activation, keep=keep, threshold=threshold)
+    probs = OutputSpec(channels, kind="probabilities", activation=activation)
+    assert labels.labels_from_probabilities
+    want = np.zeros((labels.out_channels, 7, 6, 5), labels.dtype)
+    labels(raw, want)
+    p = np.zeros((channels, 7, 6, 5), np.float32)
+    probs(raw, p)
+    got = np.zeros_like(want)
+    labels.label_probabilities(p, got)
+    np.testing.assert_array_equal(got, want)
+    assert not OutputSpec(1, kind="labels", activation="softmax").labels_from_probabilities  # (probability 1)

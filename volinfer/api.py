@@ -24,13 +24,14 @@ from volinfer.io.ome import Geometry, geometry_from_nifti
 from volinfer.io.formats import is_tiff_output, is_zarr, is_zarr_output
 from volinfer.io.sources import input_files
 from volinfer.io.tiff_io import TiffWriter
+from volinfer.run.postprocess import OutputSpec
 from volinfer.run.settings import RunSettings
 from volinfer.run.norm_stats import fit_norm_statistics
 from volinfer.run.model_grid import ModelGrid, in_mm, plan_model_grid, run_on_model_grid, settings_for_model_grid
 from volinfer.run.feeder import TileFeeder
 from volinfer.run.fidelity import Fidelity
-from volinfer.run.setup import (InputScan, TilingChoice, RunSetup, guard_for, make_normalizer, needs_norm_passes, resolve,
-                                scan_input, stream_verdict, verdict)
+from volinfer.run.setup import (InputScan, TilingChoice, RunSetup, guard_for, make_normalizer, needs_norm_passes,
+                                output_spec, resolve, scan_input, stream_verdict, verdict)
 from volinfer.run.skewed_bands import run_skewed
 from volinfer.run.stream import band_reader, prepare_spill, run_stream
 from volinfer.run.segment_compile import CompileAhead
@@ -180,12 +181,25 @@ def _model_grid(volume: Any, handle: TileModel, s: RunSettings) -> ModelGrid:
 
 def _run_on_model_grid(run: _Run, grid: ModelGrid, handle: TileModel, report: bool) -> Any:
     """:func:`predict` through the model's grid (:mod:`volinfer.run.model_grid`): the output lock is held."""
-    inner = settings_for_model_grid(run.s)
+    inner, spec = settings_for_model_grid(run.s), None
+    if run.s.output.kind == "labels" and grid.resampling is not None:
+        spec, _ = output_spec(handle, run.s.output)
+        spec = spec if spec.labels_from_probabilities else None
+    if spec is not None:  # labels from the probabilities resampled back, not from labels resampled back
+        inner = RunSettings.from_kwargs(inner, kind="probabilities", channels=None, activation=spec.activation)
+
+    def final_writer(source: VolumeSource, channels: int, dtype: np.dtype) -> tuple[Any, np.dtype]:
+        if spec is None:
+            return _final_writer(run, source, channels, dtype)
+        writer, _ = _final_writer(run, source, spec.out_channels, spec.dtype)
+        return _Labelling(writer, spec), dtype
+
     try:
         result, rep = run_on_model_grid(
-            grid, run.in_paths, lambda src, out: predict([src], handle, out, inner),
-            lambda source, channels, dtype: _final_writer(run, source, channels, dtype), resume=run.s.resume,
-            kind=run.s.output.kind, near=run.output.parent if run.output is not None else None)
+            grid, run.in_paths, lambda src, out: predict([src], handle, out, inner), final_writer,
+            resume=run.s.resume, kind="probabilities" if spec is not None else run.s.output.kind,
+            near=run.output.parent if run.output is not None else None,
+            back="probabilities, linear, labelled there" if spec is not None else None)
     finally:
         if run.lock is not None:
             run.lock.release()
@@ -208,6 +222,30 @@ def _final_writer(run: _Run, source: VolumeSource, channels: int, dtype: np.dtyp
     if is_tiff_output(output):
         return TiffWriter(output, source.shape, channels, dtype, voxel_mm=_voxel_mm(source)), dtype
     return NiftiWriter(output, source.shape, channels, dtype, _output_reference(source), source.affine), dtype
+
+
+class _Labelling:
+    """The final output of a run mapped back from the model's voxel size: takes blocks of resampled probabilities
+    (C, nz, Y, X) and writes their labels (:meth:`OutputSpec.label_probabilities`) into ``writer``."""
+
+    def __init__(self, writer: Any, spec: OutputSpec) -> None:
+        self.writer, self.spec = writer, spec
+
+    def write(self, block: np.ndarray, k0: int, j0: int = 0) -> None:
+        out = np.empty((self.spec.out_channels, *block.shape[1:]), self.spec.dtype)
+        self.spec.label_probabilities(block, out)
+        self.writer.write(out, k0, j0)
+
+    def planes_final(self, z: int) -> None:
+        hook = getattr(self.writer, "planes_final", None)
+        if hook is not None:
+            hook(z)
+
+    def commit(self) -> Any:
+        return self.writer.commit()
+
+    def abort(self) -> None:
+        self.writer.abort()
 
 
 class _ArrayResult(ArrayWriter):

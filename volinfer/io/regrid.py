@@ -105,7 +105,9 @@ class Resampling:
 
     @classmethod
     def between(cls, shape: Sequence[int], affine: np.ndarray, want: Sequence[float]) -> "Resampling | None":
-        have = voxel_sizes(affine)
+        # to float32's 7 digits (a NIfTI header's precision): a voxel of 0.8 mm said in mm (0.800000011920929 in the
+        # header) and in micrometres (800 x 0.001) samples the same points
+        have = tuple(float(f"{h:.7g}") for h in voxel_sizes(affine))
         want3 = tuple(float(w) for w in (list(want) * 3 if len(want) == 1 else want))
         if all(abs(h - w) <= SPACING_TOLERANCE * w for h, w in zip(have, want3)):
             return None

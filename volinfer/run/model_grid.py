@@ -9,9 +9,9 @@ and ``.spacing``). A run then, before anything else (:func:`plan_model_grid`):
 2. **resamples** it to the model's voxel size (linear, streamed plane by plane in bounded memory;
    :func:`volinfer.io.regrid.resample_into`) unless ``--no-resample``;
 3. runs the model on that grid as any run (tiles or stream, exactness verdict included), into a temporary file;
-4. maps the output back: resampled to the volume's voxel size (nearest for labels, linear for probabilities and raw
-   outputs), then reoriented back (the inverse permutation and flips), and written to the output with the input's
-   own header and affine.
+4. maps the output back: resampled to the volume's voxel size (linear for probabilities and raw outputs; labels are
+   taken from the probabilities resampled so, as nnU-Net does, where the caller asks: else nearest), then reoriented
+   back (the inverse permutation and flips), and written to the output with the input's own header and affine.
 
 The intermediate volumes are uncompressed NIfTI files in a temporary directory beside the output (removed at the
 end, also on failure); memory stays bounded by the blocks each step holds (:mod:`volinfer.io.regrid`). Such runs are not resumable (``--resume``
@@ -120,11 +120,11 @@ Writer = Callable[[VolumeSource, int, np.dtype], "tuple[Any, np.dtype]"]
 
 
 def run_on_model_grid(grid: ModelGrid, paths: list[Path], run: Callable[[Path, Path], Any], make_writer: Writer, *,
-                      resume: bool, kind: str, near: Path | None) -> tuple[Any, Any]:
+                      resume: bool, kind: str, near: Path | None, back: str | None = None) -> tuple[Any, Any]:
     """Steps 1–4 of the module docs for the input files ``paths``: ``run(input, output)`` runs the model from one
     NIfTI file into another and returns its report; ``make_writer(source, channels, dtype)`` opens the final
-    output for the input's grid and says the type it stores. Returns (the writer's commit/result, the report with
-    what was done)."""
+    output for the input's grid and says the type it stores. ``back``: how the output is mapped back, for the
+    report (default: from ``kind``). Returns (the writer's commit/result, the report with what was done)."""
     if resume:
         raise VolinferError("--resume is not available when the volume is reoriented or resampled to the model's "
                             "grid (run the command again without it)")
@@ -149,7 +149,7 @@ def run_on_model_grid(grid: ModelGrid, paths: list[Path], run: Callable[[Path, P
     steps = [s for s in (grid.amap.describe(source.affine, grid.target or "") if grid.amap else None,
                          grid.resampling.describe() if grid.resampling else None) if s]
     report.extra["model grid"] = "; ".join(steps) + f"; output mapped back onto the input's " \
-        f"{'x'.join(map(str, source.shape))} grid ({'nearest' if kind == 'labels' else 'linear'})"
+        f"{'x'.join(map(str, source.shape))} grid ({back or ('nearest' if kind == 'labels' else 'linear')})"
     report.wall_s = time.perf_counter() - t0
     return result, report
 

@@ -74,6 +74,22 @@ class OutputSpec:
             return np.dtype(self.float_dtype)
         return np.dtype(np.float32)
 
+    @property
+    def labels_from_probabilities(self) -> bool:
+        """Whether these labels can be taken from the activated output instead of the raw one (argmax of the
+        probabilities, or each kept channel's probability above the threshold): what a run mapping its output back
+        from the model's voxel size does, resampling probabilities and labelling them on the volume's own grid, as
+        nnU-Net does. Not for a one-channel softmax, whose probability is 1 everywhere."""
+        return self.kind == "labels" and not (self.model_channels == 1 and self.activation == "softmax")
+
+    def label_probabilities(self, probs: np.ndarray, out: np.ndarray) -> None:
+        """Write the labels of ``probs`` (all ``model_channels`` activated channels, (C, ...)) into ``out``
+        (out_channels, ...): see :attr:`labels_from_probabilities`."""
+        if not self._multilabel:
+            _argmax(probs, out[0])
+            return
+        np.greater(probs[list(self.channels)], self.threshold, out=out, casting="unsafe")
+
     def __call__(self, raw: np.ndarray, out: np.ndarray) -> None:
         """Write the post-processed ``raw`` block (C, ...) into ``out`` (out_channels, ...) of :attr:`dtype`."""
         blockwise(self._apply, out, raw, step=16)
