@@ -152,6 +152,15 @@ class SegmentCache:
     def __init__(self) -> None:
         self.compiled: dict[str, Any] = {}
         self.hits = 0
+        self.used: set[str] = set()  # keys the current pass compiled or reused
+
+    def end_pass(self) -> None:
+        """Forget the segments the pass that ended did not use: a compiled segment holds OpenVINO's working copy of
+        its inputs (about their size), and 25 passes' worth of them grew a run past its budget (SegResNet at 130³:
+        ~100 MB); what a pass shares with the next (a wave's prefix) the pass before used too."""
+        for key in set(self.compiled) - self.used:
+            del self.compiled[key]
+        self.used = set()
 
     def wrap(self, graph: StreamGraph) -> Callable[[Callable[[Segment, int], Any]], Callable[[Segment, int], Any]]:
         nodes = {n.get_friendly_name(): n for n in graph.model.get_ordered_ops()}
@@ -164,6 +173,7 @@ class SegmentCache:
                     self.hits += 1
                 else:
                     self.compiled[key] = compile_segment(seg, t)
+                self.used.add(key)
                 return self.compiled[key]
             return cached
 
@@ -249,6 +259,7 @@ def fit_stream_statistics(tm: TileModel, plan: StreamPlan, layers: list[NormLaye
                 k += 1
                 moments += _pass_moments((tm, plan, model, shape), spass, flat[k:], ck,
                                          (bands, reader, bar, cache, info))
+                cache.end_pass()
                 done += spass.layers
             freeze_wave(model, done, moments)
     finally:
