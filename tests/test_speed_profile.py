@@ -135,7 +135,10 @@ def _plan_tiling(tmp_path, profile, precision="f32"):
     return plan_tiling(tm, (61, 53, 47), TilingSettings(max_memory_mb=200.0))
 
 
-def test_plan_tiling_uses_the_stored_profile_in_the_runs_precision_and_says_so(tmp_path):
+def test_plan_tiling_uses_the_stored_profile_in_the_runs_precision_and_says_so(tmp_path, monkeypatch):
+    from volinfer.model import precision
+
+    monkeypatch.setattr(precision, "native_reduced", lambda core, device: "bf16")  # a bf16 run on any CPU
     plain = _plan_tiling(tmp_path, None)
     assert plain.speed_source == "not measured: per-voxel cost assumed constant"
     assert plain.candidates and all(c.voxel_s is None for c in plain.candidates)
