@@ -17,8 +17,8 @@ import numpy as np
 
 from volinfer import validate
 from volinfer.errors import VolinferError
-from volinfer.options import (ENGINES, NORM_STATS, OUTPUT_KINDS, PAD_MODES, STITCH_MODES, parse_channels, parse_mirror,
-                              parse_normalization, parse_size_mb, parse_tile)
+from volinfer.options import (ENGINES, NORM_STATS, OUTPUT_KINDS, PAD_MODES, STITCH_MODES, check_budget_mb,
+                              parse_channels, parse_mirror, parse_normalization, parse_size_mb, parse_tile)
 from volinfer.model.tile_model import CompileOptions
 
 
@@ -54,7 +54,7 @@ class TilingSettings:
         _choice("pad mode", self.pad_mode, PAD_MODES)
         validate.positive("sigma", self.sigma)
         if self.max_memory_mb is not None:
-            validate.positive("max-memory", self.max_memory_mb)
+            check_budget_mb("max-memory", self.max_memory_mb)
         object.__setattr__(self, "mirror", parse_mirror(self.mirror))  # type: ignore[arg-type]
 
 

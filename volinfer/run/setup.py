@@ -35,7 +35,7 @@ from volinfer.run.stream import NOMINAL_VOXEL_S
 from volinfer.run.stream_stats import StatsPlan, statistics_plan
 from volinfer.run.tile_buffers import TileBuffers, tile_need_mb
 from volinfer.io.reader import VolumeSource
-from volinfer.options import NORM_STATS, STITCH_MODES, parse_overlap
+from volinfer.options import NORM_STATS, STITCH_MODES, format_mb, parse_overlap
 from volinfer.run.settings import RunSettings, TilingSettings
 from volinfer.model.precision import outside_checked
 from volinfer.model import speed_profile
@@ -554,7 +554,7 @@ def _largest_fitting(tm: TileModel, need_at: Callable[[Sequence[int]], float], b
             return tuple(tile)  # type: ignore[return-value]
         if max(tile) <= m:
             if given:
-                refusal = f"--max-memory {budget:.0f} MB is too small: the smallest tile needs about {need:.0f} MB"
+                refusal = f"--max-memory {format_mb(budget)} is too small: the smallest tile needs about {need:.0f} MB"
                 if defer_to is None:
                     raise VolinferError(refusal)
                 defer_to.refusal = refusal
@@ -784,7 +784,7 @@ def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_m
         return None
     if asked and max_memory_mb and plan.peak_mb > max_memory_mb:
         raise VolinferError(f"--engine stream needs about {plan.peak_mb:.0f} MB for this cross-section, more than "
-                            f"--max-memory {max_memory_mb:.0f} MB (use --engine tiles)")
+                            f"--max-memory {format_mb(max_memory_mb)} (use --engine tiles)")
     return plan
 
 
