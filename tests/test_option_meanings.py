@@ -55,3 +55,52 @@ def test_cli_refuses_a_budget_above_the_machine_in_one_line(tmp_path, monkeypatc
     assert r.exit_code == 2 and r.output.strip().splitlines() == [
         f"error: --max-memory 1e9 (1000000000 MB) is more than this machine's {machine} (its RAM, or its cgroup "
         f"limit if lower); a bare number is MB (see 'volinfer plan --help')"], r.output
+
+
+@pytest.fixture(scope="module")
+def run_env(tmp_path_factory):
+    """A small int16 volume and the two-channel (softmax) tiny U-Net."""
+    import nibabel as nib
+    import numpy as np
+    from models import save_unet2
+
+    tmp = tmp_path_factory.mktemp("meanings")
+    data = np.random.default_rng(3).integers(0, 300, (21, 19, 17)).astype(np.int16)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp / "v.nii.gz"))
+    return tmp, tmp / "v.nii.gz", save_unet2(tmp / "m.xml", tile=32)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunks", "8"], "--chunks applies to Zarr outputs (-o out.zarr); {out} is not one"),
+    (["--no-compression"], "--no-compression applies to Zarr outputs (-o out.zarr); {out} is not one"),
+    (["--pyramid", "1"], "--pyramid applies to Zarr outputs (-o out.zarr); {out} is not one"),
+    (["--block", "8"], "--block applies to Zarr inputs, which run block by block (a .zarr input)"),
+    (["--channels", "1"], "--channels selects the channels of probabilities or raw outputs (or of sigmoid labels); "
+                          "labels of this model's 2 channels (softmax) are the argmax over all of them: drop --channels, "
+                          "or pass --kind probabilities"),
+    (["--threshold", "0.3"], "--threshold applies to one-channel or sigmoid labels; labels of this model's 2 channels "
+                             "(softmax) are their argmax: drop --threshold"),
+    (["--threshold", "0.3", "--kind", "probabilities"], "--threshold applies to one-channel or sigmoid labels; --kind "
+                                                        "probabilities is not thresholded: drop --threshold"),
+    (["--sigma", "0.3"], "--sigma shapes gaussian stitching's weights; this run stitches by crop (the default): drop "
+                         "--sigma, or pass --stitch gaussian"),
+    (["--sigma", "0.3", "--stitch", "mean"], "--sigma shapes gaussian stitching's weights; this run stitches by mean: "
+                                             "drop --sigma, or pass --stitch gaussian"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_options_a_run_cannot_use_are_refused_in_one_line(run_env, args, message):
+    """They were accepted and silently ignored (F6), while --pyramid and --workers were refused."""
+    tmp, vol, xml = run_env
+    out = tmp / "out.nii.gz"
+    r = invoke("run", vol, "-m", xml, "-o", out, *args)
+    assert r.exit_code == 2 and r.output.strip().splitlines() == ["error: " + message.format(out=out)], r.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args", [["--stitch", "gaussian", "--sigma", "0.3"], ["--kind", "probabilities",
+                                                                                "--channels", "1"],
+                                  ["--kind", "raw", "--channels", "0,1"]])
+def test_the_same_options_still_run_where_they_apply(run_env, args):
+    tmp, vol, xml = run_env
+    r = invoke("run", vol, "-m", xml, "-o", tmp / "ok.nii.gz", "--overwrite", "-q", *args)
+    assert r.exit_code == 0, r.output
+

@@ -74,8 +74,8 @@ def main() -> None:
 @click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]),
               help="crop: keep each tile's centre, exact when the margin covers the receptive field (default); "
               "gaussian/mean: weighted blending of overlaps.")
-@click.option("--sigma", type=V.POSITIVE, default=0.125, show_default=True,
-              help="Gaussian sigma as a fraction of the tile (> 0).")
+@click.option("--sigma", type=V.POSITIVE, help="Gaussian stitching: sigma as a fraction of the tile (> 0; default "
+              "0.125); refused with crop or mean stitching.")
 @click.option("--pad", "pad_mode", type=click.Choice(["constant", "edge", "reflect"]), default="constant",
               show_default=True, help="How tiles are filled past the volume's end.")
 @click.option("--layout", type=click.Choice(["NCDHW", "NDHWC"], case_sensitive=False),
@@ -85,10 +85,11 @@ def main() -> None:
               "output; raw: model output.")
 @click.option("--activation", type=click.Choice(["softmax", "sigmoid", "none"]), is_eager=True,
               help="Output activation. Default: stored in the model, else softmax (several channels) or sigmoid.")
-@click.option("--channels", help="Output channels to keep, e.g. 1,2 (probabilities/raw).")
-@click.option("--threshold", type=V.FLOAT, default=0.5, show_default=True, callback=V.threshold_callback,
+@click.option("--channels", help="Output channels to keep, e.g. 1,2 (probabilities/raw, or sigmoid labels; refused "
+              "with argmax labels).")
+@click.option("--threshold", type=V.FLOAT, callback=V.threshold_callback,
               help="Threshold for one-channel (or sigmoid) labels, on probabilities: 0 < T < 1 (any finite number "
-              "with --activation none).")
+              "with --activation none; default 0.5); refused for argmax labels and other kinds.")
 @click.option("--float16", "float16", is_flag=True, help="Write probabilities as float16 (Zarr outputs; NIfTI has "
               "no float16 type, so NIfTI outputs get float32 and the summary says so).")
 @click.option("--normalize", type=options.NORMALIZE, help="Intensity normalisation: none, zscore, minmax, "
@@ -110,10 +111,10 @@ def main() -> None:
 @click.option("--scheduler", help="Zarr runs: Dask scheduler address (tcp://host:8786) to run the blocks on.")
 @click.option("--workers", type=V.COUNT, help="Zarr runs: start a local Dask cluster of this many (>= 1) worker "
               "processes.")
-@click.option("--block", type=V.COUNT, default=256, show_default=True,
-              help="Zarr runs: block size in voxels, >= 1 (whole output chunks).")
-@click.option("--chunks", type=V.COUNT, help="Zarr runs: output chunk size, >= 1 (default: the input's).")
-@click.option("--no-compression", is_flag=True, help="Zarr runs: store output chunks uncompressed (default zstd).")
+@click.option("--block", type=V.COUNT, help="Zarr inputs: block size in voxels, >= 1 (whole output chunks; default "
+              "256).")
+@click.option("--chunks", type=V.COUNT, help="Zarr outputs: chunk size, >= 1 (default: the input's, else 64).")
+@click.option("--no-compression", is_flag=True, help="Zarr outputs: store chunks uncompressed (default zstd).")
 @click.option("--pyramid", type=click.IntRange(0, 16), default=0, show_default=True,
               help="Zarr outputs: also write this many OME-Zarr levels, each half the previous along z, y, x "
               "(nearest for labels, mean otherwise), as blocks complete.")

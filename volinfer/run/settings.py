@@ -27,6 +27,11 @@ def _choice(name: str, value: str | None, allowed: Sequence[str]) -> None:
     if value is not None and value not in allowed:
         raise VolinferError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
+#: Gaussian stitching's sigma, a fraction of the tile, when ``--sigma`` is not given.
+DEFAULT_SIGMA = 0.125
+#: The probability above which one-mask-per-channel labels are set, when ``--threshold`` is not given.
+DEFAULT_THRESHOLD = 0.5
+
 
 @dataclass(frozen=True)
 class TilingSettings:
@@ -35,7 +40,7 @@ class TilingSettings:
     tile: Any = None  # None/"auto": planned for fidelity; an int or three ints: used as is
     overlap: Any = None  # fraction(s) of the tile, whole voxels, or None (stored, else planned/default)
     stitch: str | None = None  # crop | gaussian | mean; None: stored, else crop
-    sigma: float = 0.125
+    sigma: float | None = None  # gaussian stitching only (refused with crop/mean); None: DEFAULT_SIGMA
     pad_mode: str = "constant"
     mirror: tuple[int, ...] = ()  # volume axes of test-time mirroring
     norm_stats: str | None = None  # volume | tile; None: stored, else volume
@@ -52,10 +57,16 @@ class TilingSettings:
         _choice("stitch", self.stitch, STITCH_MODES)
         _choice("norm-stats", self.norm_stats, NORM_STATS)
         _choice("pad mode", self.pad_mode, PAD_MODES)
-        validate.positive("sigma", self.sigma)
+        if self.sigma is not None:
+            validate.positive("sigma", self.sigma)
         if self.max_memory_mb is not None:
             check_budget_mb("max-memory", self.max_memory_mb)
         object.__setattr__(self, "mirror", parse_mirror(self.mirror))  # type: ignore[arg-type]
+
+    @property
+    def gaussian_sigma(self) -> float:
+        """The Gaussian stitcher's sigma (a fraction of the tile): the one given, else :data:`DEFAULT_SIGMA`."""
+        return DEFAULT_SIGMA if self.sigma is None else self.sigma
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,7 @@ class OutputSettings:
     kind: str = "labels"
     activation: str | None = None  # softmax | sigmoid | none; None: from the graph / stored / default
     channels: tuple[int, ...] | None = None
-    threshold: float = 0.5
+    threshold: float | None = None  # one-mask-per-channel labels only (refused elsewhere); None: DEFAULT_THRESHOLD
     prob_dtype: str = "float32"
     chunks: Any = None  # Zarr outputs: chunk edge(s); None: 64 (NIfTI input) or the input's (Zarr input)
     compression: bool = True  # Zarr outputs
@@ -74,10 +85,16 @@ class OutputSettings:
     def __post_init__(self) -> None:
         _choice("kind", self.kind, OUTPUT_KINDS)
         _choice("activation", self.activation, ("softmax", "sigmoid", "none"))
-        validate.finite("threshold", self.threshold)  # the range depends on the resolved activation: OutputSpec
+        if self.threshold is not None:  # the range depends on the resolved activation: OutputSpec
+            validate.finite("threshold", self.threshold)
         if self.channels is not None:
             object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         validate.count("pyramid", self.pyramid, minimum=0)
+
+    @property
+    def labels_threshold(self) -> float:
+        """The threshold of one-mask-per-channel labels: the one given, else :data:`DEFAULT_THRESHOLD`."""
+        return DEFAULT_THRESHOLD if self.threshold is None else self.threshold
 
     def zarr_output(self, default_chunks: int = 64) -> dict[str, Any]:
         """The Zarr store settings a NIfTI-input run records and writes with."""

@@ -95,6 +95,10 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
     stitch = stitch or st.stitch or "crop"
     if stitch not in STITCH_MODES:
         raise VolinferError(f"stitch must be one of {', '.join(STITCH_MODES)}; got {stitch!r}")
+    if s.tiling.sigma is not None and stitch != "gaussian":
+        why = "" if s.tiling.stitch else " (stored in the model)" if st.stitch else " (the default)"
+        raise VolinferError(f"--sigma shapes gaussian stitching's weights; this run stitches by {stitch}{why}: drop "
+                            f"--sigma, or pass --stitch gaussian")
     if channels != tm.in_channels:
         raise VolinferError(f"the volume has {channels} channel(s) but the model expects {tm.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
@@ -116,9 +120,26 @@ def output_spec(tm: TileModel, o: Any) -> tuple[OutputSpec, str | None]:
     """What the run writes (``o``: the settings' :class:`volinfer.run.settings.OutputSettings`), and the note saying
     where its activation came from (None when nothing needs saying)."""
     activation, note = resolve_activation(tm, o.activation)
-    return OutputSpec(tm.out_channels, kind=o.kind, activation=activation,
-                      keep=tuple(o.channels) if o.channels is not None else None, threshold=o.threshold,
-                      float_dtype=o.prob_dtype), note
+    spec = OutputSpec(tm.out_channels, kind=o.kind, activation=activation,
+                      keep=tuple(o.channels) if o.channels is not None else None, threshold=o.labels_threshold,
+                      float_dtype=o.prob_dtype)
+    _refuse_unused_output_options(spec, o)
+    return spec, note
+
+
+def _refuse_unused_output_options(spec: OutputSpec, o: Any) -> None:
+    """``--threshold`` and ``--channels`` where they cannot change the output, refused in one line rather than
+    ignored: labels of several softmax (or raw) channels are their argmax, which neither a threshold nor a choice
+    of channels enters; probabilities and raw outputs are never thresholded."""
+    channels = (f"this model's {spec.model_channels} channels ("
+                f"{spec.activation if spec.activation != 'none' else 'activation none'})")
+    if o.threshold is not None and not spec.masks:
+        why = f"--kind {spec.kind} is not thresholded" if spec.kind != "labels" else f"labels of {channels} are their argmax"
+        raise VolinferError(f"--threshold applies to one-channel or sigmoid labels; {why}: drop --threshold")
+    if o.channels is not None and spec.kind == "labels" and not spec.masks:
+        raise VolinferError(f"--channels selects the channels of probabilities or raw outputs (or of sigmoid labels); "
+                            f"labels of {channels} are the argmax over all of them: drop --channels, or pass --kind "
+                            f"probabilities")
 
 
 def tile_buffers(tm: TileModel, shape: Sequence[int], settings: Any, stored: tuple[int, str]) -> TileBuffers:
