@@ -61,7 +61,7 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--labels", help="Comma-separated label names (background first).")
 @click.option("--channel-names", help="Comma-separated input channel names (e.g. t1,t2,flair).")
 @click.option("--normalize", type=options.NORMALIZE, help="Normalisation to store: none, zscore, minmax, percentile:LO:HI "
-              "(0 <= LO < HI <= 100), scale:A:B (finite, A != 0).")
+              "(" + options.PERCENTILE_RULE + "), scale:A:B (finite, A != 0).")
 @click.option("--spacing", type=V.SPACING, help="Voxel spacing the model expects, in mm, > 0 (e.g. 1,1,1).")
 @click.option("--orientation", type=V.ORIENTATION, help="Orientation the model expects, three letters (e.g. RAS): "
               "`run` reorients other volumes to it (axis permutations and flips).")

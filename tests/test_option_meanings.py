@@ -104,3 +104,28 @@ def test_the_same_options_still_run_where_they_apply(run_env, args):
     r = invoke("run", vol, "-m", xml, "-o", tmp / "ok.nii.gz", "--overwrite", "-q", *args)
     assert r.exit_code == 0, r.output
 
+
+@pytest.mark.parametrize("command", ["run", "convert"])
+def test_help_says_what_percentile_normalisation_does(command):
+    """``percentile:LO:HI`` clips and then z-scores (F3); the help said only ``percentile:LO:HI``."""
+    r = invoke(command, "--help")
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and ("percentile:LO:HI (clip to the volume's LO and HI percentiles, then z-score the "
+                                 "clipped values with their mean and std, as nnU-Net does for CT; not a rescale to "
+                                 "[0, 1]; 0 <= LO < HI <= 100, default 0.5:99.5)") in text, text
+
+
+def test_percentile_normalisation_is_clip_then_zscore():
+    """What the help says, checked against the normaliser itself."""
+    import numpy as np
+
+    from volinfer.run.normalize import Normalizer
+
+    x = np.random.default_rng(0).gamma(2.0, 50.0, 4096).astype(np.float32)
+    norm = Normalizer({"kind": "percentile", "lower": 5, "upper": 95}, channels=1)
+    norm._set(0, x.size, float(x.sum()), float((x.astype(np.float64) ** 2).sum()), float(x.min()), float(x.max()), [x])
+    lo, hi = np.percentile(x, [5, 95])
+    clipped = np.clip(x, lo, hi)
+    assert norm.clip[0] == (float(lo), float(hi))
+    np.testing.assert_allclose([norm.a[0], norm.b[0]], [1 / clipped.std(), -clipped.mean() / clipped.std()], rtol=1e-6)
+

@@ -93,7 +93,7 @@ def main() -> None:
 @click.option("--float16", "float16", is_flag=True, help="Write probabilities as float16 (Zarr outputs; NIfTI has "
               "no float16 type, so NIfTI outputs get float32 and the summary says so).")
 @click.option("--normalize", type=options.NORMALIZE, help="Intensity normalisation: none, zscore, minmax, "
-              "percentile:LO:HI (0 <= LO < HI <= 100, default 0.5:99.5), scale:A:B (x * A + B; finite, A != 0). "
+              "percentile:LO:HI (" + options.PERCENTILE_RULE + "), scale:A:B (x * A + B; finite, A != 0). "
               "Default: stored in the model, else none.")
 @click.option("--output-name", help="Which model output to use (name or index) when there are several.")
 @runtime_options()

@@ -26,6 +26,10 @@ PAD_MODES = ("constant", "edge", "reflect")
 ENGINES = ("auto", "tiles", "stream")
 #: Intensity normalisations (``--normalize``).
 NORMALIZATIONS = ("none", "zscore", "minmax", "percentile", "scale")
+#: What ``--help`` says ``percentile:LO:HI`` does (:meth:`volinfer.run.normalize.Normalizer._set`): nnU-Net's CT
+#: scheme, not MONAI's ScaleIntensityRangePercentiles; stored models depend on it, so it is said, not changed.
+PERCENTILE_RULE = ("clip to the volume's LO and HI percentiles, then z-score the clipped values with their mean and "
+                   "std, as nnU-Net does for CT; not a rescale to [0, 1]; 0 <= LO < HI <= 100, default 0.5:99.5")
 
 
 def parse_normalization(text: str | None) -> dict[str, Any] | None:
