@@ -129,3 +129,18 @@ def test_percentile_normalisation_is_clip_then_zscore():
     assert norm.clip[0] == (float(lo), float(hi))
     np.testing.assert_allclose([norm.a[0], norm.b[0]], [1 / clipped.std(), -clipped.mean() / clipped.std()], rtol=1e-6)
 
+
+@pytest.mark.parametrize("output, expected", [
+    ("p.tif", ("float32", "--float16 applies to .zarr outputs: this TIFF's probabilities are written as float32")),
+    ("p.tiff", ("float32", "--float16 applies to .zarr outputs: this TIFF's probabilities are written as float32")),
+    ("p.nii.gz", ("float32", "NIfTI has no float16 type: probabilities written as float32 (a .zarr output stores "
+                             "float16)")),
+    ("p.zarr", ("float16", None)),
+])
+def test_float16_note_names_the_output_format(output, expected):
+    """A .tif output was told "NIfTI has no float16 type" (F5)."""
+    from volinfer.run.settings import output_float_dtype
+
+    assert output_float_dtype(True, "probabilities", output) == expected
+    assert output_float_dtype(False, "probabilities", output) == ("float32", None)
+

@@ -21,7 +21,6 @@ from volinfer.describe import describe_model, info_text
 from volinfer.errors import VolinferError
 from volinfer.io.zarr_convert import nifti_to_zarr, zarr_to_nifti
 from volinfer.io.zarr_io import open_zarr_array
-from volinfer.io.formats import is_zarr_output
 from volinfer.run.plan import plan_run
 from volinfer.run.settings import from_cli, output_float_dtype
 
@@ -91,7 +90,7 @@ def main() -> None:
               help="Threshold for one-channel (or sigmoid) labels, on probabilities: 0 < T < 1 (any finite number "
               "with --activation none; default 0.5); refused for argmax labels and other kinds.")
 @click.option("--float16", "float16", is_flag=True, help="Write probabilities as float16 (Zarr outputs; NIfTI has "
-              "no float16 type, so NIfTI outputs get float32 and the summary says so).")
+              "no float16 type and TIFF outputs are written as float32: those get float32 and the summary says so).")
 @click.option("--normalize", type=options.NORMALIZE, help="Intensity normalisation: none, zscore, minmax, "
               "percentile:LO:HI (" + options.PERCENTILE_RULE + "), scale:A:B (x * A + B; finite, A != 0). "
               "Default: stored in the model, else none.")
@@ -137,7 +136,7 @@ def run(**params: Any) -> None:
     """
 
     inputs, output, quiet, as_json = params["inputs"], params["output"], params["quiet"], params["as_json"]
-    prob_dtype, dtype_note = output_float_dtype(params["float16"], params["kind"], zarr=is_zarr_output(output))
+    prob_dtype, dtype_note = output_float_dtype(params["float16"], params["kind"], output)
     settings = from_cli({**params, "prob_dtype": prob_dtype})
     blocks = BlockSettings(params["block"], params["scheduler"], params["workers"])
     human = not quiet and not as_json

@@ -11,12 +11,14 @@ and :func:`volinfer.run.plan.plan_run`. They are frozen: a layer that needs anot
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from volinfer import validate
 from volinfer.errors import VolinferError
+from volinfer.io.formats import is_tiff_output, is_zarr_output
 from volinfer.options import (ENGINES, NORM_STATS, OUTPUT_KINDS, PAD_MODES, STITCH_MODES, check_budget_mb,
                               parse_channels, parse_mirror, parse_normalization, parse_size_mb, parse_tile)
 from volinfer.model.tile_model import CompileOptions
@@ -222,14 +224,17 @@ def _flatten(kw: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def output_float_dtype(float16: bool, kind: str, zarr: bool) -> tuple[str, str | None]:
-    """The probability dtype to write, and a note when ``--float16`` cannot apply: NIfTI-1 has no float16 type
-    (nibabel refuses it), so NIfTI outputs get float32; Zarr stores float16."""
+def output_float_dtype(float16: bool, kind: str, output: str | Path) -> tuple[str, str | None]:
+    """The probability dtype to write to ``output``, and a note, naming the output's format, when ``--float16``
+    cannot apply: NIfTI-1 has no float16 type (nibabel refuses it), so NIfTI outputs get float32; the TIFF writer
+    writes float32 too; Zarr stores float16."""
     if not float16:
         return "float32", None
     if kind != "probabilities":
         return "float32", f"--float16 applies to --kind probabilities; {kind} written as usual"
-    if not zarr:
+    if is_tiff_output(output):
+        return "float32", "--float16 applies to .zarr outputs: this TIFF's probabilities are written as float32"
+    if not is_zarr_output(output):
         return "float32", "NIfTI has no float16 type: probabilities written as float32 (a .zarr output stores float16)"
     return "float16", None
 
