@@ -144,3 +144,13 @@ def test_float16_note_names_the_output_format(output, expected):
     assert output_float_dtype(True, "probabilities", output) == expected
     assert output_float_dtype(False, "probabilities", output) == ("float32", None)
 
+
+@pytest.mark.parametrize("overlap, shown", [("0.999", "0.999 (8 voxels)"), ("8", "8")])
+def test_overlap_error_names_the_overlap_as_given(run_env, overlap, shown):
+    """``--overlap 0.999`` was reported as ``--overlap 8`` (F7)."""
+    tmp, vol, xml = run_env
+    r = invoke("run", vol, "-m", xml, "-o", tmp / "ov.nii.gz", "--tile", "8", "--overlap", overlap)
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        f"error: --overlap {shown} leaves no room in a tile of 8 along x: need tile - overlap >= 4; give a smaller "
+        f"overlap"], r.output
+

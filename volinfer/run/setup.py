@@ -436,10 +436,11 @@ def check_overlap_fits(tm: TileModel, overlap: Any, stitch: str) -> None:
     items = parse_overlap(overlap)
     if not items:
         return
-    for axis, (o, t) in enumerate(zip(overlap_voxels(items, tm.tile), tm.tile)):
+    for axis, (item, o, t) in enumerate(zip(items, overlap_voxels(items, tm.tile), tm.tile)):
         room = (t - 2 * (o // 2)) // tm.multiple * tm.multiple if stitch == "crop" else t - o
         if room <= 0:
-            raise VolinferError(f"--overlap {o} leaves no room in a tile of {t} along {'xyz'[axis]}: need tile - "
+            given = f"{item:g} ({o} voxels)" if item < 1 else f"{o}"  # a fraction as typed, with what it came to
+            raise VolinferError(f"--overlap {given} leaves no room in a tile of {t} along {'xyz'[axis]}: need tile - "
                                 f"overlap >= {tm.multiple if stitch == 'crop' else 1}; give a smaller overlap")
 
 
