@@ -154,3 +154,32 @@ def test_overlap_error_names_the_overlap_as_given(run_env, overlap, shown):
         f"error: --overlap {shown} leaves no room in a tile of 8 along x: need tile - overlap >= 4; give a smaller "
         f"overlap"], r.output
 
+
+def test_info_shows_the_stored_receptive_field_run_uses_and_labels_the_graph_bound():
+    """``info`` printed ``radius 4x4x4 voxels (measured, f32)`` (the graph's bound) for a model storing 3, which
+    run and plan use (F8)."""
+    import json
+    from pathlib import Path
+
+    import volinfer
+
+    demo = Path(volinfer.__file__).parent / "data" / "demo_blobs.xml"
+    r = CliRunner().invoke(main, ["info", str(demo)])
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if "radius" in line]
+    assert lines == ["receptive    radius 3x3x3 voxels (stored in the model; what run and plan use)",
+                     "             radius 4x4x4 voxels (from the graph: an upper bound by kernel arithmetic)"]
+    data = json.loads(CliRunner().invoke(main, ["info", str(demo), "--json", "--no-measure"]).stdout)
+    assert data["receptive_field"] == {"radius": [3, 3, 3], "bounded": True, "text": "3x3x3", "source": "stored"}
+    assert "found_receptive_field" not in data
+
+
+def test_info_of_a_model_storing_none_says_where_the_run_gets_it(run_env, tmp_path):
+    import openvino as ov
+    from models import tiny_unet
+
+    ov.save_model(tiny_unet(), str(tmp_path / "bare.xml"))
+    r = CliRunner().invoke(main, ["info", str(tmp_path / "bare.xml")])
+    assert r.exit_code == 0 and [line for line in r.output.splitlines() if "radius" in line] == [
+        "receptive    radius 4x4x4 voxels (probed by perturbation, f32; what run and plan "
+        "use)"], r.output
