@@ -61,7 +61,7 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--labels", help="Comma-separated label names (background first).")
 @click.option("--channel-names", help="Comma-separated input channel names (e.g. t1,t2,flair).")
 @click.option("--normalize", type=options.NORMALIZE, help="Normalisation to store: none, zscore, minmax, percentile:LO:HI "
-              "(0 <= LO < HI <= 100), scale:A:B (finite, A != 0).")
+              "(" + options.PERCENTILE_RULE + "), scale:A:B (finite, A != 0).")
 @click.option("--spacing", type=V.SPACING, help="Voxel spacing the model expects, in mm, > 0 (e.g. 1,1,1).")
 @click.option("--orientation", type=V.ORIENTATION, help="Orientation the model expects, three letters (e.g. RAS): "
               "`run` reorients other volumes to it (axis permutations and flips).")
@@ -84,7 +84,7 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--no-receptive-field", is_flag=True, help="Skip measuring the receptive field.")
 @click.option("--no-speed-profile", is_flag=True, help="Skip timing the model at a few tile shapes (a few seconds; "
               "without a profile `volinfer run --tile auto` assumes every tile shape costs the same per voxel).")
-@click.option("--max-memory", type=options.MEMORY, help="Peak RAM budget of the conversion (e.g. 2G; > 0; default as for "
+@click.option("--max-memory", type=options.MEMORY, help="Peak RAM budget of the conversion (e.g. 2G; " + options.SIZE_RULE + "; default as for "
               "`run`: a quarter of the machine's RAM or cgroup limit): the receptive-field probe (when the graph cannot be read), the "
               "tiling, precision and parity checks and the speed profile each run at a size that fits it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing IR.")

@@ -50,5 +50,5 @@ def test_uneven_memory_shortens_the_axis_that_frees_the_most():
 
 
 def test_nothing_fits_is_still_refused_under_a_given_budget():
-    with pytest.raises(VolinferError, match="--max-memory 0 MB is too small"):
+    with pytest.raises(VolinferError, match="--max-memory 102 KB is too small"):
         _largest_fitting(TM, need(), 0.1, (97, 45, 70), True, start=(40, 40, 40))

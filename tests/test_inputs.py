@@ -481,7 +481,7 @@ def test_full_disk_while_writing_ome_zarr_is_resumable(env, tmp_path, monkeypatc
     if source == "zarr":
         src = tmp_path / "in.zarr"
         ok("to-zarr", tmp / "v.nii.gz", "-o", src, "--chunks", "8")
-    args = ["-m", tmp / "asym.xml", "--chunks", "8", "--block", "16", *RUN]
+    args = ["-m", tmp / "asym.xml", "--chunks", "8", *(["--block", "16"] if source == "zarr" else []), *RUN]
     ok("run", src, "-o", tmp_path / "whole.zarr", *args)
     module = "volinfer.io.zarr_writer" if source == "nifti" else "volinfer.run.distributed"
     _full_disk_after(monkeypatch, module, 2)

@@ -73,7 +73,7 @@ def test_normalize_takes_the_cli_form_too():
 
 
 def test_from_cli_matches_the_keyword_form():
-    params = dict(tile="32x32x16", overlap="0.25", stitch="crop", sigma=0.125, pad_mode="edge", kind="labels",
+    params = dict(tile="32x32x16", overlap="0.25", stitch="crop", sigma=None, pad_mode="edge", kind="labels",
                   activation=None, channels="1", threshold=0.4, normalize="zscore", output_name="1", device="CPU",
                   precision="f32", threads=None, streams=None, requests=2, cache_dir=None, nan_value=None,
                   no_constant_reuse=True, chunks=None, no_compression=True, pyramid=0, max_memory="600M",
@@ -88,7 +88,7 @@ def test_from_cli_matches_the_keyword_form():
 
 def test_predict_with_settings_equals_predict_with_keywords(xml):
     vol = RNG.standard_normal((21, 19, 13)).astype(np.float32)
-    kw = dict(tile=16, overlap=4, stitch="gaussian", kind="probabilities", threshold=0.3, precision="f32")
+    kw = dict(tile=16, overlap=4, stitch="gaussian", kind="probabilities", precision="f32")
     by_keywords = predict(vol, TileModel(xml), **kw)
     by_settings = predict(vol, TileModel(xml), None, RunSettings.from_kwargs(**kw))
     np.testing.assert_array_equal(by_keywords, by_settings)

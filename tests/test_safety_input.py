@@ -169,10 +169,15 @@ def test_bad_numeric_options_of_other_commands(tmp_path, xml, args):
 def test_valid_edge_values_are_accepted(tmp_path, xml):
     vol = tmp_path / "v.nii"
     nib.save(nib.Nifti1Image(RNG.integers(0, 99, (13, 11, 9)).astype(np.int16), np.eye(4)), str(vol))
-    for option in (["--overlap", "0"], ["--overlap", "4,8,1"], ["--overlap", "0.5"], ["--threshold", "1.5",
-                   "--activation", "none"], ["--normalize", "percentile:0:100"], ["--requests", "1"]):
+    for option in (["--overlap", "0"], ["--overlap", "4,8,1"], ["--overlap", "0.5"],
+                   ["--normalize", "percentile:0:100"], ["--requests", "1"]):
         r = invoke("run", vol, "-m", xml, "-o", tmp_path / "o.nii", "-q", "--overwrite", *option)
         assert r.exit_code == 0, (option, r.output)
+    one = tmp_path / "one.xml"  # a threshold applies to one-channel labels (argmax labels refuse it)
+    ov.save_model(tiny_unet(out_ch=1), str(one))
+    r = invoke("run", vol, "-m", one, "-o", tmp_path / "o.nii", "-q", "--overwrite", "--threshold", "1.5",
+               "--activation", "none")
+    assert r.exit_code == 0, r.output
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -189,7 +189,7 @@ def test_resume_refuses_an_adoptable_store_of_another_run_and_leaves_it(env, tmp
     out = tmp_path / "old.zarr"
     _legacy(tmp_path, monkeypatch, src, out, ["-m", xml, *RUN, *extra], route)
     before = sorted(os.listdir(tmp_path))
-    r = invoke("run", src, "-o", out, "-m", xml, *RUN, *extra, "--resume", "--sigma", "0.5")
+    r = invoke("run", src, "-o", out, "-m", xml, *RUN, *extra, "--resume", "--pad", "edge")
     assert r.exit_code == 2 and "cannot resume" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert sorted(os.listdir(tmp_path)) == before
 

@@ -414,7 +414,7 @@ def _run_tiles(run: _Run) -> None:
         busy, calls = streamer(run.source, run.tm, run.stream, job, setup.spec, run.writer, rows_done)
         run.counts = (busy, calls, 0)
         return
-    stitcher = make_stitcher(setup.grid, setup.spec, run.writer, setup.stitch, t.sigma)
+    stitcher = make_stitcher(setup.grid, setup.spec, run.writer, setup.stitch, t.gaussian_sigma)
     run.counts = run_tiles(run.source, run.tm, stitcher, job, rows=rows_done)
 
 
@@ -560,9 +560,13 @@ class BlockSettings:
     """Zarr-input runs only: block edge in voxels, and where the blocks run (a Dask scheduler address, or a local
     cluster of ``workers`` processes; neither: this process)."""
 
-    block: int = 256
+    block: int | None = None  # None: DEFAULT_BLOCK
     scheduler: str | None = None
     workers: int | None = None
+
+
+#: Zarr block runs' block edge in voxels, when ``--block`` is not given.
+DEFAULT_BLOCK = 256
 
 
 @dataclass
@@ -594,6 +598,7 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
     """What ``volinfer run`` does with its inputs: a Zarr input block by block (:func:`volinfer.run.distributed.run_zarr`),
     one NIfTI volume (:func:`predict`), or a batch (one directory or glob of NIfTI files into a directory output,
     :func:`run_batch`). ``note`` is added to every report; ``notify`` receives the batch's per-volume lines."""
+    refuse_unused_store_options(inputs, output, settings, blocks)
     if any(is_zarr(p) for p in inputs):
         if len(inputs) != 1:
             raise VolinferError("Zarr runs take one .zarr input (several channels: one (c, z, y, x) array)")
@@ -606,12 +611,10 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
             return _with_note(_with_note(rep, zarr_route.STREAMED_NOTE if rep.engine == "stream" else None), note)
         if route.way == "bands":
             return _with_note(_zarr_in_bands(inputs[0], route.handle, Path(output), settings), note)
-        return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block,
+        return _with_note(run_zarr(inputs[0], model, output, settings, block=blocks.block or DEFAULT_BLOCK,
                                    scheduler=blocks.scheduler, workers=blocks.workers), note)
     if blocks.scheduler or blocks.workers:
         raise VolinferError("--scheduler/--workers run Zarr volumes (.zarr input and output)")
-    if not is_zarr_output(output) and settings.output.pyramid:
-        raise VolinferError("--pyramid applies to Zarr outputs (-o out.zarr)")
     batch = batch_inputs(inputs)
     rt = settings.runtime
     tm = TileModel(model, tile=settings.tiling.tile, layout=rt.layout, output=rt.model_output,
@@ -623,6 +626,21 @@ def run_any(inputs: Sequence[Path], model: str | os.PathLike, output: Path, sett
     result = run_batch(batch, tm, output, settings, note=note, notify=notify)
     result.skipped = batch_skipped(inputs[0])
     return result
+
+
+def refuse_unused_store_options(inputs: Sequence[Path], output: Path, settings: RunSettings,
+                                blocks: BlockSettings) -> None:
+    """The Zarr store options a run cannot use, refused in one line before any work rather than ignored: the output
+    store's layout (``--chunks``, ``--no-compression``, ``--pyramid``) without a .zarr output, ``--block`` without a
+    .zarr input (only Zarr inputs run block by block)."""
+    o = settings.output
+    if not is_zarr_output(output):
+        for name, given in (("--chunks", o.chunks is not None), ("--no-compression", not o.compression),
+                            ("--pyramid", bool(o.pyramid))):
+            if given:
+                raise VolinferError(f"{name} applies to Zarr outputs (-o out.zarr); {output} is not one")
+    if blocks.block is not None and not any(is_zarr(p) for p in inputs):
+        raise VolinferError("--block applies to Zarr inputs, which run block by block (a .zarr input)")
 
 
 def _zarr_in_bands(volume: Path, handle: TileModel, output: Path, settings: RunSettings) -> RunReport:

@@ -21,7 +21,6 @@ from volinfer.describe import describe_model, info_text
 from volinfer.errors import VolinferError
 from volinfer.io.zarr_convert import nifti_to_zarr, zarr_to_nifti
 from volinfer.io.zarr_io import open_zarr_array
-from volinfer.io.formats import is_zarr_output
 from volinfer.run.plan import plan_run
 from volinfer.run.settings import from_cli, output_float_dtype
 
@@ -74,8 +73,8 @@ def main() -> None:
 @click.option("--stitch", type=click.Choice(["crop", "gaussian", "mean"]),
               help="crop: keep each tile's centre, exact when the margin covers the receptive field (default); "
               "gaussian/mean: weighted blending of overlaps.")
-@click.option("--sigma", type=V.POSITIVE, default=0.125, show_default=True,
-              help="Gaussian sigma as a fraction of the tile (> 0).")
+@click.option("--sigma", type=V.POSITIVE, help="Gaussian stitching: sigma as a fraction of the tile (> 0; default "
+              "0.125); refused with crop or mean stitching.")
 @click.option("--pad", "pad_mode", type=click.Choice(["constant", "edge", "reflect"]), default="constant",
               show_default=True, help="How tiles are filled past the volume's end.")
 @click.option("--layout", type=click.Choice(["NCDHW", "NDHWC"], case_sensitive=False),
@@ -85,14 +84,15 @@ def main() -> None:
               "output; raw: model output.")
 @click.option("--activation", type=click.Choice(["softmax", "sigmoid", "none"]), is_eager=True,
               help="Output activation. Default: stored in the model, else softmax (several channels) or sigmoid.")
-@click.option("--channels", help="Output channels to keep, e.g. 1,2 (probabilities/raw).")
-@click.option("--threshold", type=V.FLOAT, default=0.5, show_default=True, callback=V.threshold_callback,
+@click.option("--channels", help="Output channels to keep, e.g. 1,2 (probabilities/raw, or sigmoid labels; refused "
+              "with argmax labels).")
+@click.option("--threshold", type=V.FLOAT, callback=V.threshold_callback,
               help="Threshold for one-channel (or sigmoid) labels, on probabilities: 0 < T < 1 (any finite number "
-              "with --activation none).")
+              "with --activation none; default 0.5); refused for argmax labels and other kinds.")
 @click.option("--float16", "float16", is_flag=True, help="Write probabilities as float16 (Zarr outputs; NIfTI has "
-              "no float16 type, so NIfTI outputs get float32 and the summary says so).")
+              "no float16 type and TIFF outputs are written as float32: those get float32 and the summary says so).")
 @click.option("--normalize", type=options.NORMALIZE, help="Intensity normalisation: none, zscore, minmax, "
-              "percentile:LO:HI (0 <= LO < HI <= 100, default 0.5:99.5), scale:A:B (x * A + B; finite, A != 0). "
+              "percentile:LO:HI (" + options.PERCENTILE_RULE + "), scale:A:B (x * A + B; finite, A != 0). "
               "Default: stored in the model, else none.")
 @click.option("--output-name", help="Which model output to use (name or index) when there are several.")
 @runtime_options()
@@ -110,16 +110,16 @@ def main() -> None:
 @click.option("--scheduler", help="Zarr runs: Dask scheduler address (tcp://host:8786) to run the blocks on.")
 @click.option("--workers", type=V.COUNT, help="Zarr runs: start a local Dask cluster of this many (>= 1) worker "
               "processes.")
-@click.option("--block", type=V.COUNT, default=256, show_default=True,
-              help="Zarr runs: block size in voxels, >= 1 (whole output chunks).")
-@click.option("--chunks", type=V.COUNT, help="Zarr runs: output chunk size, >= 1 (default: the input's).")
-@click.option("--no-compression", is_flag=True, help="Zarr runs: store output chunks uncompressed (default zstd).")
+@click.option("--block", type=V.COUNT, help="Zarr inputs: block size in voxels, >= 1 (whole output chunks; default "
+              "256).")
+@click.option("--chunks", type=V.COUNT, help="Zarr outputs: chunk size, >= 1 (default: the input's, else 64).")
+@click.option("--no-compression", is_flag=True, help="Zarr outputs: store chunks uncompressed (default zstd).")
 @click.option("--pyramid", type=click.IntRange(0, 16), default=0, show_default=True,
               help="Zarr outputs: also write this many OME-Zarr levels, each half the previous along z, y, x "
               "(nearest for labels, mean otherwise), as blocks complete.")
-@click.option("--max-memory", type=options.MEMORY, help="Peak RAM budget for the plan (e.g. 600M, 2G; > 0; default a "
-              "quarter of the machine's RAM or cgroup limit, never of the memory free now): the fastest exact plan "
-              "within it runs, else the run says it is not exact.")
+@click.option("--max-memory", type=options.MEMORY, help="Peak RAM budget for the plan (e.g. 600M, 2G; " + options.SIZE_RULE
+              + "; default a quarter of the machine's RAM or cgroup limit, never of the memory free now): the fastest "
+              "exact plan within it runs, else the run says it is not exact.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command) from its last finished "
               "row of tiles; refused if the model, input or settings changed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -136,7 +136,7 @@ def run(**params: Any) -> None:
     """
 
     inputs, output, quiet, as_json = params["inputs"], params["output"], params["quiet"], params["as_json"]
-    prob_dtype, dtype_note = output_float_dtype(params["float16"], params["kind"], zarr=is_zarr_output(output))
+    prob_dtype, dtype_note = output_float_dtype(params["float16"], params["kind"], output)
     settings = from_cli({**params, "prob_dtype": prob_dtype})
     blocks = BlockSettings(params["block"], params["scheduler"], params["workers"])
     human = not quiet and not as_json
@@ -160,7 +160,7 @@ def run(**params: Any) -> None:
               "keeps whole cross-sections, so it takes no bands of y rows, and a Zarr input may then run block by "
               "block. Default: planned as for a NIfTI output.")
 @click.option("--max-memory", type=options.MEMORY, help="As for `run`: peak RAM budget for choosing the tile (e.g. 600M, "
-              "2G; > 0; default the runtime, the weights and 1 GiB, at most a quarter of the machine's RAM or cgroup "
+              "2G; " + options.SIZE_RULE + "; default the runtime, the weights and 1 GiB, at most a quarter of the machine's RAM or cgroup "
               "limit).")
 @click.option("--norm-stats", type=click.Choice(["volume", "tile"]), help="As for `run`: InstanceNorm/GroupNorm "
               "statistics from the whole volume (default; streamed passes, counted in the time) or per tile.")

@@ -11,11 +11,11 @@ from volinfer.errors import VolinferError
 from volinfer.model import speed_profile as sp
 from volinfer.model.activation import graph_activation
 from volinfer.model.layout import Layout
-from volinfer.model.receptive_field import measure_receptive_field
+from volinfer.model.receptive_field import GRAPH, PROBE, measure_receptive_field
 from volinfer.model.tile_model import TileModel, read_model
 from volinfer.model.tiling_check import note
 from volinfer.options import parse_tile
-from volinfer.run.setup import model_norm_layers
+from volinfer.run.setup import model_norm_layers, stored_receptive_field
 
 
 def describe_model(model_path: Path, tile: str | None, measure: bool) -> dict[str, Any]:
@@ -40,9 +40,7 @@ def describe_model(model_path: Path, tile: str | None, measure: bool) -> dict[st
     if isinstance(check, dict):  # tiled vs whole, measured by `volinfer convert` (volinfer.model.tiling_check)
         data["tiling_check"] = check
     data["speed"] = speed_text(tm)
-    if measure:
-        rf = measure_receptive_field(tm)
-        data["receptive_field"] = {"radius": list(rf.radius), "bounded": rf.bounded, "text": str(rf)}
+    data.update(receptive_fields(tm, measure))
     layers, global_ops = model_norm_layers(tm)
     data["normalization_layers"] = [f"{layer.kind} {layer.name}" for layer in layers]
     data["final_activation"] = graph_activation(tm.model, tm.output_index, Layout.of(tm.layout).channel_axis)
@@ -53,6 +51,32 @@ def describe_model(model_path: Path, tile: str | None, measure: bool) -> dict[st
         data["warning"] = (f"spatial reductions volinfer cannot freeze ({', '.join(global_ops[:3])}): tiled runs "
                            f"are exact only when one tile covers the volume")
     return data
+
+
+def receptive_fields(tm: TileModel, measure: bool) -> dict[str, Any]:
+    """The receptive field `run` and `plan` use, as ``receptive_field`` with its ``source``: the one stored in the
+    model (:func:`volinfer.run.setup.stored_receptive_field`), else (``measure``) the one found now as a run finds
+    it. With a stored one and ``measure``, the one found now beside it as ``found_receptive_field``: from the graph
+    it is an upper bound by kernel arithmetic, which may exceed the stored one (a run uses the stored one)."""
+    out: dict[str, Any] = {}
+    stored = stored_receptive_field(tm)
+    if stored is not None:
+        out["receptive_field"] = {**_rf_dict(stored), "source": "stored"}
+    if measure:
+        rf = measure_receptive_field(tm)
+        out["found_receptive_field" if stored is not None else "receptive_field"] = {
+            **_rf_dict(rf), "source": rf.method if rf.measured else "unknown"}
+    return out
+
+
+def _rf_dict(rf: Any) -> dict[str, Any]:
+    return {"radius": list(rf.radius), "bounded": rf.bounded, "text": str(rf)}
+
+
+#: How ``volinfer info`` labels a receptive field by where it came from.
+RF_SOURCES = {"stored": "stored in the model; what run and plan use",
+              GRAPH: "from the graph: an upper bound by kernel arithmetic",
+              PROBE: "probed by perturbation, f32", "unknown": "could not be found"}
 
 
 def speed_text(tm: Any) -> str:
@@ -72,8 +96,12 @@ def info_text(data: dict[str, Any]) -> str:
     for key in ("layout", "in_channels", "out_channels", "tile", "size_multiple"):
         if key in data:
             lines.append(f"{key:<12} {data[key]}")
-    if "receptive_field" in data:
-        lines.append(f"{'receptive':<12} radius {data['receptive_field']['text']} voxels (measured, f32)")
+    for key in ("receptive_field", "found_receptive_field"):
+        if key in data:
+            rf = data[key]
+            used = "" if key == "found_receptive_field" or rf["source"] == "stored" else "; what run and plan use"
+            lines.append(f"{'receptive' if key == 'receptive_field' else '':<12} radius {rf['text']} voxels "
+                         f"({RF_SOURCES[rf['source']]}{used})")
     if "tiling_check" in data:
         lines.append(f"{'tiling':<12} {note(data['tiling_check'])} (measured at convert)")
     if data.get("speed"):

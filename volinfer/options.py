@@ -5,8 +5,10 @@ the same and is refused with the same one line everywhere."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
+from volinfer import portable
 from volinfer.errors import VolinferError
 from volinfer.validate import Checked, finite, normalization, overlap, percentiles, positive
 
@@ -24,6 +26,10 @@ PAD_MODES = ("constant", "edge", "reflect")
 ENGINES = ("auto", "tiles", "stream")
 #: Intensity normalisations (``--normalize``).
 NORMALIZATIONS = ("none", "zscore", "minmax", "percentile", "scale")
+#: What ``--help`` says ``percentile:LO:HI`` does (:meth:`volinfer.run.normalize.Normalizer._set`): nnU-Net's CT
+#: scheme, not MONAI's ScaleIntensityRangePercentiles; stored models depend on it, so it is said, not changed.
+PERCENTILE_RULE = ("clip to the volume's LO and HI percentiles, then z-score the clipped values with their mean and "
+                   "std, as nnU-Net does for CT; not a rescale to [0, 1]; 0 <= LO < HI <= 100, default 0.5:99.5")
 
 
 def parse_normalization(text: str | None) -> dict[str, Any] | None:
@@ -53,16 +59,44 @@ def parse_normalization(text: str | None) -> dict[str, Any] | None:
     return {"kind": kind}
 
 
+#: ``--max-memory``'s units, in MB: binary throughout, as every memory figure volinfer prints (1G = 1024M), so K,
+#: KB and KiB all mean 1024 bytes. A bare number is MB.
+SIZE_UNITS_MB = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0**2}
+#: How ``--help`` states the units and range of a memory size.
+SIZE_RULE = ("a bare number is MB; K, M, G, T, also written KB/KiB, MB/MiB, ..., are all binary (1G = 1024M); > 0 and "
+             "at most the machine's RAM or cgroup limit")
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:E([+-]?\d+))?\s*(?:([KMGT])(I?B)?)?\s*", re.IGNORECASE)
+
+
 def parse_size_mb(text: str) -> float:
-    """``600M``, ``1.5G``, ``800`` (MB) → MB."""
-    t = text.strip().upper().removesuffix("B")
-    scale = {"K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0**2}
-    try:
-        if t and t[-1] in scale:
-            return float(t[:-1]) * scale[t[-1]]
-        return float(t)
-    except ValueError:
-        raise VolinferError(f"memory size must look like 600M or 1.5G; got {text!r}") from None
+    """``600M``, ``600MB``, ``600MiB``, ``1.5G``, ``800`` (a bare number: MB) → MB (binary units, see
+    :data:`SIZE_UNITS_MB`). A lone ``B`` is refused rather than read as MB (``600B`` would otherwise mean 600 MB)."""
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise VolinferError(f"memory size must look like 600M or 1.5G (K, M, G, T, also as KB or KiB; a bare number "
+                            f"is MB); got {text!r}")
+    number, exponent, unit, _ = m.groups()
+    value = float(number) * 10.0 ** int(exponent or 0)
+    return value * SIZE_UNITS_MB[unit.upper()] if unit else value
+
+
+def format_mb(mb: float) -> str:
+    """A memory figure in MB for messages: whole MB, or KB below 1 MB (never "0 MB" for a budget of 1K)."""
+    return f"{mb:.0f} MB" if mb >= 1 else f"{mb * 1024:.3g} KB"
+
+
+def check_budget_mb(name: str, mb: float, given: Any = None) -> float:
+    """A memory budget (MB) that is > 0 and at most the machine's memory (:func:`volinfer.portable.machine_mb`: its
+    RAM, capped by a cgroup limit), the figure the default budget is a share of: a larger one would plan for memory
+    the run can never have (``--max-memory 1e9`` is about 1 PB, not 1 GB). ``given``: the value as typed."""
+    positive(name, mb)
+    machine = portable.machine_mb()
+    if mb > machine:
+        text = str(given if given is not None else mb).strip()
+        bare = text[-1:].isdigit()
+        raise VolinferError(f"{name} {text} ({format_mb(mb)}) is more than this machine's {format_mb(machine)} (its "
+                            f"RAM, or its cgroup limit if lower)" + ("; a bare number is MB" if bare else ""))
+    return mb
 
 
 def parse_tile(value: str | None) -> Any:
@@ -111,7 +145,7 @@ def _normalize(name: str, value: Any) -> Any:
 
 
 def _memory(name: str, value: Any) -> float:
-    return positive(name, parse_size_mb(str(value)))
+    return check_budget_mb(name, parse_size_mb(str(value)), value)
 
 
 NORMALIZE = Checked("normalize", _normalize, keep_text=True)

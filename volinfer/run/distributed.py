@@ -315,7 +315,7 @@ def _job(p: _Prepared, volume: Any, output: Any, model: Any, s: RunSettings, lev
     ref = ModelRef(str(model), p.tm.tile, p.tm.layout, p.tm.output_index, p.options)
     tiles = TileJob(st.grid, st.normalizer, pad_mode=t.pad_mode, requests=s.runtime.requests,
                     reuse_constant=t.reuse_constant, nan_fill=st.nan_fill, mirror=tuple(sorted(t.mirror)))
-    return ZarrJob(str(volume), str(output), ref, tiles, st.stitch, t.sigma, st.spec, levels=levels,
+    return ZarrJob(str(volume), str(output), ref, tiles, st.stitch, t.gaussian_sigma, st.spec, levels=levels,
                    method=downsample_method(s.output.kind))
 
 

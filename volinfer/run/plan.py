@@ -26,6 +26,7 @@ from volinfer.io.formats import is_tiff_output, is_zarr, is_zarr_output
 from volinfer.io.zarr_io import ROW_CACHE_BYTES, open_zarr_source
 from volinfer.model.memory import RUNTIME_FLOOR_MB, activation_bytes_per_voxel, weights_mb
 from volinfer.model.tile_model import TileModel
+from volinfer.options import format_mb
 from volinfer.run import pipeline
 from volinfer.run.checks import needs_value_scan
 from volinfer.run.norm_stats import waves
@@ -85,7 +86,7 @@ class Plan:
         if self.tiles_unavailable is None:
             lines += self._tile_lines(parts)
         if self.candidates:
-            budget = f" within {self.budget_mb:.0f} MB" if self.budget_mb else ""
+            budget = f" within {format_mb(self.budget_mb)}" if self.budget_mb else ""
             lines.append(f"  candidates weighed (least predicted time{budget}; within 10% of it, the leanest):")
             if self.speed_source:
                 lines.append(f"  per-voxel cost: {self.speed_source}")
@@ -97,7 +98,7 @@ class Plan:
         lines = [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
                  f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {_seconds(self.time_s)}"]
         if self.budget_mb and self.peak_rss_mb > self.budget_mb:  # the planner's model estimate, not measured
-            lines.append(f"  over the {self.budget_mb:.0f} MB budget it was planned within: the model measured here "
+            lines.append(f"  over the {format_mb(self.budget_mb)} budget it was planned within: the model measured here "
                          f"takes more than the planner's estimate of it")
         if self.measured_tile and tuple(self.measured_tile) != tuple(self.tile):
             lines.append(f"  (model figures estimated from its measurement at tile "

@@ -56,20 +56,22 @@ class OutputSpec:
         return self.keep if self.keep is not None else tuple(range(self.model_channels))
 
     @property
-    def _multilabel(self) -> bool:
+    def masks(self) -> bool:
+        """Whether the labels are one binary mask per kept channel (one channel, or sigmoid): the only output that
+        takes the threshold and, among labels, the choice of channels."""
         return self.kind == "labels" and (self.model_channels == 1 or self.activation == "sigmoid")
 
     @property
     def out_channels(self) -> int:
         """Channels in the written volume (1 means a 3-D output)."""
-        if self.kind == "labels" and not self._multilabel:
+        if self.kind == "labels" and not self.masks:
             return 1
         return len(self.channels)
 
     @property
     def dtype(self) -> np.dtype:
         if self.kind == "labels":
-            return np.dtype(np.uint8) if self._multilabel else smallest_label_dtype(self.model_channels)
+            return np.dtype(np.uint8) if self.masks else smallest_label_dtype(self.model_channels)
         if self.kind == "probabilities":
             return np.dtype(self.float_dtype)
         return np.dtype(np.float32)
@@ -95,7 +97,7 @@ class OutputSpec:
         blockwise(self._apply, out, raw, step=16)
 
     def _apply(self, raw: np.ndarray, out: np.ndarray) -> None:
-        if self.kind == "labels" and not self._multilabel:
+        if self.kind == "labels" and not self.masks:
             _argmax(raw, out[0])
             return
         sel = raw[list(self.channels)] if self.keep is not None else raw

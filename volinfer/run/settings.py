@@ -11,14 +11,16 @@ and :func:`volinfer.run.plan.plan_run`. They are frozen: a layer that needs anot
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from volinfer import validate
 from volinfer.errors import VolinferError
-from volinfer.options import (ENGINES, NORM_STATS, OUTPUT_KINDS, PAD_MODES, STITCH_MODES, parse_channels, parse_mirror,
-                              parse_normalization, parse_size_mb, parse_tile)
+from volinfer.io.formats import is_tiff_output, is_zarr_output
+from volinfer.options import (ENGINES, NORM_STATS, OUTPUT_KINDS, PAD_MODES, STITCH_MODES, check_budget_mb,
+                              parse_channels, parse_mirror, parse_normalization, parse_size_mb, parse_tile)
 from volinfer.model.tile_model import CompileOptions
 
 
@@ -26,6 +28,11 @@ from volinfer.model.tile_model import CompileOptions
 def _choice(name: str, value: str | None, allowed: Sequence[str]) -> None:
     if value is not None and value not in allowed:
         raise VolinferError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+#: Gaussian stitching's sigma, a fraction of the tile, when ``--sigma`` is not given.
+DEFAULT_SIGMA = 0.125
+#: The probability above which one-mask-per-channel labels are set, when ``--threshold`` is not given.
+DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ class TilingSettings:
     tile: Any = None  # None/"auto": planned for fidelity; an int or three ints: used as is
     overlap: Any = None  # fraction(s) of the tile, whole voxels, or None (stored, else planned/default)
     stitch: str | None = None  # crop | gaussian | mean; None: stored, else crop
-    sigma: float = 0.125
+    sigma: float | None = None  # gaussian stitching only (refused with crop/mean); None: DEFAULT_SIGMA
     pad_mode: str = "constant"
     mirror: tuple[int, ...] = ()  # volume axes of test-time mirroring
     norm_stats: str | None = None  # volume | tile; None: stored, else volume
@@ -52,10 +59,16 @@ class TilingSettings:
         _choice("stitch", self.stitch, STITCH_MODES)
         _choice("norm-stats", self.norm_stats, NORM_STATS)
         _choice("pad mode", self.pad_mode, PAD_MODES)
-        validate.positive("sigma", self.sigma)
+        if self.sigma is not None:
+            validate.positive("sigma", self.sigma)
         if self.max_memory_mb is not None:
-            validate.positive("max-memory", self.max_memory_mb)
+            check_budget_mb("max-memory", self.max_memory_mb)
         object.__setattr__(self, "mirror", parse_mirror(self.mirror))  # type: ignore[arg-type]
+
+    @property
+    def gaussian_sigma(self) -> float:
+        """The Gaussian stitcher's sigma (a fraction of the tile): the one given, else :data:`DEFAULT_SIGMA`."""
+        return DEFAULT_SIGMA if self.sigma is None else self.sigma
 
 
 @dataclass(frozen=True)
@@ -65,7 +78,7 @@ class OutputSettings:
     kind: str = "labels"
     activation: str | None = None  # softmax | sigmoid | none; None: from the graph / stored / default
     channels: tuple[int, ...] | None = None
-    threshold: float = 0.5
+    threshold: float | None = None  # one-mask-per-channel labels only (refused elsewhere); None: DEFAULT_THRESHOLD
     prob_dtype: str = "float32"
     chunks: Any = None  # Zarr outputs: chunk edge(s); None: 64 (NIfTI input) or the input's (Zarr input)
     compression: bool = True  # Zarr outputs
@@ -74,10 +87,16 @@ class OutputSettings:
     def __post_init__(self) -> None:
         _choice("kind", self.kind, OUTPUT_KINDS)
         _choice("activation", self.activation, ("softmax", "sigmoid", "none"))
-        validate.finite("threshold", self.threshold)  # the range depends on the resolved activation: OutputSpec
+        if self.threshold is not None:  # the range depends on the resolved activation: OutputSpec
+            validate.finite("threshold", self.threshold)
         if self.channels is not None:
             object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         validate.count("pyramid", self.pyramid, minimum=0)
+
+    @property
+    def labels_threshold(self) -> float:
+        """The threshold of one-mask-per-channel labels: the one given, else :data:`DEFAULT_THRESHOLD`."""
+        return DEFAULT_THRESHOLD if self.threshold is None else self.threshold
 
     def zarr_output(self, default_chunks: int = 64) -> dict[str, Any]:
         """The Zarr store settings a NIfTI-input run records and writes with."""
@@ -205,14 +224,17 @@ def _flatten(kw: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
-def output_float_dtype(float16: bool, kind: str, zarr: bool) -> tuple[str, str | None]:
-    """The probability dtype to write, and a note when ``--float16`` cannot apply: NIfTI-1 has no float16 type
-    (nibabel refuses it), so NIfTI outputs get float32; Zarr stores float16."""
+def output_float_dtype(float16: bool, kind: str, output: str | Path) -> tuple[str, str | None]:
+    """The probability dtype to write to ``output``, and a note, naming the output's format, when ``--float16``
+    cannot apply: NIfTI-1 has no float16 type (nibabel refuses it), so NIfTI outputs get float32; the TIFF writer
+    writes float32 too; Zarr stores float16."""
     if not float16:
         return "float32", None
     if kind != "probabilities":
         return "float32", f"--float16 applies to --kind probabilities; {kind} written as usual"
-    if not zarr:
+    if is_tiff_output(output):
+        return "float32", "--float16 applies to .zarr outputs: this TIFF's probabilities are written as float32"
+    if not is_zarr_output(output):
         return "float32", "NIfTI has no float16 type: probabilities written as float32 (a .zarr output stores float16)"
     return "float16", None
 

@@ -35,7 +35,7 @@ from volinfer.run.stream import NOMINAL_VOXEL_S
 from volinfer.run.stream_stats import StatsPlan, statistics_plan
 from volinfer.run.tile_buffers import TileBuffers, tile_need_mb
 from volinfer.io.reader import VolumeSource
-from volinfer.options import NORM_STATS, STITCH_MODES, parse_overlap
+from volinfer.options import NORM_STATS, STITCH_MODES, format_mb, parse_overlap
 from volinfer.run.settings import RunSettings, TilingSettings
 from volinfer.model.precision import outside_checked
 from volinfer.model import speed_profile
@@ -95,6 +95,10 @@ def resolve(tm: TileModel, shape: Sequence[int], channels: int, settings: Any = 
     stitch = stitch or st.stitch or "crop"
     if stitch not in STITCH_MODES:
         raise VolinferError(f"stitch must be one of {', '.join(STITCH_MODES)}; got {stitch!r}")
+    if s.tiling.sigma is not None and stitch != "gaussian":
+        why = "" if s.tiling.stitch else " (stored in the model)" if st.stitch else " (the default)"
+        raise VolinferError(f"--sigma shapes gaussian stitching's weights; this run stitches by {stitch}{why}: drop "
+                            f"--sigma, or pass --stitch gaussian")
     if channels != tm.in_channels:
         raise VolinferError(f"the volume has {channels} channel(s) but the model expects {tm.in_channels} "
                             f"(give one 3-D file per channel, or one 4-D file)")
@@ -116,9 +120,26 @@ def output_spec(tm: TileModel, o: Any) -> tuple[OutputSpec, str | None]:
     """What the run writes (``o``: the settings' :class:`volinfer.run.settings.OutputSettings`), and the note saying
     where its activation came from (None when nothing needs saying)."""
     activation, note = resolve_activation(tm, o.activation)
-    return OutputSpec(tm.out_channels, kind=o.kind, activation=activation,
-                      keep=tuple(o.channels) if o.channels is not None else None, threshold=o.threshold,
-                      float_dtype=o.prob_dtype), note
+    spec = OutputSpec(tm.out_channels, kind=o.kind, activation=activation,
+                      keep=tuple(o.channels) if o.channels is not None else None, threshold=o.labels_threshold,
+                      float_dtype=o.prob_dtype)
+    _refuse_unused_output_options(spec, o)
+    return spec, note
+
+
+def _refuse_unused_output_options(spec: OutputSpec, o: Any) -> None:
+    """``--threshold`` and ``--channels`` where they cannot change the output, refused in one line rather than
+    ignored: labels of several softmax (or raw) channels are their argmax, which neither a threshold nor a choice
+    of channels enters; probabilities and raw outputs are never thresholded."""
+    channels = (f"this model's {spec.model_channels} channels ("
+                f"{spec.activation if spec.activation != 'none' else 'activation none'})")
+    if o.threshold is not None and not spec.masks:
+        why = f"--kind {spec.kind} is not thresholded" if spec.kind != "labels" else f"labels of {channels} are their argmax"
+        raise VolinferError(f"--threshold applies to one-channel or sigmoid labels; {why}: drop --threshold")
+    if o.channels is not None and spec.kind == "labels" and not spec.masks:
+        raise VolinferError(f"--channels selects the channels of probabilities or raw outputs (or of sigmoid labels); "
+                            f"labels of {channels} are the argmax over all of them: drop --channels, or pass --kind "
+                            f"probabilities")
 
 
 def tile_buffers(tm: TileModel, shape: Sequence[int], settings: Any, stored: tuple[int, str]) -> TileBuffers:
@@ -415,10 +436,11 @@ def check_overlap_fits(tm: TileModel, overlap: Any, stitch: str) -> None:
     items = parse_overlap(overlap)
     if not items:
         return
-    for axis, (o, t) in enumerate(zip(overlap_voxels(items, tm.tile), tm.tile)):
+    for axis, (item, o, t) in enumerate(zip(items, overlap_voxels(items, tm.tile), tm.tile)):
         room = (t - 2 * (o // 2)) // tm.multiple * tm.multiple if stitch == "crop" else t - o
         if room <= 0:
-            raise VolinferError(f"--overlap {o} leaves no room in a tile of {t} along {'xyz'[axis]}: need tile - "
+            given = f"{item:g} ({o} voxels)" if item < 1 else f"{o}"  # a fraction as typed, with what it came to
+            raise VolinferError(f"--overlap {given} leaves no room in a tile of {t} along {'xyz'[axis]}: need tile - "
                                 f"overlap >= {tm.multiple if stitch == 'crop' else 1}; give a smaller overlap")
 
 
@@ -554,7 +576,7 @@ def _largest_fitting(tm: TileModel, need_at: Callable[[Sequence[int]], float], b
             return tuple(tile)  # type: ignore[return-value]
         if max(tile) <= m:
             if given:
-                refusal = f"--max-memory {budget:.0f} MB is too small: the smallest tile needs about {need:.0f} MB"
+                refusal = f"--max-memory {format_mb(budget)} is too small: the smallest tile needs about {need:.0f} MB"
                 if defer_to is None:
                     raise VolinferError(refusal)
                 defer_to.refusal = refusal
@@ -784,7 +806,7 @@ def _fit_stream(tm: TileModel, shape: Sequence[int], choice: TilingChoice, max_m
         return None
     if asked and max_memory_mb and plan.peak_mb > max_memory_mb:
         raise VolinferError(f"--engine stream needs about {plan.peak_mb:.0f} MB for this cross-section, more than "
-                            f"--max-memory {max_memory_mb:.0f} MB (use --engine tiles)")
+                            f"--max-memory {format_mb(max_memory_mb)} (use --engine tiles)")
     return plan
 
 
