@@ -399,6 +399,22 @@ def test_spacing_is_resampled_and_mapped_back(tmp_path):
     np.testing.assert_array_equal(labels(tmp_path / "nr.nii"), labels(tmp_path / "plain.nii"))
 
 
+
+def test_masks_mapped_back_are_the_probabilities_mapped_back_above_the_threshold(tmp_path):
+    """Sigmoid masks of kept channels through the model's grid: each the resampled probability above --threshold,
+    voxel for voxel what --kind probabilities writes (the threshold is not passed to the probabilities run, which
+    refuses one)."""
+    vol = np.random.default_rng(4).normal(0, 300, (29, 23, 13)).astype(np.int16)
+    nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.9, 1.5, 1.0])), str(tmp_path / "v.nii"))
+    xml = _model_with(tmp_path, "mm.xml", spacing=[1, 1, 1])
+    common = ["--activation", "sigmoid", "--channels", "0,2", *RUN[1:]]
+    r = ok("run", tmp_path / "v.nii", "-m", xml, "-o", tmp_path / "m.nii", "--threshold", "0.4", *common)
+    assert "(probabilities, linear, labelled there)" in r.output, r.output
+    ok("run", tmp_path / "v.nii", "-m", xml, "-o", tmp_path / "p.nii", "--kind", "probabilities", *common)
+    masks, probs = labels(tmp_path / "m.nii"), labels(tmp_path / "p.nii")
+    assert masks.shape == probs.shape == (29, 23, 13, 2) and 0.05 < masks.mean() < 0.95
+    np.testing.assert_array_equal(masks, probs > 0.4)
+
 def _ome_store(path: Path, zyx: np.ndarray, scale_zyx: list[float], unit: str) -> None:
     """An OME-Zarr 0.5 image written by hand (as a microscope's software writes one): level 0 in (z, y, x)."""
     import zarr

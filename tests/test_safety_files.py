@@ -276,7 +276,7 @@ def test_no_room_for_compressed_copy_is_refused_before_the_run(env, monkeypatch)
 
 def test_no_room_for_a_tiff_output_is_refused_before_the_run(env, monkeypatch):
     """A TIFF output is checked as a NIfTI one is (it was not: the run started and failed at the first full write),
-    and a nearly full disk is said in tenths of a MB, not "0 MB free"."""
+    and a nearly full disk is said in KB, not "0 MB free"."""
     pytest.importorskip("tifffile")
     from volinfer.io.tiff_io import TiffWriter
 
@@ -288,7 +288,7 @@ def test_no_room_for_a_tiff_output_is_refused_before_the_run(env, monkeypatch):
     monkeypatch.setattr(os, "statvfs", lambda p: Tiny())
     monkeypatch.setattr(TiffWriter, "write", lambda *a: pytest.fail("the run started"))
     r = invoke("run", vol, "-m", xml, "-o", tmp / "o.tif", "--kind", "probabilities", *RUN)
-    assert r.exit_code == 2 and "not enough disk space" in r.output and "0.3 MB free" in r.output, r.output
+    assert r.exit_code == 2 and "not enough disk space" in r.output and "300 KB free" in r.output, r.output
     assert sorted(p.name for p in tmp.iterdir()) == ["m.bin", "m.xml", "vol.nii.gz"]
 
 def test_disk_full_while_writing_journal_is_one_line_and_resumable(env, monkeypatch):

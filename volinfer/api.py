@@ -186,7 +186,8 @@ def _run_on_model_grid(run: _Run, grid: ModelGrid, handle: TileModel, report: bo
         spec, _ = output_spec(handle, run.s.output)
         spec = spec if spec.labels_from_probabilities else None
     if spec is not None:  # labels from the probabilities resampled back, not from labels resampled back
-        inner = RunSettings.from_kwargs(inner, kind="probabilities", channels=None, activation=spec.activation)
+        inner = RunSettings.from_kwargs(inner, kind="probabilities", channels=None, threshold=None,
+                                        activation=spec.activation)
 
     def final_writer(source: VolumeSource, channels: int, dtype: np.dtype) -> tuple[Any, np.dtype]:
         if spec is None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from volinfer import portable
 from volinfer.io.gzip_writer import GzipStreamer
+from volinfer.options import format_mb
 from volinfer.errors import VolinferError
 from volinfer.io.journal import ResumableError
 from volinfer.io.formats import is_zarr_output
@@ -198,7 +199,7 @@ class NiftiWriter:
         if tmp_bytes + gz > free:
             what = "the temporary file and its compressed copy" if gz else "the temporary file"
             raise VolinferError(f"{self.target}: not enough disk space in {self.tmp.parent}: needs about "
-                                f"{_mb(tmp_bytes + gz)} for {what}, {_mb(free)} free"
+                                f"{format_mb((tmp_bytes + gz) / 2**20)} for {what}, {format_mb(free / 2**20)} free"
                                 + ("; free space or write an uncompressed .nii" if gz else ""))
 
     def sync(self) -> None:
@@ -333,7 +334,3 @@ class SameImageWriter(NiftiWriter):
 
     same_image = True
 
-
-def _mb(n: int) -> str:
-    """Bytes as MB for a message: whole MB, one decimal below 10 MB (a nearly full disk is not "0 MB free")."""
-    return f"{n / 2**20:.0f} MB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MB"

@@ -87,7 +87,7 @@ class OutputSpec:
     def label_probabilities(self, probs: np.ndarray, out: np.ndarray) -> None:
         """Write the labels of ``probs`` (all ``model_channels`` activated channels, (C, ...)) into ``out``
         (out_channels, ...): see :attr:`labels_from_probabilities`."""
-        if not self._multilabel:
+        if not self.masks:
             _argmax(probs, out[0])
             return
         np.greater(probs[list(self.channels)], self.threshold, out=out, casting="unsafe")
