@@ -256,7 +256,7 @@ def _mixed_unit_store(path, units, scale):
     vol = np.random.default_rng(3).standard_normal(SHAPE[::-1]).astype(np.float32)  # (z, y, x)
     g = zarr.open_group(str(path), mode="w", zarr_format=3)
     g.create_array("0", shape=vol.shape, dtype=vol.dtype, chunks=(8, 8, 8))[:] = vol
-    axes = [{"name": n, "type": "space", "unit": u} for n, u in zip("zyx", units)]
+    axes = [{"name": n, "type": "space", **({"unit": u} if u else {})} for n, u in zip("zyx", units)]
     g.attrs["ome"] = {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
         {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale},
                                                     {"type": "translation", "translation": [1.0, 2.0, 3.0]}]}]}]}
@@ -280,3 +280,6 @@ def test_each_axis_is_read_in_its_own_unit(env):
     np.testing.assert_allclose(np.diag(img.affine)[:3], [8e-6, 8e-6, 5e-5], rtol=1e-6)
     odd = _mixed_unit_store(tmp / "odd.zarr", ["parsec", "nanometer", "nanometer"], [0.05, 8.0, 8.0])
     assert read_geometry(dict(zarr.open_group(str(odd), mode="r").attrs)).unit is None
+    unsaid = _mixed_unit_store(tmp / "unsaid.zarr", [None, "micrometer", "micrometer"], [2.0, 0.5, 0.5])
+    geom = read_geometry(dict(zarr.open_group(str(unsaid), mode="r").attrs))  # z says none: the others' unit
+    assert geom.unit == "micrometer" and np.allclose(np.diag(geom.affine)[:3], [0.5, 0.5, 2.0])

@@ -183,3 +183,23 @@ def test_info_of_a_model_storing_none_says_where_the_run_gets_it(run_env, tmp_pa
     assert r.exit_code == 0 and [line for line in r.output.splitlines() if "radius" in line] == [
         "receptive    radius 4x4x4 voxels (probed by perturbation, f32; what run and plan "
         "use)"], r.output
+
+
+def test_an_exponent_too_large_is_refused_in_one_line_and_no_machine_figure_holds_no_budget(monkeypatch):
+    """``1e400`` was an OverflowError (a traceback); where the OS says nothing of its memory (its stand-in is 4 GB)
+    a larger budget is the user's to give."""
+    with pytest.raises(VolinferError, match="finite"):
+        check_budget_mb("--max-memory", parse_size_mb("1e400"), "1e400")
+    monkeypatch.setattr(portable, "total_mb", lambda: None)
+    monkeypatch.setattr(portable, "cgroup_limit_mb", lambda: None)
+    assert check_budget_mb("--max-memory", parse_size_mb("64G"), "64G") == 65536.0
+
+
+def test_a_batch_record_says_options_not_given_as_their_defaults():
+    """Batches finished before --sigma and --threshold could be left unset recorded 0.125 and 0.5: `--resume` took
+    every finished volume for one made with other settings, ran it again and failed on its existing output."""
+    from volinfer.io.batch_record import settings_view
+    from volinfer.run.settings import RunSettings
+
+    assert settings_view(RunSettings()) == settings_view(RunSettings.from_kwargs(sigma=0.125, threshold=0.5))
+    assert settings_view(RunSettings()) != settings_view(RunSettings.from_kwargs(threshold=0.4))

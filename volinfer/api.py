@@ -180,14 +180,9 @@ def _model_grid(volume: Any, handle: TileModel, s: RunSettings) -> ModelGrid:
 
 
 def _run_on_model_grid(run: _Run, grid: ModelGrid, handle: TileModel, report: bool) -> Any:
-    """:func:`predict` through the model's grid (:mod:`volinfer.run.model_grid`): the output lock is held."""
-    inner, spec = settings_for_model_grid(run.s), None
-    if run.s.output.kind == "labels" and grid.resampling is not None:
-        spec, _ = output_spec(handle, run.s.output)
-        spec = spec if spec.labels_from_probabilities else None
-    if spec is not None:  # labels from the probabilities resampled back, not from labels resampled back
-        inner = RunSettings.from_kwargs(inner, kind="probabilities", channels=None, threshold=None,
-                                        activation=spec.activation)
+    """:func:`predict` through the model's grid (:mod:`volinfer.run.model_grid`): the output lock is held (and
+    released here, whatever happens)."""
+    spec: OutputSpec | None = None  # labels taken from the probabilities mapped back (set below)
 
     def final_writer(source: VolumeSource, channels: int, dtype: np.dtype) -> tuple[Any, np.dtype]:
         if spec is None:
@@ -196,6 +191,13 @@ def _run_on_model_grid(run: _Run, grid: ModelGrid, handle: TileModel, report: bo
         return _Labelling(writer, spec), dtype
 
     try:
+        inner = settings_for_model_grid(run.s)
+        if run.s.output.kind == "labels" and grid.resampling is not None:
+            spec, _ = output_spec(handle, run.s.output)
+            spec = spec if spec.labels_from_probabilities else None
+        if spec is not None:  # labels from the probabilities resampled back, not from labels resampled back
+            inner = RunSettings.from_kwargs(inner, kind="probabilities", channels=None, threshold=None,
+                                            activation=spec.activation)
         result, rep = run_on_model_grid(
             grid, run.in_paths, lambda src, out: predict([src], handle, out, inner), final_writer,
             resume=run.s.resume, kind="probabilities" if spec is not None else run.s.output.kind,
@@ -205,6 +207,8 @@ def _run_on_model_grid(run: _Run, grid: ModelGrid, handle: TileModel, report: bo
         if run.lock is not None:
             run.lock.release()
     rep.output = str(result) if run.output is not None else None
+    if spec is not None:  # (the inner run wrote probabilities; what was written is labels)
+        rep.output_kind, rep.output_dtype = spec.kind, str(spec.dtype)
     if run.output is not None:
         return rep
     return (result, rep) if report else result

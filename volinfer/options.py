@@ -76,7 +76,7 @@ def parse_size_mb(text: str) -> float:
         raise VolinferError(f"memory size must look like 600M or 1.5G (K, M, G, T, also as KB or KiB; a bare number "
                             f"is MB); got {text!r}")
     number, exponent, unit, _ = m.groups()
-    value = float(number) * 10.0 ** int(exponent or 0)
+    value = float(f"{number}e{exponent or 0}")  # 1e400 is inf (refused as no size), not an OverflowError
     return value * SIZE_UNITS_MB[unit.upper()] if unit else value
 
 
@@ -90,6 +90,8 @@ def check_budget_mb(name: str, mb: float, given: Any = None) -> float:
     RAM, capped by a cgroup limit), the figure the default budget is a share of: a larger one would plan for memory
     the run can never have (``--max-memory 1e9`` is about 1 PB, not 1 GB). ``given``: the value as typed."""
     positive(name, mb)
+    if not (portable.total_mb() or portable.cgroup_limit_mb()):  # the machine says nothing: nothing to hold it to
+        return mb
     machine = portable.machine_mb()
     if mb > machine:
         text = str(given if given is not None else mb).strip()

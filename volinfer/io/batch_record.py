@@ -55,6 +55,9 @@ def check_unique(batch: Sequence[Path], output: Path) -> None:
 def settings_view(settings: Any) -> dict[str, Any]:
     """The run settings that decide a volume's output, as JSON-ready values."""
     data = asdict(settings)
+    # options not given stand for their defaults, as records written before they could be left unset say them
+    data["tiling"]["sigma"], data["output"]["threshold"] = \
+        settings.tiling.gaussian_sigma, settings.output.labels_threshold
     for key in _NOT_OUTPUT:
         data.pop(key, None)
     for group, keys in _NOT_OUTPUT_IN.items():

@@ -174,13 +174,15 @@ def _geometry_from_ngff(ms: dict[str, Any]) -> Geometry:
 
 def _common_unit(units: Sequence[str | None]) -> tuple[str | None, np.ndarray]:
     """One unit for axes that may each carry their own (NGFF allows z in micrometres beside y, x in nanometres, as
-    EM pipelines write): x's unit, and the factors that bring each axis into it; None (unknown, factors 1) where the
-    axes differ and one of them is no length volinfer knows."""
-    first = units[0]
-    if all(u == first for u in units):
-        return first, np.ones(len(units))
-    if not all(u in NGFF_MM for u in units):
+    EM pipelines write): the unit the axes say, and the factors that bring each axis into it (x's where they differ).
+    An axis that says none takes the others' unit; None (unknown, factors 1) where axes that say none sit beside
+    axes that differ, or where they differ and one of them is no length volinfer knows."""
+    said = [u for u in units if u]
+    if len(set(said)) <= 1:
+        return (said[0] if said else None), np.ones(len(units))
+    if len(said) < len(units) or not all(u in NGFF_MM for u in said):
         return None, np.ones(len(units))
+    first = units[0]
     return first, np.array([NGFF_MM[u] / NGFF_MM[first] for u in units])  # type: ignore[index]
 
 

@@ -169,8 +169,8 @@ def resample_into(source: VolumeSource, out_shape: Sequence[int], ratio: Sequenc
     into ``writer`` as ``(C, nz, Y, X)`` blocks of ``dtype``, z-batch by z-batch."""
     samples = [axis_samples(o, n, r, mode) for o, n, r in zip(out_shape, source.shape, ratio)]
     depth = slab_depth(source.shape)  # source planes read at once: (batch - 1) * ratio + 2 of them at most
-    batch = max(1, min(int((depth - 2) / max(ratio[2], 1e-9)) + 1,
-                       SLAB_VOXELS // max(1, out_shape[0] * out_shape[1])))
+    batch = max(1, min(int((depth - 2) / max(ratio[2], 1e-9)) + 1,  # every channel's block is held, then stacked
+                       SLAB_VOXELS // max(1, out_shape[0] * out_shape[1] * len(source.readers))))
     for k0 in range(0, out_shape[2], batch):
         k1 = min(out_shape[2], k0 + batch)
         i0, i1, w = (s[k0:k1] for s in samples[2])

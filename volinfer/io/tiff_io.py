@@ -24,6 +24,7 @@ import hashlib
 import logging
 import math
 import os
+import unicodedata
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -42,8 +43,8 @@ from volinfer import portable
 #: declares more pixels than its bytes can hold is refused before its page window is allocated.
 MAX_CODEC_RATIO = 4096
 #: OME length units → millimetres.
-_TO_MM = {"pm": 1e-9, "Å": 1e-7, "nm": 1e-6, "µm": 1e-3, "um": 1e-3, "micron": 1e-3, "mm": 1.0, "cm": 10.0,
-          "dm": 100.0, "m": 1e3, "in": 25.4, "ft": 304.8}
+_TO_MM = {"pm": 1e-9, "Å": 1e-7, "nm": 1e-6, "µm": 1e-3, "μm": 1e-3, "um": 1e-3, "micron": 1e-3, "mm": 1.0,
+          "cm": 10.0, "dm": 100.0, "m": 1e3, "in": 25.4, "ft": 304.8}
 
 
 def _tifffile() -> Any:
@@ -152,7 +153,7 @@ def _check_pages(tf: Any, path: Path, z: int, size: int) -> None:
 def _voxel_mm(tf: Any) -> tuple[float, float, float] | None:
     """The voxel size in millimetres: OME ``PhysicalSizeX/Y/Z``, else ImageJ's (:func:`_imagej_mm`); None when the
     file records none, or not along every axis in a length unit volinfer knows (X and Y without Z, as some exports
-    write, or Ångström): a size made up for one axis would resample it as if it were known."""
+    write): a size made up for one axis would resample it as if it were known."""
     if not getattr(tf, "is_ome", False):
         return _imagej_mm(tf)
     try:
@@ -165,7 +166,8 @@ def _voxel_mm(tf: Any) -> tuple[float, float, float] | None:
             size = float(pixels.get(f"PhysicalSize{ax}", "nan"))
         except ValueError:
             size = math.nan
-        mm = size * _TO_MM.get(pixels.get(f"PhysicalSize{ax}Unit", "µm"), math.nan)
+        unit = unicodedata.normalize("NFKC", pixels.get(f"PhysicalSize{ax}Unit", "µm"))  # µ, μ; Å, Å: one each
+        mm = size * _TO_MM.get(unit, math.nan)
         if not (math.isfinite(mm) and mm > 0):
             return None
         out.append(mm)
