@@ -265,3 +265,16 @@ def test_baselines_normalise_as_the_model_stores(tmp_path):
     np.testing.assert_allclose(v[:, 1:, :4], ref, atol=1e-5)
     v[:, 1:, :4] = before[:, 1:, :4]
     np.testing.assert_array_equal(v, before)  # nothing outside the view touched
+
+
+def test_bench_names_the_precision_that_runs(tmp_path, monkeypatch):
+    """`volinfer bench --precision bf16` on a CPU without bf16 runs f32 (as `volinfer run` does) and its report says
+    f32 (it said bf16)."""
+    from volinfer.bench.cli import resolve_precision
+    from volinfer.model import precision
+
+    xml = save_unet2(tmp_path / "m.xml")
+    monkeypatch.setattr(precision, "native_reduced", lambda core, device: None)
+    assert resolve_precision(xml, "bf16", "CPU") == "f32" and resolve_precision(xml, "f32", "CPU") == "f32"
+    monkeypatch.setattr(precision, "native_reduced", lambda core, device: "bf16")
+    assert resolve_precision(xml, "bf16", "CPU") == "bf16"

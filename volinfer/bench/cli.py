@@ -132,11 +132,10 @@ CUBE = V.Checked("tile", _cube)
 
 
 def resolve_precision(model: Path, precision: str, device: str) -> str:
-    """``auto`` resolved once, as `volinfer run` would for this model and device, so that every method of the
-    report runs (and the report names) one concrete precision."""
-    if precision != "auto":
-        return precision
-    return TileModel(model, options=CompileOptions(device=device, precision="auto"), compile=False).precision
+    """The precision resolved once, as `volinfer run` would for this model and device (``auto``; or bf16/f16 on a
+    device without them, which runs f32), so that every method of the report runs (and the report names) one
+    concrete precision."""
+    return TileModel(model, options=CompileOptions(device=device, precision=precision), compile=False).precision
 
 
 @dataclass(frozen=True)
