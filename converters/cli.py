@@ -84,9 +84,10 @@ TRUST_HELP = ("Allow loading model files that carry code: fully pickled torch mo
 @click.option("--no-receptive-field", is_flag=True, help="Skip measuring the receptive field.")
 @click.option("--no-speed-profile", is_flag=True, help="Skip timing the model at a few tile shapes (a few seconds; "
               "without a profile `volinfer run --tile auto` assumes every tile shape costs the same per voxel).")
-@click.option("--max-memory", type=options.MEMORY, help="Peak RAM budget of the conversion (e.g. 2G; " + options.SIZE_RULE + "; default as for "
-              "`run`: a quarter of the machine's RAM or cgroup limit): the receptive-field probe (when the graph cannot be read), the "
-              "tiling, precision and parity checks and the speed profile each run at a size that fits it.")
+@click.option("--max-memory", type=options.MEMORY, help="Peak RAM budget of the conversion (e.g. 2G; "
+              + options.SIZE_RULE + "; default as for `run`: a quarter of the machine's RAM or cgroup limit): the "
+              "receptive-field probe (when the graph cannot be read), the tiling, precision and parity checks and the "
+              "speed profile each run at a size that fits it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing IR.")
 @runtime_options(precision_note=" For convert: the reduced precision to verify and store the verdict of (auto: "
                  "the device's native one; f32: none); parity itself is always checked at f32 on the CPU.")

@@ -32,7 +32,7 @@ def test_memory_sizes_refuse_what_is_not_a_size(text):
 
 
 def test_a_budget_above_the_machine_is_refused_naming_the_value_as_given(monkeypatch):
-    monkeypatch.setattr(portable, "machine_mb", lambda: 16000.0)
+    monkeypatch.setattr(portable, "stated_machine_mb", lambda: 16000.0)
     with pytest.raises(VolinferError) as e:
         check_budget_mb("--max-memory", parse_size_mb("1e9"), "1e9")
     assert str(e.value) == ("--max-memory 1e9 (1000000000 MB) is more than this machine's 16000 MB (its RAM, or its "
@@ -49,7 +49,7 @@ def test_small_budgets_are_shown_in_kb_not_as_0_mb():
 
 
 def test_cli_refuses_a_budget_above_the_machine_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(portable, "machine_mb", lambda: 16000.0)
+    monkeypatch.setattr(portable, "stated_machine_mb", lambda: 16000.0)
     r = invoke("plan", tmp_path / "v.nii", "-m", tmp_path / "m.xml", "--max-memory", "1e9")
     machine = "16000 MB"
     assert r.exit_code == 2 and r.output.strip().splitlines() == [

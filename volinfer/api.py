@@ -40,7 +40,7 @@ from volinfer.run.pipeline import JournaledOutput, fingerprint_options, open_sou
 from volinfer.run.stream_stats import fit_stream_statistics, frozen_plan
 from volinfer.io.targets import OutputLock
 from volinfer.io.writer import ArrayWriter, NiftiWriter, check_any_output
-from volinfer.io.regrid import voxel_sizes
+from volinfer.io.regrid import planes_final, voxel_sizes
 from volinfer.io.zarr_io import StoreSpec, adopt_legacy, open_zarr_source, unfinished_legacy
 from volinfer.io.zarr_writer import ZarrWriter, row_planes, store_spec
 from volinfer.tiling.stitch import make_stitcher
@@ -242,9 +242,7 @@ class _Labelling:
         self.writer.write(out, k0, j0)
 
     def planes_final(self, z: int) -> None:
-        hook = getattr(self.writer, "planes_final", None)
-        if hook is not None:
-            hook(z)
+        planes_final(self.writer, z)
 
     def commit(self) -> Any:
         return self.writer.commit()

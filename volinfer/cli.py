@@ -117,8 +117,8 @@ def main() -> None:
 @click.option("--pyramid", type=click.IntRange(0, 16), default=0, show_default=True,
               help="Zarr outputs: also write this many OME-Zarr levels, each half the previous along z, y, x "
               "(nearest for labels, mean otherwise), as blocks complete.")
-@click.option("--max-memory", type=options.MEMORY, help="Peak RAM budget for the plan (e.g. 600M, 2G; " + options.SIZE_RULE
-              + "; default a quarter of the machine's RAM or cgroup limit, never of the memory free now): the fastest "
+@click.option("--max-memory", type=options.MEMORY, help="Peak RAM budget for the plan (e.g. 600M, 2G; "
+              + options.SIZE_RULE + "; default a quarter of the machine's RAM or cgroup limit, never of the memory free now): the fastest "
               "exact plan within it runs, else the run says it is not exact.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run (same command) from its last finished "
               "row of tiles; refused if the model, input or settings changed.")
@@ -160,8 +160,8 @@ def run(**params: Any) -> None:
               "keeps whole cross-sections, so it takes no bands of y rows, and a Zarr input may then run block by "
               "block. Default: planned as for a NIfTI output.")
 @click.option("--max-memory", type=options.MEMORY, help="As for `run`: peak RAM budget for choosing the tile (e.g. 600M, "
-              "2G; " + options.SIZE_RULE + "; default the runtime, the weights and 1 GiB, at most a quarter of the machine's RAM or cgroup "
-              "limit).")
+              "2G; " + options.SIZE_RULE + "; default the runtime, the weights and 1 GiB, at most a quarter of the "
+              "machine's RAM or cgroup limit).")
 @click.option("--norm-stats", type=click.Choice(["volume", "tile"]), help="As for `run`: InstanceNorm/GroupNorm "
               "statistics from the whole volume (default; streamed passes, counted in the time) or per tile.")
 @click.option("--mirror", help="As for `run`: test-time mirroring axes (any of x, y, z, e.g. xyz); 2^axes "

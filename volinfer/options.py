@@ -86,14 +86,12 @@ def format_mb(mb: float) -> str:
 
 
 def check_budget_mb(name: str, mb: float, given: Any = None) -> float:
-    """A memory budget (MB) that is > 0 and at most the machine's memory (:func:`volinfer.portable.machine_mb`: its
-    RAM, capped by a cgroup limit), the figure the default budget is a share of: a larger one would plan for memory
+    """A memory budget (MB) that is > 0 and at most the machine's memory (its RAM, capped by a cgroup limit:
+    :func:`volinfer.portable.stated_machine_mb`), the figure the default budget is a share of: a larger one would plan for memory
     the run can never have (``--max-memory 1e9`` is about 1 PB, not 1 GB). ``given``: the value as typed."""
     positive(name, mb)
-    if not (portable.total_mb() or portable.cgroup_limit_mb()):  # the machine says nothing: nothing to hold it to
-        return mb
-    machine = portable.machine_mb()
-    if mb > machine:
+    machine = portable.stated_machine_mb()  # None: the machine says nothing, and there is nothing to hold it to
+    if machine is not None and mb > machine:
         text = str(given if given is not None else mb).strip()
         bare = text[-1:].isdigit()
         raise VolinferError(f"{name} {text} ({format_mb(mb)}) is more than this machine's {format_mb(machine)} (its "

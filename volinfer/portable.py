@@ -481,8 +481,14 @@ def machine_mb() -> float:
     limit where there is one. A property of the machine and its configuration, not of the moment: planning on it
     makes the same command plan the same on the same machine (unlike :func:`available_mb`, which moves with every
     other process). :data:`DEFAULT_AVAILABLE_MB` where nothing says."""
+    stated = stated_machine_mb()
+    return DEFAULT_AVAILABLE_MB if stated is None else stated
+
+
+def stated_machine_mb() -> float | None:
+    """:func:`machine_mb` where the machine says it (its RAM or cgroup limit), else None."""
     figures = [v for v in (total_mb(), cgroup_limit_mb()) if v is not None and v > 0]
-    return min(figures) if figures else DEFAULT_AVAILABLE_MB
+    return min(figures) if figures else None
 
 
 #: Where the kernel says nothing (other systems): the share of memory a file's written pages may take before the OS

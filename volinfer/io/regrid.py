@@ -182,7 +182,7 @@ def resample_into(source: VolumeSource, out_shape: Sequence[int], ratio: Sequenc
             a = _along(_along(a, 1, samples[1]), 0, samples[0])
             block.append(_cast(a, dtype).transpose(2, 1, 0))
         writer.write(np.ascontiguousarray(np.stack(block)), k0, 0)
-        _final(writer, k1)
+        planes_final(writer, k1)
 
 
 def _scaled(planes: np.ndarray, reader: Any, mode: str) -> np.ndarray:
@@ -249,7 +249,7 @@ def reorient_into(source: VolumeSource, amap: AxisMap, writer: Any, dtype: np.dt
     dtype = np.dtype(dtype or source_dtype(source))
     for k0, block in reoriented_blocks(source, amap, dtype):
         writer.write(block, k0, 0)
-        _final(writer, k0 + block.shape[1])
+        planes_final(writer, k0 + block.shape[1])
 
 
 def slab_depth(shape: Sequence[int]) -> int:
@@ -263,7 +263,7 @@ def _slabs(reader: Any, shape: Sequence[int]) -> Iterator[np.ndarray]:
     return scan_slabs(reader, tuple(shape), depth=slab_depth(shape), voxels=SLAB_VOXELS)
 
 
-def _final(writer: Any, z: int) -> None:
+def planes_final(writer: Any, z: int) -> None:
     """Tell a file writer that every plane below ``z`` is final (it may compress or store them now)."""
     hook = getattr(writer, "planes_final", None)
     if hook is not None:

@@ -333,4 +333,3 @@ class SameImageWriter(NiftiWriter):
     intent and description stay."""
 
     same_image = True
-

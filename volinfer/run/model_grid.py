@@ -97,9 +97,10 @@ def plan_model_grid(source: VolumeSource | None, settings: Any, resample: bool) 
         elif found is not None and unit_known:
             grid.resampling = found
             far = max(found.ratio, key=lambda r: max(r, 1 / r))
-            if max(far, 1 / far) > FAR_RESAMPLING:  # most often a unit said wrongly (micrometres said as mm)
+            factor = max(far, 1 / far)
+            if factor > FAR_RESAMPLING:  # most often a unit said wrongly (micrometres said as mm)
                 larger = "larger" if far > 1 else "smaller"
-                grid.notes.append(f"the model's voxels are {max(far, 1 / far):.0f}x {larger} than the volume's along "
+                grid.notes.append(f"the model's voxels are {factor:.0f}x {larger} than the volume's along "
                                   f"an axis: check both units (`volinfer info` shows the model's; --no-resample runs "
                                   f"the volume at its own voxel size)")
     return grid

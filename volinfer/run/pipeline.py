@@ -105,7 +105,8 @@ def fingerprint_options(s: RunSettings, tm: TileModel, setup: RunSetup, *, norm_
     return dict(
         tile=tm.tile, layout=tm.layout, output=tm.output_index, overlap=setup.overlap, stitch=setup.stitch,
         sigma=t.gaussian_sigma, pad_mode=t.pad_mode, kind=o.kind, activation=setup.activation,
-        channels=setup.spec.channels, threshold=setup.spec.threshold, dtype=str(setup.spec.dtype), normalization=setup.normalizer.describe(),
+        channels=setup.spec.channels, threshold=setup.spec.threshold, dtype=str(setup.spec.dtype),
+        normalization=setup.normalizer.describe(),
         nan_value=s.input.nan_value, device=tm.options.device, precision=tm.precision,
         reuse_constant=t.reuse_constant, norm_stats=norm_stats, norm_passes=norm_passes, mirror=t.mirror,
         engine=engine, **extra)

@@ -98,8 +98,8 @@ class Plan:
         lines = [f"tile {'x'.join(map(str, self.tile))}: {self.tiles} tiles, predicted peak RSS "
                  f"{self.peak_rss_mb:.0f} MB ({parts} MB), about {_seconds(self.time_s)}"]
         if self.budget_mb and self.peak_rss_mb > self.budget_mb:  # the planner's model estimate, not measured
-            lines.append(f"  over the {format_mb(self.budget_mb)} budget it was planned within: the model measured here "
-                         f"takes more than the planner's estimate of it")
+            lines.append(f"  over the {format_mb(self.budget_mb)} budget it was planned within: the model measured "
+                         f"here takes more than the planner's estimate of it")
         if self.measured_tile and tuple(self.measured_tile) != tuple(self.tile):
             lines.append(f"  (model figures estimated from its measurement at tile "
                          f"{'x'.join(map(str, self.measured_tile))})")

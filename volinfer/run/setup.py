@@ -134,7 +134,8 @@ def _refuse_unused_output_options(spec: OutputSpec, o: Any) -> None:
     channels = (f"this model's {spec.model_channels} channels ("
                 f"{spec.activation if spec.activation != 'none' else 'activation none'})")
     if o.threshold is not None and not spec.masks:
-        why = f"--kind {spec.kind} is not thresholded" if spec.kind != "labels" else f"labels of {channels} are their argmax"
+        why = (f"--kind {spec.kind} is not thresholded" if spec.kind != "labels" else
+               f"labels of {channels} are their argmax")
         raise VolinferError(f"--threshold applies to one-channel or sigmoid labels; {why}: drop --threshold")
     if o.channels is not None and spec.kind == "labels" and not spec.masks:
         raise VolinferError(f"--channels selects the channels of probabilities or raw outputs (or of sigmoid labels); "
